@@ -1,0 +1,3 @@
+//! Gatehouse test harness and fake services.
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
