@@ -1,0 +1,889 @@
+//! The sidecar configuration file: raw serde types mirroring the TOML as written
+//! (`deny_unknown_fields`, spans kept) → a validation pass collecting *every* problem with its
+//! `file:line:col` → the [`Config`] runtime code uses (socket addresses, durations, absolute paths).
+//!
+//! Format (DESIGN.md "Sidecar config"):
+//! ```toml
+//! min_tls = "1.3"                     # or under [tls]; "1.2" only when configured
+//! [identity]  cert, key, bundle, crl  # paths relative to this file
+//! [inbound]   listen, app, policy, limits and timeouts with safe defaults
+//! [[outbound]] name, listen, connect, server_id, sni, allow_non_loopback_listen
+//! [admin]     listen
+//! [audit]     path                    # default: stdout
+//! ```
+//! Knobs that weaken security say so in their name (`insecure_app_address`,
+//! `allow_non_loopback_listen`) and are logged as warnings at startup.
+//! Reading certificates and the policy is not done here: see `state.rs`.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use gatehouse_policy::SpiffeId;
+use serde::Deserialize;
+use toml::Spanned;
+
+/// Default TLS handshake timeout.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default time a client has to send a complete HTTP/1.1 request head.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default idle time after which an inbound connection with no request in flight is closed.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default time the app has to start its response (504 after).
+pub const DEFAULT_APP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default grace period for in-flight requests on shutdown.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// One problem found in the configuration file.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {kind}", self.location())]
+pub struct ConfigError {
+    /// The configuration file.
+    pub file: PathBuf,
+    /// 1-based line and column of the offending value, when known.
+    pub position: Option<(usize, usize)>,
+    /// What is wrong.
+    #[source]
+    pub kind: ConfigErrorKind,
+}
+
+impl ConfigError {
+    /// `file:line:col`, or just `file` when there is no position (the file could not be read).
+    pub fn location(&self) -> String {
+        match self.position {
+            Some((line, col)) => format!("{}:{line}:{col}", self.file.display()),
+            None => self.file.display().to_string(),
+        }
+    }
+
+    /// What to do about it.
+    pub fn help(&self) -> String {
+        self.kind.help()
+    }
+}
+
+/// What is wrong with a configuration value.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigErrorKind {
+    /// The file could not be read.
+    #[error("cannot read the config file")]
+    Read(#[source] std::io::Error),
+    /// TOML syntax error, unknown key, missing key or wrong type.
+    #[error("{0}")]
+    Syntax(String),
+    /// Not an `IP:PORT` socket address.
+    #[error("`{value}` is not an IP:PORT socket address")]
+    Address {
+        /// The value as written.
+        value: String,
+    },
+    /// Not a `HOST:PORT` pair.
+    #[error("`{value}` is not HOST:PORT")]
+    HostPort {
+        /// The value as written.
+        value: String,
+    },
+    /// Not a duration.
+    #[error("`{value}` is not a duration")]
+    Duration {
+        /// The value as written.
+        value: String,
+    },
+    /// A zero or otherwise unusable number or duration.
+    #[error("`{key}` must be greater than zero")]
+    Zero {
+        /// The key.
+        key: &'static str,
+    },
+    /// Unknown TLS version.
+    #[error("`{value}` is not a supported minimum TLS version")]
+    MinTls {
+        /// The value as written.
+        value: String,
+    },
+    /// `min_tls` given both at the top level and under `[tls]`.
+    #[error("`min_tls` is set twice (top level and [tls])")]
+    MinTlsTwice,
+    /// A SPIFFE ID that does not parse.
+    #[error("invalid SPIFFE ID `{value}`: {source}")]
+    SpiffeId {
+        /// The value as written.
+        value: String,
+        /// The broken rule.
+        source: gatehouse_policy::IdError,
+    },
+    /// The app address is not loopback and `insecure_app_address` is not set.
+    #[error("the app address {addr} is not a loopback address")]
+    NonLoopbackApp {
+        /// The address.
+        addr: SocketAddr,
+    },
+    /// An outbound listener on a non-loopback address without the explicit opt-in.
+    #[error("outbound `{name}` listens on {addr}, which is not a loopback address")]
+    NonLoopbackOutbound {
+        /// The outbound entry.
+        name: String,
+        /// The address.
+        addr: SocketAddr,
+    },
+    /// Two `[[outbound]]` entries share a name.
+    #[error("outbound name `{name}` is used twice")]
+    DuplicateOutbound {
+        /// The name.
+        name: String,
+    },
+    /// An empty string where a name or path is needed.
+    #[error("`{key}` must not be empty")]
+    Empty {
+        /// The key.
+        key: &'static str,
+    },
+    /// Neither `[inbound]` nor any `[[outbound]]`.
+    #[error("nothing to do: the config has neither [inbound] nor [[outbound]]")]
+    NoListener,
+    /// A listen address used twice.
+    #[error("listen address {addr} is used twice")]
+    DuplicateListen {
+        /// The address.
+        addr: SocketAddr,
+    },
+}
+
+impl ConfigErrorKind {
+    /// The `help:` line.
+    pub fn help(&self) -> String {
+        match self {
+            Self::Read(_) => "check the path given to --config".into(),
+            Self::Syntax(_) => {
+                "fix the TOML; keys are documented in DESIGN.md \"Sidecar config\"".into()
+            }
+            Self::Address { .. } => "write an IP address and port, e.g. \"127.0.0.1:8443\"".into(),
+            Self::HostPort { .. } => {
+                "write a host name or IP and a port, e.g. \"monolith.internal:8443\"".into()
+            }
+            Self::Duration { .. } => "write a duration such as \"10s\", \"500ms\" or \"2m\"".into(),
+            Self::Zero { .. } => "use a positive value or remove the key for the default".into(),
+            Self::MinTls { .. } => "use \"1.3\" (default) or \"1.2\"".into(),
+            Self::MinTlsTwice => "keep one of the two".into(),
+            Self::SpiffeId { .. } => "write spiffe://<trust-domain>/<path>".into(),
+            Self::NonLoopbackApp { .. } => "the sidecar forwards plaintext to the app: keep it on \
+                 127.0.0.1, or set `insecure_app_address = true` if the network path is trusted"
+                .into(),
+            Self::NonLoopbackOutbound { .. } => "outbound listeners accept unauthenticated \
+                 plaintext: listen on 127.0.0.1, or set `allow_non_loopback_listen = true` \
+                 for this entry if only the app can reach the address"
+                .into(),
+            Self::DuplicateOutbound { .. } => "give each [[outbound]] entry its own name".into(),
+            Self::Empty { .. } => "give it a value".into(),
+            Self::NoListener => "add an [inbound] section or an [[outbound]] entry".into(),
+            Self::DuplicateListen { .. } => "give each listener its own port".into(),
+        }
+    }
+}
+
+/// Minimum TLS version a sidecar accepts and offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MinTls {
+    /// TLS 1.3 only (default).
+    Tls13,
+    /// TLS 1.2 and 1.3 (by configuration only).
+    Tls12,
+}
+
+impl fmt::Display for MinTls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Tls13 => "1.3",
+            Self::Tls12 => "1.2",
+        })
+    }
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The configuration file (absolute).
+    pub path: PathBuf,
+    /// The sidecar's own identity files.
+    pub identity: IdentityConfig,
+    /// Minimum TLS version, both directions.
+    pub min_tls: MinTls,
+    /// The inbound (mTLS → app) side, if configured.
+    pub inbound: Option<InboundConfig>,
+    /// Outbound (app → mTLS peer) listeners.
+    pub outbound: Vec<OutboundConfig>,
+    /// Admin listener.
+    pub admin: AdminConfig,
+    /// Audit log destination.
+    pub audit: AuditConfig,
+    /// How long in-flight requests may take to finish after SIGTERM/SIGINT.
+    pub shutdown_grace_period: Duration,
+}
+
+/// `[identity]`: paths resolved against the config file's directory.
+#[derive(Debug, Clone)]
+pub struct IdentityConfig {
+    /// Leaf + intermediates, PEM.
+    pub cert: PathBuf,
+    /// PKCS#8 private key, PEM.
+    pub key: PathBuf,
+    /// Trust anchors, PEM.
+    pub bundle: PathBuf,
+    /// Certificate revocation list(s), PEM, optional.
+    pub crl: Option<PathBuf>,
+}
+
+/// `[inbound]`.
+#[derive(Debug, Clone)]
+pub struct InboundConfig {
+    /// mTLS listen address.
+    pub listen: SocketAddr,
+    /// Where allowed requests go (plaintext HTTP/1.1).
+    pub app: SocketAddr,
+    /// The policy file.
+    pub policy: PathBuf,
+    /// The app address is not loopback and the operator said that is fine.
+    pub insecure_app_address: bool,
+    /// TLS handshake timeout.
+    pub handshake_timeout: Duration,
+    /// Time a client has to send a complete HTTP/1.1 request head (slow clients are dropped).
+    pub header_read_timeout: Duration,
+    /// A connection with no request in flight for this long is closed.
+    pub idle_timeout: Duration,
+    /// Time the app has to start its response before the caller gets 504.
+    pub app_timeout: Duration,
+    /// Largest request head accepted (431 beyond).
+    pub max_header_bytes: usize,
+    /// Concurrent inbound connections.
+    pub max_connections: usize,
+    /// Concurrent HTTP/2 streams per connection.
+    pub max_h2_streams: u32,
+    /// Idle keep-alive connections kept to the app.
+    pub app_pool_max_idle: usize,
+    /// How long an idle keep-alive connection to the app is kept.
+    pub app_pool_idle_timeout: Duration,
+    /// Accept `;` in path segments (off by default: see `gatehouse_policy::path`).
+    pub allow_matrix_params: bool,
+}
+
+/// One `[[outbound]]` entry.
+#[derive(Debug, Clone)]
+pub struct OutboundConfig {
+    /// Name, used in logs and metric labels.
+    pub name: String,
+    /// Plaintext listen address for the local app.
+    pub listen: SocketAddr,
+    /// The peer sidecar's host (DNS name or IP), resolved at connect time.
+    pub connect_host: String,
+    /// The peer sidecar's port.
+    pub connect_port: u16,
+    /// The SPIFFE ID the peer must present.
+    pub server_id: SpiffeId,
+    /// SNI to send; `None` means the host of `connect`.
+    pub sni: Option<String>,
+    /// `listen` is not loopback and the operator said that is fine (dangerous).
+    pub allow_non_loopback_listen: bool,
+    /// TCP connect + TLS handshake timeout.
+    pub connect_timeout: Duration,
+    /// Time the peer has to start its response (504 after).
+    pub request_timeout: Duration,
+    /// Idle pooled connections are closed after this.
+    pub pool_idle_timeout: Duration,
+    /// Idle pooled connections kept per peer.
+    pub pool_max_idle: usize,
+    /// Pooled connections are retired after this age (rotated certificates take effect).
+    pub max_connection_age: Duration,
+}
+
+/// `[admin]`.
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    /// Listen address of /metrics, /healthz, /readyz, /status.
+    pub listen: SocketAddr,
+}
+
+/// `[audit]`.
+#[derive(Debug, Clone, Default)]
+pub struct AuditConfig {
+    /// Append audit lines to this file; `None` = stdout.
+    pub path: Option<PathBuf>,
+}
+
+// ---- stage one: the TOML as written ---------------------------------------------------------
+
+type S<T> = Spanned<T>;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    min_tls: Option<S<String>>,
+    shutdown_grace_period: Option<S<String>>,
+    identity: RawIdentity,
+    tls: Option<RawTls>,
+    inbound: Option<RawInbound>,
+    #[serde(default)]
+    outbound: Vec<RawOutbound>,
+    admin: RawAdmin,
+    audit: Option<RawAudit>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    min_tls: Option<S<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIdentity {
+    cert: S<String>,
+    key: S<String>,
+    bundle: S<String>,
+    crl: Option<S<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawInbound {
+    listen: S<String>,
+    app: S<String>,
+    policy: S<String>,
+    #[serde(default)]
+    insecure_app_address: bool,
+    handshake_timeout: Option<S<String>>,
+    header_read_timeout: Option<S<String>>,
+    idle_timeout: Option<S<String>>,
+    app_timeout: Option<S<String>>,
+    max_header_bytes: Option<S<u64>>,
+    max_connections: Option<S<u64>>,
+    max_h2_streams: Option<S<u32>>,
+    app_pool_max_idle: Option<S<u64>>,
+    app_pool_idle_timeout: Option<S<String>>,
+    #[serde(default)]
+    allow_matrix_params: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOutbound {
+    name: S<String>,
+    listen: S<String>,
+    connect: S<String>,
+    server_id: S<String>,
+    sni: Option<S<String>>,
+    #[serde(default)]
+    allow_non_loopback_listen: bool,
+    connect_timeout: Option<S<String>>,
+    request_timeout: Option<S<String>>,
+    pool_idle_timeout: Option<S<String>>,
+    pool_max_idle: Option<S<u64>>,
+    max_connection_age: Option<S<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: S<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAudit {
+    path: Option<S<String>>,
+}
+
+// ---- stage two: validation --------------------------------------------------------------------
+
+/// Collects every problem with its position.
+struct Check<'a> {
+    file: &'a Path,
+    dir: &'a Path,
+    text: &'a str,
+    errors: Vec<ConfigError>,
+}
+
+impl Check<'_> {
+    fn push(&mut self, span: Option<Range<usize>>, kind: ConfigErrorKind) {
+        let position = span.map(|s| line_col(self.text, s.start));
+        self.errors.push(ConfigError {
+            file: self.file.to_path_buf(),
+            position,
+            kind,
+        });
+    }
+
+    fn path(&mut self, v: &S<String>, key: &'static str) -> PathBuf {
+        if v.get_ref().is_empty() {
+            self.push(Some(v.span()), ConfigErrorKind::Empty { key });
+        }
+        self.dir.join(v.get_ref())
+    }
+
+    fn addr(&mut self, v: &S<String>) -> Option<SocketAddr> {
+        match v.get_ref().parse() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                let value = v.get_ref().clone();
+                self.push(Some(v.span()), ConfigErrorKind::Address { value });
+                None
+            }
+        }
+    }
+
+    fn duration(&mut self, v: Option<&S<String>>, key: &'static str, default: Duration) -> Duration {
+        let Some(v) = v else { return default };
+        match humantime::parse_duration(v.get_ref()) {
+            Ok(d) if d.is_zero() => {
+                self.push(Some(v.span()), ConfigErrorKind::Zero { key });
+                default
+            }
+            Ok(d) => d,
+            Err(_) => {
+                let value = v.get_ref().clone();
+                self.push(Some(v.span()), ConfigErrorKind::Duration { value });
+                default
+            }
+        }
+    }
+
+    fn count(&mut self, v: Option<&S<u64>>, key: &'static str, default: usize) -> usize {
+        let Some(v) = v else { return default };
+        if *v.get_ref() == 0 {
+            self.push(Some(v.span()), ConfigErrorKind::Zero { key });
+            return default;
+        }
+        usize::try_from(*v.get_ref()).unwrap_or(usize::MAX)
+    }
+
+    fn min_tls(&mut self, top: Option<&S<String>>, tls: Option<&S<String>>) -> MinTls {
+        let v = match (top, tls) {
+            (Some(_), Some(t)) => {
+                self.push(Some(t.span()), ConfigErrorKind::MinTlsTwice);
+                return MinTls::Tls13;
+            }
+            (Some(v), None) | (None, Some(v)) => v,
+            (None, None) => return MinTls::Tls13,
+        };
+        match v.get_ref().as_str() {
+            "1.3" => MinTls::Tls13,
+            "1.2" => MinTls::Tls12,
+            other => {
+                let value = other.to_owned();
+                self.push(Some(v.span()), ConfigErrorKind::MinTls { value });
+                MinTls::Tls13
+            }
+        }
+    }
+}
+
+/// 1-based line and column (in characters) of byte offset `at`.
+fn line_col(text: &str, at: usize) -> (usize, usize) {
+    let at = at.min(text.len());
+    let before = &text[..at];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    (line, before[line_start..].chars().count() + 1)
+}
+
+fn placeholder_addr() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
+impl Config {
+    /// Reads and validates the configuration file.
+    ///
+    /// # Errors
+    /// Every problem found, each with `file:line:col` (or only the file when it cannot be read).
+    pub fn load(path: &Path) -> Result<Config, Vec<ConfigError>> {
+        let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        let text = std::fs::read_to_string(&abs).map_err(|e| {
+            vec![ConfigError {
+                file: path.to_path_buf(),
+                position: None,
+                kind: ConfigErrorKind::Read(e),
+            }]
+        })?;
+        Self::parse(&text, &abs)
+    }
+
+    /// Validates configuration text as if it had been read from `path` (relative paths inside
+    /// are resolved against `path`'s directory).
+    ///
+    /// # Errors
+    /// Every problem found, each with `file:line:col`.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, Vec<ConfigError>> {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let mut check = Check {
+            file: path,
+            dir,
+            text,
+            errors: Vec::new(),
+        };
+        let raw: RawConfig = match toml::from_str(text) {
+            Ok(raw) => raw,
+            Err(e) => {
+                // toml's message repeats the position and a snippet; keep the first line.
+                let msg = e.message().lines().next().unwrap_or("invalid TOML").to_owned();
+                check.push(e.span(), ConfigErrorKind::Syntax(msg));
+                return Err(check.errors);
+            }
+        };
+        let config = check.validate(raw, path);
+        if check.errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(check.errors)
+        }
+    }
+
+    /// Every listen address: inbound, outbound and admin, with a label.
+    pub fn listeners(&self) -> Vec<(String, SocketAddr)> {
+        let mut out = Vec::new();
+        if let Some(i) = &self.inbound {
+            out.push(("inbound".to_owned(), i.listen));
+        }
+        for o in &self.outbound {
+            out.push((format!("outbound:{}", o.name), o.listen));
+        }
+        out.push(("admin".to_owned(), self.admin.listen));
+        out
+    }
+}
+
+impl Check<'_> {
+    fn validate(&mut self, raw: RawConfig, path: &Path) -> Config {
+        let min_tls = self.min_tls(
+            raw.min_tls.as_ref(),
+            raw.tls.as_ref().and_then(|t| t.min_tls.as_ref()),
+        );
+        let identity = IdentityConfig {
+            cert: self.path(&raw.identity.cert, "identity.cert"),
+            key: self.path(&raw.identity.key, "identity.key"),
+            bundle: self.path(&raw.identity.bundle, "identity.bundle"),
+            crl: raw.identity.crl.as_ref().map(|c| self.path(c, "identity.crl")),
+        };
+        let inbound = raw.inbound.map(|i| self.inbound(i));
+        let outbound = self.outbound(raw.outbound);
+        let admin = AdminConfig {
+            listen: self.addr(&raw.admin.listen).unwrap_or_else(placeholder_addr),
+        };
+        let audit = AuditConfig {
+            path: raw
+                .audit
+                .and_then(|a| a.path)
+                .map(|p| self.path(&p, "audit.path")),
+        };
+        let shutdown_grace_period = self.duration(
+            raw.shutdown_grace_period.as_ref(),
+            "shutdown_grace_period",
+            DEFAULT_SHUTDOWN_GRACE,
+        );
+        if inbound.is_none() && outbound.is_empty() {
+            self.push(None, ConfigErrorKind::NoListener);
+        }
+        let config = Config {
+            path: path.to_path_buf(),
+            identity,
+            min_tls,
+            inbound,
+            outbound,
+            admin,
+            audit,
+            shutdown_grace_period,
+        };
+        self.duplicate_listens(&config);
+        config
+    }
+
+    fn duplicate_listens(&mut self, config: &Config) {
+        let mut seen = std::collections::HashSet::new();
+        for (_, addr) in config.listeners() {
+            if addr.port() != 0 && !seen.insert(addr) {
+                self.push(None, ConfigErrorKind::DuplicateListen { addr });
+            }
+        }
+    }
+
+    fn inbound(&mut self, i: RawInbound) -> InboundConfig {
+        let listen = self.addr(&i.listen).unwrap_or_else(placeholder_addr);
+        let app = self.addr(&i.app).unwrap_or_else(placeholder_addr);
+        if !app.ip().is_loopback() && !i.insecure_app_address {
+            self.push(Some(i.app.span()), ConfigErrorKind::NonLoopbackApp { addr: app });
+        }
+        let max_h2_streams = match i.max_h2_streams {
+            Some(v) if *v.get_ref() == 0 => {
+                let key = "inbound.max_h2_streams";
+                self.push(Some(v.span()), ConfigErrorKind::Zero { key });
+                128
+            }
+            Some(v) => *v.get_ref(),
+            None => 128,
+        };
+        let max_header_bytes = self.count(
+            i.max_header_bytes.as_ref(),
+            "inbound.max_header_bytes",
+            16 * 1024,
+        );
+        InboundConfig {
+            listen,
+            app,
+            policy: self.path(&i.policy, "inbound.policy"),
+            insecure_app_address: i.insecure_app_address,
+            handshake_timeout: self.duration(
+                i.handshake_timeout.as_ref(),
+                "inbound.handshake_timeout",
+                DEFAULT_HANDSHAKE_TIMEOUT,
+            ),
+            header_read_timeout: self.duration(
+                i.header_read_timeout.as_ref(),
+                "inbound.header_read_timeout",
+                DEFAULT_HEADER_READ_TIMEOUT,
+            ),
+            idle_timeout: self.duration(
+                i.idle_timeout.as_ref(),
+                "inbound.idle_timeout",
+                DEFAULT_IDLE_TIMEOUT,
+            ),
+            app_timeout: self.duration(
+                i.app_timeout.as_ref(),
+                "inbound.app_timeout",
+                DEFAULT_APP_TIMEOUT,
+            ),
+            max_header_bytes,
+            max_connections: self.count(
+                i.max_connections.as_ref(),
+                "inbound.max_connections",
+                4096,
+            ),
+            max_h2_streams,
+            app_pool_max_idle: self.count(
+                i.app_pool_max_idle.as_ref(),
+                "inbound.app_pool_max_idle",
+                64,
+            ),
+            app_pool_idle_timeout: self.duration(
+                i.app_pool_idle_timeout.as_ref(),
+                "inbound.app_pool_idle_timeout",
+                Duration::from_secs(30),
+            ),
+            allow_matrix_params: i.allow_matrix_params,
+        }
+    }
+
+    fn outbound(&mut self, raw: Vec<RawOutbound>) -> Vec<OutboundConfig> {
+        let mut names = std::collections::HashSet::new();
+        let mut out = Vec::with_capacity(raw.len());
+        for o in raw {
+            let name = o.name.get_ref().clone();
+            if name.is_empty() {
+                let key = "outbound.name";
+                self.push(Some(o.name.span()), ConfigErrorKind::Empty { key });
+            } else if !names.insert(name.clone()) {
+                let kind = ConfigErrorKind::DuplicateOutbound { name: name.clone() };
+                self.push(Some(o.name.span()), kind);
+            }
+            let listen = self.addr(&o.listen).unwrap_or_else(placeholder_addr);
+            if !listen.ip().is_loopback() && !o.allow_non_loopback_listen {
+                let kind = ConfigErrorKind::NonLoopbackOutbound {
+                    name: name.clone(),
+                    addr: listen,
+                };
+                self.push(Some(o.listen.span()), kind);
+            }
+            let (connect_host, connect_port) = self.host_port(&o.connect);
+            let server_id = match SpiffeId::parse(o.server_id.get_ref()) {
+                Ok(id) => Some(id),
+                Err(source) => {
+                    let value = o.server_id.get_ref().clone();
+                    let kind = ConfigErrorKind::SpiffeId { value, source };
+                    self.push(Some(o.server_id.span()), kind);
+                    None
+                }
+            };
+            let sni = o.sni.map(|s| {
+                if s.get_ref().is_empty() {
+                    let key = "outbound.sni";
+                    self.push(Some(s.span()), ConfigErrorKind::Empty { key });
+                }
+                s.into_inner()
+            });
+            let entry = OutboundConfig {
+                name,
+                listen,
+                connect_host,
+                connect_port,
+                server_id: match server_id {
+                    Some(id) => id,
+                    // An error is already recorded; the value is never used.
+                    None => continue,
+                },
+                sni,
+                allow_non_loopback_listen: o.allow_non_loopback_listen,
+                connect_timeout: self.duration(
+                    o.connect_timeout.as_ref(),
+                    "outbound.connect_timeout",
+                    Duration::from_secs(5),
+                ),
+                request_timeout: self.duration(
+                    o.request_timeout.as_ref(),
+                    "outbound.request_timeout",
+                    DEFAULT_APP_TIMEOUT,
+                ),
+                pool_idle_timeout: self.duration(
+                    o.pool_idle_timeout.as_ref(),
+                    "outbound.pool_idle_timeout",
+                    Duration::from_secs(30),
+                ),
+                pool_max_idle: self.count(o.pool_max_idle.as_ref(), "outbound.pool_max_idle", 32),
+                max_connection_age: self.duration(
+                    o.max_connection_age.as_ref(),
+                    "outbound.max_connection_age",
+                    Duration::from_secs(300),
+                ),
+            };
+            out.push(entry);
+        }
+        out
+    }
+
+    fn host_port(&mut self, v: &S<String>) -> (String, u16) {
+        let s = v.get_ref();
+        let parsed = s.rsplit_once(':').and_then(|(host, port)| {
+            let host = host
+                .strip_prefix('[')
+                .and_then(|h| h.strip_suffix(']'))
+                .unwrap_or(host);
+            let ok_host = !host.is_empty() && !host.contains(['/', ' ', '@']);
+            let port: u16 = port.parse().ok().filter(|p| *p != 0)?;
+            ok_host.then(|| (host.to_owned(), port))
+        });
+        parsed.unwrap_or_else(|| {
+            let value = s.clone();
+            self.push(Some(v.span()), ConfigErrorKind::HostPort { value });
+            (String::new(), 0)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[identity]
+cert = "certs/cert.pem"
+key = "certs/key.pem"
+bundle = "certs/bundle.pem"
+
+[inbound]
+listen = "0.0.0.0:8443"
+app = "127.0.0.1:8080"
+policy = "policy.toml"
+
+[[outbound]]
+name = "monolith"
+listen = "127.0.0.1:7001"
+connect = "monolith.internal:8443"
+server_id = "spiffe://fintech.internal/monolith"
+
+[admin]
+listen = "127.0.0.1:9901"
+"#;
+
+    fn parse(text: &str) -> Result<Config, Vec<ConfigError>> {
+        Config::parse(text, Path::new("/etc/gh/sidecar.toml"))
+    }
+
+    fn errors(text: &str) -> Vec<String> {
+        parse(text)
+            .expect_err("config should be refused")
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn good_config_resolves_paths_and_defaults() {
+        let c = parse(GOOD).expect("valid");
+        assert_eq!(c.identity.cert, Path::new("/etc/gh/certs/cert.pem"));
+        assert_eq!(c.min_tls, MinTls::Tls13);
+        let i = c.inbound.expect("inbound");
+        assert_eq!(i.policy, Path::new("/etc/gh/policy.toml"));
+        assert_eq!(i.handshake_timeout, DEFAULT_HANDSHAKE_TIMEOUT);
+        assert_eq!(c.outbound[0].connect_host, "monolith.internal");
+        assert_eq!(c.outbound[0].connect_port, 8443);
+        assert_eq!(c.shutdown_grace_period, DEFAULT_SHUTDOWN_GRACE);
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_column() {
+        let text = GOOD.replace("policy = \"policy.toml\"", "policy = \"p\"\npolcy = 1");
+        let e = errors(&text);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].starts_with("/etc/gh/sidecar.toml:11:1: "), "{e:?}");
+        assert!(e[0].contains("polcy"), "{e:?}");
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_position() {
+        let text = GOOD
+            .replace("\"127.0.0.1:8080\"", "\"10.0.0.5:8080\"")
+            .replace("\"127.0.0.1:7001\"", "\"0.0.0.0:7001\"")
+            .replace("spiffe://fintech.internal/monolith", "spiffe://Fintech/monolith")
+            .replace("listen = \"127.0.0.1:9901\"", "listen = \"localhost\"");
+        let e = errors(&text);
+        assert_eq!(e.len(), 4, "{e:?}");
+        assert!(e[0].contains(":9:7: the app address 10.0.0.5:8080"), "{e:?}");
+        assert!(e[1].contains(":15:10: outbound `monolith` listens on 0.0.0.0:7001"), "{e:?}");
+        assert!(e[2].contains(":17:13: invalid SPIFFE ID"), "{e:?}");
+        assert!(e[3].contains(":20:10: `localhost` is not an IP:PORT"), "{e:?}");
+    }
+
+    #[test]
+    fn dangerous_opt_ins_allow_non_loopback() {
+        let text = GOOD
+            .replace(
+                "app = \"127.0.0.1:8080\"",
+                "app = \"10.0.0.5:8080\"\ninsecure_app_address = true",
+            )
+            .replace(
+                "listen = \"127.0.0.1:7001\"",
+                "listen = \"0.0.0.0:7001\"\nallow_non_loopback_listen = true",
+            );
+        let c = parse(&text).expect("valid");
+        assert!(c.inbound.expect("inbound").insecure_app_address);
+        assert!(c.outbound[0].allow_non_loopback_listen);
+    }
+
+    #[test]
+    fn min_tls_top_level_or_tls_table() {
+        let c = parse(&format!("min_tls = \"1.2\"\n{GOOD}")).expect("valid");
+        assert_eq!(c.min_tls, MinTls::Tls12);
+        let c = parse(&format!("{GOOD}\n[tls]\nmin_tls = \"1.2\"\n")).expect("valid");
+        assert_eq!(c.min_tls, MinTls::Tls12);
+        let e = errors(&format!("min_tls = \"1.1\"\n{GOOD}"));
+        assert!(e[0].contains(":1:11: `1.1` is not a supported"), "{e:?}");
+    }
+
+    #[test]
+    fn bad_durations_and_zero_limits() {
+        let text = GOOD.replace(
+            "policy = \"policy.toml\"",
+            "policy = \"p\"\nheader_read_timeout = \"soon\"\nmax_connections = 0",
+        );
+        let e = errors(&text);
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert!(e[0].contains(":11:23: `soon` is not a duration"), "{e:?}");
+        assert!(e[1].contains(":12:19: `inbound.max_connections` must be"), "{e:?}");
+    }
+
+    #[test]
+    fn missing_section_is_a_syntax_error_with_position() {
+        let text = GOOD.replace("[admin]\nlisten = \"127.0.0.1:9901\"\n", "");
+        let e = errors(&text);
+        assert!(e[0].contains("admin"), "{e:?}");
+    }
+}
