@@ -1,3 +1,4 @@
 //! Gatehouse test harness and fake services.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
+pub mod fintech;

@@ -1,0 +1,40 @@
+//! The fake FinTech monolith (expense data, dashboard, expense submission) as a process.
+//! Run it behind a Gatehouse inbound sidecar; see `deploy/examples/fintech/README.md`.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use gatehouse_tests::fintech::http::Recorder;
+use gatehouse_tests::fintech::monolith::Monolith;
+use gatehouse_tests::fintech::serve::{Servers, render_bind_error};
+
+/// Fake monolith: GET /api/data/reports, GET /api/dashboard, POST /api/expenses.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Address of the app (the inbound sidecar's `app`).
+    #[arg(long, default_value = "127.0.0.1:17080")]
+    listen: SocketAddr,
+    /// Loopback address serving `GET /requests`: every request the app received, with its headers.
+    #[arg(long)]
+    debug_listen: Option<SocketAddr>,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    let recorder = Recorder::default();
+    let mut servers = Servers::default();
+    let app = Arc::new(Monolith::new(recorder.clone()));
+    let bound = match servers.add("monolith", args.listen, app).await {
+        Ok(()) => servers.add_debug(args.debug_listen, &recorder).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = bound {
+        return render_bind_error("monolith", &e);
+    }
+    servers.run_until_signal().await;
+    ExitCode::SUCCESS
+}

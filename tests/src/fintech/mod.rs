@@ -1,0 +1,15 @@
+//! The FinTech scenario of the seed story, played by fake services over real Gatehouse sidecars.
+//!
+//! Layout:
+//! - [`http`]: the plaintext HTTP toolkit the fakes share (server loop, request recorder, client).
+//! - [`monolith`], [`report_service`], [`api_gateway`]: the three fake services; each is also a binary in
+//!   `tests/src/bin/` so the demo and the end-to-end tests can start them as real processes.
+//! - [`serve`]: how those binaries bind their listeners and run until told to stop.
+//!
+//! The sidecar configurations they run behind live in `deploy/examples/fintech/`.
+
+pub mod api_gateway;
+pub mod http;
+pub mod monolith;
+pub mod report_service;
+pub mod serve;
