@@ -1,0 +1,523 @@
+//! The CA directory: [`Authority::init`], [`Authority::open`], root rotation and retirement.
+//!
+//! ```text
+//! DIR/                 0700
+//!   ca.json            trust domain, key type, generations (one per root), CRL number
+//!   gen-1/root.pem     root certificate          gen-1/root.key          PKCS#8, 0600
+//!   gen-1/intermediate.pem (with --intermediate) gen-1/intermediate.key  PKCS#8, 0600
+//!   bundle.pem         the roots of every generation not yet retired (the trust bundle)
+//!   inventory.jsonl    append-only ledger: one JSON line per issued or revoked certificate
+//!   .lock              flock(2) target: every write to the directory holds it
+//! ```
+//!
+//! One CA per trust domain. Leaves are signed by the current generation's intermediate (or its
+//! root when there is no intermediate). `ca.json` and `bundle.pem` are replaced atomically
+//! (temp + rename) under the lock; key files are written once and never modified.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use rcgen::{Issuer, KeyPair, SignatureAlgorithm};
+use serde::{Deserialize, Serialize};
+use time::{Duration, OffsetDateTime};
+
+use crate::inventory::{self, fmt_time};
+use crate::store::{self, DirLock, KEY_MODE, PUBLIC_MODE};
+use crate::{CaError, TrustDomain, profile};
+
+const STATE_FILE: &str = "ca.json";
+const BUNDLE_FILE: &str = "bundle.pem";
+const STATE_FORMAT: u32 = 1;
+
+/// The key algorithm of the CA and of the leaves it generates.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KeyType {
+    /// ECDSA on P-256 with SHA-256 (the default).
+    #[default]
+    EcdsaP256,
+    /// ECDSA on P-384 with SHA-384.
+    EcdsaP384,
+    /// Ed25519.
+    Ed25519,
+}
+
+impl KeyType {
+    /// The command-line and file spelling: `ecdsa-p256`, `ecdsa-p384`, `ed25519`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::EcdsaP256 => "ecdsa-p256",
+            Self::EcdsaP384 => "ecdsa-p384",
+            Self::Ed25519 => "ed25519",
+        }
+    }
+
+    pub(crate) fn algorithm(self) -> &'static SignatureAlgorithm {
+        match self {
+            Self::EcdsaP256 => &rcgen::PKCS_ECDSA_P256_SHA256,
+            Self::EcdsaP384 => &rcgen::PKCS_ECDSA_P384_SHA384,
+            Self::Ed25519 => &rcgen::PKCS_ED25519,
+        }
+    }
+
+    /// Generates a fresh key pair of this type.
+    ///
+    /// # Errors
+    /// [`CaError::Generate`] if the crypto provider fails.
+    pub fn generate(self) -> Result<KeyPair, CaError> {
+        Ok(KeyPair::generate_for(self.algorithm())?)
+    }
+}
+
+impl fmt::Display for KeyType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for KeyType {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        [Self::EcdsaP256, Self::EcdsaP384, Self::Ed25519]
+            .into_iter()
+            .find(|k| k.as_str() == s)
+            .ok_or_else(|| format!("unknown key type `{s}`: use ecdsa-p256, ecdsa-p384 or ed25519"))
+    }
+}
+
+/// What `ca init` creates.
+#[derive(Debug, Clone)]
+pub struct InitOptions {
+    /// The one trust domain this CA issues for.
+    pub trust_domain: TrustDomain,
+    /// Key algorithm of the CA keys and of generated leaf keys.
+    pub key_type: KeyType,
+    /// Lifetime of the root (and intermediate).
+    pub ttl: std::time::Duration,
+    /// Root + intermediate (leaves signed by the intermediate) instead of a single root.
+    pub intermediate: bool,
+}
+
+/// `ca.json`: the CA's mutable state, rewritten atomically under the lock.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CaState {
+    pub format: u32,
+    pub trust_domain: String,
+    pub key_type: KeyType,
+    pub intermediate: bool,
+    /// TTL of each root, in seconds (reused by `root rotate`).
+    pub ca_ttl_secs: u64,
+    pub current: u32,
+    pub generations: Vec<Generation>,
+    /// Number of the last CRL written (0: none yet).
+    pub crl_number: u64,
+}
+
+/// One root (and its intermediate): created by `init` or `root rotate`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Generation {
+    /// 1, 2, ...
+    pub id: u32,
+    /// When it was created, RFC 3339.
+    pub created: String,
+    /// Expiry of its root, RFC 3339.
+    pub not_after: String,
+    /// Dropped from the bundle by `root retire`.
+    pub retired: bool,
+}
+
+/// A CA certificate with its key, able to sign.
+pub(crate) struct Signer {
+    pub generation: u32,
+    pub issuer: Issuer<'static, KeyPair>,
+    /// PEM of the certificates that go after the leaf in `cert.pem` (the intermediate, if any).
+    pub chain_pem: String,
+    pub not_after: OffsetDateTime,
+}
+
+/// An opened CA directory.
+#[derive(Debug, Clone)]
+pub struct Authority {
+    dir: PathBuf,
+    trust_domain: TrustDomain,
+    key_type: KeyType,
+}
+
+impl Authority {
+    /// Creates a new CA in `dir` (created with mode 0700; it must not exist or be empty).
+    ///
+    /// Everything is built in a temporary sibling directory and renamed into place, so a failed
+    /// `init` leaves nothing behind and a concurrent one cannot interleave.
+    ///
+    /// # Errors
+    /// [`CaError::AlreadyExists`] when `dir` holds anything; [`CaError::ZeroTtl`]; I/O errors.
+    pub fn init(dir: &Path, opts: &InitOptions) -> Result<Authority, CaError> {
+        if is_non_empty_dir(dir) || (dir.exists() && !dir.is_dir()) {
+            return Err(CaError::AlreadyExists {
+                dir: dir.to_path_buf(),
+            });
+        }
+        let ttl = Duration::try_from(opts.ttl).map_err(|_| CaError::ZeroTtl)?;
+        if ttl <= Duration::ZERO {
+            return Err(CaError::ZeroTtl);
+        }
+        let now = OffsetDateTime::now_utc();
+        let now = now.replace_nanosecond(0).unwrap_or(now);
+        let state = CaState {
+            format: STATE_FORMAT,
+            trust_domain: opts.trust_domain.as_str().to_owned(),
+            key_type: opts.key_type,
+            intermediate: opts.intermediate,
+            ca_ttl_secs: opts.ttl.as_secs(),
+            current: 1,
+            generations: vec![Generation {
+                id: 1,
+                created: fmt_time(now),
+                not_after: fmt_time(now + ttl),
+                retired: false,
+            }],
+            crl_number: 0,
+        };
+        let parent = match dir.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        std::fs::create_dir_all(&parent)
+            .map_err(CaError::io("cannot create directory", &parent))?;
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "ca".into());
+        let tmp = parent.join(format!(
+            ".{name}.init-{}",
+            hex::encode(store::random_bytes(6)?)
+        ));
+        store::create_dir(&tmp, 0o700)?;
+        let built = (|| {
+            let files = build_generation(&state, 1, now)?;
+            write_generation(&tmp, 1, &files)?;
+            store::write_new(&tmp.join(inventory::INVENTORY_FILE), b"", PUBLIC_MODE)?;
+            write_state(&tmp, &state)?;
+            write_bundle(&tmp, &state)?;
+            store::sync_dir(&tmp)
+        })();
+        if let Err(e) = built {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+        if let Err(e) = std::fs::rename(&tmp, dir) {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(match e.raw_os_error() {
+                Some(39 | 17 | 20) => CaError::AlreadyExists {
+                    dir: dir.to_path_buf(),
+                }, // ENOTEMPTY, EEXIST, ENOTDIR
+                _ => CaError::io("cannot rename into", dir)(e),
+            });
+        }
+        store::sync_dir(&parent)?;
+        Authority::open(dir)
+    }
+
+    /// Opens an existing CA directory.
+    ///
+    /// # Errors
+    /// [`CaError::NoCa`] when `dir` has no `ca.json`; [`CaError::Corrupt`] when it is unreadable.
+    pub fn open(dir: &Path) -> Result<Authority, CaError> {
+        let state = read_state(dir)?;
+        let trust_domain =
+            TrustDomain::parse(&state.trust_domain).map_err(|e| CaError::Corrupt {
+                path: dir.join(STATE_FILE),
+                detail: format!("trust domain: {e}"),
+            })?;
+        Ok(Authority {
+            dir: dir.to_path_buf(),
+            trust_domain,
+            key_type: state.key_type,
+        })
+    }
+
+    /// The CA directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The one trust domain this CA issues for.
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.trust_domain
+    }
+
+    /// Key algorithm of the CA and of generated leaf keys.
+    pub fn key_type(&self) -> KeyType {
+        self.key_type
+    }
+
+    /// The trust bundle: the roots of every generation not yet retired, PEM.
+    ///
+    /// # Errors
+    /// [`CaError::Io`] when `bundle.pem` cannot be read.
+    pub fn bundle_pem(&self) -> Result<String, CaError> {
+        store::read_string(&self.dir.join(BUNDLE_FILE))
+    }
+
+    /// The generations (roots) of this CA, oldest first, and the current one's id.
+    ///
+    /// # Errors
+    /// [`CaError::Corrupt`] or I/O errors reading `ca.json`.
+    pub fn generations(&self) -> Result<(Vec<Generation>, u32), CaError> {
+        let state = read_state(&self.dir)?;
+        Ok((state.generations, state.current))
+    }
+
+    /// Takes the directory lock (blocks until free).
+    pub(crate) fn lock(&self) -> Result<DirLock, CaError> {
+        DirLock::acquire(&self.dir)
+    }
+
+    pub(crate) fn state(&self) -> Result<CaState, CaError> {
+        read_state(&self.dir)
+    }
+
+    pub(crate) fn save_state(&self, state: &CaState) -> Result<(), CaError> {
+        write_state(&self.dir, state)
+    }
+
+    /// The signer of generation `id` (its intermediate, or its root without one).
+    pub(crate) fn signer(&self, state: &CaState, id: u32) -> Result<Signer, CaError> {
+        let gen_dir = self.dir.join(format!("gen-{id}"));
+        let (cert_file, key_file) = if state.intermediate {
+            ("intermediate.pem", "intermediate.key")
+        } else {
+            ("root.pem", "root.key")
+        };
+        self.load_signer(
+            &gen_dir.join(cert_file),
+            &gen_dir.join(key_file),
+            id,
+            state.intermediate,
+        )
+    }
+
+    /// The root of generation `id` as a signer (for CRLs covering intermediates).
+    #[allow(dead_code, reason = "used by revoke.rs (CRLs for intermediates)")]
+    pub(crate) fn root_signer(&self, id: u32) -> Result<Signer, CaError> {
+        let gen_dir = self.dir.join(format!("gen-{id}"));
+        self.load_signer(
+            &gen_dir.join("root.pem"),
+            &gen_dir.join("root.key"),
+            id,
+            false,
+        )
+    }
+
+    fn load_signer(
+        &self,
+        cert_path: &Path,
+        key_path: &Path,
+        id: u32,
+        chain: bool,
+    ) -> Result<Signer, CaError> {
+        let cert_pem = store::read_string(cert_path)?;
+        let key_pem = store::read_string(key_path)?;
+        let corrupt = |path: &Path, e: rcgen::Error| CaError::Corrupt {
+            path: path.to_path_buf(),
+            detail: e.to_string(),
+        };
+        let key = KeyPair::from_pem(&key_pem).map_err(|e| corrupt(key_path, e))?;
+        let not_after = crate::inspect::not_after_of_pem(&cert_pem, cert_path)?;
+        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|e| corrupt(cert_path, e))?;
+        Ok(Signer {
+            generation: id,
+            issuer,
+            chain_pem: if chain { cert_pem } else { String::new() },
+            not_after,
+        })
+    }
+
+    /// Creates a new root (and intermediate) and makes it current; `bundle.pem` then holds the old
+    /// and new roots until [`Authority::retire_roots`]. Leaves issued afterwards chain to the new root.
+    ///
+    /// # Errors
+    /// Generation and I/O errors; nothing is changed on error.
+    pub fn rotate_root(&self) -> Result<Generation, CaError> {
+        let _lock = self.lock()?;
+        let mut state = self.state()?;
+        let now = OffsetDateTime::now_utc();
+        let id = state.generations.iter().map(|g| g.id).max().unwrap_or(0) + 1;
+        let ttl = Duration::seconds(i64::try_from(state.ca_ttl_secs).unwrap_or(i64::MAX / 2));
+        let generation = Generation {
+            id,
+            created: fmt_time(now),
+            not_after: fmt_time(now + ttl),
+            retired: false,
+        };
+        let files = build_generation(&state, id, now)?;
+        let gen_dir = self.dir.join(format!("gen-{id}"));
+        let _ = std::fs::remove_dir_all(&gen_dir); // leftover of an interrupted rotation, never referenced
+        write_generation(&self.dir, id, &files)?;
+        state.generations.push(generation.clone());
+        state.current = id;
+        write_bundle(&self.dir, &state)?;
+        self.save_state(&state)?;
+        Ok(generation)
+    }
+
+    /// Drops every non-current root from `bundle.pem`.
+    ///
+    /// Refuses with [`CaError::RootInUse`] while any unexpired, unrevoked certificate in the
+    /// inventory chains to an old root, unless `force` (then those certificates stop verifying).
+    /// Returns the retired generations and how many live certificates were cut off by `force`.
+    ///
+    /// # Errors
+    /// [`CaError::NothingToRetire`], [`CaError::RootInUse`], I/O errors.
+    pub fn retire_roots(&self, force: bool) -> Result<(Vec<u32>, usize), CaError> {
+        let _lock = self.lock()?;
+        let mut state = self.state()?;
+        let old: Vec<u32> = state
+            .generations
+            .iter()
+            .filter(|g| !g.retired && g.id != state.current)
+            .map(|g| g.id)
+            .collect();
+        if old.is_empty() {
+            return Err(CaError::NothingToRetire);
+        }
+        let now = OffsetDateTime::now_utc();
+        let live: Vec<_> = inventory::read_entries(&self.dir, now)?
+            .into_iter()
+            .filter(|e| old.contains(&e.generation) && e.state.is_live())
+            .collect();
+        if let (Some(first), false) = (live.first(), force) {
+            return Err(CaError::RootInUse {
+                count: live.len(),
+                first_serial: first.serial.clone(),
+                first_id: first.spiffe_id.clone().unwrap_or_else(|| "-".into()),
+            });
+        }
+        for g in &mut state.generations {
+            if old.contains(&g.id) {
+                g.retired = true;
+            }
+        }
+        write_bundle(&self.dir, &state)?;
+        self.save_state(&state)?;
+        Ok((old, live.len()))
+    }
+}
+
+fn is_non_empty_dir(dir: &Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some())
+}
+
+/// PEM files of one generation: (root cert, root key, optional (intermediate cert, key)).
+struct GenerationFiles {
+    root_pem: String,
+    root_key: String,
+    intermediate: Option<(String, String)>,
+}
+
+fn build_generation(
+    state: &CaState,
+    id: u32,
+    now: OffsetDateTime,
+) -> Result<GenerationFiles, CaError> {
+    let ttl = Duration::seconds(i64::try_from(state.ca_ttl_secs).unwrap_or(i64::MAX / 2));
+    let td = &state.trust_domain;
+    let root_key = state.key_type.generate()?;
+    let path_len = u8::from(state.intermediate);
+    let root_params = profile::ca_params(
+        &format!("Gatehouse root CA {td} g{id}"),
+        path_len,
+        now,
+        now + ttl,
+    )?;
+    let root = root_params.self_signed(&root_key)?;
+    let intermediate = if state.intermediate {
+        let key = state.key_type.generate()?;
+        let params = profile::ca_params(
+            &format!("Gatehouse intermediate CA {td} g{id}"),
+            0,
+            now,
+            now + ttl,
+        )?;
+        let issuer = Issuer::new(root_params, &root_key);
+        let cert = params.signed_by(&key, &issuer)?;
+        Some((cert.pem(), key.serialize_pem()))
+    } else {
+        None
+    };
+    Ok(GenerationFiles {
+        root_pem: root.pem(),
+        root_key: root_key.serialize_pem(),
+        intermediate,
+    })
+}
+
+fn write_generation(dir: &Path, id: u32, files: &GenerationFiles) -> Result<(), CaError> {
+    let gen_dir = dir.join(format!("gen-{id}"));
+    store::create_dir(&gen_dir, 0o700)?;
+    store::write_new(
+        &gen_dir.join("root.key"),
+        files.root_key.as_bytes(),
+        KEY_MODE,
+    )?;
+    store::write_new(
+        &gen_dir.join("root.pem"),
+        files.root_pem.as_bytes(),
+        PUBLIC_MODE,
+    )?;
+    if let Some((cert, key)) = &files.intermediate {
+        store::write_new(&gen_dir.join("intermediate.key"), key.as_bytes(), KEY_MODE)?;
+        store::write_new(
+            &gen_dir.join("intermediate.pem"),
+            cert.as_bytes(),
+            PUBLIC_MODE,
+        )?;
+    }
+    store::sync_dir(&gen_dir)
+}
+
+fn write_bundle(dir: &Path, state: &CaState) -> Result<(), CaError> {
+    let mut bundle = String::new();
+    for g in state.generations.iter().filter(|g| !g.retired) {
+        bundle.push_str(&store::read_string(
+            &dir.join(format!("gen-{}/root.pem", g.id)),
+        )?);
+    }
+    store::write_atomic(&dir.join(BUNDLE_FILE), bundle.as_bytes(), PUBLIC_MODE)
+}
+
+fn write_state(dir: &Path, state: &CaState) -> Result<(), CaError> {
+    let mut json = serde_json::to_string_pretty(state).map_err(|e| CaError::Corrupt {
+        path: dir.join(STATE_FILE),
+        detail: e.to_string(),
+    })?;
+    json.push('\n');
+    store::write_atomic(&dir.join(STATE_FILE), json.as_bytes(), PUBLIC_MODE)
+}
+
+fn read_state(dir: &Path) -> Result<CaState, CaError> {
+    let path = dir.join(STATE_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(CaError::NoCa {
+                dir: dir.to_path_buf(),
+            });
+        }
+        Err(e) => return Err(CaError::io("cannot read", &path)(e)),
+    };
+    let state: CaState = serde_json::from_str(&text).map_err(|e| CaError::Corrupt {
+        path: path.clone(),
+        detail: e.to_string(),
+    })?;
+    if state.format != STATE_FORMAT {
+        return Err(CaError::Corrupt {
+            path,
+            detail: format!("unsupported format {}", state.format),
+        });
+    }
+    Ok(state)
+}

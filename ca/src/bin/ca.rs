@@ -1,0 +1,452 @@
+//! `ca`: the Gatehouse CA command line. Parses arguments, calls `gatehouse_ca`, renders the
+//! result; every error goes through [`render`] (exit 0 ok, 1 refused by a rule, 2 usage or I/O).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use gatehouse_ca::inspect::{self, Inspection};
+use gatehouse_ca::inventory::Entry;
+use gatehouse_ca::{
+    Authority, CaError, InitOptions, IssueRequest, KeyType, SpiffeId, TrustDomain, store,
+};
+use serde_json::json;
+use time::OffsetDateTime;
+
+/// Gatehouse CA: one private CA per SPIFFE trust domain, issuing X.509-SVIDs.
+#[derive(Parser)]
+#[command(name = "ca", version, about, propagate_version = true)]
+struct Cli {
+    /// Output format for commands that print data.
+    #[arg(long, global = true, value_enum, default_value_t = Format::Text)]
+    format: Format,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Format {
+    /// Human-readable text.
+    Text,
+    /// One JSON document on stdout.
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create a CA directory: root key and certificate (optionally an intermediate), bundle.pem,
+    /// an empty inventory. Refuses to touch a directory that is not empty.
+    Init {
+        /// CA directory to create (mode 0700).
+        #[arg(long)]
+        dir: PathBuf,
+        /// The one trust domain this CA issues for, e.g. `fintech.internal`.
+        #[arg(long)]
+        trust_domain: String,
+        /// Key algorithm of the CA and of the leaf keys it generates.
+        #[arg(long, default_value = "ecdsa-p256", value_parser = ["ecdsa-p256", "ecdsa-p384", "ed25519"])]
+        key_type: String,
+        /// Lifetime of the root (and intermediate).
+        #[arg(long, default_value = "87600h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// Create a root and an intermediate; leaves are signed by the intermediate.
+        #[arg(long)]
+        intermediate: bool,
+    },
+    /// Issue an X.509-SVID with a new key: writes OUT/cert.pem (leaf + chain), OUT/key.pem
+    /// (0600, PKCS#8) and OUT/bundle.pem, atomically.
+    Issue {
+        /// CA directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The workload's SPIFFE ID, spiffe://<trust-domain>/<path>.
+        #[arg(long)]
+        spiffe_id: String,
+        /// Extra DNS SAN (repeatable).
+        #[arg(long = "dns", value_name = "NAME")]
+        dns: Vec<String>,
+        /// Lifetime; may not outlive the signing CA.
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// Certificate directory to write (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Sign a workload's CSR. The SANs come from --spiffe-id/--dns, never from the CSR; only its
+    /// public key is used, after its signature verifies.
+    Sign {
+        /// CA directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The CSR, PEM (`CERTIFICATE REQUEST`) or DER.
+        #[arg(long)]
+        csr: PathBuf,
+        /// The workload's SPIFFE ID, spiffe://<trust-domain>/<path>.
+        #[arg(long)]
+        spiffe_id: String,
+        /// Extra DNS SAN (repeatable).
+        #[arg(long = "dns", value_name = "NAME")]
+        dns: Vec<String>,
+        /// Lifetime; may not outlive the signing CA.
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// Where to write the certificate chain (PEM).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Show a certificate: identity, DNS SANs, serial, validity, key type, issuer; with --bundle,
+    /// whether the chain verifies (webpki). Exit 1 when it does not.
+    Inspect {
+        /// PEM file, leaf first (e.g. cert.pem from `ca issue`).
+        file: PathBuf,
+        /// Trust bundle to verify against (e.g. bundle.pem).
+        #[arg(long)]
+        bundle: Option<PathBuf>,
+    },
+    /// List the inventory: every certificate the CA signed, with its state.
+    List {
+        /// CA directory.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(&cli) {
+        Ok(code) => code,
+        Err(e) => render(&e),
+    }
+}
+
+fn run(cli: &Cli) -> Result<ExitCode, CaError> {
+    let json = cli.format == Format::Json;
+    match &cli.command {
+        Command::Init {
+            dir,
+            trust_domain,
+            key_type,
+            ttl,
+            intermediate,
+        } => {
+            let trust_domain =
+                TrustDomain::parse(trust_domain).map_err(|source| CaError::InvalidId {
+                    input: trust_domain.clone(),
+                    source,
+                })?;
+            let key_type: KeyType = key_type.parse().unwrap_or_default();
+            let opts = InitOptions {
+                trust_domain,
+                key_type,
+                ttl: *ttl,
+                intermediate: *intermediate,
+            };
+            let ca = Authority::init(dir, &opts)?;
+            let bundle = dir.join("bundle.pem");
+            if json {
+                print_json(&json!({
+                    "dir": dir, "trust_domain": ca.trust_domain().as_str(), "key_type": key_type.as_str(),
+                    "intermediate": intermediate, "bundle": bundle,
+                }));
+            } else {
+                println!(
+                    "created CA for trust domain {} in {}",
+                    ca.trust_domain(),
+                    dir.display()
+                );
+                println!(
+                    "  key type      {key_type}{}",
+                    if *intermediate {
+                        " (root + intermediate)"
+                    } else {
+                        ""
+                    }
+                );
+                println!("  trust bundle  {}", bundle.display());
+                println!(
+                    "next: ca issue --dir {} --spiffe-id spiffe://{}/<service> --out <dir>",
+                    dir.display(),
+                    ca.trust_domain()
+                );
+            }
+        }
+        Command::Issue {
+            dir,
+            spiffe_id,
+            dns,
+            ttl,
+            out,
+        } => {
+            let ca = Authority::open(dir)?;
+            let req = IssueRequest {
+                spiffe_id: parse_id(spiffe_id)?,
+                dns: dns.clone(),
+                ttl: *ttl,
+            };
+            check_out_dir(out)?;
+            let svid = ca.issue(&req)?;
+            svid.write_to(out)?;
+            let [cert, key, bundle] = store::cert_dir_paths(out);
+            if json {
+                print_json(&json!({
+                    "spiffe_id": svid.spiffe_id.as_str(), "serial": svid.serial_hex, "sha256": svid.sha256_hex,
+                    "not_before": rfc3339(svid.not_before), "not_after": rfc3339(svid.not_after),
+                    "cert": cert, "key": key, "bundle": bundle,
+                }));
+            } else {
+                println!("issued {}", svid.spiffe_id);
+                println!("  serial     {}", svid.serial_hex);
+                println!(
+                    "  not after  {} (in {})",
+                    rfc3339(svid.not_after),
+                    left(svid.not_after)
+                );
+                println!(
+                    "  wrote      {} {} {}",
+                    cert.display(),
+                    key.display(),
+                    bundle.display()
+                );
+            }
+        }
+        Command::Sign {
+            dir,
+            csr,
+            spiffe_id,
+            dns,
+            ttl,
+            out,
+        } => {
+            let ca = Authority::open(dir)?;
+            let req = IssueRequest {
+                spiffe_id: parse_id(spiffe_id)?,
+                dns: dns.clone(),
+                ttl: *ttl,
+            };
+            let csr_bytes = std::fs::read(csr).map_err(|e| CaError::Io {
+                action: "cannot read",
+                path: csr.clone(),
+                source: e,
+            })?;
+            check_out_file(out)?;
+            let signed = ca.sign_csr(&csr_bytes, csr, &req)?;
+            store::write_atomic(out, signed.cert_pem.as_bytes(), store::PUBLIC_MODE)?;
+            if json {
+                print_json(&json!({
+                    "spiffe_id": signed.spiffe_id.as_str(), "serial": signed.serial_hex, "sha256": signed.sha256_hex,
+                    "not_after": rfc3339(signed.not_after), "cert": out,
+                }));
+            } else {
+                println!("signed {} from {}", signed.spiffe_id, csr.display());
+                println!("  serial     {}", signed.serial_hex);
+                println!(
+                    "  not after  {} (in {})",
+                    rfc3339(signed.not_after),
+                    left(signed.not_after)
+                );
+                println!("  wrote      {}", out.display());
+            }
+        }
+        Command::Inspect { file, bundle } => {
+            let pem = read(file)?;
+            let bundle_pem = bundle.as_deref().map(read).transpose()?;
+            let bundle_arg = bundle_pem.as_deref().zip(bundle.as_deref());
+            let report = inspect::inspect_pem(&pem, file, bundle_arg, OffsetDateTime::now_utc())?;
+            if json {
+                print_json(&serde_json::to_value(&report).unwrap_or_default());
+            } else {
+                print_inspection(&report);
+            }
+            if report.verified == Some(false) {
+                return Ok(ExitCode::from(1));
+            }
+        }
+        Command::List { dir } => {
+            let entries = Authority::open(dir)?.list()?;
+            if json {
+                print_json(&serde_json::to_value(&entries).unwrap_or_default());
+            } else {
+                print_list(&entries);
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn parse_id(s: &str) -> Result<SpiffeId, CaError> {
+    SpiffeId::parse(s).map_err(|source| CaError::InvalidId {
+        input: s.to_owned(),
+        source,
+    })
+}
+
+fn read(path: &Path) -> Result<String, CaError> {
+    std::fs::read_to_string(path).map_err(|e| CaError::Io {
+        action: "cannot read",
+        path: path.to_path_buf(),
+        source: e,
+    })
+}
+
+/// Refuses an output directory we could not create or that is a file, before anything is signed.
+fn check_out_dir(out: &Path) -> Result<(), CaError> {
+    if out.exists() && !out.is_dir() {
+        let source = std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            "exists and is not a directory",
+        );
+        return Err(CaError::Io {
+            action: "cannot use as certificate directory",
+            path: out.to_path_buf(),
+            source,
+        });
+    }
+    check_parent(out)
+}
+
+fn check_out_file(out: &Path) -> Result<(), CaError> {
+    if out.is_dir() {
+        let source = std::io::Error::new(std::io::ErrorKind::IsADirectory, "is a directory");
+        return Err(CaError::Io {
+            action: "cannot write certificate to",
+            path: out.to_path_buf(),
+            source,
+        });
+    }
+    check_parent(out)
+}
+
+fn check_parent(out: &Path) -> Result<(), CaError> {
+    let parent = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if parent.is_dir() {
+        return Ok(());
+    }
+    let source = std::io::Error::new(std::io::ErrorKind::NotFound, "no such directory");
+    Err(CaError::Io {
+        action: "cannot write into",
+        path: parent.to_path_buf(),
+        source,
+    })
+}
+
+fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| t.to_string())
+}
+
+fn left(t: OffsetDateTime) -> String {
+    let secs = (t - OffsetDateTime::now_utc()).whole_seconds();
+    if secs <= 0 {
+        return "expired".into();
+    }
+    humantime::format_duration(Duration::from_secs(secs.unsigned_abs())).to_string()
+}
+
+fn print_json(v: &serde_json::Value) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+fn print_inspection(r: &Inspection) {
+    println!("{}", r.file);
+    match (&r.spiffe_id, r.uri_sans.len()) {
+        (Some(id), _) => println!("  identity    {id}"),
+        (None, 0) => println!("  identity    none (no URI SAN: not an X.509-SVID)"),
+        (None, n) => println!("  identity    none ({n} URI SANs: an X.509-SVID has exactly one)"),
+    }
+    if !r.dns.is_empty() {
+        println!("  dns         {}", r.dns.join(", "));
+    }
+    println!("  serial      {}", r.serial);
+    println!("  not before  {}", r.not_before);
+    let remaining = if r.expired {
+        "EXPIRED".to_owned()
+    } else {
+        format!(
+            "{} left",
+            humantime::format_duration(Duration::from_secs(r.seconds_left.unsigned_abs()))
+        )
+    };
+    println!("  not after   {} ({remaining})", r.not_after);
+    println!("  key type    {}", r.key_type);
+    println!("  ca          {}", r.is_ca);
+    println!("  subject     {}", r.subject);
+    println!("  issuer      {}", r.issuer);
+    println!("  chain       {} certificate(s) in file", r.chain_len);
+    println!("  sha256      {}", r.sha256);
+    match (r.verified, &r.verify_error) {
+        (Some(true), _) => println!("  verifies    yes (webpki, serverAuth + clientAuth)"),
+        (Some(false), Some(e)) => println!("  verifies    NO: {e}"),
+        _ => {}
+    }
+}
+
+fn print_list(entries: &[Entry]) {
+    if entries.is_empty() {
+        println!("no certificates issued yet");
+        return;
+    }
+    println!(
+        "{:<40}  {:<10}  {:<20}  {:<20}  {:<64}  SPIFFE ID",
+        "SERIAL", "STATE", "NOT AFTER", "ISSUED AT", "SHA-256"
+    );
+    for e in entries {
+        println!(
+            "{:<40}  {:<10}  {:<20}  {:<20}  {:<64}  {}",
+            e.serial,
+            e.state.as_str(),
+            e.not_after,
+            e.issued_at,
+            e.sha256,
+            e.spiffe_id.as_deref().unwrap_or("-")
+        );
+    }
+}
+
+/// The one place errors become text: `error: ...`, `help: ...`, and the exit code.
+fn render(e: &CaError) -> ExitCode {
+    eprintln!("error: {e}");
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        if !e.to_string().contains(&cause.to_string()) {
+            eprintln!("  caused by: {cause}");
+        }
+        source = cause.source();
+    }
+    if let Some(help) = help(e) {
+        eprintln!("help: {help}");
+    }
+    ExitCode::from(if e.is_refusal() { 1 } else { 2 })
+}
+
+fn help(e: &CaError) -> Option<String> {
+    Some(match e {
+        CaError::NoCa { dir } => {
+            format!("run `ca init --dir {} --trust-domain <trust-domain>` first, or pass the --dir of an existing CA", dir.display())
+        }
+        CaError::AlreadyExists { .. } => "choose a new or empty --dir: an existing CA is never overwritten".into(),
+        CaError::InvalidId { .. } => "write it as spiffe://<trust-domain>/<path>, e.g. spiffe://fintech.internal/payments".into(),
+        CaError::ForeignTrustDomain { expected, .. } => {
+            format!("this CA only issues for spiffe://{expected}/...; use the CA of that trust domain")
+        }
+        CaError::InvalidDnsName { .. } => "DNS SANs are host names such as api.fintech.internal (no IP addresses, ports or schemes)".into(),
+        CaError::ZeroTtl => "pass a positive duration, e.g. --ttl 24h".into(),
+        CaError::TtlBeyondCa { .. } => "pass a shorter --ttl, or rotate the root (`ca root rotate`) before issuing longer-lived certificates".into(),
+        CaError::MalformedCsr { .. } => {
+            "pass a PKCS#10 request, e.g. `openssl req -new -key key.pem -subj / -out req.csr`".into()
+        }
+        CaError::CsrSignature { .. } => "the request was altered or not signed by its own key: create it again with the workload's key".into(),
+        CaError::Io { .. } => "check that the path exists and that this user may read and write it".into(),
+        CaError::Corrupt { .. } => "the CA directory was changed outside `ca`; restore it from a backup".into(),
+        CaError::BadCertificate { .. } => "pass a PEM file with the leaf certificate first (cert.pem from `ca issue`) and the right bundle.pem".into(),
+        CaError::UnknownSerial { .. } | CaError::UnknownIdentity { .. } => "run `ca list --dir <dir>` to see what was issued".into(),
+        CaError::UnknownReason { .. } => "use one of: unspecified, key-compromise, ca-compromise, affiliation-changed, superseded, cessation-of-operation, privilege-withdrawn".into(),
+        CaError::NothingToRetire => "run `ca root rotate` first; `root retire` drops the roots that rotation superseded".into(),
+        CaError::RootInUse { .. } => "re-issue them (`ca rotate --dir <dir> <outdir>...`) or wait until they expire; `--force` retires anyway and they stop verifying".into(),
+        CaError::NotRotatable { .. } => "the directory must hold cert.pem and key.pem written by `ca issue` from this CA".into(),
+        _ => return None,
+    })
+}

@@ -1,0 +1,177 @@
+//! [`CaError`]: everything the CA library can refuse or fail at.
+
+use std::path::PathBuf;
+
+use gatehouse_policy::{IdError, SpiffeId, TrustDomain};
+
+/// An error from the CA library.
+///
+/// Variants carry what a message needs (directory, serial, identity, expected versus presented).
+/// [`CaError::is_refusal`] separates "refused by a rule" (exit 1 in the `ca` binary) from usage
+/// and I/O errors (exit 2).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CaError {
+    /// The directory holds no CA (no `ca.json`).
+    #[error("no CA in {}", dir.display())]
+    NoCa {
+        /// The directory that was opened.
+        dir: PathBuf,
+    },
+    /// `init` was pointed at a directory that already holds a CA or other files.
+    #[error("{} already exists and is not empty; refusing to overwrite it", dir.display())]
+    AlreadyExists {
+        /// The directory that was given.
+        dir: PathBuf,
+    },
+    /// A string that is not a valid SPIFFE ID.
+    #[error("invalid SPIFFE ID `{input}`: {source}")]
+    InvalidId {
+        /// What was given.
+        input: String,
+        /// The rule it broke.
+        #[source]
+        source: IdError,
+    },
+    /// A SPIFFE ID outside the CA's trust domain.
+    #[error("{id} is not in this CA's trust domain `{expected}`")]
+    ForeignTrustDomain {
+        /// The requested identity.
+        id: SpiffeId,
+        /// The CA's trust domain.
+        expected: TrustDomain,
+    },
+    /// A DNS SAN that is not a valid DNS name.
+    #[error("invalid DNS name `{name}`")]
+    InvalidDnsName {
+        /// What was given.
+        name: String,
+    },
+    /// A zero or negative lifetime.
+    #[error("the certificate lifetime must be positive")]
+    ZeroTtl,
+    /// The requested lifetime ends after the signing CA certificate expires.
+    #[error(
+        "the requested lifetime ends {requested}, after the signing CA certificate expires ({ca_not_after})"
+    )]
+    TtlBeyondCa {
+        /// Requested not-after, RFC 3339.
+        requested: String,
+        /// The signing CA's not-after, RFC 3339.
+        ca_not_after: String,
+    },
+    /// The CSR could not be parsed (not PEM/DER, not a PKCS#10 request, unsupported extension).
+    #[error("malformed CSR {}: {detail}", path.display())]
+    MalformedCsr {
+        /// Where the CSR came from.
+        path: PathBuf,
+        /// What the parser said.
+        detail: String,
+    },
+    /// The CSR parsed but its self-signature does not verify.
+    #[error("the signature of CSR {} does not verify", path.display())]
+    CsrSignature {
+        /// Where the CSR came from.
+        path: PathBuf,
+    },
+    /// A file could not be read or written.
+    #[error("{action} {}: {source}", path.display())]
+    Io {
+        /// What was being done ("cannot read", "cannot write", ...).
+        action: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A CA file exists but its content is not what the CA wrote.
+    #[error("corrupt CA file {}: {detail}", path.display())]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        detail: String,
+    },
+    /// A certificate file that is not a readable PEM certificate (chain).
+    #[error("bad certificate {}: {detail}", path.display())]
+    BadCertificate {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        detail: String,
+    },
+    /// rcgen refused to build or sign something.
+    #[error("certificate generation failed: {0}")]
+    Generate(#[from] rcgen::Error),
+    /// No inventory record matches the serial given.
+    #[error("no certificate with serial {serial} in the inventory")]
+    UnknownSerial {
+        /// The serial, hex.
+        serial: String,
+    },
+    /// No unexpired, unrevoked certificate for this identity in the inventory.
+    #[error("no valid certificate for {id} in the inventory")]
+    UnknownIdentity {
+        /// The identity.
+        id: SpiffeId,
+    },
+    /// An unknown revocation reason name.
+    #[error("unknown revocation reason `{reason}`")]
+    UnknownReason {
+        /// What was given.
+        reason: String,
+    },
+    /// `root retire` found nothing to retire.
+    #[error("there is only one active root; nothing to retire")]
+    NothingToRetire,
+    /// `root retire` refused: unexpired leaves still chain to an old root.
+    #[error(
+        "{count} unexpired, unrevoked certificate(s) still chain to the old root (first: serial {first_serial}, {first_id})"
+    )]
+    RootInUse {
+        /// How many leaves.
+        count: usize,
+        /// One of them, hex.
+        first_serial: String,
+        /// Its identity (or `-` for custom certificates without one).
+        first_id: String,
+    },
+    /// A certificate directory for `rotate` whose certificate is not ours to re-issue.
+    #[error("cannot rotate {}: {detail}", dir.display())]
+    NotRotatable {
+        /// The certificate directory.
+        dir: PathBuf,
+        /// Why.
+        detail: String,
+    },
+}
+
+impl CaError {
+    /// True when the request was understood and refused by a rule (exit 1); false for usage,
+    /// input and I/O errors (exit 2).
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            Self::AlreadyExists { .. }
+                | Self::ForeignTrustDomain { .. }
+                | Self::TtlBeyondCa { .. }
+                | Self::CsrSignature { .. }
+                | Self::RootInUse { .. }
+                | Self::NothingToRetire
+                | Self::NotRotatable { .. }
+        )
+    }
+
+    pub(crate) fn io(
+        action: &'static str,
+        path: &std::path::Path,
+    ) -> impl FnOnce(std::io::Error) -> Self {
+        let path = path.to_path_buf();
+        move |source| Self::Io {
+            action,
+            path,
+            source,
+        }
+    }
+}

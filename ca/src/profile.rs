@@ -1,0 +1,114 @@
+//! Certificate profiles: the X.509-SVID leaf and the CA certificates.
+//!
+//! Leaf (X509-SVID §4 and RFC 5280): exactly one URI SAN (the SPIFFE ID) plus optional DNS SANs,
+//! `CA:FALSE`, key usage `digitalSignature` (critical), EKU serverAuth + clientAuth (webpki only
+//! enforces an EKU when present, so both are listed), a random positive serial of 20 octets, an
+//! authority key identifier, and a not-before backdated by [`BACKDATE`] for clock skew.
+//!
+//! CA (X509-SVID §5): `CA:TRUE` (critical) with a path length constraint, key usage
+//! `keyCertSign, cRLSign` (critical). No name constraints: webpki rejects URI name constraints,
+//! so the trust domain is enforced by the sidecar's verifier.
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyUsagePurpose, SanType, SerialNumber,
+};
+use time::{Duration, OffsetDateTime};
+
+use crate::{CaError, SpiffeId, store};
+
+/// How far the not-before of every certificate is moved into the past, for clock skew.
+pub const BACKDATE: Duration = Duration::minutes(5);
+
+/// Length of generated serial numbers (RFC 5280 §4.1.2.2 allows at most 20 octets).
+pub const SERIAL_LEN: usize = 20;
+
+/// A fresh random serial: 20 bytes, first byte in `0x01..=0x7f` so the DER INTEGER is positive,
+/// minimally encoded and exactly 20 octets.
+///
+/// # Errors
+/// [`CaError::Io`] when the OS random source cannot be read.
+pub fn random_serial() -> Result<SerialNumber, CaError> {
+    let mut bytes = store::random_bytes(SERIAL_LEN)?;
+    bytes[0] &= 0x7f;
+    if bytes[0] == 0 {
+        bytes[0] = 1;
+    }
+    Ok(SerialNumber::from_slice(&bytes))
+}
+
+/// Validates DNS SAN names (RFC 1123 syntax, as webpki reads them).
+///
+/// # Errors
+/// [`CaError::InvalidDnsName`] for the first bad name.
+pub fn check_dns_names(dns: &[String]) -> Result<(), CaError> {
+    for name in dns {
+        if rustls_pki_types::DnsName::try_from(name.as_str()).is_err()
+            || name.parse::<std::net::IpAddr>().is_ok()
+        {
+            return Err(CaError::InvalidDnsName { name: name.clone() });
+        }
+    }
+    Ok(())
+}
+
+/// Parameters of an X.509-SVID for `id` valid from `now - BACKDATE` to `not_after`.
+///
+/// # Errors
+/// [`CaError::Generate`] when a SAN cannot be encoded; [`CaError::Io`] from the serial.
+pub fn svid_params(
+    id: &SpiffeId,
+    dns: &[String],
+    now: OffsetDateTime,
+    not_after: OffsetDateTime,
+) -> Result<CertificateParams, CaError> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, "Gatehouse");
+    params.subject_alt_names = vec![SanType::URI(id.as_str().try_into()?)];
+    for name in dns {
+        params
+            .subject_alt_names
+            .push(SanType::DnsName(name.as_str().try_into()?));
+    }
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.serial_number = Some(random_serial()?);
+    params.use_authority_key_identifier_extension = true;
+    params.not_before = now - BACKDATE;
+    params.not_after = not_after;
+    Ok(params)
+}
+
+/// Parameters of a CA certificate named `common_name`, constrained to `path_len` CAs below it.
+///
+/// # Errors
+/// [`CaError::Io`] from the serial.
+pub fn ca_params(
+    common_name: &str,
+    path_len: u8,
+    now: OffsetDateTime,
+    not_after: OffsetDateTime,
+) -> Result<CertificateParams, CaError> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, "Gatehouse");
+    params
+        .distinguished_name
+        .push(DnType::CommonName, common_name);
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(path_len));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    params.serial_number = Some(random_serial()?);
+    params.use_authority_key_identifier_extension = true;
+    params.not_before = now - BACKDATE;
+    params.not_after = not_after;
+    Ok(params)
+}
