@@ -12,5 +12,6 @@
 
 pub mod config;
 pub mod metrics;
+pub mod outbound;
 pub mod signal;
 pub mod tls;

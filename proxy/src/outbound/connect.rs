@@ -1,0 +1,632 @@
+//! The pooled mTLS client to one upstream (one `[[outbound]]` entry).
+//!
+//! Connections are opened on demand: DNS is resolved at connect time (never cached from
+//! startup), TCP, then TLS with our certificate and the server's identity pinned
+//! ([`ServerIdentityVerifier`](crate::tls::client::ServerIdentityVerifier)), then HTTP/2 when
+//! the server agreed to `h2` in ALPN (one connection, many concurrent streams) or HTTP/1.1
+//! (a keep-alive pool). The pool is bounded (`max_connections`, waiting callers get a
+//! connection as one frees up), idle connections close after `idle_timeout`, and no connection
+//! is reused past `max_connection_age`, so a rotated client certificate is presented within a
+//! bounded time.
+//!
+//! Retries: a request is sent again only when it provably never left: the connection could
+//! not be established (TCP refused or reset during the handshake), or hyper handed the request
+//! back unsent because a pooled connection had closed. Nothing else is retried.
+
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderValue, Request, Response, Uri, header};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::ClientConfig;
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
+use tokio_rustls::TlsConnector;
+use tracing::{debug, warn};
+
+use super::error::OutboundError;
+use super::metrics::UpstreamMetrics;
+use crate::tls::client::received_alert;
+
+/// Connection limits and timeouts of one upstream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// DNS + TCP + TLS + HTTP handshake, per attempt.
+    pub connect_timeout: Duration,
+    /// From the request being sent to the response head arriving.
+    pub response_timeout: Duration,
+    /// An unused connection is closed after this long.
+    pub idle_timeout: Duration,
+    /// No request starts on a connection older than this.
+    pub max_connection_age: Duration,
+    /// Open connections to the upstream, busy or idle.
+    pub max_connections: usize,
+    /// Idle HTTP/1.1 connections kept for reuse.
+    pub max_idle: usize,
+    /// How long a request waits for a connection when `max_connections` are busy.
+    pub pool_wait_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(5),
+            response_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(90),
+            max_connection_age: Duration::from_secs(600),
+            max_connections: 64,
+            max_idle: 16,
+            pool_wait_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Where an upstream lives: `host:port` from `connect`, kept unresolved.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    host: String,
+    port: u16,
+}
+
+/// `connect` is not `host:port`.
+#[derive(Debug, thiserror::Error)]
+#[error("`{0}` is not host:port (write e.g. `monolith.internal:8443` or `[::1]:8443`)")]
+pub struct TargetError(String);
+
+impl Target {
+    /// A target from an already validated host (DNS name or IP, without brackets) and port.
+    pub fn new(host: &str, port: u16) -> Self {
+        Self {
+            host: host.to_owned(),
+            port,
+        }
+    }
+
+    /// Parses `host:port`, `ipv4:port` or `[ipv6]:port`.
+    ///
+    /// # Errors
+    /// Anything else.
+    pub fn parse(s: &str) -> Result<Self, TargetError> {
+        let bad = || TargetError(s.to_owned());
+        let authority: Authority = s.parse().map_err(|_| bad())?;
+        let port = authority.port_u16().ok_or_else(bad)?;
+        let host = authority.host();
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        if host.is_empty() || authority.as_str().contains('@') {
+            return Err(bad());
+        }
+        Ok(Self {
+            host: host.to_owned(),
+            port,
+        })
+    }
+
+    /// The host without brackets: a DNS name or an IP address.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    fn authority(&self) -> Authority {
+        let text = if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        };
+        // Invariant: built from a parsed authority's host and port.
+        text.parse().expect("host and port of a parsed authority")
+    }
+}
+
+/// One upstream: its TLS settings and its connection pool.
+pub struct Upstream {
+    name: String,
+    target: Target,
+    authority: Authority,
+    host_header: HeaderValue,
+    server_name: ServerName<'static>,
+    tls: ArcSwap<ClientConfig>,
+    limits: Limits,
+    permits: Arc<Semaphore>,
+    available: Arc<Notify>,
+    idle: Mutex<Idle>,
+    metrics: UpstreamMetrics,
+}
+
+#[derive(Default)]
+struct Idle {
+    /// The shared HTTP/2 connection and when a request last started on it.
+    h2: Option<(Conn, Instant)>,
+    /// Idle HTTP/1.1 connections and since when they are idle.
+    h1: Vec<(Conn, Instant)>,
+}
+
+enum Sender {
+    H1(http1::SendRequest<Incoming>),
+    H2(http2::SendRequest<Incoming>),
+}
+
+/// A checked-out connection. HTTP/2 connections are shared: each checkout holds a clone of
+/// the sender.
+struct Conn {
+    sender: Sender,
+    born: Instant,
+    /// Why the connection task ended, once it has: carries the TLS alert of a server that
+    /// refused our certificate after a TLS 1.3 handshake had already "succeeded".
+    failure: watch::Receiver<Option<Arc<hyper::Error>>>,
+}
+
+impl Conn {
+    /// Another handle on a shared HTTP/2 connection; `None` for HTTP/1.1 (one request at a
+    /// time, never shared).
+    fn share(&self) -> Option<Conn> {
+        match &self.sender {
+            Sender::H2(s) => Some(Conn {
+                sender: Sender::H2(s.clone()),
+                born: self.born,
+                failure: self.failure.clone(),
+            }),
+            Sender::H1(_) => None,
+        }
+    }
+
+    fn is_usable(&self, max_age: Duration) -> bool {
+        let open = match &self.sender {
+            Sender::H1(s) => !s.is_closed(),
+            Sender::H2(s) => !s.is_closed(),
+        };
+        open && self.born.elapsed() < max_age
+    }
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("name", &self.name)
+            .field("target", &self.target)
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Upstream {
+    /// A pool for `target`, presenting `server_name` as SNI, and a task that closes idle and
+    /// aged connections (it stops when the returned `Arc` is dropped). Must be called inside a
+    /// Tokio runtime.
+    pub fn start(
+        name: &str,
+        target: Target,
+        server_name: ServerName<'static>,
+        tls: Arc<ClientConfig>,
+        limits: Limits,
+        metrics: UpstreamMetrics,
+    ) -> Arc<Self> {
+        let authority = target.authority();
+        let host_header = HeaderValue::from_str(authority.as_str())
+            .expect("an authority is a valid header value");
+        let upstream = Arc::new(Self {
+            name: name.to_owned(),
+            target,
+            authority,
+            host_header,
+            server_name,
+            tls: ArcSwap::new(tls),
+            permits: Arc::new(Semaphore::new(limits.max_connections.max(1))),
+            available: Arc::new(Notify::new()),
+            idle: Mutex::new(Idle::default()),
+            limits,
+            metrics,
+        });
+        tokio::spawn(reap(Arc::downgrade(&upstream)));
+        upstream
+    }
+
+    /// The `[[outbound]]` name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The upstream's metric handles.
+    pub fn metrics(&self) -> &UpstreamMetrics {
+        &self.metrics
+    }
+
+    /// New connections use `tls` from now on (rotated certificate, new bundle or CRL); open
+    /// ones keep theirs until they age out.
+    pub fn set_tls(&self, tls: Arc<ClientConfig>) {
+        self.tls.store(tls);
+    }
+
+    /// Sends `req` upstream and returns the response head; the body streams on.
+    ///
+    /// # Errors
+    /// Any [`OutboundError`]; see the module docs for which ones were retried first.
+    pub async fn send(
+        self: &Arc<Self>,
+        mut req: Request<Incoming>,
+    ) -> Result<Response<Incoming>, OutboundError> {
+        let mut connect_retried = false;
+        let mut unsent_retried = false;
+        loop {
+            let conn = match self.checkout().await {
+                Ok(conn) => conn,
+                Err(e) if e.is_retryable() && !connect_retried => {
+                    debug!(upstream = %self.name, error = %e, "connect failed before anything was sent; retrying");
+                    connect_retried = true;
+                    self.metrics.retries.inc();
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            self.set_target(&mut req, &conn.sender);
+            match self.exchange(conn, req).await {
+                Ok(resp) => return Ok(resp),
+                Err(Exchange::Unsent(back)) if !unsent_retried => {
+                    debug!(upstream = %self.name, "pooled connection closed before the request was written; retrying");
+                    unsent_retried = true;
+                    self.metrics.retries.inc();
+                    req = *back;
+                }
+                Err(Exchange::Unsent(_)) => {
+                    return Err(OutboundError::Handshake(std::io::Error::other(
+                        "upstream connection closed before the request could be written",
+                    )));
+                }
+                Err(Exchange::Failed(e)) => return Err(e),
+            }
+        }
+    }
+
+    /// Writes `req` on `conn` and waits for the response head.
+    async fn exchange(
+        self: &Arc<Self>,
+        conn: Conn,
+        req: Request<Incoming>,
+    ) -> Result<Response<Incoming>, Exchange> {
+        let timeout = self.limits.response_timeout;
+        let Conn {
+            sender,
+            born,
+            failure,
+        } = conn;
+        let result = match sender {
+            Sender::H1(mut s) => {
+                let sent = tokio::time::timeout(timeout, s.try_send_request(req)).await;
+                if matches!(sent, Ok(Ok(_))) {
+                    self.recycle_h1(Conn {
+                        sender: Sender::H1(s),
+                        born,
+                        failure: failure.clone(),
+                    });
+                }
+                sent
+            }
+            Sender::H2(mut s) => tokio::time::timeout(timeout, s.try_send_request(req)).await,
+        };
+        let err = match result {
+            Err(_elapsed) => return Err(Exchange::Failed(OutboundError::ResponseTimeout(timeout))),
+            Ok(Ok(resp)) => return Ok(resp),
+            Ok(Err(err)) => err,
+        };
+        let mut err = err;
+        if let Some(alert) = received_alert(err.error()) {
+            return Err(Exchange::Failed(OutboundError::from_alert(alert)));
+        }
+        // A server that refused our certificate after a TLS 1.3 handshake sends its alert as
+        // the first thing we read; the connection task may have read it before (the request
+        // then comes back unsent) or during the exchange (HTTP/2 streams then only see a
+        // summary of the error). The connection task holds the original: ask it.
+        if let Some(alert) = connection_alert(failure).await {
+            return Err(Exchange::Failed(OutboundError::from_alert(alert)));
+        }
+        match err.take_message() {
+            Some(req) => Err(Exchange::Unsent(Box::new(req))),
+            None => Err(Exchange::Failed(OutboundError::Upstream(err.into_error()))),
+        }
+    }
+
+    /// Once the HTTP/1.1 response has been read to its end, the connection goes back to the
+    /// idle set (if it is still young and open).
+    fn recycle_h1(self: &Arc<Self>, mut conn: Conn) {
+        let pool = Arc::downgrade(self);
+        tokio::spawn(async move {
+            if let Sender::H1(sender) = &mut conn.sender
+                && sender.ready().await.is_err()
+            {
+                return;
+            }
+            if let Some(pool) = pool.upgrade() {
+                pool.put_idle(conn);
+            }
+        });
+    }
+
+    fn put_idle(&self, conn: Conn) {
+        if !conn.is_usable(self.limits.max_connection_age) {
+            return;
+        }
+        {
+            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            if idle.h1.len() >= self.limits.max_idle {
+                return; // dropping the sender closes the connection
+            }
+            idle.h1.push((conn, Instant::now()));
+        }
+        self.available.notify_one();
+    }
+
+    /// A connection to send on: the shared h2 connection, an idle h1 one, or a new one if the
+    /// pool has room; otherwise waits for one of those to become true.
+    async fn checkout(&self) -> Result<Conn, OutboundError> {
+        let deadline = tokio::time::Instant::now() + self.limits.pool_wait_timeout;
+        loop {
+            let notified = self.available.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(conn) = self.take_pooled() {
+                return Ok(conn);
+            }
+            if let Ok(permit) = self.permits.clone().try_acquire_owned() {
+                return self.connect(permit).await;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(OutboundError::PoolTimeout(self.limits.pool_wait_timeout));
+            }
+        }
+    }
+
+    fn take_pooled(&self) -> Option<Conn> {
+        let max_age = self.limits.max_connection_age;
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((h2, last_used)) = &mut idle.h2 {
+            if h2.is_usable(max_age) {
+                *last_used = Instant::now();
+                return h2.share();
+            }
+            // Aged or closed: new streams go to a new connection; open streams finish.
+            idle.h2 = None;
+        }
+        while let Some((conn, _since)) = idle.h1.pop() {
+            if conn.is_usable(max_age) {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    /// Opens a new connection under the connect timeout.
+    async fn connect(&self, permit: OwnedSemaphorePermit) -> Result<Conn, OutboundError> {
+        let timeout = self.limits.connect_timeout;
+        match tokio::time::timeout(timeout, self.connect_inner(permit)).await {
+            Ok(result) => result,
+            Err(_elapsed) => {
+                self.metrics.handshake("timeout");
+                Err(OutboundError::ConnectTimeout(timeout))
+            }
+        }
+    }
+
+    async fn connect_inner(&self, permit: OwnedSemaphorePermit) -> Result<Conn, OutboundError> {
+        let tcp = self.dial().await?;
+        let connector = TlsConnector::from(self.tls.load_full());
+        let tls = match connector.connect(self.server_name.clone(), tcp).await {
+            Ok(tls) => tls,
+            Err(e) => {
+                let err = OutboundError::from_handshake(e);
+                self.metrics.handshake(err.reason());
+                warn!(upstream = %self.name, error = %err, "outbound TLS handshake failed");
+                return Err(err);
+            }
+        };
+        self.metrics.handshake("ok");
+        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+        let io = TokioIo::new(tls);
+        let (failure_tx, failure) = watch::channel(None);
+        let sender = if h2 {
+            let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+                .timer(hyper_util::rt::TokioTimer::new())
+                .handshake(io)
+                .await
+                .map_err(OutboundError::Upstream)?;
+            self.spawn_conn(conn, permit, failure_tx);
+            Sender::H2(sender)
+        } else {
+            let (sender, conn) = http1::handshake(io)
+                .await
+                .map_err(OutboundError::Upstream)?;
+            self.spawn_conn(conn, permit, failure_tx);
+            Sender::H1(sender)
+        };
+        let conn = Conn {
+            sender,
+            born: Instant::now(),
+            failure,
+        };
+        if let Some(shared) = conn.share() {
+            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            idle.h2 = Some((shared, Instant::now()));
+            drop(idle);
+            // Callers waiting for a connection can share this one.
+            self.available.notify_waiters();
+        }
+        Ok(conn)
+    }
+
+    /// Resolves `connect` now (DNS answers change) and opens TCP to the first address that
+    /// accepts.
+    async fn dial(&self) -> Result<TcpStream, OutboundError> {
+        let host = self.target.host();
+        let addrs = tokio::net::lookup_host((host, self.target.port()))
+            .await
+            .map_err(|source| OutboundError::Resolve {
+                host: host.to_owned(),
+                source,
+            })?;
+        let mut last = None;
+        for addr in addrs {
+            match TcpStream::connect(addr).await {
+                Ok(tcp) => {
+                    // Requests are small writes; do not let Nagle hold them back.
+                    let _ = tcp.set_nodelay(true);
+                    return Ok(tcp);
+                }
+                Err(source) => {
+                    last = Some(OutboundError::Connect {
+                        addr: addr.to_string(),
+                        source,
+                    })
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| OutboundError::Resolve {
+            host: host.to_owned(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no addresses"),
+        }))
+    }
+
+    fn spawn_conn<F>(
+        &self,
+        conn: F,
+        permit: OwnedSemaphorePermit,
+        failure: watch::Sender<Option<Arc<hyper::Error>>>,
+    ) where
+        F: Future<Output = Result<(), hyper::Error>> + Send + 'static,
+    {
+        let open = self.metrics.connections_open.clone();
+        let available = Arc::clone(&self.available);
+        let name = self.name.clone();
+        open.inc();
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(upstream = %name, error = %e, "upstream connection ended with an error");
+                failure.send_replace(Some(Arc::new(e)));
+            }
+            open.dec();
+            drop(permit);
+            available.notify_one();
+        });
+    }
+
+    /// Points the request at the upstream: origin-form URI and `Host` for HTTP/1.1, absolute
+    /// URI (`:authority`) for HTTP/2. Idempotent, so a request handed back unsent can be
+    /// re-targeted for another connection.
+    fn set_target(&self, req: &mut Request<Incoming>, sender: &Sender) {
+        let path = req
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        match sender {
+            Sender::H1(_) => {
+                *req.uri_mut() = Uri::from(path);
+                *req.version_mut() = http::Version::HTTP_11;
+                req.headers_mut()
+                    .insert(header::HOST, self.host_header.clone());
+            }
+            Sender::H2(_) => {
+                let mut parts = http::uri::Parts::default();
+                parts.scheme = Some(Scheme::HTTPS);
+                parts.authority = Some(self.authority.clone());
+                parts.path_and_query = Some(path);
+                // Invariant: scheme, authority and path are all set and individually valid.
+                *req.uri_mut() = Uri::from_parts(parts).expect("complete absolute URI");
+                *req.version_mut() = http::Version::HTTP_2;
+                req.headers_mut().remove(header::HOST);
+            }
+        }
+    }
+
+    /// Drops idle HTTP/1.1 connections past `idle_timeout` and the shared h2 connection once
+    /// it is aged or closed.
+    fn reap_idle(&self) {
+        let limits = &self.limits;
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        idle.h1.retain(|(conn, since)| {
+            since.elapsed() < limits.idle_timeout && conn.is_usable(limits.max_connection_age)
+        });
+        if idle.h2.as_ref().is_some_and(|(conn, last_used)| {
+            last_used.elapsed() >= limits.idle_timeout || !conn.is_usable(limits.max_connection_age)
+        }) {
+            // Streams still open on it finish; the connection closes after the last one.
+            idle.h2 = None;
+        }
+    }
+}
+
+/// The fatal TLS alert that ended a connection, if one did. Waits briefly for the connection
+/// task to record why it ended (it ends right after the failure the caller just saw).
+async fn connection_alert(
+    mut failure: watch::Receiver<Option<Arc<hyper::Error>>>,
+) -> Option<rustls::AlertDescription> {
+    let recorded = tokio::time::timeout(
+        Duration::from_millis(250),
+        failure.wait_for(Option::is_some),
+    )
+    .await;
+    match recorded {
+        Ok(Ok(cause)) => cause.as_deref().and_then(|e| received_alert(e)),
+        _ => None,
+    }
+}
+
+enum Exchange {
+    /// hyper handed the request back: not one byte of it was written.
+    Unsent(Box<Request<Incoming>>),
+    Failed(OutboundError),
+}
+
+/// Background sweep of one pool; ends when the pool is dropped.
+async fn reap(pool: Weak<Upstream>) {
+    let period = match pool.upgrade() {
+        Some(p) => (p.limits.idle_timeout.min(p.limits.max_connection_age) / 4)
+            .clamp(Duration::from_millis(100), Duration::from_secs(15)),
+        None => return,
+    };
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match pool.upgrade() {
+            Some(p) => p.reap_idle(),
+            None => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn target_parses_names_and_addresses() {
+        let t = Target::parse("monolith.internal:8443").unwrap();
+        assert_eq!((t.host(), t.port()), ("monolith.internal", 8443));
+        let t = Target::parse("127.0.0.1:9").unwrap();
+        assert_eq!((t.host(), t.port()), ("127.0.0.1", 9));
+        let t = Target::parse("[::1]:8443").unwrap();
+        assert_eq!((t.host(), t.port()), ("::1", 8443));
+        assert_eq!(t.authority().as_str(), "[::1]:8443");
+        for bad in [
+            "monolith",
+            "monolith:",
+            ":8443",
+            "user@host:1",
+            "http://h:1",
+            "",
+        ] {
+            assert!(Target::parse(bad).is_err(), "{bad} must be refused");
+        }
+    }
+}

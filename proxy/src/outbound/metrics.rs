@@ -1,0 +1,137 @@
+//! `gatehouse_outbound_*` metrics. Labels are bounded: `upstream` is the name of an
+//! `[[outbound]]` entry, `reason`/`result` come from fixed lists in this module's callers.
+
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
+};
+
+/// The outbound metric families, registered once per process.
+#[derive(Clone, Debug)]
+pub struct OutboundMetrics {
+    requests: IntCounterVec,
+    errors: IntCounterVec,
+    handshakes: IntCounterVec,
+    connections_open: IntGaugeVec,
+    retries: IntCounterVec,
+    duration: HistogramVec,
+}
+
+/// The metric handles of one upstream, label values already bound (no lookups per request).
+#[derive(Clone, Debug)]
+pub struct UpstreamMetrics {
+    families: OutboundMetrics,
+    upstream: String,
+    /// Open TLS connections to the upstream.
+    pub connections_open: IntGauge,
+    /// Requests retried on a new connection (connection not established, nothing sent).
+    pub retries: IntCounter,
+    /// Time from the app's request to the upstream's response head.
+    pub duration: Histogram,
+}
+
+impl OutboundMetrics {
+    /// Creates the families and registers them on `registry`.
+    ///
+    /// # Errors
+    /// A family of the same name is already registered.
+    pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "gatehouse_outbound_requests_total",
+                "Requests the app sent through an outbound listener, by upstream and HTTP status returned to the app",
+            ),
+            &["upstream", "status"],
+        )?;
+        let errors = IntCounterVec::new(
+            Opts::new(
+                "gatehouse_outbound_errors_total",
+                "Requests the sidecar answered itself because the upstream failed, by upstream and reason",
+            ),
+            &["upstream", "reason"],
+        )?;
+        let handshakes = IntCounterVec::new(
+            Opts::new(
+                "gatehouse_outbound_tls_handshakes_total",
+                "TLS handshakes with upstream sidecars, by upstream and result",
+            ),
+            &["upstream", "result"],
+        )?;
+        let connections_open = IntGaugeVec::new(
+            Opts::new(
+                "gatehouse_outbound_connections_open",
+                "Open TLS connections to the upstream",
+            ),
+            &["upstream"],
+        )?;
+        let retries = IntCounterVec::new(
+            Opts::new(
+                "gatehouse_outbound_retries_total",
+                "Requests retried because no connection could be established and nothing was sent",
+            ),
+            &["upstream"],
+        )?;
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "gatehouse_outbound_request_duration_seconds",
+                "Time from the app's request to the upstream's response head (or the error)",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+            &["upstream"],
+        )?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(errors.clone()))?;
+        registry.register(Box::new(handshakes.clone()))?;
+        registry.register(Box::new(connections_open.clone()))?;
+        registry.register(Box::new(retries.clone()))?;
+        registry.register(Box::new(duration.clone()))?;
+        Ok(Self {
+            requests,
+            errors,
+            handshakes,
+            connections_open,
+            retries,
+            duration,
+        })
+    }
+
+    /// The handles for the upstream named `upstream`.
+    pub fn upstream(&self, upstream: &str) -> UpstreamMetrics {
+        UpstreamMetrics {
+            connections_open: self.connections_open.with_label_values(&[upstream]),
+            retries: self.retries.with_label_values(&[upstream]),
+            duration: self.duration.with_label_values(&[upstream]),
+            upstream: upstream.to_owned(),
+            families: self.clone(),
+        }
+    }
+}
+
+impl UpstreamMetrics {
+    /// Counts one request answered to the app with `status`.
+    pub fn request(&self, status: u16) {
+        let status = status.to_string();
+        self.families
+            .requests
+            .with_label_values(&[self.upstream.as_str(), status.as_str()])
+            .inc();
+    }
+
+    /// Counts one request the sidecar answered itself, by `reason`.
+    pub fn error(&self, reason: &str) {
+        self.families
+            .errors
+            .with_label_values(&[self.upstream.as_str(), reason])
+            .inc();
+    }
+
+    /// Counts one handshake with `result` (`ok` or a failure reason).
+    pub fn handshake(&self, result: &str) {
+        self.families
+            .handshakes
+            .with_label_values(&[self.upstream.as_str(), result])
+            .inc();
+    }
+}

@@ -1,0 +1,288 @@
+//! Outbound: the local app calls a plaintext listener on loopback, the sidecar originates mTLS
+//! to the peer sidecar with its own certificate and pins the peer's SPIFFE ID.
+//!
+//! - `connect`: the per-upstream mTLS connection pool (h2 multiplexing or HTTP/1.1
+//!   keep-alive, bounded, idle timeout, maximum age, DNS at connect time, safe retries);
+//! - `listener`: the plaintext listener (HTTP/1.1 and h2c prior knowledge) and the request
+//!   path (request id, hop-by-hop headers, audit line);
+//! - `error`: failures and the JSON responses the app gets for them (502/504);
+//! - `metrics`: `gatehouse_outbound_*`.
+//!
+//! Outbound listeners are unauthenticated plaintext: anything that can reach them speaks with
+//! this workload's identity. The configuration refuses a non-loopback `listen` unless
+//! `allow_non_loopback_listen = true`, and [`Outbound::bind`] logs a warning when it is set.
+
+pub mod connect;
+pub mod error;
+pub mod listener;
+pub mod metrics;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use gatehouse_policy::IdentityPattern;
+use rustls::ClientConfig;
+use rustls::client::ResolvesClientCert;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::ServerName;
+use tokio::net::TcpListener;
+use tracing::{info, warn};
+
+use crate::config::{MinTls, OutboundConfig};
+use crate::signal::Shutdown;
+use crate::tls::Credentials;
+use crate::tls::client::{ServerIdentityVerifier, client_config};
+use connect::{Limits, Target, Upstream};
+use listener::OutboundListener;
+use metrics::OutboundMetrics;
+
+/// Why the outbound side could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OutboundSetupError {
+    /// The SNI (the `sni` setting or the host of `connect`) is not a DNS name or IP address.
+    #[error("outbound `{name}`: `{value}` cannot be sent as SNI (not a DNS name or IP address)")]
+    ServerName {
+        /// The outbound entry.
+        name: String,
+        /// The offending value.
+        value: String,
+    },
+    /// The CRL did not parse or rustls refused the configuration.
+    #[error("outbound `{name}`: cannot build the TLS client configuration: {detail}")]
+    Tls {
+        /// The outbound entry.
+        name: String,
+        /// The reason.
+        detail: String,
+    },
+    /// The listen address could not be bound.
+    #[error("outbound `{name}`: cannot listen on {addr}: {source}")]
+    Bind {
+        /// The outbound entry.
+        name: String,
+        /// The address.
+        addr: SocketAddr,
+        /// The socket error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The metric families could not be registered.
+    #[error("cannot register outbound metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}
+
+impl OutboundSetupError {
+    /// The `help:` line.
+    pub fn help(&self) -> &'static str {
+        match self {
+            Self::ServerName { .. } => {
+                "set `sni` to the DNS name the peer expects, or use a host name in `connect`"
+            }
+            Self::Tls { .. } => "check [identity] crl and min_tls",
+            Self::Bind { .. } => "pick a free loopback port for this [[outbound]] listen",
+            Self::Metrics(_) => "this is a bug: report it",
+        }
+    }
+}
+
+/// The pieces every outbound entry shares.
+#[derive(Clone)]
+pub struct OutboundTls {
+    /// Our certificate (swappable on reload).
+    pub cert: Arc<dyn ResolvesClientCert>,
+    /// Trust anchors, CRLs and our own identity (for the trust domain).
+    pub credentials: Credentials,
+    /// Minimum TLS version.
+    pub min_tls: MinTls,
+    /// The crypto provider.
+    pub provider: Arc<CryptoProvider>,
+}
+
+/// A checked outbound entry, ready to bind: what `sidecar check` validates and prints.
+#[derive(Debug)]
+pub struct PreparedOutbound {
+    config: OutboundConfig,
+    server_name: ServerName<'static>,
+    tls: Arc<ClientConfig>,
+}
+
+impl PreparedOutbound {
+    /// Builds the TLS client configuration for `config` (verifier pinned to `server_id`, SNI).
+    ///
+    /// # Errors
+    /// An unusable SNI value, an unparsable CRL, or protocol versions rustls refuses.
+    pub fn new(config: &OutboundConfig, tls: &OutboundTls) -> Result<Self, OutboundSetupError> {
+        let name = config.name.clone();
+        let sni = config.sni.as_deref().unwrap_or(&config.connect_host);
+        let server_name =
+            ServerName::try_from(sni.to_owned()).map_err(|_| OutboundSetupError::ServerName {
+                name: name.clone(),
+                value: sni.to_owned(),
+            })?;
+        let creds = &tls.credentials;
+        let verifier = ServerIdentityVerifier::new(
+            Arc::clone(&creds.roots),
+            &creds.crls,
+            creds.id.trust_domain(),
+            IdentityPattern::Exact(config.server_id.clone()),
+            Arc::clone(&tls.provider),
+        )
+        .map_err(|e| OutboundSetupError::Tls {
+            name: name.clone(),
+            detail: e.to_string(),
+        })?;
+        let versions = crate::tls::server::versions(tls.min_tls);
+        let client = client_config(
+            Arc::clone(&tls.provider),
+            versions,
+            Arc::new(verifier),
+            Arc::clone(&tls.cert),
+        )
+        .map_err(|e| OutboundSetupError::Tls {
+            name,
+            detail: e.to_string(),
+        })?;
+        Ok(Self {
+            config: config.clone(),
+            server_name,
+            tls: Arc::new(client),
+        })
+    }
+
+    /// One line for `sidecar check`.
+    pub fn summary(&self) -> String {
+        let c = &self.config;
+        let sni = match &c.sni {
+            Some(sni) => format!(", sni {sni}"),
+            None => String::new(),
+        };
+        let danger = if c.allow_non_loopback_listen {
+            " [DANGEROUS: allow_non_loopback_listen]"
+        } else {
+            ""
+        };
+        format!(
+            "outbound {}: {} -> {}:{} (server must be {}{sni}){danger}",
+            c.name, c.listen, c.connect_host, c.connect_port, c.server_id
+        )
+    }
+}
+
+/// Prepares every `[[outbound]]` entry (the shared load path of `check` and `run`).
+///
+/// # Errors
+/// Every entry that cannot be prepared.
+pub fn prepare(
+    entries: &[OutboundConfig],
+    tls: &OutboundTls,
+) -> Result<Vec<PreparedOutbound>, Vec<OutboundSetupError>> {
+    let mut ok = Vec::with_capacity(entries.len());
+    let mut errors = Vec::new();
+    for entry in entries {
+        match PreparedOutbound::new(entry, tls) {
+            Ok(p) => ok.push(p),
+            Err(e) => errors.push(e),
+        }
+    }
+    if errors.is_empty() {
+        Ok(ok)
+    } else {
+        Err(errors)
+    }
+}
+
+/// The bound outbound listeners.
+#[derive(Debug)]
+pub struct Outbound {
+    listeners: Vec<OutboundListener>,
+    upstreams: Vec<Arc<Upstream>>,
+}
+
+impl Outbound {
+    /// Binds every prepared entry and starts its connection pool; registers
+    /// `gatehouse_outbound_*` on `registry`. Must run inside a Tokio runtime.
+    ///
+    /// # Errors
+    /// A listen address that cannot be bound, or metrics registered twice.
+    pub async fn bind(
+        prepared: Vec<PreparedOutbound>,
+        registry: &prometheus::Registry,
+        provider: Arc<CryptoProvider>,
+    ) -> Result<Self, OutboundSetupError> {
+        let families = OutboundMetrics::register(registry)?;
+        let mut listeners = Vec::with_capacity(prepared.len());
+        let mut upstreams = Vec::with_capacity(prepared.len());
+        for p in prepared {
+            let c = &p.config;
+            if c.allow_non_loopback_listen && !c.listen.ip().is_loopback() {
+                warn!(
+                    upstream = %c.name,
+                    listen = %c.listen,
+                    "DANGEROUS: outbound listener on a non-loopback address \
+                     (allow_non_loopback_listen = true): anyone who can reach it \
+                     makes requests with this workload's identity"
+                );
+            }
+            let tcp =
+                TcpListener::bind(c.listen)
+                    .await
+                    .map_err(|source| OutboundSetupError::Bind {
+                        name: c.name.clone(),
+                        addr: c.listen,
+                        source,
+                    })?;
+            let upstream = Upstream::start(
+                &c.name,
+                Target::new(&c.connect_host, c.connect_port),
+                p.server_name.clone(),
+                Arc::clone(&p.tls),
+                limits(c),
+                families.upstream(&c.name),
+            );
+            info!(upstream = %c.name, listen = %c.listen, connect = %format!("{}:{}", c.connect_host, c.connect_port), server_id = %c.server_id, "outbound listener bound");
+            upstreams.push(Arc::clone(&upstream));
+            listeners.push(OutboundListener::new(
+                tcp,
+                upstream,
+                c.server_id.to_string(),
+                Arc::clone(&provider),
+            ));
+        }
+        Ok(Self {
+            listeners,
+            upstreams,
+        })
+    }
+
+    /// The bound addresses, in configuration order.
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect()
+    }
+
+    /// The upstream pools (for reload: [`Upstream::set_tls`]).
+    pub fn upstreams(&self) -> &[Arc<Upstream>] {
+        &self.upstreams
+    }
+
+    /// Spawns every listener's accept loop; they stop when `shutdown` starts.
+    pub fn spawn(self, shutdown: &Shutdown) {
+        for l in self.listeners {
+            tokio::spawn(l.serve(shutdown.clone()));
+        }
+    }
+}
+
+fn limits(c: &OutboundConfig) -> Limits {
+    Limits {
+        connect_timeout: c.connect_timeout,
+        response_timeout: c.request_timeout,
+        idle_timeout: c.pool_idle_timeout,
+        max_connection_age: c.max_connection_age,
+        max_idle: c.pool_max_idle,
+        ..Limits::default()
+    }
+}
