@@ -149,6 +149,7 @@ class Service:
         self.log_path = logdir / f"{name}.log"
         self.proc = None
         self.env = env
+        self.stop_timeout = 10
 
     def start(self):
         logf = open(self.log_path, "w")
@@ -200,7 +201,7 @@ class Service:
         except ProcessLookupError:
             return
         try:
-            self.proc.wait(timeout=10)
+            self.proc.wait(timeout=self.stop_timeout)
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=10)
