@@ -13,7 +13,10 @@
 //! not be established (TCP refused or reset during the handshake), or hyper handed the request
 //! back unsent because a pooled connection had closed. Nothing else is retried.
 
-use std::sync::{Arc, Mutex, Weak};
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -22,10 +25,11 @@ use http::{HeaderValue, Request, Response, Uri, header};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
+use rustls::{AlertDescription, ClientConfig};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsConnector;
 use tracing::{debug, warn};
 
@@ -163,9 +167,9 @@ enum Sender {
 struct Conn {
     sender: Sender,
     born: Instant,
-    /// Why the connection task ended, once it has: carries the TLS alert of a server that
-    /// refused our certificate after a TLS 1.3 handshake had already "succeeded".
-    failure: watch::Receiver<Option<Arc<hyper::Error>>>,
+    /// The fatal TLS alert the server sent on this connection, once read: how a server that
+    /// refused our certificate after a TLS 1.3 handshake had already "succeeded" shows up.
+    alert: Arc<OnceLock<AlertDescription>>,
 }
 
 impl Conn {
@@ -176,7 +180,7 @@ impl Conn {
             Sender::H2(s) => Some(Conn {
                 sender: Sender::H2(s.clone()),
                 born: self.born,
-                failure: self.failure.clone(),
+                alert: Arc::clone(&self.alert),
             }),
             Sender::H1(_) => None,
         }
@@ -280,7 +284,7 @@ impl Upstream {
                     req = *back;
                 }
                 Err(Exchange::Unsent(_)) => {
-                    return Err(OutboundError::Handshake(std::io::Error::other(
+                    return Err(OutboundError::Handshake(io::Error::other(
                         "upstream connection closed before the request could be written",
                     )));
                 }
@@ -299,7 +303,7 @@ impl Upstream {
         let Conn {
             sender,
             born,
-            failure,
+            alert,
         } = conn;
         let result = match sender {
             Sender::H1(mut s) => {
@@ -308,7 +312,7 @@ impl Upstream {
                     self.recycle_h1(Conn {
                         sender: Sender::H1(s),
                         born,
-                        failure: failure.clone(),
+                        alert: Arc::clone(&alert),
                     });
                 }
                 sent
@@ -325,11 +329,11 @@ impl Upstream {
             return Err(Exchange::Failed(OutboundError::from_alert(alert)));
         }
         // A server that refused our certificate after a TLS 1.3 handshake sends its alert as
-        // the first thing we read; the connection task may have read it before (the request
-        // then comes back unsent) or during the exchange (HTTP/2 streams then only see a
-        // summary of the error). The connection task holds the original: ask it.
-        if let Some(alert) = connection_alert(failure).await {
-            return Err(Exchange::Failed(OutboundError::from_alert(alert)));
+        // the first thing we read; the connection task may have read it before the request
+        // was written (the request then comes back unsent), and HTTP/2 streams only see a
+        // stringified summary of the connection's error. The I/O tap recorded the original.
+        if let Some(alert) = alert.get() {
+            return Err(Exchange::Failed(OutboundError::from_alert(*alert)));
         }
         match err.take_message() {
             Some(req) => Err(Exchange::Unsent(Box::new(req))),
@@ -432,27 +436,30 @@ impl Upstream {
         };
         self.metrics.handshake("ok");
         let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-        let io = TokioIo::new(tls);
-        let (failure_tx, failure) = watch::channel(None);
+        let alert = Arc::new(OnceLock::new());
+        let io = TokioIo::new(AlertTap {
+            inner: tls,
+            alert: Arc::clone(&alert),
+        });
         let sender = if h2 {
             let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                 .timer(hyper_util::rt::TokioTimer::new())
                 .handshake(io)
                 .await
                 .map_err(OutboundError::Upstream)?;
-            self.spawn_conn(conn, permit, failure_tx);
+            self.spawn_conn(conn, permit);
             Sender::H2(sender)
         } else {
             let (sender, conn) = http1::handshake(io)
                 .await
                 .map_err(OutboundError::Upstream)?;
-            self.spawn_conn(conn, permit, failure_tx);
+            self.spawn_conn(conn, permit);
             Sender::H1(sender)
         };
         let conn = Conn {
             sender,
             born: Instant::now(),
-            failure,
+            alert,
         };
         if let Some(shared) = conn.share() {
             let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
@@ -492,16 +499,12 @@ impl Upstream {
         }
         Err(last.unwrap_or_else(|| OutboundError::Resolve {
             host: host.to_owned(),
-            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no addresses"),
+            source: io::Error::new(io::ErrorKind::NotFound, "no addresses"),
         }))
     }
 
-    fn spawn_conn<F>(
-        &self,
-        conn: F,
-        permit: OwnedSemaphorePermit,
-        failure: watch::Sender<Option<Arc<hyper::Error>>>,
-    ) where
+    fn spawn_conn<F>(&self, conn: F, permit: OwnedSemaphorePermit)
+    where
         F: Future<Output = Result<(), hyper::Error>> + Send + 'static,
     {
         let open = self.metrics.connections_open.clone();
@@ -511,7 +514,6 @@ impl Upstream {
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 debug!(upstream = %name, error = %e, "upstream connection ended with an error");
-                failure.send_replace(Some(Arc::new(e)));
             }
             open.dec();
             drop(permit);
@@ -565,19 +567,56 @@ impl Upstream {
     }
 }
 
-/// The fatal TLS alert that ended a connection, if one did. Waits briefly for the connection
-/// task to record why it ended (it ends right after the failure the caller just saw).
-async fn connection_alert(
-    mut failure: watch::Receiver<Option<Arc<hyper::Error>>>,
-) -> Option<rustls::AlertDescription> {
-    let recorded = tokio::time::timeout(
-        Duration::from_millis(250),
-        failure.wait_for(Option::is_some),
-    )
-    .await;
-    match recorded {
-        Ok(Ok(cause)) => cause.as_deref().and_then(|e| received_alert(e)),
-        _ => None,
+/// Passes I/O through and remembers the first fatal TLS alert a read returns, before hyper
+/// reduces the error to a message (HTTP/2 stringifies connection errors for its streams).
+struct AlertTap<T> {
+    inner: T,
+    alert: Arc<OnceLock<AlertDescription>>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for AlertTap<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Err(e)) = &polled
+            && let Some(alert) = received_alert(e)
+        {
+            let _ = self.alert.set(alert);
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for AlertTap<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

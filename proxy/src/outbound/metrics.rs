@@ -1,4 +1,5 @@
-//! `gatehouse_outbound_*` metrics. Labels are bounded: `upstream` is the name of an
+//! `gatehouse_outbound_*` metrics (registered without the prefix: the sidecar's registry adds
+//! `gatehouse_`). Labels are bounded: `upstream` is the name of an
 //! `[[outbound]]` entry, `reason`/`result` come from fixed lists in this module's callers.
 
 use prometheus::{
@@ -38,42 +39,42 @@ impl OutboundMetrics {
     pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
         let requests = IntCounterVec::new(
             Opts::new(
-                "gatehouse_outbound_requests_total",
+                "outbound_requests_total",
                 "Requests the app sent through an outbound listener, by upstream and HTTP status returned to the app",
             ),
             &["upstream", "status"],
         )?;
         let errors = IntCounterVec::new(
             Opts::new(
-                "gatehouse_outbound_errors_total",
+                "outbound_errors_total",
                 "Requests the sidecar answered itself because the upstream failed, by upstream and reason",
             ),
             &["upstream", "reason"],
         )?;
         let handshakes = IntCounterVec::new(
             Opts::new(
-                "gatehouse_outbound_tls_handshakes_total",
+                "outbound_tls_handshakes_total",
                 "TLS handshakes with upstream sidecars, by upstream and result",
             ),
             &["upstream", "result"],
         )?;
         let connections_open = IntGaugeVec::new(
             Opts::new(
-                "gatehouse_outbound_connections_open",
+                "outbound_connections_open",
                 "Open TLS connections to the upstream",
             ),
             &["upstream"],
         )?;
         let retries = IntCounterVec::new(
             Opts::new(
-                "gatehouse_outbound_retries_total",
+                "outbound_retries_total",
                 "Requests retried because no connection could be established and nothing was sent",
             ),
             &["upstream"],
         )?;
         let duration = HistogramVec::new(
             HistogramOpts::new(
-                "gatehouse_outbound_request_duration_seconds",
+                "outbound_request_duration_seconds",
                 "Time from the app's request to the upstream's response head (or the error)",
             )
             .buckets(vec![

@@ -16,6 +16,8 @@ pub mod connect;
 pub mod error;
 pub mod listener;
 pub mod metrics;
+#[cfg(test)]
+mod tests;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

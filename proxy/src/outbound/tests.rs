@@ -1,0 +1,500 @@
+//! In-process tests of the outbound path: a real plaintext listener, the real mTLS pool, and
+//! real rustls servers holding certificates minted by `gatehouse-ca`. (The end-to-end tests
+//! over the `sidecar` binary live in `tests/tests/outbound.rs`.)
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use gatehouse_ca::{Authority, InitOptions, IssueRequest, KeyType};
+use gatehouse_policy::{SpiffeId, TrustDomain};
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::RootCertStore;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpListener;
+
+use super::{Outbound, OutboundTls, prepare};
+use crate::config::{MinTls, OutboundConfig};
+use crate::signal::Shutdown;
+use crate::tls::resolver::CertResolver;
+use crate::tls::{CredentialPaths, Credentials, provider};
+
+const TD: &str = "fintech.internal";
+
+struct Ca {
+    dir: tempfile::TempDir,
+    ca: Authority,
+}
+
+impl Ca {
+    fn new(td: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = Authority::init(
+            &dir.path().join("ca"),
+            &InitOptions {
+                trust_domain: TrustDomain::parse(td).expect("td"),
+                key_type: KeyType::EcdsaP256,
+                ttl: Duration::from_secs(86400 * 30),
+                intermediate: false,
+            },
+        )
+        .expect("ca init");
+        Self { dir, ca }
+    }
+
+    /// Issues `spiffe://TD/<name>` into `<tmp>/<name>/`.
+    fn issue(&self, name: &str) -> std::path::PathBuf {
+        let id = format!("spiffe://{}/{name}", self.ca.trust_domain());
+        let svid = self
+            .ca
+            .issue(&IssueRequest {
+                spiffe_id: SpiffeId::parse(&id).expect("id"),
+                dns: vec![],
+                ttl: Duration::from_secs(3600),
+            })
+            .expect("issue");
+        let out = self.dir.path().join(name);
+        svid.write_to(&out).expect("write");
+        out
+    }
+}
+
+fn credentials(dir: &Path) -> Credentials {
+    let (cert, key, bundle) = (
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+        dir.join("bundle.pem"),
+    );
+    let paths = CredentialPaths {
+        cert: &cert,
+        key: &key,
+        bundle: &bundle,
+        crl: None,
+    };
+    Credentials::load(paths, &provider()).expect("credentials")
+}
+
+/// What the test server does after a successful handshake.
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    /// Serve HTTP (h2 or HTTP/1.1 as negotiated); responds `served by <id> path <path>`.
+    Http,
+    /// Serve HTTP but take this long to answer.
+    Slow(Duration),
+    /// Read and count bytes, never answer.
+    Record,
+}
+
+struct TestServer {
+    addr: SocketAddr,
+    handshakes: Arc<AtomicUsize>,
+    bytes_read: Arc<AtomicUsize>,
+}
+
+/// A rustls server with the certificate in `cert_dir`, requiring client certificates that
+/// chain to `client_roots_dir/bundle.pem`, offering `alpn`.
+async fn server(
+    cert_dir: &Path,
+    client_roots_dir: &Path,
+    alpn: &[&[u8]],
+    mode: Mode,
+) -> TestServer {
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_file_iter(cert_dir.join("cert.pem"))
+            .expect("cert")
+            .collect::<Result<_, _>>()
+            .expect("cert");
+    let key = PrivateKeyDer::from_pem_file(cert_dir.join("key.pem")).expect("key");
+    let mut roots = RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(client_roots_dir.join("bundle.pem")).expect("bundle") {
+        roots.add(c.expect("bundle")).expect("anchor");
+    }
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+        .build()
+        .expect("verifier");
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("versions")
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .expect("server cert");
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let handshakes = Arc::new(AtomicUsize::new(0));
+    let bytes_read = Arc::new(AtomicUsize::new(0));
+    let (hs, br) = (Arc::clone(&handshakes), Arc::clone(&bytes_read));
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let (acceptor, hs, br) = (acceptor.clone(), Arc::clone(&hs), Arc::clone(&br));
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                hs.fetch_add(1, Ordering::SeqCst);
+                match mode {
+                    Mode::Record => {
+                        let mut buf = [0u8; 4096];
+                        while let Ok(n) = tls.read(&mut buf).await {
+                            if n == 0 {
+                                break;
+                            }
+                            br.fetch_add(n, Ordering::SeqCst);
+                        }
+                    }
+                    Mode::Http | Mode::Slow(_) => serve_http(tls, mode).await,
+                }
+            });
+        }
+    });
+    TestServer {
+        addr,
+        handshakes,
+        bytes_read,
+    }
+}
+
+async fn serve_http(tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>, mode: Mode) {
+    let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| async move {
+        if let Mode::Slow(d) = mode {
+            tokio::time::sleep(d).await;
+        }
+        let rid = req
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("none")
+            .to_owned();
+        let body = format!("{:?} {} rid={rid}", req.version(), req.uri().path());
+        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::from(body))))
+    });
+    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+        .serve_connection(TokioIo::new(tls), svc)
+        .await;
+}
+
+struct Sidecar {
+    addr: SocketAddr,
+    registry: prometheus::Registry,
+    _shutdown: Shutdown,
+}
+
+impl Sidecar {
+    async fn start(
+        own_dir: &Path,
+        connect: SocketAddr,
+        server_id: &str,
+        tweak: impl FnOnce(&mut OutboundConfig),
+    ) -> Self {
+        let credentials = credentials(own_dir);
+        let tls = OutboundTls {
+            cert: Arc::new(CertResolver::new(Arc::clone(&credentials.certified))),
+            credentials,
+            min_tls: MinTls::Tls13,
+            provider: provider(),
+        };
+        let mut entry = OutboundConfig {
+            name: "monolith".into(),
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            connect_host: connect.ip().to_string(),
+            connect_port: connect.port(),
+            server_id: SpiffeId::parse(server_id).expect("server id"),
+            sni: Some("monolith.internal".into()),
+            allow_non_loopback_listen: false,
+            connect_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(20),
+            pool_idle_timeout: Duration::from_secs(30),
+            pool_max_idle: 8,
+            max_connection_age: Duration::from_secs(300),
+        };
+        tweak(&mut entry);
+        let prepared = prepare(&[entry], &tls).expect("prepare");
+        let registry =
+            prometheus::Registry::new_custom(Some("gatehouse".into()), None).expect("registry");
+        let outbound = Outbound::bind(prepared, &registry, provider())
+            .await
+            .expect("bind");
+        let addr = outbound.local_addrs()[0];
+        let shutdown = Shutdown::new();
+        outbound.spawn(&shutdown);
+        Self {
+            addr,
+            registry,
+            _shutdown: shutdown,
+        }
+    }
+
+    /// The sum of the samples of `name` whose labels include all of `labels` (text format).
+    fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let text = prometheus::TextEncoder::new()
+            .encode_to_string(&self.registry.gather())
+            .expect("encode");
+        text.lines()
+            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+            .filter(|l| l[name.len()..].starts_with(['{', ' ']))
+            .filter(|l| {
+                labels
+                    .iter()
+                    .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+}
+
+async fn get(
+    client: &Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+    addr: SocketAddr,
+    path: &str,
+    rid: Option<&str>,
+) -> (StatusCode, http::HeaderMap, String) {
+    let mut req = Request::get(format!("http://{addr}{path}"));
+    if let Some(rid) = rid {
+        req = req.header("x-request-id", rid);
+    }
+    let resp = tokio::time::timeout(
+        Duration::from_secs(30),
+        client.request(req.body(Full::default()).expect("req")),
+    )
+    .await
+    .expect("response in time")
+    .expect("response");
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.expect("body").to_bytes();
+    (
+        parts.status,
+        parts.headers,
+        String::from_utf8_lossy(&body).into_owned(),
+    )
+}
+
+fn h1_client() -> Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+fn h2c_client() -> Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
+#[tokio::test]
+async fn pinned_h2_upstream_multiplexes_many_requests_on_one_handshake() {
+    let ca = Ca::new(TD);
+    let (caller, monolith) = (ca.issue("report-service"), ca.issue("monolith"));
+    let upstream = server(&monolith, &monolith, &[b"h2", b"http/1.1"], Mode::Http).await;
+    let sidecar = Sidecar::start(
+        &caller,
+        upstream.addr,
+        "spiffe://fintech.internal/monolith",
+        |_| {},
+    )
+    .await;
+    let client = h1_client();
+    let (status, headers, body) = get(
+        &client,
+        sidecar.addr,
+        "/api/data/reports?startDate=2024-01-01",
+        Some("rid-42"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body, "HTTP/2.0 /api/data/reports rid=rid-42");
+    assert_eq!(headers["x-request-id"], "rid-42");
+    let (_, headers, body) = get(&client, sidecar.addr, "/x", None).await;
+    let assigned = headers["x-request-id"].to_str().expect("ascii").to_owned();
+    assert_eq!(assigned.len(), 36, "a fresh UUID-shaped id: {assigned}");
+    assert!(
+        body.ends_with(&format!("rid={assigned}")),
+        "the upstream saw the same id: {body}"
+    );
+    for i in 0..100 {
+        let (status, _, _) = get(&client, sidecar.addr, &format!("/n/{i}"), None).await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    // h2c (prior knowledge) from the app works too and shares the same upstream connection.
+    let (status, _, body) = get(&h2c_client(), sidecar.addr, "/h2c", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(upstream.handshakes.load(Ordering::SeqCst), 1);
+    let ok = sidecar.metric(
+        "gatehouse_outbound_tls_handshakes_total",
+        &[("result", "ok")],
+    );
+    assert_eq!(ok, 1.0);
+    assert_eq!(
+        sidecar.metric("gatehouse_outbound_requests_total", &[("status", "200")]),
+        103.0
+    );
+}
+
+#[tokio::test]
+async fn http1_upstream_reuses_keepalive_connections() {
+    let ca = Ca::new(TD);
+    let (caller, monolith) = (ca.issue("report-service"), ca.issue("monolith"));
+    let upstream = server(&monolith, &monolith, &[b"http/1.1"], Mode::Http).await;
+    let sidecar = Sidecar::start(
+        &caller,
+        upstream.addr,
+        "spiffe://fintech.internal/monolith",
+        |_| {},
+    )
+    .await;
+    let client = h1_client();
+    for i in 0..50 {
+        let (status, _, body) = get(&client, sidecar.addr, &format!("/n/{i}"), None).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(body.starts_with("HTTP/1.1 /n/"), "{body}");
+    }
+    assert_eq!(upstream.handshakes.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn impostor_gets_no_request_bytes_and_app_gets_502_naming_both_ids() {
+    let ca = Ca::new(TD);
+    let (caller, impostor) = (ca.issue("report-service"), ca.issue("impostor"));
+    let upstream = server(&impostor, &impostor, &[b"h2", b"http/1.1"], Mode::Record).await;
+    let sidecar = Sidecar::start(
+        &caller,
+        upstream.addr,
+        "spiffe://fintech.internal/monolith",
+        |_| {},
+    )
+    .await;
+    let (status, headers, body) = get(&h1_client(), sidecar.addr, "/api/data/reports", None).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert_eq!(headers["content-type"], "application/json");
+    let json: serde_json::Value = serde_json::from_str(&body).expect("json body");
+    assert_eq!(json["reason"], "identity_mismatch");
+    assert_eq!(json["expected_id"], "spiffe://fintech.internal/monolith");
+    assert_eq!(json["presented_id"], "spiffe://fintech.internal/impostor");
+    assert_eq!(
+        json["request_id"],
+        headers["x-request-id"].to_str().expect("ascii")
+    );
+    // Give a misbehaving client time to write anything it would have written.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        upstream.bytes_read.load(Ordering::SeqCst),
+        0,
+        "the impostor read request bytes"
+    );
+    assert_eq!(
+        upstream.handshakes.load(Ordering::SeqCst),
+        0,
+        "the handshake must fail"
+    );
+    let mismatches = sidecar.metric(
+        "gatehouse_outbound_errors_total",
+        &[("reason", "identity_mismatch")],
+    );
+    assert_eq!(mismatches, 1.0);
+    let retries = sidecar.metric("gatehouse_outbound_retries_total", &[]);
+    assert_eq!(retries, 0.0, "identity failures are never retried");
+}
+
+#[tokio::test]
+async fn server_refusing_our_certificate_is_502_naming_the_alert() {
+    let ca = Ca::new(TD);
+    let other = Ca::new("other.internal");
+    let (caller, monolith) = (ca.issue("report-service"), ca.issue("monolith"));
+    let other_dir = other.issue("someone");
+    // The server trusts only the other CA: our certificate is refused after a TLS 1.3
+    // handshake the client already considers complete.
+    let both: &[&[u8]] = &[b"h2", b"http/1.1"];
+    let h1_only: &[&[u8]] = &[b"http/1.1"];
+    for alpn in [both, h1_only] {
+        let upstream = server(&monolith, &other_dir, alpn, Mode::Http).await;
+        let sidecar = Sidecar::start(
+            &caller,
+            upstream.addr,
+            "spiffe://fintech.internal/monolith",
+            |_| {},
+        )
+        .await;
+        let (status, _, body) = get(&h1_client(), sidecar.addr, "/api/data/reports", None).await;
+        assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+        let json: serde_json::Value = serde_json::from_str(&body).expect("json body");
+        assert_eq!(json["reason"], "client_certificate_rejected", "{body}");
+        assert_eq!(json["alert"], "unknown_ca", "{body}");
+    }
+}
+
+#[tokio::test]
+async fn unreachable_upstream_is_502_after_one_safe_retry() {
+    let ca = Ca::new(TD);
+    let caller = ca.issue("report-service");
+    let closed = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = closed.local_addr().expect("addr");
+    drop(closed);
+    let sidecar = Sidecar::start(&caller, addr, "spiffe://fintech.internal/monolith", |_| {}).await;
+    let (status, _, body) = get(&h1_client(), sidecar.addr, "/", None).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    assert!(body.contains("\"reason\":\"connect\""), "{body}");
+    assert_eq!(sidecar.metric("gatehouse_outbound_retries_total", &[]), 1.0);
+}
+
+#[tokio::test]
+async fn slow_upstream_is_504_and_not_retried() {
+    let ca = Ca::new(TD);
+    let (caller, monolith) = (ca.issue("report-service"), ca.issue("monolith"));
+    let upstream = server(
+        &monolith,
+        &monolith,
+        &[b"http/1.1"],
+        Mode::Slow(Duration::from_secs(5)),
+    )
+    .await;
+    let sidecar = Sidecar::start(
+        &caller,
+        upstream.addr,
+        "spiffe://fintech.internal/monolith",
+        |c| {
+            c.request_timeout = Duration::from_millis(300);
+        },
+    )
+    .await;
+    let (status, _, body) = get(&h1_client(), sidecar.addr, "/slow", None).await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{body}");
+    assert!(body.contains("\"reason\":\"response_timeout\""), "{body}");
+    assert_eq!(sidecar.metric("gatehouse_outbound_retries_total", &[]), 0.0);
+}
+
+#[tokio::test]
+async fn aged_connections_are_replaced() {
+    let ca = Ca::new(TD);
+    let (caller, monolith) = (ca.issue("report-service"), ca.issue("monolith"));
+    let upstream = server(&monolith, &monolith, &[b"h2"], Mode::Http).await;
+    let sidecar = Sidecar::start(
+        &caller,
+        upstream.addr,
+        "spiffe://fintech.internal/monolith",
+        |c| {
+            c.max_connection_age = Duration::from_millis(200);
+        },
+    )
+    .await;
+    let client = h1_client();
+    assert_eq!(
+        get(&client, sidecar.addr, "/a", None).await.0,
+        StatusCode::OK
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        get(&client, sidecar.addr, "/b", None).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(upstream.handshakes.load(Ordering::SeqCst), 2);
+}
