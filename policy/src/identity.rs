@@ -326,6 +326,48 @@ impl IdentityPattern {
         }
     }
 
+    /// Whether every identity `other` admits is also admitted by `self` (both taken within
+    /// one trust domain, as in a compiled policy).
+    pub fn covers(&self, other: &IdentityPattern) -> bool {
+        match (self, other) {
+            (Self::Any, _) => true,
+            (_, Self::Any) => false,
+            (_, Self::Exact(id)) => self.matches(id),
+            (Self::Exact(_), _) => false,
+            (
+                Self::OneBelow {
+                    trust_domain: t1,
+                    prefix: p1,
+                },
+                Self::OneBelow {
+                    trust_domain: t2,
+                    prefix: p2,
+                },
+            ) => t1 == t2 && p1 == p2,
+            (Self::OneBelow { .. }, Self::AnyBelow { .. }) => false,
+            (
+                Self::AnyBelow {
+                    trust_domain: t1,
+                    prefix: p1,
+                },
+                Self::OneBelow {
+                    trust_domain: t2,
+                    prefix: p2,
+                }
+                | Self::AnyBelow {
+                    trust_domain: t2,
+                    prefix: p2,
+                },
+            ) => {
+                t1 == t2
+                    && (p1 == p2
+                        || p2
+                            .strip_prefix(p1.as_str())
+                            .is_some_and(|r| r.starts_with('/')))
+            }
+        }
+    }
+
     /// Whether the pattern can admit more than one identity.
     pub fn is_wildcard(&self) -> bool {
         !matches!(self, Self::Exact(_))
@@ -569,5 +611,30 @@ mod tests {
                 .to_string(),
             "spiffe://td/a/*"
         );
+    }
+
+    #[test]
+    fn pattern_coverage() {
+        let p = |s| IdentityPattern::parse(s).unwrap();
+        let cases = [
+            ("*", "spiffe://td/a/**", true),
+            ("spiffe://td/a/**", "*", false),
+            ("spiffe://td/a", "spiffe://td/a", true),
+            ("spiffe://td/a", "spiffe://td/b", false),
+            ("spiffe://td/a", "spiffe://td/a/*", false),
+            ("spiffe://td/a/*", "spiffe://td/a/b", true),
+            ("spiffe://td/a/*", "spiffe://td/a/b/c", false),
+            ("spiffe://td/a/*", "spiffe://td/a/*", true),
+            ("spiffe://td/a/*", "spiffe://td/a/**", false),
+            ("spiffe://td/a/**", "spiffe://td/a/b/c", true),
+            ("spiffe://td/a/**", "spiffe://td/a/*", true),
+            ("spiffe://td/a/**", "spiffe://td/a/b/**", true),
+            ("spiffe://td/a/**", "spiffe://td/ab/*", false),
+            ("spiffe://td/**", "spiffe://td/x/*", true),
+            ("spiffe://td/a/**", "spiffe://other/a/b", false),
+        ];
+        for (outer, inner, covers) in cases {
+            assert_eq!(p(outer).covers(&p(inner)), covers, "{outer} covers {inner}");
+        }
     }
 }

@@ -3,21 +3,27 @@
 //! CLI. Pure: no sockets, no TLS, no async runtime; it reads only the files it is handed.
 //!
 //! Layout:
-//! - `identity`: [`SpiffeId`], [`TrustDomain`], [`IdentityPattern`];
+//! - [`identity`]: [`SpiffeId`], [`TrustDomain`], [`IdentityPattern`];
 //! - `source`: [`SourceFile`] and the [`Diagnostic`] every binary renders;
-//! - `file` (private): the TOML as written; `compile`: validation into a [`Policy`];
+//! - `file` (the TOML as written) and `compile` (validation into a [`Policy`], every error at
+//!   once with `file:line:col`);
 //! - [`path`]: request path normalization, shared with the sidecar;
 //! - `matcher`: the segment trie behind [`Policy::decide`] and its [`Decision`];
-//! - [`review`], [`diff`], [`explain`]: what `policy check`, `policy diff` and
-//!   `policy explain` compute.
+//! - [`review`], [`diff`], [`explain`], [`cases`]: what `policy check`, `policy diff`,
+//!   `policy explain` and `policy test` compute (`probe` samples requests for the first two).
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod cases;
 mod compile;
+pub mod diff;
+pub mod explain;
 mod file;
 pub mod identity;
 mod matcher;
 pub mod path;
+mod probe;
+pub mod review;
 mod source;
 
 pub use compile::{Alias, Policy, SUPPORTED_VERSION};

@@ -375,6 +375,23 @@ impl Policy {
         self.decision_for(found, caller)
     }
 
+    /// The deciding route (skipping `exclude`) and whether its allow-list admits `caller`,
+    /// ignoring audit mode: what review and diff reason about.
+    pub(crate) fn enforced(
+        &self,
+        caller: &SpiffeId,
+        method: &str,
+        path: &str,
+        exclude: Option<u32>,
+    ) -> (Option<u32>, bool) {
+        let found = self.matcher.find(method, path, exclude);
+        let allowed = found.is_some_and(|i| {
+            caller.is_member_of(&self.trust_domain)
+                && self.routes[i as usize].admitting(caller).is_some()
+        });
+        (found, allowed)
+    }
+
     pub(crate) fn decision_for(&self, found: Option<u32>, caller: &SpiffeId) -> Decision<'_> {
         let reason = match found.map(|i| &self.routes[i as usize]) {
             None => DenyReason::NoRoute,
