@@ -433,7 +433,12 @@ impl Check<'_> {
         }
     }
 
-    fn duration(&mut self, v: Option<&S<String>>, key: &'static str, default: Duration) -> Duration {
+    fn duration(
+        &mut self,
+        v: Option<&S<String>>,
+        key: &'static str,
+        default: Duration,
+    ) -> Duration {
         let Some(v) = v else { return default };
         match humantime::parse_duration(v.get_ref()) {
             Ok(d) if d.is_zero() => {
@@ -526,7 +531,12 @@ impl Config {
             Ok(raw) => raw,
             Err(e) => {
                 // toml's message repeats the position and a snippet; keep the first line.
-                let msg = e.message().lines().next().unwrap_or("invalid TOML").to_owned();
+                let msg = e
+                    .message()
+                    .lines()
+                    .next()
+                    .unwrap_or("invalid TOML")
+                    .to_owned();
                 check.push(e.span(), ConfigErrorKind::Syntax(msg));
                 return Err(check.errors);
             }
@@ -563,12 +573,18 @@ impl Check<'_> {
             cert: self.path(&raw.identity.cert, "identity.cert"),
             key: self.path(&raw.identity.key, "identity.key"),
             bundle: self.path(&raw.identity.bundle, "identity.bundle"),
-            crl: raw.identity.crl.as_ref().map(|c| self.path(c, "identity.crl")),
+            crl: raw
+                .identity
+                .crl
+                .as_ref()
+                .map(|c| self.path(c, "identity.crl")),
         };
         let inbound = raw.inbound.map(|i| self.inbound(i));
         let outbound = self.outbound(raw.outbound);
         let admin = AdminConfig {
-            listen: self.addr(&raw.admin.listen).unwrap_or_else(placeholder_addr),
+            listen: self
+                .addr(&raw.admin.listen)
+                .unwrap_or_else(placeholder_addr),
         };
         let audit = AuditConfig {
             path: raw
@@ -611,7 +627,10 @@ impl Check<'_> {
         let listen = self.addr(&i.listen).unwrap_or_else(placeholder_addr);
         let app = self.addr(&i.app).unwrap_or_else(placeholder_addr);
         if !app.ip().is_loopback() && !i.insecure_app_address {
-            self.push(Some(i.app.span()), ConfigErrorKind::NonLoopbackApp { addr: app });
+            self.push(
+                Some(i.app.span()),
+                ConfigErrorKind::NonLoopbackApp { addr: app },
+            );
         }
         let max_h2_streams = match i.max_h2_streams {
             Some(v) if *v.get_ref() == 0 => {
@@ -832,14 +851,26 @@ listen = "127.0.0.1:9901"
         let text = GOOD
             .replace("\"127.0.0.1:8080\"", "\"10.0.0.5:8080\"")
             .replace("\"127.0.0.1:7001\"", "\"0.0.0.0:7001\"")
-            .replace("spiffe://fintech.internal/monolith", "spiffe://Fintech/monolith")
+            .replace(
+                "spiffe://fintech.internal/monolith",
+                "spiffe://Fintech/monolith",
+            )
             .replace("listen = \"127.0.0.1:9901\"", "listen = \"localhost\"");
         let e = errors(&text);
         assert_eq!(e.len(), 4, "{e:?}");
-        assert!(e[0].contains(":9:7: the app address 10.0.0.5:8080"), "{e:?}");
-        assert!(e[1].contains(":15:10: outbound `monolith` listens on 0.0.0.0:7001"), "{e:?}");
-        assert!(e[2].contains(":17:13: invalid SPIFFE ID"), "{e:?}");
-        assert!(e[3].contains(":20:10: `localhost` is not an IP:PORT"), "{e:?}");
+        assert!(
+            e[0].contains(":9:7: the app address 10.0.0.5:8080"),
+            "{e:?}"
+        );
+        assert!(
+            e[1].contains(":14:10: outbound `monolith` listens on 0.0.0.0:7001"),
+            "{e:?}"
+        );
+        assert!(e[2].contains(":16:13: invalid SPIFFE ID"), "{e:?}");
+        assert!(
+            e[3].contains(":19:10: `localhost` is not an IP:PORT"),
+            "{e:?}"
+        );
     }
 
     #[test]
@@ -877,7 +908,10 @@ listen = "127.0.0.1:9901"
         let e = errors(&text);
         assert_eq!(e.len(), 2, "{e:?}");
         assert!(e[0].contains(":11:23: `soon` is not a duration"), "{e:?}");
-        assert!(e[1].contains(":12:19: `inbound.max_connections` must be"), "{e:?}");
+        assert!(
+            e[1].contains(":12:19: `inbound.max_connections` must be"),
+            "{e:?}"
+        );
     }
 
     #[test]

@@ -3,15 +3,26 @@
 //!
 //! Layout:
 //! - [`config`]: the sidecar TOML → validated [`config::Config`];
-//! - [`tls`]: credentials loading, X.509-SVID rules, the SPIFFE verifier, server config,
-//!   swappable certificate resolver;
-//! - [`metrics`]: the Prometheus families (`gatehouse_*`);
-//! - [`signal`]: signals, cancellation and the drain of connection tasks.
+//! - [`tls`]: credentials loading, X.509-SVID rules, the SPIFFE verifier, server and client
+//!   configs, swappable certificate resolver;
+//! - [`state`]: the [`state::Snapshot`] (credentials, policy, TLS) every connection holds;
+//! - [`inbound`]: mTLS termination, per-route policy, forwarding to the app;
+//! - [`outbound`]: plaintext from the app, mTLS to the peer sidecar with its identity pinned;
+//! - [`admin`], [`metrics`], [`audit`]: observability;
+//! - [`signal`]: signals, cancellation and the drain of connection tasks;
+//! - [`run`]: the load path shared by `sidecar check` and `sidecar run`, and the run loop;
+//! - [`error`]: load errors with their `help:` lines, and refusals as HTTP responses.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod admin;
+pub mod audit;
 pub mod config;
+pub mod error;
+pub mod inbound;
 pub mod metrics;
 pub mod outbound;
+pub mod run;
 pub mod signal;
+pub mod state;
 pub mod tls;

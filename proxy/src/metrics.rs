@@ -68,7 +68,9 @@ impl Metrics {
                 "tls_handshake_duration_seconds",
                 "Duration of successful TLS handshakes",
             )
-            .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5]),
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5,
+            ]),
             &["direction"],
         )?;
         let inbound_active_connections = IntGauge::new(

@@ -60,16 +60,32 @@ impl Shutdown {
     }
 }
 
-/// Waits for SIGTERM or SIGINT and returns the signal's name.
-///
-/// # Errors
-/// The I/O error if the signal handlers cannot be installed.
-pub async fn terminate() -> std::io::Result<&'static str> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    Ok(tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
-    })
+/// SIGTERM and SIGINT handlers, installed before anything is bound so a signal that arrives
+/// early is never lost to the default action.
+#[derive(Debug)]
+pub struct Terminate {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Terminate {
+    /// Installs the handlers.
+    ///
+    /// # Errors
+    /// The I/O error if a handler cannot be installed.
+    pub fn install() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// Waits for SIGTERM or SIGINT and returns the signal's name.
+    pub async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
 }

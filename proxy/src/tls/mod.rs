@@ -113,12 +113,16 @@ impl TlsError {
             Self::KeyMismatch { .. } => {
                 "cert.pem and key.pem must come from the same `ca issue` run; re-issue both"
             }
-            Self::NotSvid { .. } => "use a certificate issued by `ca issue` (exactly one spiffe:// URI SAN, CA:FALSE)",
+            Self::NotSvid { .. } => {
+                "use a certificate issued by `ca issue` (exactly one spiffe:// URI SAN, CA:FALSE)"
+            }
             Self::Expired { .. } => "re-issue it: `ca rotate --dir CA --force OUTDIR`",
             Self::Untrusted { .. } => {
                 "the bundle must hold the root that signed this certificate; copy the CA's bundle.pem"
             }
-            Self::Verifier { .. } => "check the CRL file (`ca crl --dir CA --out FILE`) and the bundle",
+            Self::Verifier { .. } => {
+                "check the CRL file (`ca crl --dir CA --out FILE`) and the bundle"
+            }
             Self::Config { .. } => "check min_tls and the key type",
         }
     }

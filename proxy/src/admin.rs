@@ -1,0 +1,162 @@
+//! The admin listener (plain HTTP/1.1, for probes and scrapers): `/metrics` (Prometheus text),
+//! `/healthz` (the process is up), `/readyz` (listeners bound, identity loaded and unexpired,
+//! not shutting down), `/status` (identity, expiry, policy hash, configuration summary, as
+//! JSON). It keeps answering while the sidecar drains, so probes see `/readyz` turn 503.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+use tokio::net::TcpListener;
+use tracing::debug;
+
+use crate::metrics::Metrics;
+use crate::signal::Shutdown;
+use crate::state::State;
+
+/// What the admin endpoints report on.
+#[derive(Debug)]
+pub struct Admin {
+    /// Shared state.
+    pub state: Arc<State>,
+    /// Metrics to expose.
+    pub metrics: Metrics,
+    /// Shutdown state (for `/readyz`).
+    pub shutdown: Shutdown,
+    /// Bound listeners, `(name, address)`, for `/status`.
+    pub listeners: Vec<(String, SocketAddr)>,
+}
+
+impl Admin {
+    /// Serves until the process exits.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            };
+            let admin = self.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| {
+                    let admin = admin.clone();
+                    async move { Ok::<_, Infallible>(admin.route(&req)) }
+                });
+                let mut b = http1::Builder::new();
+                b.timer(TokioTimer::new())
+                    .header_read_timeout(std::time::Duration::from_secs(10));
+                if let Err(e) = b.serve_connection(TokioIo::new(tcp), svc).await {
+                    debug!(error = %e, "admin connection error");
+                }
+            });
+        }
+    }
+
+    fn route(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n");
+        }
+        match req.uri().path() {
+            "/metrics" => {
+                let mut r = Response::new(Full::new(Bytes::from(self.metrics.encode())));
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static(prometheus::TEXT_FORMAT),
+                );
+                r
+            }
+            "/healthz" => text(StatusCode::OK, "ok\n"),
+            "/readyz" => match self.not_ready() {
+                None => text(StatusCode::OK, "ready\n"),
+                Some(why) => text(StatusCode::SERVICE_UNAVAILABLE, why),
+            },
+            "/status" => {
+                let mut r = Response::new(Full::new(Bytes::from(self.status().to_string())));
+                r.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                r
+            }
+            _ => text(
+                StatusCode::NOT_FOUND,
+                "not found: try /metrics /healthz /readyz /status\n",
+            ),
+        }
+    }
+
+    /// Why the sidecar is not ready, if it is not.
+    fn not_ready(&self) -> Option<&'static str> {
+        if self.shutdown.is_draining() {
+            return Some("shutting down\n");
+        }
+        if self.state.snapshot().credentials.not_after <= OffsetDateTime::now_utc() {
+            return Some("own certificate expired\n");
+        }
+        None
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let snap = self.state.snapshot();
+        let c = &snap.credentials;
+        let now = OffsetDateTime::now_utc();
+        let cfg = &self.state.config;
+        let policy = snap.inbound.as_ref().map(|i| {
+            serde_json::json!({
+                "path": cfg.inbound.as_ref().map(|c| c.policy.display().to_string()),
+                "sha256": i.policy_sha256,
+                "routes": i.policy.route_count(),
+                "mode": if i.policy.is_audit_mode() { "audit" } else { "enforce" },
+            })
+        });
+        let listeners: serde_json::Map<String, serde_json::Value> = self
+            .listeners
+            .iter()
+            .map(|(n, a)| (n.clone(), a.to_string().into()))
+            .collect();
+        serde_json::json!({
+            "identity": c.id.as_str(),
+            "trust_domain": snap.trust_domain.as_str(),
+            "ready": self.not_ready().is_none(),
+            "draining": self.shutdown.is_draining(),
+            "certificate": {
+                "serial": c.serial_hex,
+                "not_after": c.not_after.format(&Rfc3339).unwrap_or_default(),
+                "seconds_left": (c.not_after - now).whole_seconds(),
+                "path": cfg.identity.cert.display().to_string(),
+            },
+            "policy": policy,
+            "config": {
+                "path": cfg.path.display().to_string(),
+                "min_tls": cfg.min_tls.to_string(),
+                "app": cfg.inbound.as_ref().map(|i| i.app.to_string()),
+                "crl": cfg.identity.crl.as_ref().map(|p| p.display().to_string()),
+                "outbound": cfg.outbound.iter().map(|o| serde_json::json!({
+                    "name": o.name,
+                    "connect": format!("{}:{}", o.connect_host, o.connect_port),
+                    "server_id": o.server_id.as_str(),
+                })).collect::<Vec<_>>(),
+                "shutdown_grace_period_s": cfg.shutdown_grace_period.as_secs_f64(),
+            },
+            "listeners": listeners,
+        })
+    }
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}

@@ -1,0 +1,153 @@
+//! Errors the sidecar reports, and the one place that maps them to HTTP responses.
+//!
+//! Load-time problems ([`LoadError`]) are collected, never stop at the first one, and each has a
+//! `help:` line; the binary renders them. Request-time failures become small JSON bodies that
+//! carry the request id and nothing about the policy (routes are not revealed): 400 for a
+//! refused path, 403 for a denial, 502 when the app is unreachable, 504 when it is too slow.
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+use http_body_util::Full;
+
+use crate::config::ConfigError;
+use crate::tls::TlsError;
+
+/// A problem found while loading the configuration, credentials or policy.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LoadError {
+    /// The configuration file.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Certificates, key, bundle or CRL.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The policy file (already rendered as `file:line:col: message`).
+    #[error("{}", policy_location(.0))]
+    Policy(gatehouse_policy::Diagnostic),
+    /// The policy is written for another trust domain than our certificate's.
+    #[error(
+        "{policy}: the policy is for trust domain `{policy_td}` but our certificate is in `{cert_td}`"
+    )]
+    TrustDomainMismatch {
+        /// The policy file.
+        policy: String,
+        /// The policy's trust domain.
+        policy_td: String,
+        /// Our certificate's trust domain.
+        cert_td: String,
+    },
+    /// Prometheus refused a metric family (a programming error, reported rather than hidden).
+    #[error("cannot register metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    /// An `[[outbound]]` entry could not be prepared or bound.
+    #[error(transparent)]
+    Outbound(#[from] crate::outbound::OutboundSetupError),
+    /// A listen address could not be bound.
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The socket error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The signal handlers could not be installed.
+    #[error("cannot install the SIGTERM/SIGINT handlers: {0}")]
+    Signal(#[source] std::io::Error),
+    /// The audit log file could not be opened.
+    #[error("{}: cannot open the audit log: {source}", path.display())]
+    AuditFile {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn policy_location(d: &gatehouse_policy::Diagnostic) -> String {
+    if d.line == 0 {
+        format!("{}: {}", d.file, d.message)
+    } else {
+        format!("{}:{}:{}: {}", d.file, d.line, d.col, d.message)
+    }
+}
+
+impl LoadError {
+    /// The `help:` line.
+    pub fn help(&self) -> String {
+        match self {
+            Self::Config(e) => e.help(),
+            Self::Tls(e) => e.help().to_owned(),
+            Self::Policy(d) => d.help.clone(),
+            Self::TrustDomainMismatch { .. } => {
+                "set the policy's trust_domain to the one in our certificate's spiffe:// ID".into()
+            }
+            Self::Metrics(_) => "report this as a bug".into(),
+            Self::Outbound(e) => e.help().into(),
+            Self::Bind { .. } => {
+                "another process holds the port, or the address is not local: change the listen address".into()
+            }
+            Self::Signal(_) => "report this as a bug".into(),
+            Self::AuditFile { .. } => "check [audit] path: its directory must exist and be writable".into(),
+        }
+    }
+}
+
+/// The body type of responses the sidecar makes itself.
+pub type OwnBody = Full<Bytes>;
+
+/// Why the sidecar answers a request itself instead of the app.
+#[derive(Debug, Clone, Copy)]
+pub enum Refusal<'a> {
+    /// The path was refused by normalization (the reason is the `PathError` text).
+    BadPath(&'a gatehouse_policy::path::PathError),
+    /// The policy denied the request (or no route matched).
+    Denied,
+    /// The app could not be reached or failed mid-response.
+    AppUnreachable,
+    /// The app did not start its response in time.
+    AppTimeout,
+}
+
+impl Refusal<'_> {
+    /// The status code.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::BadPath(_) => StatusCode::BAD_REQUEST,
+            Self::Denied => StatusCode::FORBIDDEN,
+            Self::AppUnreachable => StatusCode::BAD_GATEWAY,
+            Self::AppTimeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// The response: a JSON body `{"error", "message", "request_id"}` and `x-request-id`.
+    pub fn response(&self, request_id: &HeaderValue) -> Response<OwnBody> {
+        let (error, message) = match self {
+            Self::BadPath(e) => ("bad_request", format!("refused request path: {e}")),
+            Self::Denied => ("forbidden", "access denied".to_owned()),
+            Self::AppUnreachable => ("bad_gateway", "the upstream app is unreachable".to_owned()),
+            Self::AppTimeout => (
+                "gateway_timeout",
+                "the upstream app did not answer in time".to_owned(),
+            ),
+        };
+        let body = serde_json::json!({
+            "error": error,
+            "message": message,
+            "request_id": request_id.to_str().unwrap_or_default(),
+        });
+        let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+        *resp.status_mut() = self.status();
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        h.insert("x-request-id", request_id.clone());
+        resp
+    }
+}

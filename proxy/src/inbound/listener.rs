@@ -1,0 +1,241 @@
+//! The inbound accept loop and one task per connection (mini-redis `Listener`/`Handler`):
+//! a semaphore bounds open connections, the TLS handshake runs under a timeout, the verified
+//! [`crate::tls::PeerIdentity`] is taken from the session (never from headers), and hyper serves HTTP/1.1
+//! or HTTP/2 as negotiated by ALPN. A connection is closed gracefully when it has been idle for
+//! `idle_timeout` or when shutdown starts (HTTP/2 sends GOAWAY, HTTP/1.1 finishes the request
+//! in flight).
+
+use std::future::Future;
+use std::pin::pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use hyper::server::conn::{http1, http2};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulConnection;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsAcceptor;
+use tracing::{Instrument, debug, info_span, warn};
+
+use super::Inbound;
+use super::request::{ConnCtx, handle};
+use crate::signal::Shutdown;
+use crate::state::Snapshot;
+use crate::tls::verify::failure_reason;
+
+/// Accepts connections until shutdown starts.
+pub async fn serve(inbound: Arc<Inbound>, listener: TcpListener, shutdown: Shutdown) {
+    let limit = Arc::new(Semaphore::new(inbound.cfg.max_connections));
+    loop {
+        let permit = tokio::select! {
+            p = limit.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+            () = shutdown.token().cancelled() => break,
+        };
+        let (tcp, peer) = tokio::select! {
+            res = listener.accept() => match res {
+                Ok(c) => c,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    warn!(error = %e, "inbound accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = shutdown.token().cancelled() => break,
+        };
+        let snapshot = inbound.state.snapshot();
+        let task = serve_one(inbound.clone(), tcp, snapshot, permit, shutdown.clone());
+        shutdown
+            .tracker()
+            .spawn(task.instrument(info_span!("inbound", %peer)));
+    }
+    debug!("inbound listener stopped accepting");
+}
+
+/// Decrements the active-connection gauge when the connection task ends.
+struct ActiveGuard(prometheus::IntGauge);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+async fn serve_one(
+    inbound: Arc<Inbound>,
+    tcp: TcpStream,
+    snapshot: Arc<Snapshot>,
+    _permit: OwnedSemaphorePermit,
+    shutdown: Shutdown,
+) {
+    let m = &inbound.metrics;
+    m.inbound_active_connections.inc();
+    let _active = ActiveGuard(m.inbound_active_connections.clone());
+    let _ = tcp.set_nodelay(true);
+    let Some(inb) = snapshot.inbound.as_ref() else {
+        return;
+    };
+    let started = Instant::now();
+    let accept = TlsAcceptor::from(inb.tls.clone()).accept(tcp);
+    let tls = tokio::select! {
+        r = tokio::time::timeout(inbound.cfg.handshake_timeout, accept) => r,
+        () = shutdown.token().cancelled() => return,
+    };
+    let tls = match tls {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => return handshake_failed(&inbound, io_reason(&e), &e),
+        Err(_) => return handshake_failed(&inbound, "timeout", &"handshake timed out"),
+    };
+    let (_, session) = tls.get_ref();
+    let peer = match inb.verifier.identify(session) {
+        Ok(p) => p,
+        Err(e) => return handshake_failed(&inbound, failure_reason(&e), &e),
+    };
+    m.tls_handshakes
+        .with_label_values(&["inbound", "ok", "none"])
+        .inc();
+    m.tls_handshake_duration
+        .with_label_values(&["inbound"])
+        .observe(started.elapsed().as_secs_f64());
+    let h2 = session.alpn_protocol() == Some(b"h2");
+    debug!(caller = %peer.id(), h2, "mTLS handshake ok");
+    let ctx = Arc::new(ConnCtx::new(inbound.clone(), snapshot.clone(), peer));
+    let activity = ctx.activity.clone();
+    let svc = service_fn(move |req| handle(ctx.clone(), req));
+    let io = TokioIo::new(tls);
+    let cfg = &inbound.cfg;
+    let result = if h2 {
+        let mut b = http2::Builder::new(TokioExecutor::new());
+        b.timer(TokioTimer::new())
+            .max_concurrent_streams(cfg.max_h2_streams)
+            .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX));
+        drive(
+            b.serve_connection(io, svc),
+            &activity,
+            cfg.idle_timeout,
+            &shutdown,
+        )
+        .await
+    } else {
+        let mut b = http1::Builder::new();
+        b.timer(TokioTimer::new())
+            .header_read_timeout(cfg.header_read_timeout)
+            .max_header_size(cfg.max_header_bytes)
+            .max_buf_size(cfg.max_header_bytes.max(8192));
+        drive(
+            b.serve_connection(io, svc),
+            &activity,
+            cfg.idle_timeout,
+            &shutdown,
+        )
+        .await
+    };
+    if let Err(e) = result {
+        debug!(error = %e, "inbound connection ended with an error");
+    }
+}
+
+fn handshake_failed(inbound: &Inbound, reason: &'static str, e: &dyn std::fmt::Display) {
+    inbound
+        .metrics
+        .tls_handshakes
+        .with_label_values(&["inbound", "error", reason])
+        .inc();
+    debug!(reason, error = %e, "mTLS handshake refused");
+}
+
+/// The handshake failure reason carried inside tokio-rustls' I/O error.
+fn io_reason(e: &std::io::Error) -> &'static str {
+    match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+        Some(tls) => failure_reason(tls),
+        None if e.kind() == std::io::ErrorKind::UnexpectedEof => "eof",
+        None => "io",
+    }
+}
+
+/// Requests in flight on a connection and when the last one ended (milliseconds since the
+/// connection started), for the idle timeout.
+#[derive(Debug)]
+pub struct Activity {
+    started: Instant,
+    active: AtomicUsize,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            started: Instant::now(),
+            active: AtomicUsize::new(0),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// A request started; the returned guard ends it when dropped (with the response body).
+    pub fn begin(self: &Arc<Self>) -> RequestGuard {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        RequestGuard(self.clone())
+    }
+
+    fn idle_since(&self) -> Option<Instant> {
+        (self.active.load(Ordering::Relaxed) == 0)
+            .then(|| self.started + Duration::from_millis(self.last_ms.load(Ordering::Relaxed)))
+    }
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Ends a request's activity on drop.
+#[derive(Debug)]
+pub struct RequestGuard(Arc<Activity>);
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        let ms = u64::try_from(self.0.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.0.last_ms.store(ms, Ordering::Relaxed);
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Runs a connection to completion, asking it to finish gracefully on shutdown or once idle.
+async fn drive<C>(
+    conn: C,
+    activity: &Activity,
+    idle: Duration,
+    shutdown: &Shutdown,
+) -> Result<(), C::Error>
+where
+    C: GracefulConnection + Future<Output = Result<(), <C as GracefulConnection>::Error>>,
+{
+    let mut conn = pin!(conn);
+    let mut closing = false;
+    loop {
+        let idle_check = async {
+            match activity.idle_since() {
+                Some(since) => tokio::time::sleep_until((since + idle).into()).await,
+                // A request is in flight: look again later.
+                None => tokio::time::sleep(idle.min(Duration::from_secs(1))).await,
+            }
+        };
+        tokio::select! {
+            res = conn.as_mut() => return res,
+            () = shutdown.token().cancelled(), if !closing => {
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            () = idle_check, if !closing => {
+                if activity.idle_since().is_some_and(|s| s.elapsed() >= idle) {
+                    closing = true;
+                    conn.as_mut().graceful_shutdown();
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,326 @@
+//! One inbound request, top-down: normalize the path (400 on refusal) → `policy.decide` →
+//! deny (403, the app sees nothing) or forward → audit line + metrics with the final status.
+//!
+//! Forwarding drops hop-by-hop headers and every identity header the client sent
+//! (`x-forwarded-client-cert`, `x-client-spiffe-id`, `client-cert`, `client-cert-chain`), adds
+//! ours from the verified session, keeps or adds `x-request-id`, and sends the normalized path
+//! with the original query to the app on a pooled keep-alive HTTP/1.1 connection. Bodies stream
+//! both ways; nothing is buffered.
+//!
+//! The audit line is written once the status is known: right away for refusals, when the
+//! app's response head arrives (or fails) for forwarded requests.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use gatehouse_policy::path::normalize;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::{PathAndQuery, Scheme, Uri};
+use http::{Request, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+
+use super::Inbound;
+use super::listener::{Activity, RequestGuard};
+use crate::audit::{self, AuditRecord};
+use crate::error::Refusal;
+use crate::state::Snapshot;
+use crate::tls::PeerIdentity;
+
+/// Identity headers a client may never set: removed before ours are added.
+const IDENTITY_HEADERS: [&str; 4] = [
+    "x-forwarded-client-cert",
+    "x-client-spiffe-id",
+    "client-cert",
+    "client-cert-chain",
+];
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1), plus `proxy-connection` which old clients send.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::UPGRADE,
+];
+
+const REQUEST_ID: &str = "x-request-id";
+
+/// Per-connection context: fixed for the connection's life.
+#[derive(Debug)]
+pub struct ConnCtx {
+    inbound: Arc<Inbound>,
+    snapshot: Arc<Snapshot>,
+    peer: PeerIdentity,
+    caller_label: String,
+    xfcc: HeaderValue,
+    spiffe_id: HeaderValue,
+    /// In-flight requests, for the idle timeout.
+    pub activity: Arc<Activity>,
+}
+
+impl ConnCtx {
+    /// Precomputes the identity headers and the caller's metric label once per connection.
+    pub fn new(inbound: Arc<Inbound>, snapshot: Arc<Snapshot>, peer: PeerIdentity) -> Self {
+        let own = &snapshot.credentials.id;
+        let xfcc = format!("By={own};Hash={};URI={}", peer.leaf_sha256_hex(), peer.id());
+        let caller_label = snapshot
+            .inbound
+            .as_ref()
+            .map_or("other", |i| i.policy.caller_label(peer.id()))
+            .to_owned();
+        Self {
+            xfcc: HeaderValue::try_from(xfcc).expect("SPIFFE IDs and hex are visible ASCII"),
+            spiffe_id: HeaderValue::try_from(peer.id().as_str())
+                .expect("SPIFFE IDs are visible ASCII"),
+            inbound,
+            snapshot,
+            peer,
+            caller_label,
+            activity: Arc::new(Activity::default()),
+        }
+    }
+}
+
+/// The response body: the app's, streamed, or one the sidecar made; it ends the request's
+/// activity (idle timeout) when dropped.
+pub struct ResponseBody {
+    inner: Either<Incoming, Full<Bytes>>,
+    _guard: RequestGuard,
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Handles one request. Never fails: every error becomes a response.
+pub async fn handle(
+    ctx: Arc<ConnCtx>,
+    req: Request<Incoming>,
+) -> Result<Response<ResponseBody>, Infallible> {
+    let guard = ctx.activity.begin();
+    let started = Instant::now();
+    let request_id = request_id(&ctx.inbound, req.headers());
+    let resp = decide_and_forward(&ctx, req, &request_id, started).await;
+    Ok(resp.map(|inner| ResponseBody {
+        inner,
+        _guard: guard,
+    }))
+}
+
+async fn decide_and_forward(
+    ctx: &ConnCtx,
+    req: Request<Incoming>,
+    request_id: &HeaderValue,
+    started: Instant,
+) -> Response<Either<Incoming, Full<Bytes>>> {
+    let Some(inb) = ctx.snapshot.inbound.as_ref() else {
+        return refuse(Refusal::Denied, request_id);
+    };
+    let mut log = Outcome {
+        ctx,
+        request_id,
+        method: req.method().clone(),
+        started,
+    };
+    let uri = req.uri().clone();
+    let path = match normalize(uri.path(), &inb.normalize) {
+        Ok(p) => p,
+        Err(e) => {
+            log.finish(
+                uri.path(),
+                None,
+                "reject",
+                "bad_path",
+                StatusCode::BAD_REQUEST,
+            );
+            return refuse(Refusal::BadPath(&e), request_id);
+        }
+    };
+    let decision = inb
+        .policy
+        .decide(ctx.peer.id(), req.method().as_str(), &path);
+    let route = decision.route_name();
+    if !decision.is_allowed() {
+        log.finish(
+            &path,
+            route,
+            decision.label(),
+            decision.reason(),
+            StatusCode::FORBIDDEN,
+        );
+        return refuse(Refusal::Denied, request_id);
+    }
+    let fwd = rewrite(ctx, req, &uri, &path, request_id);
+    let sent = tokio::time::timeout(ctx.inbound.cfg.app_timeout, ctx.inbound.client.request(fwd));
+    let resp = match sent.await {
+        Ok(Ok(mut resp)) => {
+            strip_hop_by_hop(resp.headers_mut());
+            resp.map(Either::Left)
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, app = %ctx.inbound.cfg.app, "forwarding to the app failed");
+            refuse(Refusal::AppUnreachable, request_id)
+        }
+        Err(_) => refuse(Refusal::AppTimeout, request_id),
+    };
+    log.finish(
+        &path,
+        route,
+        decision.label(),
+        decision.reason(),
+        resp.status(),
+    );
+    resp
+}
+
+fn refuse(r: Refusal<'_>, request_id: &HeaderValue) -> Response<Either<Incoming, Full<Bytes>>> {
+    r.response(request_id).map(Either::Right)
+}
+
+/// What the audit line and the metrics need, minus the outcome.
+struct Outcome<'a> {
+    ctx: &'a ConnCtx,
+    request_id: &'a HeaderValue,
+    method: http::Method,
+    started: Instant,
+}
+
+impl Outcome<'_> {
+    fn finish(
+        &mut self,
+        path: &str,
+        route: Option<&str>,
+        decision: &str,
+        reason: &str,
+        status: StatusCode,
+    ) {
+        let duration = self.started.elapsed();
+        let m = &self.ctx.inbound.metrics;
+        m.inbound_requests
+            .with_label_values(&[
+                route.unwrap_or("none"),
+                &self.ctx.caller_label,
+                decision,
+                reason,
+                status.as_str(),
+            ])
+            .inc();
+        m.inbound_request_duration
+            .with_label_values(&[decision])
+            .observe(duration.as_secs_f64());
+        audit::record(&AuditRecord {
+            request_id: self.request_id.to_str().unwrap_or_default(),
+            caller: self.ctx.peer.id(),
+            method: self.method.as_str(),
+            path,
+            route,
+            decision,
+            reason,
+            status: status.as_u16(),
+            duration,
+        });
+    }
+}
+
+/// The client's `x-request-id` when it is a sane token, else a fresh one.
+fn request_id(inbound: &Inbound, headers: &HeaderMap) -> HeaderValue {
+    match headers.get(REQUEST_ID) {
+        Some(v)
+            if (1..=128).contains(&v.len())
+                && v.as_bytes().iter().all(|b| {
+                    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':')
+                }) =>
+        {
+            v.clone()
+        }
+        _ => inbound.request_ids.next(),
+    }
+}
+
+/// The request the app receives.
+fn rewrite(
+    ctx: &ConnCtx,
+    req: Request<Incoming>,
+    uri: &Uri,
+    path: &str,
+    request_id: &HeaderValue,
+) -> Request<Incoming> {
+    let (mut parts, body) = req.into_parts();
+    let h = &mut parts.headers;
+    strip_hop_by_hop(h);
+    for name in IDENTITY_HEADERS {
+        h.remove(name);
+    }
+    // HTTP/2 carries the authority in the URI; the app speaks HTTP/1.1 and wants Host.
+    if !h.contains_key(header::HOST)
+        && let Some(a) = uri.authority()
+        && let Ok(v) = HeaderValue::from_str(a.as_str())
+    {
+        h.insert(header::HOST, v);
+    }
+    h.insert("x-forwarded-client-cert", ctx.xfcc.clone());
+    h.insert("x-client-spiffe-id", ctx.spiffe_id.clone());
+    h.insert(REQUEST_ID, request_id.clone());
+    // An already normal path is forwarded as the client sent it (no allocation).
+    let path_and_query = match uri.path_and_query() {
+        Some(pq) if pq.path() == path => pq.clone(),
+        _ => {
+            let s = match uri.query() {
+                Some(q) => format!("{path}?{q}"),
+                None => path.to_string(),
+            };
+            PathAndQuery::try_from(s).unwrap_or_else(|_| PathAndQuery::from_static("/"))
+        }
+    };
+    let mut up = http::uri::Parts::default();
+    up.scheme = Some(Scheme::HTTP);
+    up.authority = Some(ctx.inbound.app_authority.clone());
+    up.path_and_query = Some(path_and_query);
+    parts.uri = Uri::from_parts(up).expect("scheme, authority and path are all set");
+    parts.version = http::Version::HTTP_11;
+    Request::from_parts(parts, body)
+}
+
+/// Removes hop-by-hop headers, including those the `Connection` header names.
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    if h.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = h
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+            .collect();
+        for n in named {
+            h.remove(n);
+        }
+    }
+    for n in &HOP_BY_HOP {
+        h.remove(n);
+    }
+}

@@ -1,0 +1,116 @@
+//! `sidecar`: the Gatehouse sidecar. `sidecar run --config FILE` serves; `sidecar check
+//! --config FILE` runs the same load path, prints a summary and exits (0 ok, 2 problems).
+#![forbid(unsafe_code)]
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use gatehouse_proxy::audit::{AuditLayer, TARGET as AUDIT_TARGET};
+use gatehouse_proxy::config::Config;
+use gatehouse_proxy::error::LoadError;
+use gatehouse_proxy::run::{self, Loaded};
+use gatehouse_proxy::signal::Shutdown;
+use tracing_subscriber::filter::{EnvFilter, filter_fn};
+use tracing_subscriber::prelude::*;
+
+/// Gatehouse sidecar: inbound mTLS with per-route SPIFFE policy, outbound mTLS with pinned peers.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve until SIGTERM/SIGINT, then drain in-flight requests and exit 0.
+    Run {
+        /// The sidecar configuration file (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate the configuration, certificates and policy exactly as `run` would, print a
+    /// summary (identity, expiry, listeners, route count) and exit: 0 ok, 2 problems.
+    Check {
+        /// The sidecar configuration file (TOML).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config } => match load(&config) {
+            Ok(loaded) => {
+                print!("{}", loaded.summary());
+                println!("ok: {} is valid", config.display());
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Command::Run { config } => {
+            let loaded = match load(&config) {
+                Ok(l) => l,
+                Err(code) => return code,
+            };
+            if let Err(e) = init_logging(&loaded) {
+                return render(&[e]);
+            }
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: cannot start the async runtime: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            match rt.block_on(run::run(loaded, Shutdown::new())) {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => render(&[e]),
+            }
+        }
+    }
+}
+
+fn load(path: &std::path::Path) -> Result<Loaded, ExitCode> {
+    let config = Config::load(path)
+        .map_err(|es| render(&es.into_iter().map(LoadError::from).collect::<Vec<_>>()))?;
+    run::load(config).map_err(|es| render(&es))
+}
+
+/// Prints every problem with its `help:` line; exit code 2.
+fn render(errors: &[LoadError]) -> ExitCode {
+    for e in errors {
+        eprintln!("error: {e}\n  help: {}", e.help());
+    }
+    if errors.len() > 1 {
+        eprintln!("{} problems found", errors.len());
+    }
+    ExitCode::from(2)
+}
+
+/// Operational logs to stderr (RUST_LOG, default `info`); audit lines to stdout or the
+/// configured file, and nowhere else.
+fn init_logging(loaded: &Loaded) -> Result<(), LoadError> {
+    let audit = match &loaded.state.config.audit.path {
+        Some(path) => AuditLayer::file(path).map_err(|source| LoadError::AuditFile {
+            path: path.clone(),
+            source,
+        })?,
+        None => AuditLayer::stdout(),
+    };
+    let env = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_filter(filter_fn(|m| m.target() != AUDIT_TARGET))
+        .with_filter(env);
+    let audit = audit.with_filter(filter_fn(|m| m.target() == AUDIT_TARGET));
+    tracing_subscriber::registry().with(logs).with(audit).init();
+    Ok(())
+}
