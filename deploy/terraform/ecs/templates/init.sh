@@ -1,0 +1,15 @@
+# Runs in the gatehouse-init container (busybox sh) before the sidecar starts. The secrets
+# arrive as environment variables of this container only; they are written to the task's
+# shared volume, owned by the sidecar's user, mode 0600, and this container exits.
+# shellcheck disable=SC2153 # the GATEHOUSE_* variables come from the task definition
+set -eu
+umask 077
+d=/run/gatehouse
+printf '%s\n' "$GATEHOUSE_CERT_PEM" > "$d/cert.pem"
+printf '%s\n' "$GATEHOUSE_KEY_PEM" > "$d/key.pem"
+printf '%s\n' "$GATEHOUSE_BUNDLE_PEM" > "$d/bundle.pem"
+if [ -n "${GATEHOUSE_CRL_PEM:-}" ]; then printf '%s\n' "$GATEHOUSE_CRL_PEM" > "$d/crl.pem"; fi
+printf '%s' "$GATEHOUSE_SIDECAR_TOML" > "$d/sidecar.toml"
+printf '%s' "$GATEHOUSE_POLICY_TOML" > "$d/policy.toml"
+chown -R 65532:65532 "$d"
+echo "gatehouse-init: wrote the certificates, sidecar.toml and policy.toml to $d"

