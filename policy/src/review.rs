@@ -16,7 +16,7 @@ use crate::source::Diagnostic;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Warning {
     /// Stable identifier: `star-on-write`, `root-wildcard-path`, `unused-alias`,
-    /// `wildcard-identity`, `shadowed-route`, `redundant-route` or `audit-mode`.
+    /// `wildcard-identity`, `redundant-route` or `audit-mode`.
     pub code: &'static str,
     /// Where and what, with a `help:` line.
     #[serde(flatten)]
@@ -118,15 +118,17 @@ fn route_warnings(route: &Route, warn: &mut Emit<'_>) {
     }
 }
 
-/// `shadowed-route`: a route that never decides any request, because more specific routes take
-/// all of them; `redundant-route`: a route that decides, but the next route in line would
-/// decide every one of its requests the same way for every caller.
+/// `redundant-route`: a route that decides some requests, but the next route in line would
+/// decide every one of them the same way for every caller, so removing it changes nothing.
+///
+/// There is no "never decides" case to report: indistinguishable routes are load errors, and
+/// a route always decides the requests that fill its `*` and `/**` segments with a name no
+/// other route uses, because a more specific route would need a literal there.
 fn coverage(policy: &Policy) -> Vec<(&'static str, Loc, String, &'static str)> {
     let probes = Probes::new(&[policy]);
     let mut out = Vec::new();
     for (i, route) in policy.routes.iter().enumerate() {
         let me = Some(i as u32);
-        let mut decides = false;
         let mut differs = false;
         let mut instead = Vec::new();
         for path in probes.paths(route) {
@@ -134,7 +136,6 @@ fn coverage(policy: &Policy) -> Vec<(&'static str, Loc, String, &'static str)> {
                 if policy.matcher.find(method, &path, None) != me {
                     continue;
                 }
-                decides = true;
                 for caller in &probes.callers {
                     let (_, with) = policy.enforced(&caller.id, method, &path, None);
                     let (next, without) = policy.enforced(&caller.id, method, &path, me);
@@ -147,17 +148,7 @@ fn coverage(policy: &Policy) -> Vec<(&'static str, Loc, String, &'static str)> {
                 }
             }
         }
-        if !decides {
-            out.push((
-                "shadowed-route",
-                route.loc,
-                format!(
-                    "route `{}` never decides: more specific routes take every request it matches",
-                    route.name
-                ),
-                "remove it, or fix the more specific routes if this one was meant to apply",
-            ));
-        } else if !differs && !instead.is_empty() {
+        if !differs && !instead.is_empty() {
             out.push((
                 "redundant-route",
                 route.loc,
