@@ -155,7 +155,7 @@ async fn handle(
     metrics.duration.observe(elapsed.as_secs_f64());
     metrics.request(status);
     info!(
-        target: "gatehouse::audit",
+        target: crate::audit::TARGET,
         direction = "outbound",
         request_id = %display_id(&request_id),
         upstream = %upstream.name(),
@@ -165,7 +165,6 @@ async fn handle(
         status,
         reason,
         duration_ms = elapsed.as_secs_f64() * 1000.0,
-        "outbound request"
     );
     Ok(response)
 }

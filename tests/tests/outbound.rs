@@ -1,0 +1,816 @@
+//! Outbound sidecar end to end, over the real `sidecar` binary, certificates minted by
+//! `gatehouse-ca`, real TLS everywhere:
+//! - report service → outbound sidecar → inbound sidecar → fake monolith, with the request id
+//!   in both audit logs and a handful of TLS connections for 1,000 requests;
+//! - a server impostor (valid certificate from our CA, another identity) gets no request byte;
+//! - a server that refuses our client certificate is reported with its TLS alert;
+//! - nginx (`ssl_verify_client on`) accepts our client certificate, and is refused by us when
+//!   it does not hold the pinned identity;
+//! - a non-loopback outbound listener is refused by `sidecar check` and `sidecar run`.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use gatehouse_ca::{Authority, InitOptions, IssueRequest, KeyType, SpiffeId, TrustDomain};
+use gatehouse_tests::fintech::http::{Recorder, serve};
+use gatehouse_tests::fintech::monolith::Monolith;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use rustls::RootCertStore;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpListener;
+
+const TD: &str = "fintech.internal";
+const MONOLITH_ID: &str = "spiffe://fintech.internal/monolith";
+const REPORT_ID: &str = "spiffe://fintech.internal/report-service";
+const REPORTS_QUERY: &str = "/api/data/reports?startDate=2024-01-01&endDate=2024-12-31";
+
+const MONOLITH_POLICY: &str = r#"
+version = 1
+trust_domain = "fintech.internal"
+
+[identities]
+report-service = "spiffe://fintech.internal/report-service"
+
+[[route]]
+name    = "report data export"
+methods = ["GET"]
+path    = "/api/data/reports"
+allow   = ["report-service"]
+"#;
+
+// ---- support ------------------------------------------------------------------------------
+
+/// A CA of its own in a temp dir; certificate directories next to it.
+struct Pki {
+    dir: tempfile::TempDir,
+    ca: Authority,
+}
+
+impl Pki {
+    fn new(td: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = Authority::init(
+            &dir.path().join("ca"),
+            &InitOptions {
+                trust_domain: TrustDomain::parse(td).expect("trust domain"),
+                key_type: KeyType::EcdsaP256,
+                ttl: Duration::from_secs(30 * 86400),
+                intermediate: false,
+            },
+        )
+        .expect("ca init");
+        Self { dir, ca }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Issues `spiffe://<td>/<name>` into `<dir>/<name>/`; returns the serial (hex).
+    fn issue(&self, name: &str) -> String {
+        let id = format!("spiffe://{}/{name}", self.ca.trust_domain());
+        let svid = self
+            .ca
+            .issue(&IssueRequest {
+                spiffe_id: SpiffeId::parse(&id).expect("id"),
+                dns: vec![],
+                ttl: Duration::from_secs(3600),
+            })
+            .expect("issue");
+        svid.write_to(&self.dir.path().join(name)).expect("write");
+        svid.serial_hex
+    }
+
+    fn write(&self, file: &str, text: &str) -> PathBuf {
+        let p = self.dir.path().join(file);
+        std::fs::write(&p, text).expect("write file");
+        p
+    }
+}
+
+/// The `sidecar` binary of this workspace, built on first use if `cargo test` did not build it.
+fn sidecar_bin() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+            let target = std::env::var_os("CARGO_TARGET_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| root.join("target"));
+            let bin = target.join("debug/sidecar");
+            let status = Command::new(env!("CARGO"))
+                .args(["build", "-q", "-p", "gatehouse-proxy", "--bin", "sidecar"])
+                .current_dir(&root)
+                .status()
+                .expect("run cargo build");
+            assert!(status.success(), "cargo build -p gatehouse-proxy failed");
+            bin
+        })
+        .clone()
+}
+
+fn identity_section(name: &str) -> String {
+    format!(
+        "[identity]\ncert = \"{name}/cert.pem\"\nkey = \"{name}/key.pem\"\nbundle = \"{name}/bundle.pem\"\n"
+    )
+}
+
+/// A running `sidecar run`, killed on drop.
+struct Sidecar {
+    child: Child,
+    listeners: HashMap<String, SocketAddr>,
+    audit: PathBuf,
+}
+
+impl Sidecar {
+    /// Starts `sidecar run --config <config>` and waits until every listener is bound.
+    fn start(config: &Path, audit: PathBuf) -> Self {
+        let mut child = Command::new(sidecar_bin())
+            .args(["run", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn sidecar");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                // Once the sidecar is ready nobody listens; keep draining so it never blocks
+                // on a full pipe.
+                let _ = tx.send(line);
+            }
+        });
+        let mut listeners = HashMap::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut seen = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = match rx.recv_timeout(left) {
+                Ok(line) => line,
+                Err(_) => panic!("sidecar did not become ready; stderr:\n{}", seen.join("\n")),
+            };
+            if let Some(rest) = line.split("listening ").nth(1)
+                && let Some((name, addr)) = rest.split_once(" on ")
+                && let Ok(addr) = addr.trim().parse()
+            {
+                listeners.insert(name.to_owned(), addr);
+            }
+            let ready = line.contains("sidecar ready");
+            seen.push(line);
+            if ready {
+                break;
+            }
+        }
+        drop(rx);
+        Self {
+            child,
+            listeners,
+            audit,
+        }
+    }
+
+    fn addr(&self, name: &str) -> SocketAddr {
+        self.listeners[name]
+    }
+
+    /// The audit lines written so far, parsed.
+    fn audit_lines(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.audit)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("audit line is JSON"))
+            .collect()
+    }
+
+    async fn metrics(&self, client: &Http) -> String {
+        let url = format!("http://{}/metrics", self.addr("admin"));
+        client.get(&url, None).await.2
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sum of the samples of `name` whose labels include every `k="v"` in `labels`.
+fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && l.starts_with(name))
+        .filter(|l| l[name.len()..].starts_with(['{', ' ']))
+        .filter(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A plaintext keep-alive HTTP/1.1 client: the report service's view of its sidecar.
+struct Http(Client<HttpConnector, Full<Bytes>>);
+
+impl Http {
+    fn new() -> Self {
+        Self(Client::builder(TokioExecutor::new()).build_http())
+    }
+
+    async fn get(
+        &self,
+        url: &str,
+        request_id: Option<&str>,
+    ) -> (StatusCode, http::HeaderMap, String) {
+        let mut req = Request::get(url);
+        if let Some(id) = request_id {
+            req = req.header("x-request-id", id);
+        }
+        let req = req.body(Full::default()).expect("request");
+        let resp = tokio::time::timeout(Duration::from_secs(30), self.0.request(req))
+            .await
+            .expect("response within 30 s")
+            .expect("response");
+        let (parts, body) = resp.into_parts();
+        let body = body.collect().await.expect("body").to_bytes();
+        (
+            parts.status,
+            parts.headers,
+            String::from_utf8_lossy(&body).into_owned(),
+        )
+    }
+}
+
+/// Polls `f` until it returns `Some`, for at most `limit`.
+async fn eventually<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A raw rustls server (TLS 1.3, client certificate required from `client_roots`) that never
+/// answers and counts the bytes it reads after the handshake.
+struct RecordingServer {
+    addr: SocketAddr,
+    handshakes: Arc<AtomicUsize>,
+    bytes_read: Arc<AtomicUsize>,
+}
+
+async fn recording_server(cert_dir: &Path, client_bundle: &Path) -> RecordingServer {
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_file_iter(cert_dir.join("cert.pem"))
+            .expect("cert")
+            .collect::<Result<_, _>>()
+            .expect("cert");
+    let key = PrivateKeyDer::from_pem_file(cert_dir.join("key.pem")).expect("key");
+    let mut roots = RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(client_bundle).expect("bundle") {
+        roots.add(c.expect("bundle")).expect("anchor");
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .expect("verifier");
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("versions")
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .expect("server cert");
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let handshakes = Arc::new(AtomicUsize::new(0));
+    let bytes_read = Arc::new(AtomicUsize::new(0));
+    let (hs, br) = (handshakes.clone(), bytes_read.clone());
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, hs, br) = (acceptor.clone(), hs.clone(), br.clone());
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                hs.fetch_add(1, Ordering::SeqCst);
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = tls.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    br.fetch_add(n, Ordering::SeqCst);
+                }
+            });
+        }
+    });
+    RecordingServer {
+        addr,
+        handshakes,
+        bytes_read,
+    }
+}
+
+/// The report service's sidecar: outbound entries only.
+fn outbound_config(pki: &Pki, file: &str, entries: &[(&str, String, &str)]) -> (PathBuf, PathBuf) {
+    let audit = pki.path().join(format!("{file}.audit.jsonl"));
+    let mut text = identity_section("report-service");
+    for (name, connect, server_id) in entries {
+        text.push_str(&format!(
+            "\n[[outbound]]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\nconnect = \"{connect}\"\nserver_id = \"{server_id}\"\n"
+        ));
+    }
+    text.push_str(&format!(
+        "\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[audit]\npath = \"{}\"\n",
+        audit.display()
+    ));
+    (pki.write(&format!("{file}.toml"), &text), audit)
+}
+
+// ---- tests --------------------------------------------------------------------------------
+
+/// The FinTech call, through both sidecars: report service → outbound sidecar → mTLS → the
+/// monolith's inbound sidecar → the fake monolith. Then 1,000 more on the same pair.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn report_service_reaches_monolith_through_both_sidecars_with_one_request_id() {
+    let pki = Pki::new(TD);
+    pki.issue("monolith");
+    pki.issue("report-service");
+    pki.write("policy.toml", MONOLITH_POLICY);
+
+    let recorder = Recorder::default();
+    let app_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind app");
+    let app_addr = app_listener.local_addr().expect("addr");
+    tokio::spawn(serve(
+        app_listener,
+        Arc::new(Monolith::new(recorder.clone())),
+    ));
+
+    let inbound_audit = pki.path().join("monolith.audit.jsonl");
+    let inbound_cfg = pki.write(
+        "monolith.toml",
+        &format!(
+            "{}\n[inbound]\nlisten = \"127.0.0.1:0\"\napp = \"{app_addr}\"\npolicy = \"policy.toml\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[audit]\npath = \"{}\"\n",
+            identity_section("monolith"),
+            inbound_audit.display()
+        ),
+    );
+    let inbound = Sidecar::start(&inbound_cfg, inbound_audit);
+    // A DNS name, resolved by the sidecar when it connects; SNI is that host.
+    let connect = format!("localhost:{}", inbound.addr("inbound").port());
+    let (outbound_cfg, outbound_audit) = outbound_config(
+        &pki,
+        "report-service",
+        &[("monolith", connect, MONOLITH_ID)],
+    );
+    let outbound = Sidecar::start(&outbound_cfg, outbound_audit);
+    let base = format!("http://{}", outbound.addr("outbound:monolith"));
+
+    let http = Http::new();
+    let (status, headers, body) = http.get(&format!("{base}{REPORTS_QUERY}"), None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let data: serde_json::Value = serde_json::from_str(&body).expect("monolith JSON");
+    assert!(
+        body.contains("2024-01-01") && body.contains("2024-12-31"),
+        "{body}"
+    );
+    assert!(data.is_object(), "{body}");
+
+    // The monolith saw the report service's identity (vouched for by its inbound sidecar).
+    let seen = recorder.snapshot();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].path, "/api/data/reports");
+    assert_eq!(
+        seen[0].query.as_deref(),
+        Some("startDate=2024-01-01&endDate=2024-12-31")
+    );
+    assert_eq!(
+        seen[0].caller().map(|id| id.to_string()).as_deref(),
+        Some(REPORT_ID)
+    );
+
+    // One request id: assigned by the outbound sidecar, returned to the caller, seen by the
+    // app, and in both sidecars' audit logs.
+    let rid = headers["x-request-id"].to_str().expect("ascii").to_owned();
+    assert_eq!(seen[0].header("x-request-id"), Some(rid.as_str()));
+    let has_rid =
+        |lines: Vec<serde_json::Value>| lines.iter().any(|l| l["request_id"] == rid.as_str());
+    let both = eventually(Duration::from_secs(10), || {
+        (has_rid(inbound.audit_lines()) && has_rid(outbound.audit_lines())).then_some(())
+    })
+    .await;
+    assert!(
+        both.is_some(),
+        "request id {rid} missing from an audit log:\ninbound: {:?}\noutbound: {:?}",
+        inbound.audit_lines(),
+        outbound.audit_lines()
+    );
+    let out_line = outbound
+        .audit_lines()
+        .into_iter()
+        .find(|l| l["request_id"] == rid.as_str())
+        .expect("line");
+    assert_eq!(out_line["direction"], "outbound");
+    assert_eq!(out_line["status"], 200);
+    assert_eq!(out_line["server_id"], MONOLITH_ID);
+
+    // 1,000 sequential requests reuse a handful of TLS connections at most.
+    let started = Instant::now();
+    for i in 0..1000 {
+        let (status, _, body) = http
+            .get(
+                &format!("{base}/api/data/reports?startDate=2024-01-01&endDate=2024-01-02"),
+                None,
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK, "request {i}: {body}");
+    }
+    let elapsed = started.elapsed();
+    let out_metrics = outbound.metrics(&http).await;
+    let in_metrics = inbound.metrics(&http).await;
+    let out_handshakes = metric(
+        &out_metrics,
+        "gatehouse_outbound_tls_handshakes_total",
+        &[("upstream", "monolith"), ("result", "ok")],
+    );
+    let in_handshakes = metric(
+        &in_metrics,
+        "gatehouse_tls_handshakes_total",
+        &[("result", "ok")],
+    );
+    eprintln!(
+        "1000 sequential requests in {elapsed:?}; outbound handshakes {out_handshakes}, inbound handshakes {in_handshakes}"
+    );
+    assert!(
+        (1.0..=3.0).contains(&out_handshakes),
+        "outbound opened {out_handshakes} TLS connections"
+    );
+    assert!(
+        (1.0..=3.0).contains(&in_handshakes),
+        "inbound accepted {in_handshakes} TLS connections"
+    );
+    assert_eq!(
+        metric(
+            &out_metrics,
+            "gatehouse_outbound_requests_total",
+            &[("upstream", "monolith"), ("status", "200")]
+        ),
+        1001.0
+    );
+}
+
+/// A valid certificate from our CA with another identity behind `connect`: the handshake
+/// fails on our side, the app gets a 502 naming both identities, the impostor reads nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_impostor_gets_no_request_bytes_and_app_gets_502_naming_both_ids() {
+    let pki = Pki::new(TD);
+    pki.issue("report-service");
+    pki.issue("impostor");
+    let impostor_dir = pki.path().join("impostor");
+    let impostor = recording_server(&impostor_dir, &impostor_dir.join("bundle.pem")).await;
+    let (cfg, _) = outbound_config(
+        &pki,
+        "rs",
+        &[("monolith", impostor.addr.to_string(), MONOLITH_ID)],
+    );
+    let sidecar = Sidecar::start(&cfg, pki.path().join("rs.audit.jsonl"));
+    let http = Http::new();
+    let url = format!(
+        "http://{}{REPORTS_QUERY}",
+        sidecar.addr("outbound:monolith")
+    );
+    let (status, headers, body) = http.get(&url, Some("impostor-check-1")).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    assert_eq!(headers["content-type"], "application/json");
+    let json: serde_json::Value = serde_json::from_str(&body).expect("JSON body");
+    assert_eq!(json["reason"], "identity_mismatch", "{body}");
+    assert_eq!(json["expected_id"], MONOLITH_ID);
+    assert_eq!(json["presented_id"], "spiffe://fintech.internal/impostor");
+    assert_eq!(json["request_id"], "impostor-check-1");
+    assert!(
+        json["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(MONOLITH_ID),
+        "{body}"
+    );
+    // Whatever a broken client would have written has had time to arrive.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        impostor.bytes_read.load(Ordering::SeqCst),
+        0,
+        "the impostor received request bytes"
+    );
+    assert_eq!(
+        impostor.handshakes.load(Ordering::SeqCst),
+        0,
+        "the handshake must not complete"
+    );
+    let m = sidecar.metrics(&http).await;
+    assert_eq!(
+        metric(
+            &m,
+            "gatehouse_outbound_errors_total",
+            &[("upstream", "monolith"), ("reason", "identity_mismatch")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            "gatehouse_outbound_tls_handshakes_total",
+            &[("result", "identity_mismatch")]
+        ),
+        1.0
+    );
+}
+
+/// TLS 1.3: our client certificate is judged after our side of the handshake completed; the
+/// server's refusal arrives on the first read and is reported as such, with its alert.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_refusing_our_client_certificate_is_502_naming_the_alert() {
+    let pki = Pki::new(TD);
+    let foreign = Pki::new("elsewhere.internal");
+    pki.issue("report-service");
+    pki.issue("monolith");
+    foreign.issue("anyone");
+    let server = recording_server(
+        &pki.path().join("monolith"),
+        &foreign.path().join("anyone/bundle.pem"),
+    )
+    .await;
+    let (cfg, _) = outbound_config(
+        &pki,
+        "rs",
+        &[("monolith", server.addr.to_string(), MONOLITH_ID)],
+    );
+    let sidecar = Sidecar::start(&cfg, pki.path().join("rs.audit.jsonl"));
+    let http = Http::new();
+    let url = format!(
+        "http://{}/api/data/reports",
+        sidecar.addr("outbound:monolith")
+    );
+    let (status, _, body) = http.get(&url, None).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    let json: serde_json::Value = serde_json::from_str(&body).expect("JSON body");
+    assert_eq!(json["reason"], "client_certificate_rejected", "{body}");
+    assert_eq!(json["alert"], "unknown_ca", "{body}");
+    let m = sidecar.metrics(&http).await;
+    assert_eq!(
+        metric(
+            &m,
+            "gatehouse_outbound_errors_total",
+            &[("reason", "client_certificate_rejected")]
+        ),
+        1.0
+    );
+}
+
+/// Interop with a server nobody here wrote: nginx verifies our client certificate against the
+/// bundle and echoes what it verified; with a server_id nginx does not hold, we refuse it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_accepts_our_client_certificate_and_is_refused_when_not_the_pinned_identity() {
+    let Ok(nginx) = which("nginx") else {
+        panic!("nginx is not installed: .ci/run installs it (apt-get install nginx)");
+    };
+    let pki = Pki::new(TD);
+    let our_serial = pki.issue("report-service");
+    pki.issue("monolith");
+    let ngx = Nginx::start(&nginx, &pki);
+    let (cfg, _) = outbound_config(
+        &pki,
+        "rs",
+        &[
+            ("nginx", ngx.addr.to_string(), MONOLITH_ID),
+            (
+                "nginx-wrong",
+                ngx.addr.to_string(),
+                "spiffe://fintech.internal/ledger",
+            ),
+        ],
+    );
+    let sidecar = Sidecar::start(&cfg, pki.path().join("rs.audit.jsonl"));
+    let http = Http::new();
+
+    let (status, _, body) = http
+        .get(
+            &format!("http://{}/whoami", sidecar.addr("outbound:nginx")),
+            None,
+        )
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "{body}; nginx error log:\n{}",
+        ngx.error_log()
+    );
+    let field = |k: &str| {
+        body.split_whitespace()
+            .find_map(|kv| kv.strip_prefix(&format!("{k}=")))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert_eq!(field("verify"), "SUCCESS", "{body}");
+    let norm = |s: &str| s.trim_start_matches('0').to_ascii_lowercase();
+    assert_eq!(
+        norm(&field("serial")),
+        norm(&our_serial),
+        "nginx saw another certificate: {body}"
+    );
+    assert_eq!(
+        field("proto"),
+        "HTTP/2.0",
+        "h2 negotiated with nginx: {body}"
+    );
+
+    let (status, _, body) = http
+        .get(
+            &format!("http://{}/whoami", sidecar.addr("outbound:nginx-wrong")),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    let json: serde_json::Value = serde_json::from_str(&body).expect("JSON body");
+    assert_eq!(json["reason"], "identity_mismatch");
+    assert_eq!(json["expected_id"], "spiffe://fintech.internal/ledger");
+    assert_eq!(json["presented_id"], MONOLITH_ID);
+}
+
+/// Outbound listeners are unauthenticated plaintext: a non-loopback address needs the
+/// explicitly dangerous option, in `check` and in `run` alike.
+#[test]
+fn non_loopback_outbound_listen_is_refused_by_check_and_run() {
+    let pki = Pki::new(TD);
+    pki.issue("report-service");
+    let text = format!(
+        "{}\n[[outbound]]\nname = \"monolith\"\nlisten = \"0.0.0.0:7001\"\nconnect = \"monolith.internal:8443\"\nserver_id = \"{MONOLITH_ID}\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+        identity_section("report-service")
+    );
+    let cfg = pki.write("open.toml", &text);
+    for verb in ["check", "run"] {
+        let out = Command::new(sidecar_bin())
+            .args([verb, "--config"])
+            .arg(&cfg)
+            .output()
+            .expect("run sidecar");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "sidecar {verb}: {stderr}");
+        assert!(
+            stderr.contains("open.toml:"),
+            "sidecar {verb} names the file: {stderr}"
+        );
+        assert!(
+            stderr.contains("0.0.0.0:7001") && stderr.contains("not a loopback address"),
+            "sidecar {verb}: {stderr}"
+        );
+        assert!(
+            stderr.contains("allow_non_loopback_listen"),
+            "sidecar {verb} says how to opt in: {stderr}"
+        );
+    }
+    // With the opt-in, `check` accepts it and says loudly what it is.
+    let cfg = pki.write(
+        "open-ok.toml",
+        &text.replace(
+            "server_id =",
+            "allow_non_loopback_listen = true\nserver_id =",
+        ),
+    );
+    let out = Command::new(sidecar_bin())
+        .args(["check", "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("check");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("DANGEROUS"), "{stdout}");
+}
+
+// ---- nginx --------------------------------------------------------------------------------
+
+fn which(cmd: &str) -> Result<PathBuf, ()> {
+    for dir in std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .chain(["/usr/sbin", "/sbin"])
+    {
+        let p = Path::new(dir).join(cmd);
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    Err(())
+}
+
+/// nginx with `ssl_verify_client on`, the monolith's certificate, and our bundle; answers with
+/// what it verified about the client.
+struct Nginx {
+    child: Child,
+    addr: SocketAddr,
+    dir: PathBuf,
+}
+
+impl Nginx {
+    fn start(bin: &Path, pki: &Pki) -> Self {
+        let dir = pki.path().join("nginx");
+        std::fs::create_dir_all(dir.join("tmp")).expect("nginx dir");
+        let certs = pki.path().join("monolith");
+        // nginx cannot report a port it picked itself: pick a free one, retry if taken meanwhile.
+        for _ in 0..5 {
+            let addr = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("free port");
+            let conf = format!(
+                r#"worker_processes 1;
+error_log {dir}/error.log info;
+pid {dir}/nginx.pid;
+events {{ worker_connections 64; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/tmp/body;
+    proxy_temp_path {dir}/tmp/proxy;
+    fastcgi_temp_path {dir}/tmp/fastcgi;
+    uwsgi_temp_path {dir}/tmp/uwsgi;
+    scgi_temp_path {dir}/tmp/scgi;
+    server {{
+        listen {addr} ssl http2;
+        ssl_protocols TLSv1.3;
+        ssl_certificate {certs}/cert.pem;
+        ssl_certificate_key {certs}/key.pem;
+        ssl_client_certificate {certs}/bundle.pem;
+        ssl_verify_client on;
+        location / {{
+            default_type text/plain;
+            return 200 "verify=$ssl_client_verify serial=$ssl_client_serial proto=$server_protocol\n";
+        }}
+    }}
+}}
+"#,
+                dir = dir.display(),
+                certs = certs.display(),
+            );
+            std::fs::write(dir.join("nginx.conf"), conf).expect("nginx.conf");
+            let mut child = Command::new(bin)
+                .arg("-p")
+                .arg(&dir)
+                .args(["-c", "nginx.conf", "-g", "daemon off;"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn nginx");
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                if std::net::TcpStream::connect(addr).is_ok() {
+                    return Self { child, addr, dir };
+                }
+                if let Ok(Some(_)) = child.try_wait() {
+                    break; // port taken or bad config: see error.log; try another port
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        panic!(
+            "nginx did not start; error.log:\n{}",
+            std::fs::read_to_string(dir.join("error.log")).unwrap_or_default()
+        );
+    }
+
+    fn error_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("error.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
