@@ -294,6 +294,8 @@ pub struct OutboundConfig {
     pub pool_idle_timeout: Duration,
     /// Idle pooled connections kept per peer.
     pub pool_max_idle: usize,
+    /// Open connections per peer, busy or idle (the pool bound; requests wait beyond it).
+    pub pool_max_connections: usize,
     /// Pooled connections are retired after this age (rotated certificates take effect).
     pub max_connection_age: Duration,
 }
@@ -380,6 +382,7 @@ struct RawOutbound {
     request_timeout: Option<S<String>>,
     pool_idle_timeout: Option<S<String>>,
     pool_max_idle: Option<S<u64>>,
+    pool_max_connections: Option<S<u64>>,
     max_connection_age: Option<S<String>>,
 }
 
@@ -757,6 +760,11 @@ impl Check<'_> {
                     Duration::from_secs(30),
                 ),
                 pool_max_idle: self.count(o.pool_max_idle.as_ref(), "outbound.pool_max_idle", 32),
+                pool_max_connections: self.count(
+                    o.pool_max_connections.as_ref(),
+                    "outbound.pool_max_connections",
+                    64,
+                ),
                 max_connection_age: self.duration(
                     o.max_connection_age.as_ref(),
                     "outbound.max_connection_age",

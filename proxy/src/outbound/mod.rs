@@ -285,6 +285,7 @@ fn limits(c: &OutboundConfig) -> Limits {
         idle_timeout: c.pool_idle_timeout,
         max_connection_age: c.max_connection_age,
         max_idle: c.pool_max_idle,
+        max_connections: c.pool_max_connections,
         ..Limits::default()
     }
 }

@@ -218,6 +218,7 @@ impl Sidecar {
             request_timeout: Duration::from_secs(20),
             pool_idle_timeout: Duration::from_secs(30),
             pool_max_idle: 8,
+            pool_max_connections: 64,
             max_connection_age: Duration::from_secs(300),
         };
         tweak(&mut entry);
@@ -492,6 +493,77 @@ async fn aged_connections_are_replaced() {
         StatusCode::OK
     );
     tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        get(&client, sidecar.addr, "/b", None).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(upstream.handshakes.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn pool_is_bounded_and_waiting_requests_get_a_freed_connection() {
+    let ca = Ca::new(TD);
+    let (caller, monolith) = (ca.issue("report-service"), ca.issue("monolith"));
+    let slow = Mode::Slow(Duration::from_millis(300));
+    let upstream = server(&monolith, &monolith, &[b"http/1.1"], slow).await;
+    let sidecar = Sidecar::start(
+        &caller,
+        upstream.addr,
+        "spiffe://fintech.internal/monolith",
+        |c| {
+            c.pool_max_connections = 2;
+        },
+    )
+    .await;
+    let client = h1_client();
+    let requests = (0..6).map(|i| {
+        let client = client.clone();
+        let addr = sidecar.addr;
+        tokio::spawn(async move { get(&client, addr, &format!("/p/{i}"), None).await.0 })
+    });
+    for r in requests.collect::<Vec<_>>() {
+        assert_eq!(r.await.expect("task"), StatusCode::OK);
+    }
+    assert_eq!(
+        upstream.handshakes.load(Ordering::SeqCst),
+        2,
+        "never more than the bound"
+    );
+}
+
+#[tokio::test]
+async fn idle_connections_are_closed_after_the_idle_timeout() {
+    let ca = Ca::new(TD);
+    let (caller, monolith) = (ca.issue("report-service"), ca.issue("monolith"));
+    let upstream = server(&monolith, &monolith, &[b"http/1.1"], Mode::Http).await;
+    let sidecar = Sidecar::start(
+        &caller,
+        upstream.addr,
+        "spiffe://fintech.internal/monolith",
+        |c| {
+            c.pool_idle_timeout = Duration::from_millis(200);
+        },
+    )
+    .await;
+    let client = h1_client();
+    assert_eq!(
+        get(&client, sidecar.addr, "/a", None).await.0,
+        StatusCode::OK
+    );
+    let open = || {
+        sidecar.metric(
+            "gatehouse_outbound_connections_open",
+            &[("upstream", "monolith")],
+        )
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while open() != 0.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "idle connection still open"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(
         get(&client, sidecar.addr, "/b", None).await.0,
         StatusCode::OK
