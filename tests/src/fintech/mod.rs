@@ -11,5 +11,8 @@
 pub mod api_gateway;
 pub mod http;
 pub mod monolith;
+pub mod probe;
 pub mod report_service;
+pub mod scenario;
 pub mod serve;
+pub mod stack;

@@ -1,0 +1,157 @@
+//! The FinTech demo: mints a CA and certificates with `ca`, starts the monolith, the report service and
+//! the API gateway with their Gatehouse sidecars (the configs of `deploy/examples/fintech/`) on
+//! loopback, and prints a transcript in which every line is an assertion (✔ held, ✘ did not).
+//! Exits 0 only when every step behaved as expected; every child process is killed on exit.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use gatehouse_tests::fintech::scenario::{self, Check, label};
+use gatehouse_tests::fintech::stack::{
+    Ports, Service, Stack, StackError, StackOptions, examples_dir,
+};
+
+/// Run the FinTech zero-trust demo on 127.0.0.1 and print what happened.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Work directory for configs, certificates and logs (must be empty or missing).
+    /// Default: a fresh temporary directory, kept when a step fails.
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// Added to every port of the example (127.0.0.1:17xxx), e.g. when those ports are taken.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=40000))]
+    port_offset: u16,
+    /// The example directory (sidecar configs, policies, mint.sh).
+    #[arg(long, default_value_os_t = examples_dir())]
+    examples: PathBuf,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    let (work_dir, temp) = match args.work_dir {
+        Some(dir) => (dir, None),
+        None => match tempfile::Builder::new()
+            .prefix("gatehouse-fintech-")
+            .tempdir()
+        {
+            Ok(t) => (t.path().to_path_buf(), Some(t)),
+            Err(e) => {
+                eprintln!("fintech-demo: error: cannot create a temporary directory: {e}");
+                eprintln!("  help: pass --work-dir DIR");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    println!(
+        "Gatehouse FinTech demo: trust domain fintech.internal, work dir {}",
+        work_dir.display()
+    );
+    let ok = demo(
+        args.examples,
+        work_dir.clone(),
+        Ports {
+            offset: args.port_offset,
+        },
+    )
+    .await;
+    match (ok, temp) {
+        (true, _) => ExitCode::SUCCESS,
+        (false, temp) => {
+            // Keep the evidence: logs, audit lines, certificates.
+            if let Some(t) = temp {
+                let _kept = t.keep();
+            }
+            println!("logs kept in {}/logs", work_dir.display());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs everything; the stack (and with it every child process) is dropped before this returns.
+async fn demo(examples: PathBuf, work_dir: PathBuf, ports: Ports) -> bool {
+    let opts = match StackOptions::for_repo(work_dir, ports) {
+        Ok(opts) => StackOptions { examples, ..opts },
+        Err(e) => return fail_start(&e),
+    };
+    println!("binaries from {}\n", opts.bin_dir.display());
+    let stack = tokio::select! {
+        res = Stack::start(opts) => res,
+        _ = tokio::signal::ctrl_c() => { println!("interrupted"); return false; }
+    };
+    let stack = match stack {
+        Ok(stack) => stack,
+        Err(e) => return fail_start(&e),
+    };
+    print_started(&stack).await;
+    let mut print = |c: &Check| println!("{c}");
+    let checks = tokio::select! {
+        checks = scenario::run(&stack, &mut print) => checks,
+        _ = tokio::signal::ctrl_c() => { println!("interrupted"); return false; }
+    };
+    stack.stop().await;
+    let failed = checks.iter().filter(|c| !c.ok).count();
+    let total = checks.len() + 2;
+    if failed == 0 {
+        println!("\nall {total} checks passed");
+        true
+    } else {
+        println!("\n{failed} of {total} checks failed");
+        false
+    }
+}
+
+async fn print_started(stack: &Stack) {
+    let p = stack.ports();
+    let minted = Check {
+        ok: true,
+        label: label::MINTED,
+        detail: format!(
+            "{}: CA, 3 SVIDs, a revoked SVID + CRL, a foreign CA + impostor SVID",
+            stack.certs_dir().display()
+        ),
+    };
+    println!("{minted}");
+    let mut detail = String::new();
+    for s in Service::ALL {
+        detail.push_str(&format!(
+            "{:<15} app {}  sidecar inbound {}  admin {}\n",
+            s.name(),
+            p.app(s),
+            p.inbound(s),
+            p.admin(s)
+        ));
+    }
+    detail.push_str(&format!(
+        "gateway frontend (the browser's entry) {}",
+        p.frontend()
+    ));
+    println!(
+        "{}\n",
+        Check {
+            ok: true,
+            label: label::STARTED,
+            detail
+        }
+    );
+}
+
+fn fail_start(e: &StackError) -> bool {
+    let step = match e {
+        StackError::Exited { .. } | StackError::NotReady { .. } => label::STARTED,
+        _ => label::MINTED,
+    };
+    println!(
+        "{}",
+        Check {
+            ok: false,
+            label: step,
+            detail: e.to_string()
+        }
+    );
+    eprintln!("fintech-demo: error: {e}");
+    eprintln!("  help: {}", e.help());
+    false
+}
