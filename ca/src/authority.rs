@@ -200,6 +200,7 @@ impl Authority {
             let files = build_generation(&state, 1, now)?;
             write_generation(&tmp, 1, &files)?;
             store::write_new(&tmp.join(inventory::INVENTORY_FILE), b"", PUBLIC_MODE)?;
+            store::write_new(&tmp.join(".lock"), b"", KEY_MODE)?;
             write_state(&tmp, &state)?;
             write_bundle(&tmp, &state)?;
             store::sync_dir(&tmp)

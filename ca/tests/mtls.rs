@@ -1,0 +1,159 @@
+//! A real rustls mTLS handshake on 127.0.0.1 between a server and a client whose certificates
+//! come from `ca issue` (the binary), verified with webpki against bundle.pem.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::Sandbox;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+
+fn chain(dir: &Path) -> Vec<CertificateDer<'static>> {
+    CertificateDer::pem_file_iter(dir.join("cert.pem"))
+        .expect("cert.pem")
+        .collect::<Result<_, _>>()
+        .expect("pem")
+}
+
+fn key(dir: &Path) -> PrivateKeyDer<'static> {
+    PrivateKeyDer::from_pem_file(dir.join("key.pem")).expect("key.pem")
+}
+
+fn roots(dir: &Path) -> Arc<RootCertStore> {
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(dir.join("bundle.pem")).expect("bundle.pem") {
+        roots.add(cert.expect("pem")).expect("root");
+    }
+    Arc::new(roots)
+}
+
+fn uri_san(der: &[u8]) -> String {
+    let (_, cert) = X509Certificate::from_der(der).expect("parse");
+    let san = cert
+        .subject_alternative_name()
+        .expect("unique")
+        .expect("san");
+    san.value
+        .general_names
+        .iter()
+        .find_map(|n| {
+            if let GeneralName::URI(u) = n {
+                Some((*u).to_owned())
+            } else {
+                None
+            }
+        })
+        .expect("uri san")
+}
+
+async fn handshake(intermediate: bool) {
+    let sb = Sandbox::new();
+    sb.init(intermediate);
+    sb.ok(&[
+        "issue",
+        "--dir",
+        "ca",
+        "--spiffe-id",
+        "spiffe://fintech.internal/server",
+        "--dns",
+        "server.fintech.internal",
+        "--out",
+        "server",
+    ]);
+    sb.ok(&[
+        "issue",
+        "--dir",
+        "ca",
+        "--spiffe-id",
+        "spiffe://fintech.internal/client",
+        "--out",
+        "client",
+    ]);
+    let (server_dir, client_dir) = (sb.path("server"), sb.path("client"));
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(roots(&server_dir), provider.clone())
+            .build()
+            .expect("verifier");
+    let server_cfg = ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("tls13")
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain(&server_dir), key(&server_dir))
+        .expect("server cert and key match");
+    let client_cfg = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("tls13")
+        .with_root_certificates(roots(&client_dir))
+        .with_client_auth_cert(chain(&client_dir), key(&client_dir))
+        .expect("client cert and key match");
+
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_cfg));
+    let server = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.expect("accept");
+        let mut tls = acceptor.accept(tcp).await.expect("server handshake");
+        let peer = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .expect("client presented a certificate")[0]
+            .as_ref()
+            .to_vec();
+        let mut buf = [0u8; 4];
+        tls.read_exact(&mut buf).await.expect("read ping");
+        tls.write_all(b"pong").await.expect("write pong");
+        tls.shutdown().await.ok();
+        uri_san(&peer)
+    });
+
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_cfg));
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let name = ServerName::try_from("server.fintech.internal").expect("name");
+    let mut tls = connector
+        .connect(name, tcp)
+        .await
+        .expect("client handshake");
+    tls.write_all(b"ping").await.expect("write ping");
+    let mut buf = [0u8; 4];
+    tls.read_exact(&mut buf)
+        .await
+        .expect("pong: the server accepted our certificate");
+    assert_eq!(&buf, b"pong");
+    let server_peer = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .expect("server certificate")[0]
+        .as_ref()
+        .to_vec();
+    assert_eq!(uri_san(&server_peer), "spiffe://fintech.internal/server");
+    let client_seen = tokio::time::timeout(Duration::from_secs(30), server)
+        .await
+        .expect("server done")
+        .expect("server task");
+    assert_eq!(
+        client_seen, "spiffe://fintech.internal/client",
+        "server saw the client's SPIFFE ID"
+    );
+}
+
+#[tokio::test]
+async fn mtls_handshake_with_certificates_from_ca_issue() {
+    handshake(false).await;
+}
+
+#[tokio::test]
+async fn mtls_handshake_through_an_intermediate() {
+    handshake(true).await;
+}
