@@ -178,7 +178,20 @@ async fn serve_http(tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
             .and_then(|v| v.to_str().ok())
             .unwrap_or("none")
             .to_owned();
-        let body = format!("{:?} {} rid={rid}", req.version(), req.uri().path());
+        let head = format!("{:?} {} rid={rid}", req.version(), req.uri().path());
+        let body = if req.method() == http::Method::POST {
+            // Count the streamed upload without keeping it.
+            let mut body = req.into_body();
+            let mut len = 0usize;
+            while let Some(frame) = body.frame().await {
+                if let Ok(data) = frame.expect("upload frame").into_data() {
+                    len += data.len();
+                }
+            }
+            format!("{head} len={len}")
+        } else {
+            head
+        };
         Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::from(body))))
     });
     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
@@ -569,4 +582,31 @@ async fn idle_connections_are_closed_after_the_idle_timeout() {
         StatusCode::OK
     );
     assert_eq!(upstream.handshakes.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn request_bodies_stream_through_on_h1_and_h2() {
+    let ca = Ca::new(TD);
+    let (caller, monolith) = (ca.issue("report-service"), ca.issue("monolith"));
+    let both: &[&[u8]] = &[b"h2", b"http/1.1"];
+    let h1_only: &[&[u8]] = &[b"http/1.1"];
+    for alpn in [both, h1_only] {
+        let upstream = server(&monolith, &monolith, alpn, Mode::Http).await;
+        let sidecar = Sidecar::start(
+            &caller,
+            upstream.addr,
+            "spiffe://fintech.internal/monolith",
+            |_| {},
+        )
+        .await;
+        let upload = vec![7u8; 3 * 1024 * 1024];
+        let req = Request::post(format!("http://{}/api/expenses", sidecar.addr))
+            .body(Full::new(Bytes::from(upload)))
+            .expect("request");
+        let resp = h1_client().request(req).await.expect("response");
+        assert_eq!(resp.status(), StatusCode::OK);
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        let body = String::from_utf8_lossy(&body);
+        assert!(body.ends_with("len=3145728"), "{body}");
+    }
 }

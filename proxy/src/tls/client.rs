@@ -132,12 +132,13 @@ impl ServerIdentityVerifier {
         let cert = EndEntityCert::try_from(end_entity)
             .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
         let crl_refs: Vec<&CertRevocationList<'_>> = self.crls.iter().collect();
-        // With a CRL configured, every certificate of the chain must have a known status: an
-        // intermediate needs a CRL from its issuer too (fail closed, as on the inbound side).
+        // As on the inbound side: with CRLs, the leaf's revocation status must be known (our
+        // CRLs come from the signing CA for the leaves it issued; CA certificates are retired
+        // by root rotation, not revocation).
         let revocation = match RevocationOptionsBuilder::new(&crl_refs) {
             Ok(builder) => Some(
                 builder
-                    .with_depth(RevocationCheckDepth::Chain)
+                    .with_depth(RevocationCheckDepth::EndEntity)
                     .with_status_policy(UnknownStatusPolicy::Deny)
                     .build(),
             ),
