@@ -209,9 +209,13 @@ fn certificate_reason(c: &CertificateError) -> &'static str {
         }
         CertificateError::Other(OtherError(inner)) => {
             let inner: &(dyn StdError + 'static) = &**inner;
-            inner
-                .downcast_ref::<SvidError>()
-                .map_or("invalid_certificate", SvidError::reason)
+            if let Some(svid) = inner.downcast_ref::<SvidError>() {
+                svid.reason()
+            } else if let Some(webpki::Error::CaUsedAsEndEntity) = inner.downcast_ref() {
+                "ca_used_as_end_entity"
+            } else {
+                "invalid_certificate"
+            }
         }
         _ => "invalid_certificate",
     }

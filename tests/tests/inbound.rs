@@ -1,0 +1,839 @@
+//! Inbound sidecar, end to end: the real `sidecar` binary, certificates minted by
+//! `gatehouse-ca`, a fake app that records what it received, rustls/hyper clients, curl and
+//! openssl. Run `cargo build --workspace --bins` first.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use gatehouse_tests::harness::{
+    CertDir, FakeApp, Generated, MtlsClient, Pki, Proto, Sidecar, binary, eventually,
+};
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const TD: &str = "fintech.internal";
+const MONOLITH: &str = "spiffe://fintech.internal/monolith";
+const REPORTS: &str = "spiffe://fintech.internal/report-service";
+const GATEWAY: &str = "spiffe://fintech.internal/api-gateway";
+const OPS: &str = "spiffe://fintech.internal/ops";
+
+const POLICY: &str = r#"
+version = 1
+trust_domain = "fintech.internal"
+
+[identities]
+report-service = "spiffe://fintech.internal/report-service"
+api-gateway    = "spiffe://fintech.internal/api-gateway"
+ops            = "spiffe://fintech.internal/ops"
+
+[[route]]
+name    = "report data export"
+methods = ["GET"]
+path    = "/api/data/reports"
+allow   = ["report-service"]
+
+[[route]]
+name    = "dashboard"
+methods = ["GET"]
+path    = "/api/dashboard"
+allow   = ["api-gateway"]
+
+[[route]]
+name    = "bulk transfer"
+methods = ["GET", "POST"]
+path    = "/bulk"
+allow   = ["report-service"]
+
+[[route]]
+name    = "admin"
+path    = "/admin"
+allow   = ["ops"]
+
+[[route]]
+name    = "public"
+methods = ["GET"]
+path    = "/public/**"
+allow   = ["*"]
+"#;
+
+/// A PKI, a fake app and a monolith sidecar in front of it.
+struct Setup {
+    pki: Pki,
+    app: FakeApp,
+    sidecar: Sidecar,
+    server: CertDir,
+}
+
+async fn setup_with(extra: &[&str]) -> Setup {
+    let pki = Pki::new(TD);
+    let app = FakeApp::start().await;
+    let server = pki.issue(MONOLITH);
+    let mut b = Sidecar::inbound(&server, app.addr(), POLICY);
+    for line in extra {
+        b = b.inbound_option(line);
+    }
+    let sidecar = b.spawn().await.expect("sidecar starts");
+    Setup {
+        pki,
+        app,
+        sidecar,
+        server,
+    }
+}
+
+async fn setup() -> Setup {
+    setup_with(&[]).await
+}
+
+fn leaf_sha256_hex(cert: &CertDir) -> String {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let leaf = CertificateDer::pem_file_iter(cert.cert())
+        .expect("cert")
+        .next()
+        .expect("one cert")
+        .expect("pem");
+    hex::encode(Sha256::digest(leaf.as_ref()))
+}
+
+#[tokio::test]
+async fn allowed_caller_gets_200_and_app_sees_verified_identity_not_spoofed_headers() {
+    let s = setup().await;
+    let caller = s.pki.issue(REPORTS);
+    let client = MtlsClient::new(&caller);
+    for proto in [Proto::H1, Proto::H2] {
+        let req = Request::get("/api/data/reports?startDate=2024-01-01&endDate=2024-12-31")
+            .header(
+                "x-forwarded-client-cert",
+                "By=x;URI=spiffe://fintech.internal/ops",
+            )
+            .header("x-client-spiffe-id", OPS)
+            .header("client-cert", ":Zm9v:")
+            .header("client-cert-chain", ":YmFy:")
+            .header("connection", "x-drop-me")
+            .header("x-drop-me", "hop-by-hop")
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        let resp = client
+            .request(s.sidecar.inbound_addr(), proto, req)
+            .await
+            .expect("allowed request");
+        assert_eq!(resp.status, StatusCode::OK, "{proto:?}: {:?}", resp.body);
+        assert_eq!(resp.headers["x-app"], "fake", "app response passes through");
+        assert_eq!(
+            resp.json()["path"],
+            "/api/data/reports?startDate=2024-01-01&endDate=2024-12-31"
+        );
+    }
+    let seen = s.app.requests();
+    assert_eq!(seen.len(), 2);
+    let xfcc = format!(
+        "By={MONOLITH};Hash={};URI={REPORTS}",
+        leaf_sha256_hex(&caller)
+    );
+    for r in &seen {
+        let h = &r.headers;
+        assert_eq!(h.get_all("x-forwarded-client-cert").iter().count(), 1);
+        assert_eq!(h["x-forwarded-client-cert"], xfcc.as_str());
+        assert_eq!(h.get_all("x-client-spiffe-id").iter().count(), 1);
+        assert_eq!(h["x-client-spiffe-id"], REPORTS);
+        assert!(
+            h.get("client-cert").is_none(),
+            "spoofed client-cert removed"
+        );
+        assert!(
+            h.get("client-cert-chain").is_none(),
+            "spoofed chain removed"
+        );
+        assert!(
+            h.get("x-drop-me").is_none(),
+            "Connection-named header removed"
+        );
+        assert_eq!(h["x-request-id"].len(), 32, "request id added");
+        assert!(h.get("host").is_some(), "Host present for the HTTP/1.1 app");
+    }
+}
+
+#[tokio::test]
+async fn denied_caller_and_unrouted_path_get_403_and_app_sees_nothing() {
+    let s = setup().await;
+    let gateway = MtlsClient::new(&s.pki.issue(GATEWAY));
+    let reports = MtlsClient::new(&s.pki.issue(REPORTS));
+    let addr = s.sidecar.inbound_addr();
+    let denied = gateway
+        .get(addr, Proto::H1, "/api/data/reports?startDate=2024-01-01")
+        .await
+        .expect("response");
+    let unrouted = reports
+        .get(addr, Proto::H2, "/api/secret")
+        .await
+        .expect("response");
+    for resp in [&denied, &unrouted] {
+        assert_eq!(resp.status, StatusCode::FORBIDDEN);
+        let body = resp.json();
+        assert_eq!(body["error"], "forbidden");
+        let id = body["request_id"].as_str().expect("request id");
+        assert_eq!(resp.headers["x-request-id"], id);
+        let text = String::from_utf8_lossy(&resp.body);
+        assert!(
+            !text.contains("route") && !text.contains("report"),
+            "nothing about the policy: {text}"
+        );
+    }
+    assert_eq!(s.app.count(), 0, "the app saw nothing");
+    let audit = s.sidecar.wait_audit(2).await.expect("audit lines");
+    assert_eq!(audit[0]["decision"], "deny");
+    assert_eq!(audit[0]["reason"], "not_allowed");
+    assert_eq!(audit[0]["route"], "report data export");
+    assert_eq!(audit[0]["caller"], GATEWAY);
+    assert_eq!(audit[1]["reason"], "no_route");
+    assert!(audit[1]["route"].is_null());
+    assert_eq!(audit[1]["status"], 403);
+}
+
+/// Each certificate must be refused at the handshake; the app never sees a request.
+#[tokio::test]
+async fn bad_client_certificates_are_refused_at_the_handshake() {
+    use rcgen::{BasicConstraints, IsCa, SanType};
+    let s = setup().await;
+    let now = time::OffsetDateTime::now_utc();
+    let day = time::Duration::days(1);
+    let bundle = s.server.bundle();
+    let foreign = Pki::new(TD);
+
+    let mut cases: Vec<(&str, MtlsClient, &[&str])> = Vec::new();
+    cases.push((
+        "no client certificate",
+        MtlsClient::without_cert(&bundle),
+        &["no_client_cert"],
+    ));
+    let other_ca = foreign.issue(REPORTS);
+    cases.push((
+        "certificate from another CA",
+        MtlsClient::with_files(&other_ca.cert(), &other_ca.key(), &bundle),
+        // Same issuer name as our CA: webpki tries it and the signature fails.
+        &["unknown_issuer", "bad_signature"],
+    ));
+    let expired = s.pki.sign_custom(
+        "expired",
+        s.pki.svid_params(REPORTS, now - day * 3, now - day),
+    );
+    cases.push(("expired", MtlsClient::new(&expired), &["expired"]));
+    let future = s.pki.sign_custom(
+        "future",
+        s.pki.svid_params(REPORTS, now + day, now + day * 2),
+    );
+    cases.push((
+        "not yet valid",
+        MtlsClient::new(&future),
+        &["not_yet_valid"],
+    ));
+    let mut ca_leaf = s.pki.params_now(REPORTS);
+    ca_leaf.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_leaf = s.pki.sign_custom("ca-leaf", ca_leaf);
+    cases.push((
+        "CA:TRUE leaf",
+        MtlsClient::new(&ca_leaf),
+        &["ca_used_as_end_entity", "svid_ca_leaf"],
+    ));
+    let mut no_uri = s.pki.params_now(REPORTS);
+    no_uri.subject_alt_names = vec![SanType::DnsName("report-service".try_into().expect("dns"))];
+    let no_uri = s.pki.sign_custom("no-uri", no_uri);
+    cases.push(("no URI SAN", MtlsClient::new(&no_uri), &["svid_no_uri_san"]));
+    let mut two = s.pki.params_now(REPORTS);
+    two.subject_alt_names
+        .push(SanType::URI(OPS.try_into().expect("uri")));
+    let two = s.pki.sign_custom("two-uris", two);
+    cases.push((
+        "two URI SANs",
+        MtlsClient::new(&two),
+        &["svid_multiple_uri_sans"],
+    ));
+    let foreign_td = s.pki.sign_custom(
+        "foreign-td",
+        s.pki.params_now("spiffe://evil.example/report-service"),
+    );
+    cases.push((
+        "another trust domain",
+        MtlsClient::new(&foreign_td),
+        &["svid_foreign_trust_domain"],
+    ));
+    let a = s.pki.issue(REPORTS);
+    let b = s.pki.issue(REPORTS);
+    cases.push((
+        "key does not match the certificate",
+        MtlsClient::with_files(&a.cert(), &b.key(), &bundle),
+        &["bad_signature"],
+    ));
+
+    let addr = s.sidecar.inbound_addr();
+    for (name, client, _) in &cases {
+        for proto in [Proto::H1, Proto::H2] {
+            let r = client.get(addr, proto, "/api/data/reports").await;
+            assert!(r.is_err(), "{name} ({proto:?}) must be refused, got {r:?}");
+        }
+    }
+    assert_eq!(s.app.count(), 0, "the app saw nothing");
+    let failures = s
+        .sidecar
+        .metric("gatehouse_tls_handshakes_total", &[("result", "error")])
+        .await
+        .expect("metrics");
+    assert!(
+        failures >= (cases.len() * 2) as f64,
+        "every refusal counted: {failures}"
+    );
+    let (_, text) = s.sidecar.admin_get("/metrics").await.expect("metrics");
+    for (name, _, reasons) in &cases {
+        let n: f64 = reasons
+            .iter()
+            .map(|r| {
+                gatehouse_tests::harness::metric_sum(
+                    &text,
+                    "gatehouse_tls_handshakes_total",
+                    &[("result", "error"), ("reason", r)],
+                )
+            })
+            .sum();
+        assert!(
+            n >= 2.0,
+            "{name}: one of {reasons:?} counted ({n}):\n{text}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn path_tricks_never_reach_a_route_the_caller_is_not_allowed_for() {
+    let s = setup().await;
+    let reports = MtlsClient::new(&s.pki.issue(REPORTS));
+    let ops = MtlsClient::new(&s.pki.issue(OPS));
+    let addr = s.sidecar.inbound_addr();
+    // report-service may not reach /admin, whatever the spelling.
+    let tricks = [
+        ("/api/data/reports/../../admin", StatusCode::FORBIDDEN),
+        ("/api/data/%2e%2e/admin", StatusCode::FORBIDDEN),
+        (
+            "/api/data/reports/%2e%2e/%2e%2e/admin",
+            StatusCode::FORBIDDEN,
+        ),
+        ("//admin", StatusCode::FORBIDDEN),
+        ("/./admin", StatusCode::FORBIDDEN),
+        ("/admin%2F", StatusCode::BAD_REQUEST),
+        ("/api%2Fdata%2Freports", StatusCode::BAD_REQUEST),
+        ("/ADMIN", StatusCode::FORBIDDEN),
+        ("/public/..;/admin", StatusCode::BAD_REQUEST),
+        ("/admin;jsessionid=1", StatusCode::BAD_REQUEST),
+        ("/public/a%5C..%5Cadmin", StatusCode::BAD_REQUEST),
+        ("/../admin", StatusCode::BAD_REQUEST),
+    ];
+    for (path, want) in tricks {
+        for proto in [Proto::H1, Proto::H2] {
+            let r = reports.get(addr, proto, path).await.expect("response");
+            assert_eq!(r.status, want, "{path} ({proto:?}): {:?}", r.body);
+            if want == StatusCode::BAD_REQUEST {
+                assert_eq!(r.json()["error"], "bad_request");
+            }
+        }
+    }
+    assert_eq!(s.app.count(), 0, "no trick reached the app");
+    // Case matters: ops may use /admin, but /ADMIN is another (unrouted) path.
+    let r = ops.get(addr, Proto::H1, "/ADMIN").await.expect("response");
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert_eq!(s.app.count(), 0);
+    // The app receives the normalized path it was matched on, with the query untouched.
+    let r = reports
+        .get(addr, Proto::H1, "/api//data/./reports?x=%2e%2e")
+        .await
+        .expect("response");
+    assert_eq!(r.status, StatusCode::OK);
+    let seen = s.app.requests();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].path_and_query, "/api/data/reports?x=%2e%2e");
+    let r = ops.get(addr, Proto::H2, "//admin").await.expect("response");
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(s.app.requests()[1].path_and_query, "/admin");
+}
+
+fn curl(cert: &CertDir, bundle: &std::path::Path, port: u16, flag: &str, path: &str) -> String {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "20", flag])
+        .arg("--cert")
+        .arg(cert.cert())
+        .arg("--key")
+        .arg(cert.key())
+        .arg("--cacert")
+        .arg(bundle)
+        .args(["--resolve", &format!("localhost:{port}:127.0.0.1")])
+        .args(["-w", "\n%{http_code} %{http_version}"])
+        .arg(format!("https://localhost:{port}{path}"))
+        .output()
+        .expect("curl is installed (.ci/run installs it)");
+    assert!(
+        out.status.success(),
+        "curl {flag} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn curl_http2_http1_and_openssl_s_client_succeed() {
+    let s = setup().await;
+    let caller = s.pki.issue(REPORTS);
+    let port = s.sidecar.inbound_addr().port();
+    let bundle = s.server.bundle();
+    let path = "/api/data/reports?startDate=2024-01-01";
+    let (c, b) = (caller.clone(), bundle.clone());
+    let h2 = tokio::task::spawn_blocking(move || curl(&c, &b, port, "--http2", path))
+        .await
+        .expect("curl");
+    assert!(h2.ends_with("\n200 2"), "curl --http2: {h2}");
+    let (c, b) = (caller.clone(), bundle.clone());
+    let h1 = tokio::task::spawn_blocking(move || curl(&c, &b, port, "--http1.1", path))
+        .await
+        .expect("curl");
+    assert!(h1.ends_with("\n200 1.1"), "curl --http1.1: {h1}");
+    assert!(
+        h1.contains("\"body_len\":0"),
+        "app body passed through: {h1}"
+    );
+
+    let (c, b) = (caller.clone(), bundle.clone());
+    let s_client = tokio::task::spawn_blocking(move || {
+        let mut child = Command::new("openssl")
+            .args(["s_client", "-connect", &format!("127.0.0.1:{port}")])
+            .args(["-servername", "localhost", "-verify_return_error", "-quiet"])
+            .args(["-alpn", "http/1.1", "-ign_eof"])
+            .arg("-cert")
+            .arg(c.cert())
+            .arg("-key")
+            .arg(c.key())
+            .arg("-CAfile")
+            .arg(&b)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("openssl is installed (.ci/run installs it)");
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(
+                b"GET /api/data/reports HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+            )
+            .expect("write request");
+        child.wait_with_output().expect("openssl output")
+    })
+    .await
+    .expect("openssl");
+    let text = String::from_utf8_lossy(&s_client.stdout);
+    assert!(
+        text.starts_with("HTTP/1.1 200"),
+        "openssl s_client: {text}\n{}",
+        String::from_utf8_lossy(&s_client.stderr)
+    );
+    // TLS 1.2 is refused unless configured.
+    let (c, b) = (caller.clone(), bundle.clone());
+    let tls12 = tokio::task::spawn_blocking(move || {
+        Command::new("openssl")
+            .args([
+                "s_client",
+                "-connect",
+                &format!("127.0.0.1:{port}"),
+                "-tls1_2",
+            ])
+            .arg("-cert")
+            .arg(c.cert())
+            .arg("-key")
+            .arg(c.key())
+            .arg("-CAfile")
+            .arg(&b)
+            .stdin(Stdio::null())
+            .output()
+            .expect("openssl")
+    })
+    .await
+    .expect("openssl");
+    assert!(
+        !tls12.status.success(),
+        "TLS 1.2 must be refused by default"
+    );
+    assert_eq!(s.app.count(), 3);
+}
+
+const BIG: u64 = 200 * 1024 * 1024;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_200_mb_up_and_down_with_sidecar_rss_under_64_mb() {
+    let s = setup().await;
+    let client = MtlsClient::new(&s.pki.issue(REPORTS));
+    let addr = s.sidecar.inbound_addr();
+    let started = Instant::now();
+    for proto in [Proto::H1, Proto::H2] {
+        // Upload: the app counts what it receives.
+        let req = Request::post("/bulk")
+            .body(Generated::new(BIG))
+            .expect("request");
+        let resp = client.send(addr, proto, req).await.expect("upload");
+        assert_eq!(resp.status(), StatusCode::OK);
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        let v: serde_json::Value = serde_json::from_slice(&body).expect("json");
+        assert_eq!(v["body_len"], BIG, "{proto:?} upload arrived whole");
+        // Download: counted frame by frame, never held.
+        let req = Request::get(format!("/bulk?download={BIG}"))
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        let resp = client.send(addr, proto, req).await.expect("download");
+        assert_eq!(resp.status(), StatusCode::OK);
+        let mut body = resp.into_body();
+        let mut n = 0u64;
+        while let Some(frame) = body.frame().await {
+            if let Some(d) = frame.expect("frame").data_ref() {
+                n += d.len() as u64;
+            }
+        }
+        assert_eq!(n, BIG, "{proto:?} download arrived whole");
+    }
+    let rss = s.sidecar.peak_rss_kib().expect("rss");
+    eprintln!(
+        "800 MB through the sidecar in {:?}; sidecar peak RSS {rss} KiB",
+        started.elapsed()
+    );
+    assert!(
+        rss < 64 * 1024,
+        "sidecar peak RSS {rss} KiB must stay under 64 MiB"
+    );
+}
+
+#[tokio::test]
+async fn slow_header_client_is_disconnected_after_the_header_timeout() {
+    let s = setup_with(&["header_read_timeout = \"1s\""]).await;
+    let client = MtlsClient::new(&s.pki.issue(REPORTS));
+    let mut tls = client
+        .connect(s.sidecar.inbound_addr(), Proto::H1)
+        .await
+        .expect("handshake");
+    tls.write_all(b"GET /api/data/reports HTTP/1.1\r\nHost: localhost\r\n")
+        .await
+        .expect("partial head");
+    let started = Instant::now();
+    let mut buf = Vec::new();
+    // Never finish the head: the sidecar must hang up (408 or a bare close).
+    let r = tokio::time::timeout(Duration::from_secs(15), tls.read_to_end(&mut buf)).await;
+    let waited = started.elapsed();
+    assert!(r.is_ok(), "still connected after 15 s");
+    assert!(
+        waited >= Duration::from_millis(800),
+        "closed too early: {waited:?}"
+    );
+    assert_eq!(s.app.count(), 0);
+}
+
+#[tokio::test]
+async fn oversized_header_gets_431() {
+    let s = setup().await;
+    let client = MtlsClient::new(&s.pki.issue(REPORTS));
+    let big = "a".repeat(20 * 1024);
+    for proto in [Proto::H1, Proto::H2] {
+        let req = Request::get("/api/data/reports")
+            .header("x-big", big.as_str())
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        let r = client
+            .request(s.sidecar.inbound_addr(), proto, req)
+            .await
+            .expect("response");
+        assert_eq!(
+            r.status,
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "{proto:?}"
+        );
+    }
+    assert_eq!(s.app.count(), 0);
+}
+
+#[tokio::test]
+async fn app_down_gives_502_and_slow_app_gives_504() {
+    let pki = Pki::new(TD);
+    let server = pki.issue(MONOLITH);
+    // A port nobody listens on: bind, note, drop.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
+    let sidecar = Sidecar::inbound(&server, dead, POLICY)
+        .spawn()
+        .await
+        .expect("sidecar");
+    let client = MtlsClient::new(&pki.issue(REPORTS));
+    let r = client
+        .get(sidecar.inbound_addr(), Proto::H1, "/api/data/reports")
+        .await
+        .expect("response");
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(r.json()["error"], "bad_gateway");
+    assert!(r.json()["request_id"].is_string());
+
+    let app = FakeApp::start().await;
+    let sidecar = Sidecar::inbound(&server, app.addr(), POLICY)
+        .inbound_option("app_timeout = \"500ms\"")
+        .spawn()
+        .await
+        .expect("sidecar");
+    let r = client
+        .get(
+            sidecar.inbound_addr(),
+            Proto::H2,
+            "/api/data/reports?sleep_ms=3000",
+        )
+        .await
+        .expect("response");
+    assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(r.json()["error"], "gateway_timeout");
+}
+
+#[tokio::test]
+async fn sigterm_during_a_slow_request_lets_it_complete_then_exits_0() {
+    let mut s = setup().await;
+    let client = MtlsClient::new(&s.pki.issue(REPORTS));
+    let addr = s.sidecar.inbound_addr();
+    let in_flight = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            client
+                .get(addr, Proto::H1, "/api/data/reports?sleep_ms=2000")
+                .await
+        })
+    };
+    let in_flight_h2 = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            client
+                .get(addr, Proto::H2, "/api/data/reports?sleep_ms=2000")
+                .await
+        })
+    };
+    eventually(
+        "the app to get both requests",
+        Duration::from_secs(10),
+        async || (s.app.count() == 2).then_some(()),
+    )
+    .await
+    .expect("requests in flight");
+    s.sidecar.sigterm();
+    let (status, body) = eventually("/readyz 503", Duration::from_secs(5), async || {
+        match s.sidecar.admin_get("/readyz").await {
+            Ok((StatusCode::SERVICE_UNAVAILABLE, b)) => Some((StatusCode::SERVICE_UNAVAILABLE, b)),
+            _ => None,
+        }
+    })
+    .await
+    .expect("readyz turns 503 while draining");
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(body.contains("shutting down"));
+    // No new connections are accepted while draining.
+    let refused = client.get(addr, Proto::H1, "/api/data/reports").await;
+    assert!(refused.is_err(), "new request during drain: {refused:?}");
+    for task in [in_flight, in_flight_h2] {
+        let r = task
+            .await
+            .expect("task")
+            .expect("in-flight request completes");
+        assert_eq!(r.status, StatusCode::OK);
+    }
+    let exit = s
+        .sidecar
+        .wait_exit(Duration::from_secs(20))
+        .await
+        .expect("exits");
+    assert!(exit.success(), "exit status {exit}");
+    assert_eq!(s.app.count(), 2);
+}
+
+async fn counter(sc: &Sidecar, decision: &str, caller: &str) -> f64 {
+    sc.metric(
+        "gatehouse_inbound_requests_total",
+        &[("decision", decision), ("caller", caller)],
+    )
+    .await
+    .expect("metrics")
+}
+
+#[tokio::test]
+async fn metrics_move_and_every_decision_has_one_json_audit_line() {
+    let s = setup().await;
+    let reports = MtlsClient::new(&s.pki.issue(REPORTS));
+    let gateway = MtlsClient::new(&s.pki.issue(GATEWAY));
+    let addr = s.sidecar.inbound_addr();
+    assert_eq!(counter(&s.sidecar, "allow", "report-service").await, 0.0);
+    assert_eq!(counter(&s.sidecar, "deny", "api-gateway").await, 0.0);
+    for _ in 0..3 {
+        let r = reports
+            .get(addr, Proto::H2, "/api/data/reports")
+            .await
+            .expect("ok");
+        assert_eq!(r.status, StatusCode::OK);
+    }
+    for _ in 0..2 {
+        let r = gateway
+            .get(addr, Proto::H1, "/api/data/reports")
+            .await
+            .expect("ok");
+        assert_eq!(r.status, StatusCode::FORBIDDEN);
+    }
+    let r = reports.get(addr, Proto::H1, "/admin%2f").await.expect("ok");
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert_eq!(counter(&s.sidecar, "allow", "report-service").await, 3.0);
+    assert_eq!(counter(&s.sidecar, "deny", "api-gateway").await, 2.0);
+    let ok_handshakes = s
+        .sidecar
+        .metric("gatehouse_tls_handshakes_total", &[("result", "ok")])
+        .await
+        .expect("metrics");
+    assert_eq!(ok_handshakes, 6.0);
+    let (_, text) = s.sidecar.admin_get("/metrics").await.expect("metrics");
+    assert!(text.contains("gatehouse_cert_expiry_timestamp_seconds{cert=\"leaf\"}"));
+    assert!(text.contains("gatehouse_inbound_request_duration_seconds_bucket"));
+
+    let audit = s.sidecar.wait_audit(6).await.expect("audit");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let audit_now = s.sidecar.audit();
+    assert_eq!(
+        audit_now.len(),
+        6,
+        "one line per decision, no more: {audit_now:?}"
+    );
+    let decisions: Vec<&str> = audit
+        .iter()
+        .map(|l| l["decision"].as_str().expect("decision"))
+        .collect();
+    assert_eq!(
+        decisions,
+        ["allow", "allow", "allow", "deny", "deny", "reject"]
+    );
+    for line in &audit {
+        for key in [
+            "time",
+            "request_id",
+            "caller",
+            "method",
+            "path",
+            "route",
+            "decision",
+            "reason",
+            "status",
+            "duration_ms",
+        ] {
+            assert!(line.get(key).is_some(), "audit line lacks {key}: {line}");
+        }
+    }
+    assert_eq!(audit[0]["status"], 200);
+    assert_eq!(audit[0]["route"], "report data export");
+    assert_eq!(audit[5]["reason"], "bad_path");
+    // The request id the app saw is the one in the audit line.
+    let seen = s.app.requests();
+    assert_eq!(
+        seen[0].headers["x-request-id"],
+        audit[0]["request_id"].as_str().expect("id")
+    );
+}
+
+#[tokio::test]
+async fn admin_status_reports_identity_expiry_and_policy_hash() {
+    let s = setup().await;
+    let (status, body) = s.sidecar.admin_get("/status").await.expect("status");
+    assert_eq!(status, StatusCode::OK);
+    let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(v["identity"], MONOLITH);
+    assert_eq!(v["policy"]["routes"], 5);
+    assert_eq!(
+        v["policy"]["sha256"],
+        hex::encode(Sha256::digest(POLICY.as_bytes()))
+    );
+    assert!(v["certificate"]["seconds_left"].as_i64().expect("seconds") > 3600);
+    assert_eq!(
+        v["listeners"]["inbound"],
+        s.sidecar.inbound_addr().to_string()
+    );
+    assert_eq!(
+        s.sidecar.admin_get("/healthz").await.expect("healthz").0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        s.sidecar.admin_get("/readyz").await.expect("readyz").0,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn sidecar_check_prints_the_summary_or_every_problem_with_exit_2() {
+    let pki = Pki::new(TD);
+    let server = pki.issue(MONOLITH);
+    let app = FakeApp::start().await;
+    let b = Sidecar::inbound(&server, app.addr(), POLICY);
+    let config = b.write();
+    let out = Command::new(binary("sidecar"))
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .expect("sidecar check");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains(MONOLITH), "{text}");
+    assert!(text.contains("5 routes"), "{text}");
+    assert!(text.contains("expires"), "{text}");
+    assert!(text.contains("inbound    127.0.0.1:0"), "{text}");
+
+    // Three problems at once: a bad duration, a non-loopback app, a policy typo.
+    let broken = std::fs::read_to_string(&config).expect("config").replace(
+        &format!("app = \"{}\"", app.addr()),
+        "app = \"10.1.2.3:80\"\nidle_timeout = \"forever\"",
+    );
+    std::fs::write(&config, broken).expect("write");
+    let out = Command::new(binary("sidecar"))
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .expect("sidecar check");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    let file = config.display().to_string();
+    assert!(err.contains(&format!("{file}:")), "{err}");
+    assert!(
+        err.contains("10.1.2.3:80 is not a loopback address"),
+        "{err}"
+    );
+    assert!(err.contains("`forever` is not a duration"), "{err}");
+    assert_eq!(err.matches("help: ").count(), 2, "{err}");
+
+    // Wrong key: a load problem with its file named.
+    let other = pki.issue(REPORTS);
+    let b = Sidecar::builder(&CertDir {
+        dir: server.dir.clone(),
+    })
+    .app(app.addr())
+    .policy(POLICY);
+    let config = b.write();
+    let text = std::fs::read_to_string(&config).expect("config").replace(
+        &format!("{:?}", server.key()),
+        &format!("{:?}", other.key()),
+    );
+    std::fs::write(&config, text).expect("write");
+    let out = Command::new(binary("sidecar"))
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .expect("sidecar check");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("does not match the certificate"), "{err}");
+}
