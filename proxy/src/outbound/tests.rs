@@ -610,3 +610,24 @@ async fn request_bodies_stream_through_on_h1_and_h2() {
         assert!(body.ends_with("len=3145728"), "{body}");
     }
 }
+
+#[tokio::test]
+async fn server_from_another_ca_is_502_server_certificate_and_not_retried() {
+    let ca = Ca::new(TD);
+    let other = Ca::new(TD); // same trust domain name, different keys: not our bundle
+    let caller = ca.issue("report-service");
+    let forged = other.issue("monolith");
+    let upstream = server(&forged, &caller, &[b"h2"], Mode::Record).await;
+    let sidecar = Sidecar::start(
+        &caller,
+        upstream.addr,
+        "spiffe://fintech.internal/monolith",
+        |_| {},
+    )
+    .await;
+    let (status, _, body) = get(&h1_client(), sidecar.addr, "/", None).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    assert!(body.contains("\"reason\":\"server_certificate\""), "{body}");
+    assert_eq!(upstream.bytes_read.load(Ordering::SeqCst), 0);
+    assert_eq!(sidecar.metric("gatehouse_outbound_retries_total", &[]), 0.0);
+}
