@@ -257,6 +257,11 @@ def check_argocd(repo: str, out_dir: str, files: list[str]) -> None:
 # Terraform
 # --------------------------------------------------------------------------------------------
 
+def text(value: object) -> str:
+    """A python-hcl2 string value without its quotes ("" -> empty)."""
+    return str(value or "").strip().strip('"').strip()
+
+
 def check_terraform(directory: str) -> None:
     root = Path(directory)
     parsed = 0
@@ -270,20 +275,23 @@ def check_terraform(directory: str) -> None:
             err(str(f), f"HCL parse error: {e}")
             continue
         parsed += 1
+        # python-hcl2 keeps the quotes of block labels in its keys.
         for block in doc.get("variable", []):
             for name, body in block.items():
-                if not str(body.get("description", "")).strip():
+                name = name.strip('"')
+                if not text(body.get("description")):
                     err(str(f), f'variable "{name}" has no description')
                 if "type" not in body:
                     err(str(f), f'variable "{name}" has no type')
         for block in doc.get("output", []):
             for name, body in block.items():
-                if not str(body.get("description", "")).strip():
+                name = name.strip('"')
+                if not text(body.get("description")):
                     err(str(f), f'output "{name}" has no description')
         for tf in doc.get("terraform", []):
             for rp in tf.get("required_providers", []):
                 aws = rp.get("aws")
-                if aws is not None and not str(aws.get("version", "")).strip():
+                if aws is not None and not text(aws.get("version")):
                     err(str(f), "the aws provider version is not pinned")
     if not (root / "ecs" / "versions.tf").is_file():
         err(directory, "ecs/versions.tf is missing")
