@@ -1,0 +1,196 @@
+//! The FinTech example end to end, with the real binaries (`ca`, `sidecar`, the fake services and
+//! `fintech-demo` from target/<profile>/) and the configs of `deploy/examples/fintech/` exactly as
+//! committed, so the example cannot rot.
+//!
+//! The example uses fixed loopback ports (127.0.0.1:17xxx, outside the ephemeral range), so every test
+//! here takes `FIXED_PORTS` first and they run one after another. Needs
+//! `cargo build --workspace --bins` first (the README's test command does it).
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use gatehouse_tests::fintech::probe::{ProbeIdentity, ProbeOutcome, probe};
+use gatehouse_tests::fintech::scenario::{self, Check, label};
+use gatehouse_tests::fintech::stack::{Ports, Service, Stack, StackOptions, bin_dir};
+
+/// The example's ports are fixed: one stack at a time in this test binary.
+static FIXED_PORTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+async fn start_stack(work: &tempfile::TempDir) -> Stack {
+    let opts =
+        StackOptions::for_repo(work.path().join("work"), Ports::default()).expect("binary dir");
+    match Stack::start(opts).await {
+        Ok(stack) => stack,
+        Err(e) => panic!("stack did not start: {e}\nhelp: {}", e.help()),
+    }
+}
+
+fn assert_all_hold(checks: &[Check]) {
+    let failed: Vec<String> = checks
+        .iter()
+        .filter(|c| !c.ok)
+        .map(ToString::to_string)
+        .collect();
+    assert!(failed.is_empty(), "failed checks:\n{}", failed.join("\n"));
+}
+
+fn check<'a>(checks: &'a [Check], label: &str) -> &'a Check {
+    checks
+        .iter()
+        .find(|c| c.label == label)
+        .unwrap_or_else(|| panic!("no check `{label}` in {checks:#?}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_exits_0_and_its_transcript_shows_every_expected_outcome() {
+    let _ports = FIXED_PORTS.lock().await;
+    let work = tempfile::tempdir().expect("temp dir");
+    let demo = bin_dir().expect("binary dir").join("fintech-demo");
+    let run = tokio::process::Command::new(&demo)
+        .arg("--work-dir")
+        .arg(work.path().join("demo"))
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(240), run)
+        .await
+        .expect("the demo finishes within 4 minutes")
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run {}: {e} (cargo build --workspace --bins first)",
+                demo.display()
+            )
+        });
+    let transcript = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "demo exited {}\n{transcript}\n{stderr}",
+        out.status
+    );
+    for expected in label::ALL {
+        assert!(
+            transcript.contains(&format!("✔ {expected}")),
+            "missing `✔ {expected}` in:\n{transcript}"
+        );
+    }
+    assert!(!transcript.contains('✘'), "a failed step in:\n{transcript}");
+    assert!(
+        transcript.contains(&format!("all {} checks passed", label::ALL.len())),
+        "{transcript}"
+    );
+    assert!(
+        transcript.contains("gatehouse_inbound_requests_total{"),
+        "no metrics excerpt in:\n{transcript}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn async_report_is_generated_over_mtls_and_its_webhook_reaches_the_gateway() {
+    let _ports = FIXED_PORTS.lock().await;
+    let work = tempfile::tempdir().expect("temp dir");
+    let stack = start_stack(&work).await;
+    let checks = scenario::report_flow(&stack).await;
+    assert_all_hold(&checks);
+    for expected in [
+        label::REPORT_ACCEPTED,
+        label::DATA_FETCHED,
+        label::WEBHOOK,
+        label::DOWNLOADED,
+    ] {
+        assert!(check(&checks, expected).ok);
+    }
+    // The report service's data fetch is in the monolith sidecar's audit log as an allow, under the
+    // route that only the report service may use.
+    let audit = stack.audit(Service::Monolith).await;
+    let report_service = Service::ReportService.spiffe_id();
+    assert!(
+        audit.iter().any(|l| l["caller"] == report_service.as_str()
+            && l["route"] == "report data export"
+            && l["decision"] == "allow"
+            && l["status"] == 200),
+        "no allow line for the data fetch in {audit:#?}"
+    );
+    // And the webhook is in the gateway sidecar's audit log, allowed for the report service.
+    let audit = stack.audit(Service::ApiGateway).await;
+    assert!(
+        audit.iter().any(|l| l["caller"] == report_service.as_str()
+            && l["path"] == "/webhooks/report-ready"
+            && l["decision"] == "allow"),
+        "no allow line for the webhook in {audit:#?}"
+    );
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_gets_403_on_report_data_and_the_monolith_app_never_sees_it() {
+    let _ports = FIXED_PORTS.lock().await;
+    let work = tempfile::tempdir().expect("temp dir");
+    let stack = start_stack(&work).await;
+    let checks = scenario::denied_flow(&stack).await;
+    assert_all_hold(&checks);
+    // Nothing from the gateway to the data export ever reached the app, whatever the query.
+    let seen = stack.seen(Service::Monolith).await.expect("debug endpoint");
+    let gateway = Service::ApiGateway.spiffe_id();
+    assert!(
+        !seen.iter().any(|r| r.path == "/api/data/reports"),
+        "the app saw a data export request: {seen:#?}"
+    );
+    assert!(
+        seen.iter()
+            .any(|r| r.path == "/api/dashboard" && r.caller() == Some(gateway.clone()))
+    );
+    let metrics = stack.metrics(Service::Monolith).await.expect("metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("gatehouse_inbound_requests_total")
+                && l.contains("caller=\"api-gateway\"")
+                && l.contains("decision=\"deny\"")
+                && l.contains("reason=\"not_allowed\"")),
+        "deny not counted:\n{metrics}"
+    );
+    stack.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn impostor_and_revoked_certificates_are_refused_at_the_handshake() {
+    let _ports = FIXED_PORTS.lock().await;
+    let work = tempfile::tempdir().expect("temp dir");
+    let stack = start_stack(&work).await;
+    let checks = scenario::refused_handshakes(&stack).await;
+    assert_all_hold(&checks);
+    // Every inbound sidecar refuses both, not only the monolith's.
+    let certs = stack.certs_dir();
+    for s in Service::ALL {
+        for who in ["impostor", "revoked-report-service"] {
+            let outcome = probe(
+                stack.ports().inbound(s),
+                &ProbeIdentity::in_dir(&certs.join(who)),
+                "/",
+            )
+            .await
+            .unwrap_or_else(|e| panic!("probe {who} → {}: {e}", s.name()));
+            assert!(
+                matches!(outcome, ProbeOutcome::Refused { .. }),
+                "{who} → {} sidecar: {outcome}",
+                s.name()
+            );
+        }
+    }
+    for s in Service::ALL {
+        let seen = stack.seen(s).await.expect("debug endpoint");
+        let from_probe = seen
+            .iter()
+            .filter(|r| r.caller() == Some(Service::ReportService.spiffe_id()));
+        // Only the monolith got one request with a report-service identity: the control probe.
+        let expected = usize::from(s == Service::Monolith);
+        assert_eq!(
+            from_probe.count(),
+            expected,
+            "{} app saw {seen:#?}",
+            s.name()
+        );
+    }
+    stack.stop().await;
+}
