@@ -171,34 +171,43 @@ fn decode_escape(bytes: &[u8], i: usize) -> Result<(u8, bool), PathError> {
 }
 
 /// Percent-encoded bytes must decode to UTF-8: apps decode them, and invalid sequences are
-/// read differently by different decoders (replacement character, Latin-1, error).
+/// read differently by different decoders (replacement character, Latin-1, error). Checked one
+/// character at a time on the stack, so a normal path costs no allocation.
 fn check_utf8(segment: &str) -> Result<(), PathError> {
-    if !segment.contains('%') {
-        return Ok(());
-    }
-    let decoded = percent_decode_all(segment);
-    std::str::from_utf8(&decoded).map_err(|_| PathError::InvalidUtf8)?;
-    Ok(())
-}
-
-/// Decodes every escape of an already validated segment.
-fn percent_decode_all(segment: &str) -> Vec<u8> {
     let bytes = segment.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
+    let mut char_buf = [0u8; 4];
+    let (mut have, mut need) = (0usize, 0usize);
     let mut i = 0;
     while i < bytes.len() {
-        match decode_escape(bytes, i) {
-            Ok((value, _)) if bytes[i] == b'%' => {
-                out.push(value);
-                i += 3;
-            }
-            _ => {
-                out.push(bytes[i]);
-                i += 1;
-            }
+        let b = if bytes[i] == b'%' {
+            i += 3;
+            decode_escape(bytes, i - 3)?.0
+        } else {
+            i += 1;
+            bytes[i - 1]
+        };
+        if have == 0 {
+            need = match b {
+                0x00..=0x7F => continue,
+                0xC0..=0xDF => 2,
+                0xE0..=0xEF => 3,
+                0xF0..=0xF7 => 4,
+                _ => return Err(PathError::InvalidUtf8),
+            };
+        }
+        char_buf[have] = b;
+        have += 1;
+        if have == need {
+            // Rejects bad continuation bytes, overlong forms and surrogates.
+            std::str::from_utf8(&char_buf[..need]).map_err(|_| PathError::InvalidUtf8)?;
+            have = 0;
         }
     }
-    out
+    if have == 0 {
+        Ok(())
+    } else {
+        Err(PathError::InvalidUtf8)
+    }
 }
 
 /// RFC 3986 §2.3 unreserved characters.
@@ -300,6 +309,7 @@ mod tests {
             ("/a%3bb%3Fc", "/a%3Bb%3Fc", false),
             ("/caf%c3%a9", "/caf%C3%A9", false),
             ("/caf%C3%A9", "/caf%C3%A9", true),
+            ("/%F0%9F%A6%80", "/%F0%9F%A6%80", true),
             ("/a:b/@c/!$&'()*+,=", "/a:b/@c/!$&'()*+,=", true),
             // The query plays no part in matching.
             ("/api/data?x=1", "/api/data", true),
@@ -343,6 +353,11 @@ mod tests {
             ("/a%FF", InvalidUtf8),
             ("/a%C3%28", InvalidUtf8),
             ("/a%C3", InvalidUtf8),
+            ("/a%C3/b", InvalidUtf8),
+            ("/a%C3a", InvalidUtf8),
+            ("/a%C0%AF", InvalidUtf8),       // overlong `/`
+            ("/a%ED%A0%80", InvalidUtf8),    // UTF-16 surrogate
+            ("/a%F4%90%80%80", InvalidUtf8), // above U+10FFFF
             ("/caf\u{e9}", NonAscii { ch: '\u{e9}' }),
             ("/a%", BadPercentEncoding),
             ("/a%4", BadPercentEncoding),

@@ -192,3 +192,56 @@ fn policy_is_send_and_sync() {
     fn assert_send_sync<T: Send + Sync>() {}
     assert_send_sync::<Policy>();
 }
+
+/// `decide` is on every request's path: it must not touch the heap, whatever it decides.
+#[test]
+fn decide_makes_no_heap_allocation() {
+    let p = Policy::parse("p.toml", POLICY).unwrap();
+    let audit = Policy::parse(
+        "p.toml",
+        &POLICY.replace("version = 1", "version = 1\nmode = \"audit\""),
+    )
+    .unwrap();
+    let callers = [id("report-service"), id("ns/ops/alice"), id("intruder")];
+    let requests = [
+        ("GET", "/api/data/reports"),
+        ("POST", "/api/data/reports"),
+        ("GET", "/api/x"),
+        ("PROPFIND", "/api/x"),
+        ("GET", "/api/a/b/c/d/e/f"),
+        ("GET", "/api/"),
+        ("GET", "/nothing/here"),
+        ("GET", "/"),
+    ];
+    let info = allocation_counter::measure(|| {
+        for policy in [&p, &audit] {
+            for caller in &callers {
+                for (method, path) in requests {
+                    let d = policy.decide(caller, method, path);
+                    std::hint::black_box((d.is_allowed(), d.label(), d.reason(), d.route_name()));
+                    std::hint::black_box(policy.caller_label(caller));
+                }
+            }
+        }
+    });
+    assert_eq!(info.count_total, 0, "decide allocated");
+}
+
+/// `normalize` borrows the input when it is already normal (the common case).
+#[test]
+fn normalize_of_a_normal_path_makes_no_heap_allocation() {
+    use gatehouse_policy::path::{NormalizeOptions, normalize};
+    let opts = NormalizeOptions::default();
+    let info = allocation_counter::measure(|| {
+        for path in [
+            "/api/data/reports",
+            "/api/data/reports?since=2024-01-01",
+            "/",
+            "/a/b/",
+            "/caf%C3%A9",
+        ] {
+            std::hint::black_box(normalize(path, &opts).unwrap());
+        }
+    });
+    assert_eq!(info.count_total, 0, "normalize allocated");
+}
