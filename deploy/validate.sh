@@ -189,6 +189,65 @@ else
   note "skipped: $policy_bin not built (cargo build -p gatehouse-policy)"
 fi
 
+step "the real sidecar loads the deployed configurations (when sidecar and ca are built)"
+# Mints a throwaway CA and SVIDs with `ca`, lays the files out as the pod / Fargate task sees them,
+# and runs `sidecar check` (exactly what `sidecar run` loads) on the rendered ConfigMaps and on
+# the Terraform-rendered sidecar.toml written by the ECS init script.
+sidecar_bin="$repo/target/debug/sidecar" ca_bin="$repo/target/debug/ca"
+if [[ -x $sidecar_bin && -x $ca_bin ]]; then
+  w="$tools/sidecar-check"
+  rm -rf "$w" && mkdir -p "$w"
+  "$ca_bin" init --dir "$w/ca" --trust-domain fintech.internal >/dev/null
+  have_crl=no
+  if "$ca_bin" --help | grep -qE '^ +crl '; then
+    "$ca_bin" crl --dir "$w/ca" --out "$w/crl.pem" >/dev/null && have_crl=yes
+  fi
+  [[ $have_crl == yes ]] || note "this ca build has no 'ca crl': the configs' crl line is left out of the check"
+  k8s_render="$tools/rendered/${renderers[0]%%|*}"
+  for svc in monolith report-service; do
+    root="$w/k8s-$svc" # stands in for the pod's / (the configs use absolute /etc/gatehouse paths)
+    mkdir -p "$root/etc/gatehouse/config" "$root/etc/gatehouse/policy"
+    "$ca_bin" issue --dir "$w/ca" --spiffe-id "spiffe://fintech.internal/$svc" --out "$root/etc/gatehouse/certs" >/dev/null
+    [[ $have_crl == no ]] || cp "$w/crl.pem" "$root/etc/gatehouse/certs/crl.pem"
+    "$py" "$here/tools/check_manifests.py" extract "$k8s_render/overlays_$svc.yaml" "$svc-gatehouse-policy" policy.toml \
+      >"$root/etc/gatehouse/policy/policy.toml"
+    "$py" "$here/tools/check_manifests.py" extract "$k8s_render/overlays_$svc.yaml" "$svc-gatehouse-sidecar" sidecar.toml |
+      sed "s#\"/etc/gatehouse/#\"$root/etc/gatehouse/#" |
+      if [[ $have_crl == yes ]]; then cat; else grep -v '^crl '; fi >"$root/etc/gatehouse/config/sidecar.toml"
+    "$sidecar_bin" check --config "$root/etc/gatehouse/config/sidecar.toml" >"$root/check.log" 2>&1 || {
+      cat "$root/check.log" >&2
+      die "sidecar check rejected the Kubernetes config of $svc" "fix deploy/kubernetes/overlays/$svc/sidecar.toml or policy.toml"
+    }
+    note "kubernetes $svc: $(tail -1 "$root/check.log")"
+  done
+  if command -v terraform >/dev/null && [[ $(id -u) == 0 ]]; then
+    svc=report-service root="$w/ecs-$svc"
+    mkdir -p "$root/svid" "$root/run"
+    "$ca_bin" issue --dir "$w/ca" --spiffe-id "spiffe://fintech.internal/$svc" --out "$root/svid" >/dev/null
+    # The template exactly as the module renders it for the report service (examples/fintech).
+    printf 'templatefile("%s", {min_tls="1.3", with_crl=%s, sidecar_port=8443, app_port=8080, admin_port=9901, outbounds=[{name="monolith", listen="127.0.0.1:7001", connect="monolith.fintech.internal:8443", server_id="spiffe://fintech.internal/monolith"}]})\n' \
+      "$here/terraform/ecs/templates/sidecar.toml.tftpl" "$([[ $have_crl == yes ]] && echo true || echo false)" |
+      (cd "$root" && TF_CLI_CONFIG_FILE=/dev/null terraform console) | sed '1d;$d' >"$root/sidecar.toml"
+    # Run the init container's script as ECS would: secrets and config in its environment.
+    GATEHOUSE_DIR="$root/run" \
+      GATEHOUSE_CERT_PEM="$(cat "$root/svid/cert.pem")" GATEHOUSE_KEY_PEM="$(cat "$root/svid/key.pem")" \
+      GATEHOUSE_BUNDLE_PEM="$(cat "$root/svid/bundle.pem")" \
+      GATEHOUSE_CRL_PEM="$([[ $have_crl == no ]] || cat "$w/crl.pem")" \
+      GATEHOUSE_SIDECAR_TOML="$(cat "$root/sidecar.toml")" \
+      GATEHOUSE_POLICY_TOML="$(cat "$here/kubernetes/overlays/$svc/policy.toml")" \
+      sh "$here/terraform/ecs/templates/init.sh" >/dev/null
+    "$sidecar_bin" check --config "$root/run/sidecar.toml" >"$root/check.log" 2>&1 || {
+      cat "$root/check.log" >&2
+      die "sidecar check rejected the ECS-rendered config" "fix deploy/terraform/ecs/templates/ (sidecar.toml.tftpl, init.sh)"
+    }
+    note "ecs $svc (template + init.sh): $(tail -1 "$root/check.log")"
+  else
+    note "ecs: skipped (needs terraform to render the template, and root for init.sh's chown)"
+  fi
+else
+  note "skipped: build the binaries first (cargo build -p gatehouse-proxy -p gatehouse-ca)"
+fi
+
 step "shell scripts (shellcheck, when installed)"
 if command -v shellcheck >/dev/null; then
   if ! shellcheck "$here/validate.sh" "$here/kubernetes/ca-rotation/publish.sh" ||

@@ -8,6 +8,7 @@ sidecar port reachable, Argo CD self-healing, Terraform variables and outputs do
     python check_manifests.py k8s RENDERED.yaml...
     python check_manifests.py argocd REPO_ROOT JSON_OUT_DIR MANIFEST.yaml...
     python check_manifests.py terraform DIR
+    python check_manifests.py extract RENDERED.yaml CONFIGMAP KEY   (prints one ConfigMap value)
 """
 
 from __future__ import annotations
@@ -309,6 +310,13 @@ def main(argv: list[str]) -> int:
         check_argocd(rest[0], rest[1], rest[2:])
     elif cmd == "terraform":
         check_terraform(rest[0])
+    elif cmd == "extract":
+        docs = load_yaml(Path(rest[0]))
+        found = [d for d in docs if d.get("kind") == "ConfigMap" and d["metadata"]["name"] == rest[1]]
+        if not found or rest[2] not in found[0].get("data", {}):
+            print(f"{rest[0]}: no ConfigMap {rest[1]} with key {rest[2]}", file=sys.stderr)
+            return 1
+        sys.stdout.write(found[0]["data"][rest[2]])
     else:
         print(f"unknown check {cmd}", file=sys.stderr)
         return 2

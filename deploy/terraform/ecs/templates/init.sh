@@ -4,7 +4,7 @@
 # shellcheck disable=SC2153 # the GATEHOUSE_* variables come from the task definition
 set -eu
 umask 077
-d=/run/gatehouse
+d=${GATEHOUSE_DIR:-/run/gatehouse}
 printf '%s\n' "$GATEHOUSE_CERT_PEM" > "$d/cert.pem"
 printf '%s\n' "$GATEHOUSE_KEY_PEM" > "$d/key.pem"
 printf '%s\n' "$GATEHOUSE_BUNDLE_PEM" > "$d/bundle.pem"
