@@ -302,7 +302,6 @@ impl Authority {
     }
 
     /// The root of generation `id` as a signer (for CRLs covering intermediates).
-    #[allow(dead_code, reason = "used by revoke.rs (CRLs for intermediates)")]
     pub(crate) fn root_signer(&self, id: u32) -> Result<Signer, CaError> {
         let gen_dir = self.dir.join(format!("gen-{id}"));
         self.load_signer(
@@ -369,6 +368,8 @@ impl Authority {
     ///
     /// Refuses with [`CaError::RootInUse`] while any unexpired, unrevoked certificate in the
     /// inventory chains to an old root, unless `force` (then those certificates stop verifying).
+    /// Certificates already replaced by `ca rotate` (state `superseded`) do not block: their
+    /// directories hold the re-issued certificate, which chains to the current root.
     /// Returns the retired generations and how many live certificates were cut off by `force`.
     ///
     /// # Errors
@@ -388,7 +389,7 @@ impl Authority {
         let now = OffsetDateTime::now_utc();
         let live: Vec<_> = inventory::read_entries(&self.dir, now)?
             .into_iter()
-            .filter(|e| old.contains(&e.generation) && e.state.is_live())
+            .filter(|e| old.contains(&e.generation) && e.state == inventory::CertState::Valid)
             .collect();
         if let (Some(first), false) = (live.first(), force) {
             return Err(CaError::RootInUse {

@@ -127,7 +127,7 @@ pub enum CaError {
     NothingToRetire,
     /// `root retire` refused: unexpired leaves still chain to an old root.
     #[error(
-        "{count} unexpired, unrevoked certificate(s) still chain to the old root (first: serial {first_serial}, {first_id})"
+        "{count} unexpired, unrevoked, not yet re-issued certificate(s) still chain to the old root (first: serial {first_serial}, {first_id})"
     )]
     RootInUse {
         /// How many leaves.

@@ -6,7 +6,7 @@
 //!
 //! ```text
 //! {"event":"issued","serial":"4f1c…","spiffe_id":"spiffe://td/api","dns":[],"not_before":"…","not_after":"…","sha256":"…","issued_at":"…","generation":1,"source":"issue"}
-//! {"event":"revoked","serial":"4f1c…","reason":"key_compromise","revoked_at":"…"}
+//! {"event":"revoked","serial":"4f1c…","reason":"key-compromise","revoked_at":"…"}
 //! ```
 //!
 //! A certificate's state (`valid`, `expired`, `revoked`, `superseded`) is derived from the lines,
@@ -81,7 +81,7 @@ pub struct Issued {
 pub struct Revoked {
     /// Serial number, lowercase hex.
     pub serial: String,
-    /// RFC 5280 reason name, snake case (`key_compromise`, `superseded`, ...).
+    /// RFC 5280 reason name, kebab case (`key-compromise`, `superseded`, ...).
     pub reason: String,
     /// RFC 3339.
     pub revoked_at: String,

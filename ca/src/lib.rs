@@ -25,6 +25,8 @@ pub mod inspect;
 pub mod inventory;
 pub mod issue;
 pub mod profile;
+pub mod revoke;
+pub mod rotate;
 pub mod store;
 
 pub use authority::{Authority, InitOptions, KeyType};

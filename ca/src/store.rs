@@ -144,7 +144,15 @@ impl DirLock {
     /// # Errors
     /// [`CaError::Io`] when the lock file cannot be opened or locked.
     pub fn acquire(dir: &Path) -> Result<Self, CaError> {
-        let path = dir.join(".lock");
+        Self::acquire_named(dir, ".lock")
+    }
+
+    /// Blocks until the exclusive lock on `dir/name` is held (the file is created if missing).
+    ///
+    /// # Errors
+    /// [`CaError::Io`] when the lock file cannot be opened or locked.
+    pub fn acquire_named(dir: &Path, name: &str) -> Result<Self, CaError> {
+        let path = dir.join(name);
         let file = OpenOptions::new()
             .write(true)
             .create(true)

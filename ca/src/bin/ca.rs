@@ -8,6 +8,8 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use gatehouse_ca::inspect::{self, Inspection};
 use gatehouse_ca::inventory::Entry;
+use gatehouse_ca::revoke::RevokeTarget;
+use gatehouse_ca::rotate::{Outcome, RotateOptions};
 use gatehouse_ca::{
     Authority, CaError, InitOptions, IssueRequest, KeyType, SpiffeId, TrustDomain, store,
 };
@@ -109,6 +111,90 @@ enum Command {
         /// CA directory.
         #[arg(long)]
         dir: PathBuf,
+    },
+    /// Re-issue certificate directories (written by `ca issue`) that are due: inside the renewal
+    /// window (default: the last third of the lifetime), revoked, or signed by an old root. Key
+    /// and certificate are swapped together. Exit 0 when nothing was due. Safe to run from cron.
+    Rotate {
+        /// CA directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Certificate directories to check.
+        #[arg(required = true, value_name = "OUTDIR")]
+        out_dirs: Vec<PathBuf>,
+        /// Renew when less than this is left, instead of the last third of the lifetime.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        renew_before: Option<Duration>,
+        /// Re-issue every directory, due or not.
+        #[arg(long)]
+        force: bool,
+        /// Keep the existing private key (default: a new key per rotation).
+        #[arg(long)]
+        keep_key: bool,
+    },
+    /// Root CA rotation: `root rotate` adds a new root, `root retire` drops the old ones.
+    Root {
+        #[command(subcommand)]
+        command: RootCommand,
+    },
+    /// Revoke a certificate by serial, or every live certificate of an identity; records it in
+    /// the inventory and, with --crl, writes a fresh CRL.
+    #[command(group = clap::ArgGroup::new("target").required(true).args(["serial", "spiffe_id"]))]
+    Revoke {
+        /// CA directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Serial number, hex (as `ca list` prints it; `:` separators are accepted).
+        #[arg(long)]
+        serial: Option<String>,
+        /// Revoke every unexpired, unrevoked certificate of this SPIFFE ID.
+        #[arg(long)]
+        spiffe_id: Option<String>,
+        /// RFC 5280 reason: unspecified, key-compromise, ca-compromise, affiliation-changed,
+        /// superseded, cessation-of-operation, certificate-hold, privilege-withdrawn.
+        #[arg(long, default_value = "unspecified")]
+        reason: String,
+        /// Also write the CRL to this file (as `ca crl --out FILE`).
+        #[arg(long)]
+        crl: Option<PathBuf>,
+        /// Validity of the CRL written with --crl (its next-update).
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        crl_ttl: Duration,
+    },
+    /// Write the signed CRLs (v2, CRL number, next-update), PEM, one per issuing CA of every root
+    /// in the bundle. Re-run it before next-update (e.g. from the same cron job as `ca rotate`).
+    Crl {
+        /// CA directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Where to write the CRL file (replaced atomically).
+        #[arg(long)]
+        out: PathBuf,
+        /// Validity of the CRL (its next-update).
+        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+    },
+}
+
+#[derive(Subcommand)]
+enum RootCommand {
+    /// Create a new root (and intermediate, if the CA uses one) and make it current. bundle.pem
+    /// then holds the old and new roots; new leaves chain to the new root. Next: `ca rotate`
+    /// every certificate directory, then `ca root retire`.
+    Rotate {
+        /// CA directory.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Drop every non-current root from bundle.pem. Refuses while an unexpired, unrevoked leaf
+    /// still chains to one of them.
+    Retire {
+        /// CA directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Retire anyway: leaves that chain to the old root stop verifying.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -270,8 +356,159 @@ fn run(cli: &Cli) -> Result<ExitCode, CaError> {
                 print_list(&entries);
             }
         }
+        Command::Rotate {
+            dir,
+            out_dirs,
+            renew_before,
+            force,
+            keep_key,
+        } => {
+            let ca = Authority::open(dir)?;
+            let opts = RotateOptions {
+                renew_before: *renew_before,
+                force: *force,
+                keep_key: *keep_key,
+            };
+            return Ok(rotate(&ca, out_dirs, &opts, json));
+        }
+        Command::Root {
+            command: RootCommand::Rotate { dir },
+        } => {
+            let generation = Authority::open(dir)?.rotate_root()?;
+            if json {
+                print_json(&serde_json::to_value(&generation).unwrap_or_default());
+            } else {
+                println!(
+                    "created root generation {} (expires {}); bundle.pem now holds old and new roots",
+                    generation.id, generation.not_after
+                );
+                println!(
+                    "next: ca rotate --dir {} <outdir>... (re-issues every leaf under the new root), then ca root retire --dir {}",
+                    dir.display(),
+                    dir.display()
+                );
+            }
+        }
+        Command::Root {
+            command: RootCommand::Retire { dir, force },
+        } => {
+            let (retired, cut_off) = Authority::open(dir)?.retire_roots(*force)?;
+            if cut_off > 0 {
+                eprintln!(
+                    "warning: --force: {cut_off} unexpired certificate(s) chain to a retired root and no longer verify against bundle.pem"
+                );
+            }
+            if json {
+                print_json(
+                    &json!({ "retired_generations": retired, "live_certificates_cut_off": cut_off }),
+                );
+            } else {
+                println!(
+                    "retired root generation(s) {retired:?}; bundle.pem now holds only the current root"
+                );
+            }
+        }
+        Command::Revoke {
+            dir,
+            serial,
+            spiffe_id,
+            reason,
+            crl,
+            crl_ttl,
+        } => {
+            let ca = Authority::open(dir)?;
+            let target = match (serial, spiffe_id) {
+                (Some(s), _) => RevokeTarget::Serial(s.clone()),
+                (None, Some(id)) => RevokeTarget::Identity(parse_id(id)?),
+                (None, None) => unreachable!("clap requires --serial or --spiffe-id"),
+            };
+            let revoked = ca.revoke(&target, reason)?;
+            if let Some(out) = crl {
+                check_out_file(out)?;
+                ca.write_crl(out, *crl_ttl)?;
+            }
+            if json {
+                print_json(&json!({ "revoked": revoked, "crl": crl }));
+            } else {
+                if revoked.is_empty() {
+                    println!("already revoked; nothing new recorded");
+                }
+                for r in &revoked {
+                    println!("revoked serial {} ({})", r.serial, r.reason);
+                }
+                match crl {
+                    Some(out) => println!("wrote CRL {}", out.display()),
+                    None => println!(
+                        "next: ca crl --dir {} --out <crl.pem> and distribute it to the sidecars",
+                        dir.display()
+                    ),
+                }
+            }
+        }
+        Command::Crl { dir, out, ttl } => {
+            let ca = Authority::open(dir)?;
+            check_out_file(out)?;
+            ca.write_crl(out, *ttl)?;
+            let revoked = ca.revoked_serials()?.len();
+            if json {
+                print_json(&json!({ "crl": out, "revoked_total": revoked }));
+            } else {
+                println!(
+                    "wrote CRL {} ({revoked} revocation(s) on record)",
+                    out.display()
+                );
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Rotates every directory, reporting each; one failure does not stop the others.
+fn rotate(ca: &Authority, out_dirs: &[PathBuf], opts: &RotateOptions, json: bool) -> ExitCode {
+    let now = OffsetDateTime::now_utc();
+    let mut worst = 0u8;
+    let mut reports = Vec::new();
+    for dir in out_dirs {
+        match ca.rotate_dir(dir, opts, now) {
+            Ok(report) => {
+                if !json {
+                    match &report.outcome {
+                        Outcome::Rotated {
+                            reason,
+                            old_serial,
+                            new_serial,
+                            not_after,
+                        } => println!(
+                            "rotated {} ({}): serial {old_serial} -> {new_serial}, not after {not_after}; {reason}",
+                            dir.display(),
+                            report.spiffe_id
+                        ),
+                        Outcome::BundleUpdated { serial } => println!(
+                            "bundle updated {} ({}): serial {serial} kept",
+                            dir.display(),
+                            report.spiffe_id
+                        ),
+                        Outcome::Current { serial, due_at } => println!(
+                            "current {} ({}): serial {serial}, due {due_at}",
+                            dir.display(),
+                            report.spiffe_id
+                        ),
+                    }
+                }
+                reports.push(serde_json::to_value(&report).unwrap_or_default());
+            }
+            Err(e) => {
+                let code = u8::from(e.is_refusal()) + 2 * u8::from(!e.is_refusal());
+                worst = worst.max(code);
+                reports.push(json!({ "dir": dir, "action": "error", "error": e.to_string() }));
+                let _ = render(&e);
+            }
+        }
+    }
+    if json {
+        print_json(&serde_json::Value::Array(reports));
+    }
+    ExitCode::from(worst)
 }
 
 fn parse_id(s: &str) -> Result<SpiffeId, CaError> {

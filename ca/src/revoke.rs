@@ -1,0 +1,212 @@
+//! Revocation ([`Authority::revoke`]) and CRLs ([`Authority::crl_pem`]).
+//!
+//! A revocation is one `revoked` line in the inventory. A CRL file is PEM with one signed v2 CRL
+//! (CRL number, this-update, next-update, authority key identifier) per issuing CA of every
+//! generation still in the bundle: the leaf-signing CA (intermediate or root) lists the revoked,
+//! unexpired leaves of its generation; with intermediates the root also signs a CRL (listing no
+//! intermediate today) so that verifiers that check the whole chain, as rustls/webpki do by
+//! default, know the intermediate's status too. All CRLs of one run share a CRL number, which
+//! increases by one per run (`ca.json`).
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::time::Duration;
+
+use rcgen::{
+    CertificateRevocationListParams, KeyIdMethod, RevocationReason, RevokedCertParams, SerialNumber,
+};
+use time::OffsetDateTime;
+
+use crate::inventory::{self, CertState, Record, Revoked, fmt_time, parse_time};
+use crate::store::{self, PUBLIC_MODE};
+use crate::{Authority, CaError, SpiffeId};
+
+/// What to revoke.
+#[derive(Debug, Clone)]
+pub enum RevokeTarget {
+    /// One certificate by serial (hex, `:` separators and case ignored).
+    Serial(String),
+    /// Every live (unexpired, unrevoked) certificate of an identity.
+    Identity(SpiffeId),
+}
+
+/// RFC 5280 §5.3.1 reasons, by their kebab-case names.
+const REASONS: [(&str, RevocationReason); 8] = [
+    ("unspecified", RevocationReason::Unspecified),
+    ("key-compromise", RevocationReason::KeyCompromise),
+    ("ca-compromise", RevocationReason::CaCompromise),
+    ("affiliation-changed", RevocationReason::AffiliationChanged),
+    ("superseded", RevocationReason::Superseded),
+    (
+        "cessation-of-operation",
+        RevocationReason::CessationOfOperation,
+    ),
+    ("certificate-hold", RevocationReason::CertificateHold),
+    ("privilege-withdrawn", RevocationReason::PrivilegeWithdrawn),
+];
+
+/// Checks a reason name (`key-compromise`, ...).
+///
+/// # Errors
+/// [`CaError::UnknownReason`].
+pub fn check_reason(reason: &str) -> Result<(), CaError> {
+    reason_code(reason)
+        .map(|_| ())
+        .ok_or_else(|| CaError::UnknownReason {
+            reason: reason.to_owned(),
+        })
+}
+
+fn reason_code(reason: &str) -> Option<RevocationReason> {
+    REASONS.iter().find(|(n, _)| *n == reason).map(|(_, r)| *r)
+}
+
+/// Canonical serial spelling: lowercase hex, no separators, no `0x`.
+pub fn normalize_serial(s: &str) -> String {
+    let s = s.trim();
+    let s = s.strip_prefix("0x").unwrap_or(s);
+    s.chars()
+        .filter(|c| *c != ':')
+        .collect::<String>()
+        .to_ascii_lowercase()
+}
+
+impl Authority {
+    /// Records the revocation of `target` with `reason` in the inventory and returns what was
+    /// newly revoked (a certificate already revoked is not recorded twice).
+    ///
+    /// # Errors
+    /// [`CaError::UnknownSerial`], [`CaError::UnknownIdentity`], [`CaError::UnknownReason`], I/O.
+    pub fn revoke(&self, target: &RevokeTarget, reason: &str) -> Result<Vec<Revoked>, CaError> {
+        check_reason(reason)?;
+        let _lock = self.lock()?;
+        let now = OffsetDateTime::now_utc();
+        let entries = inventory::read_entries(self.dir(), now)?;
+        let chosen: Vec<_> = match target {
+            RevokeTarget::Serial(s) => {
+                let serial = normalize_serial(s);
+                let found: Vec<_> = entries.iter().filter(|e| e.serial == serial).collect();
+                if found.is_empty() {
+                    return Err(CaError::UnknownSerial { serial });
+                }
+                found
+            }
+            RevokeTarget::Identity(id) => {
+                let found: Vec<_> = entries
+                    .iter()
+                    .filter(|e| e.spiffe_id.as_deref() == Some(id.as_str()) && e.state.is_live())
+                    .collect();
+                if found.is_empty() {
+                    return Err(CaError::UnknownIdentity { id: id.clone() });
+                }
+                found
+            }
+        };
+        let mut done = Vec::new();
+        for entry in chosen.into_iter().filter(|e| e.state != CertState::Revoked) {
+            let record = Revoked {
+                serial: entry.serial.clone(),
+                reason: reason.to_owned(),
+                revoked_at: fmt_time(now),
+            };
+            inventory::append(self.dir(), &Record::Revoked(record.clone()))?;
+            done.push(record);
+        }
+        Ok(done)
+    }
+
+    /// Signs the CRLs (see the module docs) valid for `ttl`, PEM, and bumps the CRL number.
+    ///
+    /// # Errors
+    /// [`CaError::ZeroTtl`], generation and I/O errors.
+    pub fn crl_pem(&self, ttl: Duration) -> Result<String, CaError> {
+        let ttl = time::Duration::try_from(ttl).map_err(|_| CaError::ZeroTtl)?;
+        if ttl <= time::Duration::ZERO {
+            return Err(CaError::ZeroTtl);
+        }
+        let _lock = self.lock()?;
+        let mut state = self.state()?;
+        let now = OffsetDateTime::now_utc();
+        let now = now.replace_nanosecond(0).unwrap_or(now);
+        let number = state.crl_number + 1;
+        let entries = inventory::read_entries(self.dir(), now)?;
+        let mut pem = String::new();
+        for generation in state.generations.iter().filter(|g| !g.retired) {
+            let revoked: Vec<RevokedCertParams> = entries
+                .iter()
+                .filter(|e| e.generation == generation.id && e.state == CertState::Revoked)
+                .filter_map(|e| {
+                    let r = e.revoked.as_ref()?;
+                    Some(RevokedCertParams {
+                        serial_number: SerialNumber::from_slice(&hex::decode(&e.serial).ok()?),
+                        revocation_time: parse_time(&r.revoked_at).unwrap_or(now),
+                        reason_code: reason_code(&r.reason),
+                        invalidity_date: None,
+                    })
+                })
+                .collect();
+            let signer = self.signer(&state, generation.id)?;
+            pem.push_str(&sign_crl(&signer.issuer, revoked, number, now, ttl)?);
+            if state.intermediate {
+                let root = self.root_signer(generation.id)?;
+                pem.push_str(&sign_crl(&root.issuer, Vec::new(), number, now, ttl)?);
+            }
+        }
+        state.crl_number = number;
+        self.save_state(&state)?;
+        Ok(pem)
+    }
+
+    /// [`Authority::crl_pem`] written atomically to `out`.
+    ///
+    /// # Errors
+    /// As [`Authority::crl_pem`], plus I/O errors naming `out`.
+    pub fn write_crl(&self, out: &Path, ttl: Duration) -> Result<(), CaError> {
+        let pem = self.crl_pem(ttl)?;
+        store::write_atomic(out, pem.as_bytes(), PUBLIC_MODE)
+    }
+
+    /// Serials currently revoked (for callers checking a CRL's content).
+    ///
+    /// # Errors
+    /// As [`inventory::read_records`].
+    pub fn revoked_serials(&self) -> Result<HashSet<String>, CaError> {
+        Ok(inventory::read_records(self.dir())?
+            .into_iter()
+            .filter_map(|r| match r {
+                Record::Revoked(r) => Some(r.serial),
+                Record::Issued(_) => None,
+            })
+            .collect())
+    }
+}
+
+fn sign_crl(
+    issuer: &rcgen::Issuer<'static, rcgen::KeyPair>,
+    revoked_certs: Vec<RevokedCertParams>,
+    number: u64,
+    now: OffsetDateTime,
+    ttl: time::Duration,
+) -> Result<String, CaError> {
+    let params = CertificateRevocationListParams {
+        this_update: now - crate::profile::BACKDATE,
+        next_update: now + ttl,
+        crl_number: SerialNumber::from_slice(&minimal_be(number)),
+        issuing_distribution_point: None,
+        revoked_certs,
+        key_identifier_method: KeyIdMethod::Sha256,
+    };
+    Ok(params.signed_by(issuer)?.pem()?)
+}
+
+/// Big-endian bytes of `n` without leading zeros, and with a leading zero if the top bit is set
+/// (a positive DER INTEGER).
+fn minimal_be(n: u64) -> Vec<u8> {
+    let bytes = n.to_be_bytes();
+    let first = bytes.iter().position(|b| *b != 0).unwrap_or(7);
+    let mut out = bytes[first..].to_vec();
+    if out[0] & 0x80 != 0 {
+        out.insert(0, 0);
+    }
+    out
+}
