@@ -98,7 +98,10 @@ impl<S: Subscriber> Layer<S> for AuditLayer {
         if event.metadata().target() != TARGET {
             return;
         }
-        let mut line = JsonLine::default();
+        let mut line = JsonLine {
+            buf: String::with_capacity(320),
+            saw_route: false,
+        };
         line.buf.push_str("{\"time\":\"");
         let now = OffsetDateTime::now_utc();
         let _ = write!(line.buf, "{}", now.format(&Rfc3339).unwrap_or_default());
@@ -121,7 +124,6 @@ impl<S: Subscriber> Layer<S> for AuditLayer {
     }
 }
 
-#[derive(Default)]
 struct JsonLine {
     buf: String,
     saw_route: bool,
@@ -139,8 +141,7 @@ impl JsonLine {
 impl Visit for JsonLine {
     fn record_str(&mut self, field: &Field, value: &str) {
         self.key(field);
-        // serde_json escapes quotes, backslashes and control characters.
-        let _ = write!(self.buf, "{}", serde_json::Value::String(value.to_owned()));
+        push_json_str(&mut self.buf, value);
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
@@ -165,5 +166,40 @@ impl Visit for JsonLine {
 
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
         self.record_str(field, &format!("{value:?}"));
+    }
+}
+
+/// Appends `s` as a JSON string literal (RFC 8259 §7: quote, backslash and control characters
+/// escaped), without an intermediate allocation.
+fn push_json_str(buf: &mut String, s: &str) {
+    buf.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => buf.push_str("\\\""),
+            '\\' => buf.push_str("\\\\"),
+            '\n' => buf.push_str("\\n"),
+            '\r' => buf.push_str("\\r"),
+            '\t' => buf.push_str("\\t"),
+            c if u32::from(c) < 0x20 => {
+                let _ = write!(buf, "\\u{:04x}", u32::from(c));
+            }
+            c => buf.push(c),
+        }
+    }
+    buf.push('"');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::push_json_str;
+
+    #[test]
+    fn json_strings_are_escaped() {
+        for s in ["plain", "quo\"te", "back\\slash", "ctl\u{1}\n\t", "ünï"] {
+            let mut buf = String::new();
+            push_json_str(&mut buf, s);
+            let back: String = serde_json::from_str(&buf).expect("valid JSON string");
+            assert_eq!(back, s);
+        }
     }
 }

@@ -837,3 +837,51 @@ async fn sidecar_check_prints_the_summary_or_every_problem_with_exit_2() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("does not match the certificate"), "{err}");
 }
+
+#[tokio::test]
+async fn stalled_handshake_and_idle_h2_connection_are_closed() {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let s = setup_with(&["handshake_timeout = \"1s\"", "idle_timeout = \"1s\""]).await;
+    let addr = s.sidecar.inbound_addr();
+    // A client that connects and never says hello.
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let started = Instant::now();
+    let mut buf = [0u8; 16];
+    let r = tokio::time::timeout(Duration::from_secs(15), tcp.read(&mut buf)).await;
+    assert!(r.is_ok(), "still connected after 15 s");
+    assert!(started.elapsed() >= Duration::from_millis(800));
+    let timeouts = s
+        .sidecar
+        .metric(
+            "gatehouse_tls_handshakes_total",
+            &[("result", "error"), ("reason", "timeout")],
+        )
+        .await
+        .expect("metrics");
+    assert_eq!(timeouts, 1.0);
+
+    // An h2 connection that goes quiet after one request is closed after idle_timeout.
+    let client = MtlsClient::new(&s.pki.issue(REPORTS));
+    let tls = client.connect(addr, Proto::H2).await.expect("handshake");
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .expect("h2");
+    let conn = tokio::spawn(conn);
+    let req = Request::get(format!(
+        "https://localhost:{}/api/data/reports",
+        addr.port()
+    ))
+    .body(Full::new(Bytes::new()))
+    .expect("request");
+    let resp = send.send_request(req).await.expect("response");
+    assert_eq!(resp.status(), StatusCode::OK);
+    drop(resp);
+    let quiet = Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(15), conn).await;
+    assert!(closed.is_ok(), "idle h2 connection still open after 15 s");
+    assert!(
+        quiet.elapsed() >= Duration::from_millis(800),
+        "closed too early"
+    );
+}

@@ -115,3 +115,106 @@ pub fn svid_identity(leaf: &CertificateDer<'_>, td: &TrustDomain) -> Result<Spif
     }
     Ok(id)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, KeyUsagePurpose, SanType};
+
+    fn td() -> TrustDomain {
+        TrustDomain::parse("fintech.internal").expect("td")
+    }
+
+    fn cert(sans: &[SanType], ca: bool, usages: &[KeyUsagePurpose]) -> CertificateDer<'static> {
+        let mut p = CertificateParams::default();
+        p.subject_alt_names = sans.to_vec();
+        p.is_ca = if ca {
+            IsCa::Ca(BasicConstraints::Unconstrained)
+        } else {
+            IsCa::ExplicitNoCa
+        };
+        p.key_usages = usages.to_vec();
+        let key = KeyPair::generate().expect("key");
+        p.self_signed(&key).expect("sign").der().clone()
+    }
+
+    fn uri(s: &str) -> SanType {
+        SanType::URI(s.try_into().expect("ia5"))
+    }
+
+    #[test]
+    fn svid_rules_table() {
+        let ds = [KeyUsagePurpose::DigitalSignature];
+        let ok = "spiffe://fintech.internal/report-service";
+        let cases: Vec<(&str, CertificateDer<'static>, Result<&str, &str>)> = vec![
+            ("one URI SAN", cert(&[uri(ok)], false, &ds), Ok(ok)),
+            (
+                "URI plus DNS SAN",
+                cert(
+                    &[
+                        uri(ok),
+                        SanType::DnsName("x.internal".try_into().expect("dns")),
+                    ],
+                    false,
+                    &ds,
+                ),
+                Ok(ok),
+            ),
+            ("CA:TRUE", cert(&[uri(ok)], true, &ds), Err("svid_ca_leaf")),
+            (
+                "keyCertSign",
+                cert(&[uri(ok)], false, &[KeyUsagePurpose::KeyCertSign]),
+                Err("svid_key_usage"),
+            ),
+            (
+                "no URI SAN",
+                cert(
+                    &[SanType::DnsName("x.internal".try_into().expect("dns"))],
+                    false,
+                    &ds,
+                ),
+                Err("svid_no_uri_san"),
+            ),
+            (
+                "no SAN at all",
+                cert(&[], false, &ds),
+                Err("svid_no_uri_san"),
+            ),
+            (
+                "two URI SANs",
+                cert(&[uri(ok), uri("spiffe://fintech.internal/ops")], false, &ds),
+                Err("svid_multiple_uri_sans"),
+            ),
+            (
+                "not a SPIFFE URI",
+                cert(&[uri("https://fintech.internal/x")], false, &ds),
+                Err("svid_invalid_id"),
+            ),
+            (
+                "uppercase trust domain",
+                cert(&[uri("spiffe://FINTECH.internal/x")], false, &ds),
+                Err("svid_invalid_id"),
+            ),
+            (
+                "another trust domain",
+                cert(&[uri("spiffe://evil.example/report-service")], false, &ds),
+                Err("svid_foreign_trust_domain"),
+            ),
+            (
+                "garbage DER",
+                CertificateDer::from(vec![0x30, 0x03, 0x02, 0x01, 0x00]),
+                Err("svid_malformed"),
+            ),
+        ];
+        for (name, der, want) in cases {
+            let got = svid_identity(&der, &td());
+            match want {
+                Ok(id) => assert_eq!(got.map(|i| i.to_string()).as_deref(), Ok(id), "{name}"),
+                Err(reason) => {
+                    let e = got.expect_err(name);
+                    assert_eq!(e.reason(), reason, "{name}: {e}");
+                }
+            }
+        }
+    }
+}
