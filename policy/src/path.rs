@@ -75,7 +75,8 @@ pub enum PathError {
 /// nothing. Applied, in this order per segment:
 /// - percent-encodings of unreserved characters (`A-Z a-z 0-9 - . _ ~`, RFC 3986 §2.3) are
 ///   decoded, and the hex digits of the others are upper-cased (§6.2.2.1–2), so a path has one
-///   spelling: `/%61pi` and `/api` are the same route;
+///   spelling: `/%61pi` and `/api` are the same route; sub-delimiters, `:` and `@` are decoded
+///   too (see `decodes` for why) and characters not allowed raw in a path are encoded;
 /// - `.` segments are removed and `..` removes the previous segment (§5.2.4), after decoding,
 ///   so `%2e%2e` counts as `..`;
 /// - empty segments from repeated slashes are merged (`/a//b` is `/a/b`), a trailing slash is
@@ -117,7 +118,7 @@ fn check_segment(segment: &str, opts: &NormalizeOptions) -> Result<bool, PathErr
             b'%' => {
                 let (value, hex_is_canonical) = decode_escape(bytes, i)?;
                 refuse_decoded(value)?;
-                rewrite |= is_unreserved(value) || !hex_is_canonical;
+                rewrite |= decodes(value) || !hex_is_canonical;
                 i += 3;
                 continue;
             }
@@ -131,7 +132,9 @@ fn check_segment(segment: &str, opts: &NormalizeOptions) -> Result<bool, PathErr
                 let ch = segment[i..].chars().next().unwrap_or('\u{FFFD}');
                 return Err(PathError::NonAscii { ch });
             }
-            _ => {}
+            // Characters RFC 3986 does not allow raw in a path (space, `"`, `<`, `{`, ...) are
+            // percent-encoded, again so that there is one spelling.
+            _ => rewrite |= !is_path_char(b),
         }
         i += 1;
     }
@@ -215,7 +218,23 @@ fn is_unreserved(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
 }
 
-/// Writes a segment with unreserved escapes decoded and other escapes upper-cased.
+/// Characters allowed raw in a path segment (RFC 3986 §3.3 `pchar`, without `%`).
+fn is_path_char(b: u8) -> bool {
+    is_unreserved(b) || b"!$&'()*+,;=:@".contains(&b)
+}
+
+/// Escapes decoded in the normal form: unreserved characters (RFC 3986 §6.2.2.2) and, beyond
+/// the RFC, the sub-delimiters, `:` and `@`. Apps decode those before routing, so leaving
+/// `%21` encoded would let `/admin%21` slip past a route for `/admin!` to a broader route
+/// while reaching the same handler. Not decoded: `;` (it would become a matrix parameter
+/// separator), and everything that is not a path character (`%2F`, `%3F`, `%23`, `%25`, space...),
+/// whose decoding would change the path's structure.
+fn decodes(b: u8) -> bool {
+    is_path_char(b) && b != b';'
+}
+
+/// Writes a segment with [`decodes`] escapes decoded, other escapes upper-cased and raw
+/// non-path characters encoded.
 fn canonical_segment(segment: &str) -> String {
     let bytes = segment.as_bytes();
     let mut out = String::with_capacity(bytes.len());
@@ -224,14 +243,19 @@ fn canonical_segment(segment: &str) -> String {
         if bytes[i] == b'%' {
             // `check_segment` validated every escape before we got here.
             let (value, _) = decode_escape(bytes, i).unwrap_or((b'%', true));
-            if is_unreserved(value) {
+            if decodes(value) {
                 out.push(char::from(value));
             } else {
                 out.push_str(&format!("%{value:02X}"));
             }
             i += 3;
         } else {
-            out.push(char::from(bytes[i]));
+            let b = bytes[i];
+            if is_path_char(b) {
+                out.push(char::from(b));
+            } else {
+                out.push_str(&format!("%{b:02X}"));
+            }
             i += 1;
         }
     }
@@ -304,9 +328,15 @@ mod tests {
             ("/a/%2e/b", "/a/b", false),
             ("/%61pi", "/api", false),
             ("/%7Euser/%5F%2D", "/~user/_-", false),
-            // Reserved characters stay encoded, with upper-case hex.
+            // Structural characters stay encoded, with upper-case hex.
             ("/a%20b", "/a%20b", true),
-            ("/a%3bb%3Fc", "/a%3Bb%3Fc", false),
+            ("/a%3bb%3Fc%23d%25e", "/a%3Bb%3Fc%23d%25e", false),
+            // Sub-delimiters, `:` and `@` are decoded: apps read `%21` as `!`.
+            ("/admin%21", "/admin!", false),
+            ("/a%3A%40%2C%3D%2a", "/a:@,=*", false),
+            // Characters not allowed raw in a path are encoded.
+            ("/a b", "/a%20b", false),
+            ("/a\"<>{|}^`[]", "/a%22%3C%3E%7B%7C%7D%5E%60%5B%5D", false),
             ("/caf%c3%a9", "/caf%C3%A9", false),
             ("/caf%C3%A9", "/caf%C3%A9", true),
             ("/%F0%9F%A6%80", "/%F0%9F%A6%80", true),
