@@ -46,21 +46,32 @@ async fn demo_exits_0_and_its_transcript_shows_every_expected_outcome() {
     let _ports = FIXED_PORTS.lock().await;
     let work = tempfile::tempdir().expect("temp dir");
     let demo = bin_dir().expect("binary dir").join("fintech-demo");
-    let run = tokio::process::Command::new(&demo)
+    // Its own process group, so a timeout can take the demo's children down with it.
+    let child = tokio::process::Command::new(&demo)
         .arg("--work-dir")
         .arg(work.path().join("demo"))
         .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
         .kill_on_drop(true)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(240), run)
-        .await
-        .expect("the demo finishes within 4 minutes")
+        .spawn()
         .unwrap_or_else(|e| {
             panic!(
                 "cannot run {}: {e} (cargo build --workspace --bins first)",
                 demo.display()
             )
         });
+    let pid = child.id().expect("running");
+    let out = match tokio::time::timeout(Duration::from_secs(240), child.wait_with_output()).await {
+        Ok(out) => out.expect("demo output"),
+        Err(_) => {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", "--", &format!("-{pid}")])
+                .status();
+            panic!("the demo did not finish within 4 minutes; killed its process group");
+        }
+    };
     let transcript = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(

@@ -79,7 +79,7 @@ async fn demo(examples: PathBuf, work_dir: PathBuf, ports: Ports) -> bool {
     println!("binaries from {}\n", opts.bin_dir.display());
     let stack = tokio::select! {
         res = Stack::start(opts) => res,
-        _ = tokio::signal::ctrl_c() => { println!("interrupted"); return false; }
+        () = interrupted() => { println!("interrupted"); return false; }
     };
     let stack = match stack {
         Ok(stack) => stack,
@@ -89,7 +89,7 @@ async fn demo(examples: PathBuf, work_dir: PathBuf, ports: Ports) -> bool {
     let mut print = |c: &Check| println!("{c}");
     let checks = tokio::select! {
         checks = scenario::run(&stack, &mut print) => checks,
-        _ = tokio::signal::ctrl_c() => { println!("interrupted"); return false; }
+        () = interrupted() => { println!("interrupted"); return false; }
     };
     stack.stop().await;
     let failed = checks.iter().filter(|c| !c.ok).count();
@@ -105,13 +105,21 @@ async fn demo(examples: PathBuf, work_dir: PathBuf, ports: Ports) -> bool {
 
 async fn print_started(stack: &Stack) {
     let p = stack.ports();
+    let certs = stack.certs_dir();
+    let mut made = vec![
+        "CA fintech.internal",
+        "SVIDs for monolith, report-service, api-gateway",
+    ];
+    if certs.join("crl.pem").is_file() {
+        made.push("a revoked report-service SVID + CRL");
+    }
+    if certs.join("impostor/cert.pem").is_file() {
+        made.push("a foreign CA + impostor SVID");
+    }
     let minted = Check {
         ok: true,
         label: label::MINTED,
-        detail: format!(
-            "{}: CA, 3 SVIDs, a revoked SVID + CRL, a foreign CA + impostor SVID",
-            stack.certs_dir().display()
-        ),
+        detail: format!("{}: {}", certs.display(), made.join(", ")),
     };
     println!("{minted}");
     let mut detail = String::new();
@@ -154,4 +162,19 @@ fn fail_start(e: &StackError) -> bool {
     eprintln!("fintech-demo: error: {e}");
     eprintln!("  help: {}", e.help());
     false
+}
+
+/// Resolves on SIGINT or SIGTERM, so the stack is dropped (children killed) before the demo exits.
+async fn interrupted() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
+    }
 }
