@@ -124,7 +124,7 @@ step "Gatehouse invariants on the rendered manifests"
 step "Argo CD (CRD schemas + automated sync invariants)"
 json_dir="$tools/argocd-json"
 rm -rf "$json_dir" && mkdir -p "$json_dir"
-"$py" "$here/tools/check_manifests.py" argocd "$repo" "$json_dir" "$here"/argocd/*.yaml ||
+"$py" "$here/tools/check_manifests.py" argocd "$repo" "$json_dir" "$tools/rendered/${renderers[0]%%|*}" "$here"/argocd/*.yaml ||
   die "an Argo CD invariant is broken (above)" "see deploy/argocd/README.md"
 NODE_PATH="$node_dir/node_modules" node "$here/tools/argocd-validate.cjs" "$json_dir"/*.json ||
   die "Argo CD schema validation failed (above)" "fix the field named in the message"

@@ -6,7 +6,7 @@ sidecar with probes on its admin port, read-only whole-directory mounts (hot rel
 sidecar port reachable, Argo CD self-healing, Terraform variables and outputs documented.
 
     python check_manifests.py k8s RENDERED.yaml...
-    python check_manifests.py argocd REPO_ROOT JSON_OUT_DIR MANIFEST.yaml...
+    python check_manifests.py argocd REPO_ROOT JSON_OUT_DIR RENDER_DIR MANIFEST.yaml...
     python check_manifests.py terraform DIR
     python check_manifests.py extract RENDERED.yaml CONFIGMAP KEY   (prints one ConfigMap value)
 """
@@ -233,25 +233,69 @@ def check_k8s(files: list[str]) -> None:
 # Argo CD
 # --------------------------------------------------------------------------------------------
 
-def check_argocd(repo: str, out_dir: str, files: list[str]) -> None:
+def group_of(api_version: str) -> str:
+    return api_version.split("/")[0] if "/" in api_version else ""
+
+
+def allowed(kind: str, group: str, whitelist: list[dict]) -> bool:
+    return any(w.get("kind") in (kind, "*") and w.get("group") in (group, "*") for w in whitelist)
+
+
+def check_argocd(repo: str, out_dir: str, render_dir: str, files: list[str]) -> None:
+    """Applications sync automatically with prune + selfHeal, point at a kustomize root, and
+    their AppProject admits every kind and namespace that root renders (else the sync fails in
+    the cluster, long after review)."""
     root = Path(repo)
+    all_docs = []
     for file in files:
         docs = load_yaml(Path(file))
         for d in docs:
             d["__source"] = file
-            if d.get("kind") != "Application":
-                continue
-            where = f"{file}: Application/{d['metadata']['name']}"
-            sp = d.get("spec", {})
-            auto = sp.get("syncPolicy", {}).get("automated", {})
-            if auto.get("prune") is not True or auto.get("selfHeal") is not True:
-                err(where, "syncPolicy.automated must set prune: true and selfHeal: true (GitOps: Git wins)")
-            path = sp.get("source", {}).get("path", "")
-            if not (root / path / "kustomization.yaml").is_file():
-                err(where, f"source.path {path} is not a kustomize root in this repository")
+        all_docs += docs
         out = Path(out_dir) / (Path(file).stem + ".json")
         out.write_text(json.dumps(docs))
         print(f"ok   {file}: {len(docs)} objects converted for schema validation")
+    projects = {d["metadata"]["name"]: d for d in all_docs if d.get("kind") == "AppProject"}
+    for d in all_docs:
+        if d.get("kind") != "Application":
+            continue
+        where = f"{d['__source']}: Application/{d['metadata']['name']}"
+        sp = d.get("spec", {})
+        auto = sp.get("syncPolicy", {}).get("automated", {})
+        if auto.get("prune") is not True or auto.get("selfHeal") is not True:
+            err(where, "syncPolicy.automated must set prune: true and selfHeal: true (GitOps: Git wins)")
+        path = sp.get("source", {}).get("path", "")
+        if not (root / path / "kustomization.yaml").is_file():
+            err(where, f"source.path {path} is not a kustomize root in this repository")
+            continue
+        project = projects.get(sp.get("project"))
+        if project is None:
+            err(where, f"AppProject {sp.get('project')} is not defined in {', '.join(files)}")
+            continue
+        # validate.sh names each render after its root: overlays/monolith -> overlays_monolith.yaml
+        rel = path.removeprefix("deploy/kubernetes/")
+        rendered = Path(render_dir) / (rel.replace("/", "_") + ".yaml")
+        if rel == path or not rendered.is_file():
+            err(where, f"no render of {path} in {render_dir}")
+            continue
+        pspec = project["spec"]
+        if sp.get("source", {}).get("repoURL") not in pspec.get("sourceRepos", []):
+            err(where, f"repoURL is not in AppProject {project['metadata']['name']} sourceRepos")
+        dest_ns = sp.get("destination", {}).get("namespace")
+        allowed_ns = {x.get("namespace") for x in pspec.get("destinations", [])}
+        for obj in load_yaml(rendered):
+            kind, group = obj["kind"], group_of(obj["apiVersion"])
+            ns = obj["metadata"].get("namespace", dest_ns)
+            label = f"{kind}/{obj['metadata']['name']}"
+            if kind == "Namespace":
+                wl = pspec.get("clusterResourceWhitelist", [])
+            else:
+                wl = pspec.get("namespaceResourceWhitelist", [])
+                if ns not in allowed_ns and "*" not in allowed_ns:
+                    err(where, f"{label} goes to namespace {ns}, which AppProject {project['metadata']['name']} does not allow")
+            if not allowed(kind, group, wl):
+                err(where, f"{label}: kind {group or 'core'}/{kind} is not in AppProject {project['metadata']['name']}'s whitelist")
+        print(f"ok   {where}: sync policy, source path and project whitelist")
 
 
 # --------------------------------------------------------------------------------------------
@@ -307,7 +351,7 @@ def main(argv: list[str]) -> int:
     if cmd == "k8s":
         check_k8s(rest)
     elif cmd == "argocd":
-        check_argocd(rest[0], rest[1], rest[2:])
+        check_argocd(rest[0], rest[1], rest[2], rest[3:])
     elif cmd == "terraform":
         check_terraform(rest[0])
     elif cmd == "extract":
