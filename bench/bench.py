@@ -303,15 +303,18 @@ def render_all(work, certs, ports, bins):
         audit = topo == "gatehouse-audit"
         key = "gha" if audit else "gh"
         policy = render("gatehouse-policy.toml", conf_dir / f"{topo}-policy.toml", common)
-        audit_section = (f'[audit]\npath = "{work / "logs" / (topo + "-audit.jsonl")}"\n' if audit
-                         else AUDIT_OFF_SECTION)
+        def audit_section(side):
+            if audit:
+                return f'[audit]\npath = "{work / "logs" / f"{topo}-{side}-audit.jsonl"}"\n'
+            return AUDIT_OFF_SECTION
+
         cfg_in = render("gatehouse-inbound.toml", conf_dir / f"{topo}-inbound.toml",
                         {**common, "INBOUND_PORT": ports[f"{key}_in"], "ADMIN_PORT": ports[f"{key}_in_admin"],
-                         "POLICY": policy, "AUDIT_SECTION": audit_section})
+                         "POLICY": policy, "AUDIT_SECTION": audit_section("inbound")})
         cfg_out = render("gatehouse-outbound.toml", conf_dir / f"{topo}-outbound.toml",
                          {**common, "INBOUND_PORT": ports[f"{key}_in"], "OUTBOUND_PORT": ports[f"{key}_out"],
                           "ADMIN_PORT": ports[f"{key}_out_admin"], "SPARE_PORT": ports[f"{key}_out_spare"],
-                          "POLICY": policy})
+                          "POLICY": policy, "AUDIT_SECTION": audit_section("outbound")})
         env = dict(os.environ, RUST_LOG=os.environ.get("BENCH_RUST_LOG", "warn"))
         for side, cfg, port in (("inbound", cfg_in, ports[f"{key}_in"]), ("outbound", cfg_out, ports[f"{key}_out"])):
             name = f"{topo}-{side}"
@@ -764,7 +767,13 @@ def main():
         rows = summarize(loads, hss, idles, rss_idle, wanted)
         table = markdown(rows, wanted, args, args.idle_conns)
         tgt = targets(rows, wanted)
-        print("\n" + table + "\n\n" + tgt + "\n")
+        if args.smoke:
+            g = rows.get("gatehouse", {})
+            print(f"smoke ok: gatehouse pair {fmt(g.get('rps@32'))} req/s at c=32, pair CPU "
+                  f"{fmt(g.get('proxy_cpu_us@32'), 1)} µs/req, inbound {fmt(g.get('hs_us'))} µs/handshake, "
+                  f"{idles[0]['open'] if idles else 0} idle mTLS connections held")
+        else:
+            print("\n" + table + "\n\n" + tgt + "\n")
         raw = {"machine": info, "ports": ports, "work": str(work), "checks": checks, "loads": loads,
                "handshakes": hss, "idle_conns": idles, "rss_idle": rss_idle, "rows": rows,
                "settings": {"duration_s": args.duration, "reps": args.reps,
@@ -775,6 +784,8 @@ def main():
         if args.results:
             write_results(Path(args.results), raw, table, tgt, services)
             log(f"results written to {args.results}")
+            if not args.smoke and Path(args.results).resolve().parent == (HERE / "results").resolve():
+                quote_in_readme(Path(args.results), raw, table, tgt)
         if args.hold:
             log("holding; Ctrl-C to stop")
             signal.pause()
@@ -787,6 +798,19 @@ def main():
             shutil.rmtree(work, ignore_errors=True)
         elif not ok:
             log(f"logs and configs kept in {work}")
+
+
+def quote_in_readme(results, raw, table, tgt):
+    """bench/README.md quotes the latest run (everything after the `latest-results` marker)."""
+    readme = HERE / "README.md"
+    text = readme.read_text()
+    marker = "<!-- latest-results -->"
+    if marker not in text:
+        return
+    m = raw["machine"]
+    quote = (f"{marker}\nLatest run: [`results/{results.name}`](results/{results.name}), {m['nproc']} CPUs "
+             f"({m['cpu']}), {m['nginx']}, {m['haproxy'].split(' - ')[0]}, {m['rustc']}.\n\n{table}\n\n{tgt}\n")
+    readme.write_text(text.split(marker)[0] + quote)
 
 
 def write_results(path, raw, table, tgt, services):
