@@ -56,7 +56,7 @@ if [[ -z $serial ]]; then
   exit 1
 fi
 printf '%s\n' "$serial" > "$out/revoked-report-service/serial"
-"$ca" revoke --dir "$out/ca" --serial "$serial"
+"$ca" revoke --dir "$out/ca" --serial "$serial" --reason key-compromise
 "$ca" crl --dir "$out/ca" --out "$out/crl.pem"
 
 step "an impostor: a foreign CA claiming $td, and a report-service SVID from it"
