@@ -1,8 +1,10 @@
 //! The audit log: one JSON line per inbound decision, emitted as a `tracing` event with target
 //! [`TARGET`] and written by [`AuditLayer`] to stdout (default) or an append-only file.
 //!
-//! A line has exactly these fields, `time` first:
-//! `{"time","request_id","caller","method","path","route","decision","reason","status","duration_ms"}`.
+//! An inbound line has exactly these fields, `time` first:
+//! `{"time","direction":"inbound","request_id","caller","method","path","route","decision",
+//! "reason","status","duration_ms"}`. Outbound lines (see `outbound::listener`) go through the
+//! same layer with their own fields.
 //! `path` is the normalized path (the raw one when normalization refused it), `route` is `null`
 //! when no route matched. Operational logs go to stderr, never into the audit stream.
 
@@ -52,6 +54,7 @@ pub struct AuditRecord<'a> {
 pub fn record(r: &AuditRecord<'_>) {
     tracing::info!(
         target: TARGET,
+        direction = "inbound",
         request_id = r.request_id,
         caller = r.caller.as_str(),
         method = r.method,
@@ -101,14 +104,16 @@ impl<S: Subscriber> Layer<S> for AuditLayer {
         let mut line = JsonLine {
             buf: String::with_capacity(320),
             saw_route: false,
+            saw_decision: false,
         };
         line.buf.push_str("{\"time\":\"");
         let now = OffsetDateTime::now_utc();
         let _ = write!(line.buf, "{}", now.format(&Rfc3339).unwrap_or_default());
         line.buf.push('"');
         event.record(&mut line);
-        if !line.saw_route {
-            // tracing skips `None` fields; the line always has `route`, null when no route.
+        if line.saw_decision && !line.saw_route {
+            // tracing skips `None` fields; a decision line always has `route`, null when no
+            // route matched.
             line.buf.push_str(",\"route\":null");
         }
         line.buf.push_str("}\n");
@@ -127,11 +132,13 @@ impl<S: Subscriber> Layer<S> for AuditLayer {
 struct JsonLine {
     buf: String,
     saw_route: bool,
+    saw_decision: bool,
 }
 
 impl JsonLine {
     fn key(&mut self, field: &Field) {
         self.saw_route |= field.name() == "route";
+        self.saw_decision |= field.name() == "decision";
         self.buf.push_str(",\"");
         self.buf.push_str(field.name());
         self.buf.push_str("\":");

@@ -885,3 +885,53 @@ async fn stalled_handshake_and_idle_h2_connection_are_closed() {
         "closed too early"
     );
 }
+
+#[tokio::test]
+async fn audit_lines_can_go_to_a_file_instead_of_stdout() {
+    let pki = Pki::new(TD);
+    let app = FakeApp::start().await;
+    let server = pki.issue(MONOLITH);
+    let log = pki.fresh_dir("audit").join("audit.jsonl");
+    let sidecar = Sidecar::inbound(&server, app.addr(), POLICY)
+        .section(&format!("[audit]\npath = {log:?}\n"))
+        .spawn()
+        .await
+        .expect("sidecar");
+    let client = MtlsClient::new(&pki.issue(GATEWAY));
+    let addr = sidecar.inbound_addr();
+    assert_eq!(
+        client
+            .get(addr, Proto::H1, "/api/dashboard")
+            .await
+            .expect("ok")
+            .status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        client
+            .get(addr, Proto::H1, "/admin")
+            .await
+            .expect("ok")
+            .status,
+        StatusCode::FORBIDDEN
+    );
+    let lines = eventually(
+        "two audit lines in the file",
+        Duration::from_secs(10),
+        async || {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let lines: Vec<serde_json::Value> = text
+                .lines()
+                .map(|l| serde_json::from_str(l).expect("JSON line"))
+                .collect();
+            (lines.len() >= 2).then_some(lines)
+        },
+    )
+    .await
+    .expect("audit file");
+    assert_eq!(lines[0]["decision"], "allow");
+    assert_eq!(lines[0]["route"], "dashboard");
+    assert_eq!(lines[1]["decision"], "deny");
+    assert_eq!(lines[1]["caller"], GATEWAY);
+    assert!(sidecar.stdout_lines().is_empty(), "nothing on stdout");
+}

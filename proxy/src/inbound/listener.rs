@@ -18,7 +18,7 @@ use hyper_util::server::graceful::GracefulConnection;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::Inbound;
 use super::request::{ConnCtx, handle};
@@ -144,7 +144,7 @@ fn handshake_failed(inbound: &Inbound, reason: &'static str, e: &dyn std::fmt::D
         .tls_handshakes
         .with_label_values(&["inbound", "error", reason])
         .inc();
-    debug!(reason, error = %e, "mTLS handshake refused");
+    info!(reason, error = %e, "mTLS handshake refused");
 }
 
 /// The handshake failure reason carried inside tokio-rustls' I/O error.

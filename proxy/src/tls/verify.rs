@@ -50,13 +50,10 @@ impl PeerIdentity {
         &self.leaf_sha256_hex
     }
 
-    /// Identity of the peer of a session whose certificates a verifier of ours already
-    /// validated in the handshake (for instance the outbound server verifier): re-applies the
-    /// SVID rules to the leaf.
-    ///
-    /// # Errors
-    /// [`Error::NoCertificatesPresented`], or the SVID rule the leaf breaks.
-    pub fn from_verified_certs(
+    /// Identity of the peer of a session whose certificates the verifier already validated in
+    /// the handshake: re-applies the SVID rules to the leaf. Private: holding a
+    /// `PeerIdentity` must mean a verifier of this module ran.
+    fn from_verified_certs(
         peer_certs: Option<&[CertificateDer<'_>]>,
         td: &TrustDomain,
     ) -> Result<Self, Error> {
