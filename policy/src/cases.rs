@@ -135,7 +135,7 @@ pub fn run_cases(policy: &Policy, cases: &SourceFile) -> Result<Vec<CaseResult>,
             Err(e) => {
                 errors.push(cases.diagnostic(
                     c.caller.span(),
-                    format!("caller `{}` is not an identity: {e}", c.caller.get_ref()),
+                    format!("caller `{}`: {e}", c.caller.get_ref()),
                     "write a spiffe:// ID or the name of an alias of the policy that stands for one exact ID",
                 ));
                 continue;

@@ -150,16 +150,36 @@ impl Policy {
     ///
     /// # Errors
     /// When `s` is neither an exact-ID alias of this policy nor a valid SPIFFE ID.
-    pub fn resolve_caller(&self, s: &str) -> Result<SpiffeId, IdError> {
+    pub fn resolve_caller(&self, s: &str) -> Result<SpiffeId, CallerError> {
         match self.aliases.iter().find(|a| a.name == s) {
             Some(Alias {
                 pattern: IdentityPattern::Exact(id),
                 ..
             }) => Ok(id.clone()),
-            Some(_) => Err(IdError::Wildcard),
-            None => SpiffeId::parse(s),
+            Some(a) => Err(CallerError::WildcardAlias {
+                alias: a.name.clone(),
+                pattern: a.pattern.to_string(),
+            }),
+            None => SpiffeId::parse(s).map_err(CallerError::Invalid),
         }
     }
+}
+
+/// Why a caller given to [`Policy::resolve_caller`] is not one identity.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CallerError {
+    /// The alias stands for a pattern, which admits many identities.
+    #[error("alias `{alias}` stands for the pattern `{pattern}`, not one identity")]
+    WildcardAlias {
+        /// The alias.
+        alias: String,
+        /// What it stands for.
+        pattern: String,
+    },
+    /// Not an alias, and not a valid SPIFFE ID.
+    #[error("not an alias of the policy, and not a SPIFFE ID: {0}")]
+    Invalid(#[source] IdError),
 }
 
 /// Turns a TOML syntax, unknown-key or type error into a diagnostic.

@@ -31,7 +31,7 @@ pub enum Change {
 pub struct AccessChange {
     /// Granted or revoked.
     pub change: Change,
-    /// The caller: an alias name, a SPIFFE ID, or "any identity matching <pattern>".
+    /// The caller: an alias name, a SPIFFE ID, or `any identity matching PATTERN`.
     pub caller: String,
     /// The route that decides in the policy that allows: the new one for a grant, the old
     /// one for a revocation.

@@ -26,7 +26,7 @@ mod probe;
 pub mod review;
 mod source;
 
-pub use compile::{Alias, Policy, SUPPORTED_VERSION};
+pub use compile::{Alias, CallerError, Policy, SUPPORTED_VERSION};
 pub use identity::{IdError, IdentityPattern, SpiffeId, TrustDomain};
 pub use matcher::{AllowEntry, Decision, DenyReason, METHODS, Route};
 pub use source::{Diagnostic, SourceFile};

@@ -58,7 +58,8 @@ enum Command {
         /// The request path as sent (normalized like the sidecar does; a query is ignored).
         #[arg(long, required_unless_present = "cases", conflicts_with = "cases")]
         path: Option<String>,
-        /// A CASES.toml file of [[case]] tables (caller, method, path, expect, optional route).
+        /// A CASES.toml file: one `[[case]]` table (caller, method, path, expect, optional route)
+        /// per expected decision.
         #[arg(long)]
         cases: Option<PathBuf>,
         /// Accept `;` in path segments, as a sidecar configured for matrix parameters does.
@@ -212,7 +213,7 @@ fn test_one(
         Err(e) => {
             let d = Diagnostic::whole_file(
                 "--caller",
-                format!("`{caller}` is not an identity: {e}"),
+                format!("caller `{caller}`: {e}"),
                 "pass a spiffe:// ID, or an alias of the policy that stands for one exact ID",
             );
             return render_errors(&[d], json);
