@@ -205,3 +205,39 @@ async fn impostor_and_revoked_certificates_are_refused_at_the_handshake() {
     }
     stack.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_example_config_passes_sidecar_check_with_the_minted_certificates() {
+    // No listener is bound by `sidecar check`, so no port lock is needed.
+    let work = tempfile::tempdir().expect("temp dir");
+    let opts =
+        StackOptions::for_repo(work.path().join("work"), Ports::default()).expect("binary dir");
+    let stack = match Stack::prepare(opts).await {
+        Ok(stack) => stack,
+        Err(e) => panic!("could not prepare the example: {e}\nhelp: {}", e.help()),
+    };
+    for s in Service::ALL {
+        let out = tokio::process::Command::new(stack.options().bin_dir.join("sidecar"))
+            .arg("check")
+            .arg("--config")
+            .arg(stack.sidecar_config(s))
+            .output()
+            .await
+            .expect("run sidecar check");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success(),
+            "sidecar check {} failed:\n{text}",
+            s.name()
+        );
+        assert!(
+            text.contains(s.spiffe_id().as_str()),
+            "{} summary does not name its identity:\n{text}",
+            s.name()
+        );
+    }
+}

@@ -286,33 +286,55 @@ impl Stack {
     /// # Errors
     /// [`StackError`] naming the step and, for a process, the tail of its log.
     pub async fn start(opts: StackOptions) -> Result<Stack, StackError> {
+        let mut stack = Self::prepare(opts).await?;
+        stack.launch().await?;
+        Ok(stack)
+    }
+
+    /// Copies the example into the work directory and mints the certificates; starts nothing.
+    ///
+    /// # Errors
+    /// [`StackError`] for a missing binary, a non-empty work directory, a file error or a failed mint.
+    pub async fn prepare(opts: StackOptions) -> Result<Stack, StackError> {
         for bin in ["ca", "sidecar", "monolith", "report-service", "api-gateway"] {
             let path = opts.bin_dir.join(bin);
             if !path.is_file() {
                 return Err(StackError::BinaryMissing { path });
             }
         }
-        let mut stack = Stack {
+        let stack = Stack {
             opts,
             children: Vec::new(),
             client: HttpClient::new(Duration::from_secs(20)),
         };
         stack.prepare_work_dir().await?;
         stack.mint().await?;
+        Ok(stack)
+    }
+
+    /// Starts the apps and the sidecars of a prepared stack and waits until all are ready.
+    ///
+    /// # Errors
+    /// [`StackError`] naming the process that exited or did not become ready, with its log's tail.
+    pub async fn launch(&mut self) -> Result<(), StackError> {
         for s in Service::ALL {
-            stack.spawn_app(s)?;
+            self.spawn_app(s)?;
         }
         for s in Service::ALL {
-            let config = stack.work_dir().join(s.name()).join("sidecar.toml");
+            let config = self.sidecar_config(s);
             let args = [
                 "run".into(),
                 "--config".into(),
                 config.display().to_string(),
             ];
-            stack.spawn(&format!("{}-sidecar", s.name()), "sidecar", &args)?;
+            self.spawn(&format!("{}-sidecar", s.name()), "sidecar", &args)?;
         }
-        stack.wait_ready().await?;
-        Ok(stack)
+        self.wait_ready().await
+    }
+
+    /// `WORK/<name>/sidecar.toml`: the example's config as copied (ports shifted by the offset).
+    pub fn sidecar_config(&self, s: Service) -> PathBuf {
+        self.work_dir().join(s.name()).join("sidecar.toml")
     }
 
     /// The options this stack runs with.
