@@ -2,8 +2,8 @@
 //!
 //! A directory is due when any of these holds (the first one found is the reported reason):
 //! - `--force`;
-//! - its leaf is inside the renewal window: the last third of its lifetime by default, or the
-//!   last `--renew-before`;
+//! - its leaf is inside the renewal window: the last third of its lifetime (not counting the
+//!   not-before backdate) by default, or the last `--renew-before`;
 //! - its leaf is revoked, or was signed by a generation that is no longer current (after
 //!   `ca root rotate`), or its key does not match its certificate.
 //!
@@ -132,7 +132,10 @@ impl Authority {
             )));
         };
         let (_, current_gen) = self.generations()?;
-        let lifetime = cur.not_after - cur.not_before;
+        // The lifetime that was asked for: not-before is backdated for clock skew, and counting
+        // the backdate would put short-lived certificates inside their window at birth.
+        let lifetime =
+            (cur.not_after - cur.not_before - profile::BACKDATE).max(time::Duration::MINUTE);
         let window = match opts.renew_before {
             Some(d) => time::Duration::try_from(d).unwrap_or(time::Duration::MAX),
             None => lifetime / 3,
@@ -188,11 +191,10 @@ impl Authority {
         } else {
             self.key_type().generate()?
         };
-        let ttl = (lifetime - profile::BACKDATE).max(time::Duration::MINUTE);
         let req = IssueRequest {
             spiffe_id: cur.id,
             dns: cur.dns,
-            ttl: Duration::try_from(ttl).unwrap_or(Duration::from_secs(60)),
+            ttl: Duration::try_from(lifetime).unwrap_or(Duration::from_secs(60)),
         };
         let svid = self.issue_for_key(&req, &key, Source::Rotate, Some(&cur.serial))?;
         svid.write_to(dir)?;
