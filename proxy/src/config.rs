@@ -250,8 +250,10 @@ pub struct InboundConfig {
     /// TLS handshake timeout.
     pub handshake_timeout: Duration,
     /// Time a client has to send a complete HTTP/1.1 request head (slow clients are dropped).
+    /// hyper also runs this timer while a keep-alive HTTP/1.1 connection waits for its next
+    /// request, so it bounds HTTP/1.1 idle time too.
     pub header_read_timeout: Duration,
-    /// A connection with no request in flight for this long is closed.
+    /// A connection with no request in flight for this long is closed (HTTP/2 with GOAWAY).
     pub idle_timeout: Duration,
     /// Time the app has to start its response before the caller gets 504.
     pub app_timeout: Duration,

@@ -606,7 +606,7 @@ async fn sigterm_during_a_slow_request_lets_it_complete_then_exits_0() {
         let client = client.clone();
         tokio::spawn(async move {
             client
-                .get(addr, Proto::H1, "/api/data/reports?sleep_ms=2000")
+                .get(addr, Proto::H1, "/api/data/reports?sleep_ms=4000")
                 .await
         })
     };
@@ -614,7 +614,7 @@ async fn sigterm_during_a_slow_request_lets_it_complete_then_exits_0() {
         let client = client.clone();
         tokio::spawn(async move {
             client
-                .get(addr, Proto::H2, "/api/data/reports?sleep_ms=2000")
+                .get(addr, Proto::H2, "/api/data/reports?sleep_ms=4000")
                 .await
         })
     };
@@ -934,4 +934,62 @@ async fn audit_lines_can_go_to_a_file_instead_of_stdout() {
     assert_eq!(lines[1]["decision"], "deny");
     assert_eq!(lines[1]["caller"], GATEWAY);
     assert!(sidecar.stdout_lines().is_empty(), "nothing on stdout");
+}
+
+#[tokio::test]
+async fn tls_1_2_is_accepted_only_when_configured() {
+    let pki = Pki::new(TD);
+    let app = FakeApp::start().await;
+    let server = pki.issue(MONOLITH);
+    let caller = pki.issue(REPORTS);
+    let sidecar = Sidecar::inbound(&server, app.addr(), POLICY)
+        .top_option("min_tls = \"1.2\"")
+        .spawn()
+        .await
+        .expect("sidecar");
+    let port = sidecar.inbound_addr().port();
+    let out = tokio::task::spawn_blocking(move || {
+        let mut child = Command::new("openssl")
+            .args([
+                "s_client",
+                "-connect",
+                &format!("127.0.0.1:{port}"),
+                "-tls1_2",
+            ])
+            .args([
+                "-verify_return_error",
+                "-quiet",
+                "-ign_eof",
+                "-servername",
+                "localhost",
+            ])
+            .arg("-cert")
+            .arg(caller.cert())
+            .arg("-key")
+            .arg(caller.key())
+            .arg("-CAfile")
+            .arg(caller.bundle())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("openssl");
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(b"GET /public/x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .expect("write");
+        child.wait_with_output().expect("output")
+    })
+    .await
+    .expect("openssl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with("HTTP/1.1 200"),
+        "TLS 1.2 with min_tls = \"1.2\": {text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(app.requests()[0].path_and_query, "/public/x");
 }
