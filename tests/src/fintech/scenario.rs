@@ -434,6 +434,19 @@ fn sample_value(line: &str) -> f64 {
 }
 
 async fn metrics_excerpt(stack: &Stack) -> Result<String, String> {
+    // Counters are bumped as the sidecar finishes with a connection, which can trail the client's view
+    // by a moment on a loaded machine: poll briefly for the expected counts.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let judged = judge_metrics(stack).await;
+        if judged.is_ok() || Instant::now() > deadline {
+            return judged;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn judge_metrics(stack: &Stack) -> Result<String, String> {
     let text = stack.metrics(Service::Monolith).await?;
     let lines = excerpt(
         &text,
