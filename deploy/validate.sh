@@ -198,41 +198,80 @@ if [[ -x $sidecar_bin && -x $ca_bin ]]; then
   w="$tools/sidecar-check"
   rm -rf "$w" && mkdir -p "$w"
   "$ca_bin" init --dir "$w/ca" --trust-domain fintech.internal >/dev/null
-  have_crl=no
-  if "$ca_bin" --help | grep -qE '^ +crl '; then
-    "$ca_bin" crl --dir "$w/ca" --out "$w/crl.pem" >/dev/null && have_crl=yes
-  fi
-  [[ $have_crl == yes ]] || note "this ca build has no 'ca crl': the configs' crl line is left out of the check"
+  "$ca_bin" crl --dir "$w/ca" --out "$w/crl.pem" >/dev/null ||
+    die "ca crl failed" "rebuild ca (cargo build -p gatehouse-ca) and re-run"
   k8s_render="$tools/rendered/${renderers[0]%%|*}"
   for svc in monolith report-service; do
     root="$w/k8s-$svc" # stands in for the pod's / (the configs use absolute /etc/gatehouse paths)
     mkdir -p "$root/etc/gatehouse/config" "$root/etc/gatehouse/policy"
     "$ca_bin" issue --dir "$w/ca" --spiffe-id "spiffe://fintech.internal/$svc" --out "$root/etc/gatehouse/certs" >/dev/null
-    [[ $have_crl == no ]] || cp "$w/crl.pem" "$root/etc/gatehouse/certs/crl.pem"
+    cp "$w/crl.pem" "$root/etc/gatehouse/certs/crl.pem"
     "$py" "$here/tools/check_manifests.py" extract "$k8s_render/overlays_$svc.yaml" "$svc-gatehouse-policy" policy.toml \
       >"$root/etc/gatehouse/policy/policy.toml"
     "$py" "$here/tools/check_manifests.py" extract "$k8s_render/overlays_$svc.yaml" "$svc-gatehouse-sidecar" sidecar.toml |
-      sed "s#\"/etc/gatehouse/#\"$root/etc/gatehouse/#" |
-      if [[ $have_crl == yes ]]; then cat; else grep -v '^crl '; fi >"$root/etc/gatehouse/config/sidecar.toml"
+      sed "s#\"/etc/gatehouse/#\"$root/etc/gatehouse/#" >"$root/etc/gatehouse/config/sidecar.toml"
     "$sidecar_bin" check --config "$root/etc/gatehouse/config/sidecar.toml" >"$root/check.log" 2>&1 || {
       cat "$root/check.log" >&2
       die "sidecar check rejected the Kubernetes config of $svc" "fix deploy/kubernetes/overlays/$svc/sidecar.toml or policy.toml"
     }
     note "kubernetes $svc: $(tail -1 "$root/check.log")"
   done
+
+  # Kubernetes rotation CronJob: its `ca rotate` and `ca crl` containers, as rendered.
+  state="$w/cronjob"
+  mkdir -p "$state/var/lib/gatehouse/svids"
+  "$ca_bin" init --dir "$state/var/lib/gatehouse/ca" --trust-domain fintech.internal >/dev/null
+  for svc in monolith report-service; do
+    "$ca_bin" issue --dir "$state/var/lib/gatehouse/ca" --spiffe-id "spiffe://fintech.internal/$svc" \
+      --out "$state/var/lib/gatehouse/svids/$svc" >/dev/null
+  done
+  "$py" "$here/tools/check_manifests.py" run-cronjob "$k8s_render/ca-rotation.yaml" "$ca_bin" "$state" | sed 's/^/    /' ||
+    die "the rotation CronJob's ca command lines do not work with this ca" "fix deploy/kubernetes/ca-rotation/cronjob.yaml"
+
+  # systemd: gatehouse-ca-rotate.service's command lines with ca-rotate.env.example, then the
+  # example sidecar config in that layout (scratch root instead of /).
+  r="$w/systemd"
+  mkdir -p "$r/etc/gatehouse/crl" "$r/var/lib/gatehouse"
+  "$ca_bin" init --dir "$r/var/lib/gatehouse/ca" --trust-domain fintech.internal >/dev/null
+  for svc in monolith report-service; do
+    mkdir -p "$r/etc/gatehouse/$svc"
+    "$ca_bin" issue --dir "$r/var/lib/gatehouse/ca" --spiffe-id "spiffe://fintech.internal/$svc" \
+      --out "$r/etc/gatehouse/$svc/certs" >/dev/null
+  done
+  (
+    while IFS= read -r line; do
+      [[ -z $line || $line == \#* ]] && continue
+      export "${line%%=*}=$(sed -E "s#(^| )/#\1$r/#g" <<<"${line#*=}")"
+    done <"$here/systemd/ca-rotate.env.example"
+    grep -E '^ExecStart(Post)?=' "$here/systemd/gatehouse-ca-rotate.service" | grep -v systemctl |
+      while IFS= read -r line; do
+        cmd=${line#*=} && cmd=${cmd#-} && cmd=${cmd#+} && cmd=${cmd//\/usr\/local\/bin\/ca/$ca_bin}
+        eval "$cmd" >/dev/null || die "gatehouse-ca-rotate.service: '${line#*=}' failed" "fix the unit or ca-rotate.env.example"
+      done
+  ) || exit 1
+  [[ $(stat -L -c %a "$r/etc/gatehouse/monolith/certs/key.pem") == 640 && -s $r/etc/gatehouse/crl/crl.pem ]] ||
+    die "gatehouse-ca-rotate.service did not leave a 0640 key and a CRL" "fix its ExecStartPost"
+  cp "$here/kubernetes/overlays/monolith/policy.toml" "$r/etc/gatehouse/monolith/policy.toml"
+  sed "s#\"/etc/gatehouse/#\"$r/etc/gatehouse/#" "$here/systemd/examples/monolith/sidecar.toml" >"$r/etc/gatehouse/monolith/sidecar.toml"
+  "$sidecar_bin" check --config "$r/etc/gatehouse/monolith/sidecar.toml" >"$r/check.log" 2>&1 || {
+    cat "$r/check.log" >&2
+    die "sidecar check rejected deploy/systemd/examples/monolith/sidecar.toml" "fix the example config"
+  }
+  note "systemd: ca-rotate command lines ran; monolith example: $(tail -1 "$r/check.log")"
+
   if command -v terraform >/dev/null && [[ $(id -u) == 0 ]]; then
     svc=report-service root="$w/ecs-$svc"
     mkdir -p "$root/svid" "$root/run"
     "$ca_bin" issue --dir "$w/ca" --spiffe-id "spiffe://fintech.internal/$svc" --out "$root/svid" >/dev/null
     # The template exactly as the module renders it for the report service (examples/fintech).
     printf 'templatefile("%s", {min_tls="1.3", with_crl=%s, sidecar_port=8443, app_port=8080, admin_port=9901, outbounds=[{name="monolith", listen="127.0.0.1:7001", connect="monolith.fintech.internal:8443", server_id="spiffe://fintech.internal/monolith"}]})\n' \
-      "$here/terraform/ecs/templates/sidecar.toml.tftpl" "$([[ $have_crl == yes ]] && echo true || echo false)" |
+      "$here/terraform/ecs/templates/sidecar.toml.tftpl" true |
       (cd "$root" && TF_CLI_CONFIG_FILE=/dev/null terraform console) | sed '1d;$d' >"$root/sidecar.toml"
     # Run the init container's script as ECS would: secrets and config in its environment.
     GATEHOUSE_DIR="$root/run" \
       GATEHOUSE_CERT_PEM="$(cat "$root/svid/cert.pem")" GATEHOUSE_KEY_PEM="$(cat "$root/svid/key.pem")" \
       GATEHOUSE_BUNDLE_PEM="$(cat "$root/svid/bundle.pem")" \
-      GATEHOUSE_CRL_PEM="$([[ $have_crl == no ]] || cat "$w/crl.pem")" \
+      GATEHOUSE_CRL_PEM="$(cat "$w/crl.pem")" \
       GATEHOUSE_SIDECAR_TOML="$(cat "$root/sidecar.toml")" \
       GATEHOUSE_POLICY_TOML="$(cat "$here/kubernetes/overlays/$svc/policy.toml")" \
       sh "$here/terraform/ecs/templates/init.sh" >/dev/null

@@ -9,6 +9,7 @@ sidecar port reachable, Argo CD self-healing, Terraform variables and outputs do
     python check_manifests.py argocd REPO_ROOT JSON_OUT_DIR RENDER_DIR MANIFEST.yaml...
     python check_manifests.py terraform DIR
     python check_manifests.py extract RENDERED.yaml CONFIGMAP KEY   (prints one ConfigMap value)
+    python check_manifests.py run-cronjob RENDERED.yaml CA_BIN ROOT  (runs its `ca` containers)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import sys
 import tomllib
+import subprocess
 from pathlib import Path
 
 import hcl2
@@ -343,6 +345,33 @@ def check_terraform(directory: str) -> None:
     print(f"ok   {directory}: {parsed} HCL files parsed" if parsed else f"..   {directory}")
 
 
+def run_cronjob(file: str, ca_bin: str, root: str) -> None:
+    """Run the CronJob's init containers that use `ca` exactly as written, with the binary and
+    the volume paths remapped to a scratch root: the command lines must match the real CLI."""
+    ran = 0
+    for d in load_yaml(Path(file)):
+        if d.get("kind") != "CronJob":
+            continue
+        pod = d["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+        for c in pod.get("initContainers", []):
+            argv = c.get("command", []) + c.get("args", [])
+            if not argv or not argv[0].endswith("/ca"):
+                continue
+            mounts = [m["mountPath"] for m in c.get("volumeMounts", [])]
+            def remap(a: str) -> str:
+                return next((root + a for m in mounts if a == m or a.startswith(m + "/")), a)
+            cmd = [ca_bin] + [remap(a) for a in argv[1:]]
+            where = f"{file}: CronJob/{d['metadata']['name']} initContainer {c['name']}"
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+            if proc.returncode != 0:
+                err(where, f"`ca {' '.join(argv[1:])}` failed ({proc.returncode}): {proc.stderr.strip()}")
+            else:
+                ran += 1
+                print(f"ok   {where}: ca {' '.join(argv[1:])}")
+    if ran == 0 and not errors:
+        err(file, "no CronJob init container runs ca")
+
+
 def main(argv: list[str]) -> int:
     if len(argv) < 2:
         print(__doc__, file=sys.stderr)
@@ -354,6 +383,8 @@ def main(argv: list[str]) -> int:
         check_argocd(rest[0], rest[1], rest[2], rest[3:])
     elif cmd == "terraform":
         check_terraform(rest[0])
+    elif cmd == "run-cronjob":
+        run_cronjob(rest[0], rest[1], rest[2])
     elif cmd == "extract":
         docs = load_yaml(Path(rest[0]))
         found = [d for d in docs if d.get("kind") == "ConfigMap" and d["metadata"]["name"] == rest[1]]
