@@ -596,7 +596,7 @@ impl PatternError {
         match self {
             Self::NotAbsolute => "start the pattern with `/`, e.g. \"/api/reports\"".to_owned(),
             Self::EmptySegment => {
-                "remove the extra `/`; requests are normalized the same way (`//` merged), and a trailing `/**` matches a trailing slash".to_owned()
+                "remove the extra `/`: requests are matched with `//` merged and a trailing slash ignored".to_owned()
             }
             Self::DotSegment => "write the path the dot segments resolve to".to_owned(),
             Self::RestNotLast => {

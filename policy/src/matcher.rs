@@ -325,14 +325,21 @@ impl Matcher {
 
     /// The index of the most specific route matching `method` and `path` (already
     /// normalized), skipping `exclude`.
+    ///
+    /// A trailing slash is ignored: `/a/` is decided like `/a`. Express (non-strict routing,
+    /// the default) and Spring MVC 5 (trailing-slash match) serve `/a/` with `/a`'s handler, so
+    /// if `/a/` fell to a broader route such as `/**`, a caller that `/a`'s route refuses could
+    /// reach that handler. The path forwarded to the app keeps its slash.
     pub(crate) fn find(&self, method: &str, path: &str, exclude: Option<u32>) -> Option<u32> {
         let rest = path.strip_prefix('/')?;
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
         let rest = if rest.is_empty() { None } else { Some(rest) };
         self.search(0, rest, MethodSet::bit(method), exclude)
     }
 
     /// `rest` is the unmatched part of the path without its leading `/`; `None` once every
-    /// segment is consumed (`Some("")` is a trailing empty segment, as in `/a/`). Recursion
+    /// segment is consumed (`Some("")` is an empty segment, which normalized paths do not
+    /// have and `*` does not match). Recursion
     /// depth is bounded by the depth of the trie, i.e. by the longest pattern in the policy.
     fn search(
         &self,

@@ -79,8 +79,9 @@ pub enum PathError {
 ///   too (see `decodes` for why) and characters not allowed raw in a path are encoded;
 /// - `.` segments are removed and `..` removes the previous segment (§5.2.4), after decoding,
 ///   so `%2e%2e` counts as `..`;
-/// - empty segments from repeated slashes are merged (`/a//b` is `/a/b`), a trailing slash is
-///   kept because apps may treat `/a/` and `/a` differently.
+/// - empty segments from repeated slashes are merged (`/a//b` is `/a/b`); a trailing slash is
+///   kept, because some apps treat `/a/` and `/a` differently (the matcher ignores it, see
+///   `matcher.rs`).
 ///
 /// # Errors
 /// A [`PathError`] naming what was refused; see its variants for the reasons.

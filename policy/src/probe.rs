@@ -6,7 +6,8 @@
 //! methods routes name. So one sample per class is enough: every exact identity the policies
 //! mention plus an unlisted identity below each wildcard pattern; every route's path with each
 //! `*` replaced by a segment no policy names and `/**` expanded to zero, one and two such
-//! segments and a trailing slash; every method routes can name plus one extension method.
+//! segments (the matcher ignores a trailing slash); every method routes can name plus one
+//! extension method.
 //! Everything here runs on compiled policies, never on their text.
 
 use std::collections::HashSet;
@@ -66,7 +67,6 @@ impl Probes {
         let f = &self.fresh_segment;
         vec![
             root.to_owned(),
-            format!("{base}/"),
             format!("{base}/{f}"),
             format!("{base}/{f}/{f}"),
         ]

@@ -117,8 +117,24 @@ fn most_specific_route_decides_then_method() {
         // The exact end beats `/**` matching zero segments.
         ("report-service", "GET", "/api", Some("api root"), true),
         ("api-gateway", "GET", "/api", Some("api root"), false),
-        // A trailing slash is an empty segment: only `/**` matches it.
-        ("api-gateway", "GET", "/api/", Some("dashboard API"), true),
+        // A trailing slash is ignored: `/api/` is decided by `/api`, not by `/api/**`, as
+        // frameworks route `/api/` to `/api`'s handler.
+        ("api-gateway", "GET", "/api/", Some("api root"), false),
+        ("report-service", "GET", "/api/", Some("api root"), true),
+        (
+            "report-service",
+            "GET",
+            "/api/data/reports/",
+            Some("report data export"),
+            true,
+        ),
+        (
+            "api-gateway",
+            "GET",
+            "/api/data/reports/",
+            Some("report data export"),
+            false,
+        ),
         ("ns/ops/a/b", "GET", "/api/x", Some("one below api"), false),
         ("anyone", "GET", "/healthz", Some("health"), true),
         ("api-gateway", "GET", "/", Some("root"), true),
