@@ -5,9 +5,10 @@
 //! pattern ends here with `/**`. A lookup walks the request path once, trying at each node the
 //! literal child, then `*`, then `/**`, and backtracks only when a branch holds no route for
 //! the method. So the first route found is the most specific one (literal > `*` > end of
-//! pattern > `**`, segment by segment; then a route naming the method beats one that does not),
-//! and the work depends on the depth of the path, not on the number of routes. A decision
-//! borrows everything it returns from the policy and allocates nothing.
+//! pattern > `**`, segment by segment; then a route naming the method beats one that does not).
+//! The work depends on the depth of the patterns (at most a literal and a `*` branch per
+//! level), never on the number of routes: one hash lookup per segment in the common case. A
+//! decision borrows everything it returns from the policy and allocates nothing.
 //!
 //! What is not here: parsing and validation (`compile.rs`), path normalization (`path.rs`).
 
