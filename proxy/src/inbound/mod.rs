@@ -97,3 +97,21 @@ impl RequestIds {
         HeaderValue::from_bytes(&buf).expect("hex digits are valid header bytes")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::RequestIds;
+
+    #[test]
+    fn request_ids_are_32_hex_digits_and_unique() {
+        let ids = RequestIds::new(&rustls::crypto::aws_lc_rs::default_provider());
+        let a = ids.next();
+        let b = ids.next();
+        assert_ne!(a, b);
+        for id in [a, b] {
+            let s = id.to_str().expect("ascii");
+            assert_eq!(s.len(), 32);
+            assert!(s.bytes().all(|c| c.is_ascii_hexdigit()), "{s}");
+        }
+    }
+}
