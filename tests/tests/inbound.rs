@@ -993,3 +993,65 @@ async fn tls_1_2_is_accepted_only_when_configured() {
     );
     assert_eq!(app.requests()[0].path_and_query, "/public/x");
 }
+
+/// rustls restores a resumed session's client certificate without running the verifier; the
+/// sidecar re-verifies it, so a certificate that expired since the full handshake is refused.
+#[tokio::test]
+async fn resumed_session_with_a_certificate_that_expired_since_is_refused() {
+    use hyper_util::rt::TokioIo;
+    let s = setup().await;
+    let now = time::OffsetDateTime::now_utc();
+    let short = s.pki.sign_custom(
+        "short-lived",
+        s.pki
+            .svid_params(REPORTS, now, now + time::Duration::seconds(3)),
+    );
+    let client = MtlsClient::new(&short);
+    let addr = s.sidecar.inbound_addr();
+    let r = client
+        .get(addr, Proto::H1, "/api/data/reports")
+        .await
+        .expect("full handshake while valid");
+    assert_eq!(r.status, StatusCode::OK);
+    // Wait until the certificate has expired.
+    let expiry = std::time::SystemTime::UNIX_EPOCH
+        + Duration::from_secs(
+            u64::try_from((now + time::Duration::seconds(4)).unix_timestamp()).expect("positive"),
+        );
+    if let Ok(left) = expiry.duration_since(std::time::SystemTime::now()) {
+        tokio::time::sleep(left).await;
+    }
+    let tls = client.connect(addr, Proto::H1).await.expect("TLS resumes");
+    assert_eq!(
+        tls.get_ref().1.handshake_kind(),
+        Some(rustls::HandshakeKind::Resumed),
+        "the client resumed its session"
+    );
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .expect("h1");
+    tokio::spawn(conn);
+    let req = Request::get("/api/data/reports")
+        .header("host", "localhost")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let refused = send.send_request(req).await;
+    assert!(
+        refused.is_err(),
+        "resumed expired client served: {refused:?}"
+    );
+    assert_eq!(
+        s.app.count(),
+        1,
+        "only the request made while valid arrived"
+    );
+    let expired = s
+        .sidecar
+        .metric(
+            "gatehouse_tls_handshakes_total",
+            &[("result", "error"), ("reason", "expired")],
+        )
+        .await
+        .expect("metrics");
+    assert_eq!(expired, 1.0);
+}
