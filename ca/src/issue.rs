@@ -1,7 +1,7 @@
 //! Issuing X.509-SVIDs: [`Authority::issue`] (key generated here), and
 //! [`Authority::sign_custom`] (arbitrary parameters, for test fixtures and tooling).
 //!
-//! Every signature goes through one path, [`Authority::sign_leaf`]: under the directory lock it
+//! Every signature goes through one path, `Authority::sign_leaf`: under the directory lock it
 //! loads the current signer, refuses a lifetime beyond the signing CA, picks a serial not yet in
 //! the ledger, signs, and appends the `issued` line before returning.
 

@@ -168,7 +168,7 @@ impl DirLock {
 /// Writes a certificate directory (`cert.pem`, `key.pem` 0600, `bundle.pem`) as a new version and
 /// swaps the `..data` symlink to it. See the module docs for the layout and its guarantees.
 ///
-/// `out` is created (mode 0755) if missing; its parent must exist.
+/// `out` is created (mode 0755, with missing parents) if needed.
 ///
 /// # Errors
 /// [`CaError::Io`] naming the file; on error the previous version stays current.
@@ -179,6 +179,9 @@ pub fn write_cert_dir(
     bundle_pem: &str,
 ) -> Result<(), CaError> {
     if !out.is_dir() {
+        if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+            fs::create_dir_all(parent).map_err(CaError::io("cannot create directory", parent))?;
+        }
         create_dir(out, 0o755)?;
     }
     let stamp = time::OffsetDateTime::now_utc();

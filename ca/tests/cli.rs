@@ -178,6 +178,7 @@ fn bad_issue_inputs_get_a_clear_error_and_leave_no_files() {
         ],
         "invalid DNS name",
     );
+    std::fs::write(sb.path("file.txt"), "x").expect("write");
     assert_refused(
         &sb,
         2,
@@ -188,10 +189,21 @@ fn bad_issue_inputs_get_a_clear_error_and_leave_no_files() {
             "--spiffe-id",
             "spiffe://fintech.internal/a",
             "--out",
-            "nope/deeper/o",
+            "file.txt/deeper/o",
         ],
-        "cannot write into",
+        "cannot write into file.txt",
     );
+    // Missing parents of --out are created.
+    sb.ok(&[
+        "issue",
+        "--dir",
+        "ca",
+        "--spiffe-id",
+        "spiffe://fintech.internal/a",
+        "--out",
+        "certs/team/a",
+    ]);
+    assert!(sb.path("certs/team/a/cert.pem").exists());
 }
 
 #[test]

@@ -62,7 +62,7 @@ enum Command {
         /// CA directory.
         #[arg(long)]
         dir: PathBuf,
-        /// The workload's SPIFFE ID, spiffe://<trust-domain>/<path>.
+        /// The workload's SPIFFE ID, e.g. spiffe://fintech.internal/payments.
         #[arg(long)]
         spiffe_id: String,
         /// Extra DNS SAN (repeatable).
@@ -84,7 +84,7 @@ enum Command {
         /// The CSR, PEM (`CERTIFICATE REQUEST`) or DER.
         #[arg(long)]
         csr: PathBuf,
-        /// The workload's SPIFFE ID, spiffe://<trust-domain>/<path>.
+        /// The workload's SPIFFE ID, e.g. spiffe://fintech.internal/payments.
         #[arg(long)]
         spiffe_id: String,
         /// Extra DNS SAN (repeatable).
@@ -317,6 +317,7 @@ fn run(cli: &Cli) -> Result<ExitCode, CaError> {
             })?;
             check_out_file(out)?;
             let signed = ca.sign_csr(&csr_bytes, csr, &req)?;
+            create_parent(out)?;
             store::write_atomic(out, signed.cert_pem.as_bytes(), store::PUBLIC_MODE)?;
             if json {
                 print_json(&json!({
@@ -425,6 +426,7 @@ fn run(cli: &Cli) -> Result<ExitCode, CaError> {
             let revoked = ca.revoke(&target, reason)?;
             if let Some(out) = crl {
                 check_out_file(out)?;
+                create_parent(out)?;
                 ca.write_crl(out, *crl_ttl)?;
             }
             if json {
@@ -448,6 +450,7 @@ fn run(cli: &Cli) -> Result<ExitCode, CaError> {
         Command::Crl { dir, out, ttl } => {
             let ca = Authority::open(dir)?;
             check_out_file(out)?;
+            create_parent(out)?;
             ca.write_crl(out, *ttl)?;
             let revoked = ca.revoked_serials()?.len();
             if json {
@@ -554,20 +557,37 @@ fn check_out_file(out: &Path) -> Result<(), CaError> {
     check_parent(out)
 }
 
+/// The nearest existing ancestor of `out` must be a directory (missing ones are created when
+/// writing), so a typo like `cert.pem/out` is refused before anything is signed.
 fn check_parent(out: &Path) -> Result<(), CaError> {
-    let parent = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    if parent.is_dir() {
-        return Ok(());
+    let mut ancestor = out.parent();
+    while let Some(dir) = ancestor.filter(|p| !p.as_os_str().is_empty()) {
+        if dir.exists() {
+            if dir.is_dir() {
+                return Ok(());
+            }
+            let source = std::io::Error::new(std::io::ErrorKind::NotADirectory, "not a directory");
+            return Err(CaError::Io {
+                action: "cannot write into",
+                path: dir.to_path_buf(),
+                source,
+            });
+        }
+        ancestor = dir.parent();
     }
-    let source = std::io::Error::new(std::io::ErrorKind::NotFound, "no such directory");
-    Err(CaError::Io {
-        action: "cannot write into",
-        path: parent.to_path_buf(),
-        source,
-    })
+    Ok(())
+}
+
+/// Creates the missing parent directories of an output file.
+fn create_parent(out: &Path) -> Result<(), CaError> {
+    match out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(dir) => std::fs::create_dir_all(dir).map_err(|e| CaError::Io {
+            action: "cannot create directory",
+            path: dir.to_path_buf(),
+            source: e,
+        }),
+        None => Ok(()),
+    }
 }
 
 fn rfc3339(t: OffsetDateTime) -> String {
