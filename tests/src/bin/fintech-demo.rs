@@ -110,10 +110,16 @@ async fn print_started(stack: &Stack) {
         "CA fintech.internal",
         "SVIDs for monolith, report-service, api-gateway",
     ];
-    if certs.join("crl.pem").is_file() {
+    if tokio::fs::try_exists(certs.join("crl.pem"))
+        .await
+        .unwrap_or(false)
+    {
         made.push("a revoked report-service SVID + CRL");
     }
-    if certs.join("impostor/cert.pem").is_file() {
+    if tokio::fs::try_exists(certs.join("impostor/cert.pem"))
+        .await
+        .unwrap_or(false)
+    {
         made.push("a foreign CA + impostor SVID");
     }
     let minted = Check {

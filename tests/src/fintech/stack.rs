@@ -298,7 +298,7 @@ impl Stack {
     pub async fn prepare(opts: StackOptions) -> Result<Stack, StackError> {
         for bin in ["ca", "sidecar", "monolith", "report-service", "api-gateway"] {
             let path = opts.bin_dir.join(bin);
-            if !path.is_file() {
+            if !tokio::fs::metadata(&path).await.is_ok_and(|m| m.is_file()) {
                 return Err(StackError::BinaryMissing { path });
             }
         }
@@ -318,7 +318,7 @@ impl Stack {
     /// [`StackError`] naming the process that exited or did not become ready, with its log's tail.
     pub async fn launch(&mut self) -> Result<(), StackError> {
         for s in Service::ALL {
-            self.spawn_app(s)?;
+            self.spawn_app(s).await?;
         }
         for s in Service::ALL {
             let config = self.sidecar_config(s);
@@ -327,7 +327,8 @@ impl Stack {
                 "--config".into(),
                 config.display().to_string(),
             ];
-            self.spawn(&format!("{}-sidecar", s.name()), "sidecar", &args)?;
+            self.spawn(&format!("{}-sidecar", s.name()), "sidecar", &args)
+                .await?;
         }
         self.wait_ready().await
     }
@@ -490,7 +491,7 @@ impl Stack {
         Ok(())
     }
 
-    fn spawn_app(&mut self, s: Service) -> Result<(), StackError> {
+    async fn spawn_app(&mut self, s: Service) -> Result<(), StackError> {
         let p = self.ports();
         let url = |to| {
             format!(
@@ -520,16 +521,25 @@ impl Stack {
             ],
         };
         args.extend(["--debug-listen".into(), p.debug(s).to_string()]);
-        self.spawn(s.name(), s.name(), &args)
+        self.spawn(s.name(), s.name(), &args).await
     }
 
-    fn spawn(&mut self, name: &str, program: &str, args: &[String]) -> Result<(), StackError> {
+    async fn spawn(
+        &mut self,
+        name: &str,
+        program: &str,
+        args: &[String],
+    ) -> Result<(), StackError> {
         let log = self.log_path(name);
-        let file = std::fs::File::create(&log).map_err(|source| StackError::Io {
-            action: "create",
-            path: log.clone(),
-            source,
-        })?;
+        let file = tokio::fs::File::create(&log)
+            .await
+            .map_err(|source| StackError::Io {
+                action: "create",
+                path: log.clone(),
+                source,
+            })?
+            .into_std()
+            .await;
         let file2 = file.try_clone().map_err(|source| StackError::Io {
             action: "open",
             path: log.clone(),
