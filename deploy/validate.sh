@@ -25,6 +25,7 @@
 #    `sidecar check` on the rendered Kubernetes ConfigMaps, the systemd example and the ECS
 #    template (rendered by `terraform console`, written by the init script); the rotation
 #    CronJob's and the systemd rotate unit's `ca` command lines run against that CA.
+#    The image's health check (container/probe.rs) is compiled and run against a live sidecar.
 # 9. shellcheck on the shell scripts when installed; every deploy/ folder has a README.
 #
 # First run: needs python3 with venv, npm, apt-get (Debian) and network access to PyPI, npm and
@@ -222,6 +223,42 @@ if [[ -x $sidecar_bin && -x $ca_bin ]]; then
     }
     note "kubernetes $svc: $(tail -1 "$root/check.log")"
   done
+
+  # The image's health check client against a live sidecar running the monolith's Kubernetes
+  # config (listeners moved to free loopback ports): exit 0 while /readyz answers 200, 1 after
+  # the sidecar stopped. Built with the Containerfile's rustc command line.
+  if command -v rustc >/dev/null; then
+    probe="$w/gatehouse-probe"
+    rustc --edition 2021 -C opt-level=2 -C strip=symbols -o "$probe" "$here/container/probe.rs" ||
+      die "deploy/container/probe.rs does not compile" "fix it (std only, no crates)"
+    read -r p_in p_admin < <("$py" -c 'import socket
+s = [socket.socket() for _ in range(2)]
+for x in s: x.bind(("127.0.0.1", 0))
+print(*[x.getsockname()[1] for x in s])')
+    live="$w/k8s-monolith/etc/gatehouse/config/live.toml"
+    sed "s/0\.0\.0\.0:8443/127.0.0.1:$p_in/; s/0\.0\.0\.0:9901/127.0.0.1:$p_admin/" \
+      "$w/k8s-monolith/etc/gatehouse/config/sidecar.toml" >"$live"
+    "$sidecar_bin" run --config "$live" >"$w/live.log" 2>&1 &
+    sidecar_pid=$!
+    trap 'kill "$sidecar_pid" 2>/dev/null || true' EXIT
+    ready=no
+    for _ in $(seq 1 150); do # up to 30 s on a loaded machine
+      if "$probe" "http://127.0.0.1:$p_admin/readyz" 2>/dev/null; then ready=yes && break; fi
+      kill -0 "$sidecar_pid" 2>/dev/null || break
+      sleep 0.2
+    done
+    [[ $ready == yes ]] || { cat "$w/live.log" >&2; die "gatehouse-probe never saw /readyz 200 from the live sidecar" "see the sidecar log above"; }
+    "$probe" "http://127.0.0.1:$p_admin/healthz" || die "gatehouse-probe: /healthz of the live sidecar is not 200" "see $w/live.log"
+    kill -TERM "$sidecar_pid"
+    wait "$sidecar_pid" || true # exit status after SIGTERM is the sidecar's business
+    trap - EXIT
+    if "$probe" "http://127.0.0.1:$p_admin/readyz" 2>/dev/null; then
+      die "gatehouse-probe succeeded against a stopped sidecar" "it must exit 1 when the admin port does not answer 200"
+    fi
+    note "gatehouse-probe: 0 against the live sidecar (/readyz, /healthz), 1 after SIGTERM"
+  else
+    note "gatehouse-probe: skipped (no rustc)"
+  fi
 
   # Kubernetes rotation CronJob: its `ca rotate` and `ca crl` containers, as rendered.
   state="$w/cronjob"

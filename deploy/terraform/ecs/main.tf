@@ -25,8 +25,10 @@ locals {
     outbounds    = var.outbounds
   })
 
+  # gatehouse-probe (deploy/container/probe.rs) GETs the admin port's /readyz from inside the
+  # sidecar container: the distroless image has no shell or curl.
   sidecar_health_check_command = coalesce(var.sidecar_health_check_command, [
-    "CMD", "/usr/local/bin/sidecar", "check", "--config", "/run/gatehouse/sidecar.toml",
+    "CMD", "/usr/local/bin/gatehouse-probe", "http://127.0.0.1:${var.admin_port}/readyz",
   ])
 
   # Docker's default capability set minus CHOWN: the init container runs as root only to hand

@@ -144,7 +144,7 @@ variable "admin_port" {
 }
 
 variable "sidecar_health_check_command" {
-  description = "Health check run inside the sidecar container. The default validates the running configuration, policy and certificates with `sidecar check` (the distroless image has no HTTP client). If your sidecar build has an HTTP probe command, point it at http://127.0.0.1:<admin_port>/readyz."
+  description = "Health check command run inside the sidecar container, or null for the default: the image's gatehouse-probe GETs http://127.0.0.1:<admin_port>/readyz and succeeds only on 200. [\"CMD\", \"/usr/local/bin/sidecar\", \"check\", \"--config\", \"/run/gatehouse/sidecar.toml\"] is an alternative that re-validates config, policy and certificates (an expired certificate then makes the task unhealthy and ECS replaces it with one that reads the current secret)."
   type        = list(string)
   default     = null
 }
