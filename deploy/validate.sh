@@ -229,6 +229,10 @@ if [[ -x $sidecar_bin && -x $ca_bin ]]; then
   # the sidecar stopped. Built with the Containerfile's rustc command line.
   if command -v rustc >/dev/null; then
     probe="$w/gatehouse-probe"
+    if command -v rustfmt >/dev/null; then
+      rustfmt --edition 2021 --check "$here/container/probe.rs" >/dev/null ||
+        die "deploy/container/probe.rs is not formatted" "run: rustfmt --edition 2021 deploy/container/probe.rs"
+    fi
     rustc --edition 2021 -C opt-level=2 -C strip=symbols -o "$probe" "$here/container/probe.rs" ||
       die "deploy/container/probe.rs does not compile" "fix it (std only, no crates)"
     read -r p_in p_admin < <("$py" -c 'import socket
