@@ -215,87 +215,14 @@ fn run(cli: &Cli) -> Result<ExitCode, CaError> {
             key_type,
             ttl,
             intermediate,
-        } => {
-            let trust_domain =
-                TrustDomain::parse(trust_domain).map_err(|source| CaError::InvalidId {
-                    input: trust_domain.clone(),
-                    source,
-                })?;
-            let key_type: KeyType = key_type.parse().unwrap_or_default();
-            let opts = InitOptions {
-                trust_domain,
-                key_type,
-                ttl: *ttl,
-                intermediate: *intermediate,
-            };
-            let ca = Authority::init(dir, &opts)?;
-            let bundle = dir.join("bundle.pem");
-            if json {
-                print_json(&json!({
-                    "dir": dir, "trust_domain": ca.trust_domain().as_str(), "key_type": key_type.as_str(),
-                    "intermediate": intermediate, "bundle": bundle,
-                }));
-            } else {
-                println!(
-                    "created CA for trust domain {} in {}",
-                    ca.trust_domain(),
-                    dir.display()
-                );
-                println!(
-                    "  key type      {key_type}{}",
-                    if *intermediate {
-                        " (root + intermediate)"
-                    } else {
-                        ""
-                    }
-                );
-                println!("  trust bundle  {}", bundle.display());
-                println!(
-                    "next: ca issue --dir {} --spiffe-id spiffe://{}/<service> --out <dir>",
-                    dir.display(),
-                    ca.trust_domain()
-                );
-            }
-        }
+        } => init(dir, trust_domain, key_type, *ttl, *intermediate, json),
         Command::Issue {
             dir,
             spiffe_id,
             dns,
             ttl,
             out,
-        } => {
-            let ca = Authority::open(dir)?;
-            let req = IssueRequest {
-                spiffe_id: parse_id(spiffe_id)?,
-                dns: dns.clone(),
-                ttl: *ttl,
-            };
-            check_out_dir(out)?;
-            let svid = ca.issue(&req)?;
-            svid.write_to(out)?;
-            let [cert, key, bundle] = store::cert_dir_paths(out);
-            if json {
-                print_json(&json!({
-                    "spiffe_id": svid.spiffe_id.as_str(), "serial": svid.serial_hex, "sha256": svid.sha256_hex,
-                    "not_before": rfc3339(svid.not_before), "not_after": rfc3339(svid.not_after),
-                    "cert": cert, "key": key, "bundle": bundle,
-                }));
-            } else {
-                println!("issued {}", svid.spiffe_id);
-                println!("  serial     {}", svid.serial_hex);
-                println!(
-                    "  not after  {} (in {})",
-                    rfc3339(svid.not_after),
-                    left(svid.not_after)
-                );
-                println!(
-                    "  wrote      {} {} {}",
-                    cert.display(),
-                    key.display(),
-                    bundle.display()
-                );
-            }
-        }
+        } => issue(dir, spiffe_id, dns, *ttl, out, json),
         Command::Sign {
             dir,
             csr,
@@ -303,60 +230,9 @@ fn run(cli: &Cli) -> Result<ExitCode, CaError> {
             dns,
             ttl,
             out,
-        } => {
-            let ca = Authority::open(dir)?;
-            let req = IssueRequest {
-                spiffe_id: parse_id(spiffe_id)?,
-                dns: dns.clone(),
-                ttl: *ttl,
-            };
-            let csr_bytes = std::fs::read(csr).map_err(|e| CaError::Io {
-                action: "cannot read",
-                path: csr.clone(),
-                source: e,
-            })?;
-            check_out_file(out)?;
-            let signed = ca.sign_csr(&csr_bytes, csr, &req)?;
-            create_parent(out)?;
-            store::write_atomic(out, signed.cert_pem.as_bytes(), store::PUBLIC_MODE)?;
-            if json {
-                print_json(&json!({
-                    "spiffe_id": signed.spiffe_id.as_str(), "serial": signed.serial_hex, "sha256": signed.sha256_hex,
-                    "not_after": rfc3339(signed.not_after), "cert": out,
-                }));
-            } else {
-                println!("signed {} from {}", signed.spiffe_id, csr.display());
-                println!("  serial     {}", signed.serial_hex);
-                println!(
-                    "  not after  {} (in {})",
-                    rfc3339(signed.not_after),
-                    left(signed.not_after)
-                );
-                println!("  wrote      {}", out.display());
-            }
-        }
-        Command::Inspect { file, bundle } => {
-            let pem = read(file)?;
-            let bundle_pem = bundle.as_deref().map(read).transpose()?;
-            let bundle_arg = bundle_pem.as_deref().zip(bundle.as_deref());
-            let report = inspect::inspect_pem(&pem, file, bundle_arg, OffsetDateTime::now_utc())?;
-            if json {
-                print_json(&serde_json::to_value(&report).unwrap_or_default());
-            } else {
-                print_inspection(&report);
-            }
-            if report.verified == Some(false) {
-                return Ok(ExitCode::from(1));
-            }
-        }
-        Command::List { dir } => {
-            let entries = Authority::open(dir)?.list()?;
-            if json {
-                print_json(&serde_json::to_value(&entries).unwrap_or_default());
-            } else {
-                print_list(&entries);
-            }
-        }
+        } => sign(dir, csr, spiffe_id, dns, *ttl, out, json),
+        Command::Inspect { file, bundle } => inspect_cmd(file, bundle.as_deref(), json),
+        Command::List { dir } => list(dir, json),
         Command::Rotate {
             dir,
             out_dirs,
@@ -370,45 +246,14 @@ fn run(cli: &Cli) -> Result<ExitCode, CaError> {
                 force: *force,
                 keep_key: *keep_key,
             };
-            return Ok(rotate(&ca, out_dirs, &opts, json));
+            Ok(rotate(&ca, out_dirs, &opts, json))
         }
         Command::Root {
             command: RootCommand::Rotate { dir },
-        } => {
-            let generation = Authority::open(dir)?.rotate_root()?;
-            if json {
-                print_json(&serde_json::to_value(&generation).unwrap_or_default());
-            } else {
-                println!(
-                    "created root generation {} (expires {}); bundle.pem now holds old and new roots",
-                    generation.id, generation.not_after
-                );
-                println!(
-                    "next: ca rotate --dir {} <outdir>... (re-issues every leaf under the new root), then ca root retire --dir {}",
-                    dir.display(),
-                    dir.display()
-                );
-            }
-        }
+        } => root_rotate(dir, json),
         Command::Root {
             command: RootCommand::Retire { dir, force },
-        } => {
-            let (retired, cut_off) = Authority::open(dir)?.retire_roots(*force)?;
-            if cut_off > 0 {
-                eprintln!(
-                    "warning: --force: {cut_off} unexpired certificate(s) chain to a retired root and no longer verify against bundle.pem"
-                );
-            }
-            if json {
-                print_json(
-                    &json!({ "retired_generations": retired, "live_certificates_cut_off": cut_off }),
-                );
-            } else {
-                println!(
-                    "retired root generation(s) {retired:?}; bundle.pem now holds only the current root"
-                );
-            }
-        }
+        } => root_retire(dir, *force, json),
         Command::Revoke {
             dir,
             serial,
@@ -416,52 +261,272 @@ fn run(cli: &Cli) -> Result<ExitCode, CaError> {
             reason,
             crl,
             crl_ttl,
-        } => {
-            let ca = Authority::open(dir)?;
-            let target = match (serial, spiffe_id) {
-                (Some(s), _) => RevokeTarget::Serial(s.clone()),
-                (None, Some(id)) => RevokeTarget::Identity(parse_id(id)?),
-                (None, None) => unreachable!("clap requires --serial or --spiffe-id"),
-            };
-            let revoked = ca.revoke(&target, reason)?;
-            if let Some(out) = crl {
-                check_out_file(out)?;
-                create_parent(out)?;
-                ca.write_crl(out, *crl_ttl)?;
-            }
-            if json {
-                print_json(&json!({ "revoked": revoked, "crl": crl }));
+        } => revoke(
+            dir,
+            serial.as_deref(),
+            spiffe_id.as_deref(),
+            reason,
+            crl.as_deref(),
+            *crl_ttl,
+            json,
+        ),
+        Command::Crl { dir, out, ttl } => crl(dir, out, *ttl, json),
+    }
+}
+
+fn init(
+    dir: &Path,
+    trust_domain: &str,
+    key_type: &str,
+    ttl: Duration,
+    intermediate: bool,
+    json: bool,
+) -> Result<ExitCode, CaError> {
+    let trust_domain = TrustDomain::parse(trust_domain).map_err(|source| CaError::InvalidId {
+        input: trust_domain.to_owned(),
+        source,
+    })?;
+    let key_type: KeyType = key_type.parse().unwrap_or_default();
+    let opts = InitOptions {
+        trust_domain,
+        key_type,
+        ttl,
+        intermediate,
+    };
+    let ca = Authority::init(dir, &opts)?;
+    let bundle = dir.join("bundle.pem");
+    if json {
+        print_json(&json!({
+            "dir": dir, "trust_domain": ca.trust_domain().as_str(), "key_type": key_type.as_str(),
+            "intermediate": intermediate, "bundle": bundle,
+        }));
+    } else {
+        println!(
+            "created CA for trust domain {} in {}",
+            ca.trust_domain(),
+            dir.display()
+        );
+        println!(
+            "  key type      {key_type}{}",
+            if intermediate {
+                " (root + intermediate)"
             } else {
-                if revoked.is_empty() {
-                    println!("already revoked; nothing new recorded");
-                }
-                for r in &revoked {
-                    println!("revoked serial {} ({})", r.serial, r.reason);
-                }
-                match crl {
-                    Some(out) => println!("wrote CRL {}", out.display()),
-                    None => println!(
-                        "next: ca crl --dir {} --out <crl.pem> and distribute it to the sidecars",
-                        dir.display()
-                    ),
-                }
+                ""
             }
+        );
+        println!("  trust bundle  {}", bundle.display());
+        println!(
+            "next: ca issue --dir {} --spiffe-id spiffe://{}/<service> --out <dir>",
+            dir.display(),
+            ca.trust_domain()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn issue(
+    dir: &Path,
+    spiffe_id: &str,
+    dns: &[String],
+    ttl: Duration,
+    out: &Path,
+    json: bool,
+) -> Result<ExitCode, CaError> {
+    let ca = Authority::open(dir)?;
+    let req = IssueRequest {
+        spiffe_id: parse_id(spiffe_id)?,
+        dns: dns.to_vec(),
+        ttl,
+    };
+    check_out_dir(out)?;
+    let svid = ca.issue(&req)?;
+    svid.write_to(out)?;
+    let [cert, key, bundle] = store::cert_dir_paths(out);
+    if json {
+        print_json(&json!({
+            "spiffe_id": svid.spiffe_id.as_str(), "serial": svid.serial_hex, "sha256": svid.sha256_hex,
+            "not_before": rfc3339(svid.not_before), "not_after": rfc3339(svid.not_after),
+            "cert": cert, "key": key, "bundle": bundle,
+        }));
+    } else {
+        println!("issued {}", svid.spiffe_id);
+        println!("  serial     {}", svid.serial_hex);
+        println!(
+            "  not after  {} (in {})",
+            rfc3339(svid.not_after),
+            left(svid.not_after)
+        );
+        println!(
+            "  wrote      {} {} {}",
+            cert.display(),
+            key.display(),
+            bundle.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn sign(
+    dir: &Path,
+    csr: &Path,
+    spiffe_id: &str,
+    dns: &[String],
+    ttl: Duration,
+    out: &Path,
+    json: bool,
+) -> Result<ExitCode, CaError> {
+    let ca = Authority::open(dir)?;
+    let req = IssueRequest {
+        spiffe_id: parse_id(spiffe_id)?,
+        dns: dns.to_vec(),
+        ttl,
+    };
+    let csr_bytes = std::fs::read(csr).map_err(|e| CaError::Io {
+        action: "cannot read",
+        path: csr.to_path_buf(),
+        source: e,
+    })?;
+    check_out_file(out)?;
+    let signed = ca.sign_csr(&csr_bytes, csr, &req)?;
+    create_parent(out)?;
+    store::write_atomic(out, signed.cert_pem.as_bytes(), store::PUBLIC_MODE)?;
+    if json {
+        print_json(&json!({
+            "spiffe_id": signed.spiffe_id.as_str(), "serial": signed.serial_hex, "sha256": signed.sha256_hex,
+            "not_after": rfc3339(signed.not_after), "cert": out,
+        }));
+    } else {
+        println!("signed {} from {}", signed.spiffe_id, csr.display());
+        println!("  serial     {}", signed.serial_hex);
+        println!(
+            "  not after  {} (in {})",
+            rfc3339(signed.not_after),
+            left(signed.not_after)
+        );
+        println!("  wrote      {}", out.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn inspect_cmd(file: &Path, bundle: Option<&Path>, json: bool) -> Result<ExitCode, CaError> {
+    let pem = read(file)?;
+    let bundle_pem = bundle.map(read).transpose()?;
+    let bundle_arg = bundle_pem.as_deref().zip(bundle);
+    let report = inspect::inspect_pem(&pem, file, bundle_arg, OffsetDateTime::now_utc())?;
+    if json {
+        print_json(&serde_json::to_value(&report).unwrap_or_default());
+    } else {
+        print_inspection(&report);
+    }
+    if report.verified == Some(false) {
+        return Ok(ExitCode::from(1));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn list(dir: &Path, json: bool) -> Result<ExitCode, CaError> {
+    let entries = Authority::open(dir)?.list()?;
+    if json {
+        print_json(&serde_json::to_value(&entries).unwrap_or_default());
+    } else {
+        print_list(&entries);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn root_rotate(dir: &Path, json: bool) -> Result<ExitCode, CaError> {
+    let generation = Authority::open(dir)?.rotate_root()?;
+    if json {
+        print_json(&serde_json::to_value(&generation).unwrap_or_default());
+    } else {
+        println!(
+            "created root generation {} (expires {}); bundle.pem now holds old and new roots",
+            generation.id, generation.not_after
+        );
+        println!(
+            "next: ca rotate --dir {} <outdir>... (re-issues every leaf under the new root), then ca root retire --dir {}",
+            dir.display(),
+            dir.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn root_retire(dir: &Path, force: bool, json: bool) -> Result<ExitCode, CaError> {
+    let (retired, cut_off) = Authority::open(dir)?.retire_roots(force)?;
+    if cut_off > 0 {
+        eprintln!(
+            "warning: --force: {cut_off} unexpired certificate(s) chain to a retired root and no longer verify against bundle.pem"
+        );
+    }
+    if json {
+        print_json(
+            &json!({ "retired_generations": retired, "live_certificates_cut_off": cut_off }),
+        );
+    } else {
+        println!(
+            "retired root generation(s) {retired:?}; bundle.pem now holds only the current root"
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn revoke(
+    dir: &Path,
+    serial: Option<&str>,
+    spiffe_id: Option<&str>,
+    reason: &str,
+    crl: Option<&Path>,
+    crl_ttl: Duration,
+    json: bool,
+) -> Result<ExitCode, CaError> {
+    let ca = Authority::open(dir)?;
+    let target = match (serial, spiffe_id) {
+        (Some(s), _) => RevokeTarget::Serial(s.to_owned()),
+        (None, Some(id)) => RevokeTarget::Identity(parse_id(id)?),
+        (None, None) => unreachable!("clap requires --serial or --spiffe-id"),
+    };
+    if let Some(out) = crl {
+        check_out_file(out)?;
+    }
+    let revoked = ca.revoke(&target, reason)?;
+    if let Some(out) = crl {
+        create_parent(out)?;
+        ca.write_crl(out, crl_ttl)?;
+    }
+    if json {
+        print_json(&json!({ "revoked": revoked, "crl": crl }));
+    } else {
+        if revoked.is_empty() {
+            println!("already revoked; nothing new recorded");
         }
-        Command::Crl { dir, out, ttl } => {
-            let ca = Authority::open(dir)?;
-            check_out_file(out)?;
-            create_parent(out)?;
-            ca.write_crl(out, *ttl)?;
-            let revoked = ca.revoked_serials()?.len();
-            if json {
-                print_json(&json!({ "crl": out, "revoked_total": revoked }));
-            } else {
-                println!(
-                    "wrote CRL {} ({revoked} revocation(s) on record)",
-                    out.display()
-                );
-            }
+        for r in &revoked {
+            println!("revoked serial {} ({})", r.serial, r.reason);
         }
+        match crl {
+            Some(out) => println!("wrote CRL {}", out.display()),
+            None => println!(
+                "next: ca crl --dir {} --out <crl.pem> and distribute it to the sidecars",
+                dir.display()
+            ),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn crl(dir: &Path, out: &Path, ttl: Duration, json: bool) -> Result<ExitCode, CaError> {
+    let ca = Authority::open(dir)?;
+    check_out_file(out)?;
+    create_parent(out)?;
+    ca.write_crl(out, ttl)?;
+    let revoked = ca.revoked_serials()?.len();
+    if json {
+        print_json(&json!({ "crl": out, "revoked_total": revoked }));
+    } else {
+        println!(
+            "wrote CRL {} ({revoked} revocation(s) on record)",
+            out.display()
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -501,7 +566,7 @@ fn rotate(ca: &Authority, out_dirs: &[PathBuf], opts: &RotateOptions, json: bool
                 reports.push(serde_json::to_value(&report).unwrap_or_default());
             }
             Err(e) => {
-                let code = u8::from(e.is_refusal()) + 2 * u8::from(!e.is_refusal());
+                let code = if e.is_refusal() { 1 } else { 2 };
                 worst = worst.max(code);
                 reports.push(json!({ "dir": dir, "action": "error", "error": e.to_string() }));
                 let _ = render(&e);
