@@ -7,6 +7,15 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+
+/// `println!` that survives a closed stdout (`fintech-demo | head`): the demo still runs to the end,
+/// cleans up and exits with its verdict.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
 use gatehouse_tests::fintech::scenario::{self, Check, label};
 use gatehouse_tests::fintech::stack::{
     Ports, Service, Stack, StackError, StackOptions, examples_dir,
@@ -45,7 +54,7 @@ async fn main() -> ExitCode {
             }
         },
     };
-    println!(
+    say!(
         "Gatehouse FinTech demo: trust domain fintech.internal, work dir {}",
         work_dir.display()
     );
@@ -64,7 +73,7 @@ async fn main() -> ExitCode {
             if let Some(t) = temp {
                 let _kept = t.keep();
             }
-            println!("logs kept in {}/logs", work_dir.display());
+            say!("logs kept in {}/logs", work_dir.display());
             ExitCode::FAILURE
         }
     }
@@ -76,35 +85,42 @@ async fn demo(examples: PathBuf, work_dir: PathBuf, ports: Ports) -> bool {
         Ok(opts) => StackOptions { examples, ..opts },
         Err(e) => return fail_start(&e),
     };
-    println!("binaries from {}\n", opts.bin_dir.display());
-    let stack = tokio::select! {
-        res = Stack::start(opts) => res,
-        () = interrupted() => { println!("interrupted"); return false; }
+    say!("binaries from {}\n", opts.bin_dir.display());
+    let prepared = tokio::select! {
+        res = Stack::prepare(opts) => res,
+        () = interrupted() => { say!("interrupted"); return false; }
     };
-    let stack = match stack {
+    let mut stack = match prepared {
         Ok(stack) => stack,
         Err(e) => return fail_start(&e),
     };
-    print_started(&stack).await;
-    let mut print = |c: &Check| println!("{c}");
+    print_minted(&stack).await;
+    let launched = tokio::select! {
+        res = stack.launch() => res,
+        () = interrupted() => { say!("interrupted"); return false; }
+    };
+    if let Err(e) = launched {
+        return fail_start(&e);
+    }
+    print_started(&stack);
+    let mut print = |c: &Check| say!("{c}");
     let checks = tokio::select! {
         checks = scenario::run(&stack, &mut print) => checks,
-        () = interrupted() => { println!("interrupted"); return false; }
+        () = interrupted() => { say!("interrupted"); return false; }
     };
     stack.stop().await;
     let failed = checks.iter().filter(|c| !c.ok).count();
     let total = checks.len() + 2;
     if failed == 0 {
-        println!("\nall {total} checks passed");
+        say!("\nall {total} checks passed");
         true
     } else {
-        println!("\n{failed} of {total} checks failed");
+        say!("\n{failed} of {total} checks failed");
         false
     }
 }
 
-async fn print_started(stack: &Stack) {
-    let p = stack.ports();
+async fn print_minted(stack: &Stack) {
     let certs = stack.certs_dir();
     let mut made = vec![
         "CA fintech.internal",
@@ -127,7 +143,11 @@ async fn print_started(stack: &Stack) {
         label: label::MINTED,
         detail: format!("{}: {}", certs.display(), made.join(", ")),
     };
-    println!("{minted}");
+    say!("{minted}");
+}
+
+fn print_started(stack: &Stack) {
+    let p = stack.ports();
     let mut detail = String::new();
     for s in Service::ALL {
         detail.push_str(&format!(
@@ -142,7 +162,7 @@ async fn print_started(stack: &Stack) {
         "gateway frontend (the browser's entry) {}",
         p.frontend()
     ));
-    println!(
+    say!(
         "{}\n",
         Check {
             ok: true,
@@ -157,7 +177,7 @@ fn fail_start(e: &StackError) -> bool {
         StackError::Exited { .. } | StackError::NotReady { .. } => label::STARTED,
         _ => label::MINTED,
     };
-    println!(
+    say!(
         "{}",
         Check {
             ok: false,
