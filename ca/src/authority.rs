@@ -211,10 +211,13 @@ impl Authority {
         }
         if let Err(e) = std::fs::rename(&tmp, dir) {
             let _ = std::fs::remove_dir_all(&tmp);
-            return Err(match e.raw_os_error() {
-                Some(39 | 17 | 20) => CaError::AlreadyExists {
+            use std::io::ErrorKind::{AlreadyExists, DirectoryNotEmpty, NotADirectory};
+            // rename(2) replaces only a missing or empty directory: anything else is a CA (or
+            // other files) that appeared since the check above.
+            return Err(match e.kind() {
+                DirectoryNotEmpty | AlreadyExists | NotADirectory => CaError::AlreadyExists {
                     dir: dir.to_path_buf(),
-                }, // ENOTEMPTY, EEXIST, ENOTDIR
+                },
                 _ => CaError::io("cannot rename into", dir)(e),
             });
         }
@@ -522,4 +525,53 @@ fn read_state(dir: &Path) -> Result<CaState, CaError> {
         });
     }
     Ok(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_type_names_round_trip() {
+        for k in [KeyType::EcdsaP256, KeyType::EcdsaP384, KeyType::Ed25519] {
+            assert_eq!(k.as_str().parse::<KeyType>(), Ok(k));
+        }
+        assert!("rsa".parse::<KeyType>().is_err());
+        assert_eq!(KeyType::default(), KeyType::EcdsaP256);
+    }
+
+    #[test]
+    fn init_into_an_existing_empty_directory_works_and_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = tmp.path().join("ca");
+        std::fs::create_dir(&dir).expect("mkdir");
+        let opts = InitOptions {
+            trust_domain: TrustDomain::parse("t.internal").expect("td"),
+            key_type: KeyType::Ed25519,
+            ttl: std::time::Duration::from_secs(3600),
+            intermediate: false,
+        };
+        let ca = Authority::init(&dir, &opts).expect("init");
+        assert_eq!(ca.trust_domain().as_str(), "t.internal");
+        let mode = std::fs::metadata(&dir).expect("meta").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
+        assert!(matches!(
+            Authority::init(&dir, &opts),
+            Err(CaError::AlreadyExists { .. })
+        ));
+        assert!(matches!(
+            Authority::open(tmp.path()),
+            Err(CaError::NoCa { .. })
+        ));
+        let zero = InitOptions {
+            ttl: std::time::Duration::ZERO,
+            ..opts
+        };
+        assert!(matches!(
+            Authority::init(&tmp.path().join("z"), &zero),
+            Err(CaError::ZeroTtl)
+        ));
+        assert!(!tmp.path().join("z").exists());
+    }
 }

@@ -112,3 +112,48 @@ pub fn ca_params(
     params.not_after = not_after;
     Ok(params)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serials_are_20_positive_minimal_octets_and_differ() {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..200 {
+            let s = random_serial().expect("serial").to_bytes();
+            assert_eq!(s.len(), SERIAL_LEN);
+            assert!(
+                s[0] != 0 && s[0] & 0x80 == 0,
+                "positive, no leading zero: {:02x}",
+                s[0]
+            );
+            assert!(seen.insert(s));
+        }
+    }
+
+    #[test]
+    fn dns_names_table() {
+        for ok in ["api", "api.fintech.internal", "a-b.c", "x1.y2"] {
+            assert!(check_dns_names(&[ok.to_owned()]).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "bad name",
+            "api:443",
+            "https://api",
+            "10.0.0.1",
+            "a..b",
+            "-a.b",
+            "a/b",
+        ] {
+            assert!(
+                matches!(
+                    check_dns_names(&[bad.to_owned()]),
+                    Err(CaError::InvalidDnsName { .. })
+                ),
+                "{bad:?} accepted"
+            );
+        }
+    }
+}

@@ -210,3 +210,50 @@ fn minimal_be(n: u64) -> Vec<u8> {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serial_spellings_normalize() {
+        for (input, want) in [
+            ("4F:1C:00", "4f1c00"),
+            ("0x4f1c", "4f1c"),
+            (" 4f1c ", "4f1c"),
+            ("4f1c", "4f1c"),
+        ] {
+            assert_eq!(normalize_serial(input), want, "{input:?}");
+        }
+    }
+
+    #[test]
+    fn crl_numbers_are_positive_minimal_integers() {
+        for (n, want) in [
+            (1u64, vec![1u8]),
+            (127, vec![0x7f]),
+            (128, vec![0, 0x80]),
+            (256, vec![1, 0]),
+            (
+                u64::MAX,
+                vec![0, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff],
+            ),
+        ] {
+            assert_eq!(minimal_be(n), want, "{n}");
+        }
+    }
+
+    #[test]
+    fn reason_names() {
+        assert!(check_reason("key-compromise").is_ok());
+        assert!(check_reason("superseded").is_ok());
+        assert!(matches!(
+            check_reason("KeyCompromise"),
+            Err(CaError::UnknownReason { .. })
+        ));
+        assert!(matches!(
+            check_reason(""),
+            Err(CaError::UnknownReason { .. })
+        ));
+    }
+}

@@ -250,3 +250,79 @@ fn remove_old_versions(out: &Path, keep: &str) {
 pub fn cert_dir_paths(out: &Path) -> [PathBuf; 3] {
     SVID_FILES.map(|n| out.join(n))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn link(p: &Path) -> PathBuf {
+        fs::read_link(p).expect("symlink")
+    }
+
+    #[test]
+    fn cert_dir_swaps_all_files_together_and_cleans_old_versions() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let out = tmp.path().join("a/b/svc");
+        write_cert_dir(&out, "cert1", "key1", "bundle1").expect("first write");
+        let v1 = link(&out.join(DATA_LINK));
+        for name in SVID_FILES {
+            assert_eq!(link(&out.join(name)), Path::new(DATA_LINK).join(name));
+        }
+        assert_eq!(
+            fs::read_to_string(out.join("key.pem")).expect("key"),
+            "key1"
+        );
+        let mode = fs::metadata(out.join("key.pem"))
+            .expect("meta")
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, KEY_MODE);
+
+        write_cert_dir(&out, "cert2", "key2", "bundle2").expect("second write");
+        assert_ne!(link(&out.join(DATA_LINK)), v1);
+        assert!(!out.join(&v1).exists(), "old version removed");
+        for (name, want) in SVID_FILES.iter().zip(["cert2", "key2", "bundle2"]) {
+            assert_eq!(fs::read_to_string(out.join(name)).expect("read"), want);
+        }
+        let names: Vec<_> = fs::read_dir(&out)
+            .expect("dir")
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(
+            names.len(),
+            5,
+            "one version dir, ..data, three links: {names:?}"
+        );
+    }
+
+    #[test]
+    fn cert_dir_replaces_plain_files_with_links() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        for name in SVID_FILES {
+            fs::write(tmp.path().join(name), "old").expect("write");
+        }
+        write_cert_dir(tmp.path(), "c", "k", "b").expect("write");
+        assert_eq!(
+            fs::read_to_string(tmp.path().join("cert.pem")).expect("read"),
+            "c"
+        );
+        assert!(
+            fs::symlink_metadata(tmp.path().join("cert.pem"))
+                .expect("meta")
+                .file_type()
+                .is_symlink()
+        );
+    }
+
+    #[test]
+    fn write_atomic_leaves_no_temp_files() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let p = tmp.path().join("f");
+        write_atomic(&p, b"one", PUBLIC_MODE).expect("write");
+        write_atomic(&p, b"two", PUBLIC_MODE).expect("overwrite");
+        assert_eq!(fs::read(&p).expect("read"), b"two");
+        assert_eq!(fs::read_dir(tmp.path()).expect("dir").count(), 1);
+    }
+}
