@@ -242,6 +242,11 @@ print(*[x.getsockname()[1] for x in s])')
     live="$w/k8s-monolith/etc/gatehouse/config/live.toml"
     sed "s/0\.0\.0\.0:8443/127.0.0.1:$p_in/; s/0\.0\.0\.0:9901/127.0.0.1:$p_admin/" \
       "$w/k8s-monolith/etc/gatehouse/config/sidecar.toml" >"$live"
+    # Lay the policy directory out the way kubelet does for a ConfigMap volume:
+    # policy.toml -> ..data/policy.toml, ..data -> ..<timestamp>/ (swapped atomically on update).
+    pol_dir="$w/k8s-monolith/etc/gatehouse/policy"
+    mkdir -p "$pol_dir/..v1" && mv "$pol_dir/policy.toml" "$pol_dir/..v1/policy.toml"
+    ln -s ..v1 "$pol_dir/..data" && ln -s ..data/policy.toml "$pol_dir/policy.toml"
     "$sidecar_bin" run --config "$live" >"$w/live.log" 2>&1 &
     sidecar_pid=$!
     trap 'kill "$sidecar_pid" 2>/dev/null || true' EXIT
@@ -253,13 +258,39 @@ print(*[x.getsockname()[1] for x in s])')
     done
     [[ $ready == yes ]] || { cat "$w/live.log" >&2; die "gatehouse-probe never saw /readyz 200 from the live sidecar" "see the sidecar log above"; }
     "$probe" "http://127.0.0.1:$p_admin/healthz" || die "gatehouse-probe: /healthz of the live sidecar is not 200" "see $w/live.log"
-    kill -TERM "$sidecar_pid"
-    wait "$sidecar_pid" || true # exit status after SIGTERM is the sidecar's business
+
+    # Reload, as the platforms trigger it. Reported, not enforced: reloading is the sidecar's
+    # feature (proxy/); these lines say whether this build has it.
+    policy_sha() { "$py" -c 'import json,sys,urllib.request; print(json.load(urllib.request.urlopen(sys.argv[1], timeout=3))["policy"]["sha256"])' "http://127.0.0.1:$p_admin/status"; }
+    before=$(policy_sha)
+    mkdir -p "$pol_dir/..v2" && { cat "$pol_dir/..v1/policy.toml" && echo "# v2"; } >"$pol_dir/..v2/policy.toml"
+    ln -s ..v2 "$pol_dir/..data_tmp" && mv -T "$pol_dir/..data_tmp" "$pol_dir/..data" && rm -rf "$pol_dir/..v1"
+    reloaded=no
+    for _ in $(seq 1 50); do # up to 10 s
+      [[ $(policy_sha) != "$before" ]] && reloaded=yes && break
+      sleep 0.2
+    done
+    if [[ $reloaded == yes ]]; then
+      note "reload: the sidecar picked up a kubelet-style ..data swap of its policy (Kubernetes hot reload works)"
+    else
+      note "WARNING: this sidecar build did not reload its policy after a kubelet-style ..data swap"
+      note "         (Kubernetes ConfigMap/Secret updates then need 'kubectl rollout restart')"
+    fi
+    kill -HUP "$sidecar_pid"
+    sleep 1
+    if kill -0 "$sidecar_pid" 2>/dev/null && "$probe" "http://127.0.0.1:$p_admin/readyz" 2>/dev/null; then
+      note "reload: the sidecar survives SIGHUP and stays ready (systemctl reload works)"
+    else
+      note "WARNING: this sidecar build exits on SIGHUP: 'systemctl reload' restarts it (Restart=always)"
+      note "         instead of reloading"
+    fi
+    kill -TERM "$sidecar_pid" 2>/dev/null || true
+    { wait "$sidecar_pid"; } 2>/dev/null || true # its exit status after SIGTERM/SIGHUP is its business
     trap - EXIT
     if "$probe" "http://127.0.0.1:$p_admin/readyz" 2>/dev/null; then
       die "gatehouse-probe succeeded against a stopped sidecar" "it must exit 1 when the admin port does not answer 200"
     fi
-    note "gatehouse-probe: 0 against the live sidecar (/readyz, /healthz), 1 after SIGTERM"
+    note "gatehouse-probe: 0 against the live sidecar (/readyz, /healthz), 1 once it stopped"
   else
     note "gatehouse-probe: skipped (no rustc)"
   fi
