@@ -276,8 +276,8 @@ print(*[x.getsockname()[1] for x in s])')
       note "WARNING: this sidecar build did not reload its policy after a kubelet-style ..data swap"
       note "         (Kubernetes ConfigMap/Secret updates then need 'kubectl rollout restart')"
     fi
-    kill -HUP "$sidecar_pid"
-    sleep 1
+    # (stderr: bash reports a background job that a signal ended; that report is not an error)
+    { kill -HUP "$sidecar_pid" && sleep 1; } 2>/dev/null
     if kill -0 "$sidecar_pid" 2>/dev/null && "$probe" "http://127.0.0.1:$p_admin/readyz" 2>/dev/null; then
       note "reload: the sidecar survives SIGHUP and stays ready (systemctl reload works)"
     else
