@@ -123,8 +123,7 @@ async fn serve_one(
         let mut b = http1::Builder::new();
         b.timer(TokioTimer::new())
             .header_read_timeout(cfg.header_read_timeout)
-            .max_header_size(cfg.max_header_bytes)
-            .max_buf_size(cfg.max_header_bytes.max(8192));
+            .max_header_size(cfg.max_header_bytes);
         drive(
             b.serve_connection(io, svc),
             &activity,
