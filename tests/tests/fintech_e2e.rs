@@ -241,3 +241,77 @@ async fn every_example_config_passes_sidecar_check_with_the_minted_certificates(
         );
     }
 }
+
+/// A free loopback port: bound on port 0, then released for the sidecar config that needs a number.
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+    listener.local_addr().expect("local addr").port()
+}
+
+/// Runs a fourth sidecar with the certificate in `certs/<who>/`, with one outbound listener toward the
+/// monolith, and asks it for the report data. Its bundle holds our CA's root (so it can verify the
+/// monolith: the bundle is public) and the root of its own certificate (a sidecar refuses to start
+/// with a certificate its bundle does not verify); the CRL is ours.
+async fn call_monolith_through_own_sidecar(stack: &mut Stack, who: &str) -> (u16, String) {
+    let (listen, admin) = (free_port(), free_port());
+    let dir = stack.work_dir().join(who);
+    tokio::fs::create_dir_all(&dir).await.expect("create dir");
+    let config = dir.join("sidecar.toml");
+    let certs = stack.certs_dir();
+    let mut bundle = tokio::fs::read_to_string(certs.join("bundle.pem"))
+        .await
+        .expect("our bundle");
+    bundle += &tokio::fs::read_to_string(certs.join(who).join("bundle.pem"))
+        .await
+        .expect("its bundle");
+    tokio::fs::write(dir.join("bundle.pem"), bundle)
+        .await
+        .expect("write bundle");
+    let monolith = stack.ports().inbound(Service::Monolith);
+    let text = format!(
+        "[identity]\ncert = \"../certs/{who}/cert.pem\"\nkey = \"../certs/{who}/key.pem\"\n\
+         bundle = \"bundle.pem\"\ncrl = \"../certs/crl.pem\"\n\n\
+         [[outbound]]\nname = \"monolith\"\nlisten = \"127.0.0.1:{listen}\"\nconnect = \"{monolith}\"\n\
+         server_id = \"spiffe://fintech.internal/monolith\"\n\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n"
+    );
+    tokio::fs::write(&config, text).await.expect("write config");
+    let admin = std::net::SocketAddr::from(([127, 0, 0, 1], admin));
+    if let Err(e) = stack
+        .start_sidecar(&format!("{who}-sidecar"), &config, admin)
+        .await
+    {
+        panic!("{who} sidecar did not start: {e}");
+    }
+    let url = format!(
+        "http://127.0.0.1:{listen}/api/data/reports?{}",
+        scenario::REPORT_QUERY
+    );
+    let reply = stack
+        .client()
+        .get(&url)
+        .await
+        .expect("the outbound listener answers");
+    (reply.status.as_u16(), reply.text())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_and_impostor_services_behind_their_own_sidecars_get_502_and_reach_nothing() {
+    let _ports = FIXED_PORTS.lock().await;
+    let work = tempfile::tempdir().expect("temp dir");
+    let mut stack = start_stack(&work).await;
+    // The monolith's sidecar refuses both client certificates; each sidecar reports the TLS alert.
+    // The foreign CA has our CA's name but not its key, so its signature fails: `decrypt_error`.
+    for (who, alert) in [
+        ("revoked-report-service", "certificate_revoked"),
+        ("impostor", "decrypt_error"),
+    ] {
+        let (status, body) = call_monolith_through_own_sidecar(&mut stack, who).await;
+        assert_eq!(status, 502, "{who}: {body}");
+        let body: serde_json::Value = serde_json::from_str(&body).expect("JSON error body");
+        assert_eq!(body["alert"], alert, "{who}: {body}");
+        assert_eq!(body["upstream"], "monolith", "{who}: {body}");
+    }
+    let seen = stack.seen(Service::Monolith).await.expect("debug endpoint");
+    assert!(seen.is_empty(), "the monolith app saw {seen:#?}");
+    stack.stop().await;
+}

@@ -571,6 +571,26 @@ impl Stack {
         self.work_dir().join("logs").join(format!("{name}.log"))
     }
 
+    /// Starts one more `sidecar run --config CONFIG` (named `name` in logs), owned by this stack, and
+    /// waits until its admin endpoint at `admin` answers `/readyz` with 200.
+    ///
+    /// # Errors
+    /// [`StackError`] when it cannot start, exits, or is not ready in time.
+    pub async fn start_sidecar(
+        &mut self,
+        name: &str,
+        config: &Path,
+        admin: SocketAddr,
+    ) -> Result<(), StackError> {
+        let args = [
+            "run".into(),
+            "--config".into(),
+            config.display().to_string(),
+        ];
+        self.spawn(name, "sidecar", &args).await?;
+        self.wait_for(vec![(name.to_owned(), admin, true)]).await
+    }
+
     async fn wait_ready(&mut self) -> Result<(), StackError> {
         let p = self.ports();
         let mut checks: Vec<(String, SocketAddr, bool)> = Vec::new();
@@ -580,6 +600,15 @@ impl Stack {
             checks.push((format!("{}-sidecar", s.name()), p.admin(s), true));
         }
         checks.push(("api-gateway".into(), p.frontend(), false));
+        self.wait_for(checks).await
+    }
+
+    /// Polls each `(name, addr, http)` until it accepts a TCP connection (or, with `http`, answers
+    /// `/readyz` with 200), failing early when any child exits.
+    async fn wait_for(
+        &mut self,
+        checks: Vec<(String, SocketAddr, bool)>,
+    ) -> Result<(), StackError> {
         let deadline = Instant::now() + READY_TIMEOUT;
         for (name, addr, http) in checks {
             loop {
