@@ -96,9 +96,11 @@ locals {
 
   app_container = merge(
     {
-      name      = "app"
-      image     = var.app_image
-      essential = true
+      name                   = "app"
+      image                  = var.app_image
+      essential              = true
+      readonlyRootFilesystem = var.app_readonly_root_filesystem
+      mountPoints            = [{ sourceVolume = "app-tmp", containerPath = "/tmp", readOnly = false }]
       # No portMappings: the app port is reachable only on 127.0.0.1 inside the task.
       dependsOn = [{ containerName = "gatehouse-sidecar", condition = "HEALTHY" }]
       environment = [for k, v in merge({
@@ -293,6 +295,11 @@ resource "aws_ecs_task_definition" "this" {
   # the app container does not mount it. Fargate encrypts ephemeral storage at rest.
   volume {
     name = "gatehouse"
+  }
+
+  # The app's /tmp (its root file system is read-only).
+  volume {
+    name = "app-tmp"
   }
 
   container_definitions = jsonencode([local.init_container, local.sidecar_container, local.app_container])

@@ -114,6 +114,12 @@ variable "app_environment" {
   default     = {}
 }
 
+variable "app_readonly_root_filesystem" {
+  description = "Run the app container with a read-only root file system; it gets a writable task volume at /tmp (Spring Boot's embedded Tomcat writes there). Set false only for an image that writes elsewhere."
+  type        = bool
+  default     = true
+}
+
 variable "app_health_check_command" {
   description = "Health check command run inside the app container (ECS healthCheck.command), or null for none. The app is essential either way."
   type        = list(string)
