@@ -8,20 +8,18 @@
 //!   it does not hold the pinned identity;
 //! - a non-loopback outbound listener is refused by `sidecar check` and `sidecar run`.
 
-use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use gatehouse_ca::{Authority, InitOptions, IssueRequest, KeyType, SpiffeId, TrustDomain};
+use gatehouse_ca::{IssueRequest, SpiffeId};
 use gatehouse_tests::fintech::http::{Recorder, serve};
 use gatehouse_tests::fintech::monolith::Monolith;
+use gatehouse_tests::harness::{CertDir, Pki, Sidecar, binary, eventually};
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
@@ -55,175 +53,40 @@ allow   = ["report-service"]
 
 // ---- support ------------------------------------------------------------------------------
 
-/// A CA of its own in a temp dir; certificate directories next to it.
-struct Pki {
-    dir: tempfile::TempDir,
-    ca: Authority,
-}
-
-impl Pki {
-    fn new(td: &str) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let ca = Authority::init(
-            &dir.path().join("ca"),
-            &InitOptions {
-                trust_domain: TrustDomain::parse(td).expect("trust domain"),
-                key_type: KeyType::EcdsaP256,
-                ttl: Duration::from_secs(30 * 86400),
-                intermediate: false,
-            },
-        )
-        .expect("ca init");
-        Self { dir, ca }
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    /// Issues `spiffe://<td>/<name>` into `<dir>/<name>/`; returns the serial (hex).
-    fn issue(&self, name: &str) -> String {
-        let id = format!("spiffe://{}/{name}", self.ca.trust_domain());
-        let svid = self
-            .ca
-            .issue(&IssueRequest {
-                spiffe_id: SpiffeId::parse(&id).expect("id"),
-                dns: vec![],
-                ttl: Duration::from_secs(3600),
-            })
-            .expect("issue");
-        svid.write_to(&self.dir.path().join(name)).expect("write");
-        svid.serial_hex
-    }
-
-    fn write(&self, file: &str, text: &str) -> PathBuf {
-        let p = self.dir.path().join(file);
-        std::fs::write(&p, text).expect("write file");
-        p
-    }
-}
-
-/// The `sidecar` binary of this workspace, built on first use if `cargo test` did not build it.
-fn sidecar_bin() -> PathBuf {
-    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-            let target = std::env::var_os("CARGO_TARGET_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| root.join("target"));
-            let bin = target.join("debug/sidecar");
-            let status = Command::new(env!("CARGO"))
-                .args(["build", "-q", "-p", "gatehouse-proxy", "--bin", "sidecar"])
-                .current_dir(&root)
-                .status()
-                .expect("run cargo build");
-            assert!(status.success(), "cargo build -p gatehouse-proxy failed");
-            bin
+/// Issues `id` like `Pki::issue`, and also returns the serial (hex) the CA assigned.
+fn issue_with_serial(pki: &Pki, id: &str) -> (CertDir, String) {
+    let svid = pki
+        .authority()
+        .issue(&IssueRequest {
+            spiffe_id: SpiffeId::parse(id).expect("id"),
+            dns: vec![],
+            ttl: Duration::from_secs(3600),
         })
-        .clone()
+        .expect("issue");
+    let dir = pki.fresh_dir(id);
+    svid.write_to(&dir).expect("write");
+    (CertDir { dir }, svid.serial_hex)
 }
 
-fn identity_section(name: &str) -> String {
-    format!(
-        "[identity]\ncert = \"{name}/cert.pem\"\nkey = \"{name}/key.pem\"\nbundle = \"{name}/bundle.pem\"\n"
-    )
-}
-
-/// A running `sidecar run`, killed on drop.
-struct Sidecar {
-    child: Child,
-    listeners: HashMap<String, SocketAddr>,
-    audit: PathBuf,
-}
-
-impl Sidecar {
-    /// Starts `sidecar run --config <config>` and waits until every listener is bound.
-    fn start(config: &Path, audit: PathBuf) -> Self {
-        let mut child = Command::new(sidecar_bin())
-            .args(["run", "--config"])
-            .arg(config)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn sidecar");
-        let stderr = child.stderr.take().expect("stderr");
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                // Once the sidecar is ready nobody listens; keep draining so it never blocks
-                // on a full pipe.
-                let _ = tx.send(line);
-            }
-        });
-        let mut listeners = HashMap::new();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let mut seen = Vec::new();
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = match rx.recv_timeout(left) {
-                Ok(line) => line,
-                Err(_) => panic!("sidecar did not become ready; stderr:\n{}", seen.join("\n")),
-            };
-            if let Some(rest) = line.split("listening ").nth(1)
-                && let Some((name, addr)) = rest.split_once(" on ")
-                && let Ok(addr) = addr.trim().parse()
-            {
-                listeners.insert(name.to_owned(), addr);
-            }
-            let ready = line.contains("sidecar ready");
-            seen.push(line);
-            if ready {
-                break;
-            }
-        }
-        drop(rx);
-        Self {
-            child,
-            listeners,
-            audit,
-        }
-    }
-
-    fn addr(&self, name: &str) -> SocketAddr {
-        self.listeners[name]
-    }
-
-    /// The audit lines written so far, parsed.
-    fn audit_lines(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(&self.audit)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("audit line is JSON"))
-            .collect()
-    }
-
-    async fn metrics(&self, client: &Http) -> String {
-        let url = format!("http://{}/metrics", self.addr("admin"));
-        client.get(&url, None).await.2
-    }
-}
-
-impl Drop for Sidecar {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Sum of the samples of `name` whose labels include every `k="v"` in `labels`.
-fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && l.starts_with(name))
-        .filter(|l| l[name.len()..].starts_with(['{', ' ']))
-        .filter(|l| {
-            labels
-                .iter()
-                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+/// `[[outbound]]` entries: (name, connect, server_id).
+fn outbound_entries(entries: &[(&str, String, &str)]) -> String {
+    entries
+        .iter()
+        .map(|(name, connect, server_id)| {
+            format!(
+                "[[outbound]]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\nconnect = \"{connect}\"\nserver_id = \"{server_id}\"\n\n"
+            )
         })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+        .collect()
+}
+
+/// The report service's sidecar: outbound entries only.
+async fn outbound_sidecar(cert: &CertDir, entries: &[(&str, String, &str)]) -> Sidecar {
+    Sidecar::builder(cert)
+        .section(&outbound_entries(entries))
+        .spawn()
+        .await
+        .expect("outbound sidecar starts")
 }
 
 /// A plaintext keep-alive HTTP/1.1 client: the report service's view of its sidecar.
@@ -258,20 +121,6 @@ impl Http {
     }
 }
 
-/// Polls `f` until it returns `Some`, for at most `limit`.
-async fn eventually<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        if Instant::now() > deadline {
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// A raw rustls server (TLS 1.3, client certificate required from `client_roots`) that never
 /// answers and counts the bytes it reads after the handshake.
 struct RecordingServer {
@@ -280,13 +129,12 @@ struct RecordingServer {
     bytes_read: Arc<AtomicUsize>,
 }
 
-async fn recording_server(cert_dir: &Path, client_bundle: &Path) -> RecordingServer {
-    let chain: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_file_iter(cert_dir.join("cert.pem"))
-            .expect("cert")
-            .collect::<Result<_, _>>()
-            .expect("cert");
-    let key = PrivateKeyDer::from_pem_file(cert_dir.join("key.pem")).expect("key");
+async fn recording_server(server: &CertDir, client_bundle: &Path) -> RecordingServer {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(server.cert())
+        .expect("cert")
+        .collect::<Result<_, _>>()
+        .expect("cert");
+    let key = PrivateKeyDer::from_pem_file(server.key()).expect("key");
     let mut roots = RootCertStore::empty();
     for c in CertificateDer::pem_file_iter(client_bundle).expect("bundle") {
         roots.add(c.expect("bundle")).expect("anchor");
@@ -333,22 +181,6 @@ async fn recording_server(cert_dir: &Path, client_bundle: &Path) -> RecordingSer
     }
 }
 
-/// The report service's sidecar: outbound entries only.
-fn outbound_config(pki: &Pki, file: &str, entries: &[(&str, String, &str)]) -> (PathBuf, PathBuf) {
-    let audit = pki.path().join(format!("{file}.audit.jsonl"));
-    let mut text = identity_section("report-service");
-    for (name, connect, server_id) in entries {
-        text.push_str(&format!(
-            "\n[[outbound]]\nname = \"{name}\"\nlisten = \"127.0.0.1:0\"\nconnect = \"{connect}\"\nserver_id = \"{server_id}\"\n"
-        ));
-    }
-    text.push_str(&format!(
-        "\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[audit]\npath = \"{}\"\n",
-        audit.display()
-    ));
-    (pki.write(&format!("{file}.toml"), &text), audit)
-}
-
 // ---- tests --------------------------------------------------------------------------------
 
 /// The FinTech call, through both sidecars: report service → outbound sidecar → mTLS → the
@@ -356,9 +188,8 @@ fn outbound_config(pki: &Pki, file: &str, entries: &[(&str, String, &str)]) -> (
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn report_service_reaches_monolith_through_both_sidecars_with_one_request_id() {
     let pki = Pki::new(TD);
-    pki.issue("monolith");
-    pki.issue("report-service");
-    pki.write("policy.toml", MONOLITH_POLICY);
+    let monolith_cert = pki.issue(MONOLITH_ID);
+    let report_cert = pki.issue(REPORT_ID);
 
     let recorder = Recorder::default();
     let app_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind app");
@@ -368,35 +199,24 @@ async fn report_service_reaches_monolith_through_both_sidecars_with_one_request_
         Arc::new(Monolith::new(recorder.clone())),
     ));
 
-    let inbound_audit = pki.path().join("monolith.audit.jsonl");
-    let inbound_cfg = pki.write(
-        "monolith.toml",
-        &format!(
-            "{}\n[inbound]\nlisten = \"127.0.0.1:0\"\napp = \"{app_addr}\"\npolicy = \"policy.toml\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[audit]\npath = \"{}\"\n",
-            identity_section("monolith"),
-            inbound_audit.display()
-        ),
-    );
-    let inbound = Sidecar::start(&inbound_cfg, inbound_audit);
+    let inbound = Sidecar::inbound(&monolith_cert, app_addr, MONOLITH_POLICY)
+        .spawn()
+        .await
+        .expect("inbound sidecar starts");
     // A DNS name, resolved by the sidecar when it connects; SNI is that host.
-    let connect = format!("localhost:{}", inbound.addr("inbound").port());
-    let (outbound_cfg, outbound_audit) = outbound_config(
-        &pki,
-        "report-service",
-        &[("monolith", connect, MONOLITH_ID)],
-    );
-    let outbound = Sidecar::start(&outbound_cfg, outbound_audit);
-    let base = format!("http://{}", outbound.addr("outbound:monolith"));
+    let connect = format!("localhost:{}", inbound.inbound_addr().port());
+    let outbound = outbound_sidecar(&report_cert, &[("monolith", connect, MONOLITH_ID)]).await;
+    let base = format!("http://{}", outbound.listener("outbound:monolith"));
 
     let http = Http::new();
     let (status, headers, body) = http.get(&format!("{base}{REPORTS_QUERY}"), None).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let data: serde_json::Value = serde_json::from_str(&body).expect("monolith JSON");
+    assert!(data.is_object(), "{body}");
     assert!(
         body.contains("2024-01-01") && body.contains("2024-12-31"),
         "{body}"
     );
-    assert!(data.is_object(), "{body}");
 
     // The monolith saw the report service's identity (vouched for by its inbound sidecar).
     let seen = recorder.snapshot();
@@ -415,51 +235,44 @@ async fn report_service_reaches_monolith_through_both_sidecars_with_one_request_
     // app, and in both sidecars' audit logs.
     let rid = headers["x-request-id"].to_str().expect("ascii").to_owned();
     assert_eq!(seen[0].header("x-request-id"), Some(rid.as_str()));
-    let has_rid =
-        |lines: Vec<serde_json::Value>| lines.iter().any(|l| l["request_id"] == rid.as_str());
-    let both = eventually(Duration::from_secs(10), || {
-        (has_rid(inbound.audit_lines()) && has_rid(outbound.audit_lines())).then_some(())
-    })
-    .await;
-    assert!(
-        both.is_some(),
-        "request id {rid} missing from an audit log:\ninbound: {:?}\noutbound: {:?}",
-        inbound.audit_lines(),
-        outbound.audit_lines()
-    );
-    let out_line = outbound
-        .audit_lines()
-        .into_iter()
-        .find(|l| l["request_id"] == rid.as_str())
-        .expect("line");
+    let line_of = |sidecar: &Sidecar| {
+        sidecar
+            .audit()
+            .into_iter()
+            .find(|l| l["request_id"] == rid.as_str())
+    };
+    let (in_line, out_line) = eventually(
+        "the request id in both audit logs",
+        Duration::from_secs(10),
+        async || Some((line_of(&inbound)?, line_of(&outbound)?)),
+    )
+    .await
+    .expect("request id in both audit logs");
+    assert_eq!(in_line["caller"], REPORT_ID);
+    assert_eq!(in_line["decision"], "allow");
     assert_eq!(out_line["direction"], "outbound");
     assert_eq!(out_line["status"], 200);
     assert_eq!(out_line["server_id"], MONOLITH_ID);
 
     // 1,000 sequential requests reuse a handful of TLS connections at most.
     let started = Instant::now();
+    let small = format!("{base}/api/data/reports?startDate=2024-01-01&endDate=2024-01-02");
     for i in 0..1000 {
-        let (status, _, body) = http
-            .get(
-                &format!("{base}/api/data/reports?startDate=2024-01-01&endDate=2024-01-02"),
-                None,
-            )
-            .await;
+        let (status, _, body) = http.get(&small, None).await;
         assert_eq!(status, StatusCode::OK, "request {i}: {body}");
     }
     let elapsed = started.elapsed();
-    let out_metrics = outbound.metrics(&http).await;
-    let in_metrics = inbound.metrics(&http).await;
-    let out_handshakes = metric(
-        &out_metrics,
-        "gatehouse_outbound_tls_handshakes_total",
-        &[("upstream", "monolith"), ("result", "ok")],
-    );
-    let in_handshakes = metric(
-        &in_metrics,
-        "gatehouse_tls_handshakes_total",
-        &[("result", "ok")],
-    );
+    let out_handshakes = outbound
+        .metric(
+            "gatehouse_outbound_tls_handshakes_total",
+            &[("upstream", "monolith"), ("result", "ok")],
+        )
+        .await
+        .expect("outbound metrics");
+    let in_handshakes = inbound
+        .metric("gatehouse_tls_handshakes_total", &[("result", "ok")])
+        .await
+        .expect("inbound metrics");
     eprintln!(
         "1000 sequential requests in {elapsed:?}; outbound handshakes {out_handshakes}, inbound handshakes {in_handshakes}"
     );
@@ -471,14 +284,14 @@ async fn report_service_reaches_monolith_through_both_sidecars_with_one_request_
         (1.0..=3.0).contains(&in_handshakes),
         "inbound accepted {in_handshakes} TLS connections"
     );
-    assert_eq!(
-        metric(
-            &out_metrics,
+    let forwarded = outbound
+        .metric(
             "gatehouse_outbound_requests_total",
-            &[("upstream", "monolith"), ("status", "200")]
-        ),
-        1001.0
-    );
+            &[("upstream", "monolith"), ("status", "200")],
+        )
+        .await
+        .expect("outbound metrics");
+    assert_eq!(forwarded, 1001.0);
 }
 
 /// A valid certificate from our CA with another identity behind `connect`: the handshake
@@ -486,20 +299,18 @@ async fn report_service_reaches_monolith_through_both_sidecars_with_one_request_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_impostor_gets_no_request_bytes_and_app_gets_502_naming_both_ids() {
     let pki = Pki::new(TD);
-    pki.issue("report-service");
-    pki.issue("impostor");
-    let impostor_dir = pki.path().join("impostor");
-    let impostor = recording_server(&impostor_dir, &impostor_dir.join("bundle.pem")).await;
-    let (cfg, _) = outbound_config(
-        &pki,
-        "rs",
+    let report_cert = pki.issue(REPORT_ID);
+    let impostor_cert = pki.issue("spiffe://fintech.internal/impostor");
+    let impostor = recording_server(&impostor_cert, &impostor_cert.bundle()).await;
+    let sidecar = outbound_sidecar(
+        &report_cert,
         &[("monolith", impostor.addr.to_string(), MONOLITH_ID)],
-    );
-    let sidecar = Sidecar::start(&cfg, pki.path().join("rs.audit.jsonl"));
+    )
+    .await;
     let http = Http::new();
     let url = format!(
         "http://{}{REPORTS_QUERY}",
-        sidecar.addr("outbound:monolith")
+        sidecar.listener("outbound:monolith")
     );
     let (status, headers, body) = http.get(&url, Some("impostor-check-1")).await;
     assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
@@ -509,11 +320,9 @@ async fn server_impostor_gets_no_request_bytes_and_app_gets_502_naming_both_ids(
     assert_eq!(json["expected_id"], MONOLITH_ID);
     assert_eq!(json["presented_id"], "spiffe://fintech.internal/impostor");
     assert_eq!(json["request_id"], "impostor-check-1");
+    let message = json["error"].as_str().unwrap_or_default();
     assert!(
-        json["error"]
-            .as_str()
-            .unwrap_or_default()
-            .contains(MONOLITH_ID),
+        message.contains(MONOLITH_ID) && message.contains("spiffe://fintech.internal/impostor"),
         "{body}"
     );
     // Whatever a broken client would have written has had time to arrive.
@@ -528,23 +337,22 @@ async fn server_impostor_gets_no_request_bytes_and_app_gets_502_naming_both_ids(
         0,
         "the handshake must not complete"
     );
-    let m = sidecar.metrics(&http).await;
-    assert_eq!(
-        metric(
-            &m,
+    let errors = sidecar
+        .metric(
             "gatehouse_outbound_errors_total",
-            &[("upstream", "monolith"), ("reason", "identity_mismatch")]
-        ),
-        1.0
-    );
-    assert_eq!(
-        metric(
-            &m,
+            &[("upstream", "monolith"), ("reason", "identity_mismatch")],
+        )
+        .await
+        .expect("metrics");
+    assert_eq!(errors, 1.0);
+    let failed = sidecar
+        .metric(
             "gatehouse_outbound_tls_handshakes_total",
-            &[("result", "identity_mismatch")]
-        ),
-        1.0
-    );
+            &[("result", "identity_mismatch")],
+        )
+        .await
+        .expect("metrics");
+    assert_eq!(failed, 1.0);
 }
 
 /// TLS 1.3: our client certificate is judged after our side of the handshake completed; the
@@ -553,39 +361,38 @@ async fn server_impostor_gets_no_request_bytes_and_app_gets_502_naming_both_ids(
 async fn server_refusing_our_client_certificate_is_502_naming_the_alert() {
     let pki = Pki::new(TD);
     let foreign = Pki::new("elsewhere.internal");
-    pki.issue("report-service");
-    pki.issue("monolith");
-    foreign.issue("anyone");
-    let server = recording_server(
-        &pki.path().join("monolith"),
-        &foreign.path().join("anyone/bundle.pem"),
+    let report_cert = pki.issue(REPORT_ID);
+    let monolith_cert = pki.issue(MONOLITH_ID);
+    let foreign_bundle = foreign.bundle_file();
+    let server = recording_server(&monolith_cert, &foreign_bundle).await;
+    let sidecar = outbound_sidecar(
+        &report_cert,
+        &[("monolith", server.addr.to_string(), MONOLITH_ID)],
     )
     .await;
-    let (cfg, _) = outbound_config(
-        &pki,
-        "rs",
-        &[("monolith", server.addr.to_string(), MONOLITH_ID)],
-    );
-    let sidecar = Sidecar::start(&cfg, pki.path().join("rs.audit.jsonl"));
     let http = Http::new();
     let url = format!(
         "http://{}/api/data/reports",
-        sidecar.addr("outbound:monolith")
+        sidecar.listener("outbound:monolith")
     );
     let (status, _, body) = http.get(&url, None).await;
     assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
     let json: serde_json::Value = serde_json::from_str(&body).expect("JSON body");
-    assert_eq!(json["reason"], "client_certificate_rejected", "{body}");
-    assert_eq!(json["alert"], "unknown_ca", "{body}");
-    let m = sidecar.metrics(&http).await;
     assert_eq!(
-        metric(
-            &m,
-            "gatehouse_outbound_errors_total",
-            &[("reason", "client_certificate_rejected")]
-        ),
-        1.0
+        json["reason"],
+        "client_certificate_rejected",
+        "{body}\nsidecar stderr:\n{}",
+        sidecar.stderr_text()
     );
+    assert_eq!(json["alert"], "unknown_ca", "{body}");
+    let rejected = sidecar
+        .metric(
+            "gatehouse_outbound_errors_total",
+            &[("reason", "client_certificate_rejected")],
+        )
+        .await
+        .expect("metrics");
+    assert_eq!(rejected, 1.0);
 }
 
 /// Interop with a server nobody here wrote: nginx verifies our client certificate against the
@@ -596,12 +403,11 @@ async fn nginx_accepts_our_client_certificate_and_is_refused_when_not_the_pinned
         panic!("nginx is not installed: .ci/run installs it (apt-get install nginx)");
     };
     let pki = Pki::new(TD);
-    let our_serial = pki.issue("report-service");
-    pki.issue("monolith");
-    let ngx = Nginx::start(&nginx, &pki);
-    let (cfg, _) = outbound_config(
-        &pki,
-        "rs",
+    let (report_cert, our_serial) = issue_with_serial(&pki, REPORT_ID);
+    let monolith_cert = pki.issue(MONOLITH_ID);
+    let ngx = Nginx::start(&nginx, &monolith_cert, &pki.fresh_dir("nginx"));
+    let sidecar = outbound_sidecar(
+        &report_cert,
         &[
             ("nginx", ngx.addr.to_string(), MONOLITH_ID),
             (
@@ -610,16 +416,12 @@ async fn nginx_accepts_our_client_certificate_and_is_refused_when_not_the_pinned
                 "spiffe://fintech.internal/ledger",
             ),
         ],
-    );
-    let sidecar = Sidecar::start(&cfg, pki.path().join("rs.audit.jsonl"));
+    )
+    .await;
     let http = Http::new();
 
-    let (status, _, body) = http
-        .get(
-            &format!("http://{}/whoami", sidecar.addr("outbound:nginx")),
-            None,
-        )
-        .await;
+    let url = format!("http://{}/whoami", sidecar.listener("outbound:nginx"));
+    let (status, _, body) = http.get(&url, None).await;
     assert_eq!(
         status,
         StatusCode::OK,
@@ -645,12 +447,8 @@ async fn nginx_accepts_our_client_certificate_and_is_refused_when_not_the_pinned
         "h2 negotiated with nginx: {body}"
     );
 
-    let (status, _, body) = http
-        .get(
-            &format!("http://{}/whoami", sidecar.addr("outbound:nginx-wrong")),
-            None,
-        )
-        .await;
+    let url = format!("http://{}/whoami", sidecar.listener("outbound:nginx-wrong"));
+    let (status, _, body) = http.get(&url, None).await;
     assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
     let json: serde_json::Value = serde_json::from_str(&body).expect("JSON body");
     assert_eq!(json["reason"], "identity_mismatch");
@@ -663,22 +461,22 @@ async fn nginx_accepts_our_client_certificate_and_is_refused_when_not_the_pinned
 #[test]
 fn non_loopback_outbound_listen_is_refused_by_check_and_run() {
     let pki = Pki::new(TD);
-    pki.issue("report-service");
-    let text = format!(
-        "{}\n[[outbound]]\nname = \"monolith\"\nlisten = \"0.0.0.0:7001\"\nconnect = \"monolith.internal:8443\"\nserver_id = \"{MONOLITH_ID}\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n",
-        identity_section("report-service")
+    let report_cert = pki.issue(REPORT_ID);
+    let entry = format!(
+        "[[outbound]]\nname = \"monolith\"\nlisten = \"0.0.0.0:7001\"\nconnect = \"monolith.internal:8443\"\nserver_id = \"{MONOLITH_ID}\"\n"
     );
-    let cfg = pki.write("open.toml", &text);
+    let refused = Sidecar::builder(&report_cert).section(&entry);
+    let config = refused.write();
     for verb in ["check", "run"] {
-        let out = Command::new(sidecar_bin())
+        let out = Command::new(binary("sidecar"))
             .args([verb, "--config"])
-            .arg(&cfg)
+            .arg(&config)
             .output()
             .expect("run sidecar");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "sidecar {verb}: {stderr}");
         assert!(
-            stderr.contains("open.toml:"),
+            stderr.contains("sidecar.toml:"),
             "sidecar {verb} names the file: {stderr}"
         );
         assert!(
@@ -691,16 +489,15 @@ fn non_loopback_outbound_listen_is_refused_by_check_and_run() {
         );
     }
     // With the opt-in, `check` accepts it and says loudly what it is.
-    let cfg = pki.write(
-        "open-ok.toml",
-        &text.replace(
-            "server_id =",
-            "allow_non_loopback_listen = true\nserver_id =",
-        ),
+    let opted_in = entry.replace(
+        "server_id =",
+        "allow_non_loopback_listen = true\nserver_id =",
     );
-    let out = Command::new(sidecar_bin())
+    let opted_in = Sidecar::builder(&report_cert).section(&opted_in);
+    let config = opted_in.write();
+    let out = Command::new(binary("sidecar"))
         .args(["check", "--config"])
-        .arg(&cfg)
+        .arg(&config)
         .output()
         .expect("check");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -708,6 +505,10 @@ fn non_loopback_outbound_listen_is_refused_by_check_and_run() {
         out.status.success(),
         "{stdout}{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("outbound monolith: 0.0.0.0:7001 -> monolith.internal:8443"),
+        "{stdout}"
     );
     assert!(stdout.contains("DANGEROUS"), "{stdout}");
 }
@@ -737,10 +538,10 @@ struct Nginx {
 }
 
 impl Nginx {
-    fn start(bin: &Path, pki: &Pki) -> Self {
-        let dir = pki.path().join("nginx");
+    fn start(bin: &Path, server: &CertDir, dir: &Path) -> Self {
+        let dir = dir.to_path_buf();
         std::fs::create_dir_all(dir.join("tmp")).expect("nginx dir");
-        let certs = pki.path().join("monolith");
+        let certs = &server.dir;
         // nginx cannot report a port it picked itself: pick a free one, retry if taken meanwhile.
         for _ in 0..5 {
             let addr = std::net::TcpListener::bind("127.0.0.1:0")

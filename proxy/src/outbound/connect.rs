@@ -437,10 +437,7 @@ impl Upstream {
         self.metrics.handshake("ok");
         let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
         let alert = Arc::new(OnceLock::new());
-        let io = TokioIo::new(AlertTap {
-            inner: tls,
-            alert: Arc::clone(&alert),
-        });
+        let io = TokioIo::new(AlertTap::new(tls, Arc::clone(&alert)));
         let sender = if h2 {
             let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -513,7 +510,7 @@ impl Upstream {
         open.inc();
         tokio::spawn(async move {
             if let Err(e) = conn.await {
-                debug!(upstream = %name, error = %e, "upstream connection ended with an error");
+                debug!(upstream = %name, error = ?e, "upstream connection ended with an error");
             }
             open.dec();
             drop(permit);
@@ -569,9 +566,73 @@ impl Upstream {
 
 /// Passes I/O through and remembers the first fatal TLS alert a read returns, before hyper
 /// reduces the error to a message (HTTP/2 stringifies connection errors for its streams).
+///
+/// A server that refuses our certificate sends its alert and closes; if we write before we
+/// read (HTTP/2 writes its preface and settings right away), the write fails with a reset
+/// while the alert still sits unread in the socket buffer. So a failed write is held back
+/// until a read has collected what the peer sent before it went away.
 struct AlertTap<T> {
     inner: T,
     alert: Arc<OnceLock<AlertDescription>>,
+    /// A write error waiting for the read that may explain it.
+    held: Option<io::Error>,
+}
+
+impl<T> AlertTap<T> {
+    fn new(inner: T, alert: Arc<OnceLock<AlertDescription>>) -> Self {
+        Self {
+            inner,
+            alert,
+            held: None,
+        }
+    }
+
+    fn note(&self, result: &io::Result<()>) {
+        if let Err(e) = result
+            && let Some(alert) = received_alert(e)
+        {
+            let _ = self.alert.set(alert);
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AlertTap<T> {
+    /// A write failed with `err`: read until the peer's last words (an alert, EOF or an
+    /// error) arrive, then report `err`. The peer is gone, so the read completes promptly.
+    fn settle(&mut self, cx: &mut Context<'_>, err: io::Error) -> Poll<io::Error> {
+        let mut scratch = [0u8; 512];
+        while self.alert.get().is_none() {
+            let mut buf = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut self.inner).poll_read(cx, &mut buf) {
+                Poll::Pending => {
+                    self.held = Some(err);
+                    return Poll::Pending;
+                }
+                // Data after a failed write is of no use to anyone: keep looking for the alert.
+                Poll::Ready(Ok(())) if !buf.filled().is_empty() => {}
+                Poll::Ready(result) => {
+                    self.note(&result);
+                    break;
+                }
+            }
+        }
+        Poll::Ready(err)
+    }
+
+    /// Runs a write-side operation, holding back its error until [`Self::settle`] is done.
+    fn guard<R>(
+        &mut self,
+        cx: &mut Context<'_>,
+        op: impl FnOnce(&mut T, &mut Context<'_>) -> Poll<io::Result<R>>,
+    ) -> Poll<io::Result<R>> {
+        if let Some(err) = self.held.take() {
+            return self.settle(cx, err).map(Err);
+        }
+        match op(&mut self.inner, cx) {
+            Poll::Ready(Err(err)) => self.settle(cx, err).map(Err),
+            other => other,
+        }
+    }
 }
 
 impl<T: AsyncRead + Unpin> AsyncRead for AlertTap<T> {
@@ -581,22 +642,20 @@ impl<T: AsyncRead + Unpin> AsyncRead for AlertTap<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if let Poll::Ready(Err(e)) = &polled
-            && let Some(alert) = received_alert(e)
-        {
-            let _ = self.alert.set(alert);
+        if let Poll::Ready(result) = &polled {
+            self.note(result);
         }
         polled
     }
 }
 
-impl<T: AsyncWrite + Unpin> AsyncWrite for AlertTap<T> {
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for AlertTap<T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        self.guard(cx, |io, cx| Pin::new(io).poll_write(cx, buf))
     }
 
     fn poll_write_vectored(
@@ -604,7 +663,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for AlertTap<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        self.guard(cx, |io, cx| Pin::new(io).poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -612,7 +671,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for AlertTap<T> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        self.guard(cx, |io, cx| Pin::new(io).poll_flush(cx))
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
