@@ -15,7 +15,8 @@
 //! with its certificate and key unchanged. Each re-issue is an `issued` inventory line with
 //! `"source":"rotate"` and `"replaces":"<old serial>"`. Running it again right away does nothing:
 //! safe from cron or a Kubernetes CronJob. Two `ca rotate` runs on the same directory are
-//! serialized by a lock file, `OUT/.rotate.lock`.
+//! serialized by the directory's lock file, `OUT/.lock`, held from reading the old certificate
+//! to publishing the new one.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -115,7 +116,7 @@ impl Authority {
                 "no cert.pem (write it with `ca issue --out` first)".into(),
             ));
         }
-        let _dir_lock = DirLock::acquire_named(dir, ".rotate.lock")?;
+        let _dir_lock = DirLock::acquire_named(dir, store::CERT_DIR_LOCK)?;
         let cur = read_current(dir)?;
         if !cur.id.is_member_of(self.trust_domain()) {
             return Err(not_rotatable(format!(
@@ -174,7 +175,7 @@ impl Authority {
                     },
                 });
             }
-            store::write_cert_dir(dir, &cur.cert_pem, &cur.key_pem, &bundle)?;
+            store::write_cert_dir_locked(dir, &cur.cert_pem, &cur.key_pem, &bundle)?;
             return Ok(DirReport {
                 dir: dir.to_path_buf(),
                 spiffe_id,
@@ -197,7 +198,7 @@ impl Authority {
             ttl: Duration::try_from(lifetime).unwrap_or(Duration::from_secs(60)),
         };
         let svid = self.issue_for_key(&req, &key, Source::Rotate, Some(&cur.serial))?;
-        svid.write_to(dir)?;
+        store::write_cert_dir_locked(dir, &svid.cert_pem, &svid.key_pem, &svid.bundle_pem)?;
         Ok(DirReport {
             dir: dir.to_path_buf(),
             spiffe_id,

@@ -18,7 +18,8 @@
 //! Old version directories are removed afterwards. A process killed at any point leaves either the
 //! old set or the new one (and possibly an unused version directory, removed by the next write).
 //! Readers open `OUT/cert.pem`, `OUT/key.pem`, `OUT/bundle.pem` as usual; a watcher should watch
-//! `OUT` and react to any event in it (the swap renames `..data`, not `cert.pem`).
+//! `OUT` and react to any event in it (the swap renames `..data`, not `cert.pem`). Writers hold
+//! an flock on `OUT/.lock`, so concurrent `ca issue --out OUT` / `ca rotate OUT` runs take turns.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
@@ -33,6 +34,9 @@ pub const KEY_MODE: u32 = 0o600;
 pub const PUBLIC_MODE: u32 = 0o644;
 /// Name of the symlink that designates the current version of a certificate directory.
 pub const DATA_LINK: &str = "..data";
+/// Lock file of a certificate directory: writers (`ca issue`, `ca rotate`) serialize on it, so
+/// one writer's cleanup never removes the version another is about to publish.
+pub const CERT_DIR_LOCK: &str = ".lock";
 /// The files of a certificate directory.
 pub const SVID_FILES: [&str; 3] = ["cert.pem", "key.pem", "bundle.pem"];
 
@@ -182,8 +186,23 @@ pub fn write_cert_dir(
         if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
             fs::create_dir_all(parent).map_err(CaError::io("cannot create directory", parent))?;
         }
-        create_dir(out, 0o755)?;
+        match create_dir(out, 0o755) {
+            Err(CaError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::AlreadyExists && out.is_dir() => {}
+            other => other?,
+        }
     }
+    let _lock = DirLock::acquire_named(out, CERT_DIR_LOCK)?;
+    write_cert_dir_locked(out, cert_pem, key_pem, bundle_pem)
+}
+
+/// [`write_cert_dir`] for a caller that already holds `out/.lock` (and `out` exists).
+pub(crate) fn write_cert_dir_locked(
+    out: &Path,
+    cert_pem: &str,
+    key_pem: &str,
+    bundle_pem: &str,
+) -> Result<(), CaError> {
     let stamp = time::OffsetDateTime::now_utc();
     let version = format!(
         "..{:04}_{:02}_{:02}_{:02}_{:02}_{:02}.{:09}_{}",
@@ -292,8 +311,8 @@ mod tests {
             .collect();
         assert_eq!(
             names.len(),
-            5,
-            "one version dir, ..data, three links: {names:?}"
+            6,
+            "one version dir, ..data, three links, .lock: {names:?}"
         );
     }
 

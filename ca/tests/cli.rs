@@ -506,14 +506,7 @@ fn eight_concurrent_issues_get_distinct_serials_and_well_formed_inventory_lines(
 }
 
 fn openssl_verify(sb: &Sandbox, extra: &[&str], cert: &str) -> std::process::Output {
-    let mut args = vec![
-        "verify",
-        "-x509_strict",
-        "-purpose",
-        "sslclient",
-        "-CAfile",
-        "ca/bundle.pem",
-    ];
+    let mut args = vec!["verify", "-x509_strict", "-CAfile", "ca/bundle.pem"];
     args.extend_from_slice(extra);
     args.push(cert);
     Command::new("openssl")
@@ -536,6 +529,14 @@ fn openssl_x509_strict_accepts_issued_leaves_with_and_without_intermediate() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("api/cert.pem: OK"));
+    for purpose in ["sslclient", "sslserver"] {
+        let out = openssl_verify(&sb, &["-purpose", purpose], "api/cert.pem");
+        assert!(
+            out.status.success(),
+            "{purpose}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 
     let sb = Sandbox::new();
     sb.init(true);

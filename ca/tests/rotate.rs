@@ -387,3 +387,49 @@ fn root_retire_force_cuts_off_live_leaves_loudly() {
         "the old leaf no longer verifies"
     );
 }
+
+#[test]
+fn concurrent_writers_to_one_directory_take_turns() {
+    let sb = Sandbox::new();
+    sb.init(false);
+    sb.issue("shared");
+    let children: Vec<_> = (0..6)
+        .map(|i| {
+            let args: Vec<&str> = if i % 2 == 0 {
+                vec![
+                    "issue",
+                    "--dir",
+                    "ca",
+                    "--spiffe-id",
+                    "spiffe://fintech.internal/shared",
+                    "--out",
+                    "shared",
+                ]
+            } else {
+                vec!["rotate", "--dir", "ca", "--force", "shared"]
+            };
+            std::process::Command::new(env!("CARGO_BIN_EXE_ca"))
+                .args(args)
+                .current_dir(sb.tmp.path())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("spawn")
+        })
+        .collect();
+    for child in children {
+        let out = child.wait_with_output().expect("wait");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert_matching_pair(&sb.path("shared"));
+    let versions = std::fs::read_dir(sb.path("shared"))
+        .expect("dir")
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .count();
+    assert_eq!(versions, 1, "exactly the current version is left");
+}
