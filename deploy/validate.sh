@@ -346,13 +346,16 @@ print(*[x.getsockname()[1] for x in s])')
       "$here/terraform/ecs/templates/sidecar.toml.tftpl" true |
       (cd "$root" && TF_CLI_CONFIG_FILE=/dev/null terraform console) | sed '1d;$d' >"$root/sidecar.toml"
     # Run the init container's script as ECS would: secrets and config in its environment.
-    GATEHOUSE_DIR="$root/run" \
+    mkdir -p "$root/app-tmp" && chmod 0755 "$root/app-tmp"
+    GATEHOUSE_DIR="$root/run" GATEHOUSE_APP_TMP="$root/app-tmp" \
       GATEHOUSE_CERT_PEM="$(cat "$root/svid/cert.pem")" GATEHOUSE_KEY_PEM="$(cat "$root/svid/key.pem")" \
       GATEHOUSE_BUNDLE_PEM="$(cat "$root/svid/bundle.pem")" \
       GATEHOUSE_CRL_PEM="$(cat "$w/crl.pem")" \
       GATEHOUSE_SIDECAR_TOML="$(cat "$root/sidecar.toml")" \
       GATEHOUSE_POLICY_TOML="$(cat "$here/kubernetes/overlays/$svc/policy.toml")" \
       sh "$here/terraform/ecs/templates/init.sh" >/dev/null
+    [[ $(stat -c %a "$root/app-tmp") == 1777 && $(stat -c %u "$root/run/key.pem") == 65532 ]] ||
+      die "init.sh did not hand the files to uid 65532 and make the app's /tmp 1777" "fix deploy/terraform/ecs/templates/init.sh"
     "$sidecar_bin" check --config "$root/run/sidecar.toml" >"$root/check.log" 2>&1 || {
       cat "$root/check.log" >&2
       die "sidecar check rejected the ECS-rendered config" "fix deploy/terraform/ecs/templates/ (sidecar.toml.tftpl, init.sh)"

@@ -65,7 +65,10 @@ locals {
       ],
       local.with_crl ? [{ name = "GATEHOUSE_CRL_PEM", valueFrom = var.crl_secret_arn }] : [],
     )
-    mountPoints      = [{ sourceVolume = "gatehouse", containerPath = "/run/gatehouse", readOnly = false }]
+    mountPoints = [
+      { sourceVolume = "gatehouse", containerPath = "/run/gatehouse", readOnly = false },
+      { sourceVolume = "app-tmp", containerPath = "/run/app-tmp", readOnly = false },
+    ]
     linuxParameters  = { capabilities = { drop = local.init_dropped_capabilities } }
     logConfiguration = { logDriver = "awslogs", options = merge(local.log_options, { "awslogs-group" = aws_cloudwatch_log_group.sidecar.name, "awslogs-stream-prefix" = "init" }) }
   }
@@ -297,7 +300,8 @@ resource "aws_ecs_task_definition" "this" {
     name = "gatehouse"
   }
 
-  # The app's /tmp (its root file system is read-only).
+  # The app's /tmp (its root file system is read-only). Fargate creates bind-mount volumes
+  # root-owned 0755; gatehouse-init makes this one 1777 like a normal /tmp.
   volume {
     name = "app-tmp"
   }

@@ -1,5 +1,5 @@
-# Runs in the gatehouse-init container (busybox sh) before the sidecar starts. The secrets
-# arrive as environment variables of this container only; they are written to the task's
+# Runs in the gatehouse-init container (busybox sh, as root) before the sidecar starts. The
+# secrets arrive as environment variables of this container only; they are written to the task's
 # shared volume, owned by the sidecar's user, mode 0600, and this container exits.
 # shellcheck disable=SC2153 # the GATEHOUSE_* variables come from the task definition
 set -eu
@@ -12,4 +12,7 @@ if [ -n "${GATEHOUSE_CRL_PEM:-}" ]; then printf '%s\n' "$GATEHOUSE_CRL_PEM" > "$
 printf '%s' "$GATEHOUSE_SIDECAR_TOML" > "$d/sidecar.toml"
 printf '%s' "$GATEHOUSE_POLICY_TOML" > "$d/policy.toml"
 chown -R 65532:65532 "$d"
+# The app's /tmp volume: Fargate creates it root-owned 0755; make it a normal sticky /tmp.
+t=${GATEHOUSE_APP_TMP:-/run/app-tmp}
+if [ -d "$t" ]; then chmod 1777 "$t"; fi
 echo "gatehouse-init: wrote the certificates, sidecar.toml and policy.toml to $d"
