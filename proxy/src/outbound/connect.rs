@@ -629,7 +629,18 @@ impl<T: AsyncRead + Unpin> AlertTap<T> {
             return self.settle(cx, err).map(Err);
         }
         match op(&mut self.inner, cx) {
-            Poll::Ready(Err(err)) => self.settle(cx, err).map(Err),
+            // Only a peer that went away has last words to read; any other write error (the
+            // socket still open) is reported at once rather than waiting on a read.
+            Poll::Ready(Err(err))
+                if matches!(
+                    err.kind(),
+                    io::ErrorKind::ConnectionReset
+                        | io::ErrorKind::BrokenPipe
+                        | io::ErrorKind::ConnectionAborted
+                ) =>
+            {
+                self.settle(cx, err).map(Err)
+            }
             other => other,
         }
     }
