@@ -18,7 +18,7 @@ use time::OffsetDateTime;
 
 /// Gatehouse CA: one private CA per SPIFFE trust domain, issuing X.509-SVIDs.
 #[derive(Parser)]
-#[command(name = "ca", version, about, propagate_version = true)]
+#[command(name = "ca", version, propagate_version = true)]
 struct Cli {
     /// Output format for commands that print data.
     #[arg(long, global = true, value_enum, default_value_t = Format::Text)]
@@ -37,8 +37,10 @@ enum Format {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Create a CA directory: root key and certificate (optionally an intermediate), bundle.pem,
-    /// an empty inventory. Refuses to touch a directory that is not empty.
+    /// Create a CA directory (root, optional intermediate, bundle.pem, inventory).
+    ///
+    /// The directory is created with mode 0700, keys 0600 (PKCS#8). Refuses to touch a directory
+    /// that is not empty.
     Init {
         /// CA directory to create (mode 0700).
         #[arg(long)]
@@ -56,8 +58,10 @@ enum Command {
         #[arg(long)]
         intermediate: bool,
     },
-    /// Issue an X.509-SVID with a new key: writes OUT/cert.pem (leaf + chain), OUT/key.pem
-    /// (0600, PKCS#8) and OUT/bundle.pem, atomically.
+    /// Issue an X.509-SVID with a new key into a certificate directory.
+    ///
+    /// Writes OUT/cert.pem (leaf + chain), OUT/key.pem (0600, PKCS#8) and OUT/bundle.pem as one
+    /// atomic set (versioned directory + `..data` symlink swap).
     Issue {
         /// CA directory.
         #[arg(long)]
@@ -75,8 +79,10 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Sign a workload's CSR. The SANs come from --spiffe-id/--dns, never from the CSR; only its
-    /// public key is used, after its signature verifies.
+    /// Sign a workload's CSR (the private key never touches the CA).
+    ///
+    /// The SANs come from --spiffe-id/--dns, never from the CSR; only its public key is used,
+    /// after its signature verifies.
     Sign {
         /// CA directory.
         #[arg(long)]
@@ -97,8 +103,11 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Show a certificate: identity, DNS SANs, serial, validity, key type, issuer; with --bundle,
-    /// whether the chain verifies (webpki). Exit 1 when it does not.
+    /// Show a certificate; with --bundle, whether its chain verifies.
+    ///
+    /// Prints identity, DNS SANs, serial, validity and time left, key type, issuer. With
+    /// --bundle the chain is verified with webpki (serverAuth and clientAuth); exit 1 when it
+    /// does not verify.
     Inspect {
         /// PEM file, leaf first (e.g. cert.pem from `ca issue`).
         file: PathBuf,
@@ -112,9 +121,11 @@ enum Command {
         #[arg(long)]
         dir: PathBuf,
     },
-    /// Re-issue certificate directories (written by `ca issue`) that are due: inside the renewal
-    /// window (default: the last third of the lifetime), revoked, or signed by an old root. Key
-    /// and certificate are swapped together. Exit 0 when nothing was due. Safe to run from cron.
+    /// Re-issue the certificate directories that are due (safe to run from cron).
+    ///
+    /// Due: inside the renewal window (default: the last third of the lifetime), revoked, signed
+    /// by an old root, or key not matching the certificate. Same identity and SANs; key and
+    /// certificate are swapped together. Exit 0 when nothing was due.
     Rotate {
         /// CA directory.
         #[arg(long)]
@@ -137,8 +148,9 @@ enum Command {
         #[command(subcommand)]
         command: RootCommand,
     },
-    /// Revoke a certificate by serial, or every live certificate of an identity; records it in
-    /// the inventory and, with --crl, writes a fresh CRL.
+    /// Revoke a certificate by serial, or every live certificate of an identity.
+    ///
+    /// Records the revocation in the inventory; with --crl also writes a fresh CRL.
     #[command(group = clap::ArgGroup::new("target").required(true).args(["serial", "spiffe_id"]))]
     Revoke {
         /// CA directory.
@@ -161,8 +173,10 @@ enum Command {
         #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
         crl_ttl: Duration,
     },
-    /// Write the signed CRLs (v2, CRL number, next-update), PEM, one per issuing CA of every root
-    /// in the bundle. Re-run it before next-update (e.g. from the same cron job as `ca rotate`).
+    /// Write the signed CRLs (v2, CRL number, next-update) as one PEM file.
+    ///
+    /// One CRL per issuing CA of every root in the bundle. Re-run it before next-update (e.g. from
+    /// the same cron job as `ca rotate`).
     Crl {
         /// CA directory.
         #[arg(long)]
@@ -178,16 +192,19 @@ enum Command {
 
 #[derive(Subcommand)]
 enum RootCommand {
-    /// Create a new root (and intermediate, if the CA uses one) and make it current. bundle.pem
-    /// then holds the old and new roots; new leaves chain to the new root. Next: `ca rotate`
-    /// every certificate directory, then `ca root retire`.
+    /// Create a new root (and intermediate) and make it current.
+    ///
+    /// bundle.pem then holds the old and new roots; new leaves chain to the new root. Next:
+    /// `ca rotate` every certificate directory, then `ca root retire`.
     Rotate {
         /// CA directory.
         #[arg(long)]
         dir: PathBuf,
     },
-    /// Drop every non-current root from bundle.pem. Refuses while an unexpired, unrevoked leaf
-    /// still chains to one of them.
+    /// Drop every non-current root from bundle.pem.
+    ///
+    /// Refuses while an unexpired, unrevoked leaf that `ca rotate` has not re-issued still chains
+    /// to one of them (--force overrides, loudly).
     Retire {
         /// CA directory.
         #[arg(long)]
