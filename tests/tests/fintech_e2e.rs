@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use gatehouse_tests::fintech::probe::{ProbeIdentity, ProbeOutcome, probe};
 use gatehouse_tests::fintech::scenario::{self, Check, label};
-use gatehouse_tests::fintech::stack::{Ports, Service, Stack, StackOptions, bin_dir};
+use gatehouse_tests::fintech::stack::{LEAKED_KEY, Ports, Service, Stack, StackOptions, bin_dir};
 
 /// The example's ports are fixed: one stack at a time in this test binary.
 static FIXED_PORTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -216,28 +216,26 @@ async fn every_example_config_passes_sidecar_check_with_the_minted_certificates(
         Ok(stack) => stack,
         Err(e) => panic!("could not prepare the example: {e}\nhelp: {}", e.help()),
     };
-    for s in Service::ALL {
+    let leaked = stack.work_dir().join(LEAKED_KEY).join("sidecar.toml");
+    let configs = Service::ALL
+        .iter()
+        .map(|s| (stack.sidecar_config(*s), s.spiffe_id()))
+        .chain([(leaked, Service::ReportService.spiffe_id())]);
+    for (config, id) in configs {
         let out = tokio::process::Command::new(stack.options().bin_dir.join("sidecar"))
             .arg("check")
             .arg("--config")
-            .arg(stack.sidecar_config(s))
+            .arg(&config)
             .output()
             .await
             .expect("run sidecar check");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let text = format!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+        let name = config.display();
+        assert!(out.status.success(), "sidecar check {name} failed:\n{text}");
         assert!(
-            out.status.success(),
-            "sidecar check {} failed:\n{text}",
-            s.name()
-        );
-        assert!(
-            text.contains(s.spiffe_id().as_str()),
-            "{} summary does not name its identity:\n{text}",
-            s.name()
+            text.contains(id.as_str()),
+            "{name}: summary does not name {id}:\n{text}"
         );
     }
 }
@@ -254,7 +252,7 @@ fn free_port() -> u16 {
 /// with a certificate its bundle does not verify); the CRL is ours.
 async fn call_monolith_through_own_sidecar(stack: &mut Stack, who: &str) -> (u16, String) {
     let (listen, admin) = (free_port(), free_port());
-    let dir = stack.work_dir().join(who);
+    let dir = stack.work_dir().join(format!("own-{who}"));
     tokio::fs::create_dir_all(&dir).await.expect("create dir");
     let config = dir.join("sidecar.toml");
     let certs = stack.certs_dir();
@@ -277,7 +275,7 @@ async fn call_monolith_through_own_sidecar(stack: &mut Stack, who: &str) -> (u16
     tokio::fs::write(&config, text).await.expect("write config");
     let admin = std::net::SocketAddr::from(([127, 0, 0, 1], admin));
     if let Err(e) = stack
-        .start_sidecar(&format!("{who}-sidecar"), &config, admin)
+        .start_sidecar(&format!("own-{who}-sidecar"), &config, admin)
         .await
     {
         panic!("{who} sidecar did not start: {e}");

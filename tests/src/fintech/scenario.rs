@@ -11,7 +11,7 @@ use super::api_gateway::Notification;
 use super::http::SeenRequest;
 use super::probe::{ProbeIdentity, ProbeOutcome, probe};
 use super::report_service::{Report, ReportStatus};
-use super::stack::{Service, Stack};
+use super::stack::{LEAKED_KEY, Service, Stack};
 
 /// The report the demo asks for (the seed story's request).
 pub const REPORT_REQUEST: &str =
@@ -50,6 +50,9 @@ pub mod label {
         "impostor (report-service SVID from a foreign CA) refused at the handshake";
     /// Revoked certificate refused.
     pub const REVOKED: &str = "revoked report-service certificate refused at the handshake";
+    /// The revoked key behind its own sidecar gets 502 naming the alert.
+    pub const REVOKED_SIDECAR: &str =
+        "a sidecar running the revoked key is refused too: 502 naming `certificate_revoked`";
     /// Neither reached the app.
     pub const REFUSED_NOT_SEEN: &str =
         "the monolith app saw no request from the impostor or the revoked key";
@@ -58,7 +61,7 @@ pub mod label {
         "monolith sidecar /metrics counts the allow, the deny and the refused handshakes";
 
     /// Every label, in order.
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 16] = [
         MINTED,
         STARTED,
         REPORT_ACCEPTED,
@@ -72,6 +75,7 @@ pub mod label {
         CONTROL,
         IMPOSTOR,
         REVOKED,
+        REVOKED_SIDECAR,
         REFUSED_NOT_SEEN,
         METRICS,
     ];
@@ -391,6 +395,7 @@ pub async fn refused_handshakes(stack: &Stack) -> Vec<Check> {
         outcome("revoked-report-service").await,
     )
     .map(|d| format!("serial {} (in certs/crl.pem)\n{d}", serial.trim()));
+    let leaked = leaked_key_sidecar(stack).await;
     let after = stack.seen(Service::Monolith).await.map(|s| s.len());
     let not_seen = match (after_control.clone(), after) {
         (Ok(a), Ok(b)) if a == b => Ok(format!(
@@ -413,8 +418,33 @@ pub async fn refused_handshakes(stack: &Stack) -> Vec<Check> {
         Check::from_result(label::CONTROL, control),
         Check::from_result(label::IMPOSTOR, impostor),
         Check::from_result(label::REVOKED, revoked),
+        Check::from_result(label::REVOKED_SIDECAR, leaked),
         Check::from_result(label::REFUSED_NOT_SEEN, not_seen),
     ]
+}
+
+/// The sidecar running the leaked, revoked key asks the monolith for the report data: its own sidecar
+/// must answer 502 naming the alert the monolith's sidecar sent, `certificate_revoked`.
+async fn leaked_key_sidecar(stack: &Stack) -> Result<String, String> {
+    let url = format!(
+        "http://{}/api/data/reports?{REPORT_QUERY}",
+        stack.ports().leaked_key_outbound()
+    );
+    let reply = stack.client().get(&url).await.map_err(|e| e.to_string())?;
+    let body: Value = reply.json().unwrap_or(Value::Null);
+    if reply.status.as_u16() == 502 && body["alert"] == "certificate_revoked" {
+        Ok(format!(
+            "GET {url}
+{LEAKED_KEY} sidecar answered 502: {}",
+            reply.text()
+        ))
+    } else {
+        Err(format!(
+            "expected 502 naming certificate_revoked, got {}: {}",
+            reply.status,
+            reply.text()
+        ))
+    }
 }
 
 /// The `gatehouse_*` sample lines of `metrics` whose name starts with one of `families`.
@@ -491,11 +521,11 @@ async fn judge_metrics(stack: &Stack) -> Result<String, String> {
             detail.push_str(&outbound.join("\n"));
         }
     }
-    if allow && deny && failed >= 2.0 {
+    if allow && deny && failed >= 3.0 {
         Ok(detail)
     } else {
         Err(format!(
-            "allow counted: {allow}, deny counted: {deny}, failed handshakes: {failed} (want ≥ 2)\n{detail}"
+            "allow counted: {allow}, deny counted: {deny}, failed handshakes: {failed} (want ≥ 3)\n{detail}"
         ))
     }
 }

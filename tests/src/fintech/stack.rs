@@ -19,6 +19,10 @@ use super::http::{HttpClient, SeenRequest};
 /// The example's trust domain.
 pub const TRUST_DOMAIN: &str = "fintech.internal";
 
+/// Example directory (and process name) of the sidecar an attacker would run with the report
+/// service's leaked, revoked key.
+pub const LEAKED_KEY: &str = "revoked-report-service";
+
 /// How long a process gets to become ready on a loaded machine.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -100,6 +104,16 @@ impl Ports {
     /// The gateway's browser-facing frontend: 17180.
     pub fn frontend(self) -> SocketAddr {
         self.at(17180)
+    }
+
+    /// Outbound listener (toward the monolith) of the sidecar running the revoked key: 17003.
+    pub fn leaked_key_outbound(self) -> SocketAddr {
+        self.at(17003)
+    }
+
+    /// Admin endpoint of the sidecar running the revoked key: 17904.
+    pub fn leaked_key_admin(self) -> SocketAddr {
+        self.at(17904)
     }
 
     /// The outbound listener in `from`'s sidecar toward `to`, if the example has one.
@@ -330,6 +344,14 @@ impl Stack {
             self.spawn(&format!("{}-sidecar", s.name()), "sidecar", &args)
                 .await?;
         }
+        let config = self.work_dir().join(LEAKED_KEY).join("sidecar.toml");
+        let args = [
+            "run".into(),
+            "--config".into(),
+            config.display().to_string(),
+        ];
+        self.spawn(&format!("{LEAKED_KEY}-sidecar"), "sidecar", &args)
+            .await?;
         self.wait_ready().await
     }
 
@@ -432,29 +454,46 @@ impl Stack {
             .map_err(io("create", &work))?;
         let examples = &self.opts.examples;
         for s in Service::ALL {
-            let dir = work.join(s.name());
-            tokio::fs::create_dir_all(&dir)
-                .await
-                .map_err(io("create", &dir))?;
-            let config_src = examples.join(s.name()).join("sidecar.toml");
-            let config = tokio::fs::read_to_string(&config_src)
-                .await
-                .map_err(io("read", &config_src))?;
-            let config_dst = dir.join("sidecar.toml");
-            let shifted = shift_ports(&config, self.opts.ports.offset);
-            tokio::fs::write(&config_dst, shifted)
-                .await
-                .map_err(io("write", &config_dst))?;
-            let policy_src = examples.join(s.name()).join("policy.toml");
-            let policy_dst = dir.join("policy.toml");
-            tokio::fs::copy(&policy_src, &policy_dst)
-                .await
-                .map_err(io("copy", &policy_src))?;
+            self.copy_example(s.name(), true).await?;
         }
+        self.copy_example(LEAKED_KEY, false).await?;
         let mint = examples.join("mint.sh");
         tokio::fs::copy(&mint, work.join("mint.sh"))
             .await
             .map_err(io("copy", &mint))?;
+        Ok(())
+    }
+
+    /// Copies `examples/<name>/sidecar.toml` (ports shifted) and, if asked, its `policy.toml` into
+    /// `WORK/<name>/`.
+    async fn copy_example(&self, name: &str, policy: bool) -> Result<(), StackError> {
+        let io = |action, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| StackError::Io {
+                action,
+                path,
+                source,
+            }
+        };
+        let (src, dst) = (self.opts.examples.join(name), self.work_dir().join(name));
+        tokio::fs::create_dir_all(&dst)
+            .await
+            .map_err(io("create", &dst))?;
+        let config_src = src.join("sidecar.toml");
+        let config = tokio::fs::read_to_string(&config_src)
+            .await
+            .map_err(io("read", &config_src))?;
+        let config_dst = dst.join("sidecar.toml");
+        let shifted = shift_ports(&config, self.opts.ports.offset);
+        tokio::fs::write(&config_dst, shifted)
+            .await
+            .map_err(io("write", &config_dst))?;
+        if policy {
+            let policy_src = src.join("policy.toml");
+            tokio::fs::copy(&policy_src, dst.join("policy.toml"))
+                .await
+                .map_err(io("copy", &policy_src))?;
+        }
         Ok(())
     }
 
@@ -600,6 +639,7 @@ impl Stack {
             checks.push((format!("{}-sidecar", s.name()), p.admin(s), true));
         }
         checks.push(("api-gateway".into(), p.frontend(), false));
+        checks.push((format!("{LEAKED_KEY}-sidecar"), p.leaked_key_admin(), true));
         self.wait_for(checks).await
     }
 
