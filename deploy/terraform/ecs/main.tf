@@ -39,11 +39,11 @@ locals {
   ]
 
   # One CloudWatch event per line (no datetime-format grouping: audit lines are JSON objects).
-  log_options = {
-    "awslogs-region"  = data.aws_region.current.name
-    "mode"            = "non-blocking"
-    "max-buffer-size" = "4m"
-  }
+  log_options = { "awslogs-region" = data.aws_region.current.name }
+  # The audit log is evidence: the sidecar blocks rather than drop a line when CloudWatch Logs
+  # is slow. The app's and the init container's output may be dropped under pressure instead.
+  audit_log_mode = { "mode" = "blocking" }
+  app_log_mode   = { "mode" = "non-blocking", "max-buffer-size" = "4m" }
 
   init_container = {
     name                   = "gatehouse-init"
@@ -70,7 +70,7 @@ locals {
       { sourceVolume = "app-tmp", containerPath = "/run/app-tmp", readOnly = false },
     ]
     linuxParameters  = { capabilities = { drop = local.init_dropped_capabilities } }
-    logConfiguration = { logDriver = "awslogs", options = merge(local.log_options, { "awslogs-group" = aws_cloudwatch_log_group.sidecar.name, "awslogs-stream-prefix" = "init" }) }
+    logConfiguration = { logDriver = "awslogs", options = merge(local.log_options, local.app_log_mode, { "awslogs-group" = aws_cloudwatch_log_group.sidecar.name, "awslogs-stream-prefix" = "init" }) }
   }
 
   sidecar_container = {
@@ -94,7 +94,7 @@ locals {
     linuxParameters = { capabilities = { drop = ["ALL"] }, initProcessEnabled = true }
     # SIGTERM: stop accepting, drain in-flight requests; keep this above the sidecar's drain timeout.
     stopTimeout      = 30
-    logConfiguration = { logDriver = "awslogs", options = merge(local.log_options, { "awslogs-group" = aws_cloudwatch_log_group.sidecar.name, "awslogs-stream-prefix" = "sidecar" }) }
+    logConfiguration = { logDriver = "awslogs", options = merge(local.log_options, local.audit_log_mode, { "awslogs-group" = aws_cloudwatch_log_group.sidecar.name, "awslogs-stream-prefix" = "sidecar" }) }
   }
 
   app_container = merge(
@@ -111,7 +111,7 @@ locals {
         SERVER_PORT    = tostring(var.app_port)
       }, var.app_environment) : { name = k, value = v }]
       linuxParameters  = { capabilities = { drop = ["ALL"] }, initProcessEnabled = true }
-      logConfiguration = { logDriver = "awslogs", options = merge(local.log_options, { "awslogs-group" = aws_cloudwatch_log_group.app.name, "awslogs-stream-prefix" = "app" }) }
+      logConfiguration = { logDriver = "awslogs", options = merge(local.log_options, local.app_log_mode, { "awslogs-group" = aws_cloudwatch_log_group.app.name, "awslogs-stream-prefix" = "app" }) }
     },
     var.app_health_check_command == null ? {} : {
       healthCheck = { command = var.app_health_check_command, interval = 15, timeout = 5, retries = 3, startPeriod = 60 }
