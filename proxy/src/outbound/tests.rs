@@ -98,6 +98,8 @@ struct TestServer {
     addr: SocketAddr,
     handshakes: Arc<AtomicUsize>,
     bytes_read: Arc<AtomicUsize>,
+    /// The SNI of each completed handshake.
+    sni: Arc<std::sync::Mutex<Vec<Option<String>>>>,
 }
 
 /// A rustls server with the certificate in `cert_dir`, requiring client certificates that
@@ -133,17 +135,25 @@ async fn server(
     let addr = listener.local_addr().expect("addr");
     let handshakes = Arc::new(AtomicUsize::new(0));
     let bytes_read = Arc::new(AtomicUsize::new(0));
-    let (hs, br) = (Arc::clone(&handshakes), Arc::clone(&bytes_read));
+    let sni = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (hs, br, names) = (
+        Arc::clone(&handshakes),
+        Arc::clone(&bytes_read),
+        Arc::clone(&sni),
+    );
     tokio::spawn(async move {
         loop {
             let Ok((tcp, _)) = listener.accept().await else {
                 return;
             };
             let (acceptor, hs, br) = (acceptor.clone(), Arc::clone(&hs), Arc::clone(&br));
+            let names = Arc::clone(&names);
             tokio::spawn(async move {
                 let Ok(mut tls) = acceptor.accept(tcp).await else {
                     return;
                 };
+                let name = tls.get_ref().1.server_name().map(str::to_owned);
+                names.lock().expect("sni").push(name);
                 hs.fetch_add(1, Ordering::SeqCst);
                 match mode {
                     Mode::Record => {
@@ -164,6 +174,7 @@ async fn server(
         addr,
         handshakes,
         bytes_read,
+        sni,
     }
 }
 
@@ -630,4 +641,47 @@ async fn server_from_another_ca_is_502_server_certificate_and_not_retried() {
     assert!(body.contains("\"reason\":\"server_certificate\""), "{body}");
     assert_eq!(upstream.bytes_read.load(Ordering::SeqCst), 0);
     assert_eq!(sidecar.metric("gatehouse_outbound_retries_total", &[]), 0.0);
+}
+
+#[tokio::test]
+async fn sni_is_the_connect_host_unless_configured() {
+    let ca = Ca::new(TD);
+    let (caller, monolith) = (ca.issue("report-service"), ca.issue("monolith"));
+    for (configured, expected) in [
+        (None, "localhost"),
+        (Some("monolith.internal"), "monolith.internal"),
+    ] {
+        let upstream = server(&monolith, &monolith, &[b"h2"], Mode::Http).await;
+        let sidecar = Sidecar::start(
+            &caller,
+            upstream.addr,
+            "spiffe://fintech.internal/monolith",
+            |c| {
+                c.connect_host = "localhost".into();
+                c.sni = configured.map(str::to_owned);
+            },
+        )
+        .await;
+        let (status, _, body) = get(&h1_client(), sidecar.addr, "/", None).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let seen = upstream.sni.lock().expect("sni").clone();
+        assert_eq!(seen, vec![Some(expected.to_owned())]);
+    }
+}
+
+#[tokio::test]
+async fn connect_host_is_resolved_when_connecting_not_at_startup() {
+    let ca = Ca::new(TD);
+    let caller = ca.issue("report-service");
+    let unused = "127.0.0.1:9".parse().expect("addr");
+    // RFC 6761: `.invalid` never resolves. Binding the listener must not need it to.
+    let sidecar = Sidecar::start(&caller, unused, "spiffe://fintech.internal/monolith", |c| {
+        c.connect_host = "gatehouse-test.invalid".into();
+        c.sni = None;
+    })
+    .await;
+    let (status, _, body) = get(&h1_client(), sidecar.addr, "/", None).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    assert!(body.contains("\"reason\":\"dns\""), "{body}");
+    assert!(body.contains("gatehouse-test.invalid"), "{body}");
 }
