@@ -1,5 +1,6 @@
 //! A real rustls mTLS handshake on 127.0.0.1 between a server and a client whose certificates
-//! come from `ca issue` (the binary), verified with webpki against bundle.pem.
+//! come from `ca issue` (the binary), verified with webpki against bundle.pem; and a handshake
+//! refused because `ca revoke --crl` revoked the client.
 
 mod common;
 
@@ -156,4 +157,127 @@ async fn mtls_handshake_with_certificates_from_ca_issue() {
 #[tokio::test]
 async fn mtls_handshake_through_an_intermediate() {
     handshake(true).await;
+}
+
+/// Server config that requires a client certificate chaining to `bundle_dir/bundle.pem` and not
+/// revoked by the CRLs in `crl_file`.
+fn server_with_crl(sb: &Sandbox, server: &str, crl_file: &str) -> ServerConfig {
+    use rustls::pki_types::CertificateRevocationListDer;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let crls: Vec<CertificateRevocationListDer<'static>> =
+        CertificateRevocationListDer::pem_file_iter(sb.path(crl_file))
+            .expect("crl")
+            .collect::<Result<_, _>>()
+            .expect("pem");
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(roots(&sb.path(server)), provider.clone())
+            .with_crls(crls)
+            .build()
+            .expect("verifier");
+    ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("tls13")
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain(&sb.path(server)), key(&sb.path(server)))
+        .expect("server cert")
+}
+
+/// One handshake + ping/pong as `client`; returns the server's handshake result.
+async fn try_client(
+    cfg: Arc<ServerConfig>,
+    sb: &Sandbox,
+    client: &str,
+) -> Result<(), std::io::Error> {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let server = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.expect("accept");
+        let mut tls = tokio_rustls::TlsAcceptor::from(cfg).accept(tcp).await?;
+        let mut buf = [0u8; 4];
+        tls.read_exact(&mut buf).await?;
+        tls.write_all(b"pong").await?;
+        tls.shutdown().await.ok();
+        Ok::<_, std::io::Error>(())
+    });
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let dir = sb.path(client);
+    let client_cfg = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("tls13")
+        .with_root_certificates(roots(&dir))
+        .with_client_auth_cert(chain(&dir), key(&dir))
+        .expect("client cert");
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let name = ServerName::try_from("server.fintech.internal").expect("name");
+    // TLS 1.3: the client's connect can succeed before the server judged its certificate; the
+    // refusal shows up on the first read.
+    let client_side = async {
+        let mut tls = tokio_rustls::TlsConnector::from(Arc::new(client_cfg))
+            .connect(name, tcp)
+            .await?;
+        tls.write_all(b"ping").await?;
+        let mut buf = [0u8; 4];
+        tls.read_exact(&mut buf).await?;
+        Ok::<_, std::io::Error>(())
+    };
+    let client_result = tokio::time::timeout(Duration::from_secs(30), client_side)
+        .await
+        .expect("client done");
+    let server_result = tokio::time::timeout(Duration::from_secs(30), server)
+        .await
+        .expect("server done")
+        .expect("task");
+    assert_eq!(
+        client_result.is_ok(),
+        server_result.is_ok(),
+        "both sides agree: {client_result:?} / {server_result:?}"
+    );
+    server_result
+}
+
+#[tokio::test]
+async fn revoked_client_is_refused_in_a_real_handshake_and_others_are_not() {
+    let sb = Sandbox::new();
+    sb.init(true);
+    sb.ok(&[
+        "issue",
+        "--dir",
+        "ca",
+        "--spiffe-id",
+        "spiffe://fintech.internal/server",
+        "--dns",
+        "server.fintech.internal",
+        "--out",
+        "server",
+    ]);
+    sb.issue("alice");
+    sb.issue("mallory");
+    sb.ok(&[
+        "revoke",
+        "--dir",
+        "ca",
+        "--spiffe-id",
+        "spiffe://fintech.internal/mallory",
+        "--reason",
+        "key-compromise",
+        "--crl",
+        "crl.pem",
+    ]);
+    let cfg = Arc::new(server_with_crl(&sb, "server", "crl.pem"));
+    try_client(cfg.clone(), &sb, "alice")
+        .await
+        .expect("alice is not revoked");
+    let err = try_client(cfg, &sb, "mallory")
+        .await
+        .expect_err("mallory is revoked");
+    let inner = err
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>());
+    assert_eq!(
+        inner,
+        Some(&rustls::Error::InvalidCertificate(
+            rustls::CertificateError::Revoked
+        )),
+        "{err:?}"
+    );
 }
