@@ -413,13 +413,18 @@ impl Upstream {
     /// Opens a new connection under the connect timeout.
     async fn connect(&self, permit: OwnedSemaphorePermit) -> Result<Conn, OutboundError> {
         let timeout = self.limits.connect_timeout;
-        match tokio::time::timeout(timeout, self.connect_inner(permit)).await {
+        let result = match tokio::time::timeout(timeout, self.connect_inner(permit)).await {
             Ok(result) => result,
             Err(_elapsed) => {
                 self.metrics.handshake("timeout");
                 Err(OutboundError::ConnectTimeout(timeout))
             }
+        };
+        if result.is_err() {
+            // The failed attempt's permit is free again: a waiting request may try.
+            self.available.notify_one();
         }
+        result
     }
 
     async fn connect_inner(&self, permit: OwnedSemaphorePermit) -> Result<Conn, OutboundError> {
