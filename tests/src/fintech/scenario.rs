@@ -30,6 +30,8 @@ pub mod label {
     pub const REPORT_ACCEPTED: &str = "gateway: POST /reports → 202 Accepted";
     /// Report service fetched the data through mTLS.
     pub const DATA_FETCHED: &str = "report-service fetched GET /api/data/reports through mTLS; the monolith app saw it as report-service";
+    /// One request id across both sidecars' audit logs and the app.
+    pub const AUDIT_TRAIL: &str = "one request id follows the data fetch: report-service sidecar (outbound) → monolith sidecar (inbound) → app";
     /// Webhook delivered.
     pub const WEBHOOK: &str = "webhook report.ready reached the gateway, sent by report-service";
     /// Report downloaded.
@@ -61,11 +63,12 @@ pub mod label {
         "monolith sidecar /metrics counts the allow, the deny and the refused handshakes";
 
     /// Every label, in order.
-    pub const ALL: [&str; 16] = [
+    pub const ALL: [&str; 17] = [
         MINTED,
         STARTED,
         REPORT_ACCEPTED,
         DATA_FETCHED,
+        AUDIT_TRAIL,
         WEBHOOK,
         DOWNLOADED,
         DASHBOARD,
@@ -197,6 +200,10 @@ pub async fn report_flow(stack: &Stack) -> Vec<Check> {
         label::DATA_FETCHED,
         data_fetch(stack).await,
     ));
+    checks.push(Check::from_result(
+        label::AUDIT_TRAIL,
+        audit_trail(stack).await,
+    ));
     checks.push(Check::from_result(label::WEBHOOK, notification));
     checks.push(Check::from_result(
         label::DOWNLOADED,
@@ -255,6 +262,53 @@ async fn data_fetch(stack: &Stack) -> Result<String, String> {
             .outbound(Service::ReportService, Service::Monolith)
             .map_or(0, |a| a.port()),
         stack.ports().inbound(Service::Monolith),
+    ))
+}
+
+/// The report service's data fetch, followed by its request id through the outbound audit line of the
+/// report service's sidecar, the inbound audit line of the monolith's sidecar and the app's headers.
+async fn audit_trail(stack: &Stack) -> Result<String, String> {
+    let outbound = eventually(Duration::from_secs(10), || async {
+        stack
+            .audit(Service::ReportService)
+            .await
+            .into_iter()
+            .find(|l| {
+                l["direction"] == "outbound"
+                    && l["upstream"] == "monolith"
+                    && l["path"] == "/api/data/reports"
+            })
+    })
+    .await
+    .ok_or("no outbound audit line for the data fetch in report-service/audit.jsonl")?;
+    let id = outbound["request_id"]
+        .as_str()
+        .ok_or("outbound audit line without request_id")?
+        .to_owned();
+    let inbound = eventually(Duration::from_secs(10), || async {
+        stack
+            .audit(Service::Monolith)
+            .await
+            .into_iter()
+            .find(|l| l["request_id"] == id.as_str())
+    })
+    .await
+    .ok_or_else(|| format!("request id {id} is not in monolith/audit.jsonl"))?;
+    let caller = Service::ReportService.spiffe_id();
+    if inbound["caller"] != caller.as_str() || inbound["decision"] != "allow" {
+        return Err(format!("monolith audit line for {id}: {inbound}"));
+    }
+    let seen = stack.seen(Service::Monolith).await?;
+    if !seen
+        .iter()
+        .any(|r| r.header("x-request-id") == Some(id.as_str()))
+    {
+        return Err(format!(
+            "the monolith app saw no request with x-request-id {id}"
+        ));
+    }
+    Ok(format!(
+        "x-request-id {id}\nreport-service sidecar: {outbound}\nmonolith sidecar:       {inbound}"
     ))
 }
 
