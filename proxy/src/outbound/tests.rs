@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
+use gatehouse_ca::revoke::RevokeTarget;
 use gatehouse_ca::{Authority, InitOptions, IssueRequest, KeyType};
 use gatehouse_policy::{SpiffeId, TrustDomain};
 use http::{Request, StatusCode};
@@ -68,17 +69,19 @@ impl Ca {
     }
 }
 
+/// The credentials in `dir`, with `dir/crl.pem` as the CRL when a test wrote one.
 fn credentials(dir: &Path) -> Credentials {
-    let (cert, key, bundle) = (
+    let (cert, key, bundle, crl) = (
         dir.join("cert.pem"),
         dir.join("key.pem"),
         dir.join("bundle.pem"),
+        dir.join("crl.pem"),
     );
     let paths = CredentialPaths {
         cert: &cert,
         key: &key,
         bundle: &bundle,
-        crl: None,
+        crl: crl.is_file().then_some(crl.as_path()),
     };
     Credentials::load(paths, &provider()).expect("credentials")
 }
@@ -684,4 +687,44 @@ async fn connect_host_is_resolved_when_connecting_not_at_startup() {
     assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
     assert!(body.contains("\"reason\":\"dns\""), "{body}");
     assert!(body.contains("gatehouse-test.invalid"), "{body}");
+}
+
+#[tokio::test]
+async fn revoked_server_certificate_is_refused_with_a_crl() {
+    let ca = Ca::new(TD);
+    let caller = ca.issue("report-service");
+    let (revoked, good) = (ca.issue("monolith"), ca.issue("ledger"));
+    let id = SpiffeId::parse("spiffe://fintech.internal/monolith").expect("id");
+    ca.ca
+        .revoke(&RevokeTarget::Identity(id), "key-compromise")
+        .expect("revoke");
+    ca.ca
+        .write_crl(&caller.join("crl.pem"), Duration::from_secs(3600))
+        .expect("crl");
+
+    let upstream = server(&revoked, &revoked, &[b"h2"], Mode::Record).await;
+    let sidecar = Sidecar::start(
+        &caller,
+        upstream.addr,
+        "spiffe://fintech.internal/monolith",
+        |_| {},
+    )
+    .await;
+    let (status, _, body) = get(&h1_client(), sidecar.addr, "/", None).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    assert!(body.contains("\"reason\":\"server_certificate\""), "{body}");
+    assert!(body.contains("Revoked"), "{body}");
+    assert_eq!(upstream.bytes_read.load(Ordering::SeqCst), 0);
+
+    // The same CRL leaves a certificate it does not list alone.
+    let upstream = server(&good, &good, &[b"h2"], Mode::Http).await;
+    let sidecar = Sidecar::start(
+        &caller,
+        upstream.addr,
+        "spiffe://fintech.internal/ledger",
+        |_| {},
+    )
+    .await;
+    let (status, _, body) = get(&h1_client(), sidecar.addr, "/", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
 }
