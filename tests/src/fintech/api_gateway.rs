@@ -115,7 +115,7 @@ impl Frontend {
         }
     }
 
-    async fn forward(&self, name: &str, base: &str, req: Captured) -> Response<Body> {
+    async fn forward(&self, name: &'static str, base: &str, req: Captured) -> Response<Body> {
         let url = format!("{base}{}", req.path_and_query());
         let content_type = req
             .headers
@@ -138,10 +138,8 @@ impl Frontend {
                         resp.headers_mut().insert(name, value.clone());
                     }
                 }
-                resp.headers_mut().insert(
-                    "x-gateway-upstream",
-                    HeaderValue::from_str(name).expect("static names"),
-                );
+                resp.headers_mut()
+                    .insert("x-gateway-upstream", HeaderValue::from_static(name));
                 resp
             }
             Err(e) => error(
