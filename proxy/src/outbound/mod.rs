@@ -152,6 +152,17 @@ impl PreparedOutbound {
         })
     }
 
+    /// The TLS client configuration built for this entry; a reload that changes the bundle or
+    /// the CRL prepares the entry again and hands this to [`Upstream::set_tls`].
+    pub fn tls_config(&self) -> Arc<ClientConfig> {
+        Arc::clone(&self.tls)
+    }
+
+    /// The entry's name.
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
     /// One line for `sidecar check`.
     pub fn summary(&self) -> String {
         let c = &self.config;
@@ -270,11 +281,13 @@ impl Outbound {
         &self.upstreams
     }
 
-    /// Spawns every listener's accept loop; they stop when `shutdown` starts.
-    pub fn spawn(self, shutdown: &Shutdown) {
+    /// Spawns every listener's accept loop; they stop when `shutdown` starts. Returns the
+    /// upstream pools, in configuration order, for reloads ([`Upstream::set_tls`]).
+    pub fn spawn(self, shutdown: &Shutdown) -> Vec<Arc<Upstream>> {
         for l in self.listeners {
             tokio::spawn(l.serve(shutdown.clone()));
         }
+        self.upstreams
     }
 }
 
