@@ -337,32 +337,51 @@ print(*[x.getsockname()[1] for x in s])')
   }
   note "systemd: ca-rotate command lines ran; monolith example: $(tail -1 "$r/check.log")"
 
-  if command -v terraform >/dev/null && [[ $(id -u) == 0 ]]; then
-    svc=report-service root="$w/ecs-$svc"
-    mkdir -p "$root/svid" "$root/run"
-    "$ca_bin" issue --dir "$w/ca" --spiffe-id "spiffe://fintech.internal/$svc" --out "$root/svid" >/dev/null
-    # The template exactly as the module renders it for the report service (examples/fintech).
-    printf 'templatefile("%s", {min_tls="1.3", with_crl=%s, sidecar_port=8443, app_port=8080, admin_port=9901, outbounds=[{name="monolith", listen="127.0.0.1:7001", connect="monolith.fintech.internal:8443", server_id="spiffe://fintech.internal/monolith"}]})\n' \
-      "$here/terraform/ecs/templates/sidecar.toml.tftpl" true |
-      (cd "$root" && TF_CLI_CONFIG_FILE=/dev/null terraform console) | sed '1d;$d' >"$root/sidecar.toml"
-    # Run the init container's script as ECS would: secrets and config in its environment.
-    mkdir -p "$root/app-tmp" && chmod 0755 "$root/app-tmp"
-    GATEHOUSE_DIR="$root/run" GATEHOUSE_APP_TMP="$root/app-tmp" \
-      GATEHOUSE_CERT_PEM="$(cat "$root/svid/cert.pem")" GATEHOUSE_KEY_PEM="$(cat "$root/svid/key.pem")" \
-      GATEHOUSE_BUNDLE_PEM="$(cat "$root/svid/bundle.pem")" \
-      GATEHOUSE_CRL_PEM="$(cat "$w/crl.pem")" \
-      GATEHOUSE_SIDECAR_TOML="$(cat "$root/sidecar.toml")" \
-      GATEHOUSE_POLICY_TOML="$(cat "$here/kubernetes/overlays/$svc/policy.toml")" \
-      sh "$here/terraform/ecs/templates/init.sh" >/dev/null
-    [[ $(stat -c %a "$root/app-tmp") == 1777 && $(stat -c %u "$root/run/key.pem") == 65532 ]] ||
-      die "init.sh did not hand the files to uid 65532 and make the app's /tmp 1777" "fix deploy/terraform/ecs/templates/init.sh"
-    "$sidecar_bin" check --config "$root/run/sidecar.toml" >"$root/check.log" 2>&1 || {
-      cat "$root/check.log" >&2
-      die "sidecar check rejected the ECS-rendered config" "fix deploy/terraform/ecs/templates/ (sidecar.toml.tftpl, init.sh)"
-    }
-    note "ecs $svc (template + init.sh): $(tail -1 "$root/check.log")"
+  # ECS: the sidecar.toml the module renders, as committed for review under
+  # terraform/ecs/examples/fintech/rendered/ (compared with a fresh `terraform console` render when
+  # terraform is installed), written by the init script as ECS runs it, then `sidecar check`.
+  golden="$here/terraform/ecs/examples/fintech/rendered"
+  if command -v terraform >/dev/null; then
+    for svc in monolith report-service; do
+      if [[ $svc == report-service ]]; then
+        outbounds='[{name="monolith", listen="127.0.0.1:7001", connect="monolith.fintech.internal:8443", server_id="spiffe://fintech.internal/monolith"}]'
+      else
+        outbounds='[]'
+      fi
+      printf 'templatefile("%s", {min_tls="1.3", with_crl=true, sidecar_port=8443, app_port=8080, admin_port=9901, outbounds=%s})\n' \
+        "$here/terraform/ecs/templates/sidecar.toml.tftpl" "$outbounds" |
+        (cd "$w" && TF_CLI_CONFIG_FILE=/dev/null terraform console) | sed '1d;$d' >"$w/ecs-$svc.rendered.toml"
+      diff -u "$golden/$svc.sidecar.toml" "$w/ecs-$svc.rendered.toml" >&2 ||
+        die "terraform/ecs/examples/fintech/rendered/$svc.sidecar.toml differs from what the module renders" \
+          "copy $w/ecs-$svc.rendered.toml over it if the change is intended"
+    done
+    note "ecs: the committed renders match terraform's templatefile output"
   else
-    note "ecs: skipped (needs terraform to render the template, and root for init.sh's chown)"
+    note "ecs: terraform not installed, the committed renders are not re-rendered"
+  fi
+  if [[ $(id -u) == 0 ]]; then
+    for svc in monolith report-service; do
+      root="$w/ecs-$svc"
+      mkdir -p "$root/svid" "$root/run" "$root/app-tmp" && chmod 0755 "$root/app-tmp"
+      "$ca_bin" issue --dir "$w/ca" --spiffe-id "spiffe://fintech.internal/$svc" --out "$root/svid" >/dev/null
+      # The init container's script with its environment as the task definition sets it.
+      GATEHOUSE_DIR="$root/run" GATEHOUSE_APP_TMP="$root/app-tmp" \
+        GATEHOUSE_CERT_PEM="$(cat "$root/svid/cert.pem")" GATEHOUSE_KEY_PEM="$(cat "$root/svid/key.pem")" \
+        GATEHOUSE_BUNDLE_PEM="$(cat "$root/svid/bundle.pem")" \
+        GATEHOUSE_CRL_PEM="$(cat "$w/crl.pem")" \
+        GATEHOUSE_SIDECAR_TOML="$(cat "$golden/$svc.sidecar.toml")" \
+        GATEHOUSE_POLICY_TOML="$(cat "$here/kubernetes/overlays/$svc/policy.toml")" \
+        sh "$here/terraform/ecs/templates/init.sh" >/dev/null
+      [[ $(stat -c %a "$root/app-tmp") == 1777 && $(stat -c %u "$root/run/key.pem") == 65532 ]] ||
+        die "init.sh did not hand the files to uid 65532 and make the app's /tmp 1777" "fix deploy/terraform/ecs/templates/init.sh"
+      "$sidecar_bin" check --config "$root/run/sidecar.toml" >"$root/check.log" 2>&1 || {
+        cat "$root/check.log" >&2
+        die "sidecar check rejected the ECS config of $svc" "fix deploy/terraform/ecs/templates/ (sidecar.toml.tftpl, init.sh)"
+      }
+      note "ecs $svc (init.sh + rendered config): $(tail -1 "$root/check.log")"
+    done
+  else
+    note "ecs: init.sh not run (it chowns files to 65532, which needs root)"
   fi
 else
   note "skipped: build the binaries first (cargo build -p gatehouse-proxy -p gatehouse-ca)"
