@@ -23,7 +23,8 @@
 # 8. When target/debug/{policy,sidecar,ca} are built: `policy check` on the policies; a throwaway
 #    CA and SVIDs from the real `ca`, laid out as the pod / VM / Fargate task sees them, and
 #    `sidecar check` on the rendered Kubernetes ConfigMaps, the systemd example and the ECS
-#    template (rendered by `terraform console`, written by the init script); the rotation
+#    configs (committed renders, compared with `terraform console` output when terraform is
+#    installed, written by the init script as ECS runs it); the rotation
 #    CronJob's and the systemd rotate unit's `ca` command lines run against that CA.
 #    The image's health check (container/probe.rs) is compiled and run against a live sidecar.
 # 9. shellcheck on the shell scripts when installed; every deploy/ folder has a README.
