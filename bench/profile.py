@@ -10,6 +10,11 @@ are not charged to requests.
   python3 bench/profile.py --side inbound --requests 3000
   python3 bench/profile.py --side outbound --requests 3000
   python3 bench/profile.py --side inbound --handshakes 200
+
+With --perf SECONDS it samples instead (perf record -e cpu-clock, which works without hardware counters): both
+sidecars of the pair under wrk load at c=32, user and kernel time, release binaries at full speed.
+
+  python3 bench/profile.py --perf 10
 """
 
 import argparse
@@ -80,6 +85,53 @@ def one_run(args, work, n_requests, n_handshakes, tag):
     return out_file
 
 
+def perf_run(args, work):
+    """Samples both sidecars under wrk load (c=32) with perf's cpu-clock event; prints the top symbols."""
+    if shutil.which("perf") is None or shutil.which("wrk") is None:
+        raise B.BenchError("perf and wrk are needed; help: apt-get install linux-perf wrk")
+    bins = {"sidecar": Path(args.bin_dir) / "sidecar", "ca": Path(args.bin_dir) / "ca",
+            "nginx": shutil.which("nginx"), "haproxy": shutil.which("haproxy"), "wrk": shutil.which("wrk"),
+            "topologies": ["direct", "gatehouse"]}
+    names = ["backend", "nginx_in", "nginx_out", "haproxy_in", "haproxy_out"]
+    for key in ("gh", "gha"):
+        names += [f"{key}_in", f"{key}_out", f"{key}_in_admin", f"{key}_out_admin", f"{key}_out_spare"]
+    ports = dict(zip(names, B.free_ports(len(names))))
+    certs = B.mint_certs(bins["ca"], work)
+    services = B.render_all(work, certs, ports, bins)
+    started = []
+    try:
+        for s in services.values():
+            s.start()
+            started.append(s)
+        for s in services.values():
+            s.wait_ready()
+        topo = B.topologies_from(services, ports, ["direct", "gatehouse"])["gatehouse"]
+        B.wrk(bins, topo.url(), 32, 2)  # warm-up
+        perfs = []
+        for side in ("inbound", "outbound"):
+            pid = services[f"gatehouse-{side}"].proc.pid
+            data = work / f"perf-{side}.data"
+            perfs.append((side, data, subprocess.Popen(
+                ["perf", "record", "-e", "cpu-clock", "-F", "1999", "-g", "-p", str(pid), "-o", str(data),
+                 "--", "sleep", str(args.perf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
+        res = B.wrk(bins, topo.url(), 32, args.perf)
+        for _, _, pr in perfs:
+            pr.wait(timeout=60)
+        print(f"wrk: {res['requests'] / (res['duration_us'] / 1e6):,.0f} req/s at c=32 during sampling")
+    finally:
+        for s in reversed(started):
+            s.stop()
+    for side, data, _ in perfs:
+        rep = subprocess.run(["perf", "report", "-i", str(data), "--stdio", "--no-children", "--sort", "dso,sym",
+                              "--percent-limit", "0.7", "-g", "none"], capture_output=True, text=True)
+        (work / f"perf-{side}.txt").write_text(rep.stdout)
+        rows = [ln for ln in rep.stdout.splitlines() if re.match(r"^\s+\d+\.\d+%", ln)]
+        print(f"\n{side} sidecar, self time (top {args.top}):")
+        print("\n".join(rows[:args.top]))
+    print(f"\nfull reports: {work}/perf-*.txt (perf report -i {work}/perf-inbound.data for call graphs)")
+    return 0
+
+
 def total_ir(path):
     for line in path.read_text(errors="replace").splitlines():
         if line.startswith("summary:") or line.startswith("totals:"):
@@ -95,7 +147,15 @@ def main():
     p.add_argument("--handshakes", type=int, default=0)
     p.add_argument("--work", default="/tmp/gatehouse-profile")
     p.add_argument("--top", type=int, default=40)
+    p.add_argument("--perf", type=int, default=0, metavar="SECONDS",
+                   help="sample both sidecars with perf under wrk load instead of running callgrind")
     args = p.parse_args()
+    if args.perf:
+        work = Path(args.work) / "perf"
+        if work.exists():
+            shutil.rmtree(work)
+        work.mkdir(parents=True)
+        return perf_run(args, work)
     if not args.requests and not args.handshakes:
         args.requests = 3000
     if shutil.which("valgrind") is None:
