@@ -188,11 +188,31 @@ step "Containerfile (hadolint)"
 note "hadolint: ok (the image is not built here: no container engine in CI)"
 
 # ---------------------------------------------------------------------------------------------
-step "policies (policy check, when the binary is built)"
+step "policies (same as the reviewed examples; policy check and CASES.toml when the binary is built)"
 policy_bin="$repo/target/debug/policy"
+# The overlays ship the reviewed FinTech example policies verbatim (kustomize cannot read files
+# outside its root, so they are copies; the Terraform example reads the overlays' copies).
+for svc in monolith report-service; do
+  example="$here/examples/fintech/$svc/policy.toml"
+  if [[ -f $example ]]; then
+    cmp -s "$example" "$here/kubernetes/overlays/$svc/policy.toml" ||
+      die "deploy/kubernetes/overlays/$svc/policy.toml differs from deploy/examples/fintech/$svc/policy.toml" \
+        "policies change in examples/fintech (reviewed, with CASES.toml); copy it: cp $example $here/kubernetes/overlays/$svc/"
+  fi
+done
+note "overlay policies are the reviewed examples/fintech policies"
 if [[ -x $policy_bin ]]; then
   "$policy_bin" check "$here"/kubernetes/overlays/*/policy.toml ||
     die "policy check failed on a deploy/kubernetes policy" "fix the policy file named above"
+  for svc in monolith report-service; do
+    cases="$here/examples/fintech/$svc/CASES.toml"
+    [[ -f $cases ]] || continue
+    "$policy_bin" test "$here/kubernetes/overlays/$svc/policy.toml" --cases "$cases" >"$tools/policy-test-$svc.log" 2>&1 || {
+      cat "$tools/policy-test-$svc.log" >&2
+      die "the $svc overlay policy fails its CASES.toml" "fix the policy in examples/fintech and copy it"
+    }
+    note "policy test $svc: $(tail -1 "$tools/policy-test-$svc.log")"
+  done
 else
   note "skipped: $policy_bin not built (cargo build -p gatehouse-policy)"
 fi
