@@ -6,8 +6,8 @@
 # 1. kustomize: renders every kustomize root in deploy/kubernetes with Debian's kubectl
 #    (package kubernetes-client, embedded kustomize v2.0.3; extracted into deploy/.tools, not
 #    installed) and with every newer kustomize found on PATH (`kustomize`, `kubectl kustomize`).
-# 2. Kubernetes schemas: every rendered object against the Kubernetes $K8S_VERSION OpenAPI
-#    schemas in strict mode (PyPI kubernetes-validate, schemas shipped in the wheel).
+# 2. Kubernetes schemas: every rendered object against the Kubernetes OpenAPI schemas of
+#    $K8S_MIN_VERSION and $K8S_VERSION in strict mode (PyPI kubernetes-validate, schemas in the wheel).
 # 3. Argo CD: Application/AppProject against the schemas generated from the Argo CD CRDs
 #    (npm @kubernetes-models/argo-cd).
 # 4. Invariants no schema expresses (tools/check_manifests.py): pod hardening, native sidecar,
@@ -33,7 +33,8 @@
 # Debian. Later runs reuse deploy/.tools and need no network. Takes < 1 minute once installed.
 set -euo pipefail
 
-K8S_VERSION=1.33.0 # native sidecars (initContainers[].restartPolicy) are GA in 1.33
+K8S_VERSION=1.33.0     # native sidecars (initContainers[].restartPolicy) are GA in 1.33
+K8S_MIN_VERSION=1.29.0 # the oldest release with native sidecars on by default (beta)
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 repo=$(dirname "$here")
@@ -118,10 +119,12 @@ for r in "${renderers[@]}"; do
 done
 
 # ---------------------------------------------------------------------------------------------
-step "Kubernetes $K8S_VERSION schemas (kubernetes-validate --strict)"
-"$venv/bin/kubernetes-validate" --strict --quiet -k "$K8S_VERSION" "${rendered[@]}" ||
-  die "Kubernetes schema validation failed (above)" "fix the field named in the message; strict mode also rejects unknown fields"
-note "$(cat "${rendered[@]}" | grep -c '^kind:') objects valid"
+step "Kubernetes $K8S_MIN_VERSION and $K8S_VERSION schemas (kubernetes-validate --strict)"
+for v in "$K8S_MIN_VERSION" "$K8S_VERSION"; do
+  "$venv/bin/kubernetes-validate" --strict --quiet -k "$v" "${rendered[@]}" ||
+    die "Kubernetes $v schema validation failed (above)" "fix the field named in the message; strict mode also rejects unknown fields"
+  note "Kubernetes $v: $(cat "${rendered[@]}" | grep -c '^kind:') objects valid"
+done
 
 # ---------------------------------------------------------------------------------------------
 step "Gatehouse invariants on the rendered manifests"
