@@ -147,6 +147,8 @@ pub struct Upstream {
     available: Arc<Notify>,
     idle: Mutex<Idle>,
     metrics: UpstreamMetrics,
+    /// Connections opened before this instant are not reused ([`Upstream::retire_all`]).
+    retired_before: Mutex<Option<Instant>>,
 }
 
 #[derive(Default)]
@@ -232,6 +234,7 @@ impl Upstream {
             idle: Mutex::new(Idle::default()),
             limits,
             metrics,
+            retired_before: Mutex::new(None),
         });
         tokio::spawn(reap(Arc::downgrade(&upstream)));
         upstream
@@ -251,6 +254,28 @@ impl Upstream {
     /// ones keep theirs until they age out.
     pub fn set_tls(&self, tls: Arc<ClientConfig>) {
         self.tls.store(tls);
+    }
+
+    /// No connection open now is reused: requests in flight finish on theirs, new requests go
+    /// to new connections (with the current TLS configuration). Used by reload when the trust
+    /// bundle or CRL changes, so a revoked or no longer trusted server is not talked to again.
+    pub fn retire_all(&self) {
+        *self
+            .retired_before
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        idle.h2 = None;
+        idle.h1.clear();
+    }
+
+    /// Open, younger than the maximum age, and not retired.
+    fn usable(&self, conn: &Conn) -> bool {
+        let retired = *self
+            .retired_before
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        conn.is_usable(self.limits.max_connection_age) && retired.is_none_or(|r| conn.born > r)
     }
 
     /// Sends `req` upstream and returns the response head; the body streams on.
@@ -283,11 +308,7 @@ impl Upstream {
                     self.metrics.retries.inc();
                     req = *back;
                 }
-                Err(Exchange::Unsent(_)) => {
-                    return Err(OutboundError::Handshake(io::Error::other(
-                        "upstream connection closed before the request could be written",
-                    )));
-                }
+                Err(Exchange::Unsent(_)) => return Err(OutboundError::ClosedBeforeSend),
                 Err(Exchange::Failed(e)) => return Err(e),
             }
         }
@@ -358,7 +379,7 @@ impl Upstream {
     }
 
     fn put_idle(&self, conn: Conn) {
-        if !conn.is_usable(self.limits.max_connection_age) {
+        if !self.usable(&conn) {
             return;
         }
         {
@@ -392,10 +413,9 @@ impl Upstream {
     }
 
     fn take_pooled(&self) -> Option<Conn> {
-        let max_age = self.limits.max_connection_age;
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((h2, last_used)) = &mut idle.h2 {
-            if h2.is_usable(max_age) {
+            if self.usable(h2) {
                 *last_used = Instant::now();
                 return h2.share();
             }
@@ -403,7 +423,7 @@ impl Upstream {
             idle.h2 = None;
         }
         while let Some((conn, _since)) = idle.h1.pop() {
-            if conn.is_usable(max_age) {
+            if self.usable(&conn) {
                 return Some(conn);
             }
         }
@@ -557,11 +577,10 @@ impl Upstream {
     fn reap_idle(&self) {
         let limits = &self.limits;
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        idle.h1.retain(|(conn, since)| {
-            since.elapsed() < limits.idle_timeout && conn.is_usable(limits.max_connection_age)
-        });
+        idle.h1
+            .retain(|(conn, since)| since.elapsed() < limits.idle_timeout && self.usable(conn));
         if idle.h2.as_ref().is_some_and(|(conn, last_used)| {
-            last_used.elapsed() >= limits.idle_timeout || !conn.is_usable(limits.max_connection_age)
+            last_used.elapsed() >= limits.idle_timeout || !self.usable(conn)
         }) {
             // Streams still open on it finish; the connection closes after the last one.
             idle.h2 = None;

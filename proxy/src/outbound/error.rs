@@ -73,6 +73,10 @@ pub enum OutboundError {
     /// Every pooled connection stayed busy, and no new one was allowed, for too long.
     #[error("no upstream connection became available within {0:?}")]
     PoolTimeout(Duration),
+    /// The upstream closed the connection before the request could be written, on a fresh
+    /// connection too (the request was retried once, nothing was sent).
+    #[error("upstream closed the connection before the request could be written")]
+    ClosedBeforeSend,
     /// The HTTP exchange with the upstream failed after the connection was established.
     #[error("upstream connection failed: {0}")]
     Upstream(#[source] hyper::Error),
@@ -140,6 +144,7 @@ impl OutboundError {
             Self::ConnectTimeout(_) => "connect_timeout",
             Self::ResponseTimeout(_) => "response_timeout",
             Self::PoolTimeout(_) => "pool_timeout",
+            Self::ClosedBeforeSend => "upstream_closed",
             Self::Upstream(_) => "upstream",
         }
     }
