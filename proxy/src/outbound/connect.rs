@@ -464,8 +464,12 @@ impl Upstream {
         let alert = Arc::new(OnceLock::new());
         let io = TokioIo::new(AlertTap::new(tls, Arc::clone(&alert)));
         let sender = if h2 {
+            // PING while streams are open, so a peer that vanished mid-response is noticed
+            // instead of holding the app's request forever.
             let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                 .timer(hyper_util::rt::TokioTimer::new())
+                .keep_alive_interval(Duration::from_secs(30))
+                .keep_alive_timeout(Duration::from_secs(20))
                 .handshake(io)
                 .await
                 .map_err(OutboundError::Upstream)?;
