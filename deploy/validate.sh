@@ -26,7 +26,9 @@
 #    configs (committed renders, compared with `terraform console` output when terraform is
 #    installed, written by the init script as ECS runs it); the rotation
 #    CronJob's and the systemd rotate unit's `ca` command lines run against that CA.
-#    The image's health check (container/probe.rs) is compiled and run against a live sidecar.
+#    A live sidecar (the monolith's Kubernetes config on free loopback ports) must reload its
+#    policy after a kubelet-style ..data swap and its certificate after `ca rotate`, and survive
+#    SIGHUP; the image's health check (container/probe.rs) is compiled and run against it.
 # 9. shellcheck on the shell scripts when installed; every deploy/ folder has a README.
 #
 # First run: needs python3 with venv, npm, apt-get (Debian) and network access to PyPI, npm and
@@ -283,8 +285,8 @@ print(*[x.getsockname()[1] for x in s])')
     [[ $ready == yes ]] || { cat "$w/live.log" >&2; die "gatehouse-probe never saw /readyz 200 from the live sidecar" "see the sidecar log above"; }
     "$probe" "http://127.0.0.1:$p_admin/healthz" || die "gatehouse-probe: /healthz of the live sidecar is not 200" "see $w/live.log"
 
-    # Reload, as the platforms trigger it. Reported, not enforced: reloading is the sidecar's
-    # feature (proxy/); these lines say whether this build has it.
+    # Reload, as the platforms trigger it: kubelet's atomic ..data swap of a mounted ConfigMap
+    # (Kubernetes hot reload) and SIGHUP (systemctl reload). The deployments rely on both.
     policy_sha() { "$py" -c 'import json,sys,urllib.request; print(json.load(urllib.request.urlopen(sys.argv[1], timeout=3))["policy"]["sha256"])' "http://127.0.0.1:$p_admin/status"; }
     before=$(policy_sha)
     mkdir -p "$pol_dir/..v2" && { cat "$pol_dir/..v1/policy.toml" && echo "# v2"; } >"$pol_dir/..v2/policy.toml"
@@ -294,20 +296,34 @@ print(*[x.getsockname()[1] for x in s])')
       [[ $(policy_sha) != "$before" ]] && reloaded=yes && break
       sleep 0.2
     done
-    if [[ $reloaded == yes ]]; then
-      note "reload: the sidecar picked up a kubelet-style ..data swap of its policy (Kubernetes hot reload works)"
-    else
-      note "WARNING: this sidecar build did not reload its policy after a kubelet-style ..data swap"
-      note "         (Kubernetes ConfigMap/Secret updates then need 'kubectl rollout restart')"
-    fi
+    [[ $reloaded == yes ]] || {
+      cat "$w/live.log" >&2
+      die "the sidecar did not reload its policy within 10 s of a kubelet-style ..data swap" \
+        "Kubernetes ConfigMap/Secret updates rely on it: the sidecar must watch the directory (the ..data rename)"
+    }
+    note "reload: the sidecar picked up a kubelet-style ..data swap of its policy"
+    # The certificate: `ca rotate --force` swaps cert and key with the same atomic ..data rename.
+    cert_serial() { "$py" -c 'import json,sys,urllib.request; print(json.load(urllib.request.urlopen(sys.argv[1], timeout=3))["certificate"]["serial"])' "http://127.0.0.1:$p_admin/status"; }
+    before=$(cert_serial)
+    "$ca_bin" rotate --dir "$w/ca" --force "$w/k8s-monolith/etc/gatehouse/certs" >/dev/null ||
+      die "ca rotate --force failed on the live sidecar's certificate directory" "see the ca error above"
+    reloaded=no
+    for _ in $(seq 1 50); do # up to 10 s
+      [[ $(cert_serial) != "$before" ]] && reloaded=yes && break
+      sleep 0.2
+    done
+    [[ $reloaded == yes ]] || {
+      cat "$w/live.log" >&2
+      die "the sidecar did not reload its certificate within 10 s of a ..data swap" \
+        "rotation (CronJob, Secret update, systemd timer) relies on it"
+    }
+    note "reload: the sidecar picked up a rotated certificate (serial $before -> $(cert_serial))"
     # (stderr: bash reports a background job that a signal ended; that report is not an error)
     { kill -HUP "$sidecar_pid" && sleep 1; } 2>/dev/null
-    if kill -0 "$sidecar_pid" 2>/dev/null && "$probe" "http://127.0.0.1:$p_admin/readyz" 2>/dev/null; then
-      note "reload: the sidecar survives SIGHUP and stays ready (systemctl reload works)"
-    else
-      note "WARNING: this sidecar build exits on SIGHUP: 'systemctl reload' restarts it (Restart=always)"
-      note "         instead of reloading"
+    if ! kill -0 "$sidecar_pid" 2>/dev/null || ! "$probe" "http://127.0.0.1:$p_admin/readyz"; then
+      die "the sidecar did not survive SIGHUP ready" "systemctl reload (ExecReload=kill -HUP) relies on it"
     fi
+    note "reload: the sidecar survives SIGHUP and stays ready"
     kill -TERM "$sidecar_pid" 2>/dev/null || true
     { wait "$sidecar_pid"; } 2>/dev/null || true # its exit status after SIGTERM/SIGHUP is its business
     trap - EXIT
