@@ -58,12 +58,16 @@ pub mod label {
     /// Neither reached the app.
     pub const REFUSED_NOT_SEEN: &str =
         "the monolith app saw no request from the impostor or the revoked key";
+    /// The running report service's own SVID revoked: refused without any restart.
+    pub const LIVE_REVOKED: &str = "live revocation: report-service's SVID revoked with `ca revoke --crl`; refused with no restart";
+    /// A new SVID issued: back in service without any restart.
+    pub const LIVE_REISSUED: &str = "re-issued with `ca issue`: report-service's sidecar picks up the new SVID, the data fetch works again";
     /// Metrics account for it all.
     pub const METRICS: &str =
         "monolith sidecar /metrics counts the allow, the deny and the refused handshakes";
 
     /// Every label, in order.
-    pub const ALL: [&str; 17] = [
+    pub const ALL: [&str; 19] = [
         MINTED,
         STARTED,
         REPORT_ACCEPTED,
@@ -80,6 +84,8 @@ pub mod label {
         REVOKED,
         REVOKED_SIDECAR,
         REFUSED_NOT_SEEN,
+        LIVE_REVOKED,
+        LIVE_REISSUED,
         METRICS,
     ];
 }
@@ -138,6 +144,9 @@ pub async fn run(stack: &Stack, report: &mut dyn FnMut(&Check)) -> Vec<Check> {
         record(check);
     }
     for check in refused_handshakes(stack).await {
+        record(check);
+    }
+    for check in live_revocation(stack).await {
         record(check);
     }
     record(Check::from_result(
@@ -501,6 +510,122 @@ async fn leaked_key_sidecar(stack: &Stack) -> Result<String, String> {
     }
 }
 
+/// Incident response while everything runs: the report service's current key is declared compromised
+/// and revoked (`ca revoke --crl certs/crl.pem`); every sidecar reloads the CRL on its own, so the
+/// report service's data fetch is refused (its sidecar answers 502 `certificate_revoked`); then a new
+/// SVID is issued into `certs/report-service/` and the report service's sidecar reloads it, so the
+/// fetch works again. No process is restarted.
+pub async fn live_revocation(stack: &Stack) -> Vec<Check> {
+    let revoked = revoke_live(stack).await;
+    let reissued = match &revoked {
+        Ok(_) => reissue(stack).await,
+        Err(_) => Err("skipped: the revocation step failed".to_owned()),
+    };
+    vec![
+        Check::from_result(label::LIVE_REVOKED, revoked),
+        Check::from_result(label::LIVE_REISSUED, reissued),
+    ]
+}
+
+/// What the report service's app gets for a data fetch through its outbound sidecar: status and body.
+async fn fetch_as_report_service(stack: &Stack) -> Option<(u16, Value)> {
+    let outbound = stack
+        .ports()
+        .outbound(Service::ReportService, Service::Monolith)?;
+    let url = format!("http://{outbound}/api/data/reports?startDate=2024-03-01&endDate=2024-03-31");
+    let reply = stack.client().get(&url).await.ok()?;
+    Some((reply.status.as_u16(), reply.json().unwrap_or(Value::Null)))
+}
+
+async fn revoke_live(stack: &Stack) -> Result<String, String> {
+    let inspected = stack
+        .ca(&[
+            "inspect",
+            "--format",
+            "json",
+            "certs/report-service/cert.pem",
+        ])
+        .await?;
+    let inspected: Value =
+        serde_json::from_str(&inspected).map_err(|e| format!("ca inspect output: {e}"))?;
+    let serial = inspected["serial"]
+        .as_str()
+        .ok_or("no serial in `ca inspect` output")?
+        .to_owned();
+    let started = Instant::now();
+    stack
+        .ca(&[
+            "revoke",
+            "--dir",
+            "certs/ca",
+            "--serial",
+            &serial,
+            "--reason",
+            "key-compromise",
+            "--crl",
+            "certs/crl.pem",
+        ])
+        .await?;
+    let refused = eventually(Duration::from_secs(30), || async {
+        fetch_as_report_service(stack)
+            .await
+            .filter(|(status, body)| *status == 502 && body["alert"] == "certificate_revoked")
+    })
+    .await;
+    let identity = ProbeIdentity::in_dir(&stack.certs_dir().join("report-service"));
+    let path = format!("/api/data/reports?{REPORT_QUERY}");
+    let probe = probe(stack.ports().inbound(Service::Monolith), &identity, &path)
+        .await
+        .map_err(|e| e.to_string())?;
+    match (refused, probe) {
+        (Some((_, body)), ProbeOutcome::Refused { reason }) => Ok(format!(
+            "ca revoke --serial {serial} --reason key-compromise --crl certs/crl.pem\n\
+             after {:.1}s the report service's data fetch got 502 from its sidecar: {body}\n\
+             raw mTLS client with the same SVID: refused at the handshake ({reason})",
+            started.elapsed().as_secs_f64()
+        )),
+        (None, _) => Err(format!(
+            "the data fetch was not refused with certificate_revoked within 30s (serial {serial})"
+        )),
+        (_, other) => Err(format!(
+            "raw client with the revoked SVID: expected a refused handshake, got {other}"
+        )),
+    }
+}
+
+async fn reissue(stack: &Stack) -> Result<String, String> {
+    let id = Service::ReportService.spiffe_id();
+    let started = Instant::now();
+    stack
+        .ca(&[
+            "issue",
+            "--dir",
+            "certs/ca",
+            "--spiffe-id",
+            id.as_str(),
+            "--ttl",
+            "24h",
+            "--out",
+            "certs/report-service",
+        ])
+        .await?;
+    let back = eventually(Duration::from_secs(30), || async {
+        fetch_as_report_service(stack)
+            .await
+            .filter(|(status, _)| *status == 200)
+    })
+    .await;
+    match back {
+        Some((_, body)) => Ok(format!(
+            "ca issue --spiffe-id {id} --out certs/report-service\n\
+             after {:.1}s the data fetch through the report service's sidecar answered 200 ({} rows)",
+            started.elapsed().as_secs_f64(),
+            body["rows"].as_array().map_or(0, Vec::len)
+        )),
+        None => Err("the data fetch did not answer 200 within 30s of the re-issue".to_owned()),
+    }
+}
+
 /// The `gatehouse_*` sample lines of `metrics` whose name starts with one of `families`.
 pub fn excerpt(metrics: &str, families: &[&str]) -> Vec<String> {
     metrics
@@ -537,6 +662,7 @@ async fn judge_metrics(stack: &Stack) -> Result<String, String> {
         &[
             "gatehouse_inbound_requests_total",
             "gatehouse_tls_handshakes_total",
+            "gatehouse_reloads_total",
         ],
     );
     let has = |needles: &[&str], min: f64| {

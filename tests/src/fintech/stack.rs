@@ -422,6 +422,31 @@ impl Stack {
             .collect()
     }
 
+    /// Runs the `ca` binary with `args` in the work directory (`certs/ca` is the CA directory) and
+    /// returns its stdout.
+    ///
+    /// # Errors
+    /// A message with the command line and its stderr when it cannot run or exits non-zero.
+    pub async fn ca(&self, args: &[&str]) -> Result<String, String> {
+        let out = Command::new(self.opts.bin_dir.join("ca"))
+            .args(args)
+            .current_dir(self.work_dir())
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .map_err(|e| format!("cannot run ca: {e}"))?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(format!(
+                "`ca {}` failed ({}): {}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            ))
+        }
+    }
+
     /// Kills every process (also done on drop) and waits for them to exit.
     pub async fn stop(mut self) {
         for (_, child) in &mut self.children {
@@ -681,7 +706,11 @@ impl Stack {
         matches!(self.client.get(&url).await, Ok(reply) if reply.status.is_success())
     }
 
-    async fn check_alive(&mut self) -> Result<(), StackError> {
+    /// Fails when any process of the stack has exited (none is ever restarted).
+    ///
+    /// # Errors
+    /// [`StackError::Exited`] for the first process found gone, with its log's tail.
+    pub async fn check_alive(&mut self) -> Result<(), StackError> {
         let mut exited = None;
         for (name, child) in &mut self.children {
             if let Ok(Some(status)) = child.try_wait() {
