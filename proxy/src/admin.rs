@@ -1,7 +1,7 @@
 //! The admin listener (plain HTTP/1.1, for probes and scrapers): `/metrics` (Prometheus text),
 //! `/healthz` (the process is up), `/readyz` (listeners bound, identity loaded and unexpired,
-//! not shutting down), `/status` (identity, expiry, policy hash, configuration summary, as
-//! JSON). It keeps answering while the sidecar drains, so probes see `/readyz` turn 503.
+//! not shutting down), `/status` (identity, leaf serial and expiry, bundle roots, reload
+//! generation, policy hash, configuration summary, as JSON). It keeps answering while the sidecar drains, so probes see `/readyz` turn 503.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -117,6 +117,17 @@ impl Admin {
                 "mode": if i.policy.is_audit_mode() { "audit" } else { "enforce" },
             })
         });
+        let bundle: Vec<serde_json::Value> = c
+            .bundle
+            .iter()
+            .filter_map(crate::reload::serial_and_expiry)
+            .map(|(serial, not_after)| {
+                serde_json::json!({
+                    "serial": serial,
+                    "not_after": not_after.format(&Rfc3339).unwrap_or_default(),
+                })
+            })
+            .collect();
         let listeners: serde_json::Map<String, serde_json::Value> = self
             .listeners
             .iter()
@@ -133,6 +144,8 @@ impl Admin {
                 "seconds_left": (c.not_after - now).whole_seconds(),
                 "path": cfg.identity.cert.display().to_string(),
             },
+            "bundle": bundle,
+            "reload_generation": self.state.generation(),
             "policy": policy,
             "config": {
                 "path": cfg.path.display().to_string(),

@@ -10,9 +10,10 @@
 //! [[outbound]] name, listen, connect, server_id, sni, allow_non_loopback_listen
 //! [admin]     listen
 //! [audit]     path                    # default: stdout
+//! [reload]    watch, debounce, poll_interval, allow_identity_change (DANGEROUS)
 //! ```
 //! Knobs that weaken security say so in their name (`insecure_app_address`,
-//! `allow_non_loopback_listen`) and are logged as warnings at startup.
+//! `allow_non_loopback_listen`, `allow_identity_change`) and are logged as warnings at startup.
 //! Reading certificates and the policy is not done here: see `state.rs`.
 
 use std::fmt;
@@ -221,6 +222,38 @@ pub struct Config {
     pub audit: AuditConfig,
     /// How long in-flight requests may take to finish after SIGTERM/SIGINT.
     pub shutdown_grace_period: Duration,
+    /// Hot reload of certificate, key, bundle, CRL and policy.
+    pub reload: ReloadConfig,
+}
+
+/// Default interval of the polling fallback of hot reload.
+pub const DEFAULT_RELOAD_POLL: Duration = Duration::from_secs(2);
+/// Default quiet time after a file event before reloading (a writer's burst becomes one reload).
+pub const DEFAULT_RELOAD_DEBOUNCE: Duration = Duration::from_millis(75);
+
+/// `[reload]`: how the sidecar notices changed files (see `crate::reload`).
+#[derive(Debug, Clone)]
+pub struct ReloadConfig {
+    /// Watch the directories of the watched files with inotify (notify).
+    pub watch: bool,
+    /// Quiet time after a file event before reloading.
+    pub debounce: Duration,
+    /// Polling fallback: compare the files' contents this often.
+    pub poll_interval: Duration,
+    /// DANGEROUS: accept a reloaded certificate with a different SPIFFE ID than the running
+    /// one. Off by default: a changed identity on disk is refused and the old one kept.
+    pub allow_identity_change: bool,
+}
+
+impl Default for ReloadConfig {
+    fn default() -> Self {
+        Self {
+            watch: true,
+            debounce: DEFAULT_RELOAD_DEBOUNCE,
+            poll_interval: DEFAULT_RELOAD_POLL,
+            allow_identity_change: false,
+        }
+    }
 }
 
 /// `[identity]`: paths resolved against the config file's directory.
@@ -332,6 +365,17 @@ struct RawConfig {
     outbound: Vec<RawOutbound>,
     admin: RawAdmin,
     audit: Option<RawAudit>,
+    reload: Option<RawReload>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReload {
+    watch: Option<bool>,
+    debounce: Option<S<String>>,
+    poll_interval: Option<S<String>>,
+    #[serde(default)]
+    allow_identity_change: bool,
 }
 
 #[derive(Deserialize)]
@@ -602,6 +646,22 @@ impl Check<'_> {
             "shutdown_grace_period",
             DEFAULT_SHUTDOWN_GRACE,
         );
+        let reload = raw
+            .reload
+            .map_or_else(ReloadConfig::default, |r| ReloadConfig {
+                watch: r.watch.unwrap_or(true),
+                debounce: self.duration(
+                    r.debounce.as_ref(),
+                    "reload.debounce",
+                    DEFAULT_RELOAD_DEBOUNCE,
+                ),
+                poll_interval: self.duration(
+                    r.poll_interval.as_ref(),
+                    "reload.poll_interval",
+                    DEFAULT_RELOAD_POLL,
+                ),
+                allow_identity_change: r.allow_identity_change,
+            });
         if inbound.is_none() && outbound.is_empty() {
             self.push(None, ConfigErrorKind::NoListener);
         }
@@ -614,6 +674,7 @@ impl Check<'_> {
             admin,
             audit,
             shutdown_grace_period,
+            reload,
         };
         self.duplicate_listens(&config);
         config

@@ -111,6 +111,9 @@ pub enum Refusal<'a> {
     AppUnreachable,
     /// The app did not start its response in time.
     AppTimeout,
+    /// The caller's certificate is no longer trusted (revoked by a new CRL, or its root left
+    /// the bundle); its connection is closing.
+    PeerNoLongerTrusted,
 }
 
 impl Refusal<'_> {
@@ -121,6 +124,7 @@ impl Refusal<'_> {
             Self::Denied => StatusCode::FORBIDDEN,
             Self::AppUnreachable => StatusCode::BAD_GATEWAY,
             Self::AppTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::PeerNoLongerTrusted => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -133,6 +137,11 @@ impl Refusal<'_> {
             Self::AppTimeout => (
                 "gateway_timeout",
                 "the upstream app did not answer in time".to_owned(),
+            ),
+            Self::PeerNoLongerTrusted => (
+                "service_unavailable",
+                "this connection's client certificate is no longer trusted; the connection is closing"
+                    .to_owned(),
             ),
         };
         let body = serde_json::json!({

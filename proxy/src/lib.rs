@@ -9,6 +9,9 @@
 //! - [`inbound`]: mTLS termination, per-route policy, forwarding to the app;
 //! - [`outbound`]: plaintext from the app, mTLS to the peer sidecar with its identity pinned;
 //! - [`admin`], [`metrics`], [`audit`]: observability;
+//! - [`reload`]: hot reload of certificate, key, bundle, CRL and policy (file events, polling,
+//!   SIGHUP), revocation reaching live connections, expiry metrics; its module docs are the
+//!   "Reload and rotation" design note;
 //! - [`signal`]: signals, cancellation and the drain of connection tasks;
 //! - [`run`]: the load path shared by `sidecar check` and `sidecar run`, and the run loop;
 //! - [`error`]: load errors with their `help:` lines, and refusals as HTTP responses.
@@ -22,6 +25,7 @@ pub mod error;
 pub mod inbound;
 pub mod metrics;
 pub mod outbound;
+pub mod reload;
 pub mod run;
 pub mod signal;
 pub mod state;

@@ -27,8 +27,13 @@ pub struct Metrics {
     pub tls_handshake_duration: HistogramVec,
     /// `gatehouse_inbound_active_connections`.
     pub inbound_active_connections: IntGauge,
-    /// `gatehouse_cert_expiry_timestamp_seconds{cert}`: `cert="leaf"` is our own leaf.
+    /// `gatehouse_cert_expiry_timestamp_seconds{cert}`: `cert="leaf"` is our own leaf,
+    /// `cert="root:<serial>"` each root of the trust bundle (serial truncated to 16 hex digits).
     pub cert_expiry: IntGaugeVec,
+    /// `gatehouse_reloads_total{what,result}`: `what` is the file kind that changed (`cert`,
+    /// `key`, `bundle`, `crl`, `policy`, or `none` for a SIGHUP with nothing changed), `result`
+    /// is `ok` or `error`.
+    pub reloads: IntCounterVec,
 }
 
 impl Metrics {
@@ -89,7 +94,15 @@ impl Metrics {
         registry.register(Box::new(tls_handshakes.clone()))?;
         registry.register(Box::new(tls_handshake_duration.clone()))?;
         registry.register(Box::new(inbound_active_connections.clone()))?;
+        let reloads = IntCounterVec::new(
+            Opts::new(
+                "reloads_total",
+                "Hot reloads by changed file kind and result (ok|error)",
+            ),
+            &["what", "result"],
+        )?;
         registry.register(Box::new(cert_expiry.clone()))?;
+        registry.register(Box::new(reloads.clone()))?;
         Ok(Self {
             registry,
             inbound_requests,
@@ -98,6 +111,7 @@ impl Metrics {
             tls_handshake_duration,
             inbound_active_connections,
             cert_expiry,
+            reloads,
         })
     }
 

@@ -1,6 +1,7 @@
 //! Loading and running a sidecar: [`load`] is the shared path of `sidecar check` and
 //! `sidecar run` (configuration, credentials, policy, TLS configurations, outbound entries;
-//! nothing is bound), [`run`] binds the listeners, serves until SIGTERM/SIGINT and drains.
+//! nothing is bound), [`run`] binds the listeners, starts the [`Reloader`] (file events,
+//! polling, SIGHUP), serves until SIGTERM/SIGINT and drains.
 //!
 //! Each bound listener is logged as `listening <name> on <addr>` (port 0 in the configuration
 //! picks a free port; the log line and `/status` tell which).
@@ -19,6 +20,7 @@ use crate::error::LoadError;
 use crate::inbound::{Inbound, listener};
 use crate::metrics::Metrics;
 use crate::outbound::{self, Outbound, OutboundTls, PreparedOutbound};
+use crate::reload::Reloader;
 use crate::signal::{Shutdown, Terminate};
 use crate::state::State;
 
@@ -107,6 +109,9 @@ impl Loaded {
 /// A listener that cannot be bound, or the audit file.
 pub async fn run(loaded: Loaded, shutdown: Shutdown) -> Result<usize, LoadError> {
     let mut signals = Terminate::install().map_err(LoadError::Signal)?;
+    // Installed before anything is bound: SIGHUP's default action would kill the process.
+    let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(LoadError::Signal)?;
     let Loaded {
         state,
         metrics,
@@ -114,10 +119,6 @@ pub async fn run(loaded: Loaded, shutdown: Shutdown) -> Result<usize, LoadError>
     } = loaded;
     let cfg = state.config.clone();
     let snap = state.snapshot();
-    metrics
-        .cert_expiry
-        .with_label_values(&["leaf"])
-        .set(snap.credentials.not_after.unix_timestamp());
     let mut bound: Vec<(String, SocketAddr)> = Vec::new();
 
     let inbound = match &cfg.inbound {
@@ -156,7 +157,9 @@ pub async fn run(loaded: Loaded, shutdown: Shutdown) -> Result<usize, LoadError>
     if let Some((inbound, l)) = inbound {
         tokio::spawn(listener::serve(inbound, l, shutdown.clone()));
     }
-    out.spawn(&shutdown);
+    let upstreams = out.spawn(&shutdown);
+    let reloader = Reloader::new(state.clone(), metrics.clone(), upstreams);
+    tokio::spawn(reloader.run(hangup, shutdown.clone()));
 
     let sig = tokio::select! {
         s = signals.recv() => s,

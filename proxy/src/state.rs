@@ -1,14 +1,16 @@
 //! What a running sidecar serves with: the validated [`Config`], the TLS credentials, the
 //! compiled policy and the inbound `ServerConfig`, bundled in one immutable [`Snapshot`] held
-//! in an `ArcSwap`. A connection loads the snapshot once at accept and keeps it for its life;
-//! a reload builds a whole new snapshot and swaps it in (or keeps the old one).
+//! in an `ArcSwap`. A connection takes the snapshot's TLS configuration and verifier at accept;
+//! each request reads the policy of the *current* snapshot; a reload builds a whole new
+//! snapshot with [`State::build_snapshot`] (the same path as startup) and swaps it in, or keeps
+//! the old one (see `crate::reload`).
 //!
 //! `sidecar check` and `sidecar run` both call [`State::load`], so check validates exactly
 //! what run would use, stopping before any socket is bound.
 
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, Guard};
 use gatehouse_policy::path::NormalizeOptions;
 use gatehouse_policy::{Policy, SourceFile, TrustDomain};
 use rustls::ServerConfig;
@@ -58,6 +60,8 @@ pub struct State {
     /// Our certificate for both TLS roles (swappable).
     pub resolver: Arc<CertResolver>,
     snapshot: ArcSwap<Snapshot>,
+    /// Bumped on every swap; live connections watch it to re-check their peer.
+    generation: tokio::sync::watch::Sender<u64>,
 }
 
 impl State {
@@ -68,51 +72,32 @@ impl State {
     /// Every problem found.
     pub fn load(config: Config) -> Result<Self, Vec<LoadError>> {
         let provider = crate::tls::provider();
-        let paths = CredentialPaths {
-            cert: &config.identity.cert,
-            key: &config.identity.key,
-            bundle: &config.identity.bundle,
-            crl: config.identity.crl.as_deref(),
-        };
-        let credentials = Credentials::load(paths, &provider)
-            .map_err(|es| es.into_iter().map(LoadError::from).collect::<Vec<_>>());
-        let policy = config.inbound.as_ref().map(load_policy).transpose();
-        let (credentials, policy) = match (credentials, policy) {
-            (Ok(c), Ok(p)) => (c, p),
-            (c, p) => {
-                let mut errors = c.err().unwrap_or_default();
-                errors.extend(p.err().unwrap_or_default());
-                return Err(errors);
-            }
-        };
+        let (credentials, policy) = load_files(&config, &provider)?;
         let resolver = Arc::new(CertResolver::new(credentials.certified.clone()));
-        let trust_domain = credentials.id.trust_domain();
-        let inbound = match (&config.inbound, policy) {
-            (Some(cfg), Some((policy, sha))) => Some(
-                inbound_snapshot(
-                    cfg,
-                    &config,
-                    &credentials,
-                    policy,
-                    sha,
-                    &provider,
-                    &resolver,
-                )
-                .map_err(|e| vec![e])?,
-            ),
-            _ => None,
-        };
-        let snapshot = Snapshot {
-            credentials,
-            trust_domain,
-            inbound,
-        };
+        let snapshot = assemble(&config, credentials, policy, &provider, &resolver)?;
         Ok(Self {
             config,
             provider,
             resolver,
             snapshot: ArcSwap::from_pointee(snapshot),
+            generation: tokio::sync::watch::Sender::new(0),
         })
+    }
+
+    /// Reads and checks every file again and builds a complete new snapshot, exactly as
+    /// [`State::load`] does at startup; nothing is swapped.
+    ///
+    /// # Errors
+    /// Every problem found.
+    pub fn build_snapshot(&self) -> Result<Snapshot, Vec<LoadError>> {
+        let (credentials, policy) = load_files(&self.config, &self.provider)?;
+        assemble(
+            &self.config,
+            credentials,
+            policy,
+            &self.provider,
+            &self.resolver,
+        )
     }
 
     /// The current snapshot.
@@ -120,11 +105,73 @@ impl State {
         self.snapshot.load_full()
     }
 
-    /// Replaces the snapshot; connections that already hold the old one keep it.
+    /// The current snapshot, cheaply (per request: no reference count traffic).
+    pub fn current(&self) -> Guard<Arc<Snapshot>> {
+        self.snapshot.load()
+    }
+
+    /// Replaces the snapshot: new handshakes present the new certificate and use the new
+    /// `ServerConfig` (fresh session cache), new requests the new policy. Then tells live
+    /// connections ([`State::subscribe`]) so they re-check their peer.
     pub fn swap(&self, snapshot: Snapshot) {
         self.resolver.store(snapshot.credentials.certified.clone());
         self.snapshot.store(Arc::new(snapshot));
+        self.generation.send_modify(|g| *g += 1);
     }
+
+    /// A receiver that changes on every [`State::swap`].
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+
+    /// How many snapshots were swapped in since startup.
+    pub fn generation(&self) -> u64 {
+        *self.generation.borrow()
+    }
+}
+
+type Files = (Credentials, Option<(Policy, String)>);
+
+fn load_files(config: &Config, provider: &Arc<CryptoProvider>) -> Result<Files, Vec<LoadError>> {
+    let paths = CredentialPaths {
+        cert: &config.identity.cert,
+        key: &config.identity.key,
+        bundle: &config.identity.bundle,
+        crl: config.identity.crl.as_deref(),
+    };
+    let credentials = Credentials::load(paths, provider)
+        .map_err(|es| es.into_iter().map(LoadError::from).collect::<Vec<_>>());
+    let policy = config.inbound.as_ref().map(load_policy).transpose();
+    match (credentials, policy) {
+        (Ok(c), Ok(p)) => Ok((c, p)),
+        (c, p) => {
+            let mut errors = c.err().unwrap_or_default();
+            errors.extend(p.err().unwrap_or_default());
+            Err(errors)
+        }
+    }
+}
+
+fn assemble(
+    config: &Config,
+    credentials: Credentials,
+    policy: Option<(Policy, String)>,
+    provider: &Arc<CryptoProvider>,
+    resolver: &Arc<CertResolver>,
+) -> Result<Snapshot, Vec<LoadError>> {
+    let trust_domain = credentials.id.trust_domain();
+    let inbound = match (&config.inbound, policy) {
+        (Some(cfg), Some((policy, sha))) => Some(
+            inbound_snapshot(cfg, config, &credentials, policy, sha, provider, resolver)
+                .map_err(|e| vec![e])?,
+        ),
+        _ => None,
+    };
+    Ok(Snapshot {
+        credentials,
+        trust_domain,
+        inbound,
+    })
 }
 
 fn load_policy(cfg: &InboundConfig) -> Result<(Policy, String), Vec<LoadError>> {

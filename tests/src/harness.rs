@@ -415,10 +415,25 @@ pub struct SidecarBuilder {
     inbound_extra: String,
     top_extra: String,
     extra_sections: String,
+    bundle: Option<PathBuf>,
+    crl: Option<PathBuf>,
     work: TempDir,
 }
 
 impl SidecarBuilder {
+    /// Trust this bundle file instead of the certificate directory's `bundle.pem` (e.g. the
+    /// CA's own `bundle.pem`, which `ca root rotate`/`retire` update in place).
+    pub fn bundle(mut self, path: &Path) -> Self {
+        self.bundle = Some(path.to_path_buf());
+        self
+    }
+
+    /// Configure `[identity] crl`.
+    pub fn crl(mut self, path: &Path) -> Self {
+        self.crl = Some(path.to_path_buf());
+        self
+    }
+
     /// The policy file's text (enables `[inbound]`).
     pub fn policy(mut self, text: &str) -> Self {
         self.policy = Some(text.to_owned());
@@ -456,11 +471,15 @@ impl SidecarBuilder {
     pub fn config_text(&self) -> String {
         let mut s = self.top_extra.clone();
         s.push_str(&format!(
-            "[identity]\ncert = {:?}\nkey = {:?}\nbundle = {:?}\n\n",
+            "[identity]\ncert = {:?}\nkey = {:?}\nbundle = {:?}\n",
             self.cert.cert(),
             self.cert.key(),
-            self.cert.bundle()
+            self.bundle.clone().unwrap_or_else(|| self.cert.bundle())
         ));
+        if let Some(crl) = &self.crl {
+            s.push_str(&format!("crl = {crl:?}\n"));
+        }
+        s.push('\n');
         if let Some(app) = self.app {
             s.push_str(&format!(
                 "[inbound]\nlisten = \"127.0.0.1:0\"\napp = \"{app}\"\npolicy = \"policy.toml\"\n{}\n",
@@ -510,7 +529,7 @@ impl SidecarBuilder {
             stdout,
             stderr,
             listeners: HashMap::new(),
-            _work: self.work,
+            work: self.work,
         };
         let listeners = eventually("the sidecar's listening lines", READY_TIMEOUT, async || {
             if let Ok(Some(status)) = sidecar.child.try_wait() {
@@ -550,7 +569,7 @@ pub struct Sidecar {
     stdout: Arc<Mutex<Vec<String>>>,
     stderr: Arc<Mutex<Vec<String>>>,
     listeners: HashMap<String, SocketAddr>,
-    _work: TempDir,
+    work: TempDir,
 }
 
 impl Sidecar {
@@ -566,6 +585,8 @@ impl Sidecar {
             inbound_extra: String::new(),
             top_extra: String::new(),
             extra_sections: String::new(),
+            bundle: None,
+            crl: None,
             work: tempfile::tempdir().expect("temp dir"),
         }
     }
@@ -614,6 +635,23 @@ impl Sidecar {
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// The policy file the sidecar was started with (rewrite it to test hot reload).
+    pub fn policy_path(&self) -> PathBuf {
+        self.work.path().join("policy.toml")
+    }
+
+    /// Sends SIGHUP (reload).
+    ///
+    /// # Panics
+    /// If `kill` cannot be run.
+    pub fn sighup(&self) {
+        let ok = Command::new("kill")
+            .args(["-HUP", &self.pid().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(ok.success(), "kill -HUP failed");
     }
 
     /// Stdout lines so far (the audit log).

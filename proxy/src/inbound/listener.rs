@@ -4,6 +4,13 @@
 //! or HTTP/2 as negotiated by ALPN. A connection is closed gracefully when it has been idle for
 //! `idle_timeout` or when shutdown starts (HTTP/2 sends GOAWAY, HTTP/1.1 finishes the request
 //! in flight).
+//!
+//! Each connection also watches for reloads ([`crate::state::State::subscribe`]): after every
+//! swap it re-runs the *new* snapshot's verifier (chain to the new bundle, new CRL, expiry,
+//! SVID rules) on the certificates its peer presented. A peer that no longer passes (revoked,
+//! or its root retired) gets its connection closed: requests still arriving get 503, the
+//! connection is shut down gracefully (HTTP/2 GOAWAY, HTTP/1.1 after the request in flight) and
+//! dropped outright after [`UNTRUSTED_GRACE`].
 
 use std::future::Future;
 use std::pin::pin;
@@ -15,6 +22,8 @@ use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulConnection;
+use rustls::server::danger::ClientCertVerifier;
+use rustls_pki_types::{CertificateDer, UnixTime};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
@@ -23,7 +32,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use super::Inbound;
 use super::request::{ConnCtx, handle};
 use crate::signal::Shutdown;
-use crate::state::Snapshot;
+use crate::state::{Snapshot, State};
 use crate::tls::verify::failure_reason;
 
 /// Accepts connections until shutdown starts.
@@ -46,8 +55,17 @@ pub async fn serve(inbound: Arc<Inbound>, listener: TcpListener, shutdown: Shutd
             },
             () = shutdown.token().cancelled() => break,
         };
+        // Subscribe before loading the snapshot: a swap in between is then seen as a change.
+        let reloads = inbound.state.subscribe();
         let snapshot = inbound.state.snapshot();
-        let task = serve_one(inbound.clone(), tcp, snapshot, permit, shutdown.clone());
+        let task = serve_one(
+            inbound.clone(),
+            tcp,
+            snapshot,
+            reloads,
+            permit,
+            shutdown.clone(),
+        );
         shutdown
             .tracker()
             .spawn(task.instrument(info_span!("inbound", %peer)));
@@ -68,6 +86,7 @@ async fn serve_one(
     inbound: Arc<Inbound>,
     tcp: TcpStream,
     snapshot: Arc<Snapshot>,
+    reloads: tokio::sync::watch::Receiver<u64>,
     _permit: OwnedSemaphorePermit,
     shutdown: Shutdown,
 ) {
@@ -102,8 +121,20 @@ async fn serve_one(
         .observe(started.elapsed().as_secs_f64());
     let h2 = session.alpn_protocol() == Some(b"h2");
     debug!(caller = %peer.id(), h2, "mTLS handshake ok");
-    let ctx = Arc::new(ConnCtx::new(inbound.clone(), snapshot.clone(), peer));
+    let serial = crate::tls::leaf_serial_hex(session.peer_certificates());
+    let mut recheck = Recheck {
+        reloads,
+        state: inbound.state.clone(),
+        certs: session
+            .peer_certificates()
+            .map(<[_]>::to_vec)
+            .unwrap_or_default(),
+        serial,
+    };
+    let ctx = Arc::new(ConnCtx::new(inbound.clone(), &snapshot, peer));
+    drop(snapshot);
     let activity = ctx.activity.clone();
+    let conn_ctx = ctx.clone();
     let svc = service_fn(move |req| handle(ctx.clone(), req));
     let io = TokioIo::new(tls);
     let cfg = &inbound.cfg;
@@ -117,6 +148,8 @@ async fn serve_one(
             &activity,
             cfg.idle_timeout,
             &shutdown,
+            &mut recheck,
+            &conn_ctx,
         )
         .await
     } else {
@@ -129,6 +162,8 @@ async fn serve_one(
             &activity,
             cfg.idle_timeout,
             &shutdown,
+            &mut recheck,
+            &conn_ctx,
         )
         .await
     };
@@ -203,18 +238,63 @@ impl Drop for RequestGuard {
     }
 }
 
-/// Runs a connection to completion, asking it to finish gracefully on shutdown or once idle.
+/// How long a connection whose peer is no longer trusted may take to finish its in-flight
+/// requests before it is dropped.
+pub const UNTRUSTED_GRACE: Duration = Duration::from_secs(5);
+
+/// What a connection needs to re-check its peer after a reload.
+struct Recheck {
+    reloads: tokio::sync::watch::Receiver<u64>,
+    state: Arc<State>,
+    /// The peer's certificates as presented (leaf first).
+    certs: Vec<CertificateDer<'static>>,
+    serial: String,
+}
+
+impl Recheck {
+    /// Whether the current snapshot's verifier still accepts the peer; logs why not.
+    fn still_trusted(&self) -> bool {
+        let snap = self.state.snapshot();
+        let (Some(inb), Some((leaf, intermediates))) =
+            (snap.inbound.as_ref(), self.certs.split_first())
+        else {
+            return false;
+        };
+        match inb
+            .verifier
+            .verify_client_cert(leaf, intermediates, UnixTime::now())
+        {
+            Ok(_) => true,
+            Err(e) => {
+                info!(
+                    peer_serial = %self.serial,
+                    reason = failure_reason(&e),
+                    error = %e,
+                    "closing connection: its client certificate is no longer trusted after reload"
+                );
+                false
+            }
+        }
+    }
+}
+
+/// Runs a connection to completion, asking it to finish gracefully on shutdown, once idle, or
+/// when a reload stops trusting the peer (then dropped after [`UNTRUSTED_GRACE`]).
 async fn drive<C>(
     conn: C,
     activity: &Activity,
     idle: Duration,
     shutdown: &Shutdown,
+    recheck: &mut Recheck,
+    ctx: &ConnCtx,
 ) -> Result<(), C::Error>
 where
     C: GracefulConnection + Future<Output = Result<(), <C as GracefulConnection>::Error>>,
 {
     let mut conn = pin!(conn);
     let mut closing = false;
+    let mut watching = true;
+    let mut cutoff: Option<tokio::time::Instant> = None;
     loop {
         let idle_check = async {
             match activity.idle_since() {
@@ -223,8 +303,31 @@ where
                 None => tokio::time::sleep(idle.min(Duration::from_secs(1))).await,
             }
         };
+        let hard_stop = async {
+            match cutoff {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             res = conn.as_mut() => return res,
+            () = hard_stop => {
+                debug!("untrusted peer's connection dropped after the grace period");
+                return Ok(());
+            }
+            changed = recheck.reloads.changed(), if watching => {
+                if changed.is_err() {
+                    watching = false;
+                } else if !recheck.still_trusted() {
+                    watching = false;
+                    ctx.distrust();
+                    cutoff = Some(tokio::time::Instant::now() + UNTRUSTED_GRACE);
+                    if !closing {
+                        closing = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
+                }
+            }
             () = shutdown.token().cancelled(), if !closing => {
                 closing = true;
                 conn.as_mut().graceful_shutdown();

@@ -7,12 +7,19 @@
 //! with the original query to the app on a pooled keep-alive HTTP/1.1 connection. Bodies stream
 //! both ways; nothing is buffered.
 //!
+//! Every request reads the policy of the *current* snapshot (not the one the connection was
+//! accepted with), so a policy reload applies to open keep-alive and HTTP/2 connections from
+//! their next request on. A connection whose peer a reload stopped trusting (revoked, or its
+//! root retired) is marked [`ConnCtx::distrust`]: requests that still arrive get 503 while it
+//! closes.
+//!
 //! The audit line is written once the status is known: right away for refusals, when the
 //! app's response head arrives (or fails) for forwarded requests.
 
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
@@ -58,9 +65,8 @@ const REQUEST_ID: &str = "x-request-id";
 #[derive(Debug)]
 pub struct ConnCtx {
     inbound: Arc<Inbound>,
-    snapshot: Arc<Snapshot>,
     peer: PeerIdentity,
-    caller_label: String,
+    distrusted: AtomicBool,
     xfcc: HeaderValue,
     spiffe_id: HeaderValue,
     /// In-flight requests, for the idle timeout.
@@ -68,25 +74,26 @@ pub struct ConnCtx {
 }
 
 impl ConnCtx {
-    /// Precomputes the identity headers and the caller's metric label once per connection.
-    pub fn new(inbound: Arc<Inbound>, snapshot: Arc<Snapshot>, peer: PeerIdentity) -> Self {
+    /// Precomputes the identity headers once per connection (our own identity cannot change
+    /// on reload unless `allow_identity_change`, and then the XFCC `By=` of open connections
+    /// keeps the identity they were accepted under).
+    pub fn new(inbound: Arc<Inbound>, snapshot: &Snapshot, peer: PeerIdentity) -> Self {
         let own = &snapshot.credentials.id;
         let xfcc = format!("By={own};Hash={};URI={}", peer.leaf_sha256_hex(), peer.id());
-        let caller_label = snapshot
-            .inbound
-            .as_ref()
-            .map_or("other", |i| i.policy.caller_label(peer.id()))
-            .to_owned();
         Self {
             xfcc: HeaderValue::try_from(xfcc).expect("SPIFFE IDs and hex are visible ASCII"),
             spiffe_id: HeaderValue::try_from(peer.id().as_str())
                 .expect("SPIFFE IDs are visible ASCII"),
             inbound,
-            snapshot,
             peer,
-            caller_label,
+            distrusted: AtomicBool::new(false),
             activity: Arc::new(Activity::default()),
         }
+    }
+
+    /// The peer is no longer trusted: every further request on this connection gets 503.
+    pub fn distrust(&self) {
+        self.distrusted.store(true, Ordering::Relaxed);
     }
 }
 
@@ -138,15 +145,29 @@ async fn decide_and_forward(
     request_id: &HeaderValue,
     started: Instant,
 ) -> Response<Either<Incoming, Full<Bytes>>> {
-    let Some(inb) = ctx.snapshot.inbound.as_ref() else {
+    // The current snapshot, not the connection's: policy reloads reach open connections.
+    let snapshot = ctx.inbound.state.snapshot();
+    let Some(inb) = snapshot.inbound.as_ref() else {
         return refuse(Refusal::Denied, request_id);
     };
     let mut log = Outcome {
         ctx,
+        caller: inb.policy.caller_label(ctx.peer.id()),
         request_id,
         method: req.method().clone(),
         started,
     };
+    if ctx.distrusted.load(Ordering::Relaxed) {
+        let path = req.uri().path();
+        log.finish(
+            path,
+            None,
+            "reject",
+            "peer_not_trusted",
+            StatusCode::SERVICE_UNAVAILABLE,
+        );
+        return refuse(Refusal::PeerNoLongerTrusted, request_id);
+    }
     let uri = req.uri().clone();
     let path = match normalize(uri.path(), &inb.normalize) {
         Ok(p) => p,
@@ -205,6 +226,7 @@ fn refuse(r: Refusal<'_>, request_id: &HeaderValue) -> Response<Either<Incoming,
 /// What the audit line and the metrics need, minus the outcome.
 struct Outcome<'a> {
     ctx: &'a ConnCtx,
+    caller: &'a str,
     request_id: &'a HeaderValue,
     method: http::Method,
     started: Instant,
@@ -224,7 +246,7 @@ impl Outcome<'_> {
         m.inbound_requests
             .with_label_values(&[
                 route.unwrap_or("none"),
-                &self.ctx.caller_label,
+                self.caller,
                 decision,
                 reason,
                 status.as_str(),

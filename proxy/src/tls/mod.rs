@@ -297,6 +297,17 @@ impl Credentials {
     }
 }
 
+/// The serial of the first certificate of `certs` (a peer's leaf), lowercase hex; empty when
+/// there is none or it does not parse.
+pub fn leaf_serial_hex(certs: Option<&[CertificateDer<'_>]>) -> String {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    certs
+        .and_then(<[_]>::first)
+        .and_then(|c| X509Certificate::from_der(c.as_ref()).ok())
+        .map(|(_, c)| hex::encode(c.raw_serial()))
+        .unwrap_or_default()
+}
+
 /// Expiry and serial of a leaf that already parsed in [`leaf_identity`].
 fn leaf_facts(leaf: &CertificateDer<'_>) -> (OffsetDateTime, String) {
     use x509_parser::prelude::{FromDer, X509Certificate};
