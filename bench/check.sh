@@ -10,6 +10,10 @@ bins=${BENCH_BIN_DIR:-target/debug}
 
 step "shell syntax"
 for f in bench/*.sh; do bash -n "$f"; done
+if command -v shellcheck >/dev/null 2>&1; then
+  step "shellcheck"
+  shellcheck bench/*.sh
+fi
 step "python syntax"
 python3 -c 'import ast, sys
 for f in sys.argv[1:]:
