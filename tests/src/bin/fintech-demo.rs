@@ -159,8 +159,11 @@ fn print_started(stack: &Stack) {
         ));
     }
     detail.push_str(&format!(
-        "gateway frontend (the browser's entry) {}",
-        p.frontend()
+        "gateway frontend (the browser's entry) {}\n\
+         leaked key's sidecar (attacker) outbound {}  admin {}",
+        p.frontend(),
+        p.leaked_key_outbound(),
+        p.leaked_key_admin()
     ));
     say!(
         "{}\n",

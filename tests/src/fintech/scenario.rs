@@ -24,8 +24,7 @@ pub mod label {
     /// Certificates minted.
     pub const MINTED: &str = "minted the CA and every certificate with `ca` (mint.sh)";
     /// All processes up.
-    pub const STARTED: &str =
-        "started 3 fake services and 3 sidecars; every sidecar /readyz is 200";
+    pub const STARTED: &str = "started 3 fake services, their 3 sidecars and the leaked key's sidecar; every /readyz is 200";
     /// Gateway asks for a report.
     pub const REPORT_ACCEPTED: &str = "gateway: POST /reports → 202 Accepted";
     /// Report service fetched the data through mTLS.
