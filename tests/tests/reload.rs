@@ -1,0 +1,828 @@
+//! Rotation, revocation and hot reload under load, over the real `sidecar` and `ca` binaries
+//! and real TLS. The load generator runs in the test: several keep-alive HTTP/1.1 connections
+//! to an outbound sidecar, which forwards over mTLS to an inbound sidecar in front of a fake
+//! app; every response status other than the expected ones, and every transport error, is a
+//! failure.
+//!
+//! - `rotation_under_load_fails_no_request`: `ca rotate --force` of both leaves, `ca root
+//!   rotate` + re-issue, `ca root retire`, at ≥ 300 requests/s for ≥ 10 s: zero failures, and
+//!   new connections present the new certificates (serial in `/status`, leaf hash on the wire
+//!   and in the app's `x-forwarded-client-cert`);
+//! - `policy_edit_applies_to_live_connections_within_two_seconds`: 403s within 2 s of an edit
+//!   revoking the caller's route, 200s again after restoring it, nothing else;
+//! - `broken_files_are_refused_and_traffic_keeps_flowing`: truncated and garbage certificate,
+//!   mismatched key, policy syntax error: each refused, counted and logged;
+//! - `revocation_closes_the_revoked_peers_open_connection`: `ca revoke --crl`: the revoked
+//!   client's open connection is closed within 2 s and its new handshakes refused, another
+//!   client on the same sidecar is unaffected;
+//! - `resumed_session_after_revocation_is_refused`.
+//!
+//! The load-heavy tests take a lock so they do not compete for the (2-core) CI machine.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use gatehouse_tests::harness::{
+    CertDir, FakeApp, MtlsClient, Pki, Proto, Sidecar, binary, eventually,
+};
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Empty};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use rustls::HandshakeKind;
+use sha2::{Digest, Sha256};
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+
+const SERVER_ID: &str = "spiffe://reload.test/monolith";
+const CLIENT_ID: &str = "spiffe://reload.test/report-service";
+const OTHER_ID: &str = "spiffe://reload.test/gateway";
+const PATH: &str = "/api/data/reports?startDate=2024-01-01";
+
+/// Quick reload settings: file events plus a 1 s polling fallback.
+const RELOAD: &str = "[reload]\ndebounce = \"50ms\"\npoll_interval = \"1s\"\n";
+
+static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The monolith's policy; `api` lists the aliases allowed on `GET /api/**`.
+fn policy(api: &str) -> String {
+    format!(
+        r#"version = 1
+trust_domain = "reload.test"
+
+[identities]
+report-service = "{CLIENT_ID}"
+gateway = "{OTHER_ID}"
+
+[[route]]
+name    = "api"
+methods = ["GET"]
+path    = "/api/**"
+allow   = [{api}]
+
+[[route]]
+name    = "health"
+methods = ["GET"]
+path    = "/health"
+allow   = ["gateway", "report-service"]
+"#
+    )
+}
+
+// ---- support ------------------------------------------------------------------------------
+
+/// Runs `ca ARGS --format json` and returns its JSON output (`null` when it printed none).
+async fn ca(args: &[&str]) -> serde_json::Value {
+    let out = tokio::process::Command::new(binary("ca"))
+        .args(args)
+        .args(["--format", "json"])
+        .output()
+        .await
+        .expect("run ca");
+    assert!(
+        out.status.success(),
+        "ca {args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+}
+
+/// (serial, SHA-256 of the leaf DER) of a certificate file, from `ca inspect`.
+async fn leaf(cert: &Path) -> (String, String) {
+    let v = ca(&["inspect", &cert.display().to_string()]).await;
+    (
+        v["serial"].as_str().expect("serial").to_owned(),
+        v["sha256"].as_str().expect("sha256").to_owned(),
+    )
+}
+
+async fn status(sc: &Sidecar) -> serde_json::Value {
+    let (code, body) = sc.admin_get("/status").await.expect("/status");
+    assert_eq!(code, StatusCode::OK);
+    serde_json::from_str(&body).expect("status JSON")
+}
+
+/// Waits until `/status` satisfies `ok`.
+async fn wait_status(sc: &Sidecar, what: &str, ok: impl Fn(&serde_json::Value) -> bool) {
+    eventually(what, Duration::from_secs(15), async || {
+        ok(&status(sc).await).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", sc.stderr_text()));
+}
+
+/// Waits until the metric sum reaches `at_least`.
+async fn wait_metric(sc: &Sidecar, metric: &str, labels: &[(&str, &str)], at_least: f64) {
+    eventually(
+        &format!("{metric}{labels:?} >= {at_least}"),
+        Duration::from_secs(15),
+        async || {
+            let v = sc.metric(metric, labels).await.ok()?;
+            (v >= at_least).then_some(())
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", sc.stderr_text()));
+}
+
+async fn reloads(sc: &Sidecar, what: &str, result: &str) -> f64 {
+    sc.metric(
+        "gatehouse_reloads_total",
+        &[("what", what), ("result", result)],
+    )
+    .await
+    .expect("metrics")
+}
+
+/// Replaces `path` atomically (temp file + rename), as a careful writer would.
+fn replace(path: &Path, bytes: &[u8]) {
+    let tmp = path.with_extension("tmp-test");
+    std::fs::write(&tmp, bytes).expect("write temp");
+    std::fs::rename(&tmp, path).expect("rename");
+}
+
+/// An inbound sidecar in front of a fake app, and an outbound sidecar pointing at it; both
+/// trust the CA's own `bundle.pem`, which `ca root rotate`/`retire` update.
+struct Pair {
+    pki: Pki,
+    app: FakeApp,
+    server: CertDir,
+    client: CertDir,
+    inbound: Sidecar,
+    outbound: Sidecar,
+}
+
+impl Pair {
+    async fn start(policy: &str) -> Self {
+        let pki = Pki::new("reload.test");
+        let app = FakeApp::start().await;
+        let server = pki.issue(SERVER_ID);
+        let client = pki.issue(CLIENT_ID);
+        let bundle = pki.authority().dir().join("bundle.pem");
+        let inbound = Sidecar::inbound(&server, app.addr(), policy)
+            .bundle(&bundle)
+            .section(RELOAD)
+            .spawn()
+            .await
+            .expect("inbound sidecar starts");
+        let entry = format!(
+            "[[outbound]]\nname = \"monolith\"\nlisten = \"127.0.0.1:0\"\nconnect = \"{}\"\n\
+             server_id = \"{SERVER_ID}\"\nmax_connection_age = \"2s\"\n\n{RELOAD}",
+            inbound.inbound_addr()
+        );
+        let outbound = Sidecar::builder(&client)
+            .bundle(&bundle)
+            .section(&entry)
+            .spawn()
+            .await
+            .expect("outbound sidecar starts");
+        Self {
+            pki,
+            app,
+            server,
+            client,
+            inbound,
+            outbound,
+        }
+    }
+
+    fn ca_dir(&self) -> String {
+        self.pki.authority().dir().display().to_string()
+    }
+
+    fn load(&self, workers: usize, rate: f64) -> Load {
+        Load::start(self.outbound.listener("outbound:monolith"), workers, rate)
+    }
+
+    fn stderr(&self) -> String {
+        format!(
+            "--- inbound ---\n{}\n--- outbound ---\n{}",
+            self.inbound.stderr_text(),
+            self.outbound.stderr_text()
+        )
+    }
+}
+
+// ---- the load generator -----------------------------------------------------------------------
+
+/// One request: when it started and its status, or the transport error.
+#[derive(Debug, Clone)]
+struct Sample {
+    at: Instant,
+    outcome: Result<u16, String>,
+}
+
+/// Keep-alive HTTP/1.1 workers, each pacing its requests so that together they aim at `rate`
+/// requests/s; a worker reconnects when its connection ends.
+struct Load {
+    started: Instant,
+    samples: Arc<Mutex<Vec<Sample>>>,
+    stop: Arc<AtomicBool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(addr: std::net::SocketAddr, workers: usize, rate: f64) -> Self {
+        let samples = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let period = Duration::from_secs_f64(workers as f64 / rate);
+        let tasks = (0..workers)
+            .map(|_| {
+                let (samples, stop) = (samples.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let mut sender: Option<SendRequest<Empty<Bytes>>> = None;
+                    let mut tick = tokio::time::interval(period);
+                    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    while !stop.load(Ordering::Relaxed) {
+                        tick.tick().await;
+                        let at = Instant::now();
+                        let outcome = one_request(addr, &mut sender).await;
+                        if outcome.is_err() {
+                            sender = None;
+                        }
+                        samples
+                            .lock()
+                            .expect("samples")
+                            .push(Sample { at, outcome });
+                    }
+                })
+            })
+            .collect();
+        Self {
+            started: Instant::now(),
+            samples,
+            stop,
+            tasks,
+        }
+    }
+
+    fn samples(&self) -> Vec<Sample> {
+        self.samples.lock().expect("samples").clone()
+    }
+
+    async fn stop(self) -> (Vec<Sample>, Duration) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(20), t).await;
+        }
+        let elapsed = self.started.elapsed();
+        let samples = self.samples.lock().expect("samples").clone();
+        (samples, elapsed)
+    }
+}
+
+async fn one_request(
+    addr: std::net::SocketAddr,
+    sender: &mut Option<SendRequest<Empty<Bytes>>>,
+) -> Result<u16, String> {
+    if sender.as_ref().is_none_or(SendRequest::is_closed) {
+        let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+        let _ = tcp.set_nodelay(true);
+        let (s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        *sender = Some(s);
+    }
+    let s = sender.as_mut().expect("connected above");
+    let req = Request::get(PATH)
+        .header("host", "monolith")
+        .body(Empty::new())
+        .expect("request");
+    let exchange = async {
+        s.ready().await?;
+        let resp = s.send_request(req).await?;
+        let status = resp.status().as_u16();
+        resp.into_body().collect().await?;
+        Ok::<_, hyper::Error>(status)
+    };
+    match tokio::time::timeout(Duration::from_secs(15), exchange).await {
+        Ok(Ok(status)) => Ok(status),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("no response within 15 s".into()),
+    }
+}
+
+/// Every sample that is not a 200, as readable lines (at most 10).
+fn failures(samples: &[Sample], start: Instant, ok: impl Fn(&Sample) -> bool) -> Vec<String> {
+    samples
+        .iter()
+        .filter(|s| !ok(s))
+        .take(10)
+        .map(|s| {
+            format!(
+                "t={:.3}s {:?}",
+                s.at.duration_since(start).as_secs_f64(),
+                s.outcome
+            )
+        })
+        .collect()
+}
+
+fn is_200(s: &Sample) -> bool {
+    s.outcome == Ok(200)
+}
+
+// ---- the tests ------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rotation_under_load_fails_no_request() {
+    let _heavy = HEAVY.lock().await;
+    let p = Pair::start(&policy("\"report-service\"")).await;
+    let ca_dir = p.ca_dir();
+    let (server_dir, client_dir) = (
+        p.server.dir.display().to_string(),
+        p.client.dir.display().to_string(),
+    );
+    let (server0, _) = leaf(&p.server.cert()).await;
+    let (client0, _) = leaf(&p.client.cert()).await;
+    assert_eq!(status(&p.inbound).await["certificate"]["serial"], server0);
+
+    let load = p.load(8, 440.0);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    // 1. Both leaves, same root.
+    ca(&[
+        "rotate",
+        "--dir",
+        &ca_dir,
+        "--force",
+        &server_dir,
+        &client_dir,
+    ])
+    .await;
+    let t = Instant::now();
+    let (server1, _) = leaf(&p.server.cert()).await;
+    let (client1, _) = leaf(&p.client.cert()).await;
+    assert!(server1 != server0 && client1 != client0);
+    wait_status(&p.inbound, "inbound serves the rotated leaf", |s| {
+        s["certificate"]["serial"] == server1
+    })
+    .await;
+    wait_status(&p.outbound, "outbound presents the rotated leaf", |s| {
+        s["certificate"]["serial"] == client1
+    })
+    .await;
+    println!(
+        "leaf rotation picked up by both sidecars in {:?}",
+        t.elapsed()
+    );
+
+    // 2. New root next to the old one, distributed first, then leaves from the new root.
+    ca(&["root", "rotate", "--dir", &ca_dir]).await;
+    let t = Instant::now();
+    for sc in [&p.inbound, &p.outbound] {
+        wait_status(sc, "bundle with old and new root", |s| {
+            s["bundle"].as_array().is_some_and(|b| b.len() == 2)
+        })
+        .await;
+    }
+    println!("new root in both bundles after {:?}", t.elapsed());
+    ca(&[
+        "rotate",
+        "--dir",
+        &ca_dir,
+        "--force",
+        &server_dir,
+        &client_dir,
+    ])
+    .await;
+    let (server2, server2_sha) = leaf(&p.server.cert()).await;
+    let (client2, client2_sha) = leaf(&p.client.cert()).await;
+    wait_status(&p.inbound, "inbound serves the new-root leaf", |s| {
+        s["certificate"]["serial"] == server2
+    })
+    .await;
+    wait_status(&p.outbound, "outbound presents the new-root leaf", |s| {
+        s["certificate"]["serial"] == client2
+    })
+    .await;
+
+    // New connections present the new certificates: a fresh handshake sees the server's new
+    // leaf, and the outbound sidecar's new connections (max_connection_age = 2s) carry the
+    // client's new leaf to the app's x-forwarded-client-cert.
+    let bundle = p.pki.authority().dir().join("bundle.pem");
+    let probe = MtlsClient::with_files(&p.client.cert(), &p.client.key(), &bundle);
+    let tls = probe
+        .connect(p.inbound.inbound_addr(), Proto::H1)
+        .await
+        .expect("handshake with the inbound sidecar");
+    let presented = tls.get_ref().1.peer_certificates().expect("server certs")[0].clone();
+    assert_eq!(
+        hex::encode(Sha256::digest(presented.as_ref())),
+        server2_sha,
+        "a new handshake presents the new server leaf (serial {server2})"
+    );
+    drop(tls);
+    let want = format!("Hash={client2_sha};");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let seen = p.app.requests().iter().rev().take(200).any(|r| {
+            r.headers
+                .get("x-forwarded-client-cert")
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.contains(&want))
+        });
+        if seen {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the app never saw the new client leaf {client2}\n{}",
+            p.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
+    // 3. Retire the old root once pooled connections made with old leaves aged out.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    ca(&["root", "retire", "--dir", &ca_dir]).await;
+    for sc in [&p.inbound, &p.outbound] {
+        wait_status(sc, "bundle with only the new root", |s| {
+            s["bundle"].as_array().is_some_and(|b| b.len() == 1)
+        })
+        .await;
+    }
+    while load.started.elapsed() < Duration::from_millis(10_500) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let started = load.started;
+    let (samples, elapsed) = load.stop().await;
+    let rate = samples.len() as f64 / elapsed.as_secs_f64();
+    let failed = failures(&samples, started, is_200);
+    println!(
+        "rotation under load: {} requests in {:.1}s = {rate:.0} req/s, {} failed",
+        samples.len(),
+        elapsed.as_secs_f64(),
+        samples.iter().filter(|s| !is_200(s)).count()
+    );
+    assert!(
+        failed.is_empty(),
+        "failed requests: {failed:#?}\n{}",
+        p.stderr()
+    );
+    assert!(elapsed >= Duration::from_secs(10));
+    assert!(rate >= 300.0, "only {rate:.0} requests/s");
+    for sc in [&p.inbound, &p.outbound] {
+        assert!(reloads(sc, "cert", "ok").await >= 2.0);
+        assert!(reloads(sc, "bundle", "ok").await >= 2.0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn policy_edit_applies_to_live_connections_within_two_seconds() {
+    let _heavy = HEAVY.lock().await;
+    let allowed = policy("\"report-service\"");
+    let p = Pair::start(&allowed).await;
+    let load = p.load(4, 200.0);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    replace(&p.inbound.policy_path(), policy("\"gateway\"").as_bytes());
+    let edited = Instant::now();
+    let first_403 = eventually("403s after the edit", Duration::from_secs(10), async || {
+        load.samples()
+            .iter()
+            .find(|s| s.at >= edited && s.outcome == Ok(403))
+            .map(|s| s.at)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", p.stderr()));
+    let to_403 = first_403.duration_since(edited);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+
+    replace(&p.inbound.policy_path(), allowed.as_bytes());
+    let restored = Instant::now();
+    let first_200 = eventually(
+        "200s after the restore",
+        Duration::from_secs(10),
+        async || {
+            load.samples()
+                .iter()
+                .find(|s| s.at >= restored && s.outcome == Ok(200))
+                .map(|s| s.at)
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", p.stderr()));
+    let to_200 = first_200.duration_since(restored);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let started = load.started;
+    let (samples, _) = load.stop().await;
+    println!(
+        "policy edit: first 403 after {to_403:?}, first 200 after restore {to_200:?}, {} requests",
+        samples.len()
+    );
+    assert!(to_403 <= Duration::from_secs(2), "403s took {to_403:?}");
+    assert!(to_200 <= Duration::from_secs(2), "200s took {to_200:?}");
+    let window = Duration::from_secs(2);
+    let expected = |s: &Sample| {
+        if s.at < edited || s.at >= restored + window {
+            s.outcome == Ok(200)
+        } else if s.at >= edited + window && s.at < restored {
+            s.outcome == Ok(403)
+        } else {
+            matches!(s.outcome, Ok(200 | 403))
+        }
+    };
+    let bad = failures(&samples, started, expected);
+    assert!(
+        bad.is_empty(),
+        "unexpected outcomes: {bad:#?}\n{}",
+        p.stderr()
+    );
+    let live_403 = samples.iter().filter(|s| s.outcome == Ok(403)).count();
+    assert!(live_403 > 50, "only {live_403} requests were denied");
+    assert!(reloads(&p.inbound, "policy", "ok").await >= 2.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn broken_files_are_refused_and_traffic_keeps_flowing() {
+    let _heavy = HEAVY.lock().await;
+    let allowed = policy("\"report-service\"");
+    let p = Pair::start(&allowed).await;
+    let (serial, _) = leaf(&p.server.cert()).await;
+    let cert = std::fs::read(p.server.cert()).expect("cert");
+    let key = std::fs::read(p.server.key()).expect("key");
+    let stranger_key = std::fs::read(p.pki.issue(OTHER_ID).key()).expect("other key");
+    let load = p.load(4, 200.0);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+
+    // (file, what, broken content, original content)
+    let cases: [(PathBuf, &str, Vec<u8>, &[u8]); 4] = [
+        (
+            p.server.cert(),
+            "cert",
+            cert[..cert.len() / 2].to_vec(),
+            &cert,
+        ),
+        (
+            p.server.cert(),
+            "cert",
+            b"-----BEGIN CERTIFICATE-----\nZ2FyYmFnZQ==\n-----END CERTIFICATE-----\n".to_vec(),
+            &cert,
+        ),
+        (p.server.key(), "key", stranger_key, &key),
+        (
+            p.inbound.policy_path(),
+            "policy",
+            b"version = 1\n[[route]\nname = \"x\"\n".to_vec(),
+            allowed.as_bytes(),
+        ),
+    ];
+    for (path, what, broken, original) in &cases {
+        let errors = reloads(&p.inbound, what, "error").await;
+        let oks = reloads(&p.inbound, what, "ok").await;
+        let generation = status(&p.inbound).await["reload_generation"].clone();
+        replace(path, broken);
+        wait_metric(
+            &p.inbound,
+            "gatehouse_reloads_total",
+            &[("what", what), ("result", "error")],
+            errors + 1.0,
+        )
+        .await;
+        let s = status(&p.inbound).await;
+        assert_eq!(s["certificate"]["serial"], serial, "old snapshot kept");
+        assert_eq!(s["reload_generation"], generation, "nothing was swapped in");
+        replace(path, original);
+        wait_metric(
+            &p.inbound,
+            "gatehouse_reloads_total",
+            &[("what", what), ("result", "ok")],
+            oks + 1.0,
+        )
+        .await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = load.started;
+    let (samples, _) = load.stop().await;
+    let bad = failures(&samples, started, is_200);
+    println!(
+        "broken files: {} requests, {} failed",
+        samples.len(),
+        samples.iter().filter(|s| !is_200(s)).count()
+    );
+    assert!(bad.is_empty(), "failed requests: {bad:#?}\n{}", p.stderr());
+    let log = p.inbound.stderr_text();
+    let refused: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("reload refused"))
+        .collect();
+    assert!(refused.len() >= 4, "refusals logged: {refused:#?}");
+    for needle in [
+        "cert.pem",
+        "the private key does not match the certificate",
+        "policy.toml",
+    ] {
+        assert!(
+            refused.iter().any(|l| l.contains(needle)),
+            "no refusal mentions {needle:?}: {refused:#?}"
+        );
+    }
+}
+
+/// A keep-alive HTTP/1.1 connection over mTLS; the handle yields when the connection ended.
+async fn keep_alive(
+    client: &MtlsClient,
+    addr: std::net::SocketAddr,
+) -> (SendRequest<Empty<Bytes>>, JoinHandle<Instant>) {
+    let tls = client.connect(addr, Proto::H1).await.expect("handshake");
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .expect("http1");
+    let ended = tokio::spawn(async move {
+        let _ = conn.await;
+        Instant::now()
+    });
+    (send, ended)
+}
+
+async fn get_on(send: &mut SendRequest<Empty<Bytes>>) -> Result<u16, String> {
+    let req = Request::get("/api/x")
+        .header("host", "localhost")
+        .body(Empty::new())
+        .expect("request");
+    let exchange = async {
+        send.ready().await?;
+        let resp = send.send_request(req).await?;
+        let status = resp.status().as_u16();
+        resp.into_body().collect().await?;
+        Ok::<_, hyper::Error>(status)
+    };
+    match tokio::time::timeout(Duration::from_secs(10), exchange).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err("timeout".into()),
+    }
+}
+
+/// An inbound sidecar with a CRL (initially listing nothing) allowing both clients on /api.
+async fn crl_sidecar(pki: &Pki, app: &FakeApp) -> (Sidecar, PathBuf) {
+    let ca_dir = pki.authority().dir().display().to_string();
+    let crl = pki.fresh_dir("crl").join("crl.pem");
+    ca(&["crl", "--dir", &ca_dir, "--out", &crl.display().to_string()]).await;
+    let server = pki.issue(SERVER_ID);
+    let sc = Sidecar::inbound(
+        &server,
+        app.addr(),
+        &policy("\"report-service\", \"gateway\""),
+    )
+    .crl(&crl)
+    .section(RELOAD)
+    .spawn()
+    .await
+    .expect("sidecar starts");
+    (sc, crl)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_closes_the_revoked_peers_open_connection() {
+    let pki = Pki::new("reload.test");
+    let app = FakeApp::start().await;
+    let (sc, crl) = crl_sidecar(&pki, &app).await;
+    let addr = sc.inbound_addr();
+    let revoked = pki.issue(CLIENT_ID);
+    let kept = pki.issue(OTHER_ID);
+    let (revoked_serial, _) = leaf(&revoked.cert()).await;
+    let (revoked_client, kept_client) = (MtlsClient::new(&revoked), MtlsClient::new(&kept));
+    let (mut r_send, r_ended) = keep_alive(&revoked_client, addr).await;
+    let (mut k_send, k_ended) = keep_alive(&kept_client, addr).await;
+    assert_eq!(get_on(&mut r_send).await, Ok(200));
+    assert_eq!(get_on(&mut k_send).await, Ok(200));
+
+    // The non-revoked client keeps one request every 50 ms going on its open connection.
+    let stop = Arc::new(AtomicBool::new(false));
+    let kept_load = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut out = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                out.push(get_on(&mut k_send).await);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            (out, k_send)
+        })
+    };
+
+    let ca_dir = pki.authority().dir().display().to_string();
+    let t0 = Instant::now();
+    ca(&[
+        "revoke",
+        "--dir",
+        &ca_dir,
+        "--serial",
+        &revoked_serial,
+        "--crl",
+        &crl.display().to_string(),
+    ])
+    .await;
+    let written = Instant::now();
+    let closed_at = tokio::time::timeout(Duration::from_secs(10), r_ended)
+        .await
+        .expect("the revoked client's connection is closed")
+        .expect("join");
+    let to_close = closed_at.saturating_duration_since(written);
+    println!(
+        "revocation: open connection closed {to_close:?} after the CRL was written ({:?} after `ca revoke` started)",
+        closed_at.duration_since(t0)
+    );
+    assert!(
+        to_close <= Duration::from_secs(2),
+        "closed after {to_close:?}"
+    );
+    assert!(
+        get_on(&mut r_send).await.is_err(),
+        "no request on the closed connection"
+    );
+
+    // New handshakes of the revoked client are refused; the other client is unaffected.
+    let refused = revoked_client.get(addr, Proto::H1, "/api/x").await;
+    assert!(refused.is_err(), "revoked client got {refused:?}");
+    let fresh = kept_client
+        .get(addr, Proto::H2, "/api/x")
+        .await
+        .expect("kept client");
+    assert_eq!(fresh.status, StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let (kept_results, _k_send) = kept_load.await.expect("kept load");
+    assert!(
+        kept_results.iter().all(|r| *r == Ok(200)),
+        "the other client saw {:?}",
+        kept_results
+            .iter()
+            .filter(|r| **r != Ok(200))
+            .collect::<Vec<_>>()
+    );
+    assert!(kept_results.len() >= 10);
+    assert!(
+        !k_ended.is_finished(),
+        "the other client's connection stays open"
+    );
+    let revoked_handshakes = sc
+        .metric(
+            "gatehouse_tls_handshakes_total",
+            &[("result", "error"), ("reason", "revoked")],
+        )
+        .await
+        .expect("metrics");
+    assert!(revoked_handshakes >= 1.0);
+    assert!(sc.stderr_text().contains("no longer trusted"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resumed_session_after_revocation_is_refused() {
+    let pki = Pki::new("reload.test");
+    let app = FakeApp::start().await;
+    let (sc, crl) = crl_sidecar(&pki, &app).await;
+    let addr = sc.inbound_addr();
+    let cert = pki.issue(CLIENT_ID);
+    let (serial, _) = leaf(&cert.cert()).await;
+    let client = MtlsClient::new(&cert);
+
+    // A full handshake, then a resumed one (the client keeps its session tickets).
+    for expected in [HandshakeKind::Full, HandshakeKind::Resumed] {
+        let tls = client.connect(addr, Proto::H1).await.expect("handshake");
+        assert_eq!(tls.get_ref().1.handshake_kind(), Some(expected));
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .expect("http1");
+        tokio::spawn(conn);
+        assert_eq!(get_on(&mut send).await, Ok(200));
+    }
+
+    let ca_dir = pki.authority().dir().display().to_string();
+    ca(&[
+        "revoke",
+        "--dir",
+        &ca_dir,
+        "--serial",
+        &serial,
+        "--crl",
+        &crl.display().to_string(),
+    ])
+    .await;
+    wait_metric(
+        &sc,
+        "gatehouse_reloads_total",
+        &[("what", "crl"), ("result", "ok")],
+        1.0,
+    )
+    .await;
+    // The client offers its session again: refused (the new snapshot's session cache is
+    // fresh, so the handshake is a full one and the verifier sees the CRL).
+    let resumed = client.get(addr, Proto::H1, "/api/x").await;
+    assert!(resumed.is_err(), "revoked client resumed: {resumed:?}");
+    let refused = sc
+        .metric(
+            "gatehouse_tls_handshakes_total",
+            &[("result", "error"), ("reason", "revoked")],
+        )
+        .await
+        .expect("metrics");
+    assert!(refused >= 1.0, "{}", sc.stderr_text());
+}
