@@ -15,7 +15,12 @@
 //! - `revocation_closes_the_revoked_peers_open_connection`: `ca revoke --crl`: the revoked
 //!   client's open connection is closed within 2 s and its new handshakes refused, another
 //!   client on the same sidecar is unaffected;
-//! - `resumed_session_after_revocation_is_refused`.
+//! - `resumed_session_after_revocation_is_refused`;
+//! - `outbound_pool_drops_a_server_revoked_by_a_new_crl`: a CRL reload retires the outbound
+//!   pool, so the next request makes a new handshake, which refuses the revoked server;
+//! - expiry: `sidecar run` refuses an expired own leaf naming the file and the time; expiry
+//!   metrics for the leaf and the roots, the last-third warning, SIGHUP, and a certificate for
+//!   another identity refused on reload.
 //!
 //! The load-heavy tests take a lock so they do not compete for the (2-core) CI machine.
 
@@ -825,4 +830,156 @@ async fn resumed_session_after_revocation_is_refused() {
         .await
         .expect("metrics");
     assert!(refused >= 1.0, "{}", sc.stderr_text());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_own_leaf_is_refused_at_startup_naming_file_and_time() {
+    let pki = Pki::new("reload.test");
+    let now = time::OffsetDateTime::now_utc();
+    let params = pki.svid_params(
+        SERVER_ID,
+        now - time::Duration::days(2),
+        now - time::Duration::hours(1),
+    );
+    let expired = pki.sign_custom("expired-own", params);
+    let app = FakeApp::start().await;
+    let builder = Sidecar::inbound(&expired, app.addr(), &policy("\"gateway\""));
+    let config = builder.write();
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::process::Command::new(binary("sidecar"))
+            .args(["run", "--config"])
+            .arg(&config)
+            .output(),
+    )
+    .await
+    .expect("sidecar run exits")
+    .expect("run sidecar");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&expired.cert().display().to_string())
+            && stderr.contains("expired at")
+            && stderr.contains("help:"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiry_metrics_lifetime_warning_sighup_and_identity_change_refused() {
+    let pki = Pki::new("reload.test");
+    let now = time::OffsetDateTime::now_utc();
+    let not_after = now + time::Duration::hours(4);
+    // A sixth of its lifetime left: inside the last third.
+    let params = pki.svid_params(SERVER_ID, now - time::Duration::hours(20), not_after);
+    let old = pki.sign_custom("aging", params);
+    let app = FakeApp::start().await;
+    let sc = Sidecar::inbound(&old, app.addr(), &policy("\"gateway\""))
+        .section(RELOAD)
+        .spawn()
+        .await
+        .expect("sidecar starts");
+    let log = sc.stderr_text();
+    assert!(
+        log.contains("less than a third of its lifetime left"),
+        "{log}"
+    );
+    let (_, metrics) = sc.admin_get("/metrics").await.expect("metrics");
+    let leaf_expiry = gatehouse_tests::harness::metric_sum(
+        &metrics,
+        "gatehouse_cert_expiry_timestamp_seconds",
+        &[("cert", "leaf")],
+    );
+    assert_eq!(leaf_expiry, not_after.unix_timestamp() as f64);
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("gatehouse_cert_expiry_timestamp_seconds{cert=\"root:")),
+        "no root expiry sample:\n{metrics}"
+    );
+
+    // SIGHUP reloads even when nothing changed.
+    sc.sighup();
+    wait_metric(
+        &sc,
+        "gatehouse_reloads_total",
+        &[("what", "none"), ("result", "ok")],
+        1.0,
+    )
+    .await;
+
+    // A valid certificate and key for another identity is refused.
+    let other = pki.issue(OTHER_ID);
+    replace(&old.key(), &std::fs::read(other.key()).expect("key"));
+    replace(&old.cert(), &std::fs::read(other.cert()).expect("cert"));
+    eventually(
+        "the identity change refused",
+        Duration::from_secs(15),
+        async || {
+            sc.stderr_text()
+                .contains("refusing to change identity")
+                .then_some(())
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", sc.stderr_text()));
+    assert_eq!(status(&sc).await["identity"], SERVER_ID);
+    assert!(reloads(&sc, "cert", "error").await >= 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_pool_drops_a_server_revoked_by_a_new_crl() {
+    let pki = Pki::new("reload.test");
+    let app = FakeApp::start().await;
+    let server = pki.issue(SERVER_ID);
+    let inbound = Sidecar::inbound(&server, app.addr(), &policy("\"report-service\""))
+        .spawn()
+        .await
+        .expect("inbound starts");
+    let ca_dir = pki.authority().dir().display().to_string();
+    let crl = pki.fresh_dir("crl").join("crl.pem");
+    ca(&["crl", "--dir", &ca_dir, "--out", &crl.display().to_string()]).await;
+    // The default max_connection_age (5 min): only the CRL reload can retire the connection.
+    let entry = format!(
+        "[[outbound]]\nname = \"monolith\"\nlisten = \"127.0.0.1:0\"\nconnect = \"{}\"\n\
+         server_id = \"{SERVER_ID}\"\n\n{RELOAD}",
+        inbound.inbound_addr()
+    );
+    let client = pki.issue(CLIENT_ID);
+    let outbound = Sidecar::builder(&client)
+        .crl(&crl)
+        .section(&entry)
+        .spawn()
+        .await
+        .expect("outbound starts");
+    let addr = outbound.listener("outbound:monolith");
+    let mut sender = None;
+    for _ in 0..3 {
+        assert_eq!(one_request(addr, &mut sender).await, Ok(200));
+    }
+    let (serial, _) = leaf(&server.cert()).await;
+    ca(&[
+        "revoke",
+        "--dir",
+        &ca_dir,
+        "--serial",
+        &serial,
+        "--crl",
+        &crl.display().to_string(),
+    ])
+    .await;
+    wait_metric(
+        &outbound,
+        "gatehouse_reloads_total",
+        &[("what", "crl"), ("result", "ok")],
+        1.0,
+    )
+    .await;
+    let after = one_request(addr, &mut sender).await;
+    assert_eq!(
+        after,
+        Ok(502),
+        "the pooled connection to the revoked server was reused\n{}",
+        outbound.stderr_text()
+    );
 }
