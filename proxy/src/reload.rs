@@ -239,22 +239,41 @@ impl Reloader {
         let Ok(now) = tokio::task::spawn_blocking(move || Fingerprint::read(&paths)).await else {
             return;
         };
-        let changed = now.changed(&self.last);
-        if changed.is_empty() && !matches!(trigger, Trigger::Signal) {
+        if now == self.last && !matches!(trigger, Trigger::Signal) {
             return;
         }
+        // Files still being written while we read them (a writer that is not atomic, or a
+        // `..data` swap between reading cert.pem and key.pem) would give a spurious refusal:
+        // build again, after the debounce, until the files held still during a build.
+        let debounce = self.state.config.reload.debounce;
+        let mut attempt = 0;
+        let (seen, built) = loop {
+            attempt += 1;
+            let state = self.state.clone();
+            let paths = self.paths.clone();
+            let job = tokio::task::spawn_blocking(move || {
+                let before = Fingerprint::read(&paths);
+                let built = prepare(&state);
+                (before, built, Fingerprint::read(&paths))
+            });
+            let Ok((before, built, after)) = job.await else {
+                return;
+            };
+            if before == after || attempt >= 3 {
+                break (after, built);
+            }
+            debug!(attempt, "files changed during the reload: building again");
+            tokio::time::sleep(debounce).await;
+        };
+        let changed = seen.changed(&self.last);
         // Remember what was seen even if it is refused: a broken file is reported once, and
         // the next write (the fix) triggers the next attempt.
-        self.last = now;
+        self.last = seen;
         let what: Vec<&'static str> = if changed.is_empty() {
             vec!["none"]
         } else {
             changed.clone()
         };
-        let state = self.state.clone();
-        let built = tokio::task::spawn_blocking(move || prepare(&state))
-            .await
-            .unwrap_or_else(|e| Err(vec![format!("reload task failed: {e}")]));
         let result = if built.is_ok() { "ok" } else { "error" };
         for w in &what {
             self.metrics.reloads.with_label_values(&[w, result]).inc();

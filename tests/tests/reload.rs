@@ -347,7 +347,7 @@ async fn rotation_under_load_fails_no_request() {
     let (client0, _) = leaf(&p.client.cert()).await;
     assert_eq!(status(&p.inbound).await["certificate"]["serial"], server0);
 
-    let load = p.load(8, 440.0);
+    let load = p.load(12, 450.0);
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
     // 1. Both leaves, same root.
@@ -982,4 +982,31 @@ async fn outbound_pool_drops_a_server_revoked_by_a_new_crl() {
         "the pooled connection to the revoked server was reused\n{}",
         outbound.stderr_text()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn polling_fallback_reloads_without_file_events() {
+    let pki = Pki::new("reload.test");
+    let app = FakeApp::start().await;
+    let server = pki.issue(SERVER_ID);
+    let allowed = policy("\"report-service\"");
+    let sc = Sidecar::inbound(&server, app.addr(), &allowed)
+        .section("[reload]\nwatch = false\npoll_interval = \"500ms\"\n")
+        .spawn()
+        .await
+        .expect("sidecar starts");
+    let client = MtlsClient::new(&pki.issue(CLIENT_ID));
+    let (mut send, _ended) = keep_alive(&client, sc.inbound_addr()).await;
+    assert_eq!(get_on(&mut send).await, Ok(200));
+    replace(&sc.policy_path(), policy("\"gateway\"").as_bytes());
+    let edited = Instant::now();
+    eventually(
+        "403 on the open connection",
+        Duration::from_secs(10),
+        async || (get_on(&mut send).await == Ok(403)).then_some(()),
+    )
+    .await
+    .expect("the polling fallback applied the edit");
+    println!("polling fallback: 403 after {:?}", edited.elapsed());
+    assert!(reloads(&sc, "policy", "ok").await >= 1.0);
 }
