@@ -971,6 +971,28 @@ listen = "127.0.0.1:9901"
     }
 
     #[test]
+    fn reload_section_defaults_values_and_errors() {
+        let d = parse(GOOD).expect("good").reload;
+        assert!(d.watch && !d.allow_identity_change);
+        assert_eq!(
+            (d.debounce, d.poll_interval),
+            (DEFAULT_RELOAD_DEBOUNCE, DEFAULT_RELOAD_POLL)
+        );
+        let text = format!(
+            "{GOOD}\n[reload]\nwatch = false\ndebounce = \"10ms\"\npoll_interval = \"5s\"\nallow_identity_change = true\n"
+        );
+        let r = parse(&text).expect("reload section").reload;
+        assert!(!r.watch && r.allow_identity_change);
+        assert_eq!(r.debounce, Duration::from_millis(10));
+        assert_eq!(r.poll_interval, Duration::from_secs(5));
+        let e = errors(&format!("{GOOD}\n[reload]\npoll_interval = \"0s\"\n"));
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].contains("reload.poll_interval"), "{e:?}");
+        let e = errors(&format!("{GOOD}\n[reload]\nintervall = \"1s\"\n"));
+        assert!(e[0].contains("intervall"), "{e:?}");
+    }
+
+    #[test]
     fn bad_durations_and_zero_limits() {
         let text = GOOD.replace(
             "policy = \"policy.toml\"",
