@@ -695,6 +695,28 @@ async fn revocation_closes_the_revoked_peers_open_connection() {
     let (revoked_serial, _) = leaf(&revoked.cert()).await;
     let (revoked_client, kept_client) = (MtlsClient::new(&revoked), MtlsClient::new(&kept));
     let (mut r_send, r_ended) = keep_alive(&revoked_client, addr).await;
+    // And an HTTP/2 connection of the revoked client: closed with GOAWAY.
+    let tls = revoked_client
+        .connect(addr, Proto::H2)
+        .await
+        .expect("h2 handshake");
+    let (mut r2_send, r2_conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(tls),
+    )
+    .await
+    .expect("h2");
+    let r2_ended = tokio::spawn(async move {
+        let _ = r2_conn.await;
+        Instant::now()
+    });
+    let h2_req = || {
+        Request::get(format!("https://localhost:{}/api/x", addr.port()))
+            .body(Empty::<Bytes>::new())
+            .expect("request")
+    };
+    let first = r2_send.send_request(h2_req()).await.expect("h2 response");
+    assert_eq!(first.status(), StatusCode::OK);
     let (mut k_send, k_ended) = keep_alive(&kept_client, addr).await;
     assert_eq!(get_on(&mut r_send).await, Ok(200));
     assert_eq!(get_on(&mut k_send).await, Ok(200));
@@ -743,6 +765,17 @@ async fn revocation_closes_the_revoked_peers_open_connection() {
         get_on(&mut r_send).await.is_err(),
         "no request on the closed connection"
     );
+    let h2_closed = tokio::time::timeout(Duration::from_secs(10), r2_ended)
+        .await
+        .expect("the revoked client's h2 connection is closed")
+        .expect("join");
+    let h2_to_close = h2_closed.saturating_duration_since(written);
+    println!("revocation: open h2 connection closed {h2_to_close:?} after the CRL was written");
+    assert!(
+        h2_to_close <= Duration::from_secs(2),
+        "h2 closed after {h2_to_close:?}"
+    );
+    assert!(r2_send.send_request(h2_req()).await.is_err());
 
     // New handshakes of the revoked client are refused; the other client is unaffected.
     let refused = revoked_client.get(addr, Proto::H1, "/api/x").await;
