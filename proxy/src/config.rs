@@ -846,8 +846,17 @@ impl Check<'_> {
                 .strip_prefix('[')
                 .and_then(|h| h.strip_suffix(']'))
                 .unwrap_or(host);
-            let ok_host = !host.is_empty() && !host.contains(['/', ' ', '@']);
             let port: u16 = port.parse().ok().filter(|p| *p != 0)?;
+            // The outbound pool renders host and port as an HTTP authority and relies on it
+            // parsing (`Target::authority`), so refuse here what would not: `mono#lith:8443`.
+            let rendered = if host.contains(':') {
+                format!("[{host}]:{port}")
+            } else {
+                format!("{host}:{port}")
+            };
+            let ok_host = !host.is_empty()
+                && !host.contains(['/', ' ', '@'])
+                && rendered.parse::<http::uri::Authority>().is_ok();
             ok_host.then(|| (host.to_owned(), port))
         });
         parsed.unwrap_or_else(|| {
@@ -1005,6 +1014,18 @@ listen = "127.0.0.1:9901"
             e[1].contains(":12:19: `inbound.max_connections` must be"),
             "{e:?}"
         );
+    }
+
+    #[test]
+    fn connect_host_that_is_no_http_authority_is_refused_not_a_panic_at_run() {
+        let text = GOOD.replace("monolith.internal:8443", "mono#lith:8443");
+        let e = errors(&text);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(e[0].contains("`mono#lith:8443` is not HOST:PORT"), "{e:?}");
+        for good in ["monolith.internal:8443", "10.0.0.7:8443", "[::1]:8443"] {
+            let c = parse(&GOOD.replace("monolith.internal:8443", good)).expect(good);
+            assert_eq!(c.outbound[0].connect_port, 8443);
+        }
     }
 
     #[test]
