@@ -30,6 +30,7 @@ use crate::tls::resolver::CertResolver;
 use crate::tls::{CredentialPaths, Credentials, provider};
 
 const TD: &str = "fintech.internal";
+const MONOLITH: &str = "spiffe://fintech.internal/monolith";
 
 struct Ca {
     dir: tempfile::TempDir,
@@ -265,6 +266,12 @@ impl Sidecar {
         }
     }
 
+    /// An outbound sidecar with `own_dir`'s credentials and the default settings, pinning
+    /// the upstream at `connect` to [`MONOLITH`].
+    async fn to_monolith(own_dir: &Path, connect: SocketAddr) -> Self {
+        Self::start(own_dir, connect, MONOLITH, |_| {}).await
+    }
+
     /// The sum of the samples of `name` whose labels include all of `labels` (text format).
     fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         let text = prometheus::TextEncoder::new()
@@ -324,13 +331,7 @@ async fn pinned_h2_upstream_multiplexes_many_requests_on_one_handshake() {
     let ca = Ca::new(TD);
     let (caller, monolith) = (ca.issue("report-service"), ca.issue("monolith"));
     let upstream = server(&monolith, &monolith, &[b"h2", b"http/1.1"], Mode::Http).await;
-    let sidecar = Sidecar::start(
-        &caller,
-        upstream.addr,
-        "spiffe://fintech.internal/monolith",
-        |_| {},
-    )
-    .await;
+    let sidecar = Sidecar::to_monolith(&caller, upstream.addr).await;
     let client = h1_client();
     let (status, headers, body) = get(
         &client,
@@ -373,13 +374,7 @@ async fn http1_upstream_reuses_keepalive_connections() {
     let ca = Ca::new(TD);
     let (caller, monolith) = (ca.issue("report-service"), ca.issue("monolith"));
     let upstream = server(&monolith, &monolith, &[b"http/1.1"], Mode::Http).await;
-    let sidecar = Sidecar::start(
-        &caller,
-        upstream.addr,
-        "spiffe://fintech.internal/monolith",
-        |_| {},
-    )
-    .await;
+    let sidecar = Sidecar::to_monolith(&caller, upstream.addr).await;
     let client = h1_client();
     for i in 0..50 {
         let (status, _, body) = get(&client, sidecar.addr, &format!("/n/{i}"), None).await;
@@ -394,13 +389,7 @@ async fn impostor_gets_no_request_bytes_and_app_gets_502_naming_both_ids() {
     let ca = Ca::new(TD);
     let (caller, impostor) = (ca.issue("report-service"), ca.issue("impostor"));
     let upstream = server(&impostor, &impostor, &[b"h2", b"http/1.1"], Mode::Record).await;
-    let sidecar = Sidecar::start(
-        &caller,
-        upstream.addr,
-        "spiffe://fintech.internal/monolith",
-        |_| {},
-    )
-    .await;
+    let sidecar = Sidecar::to_monolith(&caller, upstream.addr).await;
     let (status, headers, body) = get(&h1_client(), sidecar.addr, "/api/data/reports", None).await;
     assert_eq!(status, StatusCode::BAD_GATEWAY);
     assert_eq!(headers["content-type"], "application/json");
@@ -445,13 +434,7 @@ async fn server_refusing_our_certificate_is_502_naming_the_alert() {
     let h1_only: &[&[u8]] = &[b"http/1.1"];
     for alpn in [both, h1_only] {
         let upstream = server(&monolith, &other_dir, alpn, Mode::Http).await;
-        let sidecar = Sidecar::start(
-            &caller,
-            upstream.addr,
-            "spiffe://fintech.internal/monolith",
-            |_| {},
-        )
-        .await;
+        let sidecar = Sidecar::to_monolith(&caller, upstream.addr).await;
         let (status, _, body) = get(&h1_client(), sidecar.addr, "/api/data/reports", None).await;
         assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
         let json: serde_json::Value = serde_json::from_str(&body).expect("json body");
@@ -467,7 +450,7 @@ async fn unreachable_upstream_is_502_after_one_safe_retry() {
     let closed = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = closed.local_addr().expect("addr");
     drop(closed);
-    let sidecar = Sidecar::start(&caller, addr, "spiffe://fintech.internal/monolith", |_| {}).await;
+    let sidecar = Sidecar::to_monolith(&caller, addr).await;
     let (status, _, body) = get(&h1_client(), sidecar.addr, "/", None).await;
     assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
     assert!(body.contains("\"reason\":\"connect\""), "{body}");
@@ -485,14 +468,9 @@ async fn slow_upstream_is_504_and_not_retried() {
         Mode::Slow(Duration::from_secs(5)),
     )
     .await;
-    let sidecar = Sidecar::start(
-        &caller,
-        upstream.addr,
-        "spiffe://fintech.internal/monolith",
-        |c| {
-            c.request_timeout = Duration::from_millis(300);
-        },
-    )
+    let sidecar = Sidecar::start(&caller, upstream.addr, MONOLITH, |c| {
+        c.request_timeout = Duration::from_millis(300);
+    })
     .await;
     let (status, _, body) = get(&h1_client(), sidecar.addr, "/slow", None).await;
     assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{body}");
@@ -505,14 +483,9 @@ async fn aged_connections_are_replaced() {
     let ca = Ca::new(TD);
     let (caller, monolith) = (ca.issue("report-service"), ca.issue("monolith"));
     let upstream = server(&monolith, &monolith, &[b"h2"], Mode::Http).await;
-    let sidecar = Sidecar::start(
-        &caller,
-        upstream.addr,
-        "spiffe://fintech.internal/monolith",
-        |c| {
-            c.max_connection_age = Duration::from_millis(200);
-        },
-    )
+    let sidecar = Sidecar::start(&caller, upstream.addr, MONOLITH, |c| {
+        c.max_connection_age = Duration::from_millis(200);
+    })
     .await;
     let client = h1_client();
     assert_eq!(
@@ -533,14 +506,9 @@ async fn pool_is_bounded_and_waiting_requests_get_a_freed_connection() {
     let (caller, monolith) = (ca.issue("report-service"), ca.issue("monolith"));
     let slow = Mode::Slow(Duration::from_millis(300));
     let upstream = server(&monolith, &monolith, &[b"http/1.1"], slow).await;
-    let sidecar = Sidecar::start(
-        &caller,
-        upstream.addr,
-        "spiffe://fintech.internal/monolith",
-        |c| {
-            c.pool_max_connections = 2;
-        },
-    )
+    let sidecar = Sidecar::start(&caller, upstream.addr, MONOLITH, |c| {
+        c.pool_max_connections = 2;
+    })
     .await;
     let client = h1_client();
     let requests = (0..6).map(|i| {
@@ -563,14 +531,9 @@ async fn idle_connections_are_closed_after_the_idle_timeout() {
     let ca = Ca::new(TD);
     let (caller, monolith) = (ca.issue("report-service"), ca.issue("monolith"));
     let upstream = server(&monolith, &monolith, &[b"http/1.1"], Mode::Http).await;
-    let sidecar = Sidecar::start(
-        &caller,
-        upstream.addr,
-        "spiffe://fintech.internal/monolith",
-        |c| {
-            c.pool_idle_timeout = Duration::from_millis(200);
-        },
-    )
+    let sidecar = Sidecar::start(&caller, upstream.addr, MONOLITH, |c| {
+        c.pool_idle_timeout = Duration::from_millis(200);
+    })
     .await;
     let client = h1_client();
     assert_eq!(
@@ -606,13 +569,7 @@ async fn request_bodies_stream_through_on_h1_and_h2() {
     let h1_only: &[&[u8]] = &[b"http/1.1"];
     for alpn in [both, h1_only] {
         let upstream = server(&monolith, &monolith, alpn, Mode::Http).await;
-        let sidecar = Sidecar::start(
-            &caller,
-            upstream.addr,
-            "spiffe://fintech.internal/monolith",
-            |_| {},
-        )
-        .await;
+        let sidecar = Sidecar::to_monolith(&caller, upstream.addr).await;
         let upload = vec![7u8; 3 * 1024 * 1024];
         let req = Request::post(format!("http://{}/api/expenses", sidecar.addr))
             .body(Full::new(Bytes::from(upload)))
@@ -632,13 +589,7 @@ async fn server_from_another_ca_is_502_server_certificate_and_not_retried() {
     let caller = ca.issue("report-service");
     let forged = other.issue("monolith");
     let upstream = server(&forged, &caller, &[b"h2"], Mode::Record).await;
-    let sidecar = Sidecar::start(
-        &caller,
-        upstream.addr,
-        "spiffe://fintech.internal/monolith",
-        |_| {},
-    )
-    .await;
+    let sidecar = Sidecar::to_monolith(&caller, upstream.addr).await;
     let (status, _, body) = get(&h1_client(), sidecar.addr, "/", None).await;
     assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
     assert!(body.contains("\"reason\":\"server_certificate\""), "{body}");
@@ -655,15 +606,10 @@ async fn sni_is_the_connect_host_unless_configured() {
         (Some("monolith.internal"), "monolith.internal"),
     ] {
         let upstream = server(&monolith, &monolith, &[b"h2"], Mode::Http).await;
-        let sidecar = Sidecar::start(
-            &caller,
-            upstream.addr,
-            "spiffe://fintech.internal/monolith",
-            |c| {
-                c.connect_host = "localhost".into();
-                c.sni = configured.map(str::to_owned);
-            },
-        )
+        let sidecar = Sidecar::start(&caller, upstream.addr, MONOLITH, |c| {
+            c.connect_host = "localhost".into();
+            c.sni = configured.map(str::to_owned);
+        })
         .await;
         let (status, _, body) = get(&h1_client(), sidecar.addr, "/", None).await;
         assert_eq!(status, StatusCode::OK, "{body}");
@@ -678,7 +624,7 @@ async fn connect_host_is_resolved_when_connecting_not_at_startup() {
     let caller = ca.issue("report-service");
     let unused = "127.0.0.1:9".parse().expect("addr");
     // RFC 6761: `.invalid` never resolves. Binding the listener must not need it to.
-    let sidecar = Sidecar::start(&caller, unused, "spiffe://fintech.internal/monolith", |c| {
+    let sidecar = Sidecar::start(&caller, unused, MONOLITH, |c| {
         c.connect_host = "gatehouse-test.invalid".into();
         c.sni = None;
     })
@@ -694,7 +640,7 @@ async fn revoked_server_certificate_is_refused_with_a_crl() {
     let ca = Ca::new(TD);
     let caller = ca.issue("report-service");
     let (revoked, good) = (ca.issue("monolith"), ca.issue("ledger"));
-    let id = SpiffeId::parse("spiffe://fintech.internal/monolith").expect("id");
+    let id = SpiffeId::parse(MONOLITH).expect("id");
     ca.ca
         .revoke(&RevokeTarget::Identity(id), "key-compromise")
         .expect("revoke");
@@ -703,13 +649,7 @@ async fn revoked_server_certificate_is_refused_with_a_crl() {
         .expect("crl");
 
     let upstream = server(&revoked, &revoked, &[b"h2"], Mode::Record).await;
-    let sidecar = Sidecar::start(
-        &caller,
-        upstream.addr,
-        "spiffe://fintech.internal/monolith",
-        |_| {},
-    )
-    .await;
+    let sidecar = Sidecar::to_monolith(&caller, upstream.addr).await;
     let (status, _, body) = get(&h1_client(), sidecar.addr, "/", None).await;
     assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
     assert!(body.contains("\"reason\":\"server_certificate\""), "{body}");
