@@ -6,7 +6,7 @@ mod common;
 use std::collections::HashSet;
 use std::process::Command;
 
-use common::{Sandbox, pem_certs};
+use common::{Sandbox, issue_args, pem_certs};
 
 #[test]
 fn every_subcommand_has_help() {
@@ -89,59 +89,25 @@ fn bad_issue_inputs_get_a_clear_error_and_leave_no_files() {
     assert_refused(
         &sb,
         2,
-        &[
-            "issue",
-            "--dir",
-            "ca",
-            "--spiffe-id",
-            "spiffe://fintech.internal/a/../b",
-            "--out",
-            "o",
-        ],
+        &issue_args("spiffe://fintech.internal/a/../b", &[], "o"),
         "`.` and `..` are not allowed",
     );
     assert_refused(
         &sb,
         2,
-        &[
-            "issue",
-            "--dir",
-            "ca",
-            "--spiffe-id",
-            "https://fintech.internal/a",
-            "--out",
-            "o",
-        ],
+        &issue_args("https://fintech.internal/a", &[], "o"),
         "must start with `spiffe://`",
     );
     assert_refused(
         &sb,
         1,
-        &[
-            "issue",
-            "--dir",
-            "ca",
-            "--spiffe-id",
-            "spiffe://evil.internal/a",
-            "--out",
-            "o",
-        ],
+        &issue_args("spiffe://evil.internal/a", &[], "o"),
         "not in this CA's trust domain `fintech.internal`",
     );
     assert_refused(
         &sb,
         1,
-        &[
-            "issue",
-            "--dir",
-            "ca",
-            "--spiffe-id",
-            "spiffe://fintech.internal/a",
-            "--ttl",
-            "100000h",
-            "--out",
-            "o",
-        ],
+        &issue_args("spiffe://fintech.internal/a", &["--ttl", "100000h"], "o"),
         "after the signing CA certificate expires",
     );
     let err = sb.fails(
@@ -165,44 +131,22 @@ fn bad_issue_inputs_get_a_clear_error_and_leave_no_files() {
     assert_refused(
         &sb,
         2,
-        &[
-            "issue",
-            "--dir",
-            "ca",
-            "--spiffe-id",
-            "spiffe://fintech.internal/a",
-            "--dns",
-            "bad name",
-            "--out",
-            "o",
-        ],
+        &issue_args("spiffe://fintech.internal/a", &["--dns", "bad name"], "o"),
         "invalid DNS name",
     );
     std::fs::write(sb.path("file.txt"), "x").expect("write");
     assert_refused(
         &sb,
         2,
-        &[
-            "issue",
-            "--dir",
-            "ca",
-            "--spiffe-id",
-            "spiffe://fintech.internal/a",
-            "--out",
-            "file.txt/deeper/o",
-        ],
+        &issue_args("spiffe://fintech.internal/a", &[], "file.txt/deeper/o"),
         "cannot write into file.txt",
     );
     // Missing parents of --out are created.
-    sb.ok(&[
-        "issue",
-        "--dir",
-        "ca",
-        "--spiffe-id",
+    sb.ok(&issue_args(
         "spiffe://fintech.internal/a",
-        "--out",
+        &[],
         "certs/team/a",
-    ]);
+    ));
     assert!(sb.path("certs/team/a/cert.pem").exists());
 }
 
@@ -222,30 +166,14 @@ fn ttl_beyond_an_intermediate_ca_is_refused_not_truncated() {
     assert_refused(
         &sb,
         1,
-        &[
-            "issue",
-            "--dir",
-            "ca",
-            "--spiffe-id",
-            "spiffe://fintech.internal/a",
-            "--ttl",
-            "49h",
-            "--out",
-            "o",
-        ],
+        &issue_args("spiffe://fintech.internal/a", &["--ttl", "49h"], "o"),
         "after the signing CA certificate expires",
     );
-    sb.ok(&[
-        "issue",
-        "--dir",
-        "ca",
-        "--spiffe-id",
+    sb.ok(&issue_args(
         "spiffe://fintech.internal/a",
-        "--ttl",
-        "47h",
-        "--out",
+        &["--ttl", "47h"],
         "o",
-    ]);
+    ));
 }
 
 fn write_csr(sb: &Sandbox, name: &str, requested_san: &str) -> rcgen::KeyPair {
@@ -370,19 +298,11 @@ fn malformed_csr_and_csr_with_bad_signature_are_refused_and_leave_no_files() {
 fn inspect_reports_identity_and_fails_against_a_foreign_bundle() {
     let sb = Sandbox::new();
     sb.init(false);
-    sb.ok(&[
-        "issue",
-        "--dir",
-        "ca",
-        "--spiffe-id",
+    sb.ok(&issue_args(
         "spiffe://fintech.internal/api",
-        "--dns",
-        "api.internal",
-        "--ttl",
-        "2h",
-        "--out",
+        &["--dns", "api.internal", "--ttl", "2h"],
         "api",
-    ]);
+    ));
     let text = sb.ok(&["inspect", "api/cert.pem", "--bundle", "api/bundle.pem"]);
     for want in [
         "spiffe://fintech.internal/api",
@@ -458,23 +378,8 @@ fn eight_concurrent_issues_get_distinct_serials_and_well_formed_inventory_lines(
     sb.init(true);
     let children: Vec<_> = (0..8)
         .map(|i| {
-            Command::new(env!("CARGO_BIN_EXE_ca"))
-                .args([
-                    "issue",
-                    "--dir",
-                    "ca",
-                    "--spiffe-id",
-                    &format!("spiffe://fintech.internal/w{i}"),
-                    "--out",
-                    &format!("w{i}"),
-                    "--format",
-                    "json",
-                ])
-                .current_dir(sb.tmp.path())
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .expect("spawn")
+            let (id, out) = (format!("spiffe://fintech.internal/w{i}"), format!("w{i}"));
+            sb.spawn(&issue_args(&id, &["--format", "json"], &out))
         })
         .collect();
     let mut serials = HashSet::new();

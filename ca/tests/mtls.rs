@@ -8,9 +8,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::Sandbox;
+use common::{Sandbox, issue_args};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -55,48 +55,58 @@ fn uri_san(der: &[u8]) -> String {
         .expect("uri san")
 }
 
-async fn handshake(intermediate: bool) {
-    let sb = Sandbox::new();
-    sb.init(intermediate);
-    sb.ok(&[
-        "issue",
-        "--dir",
-        "ca",
-        "--spiffe-id",
+/// `ca issue` of `spiffe://fintech.internal/server` with DNS name `server.fintech.internal`
+/// into `server/`.
+fn issue_server(sb: &Sandbox) {
+    sb.ok(&issue_args(
         "spiffe://fintech.internal/server",
-        "--dns",
-        "server.fintech.internal",
-        "--out",
+        &["--dns", "server.fintech.internal"],
         "server",
-    ]);
-    sb.ok(&[
-        "issue",
-        "--dir",
-        "ca",
-        "--spiffe-id",
-        "spiffe://fintech.internal/client",
-        "--out",
-        "client",
-    ]);
-    let (server_dir, client_dir) = (sb.path("server"), sb.path("client"));
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    ));
+}
 
-    let verifier =
-        WebPkiClientVerifier::builder_with_provider(roots(&server_dir), provider.clone())
-            .build()
-            .expect("verifier");
-    let server_cfg = ServerConfig::builder_with_provider(provider.clone())
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// TLS 1.3 server config with the SVID in `dir`, requiring a client certificate that chains to
+/// `dir/bundle.pem` and is not revoked by `crls`.
+fn server_config(dir: &Path, crls: Vec<CertificateRevocationListDer<'static>>) -> ServerConfig {
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots(dir), provider())
+        .with_crls(crls)
+        .build()
+        .expect("verifier");
+    ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .expect("tls13")
         .with_client_cert_verifier(verifier)
-        .with_single_cert(chain(&server_dir), key(&server_dir))
-        .expect("server cert and key match");
-    let client_cfg = ClientConfig::builder_with_provider(provider)
+        .with_single_cert(chain(dir), key(dir))
+        .expect("server cert and key match")
+}
+
+/// TLS 1.3 client config presenting the SVID in `dir`, trusting `dir/bundle.pem`.
+fn client_config(dir: &Path) -> ClientConfig {
+    ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .expect("tls13")
-        .with_root_certificates(roots(&client_dir))
-        .with_client_auth_cert(chain(&client_dir), key(&client_dir))
-        .expect("client cert and key match");
+        .with_root_certificates(roots(dir))
+        .with_client_auth_cert(chain(dir), key(dir))
+        .expect("client cert and key match")
+}
+
+async fn handshake(intermediate: bool) {
+    let sb = Sandbox::new();
+    sb.init(intermediate);
+    issue_server(&sb);
+    sb.ok(&issue_args(
+        "spiffe://fintech.internal/client",
+        &[],
+        "client",
+    ));
+    let (server_dir, client_dir) = (sb.path("server"), sb.path("client"));
+
+    let server_cfg = server_config(&server_dir, Vec::new());
+    let client_cfg = client_config(&client_dir);
 
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
@@ -162,24 +172,11 @@ async fn mtls_handshake_through_an_intermediate() {
 /// Server config that requires a client certificate chaining to `bundle_dir/bundle.pem` and not
 /// revoked by the CRLs in `crl_file`.
 fn server_with_crl(sb: &Sandbox, server: &str, crl_file: &str) -> ServerConfig {
-    use rustls::pki_types::CertificateRevocationListDer;
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let crls: Vec<CertificateRevocationListDer<'static>> =
-        CertificateRevocationListDer::pem_file_iter(sb.path(crl_file))
-            .expect("crl")
-            .collect::<Result<_, _>>()
-            .expect("pem");
-    let verifier =
-        WebPkiClientVerifier::builder_with_provider(roots(&sb.path(server)), provider.clone())
-            .with_crls(crls)
-            .build()
-            .expect("verifier");
-    ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("tls13")
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(chain(&sb.path(server)), key(&sb.path(server)))
-        .expect("server cert")
+    let crls = CertificateRevocationListDer::pem_file_iter(sb.path(crl_file))
+        .expect("crl")
+        .collect::<Result<_, _>>()
+        .expect("pem");
+    server_config(&sb.path(server), crls)
 }
 
 /// One handshake + ping/pong as `client`; returns the server's handshake result.
@@ -199,14 +196,7 @@ async fn try_client(
         tls.shutdown().await.ok();
         Ok::<_, std::io::Error>(())
     });
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let dir = sb.path(client);
-    let client_cfg = ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("tls13")
-        .with_root_certificates(roots(&dir))
-        .with_client_auth_cert(chain(&dir), key(&dir))
-        .expect("client cert");
+    let client_cfg = client_config(&sb.path(client));
     let tcp = TcpStream::connect(addr).await.expect("connect");
     let name = ServerName::try_from("server.fintech.internal").expect("name");
     // TLS 1.3: the client's connect can succeed before the server judged its certificate; the
@@ -239,17 +229,7 @@ async fn try_client(
 async fn revoked_client_is_refused_in_a_real_handshake_and_others_are_not() {
     let sb = Sandbox::new();
     sb.init(true);
-    sb.ok(&[
-        "issue",
-        "--dir",
-        "ca",
-        "--spiffe-id",
-        "spiffe://fintech.internal/server",
-        "--dns",
-        "server.fintech.internal",
-        "--out",
-        "server",
-    ]);
+    issue_server(&sb);
     sb.issue("alice");
     sb.issue("mallory");
     sb.ok(&[

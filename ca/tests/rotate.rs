@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{Sandbox, pem_certs};
+use common::{Sandbox, issue_args, pem_certs};
 use gatehouse_ca::{Authority, SpiffeId, inspect, store};
 use time::OffsetDateTime;
 use x509_parser::prelude::{FromDer, X509Certificate};
@@ -28,6 +28,22 @@ fn serial_of(dir: &Path) -> String {
 }
 
 /// cert.pem and key.pem of `dir` belong together.
+/// `inspect::verify_chain` of the leaf file `leaf` against the roots file `roots` (sandbox paths).
+fn verify_chain(
+    sb: &Sandbox,
+    leaf: &str,
+    roots: &str,
+    now: OffsetDateTime,
+) -> Result<(), gatehouse_ca::CaError> {
+    inspect::verify_chain(
+        &sb.read(leaf),
+        &sb.path(leaf),
+        &sb.read(roots),
+        &sb.path(roots),
+        now,
+    )
+}
+
 fn assert_matching_pair(dir: &Path) {
     let cert = std::fs::read_to_string(dir.join("cert.pem"))
         .unwrap_or_else(|e| panic!("{}: cert.pem: {e}", dir.display()));
@@ -290,34 +306,13 @@ fn root_rotation_overlaps_both_roots_then_retire_drops_the_old_one() {
 
     // The old leaf still verifies against the overlapping bundle; a new leaf chains to the new root.
     let now = OffsetDateTime::now_utc();
-    inspect::verify_chain(
-        &sb.read("api/cert.pem"),
-        &sb.path("api/cert.pem"),
-        &bundle,
-        &sb.path("ca/bundle.pem"),
-        now,
-    )
-    .expect("old leaf verifies during overlap");
+    verify_chain(&sb, "api/cert.pem", "ca/bundle.pem", now)
+        .expect("old leaf verifies during overlap");
     sb.issue("new");
     let new_root = sb.read("ca/gen-2/root.pem");
-    inspect::verify_chain(
-        &sb.read("new/cert.pem"),
-        &sb.path("new/cert.pem"),
-        &new_root,
-        &sb.path("ca/gen-2/root.pem"),
-        now,
-    )
-    .expect("new leaf chains to the new root");
-    assert!(
-        inspect::verify_chain(
-            &sb.read("new/cert.pem"),
-            &sb.path("new/cert.pem"),
-            &old_root,
-            &sb.path("ca/gen-1/root.pem"),
-            now
-        )
-        .is_err()
-    );
+    verify_chain(&sb, "new/cert.pem", "ca/gen-2/root.pem", now)
+        .expect("new leaf chains to the new root");
+    assert!(verify_chain(&sb, "new/cert.pem", "ca/gen-1/root.pem", now).is_err());
 
     // Retire refuses while an unexpired leaf chains to the old root.
     let err = sb.fails(1, &["root", "retire", "--dir", "ca"]);
@@ -341,14 +336,8 @@ fn root_rotation_overlaps_both_roots_then_retire_drops_the_old_one() {
             && out.contains("current new"),
         "{out}"
     );
-    inspect::verify_chain(
-        &sb.read("api/cert.pem"),
-        &sb.path("api/cert.pem"),
-        &new_root,
-        &sb.path("ca/gen-2/root.pem"),
-        now,
-    )
-    .expect("re-issued leaf chains to the new root");
+    verify_chain(&sb, "api/cert.pem", "ca/gen-2/root.pem", now)
+        .expect("re-issued leaf chains to the new root");
 
     sb.ok(&["root", "retire", "--dir", "ca"]);
     let bundle = sb.read("ca/bundle.pem");
@@ -395,26 +384,15 @@ fn concurrent_writers_to_one_directory_take_turns() {
     sb.issue("shared");
     let children: Vec<_> = (0..6)
         .map(|i| {
-            let args: Vec<&str> = if i % 2 == 0 {
-                vec![
-                    "issue",
-                    "--dir",
-                    "ca",
-                    "--spiffe-id",
+            if i % 2 == 0 {
+                sb.spawn(&issue_args(
                     "spiffe://fintech.internal/shared",
-                    "--out",
+                    &[],
                     "shared",
-                ]
+                ))
             } else {
-                vec!["rotate", "--dir", "ca", "--force", "shared"]
-            };
-            std::process::Command::new(env!("CARGO_BIN_EXE_ca"))
-                .args(args)
-                .current_dir(sb.tmp.path())
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .expect("spawn")
+                sb.spawn(&["rotate", "--dir", "ca", "--force", "shared"])
+            }
         })
         .collect();
     for child in children {

@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use ::time::OffsetDateTime;
-use common::{Sandbox, mode, pem_certs};
+use common::{Sandbox, issue_args, mode, pem_certs};
 use gatehouse_ca::{Authority, InitOptions, IssueRequest, KeyType, SpiffeId, TrustDomain, inspect};
 use x509_parser::prelude::*;
 
@@ -143,21 +143,18 @@ fn cli_issued_svid_satisfies_every_profile_rule_and_verifies_without_intermediat
     let sb = Sandbox::new();
     sb.init(false);
     let t0 = OffsetDateTime::now_utc();
-    sb.ok(&[
-        "issue",
-        "--dir",
-        "ca",
-        "--spiffe-id",
+    sb.ok(&issue_args(
         "spiffe://fintech.internal/payments/api",
-        "--dns",
-        "api.fintech.internal",
-        "--dns",
+        &[
+            "--dns",
+            "api.fintech.internal",
+            "--dns",
+            "api",
+            "--ttl",
+            "12h",
+        ],
         "api",
-        "--ttl",
-        "12h",
-        "--out",
-        "api",
-    ]);
+    ));
     let chain = pem_certs(&sb.read("api/cert.pem"));
     assert_eq!(chain.len(), 1, "no intermediate: cert.pem is the leaf");
     assert_svid_profile(

@@ -29,6 +29,17 @@ impl Sandbox {
             .expect("run ca")
     }
 
+    /// Starts `ca ARGS` in the sandbox with stdout and stderr piped, for concurrent runs.
+    pub fn spawn(&self, args: &[&str]) -> std::process::Child {
+        Command::new(env!("CARGO_BIN_EXE_ca"))
+            .args(args)
+            .current_dir(self.tmp.path())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn ca")
+    }
+
     /// Runs `ca ARGS` and asserts success, returning stdout.
     pub fn ok(&self, args: &[&str]) -> String {
         let out = self.ca(args);
@@ -65,7 +76,7 @@ impl Sandbox {
     /// `ca issue --dir ca --spiffe-id spiffe://fintech.internal/NAME --out NAME`.
     pub fn issue(&self, name: &str) -> PathBuf {
         let id = format!("spiffe://fintech.internal/{name}");
-        self.ok(&["issue", "--dir", "ca", "--spiffe-id", &id, "--out", name]);
+        self.ok(&issue_args(&id, &[], name));
         self.path(name)
     }
 
@@ -80,6 +91,15 @@ impl Sandbox {
     pub fn read(&self, rel: &str) -> String {
         std::fs::read_to_string(self.path(rel)).unwrap_or_else(|e| panic!("read {rel}: {e}"))
     }
+}
+
+/// The arguments of `ca issue --dir ca --spiffe-id ID EXTRA.. --out OUT`, for [`Sandbox::ok`]
+/// and [`Sandbox::fails`].
+pub fn issue_args<'a>(id: &'a str, extra: &[&'a str], out: &'a str) -> Vec<&'a str> {
+    let mut args = vec!["issue", "--dir", "ca", "--spiffe-id", id];
+    args.extend_from_slice(extra);
+    args.extend(["--out", out]);
+    args
 }
 
 fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
