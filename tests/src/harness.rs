@@ -62,6 +62,18 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// Runs `sidecar VERB --config CONFIG` to completion: `check`, or `run` with a config it refuses.
+///
+/// # Panics
+/// When the binary is missing or cannot be started.
+pub fn sidecar_cli(verb: &str, config: &Path) -> std::process::Output {
+    Command::new(binary("sidecar"))
+        .args([verb, "--config"])
+        .arg(config)
+        .output()
+        .expect("run sidecar")
+}
+
 /// Polls `check` until it returns `Some`, or fails after `timeout`.
 ///
 /// # Errors

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use gatehouse_tests::harness::{
-    CertDir, FakeApp, Generated, MtlsClient, Pki, Proto, Sidecar, binary, eventually,
+    CertDir, FakeApp, Generated, MtlsClient, Pki, Proto, Sidecar, eventually, sidecar_cli,
 };
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -379,6 +379,36 @@ fn curl(cert: &CertDir, bundle: &std::path::Path, port: u16, flag: &str, path: &
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `openssl s_client -connect 127.0.0.1:PORT FLAGS` presenting `cert` and trusting `ca_file`:
+/// writes `request`, closes its stdin and returns what it printed.
+fn openssl_s_client(
+    cert: &CertDir,
+    ca_file: &std::path::Path,
+    port: u16,
+    flags: &[&str],
+    request: &[u8],
+) -> std::process::Output {
+    use std::io::Write;
+    let mut child = Command::new("openssl")
+        .args(["s_client", "-connect", &format!("127.0.0.1:{port}")])
+        .args(flags)
+        .arg("-cert")
+        .arg(cert.cert())
+        .arg("-key")
+        .arg(cert.key())
+        .arg("-CAfile")
+        .arg(ca_file)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("openssl is installed (.ci/run installs it)");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(request).expect("write request");
+    drop(stdin);
+    child.wait_with_output().expect("openssl output")
+}
+
 #[tokio::test]
 async fn curl_http2_http1_and_openssl_s_client_succeed() {
     let s = setup().await;
@@ -403,31 +433,18 @@ async fn curl_http2_http1_and_openssl_s_client_succeed() {
 
     let (c, b) = (caller.clone(), bundle.clone());
     let s_client = tokio::task::spawn_blocking(move || {
-        let mut child = Command::new("openssl")
-            .args(["s_client", "-connect", &format!("127.0.0.1:{port}")])
-            .args(["-servername", "localhost", "-verify_return_error", "-quiet"])
-            .args(["-alpn", "http/1.1", "-ign_eof"])
-            .arg("-cert")
-            .arg(c.cert())
-            .arg("-key")
-            .arg(c.key())
-            .arg("-CAfile")
-            .arg(&b)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("openssl is installed (.ci/run installs it)");
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(
-                b"GET /api/data/reports HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
-            )
-            .expect("write request");
-        child.wait_with_output().expect("openssl output")
+        let flags = [
+            "-servername",
+            "localhost",
+            "-verify_return_error",
+            "-quiet",
+            "-alpn",
+            "http/1.1",
+            "-ign_eof",
+        ];
+        let request =
+            b"GET /api/data/reports HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+        openssl_s_client(&c, &b, port, &flags, request)
     })
     .await
     .expect("openssl");
@@ -439,26 +456,10 @@ async fn curl_http2_http1_and_openssl_s_client_succeed() {
     );
     // TLS 1.2 is refused unless configured.
     let (c, b) = (caller.clone(), bundle.clone());
-    let tls12 = tokio::task::spawn_blocking(move || {
-        Command::new("openssl")
-            .args([
-                "s_client",
-                "-connect",
-                &format!("127.0.0.1:{port}"),
-                "-tls1_2",
-            ])
-            .arg("-cert")
-            .arg(c.cert())
-            .arg("-key")
-            .arg(c.key())
-            .arg("-CAfile")
-            .arg(&b)
-            .stdin(Stdio::null())
-            .output()
-            .expect("openssl")
-    })
-    .await
-    .expect("openssl");
+    let tls12 =
+        tokio::task::spawn_blocking(move || openssl_s_client(&c, &b, port, &["-tls1_2"], b""))
+            .await
+            .expect("openssl");
     assert!(
         !tls12.status.success(),
         "TLS 1.2 must be refused by default"
@@ -777,11 +778,7 @@ async fn sidecar_check_prints_the_summary_or_every_problem_with_exit_2() {
     let app = FakeApp::start().await;
     let b = Sidecar::inbound(&server, app.addr(), POLICY);
     let config = b.write();
-    let out = Command::new(binary("sidecar"))
-        .args(["check", "--config"])
-        .arg(&config)
-        .output()
-        .expect("sidecar check");
+    let out = sidecar_cli("check", &config);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -799,11 +796,7 @@ async fn sidecar_check_prints_the_summary_or_every_problem_with_exit_2() {
         "app = \"10.1.2.3:80\"\nidle_timeout = \"forever\"",
     );
     std::fs::write(&config, broken).expect("write");
-    let out = Command::new(binary("sidecar"))
-        .args(["check", "--config"])
-        .arg(&config)
-        .output()
-        .expect("sidecar check");
+    let out = sidecar_cli("check", &config);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     let file = config.display().to_string();
@@ -828,11 +821,7 @@ async fn sidecar_check_prints_the_summary_or_every_problem_with_exit_2() {
         &format!("{:?}", other.key()),
     );
     std::fs::write(&config, text).expect("write");
-    let out = Command::new(binary("sidecar"))
-        .args(["check", "--config"])
-        .arg(&config)
-        .output()
-        .expect("sidecar check");
+    let out = sidecar_cli("check", &config);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("does not match the certificate"), "{err}");
@@ -949,39 +938,16 @@ async fn tls_1_2_is_accepted_only_when_configured() {
         .expect("sidecar");
     let port = sidecar.inbound_addr().port();
     let out = tokio::task::spawn_blocking(move || {
-        let mut child = Command::new("openssl")
-            .args([
-                "s_client",
-                "-connect",
-                &format!("127.0.0.1:{port}"),
-                "-tls1_2",
-            ])
-            .args([
-                "-verify_return_error",
-                "-quiet",
-                "-ign_eof",
-                "-servername",
-                "localhost",
-            ])
-            .arg("-cert")
-            .arg(caller.cert())
-            .arg("-key")
-            .arg(caller.key())
-            .arg("-CAfile")
-            .arg(caller.bundle())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("openssl");
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(b"GET /public/x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-            .expect("write");
-        child.wait_with_output().expect("output")
+        let flags = [
+            "-tls1_2",
+            "-verify_return_error",
+            "-quiet",
+            "-ign_eof",
+            "-servername",
+            "localhost",
+        ];
+        let request = b"GET /public/x HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+        openssl_s_client(&caller, &caller.bundle(), port, &flags, request)
     })
     .await
     .expect("openssl");

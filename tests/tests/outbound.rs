@@ -19,7 +19,7 @@ use bytes::Bytes;
 use gatehouse_ca::{IssueRequest, SpiffeId};
 use gatehouse_tests::fintech::http::{Recorder, serve};
 use gatehouse_tests::fintech::monolith::Monolith;
-use gatehouse_tests::harness::{CertDir, Pki, Sidecar, binary, eventually};
+use gatehouse_tests::harness::{CertDir, Pki, Sidecar, eventually, sidecar_cli};
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
@@ -468,11 +468,7 @@ fn non_loopback_outbound_listen_is_refused_by_check_and_run() {
     let refused = Sidecar::builder(&report_cert).section(&entry);
     let config = refused.write();
     for verb in ["check", "run"] {
-        let out = Command::new(binary("sidecar"))
-            .args([verb, "--config"])
-            .arg(&config)
-            .output()
-            .expect("run sidecar");
+        let out = sidecar_cli(verb, &config);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "sidecar {verb}: {stderr}");
         assert!(
@@ -495,11 +491,7 @@ fn non_loopback_outbound_listen_is_refused_by_check_and_run() {
     );
     let opted_in = Sidecar::builder(&report_cert).section(&opted_in);
     let config = opted_in.write();
-    let out = Command::new(binary("sidecar"))
-        .args(["check", "--config"])
-        .arg(&config)
-        .output()
-        .expect("check");
+    let out = sidecar_cli("check", &config);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

@@ -120,8 +120,10 @@ async fn wait_status(sc: &Sidecar, what: &str, ok: impl Fn(&serde_json::Value) -
     .unwrap_or_else(|e| panic!("{e}\n{}", sc.stderr_text()));
 }
 
-/// Waits until the metric sum reaches `at_least`.
-async fn wait_metric(sc: &Sidecar, metric: &str, labels: &[(&str, &str)], at_least: f64) {
+/// Waits until `gatehouse_reloads_total{what,result}` reaches `at_least`.
+async fn wait_reloads(sc: &Sidecar, what: &str, result: &str, at_least: f64) {
+    let metric = "gatehouse_reloads_total";
+    let labels = &[("what", what), ("result", result)];
     eventually(
         &format!("{metric}{labels:?} >= {at_least}"),
         Duration::from_secs(15),
@@ -141,6 +143,32 @@ async fn reloads(sc: &Sidecar, what: &str, result: &str) -> f64 {
     )
     .await
     .expect("metrics")
+}
+
+/// Handshakes refused because the peer is revoked (`gatehouse_tls_handshakes_total`).
+async fn revoked_handshakes(sc: &Sidecar) -> f64 {
+    sc.metric(
+        "gatehouse_tls_handshakes_total",
+        &[("result", "error"), ("reason", "revoked")],
+    )
+    .await
+    .expect("metrics")
+}
+
+/// `ca crl --out CRL`: the test CA's current CRL.
+async fn write_crl(pki: &Pki, crl: &Path) {
+    let ca_dir = pki.authority().dir().display().to_string();
+    ca(&["crl", "--dir", &ca_dir, "--out", &crl.display().to_string()]).await;
+}
+
+/// `ca revoke --serial SERIAL --crl CRL` on the test CA.
+async fn revoke(pki: &Pki, serial: &str, crl: &Path) {
+    let ca_dir = pki.authority().dir().display().to_string();
+    let crl = crl.display().to_string();
+    ca(&[
+        "revoke", "--dir", &ca_dir, "--serial", serial, "--crl", &crl,
+    ])
+    .await;
 }
 
 /// Replaces `path` atomically (temp file + rename), as a careful writer would.
@@ -584,24 +612,12 @@ async fn broken_files_are_refused_and_traffic_keeps_flowing() {
         let oks = reloads(&p.inbound, what, "ok").await;
         let generation = status(&p.inbound).await["reload_generation"].clone();
         replace(path, broken);
-        wait_metric(
-            &p.inbound,
-            "gatehouse_reloads_total",
-            &[("what", what), ("result", "error")],
-            errors + 1.0,
-        )
-        .await;
+        wait_reloads(&p.inbound, what, "error", errors + 1.0).await;
         let s = status(&p.inbound).await;
         assert_eq!(s["certificate"]["serial"], serial, "old snapshot kept");
         assert_eq!(s["reload_generation"], generation, "nothing was swapped in");
         replace(path, original);
-        wait_metric(
-            &p.inbound,
-            "gatehouse_reloads_total",
-            &[("what", what), ("result", "ok")],
-            oks + 1.0,
-        )
-        .await;
+        wait_reloads(&p.inbound, what, "ok", oks + 1.0).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let started = load.started;
@@ -667,9 +683,8 @@ async fn get_on(send: &mut SendRequest<Empty<Bytes>>) -> Result<u16, String> {
 
 /// An inbound sidecar with a CRL (initially listing nothing) allowing both clients on /api.
 async fn crl_sidecar(pki: &Pki, app: &FakeApp) -> (Sidecar, PathBuf) {
-    let ca_dir = pki.authority().dir().display().to_string();
     let crl = pki.fresh_dir("crl").join("crl.pem");
-    ca(&["crl", "--dir", &ca_dir, "--out", &crl.display().to_string()]).await;
+    write_crl(pki, &crl).await;
     let server = pki.issue(SERVER_ID);
     let sc = Sidecar::inbound(
         &server,
@@ -735,18 +750,8 @@ async fn revocation_closes_the_revoked_peers_open_connection() {
         })
     };
 
-    let ca_dir = pki.authority().dir().display().to_string();
     let t0 = Instant::now();
-    ca(&[
-        "revoke",
-        "--dir",
-        &ca_dir,
-        "--serial",
-        &revoked_serial,
-        "--crl",
-        &crl.display().to_string(),
-    ])
-    .await;
+    revoke(&pki, &revoked_serial, &crl).await;
     let written = Instant::now();
     let closed_at = tokio::time::timeout(Duration::from_secs(10), r_ended)
         .await
@@ -801,13 +806,7 @@ async fn revocation_closes_the_revoked_peers_open_connection() {
         !k_ended.is_finished(),
         "the other client's connection stays open"
     );
-    let revoked_handshakes = sc
-        .metric(
-            "gatehouse_tls_handshakes_total",
-            &[("result", "error"), ("reason", "revoked")],
-        )
-        .await
-        .expect("metrics");
+    let revoked_handshakes = revoked_handshakes(&sc).await;
     assert!(revoked_handshakes >= 1.0);
     assert!(sc.stderr_text().contains("no longer trusted"));
 }
@@ -833,35 +832,13 @@ async fn resumed_session_after_revocation_is_refused() {
         assert_eq!(get_on(&mut send).await, Ok(200));
     }
 
-    let ca_dir = pki.authority().dir().display().to_string();
-    ca(&[
-        "revoke",
-        "--dir",
-        &ca_dir,
-        "--serial",
-        &serial,
-        "--crl",
-        &crl.display().to_string(),
-    ])
-    .await;
-    wait_metric(
-        &sc,
-        "gatehouse_reloads_total",
-        &[("what", "crl"), ("result", "ok")],
-        1.0,
-    )
-    .await;
+    revoke(&pki, &serial, &crl).await;
+    wait_reloads(&sc, "crl", "ok", 1.0).await;
     // The client offers its session again: refused (the new snapshot's session cache is
     // fresh, so the handshake is a full one and the verifier sees the CRL).
     let resumed = client.get(addr, Proto::H1, "/api/x").await;
     assert!(resumed.is_err(), "revoked client resumed: {resumed:?}");
-    let refused = sc
-        .metric(
-            "gatehouse_tls_handshakes_total",
-            &[("result", "error"), ("reason", "revoked")],
-        )
-        .await
-        .expect("metrics");
+    let refused = revoked_handshakes(&sc).await;
     assert!(refused >= 1.0, "{}", sc.stderr_text());
 }
 
@@ -933,13 +910,7 @@ async fn expiry_metrics_lifetime_warning_sighup_and_identity_change_refused() {
 
     // SIGHUP reloads even when nothing changed.
     sc.sighup();
-    wait_metric(
-        &sc,
-        "gatehouse_reloads_total",
-        &[("what", "none"), ("result", "ok")],
-        1.0,
-    )
-    .await;
+    wait_reloads(&sc, "none", "ok", 1.0).await;
 
     // A valid certificate and key for another identity is refused.
     let other = pki.issue(OTHER_ID);
@@ -969,9 +940,8 @@ async fn outbound_pool_drops_a_server_revoked_by_a_new_crl() {
         .spawn()
         .await
         .expect("inbound starts");
-    let ca_dir = pki.authority().dir().display().to_string();
     let crl = pki.fresh_dir("crl").join("crl.pem");
-    ca(&["crl", "--dir", &ca_dir, "--out", &crl.display().to_string()]).await;
+    write_crl(&pki, &crl).await;
     // The default max_connection_age (5 min): only the CRL reload can retire the connection.
     let entry = format!(
         "[[outbound]]\nname = \"monolith\"\nlisten = \"127.0.0.1:0\"\nconnect = \"{}\"\n\
@@ -991,23 +961,8 @@ async fn outbound_pool_drops_a_server_revoked_by_a_new_crl() {
         assert_eq!(one_request(addr, &mut sender).await, Ok(200));
     }
     let (serial, _) = leaf(&server.cert()).await;
-    ca(&[
-        "revoke",
-        "--dir",
-        &ca_dir,
-        "--serial",
-        &serial,
-        "--crl",
-        &crl.display().to_string(),
-    ])
-    .await;
-    wait_metric(
-        &outbound,
-        "gatehouse_reloads_total",
-        &[("what", "crl"), ("result", "ok")],
-        1.0,
-    )
-    .await;
+    revoke(&pki, &serial, &crl).await;
+    wait_reloads(&outbound, "crl", "ok", 1.0).await;
     let after = one_request(addr, &mut sender).await;
     assert_eq!(
         after,
