@@ -8,7 +8,7 @@ use std::sync::Arc;
 use clap::Parser;
 use gatehouse_tests::fintech::http::Recorder;
 use gatehouse_tests::fintech::monolith::Monolith;
-use gatehouse_tests::fintech::serve::{Servers, render_bind_error};
+use gatehouse_tests::fintech::serve::run_app;
 
 /// Fake monolith: GET /api/data/reports, GET /api/dashboard, POST /api/expenses.
 #[derive(Debug, Parser)]
@@ -26,15 +26,6 @@ struct Args {
 async fn main() -> ExitCode {
     let args = Args::parse();
     let recorder = Recorder::default();
-    let mut servers = Servers::default();
     let app = Arc::new(Monolith::new(recorder.clone()));
-    let bound = match servers.add("monolith", args.listen, app).await {
-        Ok(()) => servers.add_debug(args.debug_listen, &recorder).await,
-        Err(e) => Err(e),
-    };
-    if let Err(e) = bound {
-        return render_bind_error("monolith", &e);
-    }
-    servers.run_until_signal().await;
-    ExitCode::SUCCESS
+    run_app("monolith", args.listen, app, args.debug_listen, &recorder).await
 }

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use gatehouse_tests::fintech::http::Recorder;
 use gatehouse_tests::fintech::report_service::{ReportService, ReportServiceApp, Upstreams};
-use gatehouse_tests::fintech::serve::{Servers, render_bind_error};
+use gatehouse_tests::fintech::serve::run_app;
 
 /// Fake report service: POST /reports (202), GET /reports, GET /reports/{id}; webhook when done.
 #[derive(Debug, Parser)]
@@ -42,14 +42,12 @@ async fn main() -> ExitCode {
         upstreams,
         recorder.clone(),
     )));
-    let mut servers = Servers::default();
-    let bound = match servers.add("report-service", args.listen, app).await {
-        Ok(()) => servers.add_debug(args.debug_listen, &recorder).await,
-        Err(e) => Err(e),
-    };
-    if let Err(e) = bound {
-        return render_bind_error("report-service", &e);
-    }
-    servers.run_until_signal().await;
-    ExitCode::SUCCESS
+    run_app(
+        "report-service",
+        args.listen,
+        app,
+        args.debug_listen,
+        &recorder,
+    )
+    .await
 }

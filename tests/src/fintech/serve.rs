@@ -87,6 +87,28 @@ impl Servers {
     }
 }
 
+/// The `main` of a one-app fake service: serves `app` as `program` on `listen`, plus the debug
+/// endpoint for `recorder` when `debug_listen` is given, until SIGINT/SIGTERM. Exit code 0, or 2
+/// (rendered) when a listener cannot be bound.
+pub async fn run_app<A: App>(
+    program: &'static str,
+    listen: SocketAddr,
+    app: Arc<A>,
+    debug_listen: Option<SocketAddr>,
+    recorder: &Recorder,
+) -> std::process::ExitCode {
+    let mut servers = Servers::default();
+    let bound = match servers.add(program, listen, app).await {
+        Ok(()) => servers.add_debug(debug_listen, recorder).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = bound {
+        return render_bind_error(program, &e);
+    }
+    servers.run_until_signal().await;
+    std::process::ExitCode::SUCCESS
+}
+
 /// Prints a bind failure the way every fake-service binary does, and returns exit code 2.
 pub fn render_bind_error(program: &str, e: &BindError) -> std::process::ExitCode {
     eprintln!("{program}: error: {e}");

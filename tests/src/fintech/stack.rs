@@ -233,6 +233,16 @@ impl StackError {
     }
 }
 
+/// `map_err` adapter: an I/O failure while doing `action` on `path`.
+fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StackError {
+    let path = path.to_path_buf();
+    move |source| StackError::Io {
+        action,
+        path,
+        source,
+    }
+}
+
 /// Where to find things and where to work.
 #[derive(Debug, Clone)]
 pub struct StackOptions {
@@ -457,14 +467,6 @@ impl Stack {
 
     async fn prepare_work_dir(&self) -> Result<(), StackError> {
         let work = self.work_dir().to_path_buf();
-        let io = |action, path: &Path| {
-            let path = path.to_path_buf();
-            move |source| StackError::Io {
-                action,
-                path,
-                source,
-            }
-        };
         if let Ok(mut entries) = tokio::fs::read_dir(&work).await
             && entries
                 .next_entry()
@@ -492,14 +494,6 @@ impl Stack {
     /// Copies `examples/<name>/sidecar.toml` (ports shifted) and, if asked, its `policy.toml` into
     /// `WORK/<name>/`.
     async fn copy_example(&self, name: &str, policy: bool) -> Result<(), StackError> {
-        let io = |action, path: &Path| {
-            let path = path.to_path_buf();
-            move |source| StackError::Io {
-                action,
-                path,
-                source,
-            }
-        };
         let (src, dst) = (self.opts.examples.join(name), self.work_dir().join(name));
         tokio::fs::create_dir_all(&dst)
             .await
