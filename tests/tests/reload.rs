@@ -322,21 +322,31 @@ async fn one_request(
         *sender = Some(s);
     }
     let s = sender.as_mut().expect("connected above");
-    let req = Request::get(PATH)
-        .header("host", "monolith")
+    exchange(s, PATH, "monolith", Duration::from_secs(15)).await
+}
+
+/// `GET path` with `Host: host` on an open HTTP/1.1 connection: the status once the whole
+/// response has arrived, or what went wrong (also no response `within`).
+async fn exchange(
+    send: &mut SendRequest<Empty<Bytes>>,
+    path: &str,
+    host: &str,
+    within: Duration,
+) -> Result<u16, String> {
+    let req = Request::get(path)
+        .header("host", host)
         .body(Empty::new())
         .expect("request");
     let exchange = async {
-        s.ready().await?;
-        let resp = s.send_request(req).await?;
+        send.ready().await?;
+        let resp = send.send_request(req).await?;
         let status = resp.status().as_u16();
         resp.into_body().collect().await?;
         Ok::<_, hyper::Error>(status)
     };
-    match tokio::time::timeout(Duration::from_secs(15), exchange).await {
-        Ok(Ok(status)) => Ok(status),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("no response within 15 s".into()),
+    match tokio::time::timeout(within, exchange).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(_) => Err(format!("no response within {within:?}")),
     }
 }
 
@@ -664,21 +674,7 @@ async fn keep_alive(
 }
 
 async fn get_on(send: &mut SendRequest<Empty<Bytes>>) -> Result<u16, String> {
-    let req = Request::get("/api/x")
-        .header("host", "localhost")
-        .body(Empty::new())
-        .expect("request");
-    let exchange = async {
-        send.ready().await?;
-        let resp = send.send_request(req).await?;
-        let status = resp.status().as_u16();
-        resp.into_body().collect().await?;
-        Ok::<_, hyper::Error>(status)
-    };
-    match tokio::time::timeout(Duration::from_secs(10), exchange).await {
-        Ok(r) => r.map_err(|e| e.to_string()),
-        Err(_) => Err("timeout".into()),
-    }
+    exchange(send, "/api/x", "localhost", Duration::from_secs(10)).await
 }
 
 /// An inbound sidecar with a CRL (initially listing nothing) allowing both clients on /api.
