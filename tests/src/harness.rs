@@ -659,11 +659,16 @@ impl Sidecar {
     /// # Panics
     /// If `kill` cannot be run.
     pub fn sighup(&self) {
+        self.kill("-HUP");
+    }
+
+    /// `kill SIGNAL PID`; panics when it fails.
+    fn kill(&self, signal: &str) {
         let ok = Command::new("kill")
-            .args(["-HUP", &self.pid().to_string()])
+            .args([signal, &self.pid().to_string()])
             .status()
             .expect("run kill");
-        assert!(ok.success(), "kill -HUP failed");
+        assert!(ok.success(), "kill {signal} failed");
     }
 
     /// Stdout lines so far (the audit log).
@@ -724,11 +729,7 @@ impl Sidecar {
     /// # Panics
     /// If `kill` cannot be run.
     pub fn sigterm(&self) {
-        let ok = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
-            .status()
-            .expect("run kill");
-        assert!(ok.success(), "kill -TERM failed");
+        self.kill("-TERM");
     }
 
     /// Waits for the process to exit.
