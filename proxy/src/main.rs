@@ -59,10 +59,7 @@ fn main() -> ExitCode {
             if let Err(e) = init_logging(&loaded) {
                 return render(&[e]);
             }
-            let rt = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
+            let rt = match runtime(loaded.state.config.runtime.worker_threads) {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("error: cannot start the async runtime: {e}");
@@ -75,6 +72,19 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// One worker: tokio's current-thread runtime (every task on the main thread, no work stealing,
+/// no cross-thread wake-ups); more: a multi-thread runtime with that many workers.
+fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = if worker_threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(worker_threads);
+        b
+    };
+    builder.enable_all().build()
 }
 
 fn load(path: &std::path::Path) -> Result<Loaded, ExitCode> {

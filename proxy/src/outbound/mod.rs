@@ -140,6 +140,7 @@ impl PreparedOutbound {
             versions,
             Arc::new(verifier),
             Arc::clone(&tls.cert),
+            config.protocol.alpn(),
         )
         .map_err(|e| OutboundSetupError::Tls {
             name,

@@ -24,7 +24,7 @@ use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;
 
 use super::{Outbound, OutboundTls, prepare};
-use crate::config::{MinTls, OutboundConfig};
+use crate::config::{MinTls, OutboundConfig, UpstreamProtocol};
 use crate::signal::Shutdown;
 use crate::tls::resolver::CertResolver;
 use crate::tls::{CredentialPaths, Credentials, provider};
@@ -248,6 +248,7 @@ impl Sidecar {
             pool_max_idle: 8,
             pool_max_connections: 64,
             max_connection_age: Duration::from_secs(300),
+            protocol: UpstreamProtocol::Auto,
         };
         tweak(&mut entry);
         let prepared = prepare(&[entry], &tls).expect("prepare");
@@ -377,6 +378,24 @@ async fn http1_upstream_reuses_keepalive_connections() {
     let sidecar = Sidecar::to_monolith(&caller, upstream.addr).await;
     let client = h1_client();
     for i in 0..50 {
+        let (status, _, body) = get(&client, sidecar.addr, &format!("/n/{i}"), None).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(body.starts_with("HTTP/1.1 /n/"), "{body}");
+    }
+    assert_eq!(upstream.handshakes.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn protocol_http1_keeps_a_keepalive_pool_to_an_h2_capable_peer() {
+    let ca = Ca::new(TD);
+    let (caller, monolith) = (ca.issue("report-service"), ca.issue("monolith"));
+    let upstream = server(&monolith, &monolith, &[b"h2", b"http/1.1"], Mode::Http).await;
+    let sidecar = Sidecar::start(&caller, upstream.addr, MONOLITH, |o| {
+        o.protocol = UpstreamProtocol::Http1
+    })
+    .await;
+    let client = h1_client();
+    for i in 0..20 {
         let (status, _, body) = get(&client, sidecar.addr, &format!("/n/{i}"), None).await;
         assert_eq!(status, StatusCode::OK);
         assert!(body.starts_with("HTTP/1.1 /n/"), "{body}");

@@ -35,10 +35,6 @@ use webpki::{
 
 use crate::tls::svid::{SvidError, svid_identity};
 
-/// ALPN protocols we offer upstream, most preferred first: h2 lets many requests share one
-/// connection.
-pub const ALPN_PROTOCOLS: [&[u8]; 2] = [b"h2", b"http/1.1"];
-
 /// Why the server's certificate was refused after its chain validated.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -238,7 +234,7 @@ fn pki_error(e: webpki::Error) -> rustls::Error {
 }
 
 /// The rustls client configuration for one upstream: the given protocol versions (TLS 1.3 only
-/// unless configuration allows 1.2), ALPN `h2` then `http/1.1`, our certificate from `cert`,
+/// unless configuration allows 1.2), ALPN `alpn` (most preferred first), our certificate from `cert`,
 /// the server checked by `verifier`, SNI sent (its value is the `ServerName` the connector
 /// passes: the `sni` setting or the host of `connect`).
 ///
@@ -249,13 +245,14 @@ pub fn client_config(
     versions: &[&'static SupportedProtocolVersion],
     verifier: Arc<ServerIdentityVerifier>,
     cert: Arc<dyn ResolvesClientCert>,
+    alpn: &[&[u8]],
 ) -> Result<ClientConfig, rustls::Error> {
     let mut config = ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(versions)?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_client_cert_resolver(cert);
-    config.alpn_protocols = ALPN_PROTOCOLS.iter().map(|p| p.to_vec()).collect();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     config.enable_sni = true;
     Ok(config)
 }
