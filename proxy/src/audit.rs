@@ -172,7 +172,17 @@ impl Visit for JsonLine {
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        self.record_str(field, &format!("{value:?}"));
+        // Formatted straight into the line, then escaped in place: no intermediate String.
+        self.key(field);
+        let start = self.buf.len();
+        let _ = write!(self.buf, "{value:?}");
+        if needs_escape(&self.buf.as_bytes()[start..]) {
+            let raw = self.buf.split_off(start);
+            push_json_str(&mut self.buf, &raw);
+        } else {
+            self.buf.insert(start, '"');
+            self.buf.push('"');
+        }
     }
 }
 
@@ -180,20 +190,34 @@ impl Visit for JsonLine {
 /// escaped), without an intermediate allocation.
 fn push_json_str(buf: &mut String, s: &str) {
     buf.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => buf.push_str("\\\""),
-            '\\' => buf.push_str("\\\\"),
-            '\n' => buf.push_str("\\n"),
-            '\r' => buf.push_str("\\r"),
-            '\t' => buf.push_str("\\t"),
-            c if u32::from(c) < 0x20 => {
-                let _ = write!(buf, "\\u{:04x}", u32::from(c));
-            }
-            c => buf.push(c),
+    // Runs of bytes that need no escape are copied whole; every escaped character is ASCII, so
+    // the run boundaries are always char boundaries.
+    let mut run = 0;
+    for (i, b) in s.bytes().enumerate() {
+        let esc = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            b if b < 0x20 => "",
+            _ => continue,
+        };
+        buf.push_str(&s[run..i]);
+        if esc.is_empty() {
+            let _ = write!(buf, "\\u{:04x}", b);
+        } else {
+            buf.push_str(esc);
         }
+        run = i + 1;
     }
+    buf.push_str(&s[run..]);
     buf.push('"');
+}
+
+/// Whether any byte of `s` must be escaped in a JSON string.
+fn needs_escape(s: &[u8]) -> bool {
+    s.iter().any(|&b| b == b'"' || b == b'\\' || b < 0x20)
 }
 
 #[cfg(test)]
@@ -202,7 +226,15 @@ mod tests {
 
     #[test]
     fn json_strings_are_escaped() {
-        for s in ["plain", "quo\"te", "back\\slash", "ctl\u{1}\n\t", "ünï"] {
+        for s in [
+            "plain",
+            "quo\"te",
+            "back\\slash",
+            "ctl\u{1}\n\t",
+            "ünï",
+            "\"ü\u{1f}é\\",
+            "",
+        ] {
             let mut buf = String::new();
             push_json_str(&mut buf, s);
             let back: String = serde_json::from_str(&buf).expect("valid JSON string");
