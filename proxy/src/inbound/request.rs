@@ -60,6 +60,10 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 ];
 
 const REQUEST_ID: &str = "x-request-id";
+// Parsed once, not on every insert.
+const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static(REQUEST_ID);
+const XFCC_HEADER: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
+const SPIFFE_ID_HEADER: HeaderName = HeaderName::from_static("x-client-spiffe-id");
 
 /// Per-connection context: fixed for the connection's life.
 #[derive(Debug)]
@@ -295,8 +299,11 @@ fn rewrite(
     let (mut parts, body) = req.into_parts();
     let h = &mut parts.headers;
     strip_hop_by_hop(h);
-    for name in IDENTITY_HEADERS {
-        h.remove(name);
+    // One pass over the names; a lookup per name only when one is there.
+    if h.keys().any(|k| IDENTITY_HEADERS.contains(&k.as_str())) {
+        for name in IDENTITY_HEADERS {
+            h.remove(name);
+        }
     }
     // HTTP/2 carries the authority in the URI; the app speaks HTTP/1.1 and wants Host.
     if !h.contains_key(header::HOST)
@@ -305,9 +312,9 @@ fn rewrite(
     {
         h.insert(header::HOST, v);
     }
-    h.insert("x-forwarded-client-cert", ctx.xfcc.clone());
-    h.insert("x-client-spiffe-id", ctx.spiffe_id.clone());
-    h.insert(REQUEST_ID, request_id.clone());
+    h.insert(XFCC_HEADER, ctx.xfcc.clone());
+    h.insert(SPIFFE_ID_HEADER, ctx.spiffe_id.clone());
+    h.insert(REQUEST_ID_HEADER, request_id.clone());
     // An already normal path is forwarded as the client sent it (no allocation).
     let path_and_query = match uri.path_and_query() {
         Some(pq) if pq.path() == path => pq.clone(),
@@ -330,6 +337,10 @@ fn rewrite(
 
 /// Removes hop-by-hop headers, including those the `Connection` header names.
 fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // Most requests carry none: one pass over the names instead of a lookup per name.
+    if !h.keys().any(|k| HOP_BY_HOP.contains(k)) {
+        return;
+    }
     if h.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = h
             .get_all(header::CONNECTION)

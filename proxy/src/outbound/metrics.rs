@@ -113,10 +113,19 @@ impl OutboundMetrics {
 impl UpstreamMetrics {
     /// Counts one request answered to the app with `status`.
     pub fn request(&self, status: u16) {
-        let status = status.to_string();
+        // StatusCode renders its three digits without allocating.
+        let code = http::StatusCode::from_u16(status);
+        let owned;
+        let label = match &code {
+            Ok(code) => code.as_str(),
+            Err(_) => {
+                owned = status.to_string();
+                owned.as_str()
+            }
+        };
         self.families
             .requests
-            .with_label_values(&[self.upstream.as_str(), status.as_str()])
+            .with_label_values(&[self.upstream.as_str(), label])
             .inc();
     }
 
