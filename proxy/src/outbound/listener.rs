@@ -9,6 +9,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -53,7 +54,7 @@ impl OutboundListener {
             listener,
             upstream,
             server_id,
-            ids: RequestIds { provider },
+            ids: RequestIds::new(&provider),
         }
     }
 
@@ -173,13 +174,35 @@ fn display_id(id: &HeaderValue) -> &str {
     id.to_str().unwrap_or("-")
 }
 
-/// Request ids: random, UUID-shaped, from the TLS provider's CSPRNG (no extra dependency).
+/// Request ids: UUID-shaped (version 4 and RFC 4122 variant bits set) from a random
+/// per-listener 64-bit prefix drawn from the TLS provider's CSPRNG and a counter starting at a
+/// random value, so they are unique without a random draw per request (the draw cost more than
+/// the rest of the request's header handling).
 #[derive(Debug)]
 struct RequestIds {
-    provider: Arc<CryptoProvider>,
+    prefix: u64,
+    counter: AtomicU64,
 }
 
 impl RequestIds {
+    fn new(provider: &CryptoProvider) -> Self {
+        let mut seed = [0u8; 16];
+        if provider.secure_random.fill(&mut seed).is_err() {
+            // The CSPRNG failing is not a reason to fail: fall back to the clock, ids only need
+            // to be unique enough to follow a request through two logs.
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos();
+            seed = nanos.to_le_bytes();
+        }
+        let (a, b) = seed.split_at(8);
+        Self {
+            prefix: u64::from_le_bytes(a.try_into().unwrap_or_default()),
+            counter: AtomicU64::new(u64::from_le_bytes(b.try_into().unwrap_or_default())),
+        }
+    }
+
     /// The app's `x-request-id` if it is a sane token, else a fresh one (set on the request).
     fn keep_or_assign(&self, headers: &mut HeaderMap) -> HeaderValue {
         if let Some(v) = headers.get(&X_REQUEST_ID) {
@@ -196,29 +219,26 @@ impl RequestIds {
     }
 
     fn fresh(&self) -> HeaderValue {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let mut b = [0u8; 16];
-        if self.provider.secure_random.fill(&mut b).is_err() {
-            // The CSPRNG failing is not a reason to fail the request: fall back to the clock,
-            // ids only need to be unique enough to follow a request through two logs.
-            let nanos = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_nanos();
-            b = nanos.to_le_bytes();
-        }
+        b[..8].copy_from_slice(&self.prefix.to_be_bytes());
+        b[8..].copy_from_slice(&n.to_be_bytes());
         b[6] = (b[6] & 0x0f) | 0x40; // version 4
         b[8] = (b[8] & 0x3f) | 0x80; // RFC 4122 variant
-        let h = hex::encode(b);
-        let text = format!(
-            "{}-{}-{}-{}-{}",
-            &h[0..8],
-            &h[8..12],
-            &h[12..16],
-            &h[16..20],
-            &h[20..32]
-        );
+        let mut text = [0u8; 36];
+        let mut at = 0;
+        for (i, byte) in b.into_iter().enumerate() {
+            if matches!(i, 4 | 6 | 8 | 10) {
+                text[at] = b'-';
+                at += 1;
+            }
+            text[at] = HEX[usize::from(byte >> 4)];
+            text[at + 1] = HEX[usize::from(byte & 0xf)];
+            at += 2;
+        }
         // Invariant: lowercase hex and dashes are valid header bytes.
-        HeaderValue::from_str(&text).expect("hex is a valid header value")
+        HeaderValue::from_bytes(&text).expect("hex is a valid header value")
     }
 }
 
@@ -272,9 +292,7 @@ mod tests {
 
     #[test]
     fn request_id_is_kept_when_sane_and_replaced_otherwise() {
-        let ids = RequestIds {
-            provider: crate::tls::provider(),
-        };
+        let ids = RequestIds::new(&crate::tls::provider());
         let mut h = HeaderMap::new();
         h.insert(X_REQUEST_ID, HeaderValue::from_static("abc-123"));
         assert_eq!(ids.keep_or_assign(&mut h), "abc-123");
@@ -282,6 +300,15 @@ mod tests {
         let mut h = HeaderMap::new();
         let fresh = ids.keep_or_assign(&mut h);
         assert_eq!(fresh.len(), 36);
+        let text = fresh.to_str().expect("ascii");
+        for (i, c) in text.bytes().enumerate() {
+            match i {
+                8 | 13 | 18 | 23 => assert_eq!(c, b'-', "{text}"),
+                14 => assert_eq!(c, b'4', "version 4: {text}"),
+                19 => assert!(b"89ab".contains(&c), "RFC 4122 variant: {text}"),
+                _ => assert!(matches!(c, b'0'..=b'9' | b'a'..=b'f'), "{text}"),
+            }
+        }
         assert_eq!(h.get(&X_REQUEST_ID), Some(&fresh));
         assert_ne!(fresh, ids.keep_or_assign(&mut HeaderMap::new()));
 
