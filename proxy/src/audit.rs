@@ -190,6 +190,12 @@ impl Visit for JsonLine {
 /// escaped), without an intermediate allocation.
 fn push_json_str(buf: &mut String, s: &str) {
     buf.push('"');
+    if !needs_escape(s.as_bytes()) {
+        // The common case (ids, paths, route names): one branch-free scan, one copy.
+        buf.push_str(s);
+        buf.push('"');
+        return;
+    }
     // Runs of bytes that need no escape are copied whole; every escaped character is ASCII, so
     // the run boundaries are always char boundaries.
     let mut run = 0;
@@ -217,7 +223,10 @@ fn push_json_str(buf: &mut String, s: &str) {
 
 /// Whether any byte of `s` must be escaped in a JSON string.
 fn needs_escape(s: &[u8]) -> bool {
-    s.iter().any(|&b| b == b'"' || b == b'\\' || b < 0x20)
+    // A fold without early exit, so the compiler can vectorize it; audit fields are short.
+    s.iter().fold(false, |acc, &b| {
+        acc | (b == b'"') | (b == b'\\') | (b < 0x20)
+    })
 }
 
 #[cfg(test)]
