@@ -54,7 +54,13 @@ BODY = ('{"id":"r-000042","status":"ready","startDate":"2024-01-01","endDate":"2
         '"format":"json","owner":"report-service"}')
 
 ANCHORS = ("nginx", "haproxy")
-GATEHOUSE = ("gatehouse", "gatehouse-audit")
+# Gatehouse rows: port key, audit log to a file (else /dev/null), `[[outbound]] protocol` (None = default, auto).
+GH_VARIANTS = {
+    "gatehouse": ("gh", False, None),
+    "gatehouse-audit": ("gha", True, None),
+    "gatehouse-h1": ("gh1", False, "http1"),
+}
+GATEHOUSE = tuple(GH_VARIANTS)
 ALL_TOPOLOGIES = ("direct",) + GATEHOUSE + ANCHORS
 
 
@@ -64,6 +70,13 @@ class BenchError(Exception):
 
 def log(msg):
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def allocate_ports():
+    names = ["backend", "nginx_in", "nginx_out", "haproxy_in", "haproxy_out"]
+    for key, _, _ in GH_VARIANTS.values():
+        names += [f"{key}_in", f"{key}_out", f"{key}_in_admin", f"{key}_out_admin", f"{key}_out_spare"]
+    return dict(zip(names, free_ports(len(names))))
 
 
 def free_ports(n):
@@ -119,9 +132,14 @@ def proc_children(pid):
 
 
 def cpu_ticks(pid):
+    return sum(cpu_split(pid))
+
+
+def cpu_split(pid):
+    """(utime, stime) in clock ticks: fields 14 and 15 of /proc/PID/stat (all threads of the process)."""
     st = Path(f"/proc/{pid}/stat").read_text()
     fields = st.rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])  # utime + stime (fields 14 and 15)
+    return int(fields[11]), int(fields[12])
 
 
 def rss_kib(pid):
@@ -162,6 +180,9 @@ class Service:
             raise BenchError(f"{self.name} is not running (exit {self.proc and self.proc.returncode}); "
                              f"log: {self.log_path}\n{self.log_tail()}")
         return [self.proc.pid] + proc_children(self.proc.pid)
+
+    def sys_ticks(self):
+        return sum(cpu_split(p)[1] for p in self.pids())
 
     def ticks(self):
         return sum(cpu_ticks(p) for p in self.pids())
@@ -300,8 +321,7 @@ def render_all(work, certs, ports, bins):
     for topo in GATEHOUSE:
         if topo not in bins["topologies"]:
             continue
-        audit = topo == "gatehouse-audit"
-        key = "gha" if audit else "gh"
+        key, audit, protocol = GH_VARIANTS[topo]
         policy = render("gatehouse-policy.toml", conf_dir / f"{topo}-policy.toml", common)
         def audit_section(side):
             if audit:
@@ -314,7 +334,8 @@ def render_all(work, certs, ports, bins):
         cfg_out = render("gatehouse-outbound.toml", conf_dir / f"{topo}-outbound.toml",
                          {**common, "INBOUND_PORT": ports[f"{key}_in"], "OUTBOUND_PORT": ports[f"{key}_out"],
                           "ADMIN_PORT": ports[f"{key}_out_admin"], "SPARE_PORT": ports[f"{key}_out_spare"],
-                          "POLICY": policy, "AUDIT_SECTION": audit_section("outbound")})
+                          "POLICY": policy, "AUDIT_SECTION": audit_section("outbound"),
+                          "PROTOCOL_LINE": f'protocol  = "{protocol}"' if protocol else ""})
         env = dict(os.environ, RUST_LOG=os.environ.get("BENCH_RUST_LOG", "warn"))
         for side, cfg, port in (("inbound", cfg_in, ports[f"{key}_in"]), ("outbound", cfg_out, ports[f"{key}_out"])):
             name = f"{topo}-{side}"
@@ -339,7 +360,7 @@ def topologies_from(services, ports, wanted):
                                     services["haproxy-inbound"], ports["haproxy_in"])
     for topo in GATEHOUSE:
         if topo in wanted:
-            key = "gha" if topo == "gatehouse-audit" else "gh"
+            key = GH_VARIANTS[topo][0]
             topos[topo] = Topology(topo, ports[f"{key}_out"], services[f"{topo}-outbound"],
                                    services[f"{topo}-inbound"], ports[f"{key}_in"])
     return {k: v for k, v in topos.items() if k in wanted}
@@ -394,12 +415,14 @@ def py_load(url_port, path, seconds):
 def measure_load(bins, topo, backend, conns, seconds, use_wrk=True):
     procs = topo.proxies
     before = [p.ticks() for p in procs]
+    sys_before = sum(p.sys_ticks() for p in procs)
     b_before = backend.ticks()
     if use_wrk:
         res = wrk(bins, topo.url(), conns, seconds)
     else:
         res = py_load(topo.url_port, REQUEST_PATH, seconds)
     after = [p.ticks() for p in procs]
+    sys_after = sum(p.sys_ticks() for p in procs)
     b_after = backend.ticks()
     n = res["requests"]
     errors = sum(res[k] for k in ("err_connect", "err_read", "err_write", "err_status", "err_timeout"))
@@ -414,6 +437,7 @@ def measure_load(bins, topo, backend, conns, seconds, use_wrk=True):
            "backend_cpu_us": us(b_after - b_before)}
     if procs:
         rec["proxy_cpu_us"] = us(sum(after) - sum(before))
+        rec["proxy_sys_us"] = us(sys_after - sys_before)
         for p, b, a in zip(procs, before, after):
             rec[("outbound" if p is topo.outbound else "inbound") + "_cpu_us"] = us(a - b)
     return rec
@@ -516,8 +540,8 @@ def summarize(loads, handshakes, idles, rss_idle, wanted):
         r = {}
         for c in (32, 1):
             recs = [x for x in loads if x["topology"] == t and x["conns"] == c]
-            for k in ("rps", "p50_us", "p99_us", "proxy_cpu_us", "inbound_cpu_us", "outbound_cpu_us",
-                      "backend_cpu_us"):
+            for k in ("rps", "p50_us", "p99_us", "proxy_cpu_us", "proxy_sys_us", "inbound_cpu_us",
+                      "outbound_cpu_us", "backend_cpu_us"):
                 r[f"{k}@{c}"] = median([x.get(k) for x in recs])
         hs = [x for x in handshakes if x["topology"] == t]
         r["hs_us"] = median([x["inbound_cpu_us_per_handshake"] for x in hs])
@@ -541,6 +565,8 @@ METRICS = [  # key, heading, digits, better
     ("p99_us@1", "p99 µs c=1", 0, "low"),
     ("proxy_cpu_us@32", "pair CPU µs/req c=32", 1, "low"),
     ("proxy_cpu_us@1", "pair CPU µs/req c=1", 1, "low"),
+    ("proxy_sys_us@32", "of which kernel c=32", 1, "low"),
+    ("proxy_sys_us@1", "of which kernel c=1", 1, "low"),
     ("inbound_cpu_us@32", "inbound CPU µs/req c=32", 1, "low"),
     ("outbound_cpu_us@32", "outbound CPU µs/req c=32", 1, "low"),
     ("backend_cpu_us@32", "backend CPU µs/req c=32", 1, "low"),
@@ -577,15 +603,16 @@ def markdown(rows, wanted, args, idle_count):
 
 def targets(rows, wanted):
     """The issue's targets, each with the measured ratio and pass/fail."""
-    lines = ["| target | gatehouse | gatehouse-audit | verdict |", "|---|---|---|---|"]
+    ghs = [g for g in GATEHOUSE if g in wanted]
+    lines = ["| target | " + " | ".join(ghs) + " | verdict |", "|---" * (len(ghs) + 2) + "|"]
 
     def row(name, fn, ok):
-        vals = {g: fn(g) for g in GATEHOUSE}
+        vals = {g: fn(g) for g in ghs}
         verdicts = []
-        for g in GATEHOUSE:
-            if g in wanted and vals[g] is not None:
+        for g in ghs:
+            if vals[g] is not None:
                 verdicts.append(f"{g}: {'met' if ok(vals[g]) else 'NOT met'}")
-        cells = [(fmt(vals[g], 2) if vals[g] is not None else "n/a") for g in GATEHOUSE]
+        cells = [(fmt(vals[g], 2) if vals[g] is not None else "n/a") for g in ghs]
         lines.append(f"| {name} | " + " | ".join(cells) + " | " + "; ".join(verdicts) + " |")
 
     def rat(key, better):
@@ -702,10 +729,7 @@ def main():
         subprocess.run(["mktemp", "-d", "/tmp/gatehouse-bench.XXXXXX"], capture_output=True, text=True).stdout.strip())
     work.mkdir(parents=True, exist_ok=True)
     log(f"work directory {work}")
-    names = ["backend", "nginx_in", "nginx_out", "haproxy_in", "haproxy_out"]
-    for key in ("gh", "gha"):
-        names += [f"{key}_in", f"{key}_out", f"{key}_in_admin", f"{key}_out_admin", f"{key}_out_spare"]
-    ports = dict(zip(names, free_ports(len(names))))
+    ports = allocate_ports()
 
     certs = Path(args.certs) if args.certs else mint_certs(bins["ca"], work)
     services = render_all(work, certs, ports, bins)
@@ -833,10 +857,11 @@ def write_results(path, raw, table, tgt, services):
              "valid certificate of another identity on the route itself: " +
              ", ".join(c["topology"] for c in raw["checks"]) + ".", "",
              "## Raw repetitions", "", "| topology | c | rep | req/s | p50 µs | p99 µs | pair CPU µs/req | "
-             "inbound | outbound | backend |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "of which kernel | inbound | outbound | backend |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in raw["loads"]:
         lines.append(f"| {r['topology']} | {r['conns']} | {r['rep'] + 1} | {r['rps']:.0f} | {r['p50_us']} | "
-                     f"{r['p99_us']} | {fmt(r.get('proxy_cpu_us'), 1)} | {fmt(r.get('inbound_cpu_us'), 1)} | "
+                     f"{r['p99_us']} | {fmt(r.get('proxy_cpu_us'), 1)} | {fmt(r.get('proxy_sys_us'), 1)} | "
+                     f"{fmt(r.get('inbound_cpu_us'), 1)} | "
                      f"{fmt(r.get('outbound_cpu_us'), 1)} | {fmt(r['backend_cpu_us'], 1)} |")
     lines += ["", "| topology | rep | handshakes | failed | handshakes/s | inbound CPU µs/handshake |",
               "|---|---|---|---|---|---|"]

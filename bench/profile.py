@@ -12,7 +12,7 @@ are not charged to requests.
   python3 bench/profile.py --side inbound --handshakes 200
 
 With --perf SECONDS it samples instead (perf record -e cpu-clock, which works without hardware counters): both
-sidecars of the pair under wrk load at c=32, user and kernel time, release binaries at full speed.
+sidecars of the pair under wrk load (--conns, default 32), user and kernel time, release binaries at full speed.
 
   python3 bench/profile.py --perf 10
 """
@@ -46,17 +46,22 @@ def keepalive_requests(port, n):
 def one_run(args, work, n_requests, n_handshakes, tag):
     bins = {"sidecar": Path(args.bin_dir) / "sidecar", "ca": Path(args.bin_dir) / "ca",
             "nginx": shutil.which("nginx"), "haproxy": shutil.which("haproxy"), "wrk": None,
-            "topologies": ["direct", "gatehouse"]}
+            "topologies": ["direct", args.pair]}
     run_dir = work / tag
     run_dir.mkdir(parents=True, exist_ok=True)
-    names = ["backend", "nginx_in", "nginx_out", "haproxy_in", "haproxy_out"]
-    for key in ("gh", "gha"):
-        names += [f"{key}_in", f"{key}_out", f"{key}_in_admin", f"{key}_out_admin", f"{key}_out_spare"]
-    ports = dict(zip(names, B.free_ports(len(names))))
+    ports = B.allocate_ports()
     certs = work / "certs" if (work / "certs").exists() else B.mint_certs(bins["ca"], work)
     services = B.render_all(run_dir, certs, ports, bins)
-    target = services[f"gatehouse-{args.side}"]
+    target = services[f"{args.pair}-{args.side}"]
     out_file = run_dir / "callgrind.out"
+    if args.pair == "nginx":
+        # One process, one worker, so callgrind sees every request (the anchors' instruction counts).
+        cfg = Path(target.config)
+        cfg.write_text(cfg.read_text().replace("master_process on;", "master_process off;")
+                       .replace("worker_processes auto;", "worker_processes 1;"))
+    elif args.pair == "haproxy":
+        cfg = Path(target.config)
+        cfg.write_text(cfg.read_text().replace("global\n", "global\n    nbthread 1\n", 1))
     target.cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out_file}", "--separate-threads=no",
                   "--dump-line=yes"] + target.cmd
     target.stop_timeout = 120  # the profile is written at exit: give the graceful shutdown time under valgrind
@@ -67,7 +72,7 @@ def one_run(args, work, n_requests, n_handshakes, tag):
             started.append(s)
         for s in services.values():
             s.wait_ready(timeout=300)
-        topo = B.topologies_from(services, ports, ["direct", "gatehouse"])["gatehouse"]
+        topo = B.topologies_from(services, ports, ["direct", args.pair])[args.pair]
         keepalive_requests(topo.url_port, 5)  # both sidecars connected, pools warm
         if n_requests:
             keepalive_requests(topo.url_port, n_requests)
@@ -86,16 +91,13 @@ def one_run(args, work, n_requests, n_handshakes, tag):
 
 
 def perf_run(args, work):
-    """Samples both sidecars under wrk load (c=32) with perf's cpu-clock event; prints the top symbols."""
+    """Samples both sidecars under wrk load (--conns, default 32) with perf's cpu-clock event; prints the top symbols."""
     if shutil.which("perf") is None or shutil.which("wrk") is None:
         raise B.BenchError("perf and wrk are needed; help: apt-get install linux-perf wrk")
     bins = {"sidecar": Path(args.bin_dir) / "sidecar", "ca": Path(args.bin_dir) / "ca",
             "nginx": shutil.which("nginx"), "haproxy": shutil.which("haproxy"), "wrk": shutil.which("wrk"),
             "topologies": ["direct", "gatehouse"]}
-    names = ["backend", "nginx_in", "nginx_out", "haproxy_in", "haproxy_out"]
-    for key in ("gh", "gha"):
-        names += [f"{key}_in", f"{key}_out", f"{key}_in_admin", f"{key}_out_admin", f"{key}_out_spare"]
-    ports = dict(zip(names, B.free_ports(len(names))))
+    ports = B.allocate_ports()
     certs = B.mint_certs(bins["ca"], work)
     services = B.render_all(work, certs, ports, bins)
     started = []
@@ -114,10 +116,10 @@ def perf_run(args, work):
             perfs.append((side, data, subprocess.Popen(
                 ["perf", "record", "-e", "cpu-clock", "-F", "1999", "-g", "-p", str(pid), "-o", str(data),
                  "--", "sleep", str(args.perf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)))
-        res = B.wrk(bins, topo.url(), 32, args.perf)
+        res = B.wrk(bins, topo.url(), args.conns, args.perf)
         for _, _, pr in perfs:
             pr.wait(timeout=60)
-        print(f"wrk: {res['requests'] / (res['duration_us'] / 1e6):,.0f} req/s at c=32 during sampling")
+        print(f"wrk: {res['requests'] / (res['duration_us'] / 1e6):,.0f} req/s at c={args.conns} during sampling")
     finally:
         for s in reversed(started):
             s.stop()
@@ -132,6 +134,64 @@ def perf_run(args, work):
     return 0
 
 
+def syscalls_run(args, work):
+    """Syscalls per keep-alive request of each half of every pair (strace -c -f), at --conns."""
+    if shutil.which("strace") is None or shutil.which("wrk") is None:
+        raise B.BenchError("strace and wrk are needed; help: apt-get install strace wrk")
+    wanted = ["direct", "gatehouse", "gatehouse-h1", "nginx", "haproxy"]
+    bins = {"sidecar": Path(args.bin_dir) / "sidecar", "ca": Path(args.bin_dir) / "ca",
+            "nginx": shutil.which("nginx"), "haproxy": shutil.which("haproxy"), "wrk": shutil.which("wrk"),
+            "topologies": wanted}
+    ports = B.allocate_ports()
+    certs = B.mint_certs(bins["ca"], work)
+    services = B.render_all(work, certs, ports, bins)
+    started = []
+    rows = []
+    try:
+        for s in services.values():
+            s.start()
+            started.append(s)
+        for s in services.values():
+            s.wait_ready()
+        topos = B.topologies_from(services, ports, wanted)
+        for name in wanted[1:]:
+            topo = topos[name]
+            B.wrk(bins, topo.url(), args.conns, 1)  # warm-up
+            tracers = []
+            for side, svc in (("outbound", topo.outbound), ("inbound", topo.inbound)):
+                out = work / f"strace-{name}-{side}.txt"
+                cmd = ["strace", "-c", "-f", "-o", str(out)]
+                for pid in svc.pids():
+                    cmd += ["-p", str(pid)]
+                tracers.append((side, out, subprocess.Popen(cmd, stdout=subprocess.DEVNULL,
+                                                            stderr=subprocess.DEVNULL)))
+            import time
+            time.sleep(1)
+            res = B.wrk(bins, topo.url(), args.conns, args.syscalls)
+            for _, _, tr in tracers:
+                tr.send_signal(2)
+                tr.wait(timeout=30)
+            n = res["requests"]
+            for side, out, _ in tracers:
+                text = out.read_text()
+                calls = {}
+                for ln in text.splitlines():
+                    f = ln.split()
+                    if len(f) >= 5 and f[0].replace(".", "").isdigit() and f[-1] != "total":
+                        calls[f[-1]] = int(f[3])
+                total = sum(calls.values())
+                top = sorted(calls.items(), key=lambda kv: -kv[1])[:6]
+                rows.append((name, side, n, total / n, ", ".join(f"{k} {v / n:.2f}" for k, v in top)))
+    finally:
+        for s in reversed(started):
+            s.stop()
+    print(f"syscalls per request at c={args.conns} (strace -c -f; strace slows the proxies, counts stay)")
+    print("| pair | half | requests | syscalls/req | top calls per request |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.2f} | {r[4]} |")
+    return 0
+
+
 def total_ir(path):
     for line in path.read_text(errors="replace").splitlines():
         if line.startswith("summary:") or line.startswith("totals:"):
@@ -143,13 +203,24 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bin-dir", default=str(B.ROOT / "target" / "release"))
     p.add_argument("--side", choices=["inbound", "outbound"], default="inbound")
+    p.add_argument("--pair", choices=["gatehouse", "nginx", "haproxy"], default="gatehouse",
+                   help="profile a half of this pair (nginx/HAProxy: for comparison, one worker/thread)")
     p.add_argument("--requests", type=int, default=0)
     p.add_argument("--handshakes", type=int, default=0)
     p.add_argument("--work", default="/tmp/gatehouse-profile")
     p.add_argument("--top", type=int, default=40)
+    p.add_argument("--conns", type=int, default=32, help="wrk connections during --perf sampling")
     p.add_argument("--perf", type=int, default=0, metavar="SECONDS",
                    help="sample both sidecars with perf under wrk load instead of running callgrind")
+    p.add_argument("--syscalls", type=int, default=0, metavar="SECONDS",
+                   help="count syscalls per request of every pair's halves with strace instead")
     args = p.parse_args()
+    if args.syscalls:
+        work = Path(args.work) / "syscalls"
+        if work.exists():
+            shutil.rmtree(work)
+        work.mkdir(parents=True)
+        return syscalls_run(args, work)
     if args.perf:
         work = Path(args.work) / "perf"
         if work.exists():
@@ -160,7 +231,7 @@ def main():
         args.requests = 3000
     if shutil.which("valgrind") is None:
         raise B.BenchError("valgrind not found; help: apt-get install valgrind")
-    work = Path(args.work) / f"{args.side}-{args.requests}r-{args.handshakes}h"
+    work = Path(args.work) / f"{args.pair}-{args.side}-{args.requests}r-{args.handshakes}h"
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
@@ -169,7 +240,7 @@ def main():
     ir_base, ir_loaded = total_ir(base), total_ir(loaded)
     unit = args.requests + args.handshakes
     what = "request" if args.requests else "handshake (+1 request)"
-    print(f"{args.side}: {ir_base:,} instructions base run, {ir_loaded:,} loaded run; "
+    print(f"{args.pair} {args.side}: {ir_base:,} instructions base run, {ir_loaded:,} loaded run; "
           f"{(ir_loaded - ir_base) / unit:,.0f} instructions per {what}")
     ann = subprocess.run(["callgrind_annotate", "--inclusive=no", "--threshold=99", str(loaded)],
                          capture_output=True, text=True)
