@@ -192,6 +192,32 @@ def syscalls_run(args, work):
     return 0
 
 
+def annotate(path, inclusive):
+    out = subprocess.run(["callgrind_annotate", f"--inclusive={'yes' if inclusive else 'no'}", "--threshold=100",
+                          "--auto=no", str(path)], capture_output=True, text=True).stdout
+    costs = {}
+    for ln in out.splitlines():
+        m = re.match(r"^\s*([\d,]+) \(\s*[\d.]+%\)\s+(.*)$", ln)
+        if m and "PROGRAM TOTALS" not in m.group(2) and not m.group(2).startswith("=>"):
+            costs[m.group(2)] = costs.get(m.group(2), 0) + int(m.group(1).replace(",", ""))
+    return costs
+
+
+def per_unit_diff(base, loaded, unit, inclusive):
+    """Per request (or handshake) cost of each function: loaded run minus base run, divided by the count."""
+    a, b = annotate(base, inclusive), annotate(loaded, inclusive)
+    diff = {k: (v - a.get(k, 0)) / unit for k, v in b.items()}
+    return sorted(((k, v) for k, v in diff.items() if v > 0), key=lambda kv: -kv[1])
+
+
+def short(fn):
+    """`file:function [object]` without the registry/rustc prefixes, for reading."""
+    fn = re.sub(r"/root/\.cargo/registry/src/index\.crates\.io-[0-9a-f]+/", "", fn)
+    fn = re.sub(r"/rustc/[0-9a-f]+/library/", "std:", fn)
+    fn = re.sub(r" \[[^\]]*\]$", "", fn)
+    return fn[:200]
+
+
 def total_ir(path):
     for line in path.read_text(errors="replace").splitlines():
         if line.startswith("summary:") or line.startswith("totals:"):
@@ -242,19 +268,14 @@ def main():
     what = "request" if args.requests else "handshake (+1 request)"
     print(f"{args.pair} {args.side}: {ir_base:,} instructions base run, {ir_loaded:,} loaded run; "
           f"{(ir_loaded - ir_base) / unit:,.0f} instructions per {what}")
-    ann = subprocess.run(["callgrind_annotate", "--inclusive=no", "--threshold=99", str(loaded)],
-                         capture_output=True, text=True)
-    incl = subprocess.run(["callgrind_annotate", "--inclusive=yes", str(loaded)], capture_output=True, text=True)
-    (work / "self.txt").write_text(ann.stdout)
-    (work / "inclusive.txt").write_text(incl.stdout)
-
-    def top(text, n):
-        rows = [ln for ln in text.splitlines() if re.match(r"^\s*[\d,]+ \(", ln)]
-        return "\n".join(rows[:n])
-
-    print(f"\nself cost (top {args.top}):\n{top(ann.stdout, args.top)}")
-    print(f"\ninclusive (top {args.top}):\n{top(incl.stdout, args.top)}")
-    print(f"\nfull annotations: {work}/self.txt, {work}/inclusive.txt; profile {loaded}")
+    for mode in ("self", "inclusive"):
+        per = per_unit_diff(base, loaded, unit, inclusive=(mode == "inclusive"))
+        (work / f"{mode}-per-{what.split()[0]}.txt").write_text(
+            "\n".join(f"{v:12,.0f}  {k}" for k, v in per))
+        print(f"\n{mode} cost per {what}, loaded run minus base run (top {args.top}):")
+        for k, v in per[:args.top]:
+            print(f"{v:10,.0f}  {short(k)}")
+    print(f"\nfull lists: {work}/self-per-*.txt, {work}/inclusive-per-*.txt; profile {loaded}")
     return 0
 
 
