@@ -889,7 +889,14 @@ def write_results(path, raw, table, tgt, services):
     path.write_text("\n".join(lines) + "\n")
 
 
+def _terminated(signum, _frame):
+    # SIGTERM/SIGHUP (e.g. `timeout`): unwind so every started process is stopped, not orphaned.
+    raise SystemExit(128 + signum)
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _terminated)
+    signal.signal(signal.SIGHUP, _terminated)
     try:
         sys.exit(main())
     except BenchError as e:

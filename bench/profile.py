@@ -280,6 +280,8 @@ def main():
 
 
 if __name__ == "__main__":
+    B.signal.signal(B.signal.SIGTERM, B._terminated)
+    B.signal.signal(B.signal.SIGHUP, B._terminated)
     try:
         sys.exit(main())
     except B.BenchError as e:
