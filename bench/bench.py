@@ -637,7 +637,25 @@ def targets(rows, wanted):
         lambda v: v <= 10)
     row("≤ 40 KiB more per idle mTLS connection (KiB)", lambda g: rows[g].get("kib_per_conn") if g in rows else None,
         lambda v: v <= 40)
+    crit = policy_criterion()
+    if crit:
+        worst = max(crit.values())
+        lines.append("| policy decision at 10,000 routes ≤ 1 µs (criterion medians from `target/criterion`, "
+                     "`cargo bench -p gatehouse-policy`, not re-run here): "
+                     + ", ".join(f"{k} {v:.0f} ns" for k, v in sorted(crit.items())) + " | "
+                     + " | ".join("" for _ in ghs) + f" | {'met' if worst <= 1000 else 'NOT met'} |")
     return "\n".join(lines)
+
+
+def policy_criterion():
+    """Medians of the policy crate's criterion bench at 10,000 routes, if it has been run on this machine."""
+    out = {}
+    for f in (ROOT / "target" / "criterion" / "decide").glob("*/10000/new/estimates.json"):
+        try:
+            out[f.parts[-4]] = json.loads(f.read_text())["median"]["point_estimate"]
+        except (OSError, ValueError, KeyError):
+            pass
+    return out
 
 
 def tool_version(cmd):
