@@ -996,3 +996,24 @@ impl MtlsClient {
         }
     }
 }
+
+/// Stops a child process the way an operator would: SIGTERM, then SIGKILL if it has not exited
+/// within `grace`. Servers with worker processes (nginx) take their workers down on SIGTERM; a
+/// bare SIGKILL of the master would orphan them.
+pub fn terminate(child: &mut Child, grace: Duration) {
+    if let Ok(Some(_)) = child.try_wait() {
+        return;
+    }
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}

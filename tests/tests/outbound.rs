@@ -19,7 +19,7 @@ use bytes::Bytes;
 use gatehouse_ca::{IssueRequest, SpiffeId};
 use gatehouse_tests::fintech::http::{Recorder, serve};
 use gatehouse_tests::fintech::monolith::Monolith;
-use gatehouse_tests::harness::{CertDir, Pki, Sidecar, eventually, sidecar_cli};
+use gatehouse_tests::harness::{CertDir, Pki, Sidecar, eventually, sidecar_cli, terminate};
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
@@ -587,8 +587,7 @@ http {{
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
-            let _ = child.kill();
-            let _ = child.wait();
+            terminate(&mut child, Duration::from_secs(5));
         }
         panic!(
             "nginx did not start; error.log:\n{}",
@@ -603,7 +602,6 @@ http {{
 
 impl Drop for Nginx {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        terminate(&mut self.child, Duration::from_secs(5));
     }
 }
