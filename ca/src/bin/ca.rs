@@ -66,15 +66,8 @@ enum Command {
         /// CA directory.
         #[arg(long)]
         dir: PathBuf,
-        /// The workload's SPIFFE ID, e.g. spiffe://fintech.internal/payments.
-        #[arg(long)]
-        spiffe_id: String,
-        /// Extra DNS SAN (repeatable).
-        #[arg(long = "dns", value_name = "NAME")]
-        dns: Vec<String>,
-        /// Lifetime; may not outlive the signing CA.
-        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
-        ttl: Duration,
+        #[command(flatten)]
+        svid: SvidArgs,
         /// Certificate directory to write (created if missing).
         #[arg(long)]
         out: PathBuf,
@@ -90,15 +83,8 @@ enum Command {
         /// The CSR, PEM (`CERTIFICATE REQUEST`) or DER.
         #[arg(long)]
         csr: PathBuf,
-        /// The workload's SPIFFE ID, e.g. spiffe://fintech.internal/payments.
-        #[arg(long)]
-        spiffe_id: String,
-        /// Extra DNS SAN (repeatable).
-        #[arg(long = "dns", value_name = "NAME")]
-        dns: Vec<String>,
-        /// Lifetime; may not outlive the signing CA.
-        #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
-        ttl: Duration,
+        #[command(flatten)]
+        svid: SvidArgs,
         /// Where to write the certificate chain (PEM).
         #[arg(long)]
         out: PathBuf,
@@ -233,21 +219,13 @@ fn run(cli: &Cli) -> Result<ExitCode, CaError> {
             ttl,
             intermediate,
         } => init(dir, trust_domain, key_type, *ttl, *intermediate, json),
-        Command::Issue {
-            dir,
-            spiffe_id,
-            dns,
-            ttl,
-            out,
-        } => issue(dir, spiffe_id, dns, *ttl, out, json),
+        Command::Issue { dir, svid, out } => issue(dir, svid, out, json),
         Command::Sign {
             dir,
             csr,
-            spiffe_id,
-            dns,
-            ttl,
+            svid,
             out,
-        } => sign(dir, csr, spiffe_id, dns, *ttl, out, json),
+        } => sign(dir, csr, svid, out, json),
         Command::Inspect { file, bundle } => inspect_cmd(file, bundle.as_deref(), json),
         Command::List { dir } => list(dir, json),
         Command::Rotate {
@@ -341,20 +319,33 @@ fn init(
     Ok(ExitCode::SUCCESS)
 }
 
-fn issue(
-    dir: &Path,
-    spiffe_id: &str,
-    dns: &[String],
+/// What an SVID says about its workload: shared by `ca issue` and `ca sign`.
+#[derive(clap::Args, Debug)]
+struct SvidArgs {
+    /// The workload's SPIFFE ID, e.g. spiffe://fintech.internal/payments.
+    #[arg(long)]
+    spiffe_id: String,
+    /// Extra DNS SAN (repeatable).
+    #[arg(long = "dns", value_name = "NAME")]
+    dns: Vec<String>,
+    /// Lifetime; may not outlive the signing CA.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     ttl: Duration,
-    out: &Path,
-    json: bool,
-) -> Result<ExitCode, CaError> {
+}
+
+impl SvidArgs {
+    fn request(&self) -> Result<IssueRequest, CaError> {
+        Ok(IssueRequest {
+            spiffe_id: parse_id(&self.spiffe_id)?,
+            dns: self.dns.clone(),
+            ttl: self.ttl,
+        })
+    }
+}
+
+fn issue(dir: &Path, svid: &SvidArgs, out: &Path, json: bool) -> Result<ExitCode, CaError> {
     let ca = Authority::open(dir)?;
-    let req = IssueRequest {
-        spiffe_id: parse_id(spiffe_id)?,
-        dns: dns.to_vec(),
-        ttl,
-    };
+    let req = svid.request()?;
     check_out_dir(out)?;
     let svid = ca.issue(&req)?;
     svid.write_to(out)?;
@@ -386,18 +377,12 @@ fn issue(
 fn sign(
     dir: &Path,
     csr: &Path,
-    spiffe_id: &str,
-    dns: &[String],
-    ttl: Duration,
+    svid: &SvidArgs,
     out: &Path,
     json: bool,
 ) -> Result<ExitCode, CaError> {
     let ca = Authority::open(dir)?;
-    let req = IssueRequest {
-        spiffe_id: parse_id(spiffe_id)?,
-        dns: dns.to_vec(),
-        ttl,
-    };
+    let req = svid.request()?;
     let csr_bytes = std::fs::read(csr).map_err(|e| CaError::Io {
         action: "cannot read",
         path: csr.to_path_buf(),
