@@ -26,9 +26,11 @@
 //! error) and `gatehouse_reloads_total{result="error"}` counts it.
 //!
 //! **Swap.** The new snapshot is swapped in atomically ([`State::swap`]): new inbound
-//! handshakes use its `ServerConfig` (a fresh one on every reload, so a fresh session cache:
-//! no session verified under an old bundle or CRL resumes; a resumed peer is re-verified
-//! anyway, see [`crate::tls::verify`]), both TLS roles present the new certificate, and every
+//! handshakes use its `ServerConfig` (a fresh one, so a fresh session cache, whenever the
+//! bundle or CRL changed or on SIGHUP: no session verified under an old bundle or CRL resumes;
+//! a resumed peer is re-verified anyway, see [`crate::tls::verify`]; a reload that leaves
+//! trust alone keeps the running `ServerConfig` and its sessions, see
+//! [`State::keep_server_tls`]), both TLS roles present the new certificate, and every
 //! request, including those on open keep-alive and HTTP/2 connections, is decided by the new
 //! policy. When the bundle or CRL changed, each outbound pool gets a new client configuration
 //! and retires its open connections ([`crate::outbound::connect::Upstream::retire_all`]):
@@ -292,6 +294,10 @@ impl Reloader {
         };
         let trust_changed = changed.iter().any(|k| matches!(*k, "bundle" | "crl"))
             || matches!(trigger, Trigger::Signal);
+        let mut snapshot = snapshot;
+        if !trust_changed {
+            self.state.keep_server_tls(&mut snapshot);
+        }
         let serial = snapshot.credentials.serial_hex.clone();
         let policy_sha = snapshot.inbound.as_ref().map(|i| i.policy_sha256.clone());
         publish_expiry(&self.metrics, &snapshot);

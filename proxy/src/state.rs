@@ -119,6 +119,19 @@ impl State {
         self.generation.send_modify(|g| *g += 1);
     }
 
+    /// Carries the running inbound `ServerConfig` (its verifier and session cache) over to
+    /// `next`, for a reload that changed neither the bundle nor the CRL: a policy edit or a
+    /// certificate rotation then costs clients no full handshake. The certificate still
+    /// changes, because every `ServerConfig` serves through the one shared resolver that
+    /// [`State::swap`] updates.
+    pub fn keep_server_tls(&self, next: &mut Snapshot) {
+        let current = self.snapshot.load();
+        if let (Some(next), Some(current)) = (next.inbound.as_mut(), current.inbound.as_ref()) {
+            next.tls = current.tls.clone();
+            next.verifier = current.verifier.clone();
+        }
+    }
+
     /// A receiver that changes on every [`State::swap`].
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.generation.subscribe()

@@ -818,15 +818,11 @@ async fn resumed_session_after_revocation_is_refused() {
     let client = MtlsClient::new(&cert);
 
     // A full handshake, then a resumed one (the client keeps its session tickets).
-    for expected in [HandshakeKind::Full, HandshakeKind::Resumed] {
-        let tls = client.connect(addr, Proto::H1).await.expect("handshake");
-        assert_eq!(tls.get_ref().1.handshake_kind(), Some(expected));
-        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-            .await
-            .expect("http1");
-        tokio::spawn(conn);
-        assert_eq!(get_on(&mut send).await, Ok(200));
-    }
+    assert_eq!(handshake_and_get(&client, addr).await, HandshakeKind::Full);
+    assert_eq!(
+        handshake_and_get(&client, addr).await,
+        HandshakeKind::Resumed
+    );
 
     revoke(&pki, &serial, &crl).await;
     wait_reloads(&sc, "crl", "ok", 1.0).await;
@@ -836,6 +832,38 @@ async fn resumed_session_after_revocation_is_refused() {
     assert!(resumed.is_err(), "revoked client resumed: {resumed:?}");
     let refused = revoked_handshakes(&sc).await;
     assert!(refused >= 1.0, "{}", sc.stderr_text());
+}
+
+/// One new TLS connection with `client`'s session store, one GET that must get 200; returns
+/// whether the handshake was full or resumed.
+async fn handshake_and_get(client: &MtlsClient, addr: std::net::SocketAddr) -> HandshakeKind {
+    let tls = client.connect(addr, Proto::H1).await.expect("handshake");
+    let kind = tls.get_ref().1.handshake_kind().expect("handshake done");
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .expect("http1");
+    tokio::spawn(conn);
+    assert_eq!(get_on(&mut send).await, Ok(200));
+    kind
+}
+
+/// A reload that leaves trust alone (a policy edit) keeps the server's session cache, so
+/// clients resume instead of paying a full handshake; a CRL change (above) does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_only_reload_keeps_tls_sessions_resumable() {
+    let pki = Pki::new("reload.test");
+    let app = FakeApp::start().await;
+    let (sc, _crl) = crl_sidecar(&pki, &app).await;
+    let addr = sc.inbound_addr();
+    let client = MtlsClient::new(&pki.issue(CLIENT_ID));
+    assert_eq!(handshake_and_get(&client, addr).await, HandshakeKind::Full);
+
+    replace(&sc.policy_path(), policy("\"report-service\"").as_bytes());
+    wait_reloads(&sc, "policy", "ok", 1.0).await;
+    assert_eq!(
+        handshake_and_get(&client, addr).await,
+        HandshakeKind::Resumed
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
