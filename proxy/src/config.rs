@@ -228,17 +228,19 @@ pub struct Config {
     pub runtime: RuntimeConfig,
 }
 
-/// Default `[runtime] worker_threads`: one thread serves every connection. A sidecar shares its
-/// machine with the app it fronts; on the 2-core benchmark machine (`bench/run.sh`) one thread
-/// costs about 35 % less CPU per keep-alive request than a worker per core (no work stealing,
-/// no cross-thread wake-ups) and keeps idle RSS under 10 MiB.
+/// Default `[runtime] worker_threads`: one event loop serves every connection. A sidecar shares
+/// its machine with the app it fronts; one loop is the cheapest per request (the most work per
+/// wake-up and per syscall) and keeps idle RSS under 10 MiB.
 pub const DEFAULT_WORKER_THREADS: usize = 1;
 
-/// `[runtime]`: the async runtime's threads.
+/// `[runtime]`: the sidecar's event loops.
 #[derive(Debug, Clone)]
 pub struct RuntimeConfig {
-    /// Threads that run connections: 1 runs everything on the main thread (tokio's
-    /// current-thread runtime), more starts a multi-thread runtime with that many workers.
+    /// Event loops (threads) serving connections. Each is a single-threaded runtime with its
+    /// own app and outbound connection pools, accepting from the same listening sockets, so a
+    /// connection stays on one thread for its life (no work stealing, no cross-thread
+    /// wake-ups per request), like nginx's `worker_processes`. More than one raises the
+    /// throughput ceiling when the sidecar has cores to spare, at some CPU per request.
     pub worker_threads: usize,
 }
 

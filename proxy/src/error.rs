@@ -57,6 +57,15 @@ pub enum LoadError {
     /// The signal handlers could not be installed.
     #[error("cannot install the SIGTERM/SIGINT handlers: {0}")]
     Signal(#[source] std::io::Error),
+    /// An event loop thread (`[runtime] worker_threads`) could not be started.
+    #[error("cannot start event loop {index}: {source}")]
+    Worker {
+        /// Which loop (0 is the main thread).
+        index: usize,
+        /// The I/O error (thread creation, runtime, or duplicating a listening socket).
+        #[source]
+        source: std::io::Error,
+    },
     /// The audit log file could not be opened.
     #[error("{}: cannot open the audit log: {source}", path.display())]
     AuditFile {
@@ -92,6 +101,9 @@ impl LoadError {
                 "another process holds the port, or the address is not local: change the listen address".into()
             }
             Self::Signal(_) => "report this as a bug".into(),
+            Self::Worker { .. } => {
+                "lower [runtime] worker_threads, or raise the process's thread and open-files limits (ulimit -u, ulimit -n)".into()
+            }
             Self::AuditFile { .. } => "check [audit] path: its directory must exist and be writable".into(),
         }
     }

@@ -59,7 +59,7 @@ fn main() -> ExitCode {
             if let Err(e) = init_logging(&loaded) {
                 return render(&[e]);
             }
-            let rt = match runtime(loaded.state.config.runtime.worker_threads) {
+            let rt = match runtime() {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("error: cannot start the async runtime: {e}");
@@ -74,17 +74,13 @@ fn main() -> ExitCode {
     }
 }
 
-/// One worker: tokio's current-thread runtime (every task on the main thread, no work stealing,
-/// no cross-thread wake-ups); more: a multi-thread runtime with that many workers.
-fn runtime(worker_threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
-    let mut builder = if worker_threads <= 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        let mut b = tokio::runtime::Builder::new_multi_thread();
-        b.worker_threads(worker_threads);
-        b
-    };
-    builder.enable_all().build()
+/// The main thread's event loop: tokio's current-thread runtime (no work stealing, no
+/// cross-thread wake-ups). `[runtime] worker_threads = N` adds N - 1 more such loops on their
+/// own threads (`run::run`), each accepting from the same listening sockets.
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
 }
 
 fn load(path: &std::path::Path) -> Result<Loaded, ExitCode> {

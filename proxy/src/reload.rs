@@ -132,7 +132,7 @@ impl Trigger {
 pub struct Reloader {
     state: Arc<State>,
     metrics: Metrics,
-    upstreams: Vec<Arc<Upstream>>,
+    upstreams: Vec<Vec<Arc<Upstream>>>,
     paths: [Option<PathBuf>; 5],
     last: Fingerprint,
     warned_serial: Option<String>,
@@ -147,10 +147,11 @@ impl std::fmt::Debug for Reloader {
 }
 
 impl Reloader {
-    /// A reloader for `state`; `upstreams` are the outbound pools in configuration order. Reads
+    /// A reloader for `state`; `upstreams` are the outbound pools in configuration order (one
+    /// per event loop for each entry). Reads
     /// the files once (the baseline the first change is compared with) and publishes the
     /// expiry metrics of the current snapshot.
-    pub fn new(state: Arc<State>, metrics: Metrics, upstreams: Vec<Arc<Upstream>>) -> Self {
+    pub fn new(state: Arc<State>, metrics: Metrics, upstreams: Vec<Vec<Arc<Upstream>>>) -> Self {
         let paths = watched_paths(&state.config);
         let last = Fingerprint::read(&paths);
         let mut r = Self {
@@ -302,10 +303,12 @@ impl Reloader {
         let policy_sha = snapshot.inbound.as_ref().map(|i| i.policy_sha256.clone());
         publish_expiry(&self.metrics, &snapshot);
         self.state.swap(snapshot);
-        for (upstream, tls) in self.upstreams.iter().zip(outbound_tls) {
-            upstream.set_tls(tls);
-            if trust_changed {
-                upstream.retire_all();
+        for (pools, tls) in self.upstreams.iter().zip(outbound_tls) {
+            for upstream in pools {
+                upstream.set_tls(Arc::clone(&tls));
+                if trust_changed {
+                    upstream.retire_all();
+                }
             }
         }
         info!(

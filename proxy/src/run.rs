@@ -14,12 +14,14 @@ use time::format_description::well_known::Rfc3339;
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
+use crate::accept::{self, Acceptor};
 use crate::admin::Admin;
-use crate::config::Config;
+use crate::config::{Config, InboundConfig};
 use crate::error::LoadError;
 use crate::inbound::{Inbound, listener};
 use crate::metrics::Metrics;
-use crate::outbound::{self, Outbound, OutboundTls, PreparedOutbound};
+use crate::outbound::connect::Upstream;
+use crate::outbound::{self, Outbound, OutboundPools, OutboundTls, PreparedOutbound};
 use crate::reload::Reloader;
 use crate::signal::{Shutdown, Terminate};
 use crate::state::State;
@@ -98,6 +100,7 @@ impl Loaded {
             let _ = writeln!(s, "{}", o.summary());
         }
         let _ = writeln!(s, "admin      {}", cfg.admin.listen);
+        let _ = writeln!(s, "runtime    {} event loop(s)", cfg.runtime.worker_threads);
         s
     }
 }
@@ -128,8 +131,7 @@ pub async fn run(loaded: Loaded, shutdown: Shutdown) -> Result<usize, LoadError>
             }
             let l = bind("inbound", i.listen).await?;
             bound.push(("inbound".into(), l.local_addr().unwrap_or(i.listen)));
-            let inbound = Arc::new(Inbound::new(state.clone(), metrics.clone(), i.clone()));
-            Some((inbound, l))
+            Some((i.clone(), l))
         }
         None => None,
     };
@@ -143,10 +145,55 @@ pub async fn run(loaded: Loaded, shutdown: Shutdown) -> Result<usize, LoadError>
         admin_listener.local_addr().unwrap_or(cfg.admin.listen),
     ));
 
+    let loops = cfg.runtime.worker_threads.max(1);
+    // Loop 0 is this thread (with the admin endpoint, the reloader and the accept tasks that
+    // spread connections when there is more than one loop); the others are threads with their
+    // own current-thread runtime. Each loop owns its pools.
+    let (pools, out_listeners) = out.split();
+    let spread_error = |source| LoadError::Worker { index: 0, source };
+    let mut inbound_acceptors = match inbound {
+        Some((i, l)) => Some((
+            i,
+            accept::spread(l, loops, &shutdown).map_err(spread_error)?,
+        )),
+        None => None,
+    };
+    let mut outbound_acceptors = Vec::with_capacity(out_listeners.len());
+    for l in out_listeners {
+        outbound_acceptors.push(accept::spread(l, loops, &shutdown).map_err(spread_error)?);
+    }
+    let shared = Arc::new(Shared {
+        state: state.clone(),
+        metrics: metrics.clone(),
+        inbound: inbound_acceptors.as_ref().map(|(i, _)| i.clone()),
+        outbound: pools,
+    });
+    let mut upstreams: Vec<Vec<Arc<Upstream>>> = vec![Vec::new(); cfg.outbound.len()];
+    for index in (0..loops).rev() {
+        let share = LoopShare {
+            inbound: inbound_acceptors.as_mut().and_then(|(_, a)| a.pop()),
+            outbound: outbound_acceptors.iter_mut().filter_map(Vec::pop).collect(),
+        };
+        let pools = if index == 0 {
+            shared.start(share, &shutdown)
+        } else {
+            spawn_loop(index, Arc::clone(&shared), share, shutdown.clone())
+                .await
+                .map_err(|source| {
+                    shutdown.begin();
+                    LoadError::Worker { index, source }
+                })?
+        };
+        for (entry, pool) in upstreams.iter_mut().zip(pools) {
+            entry.push(pool);
+        }
+    }
+    drop(shared);
+
     for (name, addr) in &bound {
         info!(target: LISTEN_TARGET, "listening {name} on {addr}");
     }
-    info!(identity = %snap.credentials.id, "sidecar ready");
+    info!(identity = %snap.credentials.id, event_loops = loops, "sidecar ready");
     let admin = Arc::new(Admin {
         state: state.clone(),
         metrics: metrics.clone(),
@@ -154,10 +201,6 @@ pub async fn run(loaded: Loaded, shutdown: Shutdown) -> Result<usize, LoadError>
         listeners: bound,
     });
     tokio::spawn(admin.serve(admin_listener));
-    if let Some((inbound, l)) = inbound {
-        tokio::spawn(listener::serve(inbound, l, shutdown.clone()));
-    }
-    let upstreams = out.spawn(&shutdown);
     let reloader = Reloader::new(state.clone(), metrics.clone(), upstreams);
     tokio::spawn(reloader.run(hangup, shutdown.clone()));
 
@@ -180,6 +223,71 @@ pub async fn run(loaded: Loaded, shutdown: Shutdown) -> Result<usize, LoadError>
         info!("drained cleanly");
     }
     Ok(cut)
+}
+
+/// What every event loop needs to serve the listeners with its own pools.
+struct Shared {
+    state: Arc<State>,
+    metrics: Metrics,
+    inbound: Option<InboundConfig>,
+    outbound: OutboundPools,
+}
+
+/// One event loop's acceptors: the inbound one and one per `[[outbound]]` entry.
+struct LoopShare {
+    inbound: Option<Acceptor>,
+    outbound: Vec<Acceptor>,
+}
+
+impl Shared {
+    /// Serves `share` on the calling event loop, with this loop's own app connection pool and
+    /// outbound pools. Returns the outbound pools in configuration order.
+    fn start(&self, share: LoopShare, shutdown: &Shutdown) -> Vec<Arc<Upstream>> {
+        if let (Some(cfg), Some(acceptor)) = (&self.inbound, share.inbound) {
+            let inbound = Inbound::new(self.state.clone(), self.metrics.clone(), cfg.clone());
+            tokio::spawn(listener::serve(
+                Arc::new(inbound),
+                acceptor,
+                shutdown.clone(),
+            ));
+        }
+        self.outbound.spawn(share.outbound, shutdown)
+    }
+}
+
+/// Starts event loop `index` on its own thread; resolves once it serves its share. The loop
+/// runs until shutdown has started and every connection task has finished (the main thread
+/// bounds that wait by the grace period, then the process exits).
+async fn spawn_loop(
+    index: usize,
+    shared: Arc<Shared>,
+    share: LoopShare,
+    shutdown: Shutdown,
+) -> std::io::Result<Vec<Arc<Upstream>>> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name(format!("gatehouse-loop{index}"))
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let pools = shared.start(share, &shutdown);
+                drop(shared);
+                let _ = tx.send(Ok(pools));
+                shutdown.token().cancelled().await;
+                shutdown.tracker().wait().await;
+            });
+        })?;
+    rx.await
+        .unwrap_or_else(|_| Err(std::io::Error::other("the event loop thread exited early")))
 }
 
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, LoadError> {

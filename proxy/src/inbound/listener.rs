@@ -24,19 +24,20 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulConnection;
 use rustls::server::danger::ClientCertVerifier;
 use rustls_pki_types::{CertificateDer, UnixTime};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::Inbound;
 use super::request::{ConnCtx, handle};
+use crate::accept::Acceptor;
 use crate::signal::Shutdown;
 use crate::state::{Snapshot, State};
 use crate::tls::verify::failure_reason;
 
 /// Accepts connections until shutdown starts.
-pub async fn serve(inbound: Arc<Inbound>, listener: TcpListener, shutdown: Shutdown) {
+pub async fn serve(inbound: Arc<Inbound>, mut listener: Acceptor, shutdown: Shutdown) {
     let limit = Arc::new(Semaphore::new(inbound.cfg.max_connections));
     loop {
         let permit = tokio::select! {

@@ -20,10 +20,11 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use rustls::crypto::CryptoProvider;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::connect::Upstream;
+use crate::accept::Acceptor;
 use crate::signal::Shutdown;
 
 /// What the app receives: the upstream's body, streamed, or the sidecar's own JSON.
@@ -36,7 +37,7 @@ const MAX_REQUEST_ID_LEN: usize = 128;
 /// One bound outbound listener and the upstream it forwards to.
 #[derive(Debug)]
 pub struct OutboundListener {
-    listener: TcpListener,
+    listener: Acceptor,
     upstream: Arc<Upstream>,
     server_id: String,
     ids: RequestIds,
@@ -45,7 +46,7 @@ pub struct OutboundListener {
 impl OutboundListener {
     /// Wraps a bound listener.
     pub fn new(
-        listener: TcpListener,
+        listener: Acceptor,
         upstream: Arc<Upstream>,
         server_id: String,
         provider: Arc<CryptoProvider>,
@@ -63,12 +64,12 @@ impl OutboundListener {
     /// # Errors
     /// The socket's error.
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.listener.local_addr()
+        Ok(self.listener.local_addr())
     }
 
     /// Accepts until shutdown starts; each connection runs as a tracked task and drains
     /// gracefully (HTTP/1.1 closes after the in-flight request, HTTP/2 sends GOAWAY).
-    pub async fn serve(self, shutdown: Shutdown) {
+    pub async fn serve(mut self, shutdown: Shutdown) {
         let ctx = Arc::new(Ctx {
             upstream: self.upstream,
             server_id: self.server_id,

@@ -30,6 +30,7 @@ use rustls::pki_types::ServerName;
 use tokio::net::TcpListener;
 use tracing::{info, warn};
 
+use crate::accept::Acceptor;
 use crate::config::{MinTls, OutboundConfig};
 use crate::signal::Shutdown;
 use crate::tls::Credentials;
@@ -209,13 +210,23 @@ pub fn prepare(
 /// The bound outbound listeners.
 #[derive(Debug)]
 pub struct Outbound {
-    listeners: Vec<OutboundListener>,
-    upstreams: Vec<Arc<Upstream>>,
+    listeners: Vec<TcpListener>,
+    pools: OutboundPools,
+}
+
+/// What every event loop needs to serve the outbound listeners with its own connection pools
+/// ([`OutboundPools::spawn`] runs once per loop).
+#[derive(Debug)]
+pub struct OutboundPools {
+    entries: Vec<PreparedOutbound>,
+    families: OutboundMetrics,
+    provider: Arc<CryptoProvider>,
 }
 
 impl Outbound {
-    /// Binds every prepared entry and starts its connection pool; registers
-    /// `gatehouse_outbound_*` on `registry`. Must run inside a Tokio runtime.
+    /// Binds every prepared entry; registers `gatehouse_outbound_*` on `registry`. Must run
+    /// inside a Tokio runtime. No pool exists until [`Outbound::spawn`] or
+    /// [`OutboundPools::spawn`].
     ///
     /// # Errors
     /// A listen address that cannot be bound, or metrics registered twice.
@@ -226,8 +237,7 @@ impl Outbound {
     ) -> Result<Self, OutboundSetupError> {
         let families = OutboundMetrics::register(registry)?;
         let mut listeners = Vec::with_capacity(prepared.len());
-        let mut upstreams = Vec::with_capacity(prepared.len());
-        for p in prepared {
+        for p in &prepared {
             let c = &p.config;
             if c.allow_non_loopback_listen && !c.listen.ip().is_loopback() {
                 warn!(
@@ -246,26 +256,16 @@ impl Outbound {
                         addr: c.listen,
                         source,
                     })?;
-            let upstream = Upstream::start(
-                &c.name,
-                Target::new(&c.connect_host, c.connect_port),
-                p.server_name.clone(),
-                Arc::clone(&p.tls),
-                limits(c),
-                families.upstream(&c.name),
-            );
             info!(upstream = %c.name, listen = %c.listen, connect = %format!("{}:{}", c.connect_host, c.connect_port), server_id = %c.server_id, "outbound listener bound");
-            upstreams.push(Arc::clone(&upstream));
-            listeners.push(OutboundListener::new(
-                tcp,
-                upstream,
-                c.server_id.to_string(),
-                Arc::clone(&provider),
-            ));
+            listeners.push(tcp);
         }
         Ok(Self {
             listeners,
-            upstreams,
+            pools: OutboundPools {
+                entries: prepared,
+                families,
+                provider,
+            },
         })
     }
 
@@ -277,18 +277,54 @@ impl Outbound {
             .collect()
     }
 
-    /// The upstream pools (for reload: [`Upstream::set_tls`]).
-    pub fn upstreams(&self) -> &[Arc<Upstream>] {
-        &self.upstreams
+    /// Serves every listener on the calling event loop (the single-loop case); the accept
+    /// loops stop when `shutdown` starts. Returns the upstream pools, in configuration order,
+    /// for reloads ([`Upstream::set_tls`]).
+    ///
+    /// # Panics
+    /// If a bound socket cannot report its address (it just did, in `bind`).
+    pub fn spawn(self, shutdown: &Shutdown) -> Vec<Arc<Upstream>> {
+        let (pools, listeners) = self.split();
+        let acceptors = listeners
+            .into_iter()
+            .map(|l| Acceptor::listener(l).expect("a bound listener has an address"))
+            .collect();
+        pools.spawn(acceptors, shutdown)
     }
 
-    /// Spawns every listener's accept loop; they stop when `shutdown` starts. Returns the
-    /// upstream pools, in configuration order, for reloads ([`Upstream::set_tls`]).
-    pub fn spawn(self, shutdown: &Shutdown) -> Vec<Arc<Upstream>> {
-        for l in self.listeners {
-            tokio::spawn(l.serve(shutdown.clone()));
+    /// The listeners (configuration order), to be spread over event loops
+    /// ([`crate::accept::spread`]), and what each loop needs to serve them.
+    pub fn split(self) -> (OutboundPools, Vec<TcpListener>) {
+        (self.pools, self.listeners)
+    }
+}
+
+impl OutboundPools {
+    /// Starts, on the calling event loop, a connection pool per entry and an accept loop on
+    /// each of `acceptors` (configuration order); they stop when `shutdown` starts. Returns
+    /// the pools, in configuration order, for reloads ([`Upstream::set_tls`]).
+    pub fn spawn(&self, acceptors: Vec<Acceptor>, shutdown: &Shutdown) -> Vec<Arc<Upstream>> {
+        let mut upstreams = Vec::with_capacity(self.entries.len());
+        for (p, acceptor) in self.entries.iter().zip(acceptors) {
+            let c = &p.config;
+            let upstream = Upstream::start(
+                &c.name,
+                Target::new(&c.connect_host, c.connect_port),
+                p.server_name.clone(),
+                Arc::clone(&p.tls),
+                limits(c),
+                self.families.upstream(&c.name),
+            );
+            let listener = OutboundListener::new(
+                acceptor,
+                Arc::clone(&upstream),
+                c.server_id.to_string(),
+                Arc::clone(&self.provider),
+            );
+            tokio::spawn(listener.serve(shutdown.clone()));
+            upstreams.push(upstream);
         }
-        self.upstreams
+        upstreams
     }
 }
 
