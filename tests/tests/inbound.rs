@@ -454,6 +454,19 @@ async fn curl_http2_http1_and_openssl_s_client_succeed() {
         "openssl s_client: {text}\n{}",
         String::from_utf8_lossy(&s_client.stderr)
     );
+    // OpenSSL offers AES-256-GCM first; the sidecar picks its own preference, AES-128-GCM
+    // (cheaper handshakes and records, see `tls::provider`).
+    let (c, b) = (caller.clone(), bundle.clone());
+    let brief = tokio::task::spawn_blocking(move || {
+        openssl_s_client(&c, &b, port, &["-brief", "-servername", "localhost"], b"")
+    })
+    .await
+    .expect("openssl");
+    let brief = String::from_utf8_lossy(&brief.stderr);
+    assert!(
+        brief.contains("Ciphersuite: TLS_AES_128_GCM_SHA256"),
+        "openssl s_client -brief: {brief}"
+    );
     // TLS 1.2 is refused unless configured.
     let (c, b) = (caller.clone(), bundle.clone());
     let tls12 =

@@ -26,9 +26,17 @@ use time::format_description::well_known::Rfc3339;
 pub use svid::{SvidError, leaf_identity, svid_identity};
 pub use verify::PeerIdentity;
 
-/// The one crypto provider used everywhere (aws-lc-rs).
+/// The one crypto provider used everywhere: aws-lc-rs with its default suites, AES-128-GCM
+/// preferred. Both AES-GCM suites are 128-bit-secure AEADs; AES-128 with SHA-256 costs about
+/// 10 % less per full handshake than AES-256 with SHA-384 (transcript hash and HKDF, measured
+/// with callgrind) and a little less per record. Our client offers it first and the server
+/// prefers it (`ignore_client_order`), so callers that list AES-256 first get it too.
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    provider
+        .cipher_suites
+        .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    Arc::new(provider)
 }
 
 /// A problem with the sidecar's own TLS material.

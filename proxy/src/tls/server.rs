@@ -47,5 +47,7 @@ pub fn server_config(
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(resolver);
     cfg.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
+    // Our suite order (AES-128-GCM first, see `tls::provider`), not the client's.
+    cfg.ignore_client_order = true;
     Ok(cfg)
 }
