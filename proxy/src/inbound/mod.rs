@@ -3,8 +3,10 @@
 //! - [`listener`]: the accept loop, the handshake under a timeout, the per-connection HTTP
 //!   server, idle timeout and graceful drain;
 //! - [`request`]: per request, normalize → decide → audit + metrics → deny, or rewrite the
-//!   identity headers and forward on a pooled keep-alive HTTP/1.1 client.
+//!   identity headers and forward on a pooled keep-alive HTTP/1.1 connection;
+//! - [`app`]: the pool of keep-alive connections to the app.
 
+pub mod app;
 pub mod listener;
 pub mod request;
 
@@ -12,11 +14,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use http::HeaderValue;
-use http::uri::Authority;
-use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config::InboundConfig;
 use crate::metrics::Metrics;
@@ -31,35 +28,31 @@ pub struct Inbound {
     pub metrics: Metrics,
     /// `[inbound]`.
     pub cfg: InboundConfig,
-    client: Client<HttpConnector, Incoming>,
-    app_authority: Authority,
+    app: Arc<app::AppPool>,
+    /// `Host` for requests that came without one (the app's address).
+    app_host: HeaderValue,
     request_ids: RequestIds,
 }
 
 impl Inbound {
-    /// Builds the inbound side for `cfg` (the app client pool is created here; no socket is
-    /// opened until the first request).
+    /// Builds the inbound side for `cfg`. Nothing is opened or spawned here: the app
+    /// connection pool connects, and starts its sweep task, on the runtime of the first
+    /// request that needs it (one `Inbound` per event loop).
     pub fn new(state: Arc<State>, metrics: Metrics, cfg: InboundConfig) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(cfg.app_timeout));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(cfg.app_pool_idle_timeout)
-            .pool_max_idle_per_host(cfg.app_pool_max_idle)
-            .build(connector);
-        let app_authority: Authority = cfg
-            .app
-            .to_string()
-            .parse()
-            .expect("a SocketAddr always renders as a valid authority");
+        let app = Arc::new(app::AppPool::new(
+            cfg.app,
+            cfg.app_pool_max_idle,
+            cfg.app_pool_idle_timeout,
+        ));
+        let app_host = HeaderValue::try_from(cfg.app.to_string())
+            .expect("a SocketAddr always renders as a valid header value");
         let request_ids = RequestIds::new(&state.provider);
         Self {
             state,
             metrics,
             cfg,
-            client,
-            app_authority,
+            app,
+            app_host,
             request_ids,
         }
     }

@@ -26,13 +26,14 @@ use std::time::Instant;
 use bytes::Bytes;
 use gatehouse_policy::path::normalize;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::uri::{PathAndQuery, Scheme, Uri};
+use http::uri::{PathAndQuery, Uri};
 use http::{Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 
 use super::Inbound;
+use super::app::AppBody;
 use super::listener::{Activity, RequestGuard};
 use crate::audit::{self, AuditRecord};
 use crate::error::Refusal;
@@ -104,7 +105,7 @@ impl ConnCtx {
 /// The response body: the app's, streamed, or one the sidecar made; it ends the request's
 /// activity (idle timeout) when dropped.
 pub struct ResponseBody {
-    inner: Either<Incoming, Full<Bytes>>,
+    inner: Either<AppBody, Full<Bytes>>,
     _guard: RequestGuard,
 }
 
@@ -148,7 +149,7 @@ async fn decide_and_forward(
     req: Request<Incoming>,
     request_id: &HeaderValue,
     started: Instant,
-) -> Response<Either<Incoming, Full<Bytes>>> {
+) -> Response<Either<AppBody, Full<Bytes>>> {
     // The current snapshot, not the connection's: policy reloads reach open connections.
     let snapshot = ctx.inbound.state.snapshot();
     let Some(inb) = snapshot.inbound.as_ref() else {
@@ -201,7 +202,7 @@ async fn decide_and_forward(
         return refuse(Refusal::Denied, request_id);
     }
     let fwd = rewrite(ctx, req, &uri, &path, request_id);
-    let sent = tokio::time::timeout(ctx.inbound.cfg.app_timeout, ctx.inbound.client.request(fwd));
+    let sent = tokio::time::timeout(ctx.inbound.cfg.app_timeout, ctx.inbound.app.send(fwd));
     let resp = match sent.await {
         Ok(Ok(mut resp)) => {
             strip_hop_by_hop(resp.headers_mut());
@@ -223,7 +224,7 @@ async fn decide_and_forward(
     resp
 }
 
-fn refuse(r: Refusal<'_>, request_id: &HeaderValue) -> Response<Either<Incoming, Full<Bytes>>> {
+fn refuse(r: Refusal<'_>, request_id: &HeaderValue) -> Response<Either<AppBody, Full<Bytes>>> {
     r.response(request_id).map(Either::Right)
 }
 
@@ -305,12 +306,14 @@ fn rewrite(
             h.remove(name);
         }
     }
-    // HTTP/2 carries the authority in the URI; the app speaks HTTP/1.1 and wants Host.
-    if !h.contains_key(header::HOST)
-        && let Some(a) = uri.authority()
-        && let Ok(v) = HeaderValue::from_str(a.as_str())
-    {
-        h.insert(header::HOST, v);
+    // HTTP/2 carries the authority in the URI; the app speaks HTTP/1.1 and wants Host (the
+    // app's own address when the caller gave none).
+    if !h.contains_key(header::HOST) {
+        let host = uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            .unwrap_or_else(|| ctx.inbound.app_host.clone());
+        h.insert(header::HOST, host);
     }
     h.insert(XFCC_HEADER, ctx.xfcc.clone());
     h.insert(SPIFFE_ID_HEADER, ctx.spiffe_id.clone());
@@ -326,11 +329,8 @@ fn rewrite(
             PathAndQuery::try_from(s).unwrap_or_else(|_| PathAndQuery::from_static("/"))
         }
     };
-    let mut up = http::uri::Parts::default();
-    up.scheme = Some(Scheme::HTTP);
-    up.authority = Some(ctx.inbound.app_authority.clone());
-    up.path_and_query = Some(path_and_query);
-    parts.uri = Uri::from_parts(up).expect("scheme, authority and path are all set");
+    // Origin-form: the app is the connection's only destination.
+    parts.uri = Uri::from(path_and_query);
     parts.version = http::Version::HTTP_11;
     Request::from_parts(parts, body)
 }
