@@ -1,33 +1,52 @@
-//! The audit log: one JSON line per inbound decision, emitted as a `tracing` event with target
-//! [`TARGET`] and written by [`AuditLayer`] to stdout (default) or an append-only file.
+//! The audit log: one JSON line per decision, written to stdout (default) or an append-only
+//! file by a process-wide [`Sink`] that `sidecar run` [`install`]s at startup. Audit lines do
+//! not go through `tracing` (no dispatch, per-layer filters or field visitors); operational
+//! logs stay on `tracing` and stderr, and never enter the audit stream.
 //!
-//! An inbound line has exactly these fields, `time` first:
+//! An inbound line ([`record`]) has exactly these fields, in this order:
 //! `{"time","direction":"inbound","request_id","caller","method","path","route","decision",
-//! "reason","status","duration_ms"}`. Outbound lines (see `outbound::listener`) go through the
-//! same layer with their own fields.
-//! `path` is the normalized path (the raw one when normalization refused it), `route` is `null`
-//! when no route matched. Operational logs go to stderr, never into the audit stream.
+//! "reason","status","duration_ms"}`; `path` is the normalized path (the raw one when
+//! normalization refused it), `route` is `null` when no route matched. An outbound line
+//! ([`record_outbound`]): `{"time","direction":"outbound","request_id","upstream","server_id",
+//! "method","path","status","reason","duration_ms"}`. `time` is RFC 3339 UTC, `duration_ms` has
+//! three decimals.
+//!
+//! Writing (`[audit] flush_interval`, default [`crate::config::DEFAULT_AUDIT_FLUSH_INTERVAL`]):
+//! lines are formatted into an in-memory buffer and written in batches, by a small dedicated
+//! thread (no async runtime needed) when the buffer passes [`FLUSH_BYTES`] or the oldest line
+//! has waited the flush interval, and by [`flush`] at the end of a graceful shutdown. A batch is
+//! one `write` to a file; to a pipe it is cut at line ends into writes of at most `PIPE_BUF`
+//! bytes, which the kernel never interleaves with another writer's. Request paths only take
+//! the buffer's lock to append a line; the write happens outside it (the buffer is swapped
+//! out), and a request path waits for a write only when [`MAX_BUFFERED`] bytes are pending
+//! (the output is stalled: back-pressure rather than unbounded memory or lost lines). A flush
+//! interval of zero writes every line at once, from the request path (one `write` per line).
+//! With `[audit] enabled = false` nothing is installed and [`record`] returns at once.
 
-use std::fmt::Write as _;
-use std::fs::OpenOptions;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::fd::AsFd;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::Path;
-use std::sync::Mutex;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
+use std::thread::{self, Thread};
+use std::time::{Duration, Instant};
 
 use gatehouse_policy::SpiffeId;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
-use tracing::field::{Field, Visit};
-use tracing::{Event, Subscriber};
-use tracing_subscriber::Layer;
-use tracing_subscriber::layer::Context;
 
-/// The `tracing` target of audit events.
-pub const TARGET: &str = "gatehouse::audit";
+use crate::config::AuditConfig;
 
-/// One decision, as logged.
+/// Buffered bytes past which the flusher thread is woken at once instead of at the interval.
+pub const FLUSH_BYTES: usize = 32 * 1024;
+/// Buffered bytes past which a request path writes the buffer itself (the flusher is behind).
+pub const MAX_BUFFERED: usize = 1024 * 1024;
+/// Writes to a pipe up to this size are atomic (POSIX `PIPE_BUF` on Linux).
+const PIPE_BUF: usize = 4096;
+
+/// One inbound decision, as logged.
 #[derive(Debug)]
 pub struct AuditRecord<'a> {
     /// The request id (also sent to the app and in error bodies).
@@ -50,175 +69,404 @@ pub struct AuditRecord<'a> {
     pub duration: Duration,
 }
 
-/// Emits the audit event.
+/// One outbound request, as logged.
+#[derive(Debug)]
+pub struct OutboundRecord<'a> {
+    /// The request id (the app's or the one the sidecar assigned; the peer logs the same).
+    pub request_id: &'a str,
+    /// The `[[outbound]]` entry's name.
+    pub upstream: &'a str,
+    /// The peer's pinned SPIFFE ID.
+    pub server_id: &'a str,
+    /// HTTP method.
+    pub method: &'a str,
+    /// Request path as the app sent it.
+    pub path: &'a str,
+    /// Response status sent to the app.
+    pub status: u16,
+    /// `forwarded`, or why the sidecar answered itself.
+    pub reason: &'a str,
+    /// Time from request head to response head.
+    pub duration: Duration,
+}
+
+static SINK: OnceLock<Sink> = OnceLock::new();
+
+/// Makes `sink` the process's audit sink. Only the first call installs; later ones hand their
+/// sink back.
+///
+/// # Errors
+/// The sink, when one is already installed.
+pub fn install(sink: Sink) -> Result<(), Sink> {
+    SINK.set(sink)
+}
+
+/// Whether an audit sink is installed (`[audit] enabled`, in `sidecar run`).
+pub fn enabled() -> bool {
+    SINK.get().is_some()
+}
+
+/// Logs an inbound decision (nothing when no sink is installed).
 pub fn record(r: &AuditRecord<'_>) {
-    tracing::info!(
-        target: TARGET,
-        direction = "inbound",
-        request_id = r.request_id,
-        caller = r.caller.as_str(),
-        method = r.method,
-        path = r.path,
-        route = r.route,
-        decision = r.decision,
-        reason = r.reason,
-        status = r.status,
-        duration_ms = r.duration.as_secs_f64() * 1000.0,
-    );
-}
-
-/// Writes audit events as JSON lines; ignores every other event.
-pub struct AuditLayer {
-    out: Mutex<Box<dyn Write + Send>>,
-}
-
-impl AuditLayer {
-    /// Audit lines to stdout.
-    pub fn stdout() -> Self {
-        Self {
-            out: Mutex::new(Box::new(std::io::stdout())),
-        }
+    if let Some(sink) = SINK.get() {
+        sink.record(r);
     }
+}
 
-    /// Audit lines appended to `path` (created 0640 if missing).
+/// Logs an outbound request (nothing when no sink is installed).
+pub fn record_outbound(r: &OutboundRecord<'_>) {
+    if let Some(sink) = SINK.get() {
+        sink.record_outbound(r);
+    }
+}
+
+/// Writes every buffered line now and waits for the write: call at the end of a graceful
+/// shutdown (after the drain), or lines of the last flush interval are lost.
+pub fn flush() {
+    if let Some(sink) = SINK.get() {
+        sink.flush();
+    }
+}
+
+/// Where audit lines go, buffered: see the module documentation.
+pub struct Sink {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Sink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sink")
+            .field("flush_interval", &self.inner.interval)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    /// Lines not yet written; request paths append here.
+    buf: Mutex<Buffers>,
+    /// The output; held for the whole of a write, so batches are written in the order they
+    /// were swapped out. Request paths take it only past `MAX_BUFFERED` or with interval 0.
+    out: Mutex<Output>,
+    interval: Duration,
+    /// The buffer passed `FLUSH_BYTES`: the flusher writes without waiting for the interval.
+    urgent: AtomicBool,
+    flusher: OnceLock<Thread>,
+}
+
+struct Buffers {
+    cur: Vec<u8>,
+    /// The other buffer, kept between writes so swapping allocates nothing.
+    spare: Vec<u8>,
+}
+
+struct Output {
+    w: Box<dyn Write + Send>,
+    /// A pipe or socket: write at most `PIPE_BUF` bytes at a time, cut at line ends.
+    pipe: bool,
+}
+
+impl Sink {
+    /// The sink `[audit]` asks for, or `None` when the audit log is disabled.
     ///
     /// # Errors
-    /// The I/O error opening the file.
-    pub fn file(path: &Path) -> std::io::Result<Self> {
-        let f = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o640)
-            .open(path)?;
-        Ok(Self {
-            out: Mutex::new(Box::new(f)),
-        })
-    }
-}
-
-impl<S: Subscriber> Layer<S> for AuditLayer {
-    fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
-        if event.metadata().target() != TARGET {
-            return;
+    /// The I/O error opening the file (or duplicating stdout), or starting the flusher thread.
+    pub fn from_config(config: &AuditConfig) -> io::Result<Option<Self>> {
+        if !config.enabled {
+            return Ok(None);
         }
-        let mut line = JsonLine {
-            buf: String::with_capacity(320),
-            saw_route: false,
-            saw_decision: false,
+        let file = match &config.path {
+            Some(path) => open_append(path)?,
+            // A duplicate of fd 1: raw writes, without std's line buffering and stdout lock.
+            None => File::from(io::stdout().as_fd().try_clone_to_owned()?),
         };
-        line.buf.push_str("{\"time\":\"");
+        let pipe = file.metadata().map_or(true, |m| {
+            let t = m.file_type();
+            t.is_fifo() || t.is_socket()
+        });
+        Self::new(Box::new(file), pipe, config.flush_interval).map(Some)
+    }
+
+    /// A sink writing to `out` (`pipe`: cut writes at line ends to at most `PIPE_BUF` bytes),
+    /// flushed every `flush_interval` (zero: every line at once, no flusher thread).
+    ///
+    /// # Errors
+    /// The flusher thread cannot be started.
+    pub fn new(
+        out: Box<dyn Write + Send>,
+        pipe: bool,
+        flush_interval: Duration,
+    ) -> io::Result<Self> {
+        let inner = Arc::new(Inner {
+            buf: Mutex::new(Buffers {
+                cur: Vec::with_capacity(FLUSH_BYTES + PIPE_BUF),
+                spare: Vec::with_capacity(FLUSH_BYTES + PIPE_BUF),
+            }),
+            out: Mutex::new(Output { w: out, pipe }),
+            interval: flush_interval,
+            urgent: AtomicBool::new(false),
+            flusher: OnceLock::new(),
+        });
+        if !flush_interval.is_zero() {
+            let weak = Arc::downgrade(&inner);
+            let handle = thread::Builder::new()
+                .name("gatehouse-audit".into())
+                .spawn(move || flusher(&weak, flush_interval))?;
+            let _ = inner.flusher.set(handle.thread().clone());
+        }
+        Ok(Self { inner })
+    }
+
+    /// Buffers an inbound line.
+    pub fn record(&self, r: &AuditRecord<'_>) {
+        self.push(|b| {
+            b.extend_from_slice(b",\"direction\":\"inbound\",\"request_id\":");
+            push_json_str(b, r.request_id);
+            b.extend_from_slice(b",\"caller\":");
+            push_json_str(b, r.caller.as_str());
+            b.extend_from_slice(b",\"method\":");
+            push_json_str(b, r.method);
+            b.extend_from_slice(b",\"path\":");
+            push_json_str(b, r.path);
+            b.extend_from_slice(b",\"route\":");
+            match r.route {
+                Some(route) => push_json_str(b, route),
+                None => b.extend_from_slice(b"null"),
+            }
+            b.extend_from_slice(b",\"decision\":");
+            push_json_str(b, r.decision);
+            b.extend_from_slice(b",\"reason\":");
+            push_json_str(b, r.reason);
+            b.extend_from_slice(b",\"status\":");
+            push_u64(b, u64::from(r.status));
+            b.extend_from_slice(b",\"duration_ms\":");
+            push_millis(b, r.duration);
+        });
+    }
+
+    /// Buffers an outbound line.
+    pub fn record_outbound(&self, r: &OutboundRecord<'_>) {
+        self.push(|b| {
+            b.extend_from_slice(b",\"direction\":\"outbound\",\"request_id\":");
+            push_json_str(b, r.request_id);
+            b.extend_from_slice(b",\"upstream\":");
+            push_json_str(b, r.upstream);
+            b.extend_from_slice(b",\"server_id\":");
+            push_json_str(b, r.server_id);
+            b.extend_from_slice(b",\"method\":");
+            push_json_str(b, r.method);
+            b.extend_from_slice(b",\"path\":");
+            push_json_str(b, r.path);
+            b.extend_from_slice(b",\"status\":");
+            push_u64(b, u64::from(r.status));
+            b.extend_from_slice(b",\"reason\":");
+            push_json_str(b, r.reason);
+            b.extend_from_slice(b",\"duration_ms\":");
+            push_millis(b, r.duration);
+        });
+    }
+
+    /// Writes every buffered line now and waits for the write.
+    pub fn flush(&self) {
+        self.inner.flush();
+    }
+
+    /// Appends one line (`{"time":...` + `fields` + `}\n`) and wakes or writes as needed.
+    fn push(&self, fields: impl FnOnce(&mut Vec<u8>)) {
         let now = OffsetDateTime::now_utc();
-        let _ = write!(line.buf, "{}", now.format(&Rfc3339).unwrap_or_default());
-        line.buf.push('"');
-        event.record(&mut line);
-        if line.saw_decision && !line.saw_route {
-            // tracing skips `None` fields; a decision line always has `route`, null when no
-            // route matched.
-            line.buf.push_str(",\"route\":null");
-        }
-        line.buf.push_str("}\n");
-        // One write per line on an unbuffered stdout lock or O_APPEND file: lines never
-        // interleave. A failed write cannot be reported anywhere better than stderr.
-        let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(e) = out
-            .write_all(line.buf.as_bytes())
-            .and_then(|()| out.flush())
-        {
-            eprintln!("gatehouse: cannot write the audit log: {e}");
+        let inner = &*self.inner;
+        let (was_empty, len) = {
+            let mut g = lock(&inner.buf);
+            let was_empty = g.cur.is_empty();
+            let b = &mut g.cur;
+            b.extend_from_slice(b"{\"time\":\"");
+            // Into a Vec this cannot fail for years 0..=9999.
+            let _ = now.format_into(b, &Rfc3339);
+            b.push(b'"');
+            fields(b);
+            b.extend_from_slice(b"}\n");
+            (was_empty, b.len())
+        };
+        if inner.interval.is_zero() || len >= MAX_BUFFERED {
+            inner.flush();
+        } else if len >= FLUSH_BYTES {
+            if !inner.urgent.swap(true, Ordering::AcqRel) {
+                inner.wake();
+            }
+        } else if was_empty {
+            // The first line since the last write starts the interval.
+            inner.wake();
         }
     }
 }
 
-struct JsonLine {
-    buf: String,
-    saw_route: bool,
-    saw_decision: bool,
-}
-
-impl JsonLine {
-    fn key(&mut self, field: &Field) {
-        self.saw_route |= field.name() == "route";
-        self.saw_decision |= field.name() == "decision";
-        self.buf.push_str(",\"");
-        self.buf.push_str(field.name());
-        self.buf.push_str("\":");
+impl Drop for Sink {
+    fn drop(&mut self) {
+        self.inner.flush();
+        // The flusher sees the sink gone and exits.
+        self.inner.wake();
     }
 }
 
-impl Visit for JsonLine {
-    fn record_str(&mut self, field: &Field, value: &str) {
-        self.key(field);
-        push_json_str(&mut self.buf, value);
-    }
-
-    fn record_u64(&mut self, field: &Field, value: u64) {
-        self.key(field);
-        let _ = write!(self.buf, "{value}");
-    }
-
-    fn record_i64(&mut self, field: &Field, value: i64) {
-        self.key(field);
-        let _ = write!(self.buf, "{value}");
-    }
-
-    fn record_f64(&mut self, field: &Field, value: f64) {
-        self.key(field);
-        let _ = write!(self.buf, "{value:.3}");
-    }
-
-    fn record_bool(&mut self, field: &Field, value: bool) {
-        self.key(field);
-        let _ = write!(self.buf, "{value}");
-    }
-
-    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        // Formatted straight into the line, then escaped in place: no intermediate String.
-        self.key(field);
-        let start = self.buf.len();
-        let _ = write!(self.buf, "{value:?}");
-        if needs_escape(&self.buf.as_bytes()[start..]) {
-            let raw = self.buf.split_off(start);
-            push_json_str(&mut self.buf, &raw);
-        } else {
-            self.buf.insert(start, '"');
-            self.buf.push('"');
+impl Inner {
+    fn wake(&self) {
+        if let Some(t) = self.flusher.get() {
+            t.unpark();
         }
     }
+
+    fn flush(&self) {
+        let mut out = lock(&self.out);
+        let mut batch = {
+            let mut g = lock(&self.buf);
+            let spare = std::mem::take(&mut g.spare);
+            std::mem::replace(&mut g.cur, spare)
+        };
+        if !batch.is_empty() {
+            if let Err(e) = out.write_batch(&batch) {
+                let lines = batch.iter().filter(|&&b| b == b'\n').count();
+                tracing::error!(error = %e, lines, "cannot write the audit log: lines lost");
+            }
+            batch.clear();
+            if batch.capacity() > 4 * FLUSH_BYTES {
+                // A backlog grew it: do not keep a large buffer around for good.
+                batch.shrink_to(FLUSH_BYTES + PIPE_BUF);
+            }
+        }
+        lock(&self.buf).spare = batch;
+    }
+}
+
+impl Output {
+    fn write_batch(&mut self, mut b: &[u8]) -> io::Result<()> {
+        if !self.pipe {
+            // One write: O_APPEND makes it land whole after any other appender's.
+            return self.w.write_all(b).and_then(|()| self.w.flush());
+        }
+        while !b.is_empty() {
+            let n = if b.len() <= PIPE_BUF {
+                b.len()
+            } else {
+                match b[..PIPE_BUF].iter().rposition(|&c| c == b'\n') {
+                    Some(i) => i + 1,
+                    // One line longer than PIPE_BUF: written whole, it cannot be atomic.
+                    None => b
+                        .iter()
+                        .position(|&c| c == b'\n')
+                        .map_or(b.len(), |i| i + 1),
+                }
+            };
+            self.w.write_all(&b[..n])?;
+            b = &b[n..];
+        }
+        self.w.flush()
+    }
+}
+
+/// The flusher thread: parked while the buffer is empty; woken by the first line, it writes
+/// once the interval has passed since (or at once when the buffer passes `FLUSH_BYTES`).
+/// Exits when the sink is dropped.
+fn flusher(sink: &Weak<Inner>, interval: Duration) {
+    loop {
+        thread::park();
+        let deadline = Instant::now() + interval;
+        loop {
+            let Some(inner) = sink.upgrade() else { return };
+            let now = Instant::now();
+            if now >= deadline || inner.urgent.swap(false, Ordering::AcqRel) {
+                inner.flush();
+                break;
+            }
+            drop(inner);
+            thread::park_timeout(deadline - now);
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing panics while holding these locks; should it, the data is still usable.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn open_append(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o640)
+        .open(path)
+}
+
+/// Appends `n` in decimal.
+fn push_u64(buf: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        // Invariant: n % 10 < 10.
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    buf.extend_from_slice(&digits[at..]);
+}
+
+/// Appends `d` in milliseconds with three decimals (rounded to the microsecond).
+fn push_millis(buf: &mut Vec<u8>, d: Duration) {
+    let micros = u64::try_from(d.as_nanos().saturating_add(500) / 1000).unwrap_or(u64::MAX);
+    push_u64(buf, micros / 1000);
+    let frac = micros % 1000;
+    // Invariant: each digit is < 10.
+    buf.extend_from_slice(&[
+        b'.',
+        b'0' + (frac / 100) as u8,
+        b'0' + (frac / 10 % 10) as u8,
+        b'0' + (frac % 10) as u8,
+    ]);
 }
 
 /// Appends `s` as a JSON string literal (RFC 8259 §7: quote, backslash and control characters
 /// escaped), without an intermediate allocation.
-fn push_json_str(buf: &mut String, s: &str) {
-    buf.push('"');
-    if !needs_escape(s.as_bytes()) {
+fn push_json_str(buf: &mut Vec<u8>, s: &str) {
+    buf.push(b'"');
+    let bytes = s.as_bytes();
+    if !needs_escape(bytes) {
         // The common case (ids, paths, route names): one branch-free scan, one copy.
-        buf.push_str(s);
-        buf.push('"');
+        buf.extend_from_slice(bytes);
+        buf.push(b'"');
         return;
     }
-    // Runs of bytes that need no escape are copied whole; every escaped character is ASCII, so
-    // the run boundaries are always char boundaries.
+    // Runs of bytes that need no escape are copied whole; every escaped byte is ASCII, so the
+    // output stays UTF-8.
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut run = 0;
-    for (i, b) in s.bytes().enumerate() {
-        let esc = match b {
-            b'"' => "\\\"",
-            b'\\' => "\\\\",
-            b'\n' => "\\n",
-            b'\r' => "\\r",
-            b'\t' => "\\t",
-            b if b < 0x20 => "",
+    for (i, &b) in bytes.iter().enumerate() {
+        let esc: &[u8] = match b {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            b if b < 0x20 => b"",
             _ => continue,
         };
-        buf.push_str(&s[run..i]);
+        buf.extend_from_slice(&bytes[run..i]);
         if esc.is_empty() {
-            let _ = write!(buf, "\\u{:04x}", b);
+            buf.extend_from_slice(&[
+                b'\\',
+                b'u',
+                b'0',
+                b'0',
+                HEX[usize::from(b >> 4)],
+                HEX[usize::from(b & 0xf)],
+            ]);
         } else {
-            buf.push_str(esc);
+            buf.extend_from_slice(esc);
         }
         run = i + 1;
     }
-    buf.push_str(&s[run..]);
-    buf.push('"');
+    buf.extend_from_slice(&bytes[run..]);
+    buf.push(b'"');
 }
 
 /// Whether any byte of `s` must be escaped in a JSON string.
@@ -231,7 +479,50 @@ fn needs_escape(s: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::push_json_str;
+    use super::*;
+
+    /// A writer into shared memory that counts its `write` calls.
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<(Vec<u8>, usize)>>);
+
+    impl Write for Shared {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            let mut g = lock(&self.0);
+            g.0.extend_from_slice(b);
+            g.1 += 1;
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Shared {
+        fn text(&self) -> String {
+            String::from_utf8(lock(&self.0).0.clone()).expect("UTF-8")
+        }
+        fn writes(&self) -> usize {
+            lock(&self.0).1
+        }
+    }
+
+    fn caller() -> SpiffeId {
+        "spiffe://fintech.internal/gateway".parse().expect("id")
+    }
+
+    fn inbound<'a>(caller: &'a SpiffeId, path: &'a str, route: Option<&'a str>) -> AuditRecord<'a> {
+        AuditRecord {
+            request_id: "id-1",
+            caller,
+            method: "GET",
+            path,
+            route,
+            decision: "allow",
+            reason: "allowed",
+            status: 200,
+            duration: Duration::from_micros(1_234_567),
+        }
+    }
 
     #[test]
     fn json_strings_are_escaped() {
@@ -239,15 +530,196 @@ mod tests {
             "plain",
             "quo\"te",
             "back\\slash",
-            "ctl\u{1}\n\t",
+            "ctl\u{1}\n\t\r\u{1f}",
             "ünï",
             "\"ü\u{1f}é\\",
             "",
         ] {
-            let mut buf = String::new();
+            let mut buf = Vec::new();
             push_json_str(&mut buf, s);
-            let back: String = serde_json::from_str(&buf).expect("valid JSON string");
+            let back: String = serde_json::from_slice(&buf).expect("valid JSON string");
             assert_eq!(back, s);
         }
+    }
+
+    #[test]
+    fn numbers_and_durations() {
+        for (n, s) in [
+            (0, "0"),
+            (7, "7"),
+            (200, "200"),
+            (u64::MAX, "18446744073709551615"),
+        ] {
+            let mut b = Vec::new();
+            push_u64(&mut b, n);
+            assert_eq!(b, s.as_bytes());
+        }
+        for (d, s) in [
+            (Duration::ZERO, "0.000"),
+            (Duration::from_nanos(499), "0.000"),
+            (Duration::from_nanos(500), "0.001"),
+            (Duration::from_micros(1_234_567), "1234.567"),
+            (Duration::from_micros(45_020), "45.020"),
+        ] {
+            let mut b = Vec::new();
+            push_millis(&mut b, d);
+            assert_eq!(String::from_utf8(b).expect("ascii"), s);
+        }
+    }
+
+    #[test]
+    fn lines_have_every_field_in_order_and_parse() {
+        let out = Shared::default();
+        let sink = Sink::new(Box::new(out.clone()), false, Duration::ZERO).expect("sink");
+        let id = caller();
+        sink.record(&inbound(&id, "/a\"b\n", Some("report")));
+        sink.record(&inbound(&id, "/x", None));
+        sink.record_outbound(&OutboundRecord {
+            request_id: "id-2",
+            upstream: "monolith",
+            server_id: "spiffe://fintech.internal/monolith",
+            method: "POST",
+            path: "/api",
+            status: 502,
+            reason: "connect_failed",
+            duration: Duration::from_micros(3_000),
+        });
+        let text = out.text();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 3, "{text}");
+        assert_eq!(out.writes(), 3, "flush interval 0: one write per line");
+        let keys = |l: &str| -> Vec<String> {
+            let v: serde_json::Value = serde_json::from_str(l).expect("JSON line");
+            // Field order as written (serde_json's Map keeps insertion order only with a
+            // feature), so read the keys off the text.
+            let obj = v.as_object().expect("object");
+            let mut ks: Vec<(usize, String)> = obj
+                .keys()
+                .map(|k| (l.find(&format!("\"{k}\":")).expect("key"), k.clone()))
+                .collect();
+            ks.sort();
+            ks.into_iter().map(|(_, k)| k).collect()
+        };
+        let inbound_keys = [
+            "time",
+            "direction",
+            "request_id",
+            "caller",
+            "method",
+            "path",
+            "route",
+            "decision",
+            "reason",
+            "status",
+            "duration_ms",
+        ];
+        assert_eq!(keys(lines[0]), inbound_keys);
+        assert_eq!(keys(lines[1]), inbound_keys);
+        assert_eq!(
+            keys(lines[2]),
+            [
+                "time",
+                "direction",
+                "request_id",
+                "upstream",
+                "server_id",
+                "method",
+                "path",
+                "status",
+                "reason",
+                "duration_ms"
+            ]
+        );
+        let l0: serde_json::Value = serde_json::from_str(lines[0]).expect("JSON");
+        assert_eq!(l0["path"], "/a\"b\n");
+        assert_eq!(l0["caller"], "spiffe://fintech.internal/gateway");
+        assert_eq!(l0["status"], 200);
+        assert_eq!(l0["duration_ms"].as_f64(), Some(1234.567));
+        let time = l0["time"].as_str().expect("time");
+        let parsed = OffsetDateTime::parse(time, &Rfc3339).expect("RFC 3339");
+        assert!((OffsetDateTime::now_utc() - parsed).whole_seconds().abs() < 60);
+        assert!(time.ends_with('Z'), "{time}");
+        let l1: serde_json::Value = serde_json::from_str(lines[1]).expect("JSON");
+        assert!(l1["route"].is_null());
+        assert!(
+            lines[1].contains("\"route\":null,\"decision\""),
+            "{}",
+            lines[1]
+        );
+        assert!(
+            lines[2]
+                .contains("\"status\":502,\"reason\":\"connect_failed\",\"duration_ms\":3.000}"),
+            "{}",
+            lines[2]
+        );
+    }
+
+    #[test]
+    fn buffered_lines_wait_for_the_interval_then_go_in_one_write() {
+        let out = Shared::default();
+        let sink =
+            Sink::new(Box::new(out.clone()), false, Duration::from_millis(500)).expect("sink");
+        let id = caller();
+        for _ in 0..10 {
+            sink.record(&inbound(&id, "/x", None));
+        }
+        assert_eq!(out.writes(), 0, "nothing written before the interval");
+        let start = Instant::now();
+        while out.writes() == 0 && start.elapsed() < Duration::from_secs(5) {
+            thread::sleep(Duration::from_millis(5));
+        }
+        let waited = start.elapsed();
+        assert!(waited < Duration::from_secs(2), "flushed after {waited:?}");
+        assert_eq!(out.writes(), 1, "one write for the batch");
+        assert_eq!(out.text().lines().count(), 10);
+    }
+
+    #[test]
+    fn a_full_buffer_is_written_without_waiting_for_the_interval() {
+        let out = Shared::default();
+        let sink =
+            Sink::new(Box::new(out.clone()), false, Duration::from_secs(3600)).expect("sink");
+        let id = caller();
+        let path = "/p".repeat(100);
+        let mut n = 0;
+        // Until the line that takes the buffer past FLUSH_BYTES (the flusher may already have
+        // taken it by the time we look).
+        while !sink.inner.urgent.load(Ordering::Acquire) && out.writes() == 0 {
+            sink.record(&inbound(&id, &path, None));
+            n += 1;
+        }
+        let start = Instant::now();
+        while out.writes() == 0 && start.elapsed() < Duration::from_secs(5) {
+            thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(out.writes(), 1, "the flusher wrote the full buffer at once");
+        assert!(out.text().len() >= FLUSH_BYTES);
+        // What is still buffered is written by `flush` (shutdown) and by dropping the sink.
+        sink.record(&inbound(&id, "/last", None));
+        sink.flush();
+        assert_eq!(out.text().lines().count(), n + 1);
+        assert_eq!(out.writes(), 2);
+        sink.record(&inbound(&id, "/after", None));
+        drop(sink);
+        assert_eq!(out.text().lines().count(), n + 2);
+        assert!(out.text().ends_with(
+            "\"/after\",\"route\":null,\"decision\":\"allow\",\"reason\":\"allowed\",\"status\":200,\"duration_ms\":1234.567}\n"
+        ));
+    }
+
+    #[test]
+    fn pipe_writes_are_cut_at_line_ends_within_pipe_buf() {
+        let out = Shared::default();
+        let mut o = Output {
+            w: Box::new(out.clone()),
+            pipe: true,
+        };
+        let line = format!("{}\n", "x".repeat(99));
+        let long = format!("{}\n", "y".repeat(PIPE_BUF + 10));
+        let batch = format!("{}{long}{}", line.repeat(50), line.repeat(3));
+        o.write_batch(batch.as_bytes()).expect("write");
+        assert_eq!(out.text(), batch);
+        // 50 short lines (5000 bytes): 40 + 10 lines; the long line alone; 3 lines.
+        assert_eq!(out.writes(), 4);
     }
 }

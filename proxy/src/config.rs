@@ -9,7 +9,7 @@
 //! [inbound]   listen, app, policy, limits and timeouts with safe defaults
 //! [[outbound]] name, listen, connect, server_id, sni, allow_non_loopback_listen
 //! [admin]     listen
-//! [audit]     path                    # default: stdout
+//! [audit]     enabled (default true), path (default stdout), flush_interval (default 100ms, 0 = every line)
 //! [reload]    watch, debounce, poll_interval, allow_identity_change (DANGEROUS)
 //! ```
 //! Knobs that weaken security say so in their name (`insecure_app_address`,
@@ -151,6 +151,12 @@ pub enum ConfigErrorKind {
         /// The address.
         addr: SocketAddr,
     },
+    /// `[audit] flush_interval` longer than [`MAX_AUDIT_FLUSH_INTERVAL`].
+    #[error("`audit.flush_interval` = `{value}` is longer than the maximum of 10s")]
+    AuditFlushInterval {
+        /// The value as written.
+        value: String,
+    },
 }
 
 impl ConfigErrorKind {
@@ -181,6 +187,10 @@ impl ConfigErrorKind {
             Self::Empty { .. } => "give it a value".into(),
             Self::NoListener => "add an [inbound] section or an [[outbound]] entry".into(),
             Self::DuplicateListen { .. } => "give each listener its own port".into(),
+            Self::AuditFlushInterval { .. } => "buffered audit lines are lost if the process \
+                 is killed: use \"100ms\" (default), at most \"10s\", or \"0\" to write every \
+                 line at once"
+                .into(),
         }
     }
 }
@@ -396,11 +406,32 @@ pub struct AdminConfig {
     pub listen: SocketAddr,
 }
 
+/// Default `[audit] flush_interval`: the longest an audit line waits in memory before it is
+/// written (under load the buffer fills to 32 KiB and is written sooner).
+pub const DEFAULT_AUDIT_FLUSH_INTERVAL: Duration = Duration::from_millis(100);
+/// Longest `[audit] flush_interval` accepted: lines still buffered when the process is killed
+/// (not a graceful shutdown) are lost.
+pub const MAX_AUDIT_FLUSH_INTERVAL: Duration = Duration::from_secs(10);
+
 /// `[audit]`.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct AuditConfig {
+    /// Whether decisions are audited at all (default true; off is logged as a warning).
+    pub enabled: bool,
     /// Append audit lines to this file; `None` = stdout.
     pub path: Option<PathBuf>,
+    /// Longest time a line is buffered before it is written; zero = every line at once.
+    pub flush_interval: Duration,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            path: None,
+            flush_interval: DEFAULT_AUDIT_FLUSH_INTERVAL,
+        }
+    }
 }
 
 // ---- stage one: the TOML as written ---------------------------------------------------------
@@ -503,7 +534,9 @@ struct RawAdmin {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawAudit {
+    enabled: Option<bool>,
     path: Option<S<String>>,
+    flush_interval: Option<S<String>>,
 }
 
 // ---- stage two: validation --------------------------------------------------------------------
@@ -561,6 +594,30 @@ impl Check<'_> {
                 let value = v.get_ref().clone();
                 self.push(Some(v.span()), ConfigErrorKind::Duration { value });
                 default
+            }
+        }
+    }
+
+    /// `[audit] flush_interval`: zero allowed (every line written at once), at most
+    /// [`MAX_AUDIT_FLUSH_INTERVAL`].
+    fn audit_flush_interval(&mut self, v: Option<&S<String>>) -> Duration {
+        let Some(v) = v else {
+            return DEFAULT_AUDIT_FLUSH_INTERVAL;
+        };
+        match humantime::parse_duration(v.get_ref()) {
+            Ok(d) if d > MAX_AUDIT_FLUSH_INTERVAL => {
+                let value = v.get_ref().clone();
+                self.push(
+                    Some(v.span()),
+                    ConfigErrorKind::AuditFlushInterval { value },
+                );
+                DEFAULT_AUDIT_FLUSH_INTERVAL
+            }
+            Ok(d) => d,
+            Err(_) => {
+                let value = v.get_ref().clone();
+                self.push(Some(v.span()), ConfigErrorKind::Duration { value });
+                DEFAULT_AUDIT_FLUSH_INTERVAL
             }
         }
     }
@@ -697,12 +754,13 @@ impl Check<'_> {
                 .addr(&raw.admin.listen)
                 .unwrap_or_else(placeholder_addr),
         };
-        let audit = AuditConfig {
-            path: raw
-                .audit
-                .and_then(|a| a.path)
-                .map(|p| self.path(&p, "audit.path")),
-        };
+        let audit = raw
+            .audit
+            .map_or_else(AuditConfig::default, |a| AuditConfig {
+                enabled: a.enabled.unwrap_or(true),
+                path: a.path.map(|p| self.path(&p, "audit.path")),
+                flush_interval: self.audit_flush_interval(a.flush_interval.as_ref()),
+            });
         let shutdown_grace_period = self.duration(
             raw.shutdown_grace_period.as_ref(),
             "shutdown_grace_period",
@@ -1126,5 +1184,50 @@ listen = "127.0.0.1:9901"
         let text = GOOD.replace("[admin]\nlisten = \"127.0.0.1:9901\"\n", "");
         let e = errors(&text);
         assert!(e[0].contains("admin"), "{e:?}");
+    }
+
+    #[test]
+    fn audit_section_defaults_values_and_errors() {
+        let d = parse(GOOD).expect("good").audit;
+        assert!(d.enabled);
+        assert_eq!(d.path, None);
+        assert_eq!(d.flush_interval, DEFAULT_AUDIT_FLUSH_INTERVAL);
+        let a = parse(&format!("{GOOD}\n[audit]\npath = \"audit.jsonl\"\n"))
+            .expect("path only")
+            .audit;
+        assert!(a.enabled);
+        assert_eq!(a.path.as_deref(), Some(Path::new("/etc/gh/audit.jsonl")));
+        assert_eq!(a.flush_interval, DEFAULT_AUDIT_FLUSH_INTERVAL);
+        let a = parse(&format!(
+            "{GOOD}\n[audit]\nenabled = false\nflush_interval = \"1s\"\n"
+        ))
+        .expect("off")
+        .audit;
+        assert!(!a.enabled);
+        assert_eq!(a.flush_interval, Duration::from_secs(1));
+        for zero in ["0", "0s"] {
+            let a = parse(&format!("{GOOD}\n[audit]\nflush_interval = \"{zero}\"\n"))
+                .expect("zero: every line at once")
+                .audit;
+            assert_eq!(a.flush_interval, Duration::ZERO);
+        }
+        let e = errors(&format!("{GOOD}\n[audit]\nflush_interval = \"1m\"\n"));
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].contains(":22:18: `audit.flush_interval` = `1m` is longer than the maximum"),
+            "{e:?}"
+        );
+        let e = errors(&format!("{GOOD}\n[audit]\nflush_interval = \"soon\"\n"));
+        assert!(e[0].contains(":22:18: `soon` is not a duration"), "{e:?}");
+        let e = errors(&format!("{GOOD}\n[audit]\nenabled = \"no\"\n"));
+        assert!(e[0].contains(":22:"), "{e:?}");
+        let e = errors(&format!("{GOOD}\n[audit]\nflush = \"1s\"\n"));
+        assert!(e[0].contains("flush"), "{e:?}");
+    }
+
+    #[test]
+    fn audit_flush_interval_error_has_help() {
+        let kind = ConfigErrorKind::AuditFlushInterval { value: "1h".into() };
+        assert!(kind.help().contains("10s"), "{}", kind.help());
     }
 }

@@ -7,12 +7,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use gatehouse_proxy::audit::{AuditLayer, TARGET as AUDIT_TARGET};
+use gatehouse_proxy::audit;
 use gatehouse_proxy::config::Config;
 use gatehouse_proxy::error::LoadError;
 use gatehouse_proxy::run::{self, Loaded};
 use gatehouse_proxy::signal::Shutdown;
-use tracing_subscriber::filter::{EnvFilter, filter_fn};
+use tracing_subscriber::filter::EnvFilter;
 use tracing_subscriber::prelude::*;
 
 /// Gatehouse sidecar: inbound mTLS with per-route SPIFFE policy, outbound mTLS with pinned peers.
@@ -100,23 +100,41 @@ fn render(errors: &[LoadError]) -> ExitCode {
     ExitCode::from(2)
 }
 
-/// Operational logs to stderr (RUST_LOG, default `info`); audit lines to stdout or the
-/// configured file, and nowhere else.
+/// Operational logs to stderr (RUST_LOG, default `info`) through `tracing`; audit lines to
+/// stdout or the configured file through the process-wide [`audit::Sink`], or nowhere (with a
+/// warning) when `[audit] enabled = false`.
 fn init_logging(loaded: &Loaded) -> Result<(), LoadError> {
-    let audit = match &loaded.state.config.audit.path {
-        Some(path) => AuditLayer::file(path).map_err(|source| LoadError::AuditFile {
-            path: path.clone(),
-            source,
-        })?,
-        None => AuditLayer::stdout(),
-    };
+    let cfg = &loaded.state.config.audit;
+    let sink = audit::Sink::from_config(cfg).map_err(|source| LoadError::AuditFile {
+        path: cfg
+            .path
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/dev/stdout")),
+        source,
+    })?;
     let env = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_filter(filter_fn(|m| m.target() != AUDIT_TARGET))
         .with_filter(env);
-    let audit = audit.with_filter(filter_fn(|m| m.target() == AUDIT_TARGET));
-    tracing_subscriber::registry().with(logs).with(audit).init();
+    tracing_subscriber::registry().with(logs).init();
+    match sink {
+        Some(sink) => {
+            let _ = audit::install(sink);
+            let to = cfg
+                .path
+                .as_ref()
+                .map_or_else(|| "stdout".to_owned(), |p| p.display().to_string());
+            tracing::info!(
+                to,
+                flush_interval_ms =
+                    u64::try_from(cfg.flush_interval.as_millis()).unwrap_or(u64::MAX),
+                "audit log on"
+            );
+        }
+        None => tracing::warn!(
+            "audit log DISABLED ([audit] enabled = false): access decisions are not recorded anywhere"
+        ),
+    }
     Ok(())
 }

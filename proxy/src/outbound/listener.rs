@@ -21,10 +21,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use rustls::crypto::CryptoProvider;
 use tokio::net::TcpStream;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, info_span, warn};
 
 use super::connect::Upstream;
 use crate::accept::Acceptor;
+use crate::audit::{self, OutboundRecord};
 use crate::signal::Shutdown;
 
 /// What the app receives: the upstream's body, streamed, or the sidecar's own JSON.
@@ -156,18 +157,18 @@ async fn handle(
     let status = response.status().as_u16();
     metrics.duration.observe(elapsed.as_secs_f64());
     metrics.request(status);
-    info!(
-        target: crate::audit::TARGET,
-        direction = "outbound",
-        request_id = %display_id(&request_id),
-        upstream = %upstream.name(),
-        server_id = %ctx.server_id,
-        method = %method,
-        path = %path,
-        status,
-        reason,
-        duration_ms = elapsed.as_secs_f64() * 1000.0,
-    );
+    if audit::enabled() {
+        audit::record_outbound(&OutboundRecord {
+            request_id: display_id(&request_id),
+            upstream: upstream.name(),
+            server_id: &ctx.server_id,
+            method: method.as_str(),
+            path: &path,
+            status,
+            reason,
+            duration: elapsed,
+        });
+    }
     Ok(response)
 }
 
