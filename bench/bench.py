@@ -6,7 +6,10 @@ every topology alike:
 
   direct            wrk -> backend (nginx `return 200`, one worker)
   gatehouse         wrk -> outbound sidecar -> mTLS -> inbound sidecar (policy enforcing a route) -> backend
-  gatehouse-audit   the same pair with the inbound audit log on (written to a file)
+  gatehouse         (audit log off: `[audit] enabled = false`)
+  gatehouse-audit   the same pair with the audit log on (both sidecars, buffered, to a file)
+  gatehouse-h1      the same pair with HTTP/1.1 between the sidecars (`[[outbound]] protocol = "http1"`)
+  gatehouse-2loops  the same pair with two event loops per sidecar (`[runtime] worker_threads = 2`), audit off
   nginx             wrk -> nginx (mTLS origination) -> mTLS -> nginx (client cert verified, route pinned) -> backend
   haproxy           the same with HAProxy
 
@@ -54,11 +57,13 @@ BODY = ('{"id":"r-000042","status":"ready","startDate":"2024-01-01","endDate":"2
         '"format":"json","owner":"report-service"}')
 
 ANCHORS = ("nginx", "haproxy")
-# Gatehouse rows: port key, audit log to a file (else /dev/null), `[[outbound]] protocol` (None = default, auto).
+# Gatehouse rows: port key, audit log to a file (else off), `[[outbound]] protocol` (None = default, auto),
+# `[runtime] worker_threads` (event loops per sidecar).
 GH_VARIANTS = {
-    "gatehouse": ("gh", False, None),
-    "gatehouse-audit": ("gha", True, None),
-    "gatehouse-h1": ("gh1", False, "http1"),
+    "gatehouse": ("gh", False, None, 1),
+    "gatehouse-audit": ("gha", True, None, 1),
+    "gatehouse-h1": ("gh1", False, "http1", 1),
+    "gatehouse-2loops": ("gh2", False, None, 2),
 }
 GATEHOUSE = tuple(GH_VARIANTS)
 ALL_TOPOLOGIES = ("direct",) + GATEHOUSE + ANCHORS
@@ -74,7 +79,7 @@ def log(msg):
 
 def allocate_ports():
     names = ["backend", "nginx_in", "nginx_out", "haproxy_in", "haproxy_out"]
-    for key, _, _ in GH_VARIANTS.values():
+    for key, *_ in GH_VARIANTS.values():
         names += [f"{key}_in", f"{key}_out", f"{key}_in_admin", f"{key}_out_admin", f"{key}_out_spare"]
     return dict(zip(names, free_ports(len(names))))
 
@@ -321,12 +326,13 @@ def render_all(work, certs, ports, bins):
     for topo in GATEHOUSE:
         if topo not in bins["topologies"]:
             continue
-        key, audit, protocol = GH_VARIANTS[topo]
+        key, audit, protocol, loops = GH_VARIANTS[topo]
         policy = render("gatehouse-policy.toml", conf_dir / f"{topo}-policy.toml", common)
         def audit_section(side):
+            runtime = f"[runtime]\nworker_threads = {loops}\n\n"
             if audit:
-                return f'[audit]\npath = "{work / "logs" / f"{topo}-{side}-audit.jsonl"}"\n'
-            return AUDIT_OFF_SECTION
+                return runtime + f'[audit]\npath = "{work / "logs" / f"{topo}-{side}-audit.jsonl"}"\n'
+            return runtime + AUDIT_OFF_SECTION
 
         cfg_in = render("gatehouse-inbound.toml", conf_dir / f"{topo}-inbound.toml",
                         {**common, "INBOUND_PORT": ports[f"{key}_in"], "ADMIN_PORT": ports[f"{key}_in_admin"],
@@ -346,7 +352,7 @@ def render_all(work, certs, ports, bins):
 
 # The sidecar config has no switch that turns the audit log off (`[audit] path`, default stdout): the "audit off"
 # row sends it to /dev/null, so it still pays for building and formatting each line, only not for storing it.
-AUDIT_OFF_SECTION = '[audit]\npath = "/dev/null"   # no off switch exists: lines are still formatted\n'
+AUDIT_OFF_SECTION = '[audit]\nenabled = false\n'
 
 
 
