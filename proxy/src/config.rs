@@ -11,6 +11,7 @@
 //! [admin]     listen
 //! [audit]     enabled (default true), path (default stdout), flush_interval (default 100ms, 0 = every line)
 //! [reload]    watch, debounce, poll_interval, allow_identity_change (DANGEROUS)
+//! [runtime]   worker_threads          # event loops, default 1 (see RuntimeConfig)
 //! ```
 //! Knobs that weaken security say so in their name (`insecure_app_address`,
 //! `allow_non_loopback_listen`, `allow_identity_change`) and are logged as warnings at startup.
