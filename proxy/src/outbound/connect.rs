@@ -15,6 +15,7 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -147,8 +148,8 @@ pub struct Upstream {
     available: Arc<Notify>,
     idle: Mutex<Idle>,
     metrics: UpstreamMetrics,
-    /// Connections opened before this instant are not reused ([`Upstream::retire_all`]).
-    retired_before: Mutex<Option<Instant>>,
+    /// Bumped by [`Upstream::retire_all`]: connections of an older generation are not reused.
+    generation: AtomicU64,
 }
 
 #[derive(Default)]
@@ -169,6 +170,8 @@ enum Sender {
 struct Conn {
     sender: Sender,
     born: Instant,
+    /// The pool's generation when the connection was started.
+    generation: u64,
     /// The fatal TLS alert the server sent on this connection, once read: how a server that
     /// refused our certificate after a TLS 1.3 handshake had already "succeeded" shows up.
     alert: Arc<OnceLock<AlertDescription>>,
@@ -182,18 +185,19 @@ impl Conn {
             Sender::H2(s) => Some(Conn {
                 sender: Sender::H2(s.clone()),
                 born: self.born,
+                generation: self.generation,
                 alert: Arc::clone(&self.alert),
             }),
             Sender::H1(_) => None,
         }
     }
 
-    fn is_usable(&self, max_age: Duration) -> bool {
+    fn is_usable(&self, max_age: Duration, now: Instant) -> bool {
         let open = match &self.sender {
             Sender::H1(s) => !s.is_closed(),
             Sender::H2(s) => !s.is_closed(),
         };
-        open && self.born.elapsed() < max_age
+        open && now.saturating_duration_since(self.born) < max_age
     }
 }
 
@@ -234,7 +238,7 @@ impl Upstream {
             idle: Mutex::new(Idle::default()),
             limits,
             metrics,
-            retired_before: Mutex::new(None),
+            generation: AtomicU64::new(0),
         });
         tokio::spawn(reap(Arc::downgrade(&upstream)));
         upstream
@@ -260,22 +264,16 @@ impl Upstream {
     /// to new connections (with the current TLS configuration). Used by reload when the trust
     /// bundle or CRL changes, so a revoked or no longer trusted server is not talked to again.
     pub fn retire_all(&self) {
-        *self
-            .retired_before
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        self.generation.fetch_add(1, Ordering::AcqRel);
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         idle.h2 = None;
         idle.h1.clear();
     }
 
-    /// Open, younger than the maximum age, and not retired.
-    fn usable(&self, conn: &Conn) -> bool {
-        let retired = *self
-            .retired_before
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        conn.is_usable(self.limits.max_connection_age) && retired.is_none_or(|r| conn.born > r)
+    /// Open, younger than the maximum age at `now`, and not retired.
+    fn usable(&self, conn: &Conn, now: Instant) -> bool {
+        conn.generation == self.generation.load(Ordering::Acquire)
+            && conn.is_usable(self.limits.max_connection_age, now)
     }
 
     /// Sends `req` upstream and returns the response head; the body streams on.
@@ -324,6 +322,7 @@ impl Upstream {
         let Conn {
             sender,
             born,
+            generation,
             alert,
         } = conn;
         let result = match sender {
@@ -333,6 +332,7 @@ impl Upstream {
                     self.recycle_h1(Conn {
                         sender: Sender::H1(s),
                         born,
+                        generation,
                         alert: Arc::clone(&alert),
                     });
                 }
@@ -379,7 +379,8 @@ impl Upstream {
     }
 
     fn put_idle(&self, conn: Conn) {
-        if !self.usable(&conn) {
+        let now = Instant::now();
+        if !self.usable(&conn, now) {
             return;
         }
         {
@@ -387,7 +388,7 @@ impl Upstream {
             if idle.h1.len() >= self.limits.max_idle {
                 return; // dropping the sender closes the connection
             }
-            idle.h1.push((conn, Instant::now()));
+            idle.h1.push((conn, now));
         }
         self.available.notify_one();
     }
@@ -395,6 +396,10 @@ impl Upstream {
     /// A connection to send on: the shared h2 connection, an idle h1 one, or a new one if the
     /// pool has room; otherwise waits for one of those to become true.
     async fn checkout(&self) -> Result<Conn, OutboundError> {
+        // The common case, a pooled connection, without registering as a waiter first.
+        if let Some(conn) = self.take_pooled() {
+            return Ok(conn);
+        }
         let deadline = tokio::time::Instant::now() + self.limits.pool_wait_timeout;
         loop {
             let notified = self.available.notified();
@@ -404,7 +409,9 @@ impl Upstream {
                 return Ok(conn);
             }
             if let Ok(permit) = self.permits.clone().try_acquire_owned() {
-                return self.connect(permit).await;
+                // Boxed: the connect future (DNS, TCP, TLS and HTTP handshakes) is large and
+                // rarely needed; inline, every request's future would carry (and move) it.
+                return Box::pin(self.connect(permit)).await;
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 return Err(OutboundError::PoolTimeout(self.limits.pool_wait_timeout));
@@ -413,17 +420,18 @@ impl Upstream {
     }
 
     fn take_pooled(&self) -> Option<Conn> {
+        let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((h2, last_used)) = &mut idle.h2 {
-            if self.usable(h2) {
-                *last_used = Instant::now();
+            if self.usable(h2, now) {
+                *last_used = now;
                 return h2.share();
             }
             // Aged or closed: new streams go to a new connection; open streams finish.
             idle.h2 = None;
         }
         while let Some((conn, _since)) = idle.h1.pop() {
-            if self.usable(&conn) {
+            if self.usable(&conn, now) {
                 return Some(conn);
             }
         }
@@ -448,6 +456,9 @@ impl Upstream {
     }
 
     async fn connect_inner(&self, permit: OwnedSemaphorePermit) -> Result<Conn, OutboundError> {
+        // Read first: a retire_all during the handshake (which uses the TLS config current
+        // now) retires this connection too.
+        let generation = self.generation.load(Ordering::Acquire);
         let tcp = self.dial().await?;
         let connector = TlsConnector::from(self.tls.load_full());
         let tls = match connector.connect(self.server_name.clone(), tcp).await {
@@ -462,7 +473,10 @@ impl Upstream {
         self.metrics.handshake("ok");
         let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
         let alert = Arc::new(OnceLock::new());
-        let io = TokioIo::new(AlertTap::new(tls, Arc::clone(&alert)));
+        // Boxed: hyper's connection task holds the I/O inline, and its per-request tasks (one
+        // enum type with it) are as large as the task: with the TLS stream behind a pointer,
+        // every request spawns and moves a far smaller future.
+        let io = TokioIo::new(Box::new(AlertTap::new(tls, Arc::clone(&alert))));
         let sender = if h2 {
             // PING while streams are open, so a peer that vanished mid-response is noticed
             // instead of holding the app's request forever.
@@ -485,6 +499,7 @@ impl Upstream {
         let conn = Conn {
             sender,
             born: Instant::now(),
+            generation,
             alert,
         };
         if let Some(shared) = conn.share() {
@@ -580,11 +595,14 @@ impl Upstream {
     /// it is aged or closed.
     fn reap_idle(&self) {
         let limits = &self.limits;
+        let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        idle.h1
-            .retain(|(conn, since)| since.elapsed() < limits.idle_timeout && self.usable(conn));
+        idle.h1.retain(|(conn, since)| {
+            now.saturating_duration_since(*since) < limits.idle_timeout && self.usable(conn, now)
+        });
         if idle.h2.as_ref().is_some_and(|(conn, last_used)| {
-            last_used.elapsed() >= limits.idle_timeout || !self.usable(conn)
+            now.saturating_duration_since(*last_used) >= limits.idle_timeout
+                || !self.usable(conn, now)
         }) {
             // Streams still open on it finish; the connection closes after the last one.
             idle.h2 = None;

@@ -130,8 +130,9 @@ async fn handle(
 ) -> Result<Response<OutboundBody>, Infallible> {
     let started = Instant::now();
     let request_id = ctx.ids.keep_or_assign(req.headers_mut());
-    let method = req.method().clone();
-    let path = req.uri().path().to_owned();
+    // Kept for the audit line only; both clones are cheap (the URI shares the request's
+    // bytes), where copying the path out was an allocation per request.
+    let audited = audit::enabled().then(|| (req.method().clone(), req.uri().clone()));
     strip_hop_by_hop(req.headers_mut());
     let upstream = &ctx.upstream;
     let metrics = upstream.metrics();
@@ -157,13 +158,13 @@ async fn handle(
     let status = response.status().as_u16();
     metrics.duration.observe(elapsed.as_secs_f64());
     metrics.request(status);
-    if audit::enabled() {
+    if let Some((method, uri)) = &audited {
         audit::record_outbound(&OutboundRecord {
             request_id: display_id(&request_id),
             upstream: upstream.name(),
             server_id: &ctx.server_id,
             method: method.as_str(),
-            path: &path,
+            path: uri.path(),
             status,
             reason,
             duration: elapsed,
@@ -207,17 +208,23 @@ impl RequestIds {
 
     /// The app's `x-request-id` if it is a sane token, else a fresh one (set on the request).
     fn keep_or_assign(&self, headers: &mut HeaderMap) -> HeaderValue {
-        if let Some(v) = headers.get(&X_REQUEST_ID) {
-            let ok = !v.is_empty()
-                && v.len() <= MAX_REQUEST_ID_LEN
-                && v.as_bytes().iter().all(|b| b.is_ascii_graphic());
-            if ok {
-                return v.clone();
+        // One hash and probe of the name for the lookup and the insertion.
+        match headers.entry(X_REQUEST_ID) {
+            header::Entry::Occupied(mut e) => {
+                let v = e.get();
+                let ok = !v.is_empty()
+                    && v.len() <= MAX_REQUEST_ID_LEN
+                    && v.as_bytes().iter().all(|b| b.is_ascii_graphic());
+                if ok {
+                    return v.clone();
+                }
+                let id = self.fresh();
+                // Replaces every value of the header (a repeated one included).
+                e.insert(id.clone());
+                id
             }
+            header::Entry::Vacant(e) => e.insert(self.fresh()).clone(),
         }
-        let id = self.fresh();
-        headers.insert(X_REQUEST_ID, id.clone());
-        id
     }
 
     fn fresh(&self) -> HeaderValue {
@@ -228,16 +235,12 @@ impl RequestIds {
         b[8..].copy_from_slice(&n.to_be_bytes());
         b[6] = (b[6] & 0x0f) | 0x40; // version 4
         b[8] = (b[8] & 0x3f) | 0x80; // RFC 4122 variant
-        let mut text = [0u8; 36];
-        let mut at = 0;
-        for (i, byte) in b.into_iter().enumerate() {
-            if matches!(i, 4 | 6 | 8 | 10) {
-                text[at] = b'-';
-                at += 1;
-            }
+        // Where each byte's two hex digits go in 8-4-4-4-12.
+        const AT: [usize; 16] = [0, 2, 4, 6, 9, 11, 14, 16, 19, 21, 24, 26, 28, 30, 32, 34];
+        let mut text = *b"00000000-0000-0000-0000-000000000000";
+        for (byte, at) in b.into_iter().zip(AT) {
             text[at] = HEX[usize::from(byte >> 4)];
             text[at + 1] = HEX[usize::from(byte & 0xf)];
-            at += 2;
         }
         // Invariant: lowercase hex and dashes are valid header bytes.
         HeaderValue::from_bytes(&text).expect("hex is a valid header value")
@@ -316,7 +319,21 @@ mod tests {
 
         let mut h = HeaderMap::new();
         h.insert(X_REQUEST_ID, HeaderValue::from_static("has space"));
-        assert_ne!(ids.keep_or_assign(&mut h), "has space");
+        h.append(X_REQUEST_ID, HeaderValue::from_static("second"));
+        let id = ids.keep_or_assign(&mut h);
+        assert_ne!(id, "has space");
+        let sent: Vec<&HeaderValue> = h.get_all(&X_REQUEST_ID).iter().collect();
+        assert_eq!(sent, [&id], "one value, the fresh id");
+    }
+
+    #[test]
+    fn fresh_ids_are_prefix_and_counter_in_uuid_layout() {
+        let ids = RequestIds {
+            prefix: 0x0123_4567_89ab_cdef,
+            counter: AtomicU64::new(0xfedc_ba98_7654_3210),
+        };
+        assert_eq!(ids.fresh(), "01234567-89ab-4def-bedc-ba9876543210");
+        assert_eq!(ids.fresh(), "01234567-89ab-4def-bedc-ba9876543211");
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //! `gatehouse_`). Labels are bounded: `upstream` is the name of an
 //! `[[outbound]]` entry, `reason`/`result` come from fixed lists in this module's callers.
 
+use std::sync::OnceLock;
+
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry,
@@ -29,6 +31,9 @@ pub struct UpstreamMetrics {
     pub retries: IntCounter,
     /// Time from the app's request to the upstream's response head.
     pub duration: Histogram,
+    /// The `status="200"` counter, looked up on first use (most requests; the label lookup
+    /// hashes both values under a lock).
+    ok: OnceLock<IntCounter>,
 }
 
 impl OutboundMetrics {
@@ -106,6 +111,7 @@ impl OutboundMetrics {
             duration: self.duration.with_label_values(&[upstream]),
             upstream: upstream.to_owned(),
             families: self.clone(),
+            ok: OnceLock::new(),
         }
     }
 }
@@ -113,6 +119,15 @@ impl OutboundMetrics {
 impl UpstreamMetrics {
     /// Counts one request answered to the app with `status`.
     pub fn request(&self, status: u16) {
+        if status == 200 {
+            let ok = self.ok.get_or_init(|| {
+                self.families
+                    .requests
+                    .with_label_values(&[self.upstream.as_str(), "200"])
+            });
+            ok.inc();
+            return;
+        }
         // StatusCode renders its three digits without allocating.
         let code = http::StatusCode::from_u16(status);
         let owned;
@@ -143,5 +158,40 @@ impl UpstreamMetrics {
             .handshakes
             .with_label_values(&[self.upstream.as_str(), result])
             .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_counted_by_status_and_200_appears_on_first_use() {
+        let registry = Registry::new();
+        let families = OutboundMetrics::register(&registry).expect("register");
+        let m = families.upstream("monolith");
+        let series = |status: &str| {
+            families
+                .requests
+                .with_label_values(&["monolith", status])
+                .get()
+        };
+        let has_200 = || {
+            registry.gather().iter().any(|f| {
+                f.get_metric().iter().any(|m| {
+                    m.get_label()
+                        .iter()
+                        .any(|l| l.name() == "status" && l.value() == "200")
+                })
+            })
+        };
+        assert!(!has_200(), "no 200 series before a 200");
+        m.request(200);
+        m.clone().request(200);
+        m.request(404);
+        m.request(799);
+        assert_eq!(series("200"), 2);
+        assert_eq!(series("404"), 1);
+        assert_eq!(series("799"), 1);
     }
 }
