@@ -106,23 +106,39 @@ impl<B: AppRequestBody> AppPool<B> {
     ///
     /// # Errors
     /// No connection to the app, or the exchange failed.
-    pub async fn send(self: &Arc<Self>, req: Request<B>) -> Result<Response<AppBody<B>>, AppError> {
-        let (sender, resp) = match self.take() {
-            Some(mut sender) => match sender.try_send_request(req).await {
-                Ok(resp) => (sender, resp),
-                Err(mut e) => match e.take_message() {
-                    // Closed while idle, noticed only now: not one byte was written.
-                    Some(req) => {
-                        debug!(app = %self.addr, "pooled app connection closed before the request was written; retrying on a new one");
-                        Box::pin(self.send_fresh(req)).await?
-                    }
-                    None => return Err(AppError::Http(e.into_error())),
-                },
-            },
-            // Rare (the pool is warm after the first requests) and large: boxed, so the
-            // per-request future stays small.
-            None => Box::pin(self.send_fresh(req)).await?,
-        };
+    #[allow(
+        clippy::manual_async_fn,
+        reason = "an `async fn` stores its by-value arguments twice in its future"
+    )]
+    pub fn send(
+        self: &Arc<Self>,
+        req: Request<B>,
+    ) -> impl Future<Output = Result<Response<AppBody<B>>, AppError>> + Send + '_ {
+        // This future is part of every request's task (moved, and copied on each move, by
+        // hyper and tokio): nothing large may stay alive across an await in it, the rare
+        // paths (new connection, retry) are boxed, and it is an `async` block rather than an
+        // `async fn` (whose by-value arguments are stored twice).
+        async move {
+            let Some(mut sender) = self.take() else {
+                let fresh = Box::pin(self.send_fresh(req)).await;
+                return fresh.map(|(sender, resp)| self.lend(sender, resp));
+            };
+            let failed = match sender.try_send_request(req).await {
+                Ok(resp) => return Ok(self.lend(sender, resp)),
+                Err(e) => e,
+            };
+            drop(sender);
+            let retried = Box::pin(self.resend(failed)).await;
+            retried.map(|(sender, resp)| self.lend(sender, resp))
+        }
+    }
+
+    /// The response, its body holding `sender` until read to its end.
+    fn lend(
+        self: &Arc<Self>,
+        sender: SendRequest<B>,
+        resp: Response<Incoming>,
+    ) -> Response<AppBody<B>> {
         let lease = if resp.body().is_end_stream() {
             // No body (HEAD, 204, 304, `content-length: 0`): reusable right away.
             self.put(sender);
@@ -133,7 +149,22 @@ impl<B: AppRequestBody> AppPool<B> {
                 pool: Arc::clone(self),
             })
         };
-        Ok(resp.map(|body| AppBody { body, lease }))
+        resp.map(|body| AppBody { body, lease })
+    }
+
+    /// After a pooled connection failed: again on a new connection if the request came back
+    /// unsent (the connection had closed while idle), else the error.
+    async fn resend(
+        &self,
+        mut e: hyper::client::conn::TrySendError<Request<B>>,
+    ) -> Result<(SendRequest<B>, Response<Incoming>), AppError> {
+        match e.take_message() {
+            Some(req) => {
+                debug!(app = %self.addr, "pooled app connection closed before the request was written; retrying on a new one");
+                self.send_fresh(req).await
+            }
+            None => Err(AppError::Http(e.into_error())),
+        }
     }
 
     /// On a new connection.
