@@ -425,6 +425,28 @@ pub struct AuditConfig {
     pub flush_interval: Duration,
 }
 
+impl AuditConfig {
+    /// One line for `sidecar check` and the startup log: destination and flushing, or that
+    /// decisions are not recorded.
+    pub fn summary(&self) -> String {
+        if !self.enabled {
+            return "OFF ([audit] enabled = false): access decisions are not recorded".into();
+        }
+        let to = self
+            .path
+            .as_ref()
+            .map_or_else(|| "stdout".to_owned(), |p| p.display().to_string());
+        if self.flush_interval.is_zero() {
+            format!("{to}, every line written at once (flush_interval = 0)")
+        } else {
+            format!(
+                "{to}, buffered: written every {} or 32 KiB, and on shutdown",
+                humantime::format_duration(self.flush_interval)
+            )
+        }
+    }
+}
+
 impl Default for AuditConfig {
     fn default() -> Self {
         Self {
@@ -1224,6 +1246,23 @@ listen = "127.0.0.1:9901"
         assert!(e[0].contains(":22:"), "{e:?}");
         let e = errors(&format!("{GOOD}\n[audit]\nflush = \"1s\"\n"));
         assert!(e[0].contains("flush"), "{e:?}");
+    }
+
+    #[test]
+    fn audit_summary_says_where_how_and_when_off() {
+        let mut a = AuditConfig::default();
+        assert_eq!(
+            a.summary(),
+            "stdout, buffered: written every 100ms or 32 KiB, and on shutdown"
+        );
+        a.path = Some(PathBuf::from("/var/log/gh/audit.jsonl"));
+        a.flush_interval = Duration::ZERO;
+        assert_eq!(
+            a.summary(),
+            "/var/log/gh/audit.jsonl, every line written at once (flush_interval = 0)"
+        );
+        a.enabled = false;
+        assert!(a.summary().starts_with("OFF"), "{}", a.summary());
     }
 
     #[test]

@@ -121,20 +121,9 @@ fn init_logging(loaded: &Loaded) -> Result<(), LoadError> {
     match sink {
         Some(sink) => {
             let _ = audit::install(sink);
-            let to = cfg
-                .path
-                .as_ref()
-                .map_or_else(|| "stdout".to_owned(), |p| p.display().to_string());
-            tracing::info!(
-                to,
-                flush_interval_ms =
-                    u64::try_from(cfg.flush_interval.as_millis()).unwrap_or(u64::MAX),
-                "audit log on"
-            );
+            tracing::info!("audit log: {}", cfg.summary());
         }
-        None => tracing::warn!(
-            "audit log DISABLED ([audit] enabled = false): access decisions are not recorded anywhere"
-        ),
+        None => tracing::warn!("audit log {}", cfg.summary()),
     }
     Ok(())
 }

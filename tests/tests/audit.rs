@@ -102,7 +102,7 @@ async fn disabled_audit_writes_no_line_on_either_side_and_warns() {
         assert!(s.stdout_lines().is_empty(), "{:?}", s.stdout_lines());
         let err = s.stderr_text();
         assert!(
-            err.contains("audit log DISABLED") && err.contains("not recorded"),
+            err.contains("audit log OFF") && err.contains("decisions are not recorded"),
             "startup warning: {err}"
         );
     }
