@@ -100,6 +100,7 @@ impl Loaded {
             let _ = writeln!(s, "{}", o.summary());
         }
         let _ = writeln!(s, "admin      {}", cfg.admin.listen);
+        let _ = writeln!(s, "audit      {}", cfg.audit.summary());
         let _ = writeln!(s, "runtime    {} event loop(s)", cfg.runtime.worker_threads);
         s
     }
@@ -222,6 +223,8 @@ pub async fn run(loaded: Loaded, shutdown: Shutdown) -> Result<usize, LoadError>
     } else {
         info!("drained cleanly");
     }
+    // Audit lines still buffered (at most `[audit] flush_interval`'s worth) reach the log.
+    crate::audit::flush();
     Ok(cut)
 }
 

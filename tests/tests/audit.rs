@@ -141,7 +141,6 @@ async fn buffered_lines_are_written_together_within_the_flush_interval() {
 }
 
 #[tokio::test]
-#[ignore = "needs `audit::flush()` after the drain in run::run (coordinator's file)"]
 async fn sigterm_writes_every_buffered_line_before_exiting() {
     let mut p = pair("flush_interval = \"10s\"").await;
     let started = Instant::now();
