@@ -49,6 +49,7 @@ const IDENTITY_HEADERS: [&str; 4] = [
 ];
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1), plus `proxy-connection` which old clients send.
+// At most 16 (a bit each in `strip_hop_by_hop`); `connection` first.
 const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
@@ -146,7 +147,7 @@ pub fn handle(
     async move {
         let guard = ctx.activity.begin();
         let started = Instant::now();
-        let request_id = request_id(&ctx.inbound, req.headers());
+        let (request_id, id_in_place) = request_id(&ctx.inbound, req.headers());
         let request_id = &request_id;
         // The current snapshot, not the connection's: policy reloads reach open connections.
         let snapshot = ctx.inbound.state.snapshot();
@@ -200,7 +201,7 @@ pub fn handle(
                 );
                 break 'resp refuse(Refusal::Denied, request_id);
             }
-            let fwd = rewrite(&ctx, req, &uri, &path, request_id);
+            let fwd = rewrite(&ctx, req, &uri, &path, request_id, id_in_place);
             let sent = tokio::time::timeout(ctx.inbound.cfg.app_timeout, ctx.inbound.app.send(fwd));
             let resp = match sent.await {
                 Ok(Ok(mut resp)) => {
@@ -279,18 +280,20 @@ impl Outcome<'_> {
     }
 }
 
-/// The client's `x-request-id` when it is a sane token, else a fresh one.
-fn request_id(inbound: &Inbound, headers: &HeaderMap) -> HeaderValue {
-    match headers.get(REQUEST_ID) {
+/// The client's `x-request-id` when it is a sane token, else a fresh one; `true` when the
+/// request carries exactly that one `x-request-id` already.
+fn request_id(inbound: &Inbound, headers: &HeaderMap) -> (HeaderValue, bool) {
+    let mut all = headers.get_all(&REQUEST_ID_HEADER).iter();
+    match all.next() {
         Some(v)
             if (1..=128).contains(&v.len())
                 && v.as_bytes().iter().all(|b| {
                     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':')
                 }) =>
         {
-            v.clone()
+            (v.clone(), all.next().is_none())
         }
-        _ => inbound.request_ids.next(),
+        _ => (inbound.request_ids.next(), false),
     }
 }
 
@@ -301,6 +304,7 @@ fn rewrite(
     uri: &Uri,
     path: &str,
     request_id: &HeaderValue,
+    id_in_place: bool,
 ) -> Request<Incoming> {
     let (mut parts, body) = req.into_parts();
     let h = &mut parts.headers;
@@ -313,16 +317,19 @@ fn rewrite(
     }
     // HTTP/2 carries the authority in the URI; the app speaks HTTP/1.1 and wants Host (the
     // app's own address when the caller gave none).
-    if !h.contains_key(header::HOST) {
-        let host = uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-            .unwrap_or_else(|| ctx.inbound.app_host.clone());
-        h.insert(header::HOST, host);
+    if let header::Entry::Vacant(host) = h.entry(header::HOST) {
+        host.insert(
+            uri.authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+                .unwrap_or_else(|| ctx.inbound.app_host.clone()),
+        );
     }
-    h.insert(XFCC_HEADER, ctx.xfcc.clone());
-    h.insert(SPIFFE_ID_HEADER, ctx.spiffe_id.clone());
-    h.insert(REQUEST_ID_HEADER, request_id.clone());
+    // Both were removed above: appending is inserting.
+    h.append(XFCC_HEADER, ctx.xfcc.clone());
+    h.append(SPIFFE_ID_HEADER, ctx.spiffe_id.clone());
+    if !id_in_place {
+        h.insert(REQUEST_ID_HEADER, request_id.clone());
+    }
     // An already normal path is forwarded as the client sent it (no allocation).
     let path_and_query = match uri.path_and_query() {
         Some(pq) if pq.path() == path => pq.clone(),
@@ -342,24 +349,42 @@ fn rewrite(
 
 /// Removes hop-by-hop headers, including those the `Connection` header names.
 fn strip_hop_by_hop(h: &mut HeaderMap) {
-    // Most requests carry none: one pass over the names instead of a lookup per name.
-    if !h.keys().any(|k| HOP_BY_HOP.contains(k)) {
-        return;
-    }
-    if h.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = h
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-            .collect();
-        for n in named {
-            h.remove(n);
+    // One pass over the names, noting which hop-by-hop ones are there (most requests carry
+    // none; most HTTP/1.1 responses only `connection: keep-alive`), then a removal for each
+    // of those only.
+    let mut present = 0u16;
+    for k in h.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|n| n == k) {
+            present |= 1 << i;
         }
     }
-    for n in &HOP_BY_HOP {
+    if present == 0 {
+        return;
+    }
+    // Names the `Connection` header lists, other than the hop-by-hop ones removed below
+    // anyway (no allocation for the usual `keep-alive`, `close` is looked up like any name).
+    let mut named: Vec<HeaderName> = Vec::new();
+    if present & 1 != 0 {
+        for v in &h.get_all(header::CONNECTION) {
+            let Ok(v) = v.to_str() else { continue };
+            for n in v.split(',').map(str::trim) {
+                if !HOP_BY_HOP
+                    .iter()
+                    .any(|h| h.as_str().eq_ignore_ascii_case(n))
+                    && let Ok(n) = HeaderName::from_bytes(n.as_bytes())
+                {
+                    named.push(n);
+                }
+            }
+        }
+    }
+    for n in named {
         h.remove(n);
+    }
+    for (i, n) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            h.remove(n);
+        }
     }
 }
 
@@ -398,5 +423,23 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1, "{h:?}");
         assert_eq!(h["x-kept"], "yes");
+
+        // Tokens in any case, `close`, several `Connection` lines; a lone hop-by-hop header.
+        let mut h = HeaderMap::new();
+        h.append(header::CONNECTION, HeaderValue::from_static("Keep-Alive"));
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_static("close, X-Other"),
+        );
+        h.insert("x-other", HeaderValue::from_static("1"));
+        h.insert("close", HeaderValue::from_static("1"));
+        h.insert("x-kept", HeaderValue::from_static("yes"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+        let mut h = HeaderMap::new();
+        h.insert(header::TRAILER, HeaderValue::from_static("x-t"));
+        h.insert("x-kept", HeaderValue::from_static("yes"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
     }
 }
