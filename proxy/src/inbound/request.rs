@@ -75,8 +75,35 @@ pub struct ConnCtx {
     distrusted: AtomicBool,
     xfcc: HeaderValue,
     spiffe_id: HeaderValue,
+    /// The peer's metric label under the snapshot it was computed for.
+    caller: LabelCache<Snapshot>,
     /// In-flight requests, for the idle timeout.
     pub activity: Arc<Activity>,
+}
+
+/// A string computed from one `Arc<T>` (the caller's label under one policy snapshot),
+/// recomputed when a different `Arc<T>` is current: a reload takes effect on the next request
+/// of the connection. The `Weak` keeps the old allocation, so a new snapshot can never reuse
+/// its address and be mistaken for it.
+#[derive(Debug)]
+struct LabelCache<T>(std::sync::Mutex<Option<(std::sync::Weak<T>, Arc<str>)>>);
+
+impl<T> LabelCache<T> {
+    fn new() -> Self {
+        Self(std::sync::Mutex::new(None))
+    }
+
+    fn get(&self, current: &Arc<T>, compute: impl FnOnce() -> Arc<str>) -> Arc<str> {
+        let mut cached = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match &*cached {
+            Some((of, label)) if std::ptr::eq(of.as_ptr(), Arc::as_ptr(current)) => label.clone(),
+            _ => {
+                let label = compute();
+                *cached = Some((Arc::downgrade(current), label.clone()));
+                label
+            }
+        }
+    }
 }
 
 impl ConnCtx {
@@ -93,6 +120,7 @@ impl ConnCtx {
             inbound,
             peer,
             distrusted: AtomicBool::new(false),
+            caller: LabelCache::new(),
             activity: Arc::new(Activity::default()),
         }
     }
@@ -157,7 +185,10 @@ pub fn handle(
             };
             let mut log = Outcome {
                 ctx: &ctx,
-                caller: inb.policy.caller_label(ctx.peer.id()),
+                // A SipHash lookup in the policy, once per connection and snapshot.
+                caller: ctx
+                    .caller
+                    .get(&snapshot, || inb.policy.caller_label(ctx.peer.id()).into()),
                 request_id,
                 method: req.method().clone(),
                 started,
@@ -237,7 +268,7 @@ fn refuse(r: Refusal<'_>, request_id: &HeaderValue) -> Response<Either<AppBody, 
 /// What the audit line and the metrics need, minus the outcome.
 struct Outcome<'a> {
     ctx: &'a ConnCtx,
-    caller: &'a str,
+    caller: Arc<str>,
     request_id: &'a HeaderValue,
     method: http::Method,
     started: Instant,
@@ -257,7 +288,7 @@ impl Outcome<'_> {
         m.inbound_requests
             .with_label_values(&[
                 route.unwrap_or("none"),
-                self.caller,
+                &self.caller,
                 decision,
                 reason,
                 status.as_str(),
@@ -405,6 +436,26 @@ mod tests {
         }
         let size = future_size(&handle);
         assert!(size <= 1400, "handle's future is {size} bytes");
+    }
+
+    #[test]
+    fn caller_label_is_recomputed_for_a_new_snapshot_only() {
+        let cache = LabelCache::new();
+        let calls = std::cell::Cell::new(0);
+        let compute = |s: &'static str| {
+            calls.set(calls.get() + 1);
+            Arc::<str>::from(s)
+        };
+        let first = Arc::new(1u64);
+        assert_eq!(&*cache.get(&first, || compute("a")), "a");
+        assert_eq!(&*cache.get(&first, || compute("b")), "a");
+        assert_eq!(calls.get(), 1);
+        // A reload: a new snapshot, even once the old one is gone.
+        drop(first);
+        let second = Arc::new(1u64);
+        assert_eq!(&*cache.get(&second, || compute("b")), "b");
+        assert_eq!(&*cache.get(&second, || compute("c")), "b");
+        assert_eq!(calls.get(), 2);
     }
 
     #[test]
