@@ -158,6 +158,12 @@ pub enum ConfigErrorKind {
         /// The value as written.
         value: String,
     },
+    /// `[runtime] worker_threads` above [`MAX_WORKER_THREADS`].
+    #[error("`runtime.worker_threads` = {value} is more than the maximum of {MAX_WORKER_THREADS}")]
+    WorkerThreads {
+        /// The value as written.
+        value: u64,
+    },
 }
 
 impl ConfigErrorKind {
@@ -191,6 +197,9 @@ impl ConfigErrorKind {
             Self::AuditFlushInterval { .. } => "buffered audit lines are lost if the process \
                  is killed: use \"100ms\" (default), at most \"10s\", or \"0\" to write every \
                  line at once"
+                .into(),
+            Self::WorkerThreads { .. } => "use at most one event loop per core the sidecar may \
+                 use (`nproc`); 1 (the default) is the cheapest per request"
                 .into(),
         }
     }
@@ -243,6 +252,10 @@ pub struct Config {
 /// its machine with the app it fronts; one loop is the cheapest per request (the most work per
 /// wake-up and per syscall) and keeps idle RSS under 10 MiB.
 pub const DEFAULT_WORKER_THREADS: usize = 1;
+
+/// Largest `[runtime] worker_threads` accepted: each loop is a thread with its own pools, and
+/// more loops than cores only add CPU per request.
+pub const MAX_WORKER_THREADS: usize = 256;
 
 /// `[runtime]`: the sidecar's event loops.
 #[derive(Debug, Clone)]
@@ -805,12 +818,19 @@ impl Check<'_> {
                 ),
                 allow_identity_change: r.allow_identity_change,
             });
+        let worker_threads = raw.runtime.as_ref().and_then(|r| r.worker_threads.as_ref());
+        let mut loops = self.count(
+            worker_threads,
+            "runtime.worker_threads",
+            DEFAULT_WORKER_THREADS,
+        );
+        if let Some(v) = worker_threads.filter(|_| loops > MAX_WORKER_THREADS) {
+            let value = *v.get_ref();
+            self.push(Some(v.span()), ConfigErrorKind::WorkerThreads { value });
+            loops = DEFAULT_WORKER_THREADS;
+        }
         let runtime = RuntimeConfig {
-            worker_threads: self.count(
-                raw.runtime.as_ref().and_then(|r| r.worker_threads.as_ref()),
-                "runtime.worker_threads",
-                DEFAULT_WORKER_THREADS,
-            ),
+            worker_threads: loops,
         };
         if inbound.is_none() && outbound.is_empty() {
             self.push(None, ConfigErrorKind::NoListener);
@@ -1168,6 +1188,17 @@ listen = "127.0.0.1:9901"
         assert_eq!(c.outbound[0].protocol.alpn(), [b"http/1.1".as_slice()]);
         let e = errors(&format!("{GOOD}\n[runtime]\nworker_threads = 0\n"));
         assert!(e[0].contains("runtime.worker_threads"), "{e:?}");
+        let e = errors(&format!("{GOOD}\n[runtime]\nworker_threads = 257\n"));
+        assert!(
+            e[0].contains("worker_threads` = 257 is more than the maximum of 256"),
+            "{e:?}"
+        );
+        assert!(
+            e[0].contains("sidecar.toml:22:18:"),
+            "names line and column: {e:?}"
+        );
+        let c = parse(&format!("{GOOD}\n[runtime]\nworker_threads = 256\n")).expect("max");
+        assert_eq!(c.runtime.worker_threads, MAX_WORKER_THREADS);
         let e = errors(&GOOD.replace(
             "connect = \"monolith.internal:8443\"",
             "connect = \"monolith.internal:8443\"\nprotocol = \"h3\"",
