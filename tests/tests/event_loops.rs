@@ -1,7 +1,7 @@
 //! `[runtime] worker_threads`: a sidecar with several event loops, over the real binary and
 //! real mTLS. Connections are spread round-robin over the loops, each loop has its own
-//! outbound pool (so its own connection to the peer), every loop serves correctly, a trust
-//! change reaches every loop's pool, and SIGTERM still drains and exits.
+//! outbound pool (so its own connection to the peer), every loop serves correctly, a policy
+//! edit and a trust change reach every loop, and SIGTERM still drains and exits.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -136,11 +136,13 @@ async fn several_event_loops_spread_connections_and_each_has_its_own_pool() {
                 for _ in 0..REQUESTS_PER_CONNECTION {
                     assert_eq!(get(&mut send).await, StatusCode::OK);
                 }
+                send
             })
         })
         .collect();
+    let mut conns = Vec::new();
     for t in tasks {
-        t.await.expect("client task");
+        conns.push(t.await.expect("client task"));
     }
     let total = CONNECTIONS * (1 + REQUESTS_PER_CONNECTION);
     assert_eq!(app.count(), total);
@@ -157,6 +159,39 @@ async fn several_event_loops_spread_connections_and_each_has_its_own_pool() {
             a - b
         );
     }
+
+    // A policy edit reaches every loop: the route is revoked, and every open connection (so
+    // every outbound loop's h2 connection, spread over the inbound loops) gets 403.
+    let policy = inbound.policy_path();
+    let revoked = POLICY.replace(
+        "path    = \"/api/data/reports\"",
+        "path    = \"/api/data/other\"",
+    );
+    assert_ne!(revoked, POLICY);
+    std::fs::write(policy.with_extension("tmp"), &revoked).expect("write policy");
+    std::fs::rename(policy.with_extension("tmp"), &policy).expect("rename policy");
+    for (i, send) in conns.iter_mut().enumerate() {
+        let denied = eventually(
+            "the policy edit to reach the connection",
+            Duration::from_secs(10),
+            async || (get(send).await == StatusCode::FORBIDDEN).then_some(()),
+        )
+        .await;
+        assert!(
+            denied.is_ok(),
+            "connection {i} still allowed after the edit"
+        );
+    }
+    std::fs::write(policy.with_extension("tmp"), POLICY).expect("write policy");
+    std::fs::rename(policy.with_extension("tmp"), &policy).expect("rename policy");
+    for send in &mut conns {
+        let allowed = eventually("the restored policy", Duration::from_secs(10), async || {
+            (get(send).await == StatusCode::OK).then_some(())
+        })
+        .await;
+        assert!(allowed.is_ok(), "route restored");
+    }
+    drop(conns);
 
     // A trust change (the bundle rewritten) retires the pools of every loop: the next
     // request on each loop connects anew.
