@@ -209,13 +209,17 @@ impl RequestIds {
     /// The app's `x-request-id` if it is a sane token, else a fresh one (set on the request).
     fn keep_or_assign(&self, headers: &mut HeaderMap) -> HeaderValue {
         // One hash and probe of the name for the lookup and the insertion.
+        // Sensitive: HPACK sends it as a never-indexed literal. A request id is unique, so
+        // indexing it only churns the h2 dynamic tables on both sides, evicting the entries
+        // (path, authority) that let every other header be sent as an index.
         match headers.entry(X_REQUEST_ID) {
             header::Entry::Occupied(mut e) => {
-                let v = e.get();
+                let v = e.get_mut();
                 let ok = !v.is_empty()
                     && v.len() <= MAX_REQUEST_ID_LEN
                     && v.as_bytes().iter().all(|b| b.is_ascii_graphic());
                 if ok {
+                    v.set_sensitive(true);
                     return v.clone();
                 }
                 let id = self.fresh();
@@ -243,7 +247,9 @@ impl RequestIds {
             text[at + 1] = HEX[usize::from(byte & 0xf)];
         }
         // Invariant: lowercase hex and dashes are valid header bytes.
-        HeaderValue::from_bytes(&text).expect("hex is a valid header value")
+        let mut id = HeaderValue::from_bytes(&text).expect("hex is a valid header value");
+        id.set_sensitive(true);
+        id
     }
 }
 
@@ -324,6 +330,26 @@ mod tests {
         assert_ne!(id, "has space");
         let sent: Vec<&HeaderValue> = h.get_all(&X_REQUEST_ID).iter().collect();
         assert_eq!(sent, [&id], "one value, the fresh id");
+    }
+
+    #[test]
+    fn request_ids_sent_upstream_are_never_hpack_indexed() {
+        // A sensitive value is an HPACK never-indexed literal: unique ids must not churn the
+        // h2 dynamic tables of the two sidecars.
+        let ids = RequestIds::new(&crate::tls::provider());
+        let mut kept = HeaderMap::new();
+        kept.insert(X_REQUEST_ID, HeaderValue::from_static("abc-123"));
+        let mut fresh = HeaderMap::new();
+        fresh.insert(X_REQUEST_ID, HeaderValue::from_static("has space"));
+        for mut h in [kept, fresh, HeaderMap::new()] {
+            let id = ids.keep_or_assign(&mut h);
+            assert!(id.is_sensitive());
+            assert!(
+                h[&X_REQUEST_ID].is_sensitive(),
+                "{:?}",
+                h.get(&X_REQUEST_ID)
+            );
+        }
     }
 
     #[test]
