@@ -23,6 +23,7 @@ pub mod admin;
 pub mod audit;
 pub mod config;
 pub mod error;
+pub mod headers;
 pub mod inbound;
 pub mod metrics;
 pub mod outbound;

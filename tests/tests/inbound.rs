@@ -152,7 +152,11 @@ async fn allowed_caller_gets_200_and_app_sees_verified_identity_not_spoofed_head
             h.get("x-drop-me").is_none(),
             "Connection-named header removed"
         );
-        assert_eq!(h["x-request-id"].len(), 32, "request id added");
+        assert_eq!(
+            h["x-request-id"].len(),
+            36,
+            "request id added (UUID layout, as the outbound side)"
+        );
         assert!(h.get("host").is_some(), "Host present for the HTTP/1.1 app");
     }
 }

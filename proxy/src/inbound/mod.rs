@@ -11,11 +11,11 @@ pub mod listener;
 pub mod request;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use http::HeaderValue;
 
 use crate::config::InboundConfig;
+use crate::headers::RequestIds;
 use crate::metrics::Metrics;
 use crate::state::State;
 
@@ -54,57 +54,6 @@ impl Inbound {
             app,
             app_host,
             request_ids,
-        }
-    }
-}
-
-/// Request ids: a random per-process prefix and a counter, 32 hex digits, unique without a
-/// random draw per request.
-#[derive(Debug)]
-struct RequestIds {
-    prefix: u64,
-    counter: AtomicU64,
-}
-
-impl RequestIds {
-    fn new(provider: &rustls::crypto::CryptoProvider) -> Self {
-        let mut seed = [0u8; 16];
-        // The OS RNG does not fail on Linux; an all-zero seed would only make ids predictable.
-        let _ = provider.secure_random.fill(&mut seed);
-        let (a, b) = seed.split_at(8);
-        Self {
-            prefix: u64::from_le_bytes(a.try_into().unwrap_or_default()),
-            counter: AtomicU64::new(u64::from_le_bytes(b.try_into().unwrap_or_default())),
-        }
-    }
-
-    fn next(&self) -> HeaderValue {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
-        let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let mut buf = [0u8; 32];
-        for (i, v) in [self.prefix, n].into_iter().enumerate() {
-            for j in 0..16 {
-                buf[i * 16 + j] = HEX[((v >> (60 - 4 * j)) & 0xf) as usize];
-            }
-        }
-        HeaderValue::from_bytes(&buf).expect("hex digits are valid header bytes")
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::RequestIds;
-
-    #[test]
-    fn request_ids_are_32_hex_digits_and_unique() {
-        let ids = RequestIds::new(&rustls::crypto::aws_lc_rs::default_provider());
-        let a = ids.next();
-        let b = ids.next();
-        assert_ne!(a, b);
-        for id in [a, b] {
-            let s = id.to_str().expect("ascii");
-            assert_eq!(s.len(), 32);
-            assert!(s.bytes().all(|c| c.is_ascii_hexdigit()), "{s}");
         }
     }
 }

@@ -37,6 +37,7 @@ use super::app::AppBody;
 use super::listener::{Activity, RequestGuard};
 use crate::audit::{self, AuditRecord};
 use crate::error::Refusal;
+use crate::headers::{REQUEST_ID, is_acceptable_request_id, strip_hop_by_hop};
 use crate::state::Snapshot;
 use crate::tls::PeerIdentity;
 
@@ -48,22 +49,6 @@ const IDENTITY_HEADERS: [&str; 4] = [
     "client-cert-chain",
 ];
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1), plus `proxy-connection` which old clients send.
-// At most 16 (a bit each in `strip_hop_by_hop`); `connection` first.
-const HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::UPGRADE,
-];
-
-const REQUEST_ID: &str = "x-request-id";
-// Parsed once, not on every insert.
-const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static(REQUEST_ID);
 const XFCC_HEADER: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 const SPIFFE_ID_HEADER: HeaderName = HeaderName::from_static("x-client-spiffe-id");
 
@@ -314,16 +299,9 @@ impl Outcome<'_> {
 /// The client's `x-request-id` when it is a sane token, else a fresh one; `true` when the
 /// request carries exactly that one `x-request-id` already.
 fn request_id(inbound: &Inbound, headers: &HeaderMap) -> (HeaderValue, bool) {
-    let mut all = headers.get_all(&REQUEST_ID_HEADER).iter();
+    let mut all = headers.get_all(&REQUEST_ID).iter();
     match all.next() {
-        Some(v)
-            if (1..=128).contains(&v.len())
-                && v.as_bytes().iter().all(|b| {
-                    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':')
-                }) =>
-        {
-            (v.clone(), all.next().is_none())
-        }
+        Some(v) if is_acceptable_request_id(v) => (v.clone(), all.next().is_none()),
         _ => (inbound.request_ids.next(), false),
     }
 }
@@ -359,7 +337,7 @@ fn rewrite(
     h.append(XFCC_HEADER, ctx.xfcc.clone());
     h.append(SPIFFE_ID_HEADER, ctx.spiffe_id.clone());
     if !id_in_place {
-        h.insert(REQUEST_ID_HEADER, request_id.clone());
+        h.insert(REQUEST_ID, request_id.clone());
     }
     // An already normal path is forwarded as the client sent it (no allocation).
     let path_and_query = match uri.path_and_query() {
@@ -376,47 +354,6 @@ fn rewrite(
     parts.uri = Uri::from(path_and_query);
     parts.version = http::Version::HTTP_11;
     Request::from_parts(parts, body)
-}
-
-/// Removes hop-by-hop headers, including those the `Connection` header names.
-fn strip_hop_by_hop(h: &mut HeaderMap) {
-    // One pass over the names, noting which hop-by-hop ones are there (most requests carry
-    // none; most HTTP/1.1 responses only `connection: keep-alive`), then a removal for each
-    // of those only.
-    let mut present = 0u16;
-    for k in h.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|n| n == k) {
-            present |= 1 << i;
-        }
-    }
-    if present == 0 {
-        return;
-    }
-    // Names the `Connection` header lists, other than the hop-by-hop ones removed below
-    // anyway (no allocation for the usual `keep-alive`, `close` is looked up like any name).
-    let mut named: Vec<HeaderName> = Vec::new();
-    if present & 1 != 0 {
-        for v in &h.get_all(header::CONNECTION) {
-            let Ok(v) = v.to_str() else { continue };
-            for n in v.split(',').map(str::trim) {
-                if !HOP_BY_HOP
-                    .iter()
-                    .any(|h| h.as_str().eq_ignore_ascii_case(n))
-                    && let Ok(n) = HeaderName::from_bytes(n.as_bytes())
-                {
-                    named.push(n);
-                }
-            }
-        }
-    }
-    for n in named {
-        h.remove(n);
-    }
-    for (i, n) in HOP_BY_HOP.iter().enumerate() {
-        if present & (1 << i) != 0 {
-            h.remove(n);
-        }
-    }
 }
 
 #[cfg(test)]
@@ -456,41 +393,5 @@ mod tests {
         assert_eq!(&*cache.get(&second, || compute("b")), "b");
         assert_eq!(&*cache.get(&second, || compute("c")), "b");
         assert_eq!(calls.get(), 2);
-    }
-
-    #[test]
-    fn hop_by_hop_and_connection_named_headers_are_removed() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("keep-alive, x-secret"),
-        );
-        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert("x-secret", HeaderValue::from_static("1"));
-        h.insert(header::TE, HeaderValue::from_static("trailers"));
-        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
-        h.insert("x-kept", HeaderValue::from_static("yes"));
-        strip_hop_by_hop(&mut h);
-        assert_eq!(h.len(), 1, "{h:?}");
-        assert_eq!(h["x-kept"], "yes");
-
-        // Tokens in any case, `close`, several `Connection` lines; a lone hop-by-hop header.
-        let mut h = HeaderMap::new();
-        h.append(header::CONNECTION, HeaderValue::from_static("Keep-Alive"));
-        h.append(
-            header::CONNECTION,
-            HeaderValue::from_static("close, X-Other"),
-        );
-        h.insert("x-other", HeaderValue::from_static("1"));
-        h.insert("close", HeaderValue::from_static("1"));
-        h.insert("x-kept", HeaderValue::from_static("yes"));
-        strip_hop_by_hop(&mut h);
-        assert_eq!(h.len(), 1, "{h:?}");
-        let mut h = HeaderMap::new();
-        h.insert(header::TRAILER, HeaderValue::from_static("x-t"));
-        h.insert("x-kept", HeaderValue::from_static("yes"));
-        strip_hop_by_hop(&mut h);
-        assert_eq!(h.len(), 1, "{h:?}");
     }
 }

@@ -9,11 +9,10 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderValue};
 use http::{Request, Response};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
@@ -26,14 +25,11 @@ use tracing::{Instrument, debug, info_span, warn};
 use super::connect::Upstream;
 use crate::accept::Acceptor;
 use crate::audit::{self, OutboundRecord};
+use crate::headers::{REQUEST_ID, RequestIds, is_acceptable_request_id, strip_hop_by_hop};
 use crate::signal::Shutdown;
 
 /// What the app receives: the upstream's body, streamed, or the sidecar's own JSON.
 pub type OutboundBody = Either<Incoming, Full<Bytes>>;
-
-const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-/// A request id longer than this, or not visible ASCII, is replaced (it ends up in logs).
-const MAX_REQUEST_ID_LEN: usize = 128;
 
 /// One bound outbound listener and the upstream it forwards to.
 #[derive(Debug)]
@@ -129,7 +125,7 @@ async fn handle(
     mut req: Request<Incoming>,
 ) -> Result<Response<OutboundBody>, Infallible> {
     let started = Instant::now();
-    let request_id = ctx.ids.keep_or_assign(req.headers_mut());
+    let request_id = keep_or_assign(&ctx.ids, req.headers_mut());
     // Kept for the audit line only; both clones are cheap (the URI shares the request's
     // bytes), where copying the path out was an allocation per request.
     let audited = audit::enabled().then(|| (req.method().clone(), req.uri().clone()));
@@ -141,7 +137,7 @@ async fn handle(
             let mut resp = resp.map(Either::Left);
             strip_hop_by_hop(resp.headers_mut());
             resp.headers_mut()
-                .entry(X_REQUEST_ID)
+                .entry(REQUEST_ID)
                 .or_insert_with(|| request_id.clone());
             (resp, "forwarded")
         }
@@ -177,124 +173,25 @@ fn display_id(id: &HeaderValue) -> &str {
     id.to_str().unwrap_or("-")
 }
 
-/// Request ids: UUID-shaped (version 4 and RFC 4122 variant bits set) from a random
-/// per-listener 64-bit prefix drawn from the TLS provider's CSPRNG and a counter starting at a
-/// random value, so they are unique without a random draw per request (the draw cost more than
-/// the rest of the request's header handling).
-#[derive(Debug)]
-struct RequestIds {
-    prefix: u64,
-    counter: AtomicU64,
-}
-
-impl RequestIds {
-    fn new(provider: &CryptoProvider) -> Self {
-        let mut seed = [0u8; 16];
-        if provider.secure_random.fill(&mut seed).is_err() {
-            // The CSPRNG failing is not a reason to fail: fall back to the clock, ids only need
-            // to be unique enough to follow a request through two logs.
-            let nanos = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_nanos();
-            seed = nanos.to_le_bytes();
-        }
-        let (a, b) = seed.split_at(8);
-        Self {
-            prefix: u64::from_le_bytes(a.try_into().unwrap_or_default()),
-            counter: AtomicU64::new(u64::from_le_bytes(b.try_into().unwrap_or_default())),
-        }
-    }
-
-    /// The app's `x-request-id` if it is a sane token, else a fresh one (set on the request).
-    fn keep_or_assign(&self, headers: &mut HeaderMap) -> HeaderValue {
-        // One hash and probe of the name for the lookup and the insertion.
-        // Sensitive: HPACK sends it as a never-indexed literal. A request id is unique, so
-        // indexing it only churns the h2 dynamic tables on both sides, evicting the entries
-        // (path, authority) that let every other header be sent as an index.
-        match headers.entry(X_REQUEST_ID) {
-            header::Entry::Occupied(mut e) => {
-                let v = e.get_mut();
-                let ok = !v.is_empty()
-                    && v.len() <= MAX_REQUEST_ID_LEN
-                    && v.as_bytes().iter().all(|b| b.is_ascii_graphic());
-                if ok {
-                    v.set_sensitive(true);
-                    return v.clone();
-                }
-                let id = self.fresh();
-                // Replaces every value of the header (a repeated one included).
-                e.insert(id.clone());
-                id
+/// The app's `x-request-id` if acceptable (the inbound side keeps exactly the same ones),
+/// else a fresh one, set on the request; sensitive either way (never HPACK-indexed, see
+/// [`RequestIds::next`]).
+fn keep_or_assign(ids: &RequestIds, headers: &mut HeaderMap) -> HeaderValue {
+    // One hash and probe of the name for the lookup and the insertion.
+    match headers.entry(REQUEST_ID) {
+        header::Entry::Occupied(mut e) => {
+            let v = e.get_mut();
+            if is_acceptable_request_id(v) {
+                v.set_sensitive(true);
+                return v.clone();
             }
-            header::Entry::Vacant(e) => e.insert(self.fresh()).clone(),
+            let id = ids.next();
+            // Replaces every value of the header (a repeated one included).
+            e.insert(id.clone());
+            id
         }
+        header::Entry::Vacant(e) => e.insert(ids.next()).clone(),
     }
-
-    fn fresh(&self) -> HeaderValue {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
-        let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let mut b = [0u8; 16];
-        b[..8].copy_from_slice(&self.prefix.to_be_bytes());
-        b[8..].copy_from_slice(&n.to_be_bytes());
-        b[6] = (b[6] & 0x0f) | 0x40; // version 4
-        b[8] = (b[8] & 0x3f) | 0x80; // RFC 4122 variant
-        // Where each byte's two hex digits go in 8-4-4-4-12.
-        const AT: [usize; 16] = [0, 2, 4, 6, 9, 11, 14, 16, 19, 21, 24, 26, 28, 30, 32, 34];
-        let mut text = *b"00000000-0000-0000-0000-000000000000";
-        for (byte, at) in b.into_iter().zip(AT) {
-            text[at] = HEX[usize::from(byte >> 4)];
-            text[at + 1] = HEX[usize::from(byte & 0xf)];
-        }
-        // Invariant: lowercase hex and dashes are valid header bytes.
-        let mut id = HeaderValue::from_bytes(&text).expect("hex is a valid header value");
-        id.set_sensitive(true);
-        id
-    }
-}
-
-/// Removes hop-by-hop headers (RFC 9110 §7.6.1): those named in `Connection`, and the fixed
-/// list. They describe one connection and must not be forwarded to the next.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most requests carry none: one pass over the names instead of a lookup per name.
-    if !headers.keys().any(|k| {
-        matches!(
-            k,
-            &header::CONNECTION
-                | &header::TE
-                | &header::TRAILER
-                | &header::TRANSFER_ENCODING
-                | &header::UPGRADE
-                | &header::PROXY_AUTHENTICATE
-                | &header::PROXY_AUTHORIZATION
-        ) || k == "keep-alive"
-            || k == "proxy-connection"
-    }) {
-        return;
-    }
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
-    }
-    for name in [
-        header::CONNECTION,
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        header::PROXY_AUTHENTICATE,
-        header::PROXY_AUTHORIZATION,
-    ] {
-        headers.remove(name);
-    }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
 }
 
 #[cfg(test)]
@@ -305,11 +202,11 @@ mod tests {
     fn request_id_is_kept_when_sane_and_replaced_otherwise() {
         let ids = RequestIds::new(&crate::tls::provider());
         let mut h = HeaderMap::new();
-        h.insert(X_REQUEST_ID, HeaderValue::from_static("abc-123"));
-        assert_eq!(ids.keep_or_assign(&mut h), "abc-123");
+        h.insert(REQUEST_ID, HeaderValue::from_static("abc-123"));
+        assert_eq!(keep_or_assign(&ids, &mut h), "abc-123");
 
         let mut h = HeaderMap::new();
-        let fresh = ids.keep_or_assign(&mut h);
+        let fresh = keep_or_assign(&ids, &mut h);
         assert_eq!(fresh.len(), 36);
         let text = fresh.to_str().expect("ascii");
         for (i, c) in text.bytes().enumerate() {
@@ -320,16 +217,22 @@ mod tests {
                 _ => assert!(matches!(c, b'0'..=b'9' | b'a'..=b'f'), "{text}"),
             }
         }
-        assert_eq!(h.get(&X_REQUEST_ID), Some(&fresh));
-        assert_ne!(fresh, ids.keep_or_assign(&mut HeaderMap::new()));
+        assert_eq!(h.get(&REQUEST_ID), Some(&fresh));
+        assert_ne!(fresh, keep_or_assign(&ids, &mut HeaderMap::new()));
 
         let mut h = HeaderMap::new();
-        h.insert(X_REQUEST_ID, HeaderValue::from_static("has space"));
-        h.append(X_REQUEST_ID, HeaderValue::from_static("second"));
-        let id = ids.keep_or_assign(&mut h);
+        h.insert(REQUEST_ID, HeaderValue::from_static("has space"));
+        h.append(REQUEST_ID, HeaderValue::from_static("second"));
+        let id = keep_or_assign(&ids, &mut h);
         assert_ne!(id, "has space");
-        let sent: Vec<&HeaderValue> = h.get_all(&X_REQUEST_ID).iter().collect();
+        let sent: Vec<&HeaderValue> = h.get_all(&REQUEST_ID).iter().collect();
         assert_eq!(sent, [&id], "one value, the fresh id");
+
+        // An id the inbound side would replace is replaced here already, so both sidecars'
+        // audit lines carry the same one.
+        let mut h = HeaderMap::new();
+        h.insert(REQUEST_ID, HeaderValue::from_static("tenant/42"));
+        assert_ne!(keep_or_assign(&ids, &mut h), "tenant/42");
     }
 
     #[test]
@@ -338,43 +241,13 @@ mod tests {
         // h2 dynamic tables of the two sidecars.
         let ids = RequestIds::new(&crate::tls::provider());
         let mut kept = HeaderMap::new();
-        kept.insert(X_REQUEST_ID, HeaderValue::from_static("abc-123"));
+        kept.insert(REQUEST_ID, HeaderValue::from_static("abc-123"));
         let mut fresh = HeaderMap::new();
-        fresh.insert(X_REQUEST_ID, HeaderValue::from_static("has space"));
+        fresh.insert(REQUEST_ID, HeaderValue::from_static("has space"));
         for mut h in [kept, fresh, HeaderMap::new()] {
-            let id = ids.keep_or_assign(&mut h);
+            let id = keep_or_assign(&ids, &mut h);
             assert!(id.is_sensitive());
-            assert!(
-                h[&X_REQUEST_ID].is_sensitive(),
-                "{:?}",
-                h.get(&X_REQUEST_ID)
-            );
+            assert!(h[&REQUEST_ID].is_sensitive(), "{:?}", h.get(&REQUEST_ID));
         }
-    }
-
-    #[test]
-    fn fresh_ids_are_prefix_and_counter_in_uuid_layout() {
-        let ids = RequestIds {
-            prefix: 0x0123_4567_89ab_cdef,
-            counter: AtomicU64::new(0xfedc_ba98_7654_3210),
-        };
-        assert_eq!(ids.fresh(), "01234567-89ab-4def-bedc-ba9876543210");
-        assert_eq!(ids.fresh(), "01234567-89ab-4def-bedc-ba9876543211");
-    }
-
-    #[test]
-    fn hop_by_hop_headers_are_dropped_and_end_to_end_ones_kept() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("close, x-private"),
-        );
-        h.insert("x-private", HeaderValue::from_static("1"));
-        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
-        h.insert(header::ACCEPT, HeaderValue::from_static("application/json"));
-        strip_hop_by_hop(&mut h);
-        assert_eq!(h.len(), 1);
-        assert!(h.contains_key(header::ACCEPT));
     }
 }
