@@ -27,7 +27,7 @@ use rustls_pki_types::{CertificateDer, UnixTime};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span};
 
 use super::Inbound;
 use super::request::{ConnCtx, handle};
@@ -45,15 +45,7 @@ pub async fn serve(inbound: Arc<Inbound>, mut listener: Acceptor, shutdown: Shut
             () = shutdown.token().cancelled() => break,
         };
         let (tcp, peer) = tokio::select! {
-            res = listener.accept() => match res {
-                Ok(c) => c,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    warn!(error = %e, "inbound accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            c = listener.accept() => c,
             () = shutdown.token().cancelled() => break,
         };
         // Subscribe before loading the snapshot: a swap in between is then seen as a change.

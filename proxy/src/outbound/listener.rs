@@ -74,14 +74,7 @@ impl OutboundListener {
         });
         loop {
             let (tcp, peer) = tokio::select! {
-                res = self.listener.accept() => match res {
-                    Ok(conn) => conn,
-                    Err(e) => {
-                        warn!(upstream = %ctx.upstream.name(), error = %e, "outbound accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
+                c = self.listener.accept() => c,
                 () = shutdown.token().cancelled() => break,
             };
             let span = info_span!("outbound", upstream = %ctx.upstream.name(), %peer);
