@@ -9,26 +9,11 @@
 
 use std::time::{Duration, Instant};
 
-use gatehouse_tests::harness::{FakeApp, Pki, Sidecar, eventually, http_get};
+use gatehouse_tests::harness::{
+    FINTECH_TD, FakeApp, MONOLITH_ID, Pki, REPORT_EXPORT_POLICY, REPORT_SERVICE_ID, Sidecar,
+    eventually, http_get,
+};
 use http::StatusCode;
-
-const TD: &str = "fintech.internal";
-const MONOLITH: &str = "spiffe://fintech.internal/monolith";
-const REPORTS: &str = "spiffe://fintech.internal/report-service";
-
-const POLICY: &str = r#"
-version = 1
-trust_domain = "fintech.internal"
-
-[identities]
-report-service = "spiffe://fintech.internal/report-service"
-
-[[route]]
-name    = "report data export"
-methods = ["GET"]
-path    = "/api/data/reports"
-allow   = ["report-service"]
-"#;
 
 struct Pair {
     _pki: Pki,
@@ -39,19 +24,19 @@ struct Pair {
 
 /// Both sidecars with `audit` (lines under `[audit]`).
 async fn pair(audit: &str) -> Pair {
-    let pki = Pki::new(TD);
+    let pki = Pki::new(FINTECH_TD);
     let app = FakeApp::start().await;
     let section = format!("[audit]\n{audit}\n");
-    let inbound = Sidecar::inbound(&pki.issue(MONOLITH), app.addr(), POLICY)
+    let inbound = Sidecar::inbound(&pki.issue(MONOLITH_ID), app.addr(), REPORT_EXPORT_POLICY)
         .section(&section)
         .spawn()
         .await
         .expect("inbound sidecar starts");
     let entry = format!(
-        "[[outbound]]\nname = \"monolith\"\nlisten = \"127.0.0.1:0\"\nconnect = \"{}\"\nserver_id = \"{MONOLITH}\"\n",
+        "[[outbound]]\nname = \"monolith\"\nlisten = \"127.0.0.1:0\"\nconnect = \"{}\"\nserver_id = \"{MONOLITH_ID}\"\n",
         inbound.inbound_addr()
     );
-    let outbound = Sidecar::builder(&pki.issue(REPORTS))
+    let outbound = Sidecar::builder(&pki.issue(REPORT_SERVICE_ID))
         .section(&entry)
         .section(&section)
         .spawn()

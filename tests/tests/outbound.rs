@@ -19,7 +19,10 @@ use bytes::Bytes;
 use gatehouse_ca::{IssueRequest, SpiffeId};
 use gatehouse_tests::fintech::http::{Recorder, serve};
 use gatehouse_tests::fintech::monolith::Monolith;
-use gatehouse_tests::harness::{CertDir, Pki, Sidecar, eventually, sidecar_cli, terminate};
+use gatehouse_tests::harness::{
+    CertDir, FINTECH_TD, MONOLITH_ID, Pki, REPORT_EXPORT_POLICY, REPORT_SERVICE_ID, Sidecar,
+    eventually, sidecar_cli, terminate,
+};
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
@@ -32,24 +35,7 @@ use rustls::server::WebPkiClientVerifier;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpListener;
 
-const TD: &str = "fintech.internal";
-const MONOLITH_ID: &str = "spiffe://fintech.internal/monolith";
-const REPORT_ID: &str = "spiffe://fintech.internal/report-service";
 const REPORTS_QUERY: &str = "/api/data/reports?startDate=2024-01-01&endDate=2024-12-31";
-
-const MONOLITH_POLICY: &str = r#"
-version = 1
-trust_domain = "fintech.internal"
-
-[identities]
-report-service = "spiffe://fintech.internal/report-service"
-
-[[route]]
-name    = "report data export"
-methods = ["GET"]
-path    = "/api/data/reports"
-allow   = ["report-service"]
-"#;
 
 // ---- support ------------------------------------------------------------------------------
 
@@ -187,9 +173,9 @@ async fn recording_server(server: &CertDir, client_bundle: &Path) -> RecordingSe
 /// monolith's inbound sidecar → the fake monolith. Then 1,000 more on the same pair.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn report_service_reaches_monolith_through_both_sidecars_with_one_request_id() {
-    let pki = Pki::new(TD);
+    let pki = Pki::new(FINTECH_TD);
     let monolith_cert = pki.issue(MONOLITH_ID);
-    let report_cert = pki.issue(REPORT_ID);
+    let report_cert = pki.issue(REPORT_SERVICE_ID);
 
     let recorder = Recorder::default();
     let app_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind app");
@@ -199,7 +185,7 @@ async fn report_service_reaches_monolith_through_both_sidecars_with_one_request_
         Arc::new(Monolith::new(recorder.clone())),
     ));
 
-    let inbound = Sidecar::inbound(&monolith_cert, app_addr, MONOLITH_POLICY)
+    let inbound = Sidecar::inbound(&monolith_cert, app_addr, REPORT_EXPORT_POLICY)
         .spawn()
         .await
         .expect("inbound sidecar starts");
@@ -228,7 +214,7 @@ async fn report_service_reaches_monolith_through_both_sidecars_with_one_request_
     );
     assert_eq!(
         seen[0].caller().map(|id| id.to_string()).as_deref(),
-        Some(REPORT_ID)
+        Some(REPORT_SERVICE_ID)
     );
 
     // One request id: assigned by the outbound sidecar, returned to the caller, seen by the
@@ -248,7 +234,7 @@ async fn report_service_reaches_monolith_through_both_sidecars_with_one_request_
     )
     .await
     .expect("request id in both audit logs");
-    assert_eq!(in_line["caller"], REPORT_ID);
+    assert_eq!(in_line["caller"], REPORT_SERVICE_ID);
     assert_eq!(in_line["decision"], "allow");
     assert_eq!(out_line["direction"], "outbound");
     assert_eq!(out_line["status"], 200);
@@ -298,8 +284,8 @@ async fn report_service_reaches_monolith_through_both_sidecars_with_one_request_
 /// fails on our side, the app gets a 502 naming both identities, the impostor reads nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_impostor_gets_no_request_bytes_and_app_gets_502_naming_both_ids() {
-    let pki = Pki::new(TD);
-    let report_cert = pki.issue(REPORT_ID);
+    let pki = Pki::new(FINTECH_TD);
+    let report_cert = pki.issue(REPORT_SERVICE_ID);
     let impostor_cert = pki.issue("spiffe://fintech.internal/impostor");
     let impostor = recording_server(&impostor_cert, &impostor_cert.bundle()).await;
     let sidecar = outbound_sidecar(
@@ -359,9 +345,9 @@ async fn server_impostor_gets_no_request_bytes_and_app_gets_502_naming_both_ids(
 /// server's refusal arrives on the first read and is reported as such, with its alert.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_refusing_our_client_certificate_is_502_naming_the_alert() {
-    let pki = Pki::new(TD);
+    let pki = Pki::new(FINTECH_TD);
     let foreign = Pki::new("elsewhere.internal");
-    let report_cert = pki.issue(REPORT_ID);
+    let report_cert = pki.issue(REPORT_SERVICE_ID);
     let monolith_cert = pki.issue(MONOLITH_ID);
     let foreign_bundle = foreign.bundle_file();
     let server = recording_server(&monolith_cert, &foreign_bundle).await;
@@ -402,8 +388,8 @@ async fn nginx_accepts_our_client_certificate_and_is_refused_when_not_the_pinned
     let Ok(nginx) = which("nginx") else {
         panic!("nginx is not installed: .ci/run installs it (apt-get install nginx)");
     };
-    let pki = Pki::new(TD);
-    let (report_cert, our_serial) = issue_with_serial(&pki, REPORT_ID);
+    let pki = Pki::new(FINTECH_TD);
+    let (report_cert, our_serial) = issue_with_serial(&pki, REPORT_SERVICE_ID);
     let monolith_cert = pki.issue(MONOLITH_ID);
     let ngx = Nginx::start(&nginx, &monolith_cert, &pki.fresh_dir("nginx"));
     let sidecar = outbound_sidecar(
@@ -460,8 +446,8 @@ async fn nginx_accepts_our_client_certificate_and_is_refused_when_not_the_pinned
 /// explicitly dangerous option, in `check` and in `run` alike.
 #[test]
 fn non_loopback_outbound_listen_is_refused_by_check_and_run() {
-    let pki = Pki::new(TD);
-    let report_cert = pki.issue(REPORT_ID);
+    let pki = Pki::new(FINTECH_TD);
+    let report_cert = pki.issue(REPORT_SERVICE_ID);
     let entry = format!(
         "[[outbound]]\nname = \"monolith\"\nlisten = \"0.0.0.0:7001\"\nconnect = \"monolith.internal:8443\"\nserver_id = \"{MONOLITH_ID}\"\n"
     );
