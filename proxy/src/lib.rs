@@ -14,6 +14,7 @@
 //!   "Reload and rotation" design note;
 //! - [`signal`]: signals, cancellation and the drain of connection tasks;
 //! - [`run`]: the load path shared by `sidecar check` and `sidecar run`, and the run loop;
+//! - [`h2body`]: request and response bodies on the sidecar-to-sidecar HTTP/2 hop;
 //! - [`error`]: load errors with their `help:` lines, and refusals as HTTP responses.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
@@ -23,6 +24,7 @@ pub mod admin;
 pub mod audit;
 pub mod config;
 pub mod error;
+pub mod h2body;
 pub mod headers;
 pub mod inbound;
 pub mod metrics;
