@@ -79,7 +79,7 @@ pub enum OutboundError {
     ClosedBeforeSend,
     /// The HTTP exchange with the upstream failed after the connection was established.
     #[error("upstream connection failed: {0}")]
-    Upstream(#[source] hyper::Error),
+    Upstream(#[source] crate::h2body::BoxError),
 }
 
 impl OutboundError {

@@ -22,14 +22,14 @@ use rustls::crypto::CryptoProvider;
 use tokio::net::TcpStream;
 use tracing::{Instrument, debug, info_span, warn};
 
-use super::connect::Upstream;
+use super::connect::{Upstream, UpstreamBody};
 use crate::accept::Acceptor;
 use crate::audit::{self, OutboundRecord};
 use crate::headers::{REQUEST_ID, RequestIds, is_acceptable_request_id, strip_hop_by_hop};
 use crate::signal::Shutdown;
 
 /// What the app receives: the upstream's body, streamed, or the sidecar's own JSON.
-pub type OutboundBody = Either<Incoming, Full<Bytes>>;
+pub type OutboundBody = Either<UpstreamBody, Full<Bytes>>;
 
 /// One bound outbound listener and the upstream it forwards to.
 #[derive(Debug)]
