@@ -96,6 +96,9 @@ enum Mode {
     Slow(Duration),
     /// Read and count bytes, never answer.
     Record,
+    /// Serve HTTP, `/slow` taking a second; after answering `/fast`, close the connection
+    /// gracefully (GOAWAY) while the slow requests finish.
+    GoAwayAfterFast,
 }
 
 struct TestServer {
@@ -169,7 +172,9 @@ async fn server(
                             br.fetch_add(n, Ordering::SeqCst);
                         }
                     }
-                    Mode::Http | Mode::Slow(_) => serve_http(tls, mode).await,
+                    Mode::Http | Mode::Slow(_) | Mode::GoAwayAfterFast => {
+                        serve_http(tls, mode).await;
+                    }
                 }
             });
         }
@@ -183,9 +188,37 @@ async fn server(
 }
 
 async fn serve_http(tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>, mode: Mode) {
-    let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| async move {
-        if let Mode::Slow(d) = mode {
-            tokio::time::sleep(d).await;
+    let goaway = Arc::new(tokio::sync::Notify::new());
+    let fast_done = Arc::clone(&goaway);
+    let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+        let fast_done = Arc::clone(&fast_done);
+        async move { respond(req, mode, &fast_done).await }
+    });
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let conn = builder.serve_connection(TokioIo::new(tls), svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        () = goaway.notified() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
+async fn respond(
+    req: Request<hyper::body::Incoming>,
+    mode: Mode,
+    fast_done: &tokio::sync::Notify,
+) -> Result<hyper::Response<Full<Bytes>>, std::convert::Infallible> {
+    {
+        match mode {
+            Mode::Slow(d) => tokio::time::sleep(d).await,
+            Mode::GoAwayAfterFast if req.uri().path() == "/slow" => {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Mode::GoAwayAfterFast if req.uri().path() == "/fast" => fast_done.notify_one(),
+            _ => {}
         }
         let rid = req
             .headers()
@@ -207,11 +240,8 @@ async fn serve_http(tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
         } else {
             head
         };
-        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(Bytes::from(body))))
-    });
-    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-        .serve_connection(TokioIo::new(tls), svc)
-        .await;
+        Ok(hyper::Response::new(Full::new(Bytes::from(body))))
+    }
 }
 
 struct Sidecar {
@@ -473,6 +503,36 @@ async fn unreachable_upstream_is_502_after_one_safe_retry() {
     let (status, _, body) = get(&h1_client(), sidecar.addr, "/", None).await;
     assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
     assert!(body.contains("\"reason\":\"connect\""), "{body}");
+    assert_eq!(sidecar.metric("gatehouse_outbound_retries_total", &[]), 1.0);
+}
+
+#[tokio::test]
+async fn a_request_after_the_upstreams_goaway_is_retried_on_a_new_connection() {
+    let ca = Ca::new(TD);
+    let (caller, monolith) = (ca.issue("report-service"), ca.issue("monolith"));
+    let upstream = server(&monolith, &monolith, &[b"h2"], Mode::GoAwayAfterFast).await;
+    let sidecar = Sidecar::to_monolith(&caller, upstream.addr).await;
+    let client = h1_client();
+    // A slow request keeps the first connection open past its GOAWAY.
+    let slow = tokio::spawn({
+        let (client, addr) = (client.clone(), sidecar.addr);
+        async move { get(&client, addr, "/slow", None).await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (status, _, body) = get(&client, sidecar.addr, "/fast", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // The GOAWAY has arrived; the connection still carries the slow stream.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (status, _, body) = get(&client, sidecar.addr, "/after", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert!(body.starts_with("HTTP/2.0 /after "), "{body}");
+    let (status, _, body) = slow.await.expect("slow request");
+    assert_eq!(
+        status,
+        StatusCode::OK,
+        "the in-flight stream finished: {body}"
+    );
+    assert_eq!(upstream.handshakes.load(Ordering::SeqCst), 2);
     assert_eq!(sidecar.metric("gatehouse_outbound_retries_total", &[]), 1.0);
 }
 
