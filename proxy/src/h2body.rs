@@ -25,6 +25,9 @@ use http_body::{Body, Frame};
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A received HTTP/2 stream's data and trailers as a [`Body`].
+///
+/// A `RST_STREAM` with `NO_ERROR` ends the body without an error: the peer needs no more of
+/// it, having answered already (RFC 9113 §8.1), as hyper has it.
 #[derive(Debug)]
 pub struct RecvBody {
     stream: RecvStream,
@@ -58,14 +61,14 @@ impl Body for RecvBody {
                     let _ = self.stream.flow_control().release_capacity(data.len());
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
-                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                Some(Err(e)) => return Poll::Ready(early_end_or(e)),
                 None => self.data_done = true,
             }
         }
         match ready!(self.stream.poll_trailers(cx)) {
             Ok(Some(trailers)) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
             Ok(None) => Poll::Ready(None),
-            Err(e) => Poll::Ready(Some(Err(e))),
+            Err(e) => Poll::Ready(early_end_or(e)),
         }
     }
 
@@ -133,6 +136,11 @@ where
             }
         }
     }
+}
+
+/// The end of the body for the peer's `RST_STREAM(NO_ERROR)`, else the error.
+fn early_end_or(e: h2::Error) -> Option<Result<Frame<Bytes>, h2::Error>> {
+    (e.reason() != Some(Reason::NO_ERROR)).then_some(Err(e))
 }
 
 fn reset_error(reset: Result<Reason, h2::Error>) -> BoxError {
@@ -224,6 +232,26 @@ mod tests {
             .unwrap();
         let body = RecvBody::new(resp.await.unwrap().into_body());
         assert_eq!(body.collect().await.unwrap().to_bytes(), "done");
+    }
+
+    #[tokio::test]
+    async fn a_reset_with_no_error_ends_a_body_and_any_other_fails_it() {
+        for (reason, fails) in [(Reason::NO_ERROR, false), (Reason::INTERNAL_ERROR, true)] {
+            let (mut tx, mut server) = pair().await;
+            let req = http::Request::get("https://peer/x").body(()).unwrap();
+            let (resp, _send) = tx.send_request(req, true).unwrap();
+            let (_req, mut respond) = server.accept().await.expect("a stream").expect("ok");
+            tokio::spawn(async move { while server.accept().await.is_some() {} });
+            let mut send = respond
+                .send_response(http::Response::new(()), false)
+                .unwrap();
+            send.send_data(Bytes::from_static(b"partial"), false)
+                .unwrap();
+            let body = RecvBody::new(resp.await.unwrap().into_body());
+            send.send_reset(reason);
+            let collected = body.collect().await;
+            assert_eq!(collected.is_err(), fails, "{reason:?}: {collected:?}");
+        }
     }
 
     #[tokio::test]
