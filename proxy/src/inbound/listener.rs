@@ -3,7 +3,7 @@
 //! [`crate::tls::PeerIdentity`] is taken from the session (never from headers), and hyper serves HTTP/1.1
 //! or HTTP/2 as negotiated by ALPN. A connection is closed gracefully when it has been idle for
 //! `idle_timeout` or when shutdown starts (HTTP/2 sends GOAWAY, HTTP/1.1 finishes the request
-//! in flight).
+//! in flight); one driver (`drive`) does that for either protocol.
 //!
 //! Each connection also watches for reloads ([`crate::state::State::subscribe`]): after every
 //! swap it re-runs the *new* snapshot's verifier (chain to the new bundle, new CRL, expiry,
@@ -12,8 +12,9 @@
 //! connection is shut down gracefully (HTTP/2 GOAWAY, HTTP/1.1 after the request in flight) and
 //! dropped outright after [`UNTRUSTED_GRACE`].
 
+use std::fmt::Display;
 use std::future::Future;
-use std::pin::pin;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -21,7 +22,6 @@ use std::time::{Duration, Instant};
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulConnection;
 use rustls::server::danger::ClientCertVerifier;
 use rustls_pki_types::{CertificateDer, UnixTime};
 use tokio::net::TcpStream;
@@ -131,20 +131,21 @@ async fn serve_one(
     let svc = service_fn(move |req| handle(ctx.clone(), req));
     let io = TokioIo::new(tls);
     let cfg = &inbound.cfg;
-    let result = if h2 {
+    if h2 {
         let mut b = http2::Builder::new(TokioExecutor::new());
         b.timer(TokioTimer::new())
             .max_concurrent_streams(cfg.max_h2_streams)
             .max_header_list_size(u32::try_from(cfg.max_header_bytes).unwrap_or(u32::MAX));
         drive(
             b.serve_connection(io, svc),
+            |c| c.graceful_shutdown(),
             &activity,
             cfg.idle_timeout,
             &shutdown,
             &mut recheck,
             &conn_ctx,
         )
-        .await
+        .await;
     } else {
         let mut b = http1::Builder::new();
         b.timer(TokioTimer::new())
@@ -152,16 +153,14 @@ async fn serve_one(
             .max_header_size(cfg.max_header_bytes);
         drive(
             b.serve_connection(io, svc),
+            |c| c.graceful_shutdown(),
             &activity,
             cfg.idle_timeout,
             &shutdown,
             &mut recheck,
             &conn_ctx,
         )
-        .await
-    };
-    if let Err(e) = result {
-        debug!(error = %e, "inbound connection ended with an error");
+        .await;
     }
 }
 
@@ -273,16 +272,20 @@ impl Recheck {
 
 /// Runs a connection to completion, asking it to finish gracefully on shutdown, once idle, or
 /// when a reload stops trusting the peer (then dropped after [`UNTRUSTED_GRACE`]).
-async fn drive<C>(
+///
+/// `graceful` asks the connection to finish (hyper's `graceful_shutdown`, or the HTTP/2
+/// server's GOAWAY). A connection error is logged at debug level: it is the peer's business.
+async fn drive<C, E>(
     conn: C,
+    mut graceful: impl FnMut(Pin<&mut C>),
     activity: &Activity,
     idle: Duration,
     shutdown: &Shutdown,
     recheck: &mut Recheck,
     ctx: &ConnCtx,
-) -> Result<(), C::Error>
-where
-    C: GracefulConnection + Future<Output = Result<(), <C as GracefulConnection>::Error>>,
+) where
+    C: Future<Output = Result<(), E>>,
+    E: Display,
 {
     let mut conn = pin!(conn);
     let mut closing = false;
@@ -303,10 +306,15 @@ where
             }
         };
         tokio::select! {
-            res = conn.as_mut() => return res,
+            res = conn.as_mut() => {
+                if let Err(e) = res {
+                    debug!(error = %e, "inbound connection ended with an error");
+                }
+                return;
+            }
             () = hard_stop => {
                 debug!("untrusted peer's connection dropped after the grace period");
-                return Ok(());
+                return;
             }
             changed = recheck.reloads.changed(), if watching => {
                 if changed.is_err() {
@@ -317,18 +325,18 @@ where
                     cutoff = Some(tokio::time::Instant::now() + UNTRUSTED_GRACE);
                     if !closing {
                         closing = true;
-                        conn.as_mut().graceful_shutdown();
+                        graceful(conn.as_mut());
                     }
                 }
             }
             () = shutdown.token().cancelled(), if !closing => {
                 closing = true;
-                conn.as_mut().graceful_shutdown();
+                graceful(conn.as_mut());
             }
             () = idle_check, if !closing => {
                 if activity.idle_since().is_some_and(|s| s.elapsed() >= idle) {
                     closing = true;
-                    conn.as_mut().graceful_shutdown();
+                    graceful(conn.as_mut());
                 }
             }
         }
