@@ -31,7 +31,10 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tracing::debug;
 
-/// What a request body sent to the app must be (the caller's [`Incoming`]; tests use others).
+use super::request::RequestBody;
+
+/// What a request body sent to the app must be (the caller's [`RequestBody`]; tests use
+/// others).
 pub trait AppRequestBody:
     Body<Data = Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>>> + Send + 'static
 {
@@ -59,7 +62,7 @@ pub enum AppError {
 }
 
 /// Keep-alive HTTP/1.1 connections to the app.
-pub struct AppPool<B: AppRequestBody = Incoming> {
+pub struct AppPool<B: AppRequestBody = RequestBody> {
     addr: SocketAddr,
     max_idle: usize,
     idle_timeout: Duration,
@@ -287,7 +290,7 @@ struct Lease<B: AppRequestBody> {
 
 /// The app's response body; gives its connection back to the pool once read to its end
 /// (dropped earlier, or failed, the connection closes).
-pub struct AppBody<B: AppRequestBody = Incoming> {
+pub struct AppBody<B: AppRequestBody = RequestBody> {
     body: Incoming,
     lease: Option<Lease<B>>,
 }

@@ -1,9 +1,11 @@
 //! The inbound side: terminate mTLS from callers, enforce the policy per route, forward allowed
 //! requests to the app.
 //! - [`listener`]: the accept loop, the handshake under a timeout, the per-connection HTTP
-//!   server, idle timeout and graceful drain;
-//! - [`request`]: per request, normalize → decide → audit + metrics → deny, or rewrite the
-//!   identity headers and forward on a pooled keep-alive HTTP/1.1 connection;
+//!   server (hyper for HTTP/1.1, the `h2` crate directly for HTTP/2, its streams polled in
+//!   the connection's task), idle timeout and graceful drain;
+//! - [`request`]: per request of either protocol, normalize → decide → audit + metrics →
+//!   deny, or rewrite the identity headers and forward on a pooled keep-alive HTTP/1.1
+//!   connection;
 //! - [`app`]: the pool of keep-alive connections to the app.
 
 pub mod app;

@@ -15,12 +15,16 @@
 //!
 //! The audit line is written once the status is known: right away for refusals, when the
 //! app's response head arrives (or fails) for forwarded requests.
+//!
+//! [`handle`] serves both protocols: HTTP/1.1 requests come from hyper (body [`Incoming`]),
+//! HTTP/2 requests from the `h2` crate directly (body [`RecvBody`], see
+//! [`super::listener`]); [`RequestBody`] is either, and is what the app pool forwards.
 
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -37,6 +41,7 @@ use super::app::AppBody;
 use super::listener::{Activity, RequestGuard};
 use crate::audit::{self, AuditRecord};
 use crate::error::Refusal;
+use crate::h2body::{BoxError, RecvBody};
 use crate::headers::{REQUEST_ID, is_acceptable_request_id, strip_hop_by_hop};
 use crate::state::Snapshot;
 use crate::tls::PeerIdentity;
@@ -116,6 +121,50 @@ impl ConnCtx {
     }
 }
 
+/// A request body as either protocol delivers it; streamed to the app as it arrives.
+#[derive(Debug)]
+pub enum RequestBody {
+    /// HTTP/1.1, from hyper.
+    H1(Incoming),
+    /// HTTP/2, from the `h2` crate.
+    H2(RecvBody),
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            Self::H1(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            Self::H2(b) => match ready!(Pin::new(b).poll_frame(cx)) {
+                // RST_STREAM(NO_ERROR): the client needs to send no more, having had its
+                // response (RFC 9113 §8.1). An end, not a failure (as hyper has it).
+                Some(Err(e)) if e.reason() == Some(h2::Reason::NO_ERROR) => Poll::Ready(None),
+                frame => Poll::Ready(frame.map(|f| f.map_err(Into::into))),
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::H1(b) => b.is_end_stream(),
+            Self::H2(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::H1(b) => b.size_hint(),
+            // Unknown: the app hop goes by the `content-length` header, which is forwarded.
+            Self::H2(b) => b.size_hint(),
+        }
+    }
+}
+
 /// The response body: the app's, streamed, or one the sidecar made; it ends the request's
 /// activity (idle timeout) when dropped.
 pub struct ResponseBody {
@@ -146,16 +195,16 @@ impl Body for ResponseBody {
 /// Handles one request. Never fails: every error becomes a response.
 ///
 /// One `async fn` with the whole request inside (no nested `async fn` taking the request by
-/// value): hyper moves this future into a task per HTTP/2 stream and tokio copies it a few
-/// more times, so its size is paid on every request, and every by-value argument of an
-/// `async fn` is stored in its future twice.
+/// value): this future is moved into the connection's HTTP/2 stream set (or hyper's HTTP/1.1
+/// dispatcher) and copied on each move, so its size is paid on every request, and every
+/// by-value argument of an `async fn` is stored in its future twice.
 #[allow(
     clippy::manual_async_fn,
     reason = "an `async fn` stores its by-value arguments twice in its future"
 )]
 pub fn handle(
     ctx: Arc<ConnCtx>,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
 ) -> impl Future<Output = Result<Response<ResponseBody>, Infallible>> + Send + 'static {
     async move {
         let guard = ctx.activity.begin();
@@ -309,12 +358,12 @@ fn request_id(inbound: &Inbound, headers: &HeaderMap) -> (HeaderValue, bool) {
 /// The request the app receives.
 fn rewrite(
     ctx: &ConnCtx,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     uri: &Uri,
     path: &str,
     request_id: &HeaderValue,
     id_in_place: bool,
-) -> Request<Incoming> {
+) -> Request<RequestBody> {
     let (mut parts, body) = req.into_parts();
     let h = &mut parts.headers;
     strip_hop_by_hop(h);
@@ -360,7 +409,7 @@ fn rewrite(
 mod tests {
     use super::*;
 
-    /// The request future is moved into a task per HTTP/2 stream and copied on every move
+    /// The request future is moved into the HTTP/2 stream set and copied on every move
     /// (`memcpy` was the top self cost per request at 2,680 bytes): keep it small. Raise the
     /// bound only knowingly.
     #[test]
