@@ -528,6 +528,124 @@ async fn streams_200_mb_up_and_down_with_sidecar_rss_under_64_mb() {
     );
 }
 
+/// Many streams on one HTTP/2 connection: a slow one holds up no other, a cancelled one
+/// leaves the connection working, uploads and downloads larger than the flow-control windows
+/// (1 MiB per stream and per connection) pass at the same time, and the sidecar's own
+/// responses carry `date` and `content-length` as hyper's did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_h2_connection_serves_its_streams_independently() {
+    use http_body_util::Either;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    type ReqBody = Either<Full<Bytes>, Generated>;
+    const SIZE: u64 = 8 * 1024 * 1024 + 3;
+    let s = setup().await;
+    let client = MtlsClient::new(&s.pki.issue(REPORTS));
+    let addr = s.sidecar.inbound_addr();
+    let tls = client.connect(addr, Proto::H2).await.expect("handshake");
+    let (send, conn) = hyper::client::conn::http2::handshake::<_, _, ReqBody>(
+        TokioExecutor::new(),
+        TokioIo::new(tls),
+    )
+    .await
+    .expect("h2");
+    let conn = tokio::spawn(conn);
+    let req = |method: &str, pq: &str, body: ReqBody| {
+        Request::builder()
+            .method(method)
+            .uri(format!("https://localhost:{}{pq}", addr.port()))
+            .body(body)
+            .expect("request")
+    };
+    let empty = || Either::Left(Full::new(Bytes::new()));
+
+    let slow = {
+        let mut send = send.clone();
+        let r = req("GET", "/api/data/reports?sleep_ms=3000", empty());
+        tokio::spawn(async move { send.send_request(r).await })
+    };
+    // Given up by the client (RST_STREAM) while the app is still on it.
+    let mut cancelled = send.clone();
+    let r = req("GET", "/api/data/reports?sleep_ms=5000", empty());
+    let gave_up = tokio::time::timeout(Duration::from_millis(300), cancelled.send_request(r)).await;
+    assert!(
+        gave_up.is_err(),
+        "answered before the app slept: {gave_up:?}"
+    );
+
+    let started = Instant::now();
+    let mut fast = Vec::new();
+    for _ in 0..20 {
+        let mut send = send.clone();
+        let r = req("GET", "/api/data/reports", empty());
+        fast.push(tokio::spawn(async move {
+            let resp = send.send_request(r).await.expect("fast response");
+            let status = resp.status();
+            let has_date = resp.headers().contains_key(http::header::DATE);
+            resp.into_body().collect().await.expect("fast body");
+            (status, has_date)
+        }));
+    }
+    let upload = {
+        let mut send = send.clone();
+        let r = req("POST", "/bulk", Either::Right(Generated::new(SIZE)));
+        tokio::spawn(async move {
+            let resp = send.send_request(r).await.expect("upload response");
+            let body = resp.into_body().collect().await.expect("body").to_bytes();
+            serde_json::from_slice::<serde_json::Value>(&body).expect("json")["body_len"].clone()
+        })
+    };
+    let download = {
+        let mut send = send.clone();
+        let r = req("GET", &format!("/bulk?download={SIZE}"), empty());
+        tokio::spawn(async move {
+            let resp = send.send_request(r).await.expect("download response");
+            let mut body = resp.into_body();
+            let mut n = 0u64;
+            while let Some(frame) = body.frame().await {
+                if let Some(d) = frame.expect("frame").data_ref() {
+                    n += d.len() as u64;
+                }
+            }
+            n
+        })
+    };
+    for t in fast {
+        let (status, has_date) = t.await.expect("task");
+        assert_eq!(status, StatusCode::OK);
+        assert!(has_date);
+    }
+    assert_eq!(upload.await.expect("task"), SIZE, "upload arrived whole");
+    assert_eq!(
+        download.await.expect("task"),
+        SIZE,
+        "download arrived whole"
+    );
+    assert!(
+        !slow.is_finished(),
+        "the slow request answered before the others ({:?})",
+        started.elapsed()
+    );
+
+    // The sidecar's own answer (a refusal): `content-length` from the body, and `date`.
+    let mut send2 = send.clone();
+    let denied = send2
+        .send_request(req("GET", "/admin", empty()))
+        .await
+        .expect("refusal");
+    assert_eq!(denied.status(), StatusCode::FORBIDDEN);
+    let h = denied.headers().clone();
+    let body = denied.into_body().collect().await.expect("body").to_bytes();
+    assert_eq!(
+        h[http::header::CONTENT_LENGTH],
+        body.len().to_string().as_str()
+    );
+    assert!(h.contains_key(http::header::DATE));
+
+    let slow = slow.await.expect("task").expect("slow response");
+    assert_eq!(slow.status(), StatusCode::OK);
+    assert!(!conn.is_finished(), "the connection is still open");
+}
+
 #[tokio::test]
 async fn slow_header_client_is_disconnected_after_the_header_timeout() {
     let s = setup_with(&["header_read_timeout = \"1s\""]).await;
