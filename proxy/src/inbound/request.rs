@@ -24,7 +24,7 @@ use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -140,12 +140,8 @@ impl Body for RequestBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             Self::H1(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
-            Self::H2(b) => match ready!(Pin::new(b).poll_frame(cx)) {
-                // RST_STREAM(NO_ERROR): the client needs to send no more, having had its
-                // response (RFC 9113 §8.1). An end, not a failure (as hyper has it).
-                Some(Err(e)) if e.reason() == Some(h2::Reason::NO_ERROR) => Poll::Ready(None),
-                frame => Poll::Ready(frame.map(|f| f.map_err(Into::into))),
-            },
+            // RST_STREAM(NO_ERROR) already ends the body there (RFC 9113 §8.1).
+            Self::H2(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
         }
     }
 
