@@ -10,7 +10,10 @@
 //! - [`pipe`]: a body written to a send stream, waiting for the peer's flow-control window
 //!   instead of buffering without bound, and stopping when the peer resets the stream.
 //!
-//! Both follow hyper 1.12's `h2` glue (`Incoming::h2` and `PipeToSendStream`), including its
+//! [`HttpBody`] is a body as either protocol delivers it: what the inbound side forwards to
+//! the app, and what the outbound side hands the app back.
+//!
+//! Both adapters follow hyper 1.12's `h2` glue (`Incoming::h2` and `PipeToSendStream`), including its
 //! fix for hyperium/hyper#4003: capacity is claimed only once a chunk is in hand.
 
 use std::future::poll_fn;
@@ -19,7 +22,8 @@ use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
 use h2::{Reason, RecvStream, SendStream};
-use http_body::{Body, Frame};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
 
 /// A boxed error, what the HTTP/1.1 side accepts from a body.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -74,6 +78,46 @@ impl Body for RecvBody {
 
     fn is_end_stream(&self) -> bool {
         self.stream.is_end_stream()
+    }
+}
+
+/// A body received on HTTP/1.1 (from hyper) or HTTP/2 (from `h2`), streamed on as it
+/// arrives.
+#[derive(Debug)]
+pub enum HttpBody {
+    /// HTTP/1.1, from hyper.
+    H1(Incoming),
+    /// HTTP/2, from the `h2` crate.
+    H2(RecvBody),
+}
+
+impl Body for HttpBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            Self::H1(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            Self::H2(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::H1(b) => b.is_end_stream(),
+            Self::H2(b) => b.is_end_stream(),
+        }
+    }
+
+    /// HTTP/2: unknown. The next hop goes by the `content-length` header, which is forwarded.
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::H1(b) => b.size_hint(),
+            Self::H2(b) => b.size_hint(),
+        }
     }
 }
 

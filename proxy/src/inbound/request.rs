@@ -16,9 +16,10 @@
 //! The audit line is written once the status is known: right away for refusals, when the
 //! app's response head arrives (or fails) for forwarded requests.
 //!
-//! [`handle`] serves both protocols: HTTP/1.1 requests come from hyper (body [`Incoming`]),
-//! HTTP/2 requests from the `h2` crate directly (body [`RecvBody`], see
-//! [`super::listener`]); [`RequestBody`] is either, and is what the app pool forwards.
+//! [`handle`] serves both protocols: HTTP/1.1 requests come from hyper (body
+//! [`hyper::body::Incoming`]), HTTP/2 requests from the `h2` crate directly (body
+//! [`crate::h2body::RecvBody`], see [`super::listener`]); [`RequestBody`] is either, and is
+//! what the app pool forwards.
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -34,14 +35,13 @@ use http::uri::{PathAndQuery, Uri};
 use http::{Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Full};
-use hyper::body::Incoming;
 
 use super::Inbound;
 use super::app::AppBody;
 use super::listener::{Activity, RequestGuard};
 use crate::audit::{self, AuditRecord};
 use crate::error::Refusal;
-use crate::h2body::{BoxError, RecvBody};
+use crate::h2body::HttpBody;
 use crate::headers::{REQUEST_ID, is_acceptable_request_id, strip_hop_by_hop};
 use crate::state::Snapshot;
 use crate::tls::PeerIdentity;
@@ -122,44 +122,7 @@ impl ConnCtx {
 }
 
 /// A request body as either protocol delivers it; streamed to the app as it arrives.
-#[derive(Debug)]
-pub enum RequestBody {
-    /// HTTP/1.1, from hyper.
-    H1(Incoming),
-    /// HTTP/2, from the `h2` crate.
-    H2(RecvBody),
-}
-
-impl Body for RequestBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.get_mut() {
-            Self::H1(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
-            // RST_STREAM(NO_ERROR) already ends the body there (RFC 9113 §8.1).
-            Self::H2(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            Self::H1(b) => b.is_end_stream(),
-            Self::H2(b) => b.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            Self::H1(b) => b.size_hint(),
-            // Unknown: the app hop goes by the `content-length` header, which is forwarded.
-            Self::H2(b) => b.size_hint(),
-        }
-    }
-}
+pub type RequestBody = HttpBody;
 
 /// The response body: the app's, streamed, or one the sidecar made; it ends the request's
 /// activity (idle timeout) when dropped.

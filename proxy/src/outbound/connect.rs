@@ -33,7 +33,7 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, Uri, header};
-use http_body::{Body, Frame, SizeHint};
+use http_body::Body;
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
@@ -47,7 +47,7 @@ use tracing::{debug, warn};
 
 use super::error::OutboundError;
 use super::metrics::UpstreamMetrics;
-use crate::h2body::{BoxError, RecvBody, pipe};
+use crate::h2body::{BoxError, HttpBody, RecvBody, pipe};
 use crate::tls::client::received_alert;
 
 /// How often an HTTP/2 connection to an upstream is PINGed, and how long the answer may take
@@ -191,42 +191,7 @@ struct H2Sender {
 }
 
 /// The upstream's response body, streamed: HTTP/1.1 (hyper) or HTTP/2 (h2).
-#[derive(Debug)]
-pub enum UpstreamBody {
-    /// From an HTTP/1.1 connection.
-    H1(Incoming),
-    /// From an HTTP/2 stream.
-    H2(RecvBody),
-}
-
-impl Body for UpstreamBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.get_mut() {
-            Self::H1(b) => Pin::new(b).poll_frame(cx).map_err(BoxError::from),
-            Self::H2(b) => Pin::new(b).poll_frame(cx).map_err(BoxError::from),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            Self::H1(b) => b.is_end_stream(),
-            Self::H2(b) => b.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            Self::H1(b) => b.size_hint(),
-            Self::H2(b) => b.size_hint(),
-        }
-    }
-}
+pub type UpstreamBody = HttpBody;
 
 /// A checked-out connection. HTTP/2 connections are shared: each checkout holds a clone of
 /// the sender.

@@ -3,7 +3,7 @@
 //!
 //! Per request: keep the app's `x-request-id` or add one, drop hop-by-hop headers, send it
 //! upstream, and answer with the upstream's response (streamed) or, when the sidecar could not
-//! get one, a JSON error body ([`OutboundError::to_response`]). Each request is counted and
+//! get one, a JSON error body ([`super::error::OutboundError::to_response`]). Each request is counted and
 //! written to the audit log with the same request id the peer's inbound sidecar logs.
 
 use std::convert::Infallible;
