@@ -9,6 +9,7 @@
 //! - [`app`]: the pool of keep-alive connections to the app.
 
 pub mod app;
+mod h2;
 pub mod listener;
 pub mod request;
 
