@@ -13,9 +13,12 @@ pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// Longest client-sent `x-request-id` that is kept.
 const MAX_REQUEST_ID_LEN: usize = 128;
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1), plus `proxy-connection` which old clients send.
-// At most 16 (a bit each in `strip_hop_by_hop`); `connection` first.
-const HOP_BY_HOP: [HeaderName; 8] = [
+/// Hop-by-hop headers (RFC 9110 §7.6.1), plus `proxy-connection` which old clients send, and
+/// then `transfer-encoding`: HTTP/1.1 framing, which HTTP/2 refuses with the others (RFC 9113
+/// §8.2.2).
+// At most 16 (a bit each in `strip`); `connection` first. A `static`: a `const` array of
+// `HeaderName`s is built and dropped wherever it is used.
+static CONNECTION_SPECIFIC: [HeaderName; 9] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -24,33 +27,46 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     header::TE,
     header::TRAILER,
     header::UPGRADE,
+    header::TRANSFER_ENCODING,
 ];
+
+/// How many of [`CONNECTION_SPECIFIC`] are hop-by-hop: all but `transfer-encoding`, which an
+/// HTTP/1.1 hop frames itself.
+const HOP_BY_HOP: usize = 8;
 
 /// Removes hop-by-hop headers, including those the `Connection` header names: they describe
 /// one connection and must not be forwarded to the next.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
-    // One pass over the names, noting which hop-by-hop ones are there (most requests carry
-    // none; most HTTP/1.1 responses only `connection: keep-alive`), then a removal for each
-    // of those only.
+    strip(h, &CONNECTION_SPECIFIC[..HOP_BY_HOP]);
+}
+
+/// What [`strip_hop_by_hop`] removes and `transfer-encoding` too: what a message must not
+/// carry onto an HTTP/2 hop (`h2` refuses to send it).
+pub fn strip_for_h2(h: &mut HeaderMap) {
+    strip(h, &CONNECTION_SPECIFIC);
+}
+
+fn strip(h: &mut HeaderMap, names: &[HeaderName]) {
+    // One pass over the names, noting which of `names` are there (most requests carry none;
+    // most HTTP/1.1 responses only `connection: keep-alive`), then a removal for each of
+    // those only.
     let mut present = 0u16;
     for k in h.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|n| n == k) {
+        if let Some(i) = names.iter().position(|n| n == k) {
             present |= 1 << i;
         }
     }
     if present == 0 {
         return;
     }
-    // Names the `Connection` header lists, other than the hop-by-hop ones removed below
+    // Names the `Connection` header lists, other than those of `names` removed below
     // anyway (no allocation for the usual `keep-alive`, `close` is looked up like any name).
     let mut named: Vec<HeaderName> = Vec::new();
     if present & 1 != 0 {
         for v in &h.get_all(header::CONNECTION) {
             let Ok(v) = v.to_str() else { continue };
             for n in v.split(',').map(str::trim) {
-                if !HOP_BY_HOP
-                    .iter()
-                    .any(|h| h.as_str().eq_ignore_ascii_case(n))
+                if !names.iter().any(|h| h.as_str().eq_ignore_ascii_case(n))
                     && let Ok(n) = HeaderName::from_bytes(n.as_bytes())
                 {
                     named.push(n);
@@ -61,7 +77,7 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     for n in named {
         h.remove(n);
     }
-    for (i, n) in HOP_BY_HOP.iter().enumerate() {
+    for (i, n) in names.iter().enumerate() {
         if present & (1 << i) != 0 {
             h.remove(n);
         }
@@ -179,6 +195,29 @@ mod tests {
             let v = HeaderValue::from_bytes(bad.as_bytes()).unwrap();
             assert!(!is_acceptable_request_id(&v), "{bad}");
         }
+    }
+
+    #[test]
+    fn transfer_encoding_is_kept_for_http1_and_dropped_for_http2() {
+        let head = || {
+            let mut h = HeaderMap::new();
+            h.insert(
+                header::TRANSFER_ENCODING,
+                HeaderValue::from_static("chunked"),
+            );
+            h.insert(header::CONNECTION, HeaderValue::from_static("x-hop"));
+            h.insert("x-hop", HeaderValue::from_static("1"));
+            h.insert("x-kept", HeaderValue::from_static("yes"));
+            h
+        };
+        let mut h1 = head();
+        strip_hop_by_hop(&mut h1);
+        assert_eq!(h1.len(), 2, "{h1:?}");
+        assert_eq!(h1[header::TRANSFER_ENCODING], "chunked");
+        let mut h2 = head();
+        strip_for_h2(&mut h2);
+        assert_eq!(h2.len(), 1, "{h2:?}");
+        assert_eq!(h2["x-kept"], "yes");
     }
 
     #[test]

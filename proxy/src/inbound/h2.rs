@@ -293,24 +293,11 @@ pub(super) fn serve_stream(
     }
 }
 
-/// Connection-specific headers (RFC 9113 §8.2.2): `h2` refuses to send a response with any.
-static CONNECTION_SPECIFIC: [header::HeaderName; 6] = [
-    header::CONNECTION,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    header::TE,
-    header::HeaderName::from_static("keep-alive"),
-    header::HeaderName::from_static("proxy-connection"),
-];
-
 /// What hyper's HTTP/2 server did to a response head: connection-specific headers dropped
 /// (`transfer-encoding` is the one an HTTP/1.1 app response still has here), `date` added when
 /// missing, and `content-length` set from an exactly known body length when missing.
 fn fit_for_h2(h: &mut HeaderMap, body: &impl Body) {
-    if h.keys().any(|k| CONNECTION_SPECIFIC.contains(k)) {
-        crate::headers::strip_hop_by_hop(h);
-        h.remove(header::TRANSFER_ENCODING);
-    }
+    crate::headers::strip_for_h2(h);
     if let header::Entry::Vacant(date) = h.entry(header::DATE) {
         date.insert(http_date());
     }

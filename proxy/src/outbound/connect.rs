@@ -48,6 +48,7 @@ use tracing::{debug, warn};
 use super::error::OutboundError;
 use super::metrics::UpstreamMetrics;
 use crate::h2body::{BoxError, HttpBody, RecvBody, pipe};
+use crate::headers::{strip_for_h2, strip_hop_by_hop};
 use crate::tls::client::received_alert;
 
 /// How often an HTTP/2 connection to an upstream is PINGed, and how long the answer may take
@@ -592,8 +593,9 @@ impl Upstream {
     }
 
     /// Points the request at the upstream: origin-form URI and `Host` for HTTP/1.1, absolute
-    /// URI (`:authority`) for HTTP/2. Idempotent, so a request handed back unsent can be
-    /// re-targeted for another connection.
+    /// URI (`:authority`) for HTTP/2, and drops what describes the app's connection (for
+    /// HTTP/2 also its `transfer-encoding`, which `h2` refuses). Idempotent, so a request
+    /// handed back unsent can be re-targeted for another connection.
     fn set_target(&self, req: &mut Request<Incoming>, sender: &Sender) {
         let path = req
             .uri()
@@ -604,6 +606,7 @@ impl Upstream {
             Sender::H1(_) => {
                 *req.uri_mut() = Uri::from(path);
                 *req.version_mut() = http::Version::HTTP_11;
+                strip_hop_by_hop(req.headers_mut());
                 req.headers_mut()
                     .insert(header::HOST, self.host_header.clone());
             }
@@ -615,7 +618,9 @@ impl Upstream {
                 // Invariant: scheme, authority and path are all set and individually valid.
                 *req.uri_mut() = Uri::from_parts(parts).expect("complete absolute URI");
                 *req.version_mut() = http::Version::HTTP_2;
-                req.headers_mut().remove(header::HOST);
+                let headers = req.headers_mut();
+                strip_for_h2(headers);
+                headers.remove(header::HOST);
             }
         }
     }

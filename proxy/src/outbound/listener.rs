@@ -122,7 +122,6 @@ async fn handle(
     // Kept for the audit line only; both clones are cheap (the URI shares the request's
     // bytes), where copying the path out was an allocation per request.
     let audited = audit::enabled().then(|| (req.method().clone(), req.uri().clone()));
-    strip_hop_by_hop(req.headers_mut());
     let upstream = &ctx.upstream;
     let metrics = upstream.metrics();
     let (response, reason) = match upstream.send(req).await {

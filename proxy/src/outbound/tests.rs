@@ -20,7 +20,7 @@ use rustls::RootCertStore;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use super::{Outbound, OutboundTls, prepare};
@@ -658,6 +658,21 @@ async fn request_bodies_stream_through_on_h1_and_h2() {
         let body = resp.into_body().collect().await.expect("body").to_bytes();
         let body = String::from_utf8_lossy(&body);
         assert!(body.ends_with("len=3145728"), "{body}");
+        // A chunked upload (no length known up front, as a streaming client sends it): its
+        // `transfer-encoding` describes the app's HTTP/1.1 hop only, and HTTP/2 refuses it.
+        let mut tcp = tokio::net::TcpStream::connect(sidecar.addr)
+            .await
+            .expect("connect");
+        tcp.write_all(
+            b"POST /api/expenses HTTP/1.1\r\nhost: monolith\r\ntransfer-encoding: chunked\r\n\
+              connection: close\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+        )
+        .await
+        .expect("write");
+        let mut answer = String::new();
+        tcp.read_to_string(&mut answer).await.expect("read");
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.ends_with("len=11"), "{answer}");
     }
 }
 
