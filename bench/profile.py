@@ -10,11 +10,13 @@ are not charged to requests.
   python3 bench/profile.py --side inbound --requests 3000
   python3 bench/profile.py --side outbound --requests 3000
   python3 bench/profile.py --side inbound --handshakes 200
+  python3 bench/profile.py --pair gatehouse-h1 --side inbound --requests 3000   # HTTP/1.1 between the sidecars
 
 With --perf SECONDS it samples instead (perf record -e cpu-clock, which works without hardware counters): both
 sidecars of the pair under wrk load (--conns, default 32), user and kernel time, release binaries at full speed.
 
   python3 bench/profile.py --perf 10
+  python3 bench/profile.py --perf 10 --conns 1 --pair gatehouse-h1
 """
 
 import argparse
@@ -92,11 +94,12 @@ def one_run(args, work, n_requests, n_handshakes, tag):
 
 def perf_run(args, work):
     """Samples both sidecars under wrk load (--conns, default 32) with perf's cpu-clock event; prints the top symbols."""
+    pair = args.pair if args.pair.startswith("gatehouse") else "gatehouse"
     if shutil.which("perf") is None or shutil.which("wrk") is None:
         raise B.BenchError("perf and wrk are needed; help: apt-get install linux-perf wrk")
     bins = {"sidecar": Path(args.bin_dir) / "sidecar", "ca": Path(args.bin_dir) / "ca",
             "nginx": shutil.which("nginx"), "haproxy": shutil.which("haproxy"), "wrk": shutil.which("wrk"),
-            "topologies": ["direct", "gatehouse"]}
+            "topologies": ["direct", pair]}
     ports = B.allocate_ports()
     certs = B.mint_certs(bins["ca"], work)
     services = B.render_all(work, certs, ports, bins)
@@ -107,11 +110,11 @@ def perf_run(args, work):
             started.append(s)
         for s in services.values():
             s.wait_ready()
-        topo = B.topologies_from(services, ports, ["direct", "gatehouse"])["gatehouse"]
+        topo = B.topologies_from(services, ports, ["direct", pair])[pair]
         B.wrk(bins, topo.url(), 32, 2)  # warm-up
         perfs = []
         for side in ("inbound", "outbound"):
-            pid = services[f"gatehouse-{side}"].proc.pid
+            pid = services[f"{pair}-{side}"].proc.pid
             data = work / f"perf-{side}.data"
             perfs.append((side, data, subprocess.Popen(
                 ["perf", "record", "-e", "cpu-clock", "-F", "1999", "-g", "-p", str(pid), "-o", str(data),
@@ -229,8 +232,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bin-dir", default=str(B.ROOT / "target" / "release"))
     p.add_argument("--side", choices=["inbound", "outbound"], default="inbound")
-    p.add_argument("--pair", choices=["gatehouse", "nginx", "haproxy"], default="gatehouse",
-                   help="profile a half of this pair (nginx/HAProxy: for comparison, one worker/thread)")
+    p.add_argument("--pair", choices=["gatehouse", "gatehouse-h1", "nginx", "haproxy"], default="gatehouse",
+                   help="profile a half of this pair (nginx/HAProxy: for comparison, one worker/thread; "
+                        "gatehouse-h1: HTTP/1.1 between the sidecars); --perf: gatehouse or gatehouse-h1")
     p.add_argument("--requests", type=int, default=0)
     p.add_argument("--handshakes", type=int, default=0)
     p.add_argument("--work", default="/tmp/gatehouse-profile")
