@@ -394,6 +394,15 @@ async fn app(
     );
     resp.headers_mut()
         .insert("x-app", http::HeaderValue::from_static("fake"));
+    if query_u64(q, "hop_header") == Some(1) {
+        // A header the response's `Connection` names: the sidecar must not pass it on.
+        let h = resp.headers_mut();
+        h.insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("x-app-hop"),
+        );
+        h.insert("x-app-hop", http::HeaderValue::from_static("1"));
+    }
     Ok(resp)
 }
 

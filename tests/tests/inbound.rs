@@ -100,6 +100,36 @@ fn leaf_sha256_hex(cert: &CertDir) -> String {
 }
 
 #[tokio::test]
+async fn hop_by_hop_headers_of_the_apps_response_are_not_passed_on() {
+    let s = setup().await;
+    let client = MtlsClient::new(&s.pki.issue(REPORTS));
+    for proto in [Proto::H1, Proto::H2] {
+        let req = Request::get("/api/data/reports?hop_header=1")
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        let resp = client
+            .request(s.sidecar.inbound_addr(), proto, req)
+            .await
+            .expect("allowed request");
+        assert_eq!(resp.status, StatusCode::OK, "{proto:?}: {:?}", resp.body);
+        assert_eq!(resp.headers["x-app"], "fake", "{proto:?}");
+        assert!(
+            resp.headers.get("x-app-hop").is_none(),
+            "{proto:?}: a header the app's Connection names is dropped: {:?}",
+            resp.headers
+        );
+        assert_ne!(
+            resp.headers
+                .get(http::header::CONNECTION)
+                .map(|v| v.as_bytes()),
+            Some(&b"x-app-hop"[..]),
+            "{proto:?}: the app's Connection header is not passed on"
+        );
+    }
+    assert_eq!(s.app.count(), 2);
+}
+
+#[tokio::test]
 async fn allowed_caller_gets_200_and_app_sees_verified_identity_not_spoofed_headers() {
     let s = setup().await;
     let caller = s.pki.issue(REPORTS);

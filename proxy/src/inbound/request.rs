@@ -225,11 +225,16 @@ pub fn handle(
                 );
                 break 'resp refuse(Refusal::Denied, request_id);
             }
+            // An HTTP/2 response head is stripped where it is fitted for HTTP/2
+            // (`h2::fit_for_h2`, which drops `transfer-encoding` too): one scan, not two.
+            let over_h2 = req.version() == http::Version::HTTP_2;
             let fwd = rewrite(&ctx, req, &uri, &path, request_id, id_in_place);
             let sent = tokio::time::timeout(ctx.inbound.cfg.app_timeout, ctx.inbound.app.send(fwd));
             let resp = match sent.await {
                 Ok(Ok(mut resp)) => {
-                    strip_hop_by_hop(resp.headers_mut());
+                    if !over_h2 {
+                        strip_hop_by_hop(resp.headers_mut());
+                    }
                     resp.map(Either::Left)
                 }
                 Ok(Err(e)) => {
