@@ -177,7 +177,8 @@ fn scan(h: &HeaderMap, own: bool) -> Found {
         own_look_alike: false,
     };
     for k in h.keys() {
-        let bit = length_bit(k.as_str().len());
+        let name = k.as_str();
+        let bit = length_bit(name.len());
         if lengths & bit == 0 {
             continue;
         }
@@ -185,23 +186,45 @@ fn scan(h: &HeaderMap, own: bool) -> Found {
             && let Some(i) = CONNECTION_SPECIFIC.iter().position(|n| n == k)
         {
             found.connection_specific |= 1 << i;
-        } else if own && is_own_look_alike(k.as_str()) {
+        } else if own && is_own_look_alike(name) {
             found.own_look_alike = true;
         }
     }
     found
 }
 
+/// [`OWN_NAMES`] by length, as index + 1 (0: none of that length). Their lengths all differ
+/// (checked here at compile time), so a name is compared with one of them at most.
+const OWN_BY_LENGTH: [u8; 32] = {
+    let mut table = [0u8; 32];
+    let mut i = 0;
+    while i < OWN_NAMES.len() {
+        let len = OWN_NAMES[i].len();
+        assert!(
+            len < 32 && table[len] == 0,
+            "OWN_NAMES need distinct lengths < 32"
+        );
+        table[len] = i as u8 + 1;
+        i += 1;
+    }
+    table
+};
+
 /// Whether a client's header `name` must not reach the app: it normalizes (ASCII case, `_`
 /// for `-`) to one of [`OWN_NAMES`], other than `x-request-id` spelled exactly.
 fn is_own_look_alike(name: &str) -> bool {
-    OWN_NAMES.iter().any(|own| {
-        own.len() == name.len()
-            && own.bytes().zip(name.bytes()).all(|(o, c)| {
-                let c = if c == b'_' { b'-' } else { c };
-                o == c.to_ascii_lowercase()
-            })
-            && !(*own == KEPT_OWN && name == KEPT_OWN)
+    let Some(&i) = OWN_BY_LENGTH.get(name.len()) else {
+        return false;
+    };
+    let Some(own) = OWN_NAMES.get(usize::from(i).wrapping_sub(1)) else {
+        return false;
+    };
+    if name == *own {
+        return *own != KEPT_OWN;
+    }
+    own.bytes().zip(name.bytes()).all(|(o, c)| {
+        let c = if c == b'_' { b'-' } else { c };
+        o == c.to_ascii_lowercase()
     })
 }
 
