@@ -2,8 +2,9 @@
 //! prior knowledge) and every request is forwarded on the upstream's mTLS pool.
 //!
 //! Per request: keep the app's `x-request-id` or add one, refuse a `Transfer-Encoding` other
-//! than `chunked` (as the inbound side does), drop hop-by-hop headers, send it upstream, and answer with the upstream's response (streamed) or, when the sidecar could not
-//! get one, a JSON error body ([`super::error::OutboundError::to_response`]). Each request is counted and
+//! than `chunked` (as the inbound side does), drop hop-by-hop headers, send it upstream, and
+//! answer with the upstream's response (streamed) or, when the sidecar could not get one, a
+//! JSON error body ([`super::error::OutboundError::to_response`]). Each request is counted and
 //! written to the audit log with the same request id the peer's inbound sidecar logs.
 
 use std::convert::Infallible;
