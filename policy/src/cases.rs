@@ -15,15 +15,17 @@ use toml::Spanned;
 
 use crate::compile::Policy;
 use crate::identity::SpiffeId;
+use crate::method;
 use crate::path::{self, NormalizeOptions};
 use crate::source::{Diagnostic, SourceFile};
 
 /// What the sidecar would do with one request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Outcome {
-    /// `"allow"`, `"deny"`, `"audit_deny"`, or `"refused"` when the path is refused (400).
+    /// `"allow"`, `"deny"`, `"audit_deny"`, or `"refused"` when the method or the path is
+    /// refused (400).
     pub decision: &'static str,
-    /// `"allowed"`, `"no_route"`, `"not_allowed"`, or why the path was refused.
+    /// `"allowed"`, `"no_route"`, `"not_allowed"`, or why the method or the path was refused.
     pub reason: String,
     /// Whether the request reaches the app.
     pub allowed: bool,
@@ -35,7 +37,8 @@ pub struct Outcome {
     pub normalized_path: Option<String>,
 }
 
-/// Normalizes `raw_path` (a query is ignored) and decides, as the sidecar does.
+/// Checks the method, normalizes `raw_path` (a query is ignored) and decides, as the sidecar
+/// does.
 pub fn evaluate(
     policy: &Policy,
     caller: &SpiffeId,
@@ -43,18 +46,20 @@ pub fn evaluate(
     raw_path: &str,
     opts: &NormalizeOptions,
 ) -> Outcome {
+    let refused = |reason: String| Outcome {
+        decision: "refused",
+        reason,
+        allowed: false,
+        route: None,
+        matched: None,
+        normalized_path: None,
+    };
+    if let Err(e) = method::check(method) {
+        return refused(format!("method `{method}`: {e}"));
+    }
     let normalized = match path::normalize(raw_path, opts) {
         Ok(p) => p,
-        Err(e) => {
-            return Outcome {
-                decision: "refused",
-                reason: e.to_string(),
-                allowed: false,
-                route: None,
-                matched: None,
-                normalized_path: None,
-            };
-        }
+        Err(e) => return refused(e.to_string()),
     };
     let d = policy.decide(caller, method, &normalized);
     Outcome {

@@ -8,6 +8,7 @@
 //! - `file` (the TOML as written) and `compile` (validation into a [`Policy`], every error at
 //!   once with `file:line:col`);
 //! - [`path`]: request path normalization, shared with the sidecar;
+//! - [`method`]: the method spelling check (non-canonical `get` refused), shared with the sidecar;
 //! - `matcher`: the segment trie behind [`Policy::decide`] and its [`Decision`];
 //! - [`review`], [`diff`], [`explain`], [`cases`]: what `policy check`, `policy diff`,
 //!   `policy explain` and `policy test` compute (`probe` samples requests for the first two).
@@ -21,6 +22,7 @@ pub mod explain;
 mod file;
 pub mod identity;
 mod matcher;
+pub mod method;
 pub mod path;
 mod probe;
 pub mod review;

@@ -378,6 +378,10 @@ impl Policy {
     /// The most specific route matching the method and path decides: it allows the caller if
     /// one of its allow entries admits the caller. No matching route means deny. In audit mode
     /// a would-be denial is returned as [`Decision::AuditDeny`], which is allowed.
+    ///
+    /// `method` is matched exactly: refuse non-canonical spellings with
+    /// [`crate::method::check`] first, as the sidecar and `policy test` do (here `get` is an
+    /// extension method, which only any-method routes match).
     pub fn decide(&self, caller: &SpiffeId, method: &str, normalized_path: &str) -> Decision<'_> {
         let found = self.matcher.find(method, normalized_path, None);
         self.decision_for(found, caller)

@@ -216,6 +216,62 @@ fn test_exit_codes_follow_the_decision() {
     assert_eq!(code(&o), 2);
 }
 
+/// Issue 21 finding 2: `get` is not `GET`. Decided as an extension method it skipped the
+/// GET-only route that denies the caller and was allowed by the any-method route; `policy test`
+/// refuses it as the sidecar does (400 there), and still allows `GET` where the policy does.
+#[test]
+fn issue_21_lower_case_method_is_refused_not_matched_as_an_extension_method() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = r#"version = 1
+trust_domain = "fintech.internal"
+
+[identities]
+api-gateway = "spiffe://fintech.internal/api-gateway"
+reports     = "spiffe://fintech.internal/report-service"
+
+[[route]]
+name    = "export"
+methods = ["GET"]
+path    = "/v2/export"
+allow   = ["reports"]
+
+[[route]]
+name  = "v2 api"
+path  = "/v2/**"
+allow = ["api-gateway"]
+"#;
+    let p = write(&dir, "policy.toml", policy);
+    let ask = |method: &str| {
+        run(&[
+            "test",
+            s(&p),
+            "--caller",
+            "api-gateway",
+            "--method",
+            method,
+            "--path",
+            "/v2/export",
+            "--format",
+            "json",
+        ])
+    };
+    let o = ask("GET");
+    assert_eq!(code(&o), 1, "{}", stdout(&o));
+    assert_eq!(json(&o)["outcome"]["reason"], "not_allowed");
+    for spelling in ["get", "Get"] {
+        let o = ask(spelling);
+        assert_eq!(code(&o), 1, "{spelling}: {}", stdout(&o));
+        let v = json(&o);
+        assert_eq!(v["outcome"]["decision"], "refused", "{spelling}: {v}");
+        let reason = v["outcome"]["reason"].as_str().unwrap();
+        assert!(reason.contains("`GET`"), "{reason}");
+    }
+    // An extension method still matches the any-method route only.
+    let o = ask("PURGE");
+    assert_eq!(code(&o), 0, "{}", stdout(&o));
+    assert_eq!(json(&o)["outcome"]["route"], "v2 api");
+}
+
 #[test]
 fn test_cases_pass_and_fail() {
     let dir = tempfile::tempdir().unwrap();

@@ -59,9 +59,11 @@ pub struct AuditRecord<'a> {
     pub path: &'a str,
     /// Deciding route, if any.
     pub route: Option<&'a str>,
-    /// `allow`, `deny`, `audit_deny` or `reject` (path refused before the policy).
+    /// `allow`, `deny`, `audit_deny` or `reject` (refused before or without the policy's say:
+    /// path, method spelling, framing, a peer no longer trusted).
     pub decision: &'a str,
-    /// `allowed`, `no_route`, `not_allowed` or `bad_path`.
+    /// `allowed`, `no_route`, `not_allowed`, `bad_path`, `bad_method`,
+    /// `bad_transfer_encoding`, `unsupported_transfer_coding` or `peer_not_trusted`.
     pub reason: &'a str,
     /// Response status sent to the caller.
     pub status: u16,

@@ -3,7 +3,8 @@
 //! Load-time problems ([`LoadError`]) are collected, never stop at the first one, and each has a
 //! `help:` line; the binary renders them. Request-time failures become small JSON bodies that
 //! carry the request id and nothing about the policy (routes are not revealed): 400 for a
-//! refused path, 403 for a denial, 502 when the app is unreachable, 504 when it is too slow.
+//! refused path, method spelling or malformed framing, 501 for a transfer coding we do not
+//! forward, 403 for a denial, 502 when the app is unreachable, 504 when it is too slow.
 
 use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
@@ -117,6 +118,10 @@ pub type OwnBody = Full<Bytes>;
 pub enum Refusal<'a> {
     /// The path was refused by normalization (the reason is the `PathError` text).
     BadPath(&'a gatehouse_policy::path::PathError),
+    /// A standard method in a non-standard spelling (`get`).
+    BadMethod(gatehouse_policy::method::MethodError),
+    /// A `Transfer-Encoding` we do not forward (400 malformed, 501 unsupported coding).
+    BadFraming(crate::headers::FramingError),
     /// The policy denied the request (or no route matched).
     Denied,
     /// The app could not be reached or failed mid-response.
@@ -132,7 +137,8 @@ impl Refusal<'_> {
     /// The status code.
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::BadPath(_) => StatusCode::BAD_REQUEST,
+            Self::BadPath(_) | Self::BadMethod(_) => StatusCode::BAD_REQUEST,
+            Self::BadFraming(e) => e.status(),
             Self::Denied => StatusCode::FORBIDDEN,
             Self::AppUnreachable => StatusCode::BAD_GATEWAY,
             Self::AppTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -144,6 +150,11 @@ impl Refusal<'_> {
     pub fn response(&self, request_id: &HeaderValue) -> Response<OwnBody> {
         let (error, message) = match self {
             Self::BadPath(e) => ("bad_request", format!("refused request path: {e}")),
+            Self::BadMethod(e) => ("bad_request", format!("refused request method: {e}")),
+            Self::BadFraming(e) => match e.status() {
+                StatusCode::NOT_IMPLEMENTED => ("not_implemented", e.to_string()),
+                _ => ("bad_request", e.to_string()),
+            },
             Self::Denied => ("forbidden", "access denied".to_owned()),
             Self::AppUnreachable => ("bad_gateway", "the upstream app is unreachable".to_owned()),
             Self::AppTimeout => (

@@ -1,9 +1,20 @@
-//! Header handling both directions share: hop-by-hop headers, and `x-request-id` (which ids are
-//! kept, how fresh ones are made). One rule on both sides keeps a request's id the same in the
-//! outbound and the inbound sidecar's audit lines.
+//! Header handling both directions share: hop-by-hop headers, the headers the sidecar owns
+//! (identity statements and `x-request-id`: which client ids are kept, how fresh ones are
+//! made), and the request framing we forward. One rule on both sides keeps a request's id the
+//! same in the outbound and the inbound sidecar's audit lines.
+//!
+//! Three rules protect what the app is told (issue 21):
+//! - a client cannot send a header that normalizes (ASCII case, `_` for `-`) to one the
+//!   sidecar sets: CGI-style apps (WSGI, PHP, nginx with `underscores_in_headers`) read
+//!   `x_client_spiffe_id` and `x-client-spiffe-id` as one variable and would join the two;
+//! - a client's `Connection` header cannot name away a header the sidecar sets or decides
+//!   ([`NOT_NAMEABLE`]): hop-by-hop stripping happens first, ours are added after it;
+//! - `Transfer-Encoding` is forwarded only as the framing we send (`chunked`, RFC 9112 §6.1):
+//!   other codings are refused with 501, `chunked` twice with 400.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use http::StatusCode;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use rustls::crypto::CryptoProvider;
 
@@ -42,49 +53,186 @@ static CONNECTION_SPECIFIC: [HeaderName; 9] = {
 /// HTTP/1.1 hop frames itself.
 const HOP_BY_HOP: usize = 8;
 
+/// The bit of `transfer-encoding` among [`CONNECTION_SPECIFIC`].
+const TRANSFER_ENCODING_BIT: u16 = 1 << HOP_BY_HOP;
+
+/// Headers the sidecar sets on a request to the app: the identity statements
+/// (`x-forwarded-client-cert`, `x-client-spiffe-id`, and RFC 9440 `client-cert` and
+/// `client-cert-chain`, which it never sets but an app may trust), then `x-request-id`.
+/// Whatever the client sent under an identity name, or a name that normalizes to one of these
+/// (`X_Client_Spiffe_Id`), is removed before ours are added. `x-request-id` in its own
+/// spelling follows [`is_acceptable_request_id`]; any other spelling is removed.
+pub const OWN_NAMES: [&str; 5] = [
+    "x-forwarded-client-cert",
+    "x-client-spiffe-id",
+    "client-cert",
+    "client-cert-chain",
+    "x-request-id",
+];
+
+/// Of [`OWN_NAMES`], the one a client may send in its exact spelling.
+const KEPT_OWN: &str = OWN_NAMES[4];
+
+/// Names a `Connection` header cannot remove ([`strip_hop_by_hop`] ignores them there): the
+/// headers the sidecar sets ([`OWN_NAMES`]) and those it decides for the next hop (the target
+/// and the framing). `Connection: x-request-id` would otherwise drop the id the audit line
+/// records, and `Connection: content-length` the body's length.
+pub const NOT_NAMEABLE: [&str; 8] = [
+    OWN_NAMES[0],
+    OWN_NAMES[1],
+    OWN_NAMES[2],
+    OWN_NAMES[3],
+    OWN_NAMES[4],
+    "host",
+    "content-length",
+    "transfer-encoding",
+];
+
 /// A bit per length (capped at 31) of [`CONNECTION_SPECIFIC_NAMES`]: 2, 7, 10, 16, 17, 18 and
 /// 19. Most names a message carries (`host`, `date`, `content-type`, `content-length`,
 /// `x-request-id`, …) have another length, so one mask test rules them out instead of nine
 /// name comparisons (`strip` ran about 1.5 k instructions a request on the inbound side).
-const CONNECTION_SPECIFIC_LENGTHS: u32 = {
+const CONNECTION_SPECIFIC_LENGTHS: u32 = length_mask(&CONNECTION_SPECIFIC_NAMES);
+
+/// [`CONNECTION_SPECIFIC_LENGTHS`] and the lengths of [`OWN_NAMES`] (11, 12, 17, 18, 23): what
+/// [`strip_for_app`] looks at more closely.
+const APP_REQUEST_LENGTHS: u32 = CONNECTION_SPECIFIC_LENGTHS | length_mask(&OWN_NAMES);
+
+const fn length_mask(names: &[&str]) -> u32 {
     let mut mask = 0u32;
     let mut i = 0;
-    while i < CONNECTION_SPECIFIC_NAMES.len() {
-        mask |= length_bit(CONNECTION_SPECIFIC_NAMES[i].len());
+    while i < names.len() {
+        mask |= length_bit(names[i].len());
         i += 1;
     }
     mask
-};
+}
 
 const fn length_bit(len: usize) -> u32 {
     1 << if len < 31 { len } else { 31 }
 }
 
-/// Removes hop-by-hop headers, including those the `Connection` header names: they describe
-/// one connection and must not be forwarded to the next.
+/// Removes hop-by-hop headers, including those the `Connection` header names (except
+/// [`NOT_NAMEABLE`] ones): they describe one connection and must not be forwarded to the next.
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
-    strip(h, &CONNECTION_SPECIFIC[..HOP_BY_HOP]);
+    let found = scan(h, false);
+    remove_connection_specific(h, HOP_BY_HOP, found.connection_specific);
 }
 
 /// What [`strip_hop_by_hop`] removes and `transfer-encoding` too: what a message must not
 /// carry onto an HTTP/2 hop (`h2` refuses to send it).
 pub fn strip_for_h2(h: &mut HeaderMap) {
-    strip(h, &CONNECTION_SPECIFIC);
+    let found = scan(h, false);
+    remove_connection_specific(h, CONNECTION_SPECIFIC.len(), found.connection_specific);
 }
 
-fn strip(h: &mut HeaderMap, names: &[HeaderName]) {
-    // One pass over the names, noting which of `names` are there (most requests carry none;
-    // most HTTP/1.1 responses only `connection: keep-alive`), then a removal for each of
-    // those only.
-    let mut present = 0u16;
-    for k in h.keys() {
-        if CONNECTION_SPECIFIC_LENGTHS & length_bit(k.as_str().len()) == 0 {
-            continue;
-        }
-        if let Some(i) = names.iter().position(|n| n == k) {
-            present |= 1 << i;
+/// Fits a client's request head (either protocol) for the app's HTTP/1.1 hop, in one pass
+/// over the names: refuses a `Transfer-Encoding` other than the framing we send (and makes
+/// an accepted one exactly `chunked`), removes hop-by-hop headers as [`strip_hop_by_hop`]
+/// does, and removes every header that is, or normalizes to, one of [`OWN_NAMES`] (but
+/// `x-request-id` itself). The caller adds ours afterwards.
+///
+/// # Errors
+/// A `Transfer-Encoding` we do not forward ([`FramingError`]); the head is left unchanged.
+pub fn strip_for_app(h: &mut HeaderMap) -> Result<(), FramingError> {
+    let found = scan(h, true);
+    if found.connection_specific & TRANSFER_ENCODING_BIT != 0 {
+        check_transfer_encoding(h)?;
+    }
+    remove_connection_specific(h, HOP_BY_HOP, found.connection_specific);
+    if found.own_look_alike {
+        // Rare (a spoofing attempt, or a proxy in front of the caller): allocating is fine.
+        let doomed: Vec<HeaderName> = h
+            .keys()
+            .filter(|k| is_own_look_alike(k.as_str()))
+            .cloned()
+            .collect();
+        for n in doomed {
+            h.remove(n);
         }
     }
+    Ok(())
+}
+
+/// Which of the names [`scan`] looks for a head carries.
+struct Found {
+    /// A bit per [`CONNECTION_SPECIFIC`] entry present.
+    connection_specific: u16,
+    /// A name [`is_own_look_alike`] accepts is present.
+    own_look_alike: bool,
+}
+
+/// One pass over the names (most requests carry none of those looked for; most HTTP/1.1
+/// responses only `connection: keep-alive`), for [`CONNECTION_SPECIFIC`] names and, with
+/// `own`, [`OWN_NAMES`] look-alikes too; a name is compared only when its length is one of
+/// theirs.
+fn scan(h: &HeaderMap, own: bool) -> Found {
+    let lengths = if own {
+        APP_REQUEST_LENGTHS
+    } else {
+        CONNECTION_SPECIFIC_LENGTHS
+    };
+    let mut found = Found {
+        connection_specific: 0,
+        own_look_alike: false,
+    };
+    for k in h.keys() {
+        let name = k.as_str();
+        let bit = length_bit(name.len());
+        if lengths & bit == 0 {
+            continue;
+        }
+        if CONNECTION_SPECIFIC_LENGTHS & bit != 0
+            && let Some(i) = CONNECTION_SPECIFIC.iter().position(|n| n == k)
+        {
+            found.connection_specific |= 1 << i;
+        } else if own && is_own_look_alike(name) {
+            found.own_look_alike = true;
+        }
+    }
+    found
+}
+
+/// [`OWN_NAMES`] by length, as index + 1 (0: none of that length). Their lengths all differ
+/// (checked here at compile time), so a name is compared with one of them at most.
+const OWN_BY_LENGTH: [u8; 32] = {
+    let mut table = [0u8; 32];
+    let mut i = 0;
+    while i < OWN_NAMES.len() {
+        let len = OWN_NAMES[i].len();
+        assert!(
+            len < 32 && table[len] == 0,
+            "OWN_NAMES need distinct lengths < 32"
+        );
+        table[len] = i as u8 + 1;
+        i += 1;
+    }
+    table
+};
+
+/// Whether a client's header `name` must not reach the app: it normalizes (ASCII case, `_`
+/// for `-`) to one of [`OWN_NAMES`], other than `x-request-id` spelled exactly.
+fn is_own_look_alike(name: &str) -> bool {
+    let Some(&i) = OWN_BY_LENGTH.get(name.len()) else {
+        return false;
+    };
+    let Some(own) = OWN_NAMES.get(usize::from(i).wrapping_sub(1)) else {
+        return false;
+    };
+    if name == *own {
+        return *own != KEPT_OWN;
+    }
+    own.bytes().zip(name.bytes()).all(|(o, c)| {
+        let c = if c == b'_' { b'-' } else { c };
+        o == c.to_ascii_lowercase()
+    })
+}
+
+/// Removes the first `count` of [`CONNECTION_SPECIFIC`] that `present` marks, and the names
+/// the `Connection` header lists (except [`NOT_NAMEABLE`] ones).
+fn remove_connection_specific(h: &mut HeaderMap, count: usize, present: u16) {
+    let names = &CONNECTION_SPECIFIC[..count];
+    let present = present & ((1 << count) - 1);
     if present == 0 {
         return;
     }
@@ -96,6 +244,7 @@ fn strip(h: &mut HeaderMap, names: &[HeaderName]) {
             let Ok(v) = v.to_str() else { continue };
             for n in v.split(',').map(str::trim) {
                 if !names.iter().any(|h| h.as_str().eq_ignore_ascii_case(n))
+                    && !NOT_NAMEABLE.iter().any(|p| p.eq_ignore_ascii_case(n))
                     && let Ok(n) = HeaderName::from_bytes(n.as_bytes())
                 {
                     named.push(n);
@@ -111,6 +260,82 @@ fn strip(h: &mut HeaderMap, names: &[HeaderName]) {
             h.remove(n);
         }
     }
+}
+
+/// Why a request's `Transfer-Encoding` is not forwarded. We send a request body to the next
+/// hop either chunked (HTTP/1.1) or in DATA frames (HTTP/2), never with another transfer
+/// coding, so a request that claims one is refused rather than passed on with a header that
+/// no longer describes its body (RFC 9112 §6.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum FramingError {
+    /// A transfer coding other than `chunked` (`gzip`, `identity`, `deflate`, parameters):
+    /// 501 (RFC 9112 §6.1: a server that does not understand a coding answers 501).
+    #[error(
+        "unsupported transfer coding: only `Transfer-Encoding: chunked` is accepted (compress the content and say so with `Content-Encoding` instead)"
+    )]
+    UnsupportedCoding,
+    /// `chunked` more than once, an empty value or bytes that are not text: 400.
+    #[error("malformed `Transfer-Encoding`: `chunked` must be listed exactly once (RFC 9112 §6.1)")]
+    Malformed,
+}
+
+impl FramingError {
+    /// The status the client gets.
+    pub fn status(self) -> StatusCode {
+        match self {
+            Self::UnsupportedCoding => StatusCode::NOT_IMPLEMENTED,
+            Self::Malformed => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    /// The audit and metric reason.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::UnsupportedCoding => "unsupported_transfer_coding",
+            Self::Malformed => "bad_transfer_encoding",
+        }
+    }
+}
+
+/// Accepts a request's `Transfer-Encoding` only when it says `chunked` once and nothing else
+/// (any case, any number of lines, empty list elements ignored), and leaves it as the one
+/// value `chunked`: the framing the HTTP/1.1 hop sends. No `Transfer-Encoding` is fine.
+///
+/// # Errors
+/// [`FramingError::UnsupportedCoding`] for any other coding, [`FramingError::Malformed`] for
+/// `chunked` twice or a value without any coding; the header is left unchanged.
+pub fn check_transfer_encoding(h: &mut HeaderMap) -> Result<(), FramingError> {
+    let mut values = h.get_all(header::TRANSFER_ENCODING).iter();
+    let canonical = match (values.next(), values.next()) {
+        (None, _) => return Ok(()),
+        (Some(v), None) => v == "chunked",
+        _ => false,
+    };
+    if canonical {
+        return Ok(());
+    }
+    let mut chunked = 0;
+    for v in &h.get_all(header::TRANSFER_ENCODING) {
+        let v = v.to_str().map_err(|_| FramingError::Malformed)?;
+        for coding in v.split(',').map(|c| c.trim_matches([' ', '\t'])) {
+            if coding.is_empty() {
+                continue;
+            }
+            if !coding.eq_ignore_ascii_case("chunked") {
+                return Err(FramingError::UnsupportedCoding);
+            }
+            chunked += 1;
+        }
+    }
+    if chunked != 1 {
+        return Err(FramingError::Malformed);
+    }
+    h.insert(
+        header::TRANSFER_ENCODING,
+        HeaderValue::from_static("chunked"),
+    );
+    Ok(())
 }
 
 /// Whether a client-sent `x-request-id` is kept: 1 to 128 characters of letters, digits and
@@ -248,6 +473,139 @@ mod tests {
         ] {
             assert_eq!(CONNECTION_SPECIFIC_LENGTHS & length_bit(n.len()), 0, "{n}");
         }
+    }
+
+    #[test]
+    fn the_app_request_filter_lets_every_own_name_through() {
+        for n in OWN_NAMES {
+            assert_ne!(APP_REQUEST_LENGTHS & length_bit(n.len()), 0, "{n}");
+        }
+        for n in [
+            "host",
+            "date",
+            "accept",
+            "content-length",
+            "accept-encoding",
+        ] {
+            assert_eq!(APP_REQUEST_LENGTHS & length_bit(n.len()), 0, "{n}");
+        }
+    }
+
+    #[test]
+    fn headers_that_normalize_to_ours_never_reach_the_app() {
+        let mut h = HeaderMap::new();
+        for (name, value) in [
+            ("x_client_spiffe_id", "spiffe://fintech.internal/admin"),
+            ("x-client-spiffe-id", "spiffe://fintech.internal/admin"),
+            (
+                "x_forwarded_client_cert",
+                "By=x;URI=spiffe://fintech.internal/admin",
+            ),
+            ("x-forwarded_client-cert", "By=x"),
+            ("client_cert", ":Zm9v:"),
+            ("client-cert", ":Zm9v:"),
+            ("client_cert_chain", ":YmFy:"),
+            ("x_request_id", "other-id"),
+            ("x-request-id", "kept-id"),
+            ("x-client-spiffe-ids", "not ours: kept"),
+            ("content-type", "application/json"),
+            (
+                "traceparent",
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            ),
+        ] {
+            h.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_static(value),
+            );
+        }
+        strip_for_app(&mut h).unwrap();
+        let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(
+            left,
+            [
+                "content-type",
+                "traceparent",
+                "x-client-spiffe-ids",
+                "x-request-id"
+            ],
+        );
+        assert_eq!(h[REQUEST_ID], "kept-id");
+        // Upper case arrives folded by `http`; `is_own_look_alike` folds it anyway.
+        assert!(is_own_look_alike("X_Client_Spiffe_Id"));
+        assert!(!is_own_look_alike("x-request-id"));
+        assert!(is_own_look_alike("X-Request_ID"));
+    }
+
+    #[test]
+    fn connection_cannot_name_our_headers_away() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static(
+                "X-Request-Id, x-client-spiffe-id, host, content-length, transfer-encoding, x-gone",
+            ),
+        );
+        h.insert(REQUEST_ID, HeaderValue::from_static("abc"));
+        h.insert(header::HOST, HeaderValue::from_static("a"));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("3"));
+        h.insert("x-gone", HeaderValue::from_static("1"));
+        let mut h1 = h.clone();
+        strip_hop_by_hop(&mut h1);
+        let mut left: Vec<&str> = h1.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["content-length", "host", "x-request-id"]);
+        strip_for_h2(&mut h);
+        assert_eq!(h.len(), 3, "{h:?}");
+        assert_eq!(h[REQUEST_ID], "abc");
+    }
+
+    fn te(values: &[&'static str]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for v in values {
+            h.append(header::TRANSFER_ENCODING, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn only_chunked_once_is_forwarded_and_as_exactly_chunked() {
+        for ok in [
+            &["chunked"][..],
+            &["CHUNKED"],
+            &["Chunked "],
+            &[" ,chunked,"],
+            &["", "chunked"],
+        ] {
+            let mut h = te(ok);
+            assert_eq!(check_transfer_encoding(&mut h), Ok(()), "{ok:?}");
+            let sent: Vec<_> = h.get_all(header::TRANSFER_ENCODING).iter().collect();
+            assert_eq!(sent, ["chunked"], "{ok:?}");
+        }
+        assert_eq!(check_transfer_encoding(&mut HeaderMap::new()), Ok(()));
+        for (bad, err) in [
+            (&["identity, chunked"][..], FramingError::UnsupportedCoding),
+            (&["gzip,chunked"], FramingError::UnsupportedCoding),
+            (&["gzip", "chunked"], FramingError::UnsupportedCoding),
+            (&["chunked;ext=1"], FramingError::UnsupportedCoding),
+            (&["chunked,chunked"], FramingError::Malformed),
+            (&["chunked", "CHUNKED"], FramingError::Malformed),
+            (&[" , "], FramingError::Malformed),
+        ] {
+            let mut h = te(bad);
+            let before = h.clone();
+            assert_eq!(check_transfer_encoding(&mut h), Err(err), "{bad:?}");
+            assert_eq!(h, before, "unchanged on refusal");
+        }
+        assert_eq!(FramingError::UnsupportedCoding.status(), 501);
+        assert_eq!(FramingError::Malformed.status(), 400);
+        // `strip_for_app` applies the same rule.
+        let mut h = te(&["gzip, chunked"]);
+        assert_eq!(strip_for_app(&mut h), Err(FramingError::UnsupportedCoding));
+        let mut h = te(&["CHUNKED"]);
+        strip_for_app(&mut h).unwrap();
+        assert_eq!(h[header::TRANSFER_ENCODING], "chunked");
     }
 
     #[test]

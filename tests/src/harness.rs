@@ -5,7 +5,8 @@
 //!   (method, path, headers, body length) and can answer slowly or with large bodies;
 //! - [`Sidecar`]: writes a config, spawns the real `sidecar` binary, waits for `/readyz`,
 //!   collects the audit lines from stdout, can send SIGTERM, and kills it on drop;
-//! - [`MtlsClient`]: a rustls client with a chosen certificate, speaking HTTP/1.1 or h2.
+//! - [`MtlsClient`]: a rustls client with a chosen certificate, speaking HTTP/1.1 or h2;
+//! - [`raw_exchange`]: exact request bytes in, one response out (over TLS or plain TCP).
 //!
 //! Ports: every listener is configured as `127.0.0.1:0`; the sidecar logs `listening <name> on
 //! <addr>` to stderr once bound and the harness reads the addresses from there, so parallel
@@ -1026,6 +1027,83 @@ impl MtlsClient {
             }
         }
     }
+}
+
+// ---- raw HTTP/1.1 -----------------------------------------------------------------------------
+
+/// A response read off the wire by [`raw_exchange`].
+#[derive(Debug)]
+pub struct RawResponse {
+    /// Status code.
+    pub status: u16,
+    /// The status line and header lines as received.
+    pub head: String,
+    /// The body (`Content-Length` bytes, or everything until the peer closed).
+    pub body: Vec<u8>,
+}
+
+/// Writes `request` (raw HTTP/1.1 bytes, exactly as given) on `io` and reads one response:
+/// its head, then `Content-Length` bytes of body, or the rest of the stream when it has none.
+/// For tests of what a proxy does with requests an ordinary client library would not send.
+///
+/// # Errors
+/// I/O errors, a head that does not parse, or no complete response within 10 s.
+pub async fn raw_exchange<S>(io: &mut S, request: &[u8]) -> anyhow::Result<RawResponse>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        io.write_all(request).await?;
+        io.flush().await?;
+        let mut buf = Vec::new();
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let mut chunk = [0u8; 4096];
+            let n = io.read(&mut chunk).await?;
+            if n == 0 {
+                bail!("connection closed before a response head: {buf:?}");
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+        let status = head
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .with_context(|| format!("no status in {head:?}"))?;
+        let length = head.lines().find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse::<usize>().ok())?
+        });
+        let mut body = buf[head_end..].to_vec();
+        match length {
+            Some(n) => {
+                while body.len() < n {
+                    let mut chunk = [0u8; 4096];
+                    let got = io.read(&mut chunk).await?;
+                    if got == 0 {
+                        bail!(
+                            "connection closed {} bytes into a {n}-byte body",
+                            body.len()
+                        );
+                    }
+                    body.extend_from_slice(&chunk[..got]);
+                }
+                body.truncate(n);
+            }
+            None => {
+                io.read_to_end(&mut body).await?;
+            }
+        }
+        Ok(RawResponse { status, head, body })
+    };
+    tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .context("no complete response within 10 s")?
 }
 
 /// Stops a child process the way an operator would: SIGTERM, then SIGKILL if it has not exited

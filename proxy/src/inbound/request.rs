@@ -1,8 +1,11 @@
-//! One inbound request, top-down: normalize the path (400 on refusal) → `policy.decide` →
-//! deny (403, the app sees nothing) or forward → audit line + metrics with the final status.
+//! One inbound request, top-down: check the method's spelling and normalize the path (400 on
+//! refusal) → `policy.decide` → deny (403, the app sees nothing) or forward → audit line +
+//! metrics with the final status.
 //!
-//! Forwarding drops hop-by-hop headers and every identity header the client sent
-//! (`x-forwarded-client-cert`, `x-client-spiffe-id`, `client-cert`, `client-cert-chain`), adds
+//! Forwarding ([`crate::headers::strip_for_app`]) refuses a `Transfer-Encoding` other than
+//! `chunked` (501, or 400 when malformed), drops hop-by-hop headers and every identity header
+//! the client sent, in any spelling that normalizes to one of ours (`x-forwarded-client-cert`,
+//! `x-client-spiffe-id`, `client-cert`, `client-cert-chain`, `X_Client_Spiffe_Id`, …), then adds
 //! ours from the verified session, keeps or adds `x-request-id`, and sends the normalized path
 //! with the original query to the app on a pooled keep-alive HTTP/1.1 connection. Bodies stream
 //! both ways; nothing is buffered.
@@ -29,6 +32,7 @@ use std::task::{Context, Poll};
 use std::time::Instant;
 
 use bytes::Bytes;
+use gatehouse_policy::method;
 use gatehouse_policy::path::normalize;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
@@ -42,17 +46,11 @@ use super::listener::{Activity, RequestGuard};
 use crate::audit::{self, AuditRecord};
 use crate::error::Refusal;
 use crate::h2body::HttpBody;
-use crate::headers::{REQUEST_ID, is_acceptable_request_id, strip_hop_by_hop};
+use crate::headers::{
+    FramingError, REQUEST_ID, is_acceptable_request_id, strip_for_app, strip_hop_by_hop,
+};
 use crate::state::Snapshot;
 use crate::tls::PeerIdentity;
-
-/// Identity headers a client may never set: removed before ours are added.
-const IDENTITY_HEADERS: [&str; 4] = [
-    "x-forwarded-client-cert",
-    "x-client-spiffe-id",
-    "client-cert",
-    "client-cert-chain",
-];
 
 const XFCC_HEADER: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 const SPIFFE_ID_HEADER: HeaderName = HeaderName::from_static("x-client-spiffe-id");
@@ -198,6 +196,17 @@ pub fn handle(
                 break 'resp refuse(Refusal::PeerNoLongerTrusted, request_id);
             }
             let uri = req.uri().clone();
+            // Before matching: `get` must not be decided as an extension method.
+            if let Err(e) = method::check(req.method().as_str()) {
+                log.finish(
+                    uri.path(),
+                    None,
+                    "reject",
+                    "bad_method",
+                    StatusCode::BAD_REQUEST,
+                );
+                break 'resp refuse(Refusal::BadMethod(e), request_id);
+            }
             let path = match normalize(uri.path(), &inb.normalize) {
                 Ok(p) => p,
                 Err(e) => {
@@ -228,7 +237,13 @@ pub fn handle(
             // An HTTP/2 response head is stripped where it is fitted for HTTP/2
             // (`h2::fit_for_h2`, which drops `transfer-encoding` too): one scan, not two.
             let over_h2 = req.version() == http::Version::HTTP_2;
-            let fwd = rewrite(&ctx, req, &uri, &path, request_id, id_in_place);
+            let fwd = match rewrite(&ctx, req, &uri, &path, request_id, id_in_place) {
+                Ok(fwd) => fwd,
+                Err(e) => {
+                    log.finish(&path, route, "reject", e.reason(), e.status());
+                    break 'resp refuse(Refusal::BadFraming(e), request_id);
+                }
+            };
             let sent = tokio::time::timeout(ctx.inbound.cfg.app_timeout, ctx.inbound.app.send(fwd));
             let resp = match sent.await {
                 Ok(Ok(mut resp)) => {
@@ -319,7 +334,7 @@ fn request_id(inbound: &Inbound, headers: &HeaderMap) -> (HeaderValue, bool) {
     }
 }
 
-/// The request the app receives.
+/// The request the app receives, or why it cannot be forwarded.
 fn rewrite(
     ctx: &ConnCtx,
     req: Request<RequestBody>,
@@ -327,16 +342,12 @@ fn rewrite(
     path: &str,
     request_id: &HeaderValue,
     id_in_place: bool,
-) -> Request<RequestBody> {
+) -> Result<Request<RequestBody>, FramingError> {
     let (mut parts, body) = req.into_parts();
     let h = &mut parts.headers;
-    strip_hop_by_hop(h);
-    // One pass over the names; a lookup per name only when one is there.
-    if h.keys().any(|k| IDENTITY_HEADERS.contains(&k.as_str())) {
-        for name in IDENTITY_HEADERS {
-            h.remove(name);
-        }
-    }
+    // Hop-by-hop headers and every client header in the spelling of one of ours go first
+    // (`Connection` cannot name ours away); ours are added below.
+    strip_for_app(h)?;
     // HTTP/2 carries the authority in the URI; the app speaks HTTP/1.1 and wants Host (the
     // app's own address when the caller gave none).
     if let header::Entry::Vacant(host) = h.entry(header::HOST) {
@@ -366,7 +377,7 @@ fn rewrite(
     // Origin-form: the app is the connection's only destination.
     parts.uri = Uri::from(path_and_query);
     parts.version = http::Version::HTTP_11;
-    Request::from_parts(parts, body)
+    Ok(Request::from_parts(parts, body))
 }
 
 #[cfg(test)]

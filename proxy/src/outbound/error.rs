@@ -1,6 +1,7 @@
 //! What can go wrong between the app's plaintext request and the upstream's response, and how
 //! each failure is told to the app: a JSON body, 502 for "the upstream could not be reached or
-//! refused us", 504 for "it took too long". The `reason` is also the metric label.
+//! refused us", 504 for "it took too long", 400/501 for a request framing we do not forward.
+//! The `reason` is also the metric label.
 
 use std::io;
 use std::time::Duration;
@@ -80,6 +81,10 @@ pub enum OutboundError {
     /// The HTTP exchange with the upstream failed after the connection was established.
     #[error("upstream connection failed: {0}")]
     Upstream(#[source] crate::h2body::BoxError),
+    /// The app's request claims a `Transfer-Encoding` we would not forward as it is (the
+    /// inbound side refuses the same ones); nothing was sent.
+    #[error("request not forwarded: {0}")]
+    Framing(#[source] crate::headers::FramingError),
 }
 
 impl OutboundError {
@@ -146,15 +151,18 @@ impl OutboundError {
             Self::PoolTimeout(_) => "pool_timeout",
             Self::ClosedBeforeSend => "upstream_closed",
             Self::Upstream(_) => "upstream",
+            Self::Framing(e) => e.reason(),
         }
     }
 
-    /// The status the app receives: 504 for timeouts, 502 for everything else.
+    /// The status the app receives: 504 for timeouts, 400 or 501 for a request we would not
+    /// forward, 502 for everything else.
     pub fn status(&self) -> StatusCode {
         match self {
             Self::ConnectTimeout(_) | Self::ResponseTimeout(_) | Self::PoolTimeout(_) => {
                 StatusCode::GATEWAY_TIMEOUT
             }
+            Self::Framing(e) => e.status(),
             _ => StatusCode::BAD_GATEWAY,
         }
     }

@@ -1,9 +1,10 @@
 //! The plaintext side of an outbound entry: the local app connects here (HTTP/1.1, or h2c with
 //! prior knowledge) and every request is forwarded on the upstream's mTLS pool.
 //!
-//! Per request: keep the app's `x-request-id` or add one, drop hop-by-hop headers, send it
-//! upstream, and answer with the upstream's response (streamed) or, when the sidecar could not
-//! get one, a JSON error body ([`super::error::OutboundError::to_response`]). Each request is counted and
+//! Per request: keep the app's `x-request-id` or add one, refuse a `Transfer-Encoding` other
+//! than `chunked` (as the inbound side does), drop hop-by-hop headers, send it upstream, and
+//! answer with the upstream's response (streamed) or, when the sidecar could not get one, a
+//! JSON error body ([`super::error::OutboundError::to_response`]). Each request is counted and
 //! written to the audit log with the same request id the peer's inbound sidecar logs.
 
 use std::convert::Infallible;
@@ -23,9 +24,12 @@ use tokio::net::TcpStream;
 use tracing::{Instrument, debug, info_span, warn};
 
 use super::connect::{Upstream, UpstreamBody};
+use super::error::OutboundError;
 use crate::accept::Acceptor;
 use crate::audit::{self, OutboundRecord};
-use crate::headers::{REQUEST_ID, RequestIds, is_acceptable_request_id, strip_hop_by_hop};
+use crate::headers::{
+    REQUEST_ID, RequestIds, check_transfer_encoding, is_acceptable_request_id, strip_hop_by_hop,
+};
 use crate::signal::Shutdown;
 
 /// What the app receives: the upstream's body, streamed, or the sidecar's own JSON.
@@ -124,7 +128,18 @@ async fn handle(
     let audited = audit::enabled().then(|| (req.method().clone(), req.uri().clone()));
     let upstream = &ctx.upstream;
     let metrics = upstream.metrics();
-    let (response, reason) = match upstream.send(req).await {
+    // The framing rule of the inbound side (`headers::strip_for_app`), so a request is refused
+    // the same way whichever protocol carries it upstream. Only a body of unknown length can
+    // be chunked: the common bodiless or sized request skips the header lookup.
+    let framing = match http_body::Body::size_hint(req.body()).exact() {
+        Some(_) => Ok(()),
+        None => check_transfer_encoding(req.headers_mut()).map_err(OutboundError::Framing),
+    };
+    let sent = match framing {
+        Ok(()) => upstream.send(req).await,
+        Err(e) => Err(e),
+    };
+    let (response, reason) = match sent {
         Ok(resp) => {
             let mut resp = resp.map(Either::Left);
             strip_hop_by_hop(resp.headers_mut());
