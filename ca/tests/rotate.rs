@@ -411,3 +411,94 @@ fn concurrent_writers_to_one_directory_take_turns() {
         .count();
     assert_eq!(versions, 1, "exactly the current version is left");
 }
+
+#[test]
+fn rotate_skips_a_revoked_directory_by_default_and_says_so() {
+    let sb = Sandbox::new();
+    sb.init(false);
+    sb.issue("live");
+    sb.issue("revoked");
+    let revoked0 = serial_of(&sb.path("revoked"));
+    sb.ok(&["revoke", "--dir", "ca", "--serial", &revoked0]);
+    let before = ledger_lines(&sb);
+
+    // The hourly job, even forced (as the root-rotation runbook does): the revoked identity is
+    // not minted a fresh certificate, and the output says why and how to override.
+    let out = sb.ok(&["rotate", "--dir", "ca", "--force", "live", "revoked"]);
+    assert!(
+        out.contains("skipped revoked (spiffe://fintech.internal/revoked)")
+            && out.contains("--include-revoked"),
+        "{out}"
+    );
+    assert!(out.contains("rotated live"), "{out}");
+    assert_eq!(serial_of(&sb.path("revoked")), revoked0, "left as it was");
+    assert_eq!(ledger_lines(&sb), before + 1, "only the live one re-issued");
+    let out = sb.ok(&["rotate", "--dir", "ca", "revoked", "--format", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(v[0]["action"], "skipped", "{v}");
+    assert_eq!(v[0]["serial"], revoked0.as_str(), "{v}");
+
+    // Re-issuing it takes the explicit flag, and never keeps the (possibly leaked) key.
+    let err = sb.fails(
+        1,
+        &[
+            "rotate",
+            "--dir",
+            "ca",
+            "--include-revoked",
+            "--keep-key",
+            "revoked",
+        ],
+    );
+    assert!(err.contains("revoked") && err.contains("help:"), "{err}");
+    let old_key = sb.read("revoked/key.pem");
+    let out = sb.ok(&["rotate", "--dir", "ca", "--include-revoked", "revoked"]);
+    assert!(
+        out.contains("rotated revoked") && out.contains("revoked"),
+        "{out}"
+    );
+    assert_ne!(serial_of(&sb.path("revoked")), revoked0);
+    assert_ne!(sb.read("revoked/key.pem"), old_key, "a new key");
+    assert_matching_pair(&sb.path("revoked"));
+}
+
+#[test]
+fn rotate_exit_code_says_whether_anything_was_written() {
+    let sb = Sandbox::new();
+    sb.init(false);
+    sb.issue("a");
+    let code = |args: &[&str]| sb.ca(args).status.code();
+    // Without --exit-code a re-issue is still exit 0 (cron jobs keep succeeding).
+    assert_eq!(code(&["rotate", "--dir", "ca", "--force", "a"]), Some(0));
+    // With it: 0 when nothing changed, 3 when a directory was re-issued or got a new bundle.
+    assert_eq!(
+        code(&["rotate", "--dir", "ca", "--exit-code", "a"]),
+        Some(0)
+    );
+    assert_eq!(
+        code(&["rotate", "--dir", "ca", "--exit-code", "--force", "a"]),
+        Some(3)
+    );
+    // A skipped revoked directory is not a change.
+    sb.issue("r");
+    let serial = serial_of(&sb.path("r"));
+    sb.ok(&["revoke", "--dir", "ca", "--serial", &serial]);
+    assert_eq!(
+        code(&["rotate", "--dir", "ca", "--exit-code", "--force", "r"]),
+        Some(0)
+    );
+    // A failure wins over a change: the job must see the error.
+    std::fs::create_dir(sb.path("empty")).expect("mkdir");
+    assert_eq!(
+        code(&[
+            "rotate",
+            "--dir",
+            "ca",
+            "--exit-code",
+            "--force",
+            "a",
+            "empty"
+        ]),
+        Some(1)
+    );
+}

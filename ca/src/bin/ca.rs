@@ -109,9 +109,15 @@ enum Command {
     },
     /// Re-issue the certificate directories that are due (safe to run from cron).
     ///
-    /// Due: inside the renewal window (default: the last third of the lifetime), revoked, signed
-    /// by an old root, or key not matching the certificate. Same identity and SANs; key and
-    /// certificate are swapped together. Exit 0 when nothing was due.
+    /// Due: inside the renewal window (default: the last third of the lifetime), signed by an old
+    /// root, or key not matching the certificate. Same identity and SANs; key and certificate are
+    /// swapped together. A directory whose certificate is revoked is skipped ("skipped ...:
+    /// revoked"), even with --force: re-issue it with --include-revoked.
+    ///
+    /// Exit status: 0 ok (whether or not anything was re-issued), 1/2 when a directory failed.
+    /// With --exit-code: 3 when a directory was written (re-issued or given a new bundle.pem) and
+    /// nothing failed, 0 when nothing changed. --format json prints one object per directory with
+    /// "action": "rotated", "bundle_updated", "skipped", "current" or "error".
     Rotate {
         /// CA directory.
         #[arg(long)]
@@ -128,6 +134,13 @@ enum Command {
         /// Keep the existing private key (default: a new key per rotation).
         #[arg(long)]
         keep_key: bool,
+        /// Also re-issue directories whose certificate is revoked (skipped by default), with a
+        /// new key.
+        #[arg(long)]
+        include_revoked: bool,
+        /// Exit 3 when a directory was written (re-issued or new bundle), 0 when nothing changed.
+        #[arg(long)]
+        exit_code: bool,
     },
     /// Root CA rotation: `root rotate` adds a new root, `root retire` drops the old ones.
     Root {
@@ -234,14 +247,17 @@ fn run(cli: &Cli) -> Result<ExitCode, CaError> {
             renew_before,
             force,
             keep_key,
+            include_revoked,
+            exit_code,
         } => {
             let ca = Authority::open(dir)?;
             let opts = RotateOptions {
                 renew_before: *renew_before,
                 force: *force,
                 keep_key: *keep_key,
+                include_revoked: *include_revoked,
             };
-            Ok(rotate(&ca, out_dirs, &opts, json))
+            Ok(rotate(&ca, out_dirs, &opts, *exit_code, json))
         }
         Command::Root {
             command: RootCommand::Rotate { dir },
@@ -533,14 +549,28 @@ fn crl(dir: &Path, out: &Path, ttl: Duration, json: bool) -> Result<ExitCode, Ca
     Ok(ExitCode::SUCCESS)
 }
 
+/// `ca rotate --exit-code`: a directory was written and none failed.
+const EXIT_CHANGED: u8 = 3;
+
 /// Rotates every directory, reporting each; one failure does not stop the others.
-fn rotate(ca: &Authority, out_dirs: &[PathBuf], opts: &RotateOptions, json: bool) -> ExitCode {
+fn rotate(
+    ca: &Authority,
+    out_dirs: &[PathBuf],
+    opts: &RotateOptions,
+    exit_code: bool,
+    json: bool,
+) -> ExitCode {
     let now = OffsetDateTime::now_utc();
     let mut worst = 0u8;
+    let mut changed = false;
     let mut reports = Vec::new();
     for dir in out_dirs {
         match ca.rotate_dir(dir, opts, now) {
             Ok(report) => {
+                changed |= matches!(
+                    report.outcome,
+                    Outcome::Rotated { .. } | Outcome::BundleUpdated { .. }
+                );
                 if !json {
                     match &report.outcome {
                         Outcome::Rotated {
@@ -555,6 +585,11 @@ fn rotate(ca: &Authority, out_dirs: &[PathBuf], opts: &RotateOptions, json: bool
                         ),
                         Outcome::BundleUpdated { serial } => println!(
                             "bundle updated {} ({}): serial {serial} kept",
+                            dir.display(),
+                            report.spiffe_id
+                        ),
+                        Outcome::Skipped { serial, reason } => println!(
+                            "skipped {} ({}): serial {serial} {reason}",
                             dir.display(),
                             report.spiffe_id
                         ),
@@ -577,6 +612,9 @@ fn rotate(ca: &Authority, out_dirs: &[PathBuf], opts: &RotateOptions, json: bool
     }
     if json {
         print_json(&serde_json::Value::Array(reports));
+    }
+    if worst == 0 && changed && exit_code {
+        return ExitCode::from(EXIT_CHANGED);
     }
     ExitCode::from(worst)
 }
