@@ -177,7 +177,7 @@ variable "outbounds" {
 }
 
 variable "policy_toml" {
-  description = "Contents of the sidecar's policy file (DESIGN.md \"Policy file\"). Changing it creates a new task definition revision and rolls the service."
+  description = "Contents of the sidecar's policy file (docs/POLICY.md). Changing it creates a new task definition revision and rolls the service."
   type        = string
 
   validation {
