@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
@@ -501,4 +502,42 @@ fn rotate_exit_code_says_whether_anything_was_written() {
         ]),
         Some(1)
     );
+}
+
+#[test]
+fn ca_bundle_writes_the_current_bundle_alone_for_the_bundle_only_step() {
+    let sb = Sandbox::new();
+    sb.init(true);
+    sb.issue("a");
+    let leaf_before = sb.read("a/cert.pem");
+    sb.ok(&["root", "rotate", "--dir", "ca"]);
+    let out = sb.ok(&["bundle", "--dir", "ca", "--out", "dist/bundle.pem"]);
+    assert!(out.contains("2 root(s)"), "{out}");
+    assert_eq!(sb.read("dist/bundle.pem"), sb.read("ca/bundle.pem"));
+    assert_eq!(pem_certs(&sb.read("dist/bundle.pem")).len(), 2);
+    assert_eq!(sb.read("a/cert.pem"), leaf_before, "no leaf touched");
+    let mode = std::fs::metadata(sb.path("dist/bundle.pem"))
+        .expect("stat")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o644);
+    sb.ok(&["rotate", "--dir", "ca", "a"]);
+    sb.ok(&["root", "retire", "--dir", "ca"]);
+    let out = sb.ok(&[
+        "bundle",
+        "--dir",
+        "ca",
+        "--out",
+        "dist/bundle.pem",
+        "--format",
+        "json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(v["roots"], 1, "{v}");
+    assert_eq!(sb.read("dist/bundle.pem"), sb.read("ca/bundle.pem"));
+    // Not a CA directory: a clear error, nothing written.
+    let err = sb.fails(2, &["bundle", "--dir", "nowhere", "--out", "x.pem"]);
+    assert!(err.contains("help:"), "{err}");
+    assert!(!sb.path("x.pem").exists());
 }

@@ -187,6 +187,19 @@ enum Command {
         #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
         ttl: Duration,
     },
+    /// Write the CA's current trust bundle (every root not retired) to a file, and nothing else.
+    ///
+    /// The bundle-only step of a root rotation: after `ca root rotate`, hand this file (both roots)
+    /// to every sidecar's `[identity] bundle` and wait until each trusts both, before any leaf is
+    /// re-issued under the new root.
+    Bundle {
+        /// CA directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Where to write the bundle (PEM, 0644, replaced atomically).
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -282,6 +295,7 @@ fn run(cli: &Cli) -> Result<ExitCode, CaError> {
             json,
         ),
         Command::Crl { dir, out, ttl } => crl(dir, out, *ttl, json),
+        Command::Bundle { dir, out } => bundle(dir, out, json),
     }
 }
 
@@ -545,6 +559,21 @@ fn crl(dir: &Path, out: &Path, ttl: Duration, json: bool) -> Result<ExitCode, Ca
             "wrote CRL {} ({revoked} revocation(s) on record)",
             out.display()
         );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn bundle(dir: &Path, out: &Path, json: bool) -> Result<ExitCode, CaError> {
+    let ca = Authority::open(dir)?;
+    check_out_file(out)?;
+    create_parent(out)?;
+    let pem = ca.bundle_pem()?;
+    gatehouse_ca::store::write_atomic(out, pem.as_bytes(), 0o644)?;
+    let roots = pem.matches("-----BEGIN CERTIFICATE-----").count();
+    if json {
+        print_json(&json!({ "bundle": out, "roots": roots }));
+    } else {
+        println!("wrote bundle {} ({roots} root(s))", out.display());
     }
     Ok(ExitCode::SUCCESS)
 }
