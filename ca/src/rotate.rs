@@ -17,7 +17,8 @@
 //! swap of [`crate::store`], so key and certificate change together: a reader, or a `ca rotate`
 //! killed at any moment, never leaves a new certificate next to an old key. A directory that is
 //! not due but holds an outdated `bundle.pem` (roots rotated or retired) gets the current bundle
-//! with its certificate and key unchanged. Each re-issue is an `issued` inventory line with
+//! with its certificate and key unchanged; `bundle_only` does only that, to every directory, due or
+//! not (the first step of a root rotation: trust both roots before any leaf changes). Each re-issue is an `issued` inventory line with
 //! `"source":"rotate"` and `"replaces":"<old serial>"`. Running it again right away does nothing:
 //! safe from cron or a Kubernetes CronJob. Two `ca rotate` runs on the same directory are
 //! serialized by the directory's lock file, `OUT/.lock`, held from reading the old certificate
@@ -47,6 +48,9 @@ pub struct RotateOptions {
     pub keep_key: bool,
     /// Re-issue directories whose leaf is revoked (skipped by default).
     pub include_revoked: bool,
+    /// Re-issue nothing: only give each directory the CA's current `bundle.pem` (the bundle-only
+    /// step of a root rotation, while every leaf is still due).
+    pub bundle_only: bool,
 }
 
 /// What `ca rotate` did to one directory.
@@ -168,7 +172,9 @@ impl Authority {
                 },
             });
         }
-        let reason = if opts.force {
+        let reason = if opts.bundle_only {
+            None
+        } else if opts.force {
             Some("forced".to_owned())
         } else if entry.state == CertState::Revoked {
             Some("revoked (--include-revoked)".to_owned())

@@ -541,3 +541,36 @@ fn ca_bundle_writes_the_current_bundle_alone_for_the_bundle_only_step() {
     assert!(err.contains("help:"), "{err}");
     assert!(!sb.path("x.pem").exists());
 }
+
+#[test]
+fn rotate_bundle_only_hands_out_both_roots_and_reissues_nothing() {
+    let sb = Sandbox::new();
+    sb.init(true);
+    sb.issue("a");
+    let (serial, key) = (serial_of(&sb.path("a")), sb.read("a/key.pem"));
+    sb.ok(&["root", "rotate", "--dir", "ca"]);
+    let before = ledger_lines(&sb);
+    // Every leaf is due now (old root), yet --bundle-only re-issues none of them.
+    let out = sb.ok(&["rotate", "--dir", "ca", "--bundle-only", "a"]);
+    assert!(out.contains("bundle updated a"), "{out}");
+    assert_eq!(serial_of(&sb.path("a")), serial);
+    assert_eq!(sb.read("a/key.pem"), key);
+    assert_eq!(ledger_lines(&sb), before, "nothing issued");
+    assert_eq!(pem_certs(&sb.read("a/bundle.pem")).len(), 2);
+    assert_matching_pair(&sb.path("a"));
+    let code = sb
+        .ca(&["rotate", "--dir", "ca", "--bundle-only", "--exit-code", "a"])
+        .status
+        .code();
+    assert_eq!(code, Some(0), "second run: nothing to write");
+    sb.fails(
+        2,
+        &["rotate", "--dir", "ca", "--bundle-only", "--force", "a"],
+    );
+    // The next ordinary run re-issues under the new root.
+    let out = sb.ok(&["rotate", "--dir", "ca", "a"]);
+    assert!(
+        out.contains("rotated a") && out.contains("generation 1"),
+        "{out}"
+    );
+}

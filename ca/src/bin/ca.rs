@@ -141,6 +141,10 @@ enum Command {
         /// Exit 3 when a directory was written (re-issued or new bundle), 0 when nothing changed.
         #[arg(long)]
         exit_code: bool,
+        /// Re-issue nothing; only replace each directory's bundle.pem with the CA's current
+        /// bundle (after `ca root rotate`: every sidecar trusts both roots before leaves change).
+        #[arg(long, conflicts_with_all = ["force", "include_revoked", "keep_key", "renew_before"])]
+        bundle_only: bool,
     },
     /// Root CA rotation: `root rotate` adds a new root, `root retire` drops the old ones.
     Root {
@@ -262,6 +266,7 @@ fn run(cli: &Cli) -> Result<ExitCode, CaError> {
             keep_key,
             include_revoked,
             exit_code,
+            bundle_only,
         } => {
             let ca = Authority::open(dir)?;
             let opts = RotateOptions {
@@ -269,6 +274,7 @@ fn run(cli: &Cli) -> Result<ExitCode, CaError> {
                 force: *force,
                 keep_key: *keep_key,
                 include_revoked: *include_revoked,
+                bundle_only: *bundle_only,
             };
             Ok(rotate(&ca, out_dirs, &opts, *exit_code, json))
         }
