@@ -247,6 +247,23 @@ async fn root_rotation_runbook_under_load_with_a_crl_fails_no_request() {
     for sc in sidecars {
         wait_status(sc, "bundle with the old and new root", |s| roots(s) == 2).await;
     }
+    // The CRL's next-update is exported for the CRL-age alert, one sample per CRL in the file:
+    // after step 3 there is one for each root's issuer.
+    let now = time::OffsetDateTime::now_utc().unix_timestamp() as f64;
+    let crl_expiry = "gatehouse_cert_expiry_timestamp_seconds";
+    for sc in sidecars {
+        eventually(
+            "a next-update sample for both CRLs",
+            Duration::from_secs(20),
+            async || {
+                let a = sc.metric(crl_expiry, &[("cert", "crl:0")]).await.ok()?;
+                let b = sc.metric(crl_expiry, &[("cert", "crl:1")]).await.ok()?;
+                (a > now && b > now).then_some(())
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", sc.stderr_text()));
+    }
     // Step 5: re-issue every leaf under the new root; the sidecars reload them.
     let out = ca(&["rotate", "--dir", &ca_dir, "--force", &dirs[0], &dirs[1]]).await;
     assert_eq!(out.matches("rotated ").count(), 2, "{out}");
