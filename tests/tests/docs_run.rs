@@ -1,5 +1,5 @@
 //! The READMEs run as written: every ```` ```sh ```` block of `README.md`, `ca/README.md`,
-//! `deploy/examples/fintech/README.md` is executed, in order, by one
+//! `deploy/examples/fintech/README.md` and `docs/OPERATIONS.md` is executed, in order, by one
 //! `bash -euo pipefail` per document (so `cd` and variables carry over from block to block, as in
 //! a reader's terminal), in a scratch copy of the repository as a fresh clone has it, with the
 //! binaries of this build first on `PATH`. A block that must not run is preceded by
@@ -216,6 +216,11 @@ fn ca_readme_blocks_run_as_written() {
 #[test]
 fn fintech_readme_blocks_run_as_written() {
     assert_runs("deploy/examples/fintech/README.md");
+}
+
+#[test]
+fn operations_runbook_blocks_run_as_written() {
+    assert_runs("docs/OPERATIONS.md");
 }
 
 #[test]
