@@ -413,7 +413,7 @@ print(*[x.getsockname()[1] for x in s])')
       else
         outbounds='[]'
       fi
-      printf 'templatefile("%s", {min_tls="1.3", with_crl=true, sidecar_port=8443, app_port=8080, admin_port=9901, outbounds=%s})\n' \
+      printf 'templatefile("%s", {min_tls="1.3", with_crl=true, sidecar_port=8443, app_port=8080, admin_port=9901, admin_host="127.0.0.1", outbounds=%s})\n' \
         "$here/terraform/ecs/templates/sidecar.toml.tftpl" "$outbounds" |
         (cd "$w" && TF_CLI_CONFIG_FILE=/dev/null terraform console) | sed '1d;$d' >"$w/ecs-$svc.rendered.toml"
       diff -u "$golden/$svc.sidecar.toml" "$w/ecs-$svc.rendered.toml" >&2 ||
