@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use gatehouse_tests::harness::{FakeApp, Pki, Sidecar, binary, eventually};
+use gatehouse_tests::harness::{FakeApp, Pki, Sidecar, ca_ok as ca, eventually};
 use http::StatusCode;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::Client;
@@ -30,41 +30,11 @@ path  = "/api/**"
 allow = ["spiffe://ops.test/report-service"]
 "#;
 
-/// `ca ARGS` (blocking the runtime briefly is fine for these short commands): stdout.
-async fn ca(args: &[&str]) -> String {
-    let out = tokio::process::Command::new(binary("ca"))
-        .args(args)
-        .output()
-        .await
-        .expect("run ca");
-    assert!(
-        out.status.success(),
-        "ca {args:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 /// What the platform's distribution step does: an atomic replace of the sidecar's copy.
 fn distribute(from: &Path, to: &Path) {
     let tmp = to.with_extension("tmp-dist");
     std::fs::copy(from, &tmp).expect("copy");
     std::fs::rename(&tmp, to).expect("rename");
-}
-
-async fn status(sc: &Sidecar) -> serde_json::Value {
-    let (code, body) = sc.admin_get("/status").await.expect("/status");
-    assert_eq!(code, StatusCode::OK);
-    serde_json::from_str(&body).expect("status JSON")
-}
-
-async fn wait_status(sc: &Sidecar, what: &str, ok: impl Fn(&serde_json::Value) -> bool) {
-    eventually(what, Duration::from_secs(20), async || {
-        ok(&status(sc).await).then_some(())
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", sc.stderr_text()));
 }
 
 fn roots(s: &serde_json::Value) -> usize {
@@ -216,6 +186,20 @@ async fn root_rotation_runbook_under_load_with_a_crl_fails_no_request() {
         server.dir.display().to_string(),
         client.dir.display().to_string(),
     ];
+    // Steps 3 and 7: republish the CRL, hand out the CA's current bundle without touching a leaf
+    // (`ca bundle` for the outbound sidecar's copy, `ca rotate --bundle-only` for the inbound
+    // sidecar's SVID directory).
+    let hand_out = async || {
+        let (crl, bundle) = (
+            published.display().to_string(),
+            bundle_out.display().to_string(),
+        );
+        ca(&["crl", "--dir", &ca_dir, "--out", &crl]).await;
+        publish_all(&published, |d| &d.crl);
+        ca(&["bundle", "--dir", &ca_dir, "--out", &bundle]).await;
+        publish_all(&bundle_out, |d| &d.bundle);
+        ca(&["rotate", "--dir", &ca_dir, "--bundle-only", &dirs[0]]).await;
+    };
     let load = Load::start(outbound.listener("outbound:monolith"), 4);
     tokio::time::sleep(Duration::from_millis(1000)).await;
 
@@ -224,28 +208,11 @@ async fn root_rotation_runbook_under_load_with_a_crl_fails_no_request() {
     ca(&["root", "rotate", "--dir", &ca_dir]).await;
     // Step 3: re-publish the CRL (one per issuer in the bundle) and hand out the two-root bundle
     // alone; no leaf changes yet.
-    ca(&[
-        "crl",
-        "--dir",
-        &ca_dir,
-        "--out",
-        &published.display().to_string(),
-    ])
-    .await;
-    publish_all(&published, |d| &d.crl);
-    ca(&[
-        "bundle",
-        "--dir",
-        &ca_dir,
-        "--out",
-        &bundle_out.display().to_string(),
-    ])
-    .await;
-    publish_all(&bundle_out, |d| &d.bundle);
-    ca(&["rotate", "--dir", &ca_dir, "--bundle-only", &dirs[0]]).await;
+    hand_out().await;
     // Step 4: wait until every sidecar's /status lists two roots.
     for sc in sidecars {
-        wait_status(sc, "bundle with the old and new root", |s| roots(s) == 2).await;
+        sc.wait_status("bundle with the old and new root", |s| roots(s) == 2)
+            .await;
     }
     // The CRL's next-update is exported for the CRL-age alert, one sample per CRL in the file:
     // after step 3 there is one for each root's issuer.
@@ -271,7 +238,7 @@ async fn root_rotation_runbook_under_load_with_a_crl_fails_no_request() {
         let serial = ca(&["inspect", &format!("{dir}/cert.pem"), "--format", "json"]).await;
         let serial: serde_json::Value = serde_json::from_str(&serial).expect("json");
         let serial = serial["serial"].clone();
-        wait_status(sc, "the new-root leaf is served", |s| {
+        sc.wait_status("the new-root leaf is served", |s| {
             s["certificate"]["serial"] == serial
         })
         .await;
@@ -281,27 +248,10 @@ async fn root_rotation_runbook_under_load_with_a_crl_fails_no_request() {
     tokio::time::sleep(MAX_CONNECTION_AGE + Duration::from_millis(1000)).await;
     // Step 7: retire the old root, re-publish the CRL, hand out the one-root bundle.
     ca(&["root", "retire", "--dir", &ca_dir]).await;
-    ca(&[
-        "crl",
-        "--dir",
-        &ca_dir,
-        "--out",
-        &published.display().to_string(),
-    ])
-    .await;
-    publish_all(&published, |d| &d.crl);
-    ca(&[
-        "bundle",
-        "--dir",
-        &ca_dir,
-        "--out",
-        &bundle_out.display().to_string(),
-    ])
-    .await;
-    publish_all(&bundle_out, |d| &d.bundle);
-    ca(&["rotate", "--dir", &ca_dir, "--bundle-only", &dirs[0]]).await;
+    hand_out().await;
     for sc in sidecars {
-        wait_status(sc, "bundle with only the new root", |s| roots(s) == 1).await;
+        sc.wait_status("bundle with only the new root", |s| roots(s) == 1)
+            .await;
     }
     // Step 8 (resume the job): a rotate right after has nothing to do.
     let out = ca(&["rotate", "--dir", &ca_dir, &dirs[0]]).await;
