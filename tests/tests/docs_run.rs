@@ -82,10 +82,11 @@ fn runnable_blocks(doc: &str, markdown: &str) -> Vec<Block> {
     out
 }
 
-/// Copies the files a fresh clone has (tracked, plus new files not ignored) into `dest`.
+/// Copies the files a fresh clone has (tracked, plus new files not ignored) into `dest`. Without
+/// git (a source tarball), copies the tree minus what a build or a run leaves behind.
 fn fresh_clone(dest: &Path) {
     let root = repo();
-    let out = Command::new("git")
+    let listed = Command::new("git")
         .args([
             "ls-files",
             "-z",
@@ -95,21 +96,59 @@ fn fresh_clone(dest: &Path) {
         ])
         .current_dir(&root)
         .output()
-        .expect("run git ls-files (git is needed to copy the repository as a clone has it)");
-    assert!(
-        out.status.success(),
-        "git ls-files failed in {}",
-        root.display()
-    );
-    for rel in out.stdout.split(|b| *b == 0).filter(|r| !r.is_empty()) {
-        let rel = Path::new(std::str::from_utf8(rel).expect("utf-8 path"));
-        let from = root.join(rel);
+        .ok()
+        .filter(|o| o.status.success());
+    let files: Vec<PathBuf> = match listed {
+        Some(out) => out
+            .stdout
+            .split(|b| *b == 0)
+            .filter(|r| !r.is_empty())
+            .map(|r| PathBuf::from(std::str::from_utf8(r).expect("utf-8 path")))
+            .collect(),
+        None => {
+            let mut files = Vec::new();
+            walk_tree(&root, Path::new(""), &mut files);
+            files
+        }
+    };
+    for rel in files {
+        let from = root.join(&rel);
         if !from.is_file() {
             continue; // deleted in the work tree but not yet in the index
         }
-        let to = dest.join(rel);
+        let to = dest.join(&rel);
         std::fs::create_dir_all(to.parent().expect("has a parent")).expect("mkdir");
         std::fs::copy(&from, &to).unwrap_or_else(|e| panic!("copy {}: {e}", from.display()));
+    }
+}
+
+/// Every file under `root/rel`, skipping build output, tool caches and generated example files.
+fn walk_tree(root: &Path, rel: &Path, out: &mut Vec<PathBuf>) {
+    const SKIP: [&str; 7] = [
+        ".git",
+        "target",
+        "deploy/.tools",
+        "deploy/tools/node_modules",
+        "bench/work",
+        "deploy/examples/fintech/certs",
+        ".terraform",
+    ];
+    let Ok(entries) = std::fs::read_dir(root.join(rel)) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = rel.join(entry.file_name());
+        let skip = SKIP
+            .iter()
+            .any(|s| path == Path::new(s) || path.file_name() == Some(std::ffi::OsStr::new(s)));
+        if skip || path.extension().is_some_and(|e| e == "jsonl") {
+            continue;
+        }
+        match entry.file_type() {
+            Ok(t) if t.is_dir() => walk_tree(root, &path, out),
+            Ok(t) if t.is_file() => out.push(path),
+            _ => {}
+        }
     }
 }
 
