@@ -119,3 +119,70 @@ fn a_key_without_its_row_is_reported() {
     let (missing, _) = compare(&code, &documented_keys(&without));
     assert_eq!(missing, vec!["inbound.max_h2_streams".to_owned()]);
 }
+
+/// Every metric family the sidecar's source registers: the name string passed to a prometheus
+/// constructor (`Opts::new("…"`, `HistogramOpts::new("…"`, `IntGauge::new("…"`, …), prefixed
+/// with the registry's `gatehouse_`.
+fn registered_metrics() -> BTreeSet<String> {
+    const CTORS: [&str; 6] = [
+        "HistogramOpts::new(",
+        "Opts::new(",
+        "IntGauge::new(",
+        "Gauge::new(",
+        "IntCounter::new(",
+        "Counter::new(",
+    ];
+    let mut out = BTreeSet::new();
+    let mut stack = vec![repo().join("proxy/src")];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).expect("read proxy/src").flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            if path.extension().is_none_or(|e| e != "rs") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).expect("read source");
+            for ctor in CTORS {
+                for (at, _) in text.match_indices(ctor) {
+                    let rest = text[at + ctor.len()..].trim_start();
+                    let Some(lit) = rest.strip_prefix('"') else {
+                        continue;
+                    };
+                    let name: String = lit
+                        .chars()
+                        .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+                        .collect();
+                    if !name.is_empty() && lit[name.len()..].starts_with('"') {
+                        out.insert(format!("gatehouse_{name}"));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn every_metric_is_in_the_operations_metrics_reference() {
+    let code = registered_metrics();
+    for m in [
+        "gatehouse_inbound_requests_total",
+        "gatehouse_reloads_total",
+        "gatehouse_outbound_requests_total",
+    ] {
+        assert!(code.contains(m), "the scan missed {m}: {code:?}");
+    }
+    let doc = read_doc("docs/OPERATIONS.md");
+    let missing: Vec<&String> = code
+        .iter()
+        .filter(|m| !doc.contains(&format!("| `{m}` |")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "docs/OPERATIONS.md \"Metrics reference\" lacks {missing:?}\n  help: add a row \
+         \"| `name` | type | labels | meaning |\" to its table"
+    );
+}
