@@ -29,7 +29,10 @@
 #    A live sidecar (the monolith's Kubernetes config on free loopback ports) must reload its
 #    policy after a kubelet-style ..data swap and its certificate after `ca rotate`, and survive
 #    SIGHUP; the image's health check (container/probe.rs) is compiled and run against it.
+#    The ECS rotation script (terraform/ecs/rotate.sh) runs against that CA in DRY_RUN mode.
 # 9. shellcheck on the shell scripts when installed; every deploy/ folder has a README.
+# 10. Prometheus rules (monitoring/): `promtool check rules` and `promtool test rules` (Debian
+#    package prometheus), and the PrometheusRule manifest carries exactly alerts.yml's groups.
 #
 # First run: needs python3 with venv, npm, apt-get (Debian) and network access to PyPI, npm and
 # Debian. Later runs reuse deploy/.tools and need no network. Takes < 1 minute once installed.
@@ -222,6 +225,28 @@ else
   note "skipped: $policy_bin not built (cargo build -p gatehouse-policy)"
 fi
 
+step "Prometheus alert rules (promtool check + test, PrometheusRule in sync)"
+command -v promtool >/dev/null ||
+  die "promtool is missing" "apt-get install prometheus (Debian's package ships promtool; .ci/run installs it)"
+promtool check rules "$here/monitoring/alerts.yml" >"$tools/promtool.log" 2>&1 || {
+  cat "$tools/promtool.log" >&2
+  die "promtool check rules failed on deploy/monitoring/alerts.yml" "fix the rule named above"
+}
+(cd "$here/monitoring" && promtool test rules alerts.test.yml) >"$tools/promtool-test.log" 2>&1 || {
+  cat "$tools/promtool-test.log" >&2
+  die "promtool test rules failed (deploy/monitoring/alerts.test.yml)" "an alert did not fire (or fired) as the test expects: see above"
+}
+note "promtool: $(grep -c 'alert:' "$here/monitoring/alerts.yml") alert rules valid; alerts.test.yml: $(grep -c 'alertname:' "$here/monitoring/alerts.test.yml") expectations hold"
+"$py" - "$here/monitoring/alerts.yml" "$here/monitoring/prometheusrule.yaml" <<'PY' ||
+import sys, yaml
+rules = yaml.safe_load(open(sys.argv[1]))
+cr = yaml.safe_load(open(sys.argv[2]))
+ok = cr.get("kind") == "PrometheusRule" and cr.get("spec", {}).get("groups") == rules["groups"]
+sys.exit(0 if ok else 1)
+PY
+  die "deploy/monitoring/prometheusrule.yaml's spec.groups differ from alerts.yml" "copy the groups of alerts.yml into spec.groups (indented by two spaces)"
+note "prometheusrule.yaml carries the same groups"
+
 step "the real sidecar loads the deployed configurations (when sidecar and ca are built)"
 # Mints a throwaway CA and SVIDs with `ca`, lays the files out as the pod / Fargate task sees them,
 # and runs `sidecar check` (exactly what `sidecar run` loads) on the rendered ConfigMaps and on
@@ -388,7 +413,7 @@ print(*[x.getsockname()[1] for x in s])')
       else
         outbounds='[]'
       fi
-      printf 'templatefile("%s", {min_tls="1.3", with_crl=true, sidecar_port=8443, app_port=8080, admin_port=9901, outbounds=%s})\n' \
+      printf 'templatefile("%s", {min_tls="1.3", with_crl=true, sidecar_port=8443, app_port=8080, admin_port=9901, admin_host="127.0.0.1", outbounds=%s})\n' \
         "$here/terraform/ecs/templates/sidecar.toml.tftpl" "$outbounds" |
         (cd "$w" && TF_CLI_CONFIG_FILE=/dev/null terraform console) | sed '1d;$d' >"$w/ecs-$svc.rendered.toml"
       diff -u "$golden/$svc.sidecar.toml" "$w/ecs-$svc.rendered.toml" >&2 ||
@@ -423,6 +448,28 @@ print(*[x.getsockname()[1] for x in s])')
   else
     note "ecs: init.sh not run (it chowns files to 65532, which needs root)"
   fi
+
+  # ECS rotation script: services due (--renew-before longer than the lifetime) get their secret
+  # and a new deployment, a revoked one is skipped, the CRL is published; secrets go by file://.
+  e="$w/ecs-rotate"
+  mkdir -p "$e/svids"
+  "$ca_bin" init --dir "$e/ca" --trust-domain fintech.internal >/dev/null
+  for svc in monolith report-service old-service; do
+    "$ca_bin" issue --dir "$e/ca" --spiffe-id "spiffe://fintech.internal/$svc" --out "$e/svids/$svc" >/dev/null
+  done
+  "$ca_bin" revoke --dir "$e/ca" --spiffe-id spiffe://fintech.internal/old-service >/dev/null
+  CA="$ca_bin" CA_DIR="$e/ca" SVID_ROOT="$e/svids" SERVICES="monolith report-service old-service" CLUSTER=fintech \
+    SECRET_PREFIX=gatehouse/fintech DRY_RUN=1 ROTATE_ARGS="--renew-before 100h" \
+    "$here/terraform/ecs/rotate.sh" >"$e/out.log" 2>&1 || { cat "$e/out.log" >&2; die "terraform/ecs/rotate.sh failed" "see its output above"; }
+  if ! grep -q 'update-service --cluster fintech --service monolith --force-new-deployment' "$e/out.log" ||
+    ! grep -q 'put-secret-value --secret-id gatehouse/fintech/report-service --secret-string file://' "$e/out.log" ||
+    ! grep -q 'put-secret-value --secret-id gatehouse/fintech/crl ' "$e/out.log" ||
+    grep -q 'old-service --force-new-deployment' "$e/out.log" ||
+    grep -q 'PRIVATE KEY' "$e/out.log"; then
+    cat "$e/out.log" >&2
+    die "terraform/ecs/rotate.sh did not publish and redeploy as expected (or printed a key)" "fix the script"
+  fi
+  note "ecs rotate.sh (dry run): re-issued services published and redeployed, the revoked one skipped"
 else
   note "skipped: build the binaries first (cargo build -p gatehouse-proxy -p gatehouse-ca)"
 fi
@@ -430,6 +477,7 @@ fi
 step "shell scripts (shellcheck, when installed)"
 if command -v shellcheck >/dev/null; then
   if ! shellcheck "$here/validate.sh" "$here/kubernetes/ca-rotation/publish.sh" ||
+    ! shellcheck "$here/terraform/ecs/rotate.sh" ||
     ! shellcheck -s sh "$here/terraform/ecs/templates/init.sh"; then
     die "shellcheck found problems (above)" "fix them"
   fi
@@ -439,7 +487,7 @@ else
 fi
 
 step "READMEs"
-for d in "$here" "$here"/kubernetes "$here"/argocd "$here"/terraform/ecs "$here"/systemd "$here"/container; do
+for d in "$here" "$here"/kubernetes "$here"/argocd "$here"/terraform/ecs "$here"/systemd "$here"/container "$here"/monitoring; do
   [[ -s $d/README.md ]] || die "${d#"$repo"/}/README.md is missing" "every deploy/ folder documents how an operator uses it"
 done
 note "ok"

@@ -4,15 +4,21 @@
 //! - `--force`;
 //! - its leaf is inside the renewal window: the last third of its lifetime (not counting the
 //!   not-before backdate) by default, or the last `--renew-before`;
-//! - its leaf is revoked, or was signed by a generation that is no longer current (after
-//!   `ca root rotate`), or its key does not match its certificate.
+//! - its leaf was signed by a generation that is no longer current (after `ca root rotate`), or
+//!   its key does not match its certificate.
+//!
+//! A directory whose leaf is revoked is skipped, whatever else holds (even `--force`), and
+//! reported as [`Outcome::Skipped`]: a revoked identity is decommissioned or compromised, and a
+//! cron job must not mint it a fresh certificate. `--include-revoked` (`include_revoked`) re-issues
+//! it deliberately, with a new key.
 //!
 //! A due directory gets a new certificate for the same SPIFFE ID and DNS SANs and the same
 //! lifetime, with a new key (or the same key with `keep_key`), written with the `..data` symlink
 //! swap of [`crate::store`], so key and certificate change together: a reader, or a `ca rotate`
 //! killed at any moment, never leaves a new certificate next to an old key. A directory that is
 //! not due but holds an outdated `bundle.pem` (roots rotated or retired) gets the current bundle
-//! with its certificate and key unchanged. Each re-issue is an `issued` inventory line with
+//! with its certificate and key unchanged; `bundle_only` does only that, to every directory, due or
+//! not (the first step of a root rotation: trust both roots before any leaf changes). Each re-issue is an `issued` inventory line with
 //! `"source":"rotate"` and `"replaces":"<old serial>"`. Running it again right away does nothing:
 //! safe from cron or a Kubernetes CronJob. Two `ca rotate` runs on the same directory are
 //! serialized by the directory's lock file, `OUT/.lock`, held from reading the old certificate
@@ -40,6 +46,11 @@ pub struct RotateOptions {
     pub force: bool,
     /// Reuse the existing key instead of generating a new one.
     pub keep_key: bool,
+    /// Re-issue directories whose leaf is revoked (skipped by default).
+    pub include_revoked: bool,
+    /// Re-issue nothing: only give each directory the CA's current `bundle.pem` (the bundle-only
+    /// step of a root rotation, while every leaf is still due).
+    pub bundle_only: bool,
 }
 
 /// What `ca rotate` did to one directory.
@@ -61,6 +72,13 @@ pub enum Outcome {
     BundleUpdated {
         /// Unchanged certificate.
         serial: String,
+    },
+    /// The leaf is revoked and `include_revoked` was not set; nothing written.
+    Skipped {
+        /// The revoked certificate, left in place.
+        serial: String,
+        /// Why it was skipped, and how to re-issue it anyway.
+        reason: String,
     },
     /// Not due; nothing written.
     Current {
@@ -142,10 +160,24 @@ impl Authority {
             None => lifetime / 3,
         };
         let due_at = cur.not_after - window;
-        let reason = if opts.force {
+        let spiffe_id = cur.id.as_str().to_owned();
+        if entry.state == CertState::Revoked && !opts.include_revoked {
+            return Ok(DirReport {
+                dir: dir.to_path_buf(),
+                spiffe_id,
+                outcome: Outcome::Skipped {
+                    serial: cur.serial,
+                    reason: "revoked: not re-issued (pass --include-revoked to re-issue it)"
+                        .to_owned(),
+                },
+            });
+        }
+        let reason = if opts.bundle_only {
+            None
+        } else if opts.force {
             Some("forced".to_owned())
         } else if entry.state == CertState::Revoked {
-            Some("revoked".to_owned())
+            Some("revoked (--include-revoked)".to_owned())
         } else if !cur.key_matches {
             Some("key.pem does not match cert.pem".to_owned())
         } else if entry.generation != current_gen {
@@ -161,7 +193,6 @@ impl Authority {
         } else {
             None
         };
-        let spiffe_id = cur.id.as_str().to_owned();
         let Some(reason) = reason else {
             let bundle = self.bundle_pem()?;
             let dir_bundle = std::fs::read_to_string(dir.join("bundle.pem")).unwrap_or_default();
@@ -183,6 +214,12 @@ impl Authority {
             });
         };
         let key = if opts.keep_key {
+            // A revoked leaf's key may be the leaked one: never reuse it.
+            if entry.state == CertState::Revoked {
+                return Err(not_rotatable(
+                    "--keep-key: the leaf is revoked and its key may be compromised; re-issue it with a new key (drop --keep-key)".into(),
+                ));
+            }
             if !cur.key_matches {
                 return Err(not_rotatable(
                     "--keep-key: key.pem does not match cert.pem".into(),

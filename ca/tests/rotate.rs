@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::Duration;
 
@@ -410,4 +411,166 @@ fn concurrent_writers_to_one_directory_take_turns() {
         .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
         .count();
     assert_eq!(versions, 1, "exactly the current version is left");
+}
+
+#[test]
+fn rotate_skips_a_revoked_directory_by_default_and_says_so() {
+    let sb = Sandbox::new();
+    sb.init(false);
+    sb.issue("live");
+    sb.issue("revoked");
+    let revoked0 = serial_of(&sb.path("revoked"));
+    sb.ok(&["revoke", "--dir", "ca", "--serial", &revoked0]);
+    let before = ledger_lines(&sb);
+
+    // The hourly job, even forced (as the root-rotation runbook does): the revoked identity is
+    // not minted a fresh certificate, and the output says why and how to override.
+    let out = sb.ok(&["rotate", "--dir", "ca", "--force", "live", "revoked"]);
+    assert!(
+        out.contains("skipped revoked (spiffe://fintech.internal/revoked)")
+            && out.contains("--include-revoked"),
+        "{out}"
+    );
+    assert!(out.contains("rotated live"), "{out}");
+    assert_eq!(serial_of(&sb.path("revoked")), revoked0, "left as it was");
+    assert_eq!(ledger_lines(&sb), before + 1, "only the live one re-issued");
+    let out = sb.ok(&["rotate", "--dir", "ca", "revoked", "--format", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(v[0]["action"], "skipped", "{v}");
+    assert_eq!(v[0]["serial"], revoked0.as_str(), "{v}");
+
+    // Re-issuing it takes the explicit flag, and never keeps the (possibly leaked) key.
+    let err = sb.fails(
+        1,
+        &[
+            "rotate",
+            "--dir",
+            "ca",
+            "--include-revoked",
+            "--keep-key",
+            "revoked",
+        ],
+    );
+    assert!(err.contains("revoked") && err.contains("help:"), "{err}");
+    let old_key = sb.read("revoked/key.pem");
+    let out = sb.ok(&["rotate", "--dir", "ca", "--include-revoked", "revoked"]);
+    assert!(
+        out.contains("rotated revoked") && out.contains("revoked"),
+        "{out}"
+    );
+    assert_ne!(serial_of(&sb.path("revoked")), revoked0);
+    assert_ne!(sb.read("revoked/key.pem"), old_key, "a new key");
+    assert_matching_pair(&sb.path("revoked"));
+}
+
+#[test]
+fn rotate_exit_code_says_whether_anything_was_written() {
+    let sb = Sandbox::new();
+    sb.init(false);
+    sb.issue("a");
+    let code = |args: &[&str]| sb.ca(args).status.code();
+    // Without --exit-code a re-issue is still exit 0 (cron jobs keep succeeding).
+    assert_eq!(code(&["rotate", "--dir", "ca", "--force", "a"]), Some(0));
+    // With it: 0 when nothing changed, 3 when a directory was re-issued or got a new bundle.
+    assert_eq!(
+        code(&["rotate", "--dir", "ca", "--exit-code", "a"]),
+        Some(0)
+    );
+    assert_eq!(
+        code(&["rotate", "--dir", "ca", "--exit-code", "--force", "a"]),
+        Some(3)
+    );
+    // A skipped revoked directory is not a change.
+    sb.issue("r");
+    let serial = serial_of(&sb.path("r"));
+    sb.ok(&["revoke", "--dir", "ca", "--serial", &serial]);
+    assert_eq!(
+        code(&["rotate", "--dir", "ca", "--exit-code", "--force", "r"]),
+        Some(0)
+    );
+    // A failure wins over a change: the job must see the error.
+    std::fs::create_dir(sb.path("empty")).expect("mkdir");
+    assert_eq!(
+        code(&[
+            "rotate",
+            "--dir",
+            "ca",
+            "--exit-code",
+            "--force",
+            "a",
+            "empty"
+        ]),
+        Some(1)
+    );
+}
+
+#[test]
+fn ca_bundle_writes_the_current_bundle_alone_for_the_bundle_only_step() {
+    let sb = Sandbox::new();
+    sb.init(true);
+    sb.issue("a");
+    let leaf_before = sb.read("a/cert.pem");
+    sb.ok(&["root", "rotate", "--dir", "ca"]);
+    let out = sb.ok(&["bundle", "--dir", "ca", "--out", "dist/bundle.pem"]);
+    assert!(out.contains("2 root(s)"), "{out}");
+    assert_eq!(sb.read("dist/bundle.pem"), sb.read("ca/bundle.pem"));
+    assert_eq!(pem_certs(&sb.read("dist/bundle.pem")).len(), 2);
+    assert_eq!(sb.read("a/cert.pem"), leaf_before, "no leaf touched");
+    let mode = std::fs::metadata(sb.path("dist/bundle.pem"))
+        .expect("stat")
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(mode, 0o644);
+    sb.ok(&["rotate", "--dir", "ca", "a"]);
+    sb.ok(&["root", "retire", "--dir", "ca"]);
+    let out = sb.ok(&[
+        "bundle",
+        "--dir",
+        "ca",
+        "--out",
+        "dist/bundle.pem",
+        "--format",
+        "json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(v["roots"], 1, "{v}");
+    assert_eq!(sb.read("dist/bundle.pem"), sb.read("ca/bundle.pem"));
+    // Not a CA directory: a clear error, nothing written.
+    let err = sb.fails(2, &["bundle", "--dir", "nowhere", "--out", "x.pem"]);
+    assert!(err.contains("help:"), "{err}");
+    assert!(!sb.path("x.pem").exists());
+}
+
+#[test]
+fn rotate_bundle_only_hands_out_both_roots_and_reissues_nothing() {
+    let sb = Sandbox::new();
+    sb.init(true);
+    sb.issue("a");
+    let (serial, key) = (serial_of(&sb.path("a")), sb.read("a/key.pem"));
+    sb.ok(&["root", "rotate", "--dir", "ca"]);
+    let before = ledger_lines(&sb);
+    // Every leaf is due now (old root), yet --bundle-only re-issues none of them.
+    let out = sb.ok(&["rotate", "--dir", "ca", "--bundle-only", "a"]);
+    assert!(out.contains("bundle updated a"), "{out}");
+    assert_eq!(serial_of(&sb.path("a")), serial);
+    assert_eq!(sb.read("a/key.pem"), key);
+    assert_eq!(ledger_lines(&sb), before, "nothing issued");
+    assert_eq!(pem_certs(&sb.read("a/bundle.pem")).len(), 2);
+    assert_matching_pair(&sb.path("a"));
+    let code = sb
+        .ca(&["rotate", "--dir", "ca", "--bundle-only", "--exit-code", "a"])
+        .status
+        .code();
+    assert_eq!(code, Some(0), "second run: nothing to write");
+    sb.fails(
+        2,
+        &["rotate", "--dir", "ca", "--bundle-only", "--force", "a"],
+    );
+    // The next ordinary run re-issues under the new root.
+    let out = sb.ok(&["rotate", "--dir", "ca", "a"]);
+    assert!(
+        out.contains("rotated a") && out.contains("generation 1"),
+        "{out}"
+    );
 }

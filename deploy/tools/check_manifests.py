@@ -207,9 +207,18 @@ def check_sidecar_workload(where: str, meta: dict, pod: dict, by_kind: dict, fil
             rports = rule.get("ports") or []
             if not rports:
                 err(npw, "an ingress rule without ports admits every port")
+            # The admin port (metrics) only for a named scraper: every peer must name both the
+            # namespace and the pods, never "any pod" or an IP block.
+            scraper = bool(rule.get("from")) and all(
+                peer.get("namespaceSelector", {}).get("matchLabels") and peer.get("podSelector", {}).get("matchLabels")
+                for peer in rule["from"]
+            )
             for rp in rports:
+                if rp.get("port") in ("admin", ports["admin"]) and scraper:
+                    continue
                 if rp.get("port") not in ("mtls", ports["mtls"]):
-                    err(npw, f"ingress admits port {rp.get('port')}: only the sidecar port {ports['mtls']} may be admitted")
+                    err(npw, f"ingress admits port {rp.get('port')}: only the sidecar port {ports['mtls']} may be admitted "
+                        f"(and the admin port {ports['admin']} to a scraper named by namespace and pod labels)")
 
 
 def check_k8s(files: list[str]) -> None:
@@ -225,6 +234,14 @@ def check_k8s(files: list[str]) -> None:
                 check_hardening(where, pod)
                 if meta.get("labels", {}).get("gatehouse.dev/sidecar") == "true":
                     check_sidecar_workload(where, meta, pod, by_kind, file)
+        for d in docs:
+            # A claim holding CA keys must survive Argo CD pruning and Application deletion.
+            if d["kind"] == "PersistentVolumeClaim" and d["metadata"]["name"] == "gatehouse-ca":
+                opts = d["metadata"].get("annotations", {}).get("argocd.argoproj.io/sync-options", "")
+                opts = {o.strip() for o in opts.split(",")}
+                if not {"Prune=false", "Delete=false"} <= opts:
+                    err(f"{file}: PersistentVolumeClaim/gatehouse-ca",
+                        "needs annotation argocd.argoproj.io/sync-options: Prune=false,Delete=false (it holds the CA keys)")
         if workloads == 0:
             err(file, "no workload found")
         status = "ok  " if len(errors) == before else "FAIL"

@@ -186,7 +186,7 @@ pub enum CallerError {
 fn toml_diagnostic(src: &SourceFile, e: &toml::de::Error) -> Diagnostic {
     let message = e.message().trim().replace('\n', " ");
     let help = if message.contains("unknown field") {
-        "remove the key or fix its spelling; the message lists the keys allowed here"
+        "remove the key or fix its spelling; the message lists the keys allowed here (every key: docs/POLICY.md)"
     } else if message.contains("missing field") {
         "add the missing key"
     } else if message.contains("invalid type") {

@@ -2,7 +2,7 @@
 //! (`deny_unknown_fields`, spans kept) → a validation pass collecting *every* problem with its
 //! `file:line:col` → the [`Config`] runtime code uses (socket addresses, durations, absolute paths).
 //!
-//! Format (DESIGN.md "Sidecar config"):
+//! Format (every key: docs/CONFIG.md, checked by tests/tests/docs_reference.rs):
 //! ```toml
 //! min_tls = "1.3"                     # or under [tls]; "1.2" only when configured
 //! [identity]  cert, key, bundle, crl  # paths relative to this file
@@ -171,9 +171,7 @@ impl ConfigErrorKind {
     pub fn help(&self) -> String {
         match self {
             Self::Read(_) => "check the path given to --config".into(),
-            Self::Syntax(_) => {
-                "fix the TOML; keys are documented in DESIGN.md \"Sidecar config\"".into()
-            }
+            Self::Syntax(_) => "fix the TOML; every key is documented in docs/CONFIG.md".into(),
             Self::Address { .. } => "write an IP address and port, e.g. \"127.0.0.1:8443\"".into(),
             Self::HostPort { .. } => {
                 "write a host name or IP and a port, e.g. \"monolith.internal:8443\"".into()

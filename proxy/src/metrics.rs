@@ -28,7 +28,8 @@ pub struct Metrics {
     /// `gatehouse_inbound_active_connections`.
     pub inbound_active_connections: IntGauge,
     /// `gatehouse_cert_expiry_timestamp_seconds{cert}`: `cert="leaf"` is our own leaf,
-    /// `cert="root:<serial>"` each root of the trust bundle (serial truncated to 16 hex digits).
+    /// `cert="root:<serial>"` each root of the trust bundle (serial truncated to 16 hex digits),
+    /// `cert="crl:<n>"` the next-update of the n-th CRL of `[identity] crl`.
     pub cert_expiry: IntGaugeVec,
     /// `gatehouse_reloads_total{what,result}`: `what` is the file kind that changed (`cert`,
     /// `key`, `bundle`, `crl`, `policy`, or `none` for a SIGHUP with nothing changed), `result`

@@ -397,7 +397,8 @@ fn prepare(state: &State) -> Result<Prepared, Vec<String>> {
     ))
 }
 
-/// Sets `gatehouse_cert_expiry_timestamp_seconds` for the leaf and every bundle root.
+/// Sets `gatehouse_cert_expiry_timestamp_seconds` for the leaf, every bundle root and the
+/// next-update of every CRL (`cert="crl:<position in the file>"`: a CRL past it is stale).
 pub fn publish_expiry(metrics: &Metrics, snap: &Snapshot) {
     let g = &metrics.cert_expiry;
     g.reset();
@@ -408,6 +409,16 @@ pub fn publish_expiry(metrics: &Metrics, snap: &Snapshot) {
             let label = format!("root:{}", &serial[..serial.len().min(16)]);
             g.with_label_values(&[label.as_str()])
                 .set(not_after.unix_timestamp());
+        }
+    }
+    for (i, crl) in snap.credentials.crls.iter().enumerate() {
+        use x509_parser::prelude::{CertificateRevocationList, FromDer};
+        let next = CertificateRevocationList::from_der(crl.as_ref())
+            .ok()
+            .and_then(|(_, c)| c.next_update());
+        if let Some(next) = next {
+            g.with_label_values(&[format!("crl:{i}").as_str()])
+                .set(next.timestamp());
         }
     }
 }

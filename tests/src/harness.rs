@@ -85,6 +85,25 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// Runs the real `ca ARGS` to completion and returns its stdout.
+///
+/// # Panics
+/// When it cannot be started or exits non-zero (with its stdout and stderr).
+pub async fn ca_ok(args: &[&str]) -> String {
+    let out = tokio::process::Command::new(binary("ca"))
+        .args(args)
+        .output()
+        .await
+        .expect("run ca");
+    assert!(
+        out.status.success(),
+        "ca {args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Runs `sidecar VERB --config CONFIG` to completion: `check`, or `run` with a config it refuses.
 ///
 /// # Panics
@@ -754,6 +773,28 @@ impl Sidecar {
     pub async fn metric(&self, metric: &str, labels: &[(&str, &str)]) -> anyhow::Result<f64> {
         let (_, text) = self.admin_get("/metrics").await?;
         Ok(metric_sum(&text, metric, labels))
+    }
+
+    /// `/status` as JSON.
+    ///
+    /// # Errors
+    /// Connection errors, a status other than 200, a body that is not JSON.
+    pub async fn status_json(&self) -> anyhow::Result<serde_json::Value> {
+        let (code, body) = self.admin_get("/status").await?;
+        anyhow::ensure!(code == StatusCode::OK, "/status answered {code}");
+        Ok(serde_json::from_str(&body)?)
+    }
+
+    /// Waits up to 20 s until `/status` satisfies `ok`.
+    ///
+    /// # Panics
+    /// When it never does, with `what` and the sidecar's stderr.
+    pub async fn wait_status(&self, what: &str, ok: impl Fn(&serde_json::Value) -> bool) {
+        eventually(what, Duration::from_secs(20), async || {
+            self.status_json().await.ok().filter(|s| ok(s)).map(|_| ())
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", self.stderr_text()));
     }
 
     /// Sends SIGTERM.

@@ -1,5 +1,6 @@
 //! Gatehouse test harness and fake services.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
+pub mod docs;
 pub mod fintech;
 pub mod harness;

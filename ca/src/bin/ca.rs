@@ -109,9 +109,15 @@ enum Command {
     },
     /// Re-issue the certificate directories that are due (safe to run from cron).
     ///
-    /// Due: inside the renewal window (default: the last third of the lifetime), revoked, signed
-    /// by an old root, or key not matching the certificate. Same identity and SANs; key and
-    /// certificate are swapped together. Exit 0 when nothing was due.
+    /// Due: inside the renewal window (default: the last third of the lifetime), signed by an old
+    /// root, or key not matching the certificate. Same identity and SANs; key and certificate are
+    /// swapped together. A directory whose certificate is revoked is skipped ("skipped ...:
+    /// revoked"), even with --force: re-issue it with --include-revoked.
+    ///
+    /// Exit status: 0 ok (whether or not anything was re-issued), 1/2 when a directory failed.
+    /// With --exit-code: 3 when a directory was written (re-issued or given a new bundle.pem) and
+    /// nothing failed, 0 when nothing changed. --format json prints one object per directory with
+    /// "action": "rotated", "bundle_updated", "skipped", "current" or "error".
     Rotate {
         /// CA directory.
         #[arg(long)]
@@ -128,6 +134,17 @@ enum Command {
         /// Keep the existing private key (default: a new key per rotation).
         #[arg(long)]
         keep_key: bool,
+        /// Also re-issue directories whose certificate is revoked (skipped by default), with a
+        /// new key.
+        #[arg(long)]
+        include_revoked: bool,
+        /// Exit 3 when a directory was written (re-issued or new bundle), 0 when nothing changed.
+        #[arg(long)]
+        exit_code: bool,
+        /// Re-issue nothing; only replace each directory's bundle.pem with the CA's current
+        /// bundle (after `ca root rotate`: every sidecar trusts both roots before leaves change).
+        #[arg(long, conflicts_with_all = ["force", "include_revoked", "keep_key", "renew_before"])]
+        bundle_only: bool,
     },
     /// Root CA rotation: `root rotate` adds a new root, `root retire` drops the old ones.
     Root {
@@ -173,6 +190,19 @@ enum Command {
         /// Validity of the CRL (its next-update).
         #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
         ttl: Duration,
+    },
+    /// Write the CA's current trust bundle (every root not retired) to a file, and nothing else.
+    ///
+    /// The bundle-only step of a root rotation: after `ca root rotate`, hand this file (both roots)
+    /// to every sidecar's `[identity] bundle` and wait until each trusts both, before any leaf is
+    /// re-issued under the new root.
+    Bundle {
+        /// CA directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Where to write the bundle (PEM, 0644, replaced atomically).
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -234,14 +264,19 @@ fn run(cli: &Cli) -> Result<ExitCode, CaError> {
             renew_before,
             force,
             keep_key,
+            include_revoked,
+            exit_code,
+            bundle_only,
         } => {
             let ca = Authority::open(dir)?;
             let opts = RotateOptions {
                 renew_before: *renew_before,
                 force: *force,
                 keep_key: *keep_key,
+                include_revoked: *include_revoked,
+                bundle_only: *bundle_only,
             };
-            Ok(rotate(&ca, out_dirs, &opts, json))
+            Ok(rotate(&ca, out_dirs, &opts, *exit_code, json))
         }
         Command::Root {
             command: RootCommand::Rotate { dir },
@@ -266,6 +301,7 @@ fn run(cli: &Cli) -> Result<ExitCode, CaError> {
             json,
         ),
         Command::Crl { dir, out, ttl } => crl(dir, out, *ttl, json),
+        Command::Bundle { dir, out } => bundle(dir, out, json),
     }
 }
 
@@ -533,14 +569,43 @@ fn crl(dir: &Path, out: &Path, ttl: Duration, json: bool) -> Result<ExitCode, Ca
     Ok(ExitCode::SUCCESS)
 }
 
+fn bundle(dir: &Path, out: &Path, json: bool) -> Result<ExitCode, CaError> {
+    let ca = Authority::open(dir)?;
+    check_out_file(out)?;
+    create_parent(out)?;
+    let pem = ca.bundle_pem()?;
+    gatehouse_ca::store::write_atomic(out, pem.as_bytes(), 0o644)?;
+    let roots = pem.matches("-----BEGIN CERTIFICATE-----").count();
+    if json {
+        print_json(&json!({ "bundle": out, "roots": roots }));
+    } else {
+        println!("wrote bundle {} ({roots} root(s))", out.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `ca rotate --exit-code`: a directory was written and none failed.
+const EXIT_CHANGED: u8 = 3;
+
 /// Rotates every directory, reporting each; one failure does not stop the others.
-fn rotate(ca: &Authority, out_dirs: &[PathBuf], opts: &RotateOptions, json: bool) -> ExitCode {
+fn rotate(
+    ca: &Authority,
+    out_dirs: &[PathBuf],
+    opts: &RotateOptions,
+    exit_code: bool,
+    json: bool,
+) -> ExitCode {
     let now = OffsetDateTime::now_utc();
     let mut worst = 0u8;
+    let mut changed = false;
     let mut reports = Vec::new();
     for dir in out_dirs {
         match ca.rotate_dir(dir, opts, now) {
             Ok(report) => {
+                changed |= matches!(
+                    report.outcome,
+                    Outcome::Rotated { .. } | Outcome::BundleUpdated { .. }
+                );
                 if !json {
                     match &report.outcome {
                         Outcome::Rotated {
@@ -555,6 +620,11 @@ fn rotate(ca: &Authority, out_dirs: &[PathBuf], opts: &RotateOptions, json: bool
                         ),
                         Outcome::BundleUpdated { serial } => println!(
                             "bundle updated {} ({}): serial {serial} kept",
+                            dir.display(),
+                            report.spiffe_id
+                        ),
+                        Outcome::Skipped { serial, reason } => println!(
+                            "skipped {} ({}): serial {serial} {reason}",
                             dir.display(),
                             report.spiffe_id
                         ),
@@ -577,6 +647,9 @@ fn rotate(ca: &Authority, out_dirs: &[PathBuf], opts: &RotateOptions, json: bool
     }
     if json {
         print_json(&serde_json::Value::Array(reports));
+    }
+    if worst == 0 && changed && exit_code {
+        return ExitCode::from(EXIT_CHANGED);
     }
     ExitCode::from(worst)
 }

@@ -5,7 +5,7 @@
 #                      (injected as its environment), writes them with the rendered sidecar
 #                      config and policy to the shared volume /run/gatehouse, exits 0.
 #   gatehouse-sidecar  starts when gatehouse-init succeeded; mounts /run/gatehouse read-only;
-#                      inbound mTLS on 0.0.0.0:sidecar_port, admin on 127.0.0.1:admin_port;
+#                      inbound mTLS on 0.0.0.0:sidecar_port, admin on 127.0.0.1:admin_port (0.0.0.0, admitted to metrics_scraper_security_group_ids only, when set);
 #                      stdout (one JSON audit line per decision) goes to CloudWatch Logs.
 #   app                starts when the sidecar is HEALTHY; listens on 127.0.0.1:app_port only.
 
@@ -22,8 +22,13 @@ locals {
     sidecar_port = var.sidecar_port
     app_port     = var.app_port
     admin_port   = var.admin_port
+    admin_host   = local.metrics_enabled ? "0.0.0.0" : "127.0.0.1"
     outbounds    = var.outbounds
   })
+
+  # A Prometheus in the VPC may scrape /metrics: the admin listener then binds the task's
+  # interface and the security group admits the admin port from the scraper's groups only.
+  metrics_enabled = length(var.metrics_scraper_security_group_ids) > 0
 
   # gatehouse-probe (deploy/container/probe.rs) GETs the admin port's /readyz from inside the
   # sidecar container: the distroless image has no shell or curl.
@@ -81,8 +86,11 @@ locals {
     readonlyRootFilesystem = true
     entryPoint             = ["/usr/local/bin/sidecar"]
     command                = ["run", "--config", "/run/gatehouse/sidecar.toml"]
-    portMappings           = [{ name = "mtls", containerPort = var.sidecar_port, protocol = "tcp" }]
-    dependsOn              = [{ containerName = "gatehouse-init", condition = "SUCCESS" }]
+    portMappings = concat(
+      [{ name = "mtls", containerPort = var.sidecar_port, protocol = "tcp" }],
+      local.metrics_enabled ? [{ name = "admin", containerPort = var.admin_port, protocol = "tcp" }] : [],
+    )
+    dependsOn = [{ containerName = "gatehouse-init", condition = "SUCCESS" }]
     healthCheck = {
       command     = local.sidecar_health_check_command
       interval    = 15
@@ -262,6 +270,17 @@ resource "aws_vpc_security_group_ingress_rule" "sidecar_from_sg" {
   from_port                    = var.sidecar_port
   to_port                      = var.sidecar_port
   referenced_security_group_id = var.allowed_source_security_group_ids[count.index]
+  tags                         = var.tags
+}
+
+resource "aws_vpc_security_group_ingress_rule" "metrics_from_sg" {
+  count                        = length(var.metrics_scraper_security_group_ids)
+  security_group_id            = aws_security_group.service.id
+  description                  = "Gatehouse admin port (/metrics) from a Prometheus security group"
+  ip_protocol                  = "tcp"
+  from_port                    = var.admin_port
+  to_port                      = var.admin_port
+  referenced_security_group_id = var.metrics_scraper_security_group_ids[count.index]
   tags                         = var.tags
 }
 

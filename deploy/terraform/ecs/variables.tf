@@ -144,9 +144,15 @@ variable "sidecar_port" {
 }
 
 variable "admin_port" {
-  description = "Port of the sidecar's admin listener (/metrics /healthz /readyz /status), bound to 127.0.0.1 inside the task."
+  description = "Port of the sidecar's admin listener (/metrics /healthz /readyz /status), bound to 127.0.0.1 inside the task unless metrics_scraper_security_group_ids is set."
   type        = number
   default     = 9901
+}
+
+variable "metrics_scraper_security_group_ids" {
+  description = "Security groups of a Prometheus (or collector) allowed to scrape the sidecar's /metrics. Empty (default): the admin listener stays on 127.0.0.1 inside the task and nothing outside it can reach it. Non-empty: it binds 0.0.0.0:<admin_port> and only these groups are admitted to that port (it serves /metrics /healthz /readyz /status, plaintext, no secrets)."
+  type        = list(string)
+  default     = []
 }
 
 variable "sidecar_health_check_command" {
@@ -177,7 +183,7 @@ variable "outbounds" {
 }
 
 variable "policy_toml" {
-  description = "Contents of the sidecar's policy file (DESIGN.md \"Policy file\"). Changing it creates a new task definition revision and rolls the service."
+  description = "Contents of the sidecar's policy file (docs/POLICY.md). Changing it creates a new task definition revision and rolls the service."
   type        = string
 
   validation {
