@@ -13,6 +13,10 @@ use prometheus::{
 /// The metric prefix.
 pub const PREFIX: &str = "gatehouse";
 
+/// Most CRL issuers given a `gatehouse_crl_next_update_timestamp_seconds` series; further ones
+/// are folded into `issuer="other"` (the earliest next-update).
+pub const MAX_CRL_ISSUERS: usize = 16;
+
 /// The sidecar's metrics.
 #[derive(Clone, Debug)]
 pub struct Metrics {
@@ -30,6 +34,10 @@ pub struct Metrics {
     /// `gatehouse_cert_expiry_timestamp_seconds{cert}`: `cert="leaf"` is our own leaf,
     /// `cert="root:<serial>"` each root of the trust bundle (serial truncated to 16 hex digits).
     pub cert_expiry: IntGaugeVec,
+    /// `gatehouse_crl_next_update_timestamp_seconds{issuer}`: when each CRL of `[identity] crl`
+    /// is due to be replaced, Unix seconds; `issuer` is the CRL issuer's common name (at most
+    /// [`MAX_CRL_ISSUERS`] series: the CA tool writes one or two per root).
+    pub crl_next_update: IntGaugeVec,
     /// `gatehouse_reloads_total{what,result}`: `what` is the file kind that changed (`cert`,
     /// `key`, `bundle`, `crl`, `policy`, or `none` for a SIGHUP with nothing changed), `result`
     /// is `ok` or `error`.
@@ -101,6 +109,14 @@ impl Metrics {
             ),
             &["what", "result"],
         )?;
+        let crl_next_update = IntGaugeVec::new(
+            Opts::new(
+                "crl_next_update_timestamp_seconds",
+                "Next-update of each CRL in use (stale after it), Unix seconds, by issuer",
+            ),
+            &["issuer"],
+        )?;
+        registry.register(Box::new(crl_next_update.clone()))?;
         registry.register(Box::new(cert_expiry.clone()))?;
         registry.register(Box::new(reloads.clone()))?;
         Ok(Self {
@@ -111,6 +127,7 @@ impl Metrics {
             tls_handshake_duration,
             inbound_active_connections,
             cert_expiry,
+            crl_next_update,
             reloads,
         })
     }

@@ -57,9 +57,9 @@ use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use tokio::sync::mpsc;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
-use crate::config::Config;
+use crate::config::{Config, CrlStale};
 use crate::error::LoadError;
 use crate::metrics::Metrics;
 use crate::outbound::connect::Upstream;
@@ -136,6 +136,8 @@ pub struct Reloader {
     paths: [Option<PathBuf>; 5],
     last: Fingerprint,
     warned_serial: Option<String>,
+    /// The stale CRL last reported (issuer, number, beyond the grace period).
+    warned_crl: Option<String>,
 }
 
 impl std::fmt::Debug for Reloader {
@@ -161,10 +163,12 @@ impl Reloader {
             paths,
             last,
             warned_serial: None,
+            warned_crl: None,
         };
         let snap = r.state.snapshot();
         publish_expiry(&r.metrics, &snap);
         r.check_lifetime(&snap);
+        r.check_crls(&snap);
         r
     }
 
@@ -190,6 +194,7 @@ impl Reloader {
                     self.reload(Trigger::Poll).await;
                     let snap = self.state.snapshot();
                     self.check_lifetime(&snap);
+                    self.check_crls(&snap);
                 }
                 _ = hangup.recv() => {
                     if shutdown.is_draining() {
@@ -321,6 +326,62 @@ impl Reloader {
         );
         let snap = self.state.snapshot();
         self.check_lifetime(&snap);
+        self.check_crls(&snap);
+    }
+
+    /// Reports a CRL past its next-update (a warning) and one stale beyond `crl_grace` (an
+    /// error saying what `crl_stale` does about it), once per CRL and state. Runs at start,
+    /// after every reload and on every poll tick, so it fires as time passes with no reload.
+    /// With `crl_stale = "refuse"`, crossing the grace period also makes live connections
+    /// re-check their peer: the verifier now refuses those the stale CRL vouches for.
+    fn check_crls(&mut self, snap: &Snapshot) {
+        let policy = self.state.config.identity.crl_policy;
+        let now = OffsetDateTime::now_utc();
+        let set = &snap.credentials.crl_set;
+        let stale = set
+            .crls()
+            .iter()
+            .filter(|c| c.stale(now))
+            .min_by_key(|c| c.next_update);
+        let Some(crl) = stale else {
+            self.warned_crl = None;
+            return;
+        };
+        let beyond = crl.stale_beyond(now, policy.grace);
+        let key = format!("{}:{}:{beyond}", crl.issuer, crl.number_str());
+        if self.warned_crl.as_deref() == Some(key.as_str()) {
+            return;
+        }
+        self.warned_crl = Some(key);
+        let next_update = crl
+            .next_update
+            .and_then(|t| t.format(&Rfc3339).ok())
+            .unwrap_or_default();
+        let (crl_path, grace) = (
+            set.path().display(),
+            humantime::format_duration(policy.grace),
+        );
+        if !beyond {
+            warn!(
+                crl = %crl_path, issuer = %crl.issuer, number = %crl.number_str(),
+                next_update = %next_update, grace = %grace,
+                "CRL is past its next-update: publish a new one (`ca crl --dir CA --out FILE`) before the grace period ends"
+            );
+            return;
+        }
+        let action = match policy.stale {
+            CrlStale::Refuse => "refusing the peers it vouches for and failing /readyz",
+            CrlStale::Unready => "failing /readyz",
+            CrlStale::Warn => "still accepting the peers it vouches for (crl_stale = \"warn\")",
+        };
+        error!(
+            crl = %crl_path, issuer = %crl.issuer, number = %crl.number_str(),
+            next_update = %next_update, grace = %grace, crl_stale = policy.stale.as_str(),
+            "CRL is stale beyond the grace period: {action}; publish a new one (`ca crl --dir CA --out FILE`)"
+        );
+        if policy.stale == CrlStale::Refuse {
+            self.state.recheck_peers();
+        }
     }
 
     /// Warns once per leaf when less than a third of its lifetime is left (and once when it
@@ -364,6 +425,14 @@ fn prepare(state: &State) -> Result<Prepared, Vec<String>> {
     let render = |es: Vec<LoadError>| es.iter().map(ToString::to_string).collect::<Vec<_>>();
     let snapshot = state.build_snapshot().map_err(render)?;
     let old = state.snapshot();
+    // An older CRL of an issuer (lower CRL number) would un-revoke certificates.
+    if let Err(e) = snapshot
+        .credentials
+        .crl_set
+        .check_rollback(&old.credentials.crl_set)
+    {
+        return Err(vec![e.to_string()]);
+    }
     if snapshot.credentials.id != old.credentials.id && !state.config.reload.allow_identity_change {
         return Err(vec![format!(
             "{}: the certificate is for {} but this sidecar runs as {}; refusing to change \
@@ -397,8 +466,32 @@ fn prepare(state: &State) -> Result<Prepared, Vec<String>> {
     ))
 }
 
-/// Sets `gatehouse_cert_expiry_timestamp_seconds` for the leaf and every bundle root.
+/// Sets `gatehouse_cert_expiry_timestamp_seconds` for the leaf and every bundle root, and
+/// `gatehouse_crl_next_update_timestamp_seconds` for every CRL.
 pub fn publish_expiry(metrics: &Metrics, snap: &Snapshot) {
+    let g = &metrics.crl_next_update;
+    g.reset();
+    let crls = snap.credentials.crl_set.crls();
+    for (i, crl) in crls.iter().enumerate() {
+        let Some(next) = crl.next_update else {
+            continue;
+        };
+        let label = if i < crate::metrics::MAX_CRL_ISSUERS {
+            crl.issuer.as_str()
+        } else {
+            "other"
+        };
+        let gauge = g.with_label_values(&[label]);
+        let t = next.unix_timestamp();
+        // Two issuers with one name, or the `other` fold: the earliest is what matters.
+        if gauge.get() == 0 || t < gauge.get() {
+            gauge.set(t);
+        }
+    }
+    publish_cert_expiry(metrics, snap);
+}
+
+fn publish_cert_expiry(metrics: &Metrics, snap: &Snapshot) {
     let g = &metrics.cert_expiry;
     g.reset();
     g.with_label_values(&["leaf"])

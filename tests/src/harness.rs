@@ -460,10 +460,18 @@ pub struct SidecarBuilder {
     extra_sections: String,
     bundle: Option<PathBuf>,
     crl: Option<PathBuf>,
+    identity_extra: String,
     work: TempDir,
 }
 
 impl SidecarBuilder {
+    /// Extra `key = value` lines under `[identity]` (e.g. `crl_stale`, `crl_grace`).
+    pub fn identity_option(mut self, lines: &str) -> Self {
+        self.identity_extra.push_str(lines);
+        self.identity_extra.push('\n');
+        self
+    }
+
     /// Trust this bundle file instead of the certificate directory's `bundle.pem` (e.g. the
     /// CA's own `bundle.pem`, which `ca root rotate`/`retire` update in place).
     pub fn bundle(mut self, path: &Path) -> Self {
@@ -522,6 +530,7 @@ impl SidecarBuilder {
         if let Some(crl) = &self.crl {
             s.push_str(&format!("crl = {crl:?}\n"));
         }
+        s.push_str(&self.identity_extra);
         s.push('\n');
         if let Some(app) = self.app {
             s.push_str(&format!(
@@ -630,6 +639,7 @@ impl Sidecar {
             extra_sections: String::new(),
             bundle: None,
             crl: None,
+            identity_extra: String::new(),
             work: tempfile::tempdir().expect("temp dir"),
         }
     }

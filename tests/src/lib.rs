@@ -3,3 +3,4 @@
 #![deny(missing_docs)]
 pub mod fintech;
 pub mod harness;
+pub mod load;
