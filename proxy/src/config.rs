@@ -1239,6 +1239,29 @@ listen = "127.0.0.1:9901"
     }
 
     #[test]
+    fn crl_stale_and_grace_default_to_refuse_after_an_hour() {
+        let c = parse(GOOD).expect("good").identity.crl_policy;
+        assert_eq!(
+            (c.stale, c.grace),
+            (CrlStale::Refuse, Duration::from_secs(3600))
+        );
+        let with =
+            |lines: &str| GOOD.replacen("[identity]\n", &format!("[identity]\n{lines}\n"), 1);
+        for (v, want) in [("warn", CrlStale::Warn), ("unready", CrlStale::Unready)] {
+            let text = with(&format!("crl_stale = \"{v}\"\ncrl_grace = \"10m\""));
+            let c = parse(&text).expect("valid").identity.crl_policy;
+            assert_eq!((c.stale, c.grace), (want, Duration::from_secs(600)));
+        }
+        let e = errors(&with("crl_stale = \"ignore\""));
+        assert!(
+            e[0].contains(":3:13: `ignore` is not a `crl_stale` action"),
+            "{e:?}"
+        );
+        let e = errors(&with("crl_grace = \"soon\""));
+        assert_eq!(e.len(), 1, "{e:?}");
+    }
+
+    #[test]
     fn reload_section_defaults_values_and_errors() {
         let d = parse(GOOD).expect("good").reload;
         assert!(d.watch && !d.allow_identity_change);

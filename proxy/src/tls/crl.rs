@@ -283,3 +283,104 @@ impl Freshness {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use gatehouse_ca::{Authority, InitOptions, KeyType, TrustDomain};
+    use rustls_pki_types::pem::PemObject;
+
+    use super::*;
+
+    fn ca(dir: &Path) -> Authority {
+        let opts = InitOptions {
+            trust_domain: TrustDomain::parse("crl.test").expect("td"),
+            key_type: KeyType::EcdsaP256,
+            ttl: Duration::from_secs(24 * 3600),
+            intermediate: true,
+        };
+        Authority::init(dir, &opts).expect("init")
+    }
+
+    fn crls(pem: &str) -> Vec<CertificateRevocationListDer<'static>> {
+        CertificateRevocationListDer::pem_slice_iter(pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .expect("pem")
+    }
+
+    fn bundle(ca: &Authority) -> Vec<CertificateDer<'static>> {
+        let pem = ca.bundle_pem().expect("bundle");
+        CertificateDer::pem_slice_iter(pem.as_bytes())
+            .collect::<Result<_, _>>()
+            .expect("pem")
+    }
+
+    fn load(pem: &str, cas: &[CertificateDer<'_>]) -> Result<CrlSet, TlsError> {
+        CrlSet::load(Path::new("crl.pem"), &crls(pem), cas)
+    }
+
+    #[test]
+    fn a_second_crl_of_one_issuer_is_refused() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let a = ca(&tmp.path().join("a"));
+        let old = a.crl_pem(Duration::from_secs(3600)).expect("crl");
+        let new = a.crl_pem(Duration::from_secs(3600)).expect("crl");
+        let err = load(&format!("{old}{new}"), &bundle(&a)).expect_err("two per issuer");
+        assert!(matches!(err, TlsError::CrlDuplicate { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_crl_not_signed_by_the_bundle_root_of_its_name_is_refused() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let (a, b) = (ca(&tmp.path().join("a")), ca(&tmp.path().join("b")));
+        // Same trust domain, so the same issuer names; B's keys.
+        let forged = b.crl_pem(Duration::from_secs(3600)).expect("crl");
+        let err = load(&forged, &bundle(&a)).expect_err("forged");
+        assert!(matches!(err, TlsError::CrlSignature { .. }), "{err}");
+        let own = a.crl_pem(Duration::from_secs(3600)).expect("crl");
+        load(&own, &bundle(&a)).expect("signed by A's root");
+    }
+
+    #[test]
+    fn coverage_names_the_root_without_a_crl() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let a = ca(&tmp.path().join("a"));
+        let before = a.crl_pem(Duration::from_secs(3600)).expect("crl");
+        a.rotate_root().expect("rotate");
+        let roots = bundle(&a);
+        let set = load(&before, &roots).expect("loads");
+        let err = set
+            .check_coverage(Path::new("bundle.pem"), &roots, &[])
+            .expect_err("g2 has no CRL");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("no CRL from `Gatehouse root CA crl.test g2`"),
+            "{msg}"
+        );
+        let after = a.crl_pem(Duration::from_secs(3600)).expect("crl");
+        let set = load(&after, &roots).expect("loads");
+        set.check_coverage(Path::new("bundle.pem"), &roots, &[])
+            .expect("both roots covered");
+    }
+
+    #[test]
+    fn a_lower_crl_number_is_a_rollback() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let a = ca(&tmp.path().join("a"));
+        let roots = bundle(&a);
+        let one = load(&a.crl_pem(Duration::from_secs(3600)).expect("crl"), &roots).expect("1");
+        let two = load(&a.crl_pem(Duration::from_secs(3600)).expect("crl"), &roots).expect("2");
+        two.check_rollback(&one).expect("newer");
+        two.check_rollback(&two).expect("the same");
+        let err = one.check_rollback(&two).expect_err("older");
+        assert!(
+            err.to_string()
+                .contains("number 1, lower than the serving CRL's 2"),
+            "{err}"
+        );
+        // Another issuer's CRLs are not compared.
+        one.check_rollback(&CrlSet::default())
+            .expect("nothing serving");
+    }
+}
