@@ -96,6 +96,48 @@ pub fn sidecar_cli(verb: &str, config: &Path) -> std::process::Output {
         .expect("run sidecar")
 }
 
+/// Runs `ca ARGS --format json` and returns its JSON output (`null` when it printed none).
+///
+/// # Panics
+/// When `ca` cannot be run or fails.
+pub async fn ca_json(args: &[&str]) -> serde_json::Value {
+    let out = tokio::process::Command::new(binary("ca"))
+        .args(args)
+        .args(["--format", "json"])
+        .output()
+        .await
+        .expect("run ca");
+    assert!(
+        out.status.success(),
+        "ca {args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+}
+
+/// The sidecar's `/status`, parsed.
+///
+/// # Panics
+/// When `/status` does not answer 200 with JSON.
+pub async fn sidecar_status(sc: &Sidecar) -> serde_json::Value {
+    let (code, body) = sc.admin_get("/status").await.expect("/status");
+    assert_eq!(code, StatusCode::OK);
+    serde_json::from_str(&body).expect("status JSON")
+}
+
+/// Waits (up to 15 s) until the sidecar's `/status` satisfies `ok`.
+///
+/// # Panics
+/// On timeout, with the sidecar's stderr.
+pub async fn wait_status(sc: &Sidecar, what: &str, ok: impl Fn(&serde_json::Value) -> bool) {
+    eventually(what, Duration::from_secs(15), async || {
+        ok(&sidecar_status(sc).await).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", sc.stderr_text()));
+}
+
 /// Polls `check` until it returns `Some`, or fails after `timeout`.
 ///
 /// # Errors

@@ -80,9 +80,9 @@ impl Load {
         }
     }
 
-    /// How many requests were sent so far.
-    pub fn count(&self) -> usize {
-        self.samples.lock().expect("samples").len()
+    /// The samples so far.
+    pub fn samples(&self) -> Vec<Sample> {
+        self.samples.lock().expect("samples").clone()
     }
 
     /// Stops the workers (each finishes its request) and returns every sample and the time
@@ -98,11 +98,11 @@ impl Load {
     }
 }
 
-/// Every sample that is not a 200, as readable lines (at most 10), times relative to `start`.
-pub fn failures(samples: &[Sample], start: Instant) -> Vec<String> {
+/// Every sample that is not `ok`, as readable lines (at most 10), times relative to `start`.
+pub fn failures(samples: &[Sample], start: Instant, ok: impl Fn(&Sample) -> bool) -> Vec<String> {
     samples
         .iter()
-        .filter(|s| !s.is_200())
+        .filter(|s| !ok(s))
         .take(10)
         .map(|s| {
             format!(
@@ -114,7 +114,9 @@ pub fn failures(samples: &[Sample], start: Instant) -> Vec<String> {
         .collect()
 }
 
-async fn one_request(
+/// `GET path` on `sender`'s keep-alive connection to `addr`, connecting first when there is
+/// none (or it closed).
+pub async fn one_request(
     addr: SocketAddr,
     sender: &mut Option<SendRequest<Empty<Bytes>>>,
     path: &str,
@@ -130,11 +132,21 @@ async fn one_request(
         *sender = Some(s);
     }
     let send = sender.as_mut().expect("connected above");
+    exchange(send, path, host, Duration::from_secs(15)).await
+}
+
+/// `GET path` with `Host: host` on an open HTTP/1.1 connection: the status once the whole
+/// response has arrived, or what went wrong (also no response `within`).
+pub async fn exchange(
+    send: &mut SendRequest<Empty<Bytes>>,
+    path: &str,
+    host: &str,
+    within: Duration,
+) -> Result<u16, String> {
     let req = Request::get(path)
         .header("host", host)
         .body(Empty::new())
         .expect("request");
-    let within = Duration::from_secs(15);
     let exchange = async {
         send.ready().await?;
         let resp = send.send_request(req).await?;

@@ -17,9 +17,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use gatehouse_tests::harness::{
-    CertDir, FakeApp, MtlsClient, Pki, Proto, Sidecar, binary, eventually, sidecar_cli,
+    CertDir, FakeApp, MtlsClient, Pki, Proto, Sidecar, ca_json as ca, eventually, sidecar_cli,
+    sidecar_status as status, wait_status,
 };
-use gatehouse_tests::load::{Load, failures};
+use gatehouse_tests::load::{Load, Sample, failures};
 use http::StatusCode;
 
 const TD: &str = "revocation.test";
@@ -43,44 +44,12 @@ path    = "/api/**"
 allow   = ["report-service"]
 "#;
 
-/// Runs `ca ARGS --format json`, asserting success; its JSON output (`null` when none).
-async fn ca(args: &[&str]) -> serde_json::Value {
-    let out = tokio::process::Command::new(binary("ca"))
-        .args(args)
-        .args(["--format", "json"])
-        .output()
-        .await
-        .expect("run ca");
-    assert!(
-        out.status.success(),
-        "ca {args:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
-}
-
 fn ca_dir(pki: &Pki) -> String {
     pki.authority().dir().display().to_string()
 }
 
 fn s(p: &Path) -> String {
     p.display().to_string()
-}
-
-async fn status(sc: &Sidecar) -> serde_json::Value {
-    let (code, body) = sc.admin_get("/status").await.expect("/status");
-    assert_eq!(code, StatusCode::OK);
-    serde_json::from_str(&body).expect("status JSON")
-}
-
-/// Waits until `/status` satisfies `ok`.
-async fn wait_status(sc: &Sidecar, what: &str, ok: impl Fn(&serde_json::Value) -> bool) {
-    eventually(what, Duration::from_secs(15), async || {
-        ok(&status(sc).await).then_some(())
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", sc.stderr_text()));
 }
 
 async fn metric(sc: &Sidecar, name: &str, labels: &[(&str, &str)]) -> f64 {
@@ -406,7 +375,7 @@ async fn issue_21_root_rotation_with_a_crl_under_load_fails_no_request() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let started = load.started;
     let (samples, elapsed) = load.stop().await;
-    let failed = failures(&samples, started);
+    let failed = failures(&samples, started, Sample::is_200);
     let n_failed = samples.iter().filter(|s| !s.is_200()).count();
     println!(
         "root rotation with a CRL under load: {} requests in {:.1}s ({:.0} req/s), {n_failed} failed; app saw {}",
