@@ -1,6 +1,6 @@
 //! The admin listener (plain HTTP/1.1, for probes and scrapers): `/metrics` (Prometheus text),
 //! `/healthz` (the process is up), `/readyz` (listeners bound, identity loaded and unexpired,
-//! not shutting down), `/status` (identity, leaf serial and expiry, bundle roots, reload
+//! no CRL stale beyond `crl_grace` unless `crl_stale = "warn"`, not shutting down), `/status` (identity, leaf serial and expiry, bundle roots, reload
 //! generation, policy hash, configuration summary, as JSON). It keeps answering while the sidecar drains, so probes see `/readyz` turn 503.
 
 use std::convert::Infallible;

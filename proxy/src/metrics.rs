@@ -132,6 +132,29 @@ impl Metrics {
         })
     }
 
+    /// Sets `gatehouse_crl_next_update_timestamp_seconds` for the CRLs of `set` (and drops
+    /// the series of CRLs no longer there).
+    pub fn publish_crls(&self, set: &crate::tls::crl::CrlSet) {
+        let g = &self.crl_next_update;
+        g.reset();
+        for (i, crl) in set.crls().iter().enumerate() {
+            let Some(next) = crl.next_update else {
+                continue;
+            };
+            let label = if i < MAX_CRL_ISSUERS {
+                crl.issuer.as_str()
+            } else {
+                "other"
+            };
+            let gauge = g.with_label_values(&[label]);
+            let t = next.unix_timestamp();
+            // Two issuers with one name, or the `other` fold: the earliest is what matters.
+            if gauge.get() == 0 || t < gauge.get() {
+                gauge.set(t);
+            }
+        }
+    }
+
     /// The registry, for other families (`gatehouse_outbound_*`).
     pub fn registry(&self) -> &Registry {
         &self.registry

@@ -57,15 +57,16 @@ use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use tokio::sync::mpsc;
-use tracing::{debug, error, info, warn};
+use tracing::{debug, info, warn};
 
-use crate::config::{Config, CrlStale};
+use crate::config::Config;
 use crate::error::LoadError;
 use crate::metrics::Metrics;
 use crate::outbound::connect::Upstream;
 use crate::outbound::{self, OutboundTls};
 use crate::signal::Shutdown;
 use crate::state::{Snapshot, State};
+use crate::tls::crl::StaleReport;
 
 /// The kinds of watched files, in `gatehouse_reloads_total{what}` spelling.
 const KINDS: [&str; 5] = ["cert", "key", "bundle", "crl", "policy"];
@@ -136,8 +137,7 @@ pub struct Reloader {
     paths: [Option<PathBuf>; 5],
     last: Fingerprint,
     warned_serial: Option<String>,
-    /// The stale CRL last reported (issuer, number, beyond the grace period).
-    warned_crl: Option<String>,
+    crl_report: StaleReport,
 }
 
 impl std::fmt::Debug for Reloader {
@@ -163,7 +163,7 @@ impl Reloader {
             paths,
             last,
             warned_serial: None,
-            warned_crl: None,
+            crl_report: StaleReport::default(),
         };
         let snap = r.state.snapshot();
         publish_expiry(&r.metrics, &snap);
@@ -329,58 +329,16 @@ impl Reloader {
         self.check_crls(&snap);
     }
 
-    /// Reports a CRL past its next-update (a warning) and one stale beyond `crl_grace` (an
-    /// error saying what `crl_stale` does about it), once per CRL and state. Runs at start,
-    /// after every reload and on every poll tick, so it fires as time passes with no reload.
-    /// With `crl_stale = "refuse"`, crossing the grace period also makes live connections
-    /// re-check their peer: the verifier now refuses those the stale CRL vouches for.
+    /// Reports stale CRLs (see [`StaleReport`]) at start, after every reload and on every
+    /// poll tick, so it fires as time passes with no reload. When one went stale beyond
+    /// `crl_grace` with `crl_stale = "refuse"`, open connections were verified before: inbound
+    /// ones re-check their peer, pooled outbound ones are retired so the next request
+    /// verifies its server again.
     fn check_crls(&mut self, snap: &Snapshot) {
         let policy = self.state.config.identity.crl_policy;
-        let now = OffsetDateTime::now_utc();
-        let set = &snap.credentials.crl_set;
-        let stale = set
-            .crls()
-            .iter()
-            .filter(|c| c.stale(now))
-            .min_by_key(|c| c.next_update);
-        let Some(crl) = stale else {
-            self.warned_crl = None;
-            return;
-        };
-        let beyond = crl.stale_beyond(now, policy.grace);
-        let key = format!("{}:{}:{beyond}", crl.issuer, crl.number_str());
-        if self.warned_crl.as_deref() == Some(key.as_str()) {
-            return;
-        }
-        self.warned_crl = Some(key);
-        let next_update = crl
-            .next_update
-            .and_then(|t| t.format(&Rfc3339).ok())
-            .unwrap_or_default();
-        let (crl_path, grace) = (
-            set.path().display(),
-            humantime::format_duration(policy.grace),
-        );
-        if !beyond {
-            warn!(
-                crl = %crl_path, issuer = %crl.issuer, number = %crl.number_str(),
-                next_update = %next_update, grace = %grace,
-                "CRL is past its next-update: publish a new one (`ca crl --dir CA --out FILE`) before the grace period ends"
-            );
-            return;
-        }
-        let action = match policy.stale {
-            CrlStale::Refuse => "refusing the peers it vouches for and failing /readyz",
-            CrlStale::Unready => "failing /readyz",
-            CrlStale::Warn => "still accepting the peers it vouches for (crl_stale = \"warn\")",
-        };
-        error!(
-            crl = %crl_path, issuer = %crl.issuer, number = %crl.number_str(),
-            next_update = %next_update, grace = %grace, crl_stale = policy.stale.as_str(),
-            "CRL is stale beyond the grace period: {action}; publish a new one (`ca crl --dir CA --out FILE`)"
-        );
-        if policy.stale == CrlStale::Refuse {
+        if self.crl_report.check(&snap.credentials.crl_set, policy) {
             self.state.recheck_peers();
+            self.upstreams.iter().flatten().for_each(|u| u.retire_all());
         }
     }
 
@@ -469,29 +427,7 @@ fn prepare(state: &State) -> Result<Prepared, Vec<String>> {
 /// Sets `gatehouse_cert_expiry_timestamp_seconds` for the leaf and every bundle root, and
 /// `gatehouse_crl_next_update_timestamp_seconds` for every CRL.
 pub fn publish_expiry(metrics: &Metrics, snap: &Snapshot) {
-    let g = &metrics.crl_next_update;
-    g.reset();
-    let crls = snap.credentials.crl_set.crls();
-    for (i, crl) in crls.iter().enumerate() {
-        let Some(next) = crl.next_update else {
-            continue;
-        };
-        let label = if i < crate::metrics::MAX_CRL_ISSUERS {
-            crl.issuer.as_str()
-        } else {
-            "other"
-        };
-        let gauge = g.with_label_values(&[label]);
-        let t = next.unix_timestamp();
-        // Two issuers with one name, or the `other` fold: the earliest is what matters.
-        if gauge.get() == 0 || t < gauge.get() {
-            gauge.set(t);
-        }
-    }
-    publish_cert_expiry(metrics, snap);
-}
-
-fn publish_cert_expiry(metrics: &Metrics, snap: &Snapshot) {
+    metrics.publish_crls(&snap.credentials.crl_set);
     let g = &metrics.cert_expiry;
     g.reset();
     g.with_label_values(&["leaf"])

@@ -27,11 +27,13 @@ use std::time::Duration;
 use rustls::CertificateError;
 use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, UnixTime};
 use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+use tracing::{error, warn};
 use x509_parser::prelude::{FromDer, X509Certificate};
 use x509_parser::revocation_list::CertificateRevocationList;
 
 use super::TlsError;
-use crate::config::CrlStale;
+use crate::config::{CrlPolicy, CrlStale};
 
 /// Longest issuer name kept for logs, `/status` and metric labels.
 const MAX_ISSUER_NAME: usize = 96;
@@ -281,6 +283,62 @@ impl Freshness {
             ),
             _ => Ok(()),
         }
+    }
+}
+
+/// Logs stale CRLs once per CRL and state: a warning when one passes its next-update, an
+/// error saying what `crl_stale` does once it is `crl_grace` past it.
+#[derive(Debug, Default)]
+pub struct StaleReport {
+    /// The stale CRL last reported: issuer, number, beyond the grace period.
+    last: Option<String>,
+}
+
+impl StaleReport {
+    /// Checks `set` now; true when a CRL just went stale beyond the grace period with
+    /// `crl_stale = "refuse"` (the caller then re-checks open connections).
+    pub fn check(&mut self, set: &CrlSet, policy: CrlPolicy) -> bool {
+        let now = OffsetDateTime::now_utc();
+        let stale = set
+            .crls
+            .iter()
+            .filter(|c| c.stale(now))
+            .min_by_key(|c| c.next_update);
+        let Some(crl) = stale else {
+            self.last = None;
+            return false;
+        };
+        let beyond = crl.stale_beyond(now, policy.grace);
+        let key = format!("{}:{}:{beyond}", crl.issuer, crl.number_str());
+        if self.last.as_deref() == Some(key.as_str()) {
+            return false;
+        }
+        self.last = Some(key);
+        let next_update = crl
+            .next_update
+            .and_then(|t| t.format(&Rfc3339).ok())
+            .unwrap_or_default();
+        let (path, grace) = (set.path.display(), humantime::format_duration(policy.grace));
+        let number = crl.number_str();
+        if !beyond {
+            warn!(
+                crl = %path, issuer = %crl.issuer, number = %number, next_update = %next_update,
+                grace = %grace,
+                "CRL is past its next-update: publish a new one (`ca crl --dir CA --out FILE`) before the grace period ends"
+            );
+            return false;
+        }
+        let action = match policy.stale {
+            CrlStale::Refuse => "refusing the peers it vouches for and failing /readyz",
+            CrlStale::Unready => "failing /readyz",
+            CrlStale::Warn => "still accepting the peers it vouches for (crl_stale = \"warn\")",
+        };
+        error!(
+            crl = %path, issuer = %crl.issuer, number = %number, next_update = %next_update,
+            grace = %grace, crl_stale = policy.stale.as_str(),
+            "CRL is stale beyond the grace period: {action}; publish a new one (`ca crl --dir CA --out FILE`)"
+        );
+        policy.stale == CrlStale::Refuse
     }
 }
 
