@@ -132,9 +132,13 @@ impl CrlSet {
                     issuer: info.issuer,
                 });
             }
-            let signer = cas.iter().find(|c| c.subject().as_raw() == info.issuer_der);
-            if let Some(ca) = signer
-                && crl.verify_signature(ca.public_key()).is_err()
+            // Two CAs may share a name (two CA directories of one trust domain): any may sign.
+            let mut named = cas
+                .iter()
+                .filter(|c| c.subject().as_raw() == info.issuer_der)
+                .peekable();
+            if named.peek().is_some()
+                && !named.any(|ca| crl.verify_signature(ca.public_key()).is_ok())
             {
                 return Err(TlsError::CrlSignature {
                     path: path.to_path_buf(),
