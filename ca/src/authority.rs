@@ -113,6 +113,21 @@ pub(crate) struct CaState {
     pub generations: Vec<Generation>,
     /// Number of the last CRL written (0: none yet).
     pub crl_number: u64,
+    /// Where CRLs are published (`ca crl --out`, `ca revoke --crl`), newest last: `root rotate`
+    /// and `root retire` republish there, so the published CRLs always cover every root in
+    /// `bundle.pem`. Absent from `ca.json` until a CRL is written.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub crl_outputs: Vec<CrlOutput>,
+}
+
+/// A file the CA publishes its CRLs to, and the validity it was written with.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CrlOutput {
+    /// Absolute path of the CRL file.
+    pub path: PathBuf,
+    /// Validity (next-update minus this-update) of the CRLs written there, in seconds.
+    pub ttl_secs: u64,
 }
 
 /// One root (and its intermediate): created by `init` or `root rotate`.
@@ -180,6 +195,7 @@ impl Authority {
                 retired: false,
             }],
             crl_number: 0,
+            crl_outputs: Vec::new(),
         };
         let parent = match dir.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -275,6 +291,15 @@ impl Authority {
         Ok((state.generations, state.current))
     }
 
+    /// The files the CA publishes its CRLs to (recorded by [`Authority::write_crl`]), which
+    /// root rotation and retirement rewrite.
+    ///
+    /// # Errors
+    /// [`CaError::Corrupt`] or I/O errors reading `ca.json`.
+    pub fn crl_outputs(&self) -> Result<Vec<CrlOutput>, CaError> {
+        Ok(read_state(&self.dir)?.crl_outputs)
+    }
+
     /// Takes the directory lock (blocks until free).
     pub(crate) fn lock(&self) -> Result<DirLock, CaError> {
         DirLock::acquire(&self.dir)
@@ -342,8 +367,13 @@ impl Authority {
     /// Creates a new root (and intermediate) and makes it current; `bundle.pem` then holds the old
     /// and new roots until [`Authority::retire_roots`]. Leaves issued afterwards chain to the new root.
     ///
+    /// Every CRL file the CA publishes to ([`Authority::crl_outputs`]) is rewritten with CRLs of
+    /// the new root's CAs too, *before* `bundle.pem` names the new root: a verifier that
+    /// requires a CRL from each issuer (webpki's default) never sees the new root without one.
+    ///
     /// # Errors
-    /// Generation and I/O errors; nothing is changed on error.
+    /// Generation and I/O errors; `ca.json` and `bundle.pem` are unchanged on error (a CRL file
+    /// already rewritten then also names a root that does not exist yet, which is harmless).
     pub fn rotate_root(&self) -> Result<Generation, CaError> {
         let _lock = self.lock()?;
         let mut state = self.state()?;
@@ -362,6 +392,7 @@ impl Authority {
         write_generation(&self.dir, id, &files)?;
         state.generations.push(generation.clone());
         state.current = id;
+        self.republish_crls(&mut state)?;
         write_bundle(&self.dir, &state)?;
         self.save_state(&state)?;
         Ok(generation)
@@ -374,9 +405,13 @@ impl Authority {
     /// Certificates already replaced by `ca rotate` (state `superseded`) do not block: their
     /// directories hold the re-issued certificate, which chains to the current root.
     /// Returns the retired generations and how many live certificates were cut off by `force`.
+    /// Then the published CRL files ([`Authority::crl_outputs`]) are rewritten without the
+    /// retired CAs (after `bundle.pem`: until then the old files still cover every root).
     ///
     /// # Errors
-    /// [`CaError::NothingToRetire`], [`CaError::RootInUse`], I/O errors.
+    /// [`CaError::NothingToRetire`], [`CaError::RootInUse`], I/O errors (a CRL file that cannot
+    /// be rewritten is reported after the root was retired; the old file still covers the
+    /// bundle).
     pub fn retire_roots(&self, force: bool) -> Result<(Vec<u32>, usize), CaError> {
         let _lock = self.lock()?;
         let mut state = self.state()?;
@@ -407,6 +442,8 @@ impl Authority {
             }
         }
         write_bundle(&self.dir, &state)?;
+        self.save_state(&state)?;
+        self.republish_crls(&mut state)?;
         self.save_state(&state)?;
         Ok((old, live.len()))
     }

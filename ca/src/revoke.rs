@@ -17,9 +17,21 @@ use rcgen::{
 };
 use time::OffsetDateTime;
 
+use crate::authority::{CaState, CrlOutput};
 use crate::inventory::{self, CertState, Record, Revoked, fmt_time, parse_time};
 use crate::store::{self, PUBLIC_MODE};
 use crate::{Authority, CaError, SpiffeId};
+
+/// How many CRL files `ca.json` remembers (the oldest is forgotten first).
+const MAX_CRL_OUTPUTS: usize = 16;
+
+fn crl_ttl(ttl: Duration) -> Result<time::Duration, CaError> {
+    let ttl = time::Duration::try_from(ttl).map_err(|_| CaError::ZeroTtl)?;
+    if ttl <= time::Duration::ZERO {
+        return Err(CaError::ZeroTtl);
+    }
+    Ok(ttl)
+}
 
 /// What to revoke.
 #[derive(Debug, Clone)]
@@ -120,15 +132,78 @@ impl Authority {
     /// # Errors
     /// [`CaError::ZeroTtl`], generation and I/O errors.
     pub fn crl_pem(&self, ttl: Duration) -> Result<String, CaError> {
-        let ttl = time::Duration::try_from(ttl).map_err(|_| CaError::ZeroTtl)?;
-        if ttl <= time::Duration::ZERO {
-            return Err(CaError::ZeroTtl);
-        }
+        let ttl = crl_ttl(ttl)?;
         let _lock = self.lock()?;
         let mut state = self.state()?;
+        state.crl_number += 1;
+        let pem = self.sign_crls(&state, state.crl_number, ttl)?;
+        self.save_state(&state)?;
+        Ok(pem)
+    }
+
+    /// [`Authority::crl_pem`] written atomically to `out`, which is recorded in `ca.json` as a
+    /// place the CA publishes to (with `ttl`): `ca root rotate` and `ca root retire` rewrite
+    /// every recorded file, so the published CRLs keep covering every root in the bundle.
+    ///
+    /// # Errors
+    /// As [`Authority::crl_pem`], plus I/O errors naming `out`.
+    pub fn write_crl(&self, out: &Path, ttl: Duration) -> Result<(), CaError> {
+        let ttl_secs = ttl.as_secs();
+        let ttl = crl_ttl(ttl)?;
+        let path = std::path::absolute(out).map_err(CaError::io("cannot resolve", out))?;
+        let _lock = self.lock()?;
+        let mut state = self.state()?;
+        state.crl_number += 1;
+        let pem = self.sign_crls(&state, state.crl_number, ttl)?;
+        state.crl_outputs.retain(|o| o.path != path);
+        state.crl_outputs.push(CrlOutput {
+            path: path.clone(),
+            ttl_secs,
+        });
+        let excess = state.crl_outputs.len().saturating_sub(MAX_CRL_OUTPUTS);
+        state.crl_outputs.drain(..excess);
+        self.save_state(&state)?;
+        store::write_atomic(&path, pem.as_bytes(), PUBLIC_MODE)
+    }
+
+    /// Rewrites every recorded CRL file ([`Authority::crl_outputs`]) with fresh CRLs for the
+    /// generations of `state` (the caller holds the lock and saves `state`, whose CRL number
+    /// is bumped once for all files). A recorded file that no longer exists is forgotten, not
+    /// recreated: its publisher moved on.
+    pub(crate) fn republish_crls(&self, state: &mut CaState) -> Result<(), CaError> {
+        state.crl_outputs.retain(|o| o.path.exists());
+        if state.crl_outputs.is_empty() {
+            return Ok(());
+        }
+        // One number per run, shared by every file (as one `ca crl` would).
+        let number = state.crl_number + 1;
+        state.crl_number = number;
+        let mut signed: Vec<(u64, String)> = Vec::new();
+        for out in &state.crl_outputs {
+            if !signed.iter().any(|(t, _)| *t == out.ttl_secs) {
+                let ttl = crl_ttl(Duration::from_secs(out.ttl_secs))?;
+                signed.push((out.ttl_secs, self.sign_crls(state, number, ttl)?));
+            }
+            let pem = signed
+                .iter()
+                .find(|(t, _)| *t == out.ttl_secs)
+                .map(|(_, p)| p);
+            let pem = pem.map_or(&b""[..], |p| p.as_bytes());
+            store::write_atomic(&out.path, pem, PUBLIC_MODE)?;
+        }
+        Ok(())
+    }
+
+    /// Signs one CRL per issuing CA of every generation of `state` not retired (see the module
+    /// docs) with CRL number `number`.
+    fn sign_crls(
+        &self,
+        state: &CaState,
+        number: u64,
+        ttl: time::Duration,
+    ) -> Result<String, CaError> {
         let now = OffsetDateTime::now_utc();
         let now = now.replace_nanosecond(0).unwrap_or(now);
-        let number = state.crl_number + 1;
         let entries = inventory::read_entries(self.dir(), now)?;
         let mut pem = String::new();
         for generation in state.generations.iter().filter(|g| !g.retired) {
@@ -145,25 +220,14 @@ impl Authority {
                     })
                 })
                 .collect();
-            let signer = self.signer(&state, generation.id)?;
+            let signer = self.signer(state, generation.id)?;
             pem.push_str(&sign_crl(&signer.issuer, revoked, number, now, ttl)?);
             if state.intermediate {
                 let root = self.root_signer(generation.id)?;
                 pem.push_str(&sign_crl(&root.issuer, Vec::new(), number, now, ttl)?);
             }
         }
-        state.crl_number = number;
-        self.save_state(&state)?;
         Ok(pem)
-    }
-
-    /// [`Authority::crl_pem`] written atomically to `out`.
-    ///
-    /// # Errors
-    /// As [`Authority::crl_pem`], plus I/O errors naming `out`.
-    pub fn write_crl(&self, out: &Path, ttl: Duration) -> Result<(), CaError> {
-        let pem = self.crl_pem(ttl)?;
-        store::write_atomic(out, pem.as_bytes(), PUBLIC_MODE)
     }
 
     /// Serials currently revoked (for callers checking a CRL's content).

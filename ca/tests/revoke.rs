@@ -301,3 +301,47 @@ fn crl_numbers_increase_and_next_update_follows_ttl() {
         assert!((next - now - 7200).abs() < 60, "next-update = now + ttl");
     }
 }
+
+/// CRL numbers of every CRL in `file`.
+fn crl_numbers(sb: &Sandbox, file: &str) -> Vec<String> {
+    crls(sb, file)
+        .iter()
+        .map(|der| {
+            let (_, crl) = CertificateRevocationList::from_der(der.as_ref()).expect("parse");
+            crl.crl_number().map(|n| n.to_string()).unwrap_or_default()
+        })
+        .collect()
+}
+
+/// Issue 21 (13): `ca root rotate` and `ca root retire` rewrite the CRL file that `ca crl --out`
+/// wrote, so it covers every CA of every root in the bundle: a leaf of the new root verifies
+/// with webpki's defaults (a CRL from each CA of the chain), and the CRL number keeps rising.
+#[test]
+fn issue_21_root_changes_republish_the_crl_for_every_root() {
+    let sb = Sandbox::new();
+    sb.init(true);
+    sb.ok(&["crl", "--dir", "ca", "--out", "pub/crl.pem", "--ttl", "2h"]);
+    assert_eq!(crl_numbers(&sb, "pub/crl.pem"), ["1", "1"]);
+
+    let out = sb.ok(&["root", "rotate", "--dir", "ca"]);
+    sb.issue("new-root-leaf");
+    let v = verifier(&sb, "pub/crl.pem");
+    verify(&*v, &sb, "new-root-leaf").expect("the new root's CAs have CRLs in pub/crl.pem");
+    assert!(out.contains("republished CRL"), "{out}");
+    assert_eq!(crl_numbers(&sb, "pub/crl.pem"), ["2", "2", "2", "2"]);
+    let list = crls(&sb, "pub/crl.pem");
+    let (_, crl) = CertificateRevocationList::from_der(list[2].as_ref()).expect("parse");
+    let next = crl.next_update().expect("next-update").timestamp();
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    assert!((next - now - 7200).abs() < 60, "republished with --ttl 2h");
+
+    sb.ok(&["root", "retire", "--dir", "ca"]);
+    assert_eq!(crl_numbers(&sb, "pub/crl.pem"), ["3", "3"]);
+    let v = verifier(&sb, "pub/crl.pem");
+    verify(&*v, &sb, "new-root-leaf").expect("still covered after retire");
+
+    // A recorded file that was removed is forgotten, not recreated.
+    std::fs::remove_file(sb.path("pub/crl.pem")).expect("rm");
+    sb.ok(&["root", "rotate", "--dir", "ca"]);
+    assert!(!sb.path("pub/crl.pem").exists());
+}

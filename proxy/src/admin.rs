@@ -1,6 +1,6 @@
 //! The admin listener (plain HTTP/1.1, for probes and scrapers): `/metrics` (Prometheus text),
 //! `/healthz` (the process is up), `/readyz` (listeners bound, identity loaded and unexpired,
-//! not shutting down), `/status` (identity, leaf serial and expiry, bundle roots, reload
+//! no CRL stale beyond `crl_grace` unless `crl_stale = "warn"`, not shutting down), `/status` (identity, leaf serial and expiry, bundle roots, reload
 //! generation, policy hash, configuration summary, as JSON). It keeps answering while the sidecar drains, so probes see `/readyz` turn 503.
 
 use std::convert::Infallible;
@@ -19,6 +19,7 @@ use time::format_description::well_known::Rfc3339;
 use tokio::net::TcpListener;
 use tracing::debug;
 
+use crate::config::CrlStale;
 use crate::metrics::Metrics;
 use crate::signal::Shutdown;
 use crate::state::State;
@@ -76,7 +77,11 @@ impl Admin {
             "/healthz" => text(StatusCode::OK, "ok\n"),
             "/readyz" => match self.not_ready() {
                 None => text(StatusCode::OK, "ready\n"),
-                Some(why) => text(StatusCode::SERVICE_UNAVAILABLE, why),
+                Some(why) => {
+                    let mut r = text(StatusCode::SERVICE_UNAVAILABLE, "");
+                    *r.body_mut() = Full::new(Bytes::from(why));
+                    r
+                }
             },
             "/status" => {
                 let mut r = Response::new(Full::new(Bytes::from(self.status().to_string())));
@@ -94,12 +99,26 @@ impl Admin {
     }
 
     /// Why the sidecar is not ready, if it is not.
-    fn not_ready(&self) -> Option<&'static str> {
+    fn not_ready(&self) -> Option<String> {
         if self.shutdown.is_draining() {
-            return Some("shutting down\n");
+            return Some("shutting down\n".into());
         }
-        if self.state.snapshot().credentials.not_after <= OffsetDateTime::now_utc() {
-            return Some("own certificate expired\n");
+        let snap = self.state.snapshot();
+        let now = OffsetDateTime::now_utc();
+        if snap.credentials.not_after <= now {
+            return Some("own certificate expired\n".into());
+        }
+        let policy = self.state.config.identity.crl_policy;
+        if policy.stale != CrlStale::Warn
+            && let Some(crl) = snap
+                .credentials
+                .crl_set
+                .first_stale_beyond(now, policy.grace)
+        {
+            return Some(format!(
+                "CRL from `{}` is stale: its next-update passed more than crl_grace ago\n",
+                crl.issuer
+            ));
         }
         None
     }
@@ -145,6 +164,7 @@ impl Admin {
                 "path": cfg.identity.cert.display().to_string(),
             },
             "bundle": bundle,
+            "crls": self.crls(&snap, now),
             "reload_generation": self.state.generation(),
             "policy": policy,
             "config": {
@@ -161,6 +181,33 @@ impl Admin {
             },
             "listeners": listeners,
         })
+    }
+
+    /// `/status` `crls`: issuer, number, next-update and freshness of each CRL.
+    fn crls(&self, snap: &crate::state::Snapshot, now: OffsetDateTime) -> serde_json::Value {
+        let grace = self.state.config.identity.crl_policy.grace;
+        let fmt = |t: OffsetDateTime| t.format(&Rfc3339).unwrap_or_default();
+        snap.credentials
+            .crl_set
+            .crls()
+            .iter()
+            .map(|c| {
+                let state = if c.stale_beyond(now, grace) {
+                    "stale_beyond_grace"
+                } else if c.stale(now) {
+                    "stale"
+                } else {
+                    "fresh"
+                };
+                serde_json::json!({
+                    "issuer": c.issuer,
+                    "number": c.number_str(),
+                    "this_update": fmt(c.this_update),
+                    "next_update": c.next_update.map(fmt),
+                    "state": state,
+                })
+            })
+            .collect()
     }
 }
 

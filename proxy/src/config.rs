@@ -6,6 +6,7 @@
 //! ```toml
 //! min_tls = "1.3"                     # or under [tls]; "1.2" only when configured
 //! [identity]  cert, key, bundle, crl  # paths relative to this file
+//!             crl_stale (refuse|unready|warn, default refuse), crl_grace (default 1h)
 //! [inbound]   listen, app, policy, limits and timeouts with safe defaults
 //! [[outbound]] name, listen, connect, server_id, sni, allow_non_loopback_listen
 //! [admin]     listen
@@ -106,6 +107,12 @@ pub enum ConfigErrorKind {
         /// The value as written.
         value: String,
     },
+    /// Unknown `[identity] crl_stale` action.
+    #[error("`{value}` is not a `crl_stale` action")]
+    CrlStale {
+        /// The value as written.
+        value: String,
+    },
     /// `min_tls` given both at the top level and under `[tls]`.
     #[error("`min_tls` is set twice (top level and [tls])")]
     MinTlsTwice,
@@ -180,6 +187,7 @@ impl ConfigErrorKind {
             Self::Zero { .. } => "use a positive value or remove the key for the default".into(),
             Self::MinTls { .. } => "use \"1.3\" (default) or \"1.2\"".into(),
             Self::MinTlsTwice => "keep one of the two".into(),
+            Self::CrlStale { .. } => "use \"refuse\" (default), \"unready\" or \"warn\"".into(),
             Self::SpiffeId { .. } => "write spiffe://<trust-domain>/<path>".into(),
             Self::NonLoopbackApp { .. } => "the sidecar forwards plaintext to the app: keep it on \
                  127.0.0.1, or set `insecure_app_address = true` if the network path is trusted"
@@ -330,6 +338,57 @@ impl Default for ReloadConfig {
     }
 }
 
+/// Default `[identity] crl_stale`: refuse the peers a stale CRL vouches for, as OpenSSL (and so
+/// nginx, HAProxy and Envoy) does with an expired CRL. A CRL past its next-update says nothing
+/// about what was revoked since; accepting it forever would let a stopped CRL job (or an
+/// attacker who keeps the new CRL from arriving) switch revocation off without anyone seeing.
+pub const DEFAULT_CRL_STALE: CrlStale = CrlStale::Refuse;
+
+/// Default `[identity] crl_grace`: how long after a CRL's next-update `crl_stale` acts. Long
+/// enough for a late cron run or a slow Secret sync, short next to `ca crl`'s 24 h lifetime.
+pub const DEFAULT_CRL_GRACE: Duration = Duration::from_secs(3600);
+
+/// `[identity] crl_stale`: what a CRL stale beyond `crl_grace` does (each also logs a warning and
+/// shows in `gatehouse_crl_next_update_timestamp_seconds`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CrlStale {
+    /// Log a warning only; peers are still accepted on the stale CRL.
+    Warn,
+    /// Also fail `/readyz`, so orchestrators and load balancers take the sidecar out.
+    Unready,
+    /// Also refuse handshakes from peers whose issuer's CRL is stale (and fail `/readyz`).
+    Refuse,
+}
+
+impl CrlStale {
+    /// The config spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Warn => "warn",
+            Self::Unready => "unready",
+            Self::Refuse => "refuse",
+        }
+    }
+}
+
+/// `[identity] crl_stale` and `crl_grace`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CrlPolicy {
+    /// The action.
+    pub stale: CrlStale,
+    /// How long after next-update the action starts.
+    pub grace: Duration,
+}
+
+impl Default for CrlPolicy {
+    fn default() -> Self {
+        Self {
+            stale: DEFAULT_CRL_STALE,
+            grace: DEFAULT_CRL_GRACE,
+        }
+    }
+}
+
 /// `[identity]`: paths resolved against the config file's directory.
 #[derive(Debug, Clone)]
 pub struct IdentityConfig {
@@ -341,6 +400,8 @@ pub struct IdentityConfig {
     pub bundle: PathBuf,
     /// Certificate revocation list(s), PEM, optional.
     pub crl: Option<PathBuf>,
+    /// What a CRL past its next-update (beyond the grace period) does: `crl_stale`, `crl_grace`.
+    pub crl_policy: CrlPolicy,
 }
 
 /// `[inbound]`.
@@ -517,6 +578,8 @@ struct RawIdentity {
     key: S<String>,
     bundle: S<String>,
     crl: Option<S<String>>,
+    crl_stale: Option<S<String>>,
+    crl_grace: Option<S<String>>,
 }
 
 #[derive(Deserialize)]
@@ -665,6 +728,22 @@ impl Check<'_> {
         usize::try_from(*v.get_ref()).unwrap_or(usize::MAX)
     }
 
+    fn crl_stale(&mut self, v: Option<&S<String>>) -> CrlStale {
+        let Some(v) = v else {
+            return DEFAULT_CRL_STALE;
+        };
+        match v.get_ref().as_str() {
+            "warn" => CrlStale::Warn,
+            "unready" => CrlStale::Unready,
+            "refuse" => CrlStale::Refuse,
+            other => {
+                let value = other.to_owned();
+                self.push(Some(v.span()), ConfigErrorKind::CrlStale { value });
+                DEFAULT_CRL_STALE
+            }
+        }
+    }
+
     fn min_tls(&mut self, top: Option<&S<String>>, tls: Option<&S<String>>) -> MinTls {
         let v = match (top, tls) {
             (Some(_), Some(t)) => {
@@ -780,6 +859,14 @@ impl Check<'_> {
                 .crl
                 .as_ref()
                 .map(|c| self.path(c, "identity.crl")),
+            crl_policy: CrlPolicy {
+                stale: self.crl_stale(raw.identity.crl_stale.as_ref()),
+                grace: self.duration(
+                    raw.identity.crl_grace.as_ref(),
+                    "identity.crl_grace",
+                    DEFAULT_CRL_GRACE,
+                ),
+            },
         };
         let inbound = raw.inbound.map(|i| self.inbound(i));
         let outbound = self.outbound(raw.outbound);
@@ -1147,6 +1234,29 @@ listen = "127.0.0.1:9901"
         assert_eq!(c.min_tls, MinTls::Tls12);
         let e = errors(&format!("min_tls = \"1.1\"\n{GOOD}"));
         assert!(e[0].contains(":1:11: `1.1` is not a supported"), "{e:?}");
+    }
+
+    #[test]
+    fn crl_stale_and_grace_default_to_refuse_after_an_hour() {
+        let c = parse(GOOD).expect("good").identity.crl_policy;
+        assert_eq!(
+            (c.stale, c.grace),
+            (CrlStale::Refuse, Duration::from_secs(3600))
+        );
+        let with =
+            |lines: &str| GOOD.replacen("[identity]\n", &format!("[identity]\n{lines}\n"), 1);
+        for (v, want) in [("warn", CrlStale::Warn), ("unready", CrlStale::Unready)] {
+            let text = with(&format!("crl_stale = \"{v}\"\ncrl_grace = \"10m\""));
+            let c = parse(&text).expect("valid").identity.crl_policy;
+            assert_eq!((c.stale, c.grace), (want, Duration::from_secs(600)));
+        }
+        let e = errors(&with("crl_stale = \"ignore\""));
+        assert!(
+            e[0].contains(":3:13: `ignore` is not a `crl_stale` action"),
+            "{e:?}"
+        );
+        let e = errors(&with("crl_grace = \"soon\""));
+        assert_eq!(e.len(), 1, "{e:?}");
     }
 
     #[test]

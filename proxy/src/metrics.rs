@@ -13,6 +13,10 @@ use prometheus::{
 /// The metric prefix.
 pub const PREFIX: &str = "gatehouse";
 
+/// Most CRL issuers given a `gatehouse_crl_next_update_timestamp_seconds` series; further ones
+/// are folded into `issuer="other"` (the earliest next-update).
+pub const MAX_CRL_ISSUERS: usize = 16;
+
 /// The sidecar's metrics.
 #[derive(Clone, Debug)]
 pub struct Metrics {
@@ -31,6 +35,10 @@ pub struct Metrics {
     /// `cert="root:<serial>"` each root of the trust bundle (serial truncated to 16 hex digits),
     /// `cert="crl:<n>"` the next-update of the n-th CRL of `[identity] crl`.
     pub cert_expiry: IntGaugeVec,
+    /// `gatehouse_crl_next_update_timestamp_seconds{issuer}`: when each CRL of `[identity] crl`
+    /// is due to be replaced, Unix seconds; `issuer` is the CRL issuer's common name (at most
+    /// [`MAX_CRL_ISSUERS`] series: the CA tool writes one or two per root).
+    pub crl_next_update: IntGaugeVec,
     /// `gatehouse_reloads_total{what,result}`: `what` is the file kind that changed (`cert`,
     /// `key`, `bundle`, `crl`, `policy`, or `none` for a SIGHUP with nothing changed), `result`
     /// is `ok` or `error`.
@@ -102,6 +110,14 @@ impl Metrics {
             ),
             &["what", "result"],
         )?;
+        let crl_next_update = IntGaugeVec::new(
+            Opts::new(
+                "crl_next_update_timestamp_seconds",
+                "Next-update of each CRL in use (stale after it), Unix seconds, by issuer",
+            ),
+            &["issuer"],
+        )?;
+        registry.register(Box::new(crl_next_update.clone()))?;
         registry.register(Box::new(cert_expiry.clone()))?;
         registry.register(Box::new(reloads.clone()))?;
         Ok(Self {
@@ -112,8 +128,32 @@ impl Metrics {
             tls_handshake_duration,
             inbound_active_connections,
             cert_expiry,
+            crl_next_update,
             reloads,
         })
+    }
+
+    /// Sets `gatehouse_crl_next_update_timestamp_seconds` for the CRLs of `set` (and drops
+    /// the series of CRLs no longer there).
+    pub fn publish_crls(&self, set: &crate::tls::crl::CrlSet) {
+        let g = &self.crl_next_update;
+        g.reset();
+        for (i, crl) in set.crls().iter().enumerate() {
+            let Some(next) = crl.next_update else {
+                continue;
+            };
+            let label = if i < MAX_CRL_ISSUERS {
+                crl.issuer.as_str()
+            } else {
+                "other"
+            };
+            let gauge = g.with_label_values(&[label]);
+            let t = next.unix_timestamp();
+            // Two issuers with one name, or the `other` fold: the earliest is what matters.
+            if gauge.get() == 0 || t < gauge.get() {
+                gauge.set(t);
+            }
+        }
     }
 
     /// The registry, for other families (`gatehouse_outbound_*`).

@@ -66,6 +66,7 @@ use crate::outbound::connect::Upstream;
 use crate::outbound::{self, OutboundTls};
 use crate::signal::Shutdown;
 use crate::state::{Snapshot, State};
+use crate::tls::crl::StaleReport;
 
 /// The kinds of watched files, in `gatehouse_reloads_total{what}` spelling.
 const KINDS: [&str; 5] = ["cert", "key", "bundle", "crl", "policy"];
@@ -136,6 +137,7 @@ pub struct Reloader {
     paths: [Option<PathBuf>; 5],
     last: Fingerprint,
     warned_serial: Option<String>,
+    crl_report: StaleReport,
 }
 
 impl std::fmt::Debug for Reloader {
@@ -161,10 +163,12 @@ impl Reloader {
             paths,
             last,
             warned_serial: None,
+            crl_report: StaleReport::default(),
         };
         let snap = r.state.snapshot();
         publish_expiry(&r.metrics, &snap);
         r.check_lifetime(&snap);
+        r.check_crls(&snap);
         r
     }
 
@@ -190,6 +194,7 @@ impl Reloader {
                     self.reload(Trigger::Poll).await;
                     let snap = self.state.snapshot();
                     self.check_lifetime(&snap);
+                    self.check_crls(&snap);
                 }
                 _ = hangup.recv() => {
                     if shutdown.is_draining() {
@@ -321,6 +326,20 @@ impl Reloader {
         );
         let snap = self.state.snapshot();
         self.check_lifetime(&snap);
+        self.check_crls(&snap);
+    }
+
+    /// Reports stale CRLs (see [`StaleReport`]) at start, after every reload and on every
+    /// poll tick, so it fires as time passes with no reload. When one went stale beyond
+    /// `crl_grace` with `crl_stale = "refuse"`, open connections were verified before: inbound
+    /// ones re-check their peer, pooled outbound ones are retired so the next request
+    /// verifies its server again.
+    fn check_crls(&mut self, snap: &Snapshot) {
+        let policy = self.state.config.identity.crl_policy;
+        if self.crl_report.check(&snap.credentials.crl_set, policy) {
+            self.state.recheck_peers();
+            self.upstreams.iter().flatten().for_each(|u| u.retire_all());
+        }
     }
 
     /// Warns once per leaf when less than a third of its lifetime is left (and once when it
@@ -364,6 +383,14 @@ fn prepare(state: &State) -> Result<Prepared, Vec<String>> {
     let render = |es: Vec<LoadError>| es.iter().map(ToString::to_string).collect::<Vec<_>>();
     let snapshot = state.build_snapshot().map_err(render)?;
     let old = state.snapshot();
+    // An older CRL of an issuer (lower CRL number) would un-revoke certificates.
+    if let Err(e) = snapshot
+        .credentials
+        .crl_set
+        .check_rollback(&old.credentials.crl_set)
+    {
+        return Err(vec![e.to_string()]);
+    }
     if snapshot.credentials.id != old.credentials.id && !state.config.reload.allow_identity_change {
         return Err(vec![format!(
             "{}: the certificate is for {} but this sidecar runs as {}; refusing to change \
@@ -397,9 +424,10 @@ fn prepare(state: &State) -> Result<Prepared, Vec<String>> {
     ))
 }
 
-/// Sets `gatehouse_cert_expiry_timestamp_seconds` for the leaf, every bundle root and the
-/// next-update of every CRL (`cert="crl:<position in the file>"`: a CRL past it is stale).
+/// Sets `gatehouse_cert_expiry_timestamp_seconds` for the leaf and every bundle root, and
+/// `gatehouse_crl_next_update_timestamp_seconds` for every CRL.
 pub fn publish_expiry(metrics: &Metrics, snap: &Snapshot) {
+    metrics.publish_crls(&snap.credentials.crl_set);
     let g = &metrics.cert_expiry;
     g.reset();
     g.with_label_values(&["leaf"])
@@ -409,16 +437,6 @@ pub fn publish_expiry(metrics: &Metrics, snap: &Snapshot) {
             let label = format!("root:{}", &serial[..serial.len().min(16)]);
             g.with_label_values(&[label.as_str()])
                 .set(not_after.unix_timestamp());
-        }
-    }
-    for (i, crl) in snap.credentials.crls.iter().enumerate() {
-        use x509_parser::prelude::{CertificateRevocationList, FromDer};
-        let next = CertificateRevocationList::from_der(crl.as_ref())
-            .ok()
-            .and_then(|(_, c)| c.next_update());
-        if let Some(next) = next {
-            g.with_label_values(&[format!("crl:{i}").as_str()])
-                .set(next.timestamp());
         }
     }
 }

@@ -81,6 +81,9 @@ impl Loaded {
             c.serial_hex
         );
         let _ = writeln!(s, "min TLS    {}", cfg.min_tls);
+        if let Some(path) = &cfg.identity.crl {
+            let _ = writeln!(s, "{}", crl_summary(path, c, cfg.identity.crl_policy));
+        }
         if let (Some(i), Some(inb)) = (&cfg.inbound, &snap.inbound) {
             let mode = if inb.policy.is_audit_mode() {
                 "audit"
@@ -104,6 +107,31 @@ impl Loaded {
         let _ = writeln!(s, "runtime    {} event loop(s)", cfg.runtime.worker_threads);
         s
     }
+}
+
+/// `crl  FILE: N CRL(s), earliest next-update T (stale ...), crl_stale = A after G`.
+fn crl_summary(
+    path: &std::path::Path,
+    c: &crate::tls::Credentials,
+    policy: crate::config::CrlPolicy,
+) -> String {
+    let now = time::OffsetDateTime::now_utc();
+    let crls = c.crl_set.crls();
+    let next = crls.iter().filter_map(|c| c.next_update).min();
+    let state = match next {
+        Some(t) if now >= t + policy.grace => " STALE beyond the grace period",
+        Some(t) if now >= t => " STALE (within the grace period)",
+        _ => "",
+    };
+    format!(
+        "crl        {}: {} CRL(s), earliest next-update {}{state}; crl_stale = {} after {}",
+        path.display(),
+        crls.len(),
+        next.and_then(|t| t.format(&Rfc3339).ok())
+            .unwrap_or_else(|| "none".into()),
+        policy.stale.as_str(),
+        humantime::format_duration(policy.grace)
+    )
 }
 
 /// Binds every listener, serves until SIGTERM/SIGINT, then drains for the grace period.

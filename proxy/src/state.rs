@@ -132,6 +132,13 @@ impl State {
         }
     }
 
+    /// Tells live connections to re-check their peer against the current snapshot without a
+    /// swap: a CRL went stale beyond its grace period with `crl_stale = "refuse"`.
+    pub fn recheck_peers(&self) {
+        // Notifies every receiver; the generation (swaps since startup) stays as it is.
+        self.generation.send_modify(|_| {});
+    }
+
     /// A receiver that changes on every [`State::swap`].
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.generation.subscribe()
@@ -151,6 +158,7 @@ fn load_files(config: &Config, provider: &Arc<CryptoProvider>) -> Result<Files, 
         key: &config.identity.key,
         bundle: &config.identity.bundle,
         crl: config.identity.crl.as_deref(),
+        crl_policy: config.identity.crl_policy,
     };
     let credentials = Credentials::load(paths, provider)
         .map_err(|es| es.into_iter().map(LoadError::from).collect::<Vec<_>>());
@@ -211,12 +219,15 @@ fn inbound_snapshot(
             cert_td: credentials.id.trust_domain_str().to_owned(),
         });
     }
-    let verifier = Arc::new(SpiffeClientVerifier::new(
-        credentials.roots.clone(),
-        credentials.crls.clone(),
-        policy.trust_domain().clone(),
-        provider.clone(),
-    )?);
+    let verifier = Arc::new(
+        SpiffeClientVerifier::new(
+            credentials.roots.clone(),
+            credentials.crls.clone(),
+            policy.trust_domain().clone(),
+            provider.clone(),
+        )?
+        .with_freshness(credentials.freshness.clone()),
+    );
     let tls = server_config(
         provider.clone(),
         config.min_tls,

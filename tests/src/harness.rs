@@ -116,6 +116,48 @@ pub fn sidecar_cli(verb: &str, config: &Path) -> std::process::Output {
         .expect("run sidecar")
 }
 
+/// Runs `ca ARGS --format json` and returns its JSON output (`null` when it printed none).
+///
+/// # Panics
+/// When `ca` cannot be run or fails.
+pub async fn ca_json(args: &[&str]) -> serde_json::Value {
+    let out = tokio::process::Command::new(binary("ca"))
+        .args(args)
+        .args(["--format", "json"])
+        .output()
+        .await
+        .expect("run ca");
+    assert!(
+        out.status.success(),
+        "ca {args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+}
+
+/// The sidecar's `/status`, parsed.
+///
+/// # Panics
+/// When `/status` does not answer 200 with JSON.
+pub async fn sidecar_status(sc: &Sidecar) -> serde_json::Value {
+    let (code, body) = sc.admin_get("/status").await.expect("/status");
+    assert_eq!(code, StatusCode::OK);
+    serde_json::from_str(&body).expect("status JSON")
+}
+
+/// Waits (up to 15 s) until the sidecar's `/status` satisfies `ok`.
+///
+/// # Panics
+/// On timeout, with the sidecar's stderr.
+pub async fn wait_status(sc: &Sidecar, what: &str, ok: impl Fn(&serde_json::Value) -> bool) {
+    eventually(what, Duration::from_secs(15), async || {
+        ok(&sidecar_status(sc).await).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", sc.stderr_text()));
+}
+
 /// Polls `check` until it returns `Some`, or fails after `timeout`.
 ///
 /// # Errors
@@ -480,10 +522,18 @@ pub struct SidecarBuilder {
     extra_sections: String,
     bundle: Option<PathBuf>,
     crl: Option<PathBuf>,
+    identity_extra: String,
     work: TempDir,
 }
 
 impl SidecarBuilder {
+    /// Extra `key = value` lines under `[identity]` (e.g. `crl_stale`, `crl_grace`).
+    pub fn identity_option(mut self, lines: &str) -> Self {
+        self.identity_extra.push_str(lines);
+        self.identity_extra.push('\n');
+        self
+    }
+
     /// Trust this bundle file instead of the certificate directory's `bundle.pem` (e.g. the
     /// CA's own `bundle.pem`, which `ca root rotate`/`retire` update in place).
     pub fn bundle(mut self, path: &Path) -> Self {
@@ -542,6 +592,7 @@ impl SidecarBuilder {
         if let Some(crl) = &self.crl {
             s.push_str(&format!("crl = {crl:?}\n"));
         }
+        s.push_str(&self.identity_extra);
         s.push('\n');
         if let Some(app) = self.app {
             s.push_str(&format!(
@@ -650,6 +701,7 @@ impl Sidecar {
             extra_sections: String::new(),
             bundle: None,
             crl: None,
+            identity_extra: String::new(),
             work: tempfile::tempdir().expect("temp dir"),
         }
     }

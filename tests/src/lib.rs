@@ -4,3 +4,4 @@
 pub mod docs;
 pub mod fintech;
 pub mod harness;
+pub mod load;

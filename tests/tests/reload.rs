@@ -25,21 +25,22 @@
 //! The load-heavy tests take a lock so they do not compete for the (2-core) CI machine.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use gatehouse_tests::harness::{
     CertDir, FakeApp, MtlsClient, Pki, Proto, Sidecar, binary, eventually,
 };
+use gatehouse_tests::harness::{ca_json as ca, sidecar_status as status, wait_status};
+use gatehouse_tests::load::{self, Load, Sample, exchange, failures};
 use http::{Request, StatusCode};
-use http_body_util::{BodyExt, Empty};
+use http_body_util::Empty;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use rustls::HandshakeKind;
 use sha2::{Digest, Sha256};
-use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 
 const SERVER_ID: &str = "spiffe://reload.test/monolith";
@@ -79,23 +80,6 @@ allow   = ["gateway", "report-service"]
 
 // ---- support ------------------------------------------------------------------------------
 
-/// Runs `ca ARGS --format json` and returns its JSON output (`null` when it printed none).
-async fn ca(args: &[&str]) -> serde_json::Value {
-    let out = tokio::process::Command::new(binary("ca"))
-        .args(args)
-        .args(["--format", "json"])
-        .output()
-        .await
-        .expect("run ca");
-    assert!(
-        out.status.success(),
-        "ca {args:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
-}
-
 /// (serial, SHA-256 of the leaf DER) of a certificate file, from `ca inspect`.
 async fn leaf(cert: &Path) -> (String, String) {
     let v = ca(&["inspect", &cert.display().to_string()]).await;
@@ -103,21 +87,6 @@ async fn leaf(cert: &Path) -> (String, String) {
         v["serial"].as_str().expect("serial").to_owned(),
         v["sha256"].as_str().expect("sha256").to_owned(),
     )
-}
-
-async fn status(sc: &Sidecar) -> serde_json::Value {
-    let (code, body) = sc.admin_get("/status").await.expect("/status");
-    assert_eq!(code, StatusCode::OK);
-    serde_json::from_str(&body).expect("status JSON")
-}
-
-/// Waits until `/status` satisfies `ok`.
-async fn wait_status(sc: &Sidecar, what: &str, ok: impl Fn(&serde_json::Value) -> bool) {
-    eventually(what, Duration::from_secs(15), async || {
-        ok(&status(sc).await).then_some(())
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}\n{}", sc.stderr_text()));
 }
 
 /// Waits until `gatehouse_reloads_total{what,result}` reaches `at_least`.
@@ -228,7 +197,8 @@ impl Pair {
     }
 
     fn load(&self, workers: usize, rate: f64) -> Load {
-        Load::start(self.outbound.listener("outbound:monolith"), workers, rate)
+        let addr = self.outbound.listener("outbound:monolith");
+        Load::start(addr, PATH, "monolith", workers, rate)
     }
 
     fn stderr(&self) -> String {
@@ -240,134 +210,15 @@ impl Pair {
     }
 }
 
-// ---- the load generator -----------------------------------------------------------------------
-
-/// One request: when it started and its status, or the transport error.
-#[derive(Debug, Clone)]
-struct Sample {
-    at: Instant,
-    outcome: Result<u16, String>,
-}
-
-/// Keep-alive HTTP/1.1 workers, each pacing its requests so that together they aim at `rate`
-/// requests/s; a worker reconnects when its connection ends.
-struct Load {
-    started: Instant,
-    samples: Arc<Mutex<Vec<Sample>>>,
-    stop: Arc<AtomicBool>,
-    tasks: Vec<JoinHandle<()>>,
-}
-
-impl Load {
-    fn start(addr: std::net::SocketAddr, workers: usize, rate: f64) -> Self {
-        let samples = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let period = Duration::from_secs_f64(workers as f64 / rate);
-        let tasks = (0..workers)
-            .map(|_| {
-                let (samples, stop) = (samples.clone(), stop.clone());
-                tokio::spawn(async move {
-                    let mut sender: Option<SendRequest<Empty<Bytes>>> = None;
-                    let mut tick = tokio::time::interval(period);
-                    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                    while !stop.load(Ordering::Relaxed) {
-                        tick.tick().await;
-                        let at = Instant::now();
-                        let outcome = one_request(addr, &mut sender).await;
-                        if outcome.is_err() {
-                            sender = None;
-                        }
-                        samples
-                            .lock()
-                            .expect("samples")
-                            .push(Sample { at, outcome });
-                    }
-                })
-            })
-            .collect();
-        Self {
-            started: Instant::now(),
-            samples,
-            stop,
-            tasks,
-        }
-    }
-
-    fn samples(&self) -> Vec<Sample> {
-        self.samples.lock().expect("samples").clone()
-    }
-
-    async fn stop(self) -> (Vec<Sample>, Duration) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.tasks {
-            let _ = tokio::time::timeout(Duration::from_secs(20), t).await;
-        }
-        let elapsed = self.started.elapsed();
-        let samples = self.samples.lock().expect("samples").clone();
-        (samples, elapsed)
-    }
-}
-
 async fn one_request(
     addr: std::net::SocketAddr,
     sender: &mut Option<SendRequest<Empty<Bytes>>>,
 ) -> Result<u16, String> {
-    if sender.as_ref().is_none_or(SendRequest::is_closed) {
-        let tcp = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-        let _ = tcp.set_nodelay(true);
-        let (s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-            .await
-            .map_err(|e| e.to_string())?;
-        tokio::spawn(conn);
-        *sender = Some(s);
-    }
-    let s = sender.as_mut().expect("connected above");
-    exchange(s, PATH, "monolith", Duration::from_secs(15)).await
-}
-
-/// `GET path` with `Host: host` on an open HTTP/1.1 connection: the status once the whole
-/// response has arrived, or what went wrong (also no response `within`).
-async fn exchange(
-    send: &mut SendRequest<Empty<Bytes>>,
-    path: &str,
-    host: &str,
-    within: Duration,
-) -> Result<u16, String> {
-    let req = Request::get(path)
-        .header("host", host)
-        .body(Empty::new())
-        .expect("request");
-    let exchange = async {
-        send.ready().await?;
-        let resp = send.send_request(req).await?;
-        let status = resp.status().as_u16();
-        resp.into_body().collect().await?;
-        Ok::<_, hyper::Error>(status)
-    };
-    match tokio::time::timeout(within, exchange).await {
-        Ok(r) => r.map_err(|e| e.to_string()),
-        Err(_) => Err(format!("no response within {within:?}")),
-    }
-}
-
-/// Every sample that is not a 200, as readable lines (at most 10).
-fn failures(samples: &[Sample], start: Instant, ok: impl Fn(&Sample) -> bool) -> Vec<String> {
-    samples
-        .iter()
-        .filter(|s| !ok(s))
-        .take(10)
-        .map(|s| {
-            format!(
-                "t={:.3}s {:?}",
-                s.at.duration_since(start).as_secs_f64(),
-                s.outcome
-            )
-        })
-        .collect()
+    load::one_request(addr, sender, PATH, "monolith").await
 }
 
 fn is_200(s: &Sample) -> bool {
-    s.outcome == Ok(200)
+    s.is_200()
 }
 
 // ---- the tests ------------------------------------------------------------------------------

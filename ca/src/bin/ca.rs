@@ -169,7 +169,8 @@ enum Command {
         /// superseded, cessation-of-operation, certificate-hold, privilege-withdrawn.
         #[arg(long, default_value = "unspecified")]
         reason: String,
-        /// Also write the CRL to this file (as `ca crl --out FILE`).
+        /// Also write the CRL to this file (as `ca crl --out FILE`; recorded, so root rotation
+        /// republishes it).
         #[arg(long)]
         crl: Option<PathBuf>,
         /// Validity of the CRL written with --crl (its next-update).
@@ -179,7 +180,8 @@ enum Command {
     /// Write the signed CRLs (v2, CRL number, next-update) as one PEM file.
     ///
     /// One CRL per issuing CA of every root in the bundle. Re-run it before next-update (e.g. from
-    /// the same cron job as `ca rotate`).
+    /// the same cron job as `ca rotate`). The file is recorded in ca.json: `ca root rotate` and
+    /// `ca root retire` rewrite it, so it keeps covering every root in the bundle.
     Crl {
         /// CA directory.
         #[arg(long)]
@@ -210,8 +212,9 @@ enum Command {
 enum RootCommand {
     /// Create a new root (and intermediate) and make it current.
     ///
-    /// bundle.pem then holds the old and new roots; new leaves chain to the new root. Next:
-    /// `ca rotate` every certificate directory, then `ca root retire`.
+    /// bundle.pem then holds the old and new roots; new leaves chain to the new root. Every CRL
+    /// file written by `ca crl`/`ca revoke --crl` is rewritten first with CRLs of the new root's
+    /// CAs too. Next: `ca rotate` every certificate directory, then `ca root retire`.
     Rotate {
         /// CA directory.
         #[arg(long)]
@@ -220,7 +223,8 @@ enum RootCommand {
     /// Drop every non-current root from bundle.pem.
     ///
     /// Refuses while an unexpired, unrevoked leaf that `ca rotate` has not re-issued still chains
-    /// to one of them (--force overrides, loudly).
+    /// to one of them (--force overrides, loudly). Then rewrites the recorded CRL files without
+    /// the retired CAs.
     Retire {
         /// CA directory.
         #[arg(long)]
@@ -473,10 +477,15 @@ fn list(dir: &Path, json: bool) -> Result<ExitCode, CaError> {
 }
 
 fn root_rotate(dir: &Path, json: bool) -> Result<ExitCode, CaError> {
-    let generation = Authority::open(dir)?.rotate_root()?;
+    let ca = Authority::open(dir)?;
+    let generation = ca.rotate_root()?;
+    let crls = republished(&ca);
     if json {
-        print_json(&serde_json::to_value(&generation).unwrap_or_default());
+        let mut v = serde_json::to_value(&generation).unwrap_or_default();
+        v["crls_republished"] = json!(crls);
+        print_json(&v);
     } else {
+        print_republished(&crls);
         println!(
             "created root generation {} (expires {}); bundle.pem now holds old and new roots",
             generation.id, generation.not_after
@@ -491,22 +500,42 @@ fn root_rotate(dir: &Path, json: bool) -> Result<ExitCode, CaError> {
 }
 
 fn root_retire(dir: &Path, force: bool, json: bool) -> Result<ExitCode, CaError> {
-    let (retired, cut_off) = Authority::open(dir)?.retire_roots(force)?;
+    let ca = Authority::open(dir)?;
+    let (retired, cut_off) = ca.retire_roots(force)?;
+    let crls = republished(&ca);
     if cut_off > 0 {
         eprintln!(
             "warning: --force: {cut_off} unexpired certificate(s) chain to a retired root and no longer verify against bundle.pem"
         );
     }
     if json {
-        print_json(
-            &json!({ "retired_generations": retired, "live_certificates_cut_off": cut_off }),
-        );
+        print_json(&json!({
+            "retired_generations": retired, "live_certificates_cut_off": cut_off,
+            "crls_republished": crls,
+        }));
     } else {
+        print_republished(&crls);
         println!(
             "retired root generation(s) {retired:?}; bundle.pem now holds only the current root"
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The CRL files a root change rewrote (every file `ca crl --out`/`ca revoke --crl` wrote).
+fn republished(ca: &Authority) -> Vec<PathBuf> {
+    ca.crl_outputs()
+        .map(|o| o.into_iter().map(|o| o.path).collect())
+        .unwrap_or_default()
+}
+
+fn print_republished(crls: &[PathBuf]) {
+    for path in crls {
+        println!(
+            "republished CRL {} (covers every root in bundle.pem)",
+            path.display()
+        );
+    }
 }
 
 fn revoke(

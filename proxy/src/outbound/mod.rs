@@ -134,7 +134,8 @@ impl PreparedOutbound {
         .map_err(|e| OutboundSetupError::Tls {
             name: name.clone(),
             detail: e.to_string(),
-        })?;
+        })?
+        .with_freshness(creds.freshness.clone());
         let versions = crate::tls::server::versions(tls.min_tls);
         let client = client_config(
             Arc::clone(&tls.provider),

@@ -83,6 +83,7 @@ fn credentials(dir: &Path) -> Credentials {
         key: &key,
         bundle: &bundle,
         crl: crl.is_file().then_some(crl.as_path()),
+        crl_policy: crate::config::CrlPolicy::default(),
     };
     Credentials::load(paths, &provider()).expect("credentials")
 }

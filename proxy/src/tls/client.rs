@@ -33,6 +33,7 @@ use webpki::{
     RevocationOptionsBuilder, UnknownStatusPolicy,
 };
 
+use crate::tls::crl::Freshness;
 use crate::tls::svid::{SvidError, svid_identity};
 
 /// Why the server's certificate was refused after its chain validated.
@@ -66,6 +67,7 @@ pub struct CrlError {
 /// A rustls server verifier that pins the server's SPIFFE ID.
 pub struct ServerIdentityVerifier {
     roots: Arc<RootCertStore>,
+    freshness: Freshness,
     crls: Vec<CertRevocationList<'static>>,
     trust_domain: TrustDomain,
     expected: IdentityPattern,
@@ -107,11 +109,20 @@ impl ServerIdentityVerifier {
             .collect::<Result<_, _>>()?;
         Ok(Self {
             roots,
+            freshness: Freshness::off(),
             crls,
             trust_domain,
             expected,
             provider,
         })
+    }
+
+    /// Also refuses servers whose issuer's CRL is stale beyond the grace period (see
+    /// [`Freshness`]).
+    #[must_use]
+    pub fn with_freshness(mut self, freshness: Freshness) -> Self {
+        self.freshness = freshness;
+        self
     }
 
     /// The identity (or pattern) this verifier pins.
@@ -165,6 +176,7 @@ impl ServerCertVerifier for ServerIdentityVerifier {
     ) -> Result<ServerCertVerified, rustls::Error> {
         // Chain first: nothing about an unauthenticated certificate is worth reporting.
         self.verify_chain(end_entity, intermediates, now)?;
+        self.freshness.check(end_entity, now)?;
         let presented = svid_identity(end_entity, &self.trust_domain)
             .map_err(|e| identity_error(ServerIdentityError::NotAnSvid(e)))?;
         if !self.expected.matches(&presented) {

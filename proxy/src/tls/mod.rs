@@ -6,6 +6,7 @@
 //! - [`server`]: the inbound `ServerConfig`.
 
 pub mod client;
+pub mod crl;
 pub mod resolver;
 pub mod server;
 pub mod svid;
@@ -15,6 +16,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use gatehouse_policy::SpiffeId;
+
+use crate::config::CrlPolicy;
 use rustls::RootCertStore;
 use rustls::crypto::CryptoProvider;
 use rustls::sign::CertifiedKey;
@@ -103,6 +106,45 @@ pub enum TlsError {
         /// The reason.
         detail: String,
     },
+    /// The CRL file has no CRL from a CA the bundle trusts or that signed our certificate:
+    /// every handshake of that CA's leaves would fail with an unknown revocation status.
+    #[error("{}: no CRL from `{issuer}`, {of}", path.display())]
+    CrlMissing {
+        /// The CRL file.
+        path: PathBuf,
+        /// The CA without a CRL.
+        issuer: String,
+        /// Which CA that is (a bundle root, our own issuer).
+        of: String,
+    },
+    /// A reloaded CRL is older (lower CRL number) than the one serving.
+    #[error("{}: the CRL from `{issuer}` has number {number}, lower than the serving CRL's {serving}: refusing a rollback", path.display())]
+    CrlRollback {
+        /// The CRL file.
+        path: PathBuf,
+        /// The issuer.
+        issuer: String,
+        /// The new CRL's number.
+        number: String,
+        /// The serving CRL's number.
+        serving: String,
+    },
+    /// Two CRLs from one issuer (webpki would use only the first).
+    #[error("{}: two CRLs from `{issuer}`", path.display())]
+    CrlDuplicate {
+        /// The CRL file.
+        path: PathBuf,
+        /// The issuer.
+        issuer: String,
+    },
+    /// A CRL whose issuer we hold does not verify with that issuer's key.
+    #[error("{}: the CRL from `{issuer}` is not signed by that CA's key", path.display())]
+    CrlSignature {
+        /// The CRL file.
+        path: PathBuf,
+        /// The issuer it claims.
+        issuer: String,
+    },
     /// rustls refused the configuration.
     #[error("cannot build the TLS configuration: {detail}")]
     Config {
@@ -130,6 +172,18 @@ impl TlsError {
             }
             Self::Verifier { .. } => {
                 "check the CRL file (`ca crl --dir CA --out FILE`) and the bundle"
+            }
+            Self::CrlMissing { .. } => {
+                "publish CRLs for every root of the bundle: `ca crl --dir CA --out FILE` (`ca root rotate` rewrites the files `ca crl` wrote)"
+            }
+            Self::CrlRollback { .. } => {
+                "publish a new CRL (`ca crl --dir CA --out FILE`); an older CRL would un-revoke certificates"
+            }
+            Self::CrlDuplicate { .. } => {
+                "keep one CRL per issuer: write the file with `ca crl --dir CA --out FILE`"
+            }
+            Self::CrlSignature { .. } => {
+                "the CRL was altered or comes from another CA: publish it again with `ca crl --dir CA --out FILE`"
             }
             Self::Config { .. } => "check min_tls and the key type",
         }
@@ -220,6 +274,10 @@ pub struct Credentials {
     pub bundle: Vec<CertificateDer<'static>>,
     /// CRLs (empty when none is configured).
     pub crls: Vec<CertificateRevocationListDer<'static>>,
+    /// What the CRLs say (issuers, numbers, next-update), for the checks webpki does not make.
+    pub crl_set: Arc<crl::CrlSet>,
+    /// The `crl_stale = "refuse"` check the verifiers apply after webpki's.
+    pub freshness: crl::Freshness,
     /// Our own SPIFFE ID.
     pub id: SpiffeId,
     /// Leaf expiry.
@@ -239,6 +297,8 @@ pub struct CredentialPaths<'a> {
     pub bundle: &'a Path,
     /// Optional CRL file.
     pub crl: Option<&'a Path>,
+    /// `[identity] crl_stale` and `crl_grace`.
+    pub crl_policy: CrlPolicy,
 }
 
 impl Credentials {
@@ -270,6 +330,15 @@ impl Credentials {
         else {
             return Err(errors);
         };
+        let crl_set = match p.crl {
+            Some(path) => crl_set(path, &crls, &bundle, &chain, p.bundle)
+                .map_err(|e| errors.push(e))
+                .ok(),
+            None => Some(crl::CrlSet::default()),
+        };
+        let crl_set = Arc::new(crl_set.unwrap_or_default());
+        let freshness =
+            crl::Freshness::new(crl_set.clone(), p.crl_policy.stale, p.crl_policy.grace);
         let (not_after, serial_hex) = leaf_facts(&chain[0]);
         if not_after <= OffsetDateTime::now_utc() {
             errors.push(TlsError::Expired {
@@ -296,6 +365,8 @@ impl Credentials {
                 roots,
                 bundle,
                 crls,
+                crl_set,
+                freshness,
                 id,
                 not_after,
                 serial_hex,
@@ -303,6 +374,22 @@ impl Credentials {
             _ => Err(errors),
         }
     }
+}
+
+/// Parses the CRLs of `path` (verifying those of the CAs we hold: the bundle's roots and our
+/// chain) and checks that they cover every bundle root and our own issuer.
+fn crl_set(
+    path: &Path,
+    crls: &[CertificateRevocationListDer<'static>],
+    bundle: &[CertificateDer<'static>],
+    chain: &[CertificateDer<'static>],
+    bundle_path: &Path,
+) -> Result<crl::CrlSet, TlsError> {
+    let cas: Vec<CertificateDer<'static>> =
+        bundle.iter().chain(chain.iter().skip(1)).cloned().collect();
+    let set = crl::CrlSet::load(path, crls, &cas)?;
+    set.check_coverage(bundle_path, bundle, chain)?;
+    Ok(set)
 }
 
 /// The serial of the first certificate of `certs` (a peer's leaf), lowercase hex; empty when

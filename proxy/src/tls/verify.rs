@@ -27,6 +27,7 @@ use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, UnixTime};
 use sha2::{Digest, Sha256};
 
 use super::TlsError;
+use super::crl::Freshness;
 use super::svid::{SvidError, svid_identity};
 
 /// A peer that completed a verified mTLS handshake, and its SPIFFE ID.
@@ -79,6 +80,7 @@ fn svid_rejection(e: SvidError) -> Error {
 pub struct SpiffeClientVerifier {
     inner: Arc<dyn ClientCertVerifier>,
     td: TrustDomain,
+    freshness: Freshness,
 }
 
 impl SpiffeClientVerifier {
@@ -101,7 +103,19 @@ impl SpiffeClientVerifier {
         let inner = builder.build().map_err(|e| TlsError::Verifier {
             detail: e.to_string(),
         })?;
-        Ok(Self { inner, td })
+        Ok(Self {
+            inner,
+            td,
+            freshness: Freshness::off(),
+        })
+    }
+
+    /// Also refuses peers whose issuer's CRL is stale beyond the grace period (see
+    /// [`Freshness`]).
+    #[must_use]
+    pub fn with_freshness(mut self, freshness: Freshness) -> Self {
+        self.freshness = freshness;
+        self
     }
 
     /// The trust domain peers must belong to.
@@ -120,8 +134,9 @@ impl SpiffeClientVerifier {
             let (leaf, intermediates) = certs
                 .and_then(<[_]>::split_first)
                 .ok_or(Error::NoCertificatesPresented)?;
-            self.inner
-                .verify_client_cert(leaf, intermediates, UnixTime::now())?;
+            let now = UnixTime::now();
+            self.inner.verify_client_cert(leaf, intermediates, now)?;
+            self.freshness.check(leaf, now)?;
         }
         PeerIdentity::from_verified_certs(certs, &self.td)
     }
@@ -149,6 +164,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         let verified = self
             .inner
             .verify_client_cert(end_entity, intermediates, now)?;
+        self.freshness.check(end_entity, now)?;
         svid_identity(end_entity, &self.td).map_err(svid_rejection)?;
         Ok(verified)
     }
@@ -199,6 +215,9 @@ fn certificate_reason(c: &CertificateError) -> &'static str {
             "not_yet_valid"
         }
         CertificateError::Revoked => "revoked",
+        CertificateError::ExpiredRevocationList
+        | CertificateError::ExpiredRevocationListContext { .. } => "crl_stale",
+        CertificateError::UnknownRevocationStatus => "unknown_revocation_status",
         CertificateError::BadSignature => "bad_signature",
         CertificateError::BadEncoding => "bad_encoding",
         CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
