@@ -196,13 +196,14 @@ struct Plan {
 
 /// Reads the files and decides what to apply (blocking: runs on the blocking pool).
 fn attempt(
+    read: ReadInputs,
     state: &State,
     paths: &[Option<PathBuf>; 5],
     served: &Inputs,
     refused: [Option<[u8; 32]>; 5],
     signal: bool,
 ) -> Attempt {
-    let inputs = Inputs::read(paths);
+    let inputs = read(paths);
     let mask = |f: &dyn Fn(usize) -> bool| (0..5).filter(|i| f(*i)).fold(0u8, |m, i| m | 1 << i);
     let pending = mask(&|i| inputs.digest(i) != served.digest(i));
     // Refused contents that are still there are no reason for another attempt (a refused
@@ -210,7 +211,7 @@ fn attempt(
     let still_refused = mask(&|i| refused[i].is_some() && refused[i] == inputs.digest(i));
     let plan = (signal || pending & !still_refused != 0)
         .then(|| plan(state, served, &inputs, pending, signal));
-    let settled = plan.is_none() || Inputs::read(paths).digests() == inputs.digests();
+    let settled = plan.is_none() || read(paths).digests() == inputs.digests();
     Attempt {
         inputs,
         pending,
@@ -252,6 +253,9 @@ fn plan(state: &State, served: &Inputs, inputs: &Inputs, pending: u8, signal: bo
     }
 }
 
+/// How an attempt reads the watched files: [`Inputs::read`] (tests slow it down).
+type ReadInputs = fn(&[Option<PathBuf>; 5]) -> Inputs;
+
 /// Watches the files and reloads the snapshot; one per sidecar, run by [`Reloader::run`].
 pub struct Reloader {
     state: Arc<State>,
@@ -262,6 +266,7 @@ pub struct Reloader {
     served: Inputs,
     status: Arc<Mutex<ReloadStatus>>,
     deadline: Duration,
+    read: ReadInputs,
     /// An attempt that overran the deadline and has not finished yet.
     stuck: Option<JoinHandle<Attempt>>,
     warned_serial: Option<String>,
@@ -300,6 +305,7 @@ impl Reloader {
             served,
             status: Arc::default(),
             deadline: RELOAD_DEADLINE,
+            read: Inputs::read,
             stuck: None,
             warned_serial: None,
         };
@@ -409,8 +415,9 @@ impl Reloader {
                 (self.state.clone(), self.paths.clone(), self.served.clone());
             let refused =
                 self.with_status(|s| s.refused.each_ref().map(|r| r.as_ref().map(|r| r.digest)));
+            let read = self.read;
             let job = tokio::task::spawn_blocking(move || {
-                attempt(&state, &paths, &served, refused, signal)
+                attempt(read, &state, &paths, &served, refused, signal)
             });
             let Some(outcome) = self.within_deadline(job).await else {
                 return;
@@ -773,5 +780,88 @@ mod tests {
         // Cert and key are one group, as are bundle and CRL: never applied apart.
         assert_eq!(candidates(KEY | BUNDLE), vec![KEY | BUNDLE, BUNDLE, KEY]);
         assert_eq!(kinds(CERT | POLICY), vec!["cert", "policy"]);
+    }
+
+    /// A sidecar state over files minted by our CA, with a CRL and a policy.
+    fn state(dir: &Path) -> (Arc<State>, Inputs) {
+        use gatehouse_ca::{Authority, InitOptions, IssueRequest, KeyType};
+        use gatehouse_policy::{SpiffeId, TrustDomain};
+        let ca = Authority::init(
+            &dir.join("ca"),
+            &InitOptions {
+                trust_domain: TrustDomain::parse("reload.test").expect("td"),
+                key_type: KeyType::EcdsaP256,
+                ttl: Duration::from_secs(86400),
+                intermediate: false,
+            },
+        )
+        .expect("ca init");
+        let svid = ca
+            .issue(&IssueRequest {
+                spiffe_id: SpiffeId::parse("spiffe://reload.test/app").expect("id"),
+                dns: vec![],
+                ttl: Duration::from_secs(3600),
+            })
+            .expect("issue");
+        svid.write_to(&dir.join("certs")).expect("write");
+        std::fs::write(
+            dir.join("policy.toml"),
+            "version = 1\ntrust_domain = \"reload.test\"\n\n[[route]]\nname = \"all\"\n\
+             path = \"/**\"\nallow = [\"*\"]\n",
+        )
+        .expect("policy");
+        let config = "[identity]\ncert = \"certs/cert.pem\"\nkey = \"certs/key.pem\"\n\
+             bundle = \"certs/bundle.pem\"\n\n[inbound]\nlisten = \"127.0.0.1:0\"\n\
+             app = \"127.0.0.1:1\"\npolicy = \"policy.toml\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n";
+        let config =
+            crate::config::Config::parse(config, &dir.join("sidecar.toml")).expect("config");
+        let (state, inputs) = State::load(config).expect("state");
+        (Arc::new(state), inputs)
+    }
+
+    fn slow_read(paths: &[Option<PathBuf>; 5]) -> Inputs {
+        std::thread::sleep(Duration::from_millis(600));
+        Inputs::read(paths)
+    }
+
+    /// A reload attempt past its deadline is a visible error (log, metric, `/status`), no
+    /// second attempt starts while it runs, and reloading resumes once it finished.
+    #[tokio::test]
+    async fn stuck_attempt_is_reported_and_blocks_no_later_reload() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let (state, inputs) = state(dir.path());
+        let metrics = Metrics::register().expect("metrics");
+        let mut r = Reloader::new(state.clone(), metrics.clone(), Vec::new(), inputs);
+        r.deadline = Duration::from_millis(100);
+        r.read = slow_read;
+        let status = r.status();
+        let timeouts = || metrics.reloads.with_label_values(&["all", "timeout"]).get();
+
+        r.reload(Trigger::Signal).await;
+        assert_eq!(timeouts(), 1);
+        assert_eq!(metrics.reload_stuck.get(), 1);
+        let json = status.lock().expect("status").to_json();
+        assert!(json["stuck_since"].is_string(), "{json}");
+        assert_eq!(json["last_result"], "timeout");
+        assert_eq!(state.generation(), 0);
+
+        // Still running: no new attempt (none times out, nothing is swapped).
+        r.reload(Trigger::Signal).await;
+        assert_eq!(timeouts(), 1);
+        assert!(r.stuck.is_some());
+
+        // Once it finished, the next trigger reads again and reloads.
+        let finished = tokio::time::timeout(Duration::from_secs(10), async {
+            while !r.stuck.as_ref().is_some_and(JoinHandle::is_finished) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        finished.await.expect("the slow attempt finishes");
+        r.read = Inputs::read;
+        r.reload(Trigger::Signal).await;
+        assert_eq!(metrics.reload_stuck.get(), 0);
+        assert!(status.lock().expect("status").to_json()["stuck_since"].is_null());
+        assert_eq!(state.generation(), 1);
+        assert_eq!(metrics.reloads.with_label_values(&["none", "ok"]).get(), 1);
     }
 }

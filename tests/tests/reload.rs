@@ -22,6 +22,11 @@
 //!   metrics for the leaf and the roots, the last-third warning, SIGHUP, and a certificate for
 //!   another identity refused on reload.
 //!
+//! - issue 21, finding 9: a CRL written while `policy.toml` is broken is applied at once (the
+//!   serving policy kept, the broken one visibly refused) and still applies after the fix;
+//!   finding 12: a FIFO or a link to `/dev/zero` in place of a watched file, and an oversized
+//!   file, are refused without blocking the reloader or reading them, at startup too.
+//!
 //! The load-heavy tests take a lock so they do not compete for the (2-core) CI machine.
 
 use std::path::{Path, PathBuf};
@@ -1084,6 +1089,21 @@ fn replace_with_link(path: &Path, target: &str) {
     std::fs::rename(&tmp, path).expect("rename");
 }
 
+/// A CRL sidecar whose policy is then broken (the refusal seen) and a client, accepted
+/// before, revoked meanwhile: the sidecar, the good policy text and the revoked client.
+async fn break_policy_then_revoke(pki: &Pki, app: &FakeApp) -> (Sidecar, Vec<u8>, CertDir) {
+    let (sc, crl) = crl_sidecar(pki, app).await;
+    let good = std::fs::read(sc.policy_path()).expect("policy");
+    let revoked = pki.issue(CLIENT_ID);
+    assert_eq!(fresh_get(&revoked, sc.inbound_addr()).await, Ok(200));
+    assert_eq!(input_refused(&sc, "policy").await, 0.0);
+    replace(&sc.policy_path(), BROKEN_POLICY);
+    wait_reloads(&sc, "policy", "error", 1.0).await;
+    let (serial, _) = leaf(&revoked.cert()).await;
+    revoke(pki, &serial, &crl).await;
+    (sc, good, revoked)
+}
+
 /// Finding 9, as reported: a CRL written while `policy.toml` has a typo; once the policy is
 /// fixed the revoked client must be refused on a fresh full handshake. It used to be
 /// accepted until a SIGHUP: the fix reloaded "the policy" only and kept the TLS
@@ -1092,16 +1112,8 @@ fn replace_with_link(path: &Path, target: &str) {
 async fn issue_21_9_revocation_written_while_the_policy_is_broken_applies_once_it_is_fixed() {
     let pki = Pki::new("reload.test");
     let app = FakeApp::start().await;
-    let (sc, crl) = crl_sidecar(&pki, &app).await;
+    let (sc, good, revoked) = break_policy_then_revoke(&pki, &app).await;
     let addr = sc.inbound_addr();
-    let good = std::fs::read(sc.policy_path()).expect("policy");
-    let revoked = pki.issue(CLIENT_ID);
-    assert_eq!(fresh_get(&revoked, addr).await, Ok(200));
-
-    replace(&sc.policy_path(), BROKEN_POLICY);
-    wait_reloads(&sc, "policy", "error", 1.0).await;
-    let (serial, _) = leaf(&revoked.cert()).await;
-    revoke(&pki, &serial, &crl).await;
     eventually(
         "an attempt with the new CRL",
         Duration::from_secs(15),
@@ -1131,18 +1143,9 @@ async fn issue_21_9_revocation_written_while_the_policy_is_broken_applies_once_i
 async fn issue_21_9_broken_policy_does_not_hold_back_a_new_crl_and_stays_visibly_refused() {
     let pki = Pki::new("reload.test");
     let app = FakeApp::start().await;
-    let (sc, crl) = crl_sidecar(&pki, &app).await;
+    let (sc, good, revoked) = break_policy_then_revoke(&pki, &app).await;
     let addr = sc.inbound_addr();
-    let good = std::fs::read(sc.policy_path()).expect("policy");
-    let revoked = pki.issue(CLIENT_ID);
     let kept = pki.issue(OTHER_ID);
-    assert_eq!(fresh_get(&revoked, addr).await, Ok(200));
-    assert_eq!(input_refused(&sc, "policy").await, 0.0);
-
-    replace(&sc.policy_path(), BROKEN_POLICY);
-    wait_reloads(&sc, "policy", "error", 1.0).await;
-    let (serial, _) = leaf(&revoked.cert()).await;
-    revoke(&pki, &serial, &crl).await;
     wait_refused(
         &sc,
         &revoked,

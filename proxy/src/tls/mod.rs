@@ -239,31 +239,33 @@ pub struct Credentials {
     pub serial_hex: String,
 }
 
-/// The credential files as read (with [`crate::input::read`]).
-#[derive(Debug, Clone, Copy)]
-pub struct CredentialFiles<'a> {
+/// The four credential files: their paths ([`CredentialPaths`]) or their content as read
+/// ([`CredentialFiles`]).
+#[derive(Debug)]
+pub struct CredentialSet<'a, T: ?Sized> {
     /// Certificate chain.
-    pub cert: &'a Input,
+    pub cert: &'a T,
     /// Private key.
-    pub key: &'a Input,
+    pub key: &'a T,
     /// Trust bundle.
-    pub bundle: &'a Input,
+    pub bundle: &'a T,
     /// Optional CRL file.
-    pub crl: Option<&'a Input>,
+    pub crl: Option<&'a T>,
 }
 
-/// Paths of the credential files.
-#[derive(Debug, Clone, Copy)]
-pub struct CredentialPaths<'a> {
-    /// Certificate chain.
-    pub cert: &'a Path,
-    /// Private key.
-    pub key: &'a Path,
-    /// Trust bundle.
-    pub bundle: &'a Path,
-    /// Optional CRL file.
-    pub crl: Option<&'a Path>,
+impl<T: ?Sized> Clone for CredentialSet<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
 }
+
+impl<T: ?Sized> Copy for CredentialSet<'_, T> {}
+
+/// Paths of the credential files.
+pub type CredentialPaths<'a> = CredentialSet<'a, Path>;
+
+/// The credential files as read (with [`crate::input::read`]).
+pub type CredentialFiles<'a> = CredentialSet<'a, Input>;
 
 impl Credentials {
     /// Reads (with [`crate::input::read`]), loads and checks the credentials.
