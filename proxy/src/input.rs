@@ -134,7 +134,14 @@ impl FileError {
         let key = self.kind.key();
         match &self.problem {
             FileProblem::Io(..) => {
-                format!("check the path given by {key} and that the sidecar may read it")
+                let make = match self.kind {
+                    FileKind::Cert | FileKind::Key | FileKind::Bundle => {
+                        "; issue certificates with `ca issue --dir CA --spiffe-id ID --out DIR`"
+                    }
+                    FileKind::Crl => "; write the CRL with `ca crl --dir CA --out FILE`",
+                    FileKind::Config | FileKind::Policy => "",
+                };
+                format!("check the path given by {key} and that the sidecar may read it{make}")
             }
             FileProblem::NotRegular(_) => format!(
                 "{key} must name a regular file (a symlink to one is fine); replace it with the file's content"
