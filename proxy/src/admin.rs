@@ -1,7 +1,8 @@
 //! The admin listener (plain HTTP/1.1, for probes and scrapers): `/metrics` (Prometheus text),
 //! `/healthz` (the process is up), `/readyz` (listeners bound, identity loaded and unexpired,
-//! no CRL stale beyond `crl_grace` unless `crl_stale = "warn"`, not shutting down), `/status` (identity, leaf serial and expiry, bundle roots, reload
-//! generation, policy hash, configuration summary, as JSON). It keeps answering while the sidecar drains, so probes see `/readyz` turn 503.
+//! no CRL stale beyond `crl_grace` unless `crl_stale = "warn"`, not shutting down), `/status` (identity, leaf serial
+//! and expiry, bundle roots and CRLs, reload generation and refused or stuck reloads, policy hash, configuration
+//! summary, as JSON). It keeps answering while the sidecar drains, so probes see `/readyz` turn 503.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -21,6 +22,7 @@ use tracing::debug;
 
 use crate::config::CrlStale;
 use crate::metrics::Metrics;
+use crate::reload::ReloadStatus;
 use crate::signal::Shutdown;
 use crate::state::State;
 
@@ -35,6 +37,8 @@ pub struct Admin {
     pub shutdown: Shutdown,
     /// Bound listeners, `(name, address)`, for `/status`.
     pub listeners: Vec<(String, SocketAddr)>,
+    /// The reloader's state (inputs refused, an attempt stuck), for `/status`.
+    pub reload: Arc<std::sync::Mutex<ReloadStatus>>,
 }
 
 impl Admin {
@@ -166,6 +170,7 @@ impl Admin {
             "bundle": bundle,
             "crls": self.crls(&snap, now),
             "reload_generation": self.state.generation(),
+            "reload": self.reload.lock().map(|r| r.to_json()).unwrap_or_default(),
             "policy": policy,
             "config": {
                 "path": cfg.path.display().to_string(),

@@ -71,9 +71,10 @@ impl ConfigError {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConfigErrorKind {
-    /// The file could not be read.
-    #[error("cannot read the config file")]
-    Read(#[source] std::io::Error),
+    /// The file could not be read: missing, not a regular file, too large
+    /// ([`crate::input::read`]).
+    #[error("{}", .0.problem)]
+    Read(crate::input::FileError),
     /// TOML syntax error, unknown key, missing key or wrong type.
     #[error("{0}")]
     Syntax(String),
@@ -177,7 +178,7 @@ impl ConfigErrorKind {
     /// The `help:` line.
     pub fn help(&self) -> String {
         match self {
-            Self::Read(_) => "check the path given to --config".into(),
+            Self::Read(e) => e.help(),
             Self::Syntax(_) => "fix the TOML; every key is documented in docs/CONFIG.md".into(),
             Self::Address { .. } => "write an IP address and port, e.g. \"127.0.0.1:8443\"".into(),
             Self::HostPort { .. } => {
@@ -785,12 +786,19 @@ impl Config {
     /// Every problem found, each with `file:line:col` (or only the file when it cannot be read).
     pub fn load(path: &Path) -> Result<Config, Vec<ConfigError>> {
         let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
-        let text = std::fs::read_to_string(&abs).map_err(|e| {
+        let err = |kind| {
             vec![ConfigError {
                 file: path.to_path_buf(),
                 position: None,
-                kind: ConfigErrorKind::Read(e),
+                kind,
             }]
+        };
+        let bytes = crate::input::read(&abs, crate::input::FileKind::Config)
+            .map_err(|e| err(ConfigErrorKind::Read(e)))?;
+        let text = String::from_utf8(bytes).map_err(|e| {
+            err(ConfigErrorKind::Syntax(format!(
+                "the file is not UTF-8 text: {e}"
+            )))
         })?;
         Self::parse(&text, &abs)
     }

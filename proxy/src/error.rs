@@ -23,6 +23,9 @@ pub enum LoadError {
     /// Certificates, key, bundle or CRL.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// A configured file that could not be read (missing, not a regular file, too large).
+    #[error(transparent)]
+    File(#[from] crate::input::FileError),
     /// The policy file (already rendered as `file:line:col: message`).
     #[error("{}", policy_location(.0))]
     Policy(gatehouse_policy::Diagnostic),
@@ -91,7 +94,8 @@ impl LoadError {
     pub fn help(&self) -> String {
         match self {
             Self::Config(e) => e.help(),
-            Self::Tls(e) => e.help().to_owned(),
+            Self::Tls(e) => e.help(),
+            Self::File(e) => e.help(),
             Self::Policy(d) => d.help.clone(),
             Self::TrustDomainMismatch { .. } => {
                 "set the policy's trust_domain to the one in our certificate's spiffe:// ID".into()

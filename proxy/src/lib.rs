@@ -5,6 +5,8 @@
 //! - [`config`]: the sidecar TOML → validated [`config::Config`];
 //! - [`tls`]: credentials loading, X.509-SVID rules, the SPIFFE verifier, server and client
 //!   configs, swappable certificate resolver;
+//! - [`input`]: the one reader of configured files (regular files only, size limits, never
+//!   blocking on a FIFO) and the watched inputs a snapshot is built from;
 //! - [`state`]: the [`state::Snapshot`] (credentials, policy, TLS) every connection holds;
 //! - [`inbound`]: mTLS termination, per-route policy, forwarding to the app;
 //! - [`outbound`]: plaintext from the app, mTLS to the peer sidecar with its identity pinned;
@@ -27,6 +29,7 @@ pub mod error;
 pub mod h2body;
 pub mod headers;
 pub mod inbound;
+pub mod input;
 pub mod metrics;
 pub mod outbound;
 pub mod reload;

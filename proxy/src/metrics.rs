@@ -32,17 +32,21 @@ pub struct Metrics {
     /// `gatehouse_inbound_active_connections`.
     pub inbound_active_connections: IntGauge,
     /// `gatehouse_cert_expiry_timestamp_seconds{cert}`: `cert="leaf"` is our own leaf,
-    /// `cert="root:<serial>"` each root of the trust bundle (serial truncated to 16 hex digits),
-    /// `cert="crl:<n>"` the next-update of the n-th CRL of `[identity] crl`.
+    /// `cert="root:<serial>"` each root of the trust bundle (serial truncated to 16 hex digits).
     pub cert_expiry: IntGaugeVec,
     /// `gatehouse_crl_next_update_timestamp_seconds{issuer}`: when each CRL of `[identity] crl`
     /// is due to be replaced, Unix seconds; `issuer` is the CRL issuer's common name (at most
     /// [`MAX_CRL_ISSUERS`] series: the CA tool writes one or two per root).
     pub crl_next_update: IntGaugeVec,
     /// `gatehouse_reloads_total{what,result}`: `what` is the file kind that changed (`cert`,
-    /// `key`, `bundle`, `crl`, `policy`, or `none` for a SIGHUP with nothing changed), `result`
-    /// is `ok` or `error`.
+    /// `key`, `bundle`, `crl`, `policy`, `none` for a SIGHUP with nothing changed, `all` for an
+    /// attempt that overran its deadline), `result` is `ok`, `error` (refused) or `timeout`.
     pub reloads: IntCounterVec,
+    /// `gatehouse_reload_input_refused{what}`: 1 while that file's content on disk was refused
+    /// (the sidecar serves an older version of it), else 0.
+    pub reload_input_refused: IntGaugeVec,
+    /// `gatehouse_reload_stuck`: 1 while a reload attempt has overrun its deadline.
+    pub reload_stuck: IntGauge,
 }
 
 impl Metrics {
@@ -106,7 +110,7 @@ impl Metrics {
         let reloads = IntCounterVec::new(
             Opts::new(
                 "reloads_total",
-                "Hot reloads by changed file kind and result (ok|error)",
+                "Hot reloads by changed file kind and result (ok|error|timeout)",
             ),
             &["what", "result"],
         )?;
@@ -118,6 +122,19 @@ impl Metrics {
             &["issuer"],
         )?;
         registry.register(Box::new(crl_next_update.clone()))?;
+        let reload_input_refused = IntGaugeVec::new(
+            Opts::new(
+                "reload_input_refused",
+                "1 while the file's current content was refused by reload (an older version serves)",
+            ),
+            &["what"],
+        )?;
+        let reload_stuck = IntGauge::new(
+            "reload_stuck",
+            "1 while a reload attempt has overrun its deadline (reading or validating the files)",
+        )?;
+        registry.register(Box::new(reload_input_refused.clone()))?;
+        registry.register(Box::new(reload_stuck.clone()))?;
         registry.register(Box::new(cert_expiry.clone()))?;
         registry.register(Box::new(reloads.clone()))?;
         Ok(Self {
@@ -130,6 +147,8 @@ impl Metrics {
             cert_expiry,
             crl_next_update,
             reloads,
+            reload_input_refused,
+            reload_stuck,
         })
     }
 

@@ -11,9 +11,28 @@
 //!   events (some network and overlay mounts) and for events lost under load;
 //! - `SIGHUP`, which reloads even when nothing changed (ignored once shutdown started).
 //!
-//! Whatever the trigger, the files' contents are hashed (SHA-256, following symlinks) and
-//! compared with the last ones seen; nothing happens when nothing changed (except on SIGHUP).
-//! The changed kinds label `gatehouse_reloads_total{what,result}`.
+//! Whatever the trigger, the files are read (once, with [`crate::input::read`]: regular files
+//! only, size limits, never blocking on a FIFO), hashed (SHA-256), and compared with the
+//! content the *serving* snapshot was built from, not with what was last seen: an input
+//! refused once is still pending until a snapshot with it serves. Nothing happens when
+//! nothing differs, or when only contents already refused differ (except on SIGHUP). The
+//! differing kinds label `gatehouse_reloads_total{what,result}`.
+//!
+//! **Partial apply.** The inputs form three groups that are applied or refused together:
+//! trust (bundle, CRL), policy, and identity (cert, key). When the whole set does not
+//! validate, the largest set of changed groups that validates together with the serving
+//! rest is applied, trust first, then policy: a typo in `policy.toml` cannot hold back a
+//! revocation, and a broken certificate rotation cannot hold back a policy edit. What is
+//! refused stays visibly refused until its file changes again or goes back to the serving
+//! content: `gatehouse_reload_input_refused{what}` is 1, `/status` `reload.refused` names the
+//! file, since when and why, and the `reload refused` log line says what was applied.
+//!
+//! **Deadline.** One attempt (read, build, validate) runs on the blocking pool under
+//! [`RELOAD_DEADLINE`]. One that overruns it is logged (`reload stuck`), counted
+//! (`gatehouse_reloads_total{what="all",result="timeout"}`), flagged
+//! (`gatehouse_reload_stuck` 1, `/status` `reload.stuck_since`), and no new attempt starts
+//! until it has finished (its result is then discarded and the files are read again), so a
+//! hung file system cannot pile up blocked threads.
 //!
 //! **Validation.** A reload builds a whole new [`Snapshot`] through the same code as startup
 //! ([`State::build_snapshot`]), so it checks everything startup checks: every file reads and
@@ -50,84 +69,193 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use rustls_pki_types::CertificateDer;
-use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use crate::config::Config;
 use crate::error::LoadError;
+use crate::input::{Inputs, WATCHED};
 use crate::metrics::Metrics;
 use crate::outbound::connect::Upstream;
 use crate::outbound::{self, OutboundTls};
 use crate::signal::Shutdown;
-use crate::state::{Snapshot, State};
+use crate::state::{Snapshot, State, watched_paths};
 use crate::tls::crl::StaleReport;
 
-/// The kinds of watched files, in `gatehouse_reloads_total{what}` spelling.
-const KINDS: [&str; 5] = ["cert", "key", "bundle", "crl", "policy"];
+/// How long one reload attempt (reading the watched files, building and validating a
+/// snapshot) may take before it is reported stuck. Reading is bounded by the size limits and
+/// building takes milliseconds, so only a hung file system (NFS, FUSE) gets near it.
+pub const RELOAD_DEADLINE: Duration = Duration::from_secs(10);
 
-/// SHA-256 of each watched file's content (`None`: not configured); a read error hashes the
-/// error, so a vanished file is a change too.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Fingerprint([Option<[u8; 32]>; 5]);
+// Bits of the watched inputs, in `WATCHED` order.
+const CERT: u8 = 1 << 0;
+const KEY: u8 = 1 << 1;
+const BUNDLE: u8 = 1 << 2;
+const CRL: u8 = 1 << 3;
+const POLICY: u8 = 1 << 4;
 
-impl Fingerprint {
-    fn read(paths: &[Option<PathBuf>; 5]) -> Self {
-        Self(paths.each_ref().map(|p| {
-            p.as_deref().map(|p| {
-                let mut h = Sha256::new();
-                match std::fs::read(p) {
-                    Ok(bytes) => h.update(&bytes),
-                    Err(e) => h.update(format!("unreadable: {}", e.kind()).as_bytes()),
-                }
-                h.finalize().into()
-            })
-        }))
-    }
+/// Inputs applied or refused together, in order of preference when not all of them can be
+/// applied: trust (revocation) first, then authorization, then our own certificate.
+const GROUPS: [u8; 3] = [BUNDLE | CRL, POLICY, CERT | KEY];
 
-    /// The kinds whose content differs.
-    fn changed(&self, before: &Self) -> Vec<&'static str> {
-        KINDS
-            .iter()
-            .zip(self.0.iter().zip(before.0.iter()))
-            .filter(|(_, (a, b))| a != b)
-            .map(|(k, _)| *k)
-            .collect()
-    }
+/// Which combinations of `GROUPS` to try, by index, most groups first, then by preference.
+const COMBINATIONS: [&[usize]; 7] = [&[0, 1, 2], &[0, 1], &[0, 2], &[1, 2], &[0], &[1], &[2]];
+
+/// The `what` labels of the inputs in `mask`.
+fn kinds(mask: u8) -> Vec<&'static str> {
+    (0..WATCHED.len())
+        .filter(|i| mask & (1 << i) != 0)
+        .map(|i| WATCHED[i].label())
+        .collect()
 }
 
-fn watched_paths(cfg: &Config) -> [Option<PathBuf>; 5] {
-    [
-        Some(cfg.identity.cert.clone()),
-        Some(cfg.identity.key.clone()),
-        Some(cfg.identity.bundle.clone()),
-        cfg.identity.crl.clone(),
-        cfg.inbound.as_ref().map(|i| i.policy.clone()),
-    ]
-}
-
-/// What started a reload (a log field).
-#[derive(Debug, Clone, Copy)]
-enum Trigger {
-    Watch,
-    Poll,
-    Signal,
-}
-
-impl Trigger {
-    fn as_str(self) -> &'static str {
-        match self {
-            Self::Watch => "file_event",
-            Self::Poll => "poll",
-            Self::Signal => "SIGHUP",
+/// The input masks to try for the changed inputs `pending`: each combination of the groups
+/// that hold a changed input, in the order of [`COMBINATIONS`].
+fn candidates(pending: u8) -> Vec<u8> {
+    let mut out = Vec::new();
+    for combination in COMBINATIONS {
+        if combination.iter().all(|g| GROUPS[*g] & pending != 0) {
+            out.push(combination.iter().fold(0, |m, g| m | GROUPS[*g]) & pending);
         }
     }
+    out
 }
+
+/// One refused input: which content, since when, why.
+#[derive(Debug, Clone)]
+struct Refused {
+    digest: [u8; 32],
+    path: PathBuf,
+    since: OffsetDateTime,
+    errors: Vec<String>,
+}
+
+/// What the reloader reports on `/status` (`reload`).
+#[derive(Debug, Default)]
+pub struct ReloadStatus {
+    refused: [Option<Refused>; 5],
+    last_attempt: Option<OffsetDateTime>,
+    last_result: Option<&'static str>,
+    stuck_since: Option<OffsetDateTime>,
+}
+
+impl ReloadStatus {
+    /// `{"last_attempt", "last_result", "stuck_since", "refused": [{"what", "path", "since",
+    /// "errors"}]}`; times in RFC 3339.
+    pub fn to_json(&self) -> serde_json::Value {
+        let time = |t: Option<OffsetDateTime>| t.and_then(|t| t.format(&Rfc3339).ok());
+        let refused: Vec<serde_json::Value> = self
+            .refused
+            .iter()
+            .zip(WATCHED)
+            .filter_map(|(r, kind)| {
+                let r = r.as_ref()?;
+                Some(serde_json::json!({
+                    "what": kind.label(),
+                    "path": r.path.display().to_string(),
+                    "since": time(Some(r.since)),
+                    "errors": r.errors,
+                }))
+            })
+            .collect();
+        serde_json::json!({
+            "last_attempt": time(self.last_attempt),
+            "last_result": self.last_result,
+            "stuck_since": time(self.stuck_since),
+            "refused": refused,
+        })
+    }
+}
+
+/// One attempt's result, computed on the blocking pool.
+struct Attempt {
+    /// The files as read.
+    inputs: Inputs,
+    /// The inputs whose content differs from the serving one.
+    pending: u8,
+    /// What to apply; `None` when nothing is new since the last attempt.
+    plan: Option<Plan>,
+    /// The files did not change while the attempt ran.
+    settled: bool,
+}
+
+/// What an attempt decided.
+struct Plan {
+    /// The inputs the new snapshot takes from disk (the rest keep their serving content).
+    applied: u8,
+    /// The snapshot to swap in (`None`: nothing applies).
+    built: Option<Prepared>,
+    /// Why the rest was refused (empty when everything applied).
+    errors: Vec<String>,
+}
+
+/// Reads the files and decides what to apply (blocking: runs on the blocking pool).
+fn attempt(
+    read: ReadInputs,
+    state: &State,
+    paths: &[Option<PathBuf>; 5],
+    served: &Inputs,
+    refused: [Option<[u8; 32]>; 5],
+    signal: bool,
+) -> Attempt {
+    let inputs = read(paths);
+    let mask = |f: &dyn Fn(usize) -> bool| (0..5).filter(|i| f(*i)).fold(0u8, |m, i| m | 1 << i);
+    let pending = mask(&|i| inputs.digest(i) != served.digest(i));
+    // Refused contents that are still there are no reason for another attempt (a refused
+    // input back to its serving content needs none either: `finish` clears its refusal).
+    let still_refused = mask(&|i| refused[i].is_some() && refused[i] == inputs.digest(i));
+    let plan = (signal || pending & !still_refused != 0)
+        .then(|| plan(state, served, &inputs, pending, signal));
+    let settled = plan.is_none() || read(paths).digests() == inputs.digests();
+    Attempt {
+        inputs,
+        pending,
+        plan,
+        settled,
+    }
+}
+
+/// The largest set of changed groups that validates with the serving rest (see the module
+/// docs); on SIGHUP at least the serving inputs are rebuilt.
+fn plan(state: &State, served: &Inputs, inputs: &Inputs, pending: u8, signal: bool) -> Plan {
+    let mut errors: Option<Vec<String>> = None;
+    for applied in candidates(pending) {
+        match prepare(state, &served.with(inputs, applied)) {
+            Ok(built) => {
+                return Plan {
+                    applied,
+                    built: Some(built),
+                    errors: errors.unwrap_or_default(),
+                };
+            }
+            Err(e) => {
+                // The whole set's errors: every problem, as startup would report them.
+                errors.get_or_insert(e);
+            }
+        }
+    }
+    let built = if signal {
+        prepare(state, served)
+            .map_err(|e| errors.get_or_insert(e).clone())
+            .ok()
+    } else {
+        None
+    };
+    Plan {
+        applied: 0,
+        built,
+        errors: errors.unwrap_or_default(),
+    }
+}
+
+/// How an attempt reads the watched files: [`Inputs::read`] (tests slow it down).
+type ReadInputs = fn(&[Option<PathBuf>; 5]) -> Inputs;
 
 /// Watches the files and reloads the snapshot; one per sidecar, run by [`Reloader::run`].
 pub struct Reloader {
@@ -135,7 +263,13 @@ pub struct Reloader {
     metrics: Metrics,
     upstreams: Vec<Vec<Arc<Upstream>>>,
     paths: [Option<PathBuf>; 5],
-    last: Fingerprint,
+    /// The inputs the serving snapshot was built from.
+    served: Inputs,
+    status: Arc<Mutex<ReloadStatus>>,
+    deadline: Duration,
+    read: ReadInputs,
+    /// An attempt that overran the deadline and has not finished yet.
+    stuck: Option<JoinHandle<Attempt>>,
     warned_serial: Option<String>,
     crl_report: StaleReport,
 }
@@ -150,18 +284,31 @@ impl std::fmt::Debug for Reloader {
 
 impl Reloader {
     /// A reloader for `state`; `upstreams` are the outbound pools in configuration order (one
-    /// per event loop for each entry). Reads
-    /// the files once (the baseline the first change is compared with) and publishes the
-    /// expiry metrics of the current snapshot.
-    pub fn new(state: Arc<State>, metrics: Metrics, upstreams: Vec<Vec<Arc<Upstream>>>) -> Self {
+    /// per event loop for each entry); `served` the files the current snapshot was built from
+    /// (what changes are compared with). Publishes the expiry metrics of the current snapshot.
+    pub fn new(
+        state: Arc<State>,
+        metrics: Metrics,
+        upstreams: Vec<Vec<Arc<Upstream>>>,
+        served: Inputs,
+    ) -> Self {
         let paths = watched_paths(&state.config);
-        let last = Fingerprint::read(&paths);
+        for kind in WATCHED.iter().zip(&paths).filter(|(_, p)| p.is_some()) {
+            metrics
+                .reload_input_refused
+                .with_label_values(&[kind.0.label()])
+                .set(0);
+        }
         let mut r = Self {
             state,
             metrics,
             upstreams,
             paths,
-            last,
+            served,
+            status: Arc::default(),
+            deadline: RELOAD_DEADLINE,
+            read: Inputs::read,
+            stuck: None,
             warned_serial: None,
             crl_report: StaleReport::default(),
         };
@@ -170,6 +317,16 @@ impl Reloader {
         r.check_lifetime(&snap);
         r.check_crls(&snap);
         r
+    }
+
+    /// What `/status` shows under `reload`.
+    pub fn status(&self) -> Arc<Mutex<ReloadStatus>> {
+        self.status.clone()
+    }
+
+    fn with_status<T>(&self, f: impl FnOnce(&mut ReloadStatus) -> T) -> T {
+        let mut guard = self.status.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut guard)
     }
 
     /// Runs until shutdown starts: file events (debounced), the polling fallback, and SIGHUP
@@ -241,65 +398,192 @@ impl Reloader {
         Some(watcher)
     }
 
-    /// Rebuilds and swaps the snapshot if a watched file changed (always on SIGHUP).
+    /// Reads the files and applies what differs from the serving snapshot and validates
+    /// (always rebuilds on SIGHUP).
     async fn reload(&mut self, trigger: Trigger) {
-        let paths = self.paths.clone();
-        let Ok(now) = tokio::task::spawn_blocking(move || Fingerprint::read(&paths)).await else {
-            return;
-        };
-        if now == self.last && !matches!(trigger, Trigger::Signal) {
+        if !self.unstuck() {
+            debug!(
+                trigger = trigger.as_str(),
+                "a stuck reload attempt is still running: not starting another"
+            );
             return;
         }
+        let signal = matches!(trigger, Trigger::Signal);
         // Files still being written while we read them (a writer that is not atomic, or a
         // `..data` swap between reading cert.pem and key.pem) would give a spurious refusal:
-        // build again, after the debounce, until the files held still during a build.
+        // read again, after the debounce, until the files held still during an attempt.
         let debounce = self.state.config.reload.debounce;
-        let mut attempt = 0;
-        let (seen, built) = loop {
-            attempt += 1;
-            let state = self.state.clone();
-            let paths = self.paths.clone();
+        let mut tries = 0;
+        let outcome = loop {
+            tries += 1;
+            let (state, paths, served) =
+                (self.state.clone(), self.paths.clone(), self.served.clone());
+            let refused =
+                self.with_status(|s| s.refused.each_ref().map(|r| r.as_ref().map(|r| r.digest)));
+            let read = self.read;
             let job = tokio::task::spawn_blocking(move || {
-                let before = Fingerprint::read(&paths);
-                let built = prepare(&state);
-                (before, built, Fingerprint::read(&paths))
+                attempt(read, &state, &paths, &served, refused, signal)
             });
-            let Ok((before, built, after)) = job.await else {
+            let Some(outcome) = self.within_deadline(job).await else {
                 return;
             };
-            if before == after || attempt >= 3 {
-                break (after, built);
+            if outcome.settled || tries >= 3 {
+                break outcome;
             }
-            debug!(attempt, "files changed during the reload: building again");
+            debug!(tries, "files changed during the reload: reading again");
             tokio::time::sleep(debounce).await;
         };
-        let changed = seen.changed(&self.last);
-        // Remember what was seen even if it is refused: a broken file is reported once, and
-        // the next write (the fix) triggers the next attempt.
-        self.last = seen;
-        let what: Vec<&'static str> = if changed.is_empty() {
+        self.finish(trigger, outcome);
+    }
+
+    /// Waits for an attempt up to the deadline; past it the attempt is reported stuck.
+    async fn within_deadline(&mut self, mut job: JoinHandle<Attempt>) -> Option<Attempt> {
+        match tokio::time::timeout(self.deadline, &mut job).await {
+            Ok(Ok(outcome)) => Some(outcome),
+            Ok(Err(e)) => {
+                warn!(error = %e, "reload attempt failed: keeping the current certificates and policy");
+                None
+            }
+            Err(_) => {
+                let now = OffsetDateTime::now_utc();
+                self.metrics
+                    .reloads
+                    .with_label_values(&["all", "timeout"])
+                    .inc();
+                self.metrics.reload_stuck.set(1);
+                self.with_status(|s| {
+                    s.stuck_since = Some(now);
+                    s.last_attempt = Some(now);
+                    s.last_result = Some("timeout");
+                });
+                warn!(
+                    deadline_s = self.deadline.as_secs_f64(),
+                    paths = ?self.paths.iter().flatten().collect::<Vec<_>>(),
+                    "reload stuck: reading and validating the watched files took longer than the \
+                     deadline; keeping the current certificates and policy, and starting no other \
+                     reload until it finishes: check the file system holding these files"
+                );
+                self.stuck = Some(job);
+                None
+            }
+        }
+    }
+
+    /// Whether no attempt is stuck (any more); clears the stuck state once it finished.
+    fn unstuck(&mut self) -> bool {
+        let Some(job) = &self.stuck else {
+            return true;
+        };
+        if !job.is_finished() {
+            return false;
+        }
+        self.stuck = None;
+        self.metrics.reload_stuck.set(0);
+        self.with_status(|s| s.stuck_since = None);
+        info!(
+            "the stuck reload attempt finished: its result is discarded, reading the files again"
+        );
+        true
+    }
+
+    /// Records an attempt (metrics, `/status`, log) and swaps in what it built.
+    fn finish(&mut self, trigger: Trigger, att: Attempt) {
+        let Attempt {
+            inputs,
+            pending,
+            plan,
+            ..
+        } = att;
+        let now = OffsetDateTime::now_utc();
+        // A refused input whose file is back to the serving content is resolved.
+        let resolved = self.with_status(|s| {
+            let mut resolved = 0u8;
+            for i in 0..5 {
+                if s.refused[i].is_some() && inputs.digest(i) == self.served.digest(i) {
+                    s.refused[i] = None;
+                    resolved |= 1 << i;
+                }
+            }
+            resolved
+        });
+        for what in kinds(resolved) {
+            self.metrics.reloads.with_label_values(&[what, "ok"]).inc();
+        }
+        let Some(plan) = plan else {
+            self.publish_refused();
+            return;
+        };
+        let refused = pending & !plan.applied;
+        let ok = if plan.built.is_some() { "ok" } else { "error" };
+        if pending == 0 && resolved == 0 {
+            self.metrics.reloads.with_label_values(&["none", ok]).inc();
+        }
+        for (i, what) in WATCHED.iter().map(|k| k.label()).enumerate() {
+            let bit = 1 << i;
+            if pending & bit != 0 {
+                let result = if plan.applied & bit != 0 {
+                    "ok"
+                } else {
+                    "error"
+                };
+                self.metrics
+                    .reloads
+                    .with_label_values(&[what, result])
+                    .inc();
+            }
+        }
+        self.with_status(|s| {
+            for i in 0..5 {
+                let bit = 1 << i;
+                if refused & bit != 0
+                    && let Some(input) = &inputs.0[i]
+                {
+                    let since = match &s.refused[i] {
+                        Some(r) if r.digest == input.digest => r.since,
+                        _ => now,
+                    };
+                    s.refused[i] = Some(Refused {
+                        digest: input.digest,
+                        path: input.path.clone(),
+                        since,
+                        errors: plan.errors.clone(),
+                    });
+                } else if plan.applied & bit != 0 {
+                    s.refused[i] = None;
+                }
+            }
+            s.last_attempt = Some(now);
+            s.last_result = Some(
+                match (refused != 0 || plan.built.is_none(), plan.applied != 0) {
+                    (false, _) => "ok",
+                    (true, true) => "partial",
+                    (true, false) => "refused",
+                },
+            );
+        });
+        self.publish_refused();
+        let what = if pending == 0 {
             vec!["none"]
         } else {
-            changed.clone()
+            kinds(pending)
         };
-        let result = if built.is_ok() { "ok" } else { "error" };
-        for w in &what {
-            self.metrics.reloads.with_label_values(&[w, result]).inc();
+        if refused != 0 || plan.built.is_none() {
+            warn!(
+                trigger = trigger.as_str(),
+                what = %what.join(","),
+                refused = %kinds(refused).join(","),
+                applied = %kinds(plan.applied).join(","),
+                errors = %plan.errors.join("; "),
+                "reload refused: keeping the serving version of the refused files{}",
+                if plan.applied != 0 { " and applying the rest" } else { "" }
+            );
         }
-        let (snapshot, outbound_tls) = match built {
-            Ok(b) => b,
-            Err(errors) => {
-                warn!(
-                    trigger = trigger.as_str(),
-                    what = %what.join(","),
-                    errors = %errors.join("; "),
-                    "reload refused: keeping the current certificates and policy"
-                );
-                return;
-            }
+        let Some((snapshot, outbound_tls)) = plan.built else {
+            return;
         };
-        let trust_changed = changed.iter().any(|k| matches!(*k, "bundle" | "crl"))
-            || matches!(trigger, Trigger::Signal);
+        self.served = self.served.with(&inputs, plan.applied);
+        let signal = matches!(trigger, Trigger::Signal);
+        let trust_changed = plan.applied & (BUNDLE | CRL) != 0 || signal;
         let mut snapshot = snapshot;
         if !trust_changed {
             self.state.keep_server_tls(&mut snapshot);
@@ -316,9 +600,14 @@ impl Reloader {
                 }
             }
         }
+        let applied = if plan.applied == 0 {
+            vec!["none"]
+        } else {
+            kinds(plan.applied)
+        };
         info!(
             trigger = trigger.as_str(),
-            what = %what.join(","),
+            what = %applied.join(","),
             serial = %serial,
             policy_sha256 = policy_sha.as_deref().unwrap_or("-"),
             generation = self.state.generation(),
@@ -339,6 +628,19 @@ impl Reloader {
         if self.crl_report.check(&snap.credentials.crl_set, policy) {
             self.state.recheck_peers();
             self.upstreams.iter().flatten().for_each(|u| u.retire_all());
+        }
+    }
+
+    /// Sets `gatehouse_reload_input_refused{what}` from the refused inputs.
+    fn publish_refused(&self) {
+        let refused = self.with_status(|s| s.refused.each_ref().map(Option::is_some));
+        for ((kind, path), refused) in WATCHED.iter().zip(&self.paths).zip(refused) {
+            if path.is_some() {
+                self.metrics
+                    .reload_input_refused
+                    .with_label_values(&[kind.label()])
+                    .set(i64::from(refused));
+            }
         }
     }
 
@@ -375,13 +677,32 @@ impl Reloader {
     }
 }
 
-/// Builds and validates a new snapshot and the outbound TLS configurations; the errors
-/// rendered one per string.
+/// What started a reload (a log field).
+#[derive(Debug, Clone, Copy)]
+enum Trigger {
+    Watch,
+    Poll,
+    Signal,
+}
+
+impl Trigger {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Watch => "file_event",
+            Self::Poll => "poll",
+            Self::Signal => "SIGHUP",
+        }
+    }
+}
+
+/// A new snapshot and the outbound TLS configurations.
 type Prepared = (Snapshot, Vec<Arc<rustls::ClientConfig>>);
 
-fn prepare(state: &State) -> Result<Prepared, Vec<String>> {
+/// Builds and validates a snapshot from `inputs` and the outbound TLS configurations; the
+/// errors rendered one per string.
+fn prepare(state: &State, inputs: &Inputs) -> Result<Prepared, Vec<String>> {
     let render = |es: Vec<LoadError>| es.iter().map(ToString::to_string).collect::<Vec<_>>();
-    let snapshot = state.build_snapshot().map_err(render)?;
+    let snapshot = state.build_snapshot(inputs).map_err(render)?;
     let old = state.snapshot();
     // An older CRL of an issuer (lower CRL number) would un-revoke certificates.
     if let Err(e) = snapshot
@@ -465,17 +786,111 @@ mod tests {
     use super::*;
 
     #[test]
-    fn fingerprint_names_the_changed_kinds_and_a_vanished_file() {
+    fn candidates_try_every_changed_group_then_trust_first() {
+        assert!(candidates(0).is_empty());
+        assert_eq!(candidates(POLICY), vec![POLICY]);
+        assert_eq!(
+            candidates(CRL | POLICY),
+            vec![CRL | POLICY, CRL, POLICY],
+            "trust alone before policy alone"
+        );
+        assert_eq!(
+            candidates(CERT | CRL | POLICY),
+            vec![
+                CERT | CRL | POLICY,
+                CRL | POLICY,
+                CERT | CRL,
+                CERT | POLICY,
+                CRL,
+                POLICY,
+                CERT
+            ]
+        );
+        // Cert and key are one group, as are bundle and CRL: never applied apart.
+        assert_eq!(candidates(KEY | BUNDLE), vec![KEY | BUNDLE, BUNDLE, KEY]);
+        assert_eq!(kinds(CERT | POLICY), vec!["cert", "policy"]);
+    }
+
+    /// A sidecar state over files minted by our CA, with a CRL and a policy.
+    fn state(dir: &Path) -> (Arc<State>, Inputs) {
+        use gatehouse_ca::{Authority, InitOptions, IssueRequest, KeyType};
+        use gatehouse_policy::{SpiffeId, TrustDomain};
+        let ca = Authority::init(
+            &dir.join("ca"),
+            &InitOptions {
+                trust_domain: TrustDomain::parse("reload.test").expect("td"),
+                key_type: KeyType::EcdsaP256,
+                ttl: Duration::from_secs(86400),
+                intermediate: false,
+            },
+        )
+        .expect("ca init");
+        let svid = ca
+            .issue(&IssueRequest {
+                spiffe_id: SpiffeId::parse("spiffe://reload.test/app").expect("id"),
+                dns: vec![],
+                ttl: Duration::from_secs(3600),
+            })
+            .expect("issue");
+        svid.write_to(&dir.join("certs")).expect("write");
+        std::fs::write(
+            dir.join("policy.toml"),
+            "version = 1\ntrust_domain = \"reload.test\"\n\n[[route]]\nname = \"all\"\n\
+             path = \"/**\"\nallow = [\"*\"]\n",
+        )
+        .expect("policy");
+        let config = "[identity]\ncert = \"certs/cert.pem\"\nkey = \"certs/key.pem\"\n\
+             bundle = \"certs/bundle.pem\"\n\n[inbound]\nlisten = \"127.0.0.1:0\"\n\
+             app = \"127.0.0.1:1\"\npolicy = \"policy.toml\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n";
+        let config =
+            crate::config::Config::parse(config, &dir.join("sidecar.toml")).expect("config");
+        let (state, inputs) = State::load(config).expect("state");
+        (Arc::new(state), inputs)
+    }
+
+    fn slow_read(paths: &[Option<PathBuf>; 5]) -> Inputs {
+        std::thread::sleep(Duration::from_millis(600));
+        Inputs::read(paths)
+    }
+
+    /// A reload attempt past its deadline is a visible error (log, metric, `/status`), no
+    /// second attempt starts while it runs, and reloading resumes once it finished.
+    #[tokio::test]
+    async fn stuck_attempt_is_reported_and_blocks_no_later_reload() {
         let dir = tempfile::tempdir().expect("tmp");
-        let f = |n: &str| dir.path().join(n);
-        for n in ["c", "k", "b", "p"] {
-            std::fs::write(f(n), n).expect("write");
-        }
-        let paths = [Some(f("c")), Some(f("k")), Some(f("b")), None, Some(f("p"))];
-        let a = Fingerprint::read(&paths);
-        assert!(Fingerprint::read(&paths).changed(&a).is_empty());
-        std::fs::write(f("k"), "new").expect("write");
-        std::fs::remove_file(f("p")).expect("rm");
-        assert_eq!(Fingerprint::read(&paths).changed(&a), vec!["key", "policy"]);
+        let (state, inputs) = state(dir.path());
+        let metrics = Metrics::register().expect("metrics");
+        let mut r = Reloader::new(state.clone(), metrics.clone(), Vec::new(), inputs);
+        r.deadline = Duration::from_millis(100);
+        r.read = slow_read;
+        let status = r.status();
+        let timeouts = || metrics.reloads.with_label_values(&["all", "timeout"]).get();
+
+        r.reload(Trigger::Signal).await;
+        assert_eq!(timeouts(), 1);
+        assert_eq!(metrics.reload_stuck.get(), 1);
+        let json = status.lock().expect("status").to_json();
+        assert!(json["stuck_since"].is_string(), "{json}");
+        assert_eq!(json["last_result"], "timeout");
+        assert_eq!(state.generation(), 0);
+
+        // Still running: no new attempt (none times out, nothing is swapped).
+        r.reload(Trigger::Signal).await;
+        assert_eq!(timeouts(), 1);
+        assert!(r.stuck.is_some());
+
+        // Once it finished, the next trigger reads again and reloads.
+        let finished = tokio::time::timeout(Duration::from_secs(10), async {
+            while !r.stuck.as_ref().is_some_and(JoinHandle::is_finished) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        finished.await.expect("the slow attempt finishes");
+        r.read = Inputs::read;
+        r.reload(Trigger::Signal).await;
+        assert_eq!(metrics.reload_stuck.get(), 0);
+        assert!(status.lock().expect("status").to_json()["stuck_since"].is_null());
+        assert_eq!(state.generation(), 1);
+        assert_eq!(metrics.reloads.with_label_values(&["none", "ok"]).get(), 1);
     }
 }

@@ -19,6 +19,7 @@ use crate::admin::Admin;
 use crate::config::{Config, InboundConfig};
 use crate::error::LoadError;
 use crate::inbound::{Inbound, listener};
+use crate::input::Inputs;
 use crate::metrics::Metrics;
 use crate::outbound::connect::Upstream;
 use crate::outbound::{self, Outbound, OutboundPools, OutboundTls, PreparedOutbound};
@@ -38,6 +39,8 @@ pub struct Loaded {
     pub metrics: Metrics,
     /// Outbound entries with their TLS client configurations.
     pub outbound: Vec<PreparedOutbound>,
+    /// The watched files as read for the first snapshot (what the reloader compares with).
+    pub inputs: Inputs,
 }
 
 /// Loads everything `run` needs, without binding: what `sidecar check` runs.
@@ -45,7 +48,8 @@ pub struct Loaded {
 /// # Errors
 /// Every problem found.
 pub fn load(config: Config) -> Result<Loaded, Vec<LoadError>> {
-    let state = Arc::new(State::load(config)?);
+    let (state, inputs) = State::load(config)?;
+    let state = Arc::new(state);
     let metrics = Metrics::register().map_err(|e| vec![e.into()])?;
     let snapshot = state.snapshot();
     let tls = OutboundTls {
@@ -60,6 +64,7 @@ pub fn load(config: Config) -> Result<Loaded, Vec<LoadError>> {
         state,
         metrics,
         outbound,
+        inputs,
     })
 }
 
@@ -148,6 +153,7 @@ pub async fn run(loaded: Loaded, shutdown: Shutdown) -> Result<usize, LoadError>
         state,
         metrics,
         outbound,
+        inputs,
     } = loaded;
     let cfg = state.config.clone();
     let snap = state.snapshot();
@@ -223,14 +229,15 @@ pub async fn run(loaded: Loaded, shutdown: Shutdown) -> Result<usize, LoadError>
         info!(target: LISTEN_TARGET, "listening {name} on {addr}");
     }
     info!(identity = %snap.credentials.id, event_loops = loops, "sidecar ready");
+    let reloader = Reloader::new(state.clone(), metrics.clone(), upstreams, inputs);
     let admin = Arc::new(Admin {
         state: state.clone(),
         metrics: metrics.clone(),
         shutdown: shutdown.clone(),
         listeners: bound,
+        reload: reloader.status(),
     });
     tokio::spawn(admin.serve(admin_listener));
-    let reloader = Reloader::new(state.clone(), metrics.clone(), upstreams);
     tokio::spawn(reloader.run(hangup, shutdown.clone()));
 
     let sig = tokio::select! {

@@ -6,7 +6,9 @@
 //! the old one (see `crate::reload`).
 //!
 //! `sidecar check` and `sidecar run` both call [`State::load`], so check validates exactly
-//! what run would use, stopping before any socket is bound.
+//! what run would use, stopping before any socket is bound. Files are read once per build,
+//! with [`crate::input::read`], into [`Inputs`]; a snapshot is built from those bytes, so the
+//! reloader knows exactly which content is serving.
 
 use std::sync::Arc;
 
@@ -19,10 +21,11 @@ use sha2::{Digest, Sha256};
 
 use crate::config::{Config, InboundConfig};
 use crate::error::LoadError;
+use crate::input::{FileKind, Input, Inputs};
 use crate::tls::resolver::CertResolver;
 use crate::tls::server::server_config;
 use crate::tls::verify::SpiffeClientVerifier;
-use crate::tls::{CredentialPaths, Credentials};
+use crate::tls::{CredentialFiles, Credentials};
 
 /// Everything one connection needs, fixed for its life.
 #[derive(Debug)]
@@ -65,32 +68,35 @@ pub struct State {
 }
 
 impl State {
-    /// Loads credentials and policy and builds the TLS configuration: everything `run` needs
-    /// before binding sockets.
+    /// Reads the watched files, loads credentials and policy and builds the TLS
+    /// configuration: everything `run` needs before binding sockets. Also returns the files
+    /// as read (what the first snapshot serves).
     ///
     /// # Errors
     /// Every problem found.
-    pub fn load(config: Config) -> Result<Self, Vec<LoadError>> {
+    pub fn load(config: Config) -> Result<(Self, Inputs), Vec<LoadError>> {
         let provider = crate::tls::provider();
-        let (credentials, policy) = load_files(&config, &provider)?;
+        let inputs = Inputs::read(&watched_paths(&config));
+        let (credentials, policy) = load_files(&config, &inputs, &provider)?;
         let resolver = Arc::new(CertResolver::new(credentials.certified.clone()));
         let snapshot = assemble(&config, credentials, policy, &provider, &resolver)?;
-        Ok(Self {
+        let state = Self {
             config,
             provider,
             resolver,
             snapshot: ArcSwap::from_pointee(snapshot),
             generation: tokio::sync::watch::Sender::new(0),
-        })
+        };
+        Ok((state, inputs))
     }
 
-    /// Reads and checks every file again and builds a complete new snapshot, exactly as
-    /// [`State::load`] does at startup; nothing is swapped.
+    /// Checks `inputs` (files read again by the reloader) and builds a complete new snapshot
+    /// from them, exactly as [`State::load`] does at startup; nothing is swapped.
     ///
     /// # Errors
     /// Every problem found.
-    pub fn build_snapshot(&self) -> Result<Snapshot, Vec<LoadError>> {
-        let (credentials, policy) = load_files(&self.config, &self.provider)?;
+    pub fn build_snapshot(&self, inputs: &Inputs) -> Result<Snapshot, Vec<LoadError>> {
+        let (credentials, policy) = load_files(&self.config, inputs, &self.provider)?;
         assemble(
             &self.config,
             credentials,
@@ -150,19 +156,50 @@ impl State {
     }
 }
 
+/// The watched files of `config`, in [`crate::input::WATCHED`] order.
+pub fn watched_paths(config: &Config) -> [Option<std::path::PathBuf>; 5] {
+    [
+        Some(config.identity.cert.clone()),
+        Some(config.identity.key.clone()),
+        Some(config.identity.bundle.clone()),
+        config.identity.crl.clone(),
+        config.inbound.as_ref().map(|i| i.policy.clone()),
+    ]
+}
+
 type Files = (Credentials, Option<(Policy, String)>);
 
-fn load_files(config: &Config, provider: &Arc<CryptoProvider>) -> Result<Files, Vec<LoadError>> {
-    let paths = CredentialPaths {
-        cert: &config.identity.cert,
-        key: &config.identity.key,
-        bundle: &config.identity.bundle,
-        crl: config.identity.crl.as_deref(),
-        crl_policy: config.identity.crl_policy,
+fn load_files(
+    config: &Config,
+    inputs: &Inputs,
+    provider: &Arc<CryptoProvider>,
+) -> Result<Files, Vec<LoadError>> {
+    // Inputs read from `watched_paths(config)` always hold cert, key and bundle.
+    let id = &config.identity;
+    let get = |kind, path: &std::path::Path| {
+        inputs
+            .get(kind)
+            .cloned()
+            .unwrap_or_else(|| Input::read(path, kind))
     };
-    let credentials = Credentials::load(paths, provider)
+    let (cert, key, bundle) = (
+        get(FileKind::Cert, &id.cert),
+        get(FileKind::Key, &id.key),
+        get(FileKind::Bundle, &id.bundle),
+    );
+    let files = CredentialFiles {
+        cert: &cert,
+        key: &key,
+        bundle: &bundle,
+        crl: inputs.get(FileKind::Crl),
+        crl_policy: id.crl_policy,
+    };
+    let credentials = Credentials::parse(files, provider)
         .map_err(|es| es.into_iter().map(LoadError::from).collect::<Vec<_>>());
-    let policy = config.inbound.as_ref().map(load_policy).transpose();
+    let policy = match (&config.inbound, inputs.get(FileKind::Policy)) {
+        (Some(cfg), Some(file)) => Some(load_policy(cfg, file)).transpose(),
+        _ => Ok(None),
+    };
     match (credentials, policy) {
         (Ok(c), Ok(p)) => Ok((c, p)),
         (c, p) => {
@@ -195,8 +232,16 @@ fn assemble(
     })
 }
 
-fn load_policy(cfg: &InboundConfig) -> Result<(Policy, String), Vec<LoadError>> {
-    let src = SourceFile::read(&cfg.policy).map_err(|d| vec![LoadError::Policy(d)])?;
+fn load_policy(cfg: &InboundConfig, file: &Input) -> Result<(Policy, String), Vec<LoadError>> {
+    let bytes = file.bytes().map_err(|e| vec![LoadError::File(e)])?;
+    let text = std::str::from_utf8(bytes).map_err(|e| {
+        vec![LoadError::Policy(gatehouse_policy::Diagnostic::whole_file(
+            cfg.policy.display().to_string(),
+            format!("the file is not UTF-8 text: {e}"),
+            "save the policy as UTF-8 TOML",
+        ))]
+    })?;
+    let src = SourceFile::new(cfg.policy.display().to_string(), text);
     let sha = hex::encode(Sha256::digest(src.text().as_bytes()));
     let policy = Policy::compile(&src)
         .map_err(|ds| ds.into_iter().map(LoadError::Policy).collect::<Vec<_>>())?;

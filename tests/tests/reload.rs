@@ -22,6 +22,11 @@
 //!   metrics for the leaf and the roots, the last-third warning, SIGHUP, and a certificate for
 //!   another identity refused on reload.
 //!
+//! - issue 21, finding 9: a CRL written while `policy.toml` is broken is applied at once (the
+//!   serving policy kept, the broken one visibly refused) and still applies after the fix;
+//!   finding 12: a FIFO or a link to `/dev/zero` in place of a watched file, and an oversized
+//!   file, are refused without blocking the reloader or reading them, at startup too.
+//!
 //! The load-heavy tests take a lock so they do not compete for the (2-core) CI machine.
 
 use std::path::{Path, PathBuf};
@@ -872,4 +877,292 @@ async fn polling_fallback_reloads_without_file_events() {
     .expect("the polling fallback applied the edit");
     println!("polling fallback: 403 after {:?}", edited.elapsed());
     assert!(reloads(&sc, "policy", "ok").await >= 1.0);
+}
+
+// ---- issue 21: reload inputs (findings 9 and 12) ------------------------------------------------
+
+/// A fresh client (empty session store, so a full handshake) requesting `/api/x`: the status,
+/// or the error when the handshake or the request was refused.
+async fn fresh_get(cert: &CertDir, addr: std::net::SocketAddr) -> Result<u16, String> {
+    MtlsClient::new(cert)
+        .get(addr, Proto::H1, "/api/x")
+        .await
+        .map(|r| r.status.as_u16())
+        .map_err(|e| format!("{e:#}"))
+}
+
+/// Waits until a fresh full handshake of `cert` is refused.
+async fn wait_refused(sc: &Sidecar, cert: &CertDir, what: &str) {
+    let addr = sc.inbound_addr();
+    eventually(what, Duration::from_secs(10), async || {
+        fresh_get(cert, addr).await.is_err().then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", sc.stderr_text()));
+}
+
+/// `gatehouse_reload_input_refused{what}`.
+async fn input_refused(sc: &Sidecar, what: &str) -> f64 {
+    sc.metric("gatehouse_reload_input_refused", &[("what", what)])
+        .await
+        .expect("metrics")
+}
+
+/// The `what`s of `/status` `reload.refused`.
+async fn refused_kinds(sc: &Sidecar) -> Vec<String> {
+    status(sc).await["reload"]["refused"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|r| r["what"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+const BROKEN_POLICY: &[u8] = b"version = 1\n[[route]\nname = \"x\"\n";
+
+/// Replaces `path` with a FIFO (made next to it, renamed over it).
+fn replace_with_fifo(path: &Path) {
+    let tmp = path.with_extension("fifo-test");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&tmp)
+        .status()
+        .expect("mkfifo");
+    assert!(made.success(), "mkfifo failed");
+    std::fs::rename(&tmp, path).expect("rename");
+}
+
+/// Replaces `path` with a symlink to `target`.
+fn replace_with_link(path: &Path, target: &str) {
+    let tmp = path.with_extension("link-test");
+    std::os::unix::fs::symlink(target, &tmp).expect("symlink");
+    std::fs::rename(&tmp, path).expect("rename");
+}
+
+/// A CRL sidecar whose policy is then broken (the refusal seen) and a client, accepted
+/// before, revoked meanwhile: the sidecar, the good policy text and the revoked client.
+async fn break_policy_then_revoke(pki: &Pki, app: &FakeApp) -> (Sidecar, Vec<u8>, CertDir) {
+    let (sc, crl) = crl_sidecar(pki, app).await;
+    let good = std::fs::read(sc.policy_path()).expect("policy");
+    let revoked = pki.issue(CLIENT_ID);
+    assert_eq!(fresh_get(&revoked, sc.inbound_addr()).await, Ok(200));
+    assert_eq!(input_refused(&sc, "policy").await, 0.0);
+    replace(&sc.policy_path(), BROKEN_POLICY);
+    wait_reloads(&sc, "policy", "error", 1.0).await;
+    let (serial, _) = leaf(&revoked.cert()).await;
+    revoke(pki, &serial, &crl).await;
+    (sc, good, revoked)
+}
+
+/// Finding 9, as reported: a CRL written while `policy.toml` has a typo; once the policy is
+/// fixed the revoked client must be refused on a fresh full handshake. It used to be
+/// accepted until a SIGHUP: the fix reloaded "the policy" only and kept the TLS
+/// configuration built with the old CRL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_21_9_revocation_written_while_the_policy_is_broken_applies_once_it_is_fixed() {
+    let pki = Pki::new("reload.test");
+    let app = FakeApp::start().await;
+    let (sc, good, revoked) = break_policy_then_revoke(&pki, &app).await;
+    let addr = sc.inbound_addr();
+    eventually(
+        "an attempt with the new CRL",
+        Duration::from_secs(15),
+        async || {
+            let seen = reloads(&sc, "crl", "ok").await + reloads(&sc, "crl", "error").await;
+            (seen >= 1.0).then_some(())
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", sc.stderr_text()));
+
+    replace(&sc.policy_path(), &good);
+    wait_reloads(&sc, "policy", "ok", 1.0).await;
+    let after = fresh_get(&revoked, addr).await;
+    assert!(
+        after.is_err(),
+        "the revoked client was accepted on a fresh full handshake after the policy fix: {after:?}\n{}",
+        sc.stderr_text()
+    );
+    assert!(revoked_handshakes(&sc).await >= 1.0);
+}
+
+/// Finding 9, the choice made: a broken policy does not hold back a valid CRL. The CRL is
+/// applied at once with the serving policy kept, and the policy stays visibly refused
+/// (metric, `/status`, log) until it is fixed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_21_9_broken_policy_does_not_hold_back_a_new_crl_and_stays_visibly_refused() {
+    let pki = Pki::new("reload.test");
+    let app = FakeApp::start().await;
+    let (sc, good, revoked) = break_policy_then_revoke(&pki, &app).await;
+    let addr = sc.inbound_addr();
+    let kept = pki.issue(OTHER_ID);
+    wait_refused(
+        &sc,
+        &revoked,
+        "the new CRL applied while the policy is broken",
+    )
+    .await;
+    assert!(reloads(&sc, "crl", "ok").await >= 1.0);
+    // The serving policy still decides; the broken one stays refused, visibly.
+    assert_eq!(fresh_get(&kept, addr).await, Ok(200));
+    assert_eq!(input_refused(&sc, "policy").await, 1.0);
+    assert_eq!(refused_kinds(&sc).await, vec!["policy".to_owned()]);
+    let s = status(&sc).await;
+    let refusal = &s["reload"]["refused"][0];
+    assert!(
+        refusal["path"]
+            .as_str()
+            .is_some_and(|p| p.ends_with("policy.toml"))
+            && refusal["errors"].as_array().is_some_and(|e| !e.is_empty()),
+        "{s:#}"
+    );
+    assert!(
+        sc.stderr_text()
+            .lines()
+            .any(|l| l.contains("reload refused") && l.contains("applied=crl")),
+        "{}",
+        sc.stderr_text()
+    );
+
+    replace(&sc.policy_path(), &good);
+    eventually("the refusal cleared", Duration::from_secs(15), async || {
+        (input_refused(&sc, "policy").await == 0.0).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", sc.stderr_text()));
+    assert!(refused_kinds(&sc).await.is_empty());
+    assert!(fresh_get(&revoked, addr).await.is_err());
+}
+
+/// Finding 12: `policy.toml` replaced by a FIFO is refused without blocking the reloader
+/// (it used to wait forever for a writer), visibly, and a revocation written afterwards is
+/// still applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_21_12_fifo_policy_is_refused_and_later_revocations_still_apply() {
+    let pki = Pki::new("reload.test");
+    let app = FakeApp::start().await;
+    let (sc, crl) = crl_sidecar(&pki, &app).await;
+    let revoked = pki.issue(CLIENT_ID);
+    assert_eq!(fresh_get(&revoked, sc.inbound_addr()).await, Ok(200));
+
+    replace_with_fifo(&sc.policy_path());
+    wait_reloads(&sc, "policy", "error", 1.0).await;
+    let policy = sc.policy_path().display().to_string();
+    assert!(
+        sc.stderr_text()
+            .lines()
+            .any(|l| l.contains("reload refused")
+                && l.contains(&policy)
+                && l.contains("not a regular file but a FIFO")),
+        "{}",
+        sc.stderr_text()
+    );
+    assert_eq!(input_refused(&sc, "policy").await, 1.0);
+    assert_eq!(refused_kinds(&sc).await, vec!["policy".to_owned()]);
+
+    let (serial, _) = leaf(&revoked.cert()).await;
+    revoke(&pki, &serial, &crl).await;
+    wait_refused(&sc, &revoked, "the revocation applied with a FIFO policy").await;
+    assert_eq!(
+        sc.metric("gatehouse_reload_stuck", &[]).await.expect("m"),
+        0.0
+    );
+}
+
+/// Finding 12: a link to `/dev/zero` (a device) and an oversized file are refused without
+/// reading them: the sidecar's memory stays small (it used to read `/dev/zero` without end).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_21_12_link_to_dev_zero_and_oversized_files_are_refused_without_reading() {
+    let pki = Pki::new("reload.test");
+    let app = FakeApp::start().await;
+    let (sc, crl) = crl_sidecar(&pki, &app).await;
+    let client = pki.issue(CLIENT_ID);
+
+    replace_with_link(&sc.policy_path(), "/dev/zero");
+    wait_reloads(&sc, "policy", "error", 1.0).await;
+    assert!(
+        sc.stderr_text()
+            .contains("not a regular file but a character device"),
+        "{}",
+        sc.stderr_text()
+    );
+    // 60 MiB (sparse) CRL: over the 16 MiB limit.
+    let big = crl.with_extension("big");
+    std::fs::File::create(&big)
+        .and_then(|f| f.set_len(60 << 20))
+        .expect("sparse file");
+    std::fs::rename(&big, &crl).expect("rename");
+    wait_reloads(&sc, "crl", "error", 1.0).await;
+    assert!(
+        sc.stderr_text()
+            .contains("more than the limit of 16777216 bytes"),
+        "{}",
+        sc.stderr_text()
+    );
+    assert_eq!(fresh_get(&client, sc.inbound_addr()).await, Ok(200));
+    let peak = sc.peak_rss_kib().expect("VmHWM");
+    println!("peak RSS with /dev/zero and a 60 MiB CRL refused: {peak} KiB");
+    assert!(peak < 48 * 1024, "peak RSS {peak} KiB");
+}
+
+/// Finding 12 at startup: `sidecar check` and `sidecar run` refuse a FIFO or a device where a
+/// file is configured (the config file too), naming it and saying what to do, at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue_21_12_startup_refuses_fifo_and_device_inputs_naming_them() {
+    let pki = Pki::new("reload.test");
+    let app = FakeApp::start().await;
+    let crl = pki.fresh_dir("crl").join("crl.pem");
+    write_crl(&pki, &crl).await;
+    let server = pki.issue(SERVER_ID);
+    let builder = Sidecar::inbound(&server, app.addr(), &policy("\"gateway\"")).crl(&crl);
+    let config = builder.write();
+    let policy_file = config.with_file_name("policy.toml");
+    replace_with_fifo(&policy_file);
+    replace_with_link(&crl, "/dev/zero");
+    let config_fifo = config.with_file_name("fifo.toml");
+    replace_with_fifo(&config_fifo);
+
+    let cli = async |verb: &str, config: &Path| {
+        let out = tokio::time::timeout(
+            Duration::from_secs(20),
+            tokio::process::Command::new(binary("sidecar"))
+                .args([verb, "--config"])
+                .arg(config)
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("`sidecar {verb}` hangs on {}", config.display()))
+        .expect("run sidecar");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    for verb in ["check", "run"] {
+        let (code, stderr) = cli(verb, &config).await;
+        assert_eq!(code, Some(2), "{stderr}");
+        for needle in [
+            format!("{}: not a regular file but a FIFO", policy_file.display()),
+            "help: [inbound] policy must name a regular file".to_owned(),
+            format!(
+                "{}: not a regular file but a character device",
+                crl.display()
+            ),
+            "help: [identity] crl must name a regular file".to_owned(),
+        ] {
+            assert!(
+                stderr.contains(&needle),
+                "`sidecar {verb}`: no {needle:?} in\n{stderr}"
+            );
+        }
+        let (code, stderr) = cli(verb, &config_fifo).await;
+        assert_eq!(code, Some(2), "{stderr}");
+        assert!(
+            stderr.contains("fifo.toml: not a regular file but a FIFO")
+                && stderr.contains("help: --config must name a regular file"),
+            "{stderr}"
+        );
+    }
 }

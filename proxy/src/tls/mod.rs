@@ -1,4 +1,5 @@
-//! TLS for both directions: the crypto provider, PEM loading of the sidecar's own credentials
+//! TLS for both directions: the crypto provider, PEM parsing (of files read by
+//! [`crate::input::read`]) of the sidecar's own credentials
 //! (cert chain, key, trust bundle, CRLs), and the submodules:
 //! - [`svid`]: the X.509-SVID rules (one URI SAN of our trust domain, not a CA);
 //! - [`verify`]: the SPIFFE-aware client verifier and the only constructor of [`PeerIdentity`];
@@ -26,6 +27,8 @@ use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyD
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
+use crate::input::{FileError, FileKind, Input};
+
 pub use svid::{SvidError, leaf_identity, svid_identity};
 pub use verify::PeerIdentity;
 
@@ -46,7 +49,10 @@ pub fn provider() -> Arc<CryptoProvider> {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum TlsError {
-    /// A file could not be read or holds no valid PEM.
+    /// A file could not be read: missing, not a regular file, or too large.
+    #[error(transparent)]
+    File(#[from] FileError),
+    /// A file holds no valid PEM.
     #[error("{}: cannot read {what}: {detail}", path.display())]
     Read {
         /// The file.
@@ -155,8 +161,9 @@ pub enum TlsError {
 
 impl TlsError {
     /// The `help:` line.
-    pub fn help(&self) -> &'static str {
-        match self {
+    pub fn help(&self) -> String {
+        let help = match self {
+            Self::File(e) => return e.help(),
             Self::Read { .. } | Self::Empty { .. } => {
                 "check the path under [identity]; issue certificates with `ca issue --dir CA --spiffe-id ID --out DIR`"
             }
@@ -186,7 +193,8 @@ impl TlsError {
                 "the CRL was altered or comes from another CA: publish it again with `ca crl --dir CA --out FILE`"
             }
             Self::Config { .. } => "check min_tls and the key type",
-        }
+        };
+        help.to_owned()
     }
 }
 
@@ -198,14 +206,14 @@ fn read_err(path: &Path, what: &'static str, e: impl std::fmt::Display) -> TlsEr
     }
 }
 
-/// Reads a PEM certificate chain (leaf first).
+/// Parses a PEM certificate chain (leaf first).
 ///
 /// # Errors
-/// [`TlsError::Read`] or [`TlsError::Empty`].
-pub fn load_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+/// [`TlsError::File`], [`TlsError::Read`] or [`TlsError::Empty`].
+pub fn load_chain(file: &Input) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let (path, pem) = (file.path.as_path(), file.bytes()?);
     let what = "certificates";
-    let chain = CertificateDer::pem_file_iter(path)
-        .map_err(|e| read_err(path, what, e))?
+    let chain = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| read_err(path, what, e))?;
     if chain.is_empty() {
@@ -217,23 +225,26 @@ pub fn load_chain(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
     Ok(chain)
 }
 
-/// Reads a PEM private key (PKCS#8, SEC1 or PKCS#1).
+/// Parses a PEM private key (PKCS#8, SEC1 or PKCS#1).
 ///
 /// # Errors
-/// [`TlsError::Read`].
-pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| read_err(path, "a private key", e))
+/// [`TlsError::File`] or [`TlsError::Read`].
+pub fn load_key(file: &Input) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_slice(file.bytes()?)
+        .map_err(|e| read_err(&file.path, "a private key", e))
 }
 
-/// Reads the trust bundle into a root store, and returns the anchors' DER too (for expiry
+/// Parses the trust bundle into a root store, and returns the anchors' DER too (for expiry
 /// metrics and `/status`).
 ///
 /// # Errors
-/// [`TlsError::Read`] or [`TlsError::Empty`] when no certificate is usable as an anchor.
+/// [`TlsError::File`], [`TlsError::Read`] or [`TlsError::Empty`] when no certificate is
+/// usable as an anchor.
 pub fn load_bundle(
-    path: &Path,
+    file: &Input,
 ) -> Result<(Arc<RootCertStore>, Vec<CertificateDer<'static>>), TlsError> {
-    let certs = load_chain(path)?;
+    let path = file.path.as_path();
+    let certs = load_chain(file)?;
     let mut roots = RootCertStore::empty();
     for c in &certs {
         roots
@@ -243,14 +254,14 @@ pub fn load_bundle(
     Ok((Arc::new(roots), certs))
 }
 
-/// Reads one or more PEM CRLs.
+/// Parses one or more PEM CRLs.
 ///
 /// # Errors
-/// [`TlsError::Read`] or [`TlsError::Empty`].
-pub fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
+/// [`TlsError::File`], [`TlsError::Read`] or [`TlsError::Empty`].
+pub fn load_crls(file: &Input) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
+    let (path, pem) = (file.path.as_path(), file.bytes()?);
     let what = "CRLs";
-    let crls = CertificateRevocationListDer::pem_file_iter(path)
-        .map_err(|e| read_err(path, what, e))?
+    let crls = CertificateRevocationListDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| read_err(path, what, e))?;
     if crls.is_empty() {
@@ -286,27 +297,58 @@ pub struct Credentials {
     pub serial_hex: String,
 }
 
-/// Paths of the credential files.
-#[derive(Debug, Clone, Copy)]
-pub struct CredentialPaths<'a> {
+/// The four credential files: their paths ([`CredentialPaths`]) or their content as read
+/// ([`CredentialFiles`]).
+#[derive(Debug)]
+pub struct CredentialSet<'a, T: ?Sized> {
     /// Certificate chain.
-    pub cert: &'a Path,
+    pub cert: &'a T,
     /// Private key.
-    pub key: &'a Path,
+    pub key: &'a T,
     /// Trust bundle.
-    pub bundle: &'a Path,
+    pub bundle: &'a T,
     /// Optional CRL file.
-    pub crl: Option<&'a Path>,
+    pub crl: Option<&'a T>,
     /// `[identity] crl_stale` and `crl_grace`.
     pub crl_policy: CrlPolicy,
 }
 
+impl<T: ?Sized> Clone for CredentialSet<'_, T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<T: ?Sized> Copy for CredentialSet<'_, T> {}
+
+/// Paths of the credential files.
+pub type CredentialPaths<'a> = CredentialSet<'a, Path>;
+
+/// The credential files as read (with [`crate::input::read`]).
+pub type CredentialFiles<'a> = CredentialSet<'a, Input>;
+
 impl Credentials {
-    /// Loads and checks the credentials.
+    /// Reads (with [`crate::input::read`]), loads and checks the credentials.
     ///
     /// # Errors
     /// Every problem found.
     pub fn load(p: CredentialPaths<'_>, provider: &CryptoProvider) -> Result<Self, Vec<TlsError>> {
+        let crl = p.crl.map(|path| Input::read(path, FileKind::Crl));
+        let files = CredentialFiles {
+            cert: &Input::read(p.cert, FileKind::Cert),
+            key: &Input::read(p.key, FileKind::Key),
+            bundle: &Input::read(p.bundle, FileKind::Bundle),
+            crl: crl.as_ref(),
+            crl_policy: p.crl_policy,
+        };
+        Self::parse(files, provider)
+    }
+
+    /// Loads and checks credentials from files already read.
+    ///
+    /// # Errors
+    /// Every problem found.
+    pub fn parse(p: CredentialFiles<'_>, provider: &CryptoProvider) -> Result<Self, Vec<TlsError>> {
         let mut errors = Vec::new();
         let chain = load_chain(p.cert).map_err(|e| errors.push(e)).ok();
         let key = load_key(p.key).map_err(|e| errors.push(e)).ok();
@@ -319,7 +361,7 @@ impl Credentials {
             leaf_identity(&c[0])
                 .map_err(|source| {
                     errors.push(TlsError::NotSvid {
-                        path: p.cert.to_path_buf(),
+                        path: p.cert.path.clone(),
                         source,
                     })
                 })
@@ -331,7 +373,7 @@ impl Credentials {
             return Err(errors);
         };
         let crl_set = match p.crl {
-            Some(path) => crl_set(path, &crls, &bundle, &chain, p.bundle)
+            Some(file) => crl_set(&file.path, &crls, &bundle, &chain, &p.bundle.path)
                 .map_err(|e| errors.push(e))
                 .ok(),
             None => Some(crl::CrlSet::default()),
@@ -342,20 +384,20 @@ impl Credentials {
         let (not_after, serial_hex) = leaf_facts(&chain[0]);
         if not_after <= OffsetDateTime::now_utc() {
             errors.push(TlsError::Expired {
-                path: p.cert.to_path_buf(),
+                path: p.cert.path.clone(),
                 not_after: not_after.format(&Rfc3339).unwrap_or_default(),
             });
         } else if let Err(e) = verify_own(&chain, &roots, provider) {
             errors.push(TlsError::Untrusted {
-                cert: p.cert.to_path_buf(),
-                bundle: p.bundle.to_path_buf(),
+                cert: p.cert.path.clone(),
+                bundle: p.bundle.path.clone(),
                 detail: e.to_string(),
             });
         }
         let certified = CertifiedKey::from_der(chain, key, provider).map_err(|e| {
             errors.push(TlsError::KeyMismatch {
-                cert: p.cert.to_path_buf(),
-                key: p.key.to_path_buf(),
+                cert: p.cert.path.clone(),
+                key: p.key.path.clone(),
                 detail: e.to_string(),
             })
         });
