@@ -707,3 +707,105 @@ impl Fleet {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, files: &[(&str, &str)]) {
+        for (name, text) in files {
+            let path = dir.join(name);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, text).unwrap();
+        }
+    }
+
+    const ORDERS: &str = r#"
+version = 1
+trust_domain = "t.internal"
+mode = "audit"
+[identities]
+web = "spiffe://t.internal/web"
+any-batch = "spiffe://t.internal/batch/*"
+[[route]]
+name = "list"
+methods = ["GET"]
+path = "/orders"
+allow = ["web", "any-batch"]
+"#;
+
+    #[test]
+    fn links_services_by_listen_address_and_flags_wildcards_audit_mode_and_dead_listeners() {
+        let d = tempfile::tempdir().unwrap();
+        write(
+            d.path(),
+            &[
+                ("orders/policy.toml", ORDERS),
+                (
+                    "orders/sidecar.toml",
+                    "future_key = 1\n[inbound]\nlisten = \"10.0.0.1:8443\"\npolicy = \"policy.toml\"\nunknown = true\n",
+                ),
+                (
+                    "web/sidecar.toml",
+                    "[[outbound]]\nname = \"orders\"\nconnect = \"10.0.0.1:8443\"\nserver_id = \"spiffe://t.internal/orders\"\n[identity]\nspiffe_id = \"spiffe://t.internal/web\"\n",
+                ),
+                (
+                    "cron/sidecar.toml",
+                    "[identity]\nspiffe_id = \"spiffe://t.internal/cron\"\n[[tcp_outbound]]\nname = \"orders\"\nconnect = \"10.0.0.1:8443\"\n",
+                ),
+            ],
+        );
+        let fleet = load(&[d.path().to_path_buf()]).unwrap();
+        let names: Vec<&str> = fleet.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["cron", "orders", "web"]);
+        assert_eq!(
+            fleet.services[1].identity.as_deref(),
+            Some("spiffe://t.internal/orders")
+        );
+        let web = fleet
+            .edges
+            .iter()
+            .find(|e| e.from == "web" && e.to == "orders")
+            .unwrap();
+        assert_eq!(web.granted, ["GET /orders (list)"]);
+        assert_eq!(web.outbound, ["orders"]);
+        let codes: Vec<&str> = fleet.findings.iter().map(|f| f.code).collect();
+        for code in ["audit-mode", "wildcard-identity", "outbound-without-grant"] {
+            assert!(codes.contains(&code), "{code} missing from {codes:?}");
+        }
+        assert!(
+            fleet
+                .findings
+                .iter()
+                .any(|f| f.service == "cron" && f.code == "outbound-without-grant")
+        );
+        assert!(
+            fleet
+                .nodes
+                .iter()
+                .any(|n| n.kind == "wildcard" && n.key == "spiffe://t.internal/batch/*")
+        );
+        let html = fleet.to_html();
+        assert!(html.contains("AUDIT MODE"));
+        assert!(html.contains("<th scope=\"col\" class=\"wildcard\">any-batch</th>"));
+        assert!(!html.contains("<script"));
+        let text = fleet.to_text();
+        assert!(text.contains("WARNING[outbound-without-grant]"), "{text}");
+    }
+
+    #[test]
+    fn a_directory_without_services_and_a_broken_config_are_reported_with_help() {
+        let d = tempfile::tempdir().unwrap();
+        let errors = load(&[d.path().to_path_buf()]).unwrap_err();
+        assert!(errors[0].message.contains("no policy.toml or sidecar.toml"));
+        write(d.path(), &[("a/sidecar.toml", "[inbound\n")]);
+        let errors = load(&[d.path().to_path_buf()]).unwrap_err();
+        assert_eq!(errors[0].line, 1, "{errors:?}");
+        write(
+            d.path(),
+            &[("a/sidecar.toml", "[inbound]\npolicy = \"missing.toml\"\n")],
+        );
+        let errors = load(&[d.path().to_path_buf()]).unwrap_err();
+        assert!(errors[0].message.contains("cannot read the policy file"));
+    }
+}
