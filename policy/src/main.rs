@@ -5,6 +5,7 @@
 //! 1 deny (or a failing case), 2 error; `diff` 1 with `--fail-on-widen` when access is granted;
 //! 2 whenever a file cannot be loaded.
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -338,13 +339,23 @@ fn fleet_cmd(dirs: &[PathBuf], format: Format) -> u8 {
         Ok(f) => f,
         Err(errors) => return render_errors(&errors, format == Format::Json),
     };
-    match format {
-        Format::Json => println!("{}", json!(fleet)),
-        Format::Mermaid => print!("{}", fleet.to_mermaid()),
-        Format::Html => print!("{}", fleet.to_html()),
-        Format::Human => print!("{}", fleet.to_text()),
+    let out = match format {
+        Format::Json => format!("{}\n", json!(fleet)),
+        Format::Mermaid => fleet.to_mermaid(),
+        Format::Html => fleet.to_html(),
+        Format::Human => fleet.to_text(),
+    };
+    // The map is often piped (`| head`, `> map.html`): a closed pipe ends the command quietly.
+    match std::io::stdout().lock().write_all(out.as_bytes()) {
+        Ok(()) => 0,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => 0,
+        Err(e) => {
+            eprintln!(
+                "error: cannot write the map to stdout: {e}\n  help: check the output file or pipe"
+            );
+            2
+        }
     }
-    0
 }
 
 fn diff_cmd(old: &Path, new: &Path, fail_on_widen: bool, json: bool) -> u8 {
