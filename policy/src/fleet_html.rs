@@ -283,7 +283,13 @@ impl Fleet {
             // Bend to the right of the direction of travel: the reverse edge bends the other way.
             let bend = 64.0;
             let (mx, my) = ((sx + ex) / 2.0 - uy * bend, (sy + ey) / 2.0 + ux * bend);
-            let (lx, ly) = ((sx + ex) / 4.0 + mx / 2.0, (sy + ey) / 4.0 + my / 2.0);
+            // The label sits a third of the way along the curve, nearer the caller, so the labels
+            // of A→B and B→A (and of an edge crossing the centre) do not land on each other.
+            let t = 0.33_f64;
+            let at_t = |p0: f64, p1: f64, p2: f64| {
+                (1.0 - t).powi(2) * p0 + 2.0 * t * (1.0 - t) * p1 + t * t * p2
+            };
+            let (lx, ly) = (at_t(sx, mx, ex), at_t(sy, my, ey));
             let (class, marker, label) = match (e.granted.len(), e.outbound.is_empty()) {
                 (0, _) if self.caller_unknown(e) => {
                     ("edge noout", "arrow", "caller identity unknown".to_owned())
