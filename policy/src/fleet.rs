@@ -794,6 +794,24 @@ allow = ["web", "any-batch"]
     }
 
     #[test]
+    fn names_from_the_files_are_escaped_in_the_html() {
+        let d = tempfile::tempdir().unwrap();
+        write(
+            d.path(),
+            &[(
+                "svc/policy.toml",
+                &ORDERS.replace("name = \"list\"", "name = \"<img src=x onerror=alert(1)>\""),
+            )],
+        );
+        let html = load(&[d.path().to_path_buf()]).unwrap().to_html();
+        assert!(
+            html.contains("&lt;img src=x onerror=alert(1)&gt;"),
+            "{html}"
+        );
+        assert!(!html.contains("<img"));
+    }
+
+    #[test]
     fn a_directory_without_services_and_a_broken_config_are_reported_with_help() {
         let d = tempfile::tempdir().unwrap();
         let errors = load(&[d.path().to_path_buf()]).unwrap_err();
