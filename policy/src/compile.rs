@@ -183,7 +183,7 @@ pub enum CallerError {
 }
 
 /// Turns a TOML syntax, unknown-key or type error into a diagnostic.
-fn toml_diagnostic(src: &SourceFile, e: &toml::de::Error) -> Diagnostic {
+pub(crate) fn toml_diagnostic(src: &SourceFile, e: &toml::de::Error) -> Diagnostic {
     let message = e.message().trim().replace('\n', " ");
     let help = if message.contains("unknown field") {
         "remove the key or fix its spelling; the message lists the keys allowed here (every key: docs/POLICY.md)"

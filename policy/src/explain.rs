@@ -35,6 +35,8 @@ pub struct MatrixCaller {
     pub name: String,
     /// The SPIFFE ID or pattern it stands for.
     pub identity: String,
+    /// Whether it stands for more than one identity (a `*` or `/**` pattern).
+    pub wildcard: bool,
 }
 
 /// A row: one route and which callers it admits.
@@ -90,6 +92,7 @@ pub fn matrix(policy: &Policy) -> Matrix {
             .map(|(name, p)| MatrixCaller {
                 name,
                 identity: p.to_string(),
+                wildcard: p.is_wildcard(),
             })
             .collect(),
         routes,
@@ -97,7 +100,8 @@ pub fn matrix(policy: &Policy) -> Matrix {
 }
 
 impl MatrixRoute {
-    fn methods_text(&self) -> String {
+    /// The methods joined with `,`, or `*` for any method.
+    pub fn methods_text(&self) -> String {
         if self.methods.is_empty() {
             "*".to_owned()
         } else {
@@ -107,8 +111,9 @@ impl MatrixRoute {
 }
 
 impl Matrix {
-    /// A plain-text table: one row per route, one column per caller.
-    pub fn to_table(&self) -> String {
+    /// The table's cells as text, header row first: `route`, `methods`, `path`, then one column
+    /// per caller holding `allow` or `-`. Every rendering (text, HTML) shows exactly these.
+    pub fn cells(&self) -> Vec<Vec<String>> {
         let mut header = vec!["route".to_owned(), "methods".to_owned(), "path".to_owned()];
         header.extend(self.callers.iter().map(|c| c.name.clone()));
         let mut rows = vec![header];
@@ -120,6 +125,12 @@ impl Matrix {
             }));
             rows.push(row);
         }
+        rows
+    }
+
+    /// A plain-text table: one row per route, one column per caller.
+    pub fn to_table(&self) -> String {
+        let rows = self.cells();
         let widths: Vec<usize> = (0..rows[0].len())
             .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
             .collect();
@@ -174,7 +185,7 @@ impl Matrix {
 }
 
 /// Mermaid labels are quoted strings; entity codes keep quotes and markup characters literal.
-fn escape(s: &str) -> String {
+pub(crate) fn escape(s: &str) -> String {
     s.chars()
         .map(|c| match c {
             '"' => "#quot;".to_owned(),

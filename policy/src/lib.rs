@@ -11,7 +11,9 @@
 //! - [`method`]: the method spelling check (non-canonical `get` refused), shared with the sidecar;
 //! - `matcher`: the segment trie behind [`Policy::decide`] and its [`Decision`];
 //! - [`review`], [`diff`], [`explain`], [`cases`]: what `policy check`, `policy diff`,
-//!   `policy explain` and `policy test` compute (`probe` samples requests for the first two).
+//!   `policy explain` and `policy test` compute (`probe` samples requests for the first two);
+//! - [`fleet`] (and `fleet_html`): `policy explain --fleet DIR…`, the map of who can call what
+//!   across many services, built from the same matrices and review findings.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
@@ -20,6 +22,8 @@ mod compile;
 pub mod diff;
 pub mod explain;
 mod file;
+pub mod fleet;
+mod fleet_html;
 pub mod identity;
 mod matcher;
 pub mod method;

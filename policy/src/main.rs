@@ -5,6 +5,7 @@
 //! 1 deny (or a failing case), 2 error; `diff` 1 with `--fail-on-widen` when access is granted;
 //! 2 whenever a file cannot be loaded.
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -13,14 +14,14 @@ use gatehouse_policy::cases::{self, CaseResult, Outcome};
 use gatehouse_policy::diff::{self, Change, PolicyDiff};
 use gatehouse_policy::path::NormalizeOptions;
 use gatehouse_policy::review::{self, Warning};
-use gatehouse_policy::{Diagnostic, Policy, SourceFile, explain};
+use gatehouse_policy::{Diagnostic, Policy, SourceFile, explain, fleet};
 use serde_json::json;
 
 /// Check, test, explain and diff Gatehouse policy files.
 #[derive(Parser)]
 #[command(name = "policy", version)]
 struct Cli {
-    /// Output format. `mermaid` applies to `explain` only.
+    /// Output format. `mermaid` and `html` apply to `explain` only (`html`: with `--fleet`).
     #[arg(long, value_enum, default_value_t = Format::Human, global = true)]
     format: Format,
     #[command(subcommand)]
@@ -32,6 +33,7 @@ enum Format {
     Human,
     Json,
     Mermaid,
+    Html,
 }
 
 #[derive(Subcommand)]
@@ -66,10 +68,17 @@ enum Command {
         #[arg(long)]
         allow_matrix_params: bool,
     },
-    /// Show the caller × route matrix (`--format mermaid` for a graph).
+    /// Show the caller × route matrix (`--format mermaid` for a graph), or with `--fleet` the
+    /// map of who can call what across every service under the given directories.
     Explain {
-        /// Policy file.
-        file: PathBuf,
+        /// Policy file; with `--fleet`, directories (each a service directory holding
+        /// policy.toml and/or sidecar.toml, or a directory of service directories).
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Read every service's policy.toml and sidecar.toml under the directories and print
+        /// the fleet's access map (`--format html` for one self-contained file).
+        #[arg(long)]
+        fleet: bool,
     },
     /// Show access granted and revoked, per caller and route, from OLD to NEW.
     Diff {
@@ -89,6 +98,12 @@ fn main() -> ExitCode {
     if cli.format == Format::Mermaid && !matches!(cli.command, Command::Explain { .. }) {
         eprintln!(
             "error: --format mermaid applies to `policy explain` only\n  help: use --format human or --format json"
+        );
+        return ExitCode::from(2);
+    }
+    if cli.format == Format::Html && !matches!(cli.command, Command::Explain { fleet: true, .. }) {
+        eprintln!(
+            "error: --format html applies to `policy explain --fleet` only\n  help: add --fleet DIR…, or use --format human, json or mermaid"
         );
         return ExitCode::from(2);
     }
@@ -120,7 +135,19 @@ fn main() -> ExitCode {
                 ),
             }
         }
-        Command::Explain { file } => explain_cmd(&file, cli.format),
+        Command::Explain { paths, fleet: true } => fleet_cmd(&paths, cli.format),
+        Command::Explain {
+            paths,
+            fleet: false,
+        } => match paths.as_slice() {
+            [file] => explain_cmd(file, cli.format),
+            _ => {
+                eprintln!(
+                    "error: `policy explain` takes one policy file\n  help: run it once per file, or pass directories with --fleet"
+                );
+                2
+            }
+        },
         Command::Diff {
             old,
             new,
@@ -302,9 +329,33 @@ fn explain_cmd(file: &Path, format: Format) -> u8 {
     match format {
         Format::Json => println!("{}", json!(m)),
         Format::Mermaid => print!("{}", m.to_mermaid()),
-        Format::Human => print!("{}", m.to_table()),
+        Format::Human | Format::Html => print!("{}", m.to_table()),
     }
     0
+}
+
+fn fleet_cmd(dirs: &[PathBuf], format: Format) -> u8 {
+    let fleet = match fleet::load(dirs) {
+        Ok(f) => f,
+        Err(errors) => return render_errors(&errors, format == Format::Json),
+    };
+    let out = match format {
+        Format::Json => format!("{}\n", json!(fleet)),
+        Format::Mermaid => fleet.to_mermaid(),
+        Format::Html => fleet.to_html(),
+        Format::Human => fleet.to_text(),
+    };
+    // The map is often piped (`| head`, `> map.html`): a closed pipe ends the command quietly.
+    match std::io::stdout().lock().write_all(out.as_bytes()) {
+        Ok(()) => 0,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => 0,
+        Err(e) => {
+            eprintln!(
+                "error: cannot write the map to stdout: {e}\n  help: check the output file or pipe"
+            );
+            2
+        }
+    }
 }
 
 fn diff_cmd(old: &Path, new: &Path, fail_on_widen: bool, json: bool) -> u8 {
