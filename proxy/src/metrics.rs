@@ -6,8 +6,8 @@
 //! [`Metrics::registry`].
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// The metric prefix.
@@ -34,6 +34,17 @@ pub struct Metrics {
     /// `key`, `bundle`, `crl`, `policy`, or `none` for a SIGHUP with nothing changed), `result`
     /// is `ok` or `error`.
     pub reloads: IntCounterVec,
+    /// `gatehouse_inbound_h2_client_resets_total`: streams the client reset (`RST_STREAM`)
+    /// while they were still being served.
+    pub inbound_h2_client_resets: IntCounter,
+    /// `gatehouse_inbound_h2_goaways_total{reason}`: HTTP/2 connections we closed with
+    /// `GOAWAY(ENHANCE_YOUR_CALM)`: `reason="too_many_resets"` (past `max_h2_resets`) or
+    /// `"excessive_load"` (one of the `h2` crate's own limits).
+    pub inbound_h2_goaways: IntCounterVec,
+    /// `gatehouse_inbound_send_timeouts_total{protocol}`: responses aborted after
+    /// `send_timeout` without progress: an HTTP/2 stream without window (`protocol="h2"`), or a
+    /// connection whose socket took no byte (`"http1"` or `"h2"`).
+    pub inbound_send_timeouts: IntCounterVec,
 }
 
 impl Metrics {
@@ -103,6 +114,27 @@ impl Metrics {
         )?;
         registry.register(Box::new(cert_expiry.clone()))?;
         registry.register(Box::new(reloads.clone()))?;
+        let inbound_h2_client_resets = IntCounter::new(
+            "inbound_h2_client_resets_total",
+            "HTTP/2 streams the client reset while they were being served",
+        )?;
+        let inbound_h2_goaways = IntCounterVec::new(
+            Opts::new(
+                "inbound_h2_goaways_total",
+                "HTTP/2 connections closed with GOAWAY(ENHANCE_YOUR_CALM), by reason (too_many_resets|excessive_load)",
+            ),
+            &["reason"],
+        )?;
+        let inbound_send_timeouts = IntCounterVec::new(
+            Opts::new(
+                "inbound_send_timeouts_total",
+                "Responses aborted after send_timeout without progress, by protocol (http1|h2)",
+            ),
+            &["protocol"],
+        )?;
+        registry.register(Box::new(inbound_h2_client_resets.clone()))?;
+        registry.register(Box::new(inbound_h2_goaways.clone()))?;
+        registry.register(Box::new(inbound_send_timeouts.clone()))?;
         Ok(Self {
             registry,
             inbound_requests,
@@ -112,6 +144,9 @@ impl Metrics {
             inbound_active_connections,
             cert_expiry,
             reloads,
+            inbound_h2_client_resets,
+            inbound_h2_goaways,
+            inbound_send_timeouts,
         })
     }
 
