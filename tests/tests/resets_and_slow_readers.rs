@@ -45,6 +45,33 @@ async fn settled_count(app: &FakeApp) -> usize {
     }
 }
 
+/// Waits until the app has received `n` requests, then until every app connection has
+/// closed, failing when that takes longer than `send_timeout` plus a margin for a loaded
+/// machine. Returns the connections that were open and how long they took to close.
+async fn released_within(app: &FakeApp, n: usize, send_timeout: Duration) -> (usize, Duration) {
+    let pinned = eventually(
+        "the app to get every request",
+        Duration::from_secs(10),
+        async || (app.count() == n).then(|| app.open_connections()),
+    )
+    .await
+    .expect("the app got every request");
+    let t0 = Instant::now();
+    eventually(
+        "the app connections to close",
+        send_timeout + Duration::from_secs(4),
+        async || (app.open_connections() == 0).then_some(()),
+    )
+    .await
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e}: {} of {pinned} app connections still open",
+            app.open_connections()
+        )
+    });
+    (pinned, t0.elapsed())
+}
+
 fn export_request(port: u16, query: &str) -> http::Request<()> {
     http::Request::get(format!("https://localhost:{port}{EXPORT}{query}"))
         .body(())
@@ -187,25 +214,7 @@ async fn issue_21_h2_streams_without_window_release_their_app_connections() {
         bodies.push(resp.into_body());
     }
     // Every stream has its response head, and its app connection.
-    let pinned = eventually("100 app connections", Duration::from_secs(10), async || {
-        (app.count() == STREAMS).then(|| app.open_connections())
-    })
-    .await
-    .expect("the app got every request");
-    let t0 = Instant::now();
-    eventually(
-        "the app connections to close",
-        send_timeout + Duration::from_secs(4),
-        async || (app.open_connections() == 0).then_some(()),
-    )
-    .await
-    .unwrap_or_else(|e| {
-        panic!(
-            "{e}: {} of {pinned} app connections still open",
-            app.open_connections()
-        )
-    });
-    let released = t0.elapsed();
+    let (pinned, released) = released_within(&app, STREAMS, send_timeout).await;
     eprintln!(
         "h2 zero window: {pinned} app connections pinned; all closed {released:?} after the \
          last response head (send_timeout {send_timeout:?})"
@@ -247,25 +256,7 @@ async fn issue_21_http1_clients_that_never_read_release_their_app_connections() 
         // Kept open, never read.
         idle_readers.push(tls);
     }
-    let pinned = eventually("20 app connections", Duration::from_secs(10), async || {
-        (app.count() == CLIENTS).then(|| app.open_connections())
-    })
-    .await
-    .expect("the app got every request");
-    let t0 = Instant::now();
-    eventually(
-        "the app connections to close",
-        send_timeout + Duration::from_secs(4),
-        async || (app.open_connections() == 0).then_some(()),
-    )
-    .await
-    .unwrap_or_else(|e| {
-        panic!(
-            "{e}: {} of {pinned} app connections still open",
-            app.open_connections()
-        )
-    });
-    let released = t0.elapsed();
+    let (pinned, released) = released_within(&app, CLIENTS, send_timeout).await;
     eprintln!(
         "http1 never-reading clients: {pinned} app connections pinned; all closed {released:?} \
          after the last request reached the app (send_timeout {send_timeout:?})"
