@@ -524,3 +524,32 @@ async fn drive<C, E>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_stall_starts_at_the_first_refused_write_and_ends_at_the_next_one_through() {
+        let activity = Arc::new(Activity::new());
+        assert_eq!(activity.stalled_since(), None);
+        // The driver, waiting for a stall, is woken by the first refused write.
+        let watched = activity.clone();
+        let driver = tokio::spawn(async move { watched.stall_begins().await });
+        tokio::task::yield_now().await;
+        let before = Instant::now();
+        activity.write_refused();
+        tokio::time::timeout(Duration::from_secs(5), driver)
+            .await
+            .expect("the driver learns that a stall began")
+            .expect("join");
+        let since = activity.stalled_since().expect("stalled");
+        assert!(since <= before + Duration::from_millis(2));
+        // Later refusals keep the first one's time; a write through ends the stall.
+        std::thread::sleep(Duration::from_millis(20));
+        activity.write_refused();
+        assert_eq!(activity.stalled_since(), Some(since));
+        activity.write_done();
+        assert_eq!(activity.stalled_since(), None);
+    }
+}
