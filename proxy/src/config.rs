@@ -7,7 +7,10 @@
 //! min_tls = "1.3"                     # or under [tls]; "1.2" only when configured
 //! [identity]  cert, key, bundle, crl  # paths relative to this file
 //!             crl_stale (refuse|unready|warn, default refuse), crl_grace (default 1h)
-//! [inbound]   listen, app, policy, limits and timeouts with safe defaults
+//! [inbound]   listen, app, policy, limits and timeouts with safe defaults, among them
+//!             send_timeout (30s: a response making no progress is aborted, its app connection
+//!             closed), max_h2_resets (200) per h2_reset_window (10s: client RST_STREAMs before
+//!             GOAWAY(ENHANCE_YOUR_CALM))
 //! [[outbound]] name, listen, connect, server_id, sni, allow_non_loopback_listen
 //! [admin]     listen
 //! [audit]     enabled (default true), path (default stdout), flush_interval (default 100ms, 0 = every line)
@@ -38,6 +41,16 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_APP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default grace period for in-flight requests on shutdown.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// Default time a response may make no progress (the client reads nothing, or an HTTP/2
+/// stream gets no flow-control window) before it is aborted and its app connection closed
+/// (nginx's `send_timeout`, which defaults to 60 s: half, as the app connection is pinned).
+pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default number of client resets (`RST_STREAM` of a stream still being served) one HTTP/2
+/// connection may send within [`DEFAULT_H2_RESET_WINDOW`] before it gets
+/// `GOAWAY(ENHANCE_YOUR_CALM)` (CVE-2023-44487, rapid reset; Netty allows 200 per 30 s).
+pub const DEFAULT_MAX_H2_RESETS: u32 = 200;
+/// Default window over which [`DEFAULT_MAX_H2_RESETS`] is counted.
+pub const DEFAULT_H2_RESET_WINDOW: Duration = Duration::from_secs(10);
 
 /// One problem found in the configuration file.
 #[derive(Debug, thiserror::Error)]
@@ -432,6 +445,15 @@ pub struct InboundConfig {
     pub max_connections: usize,
     /// Concurrent HTTP/2 streams per connection.
     pub max_h2_streams: u32,
+    /// Client resets of streams still being served that an HTTP/2 connection may send within
+    /// `h2_reset_window`; one more gets `GOAWAY(ENHANCE_YOUR_CALM)` and the connection closes.
+    pub max_h2_resets: u32,
+    /// The window over which `max_h2_resets` is counted.
+    pub h2_reset_window: Duration,
+    /// A response that makes no progress for this long is aborted and its app connection
+    /// closed: an HTTP/2 stream left without flow-control window is reset, a connection whose
+    /// socket accepts no byte (HTTP/1.1 or HTTP/2) is dropped.
+    pub send_timeout: Duration,
     /// Idle keep-alive connections kept to the app.
     pub app_pool_max_idle: usize,
     /// How long an idle keep-alive connection to the app is kept.
@@ -598,6 +620,9 @@ struct RawInbound {
     max_header_bytes: Option<S<u64>>,
     max_connections: Option<S<u64>>,
     max_h2_streams: Option<S<u32>>,
+    max_h2_resets: Option<S<u64>>,
+    h2_reset_window: Option<S<String>>,
+    send_timeout: Option<S<String>>,
     app_pool_max_idle: Option<S<u64>>,
     app_pool_idle_timeout: Option<S<String>>,
     #[serde(default)]
@@ -1008,6 +1033,22 @@ impl Check<'_> {
                 4096,
             ),
             max_h2_streams,
+            max_h2_resets: u32::try_from(self.count(
+                i.max_h2_resets.as_ref(),
+                "inbound.max_h2_resets",
+                DEFAULT_MAX_H2_RESETS as usize,
+            ))
+            .unwrap_or(u32::MAX),
+            h2_reset_window: self.duration(
+                i.h2_reset_window.as_ref(),
+                "inbound.h2_reset_window",
+                DEFAULT_H2_RESET_WINDOW,
+            ),
+            send_timeout: self.duration(
+                i.send_timeout.as_ref(),
+                "inbound.send_timeout",
+                DEFAULT_SEND_TIMEOUT,
+            ),
             app_pool_max_idle: self.count(
                 i.app_pool_max_idle.as_ref(),
                 "inbound.app_pool_max_idle",
@@ -1320,6 +1361,36 @@ listen = "127.0.0.1:9901"
             "connect = \"monolith.internal:8443\"\nprotocol = \"h3\"",
         ));
         assert!(e[0].contains("h3"), "{e:?}");
+    }
+
+    #[test]
+    fn slow_reader_and_reset_limits_default_and_can_be_set() {
+        let i = parse(GOOD).expect("good").inbound.expect("inbound");
+        assert_eq!(i.send_timeout, DEFAULT_SEND_TIMEOUT);
+        assert_eq!(i.max_h2_resets, DEFAULT_MAX_H2_RESETS);
+        assert_eq!(i.h2_reset_window, DEFAULT_H2_RESET_WINDOW);
+        let text = GOOD.replace(
+            "policy = \"policy.toml\"",
+            "policy = \"p\"\nsend_timeout = \"5s\"\nmax_h2_resets = 50\nh2_reset_window = \"1m\"",
+        );
+        let i = parse(&text).expect("set").inbound.expect("inbound");
+        assert_eq!(i.send_timeout, Duration::from_secs(5));
+        assert_eq!(i.max_h2_resets, 50);
+        assert_eq!(i.h2_reset_window, Duration::from_secs(60));
+        let text = GOOD.replace(
+            "policy = \"policy.toml\"",
+            "policy = \"p\"\nsend_timeout = \"0s\"\nmax_h2_resets = 0",
+        );
+        let e = errors(&text);
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert!(
+            e.iter().any(|e| e.contains("inbound.send_timeout")),
+            "{e:?}"
+        );
+        assert!(
+            e.iter().any(|e| e.contains("inbound.max_h2_resets")),
+            "{e:?}"
+        );
     }
 
     #[test]

@@ -8,7 +8,9 @@
 //! - [`RecvBody`]: a received stream as an [`http_body::Body`], giving flow-control capacity
 //!   back as each chunk is handed on (so the peer can send more only once we passed it on);
 //! - [`pipe`]: a body written to a send stream, waiting for the peer's flow-control window
-//!   instead of buffering without bound, and stopping when the peer resets the stream.
+//!   instead of buffering without bound, and stopping when the peer resets the stream;
+//!   [`pipe_within`] also gives up on a peer that opens no window for a send timeout (a slow
+//!   reader must not pin the body's producer, the app's connection, for as long as it likes).
 //!
 //! [`HttpBody`] is a body as either protocol delivers it: what the inbound side forwards to
 //! the app, and what the outbound side hands the app back.
@@ -16,9 +18,10 @@
 //! Both adapters follow hyper 1.12's `h2` glue (`Incoming::h2` and `PipeToSendStream`), including its
 //! fix for hyperium/hyper#4003: capacity is claimed only once a chunk is in hand.
 
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
 use std::pin::{Pin, pin};
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use bytes::Bytes;
 use h2::{Reason, RecvStream, SendStream};
@@ -121,20 +124,47 @@ impl Body for HttpBody {
     }
 }
 
+/// The peer gave a response stream no flow-control window for the send timeout; the stream
+/// was reset (`CANCEL`).
+#[derive(Debug, thiserror::Error)]
+#[error("the peer opened no flow-control window for {0:?}: stream reset")]
+pub struct SendTimedOut(pub Duration);
+
 /// Writes `body` to `tx` to its end (data, then trailers or an empty end-of-stream frame).
 ///
 /// Each chunk waits for flow-control capacity before it is queued, so a slow reader holds
 /// back the body's producer rather than growing our buffers. A body error resets the stream
-/// (`INTERNAL_ERROR`), and a reset from the peer stops the copy.
+/// (`INTERNAL_ERROR`), and a reset from the peer stops the copy. The wait for capacity is not
+/// bounded: see [`pipe_within`].
 ///
 /// # Errors
 /// The body's error, the peer's reset, or the connection's error.
-pub async fn pipe<B>(body: B, mut tx: SendStream<Bytes>) -> Result<(), BoxError>
+pub fn pipe<B>(body: B, tx: SendStream<Bytes>) -> impl Future<Output = Result<(), BoxError>>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    pipe_within(body, tx, None)
+}
+
+/// [`pipe`], giving up when one wait for the peer's flow-control window lasts `send_timeout`:
+/// the stream is reset (`CANCEL`) and the body dropped. The timer is armed only when a
+/// chunk has to wait (boxed, so it costs the future nothing otherwise) and re-armed for each
+/// wait, so a reader that keeps opening its window, however slowly, is never cut off.
+///
+/// # Errors
+/// As [`pipe`], and [`SendTimedOut`].
+pub async fn pipe_within<B>(
+    body: B,
+    mut tx: SendStream<Bytes>,
+    send_timeout: Option<Duration>,
+) -> Result<(), BoxError>
 where
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
     let mut body = pin!(body);
+    let mut stall: Option<Pin<Box<tokio::time::Sleep>>> = None;
     loop {
         // The next frame; registered for the peer's RST_STREAM while waiting for it.
         let frame = poll_fn(|cx| {
@@ -159,11 +189,33 @@ where
                     // A minimal claim, raised to the chunk's length by `send_data`: claiming
                     // a whole chunk up front pins connection window for a stream that may wait.
                     tx.reserve_capacity(1);
+                    if tx.capacity() == 0
+                        && let Some(limit) = send_timeout
+                    {
+                        arm(&mut stall, limit);
+                    }
                     while tx.capacity() == 0 {
-                        match poll_fn(|cx| tx.poll_capacity(cx)).await {
-                            Some(Ok(_)) => {}
-                            Some(Err(e)) => return Err(e.into()),
-                            None => return Err("the HTTP/2 stream closed while sending".into()),
+                        let waited = poll_fn(|cx| {
+                            if let Poll::Ready(c) = tx.poll_capacity(cx) {
+                                return Poll::Ready(Some(c));
+                            }
+                            match &mut stall {
+                                Some(s) => s.as_mut().poll(cx).map(|()| None),
+                                None => Poll::Pending,
+                            }
+                        })
+                        .await;
+                        match waited {
+                            Some(Some(Ok(_))) => {}
+                            Some(Some(Err(e))) => return Err(e.into()),
+                            Some(None) => {
+                                return Err("the HTTP/2 stream closed while sending".into());
+                            }
+                            None => {
+                                tx.send_reset(Reason::CANCEL);
+                                let limit = send_timeout.unwrap_or_default();
+                                return Err(SendTimedOut(limit).into());
+                            }
                         }
                     }
                 }
@@ -179,6 +231,15 @@ where
                 }
             }
         }
+    }
+}
+
+/// Sets `stall` to go off `limit` from now (boxed once per body, then reset per wait).
+fn arm(stall: &mut Option<Pin<Box<tokio::time::Sleep>>>, limit: Duration) {
+    let at = tokio::time::Instant::now() + limit;
+    match stall {
+        Some(s) => s.as_mut().reset(at),
+        None => *stall = Some(Box::pin(tokio::time::sleep_until(at))),
     }
 }
 
@@ -296,6 +357,43 @@ mod tests {
             let collected = body.collect().await;
             assert_eq!(collected.is_err(), fails, "{reason:?}: {collected:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_reader_that_opens_no_window_is_reset_after_the_send_timeout() {
+        // The reader's stream window is zero: not one byte may be sent.
+        let (c, s) = tokio::io::duplex(64 * 1024);
+        let server = tokio::spawn(async move { h2::server::handshake(s).await.expect("server") });
+        let (mut tx, conn) = h2::client::Builder::new()
+            .initial_window_size(0)
+            .handshake::<_, Bytes>(c)
+            .await
+            .expect("client");
+        tokio::spawn(conn);
+        let mut server = server.await.expect("join");
+        let req = http::Request::get("https://peer/x").body(()).unwrap();
+        let (resp, _send) = tx.send_request(req, true).unwrap();
+        let (_req, mut respond) = server.accept().await.expect("a stream").expect("ok");
+        tokio::spawn(async move { while server.accept().await.is_some() {} });
+        let send = respond
+            .send_response(http::Response::new(()), false)
+            .unwrap();
+        let started = std::time::Instant::now();
+        let limit = Duration::from_millis(300);
+        let body = Full::new(Bytes::from_static(b"never sent"));
+        let err = tokio::time::timeout(
+            Duration::from_secs(10),
+            pipe_within(body, send, Some(limit)),
+        )
+        .await
+        .expect("the copy gives up")
+        .expect_err("a send timeout is an error");
+        assert!(err.is::<SendTimedOut>(), "{err}");
+        assert!(started.elapsed() >= limit);
+        // The reader learns of it: its body fails with CANCEL.
+        let body = RecvBody::new(resp.await.unwrap().into_body());
+        let e = body.collect().await.expect_err("reset");
+        assert_eq!(e.reason(), Some(Reason::CANCEL), "{e}");
     }
 
     #[tokio::test]

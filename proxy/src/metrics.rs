@@ -6,8 +6,8 @@
 //! [`Metrics::registry`].
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// The metric prefix.
@@ -47,6 +47,17 @@ pub struct Metrics {
     pub reload_input_refused: IntGaugeVec,
     /// `gatehouse_reload_stuck`: 1 while a reload attempt has overrun its deadline.
     pub reload_stuck: IntGauge,
+    /// `gatehouse_inbound_h2_client_resets_total`: streams the client reset (`RST_STREAM`)
+    /// while they were still being served.
+    pub inbound_h2_client_resets: IntCounter,
+    /// `gatehouse_inbound_h2_goaways_total{reason}`: HTTP/2 connections we closed with
+    /// `GOAWAY(ENHANCE_YOUR_CALM)`: `reason="too_many_resets"` (past `max_h2_resets`) or
+    /// `"excessive_load"` (one of the `h2` crate's own limits).
+    pub inbound_h2_goaways: IntCounterVec,
+    /// `gatehouse_inbound_send_timeouts_total{protocol}`: responses aborted after
+    /// `send_timeout` without progress: an HTTP/2 stream without window (`protocol="h2"`), or a
+    /// connection whose socket took no byte (`"http1"` or `"h2"`).
+    pub inbound_send_timeouts: IntCounterVec,
 }
 
 impl Metrics {
@@ -137,6 +148,27 @@ impl Metrics {
         registry.register(Box::new(reload_stuck.clone()))?;
         registry.register(Box::new(cert_expiry.clone()))?;
         registry.register(Box::new(reloads.clone()))?;
+        let inbound_h2_client_resets = IntCounter::new(
+            "inbound_h2_client_resets_total",
+            "HTTP/2 streams the client reset while they were being served",
+        )?;
+        let inbound_h2_goaways = IntCounterVec::new(
+            Opts::new(
+                "inbound_h2_goaways_total",
+                "HTTP/2 connections closed with GOAWAY(ENHANCE_YOUR_CALM), by reason (too_many_resets|excessive_load)",
+            ),
+            &["reason"],
+        )?;
+        let inbound_send_timeouts = IntCounterVec::new(
+            Opts::new(
+                "inbound_send_timeouts_total",
+                "Responses aborted after send_timeout without progress, by protocol (http1|h2)",
+            ),
+            &["protocol"],
+        )?;
+        registry.register(Box::new(inbound_h2_client_resets.clone()))?;
+        registry.register(Box::new(inbound_h2_goaways.clone()))?;
+        registry.register(Box::new(inbound_send_timeouts.clone()))?;
         Ok(Self {
             registry,
             inbound_requests,
@@ -149,6 +181,9 @@ impl Metrics {
             reloads,
             reload_input_refused,
             reload_stuck,
+            inbound_h2_client_resets,
+            inbound_h2_goaways,
+            inbound_send_timeouts,
         })
     }
 

@@ -355,7 +355,18 @@ pub struct Seen {
 pub struct FakeApp {
     addr: SocketAddr,
     seen: Arc<Mutex<Vec<Seen>>>,
+    open: Arc<std::sync::atomic::AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// Counts an app connection open until dropped (its `serve_connection` ended: the sidecar
+/// closed it, or a write to it failed).
+struct OpenGuard(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 type AppBody = Either<Full<Bytes>, Generated>;
@@ -370,13 +381,18 @@ impl FakeApp {
         let addr = listener.local_addr().expect("app addr");
         let seen = Arc::new(Mutex::new(Vec::new()));
         let log = seen.clone();
+        let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let opened = open.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
                     continue;
                 };
                 let log = log.clone();
+                opened.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let guard = OpenGuard(opened.clone());
                 tokio::spawn(async move {
+                    let _guard = guard;
                     let svc = hyper::service::service_fn(move |req| app(log.clone(), req));
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(tcp), svc)
@@ -384,7 +400,18 @@ impl FakeApp {
                 });
             }
         });
-        Self { addr, seen, task }
+        Self {
+            addr,
+            seen,
+            open,
+            task,
+        }
+    }
+
+    /// Connections from the sidecar that are open now (accepted, not yet closed by the
+    /// sidecar or failed on a write).
+    pub fn open_connections(&self) -> usize {
+        self.open.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// The app's address.
@@ -628,7 +655,10 @@ impl SidecarBuilder {
         let mut child = Command::new(binary("sidecar"))
             .args(["run", "--config"])
             .arg(&config)
-            .env("RUST_LOG", "info,gatehouse_proxy=debug")
+            .env(
+                "RUST_LOG",
+                std::env::var("TMPLOG").unwrap_or("info,gatehouse_proxy=debug".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -10,6 +10,20 @@
 //! HTTP/2 server spent on each), and a slow stream holds up no other, each being polled only
 //! when woken. A stream the client resets before its response drops its handling (and the
 //! request to the app), as with hyper.
+//!
+//! Two limits guard the app against abusive clients:
+//! - **Client resets** (rapid reset, CVE-2023-44487): a stream reset while it is served
+//!   frees its slot under `max_h2_streams` at once, so resets are what let a client start
+//!   requests without bound. Each connection counts them ([`ResetBudget`]): past
+//!   `max_h2_resets` within `h2_reset_window` it gets `GOAWAY(ENHANCE_YOUR_CALM)` and is closed.
+//!   `h2`'s own `max_pending_accept_reset_streams` only counts streams reset while they wait in
+//!   its accept queue, which our loop empties at every poll, so it only catches large bursts.
+//!   A stream already reset when it is first polled (`HEADERS` and `RST_STREAM` read together)
+//!   is not forwarded at all.
+//! - **Slow readers**: a response body waits for the client's flow-control window at most
+//!   `send_timeout` per wait ([`pipe_within`]); then the stream is reset and the app's
+//!   response (and connection) dropped. A client that reads nothing off the socket at all is
+//!   caught a level down, by the connection's write-progress deadline (`super::listener`).
 
 use std::cell::RefCell;
 use std::future::{Future, poll_fn};
@@ -17,7 +31,7 @@ use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, Wake, Waker, ready};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use futures_util::stream::{FuturesUnordered, StreamExt};
@@ -28,10 +42,11 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::{Request, Response};
 use http_body::Body;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tracing::debug;
+use tracing::{debug, warn};
 
 use super::request::{ConnCtx, RequestBody, handle};
-use crate::h2body::{RecvBody, pipe};
+use crate::h2body::{BoxError, RecvBody, SendTimedOut, pipe_within};
+use crate::metrics::Metrics;
 
 /// Initial stream and connection flow-control windows: hyper 1.12's server defaults (the
 /// HTTP/2 default of 64 KiB holds back uploads on any link with latency).
@@ -77,6 +92,7 @@ pub(super) struct H2Server<T, S, F> {
     state: H2State<T>,
     streams: FuturesUnordered<F>,
     serve: S,
+    resets: ResetBudget,
     wakeups: Arc<Wakeups>,
     conn_waker: Waker,
     streams_waker: Waker,
@@ -92,15 +108,16 @@ impl<T, S, F> H2Server<T, S, F>
 where
     T: AsyncRead + AsyncWrite + Unpin,
     S: FnMut(Request<RecvStream>, SendResponse<Bytes>) -> F + Unpin,
-    F: Future<Output = ()>,
+    F: Future<Output = StreamEnd>,
 {
-    pub(super) fn new(handshake: Handshake<T, Bytes>, serve: S) -> Self {
+    pub(super) fn new(handshake: Handshake<T, Bytes>, serve: S, resets: ResetBudget) -> Self {
         let wakeups = Arc::new(Wakeups::default());
         wakeups.conn.store(true, Ordering::SeqCst);
         Self {
             state: H2State::Handshaking(handshake),
             streams: FuturesUnordered::new(),
             serve,
+            resets,
             conn_waker: PartWaker::waker(&wakeups, true),
             streams_waker: PartWaker::waker(&wakeups, false),
             wakeups,
@@ -143,7 +160,13 @@ where
             // The streams first: what they queue is written by the connection's poll below.
             let streams = w.streams.swap(false, Ordering::SeqCst);
             if streams {
-                while let Poll::Ready(Some(())) = self.streams.poll_next_unpin(&mut streams_cx) {}
+                while let Poll::Ready(Some(end)) = self.streams.poll_next_unpin(&mut streams_cx) {
+                    if self.resets.count(end) {
+                        conn.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
+                        // The next poll of the connection sends the GOAWAY and closes.
+                        w.conn.store(true, Ordering::SeqCst);
+                    }
+                }
             }
             let polled_conn = w.conn.swap(false, Ordering::SeqCst);
             if polled_conn {
@@ -153,7 +176,10 @@ where
                             self.streams.push((self.serve)(req, respond));
                             w.streams.store(true, Ordering::SeqCst);
                         }
-                        Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
+                        Poll::Ready(Some(Err(e))) => {
+                            self.resets.connection_error(&e);
+                            return Poll::Ready(Err(e));
+                        }
                         // Closed (after GOAWAY, once every stream is done, or by the peer,
                         // which also ends any stream still open).
                         Poll::Ready(None) => return Poll::Ready(Ok(())),
@@ -174,7 +200,7 @@ impl<T, S, F> Future for H2Server<T, S, F>
 where
     T: AsyncRead + AsyncWrite + Unpin,
     S: FnMut(Request<RecvStream>, SendResponse<Bytes>) -> F + Unpin,
-    F: Future<Output = ()>,
+    F: Future<Output = StreamEnd>,
 {
     type Output = Result<(), h2::Error>;
 
@@ -243,6 +269,97 @@ impl Wake for PartWaker {
     }
 }
 
+/// How a stream's service ended, for its connection's accounting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum StreamEnd {
+    /// Answered, or ended by something other than the client's reset or our send timeout
+    /// (the app's body failed, the connection broke).
+    Done,
+    /// The client reset the stream before it was served to its end.
+    ClientReset,
+    /// The client opened no flow-control window for the send timeout: we reset the stream.
+    SendTimedOut,
+}
+
+/// Client resets one connection may send within a window before it is closed with
+/// `GOAWAY(ENHANCE_YOUR_CALM)`; counted only when a stream ends (no timer, nothing per
+/// request), the window starting at the first reset after the previous one ran out.
+pub(super) struct ResetBudget {
+    max: u32,
+    window: Duration,
+    spent: u32,
+    since: Option<Instant>,
+    /// The GOAWAY was sent: streams ending now are the connection's, not the client's, doing.
+    exhausted: bool,
+    metrics: Metrics,
+}
+
+impl ResetBudget {
+    pub(super) fn new(max: u32, window: Duration, metrics: Metrics) -> Self {
+        Self {
+            max,
+            window,
+            spent: 0,
+            since: None,
+            exhausted: false,
+            metrics,
+        }
+    }
+
+    /// Accounts for a stream's end; `true` once the connection must be closed (exactly once).
+    fn count(&mut self, end: StreamEnd) -> bool {
+        match end {
+            StreamEnd::Done => return false,
+            StreamEnd::SendTimedOut => {
+                self.metrics
+                    .inbound_send_timeouts
+                    .with_label_values(&["h2"])
+                    .inc();
+                return false;
+            }
+            StreamEnd::ClientReset if self.exhausted => return false,
+            StreamEnd::ClientReset => {}
+        }
+        self.metrics.inbound_h2_client_resets.inc();
+        let now = Instant::now();
+        match self.since {
+            Some(since) if now.duration_since(since) < self.window => self.spent += 1,
+            _ => {
+                self.since = Some(now);
+                self.spent = 1;
+            }
+        }
+        if self.spent <= self.max {
+            return false;
+        }
+        self.exhausted = true;
+        self.metrics
+            .inbound_h2_goaways
+            .with_label_values(&["too_many_resets"])
+            .inc();
+        warn!(
+            resets = self.spent,
+            window = ?self.window,
+            "closing HTTP/2 connection with GOAWAY(ENHANCE_YOUR_CALM): too many client resets (max_h2_resets)"
+        );
+        true
+    }
+
+    /// `h2` closed the connection itself: with `ENHANCE_YOUR_CALM` one of its own limits
+    /// tripped (more reset streams in its accept queue at once than the budget, resets it
+    /// had to send for protocol errors, DATA frame overhead).
+    fn connection_error(&mut self, e: &h2::Error) {
+        if e.is_library() && e.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM) && !self.exhausted {
+            self.exhausted = true;
+            self.metrics
+                .inbound_h2_goaways
+                .with_label_values(&["excessive_load"])
+                .inc();
+            warn!(error = %e, "HTTP/2 connection closed with GOAWAY(ENHANCE_YOUR_CALM) by h2's own limits");
+        }
+    }
+}
+
 /// One HTTP/2 stream: the request through [`handle`], then the response head and body.
 ///
 /// A reset from the client while the response is being made drops the handling (and with it
@@ -256,40 +373,78 @@ pub(super) fn serve_stream(
     ctx: Arc<ConnCtx>,
     req: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
-) -> impl Future<Output = ()> + Send + 'static {
+    send_timeout: Duration,
+) -> impl Future<Output = StreamEnd> + Send + 'static {
     async move {
         let resp = {
             let mut handling = pin!(handle(ctx, req.map(|s| RequestBody::H2(RecvBody::new(s)))));
+            let mut polled = false;
             poll_fn(|cx| {
-                if let Poll::Ready(Ok(resp)) = handling.as_mut().poll(cx) {
-                    return Poll::Ready(Some(resp));
+                // The first poll looks at the reset first: a stream reset before we got to it
+                // never reaches the app. Later polls look after the handling, whose readiness
+                // is the common case; either way the reset's waker is registered.
+                let first = !std::mem::replace(&mut polled, true);
+                if first && let Poll::Ready(reset) = respond.poll_reset(cx) {
+                    return Poll::Ready(Err(reset_end(reset)));
                 }
-                respond.poll_reset(cx).map(|reason| {
-                    debug!(
-                        ?reason,
-                        "HTTP/2 stream reset by the client before its response"
-                    );
-                    None
-                })
+                if let Poll::Ready(Ok(resp)) = handling.as_mut().poll(cx) {
+                    return Poll::Ready(Ok(resp));
+                }
+                if first {
+                    return Poll::Pending;
+                }
+                respond.poll_reset(cx).map(|reset| Err(reset_end(reset)))
             })
             .await
         };
-        let Some(resp) = resp else { return };
+        let resp = match resp {
+            Ok(resp) => resp,
+            Err(end) => return end,
+        };
         let (mut head, body) = resp.into_parts();
         fit_for_h2(&mut head.headers, &body);
         let end = body.is_end_stream();
         match respond.send_response(Response::from_parts(head, ()), end) {
-            Ok(tx) if !end => {
-                if let Err(e) = pipe(body, tx).await {
+            Ok(tx) if !end => match pipe_within(body, tx, Some(send_timeout)).await {
+                Ok(()) => StreamEnd::Done,
+                Err(e) => {
                     debug!(error = %e, "HTTP/2 response body not sent whole");
+                    end_of(&e)
                 }
-            }
-            Ok(_) => {}
+            },
+            Ok(_) => StreamEnd::Done,
             Err(e) => {
                 debug!(error = %e, "HTTP/2 response head not sent");
                 respond.send_reset(h2::Reason::INTERNAL_ERROR);
+                StreamEnd::Done
             }
         }
+    }
+}
+
+/// A stream reset before its response: the client's doing, or (an error) the connection's.
+fn reset_end(reset: Result<h2::Reason, h2::Error>) -> StreamEnd {
+    debug!(
+        ?reset,
+        "HTTP/2 stream reset by the client before its response"
+    );
+    match reset {
+        Ok(_) => StreamEnd::ClientReset,
+        Err(_) => StreamEnd::Done,
+    }
+}
+
+/// Why a response body was not sent whole: the client's reset, our send timeout, or
+/// something else (the app's body failed, the connection broke).
+fn end_of(e: &BoxError) -> StreamEnd {
+    if e.is::<SendTimedOut>() {
+        return StreamEnd::SendTimedOut;
+    }
+    match e.downcast_ref::<h2::Error>() {
+        Some(h2) if h2.reason().is_some() && !h2.is_go_away() && !h2.is_library() => {
+            StreamEnd::ClientReset
+        }
+        _ => StreamEnd::Done,
     }
 }
 
@@ -343,13 +498,12 @@ fn render_http_date(now: SystemTime) -> HeaderValue {
 #[cfg(test)]
 mod tests {
     use std::collections::HashSet;
-    use std::time::Duration;
 
     use http_body_util::{Empty, Full};
     use tokio::sync::{Notify, oneshot};
 
     use super::*;
-    use crate::h2body::BoxError;
+    use crate::h2body::pipe;
 
     type Client = h2::client::SendRequest<Bytes>;
 
@@ -369,9 +523,20 @@ mod tests {
         let (c, s) = tokio::io::duplex(64 * 1024);
         let (stop, stopped) = oneshot::channel::<()>();
         let server = tokio::spawn(async move {
+            let mut serve = serve;
+            let serve = move |req, respond| {
+                let stream = serve(req, respond);
+                async move {
+                    stream.await;
+                    StreamEnd::Done
+                }
+            };
+            let metrics = Metrics::register().expect("metrics");
+            let resets = ResetBudget::new(200, Duration::from_secs(10), metrics);
             let mut server = pin!(H2Server::new(
                 h2_builder(100, 16 * 1024).handshake(s),
-                serve
+                serve,
+                resets
             ));
             tokio::select! {
                 r = server.as_mut() => return r,
@@ -530,14 +695,45 @@ mod tests {
     /// per request: keep it small. Raise the bound only knowingly.
     #[test]
     fn the_per_stream_future_stays_small() {
-        fn future_size<F, A, B, C, R>(_: &F) -> usize
+        fn future_size<F, A, B, C, D, R>(_: &F) -> usize
         where
-            F: Fn(A, B, C) -> R,
+            F: Fn(A, B, C, D) -> R,
         {
             std::mem::size_of::<R>()
         }
         let size = future_size(&serve_stream);
         assert!(size <= 1800, "serve_stream's future is {size} bytes");
+    }
+
+    #[test]
+    fn client_resets_past_the_budget_close_the_connection_once_and_the_window_renews_it() {
+        let metrics = Metrics::register().expect("metrics");
+        let mut budget = ResetBudget::new(3, Duration::from_millis(300), metrics.clone());
+        // Served streams and send timeouts cost nothing.
+        for _ in 0..10 {
+            assert!(!budget.count(StreamEnd::Done));
+            assert!(!budget.count(StreamEnd::SendTimedOut));
+        }
+        for _ in 0..3 {
+            assert!(!budget.count(StreamEnd::ClientReset));
+        }
+        // A new window: three more are fine.
+        std::thread::sleep(Duration::from_millis(350));
+        for _ in 0..3 {
+            assert!(!budget.count(StreamEnd::ClientReset));
+        }
+        assert!(
+            budget.count(StreamEnd::ClientReset),
+            "the fourth in a window"
+        );
+        assert!(!budget.count(StreamEnd::ClientReset), "closing already");
+        assert_eq!(metrics.inbound_h2_client_resets.get(), 7);
+        let goaways = metrics
+            .inbound_h2_goaways
+            .with_label_values(&["too_many_resets"]);
+        assert_eq!(goaways.get(), 1);
+        let timeouts = metrics.inbound_send_timeouts.with_label_values(&["h2"]);
+        assert_eq!(timeouts.get(), 10);
     }
 
     #[test]

@@ -11,6 +11,16 @@
 //! gracefully when it has been idle for `idle_timeout` or when shutdown starts (HTTP/2 sends
 //! GOAWAY and lets the streams already open finish, HTTP/1.1 finishes the request in flight).
 //!
+//! It also holds the write-progress deadline (`send_timeout`): the socket is wrapped in a
+//! [`WriteWatch`] that notes when a write is refused (the client reads nothing and the
+//! buffers are full) and when one goes through again. A connection whose socket took no byte
+//! for `send_timeout` is dropped, and with it the responses in flight and their app
+//! connections. This is the right depth for HTTP/1.1, where hyper stops polling the response
+//! body while the socket is blocked (a timer on the body would never be looked at), and it
+//! also ends an HTTP/2 connection whose client reads nothing (HTTP/2 streams left without
+//! flow-control window by a client that does read are reset in `super::h2`). The watch costs
+//! a load per write; the driver is woken once when a stall begins, never per request.
+//!
 //! Each connection also watches for reloads ([`crate::state::State::subscribe`]): after every
 //! swap it re-runs the *new* snapshot's verifier (chain to the new bundle, new CRL, expiry,
 //! SVID rules) on the certificates its peer presented. A peer that no longer passes (revoked,
@@ -19,11 +29,14 @@
 //! dropped outright after [`UNTRUSTED_GRACE`].
 
 use std::fmt::Display;
-use std::future::Future;
+use std::future::{Future, poll_fn};
 use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
+
+use futures_util::task::AtomicWaker;
 
 use http::Request;
 use hyper::body::Incoming;
@@ -32,15 +45,17 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use rustls::server::danger::ClientCertVerifier;
 use rustls_pki_types::{CertificateDer, UnixTime};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tracing::{Instrument, debug, info, info_span};
 
 use super::Inbound;
-use super::h2::{H2Server, h2_builder, serve_stream};
+use super::h2::{H2Server, ResetBudget, h2_builder, serve_stream};
 use super::request::{ConnCtx, RequestBody, handle};
 use crate::accept::Acceptor;
+use crate::metrics::Metrics;
 use crate::signal::Shutdown;
 use crate::state::{Snapshot, State};
 use crate::tls::verify::failure_reason;
@@ -138,16 +153,40 @@ async fn serve_one(
     let activity = ctx.activity.clone();
     let conn_ctx = ctx.clone();
     let cfg = &inbound.cfg;
+    let tls = WriteWatch {
+        io: tls,
+        activity: activity.clone(),
+    };
+    let timeouts = Timeouts {
+        idle: cfg.idle_timeout,
+        send: cfg.send_timeout,
+        metrics: &inbound.metrics,
+        protocol: if h2 { "h2" } else { "http1" },
+    };
     if h2 {
-        let builder = h2_builder(cfg.max_h2_streams, cfg.max_header_bytes);
-        let server = H2Server::new(builder.handshake(tls), move |req, respond| {
-            serve_stream(ctx.clone(), req, respond)
-        });
+        let mut builder = h2_builder(cfg.max_h2_streams, cfg.max_header_bytes);
+        // Streams reset while in `h2`'s accept queue (a burst read at once, or a loop that
+        // was not scheduled for a while) are accepted and counted by the reset budget like
+        // any other; `h2`'s own limit on them stays only as the memory bound of that queue.
+        builder.max_pending_accept_reset_streams(
+            usize::try_from(cfg.max_h2_resets).unwrap_or(usize::MAX),
+        );
+        let resets = ResetBudget::new(
+            cfg.max_h2_resets,
+            cfg.h2_reset_window,
+            inbound.metrics.clone(),
+        );
+        let send_timeout = cfg.send_timeout;
+        let server = H2Server::new(
+            builder.handshake(tls),
+            move |req, respond| serve_stream(ctx.clone(), req, respond, send_timeout),
+            resets,
+        );
         drive(
             server,
             H2Server::graceful_shutdown,
             &activity,
-            cfg.idle_timeout,
+            &timeouts,
             &shutdown,
             &mut recheck,
             &conn_ctx,
@@ -164,13 +203,21 @@ async fn serve_one(
             b.serve_connection(TokioIo::new(tls), svc),
             |c| c.graceful_shutdown(),
             &activity,
-            cfg.idle_timeout,
+            &timeouts,
             &shutdown,
             &mut recheck,
             &conn_ctx,
         )
         .await;
     }
+}
+
+/// A connection's timeouts, and where a send timeout is counted.
+struct Timeouts<'a> {
+    idle: Duration,
+    send: Duration,
+    metrics: &'a Metrics,
+    protocol: &'static str,
 }
 
 fn handshake_failed(inbound: &Inbound, reason: &'static str, e: &dyn std::fmt::Display) {
@@ -192,12 +239,18 @@ fn io_reason(e: &std::io::Error) -> &'static str {
 }
 
 /// Requests in flight on a connection and when the last one ended (milliseconds since the
-/// connection started), for the idle timeout.
+/// connection started), for the idle timeout; since when its socket refuses our writes, for
+/// the send timeout.
 #[derive(Debug)]
 pub struct Activity {
     started: Instant,
     active: AtomicUsize,
     last_ms: AtomicU64,
+    /// Milliseconds since `started`, plus one, of the first refused write since the last one
+    /// that went through; 0 while writes go through.
+    stalled_ms: AtomicU64,
+    /// The driver, waiting for a stall to begin.
+    stall_waker: AtomicWaker,
 }
 
 impl Activity {
@@ -206,7 +259,46 @@ impl Activity {
             started: Instant::now(),
             active: AtomicUsize::new(0),
             last_ms: AtomicU64::new(0),
+            stalled_ms: AtomicU64::new(0),
+            stall_waker: AtomicWaker::new(),
         }
+    }
+
+    /// A write was refused (`Pending`): the stall begins now unless it already had.
+    fn write_refused(&self) {
+        if self.stalled_ms.load(Ordering::Relaxed) == 0 {
+            let ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX - 1);
+            self.stalled_ms.store(ms + 1, Ordering::Relaxed);
+            // Only registered while the driver waits for a stall: a no-op otherwise.
+            self.stall_waker.wake();
+        }
+    }
+
+    /// A write (or flush) went through: no stall.
+    fn write_done(&self) {
+        if self.stalled_ms.load(Ordering::Relaxed) != 0 {
+            self.stalled_ms.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Since when writes have been refused, if they are.
+    fn stalled_since(&self) -> Option<Instant> {
+        match self.stalled_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(self.started + Duration::from_millis(ms - 1)),
+        }
+    }
+
+    /// Resolves once a stall has begun.
+    async fn stall_begins(&self) {
+        poll_fn(|cx| {
+            self.stall_waker.register(cx.waker());
+            match self.stalled_ms.load(Ordering::Relaxed) {
+                0 => Poll::Pending,
+                _ => Poll::Ready(()),
+            }
+        })
+        .await;
     }
 
     /// A request started; the returned guard ends it when dropped (with the response body).
@@ -236,6 +328,67 @@ impl Drop for RequestGuard {
         let ms = u64::try_from(self.0.started.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.0.last_ms.store(ms, Ordering::Relaxed);
         self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A connection's socket, noting refused and completed writes in its [`Activity`] for the
+/// send timeout. Reads pass through.
+struct WriteWatch<T> {
+    io: T,
+    activity: Arc<Activity>,
+}
+
+impl<T> WriteWatch<T> {
+    fn note<R>(&self, polled: Poll<R>) -> Poll<R> {
+        match polled {
+            Poll::Pending => self.activity.write_refused(),
+            Poll::Ready(_) => self.activity.write_done(),
+        }
+        polled
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for WriteWatch<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for WriteWatch<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.note(polled)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.note(polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let polled = Pin::new(&mut self.io).poll_flush(cx);
+        self.note(polled)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let polled = Pin::new(&mut self.io).poll_shutdown(cx);
+        self.note(polled)
     }
 }
 
@@ -280,7 +433,8 @@ impl Recheck {
 }
 
 /// Runs a connection to completion, asking it to finish gracefully on shutdown, once idle, or
-/// when a reload stops trusting the peer (then dropped after [`UNTRUSTED_GRACE`]).
+/// when a reload stops trusting the peer (then dropped after [`UNTRUSTED_GRACE`]); dropping it
+/// at once when its socket took no byte for the send timeout.
 ///
 /// `graceful` asks the connection to finish (hyper's `graceful_shutdown`, or the HTTP/2
 /// server's GOAWAY). A connection error is logged at debug level: it is the peer's business.
@@ -288,7 +442,7 @@ async fn drive<C, E>(
     conn: C,
     mut graceful: impl FnMut(Pin<&mut C>),
     activity: &Activity,
-    idle: Duration,
+    timeouts: &Timeouts<'_>,
     shutdown: &Shutdown,
     recheck: &mut Recheck,
     ctx: &ConnCtx,
@@ -296,16 +450,20 @@ async fn drive<C, E>(
     C: Future<Output = Result<(), E>>,
     E: Display,
 {
+    let idle = timeouts.idle;
     let mut conn = pin!(conn);
     let mut closing = false;
     let mut watching = true;
     let mut cutoff: Option<tokio::time::Instant> = None;
     loop {
-        let idle_check = async {
-            match activity.idle_since() {
-                Some(since) => tokio::time::sleep_until((since + idle).into()).await,
+        let stalled = activity.stalled_since();
+        let timer = async {
+            match (stalled, activity.idle_since()) {
+                (Some(since), _) => tokio::time::sleep_until((since + timeouts.send).into()).await,
+                (None, _) if closing => std::future::pending().await,
+                (None, Some(since)) => tokio::time::sleep_until((since + idle).into()).await,
                 // A request is in flight: look again later.
-                None => tokio::time::sleep(idle.min(Duration::from_secs(1))).await,
+                (None, None) => tokio::time::sleep(idle.min(Duration::from_secs(1))).await,
             }
         };
         let hard_stop = async {
@@ -342,12 +500,56 @@ async fn drive<C, E>(
                 closing = true;
                 graceful(conn.as_mut());
             }
-            () = idle_check, if !closing => {
-                if activity.idle_since().is_some_and(|s| s.elapsed() >= idle) {
+            // A stall began: the next round arms its deadline.
+            () = activity.stall_begins(), if stalled.is_none() => {}
+            () = timer => {
+                if activity.stalled_since().is_some_and(|s| s.elapsed() >= timeouts.send) {
+                    timeouts
+                        .metrics
+                        .inbound_send_timeouts
+                        .with_label_values(&[timeouts.protocol])
+                        .inc();
+                    info!(
+                        send_timeout = ?timeouts.send,
+                        protocol = timeouts.protocol,
+                        "connection dropped: the client read nothing for the send timeout"
+                    );
+                    return;
+                }
+                if !closing && activity.idle_since().is_some_and(|s| s.elapsed() >= idle) {
                     closing = true;
                     graceful(conn.as_mut());
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_stall_starts_at_the_first_refused_write_and_ends_at_the_next_one_through() {
+        let activity = Arc::new(Activity::new());
+        assert_eq!(activity.stalled_since(), None);
+        // The driver, waiting for a stall, is woken by the first refused write.
+        let watched = activity.clone();
+        let driver = tokio::spawn(async move { watched.stall_begins().await });
+        tokio::task::yield_now().await;
+        let before = Instant::now();
+        activity.write_refused();
+        tokio::time::timeout(Duration::from_secs(5), driver)
+            .await
+            .expect("the driver learns that a stall began")
+            .expect("join");
+        let since = activity.stalled_since().expect("stalled");
+        assert!(since <= before + Duration::from_millis(2));
+        // Later refusals keep the first one's time; a write through ends the stall.
+        std::thread::sleep(Duration::from_millis(20));
+        activity.write_refused();
+        assert_eq!(activity.stalled_since(), Some(since));
+        activity.write_done();
+        assert_eq!(activity.stalled_since(), None);
     }
 }
