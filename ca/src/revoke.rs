@@ -160,8 +160,10 @@ impl Authority {
     /// [`Authority::crl_pem`] written atomically to `out`.
     ///
     /// # Errors
-    /// As [`Authority::crl_pem`], plus I/O errors naming `out`.
+    /// As [`Authority::crl_pem`], [`CaError::OutputInsideCa`] (checked before the CRL number is
+    /// used), plus I/O errors naming `out`.
     pub fn write_crl(&self, out: &Path, ttl: Duration) -> Result<(), CaError> {
+        self.check_output(out)?;
         let pem = self.crl_pem(ttl)?;
         store::write_atomic(out, pem.as_bytes(), PUBLIC_MODE)
     }
