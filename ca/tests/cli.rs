@@ -500,6 +500,12 @@ fn outputs_inside_the_ca_directory_are_refused_and_leave_the_ca_untouched() {
     let serial = x509_serial(&serial);
     let abs_state = sb.path("ca/ca.json").display().to_string();
     let id = "spiffe://fintech.internal/x";
+    let sign_to = |out| {
+        let mut args = vec!["sign", "--dir", "ca", "--csr", "req.pem"];
+        args.extend(["--spiffe-id", id, "--out", out]);
+        args
+    };
+    let revoke_to = |crl| vec!["revoke", "--dir", "ca", "--serial", &serial, "--crl", crl];
     let before = ca_snapshot(&sb);
     let cases: Vec<Vec<&str>> = vec![
         vec!["crl", "--dir", "ca", "--out", "ca/gen-1/intermediate.key"],
@@ -512,45 +518,11 @@ fn outputs_inside_the_ca_directory_are_refused_and_leave_the_ca_untouched() {
         vec!["crl", "--dir", "./link/", "--out", "ca/bundle.pem"],
         vec!["crl", "--dir", "ca", "--out", "state-link.pem"],
         vec!["crl", "--dir", "ca", "--out", "ca/new/dir/crl.pem"],
-        vec![
-            "sign",
-            "--dir",
-            "ca",
-            "--csr",
-            "req.pem",
-            "--spiffe-id",
-            id,
-            "--out",
-            "ca/ca.json",
-        ],
-        vec!["issue", "--dir", "ca", "--spiffe-id", id, "--out", "ca"],
-        vec![
-            "issue",
-            "--dir",
-            "ca",
-            "--spiffe-id",
-            id,
-            "--out",
-            "ca/gen-1",
-        ],
-        vec![
-            "issue",
-            "--dir",
-            "ca",
-            "--spiffe-id",
-            id,
-            "--out",
-            "link/certs/x",
-        ],
-        vec![
-            "revoke",
-            "--dir",
-            "ca",
-            "--serial",
-            &serial,
-            "--crl",
-            "ca/bundle.pem",
-        ],
+        sign_to("ca/ca.json"),
+        issue_args(id, &[], "ca"),
+        issue_args(id, &[], "ca/gen-1"),
+        issue_args(id, &[], "link/certs/x"),
+        revoke_to("ca/bundle.pem"),
         vec!["rotate", "--dir", "ca", "--force", "ca/gen-1"],
     ];
     for args in &cases {
@@ -570,29 +542,11 @@ fn outputs_inside_the_ca_directory_are_refused_and_leave_the_ca_untouched() {
     assert!(!sb.path("missing").exists(), "nothing created on refusal");
     // The key is still a key and the CA still signs: nothing above reached it.
     sb.ok(&["crl", "--dir", "ca", "--out", "crl.pem"]);
-    sb.ok(&[
-        "sign",
-        "--dir",
-        "ca",
-        "--csr",
-        "req.pem",
-        "--spiffe-id",
-        id,
-        "--out",
-        "x.pem",
-    ]);
+    sb.ok(&sign_to("x.pem"));
     // Outside is outside, however it is spelled: a sibling whose name starts with the CA's.
     sb.ok(&["crl", "--dir", "ca", "--out", "ca-public/crl.pem"]);
     sb.ok(&["crl", "--dir", "link", "--out", "ca/../crl2.pem"]);
-    sb.ok(&[
-        "revoke",
-        "--dir",
-        "ca",
-        "--serial",
-        &serial,
-        "--crl",
-        "pub/crl.pem",
-    ]);
+    sb.ok(&revoke_to("pub/crl.pem"));
     sb.ok(&["rotate", "--dir", "ca", "svc"]);
 }
 
