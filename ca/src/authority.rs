@@ -269,6 +269,32 @@ impl Authority {
         &self.trust_domain
     }
 
+    /// Refuses an output path that lands inside the CA directory ([`CaError::OutputInsideCa`]).
+    ///
+    /// Every command that writes a file or directory the user named (`issue --out`,
+    /// `sign --out`, `crl --out`, `revoke --crl`, the `rotate` directories) calls it before
+    /// signing anything, so a typo or a link can never replace a CA key, `ca.json`, the bundle
+    /// or the inventory. Both sides are resolved first ([`store::resolve_output`]): symlinks
+    /// anywhere in the path, `..`, and a not-yet-existing file whose parent resolves inside.
+    /// There is no exception, not even for a CRL: the CA directory is private (0700) and holds
+    /// only what `ca` itself manages; published files go next to it.
+    ///
+    /// # Errors
+    /// [`CaError::OutputInsideCa`]; [`CaError::Io`] when the CA directory cannot be resolved.
+    pub fn check_output(&self, out: &Path) -> Result<(), CaError> {
+        let dir =
+            std::fs::canonicalize(&self.dir).map_err(CaError::io("cannot resolve", &self.dir))?;
+        let resolved = store::resolve_output(out)?;
+        if resolved.starts_with(&dir) {
+            return Err(CaError::OutputInsideCa {
+                path: out.to_path_buf(),
+                resolved,
+                dir,
+            });
+        }
+        Ok(())
+    }
+
     /// Key algorithm of the CA and of generated leaf keys.
     pub fn key_type(&self) -> KeyType {
         self.key_type

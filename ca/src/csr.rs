@@ -55,8 +55,12 @@ impl Authority {
     }
 }
 
-/// Parses a PEM or DER PKCS#10 request and verifies its signature.
-fn parse_csr(csr: &[u8], path: &Path) -> Result<CertificateSigningRequestParams, CaError> {
+/// Parses a PEM or DER PKCS#10 request and verifies its signature: what [`Authority::sign_csr`]
+/// does with a CSR before it signs anything (public for the fuzz target `fuzz/csr_parse`).
+///
+/// # Errors
+/// [`CaError::MalformedCsr`] or [`CaError::CsrSignature`], naming `path`.
+pub fn parse_csr(csr: &[u8], path: &Path) -> Result<CertificateSigningRequestParams, CaError> {
     let malformed = |detail: String| CaError::MalformedCsr {
         path: path.to_path_buf(),
         detail,

@@ -137,6 +137,17 @@ pub enum CaError {
         /// Its identity (or `-` for custom certificates without one).
         first_id: String,
     },
+    /// An output path (`--out`, `--crl`, a `rotate` directory) that lands inside the CA
+    /// directory once links and `..` are resolved: writing it could replace the CA's keys or state.
+    #[error("refusing to write {}: it is inside the CA directory {}{}", path.display(), dir.display(), resolved_note(path, resolved))]
+    OutputInsideCa {
+        /// The path as given.
+        path: PathBuf,
+        /// Where it resolves to.
+        resolved: PathBuf,
+        /// The CA directory (resolved).
+        dir: PathBuf,
+    },
     /// A certificate directory for `rotate` whose certificate is not ours to re-issue.
     #[error("cannot rotate {}: {detail}", dir.display())]
     NotRotatable {
@@ -145,6 +156,15 @@ pub enum CaError {
         /// Why.
         detail: String,
     },
+}
+
+/// ` (resolves to X)` when the path given is not where it lands.
+fn resolved_note(path: &std::path::Path, resolved: &std::path::Path) -> String {
+    if path == resolved {
+        String::new()
+    } else {
+        format!(" (it resolves to {})", resolved.display())
+    }
 }
 
 impl CaError {
@@ -160,6 +180,7 @@ impl CaError {
                 | Self::RootInUse { .. }
                 | Self::NothingToRetire
                 | Self::NotRotatable { .. }
+                | Self::OutputInsideCa { .. }
         )
     }
 

@@ -146,8 +146,11 @@ impl Authority {
     /// every recorded file, so the published CRLs keep covering every root in the bundle.
     ///
     /// # Errors
-    /// As [`Authority::crl_pem`], plus I/O errors naming `out`.
+    /// As [`Authority::crl_pem`], [`CaError::OutputInsideCa`] (checked before the CRL number is
+    /// used), plus I/O errors naming `out`.
     pub fn write_crl(&self, out: &Path, ttl: Duration) -> Result<(), CaError> {
+        // Before the CRL number is used: `out` must not overwrite the CA's own state.
+        self.check_output(out)?;
         let ttl_secs = ttl.as_secs();
         let ttl = crl_ttl(ttl)?;
         let path = std::path::absolute(out).map_err(CaError::io("cannot resolve", out))?;

@@ -118,6 +118,7 @@ impl Authority {
     ///
     /// # Errors
     /// [`CaError::NotRotatable`] for a directory that does not hold a certificate from this CA,
+    /// [`CaError::OutputInsideCa`] for a directory inside the CA directory,
     /// the errors of [`Authority::issue`] (a lifetime beyond the CA is refused, not shortened), I/O.
     pub fn rotate_dir(
         &self,
@@ -129,6 +130,7 @@ impl Authority {
             dir: dir.to_path_buf(),
             detail,
         };
+        self.check_output(dir)?;
         if !dir.join("cert.pem").exists() {
             return Err(not_rotatable(
                 "no cert.pem (write it with `ca issue --out` first)".into(),

@@ -136,6 +136,46 @@ fn parent(path: &Path) -> &Path {
     }
 }
 
+/// Where writing `path` would land: the nearest existing ancestor with every symlink and `..`
+/// resolved by the kernel (`realpath(3)`), followed by the not-yet-existing rest, resolved
+/// lexically (those components are created as plain directories when the output is written, so
+/// `missing/../x` lands on `x`). An existing `path` that is a symlink resolves to its target.
+///
+/// # Errors
+/// [`CaError::Io`] when the current directory cannot be read (relative `path`).
+pub fn resolve_output(path: &Path) -> Result<PathBuf, CaError> {
+    let abs = std::path::absolute(path).map_err(CaError::io("cannot resolve", path))?;
+    let mut existing = abs.as_path();
+    let mut rest = Vec::new();
+    let mut resolved = loop {
+        if let Ok(real) = fs::canonicalize(existing) {
+            break real;
+        }
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_owned());
+                existing = parent;
+            }
+            // `..` as the last component, or the root: climb lexically
+            (Some(parent), None) => {
+                rest.push(std::ffi::OsString::from(".."));
+                existing = parent;
+            }
+            (None, _) => break PathBuf::from("/"),
+        }
+    };
+    for name in rest.iter().rev() {
+        match name.to_str() {
+            Some("..") => {
+                resolved.pop();
+            }
+            Some(".") => {}
+            _ => resolved.push(name),
+        }
+    }
+    Ok(resolved)
+}
+
 /// An exclusive lock on a CA directory, held until dropped (std `File::lock`, `flock(2)`).
 #[derive(Debug)]
 pub struct DirLock {

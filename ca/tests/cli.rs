@@ -465,3 +465,97 @@ fn openssl_x509_strict_accepts_issued_leaves_with_and_without_intermediate() {
     // And it does need the intermediate: the root alone does not sign the leaf.
     assert!(!openssl_verify(&sb, &[], "api/cert.pem").status.success());
 }
+
+/// Every file of the CA directory with its bytes: "the CA is untouched" assertions.
+fn ca_snapshot(sb: &Sandbox) -> Vec<(String, Vec<u8>)> {
+    sb.tree()
+        .into_iter()
+        .filter(|p| p == "ca" || p.starts_with("ca/"))
+        .map(|p| {
+            let full = sb.path(&p);
+            let bytes = if full.is_dir() {
+                Vec::new()
+            } else {
+                std::fs::read(&full).expect("read CA file")
+            };
+            (p, bytes)
+        })
+        .collect()
+}
+
+/// Issue 21 finding 14: `ca crl --out CA/gen-1/intermediate.key` replaced the signing key and
+/// `ca sign --out CA/ca.json` corrupted the CA. Every command that writes a path the user named
+/// refuses one inside the CA directory (links, `..` and not-yet-existing files resolved), with
+/// exit 1 and a help line, before anything is signed, revoked or numbered.
+#[test]
+fn outputs_inside_the_ca_directory_are_refused_and_leave_the_ca_untouched() {
+    let sb = Sandbox::new();
+    sb.init(true);
+    sb.issue("svc");
+    write_csr(&sb, "req.pem", "spiffe://fintech.internal/x");
+    std::os::unix::fs::symlink("ca", sb.path("link")).expect("dir symlink");
+    std::os::unix::fs::symlink("ca/ca.json", sb.path("state-link.pem")).expect("file symlink");
+    let serial = sb.read("svc/cert.pem");
+    let serial = pem_certs(&serial)[0].clone();
+    let serial = x509_serial(&serial);
+    let abs_state = sb.path("ca/ca.json").display().to_string();
+    let id = "spiffe://fintech.internal/x";
+    let sign_to = |out| {
+        let mut args = vec!["sign", "--dir", "ca", "--csr", "req.pem"];
+        args.extend(["--spiffe-id", id, "--out", out]);
+        args
+    };
+    let revoke_to = |crl| vec!["revoke", "--dir", "ca", "--serial", &serial, "--crl", crl];
+    let before = ca_snapshot(&sb);
+    let cases: Vec<Vec<&str>> = vec![
+        vec!["crl", "--dir", "ca", "--out", "ca/gen-1/intermediate.key"],
+        vec!["crl", "--dir", "ca", "--out", "ca/crl.pem"],
+        vec!["crl", "--dir", "ca", "--out", &abs_state],
+        vec!["crl", "--dir", "ca", "--out", "link/ca.json"],
+        vec!["crl", "--dir", "ca", "--out", "link/new-crl.pem"],
+        vec!["crl", "--dir", "ca", "--out", "missing/../ca/ca.json"],
+        vec!["crl", "--dir", "ca", "--out", "svc/../ca/inventory.jsonl"],
+        vec!["crl", "--dir", "./link/", "--out", "ca/bundle.pem"],
+        vec!["crl", "--dir", "ca", "--out", "state-link.pem"],
+        vec!["crl", "--dir", "ca", "--out", "ca/new/dir/crl.pem"],
+        sign_to("ca/ca.json"),
+        issue_args(id, &[], "ca"),
+        issue_args(id, &[], "ca/gen-1"),
+        issue_args(id, &[], "link/certs/x"),
+        revoke_to("ca/bundle.pem"),
+        vec!["rotate", "--dir", "ca", "--force", "ca/gen-1"],
+    ];
+    for args in &cases {
+        let err = sb.fails(1, args);
+        assert!(
+            err.starts_with("error: refusing to write ")
+                && err.contains("inside the CA directory")
+                && err.contains("\nhelp: write outputs outside "),
+            "{args:?}:\n{err}"
+        );
+        assert_eq!(
+            ca_snapshot(&sb),
+            before,
+            "{args:?} changed the CA directory"
+        );
+    }
+    assert!(!sb.path("missing").exists(), "nothing created on refusal");
+    // The key is still a key and the CA still signs: nothing above reached it.
+    sb.ok(&["crl", "--dir", "ca", "--out", "crl.pem"]);
+    sb.ok(&sign_to("x.pem"));
+    // Outside is outside, however it is spelled: a sibling whose name starts with the CA's.
+    sb.ok(&["crl", "--dir", "ca", "--out", "ca-public/crl.pem"]);
+    sb.ok(&["crl", "--dir", "link", "--out", "ca/../crl2.pem"]);
+    sb.ok(&revoke_to("pub/crl.pem"));
+    sb.ok(&["rotate", "--dir", "ca", "svc"]);
+}
+
+/// The serial of a DER certificate, lowercase hex (as `ca list` prints it).
+fn x509_serial(der: &[u8]) -> String {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let (_, cert) = X509Certificate::from_der(der).expect("parse leaf");
+    cert.raw_serial()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}

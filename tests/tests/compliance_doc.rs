@@ -112,7 +112,9 @@ fn every_command_in_compliance_md_runs_against_the_fintech_example() {
     );
     // The evidence is what the doc says it is.
     assert!(stdout.contains("fleet access map: 3 service(s) with an inbound policy"));
-    assert!(stdout.contains("Protocol  : TLSv1.3") || stdout.contains("Protocol : TLSv1.3"));
+    // `New, TLSv1.3, …` is printed by every s_client; its `Protocol :` line only when a session
+    // ticket arrived before stdin closed (a race under load).
+    assert!(stdout.contains("New, TLSv1.3, Cipher is"));
 }
 
 /// The runner itself can fail: a `! ` line whose command succeeds, and a plain failing line.

@@ -386,7 +386,7 @@ impl SvidArgs {
 fn issue(dir: &Path, svid: &SvidArgs, out: &Path, json: bool) -> Result<ExitCode, CaError> {
     let ca = Authority::open(dir)?;
     let req = svid.request()?;
-    check_out_dir(out)?;
+    check_out_dir(&ca, out)?;
     let svid = ca.issue(&req)?;
     svid.write_to(out)?;
     let [cert, key, bundle] = store::cert_dir_paths(out);
@@ -428,7 +428,7 @@ fn sign(
         path: csr.to_path_buf(),
         source: e,
     })?;
-    check_out_file(out)?;
+    check_out_file(&ca, out)?;
     let signed = ca.sign_csr(&csr_bytes, csr, &req)?;
     create_parent(out)?;
     store::write_atomic(out, signed.cert_pem.as_bytes(), store::PUBLIC_MODE)?;
@@ -554,7 +554,7 @@ fn revoke(
         (None, None) => unreachable!("clap requires --serial or --spiffe-id"),
     };
     if let Some(out) = crl {
-        check_out_file(out)?;
+        check_out_file(&ca, out)?;
     }
     let revoked = ca.revoke(&target, reason)?;
     if let Some(out) = crl {
@@ -583,7 +583,7 @@ fn revoke(
 
 fn crl(dir: &Path, out: &Path, ttl: Duration, json: bool) -> Result<ExitCode, CaError> {
     let ca = Authority::open(dir)?;
-    check_out_file(out)?;
+    check_out_file(&ca, out)?;
     create_parent(out)?;
     ca.write_crl(out, ttl)?;
     let revoked = ca.revoked_serials()?.len();
@@ -600,7 +600,7 @@ fn crl(dir: &Path, out: &Path, ttl: Duration, json: bool) -> Result<ExitCode, Ca
 
 fn bundle(dir: &Path, out: &Path, json: bool) -> Result<ExitCode, CaError> {
     let ca = Authority::open(dir)?;
-    check_out_file(out)?;
+    check_out_file(&ca, out)?;
     create_parent(out)?;
     let pem = ca.bundle_pem()?;
     gatehouse_ca::store::write_atomic(out, pem.as_bytes(), 0o644)?;
@@ -698,8 +698,10 @@ fn read(path: &Path) -> Result<String, CaError> {
     })
 }
 
-/// Refuses an output directory we could not create or that is a file, before anything is signed.
-fn check_out_dir(out: &Path) -> Result<(), CaError> {
+/// Refuses an output directory inside the CA directory, one we could not create or that is a
+/// file, before anything is signed.
+fn check_out_dir(ca: &Authority, out: &Path) -> Result<(), CaError> {
+    ca.check_output(out)?;
     if out.exists() && !out.is_dir() {
         let source = std::io::Error::new(
             std::io::ErrorKind::AlreadyExists,
@@ -714,7 +716,10 @@ fn check_out_dir(out: &Path) -> Result<(), CaError> {
     check_parent(out)
 }
 
-fn check_out_file(out: &Path) -> Result<(), CaError> {
+/// Refuses an output file inside the CA directory, a directory, or one under a file, before
+/// anything is signed.
+fn check_out_file(ca: &Authority, out: &Path) -> Result<(), CaError> {
+    ca.check_output(out)?;
     if out.is_dir() {
         let source = std::io::Error::new(std::io::ErrorKind::IsADirectory, "is a directory");
         return Err(CaError::Io {
@@ -873,6 +878,10 @@ fn help(e: &CaError) -> Option<String> {
         CaError::NothingToRetire => "run `ca root rotate` first; `root retire` drops the roots that rotation superseded".into(),
         CaError::RootInUse { .. } => "re-issue them (`ca rotate --dir <dir> <outdir>...`) or wait until they expire; `--force` retires anyway and they stop verifying".into(),
         CaError::NotRotatable { .. } => "the directory must hold cert.pem and key.pem written by `ca issue` from this CA".into(),
+        CaError::OutputInsideCa { dir, .. } => format!(
+            "write outputs outside {} (it holds only the CA's own keys and state), e.g. `--out ./crl.pem` or `--out ./certs/<service>` next to it",
+            dir.display()
+        ),
         _ => return None,
     })
 }
