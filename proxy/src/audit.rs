@@ -196,6 +196,9 @@ struct Output {
     w: Box<dyn Write + Send>,
     /// SHA-256 of the last line written (or [`GENESIS`]): the next line's `prev`.
     last: [u8; 32],
+    /// `<path>.chain`: `last` in hex, rewritten after each batch, so a sidecar starting on a
+    /// new or emptied file (after rotation) continues the chain of the file before it.
+    anchor: Option<File>,
     /// A pipe or socket: write at most `PIPE_BUF` bytes at a time, cut at line ends.
     pipe: bool,
 }
@@ -218,12 +221,28 @@ impl Sink {
             let t = m.file_type();
             t.is_fifo() || t.is_socket()
         });
-        // Appending to a file: the chain continues from its last line.
-        let last = match &config.path {
-            Some(path) if !pipe => last_line_hash(path)?,
-            _ => [0; 32],
-        };
-        Self::with_chain(Box::new(file), pipe, config.flush_interval, last).map(Some)
+        let mut last = [0; 32];
+        let mut anchor = None;
+        if let Some(path) = config.path.as_deref().filter(|_| !pipe) {
+            // The chain continues from the file's last line; in a new or emptied (rotated)
+            // file, from the last line written before, which the anchor file remembers.
+            let anchor_path = anchor_path(path);
+            last = match last_line_hash(path)? {
+                Some(h) => h,
+                None => read_anchor(&anchor_path).unwrap_or([0; 32]),
+            };
+            anchor = Some(
+                OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .mode(0o640)
+                    .open(&anchor_path)?,
+            );
+        }
+        let sink = Self::with_chain(Box::new(file), pipe, config.flush_interval, last)?;
+        lock(&sink.inner.out).anchor = anchor;
+        Ok(Some(sink))
     }
 
     /// A sink writing to `out` (`pipe`: cut writes at line ends to at most `PIPE_BUF` bytes),
@@ -256,7 +275,12 @@ impl Sink {
                 cur: Vec::with_capacity(FLUSH_BYTES + PIPE_BUF),
                 spare: Vec::with_capacity(FLUSH_BYTES + PIPE_BUF),
             }),
-            out: Mutex::new(Output { w: out, last, pipe }),
+            out: Mutex::new(Output {
+                w: out,
+                last,
+                anchor: None,
+                pipe,
+            }),
             interval: flush_interval,
             urgent: AtomicBool::new(false),
             flusher: OnceLock::new(),
@@ -401,8 +425,18 @@ impl Inner {
         if !batch.is_empty() {
             out.chain(&mut batch);
             if let Err(e) = out.write_batch(&batch) {
+                // The chain went on over the lost lines: the next written line's `prev` names
+                // a line that is not there, and `audit verify` shows the gap.
                 let lines = batch.iter().filter(|&&b| b == b'\n').count();
                 tracing::error!(error = %e, lines, "cannot write the audit log: lines lost");
+            }
+            if let Some(a) = &out.anchor {
+                use std::os::unix::fs::FileExt;
+                let mut text = [b'\n'; 65];
+                push_hex_into(&mut text[..64], &out.last);
+                if let Err(e) = a.write_all_at(&text, 0) {
+                    tracing::warn!(error = %e, "cannot update the audit chain anchor file");
+                }
             }
             batch.clear();
             if batch.capacity() > 4 * FLUSH_BYTES {
@@ -603,13 +637,32 @@ pub fn verify(files: &[std::path::PathBuf]) -> Result<Verified, String> {
     }
 }
 
-/// SHA-256 of the last line of the file at `path` (zeros when it is empty or missing): the
+/// The anchor file of the audit file at `path`: `<path>.chain`.
+pub fn anchor_path(path: &Path) -> std::path::PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".chain");
+    p.into()
+}
+
+/// The hash an anchor file holds (64 hex digits), if it holds one.
+fn read_anchor(path: &Path) -> Option<[u8; 32]> {
+    let text = std::fs::read(path).ok()?;
+    let digits = text.get(..64)?;
+    let mut out = [0; 32];
+    for (o, pair) in out.iter_mut().zip(digits.chunks_exact(2)) {
+        let s = std::str::from_utf8(pair).ok()?;
+        *o = u8::from_str_radix(s, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// SHA-256 of the last line of the file at `path`, `None` when it is empty or missing: the
 /// `prev` of the first line appended to it. Reads only the file's tail.
-fn last_line_hash(path: &Path) -> io::Result<[u8; 32]> {
+fn last_line_hash(path: &Path) -> io::Result<Option<[u8; 32]>> {
     use std::io::{Read, Seek, SeekFrom};
     let mut f = match File::open(path) {
         Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok([0; 32]),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
     let len = f.metadata()?.len();
@@ -622,13 +675,9 @@ fn last_line_hash(path: &Path) -> io::Result<[u8; 32]> {
         f.read_to_end(&mut tail)?;
         let body = tail.strip_suffix(b"\n").unwrap_or(&tail);
         match body.iter().rposition(|&c| c == b'\n') {
-            Some(i) => return Ok(Sha256::digest(&body[i + 1..]).into()),
+            Some(i) => return Ok(Some(Sha256::digest(&body[i + 1..]).into())),
             None if from == 0 => {
-                return Ok(if body.is_empty() {
-                    [0; 32]
-                } else {
-                    Sha256::digest(body).into()
-                });
+                return Ok((!body.is_empty()).then(|| Sha256::digest(body).into()));
             }
             None => window *= 4,
         }
@@ -1068,6 +1117,24 @@ mod tests {
         let l3: serde_json::Value = serde_json::from_str(lines[3]).expect("JSON");
         assert_eq!(l3["chain_start"], true);
         assert_eq!(l3["prev"], hex::encode(Sha256::digest(lines[2].as_bytes())));
+        // Rotated away (moved): the next sidecar starts a new file that continues the chain
+        // from the anchor file.
+        let rotated = dir.join("audit.log.1");
+        std::fs::rename(&path, &rotated).expect("rotate");
+        {
+            let sink = Sink::from_config(&config(&path))
+                .expect("open")
+                .expect("enabled");
+            sink.record(&inbound(&id, "/x", None));
+        }
+        let v = verify(&[rotated.clone(), path.clone()]).expect("verifies across rotation");
+        assert_eq!((v.lines, v.starts), (7, 3));
+        let v = verify(std::slice::from_ref(&path)).expect("continues");
+        assert_eq!(
+            v.continues_from.as_deref(),
+            Some(&*hex::encode(Sha256::digest(lines[5].as_bytes())))
+        );
+        std::fs::rename(&rotated, &path).expect("back");
         // Edit line 2: line 3 no longer names it.
         let edited = text
             .replacen("\"/x\"", "\"/y\"", 2)
@@ -1087,6 +1154,7 @@ mod tests {
         let mut o = Output {
             w: Box::new(out.clone()),
             last: [0; 32],
+            anchor: None,
             pipe: true,
         };
         let line = format!("{}\n", "x".repeat(99));

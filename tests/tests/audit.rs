@@ -252,6 +252,29 @@ async fn audit_file_verifies_names_a_deleted_edited_or_swapped_line_and_survives
         out.contains("ok: 6 lines verified") && out.contains("2 chain start(s)"),
         "{out}"
     );
+    // Rotated away (moved) and the sidecar restarted on a new file: the new file's first line
+    // names the rotated file's last line (the `.chain` anchor file), so both verify in order.
+    let rotated = dir.path().join("outbound-audit.log.1");
+    std::fs::rename(&log, &rotated).expect("rotate");
+    p.outbound.sigterm();
+    let exit = p
+        .outbound
+        .wait_exit(Duration::from_secs(8))
+        .await
+        .expect("exits");
+    assert!(exit.success(), "{exit}");
+    p.outbound = outbound_sidecar(&p.report, &p.inbound, &file_audit).await;
+    two_requests(&p).await;
+    let after = wait_file_lines(&log, 2).await;
+    let first: serde_json::Value = serde_json::from_str(&after[0]).expect("JSON");
+    assert_eq!(first["chain_start"], true, "{first}");
+    assert_eq!(
+        first["prev"],
+        hex::encode(Sha256::digest(lines[5].as_bytes()))
+    );
+    let (code, out, err) = verify(&[&rotated, &log]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("ok: 8 lines verified"), "{out}");
     // Split in two files (as rotation leaves them), verified in order.
     let old = write_lines(dir.path(), "old.log", &lines[..4]);
     let new = write_lines(dir.path(), "new.log", &lines[4..]);
