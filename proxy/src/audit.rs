@@ -69,8 +69,9 @@ const PREV_FROM_END: usize = 64 + 3;
 pub struct AuditRecord<'a> {
     /// The request id (also sent to the app and in error bodies).
     pub request_id: &'a str,
-    /// The W3C trace id of the request's `traceparent` (32 lowercase hex digits), if valid.
-    pub trace_id: Option<&'a [u8; 32]>,
+    /// The W3C trace id of the request's `traceparent` (logged as 32 lowercase hex digits), if
+    /// valid.
+    pub trace_id: Option<&'a [u8; 16]>,
     /// The verified caller.
     pub caller: &'a SpiffeId,
     /// The serial number of the caller's certificate, lowercase hex.
@@ -101,7 +102,7 @@ pub struct OutboundRecord<'a> {
     /// The request id (the app's or the one the sidecar assigned; the peer logs the same).
     pub request_id: &'a str,
     /// The W3C trace id sent upstream (the app's, or the one the sidecar created).
-    pub trace_id: Option<&'a [u8; 32]>,
+    pub trace_id: Option<&'a [u8; 16]>,
     /// The `[[outbound]]` entry's name.
     pub upstream: &'a str,
     /// The peer's pinned SPIFFE ID.
@@ -701,12 +702,12 @@ fn push_hex_into(out: &mut [u8], bytes: &[u8]) {
 }
 
 /// Appends a trace id as a JSON string, or `null`.
-fn push_trace_id(buf: &mut Vec<u8>, id: Option<&[u8; 32]>) {
+fn push_trace_id(buf: &mut Vec<u8>, id: Option<&[u8; 16]>) {
     match id {
         Some(id) => {
-            buf.push(b'"');
-            buf.extend_from_slice(id);
-            buf.push(b'"');
+            let mut text = [b'"'; 34];
+            push_hex_into(&mut text[1..33], id);
+            buf.extend_from_slice(&text);
         }
         None => buf.extend_from_slice(b"null"),
     }
@@ -830,7 +831,10 @@ mod tests {
     fn inbound<'a>(caller: &'a SpiffeId, path: &'a str, route: Option<&'a str>) -> AuditRecord<'a> {
         AuditRecord {
             request_id: "id-1",
-            trace_id: Some(b"0af7651916cd43dd8448eb211c80319c"),
+            trace_id: Some(&[
+                0x0a, 0xf7, 0x65, 0x19, 0x16, 0xcd, 0x43, 0xdd, 0x84, 0x48, 0xeb, 0x21, 0x1c, 0x80,
+                0x31, 0x9c,
+            ]),
             caller,
             caller_serial: "01ab",
             policy_sha256: "ff00",

@@ -24,11 +24,11 @@ pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// The W3C Trace Context header (`version-traceid-parentid-flags`).
 pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
-/// The trace id (32 lowercase hex digits) of a request's `traceparent`, when it carries exactly
+/// The trace id (16 bytes, sent as 32 lowercase hex digits) of a request's `traceparent`, when it carries exactly
 /// one that is valid under W3C Trace Context (version not `ff`; version `00` exactly 55
 /// characters, later versions at least 55 with a `-` after the flags; ids lowercase hex and
 /// not all zeros).
-pub fn trace_id(headers: &HeaderMap) -> Option<[u8; 32]> {
+pub fn trace_id(headers: &HeaderMap) -> Option<[u8; 16]> {
     let mut all = headers.get_all(&TRACEPARENT).iter();
     let v = all.next()?.as_bytes();
     if all.next().is_some() || v.len() < 55 {
@@ -52,15 +52,28 @@ pub fn trace_id(headers: &HeaderMap) -> Option<[u8; 32]> {
         && hex(&v[36..52])
         && nonzero(&v[36..52])
         && hex(&v[53..55]);
-    let mut id = [0; 32];
-    id.copy_from_slice(&v[3..35]);
-    ok.then_some(id)
+    if !ok {
+        return None;
+    }
+    let mut id = [0; 16];
+    for (o, pair) in id.iter_mut().zip(v[3..35].chunks_exact(2)) {
+        *o = (nibble(pair[0]) << 4) | nibble(pair[1]);
+    }
+    Some(id)
+}
+
+/// The value of one lowercase hex digit (checked by the caller).
+fn nibble(c: u8) -> u8 {
+    match c {
+        b'0'..=b'9' => c - b'0',
+        _ => c - b'a' + 10,
+    }
 }
 
 /// The request's trace id: the app's valid `traceparent` is kept as sent; otherwise one is
 /// started (`00-<trace id>-<parent id>-01`, from `ids`) and set on the request, replacing
 /// an invalid or repeated one.
-pub fn keep_or_start_trace(ids: &RequestIds, headers: &mut HeaderMap) -> [u8; 32] {
+pub fn keep_or_start_trace(ids: &RequestIds, headers: &mut HeaderMap) -> [u8; 16] {
     if let Some(id) = trace_id(headers) {
         return id;
     }
@@ -463,7 +476,7 @@ impl RequestIds {
     /// A fresh `traceparent` (sampled flag set: the audit line records the request) and its
     /// trace id: the generator's prefix, mixed, then the next counter value, mixed; unique
     /// like the request ids, without a random draw per request.
-    pub fn next_traceparent(&self) -> (HeaderValue, [u8; 32]) {
+    pub fn next_traceparent(&self) -> (HeaderValue, [u8; 16]) {
         const HEX: &[u8; 16] = b"0123456789abcdef";
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let mut raw = [0u8; 24];
@@ -481,8 +494,8 @@ impl RequestIds {
             text[at] = HEX[usize::from(byte >> 4)];
             text[at + 1] = HEX[usize::from(byte & 0xf)];
         }
-        let mut id = [0; 32];
-        id.copy_from_slice(&text[3..35]);
+        let mut id = [0; 16];
+        id.copy_from_slice(&raw[..16]);
         // Invariant: lowercase hex and dashes are valid header bytes.
         let mut v = HeaderValue::from_bytes(&text).expect("hex is a valid header value");
         // Unique per request: never HPACK-indexed (see `next`).
@@ -501,10 +514,8 @@ mod tests {
         let sent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
         let mut h = HeaderMap::new();
         h.insert(TRACEPARENT, HeaderValue::from_static(sent));
-        assert_eq!(
-            &keep_or_start_trace(&ids, &mut h),
-            b"0af7651916cd43dd8448eb211c80319c"
-        );
+        let id = keep_or_start_trace(&ids, &mut h);
+        assert_eq!(hex::encode(id), "0af7651916cd43dd8448eb211c80319c");
         assert_eq!(h[TRACEPARENT], sent);
         // A later version may append fields.
         h.insert(

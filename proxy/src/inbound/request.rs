@@ -49,7 +49,7 @@ use crate::h2body::HttpBody;
 use crate::headers::{
     FramingError, REQUEST_ID, is_acceptable_request_id, strip_for_app, strip_hop_by_hop, trace_id,
 };
-use crate::state::Snapshot;
+use crate::state::{InboundSnapshot, Snapshot};
 use crate::tls::PeerIdentity;
 
 const XFCC_HEADER: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
@@ -182,7 +182,7 @@ pub fn handle(
                     .get(&snapshot, || inb.policy.caller_label(ctx.peer.id()).into()),
                 request_id,
                 trace_id: audit::enabled().then(|| trace_id(req.headers())).flatten(),
-                policy_sha256: &inb.policy_sha256,
+                inb,
                 method: req.method().clone(),
                 started,
             };
@@ -286,9 +286,9 @@ struct Outcome<'a> {
     caller: Arc<str>,
     request_id: &'a HeaderValue,
     /// The request's W3C trace id, when it sent a valid `traceparent`.
-    trace_id: Option<[u8; 32]>,
-    /// SHA-256 of the policy file that decides.
-    policy_sha256: &'a str,
+    trace_id: Option<[u8; 16]>,
+    /// The snapshot that decides (its policy's SHA-256 goes in the line).
+    inb: &'a InboundSnapshot,
     method: http::Method,
     started: Instant,
 }
@@ -321,7 +321,7 @@ impl Outcome<'_> {
             trace_id: self.trace_id.as_ref(),
             caller: self.ctx.peer.id(),
             caller_serial: self.ctx.peer.serial_hex(),
-            policy_sha256: self.policy_sha256,
+            policy_sha256: &self.inb.policy_sha256,
             method: self.method.as_str(),
             path,
             route,
