@@ -213,6 +213,18 @@ fn write_lines(dir: &Path, name: &str, lines: &[String]) -> PathBuf {
     p
 }
 
+/// Stops the outbound sidecar (SIGTERM, exit 0) and starts a new one with `audit`.
+async fn restart_outbound(p: &mut Pair, audit: &str) {
+    p.outbound.sigterm();
+    let exit = p
+        .outbound
+        .wait_exit(Duration::from_secs(8))
+        .await
+        .expect("exits");
+    assert!(exit.success(), "{exit}");
+    p.outbound = outbound_sidecar(&p.report, &p.inbound, audit).await;
+}
+
 #[tokio::test]
 async fn audit_file_verifies_names_a_deleted_edited_or_swapped_line_and_survives_a_restart() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -228,14 +240,7 @@ async fn audit_file_verifies_names_a_deleted_edited_or_swapped_line_and_survives
     assert!(out.contains("ok: 4 lines verified"), "{out}");
 
     // A restarted sidecar appends to the file and continues its chain.
-    p.outbound.sigterm();
-    let exit = p
-        .outbound
-        .wait_exit(Duration::from_secs(8))
-        .await
-        .expect("exits");
-    assert!(exit.success(), "{exit}");
-    p.outbound = outbound_sidecar(&p.report, &p.inbound, &file_audit).await;
+    restart_outbound(&mut p, &file_audit).await;
     two_requests(&p).await;
     let lines = wait_file_lines(&log, 6).await;
     assert_eq!(lines.len(), 6, "{lines:?}");
@@ -256,14 +261,7 @@ async fn audit_file_verifies_names_a_deleted_edited_or_swapped_line_and_survives
     // names the rotated file's last line (the `.chain` anchor file), so both verify in order.
     let rotated = dir.path().join("outbound-audit.log.1");
     std::fs::rename(&log, &rotated).expect("rotate");
-    p.outbound.sigterm();
-    let exit = p
-        .outbound
-        .wait_exit(Duration::from_secs(8))
-        .await
-        .expect("exits");
-    assert!(exit.success(), "{exit}");
-    p.outbound = outbound_sidecar(&p.report, &p.inbound, &file_audit).await;
+    restart_outbound(&mut p, &file_audit).await;
     two_requests(&p).await;
     let after = wait_file_lines(&log, 2).await;
     let first: serde_json::Value = serde_json::from_str(&after[0]).expect("JSON");
