@@ -4,12 +4,24 @@
 //! logs stay on `tracing` and stderr, and never enter the audit stream.
 //!
 //! An inbound line ([`record`]) has exactly these fields, in this order:
-//! `{"time","direction":"inbound","request_id","caller","method","path","route","decision",
-//! "reason","status","duration_ms"}`; `path` is the normalized path (the raw one when
-//! normalization refused it), `route` is `null` when no route matched. An outbound line
-//! ([`record_outbound`]): `{"time","direction":"outbound","request_id","upstream","server_id",
-//! "method","path","status","reason","duration_ms"}`. `time` is RFC 3339 UTC, `duration_ms` has
-//! three decimals.
+//! `{"time","direction":"inbound","request_id","trace_id","caller","caller_serial",
+//! "policy_sha256","method","path","route","decision","reason","status","duration_ms",
+//! ["chain_start",]"prev"}`; `path` is the normalized path (the raw one when normalization
+//! refused it), `route` is `null` when no route matched, `trace_id` is the W3C trace id of the
+//! request's `traceparent` (`null` without a valid one), `caller_serial` the serial number of
+//! the caller's certificate (lowercase hex) and `policy_sha256` the SHA-256 of the policy file
+//! that decided. An outbound line ([`record_outbound`]): `{"time","direction":"outbound",
+//! "request_id","trace_id","upstream","server_id","server_serial","method","path","status",
+//! "reason","duration_ms",["chain_start",]"prev"}` (`server_serial` is `null` when no TLS
+//! connection was made). `time` is RFC 3339 UTC, `duration_ms` has three decimals.
+//!
+//! Hash chain: `prev` is the SHA-256 (lowercase hex) of the previous line's bytes, without its
+//! newline. The first line a sink writes carries `"chain_start":true`; its `prev` is the hash
+//! of the last line already in the file it appends to, or [`GENESIS`] (64 zeros) for a new
+//! file or a pipe. Request paths write `prev` as 64 zeros, a placeholder at a fixed distance
+//! from the line's end; the writer, which sees batches in order under the output lock, fills
+//! it in place just before the write, so hashing costs the request path nothing.
+//! [`verify`] checks a chain (`sidecar audit verify FILE…`).
 //!
 //! Writing (`[audit] flush_interval`, default [`crate::config::DEFAULT_AUDIT_FLUSH_INTERVAL`]):
 //! lines are formatted into an in-memory buffer and written in batches, by a small dedicated
@@ -38,6 +50,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use crate::config::AuditConfig;
+use sha2::{Digest, Sha256};
 
 /// Buffered bytes past which the flusher thread is woken at once instead of at the interval.
 pub const FLUSH_BYTES: usize = 32 * 1024;
@@ -45,14 +58,26 @@ pub const FLUSH_BYTES: usize = 32 * 1024;
 pub const MAX_BUFFERED: usize = 1024 * 1024;
 /// Writes to a pipe up to this size are atomic (POSIX `PIPE_BUF` on Linux).
 const PIPE_BUF: usize = 4096;
+/// The `prev` of a chain's first line when it follows no line: 64 zeros.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+/// How every line ends: `"prev":"` + 64 hex digits + `"}\n`; the digits start this many
+/// bytes before the end of the line (its newline included).
+const PREV_FROM_END: usize = 64 + 3;
 
 /// One inbound decision, as logged.
 #[derive(Debug)]
 pub struct AuditRecord<'a> {
     /// The request id (also sent to the app and in error bodies).
     pub request_id: &'a str,
+    /// The W3C trace id of the request's `traceparent` (logged as 32 lowercase hex digits), if
+    /// valid.
+    pub trace_id: Option<&'a [u8; 16]>,
     /// The verified caller.
     pub caller: &'a SpiffeId,
+    /// The serial number of the caller's certificate, lowercase hex.
+    pub caller_serial: &'a str,
+    /// SHA-256 of the policy file that decided, lowercase hex.
+    pub policy_sha256: &'a str,
     /// HTTP method.
     pub method: &'a str,
     /// Normalized path (raw when refused).
@@ -76,10 +101,15 @@ pub struct AuditRecord<'a> {
 pub struct OutboundRecord<'a> {
     /// The request id (the app's or the one the sidecar assigned; the peer logs the same).
     pub request_id: &'a str,
+    /// The W3C trace id sent upstream (the app's, or the one the sidecar created).
+    pub trace_id: Option<&'a [u8; 16]>,
     /// The `[[outbound]]` entry's name.
     pub upstream: &'a str,
     /// The peer's pinned SPIFFE ID.
     pub server_id: &'a str,
+    /// The serial number of the server's certificate, lowercase hex, when a connection was
+    /// made.
+    pub server_serial: Option<&'a str>,
     /// HTTP method.
     pub method: &'a str,
     /// Request path as the app sent it.
@@ -156,6 +186,8 @@ struct Inner {
 }
 
 struct Buffers {
+    /// A line was buffered since the sink was made: later lines do not start the chain.
+    started: bool,
     cur: Vec<u8>,
     /// The other buffer, kept between writes so swapping allocates nothing.
     spare: Vec<u8>,
@@ -163,6 +195,11 @@ struct Buffers {
 
 struct Output {
     w: Box<dyn Write + Send>,
+    /// SHA-256 of the last line written (or [`GENESIS`]): the next line's `prev`.
+    last: [u8; 32],
+    /// `<path>.chain`: `last` in hex, rewritten after each batch, so a sidecar starting on a
+    /// new or emptied file (after rotation) continues the chain of the file before it.
+    anchor: Option<File>,
     /// A pipe or socket: write at most `PIPE_BUF` bytes at a time, cut at line ends.
     pipe: bool,
 }
@@ -185,7 +222,28 @@ impl Sink {
             let t = m.file_type();
             t.is_fifo() || t.is_socket()
         });
-        Self::new(Box::new(file), pipe, config.flush_interval).map(Some)
+        let mut last = [0; 32];
+        let mut anchor = None;
+        if let Some(path) = config.path.as_deref().filter(|_| !pipe) {
+            // The chain continues from the file's last line; in a new or emptied (rotated)
+            // file, from the last line written before, which the anchor file remembers.
+            let anchor_path = anchor_path(path);
+            last = match last_line_hash(path)? {
+                Some(h) => h,
+                None => read_anchor(&anchor_path).unwrap_or([0; 32]),
+            };
+            anchor = Some(
+                OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .mode(0o640)
+                    .open(&anchor_path)?,
+            );
+        }
+        let sink = Self::with_chain(Box::new(file), pipe, config.flush_interval, last)?;
+        lock(&sink.inner.out).anchor = anchor;
+        Ok(Some(sink))
     }
 
     /// A sink writing to `out` (`pipe`: cut writes at line ends to at most `PIPE_BUF` bytes),
@@ -198,12 +256,32 @@ impl Sink {
         pipe: bool,
         flush_interval: Duration,
     ) -> io::Result<Self> {
+        Self::with_chain(out, pipe, flush_interval, [0; 32])
+    }
+
+    /// [`Sink::new`], the chain continuing from a line whose SHA-256 is `last` (zeros: a new
+    /// chain).
+    ///
+    /// # Errors
+    /// The flusher thread cannot be started.
+    pub fn with_chain(
+        out: Box<dyn Write + Send>,
+        pipe: bool,
+        flush_interval: Duration,
+        last: [u8; 32],
+    ) -> io::Result<Self> {
         let inner = Arc::new(Inner {
             buf: Mutex::new(Buffers {
+                started: false,
                 cur: Vec::with_capacity(FLUSH_BYTES + PIPE_BUF),
                 spare: Vec::with_capacity(FLUSH_BYTES + PIPE_BUF),
             }),
-            out: Mutex::new(Output { w: out, pipe }),
+            out: Mutex::new(Output {
+                w: out,
+                last,
+                anchor: None,
+                pipe,
+            }),
             interval: flush_interval,
             urgent: AtomicBool::new(false),
             flusher: OnceLock::new(),
@@ -223,8 +301,14 @@ impl Sink {
         self.push(|b| {
             b.extend_from_slice(b",\"direction\":\"inbound\",\"request_id\":");
             push_json_str(b, r.request_id);
+            b.extend_from_slice(b",\"trace_id\":");
+            push_trace_id(b, r.trace_id);
             b.extend_from_slice(b",\"caller\":");
             push_json_str(b, r.caller.as_str());
+            b.extend_from_slice(b",\"caller_serial\":");
+            push_json_str(b, r.caller_serial);
+            b.extend_from_slice(b",\"policy_sha256\":");
+            push_json_str(b, r.policy_sha256);
             b.extend_from_slice(b",\"method\":");
             push_json_str(b, r.method);
             b.extend_from_slice(b",\"path\":");
@@ -250,10 +334,17 @@ impl Sink {
         self.push(|b| {
             b.extend_from_slice(b",\"direction\":\"outbound\",\"request_id\":");
             push_json_str(b, r.request_id);
+            b.extend_from_slice(b",\"trace_id\":");
+            push_trace_id(b, r.trace_id);
             b.extend_from_slice(b",\"upstream\":");
             push_json_str(b, r.upstream);
             b.extend_from_slice(b",\"server_id\":");
             push_json_str(b, r.server_id);
+            b.extend_from_slice(b",\"server_serial\":");
+            match r.server_serial {
+                Some(s) => push_json_str(b, s),
+                None => b.extend_from_slice(b"null"),
+            }
             b.extend_from_slice(b",\"method\":");
             push_json_str(b, r.method);
             b.extend_from_slice(b",\"path\":");
@@ -272,7 +363,8 @@ impl Sink {
         self.inner.flush();
     }
 
-    /// Appends one line (`{"time":...` + `fields` + `}\n`) and wakes or writes as needed.
+    /// Appends one line (`{"time":...` + `fields` + the `prev` placeholder + `}\n`) and wakes
+    /// or writes as needed.
     fn push(&self, fields: impl FnOnce(&mut Vec<u8>)) {
         let now = OffsetDateTime::now_utc();
         let inner = &*self.inner;
@@ -285,7 +377,15 @@ impl Sink {
             let _ = now.format_into(b, &Rfc3339);
             b.push(b'"');
             fields(b);
-            b.extend_from_slice(b"}\n");
+            if !g.started {
+                g.started = true;
+                g.cur.extend_from_slice(b",\"chain_start\":true");
+            }
+            let b = &mut g.cur;
+            // The writer puts the previous line's hash in place of the zeros.
+            b.extend_from_slice(b",\"prev\":\"");
+            b.extend_from_slice(GENESIS.as_bytes());
+            b.extend_from_slice(b"\"}\n");
             (was_empty, b.len())
         };
         if inner.interval.is_zero() || len >= MAX_BUFFERED {
@@ -324,9 +424,20 @@ impl Inner {
             std::mem::replace(&mut g.cur, spare)
         };
         if !batch.is_empty() {
+            out.chain(&mut batch);
             if let Err(e) = out.write_batch(&batch) {
+                // The chain went on over the lost lines: the next written line's `prev` names
+                // a line that is not there, and `audit verify` shows the gap.
                 let lines = batch.iter().filter(|&&b| b == b'\n').count();
                 tracing::error!(error = %e, lines, "cannot write the audit log: lines lost");
+            }
+            if let Some(a) = &out.anchor {
+                use std::os::unix::fs::FileExt;
+                let mut text = [b'\n'; 65];
+                push_hex_into(&mut text[..64], &out.last);
+                if let Err(e) = a.write_all_at(&text, 0) {
+                    tracing::warn!(error = %e, "cannot update the audit chain anchor file");
+                }
             }
             batch.clear();
             if batch.capacity() > 4 * FLUSH_BYTES {
@@ -339,6 +450,22 @@ impl Inner {
 }
 
 impl Output {
+    /// Fills in each line's `prev` with the hash of the line before it (the last line of the
+    /// previous batch for the first), in place, and remembers the last line's hash.
+    fn chain(&mut self, batch: &mut [u8]) {
+        let mut start = 0;
+        while let Some(nl) = batch[start..].iter().position(|&c| c == b'\n') {
+            let end = start + nl;
+            let line = &mut batch[start..end];
+            // Every line this sink formats ends with the placeholder; guard anyway.
+            if let Some(at) = line.len().checked_sub(PREV_FROM_END - 1) {
+                push_hex_into(&mut line[at..at + 64], &self.last);
+            }
+            self.last = Sha256::digest(&*line).into();
+            start = end + 1;
+        }
+    }
+
     fn write_batch(&mut self, mut b: &[u8]) -> io::Result<()> {
         if !self.pipe {
             // One write: O_APPEND makes it land whole after any other appender's.
@@ -395,6 +522,195 @@ fn open_append(path: &Path) -> io::Result<File> {
         .append(true)
         .mode(0o640)
         .open(path)
+}
+
+/// What [`verify`] found in a chain that holds.
+#[derive(Debug)]
+pub struct Verified {
+    /// Lines verified.
+    pub lines: u64,
+    /// Lines that start a chain (`"chain_start":true`): a new file, or a sidecar (re)start.
+    pub starts: u64,
+    /// The first line's `prev` when it names a line of a file not given (not [`GENESIS`]).
+    pub continues_from: Option<String>,
+    /// SHA-256 of the last line: record it elsewhere to detect the tail being cut later.
+    pub last: String,
+}
+
+/// Checks the hash chain of `files`, read in order as one sequence of lines.
+///
+/// # Errors
+/// A message naming the first broken, missing or reordered line by file and line number, or
+/// the file that cannot be read.
+pub fn verify(files: &[std::path::PathBuf]) -> Result<Verified, String> {
+    use std::io::BufRead;
+    const START: &[u8] = b",\"chain_start\":true,\"prev\":\"";
+    const PREV: &[u8] = b",\"prev\":\"";
+    let mut last: Option<([u8; 32], String)> = None;
+    let mut v = Verified {
+        lines: 0,
+        starts: 0,
+        continues_from: None,
+        last: String::new(),
+    };
+    let mut line = Vec::with_capacity(1024);
+    for path in files {
+        let name = path.display();
+        let f = File::open(path).map_err(|e| format!("{name}: cannot read: {e}"))?;
+        let mut r = io::BufReader::with_capacity(256 * 1024, f);
+        let mut n: u64 = 0;
+        loop {
+            line.clear();
+            let got = r
+                .read_until(b'\n', &mut line)
+                .map_err(|e| format!("{name}: cannot read after line {n}: {e}"))?;
+            if got == 0 {
+                break;
+            }
+            n += 1;
+            if line.last() == Some(&b'\n') {
+                line.pop();
+            }
+            let at = format!("{name}:{n}");
+            // `…,"prev":"<64 hex>"}`: the placeholder the sink fills in.
+            let prev = line
+                .len()
+                .checked_sub(PREV_FROM_END - 1)
+                .filter(|&i| {
+                    line.ends_with(b"\"}")
+                        && line[..i].ends_with(PREV)
+                        && line[i..i + 64]
+                            .iter()
+                            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c))
+                })
+                .map(|i| &line[i..i + 64])
+                .ok_or_else(|| {
+                    format!(
+                        "{at}: not a chained audit line (it must end with ,\"prev\":\"<64 hex \
+                         digits>\"}}): the line was changed, or the file is not a Gatehouse \
+                         audit log"
+                    )
+                })?;
+            let start = line[..line.len() - (PREV_FROM_END - 1)].ends_with(START);
+            let genesis = prev == GENESIS.as_bytes();
+            match &last {
+                Some((_, before)) if start && genesis && n == 1 => {
+                    return Err(format!(
+                        "{at}: starts a new chain (\"prev\" is 64 zeros), but it follows \
+                         {before}: give the files in the order they were written, oldest first, \
+                         each once"
+                    ));
+                }
+                // A sidecar (re)started on a pipe, or a new file: a new chain.
+                _ if start && genesis => {}
+                Some((hash, _)) if prev == hex_of(hash) => {}
+                Some((_, before)) => {
+                    return Err(format!(
+                        "{at}: broken chain: its \"prev\" is not the SHA-256 of the line before \
+                         it ({before}): that line was changed, or lines between them were removed \
+                         or reordered"
+                    ));
+                }
+                None if start => {
+                    v.continues_from = Some(String::from_utf8_lossy(prev).into_owned());
+                }
+                None => {
+                    return Err(format!(
+                        "{at}: the chain does not start here (the line has no \"chain_start\" and \
+                         its \"prev\" names a line not given): the lines before it were removed, \
+                         or give the earlier files first"
+                    ));
+                }
+            }
+            if start {
+                v.starts += 1;
+            }
+            v.lines += 1;
+            last = Some((Sha256::digest(&line).into(), at));
+        }
+    }
+    match last {
+        Some((hash, _)) => {
+            v.last = hex::encode(hash);
+            Ok(v)
+        }
+        None => Err("no audit lines to verify: the files are empty".into()),
+    }
+}
+
+/// The anchor file of the audit file at `path`: `<path>.chain`.
+pub fn anchor_path(path: &Path) -> std::path::PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".chain");
+    p.into()
+}
+
+/// The hash an anchor file holds (64 hex digits), if it holds one.
+fn read_anchor(path: &Path) -> Option<[u8; 32]> {
+    let text = std::fs::read(path).ok()?;
+    let digits = text.get(..64)?;
+    let mut out = [0; 32];
+    for (o, pair) in out.iter_mut().zip(digits.chunks_exact(2)) {
+        let s = std::str::from_utf8(pair).ok()?;
+        *o = u8::from_str_radix(s, 16).ok()?;
+    }
+    Some(out)
+}
+
+/// SHA-256 of the last line of the file at `path`, `None` when it is empty or missing: the
+/// `prev` of the first line appended to it. Reads only the file's tail.
+fn last_line_hash(path: &Path) -> io::Result<Option<[u8; 32]>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let len = f.metadata()?.len();
+    // Lines are short; read backwards in growing windows until a line start is found.
+    let mut window: u64 = 64 * 1024;
+    loop {
+        let from = len.saturating_sub(window);
+        f.seek(SeekFrom::Start(from))?;
+        let mut tail = Vec::new();
+        f.read_to_end(&mut tail)?;
+        let body = tail.strip_suffix(b"\n").unwrap_or(&tail);
+        match body.iter().rposition(|&c| c == b'\n') {
+            Some(i) => return Ok(Some(Sha256::digest(&body[i + 1..]).into())),
+            None if from == 0 => {
+                return Ok((!body.is_empty()).then(|| Sha256::digest(body).into()));
+            }
+            None => window *= 4,
+        }
+    }
+}
+
+/// A hash as lowercase hex.
+fn hex_of(hash: &[u8; 32]) -> [u8; 64] {
+    let mut out = [0; 64];
+    push_hex_into(&mut out, hash);
+    out
+}
+
+/// Writes `bytes` as lowercase hex into `out` (twice as long).
+fn push_hex_into(out: &mut [u8], bytes: &[u8]) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = HEX[usize::from(b >> 4)];
+        pair[1] = HEX[usize::from(b & 0xf)];
+    }
+}
+
+/// Appends a trace id as a JSON string, or `null`.
+fn push_trace_id(buf: &mut Vec<u8>, id: Option<&[u8; 16]>) {
+    match id {
+        Some(id) => {
+            let mut text = [b'"'; 34];
+            push_hex_into(&mut text[1..33], id);
+            buf.extend_from_slice(&text);
+        }
+        None => buf.extend_from_slice(b"null"),
+    }
 }
 
 /// Appends `n` in decimal.
@@ -515,7 +831,13 @@ mod tests {
     fn inbound<'a>(caller: &'a SpiffeId, path: &'a str, route: Option<&'a str>) -> AuditRecord<'a> {
         AuditRecord {
             request_id: "id-1",
+            trace_id: Some(&[
+                0x0a, 0xf7, 0x65, 0x19, 0x16, 0xcd, 0x43, 0xdd, 0x84, 0x48, 0xeb, 0x21, 0x1c, 0x80,
+                0x31, 0x9c,
+            ]),
             caller,
+            caller_serial: "01ab",
+            policy_sha256: "ff00",
             method: "GET",
             path,
             route,
@@ -578,8 +900,10 @@ mod tests {
         sink.record(&inbound(&id, "/x", None));
         sink.record_outbound(&OutboundRecord {
             request_id: "id-2",
+            trace_id: None,
             upstream: "monolith",
             server_id: "spiffe://fintech.internal/monolith",
+            server_serial: None,
             method: "POST",
             path: "/api",
             status: 502,
@@ -606,7 +930,10 @@ mod tests {
             "time",
             "direction",
             "request_id",
+            "trace_id",
             "caller",
+            "caller_serial",
+            "policy_sha256",
             "method",
             "path",
             "route",
@@ -614,8 +941,15 @@ mod tests {
             "reason",
             "status",
             "duration_ms",
+            "prev",
         ];
-        assert_eq!(keys(lines[0]), inbound_keys);
+        let mut first = inbound_keys.to_vec();
+        first.insert(first.len() - 1, "chain_start");
+        assert_eq!(
+            keys(lines[0]),
+            first,
+            "the sink's first line starts the chain"
+        );
         assert_eq!(keys(lines[1]), inbound_keys);
         assert_eq!(
             keys(lines[2]),
@@ -623,13 +957,16 @@ mod tests {
                 "time",
                 "direction",
                 "request_id",
+                "trace_id",
                 "upstream",
                 "server_id",
+                "server_serial",
                 "method",
                 "path",
                 "status",
                 "reason",
-                "duration_ms"
+                "duration_ms",
+                "prev"
             ]
         );
         let l0: serde_json::Value = serde_json::from_str(lines[0]).expect("JSON");
@@ -650,10 +987,15 @@ mod tests {
         );
         assert!(
             lines[2]
-                .contains("\"status\":502,\"reason\":\"connect_failed\",\"duration_ms\":3.000}"),
+                .contains("\"status\":502,\"reason\":\"connect_failed\",\"duration_ms\":3.000,"),
             "{}",
             lines[2]
         );
+        assert_eq!(l0["trace_id"], "0af7651916cd43dd8448eb211c80319c");
+        assert_eq!(l0["caller_serial"], "01ab");
+        assert_eq!(l0["policy_sha256"], "ff00");
+        assert_eq!(l0["prev"], GENESIS);
+        assert!(lines[2].contains("\"trace_id\":null,"), "{}", lines[2]);
     }
 
     #[test]
@@ -704,9 +1046,110 @@ mod tests {
         sink.record(&inbound(&id, "/after", None));
         drop(sink);
         assert_eq!(out.text().lines().count(), n + 2);
-        assert!(out.text().ends_with(
-            "\"/after\",\"route\":null,\"decision\":\"allow\",\"reason\":\"allowed\",\"status\":200,\"duration_ms\":1234.567}\n"
+        assert!(out.text().contains(
+            "\"/after\",\"route\":null,\"decision\":\"allow\",\"reason\":\"allowed\",\"status\":200,\"duration_ms\":1234.567,\"prev\":\""
         ));
+    }
+
+    /// Each line's `prev` is the SHA-256 of the line before it, across batches.
+    fn assert_chained(text: &str, first_prev: &str) {
+        let mut prev = first_prev.to_owned();
+        for (i, line) in text.lines().enumerate() {
+            let v: serde_json::Value = serde_json::from_str(line).expect("JSON line");
+            assert_eq!(v["prev"], prev.as_str(), "line {}: {line}", i + 1);
+            assert_eq!(v.get("chain_start").is_some(), i == 0, "line {}", i + 1);
+            prev = hex::encode(Sha256::digest(line.as_bytes()));
+        }
+    }
+
+    #[test]
+    fn lines_are_hash_chained_across_batches_in_file_and_pipe_mode() {
+        for pipe in [false, true] {
+            let out = Shared::default();
+            let sink = Sink::with_chain(
+                Box::new(out.clone()),
+                pipe,
+                Duration::from_secs(3600),
+                [7; 32],
+            )
+            .expect("sink");
+            let id = caller();
+            let long = "/l".repeat(900);
+            for round in 0..3 {
+                for i in 0..(10 + round) {
+                    let path = if i % 4 == 0 { long.as_str() } else { "/x" };
+                    sink.record(&inbound(&id, path, None));
+                }
+                sink.flush();
+            }
+            let text = out.text();
+            assert_eq!(text.lines().count(), 33);
+            assert!(
+                out.writes() > 3 || !pipe,
+                "pipe batches cut: {}",
+                out.writes()
+            );
+            assert_chained(&text, &hex::encode([7u8; 32]));
+        }
+    }
+
+    #[test]
+    fn a_sink_appending_to_a_file_continues_its_chain_and_verify_checks_it() {
+        let dir = std::env::temp_dir().join(format!("gh-audit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("audit.log");
+        let _ = std::fs::remove_file(&path);
+        let config = |p: &Path| AuditConfig {
+            enabled: true,
+            path: Some(p.to_owned()),
+            flush_interval: Duration::ZERO,
+        };
+        let id = caller();
+        for _run in 0..2 {
+            let sink = Sink::from_config(&config(&path))
+                .expect("open")
+                .expect("enabled");
+            for _ in 0..3 {
+                sink.record(&inbound(&id, "/x", None));
+            }
+        }
+        let v = verify(std::slice::from_ref(&path)).expect("verifies");
+        assert_eq!((v.lines, v.starts), (6, 2));
+        assert!(v.continues_from.is_none());
+        let text = std::fs::read_to_string(&path).expect("read");
+        let lines: Vec<&str> = text.lines().collect();
+        let l3: serde_json::Value = serde_json::from_str(lines[3]).expect("JSON");
+        assert_eq!(l3["chain_start"], true);
+        assert_eq!(l3["prev"], hex::encode(Sha256::digest(lines[2].as_bytes())));
+        // Rotated away (moved): the next sidecar starts a new file that continues the chain
+        // from the anchor file.
+        let rotated = dir.join("audit.log.1");
+        std::fs::rename(&path, &rotated).expect("rotate");
+        {
+            let sink = Sink::from_config(&config(&path))
+                .expect("open")
+                .expect("enabled");
+            sink.record(&inbound(&id, "/x", None));
+        }
+        let v = verify(&[rotated.clone(), path.clone()]).expect("verifies across rotation");
+        assert_eq!((v.lines, v.starts), (7, 3));
+        let v = verify(std::slice::from_ref(&path)).expect("continues");
+        assert_eq!(
+            v.continues_from.as_deref(),
+            Some(&*hex::encode(Sha256::digest(lines[5].as_bytes())))
+        );
+        std::fs::rename(&rotated, &path).expect("back");
+        // Edit line 2: line 3 no longer names it.
+        let edited = text
+            .replacen("\"/x\"", "\"/y\"", 2)
+            .replacen("\"/y\"", "\"/x\"", 1);
+        std::fs::write(&path, edited).expect("write");
+        let e = verify(std::slice::from_ref(&path)).expect_err("edited");
+        assert!(
+            e.contains("audit.log:3: broken chain") && e.contains("audit.log:2)"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).expect("clean");
     }
 
     #[test]
@@ -714,6 +1157,8 @@ mod tests {
         let out = Shared::default();
         let mut o = Output {
             w: Box::new(out.clone()),
+            last: [0; 32],
+            anchor: None,
             pipe: true,
         };
         let line = format!("{}\n", "x".repeat(99));

@@ -38,6 +38,22 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Audit log tools.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Check the hash chain of audit files, read in the given order (oldest first): prints the
+    /// lines verified (exit 0) or the first broken, missing or reordered line (exit 1).
+    Verify {
+        /// Audit files, oldest first (e.g. `audit.log.1 audit.log`).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -50,6 +66,27 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(code) => code,
+        },
+        Command::Audit {
+            command: AuditCommand::Verify { files },
+        } => match audit::verify(&files) {
+            Ok(v) => {
+                let from = v.continues_from.map_or_else(String::new, |h| {
+                    format!("; the first line continues from a line not given, SHA-256 {h}")
+                });
+                println!(
+                    "ok: {} lines verified in {} file(s), {} chain start(s){from}; last line SHA-256 {}",
+                    v.lines,
+                    files.len(),
+                    v.starts,
+                    v.last
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("audit verify: FAILED: {e}");
+                ExitCode::from(1)
+            }
         },
         Command::Run { config } => {
             let loaded = match load(&config) {

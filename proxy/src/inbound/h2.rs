@@ -692,7 +692,9 @@ mod tests {
     }
 
     /// A stream's future (`handle`'s and the response's) is copied into the stream set once
-    /// per request: keep it small. Raise the bound only knowingly.
+    /// per request: keep it small. Raise the bound only knowingly: 1800 → 1824 when the
+    /// hardening (reset check, `send_timeout`) and the audit evidence (trace id, serial, policy
+    /// hash) landed together (1792 and under 1800 apart).
     #[test]
     fn the_per_stream_future_stays_small() {
         fn future_size<F, A, B, C, D, R>(_: &F) -> usize
@@ -702,7 +704,7 @@ mod tests {
             std::mem::size_of::<R>()
         }
         let size = future_size(&serve_stream);
-        assert!(size <= 1800, "serve_stream's future is {size} bytes");
+        assert!(size <= 1824, "serve_stream's future is {size} bytes");
     }
 
     #[test]

@@ -47,9 +47,9 @@ use crate::audit::{self, AuditRecord};
 use crate::error::Refusal;
 use crate::h2body::HttpBody;
 use crate::headers::{
-    FramingError, REQUEST_ID, is_acceptable_request_id, strip_for_app, strip_hop_by_hop,
+    FramingError, REQUEST_ID, is_acceptable_request_id, strip_for_app, strip_hop_by_hop, trace_id,
 };
-use crate::state::Snapshot;
+use crate::state::{InboundSnapshot, Snapshot};
 use crate::tls::PeerIdentity;
 
 const XFCC_HEADER: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
@@ -181,6 +181,8 @@ pub fn handle(
                     .caller
                     .get(&snapshot, || inb.policy.caller_label(ctx.peer.id()).into()),
                 request_id,
+                trace_id: audit::enabled().then(|| trace_id(req.headers())).flatten(),
+                inb,
                 method: req.method().clone(),
                 started,
             };
@@ -283,6 +285,10 @@ struct Outcome<'a> {
     ctx: &'a ConnCtx,
     caller: Arc<str>,
     request_id: &'a HeaderValue,
+    /// The request's W3C trace id, when it sent a valid `traceparent`.
+    trace_id: Option<[u8; 16]>,
+    /// The snapshot that decides (its policy's SHA-256 goes in the line).
+    inb: &'a InboundSnapshot,
     method: http::Method,
     started: Instant,
 }
@@ -312,7 +318,10 @@ impl Outcome<'_> {
             .observe(duration.as_secs_f64());
         audit::record(&AuditRecord {
             request_id: self.request_id.to_str().unwrap_or_default(),
+            trace_id: self.trace_id.as_ref(),
             caller: self.ctx.peer.id(),
+            caller_serial: self.ctx.peer.serial_hex(),
+            policy_sha256: &self.inb.policy_sha256,
             method: self.method.as_str(),
             path,
             route,

@@ -204,6 +204,8 @@ struct Conn {
     /// The fatal TLS alert the server sent on this connection, once read: how a server that
     /// refused our certificate after a TLS 1.3 handshake had already "succeeded" shows up.
     alert: Arc<OnceLock<AlertDescription>>,
+    /// The serial number of the server's certificate, lowercase hex (for the audit line).
+    serial: Arc<str>,
 }
 
 impl Conn {
@@ -216,6 +218,7 @@ impl Conn {
                 born: self.born,
                 generation: self.generation,
                 alert: Arc::clone(&self.alert),
+                serial: Arc::clone(&self.serial),
             }),
             Sender::H1(_) => None,
         }
@@ -305,14 +308,15 @@ impl Upstream {
             && conn.is_usable(self.limits.max_connection_age, now)
     }
 
-    /// Sends `req` upstream and returns the response head; the body streams on.
+    /// Sends `req` upstream and returns the response head (the body streams on) and the
+    /// serial number of the server's certificate (lowercase hex).
     ///
     /// # Errors
     /// Any [`OutboundError`]; see the module docs for which ones were retried first.
     pub async fn send(
         self: &Arc<Self>,
         mut req: Request<Incoming>,
-    ) -> Result<Response<UpstreamBody>, OutboundError> {
+    ) -> Result<(Response<UpstreamBody>, Arc<str>), OutboundError> {
         let mut connect_retried = false;
         let mut unsent_retried = false;
         loop {
@@ -327,8 +331,9 @@ impl Upstream {
                 Err(e) => return Err(e),
             };
             self.set_target(&mut req, &conn.sender);
+            let serial = Arc::clone(&conn.serial);
             match self.exchange(conn, req).await {
-                Ok(resp) => return Ok(resp),
+                Ok(resp) => return Ok((resp, serial)),
                 Err(Exchange::Unsent(back)) if !unsent_retried => {
                     debug!(upstream = %self.name, "pooled connection closed before the request was written; retrying");
                     unsent_retried = true;
@@ -353,6 +358,7 @@ impl Upstream {
             born,
             generation,
             alert,
+            serial,
         } = conn;
         match sender {
             Sender::H1(mut s) => {
@@ -363,6 +369,7 @@ impl Upstream {
                         born,
                         generation,
                         alert: Arc::clone(&alert),
+                        serial,
                     });
                 }
                 match sent {
@@ -495,6 +502,13 @@ impl Upstream {
             }
         };
         self.metrics.handshake("ok");
+        let serial: Arc<str> = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(<[_]>::first)
+            .map_or_else(String::new, crate::tls::verify::serial_hex)
+            .into();
         let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
         let alert = Arc::new(OnceLock::new());
         let io = AlertTap::new(tls, Arc::clone(&alert));
@@ -530,6 +544,7 @@ impl Upstream {
             born: Instant::now(),
             generation,
             alert,
+            serial,
         };
         if let Some(shared) = conn.share() {
             let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());

@@ -28,7 +28,8 @@ use super::error::OutboundError;
 use crate::accept::Acceptor;
 use crate::audit::{self, OutboundRecord};
 use crate::headers::{
-    REQUEST_ID, RequestIds, check_transfer_encoding, is_acceptable_request_id, strip_hop_by_hop,
+    REQUEST_ID, RequestIds, check_transfer_encoding, is_acceptable_request_id, keep_or_start_trace,
+    strip_hop_by_hop,
 };
 use crate::signal::Shutdown;
 
@@ -123,6 +124,8 @@ async fn handle(
 ) -> Result<Response<OutboundBody>, Infallible> {
     let started = Instant::now();
     let request_id = keep_or_assign(&ctx.ids, req.headers_mut());
+    // Both sides' audit lines join on it: kept when the app sent one, else started here.
+    let trace_id = keep_or_start_trace(&ctx.ids, req.headers_mut());
     // Kept for the audit line only; both clones are cheap (the URI shares the request's
     // bytes), where copying the path out was an allocation per request.
     let audited = audit::enabled().then(|| (req.method().clone(), req.uri().clone()));
@@ -139,14 +142,14 @@ async fn handle(
         Ok(()) => upstream.send(req).await,
         Err(e) => Err(e),
     };
-    let (response, reason) = match sent {
-        Ok(resp) => {
+    let (response, reason, serial) = match sent {
+        Ok((resp, serial)) => {
             let mut resp = resp.map(Either::Left);
             strip_hop_by_hop(resp.headers_mut());
             resp.headers_mut()
                 .entry(REQUEST_ID)
                 .or_insert_with(|| request_id.clone());
-            (resp, "forwarded")
+            (resp, "forwarded", Some(serial))
         }
         Err(e) => {
             metrics.error(e.reason());
@@ -154,7 +157,7 @@ async fn handle(
             let resp = e
                 .to_response(upstream.name(), &request_id)
                 .map(Either::Right);
-            (resp, e.reason())
+            (resp, e.reason(), None)
         }
     };
     let elapsed = started.elapsed();
@@ -164,8 +167,10 @@ async fn handle(
     if let Some((method, uri)) = &audited {
         audit::record_outbound(&OutboundRecord {
             request_id: display_id(&request_id),
+            trace_id: Some(&trace_id),
             upstream: upstream.name(),
             server_id: &ctx.server_id,
+            server_serial: serial.as_deref(),
             method: method.as_str(),
             path: uri.path(),
             status,

@@ -38,6 +38,16 @@ use super::svid::{SvidError, svid_identity};
 pub struct PeerIdentity {
     id: SpiffeId,
     leaf_sha256_hex: String,
+    serial_hex: String,
+}
+
+/// The serial number of the certificate `der`, lowercase hex as encoded (what `openssl x509
+/// -serial` prints, in lowercase); empty when the certificate cannot be parsed.
+pub fn serial_hex(der: &CertificateDer<'_>) -> String {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    X509Certificate::from_der(der.as_ref())
+        .map(|(_, c)| hex::encode(c.raw_serial()))
+        .unwrap_or_default()
 }
 
 impl PeerIdentity {
@@ -49,6 +59,11 @@ impl PeerIdentity {
     /// SHA-256 of the peer's leaf certificate DER, lowercase hex (the XFCC `Hash=`).
     pub fn leaf_sha256_hex(&self) -> &str {
         &self.leaf_sha256_hex
+    }
+
+    /// The serial number of the peer's leaf certificate, lowercase hex (the audit lines').
+    pub fn serial_hex(&self) -> &str {
+        &self.serial_hex
     }
 
     /// Identity of the peer of a session whose certificates the verifier already validated in
@@ -65,6 +80,7 @@ impl PeerIdentity {
         Ok(Self {
             id,
             leaf_sha256_hex: hex::encode(Sha256::digest(leaf.as_ref())),
+            serial_hex: serial_hex(leaf),
         })
     }
 }
