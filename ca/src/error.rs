@@ -145,6 +145,27 @@ pub enum CaError {
         /// Why.
         detail: String,
     },
+    /// A join token that this CA never issued (or that was pruned after expiring).
+    #[error("unknown join token")]
+    TokenUnknown,
+    /// A join token past its expiry.
+    #[error("the join token expired at {expired}")]
+    TokenExpired {
+        /// RFC 3339.
+        expired: String,
+    },
+    /// A join token whose uses are spent.
+    #[error("the join token was already used")]
+    TokenUsed,
+    /// A renewal whose CSR carries the key of the certificate being renewed.
+    #[error("the CSR carries the same public key as the certificate being renewed")]
+    RenewSameKey,
+    /// A renewal with a revoked certificate.
+    #[error("certificate serial {serial} is revoked")]
+    Revoked {
+        /// The serial, hex.
+        serial: String,
+    },
 }
 
 impl CaError {
@@ -160,6 +181,11 @@ impl CaError {
                 | Self::RootInUse { .. }
                 | Self::NothingToRetire
                 | Self::NotRotatable { .. }
+                | Self::TokenUnknown
+                | Self::TokenExpired { .. }
+                | Self::TokenUsed
+                | Self::RenewSameKey
+                | Self::Revoked { .. }
         )
     }
 

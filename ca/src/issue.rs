@@ -60,6 +60,14 @@ impl Svid {
     }
 }
 
+/// How a certificate came to be signed (the inventory line's provenance fields).
+pub(crate) struct Provenance<'a> {
+    pub source: Source,
+    pub replaces: Option<&'a str>,
+    pub credential: Option<&'a str>,
+    pub peer: Option<&'a str>,
+}
+
 /// A freshly signed certificate (internal result of [`Authority::sign_leaf`]).
 pub(crate) struct Signed {
     pub chain_pem: String,
@@ -157,13 +165,30 @@ impl Authority {
     /// The one signing path: lock, load signer, check lifetime, unique serial, sign, record.
     pub(crate) fn sign_leaf(
         &self,
-        mut params: CertificateParams,
+        params: CertificateParams,
         public_key: &impl PublicKeyData,
         source: Source,
         enforce_ca_lifetime: bool,
         replaces: Option<&str>,
     ) -> Result<Signed, CaError> {
         let _lock = self.lock()?;
+        let how = Provenance {
+            source,
+            replaces,
+            credential: None,
+            peer: None,
+        };
+        self.sign_leaf_locked(params, public_key, &how, enforce_ca_lifetime)
+    }
+
+    /// [`Authority::sign_leaf`] for a caller that already holds the directory lock.
+    pub(crate) fn sign_leaf_locked(
+        &self,
+        mut params: CertificateParams,
+        public_key: &impl PublicKeyData,
+        how: &Provenance<'_>,
+        enforce_ca_lifetime: bool,
+    ) -> Result<Signed, CaError> {
         let state = self.state()?;
         let signer = self.signer(&state, state.current)?;
         if enforce_ca_lifetime && params.not_after > signer.not_after {
@@ -210,8 +235,10 @@ impl Authority {
                 sha256: sha256_hex.clone(),
                 issued_at: fmt_time(OffsetDateTime::now_utc()),
                 generation: signer.generation,
-                source,
-                replaces: replaces.map(str::to_owned),
+                source: how.source,
+                replaces: how.replaces.map(str::to_owned),
+                credential: how.credential.map(str::to_owned),
+                peer: how.peer.map(str::to_owned),
             }),
         )?;
         Ok(Signed {
