@@ -419,3 +419,179 @@ async fn renew_with_expired_svid_is_refused() {
         0
     );
 }
+
+/// Every file under `dir` that holds a PEM private key, except the CA's own keys (`*.key`).
+fn private_keys_under(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).expect("read_dir").flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                todo.push(p);
+            } else if p.extension().is_none_or(|x| x != "key")
+                && std::fs::read(&p)
+                    .is_ok_and(|b| String::from_utf8_lossy(&b).contains("PRIVATE KEY"))
+            {
+                found.push(p);
+            }
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fifty_concurrent_enrollments_get_distinct_serials_and_no_key_on_disk() {
+    let sb = Sandbox::new();
+    init(&sb);
+    let id = format!("{TD}/fleet");
+    // One token with exactly 50 uses: the 51st enrollment must be refused.
+    let t = token(&sb, &id, &["--uses", "50"]);
+    let srv = serve(&sb, &[]);
+    let sb = Arc::new(sb);
+    let tasks: Vec<_> = (0..51)
+        .map(|_| {
+            let (sb, t) = (Arc::clone(&sb), t.clone());
+            let addr = srv.addr;
+            tokio::spawn(async move {
+                let key = KeyPair::generate().expect("key");
+                enroll(&sb, addr, &t, &csr(&key)).await
+            })
+        })
+        .collect();
+    let mut serials = std::collections::HashSet::new();
+    let mut refused = 0;
+    for task in tasks {
+        let (s, b) = task.await.expect("task");
+        if s == 200 {
+            let r = ok_cert(s, &b);
+            assert_eq!(r.spiffe_id, id);
+            assert!(serials.insert(r.serial), "duplicate serial");
+        } else {
+            err(s, &b, 403, "token_used");
+            refused += 1;
+        }
+    }
+    assert_eq!((serials.len(), refused), (50, 1));
+    let rows = inventory(&sb);
+    let enrolled: std::collections::HashSet<_> = rows
+        .iter()
+        .filter(|r| r["source"] == "enroll")
+        .map(|r| r["serial"].as_str().expect("serial").to_owned())
+        .collect();
+    assert_eq!(enrolled, serials.iter().cloned().collect());
+    assert_eq!(enrolled_rows(&sb), 50);
+    // Workload keys live in the clients' memory; the server's own key too.
+    let keys = private_keys_under(sb.tmp.path());
+    assert!(keys.is_empty(), "private keys written: {keys:?}");
+    drop(srv);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bundle_and_crl_with_etags() {
+    let sb = Sandbox::new();
+    init(&sb);
+    let t = token(&sb, &format!("{TD}/crl"), &[]);
+    let srv = serve(&sb, &[]);
+    let bundle = std::fs::read_to_string(sb.path("ca/bundle.pem")).expect("bundle");
+    let (s, b) = call(&sb, srv.addr, None, "GET", "/v1/bundle", None).await;
+    assert_eq!((s, b.as_ref()), (200, bundle.as_bytes()));
+
+    let (s, crl1) = call(&sb, srv.addr, None, "GET", "/v1/crl", None).await;
+    assert_eq!(s, 200);
+    assert!(String::from_utf8_lossy(&crl1).contains("BEGIN X509 CRL"));
+    let etag = etag_of(&sb, srv.addr, "/v1/crl").await;
+    let (s, b) = call_if_none_match(&sb, srv.addr, "/v1/crl", &etag).await;
+    assert_eq!((s, b.len()), (304, 0));
+
+    // A revocation changes the CRL (and its ETag).
+    let (s, b) = enroll(&sb, srv.addr, &t, &csr(&KeyPair::generate().expect("key"))).await;
+    let r = ok_cert(s, &b);
+    sb.ok(&["revoke", "--dir", "ca", "--serial", &r.serial]);
+    let (s, _) = call_if_none_match(&sb, srv.addr, "/v1/crl", &etag).await;
+    assert_eq!(s, 200);
+    assert_ne!(etag_of(&sb, srv.addr, "/v1/crl").await, etag);
+
+    // Wrong method, unknown path, oversized and malformed bodies: 4xx JSON, nothing issued.
+    let (s, b) = call(&sb, srv.addr, None, "GET", "/v1/enroll", None).await;
+    err(s, &b, 405, "method_not_allowed");
+    let (s, b) = call(&sb, srv.addr, None, "GET", "/v2/enroll", None).await;
+    err(s, &b, 404, "not_found");
+    let big = json!({"csr": "x".repeat(100_000), "token": t});
+    let (s, b) = call(&sb, srv.addr, None, "POST", "/v1/enroll", Some(big)).await;
+    err(s, &b, 413, "body_too_large");
+    let (s, b) = call(
+        &sb,
+        srv.addr,
+        None,
+        "POST",
+        "/v1/enroll",
+        Some(json!({"csr": 1})),
+    )
+    .await;
+    err(s, &b, 400, "bad_json");
+    assert_eq!(enrolled_rows(&sb), 1);
+}
+
+async fn etag_of(sb: &Sandbox, addr: SocketAddr, path: &str) -> String {
+    let (_, _, etag) = get_with(sb, addr, path, None).await;
+    etag.expect("etag")
+}
+
+async fn call_if_none_match(
+    sb: &Sandbox,
+    addr: SocketAddr,
+    path: &str,
+    etag: &str,
+) -> (u16, Bytes) {
+    let (s, b, _) = get_with(sb, addr, path, Some(etag)).await;
+    (s, b)
+}
+
+/// A GET over HTTP/2 (ALPN h2), returning status, body and ETag.
+async fn get_with(
+    sb: &Sandbox,
+    addr: SocketAddr,
+    path: &str,
+    if_none_match: Option<&str>,
+) -> (u16, Bytes, Option<String>) {
+    let mut roots = RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(sb.path("ca/bundle.pem")).expect("bundle") {
+        roots.add(c.expect("pem")).expect("root");
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("tls13")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").expect("name"), tcp)
+        .await
+        .expect("handshake");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(tls),
+    )
+    .await
+    .expect("h2 handshake");
+    tokio::spawn(conn);
+    let mut req = http::Request::builder().uri(format!("https://localhost{path}"));
+    if let Some(e) = if_none_match {
+        req = req.header("if-none-match", e);
+    }
+    let resp = send
+        .send_request(req.body(Full::new(Bytes::new())).expect("req"))
+        .await
+        .expect("response");
+    let status = resp.status().as_u16();
+    let etag = resp
+        .headers()
+        .get("etag")
+        .map(|v| v.to_str().expect("ascii").to_owned());
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    (status, body, etag)
+}
