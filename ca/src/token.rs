@@ -126,20 +126,20 @@ impl Authority {
 
     /// The SPIFFE ID of a usable `token`, without spending it. The caller holds the lock.
     pub(crate) fn peek_token_locked(&self, token: &str) -> Result<SpiffeId, CaError> {
-        let mut file = self.read_tokens()?;
-        self.check_token(&mut file, token).map(|(id, _)| id)
+        let file = self.read_tokens()?;
+        self.check_token(&file, token).map(|(id, _)| id)
     }
 
     /// Spends one use of `token` and returns its SPIFFE ID. The caller holds the directory lock.
     pub(crate) fn spend_token_locked(&self, token: &str) -> Result<SpiffeId, CaError> {
         let mut file = self.read_tokens()?;
-        let (id, i) = self.check_token(&mut file, token)?;
+        let (id, i) = self.check_token(&file, token)?;
         file.tokens[i].uses_left -= 1;
         self.write_tokens(&mut file, OffsetDateTime::now_utc().unix_timestamp())?;
         Ok(id)
     }
 
-    fn check_token(&self, file: &mut TokenFile, token: &str) -> Result<(SpiffeId, usize), CaError> {
+    fn check_token(&self, file: &TokenFile, token: &str) -> Result<(SpiffeId, usize), CaError> {
         let now = OffsetDateTime::now_utc().unix_timestamp();
         let h = hash(token);
         let i = file
