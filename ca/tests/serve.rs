@@ -98,6 +98,21 @@ fn csr(key: &KeyPair) -> String {
         .expect("pem")
 }
 
+/// A TLS 1.3 client configuration trusting the CA's bundle.pem.
+fn client_builder(
+    sb: &Sandbox,
+) -> rustls::ConfigBuilder<ClientConfig, rustls::client::WantsClientCert> {
+    let mut roots = RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(sb.path("ca/bundle.pem")).expect("bundle") {
+        roots.add(c.expect("pem")).expect("root");
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("tls13")
+        .with_root_certificates(roots)
+}
+
 /// One HTTPS request (HTTP/1.1), optionally with a client certificate (chain PEM, key).
 async fn call(
     sb: &Sandbox,
@@ -121,15 +136,7 @@ async fn try_call(
     path: &str,
     body: Option<serde_json::Value>,
 ) -> Result<(u16, Bytes), String> {
-    let mut roots = RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(sb.path("ca/bundle.pem")).expect("bundle") {
-        roots.add(c.expect("pem")).expect("root");
-    }
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let builder = ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("tls13")
-        .with_root_certificates(roots);
+    let builder = client_builder(sb);
     let config = match client {
         Some((chain, key)) => builder
             .with_client_auth_cert(
@@ -182,6 +189,26 @@ async fn enroll(sb: &Sandbox, addr: SocketAddr, token: &str, csr_pem: &str) -> (
         "POST",
         "/v1/enroll",
         Some(json!({"csr": csr_pem, "token": token})),
+    )
+    .await
+}
+
+/// `POST /v1/renew` over mTLS with (`chain`, `key`), asking for `new_key`.
+async fn renew(
+    sb: &Sandbox,
+    addr: SocketAddr,
+    chain: &str,
+    key: &KeyPair,
+    new_key: &KeyPair,
+) -> (u16, Bytes) {
+    let body = json!({"csr": csr(new_key)});
+    call(
+        sb,
+        addr,
+        Some((chain, key)),
+        "POST",
+        "/v1/renew",
+        Some(body),
     )
     .await
 }
@@ -326,29 +353,11 @@ async fn renew_needs_current_svid_and_new_key() {
     let (s, b) = call(&sb, srv.addr, None, "POST", "/v1/renew", Some(body.clone())).await;
     err(s, &b, 401, "no_client_certificate");
     // Same key as the current certificate.
-    let same = json!({"csr": csr(&key)});
-    let (s, b) = call(
-        &sb,
-        srv.addr,
-        Some((&first.cert_chain, &key)),
-        "POST",
-        "/v1/renew",
-        Some(same),
-    )
-    .await;
+    let (s, b) = renew(&sb, srv.addr, &first.cert_chain, &key, &key).await;
     err(s, &b, 400, "same_key");
     // A new key: same identity, new serial.
     let key2 = KeyPair::generate().expect("key");
-    let body2 = json!({"csr": csr(&key2)});
-    let (s, b) = call(
-        &sb,
-        srv.addr,
-        Some((&first.cert_chain, &key)),
-        "POST",
-        "/v1/renew",
-        Some(body2),
-    )
-    .await;
+    let (s, b) = renew(&sb, srv.addr, &first.cert_chain, &key, &key2).await;
     let second = ok_cert(s, &b);
     assert_eq!(second.spiffe_id, id);
     assert_ne!(second.serial, first.serial);
@@ -363,16 +372,8 @@ async fn renew_needs_current_svid_and_new_key() {
 
     // Revoked after the server started: refused by the lock-side check.
     sb.ok(&["revoke", "--dir", "ca", "--serial", &second.serial]);
-    let body3 = json!({"csr": csr(&KeyPair::generate().expect("key"))});
-    let (s, b) = call(
-        &sb,
-        srv.addr,
-        Some((&second.cert_chain, &key2)),
-        "POST",
-        "/v1/renew",
-        Some(body3),
-    )
-    .await;
+    let key3 = KeyPair::generate().expect("key");
+    let (s, b) = renew(&sb, srv.addr, &second.cert_chain, &key2, &key3).await;
     err(s, &b, 403, "revoked");
     assert_eq!(
         inventory(&sb)
@@ -555,16 +556,7 @@ async fn get_with(
     path: &str,
     if_none_match: Option<&str>,
 ) -> (u16, Bytes, Option<String>) {
-    let mut roots = RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(sb.path("ca/bundle.pem")).expect("bundle") {
-        roots.add(c.expect("pem")).expect("root");
-    }
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut config = ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("tls13")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let mut config = client_builder(sb).with_no_client_auth();
     config.alpn_protocols = vec![b"h2".to_vec()];
     let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
