@@ -87,7 +87,8 @@ impl Authority {
     /// Creates a join token for `id`, valid for `ttl` and `uses` enrollments.
     ///
     /// # Errors
-    /// [`CaError::ForeignTrustDomain`], [`CaError::ZeroTtl`] (also for `uses == 0`), I/O errors.
+    /// [`CaError::ForeignTrustDomain`], [`CaError::ZeroTtl`] (also for `uses == 0`: a token that
+    /// can never be used), I/O errors.
     pub fn create_token(
         &self,
         id: &SpiffeId,

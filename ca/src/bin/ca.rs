@@ -213,8 +213,8 @@ enum TokenCommand {
         /// How long the token can be used.
         #[arg(long, default_value = "15m", value_parser = humantime::parse_duration)]
         ttl: Duration,
-        /// How many enrollments it allows.
-        #[arg(long, default_value_t = 1)]
+        /// How many enrollments it allows (at least 1).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
         uses: u32,
     },
 }
