@@ -2,7 +2,7 @@
 //!
 //! | Method and path   | Request body          | Credential                                   | Answer             |
 //! |-------------------|-----------------------|----------------------------------------------|--------------------|
-//! | `POST /v1/enroll` | [`EnrollRequest`]     | the `token` field (a join token)             | [`CertResponse`]   |
+//! | `POST /v1/enroll` | [`EnrollRequest`]     | `token` field, or enrollment client cert     | [`CertResponse`]   |
 //! | `POST /v1/renew`  | [`RenewRequest`]      | the current SVID as TLS client certificate   | [`CertResponse`]   |
 //! | `GET /v1/bundle`  | -                     | none                                         | PEM, `ETag`        |
 //! | `GET /v1/crl`     | -                     | none                                         | PEM, `ETag`        |
@@ -30,8 +30,10 @@ pub struct EnrollRequest {
     /// PKCS#10 request, PEM (`CERTIFICATE REQUEST`). Only its public key is used, after its
     /// signature verifies; subject, SANs and extensions are ignored.
     pub csr: String,
-    /// Join token from `ca token create`. It decides the SPIFFE ID.
-    pub token: String,
+    /// Join token from `ca token create`; it decides the SPIFFE ID. Omit it when presenting an
+    /// enrollment certificate (`ca enrollment issue`) as the TLS client certificate instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
 }
 
 /// `POST /v1/renew` (over mTLS with the current SVID, which decides the SPIFFE ID).

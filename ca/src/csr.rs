@@ -65,6 +65,15 @@ pub enum Credential<'a> {
     /// A join token: one use is spent, and the identity is the token's, under the same hold of
     /// the directory lock as the signature.
     JoinToken(&'a str),
+    /// An enrollment certificate presented as the TLS client certificate (already verified for
+    /// the enroll-only EKU by the TLS layer): the identity is the one it is bound to; its serial
+    /// is re-checked against the revocations under the lock.
+    EnrollmentCert {
+        /// The identity it is bound to ([`crate::profile::enrollment_target`]).
+        id: SpiffeId,
+        /// Its serial, lowercase hex.
+        serial: String,
+    },
     /// The requester's current SVID (renewal), already verified by the TLS layer: the identity is
     /// its URI SAN; its serial is re-checked against the revocations under the lock, and the CSR
     /// must carry a different key.
@@ -79,10 +88,11 @@ pub enum Credential<'a> {
 }
 
 impl Credential<'_> {
-    /// The kind recorded in the inventory (`join_token`, `svid`).
+    /// The kind recorded in the inventory (`join_token`, `enrollment_certificate`, `svid`).
     pub fn kind(&self) -> &'static str {
         match self {
             Self::JoinToken(_) => "join_token",
+            Self::EnrollmentCert { .. } => "enrollment_certificate",
             Self::Svid { .. } => "svid",
         }
     }
@@ -117,13 +127,17 @@ impl Authority {
                 // Check the profile first so a token is never spent on a request we then refuse.
                 (self.peek_token_locked(token)?, Source::Enroll)
             }
-            Credential::Svid { id, serial, .. } => {
+            Credential::Svid { id, serial, .. } | Credential::EnrollmentCert { id, serial } => {
                 if self.revoked_serials()?.contains(serial) {
                     return Err(CaError::Revoked {
                         serial: serial.clone(),
                     });
                 }
-                (id.clone(), Source::Renew)
+                let source = match credential {
+                    Credential::Svid { .. } => Source::Renew,
+                    _ => Source::Enroll,
+                };
+                (id.clone(), source)
             }
         };
         let params = self.svid_params(&id, &[], ttl)?;

@@ -157,6 +157,12 @@ pub enum CaError {
     /// A join token whose uses are spent.
     #[error("the join token was already used")]
     TokenUsed,
+    /// An enrollment certificate asked for an identity under `/gatehouse/` (the CA's own).
+    #[error("{id} is under /gatehouse/, reserved for the CA's own identities")]
+    ReservedPath {
+        /// The requested identity.
+        id: SpiffeId,
+    },
     /// A renewal whose CSR carries the key of the certificate being renewed.
     #[error("the CSR carries the same public key as the certificate being renewed")]
     RenewSameKey,
@@ -185,6 +191,7 @@ impl CaError {
                 | Self::TokenExpired { .. }
                 | Self::TokenUsed
                 | Self::RenewSameKey
+                | Self::ReservedPath { .. }
                 | Self::Revoked { .. }
         )
     }

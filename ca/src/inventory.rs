@@ -40,6 +40,8 @@ pub enum Source {
     Enroll,
     /// `ca serve`, `POST /v1/renew`: from a CSR, over mTLS with the current SVID.
     Renew,
+    /// `ca enrollment issue`: an enroll-only certificate (no serverAuth/clientAuth).
+    Enrollment,
     /// `ca serve`'s own serving certificate (`spiffe://<td>/gatehouse/ca`, key in memory).
     Serve,
 }

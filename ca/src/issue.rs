@@ -88,6 +88,43 @@ impl Authority {
         self.issue_for_key(req, &key, Source::Issue, None)
     }
 
+    /// Issues an enrollment certificate for `bound` (see [`profile::ENROLL_EKU_OID`]): URI SAN
+    /// `spiffe://<td>/gatehouse/enroll/<path>`, only the enroll-only EKU, a new key. Presented
+    /// to `ca serve` as the TLS client certificate it enrolls as `bound`; the sidecars refuse it.
+    ///
+    /// # Errors
+    /// As [`Authority::issue`]; [`CaError::ReservedPath`] when `bound` is itself under
+    /// `/gatehouse/`.
+    pub fn issue_enrollment(&self, bound: &SpiffeId, ttl: Duration) -> Result<Svid, CaError> {
+        if bound.path().starts_with("/gatehouse/") {
+            return Err(CaError::ReservedPath { id: bound.clone() });
+        }
+        let enroll_id = SpiffeId::parse(&format!(
+            "spiffe://{}{}{}",
+            bound.trust_domain_str(),
+            profile::ENROLL_PREFIX,
+            bound.path()
+        ))
+        .map_err(|source| CaError::InvalidId {
+            input: bound.as_str().to_owned(),
+            source,
+        })?;
+        let key = self.key_type().generate()?;
+        let mut params = self.svid_params(&enroll_id, &[], ttl)?;
+        profile::make_enroll_only(&mut params);
+        let signed = self.sign_leaf(params, &key, Source::Enrollment, true, None)?;
+        Ok(Svid {
+            spiffe_id: enroll_id,
+            cert_pem: signed.chain_pem,
+            key_pem: key.serialize_pem(),
+            bundle_pem: self.bundle_pem()?,
+            serial_hex: signed.serial_hex,
+            not_before: signed.not_before,
+            not_after: signed.not_after,
+            sha256_hex: signed.sha256_hex,
+        })
+    }
+
     /// [`Authority::issue`] with a given key (rotation with `--keep-key`), recording `source`.
     pub(crate) fn issue_for_key(
         &self,

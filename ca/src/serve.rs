@@ -23,9 +23,11 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rcgen::KeyPair;
 use rustls::RootCertStore;
+use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{
     ClientHello, NoServerSessionStorage, ResolvesServerCert, WebPkiClientVerifier,
 };
@@ -39,7 +41,7 @@ use x509_parser::extensions::GeneralName;
 use crate::api::{self, CertResponse, EnrollRequest, ErrorResponse, RenewRequest};
 use crate::csr::Credential;
 use crate::inventory::{Source, fmt_time};
-use crate::{Authority, CaError, IssueRequest, SpiffeId};
+use crate::{Authority, CaError, IssueRequest, SpiffeId, profile};
 
 /// Path of the CA's own SPIFFE ID inside its trust domain.
 pub const SERVER_ID_PATH: &str = "/gatehouse/ca";
@@ -55,6 +57,90 @@ pub struct ServeOptions {
     pub svid_ttl: Duration,
     /// Extra DNS SANs on its serving certificate (for clients that check a host name).
     pub dns: Vec<String>,
+}
+
+/// webpki's client verifier (clientAuth, bundle, CRLs), plus enrollment certificates: a chain
+/// refused only for its purpose is accepted when it verifies for the enroll-only EKU
+/// ([`crate::profile::ENROLL_EKU_OID`]) against the same anchors. The handlers decide what
+/// each kind may do (enrollment certificates only enroll; SVIDs only renew).
+#[derive(Debug)]
+struct ClientVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    anchors: Vec<rustls::pki_types::TrustAnchor<'static>>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ClientCertVerifier for ClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.inner.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let err = match self
+            .inner
+            .verify_client_cert(end_entity, intermediates, now)
+        {
+            Ok(v) => return Ok(v),
+            Err(e) => e,
+        };
+        let purpose = matches!(
+            err,
+            rustls::Error::InvalidCertificate(
+                rustls::CertificateError::InvalidPurpose
+                    | rustls::CertificateError::InvalidPurposeContext { .. }
+            )
+        );
+        if !purpose {
+            return Err(err);
+        }
+        let cert = webpki::EndEntityCert::try_from(end_entity).map_err(|_| err.clone())?;
+        cert.verify_for_usage(
+            self.provider.signature_verification_algorithms.all,
+            &self.anchors,
+            intermediates,
+            now,
+            webpki::KeyUsage::required(crate::profile::ENROLL_EKU_OID),
+            None,
+            None,
+        )
+        .map(|_| ClientCertVerified::assertion())
+        .map_err(|_| err)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
 }
 
 /// The serving certificate, swapped in place on renewal.
@@ -159,18 +245,23 @@ pub async fn serve(
         CertificateRevocationListDer::pem_slice_iter(crl.as_bytes())
             .collect::<Result<_, _>>()
             .map_err(|_| bad_pem("the CRLs"))?;
-    let verifier =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
-            .with_crls(crls)
-            .allow_unknown_revocation_status()
-            .allow_unauthenticated()
-            .build()
-            .map_err(|e| bad_pem(&format!("the client verifier ({e})")))?;
+    let anchors: Vec<rustls::pki_types::TrustAnchor<'static>> = roots.roots.clone();
+    let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
+        .with_crls(crls)
+        .allow_unknown_revocation_status()
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| bad_pem(&format!("the client verifier ({e})")))?;
+    let verifier = Arc::new(ClientVerifier {
+        inner,
+        anchors,
+        provider: Arc::clone(&provider),
+    });
     let resolver = Arc::new(ServingCert(RwLock::new(Arc::new(cert))));
     let mut config = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| bad_pem(&format!("TLS 1.3 ({e})")))?
-        .with_client_cert_verifier(verifier)
+        .with_client_cert_verifier(verifier as Arc<dyn ClientCertVerifier>)
         .with_cert_resolver(resolver.clone());
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     config.session_storage = Arc::new(NoServerSessionStorage {});
@@ -352,7 +443,21 @@ async fn handle(
     let path = req.uri().path();
     Ok(match (req.method(), path) {
         (&Method::POST, api::ENROLL_PATH) => match read_json::<EnrollRequest>(req).await {
-            Ok(body) => issue(state, peer, body.csr, OwnedCredential::Token(body.token)).await,
+            Ok(EnrollRequest {
+                csr,
+                token: Some(token),
+            }) => issue(state, peer, csr, OwnedCredential::Token(token)).await,
+            Ok(EnrollRequest { csr, token: None }) => {
+                match client_cert.as_deref().map(enrollment_credential) {
+                    Some(Ok(c)) => issue(state, peer, csr, OwnedCredential::Cert(c)).await,
+                    Some(Err(r)) => *r,
+                    None => error(
+                        StatusCode::UNAUTHORIZED,
+                        "no_credential",
+                        "send a join token in `token`, or present an enrollment certificate (`ca enrollment issue`) as the TLS client certificate",
+                    ),
+                }
+            }
             Err(r) => *r,
         },
         (&Method::POST, api::RENEW_PATH) => {
@@ -368,7 +473,7 @@ async fn handle(
                 Err(r) => return Ok(*r),
             };
             match read_json::<RenewRequest>(req).await {
-                Ok(body) => issue(state, peer, body.csr, OwnedCredential::Svid(credential)).await,
+                Ok(body) => issue(state, peer, body.csr, OwnedCredential::Cert(credential)).await,
                 Err(r) => *r,
             }
         }
@@ -402,14 +507,21 @@ async fn handle(
     })
 }
 
-/// The renewal credential from the presented (already webpki-verified) client certificate.
-fn svid_credential(der: &CertificateDer<'_>) -> Result<Credential<'static>, Box<Reply>> {
+/// What the handlers need from a presented (already verified) client certificate.
+struct Presented {
+    id: SpiffeId,
+    serial: String,
+    public_key: Vec<u8>,
+    enroll_only: bool,
+}
+
+fn presented(der: &CertificateDer<'_>) -> Result<Presented, Box<Reply>> {
     let unusable = |why: &str| {
         Box::new(error(
             StatusCode::FORBIDDEN,
             "not_an_svid",
             format!(
-                "the client certificate {why}: renew with the current X.509-SVID, or enroll again"
+                "the client certificate {why}: present the current X.509-SVID (renew) or an enrollment certificate (enroll)"
             ),
         ))
     };
@@ -442,17 +554,58 @@ fn svid_credential(der: &CertificateDer<'_>) -> Result<Credential<'static>, Box<
         return Err(unusable("does not carry exactly one URI SAN"));
     };
     let id = SpiffeId::parse(uri).map_err(|_| unusable("has no valid SPIFFE ID"))?;
-    Ok(Credential::Svid {
+    let enroll_only = x.extended_key_usage().ok().flatten().is_some_and(|e| {
+        !e.value.client_auth
+            && e.value
+                .other
+                .iter()
+                .any(|o| o.as_bytes() == profile::ENROLL_EKU_OID)
+    });
+    Ok(Presented {
         id,
         serial: hex::encode(x.raw_serial()),
         public_key: x.public_key().subject_public_key.data.to_vec(),
+        enroll_only,
     })
+}
+
+/// The renewal credential: a presented SVID (never an enrollment certificate).
+fn svid_credential(der: &CertificateDer<'_>) -> Result<Credential<'static>, Box<Reply>> {
+    let p = presented(der)?;
+    if p.enroll_only || profile::enrollment_target(&p.id).is_some() {
+        return Err(Box::new(error(
+            StatusCode::FORBIDDEN,
+            "enrollment_certificate",
+            "an enrollment certificate only enrolls (POST /v1/enroll with {\"csr\"}); renew with the SVID it got you",
+        )));
+    }
+    Ok(Credential::Svid {
+        id: p.id,
+        serial: p.serial,
+        public_key: p.public_key,
+    })
+}
+
+/// The enrollment credential: a presented enrollment certificate, for the identity it is bound to.
+fn enrollment_credential(der: &CertificateDer<'_>) -> Result<Credential<'static>, Box<Reply>> {
+    let p = presented(der)?;
+    match profile::enrollment_target(&p.id) {
+        Some(id) if p.enroll_only => Ok(Credential::EnrollmentCert {
+            id,
+            serial: p.serial,
+        }),
+        _ => Err(Box::new(error(
+            StatusCode::FORBIDDEN,
+            "not_an_enrollment_certificate",
+            "enroll with a join token (`token`) or an enrollment certificate from `ca enrollment issue`; an SVID renews (POST /v1/renew)",
+        ))),
+    }
 }
 
 /// A [`Credential`] that owns its token, to move into a blocking task.
 enum OwnedCredential {
     Token(String),
-    Svid(Credential<'static>),
+    Cert(Credential<'static>),
 }
 
 /// Signs `csr` in a blocking task with `owned` as the credential, and answers.
@@ -460,7 +613,7 @@ async fn issue(state: Arc<State>, peer: SocketAddr, csr: String, owned: OwnedCre
     let res = blocking(move || {
         let credential = match &owned {
             OwnedCredential::Token(t) => Credential::JoinToken(t),
-            OwnedCredential::Svid(c) => c.clone(),
+            OwnedCredential::Cert(c) => c.clone(),
         };
         let peer = peer.to_string();
         let kind = credential.kind();

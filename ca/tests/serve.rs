@@ -587,3 +587,96 @@ async fn get_with(
     let body = resp.into_body().collect().await.expect("body").to_bytes();
     (status, body, etag)
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn enrollment_certificate_enrolls_as_its_bound_id_only() {
+    let sb = Sandbox::new();
+    init(&sb);
+    let id = format!("{TD}/ecs-task");
+    let out: serde_json::Value = serde_json::from_str(&sb.ok(&[
+        "--format",
+        "json",
+        "enrollment",
+        "issue",
+        "--dir",
+        "ca",
+        "--spiffe-id",
+        &id,
+        "--out",
+        "enroll",
+    ]))
+    .expect("json");
+    assert_eq!(
+        out["enrollment_id"],
+        format!("{TD}/gatehouse/enroll/ecs-task")
+    );
+    let enroll_serial = out["serial"].as_str().expect("serial").to_owned();
+    let chain = std::fs::read_to_string(sb.path("enroll/cert.pem")).expect("cert");
+    let key = KeyPair::from_pem(&std::fs::read_to_string(sb.path("enroll/key.pem")).expect("key"))
+        .expect("key pem");
+    let srv = serve(&sb, &[]);
+
+    // No token, no certificate: told what to send.
+    let body = json!({"csr": csr(&KeyPair::generate().expect("key"))});
+    let (s, b) = call(
+        &sb,
+        srv.addr,
+        None,
+        "POST",
+        "/v1/enroll",
+        Some(body.clone()),
+    )
+    .await;
+    err(s, &b, 401, "no_credential");
+    // The enrollment certificate as the client certificate, `{"csr"}` alone.
+    let (s, b) = call(
+        &sb,
+        srv.addr,
+        Some((&chain, &key)),
+        "POST",
+        "/v1/enroll",
+        Some(body),
+    )
+    .await;
+    let r = ok_cert(s, &b);
+    assert_eq!(r.spiffe_id, id);
+    assert_eq!(verified(&r).spiffe_id.as_deref(), Some(id.as_str()));
+    let rows = inventory(&sb);
+    let row = rows
+        .iter()
+        .find(|row| row["serial"] == r.serial)
+        .expect("row");
+    assert_eq!(row["credential"], "enrollment_certificate");
+    // It does not renew, and an SVID does not enroll.
+    let new_key = KeyPair::generate().expect("key");
+    let (s, b) = renew(&sb, srv.addr, &chain, &key, &new_key).await;
+    err(s, &b, 403, "enrollment_certificate");
+    let body = json!({"csr": csr(&new_key)});
+    let svid_key = KeyPair::generate().expect("key");
+    let t = token(&sb, &format!("{TD}/other"), &[]);
+    let (s, b) = enroll(&sb, srv.addr, &t, &csr(&svid_key)).await;
+    let svid = ok_cert(s, &b);
+    let (s, b) = call(
+        &sb,
+        srv.addr,
+        Some((&svid.cert_chain, &svid_key)),
+        "POST",
+        "/v1/enroll",
+        Some(body.clone()),
+    )
+    .await;
+    err(s, &b, 403, "not_an_enrollment_certificate");
+    // Revoked: refused, nothing issued.
+    sb.ok(&["revoke", "--dir", "ca", "--serial", &enroll_serial]);
+    let (s, b) = call(
+        &sb,
+        srv.addr,
+        Some((&chain, &key)),
+        "POST",
+        "/v1/enroll",
+        Some(body),
+    )
+    .await;
+    err(s, &b, 403, "revoked");
+    assert_eq!(enrolled_rows(&sb), 2);
+}

@@ -179,6 +179,11 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Enrollment certificates: long-lived, enroll-only credentials for `ca serve`.
+    Enrollment {
+        #[command(subcommand)]
+        command: EnrollmentCommand,
+    },
     /// Serve the CA over HTTPS: enrollment, renewal, bundle and CRL (see ca/README.md).
     ///
     /// Prints `listening on ADDR` once it accepts. Its own certificate is the SVID
@@ -197,6 +202,30 @@ enum Command {
         /// DNS name to add to the serving certificate (repeatable), for clients that check one.
         #[arg(long)]
         dns: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum EnrollmentCommand {
+    /// Issue an enrollment certificate bound to one SPIFFE ID into a certificate directory.
+    ///
+    /// Its URI SAN is spiffe://<td>/gatehouse/enroll/<path> and its only extended key usage is
+    /// Gatehouse's enroll-only OID, so sidecars refuse it for traffic. Presented to `ca serve`
+    /// as the TLS client certificate with `{"csr"}`, it enrolls as --spiffe-id. Writes
+    /// OUT/cert.pem, OUT/key.pem (0600) and OUT/bundle.pem; revoke it with `ca revoke --serial`.
+    Issue {
+        /// CA directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The identity its enrollments receive.
+        #[arg(long)]
+        spiffe_id: String,
+        /// Certificate directory to write (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+        /// Lifetime of the enrollment certificate.
+        #[arg(long, default_value = "2160h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
     },
 }
 
@@ -318,6 +347,15 @@ fn run(cli: &Cli) -> Result<ExitCode, CaError> {
                     uses,
                 },
         } => token_create(dir, spiffe_id, *ttl, *uses, json),
+        Command::Enrollment {
+            command:
+                EnrollmentCommand::Issue {
+                    dir,
+                    spiffe_id,
+                    out,
+                    ttl,
+                },
+        } => enrollment_issue(dir, spiffe_id, out, *ttl, json),
         Command::Serve {
             dir,
             listen,
@@ -347,6 +385,35 @@ fn token_create(
             t.spiffe_id,
             rfc3339(t.expires),
             t.uses
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn enrollment_issue(
+    dir: &Path,
+    spiffe_id: &str,
+    out: &Path,
+    ttl: Duration,
+    json: bool,
+) -> Result<ExitCode, CaError> {
+    let ca = Authority::open(dir)?;
+    let bound = parse_id(spiffe_id)?;
+    check_out_dir(out)?;
+    let cert = ca.issue_enrollment(&bound, ttl)?;
+    cert.write_to(out)?;
+    if json {
+        print_json(&json!({
+            "spiffe_id": bound.as_str(), "enrollment_id": cert.spiffe_id.as_str(), "serial": cert.serial_hex,
+            "not_after": rfc3339(cert.not_after), "out": out,
+        }));
+    } else {
+        println!("enrollment certificate for {bound} ({})", cert.spiffe_id);
+        println!("  serial     {}", cert.serial_hex);
+        println!("  not after  {}", rfc3339(cert.not_after));
+        println!(
+            "  wrote      {}/{{cert.pem,key.pem,bundle.pem}}",
+            out.display()
         );
     }
     Ok(ExitCode::SUCCESS)
@@ -891,6 +958,7 @@ fn help(e: &CaError) -> Option<String> {
         CaError::NothingToRetire => "run `ca root rotate` first; `root retire` drops the roots that rotation superseded".into(),
         CaError::RootInUse { .. } => "re-issue them (`ca rotate --dir <dir> <outdir>...`) or wait until they expire; `--force` retires anyway and they stop verifying".into(),
         CaError::TokenUnknown | CaError::TokenExpired { .. } | CaError::TokenUsed => "create a new join token with `ca token create --dir <dir> --spiffe-id <id>`".into(),
+        CaError::ReservedPath { .. } => "pass the workload's own SPIFFE ID, e.g. spiffe://<td>/payments".into(),
         CaError::NotRotatable { .. } => "the directory must hold cert.pem and key.pem written by `ca issue` from this CA".into(),
         _ => return None,
     })
