@@ -113,8 +113,13 @@ impl Authority {
         let mut params = self.svid_params(&enroll_id, &[], ttl)?;
         profile::make_enroll_only(&mut params);
         let signed = self.sign_leaf(params, &key, Source::Enrollment, true, None)?;
+        self.svid(enroll_id, &key, signed)
+    }
+
+    /// An [`Svid`] from a signature and its key, with the current bundle.
+    fn svid(&self, spiffe_id: SpiffeId, key: &KeyPair, signed: Signed) -> Result<Svid, CaError> {
         Ok(Svid {
-            spiffe_id: enroll_id,
+            spiffe_id,
             cert_pem: signed.chain_pem,
             key_pem: key.serialize_pem(),
             bundle_pem: self.bundle_pem()?,
@@ -135,16 +140,7 @@ impl Authority {
     ) -> Result<Svid, CaError> {
         let params = self.svid_params(&req.spiffe_id, &req.dns, req.ttl)?;
         let signed = self.sign_leaf(params, key, source, true, replaces)?;
-        Ok(Svid {
-            spiffe_id: req.spiffe_id.clone(),
-            cert_pem: signed.chain_pem,
-            key_pem: key.serialize_pem(),
-            bundle_pem: self.bundle_pem()?,
-            serial_hex: signed.serial_hex,
-            not_before: signed.not_before,
-            not_after: signed.not_after,
-            sha256_hex: signed.sha256_hex,
-        })
+        self.svid(req.spiffe_id.clone(), key, signed)
     }
 
     /// Checks an SVID request against the CA's rules and builds the profile parameters.

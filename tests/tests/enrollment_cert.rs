@@ -5,35 +5,21 @@
 use std::time::Duration;
 
 use gatehouse_ca::SpiffeId;
-use gatehouse_tests::harness::{CertDir, FakeApp, MtlsClient, Pki, Proto, Sidecar};
-
-const TD: &str = "fintech.internal";
-const MONOLITH: &str = "spiffe://fintech.internal/monolith";
-const REPORTS: &str = "spiffe://fintech.internal/report-service";
-const POLICY: &str = r#"
-version = 1
-trust_domain = "fintech.internal"
-
-[identities]
-report-service = "spiffe://fintech.internal/report-service"
-
-[[route]]
-name    = "report data export"
-methods = ["GET"]
-path    = "/api/data/reports"
-allow   = ["report-service"]
-"#;
+use gatehouse_tests::harness::{
+    CertDir, FINTECH_TD, FakeApp, MONOLITH_ID, MtlsClient, Pki, Proto, REPORT_EXPORT_POLICY,
+    REPORT_SERVICE_ID, Sidecar,
+};
 
 #[tokio::test]
 async fn sidecar_refuses_an_enrollment_certificate_for_traffic() {
-    let pki = Pki::new(TD);
+    let pki = Pki::new(FINTECH_TD);
     let app = FakeApp::start().await;
-    let server = pki.issue(MONOLITH);
-    let sidecar = Sidecar::inbound(&server, app.addr(), POLICY)
+    let server = pki.issue(MONOLITH_ID);
+    let sidecar = Sidecar::inbound(&server, app.addr(), REPORT_EXPORT_POLICY)
         .spawn()
         .await
         .expect("sidecar starts");
-    let bound = SpiffeId::parse(REPORTS).expect("id");
+    let bound = SpiffeId::parse(REPORT_SERVICE_ID).expect("id");
     let enrollment = pki
         .authority()
         .issue_enrollment(&bound, Duration::from_secs(3600))
@@ -44,7 +30,7 @@ async fn sidecar_refuses_an_enrollment_certificate_for_traffic() {
     enrollment.write_to(&dir.dir).expect("write");
     let addr = sidecar.inbound_addr();
 
-    let svid = MtlsClient::new(&pki.issue(REPORTS));
+    let svid = MtlsClient::new(&pki.issue(REPORT_SERVICE_ID));
     let r = svid.get(addr, Proto::H1, "/api/data/reports").await;
     assert!(r.is_ok(), "control: the SVID is served, got {r:?}");
     let seen = app.count();
