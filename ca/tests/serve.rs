@@ -519,8 +519,14 @@ async fn bundle_and_crl_with_etags() {
     let (s, b) = call(&sb, srv.addr, None, "GET", "/v2/enroll", None).await;
     err(s, &b, 404, "not_found");
     let big = json!({"csr": "x".repeat(100_000), "token": t});
-    let (s, b) = call(&sb, srv.addr, None, "POST", "/v1/enroll", Some(big)).await;
-    err(s, &b, 413, "body_too_large");
+    // The server answers 413 from the declared length without reading the body; a client still
+    // writing it may see the connection close first (broken pipe) instead of the answer.
+    match try_call(&sb, srv.addr, None, "POST", "/v1/enroll", Some(big)).await {
+        Ok((s, b)) => {
+            err(s, &b, 413, "body_too_large");
+        }
+        Err(e) => assert!(e.contains("BodyWrite"), "{e}"),
+    }
     let (s, b) = call(
         &sb,
         srv.addr,
