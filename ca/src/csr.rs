@@ -6,12 +6,14 @@
 //! line, never copied from the request.
 
 use std::path::Path;
+use std::time::Duration;
 
-use rcgen::CertificateSigningRequestParams;
+use rcgen::{CertificateSigningRequestParams, PublicKeyData};
 use rustls_pki_types::CertificateSigningRequestDer;
 use time::OffsetDateTime;
 
 use crate::inventory::Source;
+use crate::issue::Provenance;
 use crate::{Authority, CaError, IssueRequest, SpiffeId};
 
 /// A certificate signed from a CSR (no private key: the workload holds it).
@@ -47,6 +49,110 @@ impl Authority {
         let signed = self.sign_leaf(params, &parsed.public_key, Source::Sign, true, None)?;
         Ok(SignedCert {
             spiffe_id: req.spiffe_id.clone(),
+            cert_pem: signed.chain_pem,
+            serial_hex: signed.serial_hex,
+            not_after: signed.not_after,
+            sha256_hex: signed.sha256_hex,
+        })
+    }
+}
+
+/// The credential an online request (`ca serve`) was authenticated with. The SPIFFE ID of the
+/// certificate always comes from here, never from the CSR.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Credential<'a> {
+    /// A join token: one use is spent, and the identity is the token's, under the same hold of
+    /// the directory lock as the signature.
+    JoinToken(&'a str),
+    /// An enrollment certificate presented as the TLS client certificate (already verified for
+    /// the enroll-only EKU by the TLS layer): the identity is the one it is bound to; its serial
+    /// is re-checked against the revocations under the lock.
+    EnrollmentCert {
+        /// The identity it is bound to ([`crate::profile::enrollment_target`]).
+        id: SpiffeId,
+        /// Its serial, lowercase hex.
+        serial: String,
+    },
+    /// The requester's current SVID (renewal), already verified by the TLS layer: the identity is
+    /// its URI SAN; its serial is re-checked against the revocations under the lock, and the CSR
+    /// must carry a different key.
+    Svid {
+        /// The URI SAN of the presented certificate.
+        id: SpiffeId,
+        /// Its serial, lowercase hex.
+        serial: String,
+        /// Its raw subject public key (the BIT STRING content of the SPKI).
+        public_key: Vec<u8>,
+    },
+}
+
+impl Credential<'_> {
+    /// The kind recorded in the inventory (`join_token`, `enrollment_certificate`, `svid`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::JoinToken(_) => "join_token",
+            Self::EnrollmentCert { .. } => "enrollment_certificate",
+            Self::Svid { .. } => "svid",
+        }
+    }
+}
+
+impl Authority {
+    /// Signs a CSR received by `ca serve`: verifies its signature, takes the identity from
+    /// `credential` (see [`Credential`]), issues a normal SVID (no DNS SANs, lifetime `ttl`) and
+    /// records the credential kind and `peer` in the inventory. A refused credential writes
+    /// nothing and issues nothing.
+    ///
+    /// # Errors
+    /// [`CaError::MalformedCsr`], [`CaError::CsrSignature`], [`CaError::TokenUnknown`],
+    /// [`CaError::TokenExpired`], [`CaError::TokenUsed`], [`CaError::RenewSameKey`],
+    /// [`CaError::Revoked`], and the errors of [`Authority::issue`].
+    pub fn sign_csr_online(
+        &self,
+        csr: &[u8],
+        credential: &Credential<'_>,
+        ttl: Duration,
+        peer: &str,
+    ) -> Result<SignedCert, CaError> {
+        let parsed = parse_csr(csr, Path::new("request body"))?;
+        if let Credential::Svid { public_key, .. } = credential
+            && parsed.public_key.der_bytes() == public_key.as_slice()
+        {
+            return Err(CaError::RenewSameKey);
+        }
+        let _lock = self.lock()?;
+        let (id, source) = match credential {
+            Credential::JoinToken(token) => {
+                // Check the profile first so a token is never spent on a request we then refuse.
+                (self.peek_token_locked(token)?, Source::Enroll)
+            }
+            Credential::Svid { id, serial, .. } | Credential::EnrollmentCert { id, serial } => {
+                if self.revoked_serials()?.contains(serial) {
+                    return Err(CaError::Revoked {
+                        serial: serial.clone(),
+                    });
+                }
+                let source = match credential {
+                    Credential::Svid { .. } => Source::Renew,
+                    _ => Source::Enroll,
+                };
+                (id.clone(), source)
+            }
+        };
+        let params = self.svid_params(&id, &[], ttl)?;
+        if let Credential::JoinToken(token) = credential {
+            self.spend_token_locked(token)?;
+        }
+        let how = Provenance {
+            source,
+            replaces: None,
+            credential: Some(credential.kind()),
+            peer: Some(peer),
+        };
+        let signed = self.sign_leaf_locked(params, &parsed.public_key, &how, true)?;
+        Ok(SignedCert {
+            spiffe_id: id,
             cert_pem: signed.chain_pem,
             serial_hex: signed.serial_hex,
             not_after: signed.not_after,

@@ -156,6 +156,33 @@ pub enum CaError {
         /// Why.
         detail: String,
     },
+    /// A join token that this CA never issued (or that was pruned after expiring).
+    #[error("unknown join token")]
+    TokenUnknown,
+    /// A join token past its expiry.
+    #[error("the join token expired at {expired}")]
+    TokenExpired {
+        /// RFC 3339.
+        expired: String,
+    },
+    /// A join token whose uses are spent.
+    #[error("the join token was already used")]
+    TokenUsed,
+    /// An enrollment certificate asked for an identity under `/gatehouse/` (the CA's own).
+    #[error("{id} is under /gatehouse/, reserved for the CA's own identities")]
+    ReservedPath {
+        /// The requested identity.
+        id: SpiffeId,
+    },
+    /// A renewal whose CSR carries the key of the certificate being renewed.
+    #[error("the CSR carries the same public key as the certificate being renewed")]
+    RenewSameKey,
+    /// A renewal with a revoked certificate.
+    #[error("certificate serial {serial} is revoked")]
+    Revoked {
+        /// The serial, hex.
+        serial: String,
+    },
 }
 
 /// ` (resolves to X)` when the path given is not where it lands.
@@ -181,6 +208,12 @@ impl CaError {
                 | Self::NothingToRetire
                 | Self::NotRotatable { .. }
                 | Self::OutputInsideCa { .. }
+                | Self::TokenUnknown
+                | Self::TokenExpired { .. }
+                | Self::TokenUsed
+                | Self::RenewSameKey
+                | Self::ReservedPath { .. }
+                | Self::Revoked { .. }
         )
     }
 

@@ -36,6 +36,14 @@ pub enum Source {
     Rotate,
     /// [`Authority::sign_custom`]: outside the SVID profile (test fixtures, tooling).
     Custom,
+    /// `ca serve`, `POST /v1/enroll`: from a CSR, identity from a bootstrap credential.
+    Enroll,
+    /// `ca serve`, `POST /v1/renew`: from a CSR, over mTLS with the current SVID.
+    Renew,
+    /// `ca enrollment issue`: an enroll-only certificate (no serverAuth/clientAuth).
+    Enrollment,
+    /// `ca serve`'s own serving certificate (`spiffe://<td>/gatehouse/ca`, key in memory).
+    Serve,
 }
 
 /// One line of the ledger.
@@ -73,6 +81,12 @@ pub struct Issued {
     /// For rotations: the serial this certificate replaces.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replaces: Option<String>,
+    /// For `ca serve` issuance: the credential kind (`join_token`, `svid`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
+    /// For `ca serve` issuance: the requesting address (`ip:port`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
 }
 
 /// A `revoked` line.

@@ -60,6 +60,14 @@ impl Svid {
     }
 }
 
+/// How a certificate came to be signed (the inventory line's provenance fields).
+pub(crate) struct Provenance<'a> {
+    pub source: Source,
+    pub replaces: Option<&'a str>,
+    pub credential: Option<&'a str>,
+    pub peer: Option<&'a str>,
+}
+
 /// A freshly signed certificate (internal result of [`Authority::sign_leaf`]).
 pub(crate) struct Signed {
     pub chain_pem: String,
@@ -80,6 +88,48 @@ impl Authority {
         self.issue_for_key(req, &key, Source::Issue, None)
     }
 
+    /// Issues an enrollment certificate for `bound` (see [`profile::ENROLL_EKU_OID`]): URI SAN
+    /// `spiffe://<td>/gatehouse/enroll/<path>`, only the enroll-only EKU, a new key. Presented
+    /// to `ca serve` as the TLS client certificate it enrolls as `bound`; the sidecars refuse it.
+    ///
+    /// # Errors
+    /// As [`Authority::issue`]; [`CaError::ReservedPath`] when `bound` is itself under
+    /// `/gatehouse/`.
+    pub fn issue_enrollment(&self, bound: &SpiffeId, ttl: Duration) -> Result<Svid, CaError> {
+        if bound.path().starts_with("/gatehouse/") {
+            return Err(CaError::ReservedPath { id: bound.clone() });
+        }
+        let enroll_id = SpiffeId::parse(&format!(
+            "spiffe://{}{}{}",
+            bound.trust_domain_str(),
+            profile::ENROLL_PREFIX,
+            bound.path()
+        ))
+        .map_err(|source| CaError::InvalidId {
+            input: bound.as_str().to_owned(),
+            source,
+        })?;
+        let key = self.key_type().generate()?;
+        let mut params = self.svid_params(&enroll_id, &[], ttl)?;
+        profile::make_enroll_only(&mut params);
+        let signed = self.sign_leaf(params, &key, Source::Enrollment, true, None)?;
+        self.svid(enroll_id, &key, signed)
+    }
+
+    /// An [`Svid`] from a signature and its key, with the current bundle.
+    fn svid(&self, spiffe_id: SpiffeId, key: &KeyPair, signed: Signed) -> Result<Svid, CaError> {
+        Ok(Svid {
+            spiffe_id,
+            cert_pem: signed.chain_pem,
+            key_pem: key.serialize_pem(),
+            bundle_pem: self.bundle_pem()?,
+            serial_hex: signed.serial_hex,
+            not_before: signed.not_before,
+            not_after: signed.not_after,
+            sha256_hex: signed.sha256_hex,
+        })
+    }
+
     /// [`Authority::issue`] with a given key (rotation with `--keep-key`), recording `source`.
     pub(crate) fn issue_for_key(
         &self,
@@ -90,16 +140,7 @@ impl Authority {
     ) -> Result<Svid, CaError> {
         let params = self.svid_params(&req.spiffe_id, &req.dns, req.ttl)?;
         let signed = self.sign_leaf(params, key, source, true, replaces)?;
-        Ok(Svid {
-            spiffe_id: req.spiffe_id.clone(),
-            cert_pem: signed.chain_pem,
-            key_pem: key.serialize_pem(),
-            bundle_pem: self.bundle_pem()?,
-            serial_hex: signed.serial_hex,
-            not_before: signed.not_before,
-            not_after: signed.not_after,
-            sha256_hex: signed.sha256_hex,
-        })
+        self.svid(req.spiffe_id.clone(), key, signed)
     }
 
     /// Checks an SVID request against the CA's rules and builds the profile parameters.
@@ -157,13 +198,30 @@ impl Authority {
     /// The one signing path: lock, load signer, check lifetime, unique serial, sign, record.
     pub(crate) fn sign_leaf(
         &self,
-        mut params: CertificateParams,
+        params: CertificateParams,
         public_key: &impl PublicKeyData,
         source: Source,
         enforce_ca_lifetime: bool,
         replaces: Option<&str>,
     ) -> Result<Signed, CaError> {
         let _lock = self.lock()?;
+        let how = Provenance {
+            source,
+            replaces,
+            credential: None,
+            peer: None,
+        };
+        self.sign_leaf_locked(params, public_key, &how, enforce_ca_lifetime)
+    }
+
+    /// [`Authority::sign_leaf`] for a caller that already holds the directory lock.
+    pub(crate) fn sign_leaf_locked(
+        &self,
+        mut params: CertificateParams,
+        public_key: &impl PublicKeyData,
+        how: &Provenance<'_>,
+        enforce_ca_lifetime: bool,
+    ) -> Result<Signed, CaError> {
         let state = self.state()?;
         let signer = self.signer(&state, state.current)?;
         if enforce_ca_lifetime && params.not_after > signer.not_after {
@@ -210,8 +268,10 @@ impl Authority {
                 sha256: sha256_hex.clone(),
                 issued_at: fmt_time(OffsetDateTime::now_utc()),
                 generation: signer.generation,
-                source,
-                replaces: replaces.map(str::to_owned),
+                source: how.source,
+                replaces: how.replaces.map(str::to_owned),
+                credential: how.credential.map(str::to_owned),
+                peer: how.peer.map(str::to_owned),
             }),
         )?;
         Ok(Signed {

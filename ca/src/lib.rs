@@ -9,6 +9,8 @@
 //!   [`rotate`] (re-issue certificate directories inside their renewal window),
 //!   [`revoke`] (revocation and CRLs), [`inventory`] (the append-only JSON-lines ledger),
 //!   [`inspect`] (what a certificate file says, and whether it verifies with webpki).
+//! - [`token`] (one-time join tokens), [`serve`] (`ca serve`, the HTTPS enrollment service) and
+//!   [`api`] (its JSON types, shared with enrollment clients).
 //! - [`store`]: atomic writes (temp file + rename), private keys 0600, and the versioned
 //!   certificate directory with its `..data` symlink swap.
 //!
@@ -18,6 +20,7 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod api;
 pub mod authority;
 pub mod csr;
 mod error;
@@ -27,7 +30,9 @@ pub mod issue;
 pub mod profile;
 pub mod revoke;
 pub mod rotate;
+pub mod serve;
 pub mod store;
+pub mod token;
 
 pub use authority::{Authority, InitOptions, KeyType};
 pub use error::CaError;

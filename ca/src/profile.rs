@@ -86,6 +86,50 @@ pub fn svid_params(
     Ok(params)
 }
 
+/// Path prefix of enrollment certificates: the one for `spiffe://<td>/<path>` carries the URI SAN
+/// `spiffe://<td>/gatehouse/enroll/<path>`, so even a verifier that ignored the EKU would not
+/// see the workload's identity.
+pub const ENROLL_PREFIX: &str = "/gatehouse/enroll";
+
+/// The enroll-only extended key usage, OID value bytes (DER without tag and length) of the UUID
+/// OID `2.25.147856376378846556861936914330026716225` (X.667; no registration needed). An
+/// enrollment certificate lists only this EKU, so webpki refuses it for serverAuth and
+/// clientAuth (`KeyUsage::client_auth()` requires clientAuth when an EKU is present): the
+/// sidecars refuse it for traffic; only `ca serve` accepts it, for `POST /v1/enroll`.
+pub const ENROLL_EKU_OID: &[u8] = &[
+    0x69, 0x81, 0xde, 0xbc, 0x8d, 0x8b, 0xd3, 0xb4, 0xea, 0xba, 0x95, 0xa1, 0xe2, 0xcf, 0xaf, 0xe9,
+    0xf8, 0xac, 0xd8, 0x41,
+];
+
+/// Turns SVID parameters into enrollment-certificate parameters: only [`ENROLL_EKU_OID`] as
+/// extended key usage.
+pub fn make_enroll_only(params: &mut CertificateParams) {
+    params.extended_key_usages = Vec::new();
+    let mut eku = vec![
+        0x30,
+        2 + ENROLL_EKU_OID.len() as u8,
+        0x06,
+        ENROLL_EKU_OID.len() as u8,
+    ];
+    eku.extend_from_slice(ENROLL_EKU_OID);
+    params
+        .custom_extensions
+        .push(rcgen::CustomExtension::from_oid_content(
+            &[2, 5, 29, 37],
+            eku,
+        ));
+}
+
+/// The SPIFFE ID an enrollment certificate's URI SAN stands for: `spiffe://<td>/<path>` for
+/// `spiffe://<td>/gatehouse/enroll/<path>`, `None` for any other ID.
+pub fn enrollment_target(uri: &SpiffeId) -> Option<SpiffeId> {
+    let rest = uri.path().strip_prefix(ENROLL_PREFIX)?;
+    if !rest.starts_with('/') || rest.len() < 2 {
+        return None;
+    }
+    SpiffeId::parse(&format!("spiffe://{}{rest}", uri.trust_domain_str())).ok()
+}
+
 /// Parameters of a CA certificate named `common_name`, constrained to `path_len` CAs below it.
 ///
 /// # Errors

@@ -206,6 +206,78 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// One-time join tokens for `ca serve` enrollment.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Enrollment certificates: long-lived, enroll-only credentials for `ca serve`.
+    Enrollment {
+        #[command(subcommand)]
+        command: EnrollmentCommand,
+    },
+    /// Serve the CA over HTTPS: enrollment, renewal, bundle and CRL (see ca/README.md).
+    ///
+    /// Prints `listening on ADDR` once it accepts. Its own certificate is the SVID
+    /// spiffe://<td>/gatehouse/ca, issued by itself at start (key in memory only) and renewed
+    /// after two thirds of its lifetime.
+    Serve {
+        /// CA directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Address to listen on, e.g. 0.0.0.0:8444 (port 0: any free port).
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// Lifetime of the SVIDs it issues (at most the CA's own lifetime).
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        svid_ttl: Duration,
+        /// DNS name to add to the serving certificate (repeatable), for clients that check one.
+        #[arg(long)]
+        dns: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum EnrollmentCommand {
+    /// Issue an enrollment certificate bound to one SPIFFE ID into a certificate directory.
+    ///
+    /// Its URI SAN is spiffe://<td>/gatehouse/enroll/<path> and its only extended key usage is
+    /// Gatehouse's enroll-only OID, so sidecars refuse it for traffic. Presented to `ca serve`
+    /// as the TLS client certificate with `{"csr"}`, it enrolls as --spiffe-id. Writes
+    /// OUT/cert.pem, OUT/key.pem (0600) and OUT/bundle.pem; revoke it with `ca revoke --serial`.
+    Issue {
+        /// CA directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The identity its enrollments receive.
+        #[arg(long)]
+        spiffe_id: String,
+        /// Certificate directory to write (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+        /// Lifetime of the enrollment certificate.
+        #[arg(long, default_value = "2160h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a join token bound to one SPIFFE ID; printed once, stored only as a SHA-256 hash.
+    Create {
+        /// CA directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The identity an enrollment with this token receives.
+        #[arg(long)]
+        spiffe_id: String,
+        /// How long the token can be used.
+        #[arg(long, default_value = "15m", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// How many enrollments it allows (at least 1).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+        uses: u32,
+    },
 }
 
 #[derive(Subcommand)]
@@ -306,7 +378,122 @@ fn run(cli: &Cli) -> Result<ExitCode, CaError> {
         ),
         Command::Crl { dir, out, ttl } => crl(dir, out, *ttl, json),
         Command::Bundle { dir, out } => bundle(dir, out, json),
+        Command::Token {
+            command:
+                TokenCommand::Create {
+                    dir,
+                    spiffe_id,
+                    ttl,
+                    uses,
+                },
+        } => token_create(dir, spiffe_id, *ttl, *uses, json),
+        Command::Enrollment {
+            command:
+                EnrollmentCommand::Issue {
+                    dir,
+                    spiffe_id,
+                    out,
+                    ttl,
+                },
+        } => enrollment_issue(dir, spiffe_id, out, *ttl, json),
+        Command::Serve {
+            dir,
+            listen,
+            svid_ttl,
+            dns,
+        } => serve(dir, *listen, *svid_ttl, dns),
     }
+}
+
+fn token_create(
+    dir: &Path,
+    spiffe_id: &str,
+    ttl: Duration,
+    uses: u32,
+    json: bool,
+) -> Result<ExitCode, CaError> {
+    let ca = Authority::open(dir)?;
+    let t = ca.create_token(&parse_id(spiffe_id)?, ttl, uses)?;
+    if json {
+        print_json(&json!({
+            "token": t.token, "spiffe_id": t.spiffe_id.as_str(), "expires": rfc3339(t.expires), "uses": t.uses,
+        }));
+    } else {
+        println!("{}", t.token);
+        eprintln!(
+            "join token for {} (expires {}, {} use(s)); it is shown only once",
+            t.spiffe_id,
+            rfc3339(t.expires),
+            t.uses
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn enrollment_issue(
+    dir: &Path,
+    spiffe_id: &str,
+    out: &Path,
+    ttl: Duration,
+    json: bool,
+) -> Result<ExitCode, CaError> {
+    let ca = Authority::open(dir)?;
+    let bound = parse_id(spiffe_id)?;
+    check_out_dir(&ca, out)?;
+    let cert = ca.issue_enrollment(&bound, ttl)?;
+    cert.write_to(out)?;
+    if json {
+        print_json(&json!({
+            "spiffe_id": bound.as_str(), "enrollment_id": cert.spiffe_id.as_str(), "serial": cert.serial_hex,
+            "not_after": rfc3339(cert.not_after), "out": out,
+        }));
+    } else {
+        println!("enrollment certificate for {bound} ({})", cert.spiffe_id);
+        println!("  serial     {}", cert.serial_hex);
+        println!("  not after  {}", rfc3339(cert.not_after));
+        println!(
+            "  wrote      {}/{{cert.pem,key.pem,bundle.pem}}",
+            out.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn serve(
+    dir: &Path,
+    listen: std::net::SocketAddr,
+    svid_ttl: Duration,
+    dns: &[String],
+) -> Result<ExitCode, CaError> {
+    let ca = Authority::open(dir)?;
+    gatehouse_ca::profile::check_dns_names(dns)?;
+    let io = |action| {
+        move |source| CaError::Io {
+            action,
+            path: PathBuf::from(listen.to_string()),
+            source,
+        }
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(io("cannot start the runtime for"))?;
+    rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(io("cannot listen on"))?;
+        let opts = gatehouse_ca::serve::ServeOptions {
+            svid_ttl,
+            dns: dns.to_vec(),
+        };
+        gatehouse_ca::serve::serve(ca, opts, listener, |addr| {
+            use std::io::Write;
+            println!("listening on {addr}");
+            let _ = std::io::stdout().flush();
+        })
+        .await
+    })?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn init(
@@ -877,6 +1064,8 @@ fn help(e: &CaError) -> Option<String> {
         CaError::UnknownReason { .. } => "use one of: unspecified, key-compromise, ca-compromise, affiliation-changed, superseded, cessation-of-operation, privilege-withdrawn".into(),
         CaError::NothingToRetire => "run `ca root rotate` first; `root retire` drops the roots that rotation superseded".into(),
         CaError::RootInUse { .. } => "re-issue them (`ca rotate --dir <dir> <outdir>...`) or wait until they expire; `--force` retires anyway and they stop verifying".into(),
+        CaError::TokenUnknown | CaError::TokenExpired { .. } | CaError::TokenUsed => "create a new join token with `ca token create --dir <dir> --spiffe-id <id>`".into(),
+        CaError::ReservedPath { .. } => "pass the workload's own SPIFFE ID, e.g. spiffe://<td>/payments".into(),
         CaError::NotRotatable { .. } => "the directory must hold cert.pem and key.pem written by `ca issue` from this CA".into(),
         CaError::OutputInsideCa { dir, .. } => format!(
             "write outputs outside {} (it holds only the CA's own keys and state), e.g. `--out ./crl.pem` or `--out ./certs/<service>` next to it",

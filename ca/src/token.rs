@@ -1,0 +1,168 @@
+//! One-time join tokens (`ca token create`, the `token` credential of `POST /v1/enroll`).
+//!
+//! A token is 256 random bits, printed once as `gh1_<64 hex>`. The CA directory keeps only its
+//! SHA-256 (in `tokens.json`, 0600, rewritten atomically under the directory lock) with the one
+//! SPIFFE ID it is bound to, its expiry and its remaining uses. Spending a use and signing the
+//! certificate happen under one hold of the lock ([`Authority::sign_csr_with_token`]), so two
+//! concurrent enrollments can never both spend the last use. Entries expired for more than a day
+//! are pruned on the next write; until then an expired or spent token is reported as such (the
+//! caller learns what to do) rather than as unknown.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+
+use crate::inventory::fmt_time;
+use crate::{Authority, CaError, SpiffeId, store};
+
+/// File name of the token store inside the CA directory.
+pub const TOKENS_FILE: &str = "tokens.json";
+/// Prefix of every join token (recognisable in logs and secret scanners).
+pub const TOKEN_PREFIX: &str = "gh1_";
+
+/// A newly created join token: the secret is only in this value.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct JoinToken {
+    /// The secret, `gh1_<64 hex>`.
+    pub token: String,
+    /// The identity an enrollment with it receives.
+    pub spiffe_id: SpiffeId,
+    /// When it stops working.
+    pub expires: OffsetDateTime,
+    /// How many enrollments it allows.
+    pub uses: u32,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenFile {
+    tokens: Vec<StoredToken>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StoredToken {
+    /// SHA-256 of the token string, lowercase hex.
+    sha256: String,
+    spiffe_id: String,
+    /// Unix seconds.
+    expires: i64,
+    uses_left: u32,
+}
+
+fn hash(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+impl Authority {
+    fn tokens_path(&self) -> PathBuf {
+        self.dir().join(TOKENS_FILE)
+    }
+
+    fn read_tokens(&self) -> Result<TokenFile, CaError> {
+        let path = self.tokens_path();
+        match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| CaError::Corrupt {
+                path,
+                detail: e.to_string(),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(TokenFile::default()),
+            Err(e) => Err(CaError::io("cannot read", &path)(e)),
+        }
+    }
+
+    fn write_tokens(&self, file: &mut TokenFile, now: i64) -> Result<(), CaError> {
+        file.tokens.retain(|t| t.expires + 86_400 > now);
+        let bytes = serde_json::to_vec_pretty(file).map_err(|e| CaError::Corrupt {
+            path: self.tokens_path(),
+            detail: e.to_string(),
+        })?;
+        store::write_atomic(&self.tokens_path(), &bytes, store::KEY_MODE)
+    }
+
+    /// Creates a join token for `id`, valid for `ttl` and `uses` enrollments.
+    ///
+    /// # Errors
+    /// [`CaError::ForeignTrustDomain`], [`CaError::ZeroTtl`] (also for `uses == 0`: a token that
+    /// can never be used), I/O errors.
+    pub fn create_token(
+        &self,
+        id: &SpiffeId,
+        ttl: Duration,
+        uses: u32,
+    ) -> Result<JoinToken, CaError> {
+        if !id.is_member_of(self.trust_domain()) {
+            return Err(CaError::ForeignTrustDomain {
+                id: id.clone(),
+                expected: self.trust_domain().clone(),
+            });
+        }
+        let ttl = time::Duration::try_from(ttl).map_err(|_| CaError::ZeroTtl)?;
+        if ttl <= time::Duration::ZERO || uses == 0 {
+            return Err(CaError::ZeroTtl);
+        }
+        let token = format!("{TOKEN_PREFIX}{}", hex::encode(store::random_bytes(32)?));
+        let now = OffsetDateTime::now_utc();
+        let expires = now + ttl;
+        let _lock = self.lock()?;
+        let mut file = self.read_tokens()?;
+        file.tokens.push(StoredToken {
+            sha256: hash(&token),
+            spiffe_id: id.as_str().to_owned(),
+            expires: expires.unix_timestamp(),
+            uses_left: uses,
+        });
+        self.write_tokens(&mut file, now.unix_timestamp())?;
+        Ok(JoinToken {
+            token,
+            spiffe_id: id.clone(),
+            expires,
+            uses,
+        })
+    }
+
+    /// The SPIFFE ID of a usable `token`, without spending it. The caller holds the lock.
+    pub(crate) fn peek_token_locked(&self, token: &str) -> Result<SpiffeId, CaError> {
+        let file = self.read_tokens()?;
+        self.check_token(&file, token).map(|(id, _)| id)
+    }
+
+    /// Spends one use of `token` and returns its SPIFFE ID. The caller holds the directory lock.
+    pub(crate) fn spend_token_locked(&self, token: &str) -> Result<SpiffeId, CaError> {
+        let mut file = self.read_tokens()?;
+        let (id, i) = self.check_token(&file, token)?;
+        file.tokens[i].uses_left -= 1;
+        self.write_tokens(&mut file, OffsetDateTime::now_utc().unix_timestamp())?;
+        Ok(id)
+    }
+
+    fn check_token(&self, file: &TokenFile, token: &str) -> Result<(SpiffeId, usize), CaError> {
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let h = hash(token);
+        let i = file
+            .tokens
+            .iter()
+            .position(|t| t.sha256 == h)
+            .ok_or(CaError::TokenUnknown)?;
+        let t = &file.tokens[i];
+        if t.expires <= now {
+            return Err(CaError::TokenExpired {
+                expired: OffsetDateTime::from_unix_timestamp(t.expires)
+                    .map(fmt_time)
+                    .unwrap_or_default(),
+            });
+        }
+        if t.uses_left == 0 {
+            return Err(CaError::TokenUsed);
+        }
+        let id = SpiffeId::parse(&t.spiffe_id).map_err(|e| CaError::Corrupt {
+            path: self.tokens_path(),
+            detail: e.to_string(),
+        })?;
+        Ok((id, i))
+    }
+}

@@ -1,0 +1,688 @@
+//! `ca serve` and `ca token create`, end to end: the real `ca` binary on 127.0.0.1 (port 0),
+//! real TLS 1.3 (rustls client trusting bundle.pem, the server's SVID carrying `--dns
+//! localhost`), CSRs made here with keys that never leave the test's memory.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use common::Sandbox;
+use gatehouse_ca::api::{CertResponse, ErrorResponse};
+use gatehouse_ca::inspect::{self, Inspection};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::{ClientConfig, RootCertStore};
+use serde_json::json;
+
+const TD: &str = "spiffe://serve.test";
+
+/// A running `ca serve`, killed on drop.
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn init(sb: &Sandbox) {
+    sb.ok(&["init", "--dir", "ca", "--trust-domain", "serve.test"]);
+}
+
+fn serve(sb: &Sandbox, extra: &[&str]) -> Server {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ca"))
+        .args([
+            "serve",
+            "--dir",
+            "ca",
+            "--listen",
+            "127.0.0.1:0",
+            "--dns",
+            "localhost",
+        ])
+        .args(extra)
+        .current_dir(sb.tmp.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn ca serve");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("read stdout");
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .parse()
+        .expect("address");
+    Server { child, addr }
+}
+
+fn token(sb: &Sandbox, id: &str, extra: &[&str]) -> String {
+    let mut args = vec![
+        "--format",
+        "json",
+        "token",
+        "create",
+        "--dir",
+        "ca",
+        "--spiffe-id",
+        id,
+    ];
+    args.extend_from_slice(extra);
+    let out: serde_json::Value = serde_json::from_str(&sb.ok(&args)).expect("json");
+    assert_eq!(out["spiffe_id"], id);
+    assert!(out["expires"].is_string());
+    out["token"].as_str().expect("token").to_owned()
+}
+
+fn csr(key: &KeyPair) -> String {
+    CertificateParams::new(Vec::<String>::new())
+        .expect("params")
+        .serialize_request(key)
+        .expect("csr")
+        .pem()
+        .expect("pem")
+}
+
+/// A TLS 1.3 client configuration trusting the CA's bundle.pem.
+fn client_builder(
+    sb: &Sandbox,
+) -> rustls::ConfigBuilder<ClientConfig, rustls::client::WantsClientCert> {
+    let mut roots = RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(sb.path("ca/bundle.pem")).expect("bundle") {
+        roots.add(c.expect("pem")).expect("root");
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("tls13")
+        .with_root_certificates(roots)
+}
+
+/// One HTTPS request (HTTP/1.1), optionally with a client certificate (chain PEM, key).
+async fn call(
+    sb: &Sandbox,
+    addr: SocketAddr,
+    client: Option<(&str, &KeyPair)>,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> (u16, Bytes) {
+    try_call(sb, addr, client, method, path, body)
+        .await
+        .expect("request")
+}
+
+/// [`call`], returning transport errors (handshake alerts) as text.
+async fn try_call(
+    sb: &Sandbox,
+    addr: SocketAddr,
+    client: Option<(&str, &KeyPair)>,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> Result<(u16, Bytes), String> {
+    let builder = client_builder(sb);
+    let config = match client {
+        Some((chain, key)) => builder
+            .with_client_auth_cert(
+                CertificateDer::pem_slice_iter(chain.as_bytes())
+                    .collect::<Result<_, _>>()
+                    .expect("chain"),
+                PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes()).expect("key"),
+            )
+            .expect("client cert"),
+        None => builder.with_no_client_auth(),
+    };
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").expect("name"), tcp)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .map_err(|e| format!("http handshake: {e:?}"))?;
+    let conn = tokio::spawn(conn);
+    let req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "localhost")
+        .body(Full::new(Bytes::from(
+            body.map(|b| b.to_string()).unwrap_or_default(),
+        )))
+        .expect("request");
+    let resp = match send.send_request(req).await {
+        Ok(r) => r,
+        Err(e) => {
+            let why = conn.await.map(|r| r.map_err(|c| format!("{c:?}")));
+            return Err(format!("request: {e:?}; connection: {why:?}"));
+        }
+    };
+    let status = resp.status().as_u16();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("body: {e:?}"))?;
+    Ok((status, body.to_bytes()))
+}
+
+async fn enroll(sb: &Sandbox, addr: SocketAddr, token: &str, csr_pem: &str) -> (u16, Bytes) {
+    call(
+        sb,
+        addr,
+        None,
+        "POST",
+        "/v1/enroll",
+        Some(json!({"csr": csr_pem, "token": token})),
+    )
+    .await
+}
+
+/// `POST /v1/renew` over mTLS with (`chain`, `key`), asking for `new_key`.
+async fn renew(
+    sb: &Sandbox,
+    addr: SocketAddr,
+    chain: &str,
+    key: &KeyPair,
+    new_key: &KeyPair,
+) -> (u16, Bytes) {
+    let body = json!({"csr": csr(new_key)});
+    call(
+        sb,
+        addr,
+        Some((chain, key)),
+        "POST",
+        "/v1/renew",
+        Some(body),
+    )
+    .await
+}
+
+fn ok_cert(status: u16, body: &Bytes) -> CertResponse {
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(body));
+    serde_json::from_slice(body).expect("CertResponse")
+}
+
+fn err(status: u16, body: &Bytes, want_status: u16, code: &str) -> ErrorResponse {
+    assert_eq!(status, want_status, "{}", String::from_utf8_lossy(body));
+    let e: ErrorResponse = serde_json::from_slice(body).expect("ErrorResponse");
+    assert_eq!(e.error, code, "{e:?}");
+    assert!(!e.message.is_empty());
+    e
+}
+
+/// The chain verified with webpki against the bundle the CA answered.
+fn verified(r: &CertResponse) -> Inspection {
+    let i = inspect::inspect_pem(
+        &r.cert_chain,
+        Path::new("cert_chain"),
+        Some((&r.bundle, Path::new("bundle"))),
+        time::OffsetDateTime::now_utc(),
+    )
+    .expect("inspect");
+    assert_eq!(i.verified, Some(true), "{:?}", i.verify_error);
+    i
+}
+
+fn inventory(sb: &Sandbox) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(sb.path("ca/inventory.jsonl"))
+        .expect("inventory")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("line"))
+        .collect()
+}
+
+fn enrolled_rows(sb: &Sandbox) -> usize {
+    inventory(sb)
+        .iter()
+        .filter(|r| r["source"] == "enroll")
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn token_enrollment_issues_the_tokens_identity_once() {
+    let sb = Sandbox::new();
+    init(&sb);
+    let id = format!("{TD}/payments");
+    let t = token(&sb, &id, &[]);
+    assert!(
+        !std::fs::read_to_string(sb.path("ca/tokens.json"))
+            .expect("tokens")
+            .contains(&t)
+    );
+    let srv = serve(&sb, &[]);
+
+    // A CSR asking for another identity, CA:TRUE and extra SANs: only its key is used.
+    let key = KeyPair::generate().expect("key");
+    let mut params = CertificateParams::new(vec!["evil.example".to_owned()]).expect("params");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params
+        .subject_alt_names
+        .push(SanType::URI(format!("{TD}/admin").try_into().expect("uri")));
+    let evil = params
+        .serialize_request(&key)
+        .expect("csr")
+        .pem()
+        .expect("pem");
+    let (s, b) = enroll(&sb, srv.addr, &t, &evil).await;
+    let r = ok_cert(s, &b);
+    assert_eq!(r.spiffe_id, id);
+    let i = verified(&r);
+    assert_eq!(i.spiffe_id.as_deref(), Some(id.as_str()));
+    assert_eq!(i.uri_sans, vec![id.clone()]);
+    assert!(i.dns.is_empty() && !i.is_ca, "{i:?}");
+    let left = i.seconds_left;
+    assert!(
+        (3500..=3600).contains(&left),
+        "default lifetime 1h, {left}s left"
+    );
+    let row = inventory(&sb)
+        .into_iter()
+        .find(|row| row["serial"] == r.serial)
+        .expect("row");
+    assert_eq!(row["source"], "enroll");
+    assert_eq!(row["credential"], "join_token");
+    assert!(
+        row["peer"]
+            .as_str()
+            .expect("peer")
+            .starts_with("127.0.0.1:")
+    );
+
+    // Reused single-use token: refused, nothing issued.
+    let (s, b) = enroll(&sb, srv.addr, &t, &csr(&KeyPair::generate().expect("key"))).await;
+    let e = err(s, &b, 403, "token_used");
+    assert!(
+        e.message.contains("ca token create") || e.message.contains("new one"),
+        "{e:?}"
+    );
+    // Unknown token.
+    let (s, b) = enroll(&sb, srv.addr, "gh1_00", &csr(&key)).await;
+    err(s, &b, 401, "token_unknown");
+    // Garbage CSR with a valid token: refused, and the token is not spent.
+    let t2 = token(&sb, &id, &[]);
+    let (s, b) = enroll(&sb, srv.addr, &t2, "not a csr").await;
+    err(s, &b, 400, "bad_csr");
+    let (s, b) = enroll(&sb, srv.addr, &t2, &csr(&KeyPair::generate().expect("key"))).await;
+    ok_cert(s, &b);
+    assert_eq!(enrolled_rows(&sb), 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn expired_token_is_refused() {
+    let sb = Sandbox::new();
+    init(&sb);
+    let t = token(&sb, &format!("{TD}/late"), &["--ttl", "1s"]);
+    let srv = serve(&sb, &[]);
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    let (s, b) = enroll(&sb, srv.addr, &t, &csr(&KeyPair::generate().expect("key"))).await;
+    let e = err(s, &b, 401, "token_expired");
+    assert!(e.message.contains("new join token"), "{e:?}");
+    assert_eq!(enrolled_rows(&sb), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn renew_needs_current_svid_and_new_key() {
+    let sb = Sandbox::new();
+    init(&sb);
+    let id = format!("{TD}/reports");
+    let t = token(&sb, &id, &[]);
+    let srv = serve(&sb, &["--svid-ttl", "30s"]);
+    let key = KeyPair::generate().expect("key");
+    let (s, b) = enroll(&sb, srv.addr, &t, &csr(&key)).await;
+    let first = ok_cert(s, &b);
+    assert!(verified(&first).seconds_left <= 30);
+
+    // Without a client certificate.
+    let body = json!({"csr": csr(&KeyPair::generate().expect("key"))});
+    let (s, b) = call(&sb, srv.addr, None, "POST", "/v1/renew", Some(body.clone())).await;
+    err(s, &b, 401, "no_client_certificate");
+    // Same key as the current certificate.
+    let (s, b) = renew(&sb, srv.addr, &first.cert_chain, &key, &key).await;
+    err(s, &b, 400, "same_key");
+    // A new key: same identity, new serial.
+    let key2 = KeyPair::generate().expect("key");
+    let (s, b) = renew(&sb, srv.addr, &first.cert_chain, &key, &key2).await;
+    let second = ok_cert(s, &b);
+    assert_eq!(second.spiffe_id, id);
+    assert_ne!(second.serial, first.serial);
+    verified(&second);
+    let rows = inventory(&sb);
+    let row = rows
+        .iter()
+        .find(|r| r["serial"] == second.serial)
+        .expect("row");
+    assert_eq!(row["source"], "renew");
+    assert_eq!(row["credential"], "svid");
+
+    // Revoked after the server started: refused by the lock-side check.
+    sb.ok(&["revoke", "--dir", "ca", "--serial", &second.serial]);
+    let key3 = KeyPair::generate().expect("key");
+    let (s, b) = renew(&sb, srv.addr, &second.cert_chain, &key2, &key3).await;
+    err(s, &b, 403, "revoked");
+    assert_eq!(
+        inventory(&sb)
+            .iter()
+            .filter(|r| r["source"] == "renew")
+            .count(),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn renew_with_expired_svid_is_refused() {
+    let sb = Sandbox::new();
+    init(&sb);
+    let t = token(&sb, &format!("{TD}/short"), &[]);
+    let srv = serve(&sb, &["--svid-ttl", "2s"]);
+    let key = KeyPair::generate().expect("key");
+    let (s, b) = enroll(&sb, srv.addr, &t, &csr(&key)).await;
+    let first = ok_cert(s, &b);
+    tokio::time::sleep(std::time::Duration::from_millis(3100)).await;
+    // webpki refuses the expired client certificate in the handshake (TLS 1.3: the alert shows
+    // up on the first read); if it got through, the handler must refuse it. Nothing is issued.
+    let body = json!({"csr": csr(&KeyPair::generate().expect("key"))});
+    match try_call(
+        &sb,
+        srv.addr,
+        Some((&first.cert_chain, &key)),
+        "POST",
+        "/v1/renew",
+        Some(body),
+    )
+    .await
+    {
+        Ok((s, b)) => {
+            err(s, &b, 403, "expired");
+        }
+        Err(e) => assert!(e.contains("xpired"), "{e}"),
+    }
+    assert_eq!(
+        inventory(&sb)
+            .iter()
+            .filter(|r| r["source"] == "renew")
+            .count(),
+        0
+    );
+}
+
+/// Every file under `dir` that holds a PEM private key, except the CA's own keys (`*.key`).
+fn private_keys_under(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).expect("read_dir").flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                todo.push(p);
+            } else if p.extension().is_none_or(|x| x != "key")
+                && std::fs::read(&p)
+                    .is_ok_and(|b| String::from_utf8_lossy(&b).contains("PRIVATE KEY"))
+            {
+                found.push(p);
+            }
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fifty_concurrent_enrollments_get_distinct_serials_and_no_key_on_disk() {
+    let sb = Sandbox::new();
+    init(&sb);
+    let id = format!("{TD}/fleet");
+    // One token with exactly 50 uses: the 51st enrollment must be refused.
+    let t = token(&sb, &id, &["--uses", "50"]);
+    let srv = serve(&sb, &[]);
+    let sb = Arc::new(sb);
+    let tasks: Vec<_> = (0..51)
+        .map(|_| {
+            let (sb, t) = (Arc::clone(&sb), t.clone());
+            let addr = srv.addr;
+            tokio::spawn(async move {
+                let key = KeyPair::generate().expect("key");
+                enroll(&sb, addr, &t, &csr(&key)).await
+            })
+        })
+        .collect();
+    let mut serials = std::collections::HashSet::new();
+    let mut refused = 0;
+    for task in tasks {
+        let (s, b) = task.await.expect("task");
+        if s == 200 {
+            let r = ok_cert(s, &b);
+            assert_eq!(r.spiffe_id, id);
+            assert!(serials.insert(r.serial), "duplicate serial");
+        } else {
+            err(s, &b, 403, "token_used");
+            refused += 1;
+        }
+    }
+    assert_eq!((serials.len(), refused), (50, 1));
+    let rows = inventory(&sb);
+    let enrolled: std::collections::HashSet<_> = rows
+        .iter()
+        .filter(|r| r["source"] == "enroll")
+        .map(|r| r["serial"].as_str().expect("serial").to_owned())
+        .collect();
+    assert_eq!(enrolled, serials.iter().cloned().collect());
+    assert_eq!(enrolled_rows(&sb), 50);
+    // Workload keys live in the clients' memory; the server's own key too.
+    let keys = private_keys_under(sb.tmp.path());
+    assert!(keys.is_empty(), "private keys written: {keys:?}");
+    drop(srv);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bundle_and_crl_with_etags() {
+    let sb = Sandbox::new();
+    init(&sb);
+    let t = token(&sb, &format!("{TD}/crl"), &[]);
+    let srv = serve(&sb, &[]);
+    let bundle = std::fs::read_to_string(sb.path("ca/bundle.pem")).expect("bundle");
+    let (s, b) = call(&sb, srv.addr, None, "GET", "/v1/bundle", None).await;
+    assert_eq!((s, b.as_ref()), (200, bundle.as_bytes()));
+
+    let (s, crl1) = call(&sb, srv.addr, None, "GET", "/v1/crl", None).await;
+    assert_eq!(s, 200);
+    assert!(String::from_utf8_lossy(&crl1).contains("BEGIN X509 CRL"));
+    let etag = etag_of(&sb, srv.addr, "/v1/crl").await;
+    let (s, b) = call_if_none_match(&sb, srv.addr, "/v1/crl", &etag).await;
+    assert_eq!((s, b.len()), (304, 0));
+
+    // A revocation changes the CRL (and its ETag).
+    let (s, b) = enroll(&sb, srv.addr, &t, &csr(&KeyPair::generate().expect("key"))).await;
+    let r = ok_cert(s, &b);
+    sb.ok(&["revoke", "--dir", "ca", "--serial", &r.serial]);
+    let (s, _) = call_if_none_match(&sb, srv.addr, "/v1/crl", &etag).await;
+    assert_eq!(s, 200);
+    assert_ne!(etag_of(&sb, srv.addr, "/v1/crl").await, etag);
+
+    // Wrong method, unknown path, oversized and malformed bodies: 4xx JSON, nothing issued.
+    let (s, b) = call(&sb, srv.addr, None, "GET", "/v1/enroll", None).await;
+    err(s, &b, 405, "method_not_allowed");
+    let (s, b) = call(&sb, srv.addr, None, "GET", "/v2/enroll", None).await;
+    err(s, &b, 404, "not_found");
+    let big = json!({"csr": "x".repeat(100_000), "token": t});
+    // The server answers 413 from the declared length without reading the body; a client still
+    // writing it may see the connection close first (broken pipe) instead of the answer.
+    match try_call(&sb, srv.addr, None, "POST", "/v1/enroll", Some(big)).await {
+        Ok((s, b)) => {
+            err(s, &b, 413, "body_too_large");
+        }
+        Err(e) => assert!(e.contains("BodyWrite"), "{e}"),
+    }
+    let (s, b) = call(
+        &sb,
+        srv.addr,
+        None,
+        "POST",
+        "/v1/enroll",
+        Some(json!({"csr": 1})),
+    )
+    .await;
+    err(s, &b, 400, "bad_json");
+    assert_eq!(enrolled_rows(&sb), 1);
+}
+
+async fn etag_of(sb: &Sandbox, addr: SocketAddr, path: &str) -> String {
+    let (_, _, etag) = get_with(sb, addr, path, None).await;
+    etag.expect("etag")
+}
+
+async fn call_if_none_match(
+    sb: &Sandbox,
+    addr: SocketAddr,
+    path: &str,
+    etag: &str,
+) -> (u16, Bytes) {
+    let (s, b, _) = get_with(sb, addr, path, Some(etag)).await;
+    (s, b)
+}
+
+/// A GET over HTTP/2 (ALPN h2), returning status, body and ETag.
+async fn get_with(
+    sb: &Sandbox,
+    addr: SocketAddr,
+    path: &str,
+    if_none_match: Option<&str>,
+) -> (u16, Bytes, Option<String>) {
+    let mut config = client_builder(sb).with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").expect("name"), tcp)
+        .await
+        .expect("handshake");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    let (mut send, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(tls),
+    )
+    .await
+    .expect("h2 handshake");
+    tokio::spawn(conn);
+    let mut req = http::Request::builder().uri(format!("https://localhost{path}"));
+    if let Some(e) = if_none_match {
+        req = req.header("if-none-match", e);
+    }
+    let resp = send
+        .send_request(req.body(Full::new(Bytes::new())).expect("req"))
+        .await
+        .expect("response");
+    let status = resp.status().as_u16();
+    let etag = resp
+        .headers()
+        .get("etag")
+        .map(|v| v.to_str().expect("ascii").to_owned());
+    let body = resp.into_body().collect().await.expect("body").to_bytes();
+    (status, body, etag)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn enrollment_certificate_enrolls_as_its_bound_id_only() {
+    let sb = Sandbox::new();
+    init(&sb);
+    let id = format!("{TD}/ecs-task");
+    let out: serde_json::Value = serde_json::from_str(&sb.ok(&[
+        "--format",
+        "json",
+        "enrollment",
+        "issue",
+        "--dir",
+        "ca",
+        "--spiffe-id",
+        &id,
+        "--out",
+        "enroll",
+    ]))
+    .expect("json");
+    assert_eq!(
+        out["enrollment_id"],
+        format!("{TD}/gatehouse/enroll/ecs-task")
+    );
+    let enroll_serial = out["serial"].as_str().expect("serial").to_owned();
+    let chain = std::fs::read_to_string(sb.path("enroll/cert.pem")).expect("cert");
+    let key = KeyPair::from_pem(&std::fs::read_to_string(sb.path("enroll/key.pem")).expect("key"))
+        .expect("key pem");
+    let srv = serve(&sb, &[]);
+
+    // No token, no certificate: told what to send.
+    let body = json!({"csr": csr(&KeyPair::generate().expect("key"))});
+    let (s, b) = call(
+        &sb,
+        srv.addr,
+        None,
+        "POST",
+        "/v1/enroll",
+        Some(body.clone()),
+    )
+    .await;
+    err(s, &b, 401, "no_credential");
+    // The enrollment certificate as the client certificate, `{"csr"}` alone.
+    let (s, b) = call(
+        &sb,
+        srv.addr,
+        Some((&chain, &key)),
+        "POST",
+        "/v1/enroll",
+        Some(body),
+    )
+    .await;
+    let r = ok_cert(s, &b);
+    assert_eq!(r.spiffe_id, id);
+    assert_eq!(verified(&r).spiffe_id.as_deref(), Some(id.as_str()));
+    let rows = inventory(&sb);
+    let row = rows
+        .iter()
+        .find(|row| row["serial"] == r.serial)
+        .expect("row");
+    assert_eq!(row["credential"], "enrollment_certificate");
+    // It does not renew, and an SVID does not enroll.
+    let new_key = KeyPair::generate().expect("key");
+    let (s, b) = renew(&sb, srv.addr, &chain, &key, &new_key).await;
+    err(s, &b, 403, "enrollment_certificate");
+    let body = json!({"csr": csr(&new_key)});
+    let svid_key = KeyPair::generate().expect("key");
+    let t = token(&sb, &format!("{TD}/other"), &[]);
+    let (s, b) = enroll(&sb, srv.addr, &t, &csr(&svid_key)).await;
+    let svid = ok_cert(s, &b);
+    let (s, b) = call(
+        &sb,
+        srv.addr,
+        Some((&svid.cert_chain, &svid_key)),
+        "POST",
+        "/v1/enroll",
+        Some(body.clone()),
+    )
+    .await;
+    err(s, &b, 403, "not_an_enrollment_certificate");
+    // Revoked: refused, nothing issued.
+    sb.ok(&["revoke", "--dir", "ca", "--serial", &enroll_serial]);
+    let (s, b) = call(
+        &sb,
+        srv.addr,
+        Some((&chain, &key)),
+        "POST",
+        "/v1/enroll",
+        Some(body),
+    )
+    .await;
+    err(s, &b, 403, "revoked");
+    assert_eq!(enrolled_rows(&sb), 2);
+}
