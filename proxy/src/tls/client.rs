@@ -33,6 +33,7 @@ use webpki::{
     RevocationOptionsBuilder, UnknownStatusPolicy,
 };
 
+use crate::tls::bounds::check_chain;
 use crate::tls::svid::{SvidError, svid_identity};
 
 /// Why the server's certificate was refused after its chain validated.
@@ -125,6 +126,7 @@ impl ServerIdentityVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<(), rustls::Error> {
+        check_chain(end_entity, intermediates)?;
         let cert = EndEntityCert::try_from(end_entity)
             .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
         let crl_refs: Vec<&CertRevocationList<'_>> = self.crls.iter().collect();

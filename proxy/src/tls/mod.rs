@@ -5,6 +5,7 @@
 //! - [`resolver`]: the swappable certificate resolver (server and client side);
 //! - [`server`]: the inbound `ServerConfig`.
 
+pub mod bounds;
 pub mod client;
 pub mod resolver;
 pub mod server;
