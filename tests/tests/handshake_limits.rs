@@ -7,28 +7,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use gatehouse_tests::harness::{CertDir, FakeApp, MtlsClient, Pki, Proto, Sidecar, eventually};
+use gatehouse_tests::harness::{
+    CertDir, FINTECH_TD, FakeApp, MONOLITH_ID, MtlsClient, Pki, Proto, REPORT_EXPORT_POLICY,
+    REPORT_SERVICE_ID, Sidecar, eventually,
+};
 use http::StatusCode;
 use tokio::io::AsyncReadExt;
 
-const TD: &str = "fintech.internal";
-const SERVER: &str = "spiffe://fintech.internal/monolith";
-const CALLER: &str = "spiffe://fintech.internal/report-service";
 const ATTACKER_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
-
-const POLICY: &str = r#"
-version = 1
-trust_domain = "fintech.internal"
-
-[identities]
-report-service = "spiffe://fintech.internal/report-service"
-
-[[route]]
-name    = "ping"
-methods = ["GET"]
-path    = "/ping"
-allow   = ["report-service"]
-"#;
+/// The route the legit client calls.
+const PATH: &str = "/api/data/reports";
 
 struct Setup {
     pki: Pki,
@@ -38,15 +26,15 @@ struct Setup {
 }
 
 async fn setup(inbound_options: &[&str]) -> Setup {
-    let pki = Pki::new(TD);
+    let pki = Pki::new(FINTECH_TD);
     let app = FakeApp::start().await;
-    let server = pki.issue(SERVER);
-    let mut b = Sidecar::inbound(&server, app.addr(), POLICY);
+    let server = pki.issue(MONOLITH_ID);
+    let mut b = Sidecar::inbound(&server, app.addr(), REPORT_EXPORT_POLICY);
     for line in inbound_options {
         b = b.inbound_option(line);
     }
     let sidecar = b.spawn().await.expect("sidecar starts");
-    let caller = MtlsClient::new(&pki.issue(CALLER));
+    let caller = MtlsClient::new(&pki.issue(REPORT_SERVICE_ID));
     Setup {
         pki,
         _app: app,
@@ -58,7 +46,7 @@ async fn setup(inbound_options: &[&str]) -> Setup {
 /// One legit request on a fresh connection; its latency.
 async fn legit_once(caller: &MtlsClient, addr: SocketAddr) -> Duration {
     let started = Instant::now();
-    let resp = tokio::time::timeout(Duration::from_secs(5), caller.get(addr, Proto::H1, "/ping"))
+    let resp = tokio::time::timeout(Duration::from_secs(5), caller.get(addr, Proto::H1, PATH))
         .await
         .expect("the legit request completes within 5 s")
         .expect("the legit request succeeds");
