@@ -39,6 +39,18 @@ pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default time the app has to start its response (504 after).
 pub const DEFAULT_APP_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default `inbound.max_connections`.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+/// Default `inbound.max_connections_per_source`: open connections from one IP address.
+pub const DEFAULT_MAX_CONNECTIONS_PER_SOURCE: usize = 1024;
+/// Default `inbound.max_handshakes_per_source`: handshakes in progress from one IP address.
+pub const DEFAULT_MAX_HANDSHAKES_PER_SOURCE: usize = 64;
+/// Default `inbound.max_pending_handshakes`: handshakes in progress over all sources (capped
+/// at half of `max_connections`, so unauthenticated connections never hold every slot).
+pub const DEFAULT_MAX_PENDING_HANDSHAKES: usize = 1024;
+/// Default `inbound.failed_handshake_delay`: how long a source that sent a certificate chain
+/// over the bounds waits before each of its next handshakes.
+pub const DEFAULT_FAILED_HANDSHAKE_DELAY: Duration = Duration::from_secs(1);
 /// Default grace period for in-flight requests on shutdown.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// Default time a response may make no progress (the client reads nothing, or an HTTP/2
@@ -443,6 +455,15 @@ pub struct InboundConfig {
     pub max_header_bytes: usize,
     /// Concurrent inbound connections.
     pub max_connections: usize,
+    /// Open connections from one source IP address (handshaking or authenticated).
+    pub max_connections_per_source: usize,
+    /// Handshakes in progress from one source IP address.
+    pub max_handshakes_per_source: usize,
+    /// Handshakes in progress over all sources, at most half of `max_connections`.
+    pub max_pending_handshakes: usize,
+    /// After a peer sent a certificate chain over the bounds, its source's handshakes wait this
+    /// long to start, until that long after the refusal.
+    pub failed_handshake_delay: Duration,
     /// Concurrent HTTP/2 streams per connection.
     pub max_h2_streams: u32,
     /// Client resets of streams still being served that an HTTP/2 connection may send within
@@ -619,6 +640,10 @@ struct RawInbound {
     app_timeout: Option<S<String>>,
     max_header_bytes: Option<S<u64>>,
     max_connections: Option<S<u64>>,
+    max_connections_per_source: Option<S<u64>>,
+    max_handshakes_per_source: Option<S<u64>>,
+    max_pending_handshakes: Option<S<u64>>,
+    failed_handshake_delay: Option<S<String>>,
     max_h2_streams: Option<S<u32>>,
     max_h2_resets: Option<S<u64>>,
     h2_reset_window: Option<S<String>>,
@@ -1001,7 +1026,7 @@ impl Check<'_> {
             "inbound.max_header_bytes",
             16 * 1024,
         );
-        InboundConfig {
+        let mut inbound = InboundConfig {
             listen,
             app,
             policy: self.path(&i.policy, "inbound.policy"),
@@ -1030,7 +1055,27 @@ impl Check<'_> {
             max_connections: self.count(
                 i.max_connections.as_ref(),
                 "inbound.max_connections",
-                4096,
+                DEFAULT_MAX_CONNECTIONS,
+            ),
+            max_connections_per_source: self.count(
+                i.max_connections_per_source.as_ref(),
+                "inbound.max_connections_per_source",
+                DEFAULT_MAX_CONNECTIONS_PER_SOURCE,
+            ),
+            max_handshakes_per_source: self.count(
+                i.max_handshakes_per_source.as_ref(),
+                "inbound.max_handshakes_per_source",
+                DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
+            ),
+            max_pending_handshakes: self.count(
+                i.max_pending_handshakes.as_ref(),
+                "inbound.max_pending_handshakes",
+                DEFAULT_MAX_PENDING_HANDSHAKES,
+            ),
+            failed_handshake_delay: self.duration(
+                i.failed_handshake_delay.as_ref(),
+                "inbound.failed_handshake_delay",
+                DEFAULT_FAILED_HANDSHAKE_DELAY,
             ),
             max_h2_streams,
             max_h2_resets: u32::try_from(self.count(
@@ -1060,7 +1105,12 @@ impl Check<'_> {
                 Duration::from_secs(30),
             ),
             allow_matrix_params: i.allow_matrix_params,
-        }
+        };
+        // Unauthenticated connections never hold more than half the slots.
+        inbound.max_pending_handshakes = inbound
+            .max_pending_handshakes
+            .min(inbound.max_connections.div_ceil(2));
+        inbound
     }
 
     fn outbound(&mut self, raw: Vec<RawOutbound>) -> Vec<OutboundConfig> {
@@ -1221,6 +1271,33 @@ listen = "127.0.0.1:9901"
         assert_eq!(c.outbound[0].connect_host, "monolith.internal");
         assert_eq!(c.outbound[0].connect_port, 8443);
         assert_eq!(c.shutdown_grace_period, DEFAULT_SHUTDOWN_GRACE);
+    }
+
+    #[test]
+    fn connection_limits_default_and_pending_handshakes_stay_under_half_the_slots() {
+        let i = parse(GOOD).expect("valid").inbound.expect("inbound");
+        assert_eq!(i.max_connections, DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(
+            i.max_connections_per_source,
+            DEFAULT_MAX_CONNECTIONS_PER_SOURCE
+        );
+        assert_eq!(
+            i.max_handshakes_per_source,
+            DEFAULT_MAX_HANDSHAKES_PER_SOURCE
+        );
+        assert_eq!(i.max_pending_handshakes, DEFAULT_MAX_PENDING_HANDSHAKES);
+        assert_eq!(i.failed_handshake_delay, DEFAULT_FAILED_HANDSHAKE_DELAY);
+        let text = GOOD.replace(
+            "policy = \"policy.toml\"",
+            "policy = \"p\"\nmax_connections = 100\nmax_pending_handshakes = 500\n\
+             max_connections_per_source = 7\nmax_handshakes_per_source = 3\n\
+             failed_handshake_delay = \"250ms\"",
+        );
+        let i = parse(&text).expect("valid").inbound.expect("inbound");
+        assert_eq!(i.max_pending_handshakes, 50);
+        assert_eq!(i.max_connections_per_source, 7);
+        assert_eq!(i.max_handshakes_per_source, 3);
+        assert_eq!(i.failed_handshake_delay, Duration::from_millis(250));
     }
 
     #[test]

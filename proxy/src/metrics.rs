@@ -29,6 +29,10 @@ pub struct Metrics {
     pub tls_handshakes: IntCounterVec,
     /// `gatehouse_tls_handshake_duration_seconds{direction}` (successful handshakes).
     pub tls_handshake_duration: HistogramVec,
+    /// `gatehouse_inbound_connections_refused_total{reason}`: connections closed at admission,
+    /// before their handshake (`source_connections`, `source_handshakes`,
+    /// `pending_handshakes`).
+    pub inbound_connections_refused: IntCounterVec,
     /// `gatehouse_inbound_active_connections`.
     pub inbound_active_connections: IntGauge,
     /// `gatehouse_cert_expiry_timestamp_seconds{cert}`: `cert="leaf"` is our own leaf,
@@ -106,6 +110,13 @@ impl Metrics {
             "inbound_active_connections",
             "Open inbound connections (after the TCP accept)",
         )?;
+        let inbound_connections_refused = IntCounterVec::new(
+            Opts::new(
+                "inbound_connections_refused_total",
+                "Inbound connections closed before their handshake, by the limit that was full",
+            ),
+            &["reason"],
+        )?;
         let cert_expiry = IntGaugeVec::new(
             Opts::new(
                 "cert_expiry_timestamp_seconds",
@@ -118,6 +129,7 @@ impl Metrics {
         registry.register(Box::new(tls_handshakes.clone()))?;
         registry.register(Box::new(tls_handshake_duration.clone()))?;
         registry.register(Box::new(inbound_active_connections.clone()))?;
+        registry.register(Box::new(inbound_connections_refused.clone()))?;
         let reloads = IntCounterVec::new(
             Opts::new(
                 "reloads_total",
@@ -175,6 +187,7 @@ impl Metrics {
             inbound_request_duration,
             tls_handshakes,
             tls_handshake_duration,
+            inbound_connections_refused,
             inbound_active_connections,
             cert_expiry,
             crl_next_update,

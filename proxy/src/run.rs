@@ -18,6 +18,7 @@ use crate::accept::{self, Acceptor};
 use crate::admin::Admin;
 use crate::config::{Config, InboundConfig};
 use crate::error::LoadError;
+use crate::inbound::sources::{Caps, Sources};
 use crate::inbound::{Inbound, listener};
 use crate::input::Inputs;
 use crate::metrics::Metrics;
@@ -201,6 +202,10 @@ pub async fn run(loaded: Loaded, shutdown: Shutdown) -> Result<usize, LoadError>
         state: state.clone(),
         metrics: metrics.clone(),
         inbound: inbound_acceptors.as_ref().map(|(i, _)| i.clone()),
+        sources: cfg
+            .inbound
+            .as_ref()
+            .map(|i| Arc::new(Sources::new(Caps::of(i)))),
         outbound: pools,
     });
     let mut upstreams: Vec<Vec<Arc<Upstream>>> = vec![Vec::new(); cfg.outbound.len()];
@@ -268,6 +273,8 @@ struct Shared {
     state: Arc<State>,
     metrics: Metrics,
     inbound: Option<InboundConfig>,
+    /// Per-source admission of inbound connections, one table for every event loop.
+    sources: Option<Arc<Sources>>,
     outbound: OutboundPools,
 }
 
@@ -281,8 +288,15 @@ impl Shared {
     /// Serves `share` on the calling event loop, with this loop's own app connection pool and
     /// outbound pools. Returns the outbound pools in configuration order.
     fn start(&self, share: LoopShare, shutdown: &Shutdown) -> Vec<Arc<Upstream>> {
-        if let (Some(cfg), Some(acceptor)) = (&self.inbound, share.inbound) {
-            let inbound = Inbound::new(self.state.clone(), self.metrics.clone(), cfg.clone());
+        if let (Some(cfg), Some(sources), Some(acceptor)) =
+            (&self.inbound, &self.sources, share.inbound)
+        {
+            let inbound = Inbound::new(
+                self.state.clone(),
+                self.metrics.clone(),
+                cfg.clone(),
+                sources.clone(),
+            );
             tokio::spawn(listener::serve(
                 Arc::new(inbound),
                 acceptor,

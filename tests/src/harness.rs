@@ -1070,12 +1070,36 @@ impl MtlsClient {
         addr: SocketAddr,
         proto: Proto,
     ) -> anyhow::Result<TlsStream<TcpStream>> {
+        self.connect_from(addr, proto, None).await
+    }
+
+    /// As [`MtlsClient::connect`], from source address `from` (e.g. `127.0.0.2`) when given.
+    ///
+    /// # Errors
+    /// As [`MtlsClient::connect`].
+    pub async fn connect_from(
+        &self,
+        addr: SocketAddr,
+        proto: Proto,
+        from: Option<std::net::IpAddr>,
+    ) -> anyhow::Result<TlsStream<TcpStream>> {
         let mut cfg = self.base.clone();
         cfg.alpn_protocols = vec![match proto {
             Proto::H1 => b"http/1.1".to_vec(),
             Proto::H2 => b"h2".to_vec(),
         }];
-        let tcp = TcpStream::connect(addr).await?;
+        let tcp = match from {
+            None => TcpStream::connect(addr).await?,
+            Some(ip) => {
+                let socket = if ip.is_ipv4() {
+                    tokio::net::TcpSocket::new_v4()?
+                } else {
+                    tokio::net::TcpSocket::new_v6()?
+                };
+                socket.bind(SocketAddr::new(ip, 0))?;
+                socket.connect(addr).await?
+            }
+        };
         let name = ServerName::try_from("localhost").expect("valid name");
         Ok(TlsConnector::from(Arc::new(cfg)).connect(name, tcp).await?)
     }

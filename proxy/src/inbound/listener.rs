@@ -54,10 +54,12 @@ use tracing::{Instrument, debug, info, info_span};
 use super::Inbound;
 use super::h2::{H2Server, ResetBudget, h2_builder, serve_stream};
 use super::request::{ConnCtx, RequestBody, handle};
+use super::sources::Admission;
 use crate::accept::Acceptor;
 use crate::metrics::Metrics;
 use crate::signal::Shutdown;
 use crate::state::{Snapshot, State};
+use crate::tls::bounds::is_bound_refusal;
 use crate::tls::verify::failure_reason;
 
 /// Accepts connections until shutdown starts.
@@ -72,6 +74,19 @@ pub async fn serve(inbound: Arc<Inbound>, mut listener: Acceptor, shutdown: Shut
             c = listener.accept() => c,
             () = shutdown.token().cancelled() => break,
         };
+        let admission = match inbound.sources.admit(peer.ip()) {
+            Ok(a) => a,
+            Err(refusal) => {
+                // Closed before a TLS byte is read; the slot's permit is released with it.
+                inbound
+                    .metrics
+                    .inbound_connections_refused
+                    .with_label_values(&[refusal.reason()])
+                    .inc();
+                drop((tcp, permit));
+                continue;
+            }
+        };
         // Subscribe before loading the snapshot: a swap in between is then seen as a change.
         let reloads = inbound.state.subscribe();
         let snapshot = inbound.state.snapshot();
@@ -80,7 +95,7 @@ pub async fn serve(inbound: Arc<Inbound>, mut listener: Acceptor, shutdown: Shut
             tcp,
             snapshot,
             reloads,
-            permit,
+            (permit, admission),
             shutdown.clone(),
         );
         shutdown
@@ -104,7 +119,7 @@ async fn serve_one(
     tcp: TcpStream,
     snapshot: Arc<Snapshot>,
     reloads: tokio::sync::watch::Receiver<u64>,
-    _permit: OwnedSemaphorePermit,
+    (_permit, mut admission): (OwnedSemaphorePermit, Admission),
     shutdown: Shutdown,
 ) {
     let m = &inbound.metrics;
@@ -114,6 +129,13 @@ async fn serve_one(
     let Some(inb) = snapshot.inbound.as_ref() else {
         return;
     };
+    if let Some(delay) = admission.delay() {
+        // A penalized source (it sent a chain over the bounds): wait before any TLS work.
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = shutdown.token().cancelled() => return,
+        }
+    }
     let started = Instant::now();
     let accept = TlsAcceptor::from(inb.tls.clone()).accept(tcp);
     let tls = tokio::select! {
@@ -122,7 +144,12 @@ async fn serve_one(
     };
     let tls = match tls {
         Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => return handshake_failed(&inbound, io_reason(&e), &e),
+        Ok(Err(e)) => {
+            if io_tls_error(&e).is_some_and(is_bound_refusal) {
+                inbound.sources.penalize(admission.ip());
+            }
+            return handshake_failed(&inbound, io_reason(&e), &e);
+        }
         Err(_) => return handshake_failed(&inbound, "timeout", &"handshake timed out"),
     };
     let (_, session) = tls.get_ref();
@@ -130,6 +157,7 @@ async fn serve_one(
         Ok(p) => p,
         Err(e) => return handshake_failed(&inbound, failure_reason(&e), &e),
     };
+    admission.authenticated();
     m.tls_handshakes
         .with_label_values(&["inbound", "ok", "none"])
         .inc();
@@ -231,11 +259,16 @@ fn handshake_failed(inbound: &Inbound, reason: &'static str, e: &dyn std::fmt::D
 
 /// The handshake failure reason carried inside tokio-rustls' I/O error.
 fn io_reason(e: &std::io::Error) -> &'static str {
-    match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
+    match io_tls_error(e) {
         Some(tls) => failure_reason(tls),
         None if e.kind() == std::io::ErrorKind::UnexpectedEof => "eof",
         None => "io",
     }
+}
+
+/// The rustls error inside tokio-rustls' I/O error, if any.
+fn io_tls_error(e: &std::io::Error) -> Option<&rustls::Error> {
+    e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>())
 }
 
 /// Requests in flight on a connection and when the last one ended (milliseconds since the

@@ -6,12 +6,14 @@
 //! - [`request`]: per request of either protocol, normalize → decide → audit + metrics →
 //!   deny, or rewrite the identity headers and forward on a pooled keep-alive HTTP/1.1
 //!   connection;
+//! - [`sources`]: per-source admission before the handshake;
 //! - [`app`]: the pool of keep-alive connections to the app.
 
 pub mod app;
 mod h2;
 pub mod listener;
 pub mod request;
+pub mod sources;
 
 use std::sync::Arc;
 
@@ -35,13 +37,20 @@ pub struct Inbound {
     /// `Host` for requests that came without one (the app's address).
     app_host: HeaderValue,
     request_ids: RequestIds,
+    /// Per-source admission, shared by every event loop.
+    pub sources: Arc<sources::Sources>,
 }
 
 impl Inbound {
     /// Builds the inbound side for `cfg`. Nothing is opened or spawned here: the app
     /// connection pool connects, and starts its sweep task, on the runtime of the first
     /// request that needs it (one `Inbound` per event loop).
-    pub fn new(state: Arc<State>, metrics: Metrics, cfg: InboundConfig) -> Self {
+    pub fn new(
+        state: Arc<State>,
+        metrics: Metrics,
+        cfg: InboundConfig,
+        sources: Arc<sources::Sources>,
+    ) -> Self {
         let app = Arc::new(app::AppPool::new(
             cfg.app,
             cfg.app_pool_max_idle,
@@ -57,6 +66,7 @@ impl Inbound {
             app,
             app_host,
             request_ids,
+            sources,
         }
     }
 }

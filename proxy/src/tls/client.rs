@@ -33,6 +33,7 @@ use webpki::{
     RevocationOptionsBuilder, UnknownStatusPolicy,
 };
 
+use crate::tls::bounds::check_chain;
 use crate::tls::crl::Freshness;
 use crate::tls::svid::{SvidError, svid_identity};
 
@@ -136,6 +137,7 @@ impl ServerIdentityVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<(), rustls::Error> {
+        check_chain(end_entity, intermediates)?;
         let cert = EndEntityCert::try_from(end_entity)
             .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
         let crl_refs: Vec<&CertRevocationList<'_>> = self.crls.iter().collect();
@@ -346,5 +348,26 @@ mod tests {
         );
         assert_eq!(alert_name(AlertDescription::UnknownCA), "unknown_ca");
         assert_eq!(alert_name(AlertDescription::AccessDenied), "access_denied");
+    }
+
+    #[test]
+    fn a_server_chain_over_the_bounds_is_refused_before_path_building() {
+        let td = TrustDomain::parse("fintech.internal").expect("td");
+        let id = SpiffeId::parse("spiffe://fintech.internal/monolith").expect("id");
+        let v = ServerIdentityVerifier::new(
+            Arc::new(RootCertStore::empty()),
+            &[],
+            td,
+            IdentityPattern::Exact(id),
+            Arc::new(rustls::crypto::aws_lc_rs::default_provider()),
+        )
+        .expect("verifier");
+        let cert = CertificateDer::from(vec![0x30u8; 64]);
+        let chain = vec![cert.clone(); crate::tls::bounds::MAX_CHAIN_INTERMEDIATES + 1];
+        let name = ServerName::try_from("localhost").expect("name");
+        let e = v
+            .verify_server_cert(&cert, &chain, &name, &[], UnixTime::now())
+            .expect_err("refused");
+        assert!(crate::tls::bounds::is_bound_refusal(&e), "{e:?}");
     }
 }

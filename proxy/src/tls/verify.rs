@@ -27,6 +27,7 @@ use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, UnixTime};
 use sha2::{Digest, Sha256};
 
 use super::TlsError;
+use super::bounds::{ChainBoundError, check_chain};
 use super::crl::Freshness;
 use super::svid::{SvidError, svid_identity};
 
@@ -177,6 +178,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
+        check_chain(end_entity, intermediates)?;
         let verified = self
             .inner
             .verify_client_cert(end_entity, intermediates, now)?;
@@ -243,6 +245,8 @@ fn certificate_reason(c: &CertificateError) -> &'static str {
             let inner: &(dyn StdError + 'static) = &**inner;
             if let Some(svid) = inner.downcast_ref::<SvidError>() {
                 svid.reason()
+            } else if let Some(bound) = inner.downcast_ref::<ChainBoundError>() {
+                bound.reason()
             } else if let Some(webpki::Error::CaUsedAsEndEntity) = inner.downcast_ref() {
                 "ca_used_as_end_entity"
             } else {
