@@ -234,6 +234,17 @@ enum Command {
         /// DNS name to add to the serving certificate (repeatable), for clients that check one.
         #[arg(long)]
         dns: Vec<String>,
+        /// Accept Kubernetes projected service-account tokens (`Authorization: Bearer`) for
+        /// enrollment, verified against the public keys of this JWKS file (the cluster's
+        /// /openid/v1/jwks). They enroll as spiffe://<td>/ns/<namespace>/sa/<serviceaccount>.
+        #[arg(long, requires = "k8s_issuer")]
+        k8s_jwks: Option<PathBuf>,
+        /// The `iss` those tokens must carry (the API server's --service-account-issuer).
+        #[arg(long, requires = "k8s_jwks")]
+        k8s_issuer: Option<String>,
+        /// The audience those tokens must include (the pod's serviceAccountToken.audience).
+        #[arg(long, default_value = gatehouse_ca::k8s::DEFAULT_AUDIENCE)]
+        k8s_audience: String,
     },
 }
 
@@ -401,7 +412,16 @@ fn run(cli: &Cli) -> Result<ExitCode, CaError> {
             listen,
             svid_ttl,
             dns,
-        } => serve(dir, *listen, *svid_ttl, dns),
+            k8s_jwks,
+            k8s_issuer,
+            k8s_audience,
+        } => {
+            let k8s = k8s_jwks
+                .as_deref()
+                .zip(k8s_issuer.as_deref())
+                .map(|(jwks, iss)| (jwks, iss, k8s_audience.as_str()));
+            serve(dir, *listen, *svid_ttl, dns, k8s)
+        }
     }
 }
 
@@ -464,9 +484,16 @@ fn serve(
     listen: std::net::SocketAddr,
     svid_ttl: Duration,
     dns: &[String],
+    k8s: Option<(&Path, &str, &str)>,
 ) -> Result<ExitCode, CaError> {
     let ca = Authority::open(dir)?;
     gatehouse_ca::profile::check_dns_names(dns)?;
+    let k8s = k8s
+        .map(|(jwks, issuer, audience)| {
+            gatehouse_ca::k8s::K8sVerifier::load(jwks, issuer, audience, ca.trust_domain().clone())
+                .map(std::sync::Arc::new)
+        })
+        .transpose()?;
     let io = |action| {
         move |source| CaError::Io {
             action,
@@ -485,6 +512,7 @@ fn serve(
         let opts = gatehouse_ca::serve::ServeOptions {
             svid_ttl,
             dns: dns.to_vec(),
+            k8s,
         };
         gatehouse_ca::serve::serve(ca, opts, listener, |addr| {
             use std::io::Write;
