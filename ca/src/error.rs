@@ -93,6 +93,14 @@ pub enum CaError {
         /// What is wrong with it and what to do.
         detail: String,
     },
+    /// The `--k8s-map` file of `ca serve` cannot be used.
+    #[error("bad service-account mapping file {}: {detail}", path.display())]
+    K8sMap {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it and what to do.
+        detail: String,
+    },
     /// A Kubernetes service-account token refused by `ca serve` (nothing is issued).
     #[error("{0}")]
     Jwt(#[from] crate::k8s::JwtRefusal),

@@ -10,7 +10,9 @@
 //!
 //! The identity is `spiffe://<td>/ns/<namespace>/sa/<serviceaccount>`, from the token's
 //! `kubernetes.io` claim (or, without it, its `sub` `system:serviceaccount:<ns>:<sa>`); each
-//! part must be one SPIFFE path segment (`[A-Za-z0-9._-]`, not `.` or `..`).
+//! part must be one SPIFFE path segment (`[A-Za-z0-9._-]`, not `.` or `..`). With a mapping
+//! table ([`K8sVerifier::with_map`]) the identity is the table's instead, and an account the
+//! table does not list is refused.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -53,6 +55,9 @@ pub enum JwtRefusal {
     /// Not a JWT, or without a usable service-account identity.
     #[error("the service-account token is malformed ({0})")]
     Malformed(String),
+    /// A valid token for a service account the `--k8s-map` table does not list.
+    #[error("the service account `{0}` is not in the CA's --k8s-map table")]
+    Unmapped(String),
 }
 
 impl JwtRefusal {
@@ -65,6 +70,7 @@ impl JwtRefusal {
             Self::Audience { .. } => "jwt_audience",
             Self::Expired(_) => "jwt_expired",
             Self::Malformed(_) => "jwt_malformed",
+            Self::Unmapped(_) => "k8s_unmapped",
         }
     }
 
@@ -86,6 +92,9 @@ impl JwtRefusal {
             Self::Malformed(_) => {
                 "send `Authorization: Bearer <projected service-account token>` with a token carrying the `kubernetes.io` namespace and service account"
             }
+            Self::Unmapped(_) => {
+                "ask the CA operator to add `\"<namespace>/<serviceaccount>\" = \"spiffe://…\"` to the --k8s-map file, or use a listed service account"
+            }
         }
     }
 }
@@ -97,6 +106,8 @@ pub struct K8sVerifier {
     issuer: String,
     audience: String,
     trust_domain: TrustDomain,
+    /// `--k8s-map`: `"<ns>/<sa>"` to its SPIFFE ID; when set, the only accounts that enroll.
+    map: Option<HashMap<String, SpiffeId>>,
 }
 
 #[derive(Deserialize)]
@@ -174,7 +185,52 @@ impl K8sVerifier {
             issuer: issuer.to_owned(),
             audience: audience.to_owned(),
             trust_domain,
+            map: None,
         })
+    }
+
+    /// Replaces the default mapping by the table in the TOML file `path`
+    /// (`"<namespace>/<serviceaccount>" = "spiffe://<td>/<path>"`): only the listed service
+    /// accounts enroll, each as its listed ID (which must be in the CA's trust domain).
+    ///
+    /// # Errors
+    /// [`CaError::K8sMap`] naming the file, the entry and what to fix.
+    pub fn with_map(mut self, path: &Path) -> Result<Self, CaError> {
+        let bad = |detail: String| CaError::K8sMap {
+            path: path.to_path_buf(),
+            detail,
+        };
+        let text =
+            std::fs::read_to_string(path).map_err(|e| bad(format!("cannot read it ({e})")))?;
+        let table: std::collections::BTreeMap<String, String> =
+            toml::from_str(&text).map_err(|e| {
+                bad(format!(
+                    "not a table of \"<namespace>/<serviceaccount>\" = \"spiffe://…\" strings ({e})"
+                ))
+            })?;
+        let mut map = HashMap::with_capacity(table.len());
+        for (account, id) in table {
+            let well_formed = account
+                .split_once('/')
+                .is_some_and(|(ns, sa)| is_segment(ns) && is_segment(sa));
+            if !well_formed {
+                return Err(bad(format!(
+                    "key `{account}` is not `<namespace>/<serviceaccount>`"
+                )));
+            }
+            let id = SpiffeId::parse(&id)
+                .map_err(|e| bad(format!("`{account}`: invalid SPIFFE ID `{id}` ({e})")))?;
+            if !id.is_member_of(&self.trust_domain) {
+                return Err(bad(format!(
+                    "`{account}`: {} is not in this CA's trust domain {}",
+                    id.as_str(),
+                    self.trust_domain.as_str()
+                )));
+            }
+            map.insert(account, id);
+        }
+        self.map = Some(map);
+        Ok(self)
     }
 
     /// Verifies `token` and returns the identity it maps to.
@@ -252,6 +308,13 @@ impl K8sVerifier {
                     "the {what} `{part}` is not a valid SPIFFE path segment"
                 )));
             }
+        }
+        if let Some(map) = &self.map {
+            let account = format!("{ns}/{sa}");
+            return map
+                .get(&account)
+                .cloned()
+                .ok_or(JwtRefusal::Unmapped(account));
         }
         SpiffeId::from_parts(&self.trust_domain, &format!("/ns/{ns}/sa/{sa}"))
             .map_err(|e| JwtRefusal::Malformed(e.to_string()))

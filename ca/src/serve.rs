@@ -420,6 +420,9 @@ fn refusal(e: &CaError) -> Reply {
             "revoked",
             "this certificate was revoked: enroll again with a new bootstrap credential",
         ),
+        CaError::Jwt(r @ crate::k8s::JwtRefusal::Unmapped(_)) => {
+            (S::FORBIDDEN, r.code(), r.advice())
+        }
         CaError::Jwt(r) => (S::UNAUTHORIZED, r.code(), r.advice()),
         CaError::ForeignTrustDomain { .. } => (
             S::FORBIDDEN,

@@ -921,3 +921,48 @@ async fn k8s_token_with_wrong_audience_issuer_signature_or_expiry_is_refused() {
     err(s, &b, 401, "k8s_not_configured");
     assert_eq!(enrolled_rows(&sb), 0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn k8s_map_table_decides_the_identity_and_refuses_unlisted_accounts() {
+    use jsonwebtoken::Algorithm::ES256;
+    let sb = Sandbox::new();
+    init(&sb);
+    let (key, jwk) = k8s_key("sa-key", ES256);
+    write_jwks(&sb, &[&jwk]);
+    let k8s = ["--k8s-jwks", "jwks.json", "--k8s-issuer", K8S_ISSUER];
+
+    // An ID outside the CA's trust domain stops `ca serve` at start, naming the entry.
+    std::fs::write(
+        sb.path("foreign.toml"),
+        "\"payments/report-service\" = \"spiffe://other.test/report-service\"\n",
+    )
+    .expect("map");
+    let out = sb.ca(&[
+        &["serve", "--dir", "ca", "--listen", "127.0.0.1:0"][..],
+        &k8s,
+        &["--k8s-map", "foreign.toml"],
+    ]
+    .concat());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("payments/report-service") && stderr.contains("trust domain"),
+        "{stderr}"
+    );
+
+    std::fs::write(
+        sb.path("map.toml"),
+        format!("\"payments/report-service\" = \"{TD}/report-service\"\n"),
+    )
+    .expect("map");
+    let srv = serve(&sb, &[&k8s[..], &["--k8s-map", "map.toml"]].concat());
+    let listed = sa_claims(K8S_ISSUER, "gatehouse", 600, "payments", "report-service");
+    let (s, b) = enroll_jwt(&sb, srv.addr, &sign_jwt(&key, ES256, "sa-key", &listed)).await;
+    assert_eq!(ok_cert(s, &b).spiffe_id, format!("{TD}/report-service"));
+
+    let unlisted = sa_claims(K8S_ISSUER, "gatehouse", 600, "ledger", "monolith");
+    let (s, b) = enroll_jwt(&sb, srv.addr, &sign_jwt(&key, ES256, "sa-key", &unlisted)).await;
+    let e = err(s, &b, 403, "k8s_unmapped");
+    assert!(e.message.contains("ledger/monolith"), "{e:?}");
+    assert_eq!(enrolled_rows(&sb), 1);
+}

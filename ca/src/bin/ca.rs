@@ -245,6 +245,10 @@ enum Command {
         /// The audience those tokens must include (the pod's serviceAccountToken.audience).
         #[arg(long, default_value = gatehouse_ca::k8s::DEFAULT_AUDIENCE)]
         k8s_audience: String,
+        /// TOML table `"<namespace>/<serviceaccount>" = "spiffe://<td>/<path>"`: instead of
+        /// spiffe://<td>/ns/<ns>/sa/<sa>, only the listed accounts enroll, as their listed ID.
+        #[arg(long, requires = "k8s_jwks")]
+        k8s_map: Option<PathBuf>,
     },
 }
 
@@ -415,11 +419,17 @@ fn run(cli: &Cli) -> Result<ExitCode, CaError> {
             k8s_jwks,
             k8s_issuer,
             k8s_audience,
+            k8s_map,
         } => {
             let k8s = k8s_jwks
                 .as_deref()
                 .zip(k8s_issuer.as_deref())
-                .map(|(jwks, iss)| (jwks, iss, k8s_audience.as_str()));
+                .map(|(jwks, iss)| K8sArgs {
+                    jwks,
+                    issuer: iss,
+                    audience: k8s_audience,
+                    map: k8s_map.as_deref(),
+                });
             serve(dir, *listen, *svid_ttl, dns, k8s)
         }
     }
@@ -479,19 +489,36 @@ fn enrollment_issue(
     Ok(ExitCode::SUCCESS)
 }
 
+/// The `--k8s-*` options of `ca serve`.
+struct K8sArgs<'a> {
+    jwks: &'a Path,
+    issuer: &'a str,
+    audience: &'a str,
+    map: Option<&'a Path>,
+}
+
 fn serve(
     dir: &Path,
     listen: std::net::SocketAddr,
     svid_ttl: Duration,
     dns: &[String],
-    k8s: Option<(&Path, &str, &str)>,
+    k8s: Option<K8sArgs<'_>>,
 ) -> Result<ExitCode, CaError> {
     let ca = Authority::open(dir)?;
     gatehouse_ca::profile::check_dns_names(dns)?;
     let k8s = k8s
-        .map(|(jwks, issuer, audience)| {
-            gatehouse_ca::k8s::K8sVerifier::load(jwks, issuer, audience, ca.trust_domain().clone())
-                .map(std::sync::Arc::new)
+        .map(|k| {
+            let v = gatehouse_ca::k8s::K8sVerifier::load(
+                k.jwks,
+                k.issuer,
+                k.audience,
+                ca.trust_domain().clone(),
+            )?;
+            match k.map {
+                Some(map) => v.with_map(map),
+                None => Ok(v),
+            }
+            .map(std::sync::Arc::new)
         })
         .transpose()?;
     let io = |action| {
