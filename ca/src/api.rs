@@ -2,7 +2,8 @@
 //!
 //! | Method and path   | Request body          | Credential                                   | Answer             |
 //! |-------------------|-----------------------|----------------------------------------------|--------------------|
-//! | `POST /v1/enroll` | [`EnrollRequest`]     | `token` field, or enrollment client cert     | [`CertResponse`]   |
+//! | `POST /v1/enroll` | [`EnrollRequest`]     | `token` field, enrollment client cert, or    | [`CertResponse`]   |
+//! |                   |                       | `Authorization: Bearer` k8s SA token         |                    |
 //! | `POST /v1/renew`  | [`RenewRequest`]      | the current SVID as TLS client certificate   | [`CertResponse`]   |
 //! | `GET /v1/bundle`  | -                     | none                                         | PEM, `ETag`        |
 //! | `GET /v1/crl`     | -                     | none                                         | PEM, `ETag`        |

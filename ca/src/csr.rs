@@ -85,15 +85,24 @@ pub enum Credential<'a> {
         /// Its raw subject public key (the BIT STRING content of the SPKI).
         public_key: Vec<u8>,
     },
+    /// A Kubernetes projected service-account token, already verified
+    /// ([`crate::k8s::K8sVerifier::verify`]): the identity is the one its namespace and
+    /// service account map to.
+    K8sServiceAccount {
+        /// `spiffe://<td>/ns/<namespace>/sa/<serviceaccount>`.
+        id: SpiffeId,
+    },
 }
 
 impl Credential<'_> {
-    /// The kind recorded in the inventory (`join_token`, `enrollment_certificate`, `svid`).
+    /// The kind recorded in the inventory (`join_token`, `enrollment_certificate`, `svid`,
+    /// `k8s_service_account`).
     pub fn kind(&self) -> &'static str {
         match self {
             Self::JoinToken(_) => "join_token",
             Self::EnrollmentCert { .. } => "enrollment_certificate",
             Self::Svid { .. } => "svid",
+            Self::K8sServiceAccount { .. } => "k8s_service_account",
         }
     }
 }
@@ -139,6 +148,7 @@ impl Authority {
                 };
                 (id.clone(), source)
             }
+            Credential::K8sServiceAccount { id } => (id.clone(), Source::Enroll),
         };
         let params = self.svid_params(&id, &[], ttl)?;
         if let Credential::JoinToken(token) = credential {

@@ -85,6 +85,25 @@ pub enum CaError {
         #[source]
         source: std::io::Error,
     },
+    /// The `--k8s-jwks` file of `ca serve` cannot be used.
+    #[error("bad service-account JWKS file {}: {detail}", path.display())]
+    K8sJwks {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it and what to do.
+        detail: String,
+    },
+    /// The `--k8s-map` file of `ca serve` cannot be used.
+    #[error("bad service-account mapping file {}: {detail}", path.display())]
+    K8sMap {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it and what to do.
+        detail: String,
+    },
+    /// A Kubernetes service-account token refused by `ca serve` (nothing is issued).
+    #[error("{0}")]
+    Jwt(#[from] crate::k8s::JwtRefusal),
     /// A CA file exists but its content is not what the CA wrote.
     #[error("corrupt CA file {}: {detail}", path.display())]
     Corrupt {

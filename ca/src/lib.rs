@@ -27,6 +27,7 @@ mod error;
 pub mod inspect;
 pub mod inventory;
 pub mod issue;
+pub mod k8s;
 pub mod profile;
 pub mod revoke;
 pub mod rotate;

@@ -41,6 +41,7 @@ use x509_parser::extensions::GeneralName;
 use crate::api::{self, CertResponse, EnrollRequest, ErrorResponse, RenewRequest};
 use crate::csr::Credential;
 use crate::inventory::{Source, fmt_time};
+use crate::k8s::K8sVerifier;
 use crate::{Authority, CaError, IssueRequest, SpiffeId, profile};
 
 /// Path of the CA's own SPIFFE ID inside its trust domain.
@@ -57,6 +58,8 @@ pub struct ServeOptions {
     pub svid_ttl: Duration,
     /// Extra DNS SANs on its serving certificate (for clients that check a host name).
     pub dns: Vec<String>,
+    /// Kubernetes service-account tokens accepted for enrollment (`--k8s-jwks`), if any.
+    pub k8s: Option<Arc<K8sVerifier>>,
 }
 
 /// webpki's client verifier (clientAuth, bundle, CRLs), plus enrollment certificates: a chain
@@ -417,6 +420,10 @@ fn refusal(e: &CaError) -> Reply {
             "revoked",
             "this certificate was revoked: enroll again with a new bootstrap credential",
         ),
+        CaError::Jwt(r @ crate::k8s::JwtRefusal::Unmapped(_)) => {
+            (S::FORBIDDEN, r.code(), r.advice())
+        }
+        CaError::Jwt(r) => (S::UNAUTHORIZED, r.code(), r.advice()),
         CaError::ForeignTrustDomain { .. } => (
             S::FORBIDDEN,
             "foreign_trust_domain",
@@ -442,23 +449,25 @@ async fn handle(
 ) -> Result<Reply, Infallible> {
     let path = req.uri().path();
     Ok(match (req.method(), path) {
-        (&Method::POST, api::ENROLL_PATH) => match read_json::<EnrollRequest>(req).await {
-            Ok(EnrollRequest {
-                csr,
-                token: Some(token),
-            }) => issue(state, peer, csr, OwnedCredential::Token(token)).await,
-            Ok(EnrollRequest { csr, token: None }) => {
-                match client_cert.as_deref().map(enrollment_credential) {
-                    Some(Ok(c)) => issue(state, peer, csr, OwnedCredential::Cert(c)).await,
-                    Some(Err(r)) => *r,
-                    None => error(
-                        StatusCode::UNAUTHORIZED,
-                        "no_credential",
-                        "send a join token in `token`, or present an enrollment certificate (`ca enrollment issue`) as the TLS client certificate",
-                    ),
+        (&Method::POST, api::ENROLL_PATH) => match (bearer(&req), state.opts.k8s.is_some()) {
+            (Err(r), _) => *r,
+            (Ok(Some(_)), false) => error(
+                StatusCode::UNAUTHORIZED,
+                "k8s_not_configured",
+                "this CA does not accept Kubernetes service-account tokens (start `ca serve` with --k8s-jwks and --k8s-issuer); enroll with a join token or an enrollment certificate",
+            ),
+            (Ok(Some(jwt)), true) => match read_json::<EnrollRequest>(req).await {
+                Ok(EnrollRequest { csr, token: None }) => {
+                    issue(state, peer, csr, OwnedCredential::Jwt(jwt)).await
                 }
-            }
-            Err(r) => *r,
+                Ok(EnrollRequest { token: Some(_), .. }) => error(
+                    StatusCode::BAD_REQUEST,
+                    "two_credentials",
+                    "send one credential: either the `Authorization: Bearer` service-account token or a join token in `token`",
+                ),
+                Err(r) => *r,
+            },
+            (Ok(None), _) => enroll_without_bearer(state, peer, client_cert, req).await,
         },
         (&Method::POST, api::RENEW_PATH) => {
             let Some(cert) = client_cert else {
@@ -505,6 +514,53 @@ async fn handle(
             "the API is /v1/enroll, /v1/renew, /v1/bundle and /v1/crl (see ca/README.md)",
         ),
     })
+}
+
+/// `POST /v1/enroll` with a join token in the body or an enrollment client certificate.
+async fn enroll_without_bearer(
+    state: Arc<State>,
+    peer: SocketAddr,
+    client_cert: Option<Arc<CertificateDer<'static>>>,
+    req: Request<Incoming>,
+) -> Reply {
+    match read_json::<EnrollRequest>(req).await {
+        Ok(EnrollRequest {
+            csr,
+            token: Some(token),
+        }) => issue(state, peer, csr, OwnedCredential::Token(token)).await,
+        Ok(EnrollRequest { csr, token: None }) => {
+            match client_cert.as_deref().map(enrollment_credential) {
+                Some(Ok(c)) => issue(state, peer, csr, OwnedCredential::Cert(c)).await,
+                Some(Err(r)) => *r,
+                None => error(
+                    StatusCode::UNAUTHORIZED,
+                    "no_credential",
+                    "send a join token in `token`, or present an enrollment certificate (`ca enrollment issue`) as the TLS client certificate",
+                ),
+            }
+        }
+        Err(r) => *r,
+    }
+}
+
+/// The token of an `Authorization: Bearer` header, if there is one.
+fn bearer(req: &Request<Incoming>) -> Result<Option<String>, Box<Reply>> {
+    let Some(v) = req.headers().get(header::AUTHORIZATION) else {
+        return Ok(None);
+    };
+    let token = v.to_str().ok().and_then(|v| {
+        let (scheme, token) = v.split_once(' ')?;
+        let token = token.trim();
+        (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then(|| token.to_owned())
+    });
+    match token {
+        Some(t) => Ok(Some(t)),
+        None => Err(Box::new(error(
+            StatusCode::UNAUTHORIZED,
+            "jwt_malformed",
+            "the Authorization header must be `Bearer <projected service-account token>`",
+        ))),
+    }
 }
 
 /// What the handlers need from a presented (already verified) client certificate.
@@ -606,20 +662,46 @@ fn enrollment_credential(der: &CertificateDer<'_>) -> Result<Credential<'static>
 enum OwnedCredential {
     Token(String),
     Cert(Credential<'static>),
+    /// A service-account JWT, verified in the blocking task (never logged).
+    Jwt(String),
+}
+
+impl OwnedCredential {
+    /// The [`Credential`] it stands for; a JWT is verified here.
+    fn credential(&self, state: &State) -> Result<Credential<'_>, CaError> {
+        Ok(match self {
+            Self::Token(t) => Credential::JoinToken(t),
+            Self::Cert(c) => c.clone(),
+            Self::Jwt(jwt) => {
+                let verifier = state.opts.k8s.as_ref().ok_or_else(|| {
+                    crate::k8s::JwtRefusal::Malformed("no --k8s-jwks configured".into())
+                })?;
+                Credential::K8sServiceAccount {
+                    id: verifier.verify(jwt)?,
+                }
+            }
+        })
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            Self::Token(_) => "join_token",
+            Self::Cert(c) => c.kind(),
+            Self::Jwt(_) => "k8s_service_account",
+        }
+    }
 }
 
 /// Signs `csr` in a blocking task with `owned` as the credential, and answers.
 async fn issue(state: Arc<State>, peer: SocketAddr, csr: String, owned: OwnedCredential) -> Reply {
     let res = blocking(move || {
-        let credential = match &owned {
-            OwnedCredential::Token(t) => Credential::JoinToken(t),
-            OwnedCredential::Cert(c) => c.clone(),
-        };
         let peer = peer.to_string();
-        let kind = credential.kind();
-        let signed = state
-            .ca
-            .sign_csr_online(csr.as_bytes(), &credential, state.opts.svid_ttl, &peer);
+        let kind = owned.kind();
+        let signed = owned.credential(&state).and_then(|credential| {
+            state
+                .ca
+                .sign_csr_online(csr.as_bytes(), &credential, state.opts.svid_ttl, &peer)
+        });
         match signed {
             Ok(s) => {
                 eprintln!(

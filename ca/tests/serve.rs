@@ -136,6 +136,17 @@ async fn try_call(
     path: &str,
     body: Option<serde_json::Value>,
 ) -> Result<(u16, Bytes), String> {
+    try_call_with(sb, addr, client, (method, path, &[]), body).await
+}
+
+/// [`try_call`] with extra request headers.
+async fn try_call_with(
+    sb: &Sandbox,
+    addr: SocketAddr,
+    client: Option<(&str, &KeyPair)>,
+    (method, path, headers): (&str, &str, &[(&str, &str)]),
+    body: Option<serde_json::Value>,
+) -> Result<(u16, Bytes), String> {
     let builder = client_builder(sb);
     let config = match client {
         Some((chain, key)) => builder
@@ -157,10 +168,14 @@ async fn try_call(
         .await
         .map_err(|e| format!("http handshake: {e:?}"))?;
     let conn = tokio::spawn(conn);
-    let req = http::Request::builder()
+    let mut req = http::Request::builder()
         .method(method)
         .uri(path)
-        .header("host", "localhost")
+        .header("host", "localhost");
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    let req = req
         .body(Full::new(Bytes::from(
             body.map(|b| b.to_string()).unwrap_or_default(),
         )))
@@ -685,4 +700,269 @@ async fn enrollment_certificate_enrolls_as_its_bound_id_only() {
     .await;
     err(s, &b, 403, "revoked");
     assert_eq!(enrolled_rows(&sb), 2);
+}
+
+// Kubernetes projected service-account tokens (`--k8s-jwks`): real JWTs signed here with
+// `jsonwebtoken`, keys generated in the test, the public halves in a JWKS file.
+
+const K8S_ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
+
+/// A signing key (ES256 or RS256) and its public JWK under `kid`.
+fn k8s_key(
+    kid: &str,
+    alg: jsonwebtoken::Algorithm,
+) -> (jsonwebtoken::EncodingKey, serde_json::Value) {
+    use jsonwebtoken::{Algorithm, EncodingKey, jwk::Jwk};
+    let enc = match alg {
+        Algorithm::RS256 => {
+            let k = KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).expect("rsa key");
+            // jsonwebtoken signs with a PKCS#1 key: the OCTET STRING inside rcgen's PKCS#8.
+            let pkcs8 = k.serialize_der();
+            let (_, info) = x509_parser::der_parser::parse_der(&pkcs8).expect("pkcs8");
+            let seq = info.as_sequence().expect("PrivateKeyInfo");
+            EncodingKey::from_rsa_der(seq[2].as_slice().expect("privateKey"))
+        }
+        _ => EncodingKey::from_ec_der(&KeyPair::generate().expect("ec key").serialize_der()),
+    };
+    let mut jwk = Jwk::from_encoding_key(&enc, alg).expect("jwk");
+    jwk.common.key_id = Some(kid.to_owned());
+    (enc, serde_json::to_value(jwk).expect("jwk json"))
+}
+
+fn write_jwks(sb: &Sandbox, keys: &[&serde_json::Value]) {
+    std::fs::write(sb.path("jwks.json"), json!({ "keys": keys }).to_string()).expect("jwks");
+}
+
+fn serve_k8s(sb: &Sandbox) -> Server {
+    serve(sb, &["--k8s-jwks", "jwks.json", "--k8s-issuer", K8S_ISSUER])
+}
+
+fn unix_now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+/// The claims of a projected token for `ns`/`sa`, expiring `exp_in` seconds from now.
+fn sa_claims(iss: &str, aud: &str, exp_in: i64, ns: &str, sa: &str) -> serde_json::Value {
+    let now = unix_now();
+    json!({
+        "iss": iss, "aud": [aud], "iat": now - 60, "nbf": now - 60, "exp": now + exp_in,
+        "sub": format!("system:serviceaccount:{ns}:{sa}"),
+        "kubernetes.io": {
+            "namespace": ns,
+            "pod": {"name": "p-1", "uid": "6f1c"},
+            "serviceaccount": {"name": sa, "uid": "9e2d"},
+        },
+    })
+}
+
+fn sign_jwt(
+    key: &jsonwebtoken::EncodingKey,
+    alg: jsonwebtoken::Algorithm,
+    kid: &str,
+    claims: &serde_json::Value,
+) -> String {
+    let mut header = jsonwebtoken::Header::new(alg);
+    header.kid = Some(kid.to_owned());
+    jsonwebtoken::encode(&header, claims, key).expect("sign jwt")
+}
+
+async fn enroll_jwt(sb: &Sandbox, addr: SocketAddr, jwt: &str) -> (u16, Bytes) {
+    let auth = format!("Bearer {jwt}");
+    try_call_with(
+        sb,
+        addr,
+        None,
+        ("POST", "/v1/enroll", &[("authorization", auth.as_str())]),
+        Some(json!({"csr": csr(&KeyPair::generate().expect("key"))})),
+    )
+    .await
+    .expect("request")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn k8s_service_account_token_enrolls_as_its_namespace_and_account() {
+    use jsonwebtoken::Algorithm::{ES256, RS256};
+    let sb = Sandbox::new();
+    init(&sb);
+    let (ec, ec_jwk) = k8s_key("ec-1", ES256);
+    let (rsa, rsa_jwk) = k8s_key("rsa-1", RS256);
+    write_jwks(&sb, &[&ec_jwk, &rsa_jwk]);
+    let srv = serve_k8s(&sb);
+
+    let claims = sa_claims(K8S_ISSUER, "gatehouse", 600, "payments", "report-service");
+    let (s, b) = enroll_jwt(&sb, srv.addr, &sign_jwt(&ec, ES256, "ec-1", &claims)).await;
+    let r = ok_cert(s, &b);
+    assert_eq!(r.spiffe_id, format!("{TD}/ns/payments/sa/report-service"));
+    let i = verified(&r);
+    assert_eq!(
+        i.uri_sans,
+        vec![format!("{TD}/ns/payments/sa/report-service")]
+    );
+
+    // RS256 (the Kubernetes default), and `sub` alone when there is no `kubernetes.io` claim.
+    let mut claims = sa_claims(K8S_ISSUER, "gatehouse", 600, "ledger", "monolith");
+    claims
+        .as_object_mut()
+        .expect("object")
+        .remove("kubernetes.io");
+    let (s, b) = enroll_jwt(&sb, srv.addr, &sign_jwt(&rsa, RS256, "rsa-1", &claims)).await;
+    assert_eq!(
+        ok_cert(s, &b).spiffe_id,
+        format!("{TD}/ns/ledger/sa/monolith")
+    );
+
+    // Within the documented 30 s leeway an `exp` just passed is still accepted.
+    let claims = sa_claims(K8S_ISSUER, "gatehouse", -10, "payments", "report-service");
+    let (s, b) = enroll_jwt(&sb, srv.addr, &sign_jwt(&ec, ES256, "ec-1", &claims)).await;
+    ok_cert(s, &b);
+
+    let rows: Vec<_> = inventory(&sb)
+        .into_iter()
+        .filter(|r| r["source"] == "enroll")
+        .collect();
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    for row in &rows {
+        assert_eq!(row["credential"], "k8s_service_account", "{row}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn k8s_token_with_wrong_audience_issuer_signature_or_expiry_is_refused() {
+    use jsonwebtoken::Algorithm::ES256;
+    let sb = Sandbox::new();
+    init(&sb);
+    let (good, jwk) = k8s_key("sa-key", ES256);
+    let (forged, _) = k8s_key("sa-key", ES256);
+    write_jwks(&sb, &[&jwk]);
+    let srv = serve_k8s(&sb);
+    let claims = |iss: &str, aud: &str, exp_in: i64, ns: &str| {
+        sa_claims(iss, aud, exp_in, ns, "report-service")
+    };
+    let cases = [
+        (
+            sign_jwt(
+                &good,
+                ES256,
+                "sa-key",
+                &claims(K8S_ISSUER, "vault", 600, "payments"),
+            ),
+            "jwt_audience",
+            "audience",
+        ),
+        (
+            sign_jwt(
+                &good,
+                ES256,
+                "sa-key",
+                &claims("https://other.cluster", "gatehouse", 600, "payments"),
+            ),
+            "jwt_issuer",
+            "--k8s-issuer",
+        ),
+        (
+            sign_jwt(
+                &forged,
+                ES256,
+                "sa-key",
+                &claims(K8S_ISSUER, "gatehouse", 600, "payments"),
+            ),
+            "jwt_signature",
+            "--k8s-jwks",
+        ),
+        (
+            sign_jwt(
+                &good,
+                ES256,
+                "other-kid",
+                &claims(K8S_ISSUER, "gatehouse", 600, "payments"),
+            ),
+            "jwt_signature",
+            "other-kid",
+        ),
+        (
+            sign_jwt(
+                &good,
+                ES256,
+                "sa-key",
+                &claims(K8S_ISSUER, "gatehouse", -120, "payments"),
+            ),
+            "jwt_expired",
+            "projected token",
+        ),
+        (
+            sign_jwt(
+                &good,
+                ES256,
+                "sa-key",
+                &claims(K8S_ISSUER, "gatehouse", 600, "pay/ments"),
+            ),
+            "jwt_malformed",
+            "path segment",
+        ),
+        ("not.a.jwt".to_owned(), "jwt_malformed", "Bearer"),
+    ];
+    for (jwt, code, hint) in &cases {
+        let (s, b) = enroll_jwt(&sb, srv.addr, jwt).await;
+        let e = err(s, &b, 401, code);
+        assert!(e.message.contains(hint), "{code}: {e:?}");
+    }
+    assert_eq!(enrolled_rows(&sb), 0);
+
+    // A bearer token to a CA started without --k8s-jwks is refused too.
+    drop(srv);
+    let plain = serve(&sb, &[]);
+    let ok_claims = claims(K8S_ISSUER, "gatehouse", 600, "payments");
+    let (s, b) = enroll_jwt(
+        &sb,
+        plain.addr,
+        &sign_jwt(&good, ES256, "sa-key", &ok_claims),
+    )
+    .await;
+    err(s, &b, 401, "k8s_not_configured");
+    assert_eq!(enrolled_rows(&sb), 0);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn k8s_map_table_decides_the_identity_and_refuses_unlisted_accounts() {
+    use jsonwebtoken::Algorithm::ES256;
+    let sb = Sandbox::new();
+    init(&sb);
+    let (key, jwk) = k8s_key("sa-key", ES256);
+    write_jwks(&sb, &[&jwk]);
+    let k8s = ["--k8s-jwks", "jwks.json", "--k8s-issuer", K8S_ISSUER];
+
+    // An ID outside the CA's trust domain stops `ca serve` at start, naming the entry.
+    std::fs::write(
+        sb.path("foreign.toml"),
+        "\"payments/report-service\" = \"spiffe://other.test/report-service\"\n",
+    )
+    .expect("map");
+    let out = sb.ca(&[
+        &["serve", "--dir", "ca", "--listen", "127.0.0.1:0"][..],
+        &k8s,
+        &["--k8s-map", "foreign.toml"],
+    ]
+    .concat());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("payments/report-service") && stderr.contains("trust domain"),
+        "{stderr}"
+    );
+
+    std::fs::write(
+        sb.path("map.toml"),
+        format!("\"payments/report-service\" = \"{TD}/report-service\"\n"),
+    )
+    .expect("map");
+    let srv = serve(&sb, &[&k8s[..], &["--k8s-map", "map.toml"]].concat());
+    let listed = sa_claims(K8S_ISSUER, "gatehouse", 600, "payments", "report-service");
+    let (s, b) = enroll_jwt(&sb, srv.addr, &sign_jwt(&key, ES256, "sa-key", &listed)).await;
+    assert_eq!(ok_cert(s, &b).spiffe_id, format!("{TD}/report-service"));
+
+    let unlisted = sa_claims(K8S_ISSUER, "gatehouse", 600, "ledger", "monolith");
+    let (s, b) = enroll_jwt(&sb, srv.addr, &sign_jwt(&key, ES256, "sa-key", &unlisted)).await;
+    let e = err(s, &b, 403, "k8s_unmapped");
+    assert!(e.message.contains("ledger/monolith"), "{e:?}");
+    assert_eq!(enrolled_rows(&sb), 1);
 }

@@ -234,6 +234,21 @@ enum Command {
         /// DNS name to add to the serving certificate (repeatable), for clients that check one.
         #[arg(long)]
         dns: Vec<String>,
+        /// Accept Kubernetes projected service-account tokens (`Authorization: Bearer`) for
+        /// enrollment, verified against the public keys of this JWKS file (the cluster's
+        /// /openid/v1/jwks). They enroll as spiffe://<td>/ns/<namespace>/sa/<serviceaccount>.
+        #[arg(long, requires = "k8s_issuer")]
+        k8s_jwks: Option<PathBuf>,
+        /// The `iss` those tokens must carry (the API server's --service-account-issuer).
+        #[arg(long, requires = "k8s_jwks")]
+        k8s_issuer: Option<String>,
+        /// The audience those tokens must include (the pod's serviceAccountToken.audience).
+        #[arg(long, default_value = gatehouse_ca::k8s::DEFAULT_AUDIENCE)]
+        k8s_audience: String,
+        /// TOML table `"<namespace>/<serviceaccount>" = "spiffe://<td>/<path>"`: instead of
+        /// spiffe://<td>/ns/<ns>/sa/<sa>, only the listed accounts enroll, as their listed ID.
+        #[arg(long, requires = "k8s_jwks")]
+        k8s_map: Option<PathBuf>,
     },
 }
 
@@ -401,7 +416,22 @@ fn run(cli: &Cli) -> Result<ExitCode, CaError> {
             listen,
             svid_ttl,
             dns,
-        } => serve(dir, *listen, *svid_ttl, dns),
+            k8s_jwks,
+            k8s_issuer,
+            k8s_audience,
+            k8s_map,
+        } => {
+            let k8s = k8s_jwks
+                .as_deref()
+                .zip(k8s_issuer.as_deref())
+                .map(|(jwks, iss)| K8sArgs {
+                    jwks,
+                    issuer: iss,
+                    audience: k8s_audience,
+                    map: k8s_map.as_deref(),
+                });
+            serve(dir, *listen, *svid_ttl, dns, k8s)
+        }
     }
 }
 
@@ -459,14 +489,38 @@ fn enrollment_issue(
     Ok(ExitCode::SUCCESS)
 }
 
+/// The `--k8s-*` options of `ca serve`.
+struct K8sArgs<'a> {
+    jwks: &'a Path,
+    issuer: &'a str,
+    audience: &'a str,
+    map: Option<&'a Path>,
+}
+
 fn serve(
     dir: &Path,
     listen: std::net::SocketAddr,
     svid_ttl: Duration,
     dns: &[String],
+    k8s: Option<K8sArgs<'_>>,
 ) -> Result<ExitCode, CaError> {
     let ca = Authority::open(dir)?;
     gatehouse_ca::profile::check_dns_names(dns)?;
+    let k8s = k8s
+        .map(|k| {
+            let v = gatehouse_ca::k8s::K8sVerifier::load(
+                k.jwks,
+                k.issuer,
+                k.audience,
+                ca.trust_domain().clone(),
+            )?;
+            match k.map {
+                Some(map) => v.with_map(map),
+                None => Ok(v),
+            }
+            .map(std::sync::Arc::new)
+        })
+        .transpose()?;
     let io = |action| {
         move |source| CaError::Io {
             action,
@@ -485,6 +539,7 @@ fn serve(
         let opts = gatehouse_ca::serve::ServeOptions {
             svid_ttl,
             dns: dns.to_vec(),
+            k8s,
         };
         gatehouse_ca::serve::serve(ca, opts, listener, |addr| {
             use std::io::Write;
