@@ -6,57 +6,9 @@
 
 mod common;
 
-use std::sync::Arc;
-
-use common::{Sandbox, pem_certs};
-use rustls::RootCertStore;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, UnixTime};
-use rustls::server::WebPkiClientVerifier;
-use rustls::server::danger::ClientCertVerifier;
-use x509_parser::prelude::{FromDer, X509Certificate};
+use common::{Sandbox, crls, serial, verifier, verify};
+use x509_parser::prelude::FromDer;
 use x509_parser::revocation_list::CertificateRevocationList;
-
-fn crls(sb: &Sandbox, file: &str) -> Vec<CertificateRevocationListDer<'static>> {
-    CertificateRevocationListDer::pem_file_iter(sb.path(file))
-        .expect("crl file")
-        .collect::<Result<_, _>>()
-        .expect("pem")
-}
-
-/// The sidecar's client-certificate verifier: webpki with the CRLs, checking the whole chain
-/// and denying a certificate whose issuer has no CRL (rustls' defaults).
-fn verifier(sb: &Sandbox, crl_file: &str) -> Arc<dyn ClientCertVerifier> {
-    let mut roots = RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(sb.path("ca/bundle.pem")).expect("bundle") {
-        roots.add(cert.expect("pem")).expect("root");
-    }
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-        .with_crls(crls(sb, crl_file))
-        .build()
-        .expect("verifier with CRLs")
-}
-
-fn verify(v: &dyn ClientCertVerifier, sb: &Sandbox, dir: &str) -> Result<(), rustls::Error> {
-    let chain: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_file_iter(sb.path(&format!("{dir}/cert.pem")))
-            .expect("cert")
-            .collect::<Result<_, _>>()
-            .expect("pem");
-    v.verify_client_cert(&chain[0], &chain[1..], UnixTime::now())
-        .map(|_| ())
-}
-
-fn serial(sb: &Sandbox, dir: &str) -> String {
-    let der = pem_certs(&sb.read(&format!("{dir}/cert.pem"))).remove(0);
-    hex::encode(
-        X509Certificate::from_der(&der)
-            .expect("parse")
-            .1
-            .raw_serial(),
-    )
-}
 
 /// (issuer CN, CRL number, seconds from now to next-update) of every CRL in `file`.
 fn crl_summary(sb: &Sandbox, file: &str) -> Vec<(String, String, i64)> {
