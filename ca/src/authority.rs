@@ -5,6 +5,7 @@
 //!   ca.json            trust domain, key type, generations (one per root), CRL number
 //!   gen-1/root.pem     root certificate          gen-1/root.key          PKCS#8, 0600
 //!   gen-1/intermediate.pem (with --intermediate) gen-1/intermediate.key  PKCS#8, 0600
+//!   gen-1/root.crl.pem (with --intermediate) the root's last CRL, reused while root.key is offline
 //!   bundle.pem         the roots of every generation not yet retired (the trust bundle)
 //!   inventory.jsonl    append-only ledger: one JSON line per issued or revoked certificate
 //!   .lock              flock(2) target: every write to the directory holds it

@@ -193,6 +193,19 @@ pub enum CaError {
         /// The requested identity.
         id: SpiffeId,
     },
+    /// The root key of a generation is offline and its stored CRL cannot stand in for a new one.
+    #[error(
+        "gen-{generation}/root.key is offline and its stored root CRL cannot be reused: {detail} ({})",
+        path.display()
+    )]
+    RootCrlNeeded {
+        /// The generation.
+        generation: u32,
+        /// Where the root CRL is stored.
+        path: PathBuf,
+        /// What is wrong with it.
+        detail: String,
+    },
     /// A renewal whose CSR carries the key of the certificate being renewed.
     #[error("the CSR carries the same public key as the certificate being renewed")]
     RenewSameKey,
@@ -233,6 +246,7 @@ impl CaError {
                 | Self::RenewSameKey
                 | Self::ReservedPath { .. }
                 | Self::Revoked { .. }
+                | Self::RootCrlNeeded { .. }
         )
     }
 

@@ -7,6 +7,12 @@
 //! intermediate today) so that verifiers that check the whole chain, as rustls/webpki do by
 //! default, know the intermediate's status too. All CRLs of one run share a CRL number, which
 //! increases by one per run (`ca.json`).
+//!
+//! Offline root: the root's CRL lives [`DEFAULT_ROOT_CRL_TTL`] (or `ca crl --root-ttl`) and is
+//! kept in `gen-N/root.crl.pem` whenever the root key signs one. When `gen-N/root.key` is absent,
+//! that stored CRL is reused as is (same CRL number: webpki and the sidecar's rollback check accept
+//! an issuer's CRL number repeating), and the run is refused ([`CaError::RootCrlNeeded`]) when it
+//! is missing or expires within the new CRLs' lifetime.
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -21,6 +27,13 @@ use crate::authority::{CaState, CrlOutput};
 use crate::inventory::{self, CertState, Record, Revoked, fmt_time, parse_time};
 use crate::store::{self, PUBLIC_MODE};
 use crate::{Authority, CaError, SpiffeId};
+
+/// Default lifetime of a root's CRL (`ca crl --root-ttl`): 90 days, so the root key can stay
+/// offline between renewals.
+pub const DEFAULT_ROOT_CRL_TTL: Duration = Duration::from_secs(90 * 24 * 3600);
+
+/// The root's last signed CRL, kept next to its certificate for the offline-root layout.
+const ROOT_CRL_FILE: &str = "root.crl.pem";
 
 /// How many CRL files `ca.json` remembers (the oldest is forgotten first).
 const MAX_CRL_OUTPUTS: usize = 16;
@@ -136,7 +149,12 @@ impl Authority {
         let _lock = self.lock()?;
         let mut state = self.state()?;
         state.crl_number += 1;
-        let pem = self.sign_crls(&state, state.crl_number, ttl)?;
+        let pem = self.sign_crls(
+            &state,
+            state.crl_number,
+            ttl,
+            crl_ttl(DEFAULT_ROOT_CRL_TTL)?,
+        )?;
         self.save_state(&state)?;
         Ok(pem)
     }
@@ -149,6 +167,20 @@ impl Authority {
     /// As [`Authority::crl_pem`], [`CaError::OutputInsideCa`] (checked before the CRL number is
     /// used), plus I/O errors naming `out`.
     pub fn write_crl(&self, out: &Path, ttl: Duration) -> Result<(), CaError> {
+        self.write_crl_with_root_ttl(out, ttl, DEFAULT_ROOT_CRL_TTL)
+    }
+
+    /// [`Authority::write_crl`] with the lifetime of the roots' CRLs (when their keys are
+    /// present; see the module docs): the longer of `root_ttl` and `ttl`.
+    ///
+    /// # Errors
+    /// As [`Authority::write_crl`], plus [`CaError::RootCrlNeeded`].
+    pub fn write_crl_with_root_ttl(
+        &self,
+        out: &Path,
+        ttl: Duration,
+        root_ttl: Duration,
+    ) -> Result<(), CaError> {
         // Before the CRL number is used: `out` must not overwrite the CA's own state.
         self.check_output(out)?;
         let ttl_secs = ttl.as_secs();
@@ -157,7 +189,8 @@ impl Authority {
         let _lock = self.lock()?;
         let mut state = self.state()?;
         state.crl_number += 1;
-        let pem = self.sign_crls(&state, state.crl_number, ttl)?;
+        let root_ttl = crl_ttl(root_ttl)?;
+        let pem = self.sign_crls(&state, state.crl_number, ttl, root_ttl)?;
         state.crl_outputs.retain(|o| o.path != path);
         state.crl_outputs.push(CrlOutput {
             path: path.clone(),
@@ -185,7 +218,8 @@ impl Authority {
         for out in &state.crl_outputs {
             if !signed.iter().any(|(t, _)| *t == out.ttl_secs) {
                 let ttl = crl_ttl(Duration::from_secs(out.ttl_secs))?;
-                signed.push((out.ttl_secs, self.sign_crls(state, number, ttl)?));
+                let root_ttl = crl_ttl(DEFAULT_ROOT_CRL_TTL)?;
+                signed.push((out.ttl_secs, self.sign_crls(state, number, ttl, root_ttl)?));
             }
             let pem = signed
                 .iter()
@@ -204,6 +238,7 @@ impl Authority {
         state: &CaState,
         number: u64,
         ttl: time::Duration,
+        root_ttl: time::Duration,
     ) -> Result<String, CaError> {
         let now = OffsetDateTime::now_utc();
         let now = now.replace_nanosecond(0).unwrap_or(now);
@@ -226,9 +261,52 @@ impl Authority {
             let signer = self.signer(state, generation.id)?;
             pem.push_str(&sign_crl(&signer.issuer, revoked, number, now, ttl)?);
             if state.intermediate {
-                let root = self.root_signer(generation.id)?;
-                pem.push_str(&sign_crl(&root.issuer, Vec::new(), number, now, ttl)?);
+                pem.push_str(&self.root_crl(generation.id, number, now, ttl, root_ttl)?);
             }
+        }
+        Ok(pem)
+    }
+
+    /// The (empty) CRL of generation `id`'s root: signed for `max(ttl, root_ttl)` and stored when
+    /// `gen-N/root.key` is present, else the stored one if it outlives this run's CRLs.
+    fn root_crl(
+        &self,
+        id: u32,
+        number: u64,
+        now: OffsetDateTime,
+        ttl: time::Duration,
+        root_ttl: time::Duration,
+    ) -> Result<String, CaError> {
+        let gen_dir = self.dir().join(format!("gen-{id}"));
+        let stored = gen_dir.join(ROOT_CRL_FILE);
+        if gen_dir.join("root.key").exists() {
+            let root = self.root_signer(id)?;
+            let pem = sign_crl(&root.issuer, Vec::new(), number, now, ttl.max(root_ttl))?;
+            store::write_atomic(&stored, pem.as_bytes(), PUBLIC_MODE)?;
+            return Ok(pem);
+        }
+        let needed = |detail: String| CaError::RootCrlNeeded {
+            generation: id,
+            path: stored.clone(),
+            detail,
+        };
+        let pem = match std::fs::read_to_string(&stored) {
+            Ok(pem) => pem,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(needed("there is no stored root CRL".into()));
+            }
+            Err(e) => return Err(CaError::io("cannot read", &stored)(e)),
+        };
+        let next_update = crl_next_update(&pem).ok_or_else(|| CaError::Corrupt {
+            path: stored.clone(),
+            detail: "not a PEM CRL with a next-update".into(),
+        })?;
+        if next_update < now + ttl {
+            return Err(needed(format!(
+                "the stored root CRL expires {}, before this CRL's next-update {}",
+                fmt_time(next_update),
+                fmt_time(now + ttl)
+            )));
         }
         Ok(pem)
     }
@@ -264,6 +342,15 @@ fn sign_crl(
         key_identifier_method: KeyIdMethod::Sha256,
     };
     Ok(params.signed_by(issuer)?.pem()?)
+}
+
+/// The next-update of the first CRL in `pem`.
+fn crl_next_update(pem: &str) -> Option<OffsetDateTime> {
+    use x509_parser::prelude::FromDer;
+    let (_, block) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).ok()?;
+    let (_, crl) =
+        x509_parser::revocation_list::CertificateRevocationList::from_der(&block.contents).ok()?;
+    Some(crl.next_update()?.to_datetime())
 }
 
 /// Big-endian bytes of `n` without leading zeros, and with a leading zero if the top bit is set

@@ -4,56 +4,9 @@
 
 mod common;
 
-use std::sync::Arc;
-
-use common::{Sandbox, pem_certs};
-use rustls::RootCertStore;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, UnixTime};
-use rustls::server::WebPkiClientVerifier;
-use rustls::server::danger::ClientCertVerifier;
+use common::{Sandbox, crls, pem_certs, serial, verifier, verify};
 use x509_parser::prelude::{FromDer, X509Certificate};
 use x509_parser::revocation_list::CertificateRevocationList;
-
-fn crls(sb: &Sandbox, file: &str) -> Vec<CertificateRevocationListDer<'static>> {
-    CertificateRevocationListDer::pem_file_iter(sb.path(file))
-        .expect("crl file")
-        .collect::<Result<_, _>>()
-        .expect("pem")
-}
-
-fn verifier(sb: &Sandbox, crl_file: &str) -> Arc<dyn ClientCertVerifier> {
-    let mut roots = RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(sb.path("ca/bundle.pem")).expect("bundle") {
-        roots.add(cert.expect("pem")).expect("root");
-    }
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-        .with_crls(crls(sb, crl_file))
-        .build()
-        .expect("verifier with CRLs")
-}
-
-/// Runs the rustls verifier on the chain in `dir/cert.pem`.
-fn verify(v: &dyn ClientCertVerifier, sb: &Sandbox, dir: &str) -> Result<(), rustls::Error> {
-    let chain: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_file_iter(sb.path(&format!("{dir}/cert.pem")))
-            .expect("cert")
-            .collect::<Result<_, _>>()
-            .expect("pem");
-    v.verify_client_cert(&chain[0], &chain[1..], UnixTime::now())
-        .map(|_| ())
-}
-
-fn serial(sb: &Sandbox, dir: &str) -> String {
-    let der = pem_certs(&sb.read(&format!("{dir}/cert.pem"))).remove(0);
-    hex::encode(
-        X509Certificate::from_der(&der)
-            .expect("parse")
-            .1
-            .raw_serial(),
-    )
-}
 
 fn revoked_leaf_is_rejected_and_others_accepted(intermediate: bool) {
     let sb = Sandbox::new();

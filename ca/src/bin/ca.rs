@@ -192,6 +192,11 @@ enum Command {
         /// Validity of the CRL (its next-update).
         #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
         ttl: Duration,
+        /// With --intermediate: validity of each root's CRL when its key is present (the longer
+        /// of this and --ttl); it is stored as gen-N/root.crl.pem and reused while root.key is
+        /// offline (docs/OPERATIONS.md, "Offline root").
+        #[arg(long, default_value = "2160h", value_parser = humantime::parse_duration)]
+        root_ttl: Duration,
     },
     /// Write the CA's current trust bundle (every root not retired) to a file, and nothing else.
     ///
@@ -391,7 +396,12 @@ fn run(cli: &Cli) -> Result<ExitCode, CaError> {
             *crl_ttl,
             json,
         ),
-        Command::Crl { dir, out, ttl } => crl(dir, out, *ttl, json),
+        Command::Crl {
+            dir,
+            out,
+            ttl,
+            root_ttl,
+        } => crl(dir, out, *ttl, *root_ttl, json),
         Command::Bundle { dir, out } => bundle(dir, out, json),
         Command::Token {
             command:
@@ -823,11 +833,17 @@ fn revoke(
     Ok(ExitCode::SUCCESS)
 }
 
-fn crl(dir: &Path, out: &Path, ttl: Duration, json: bool) -> Result<ExitCode, CaError> {
+fn crl(
+    dir: &Path,
+    out: &Path,
+    ttl: Duration,
+    root_ttl: Duration,
+    json: bool,
+) -> Result<ExitCode, CaError> {
     let ca = Authority::open(dir)?;
     check_out_file(&ca, out)?;
     create_parent(out)?;
-    ca.write_crl(out, ttl)?;
+    ca.write_crl_with_root_ttl(out, ttl, root_ttl)?;
     let revoked = ca.revoked_serials()?.len();
     if json {
         print_json(&json!({ "crl": out, "revoked_total": revoked }));
@@ -1118,6 +1134,7 @@ fn help(e: &CaError) -> Option<String> {
         CaError::UnknownSerial { .. } | CaError::UnknownIdentity { .. } => "run `ca list --dir <dir>` to see what was issued".into(),
         CaError::UnknownReason { .. } => "use one of: unspecified, key-compromise, ca-compromise, affiliation-changed, superseded, cessation-of-operation, privilege-withdrawn".into(),
         CaError::NothingToRetire => "run `ca root rotate` first; `root retire` drops the roots that rotation superseded".into(),
+        CaError::RootCrlNeeded { generation, .. } => format!("bring gen-{generation}/root.key back into the CA directory, run `ca crl --dir <dir> --out <crl.pem> --root-ttl 2160h` (signs and stores a 90-day root CRL), then move the key offline again"),
         CaError::RootInUse { .. } => "re-issue them (`ca rotate --dir <dir> <outdir>...`) or wait until they expire; `--force` retires anyway and they stop verifying".into(),
         CaError::TokenUnknown | CaError::TokenExpired { .. } | CaError::TokenUsed => "create a new join token with `ca token create --dir <dir> --spiffe-id <id>`".into(),
         CaError::ReservedPath { .. } => "pass the workload's own SPIFFE ID, e.g. spiffe://<td>/payments".into(),

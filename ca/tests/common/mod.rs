@@ -3,6 +3,14 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::Arc;
+
+use rustls::RootCertStore;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, UnixTime};
+use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::ClientCertVerifier;
+use x509_parser::prelude::{FromDer, X509Certificate};
 
 /// A temp directory (removed on drop) with helpers to run `ca` in it.
 pub struct Sandbox {
@@ -133,4 +141,48 @@ pub fn mode(path: &Path) -> u32 {
         .permissions()
         .mode()
         & 0o777
+}
+
+/// The CRLs of `file` (relative to the sandbox).
+pub fn crls(sb: &Sandbox, file: &str) -> Vec<CertificateRevocationListDer<'static>> {
+    CertificateRevocationListDer::pem_file_iter(sb.path(file))
+        .expect("crl file")
+        .collect::<Result<_, _>>()
+        .expect("pem")
+}
+
+/// The sidecar's client-certificate verifier: rustls/webpki with `ca/bundle.pem` and the CRLs of
+/// `crl_file`, checking the whole chain and denying a CA without a CRL (rustls' defaults).
+pub fn verifier(sb: &Sandbox, crl_file: &str) -> Arc<dyn ClientCertVerifier> {
+    let mut roots = RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(sb.path("ca/bundle.pem")).expect("bundle") {
+        roots.add(cert.expect("pem")).expect("root");
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+        .with_crls(crls(sb, crl_file))
+        .build()
+        .expect("verifier with CRLs")
+}
+
+/// Runs the rustls verifier on the chain in `dir/cert.pem`.
+pub fn verify(v: &dyn ClientCertVerifier, sb: &Sandbox, dir: &str) -> Result<(), rustls::Error> {
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_file_iter(sb.path(&format!("{dir}/cert.pem")))
+            .expect("cert")
+            .collect::<Result<_, _>>()
+            .expect("pem");
+    v.verify_client_cert(&chain[0], &chain[1..], UnixTime::now())
+        .map(|_| ())
+}
+
+/// The serial (hex) of the leaf in `dir/cert.pem`.
+pub fn serial(sb: &Sandbox, dir: &str) -> String {
+    let der = pem_certs(&sb.read(&format!("{dir}/cert.pem"))).remove(0);
+    hex::encode(
+        X509Certificate::from_der(&der)
+            .expect("parse")
+            .1
+            .raw_serial(),
+    )
 }
