@@ -106,7 +106,7 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
             let _ = tls::leaf_identity(cert);
             let _ = tls::svid_identity(cert, &f.td);
         }
-        let _ = tls::leaf_serial_hex(Some(&chain));
+        let _ = chain.first().map(tls::serial_hex);
     }
     let _ = tls::load_key(file);
     if let Ok((roots, _)) = tls::load_bundle(file) {

@@ -166,7 +166,8 @@ async fn serve_one(
         .observe(started.elapsed().as_secs_f64());
     let h2 = session.alpn_protocol() == Some(b"h2");
     debug!(caller = %peer.id(), h2, "mTLS handshake ok");
-    let serial = crate::tls::leaf_serial_hex(session.peer_certificates());
+    // Parsed once, by the verifier's `identify`.
+    let serial = peer.serial_hex().to_owned();
     let mut recheck = Recheck {
         reloads,
         state: inbound.state.clone(),

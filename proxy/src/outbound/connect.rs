@@ -507,7 +507,7 @@ impl Upstream {
             .1
             .peer_certificates()
             .and_then(<[_]>::first)
-            .map_or_else(String::new, crate::tls::verify::serial_hex)
+            .map_or_else(String::new, crate::tls::serial_hex)
             .into();
         let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
         let alert = Arc::new(OnceLock::new());

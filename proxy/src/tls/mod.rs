@@ -435,13 +435,11 @@ fn crl_set(
     Ok(set)
 }
 
-/// The serial of the first certificate of `certs` (a peer's leaf), lowercase hex; empty when
-/// there is none or it does not parse.
-pub fn leaf_serial_hex(certs: Option<&[CertificateDer<'_>]>) -> String {
+/// The serial number of the certificate `der`, lowercase hex as encoded (what `openssl x509
+/// -serial` prints, in lowercase); empty when the certificate cannot be parsed.
+pub fn serial_hex(der: &CertificateDer<'_>) -> String {
     use x509_parser::prelude::{FromDer, X509Certificate};
-    certs
-        .and_then(<[_]>::first)
-        .and_then(|c| X509Certificate::from_der(c.as_ref()).ok())
+    X509Certificate::from_der(der.as_ref())
         .map(|(_, c)| hex::encode(c.raw_serial()))
         .unwrap_or_default()
 }

@@ -42,15 +42,6 @@ pub struct PeerIdentity {
     serial_hex: String,
 }
 
-/// The serial number of the certificate `der`, lowercase hex as encoded (what `openssl x509
-/// -serial` prints, in lowercase); empty when the certificate cannot be parsed.
-pub fn serial_hex(der: &CertificateDer<'_>) -> String {
-    use x509_parser::prelude::{FromDer, X509Certificate};
-    X509Certificate::from_der(der.as_ref())
-        .map(|(_, c)| hex::encode(c.raw_serial()))
-        .unwrap_or_default()
-}
-
 impl PeerIdentity {
     /// The peer's SPIFFE ID.
     pub fn id(&self) -> &SpiffeId {
@@ -81,7 +72,7 @@ impl PeerIdentity {
         Ok(Self {
             id,
             leaf_sha256_hex: hex::encode(Sha256::digest(leaf.as_ref())),
-            serial_hex: serial_hex(leaf),
+            serial_hex: super::serial_hex(leaf),
         })
     }
 }
