@@ -61,9 +61,16 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Check { config } => match load(&config) {
             Ok(loaded) => {
-                print!("{}", loaded.summary());
-                println!("ok: {} is valid", config.display());
-                ExitCode::SUCCESS
+                let out = format!("{}ok: {} is valid\n", loaded.summary(), config.display());
+                // Often piped (`| grep -q …`): a reader that stopped early is not an error, and a
+                // closed pipe must not turn a valid config into a panic.
+                match std::io::Write::write_all(&mut std::io::stdout().lock(), out.as_bytes()) {
+                    Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                        eprintln!("error: cannot write the summary to stdout: {e}");
+                        ExitCode::from(2)
+                    }
+                    _ => ExitCode::SUCCESS,
+                }
             }
             Err(code) => code,
         },

@@ -1186,3 +1186,31 @@ async fn resumed_session_with_a_certificate_that_expired_since_is_refused() {
         .expect("metrics");
     assert_eq!(expired, 1.0);
 }
+
+/// `sidecar check | grep -q …` (the compliance doc's evidence commands): a reader that closed
+/// the pipe before the summary was written is not a failure of a valid config. Before, the
+/// summary's second write panicked on the broken pipe (exit 101).
+#[tokio::test]
+async fn sidecar_check_into_a_closed_pipe_still_exits_0() {
+    let pki = Pki::new(TD);
+    let server = pki.issue(MONOLITH);
+    let app = FakeApp::start().await;
+    let b = Sidecar::inbound(&server, app.addr(), POLICY);
+    let config = b.write();
+    let mut child = Command::new(gatehouse_tests::harness::binary("sidecar"))
+        .arg("check")
+        .arg("--config")
+        .arg(&config)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn sidecar check");
+    drop(child.stdout.take()); // the reader is gone before anything is written
+    let out = child.wait_with_output().expect("sidecar check");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
