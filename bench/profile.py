@@ -232,7 +232,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bin-dir", default=str(B.ROOT / "target" / "release"))
     p.add_argument("--side", choices=["inbound", "outbound"], default="inbound")
-    p.add_argument("--pair", choices=["gatehouse", "gatehouse-h1", "nginx", "haproxy"], default="gatehouse",
+    p.add_argument("--pair", choices=["gatehouse", "gatehouse-audit", "gatehouse-h1", "nginx", "haproxy"], default="gatehouse",
                    help="profile a half of this pair (nginx/HAProxy: for comparison, one worker/thread; "
                         "gatehouse-h1: HTTP/1.1 between the sidecars); --perf: gatehouse or gatehouse-h1")
     p.add_argument("--requests", type=int, default=0)
