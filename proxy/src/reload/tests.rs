@@ -10,7 +10,8 @@ use super::apply::{BUNDLE, CERT, CRL, KEY, POLICY, candidates, kinds};
 use super::{Reloader, Trigger};
 use crate::input::Inputs;
 use crate::metrics::Metrics;
-use crate::state::State;
+use crate::outbound::tls_source::TlsSource;
+use crate::state::{State, Trust};
 
 #[test]
 fn candidates_try_every_changed_group_then_trust_first() {
@@ -68,7 +69,9 @@ fn state(dir: &Path) -> (Arc<State>, Inputs) {
     .expect("policy");
     let config = "[identity]\ncert = \"certs/cert.pem\"\nkey = \"certs/key.pem\"\n\
          bundle = \"certs/bundle.pem\"\n\n[inbound]\nlisten = \"127.0.0.1:0\"\n\
-         app = \"127.0.0.1:1\"\npolicy = \"policy.toml\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n";
+         app = \"127.0.0.1:1\"\npolicy = \"policy.toml\"\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n\
+         [[outbound]]\nname = \"peer\"\nlisten = \"127.0.0.1:0\"\nconnect = \"127.0.0.1:1\"\n\
+         server_id = \"spiffe://reload.test/peer\"\n";
     let config = crate::config::Config::parse(config, &dir.join("sidecar.toml")).expect("config");
     let (state, inputs) = State::load(config).expect("state");
     (Arc::new(state), inputs)
@@ -118,4 +121,33 @@ async fn stuck_attempt_is_reported_and_blocks_no_later_reload() {
     assert!(status.lock().expect("status").to_json()["stuck_since"].is_null());
     assert_eq!(state.generation(), 1);
     assert_eq!(metrics.reloads.with_label_values(&["none", "ok"]).get(), 1);
+}
+
+/// Outbound pools dial with the current snapshot's configuration for their entry, and only a
+/// change of trust (a swap with a new bundle or CRL, a CRL gone stale) retires their pooled
+/// connections.
+#[test]
+fn outbound_tls_follows_the_snapshot_and_only_trust_changes_retire_connections() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let (state, inputs) = state(dir.path());
+    let tls: &dyn TlsSource = &*state;
+    let first = tls.client_config("peer").expect("the configured entry");
+    assert!(tls.client_config("other").is_none());
+    assert_eq!(tls.trust_generation(), 0);
+
+    // A policy edit or certificate rotation: a new configuration, connections stay pooled.
+    state.swap(state.build_snapshot(&inputs).expect("build"), Trust::Kept);
+    let second = tls.client_config("peer").expect("entry");
+    assert!(!Arc::ptr_eq(&first, &second), "dials use the new snapshot");
+    assert_eq!(tls.trust_generation(), 0);
+
+    // A new bundle or CRL: pooled connections are retired.
+    state.swap(state.build_snapshot(&inputs).expect("build"), Trust::Changed);
+    assert!(!Arc::ptr_eq(&second, &tls.client_config("peer").expect("entry")));
+    assert_eq!(tls.trust_generation(), 1);
+
+    // A CRL gone stale beyond its grace period: retired without a swap.
+    state.recheck_peers();
+    assert_eq!(tls.trust_generation(), 2);
+    assert_eq!(state.generation(), 2);
 }
