@@ -185,7 +185,8 @@ impl State {
         self.generation.send_modify(|_| {});
     }
 
-    /// A receiver that changes on every [`State::swap`].
+    /// A receiver that changes on every swap (`State::swap`) and on
+    /// [`State::recheck_peers`].
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.generation.subscribe()
     }

@@ -2,7 +2,7 @@
 //!
 //! # Reload and rotation
 //!
-//! **Triggers.** Three ways, all ending in [`Reloader::reload`]:
+//! **Triggers.** Three ways, all ending in `Reloader::reload`:
 //! - file events (notify/inotify) on the *directories* holding the certificate, key, bundle,
 //!   CRL and policy files, debounced by `[reload] debounce` (default 75 ms). Directories, not
 //!   files: `ca rotate` and kubelet publish a new version by renaming a `..data` symlink, and
@@ -34,26 +34,31 @@
 //! until it has finished (its result is then discarded and the files are read again), so a
 //! hung file system cannot pile up blocked threads.
 //!
-//! **Validation.** A reload builds a whole new [`Snapshot`] through the same code as startup
-//! ([`State::build_snapshot`]), so it checks everything startup checks: every file reads and
+//! **Validation.** A reload builds a whole new [`Snapshot`](crate::state::Snapshot) through the same code as startup
+//! ([`State::build_snapshot`]: credentials, policy, the inbound `ServerConfig` and every
+//! outbound `ClientConfig`), so it checks everything startup checks: every file reads and
 //! parses, the key matches the certificate, the leaf is an X.509-SVID, chains to the (new)
 //! bundle and has not expired, the CRL parses, the policy compiles and is for our trust domain,
-//! the outbound TLS configurations build. In addition the SPIFFE ID must be the running one
-//! unless `[reload] allow_identity_change = true` (DANGEROUS: a sidecar that silently becomes
+//! the outbound TLS configurations build. In addition no issuer's CRL may go back to a lower
+//! CRL number, and the SPIFFE ID must be the running one unless
+//! `[reload] allow_identity_change = true` (DANGEROUS: a sidecar that silently becomes
 //! another workload defeats every policy written about it). On any failure the old snapshot
 //! stays, the reason is logged (`reload refused`, with the trigger, the changed kinds and every
-//! error) and `gatehouse_reloads_total{result="error"}` counts it.
+//! error) and `gatehouse_reloads_total{result="error"}` counts it. The reasons stay typed
+//! (`reload::error::ReloadError`: the startup `LoadError`s, a CRL rollback, an identity
+//! change) until the log line and `/status` render them.
 //!
-//! **Swap.** The new snapshot is swapped in atomically ([`State::swap`]): new inbound
+//! **Swap.** The new snapshot is swapped in atomically (`State::swap`): new inbound
 //! handshakes use its `ServerConfig` (a fresh one, so a fresh session cache, whenever the
 //! bundle or CRL changed or on SIGHUP: no session verified under an old bundle or CRL resumes;
 //! a resumed peer is re-verified anyway, see [`crate::tls::verify`]; a reload that leaves
-//! trust alone keeps the running `ServerConfig` and its sessions, see
-//! [`State::keep_server_tls`]), both TLS roles present the new certificate, and every
-//! request, including those on open keep-alive and HTTP/2 connections, is decided by the new
-//! policy. When the bundle or CRL changed, each outbound pool gets a new client configuration
-//! and retires its open connections ([`crate::outbound::connect::Upstream::retire_all`]):
-//! requests in flight finish, new ones go over new handshakes.
+//! trust alone keeps the running `ServerConfig` and its sessions), both TLS roles present the
+//! new certificate, and every request, including those on open keep-alive and HTTP/2
+//! connections, is decided by the new policy. Outbound pools read their entry's
+//! `ClientConfig` from the current snapshot whenever they dial
+//! ([`crate::outbound::tls_source`]); when the bundle or CRL changed (or on SIGHUP) the swap
+//! also starts a new *trust generation*, and pooled outbound connections opened under an
+//! older one are not reused: requests in flight finish, new ones go over new handshakes.
 //!
 //! **Live connections keep** their TLS session (and the certificate it presented) and their
 //! requests in flight. They do not keep their trust: after every swap each inbound connection

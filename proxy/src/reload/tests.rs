@@ -142,8 +142,14 @@ fn outbound_tls_follows_the_snapshot_and_only_trust_changes_retire_connections()
     assert_eq!(tls.trust_generation(), 0);
 
     // A new bundle or CRL: pooled connections are retired.
-    state.swap(state.build_snapshot(&inputs).expect("build"), Trust::Changed);
-    assert!(!Arc::ptr_eq(&second, &tls.client_config("peer").expect("entry")));
+    state.swap(
+        state.build_snapshot(&inputs).expect("build"),
+        Trust::Changed,
+    );
+    assert!(!Arc::ptr_eq(
+        &second,
+        &tls.client_config("peer").expect("entry")
+    ));
     assert_eq!(tls.trust_generation(), 1);
 
     // A CRL gone stale beyond its grace period: retired without a swap.
