@@ -1,7 +1,9 @@
 //! Loading and running a sidecar: [`load`] is the shared path of `sidecar check` and
-//! `sidecar run` (configuration, credentials, policy, TLS configurations, outbound entries;
-//! nothing is bound), [`run`] binds the listeners, starts the [`Reloader`] (file events,
-//! polling, SIGHUP), serves until SIGTERM/SIGINT and drains.
+//! `sidecar run` (configuration, then the first [`crate::state::Snapshot`] with credentials,
+//! policy, inbound and outbound TLS configurations; nothing is bound), [`run`] binds the
+//! listeners, starts the [`Reloader`] (file events, polling, SIGHUP), serves until
+//! SIGTERM/SIGINT and drains. The outbound pools dial with the current snapshot's TLS
+//! configuration ([`crate::outbound::tls_source`]): nothing hands configurations to them.
 //!
 //! Each bound listener is logged as `listening <name> on <addr>` (port 0 in the configuration
 //! picks a free port; the log line and `/status` tell which).
@@ -22,8 +24,8 @@ use crate::inbound::sources::{Caps, Sources};
 use crate::inbound::{Inbound, listener};
 use crate::input::Inputs;
 use crate::metrics::Metrics;
-use crate::outbound::connect::Upstream;
-use crate::outbound::{self, Outbound, OutboundPools, OutboundTls, PreparedOutbound};
+use crate::outbound::tls_source::TlsSource;
+use crate::outbound::{Outbound, OutboundPools};
 use crate::reload::Reloader;
 use crate::signal::{Shutdown, Terminate};
 use crate::state::State;
@@ -38,8 +40,6 @@ pub struct Loaded {
     pub state: Arc<State>,
     /// Metrics registry and families.
     pub metrics: Metrics,
-    /// Outbound entries with their TLS client configurations.
-    pub outbound: Vec<PreparedOutbound>,
     /// The watched files as read for the first snapshot (what the reloader compares with).
     pub inputs: Inputs,
 }
@@ -52,19 +52,9 @@ pub fn load(config: Config) -> Result<Loaded, Vec<LoadError>> {
     let (state, inputs) = State::load(config)?;
     let state = Arc::new(state);
     let metrics = Metrics::register().map_err(|e| vec![e.into()])?;
-    let snapshot = state.snapshot();
-    let tls = OutboundTls {
-        cert: state.resolver.clone(),
-        credentials: snapshot.credentials.clone(),
-        min_tls: state.config.min_tls,
-        provider: state.provider.clone(),
-    };
-    let outbound = outbound::prepare(&state.config.outbound, &tls)
-        .map_err(|es| es.into_iter().map(LoadError::from).collect::<Vec<_>>())?;
     Ok(Loaded {
         state,
         metrics,
-        outbound,
         inputs,
     })
 }
@@ -105,7 +95,7 @@ impl Loaded {
                 inb.policy_sha256
             );
         }
-        for o in &self.outbound {
+        for o in &snap.outbound {
             let _ = writeln!(s, "{}", o.summary());
         }
         let _ = writeln!(s, "admin      {}", cfg.admin.listen);
@@ -153,7 +143,6 @@ pub async fn run(loaded: Loaded, shutdown: Shutdown) -> Result<usize, LoadError>
     let Loaded {
         state,
         metrics,
-        outbound,
         inputs,
     } = loaded;
     let cfg = state.config.clone();
@@ -171,7 +160,12 @@ pub async fn run(loaded: Loaded, shutdown: Shutdown) -> Result<usize, LoadError>
         }
         None => None,
     };
-    let out = Outbound::bind(outbound, metrics.registry(), state.provider.clone()).await?;
+    let out = Outbound::bind(
+        snap.outbound.clone(),
+        metrics.registry(),
+        state.provider.clone(),
+    )
+    .await?;
     for (o, addr) in cfg.outbound.iter().zip(out.local_addrs()) {
         bound.push((format!("outbound:{}", o.name), addr));
     }
@@ -208,24 +202,20 @@ pub async fn run(loaded: Loaded, shutdown: Shutdown) -> Result<usize, LoadError>
             .map(|i| Arc::new(Sources::new(Caps::of(i)))),
         outbound: pools,
     });
-    let mut upstreams: Vec<Vec<Arc<Upstream>>> = vec![Vec::new(); cfg.outbound.len()];
     for index in (0..loops).rev() {
         let share = LoopShare {
             inbound: inbound_acceptors.as_mut().and_then(|(_, a)| a.pop()),
             outbound: outbound_acceptors.iter_mut().filter_map(Vec::pop).collect(),
         };
-        let pools = if index == 0 {
-            shared.start(share, &shutdown)
+        if index == 0 {
+            shared.start(share, &shutdown);
         } else {
             spawn_loop(index, Arc::clone(&shared), share, shutdown.clone())
                 .await
                 .map_err(|source| {
                     shutdown.begin();
                     LoadError::Worker { index, source }
-                })?
-        };
-        for (entry, pool) in upstreams.iter_mut().zip(pools) {
-            entry.push(pool);
+                })?;
         }
     }
     drop(shared);
@@ -234,7 +224,7 @@ pub async fn run(loaded: Loaded, shutdown: Shutdown) -> Result<usize, LoadError>
         info!(target: LISTEN_TARGET, "listening {name} on {addr}");
     }
     info!(identity = %snap.credentials.id, event_loops = loops, "sidecar ready");
-    let reloader = Reloader::new(state.clone(), metrics.clone(), upstreams, inputs);
+    let reloader = Reloader::new(state.clone(), metrics.clone(), inputs);
     let admin = Arc::new(Admin {
         state: state.clone(),
         metrics: metrics.clone(),
@@ -286,8 +276,8 @@ struct LoopShare {
 
 impl Shared {
     /// Serves `share` on the calling event loop, with this loop's own app connection pool and
-    /// outbound pools. Returns the outbound pools in configuration order.
-    fn start(&self, share: LoopShare, shutdown: &Shutdown) -> Vec<Arc<Upstream>> {
+    /// outbound pools (which dial with the current snapshot's TLS configurations).
+    fn start(&self, share: LoopShare, shutdown: &Shutdown) {
         if let (Some(cfg), Some(sources), Some(acceptor)) =
             (&self.inbound, &self.sources, share.inbound)
         {
@@ -303,7 +293,8 @@ impl Shared {
                 shutdown.clone(),
             ));
         }
-        self.outbound.spawn(share.outbound, shutdown)
+        let tls: Arc<dyn TlsSource> = self.state.clone();
+        self.outbound.spawn(share.outbound, &tls, shutdown);
     }
 }
 
@@ -315,7 +306,7 @@ async fn spawn_loop(
     shared: Arc<Shared>,
     share: LoopShare,
     shutdown: Shutdown,
-) -> std::io::Result<Vec<Arc<Upstream>>> {
+) -> std::io::Result<()> {
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name(format!("gatehouse-loop{index}"))
@@ -331,9 +322,9 @@ async fn spawn_loop(
                 }
             };
             rt.block_on(async move {
-                let pools = shared.start(share, &shutdown);
+                shared.start(share, &shutdown);
                 drop(shared);
-                let _ = tx.send(Ok(pools));
+                let _ = tx.send(Ok(()));
                 shutdown.token().cancelled().await;
                 shutdown.tracker().wait().await;
             });

@@ -1,9 +1,18 @@
 //! What a running sidecar serves with: the validated [`Config`], the TLS credentials, the
-//! compiled policy and the inbound `ServerConfig`, bundled in one immutable [`Snapshot`] held
-//! in an `ArcSwap`. A connection takes the snapshot's TLS configuration and verifier at accept;
-//! each request reads the policy of the *current* snapshot; a reload builds a whole new
-//! snapshot with [`State::build_snapshot`] (the same path as startup) and swaps it in, or keeps
-//! the old one (see `crate::reload`).
+//! compiled policy, the inbound `ServerConfig` and the outbound `ClientConfig`s, bundled in one
+//! immutable [`Snapshot`] held in an `ArcSwap`. An inbound connection takes the snapshot's TLS
+//! configuration and verifier at accept; each inbound request reads the policy of the
+//! *current* snapshot; an outbound pool reads its entry's `ClientConfig` from the current
+//! snapshot when it dials (`State` is its [`TlsSource`]) and stops reusing connections opened
+//! under an older *trust generation*. A reload builds a whole new snapshot with
+//! [`State::build_snapshot`] (the same path as startup) and swaps it in, or keeps the old one
+//! (see `crate::reload`).
+//!
+//! The trust generation changes when what a peer is verified against changes: a swap with a
+//! new bundle or CRL (or any swap on SIGHUP), and [`State::recheck_peers`] (a CRL gone stale
+//! beyond its grace period with `crl_stale = "refuse"`). A swap that leaves trust alone (a
+//! policy edit, a certificate rotation) keeps it: outbound connections stay pooled (they are
+//! retired by age) and the inbound `ServerConfig` and its session cache carry over.
 //!
 //! `sidecar check` and `sidecar run` both call [`State::load`], so check validates exactly
 //! what run would use, stopping before any socket is bound. Files are read once per build,
@@ -11,17 +20,20 @@
 //! reloader knows exactly which content is serving.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use arc_swap::{ArcSwap, Guard};
 use gatehouse_policy::path::NormalizeOptions;
 use gatehouse_policy::{Policy, SourceFile, TrustDomain};
-use rustls::ServerConfig;
 use rustls::crypto::CryptoProvider;
+use rustls::{ClientConfig, ServerConfig};
 use sha2::{Digest, Sha256};
 
 use crate::config::{Config, InboundConfig};
 use crate::error::LoadError;
 use crate::input::{FileKind, Input, Inputs};
+use crate::outbound::tls_source::{TlsSource, find};
+use crate::outbound::{OutboundTls, PreparedOutbound};
 use crate::tls::resolver::CertResolver;
 use crate::tls::server::server_config;
 use crate::tls::verify::SpiffeClientVerifier;
@@ -36,6 +48,8 @@ pub struct Snapshot {
     pub trust_domain: TrustDomain,
     /// The inbound side, when `[inbound]` is configured.
     pub inbound: Option<InboundSnapshot>,
+    /// Every `[[outbound]]` entry with its TLS client configuration, in configuration order.
+    pub outbound: Vec<PreparedOutbound>,
 }
 
 /// The inbound part of a [`Snapshot`].
@@ -65,6 +79,20 @@ pub struct State {
     snapshot: ArcSwap<Snapshot>,
     /// Bumped on every swap; live connections watch it to re-check their peer.
     generation: tokio::sync::watch::Sender<u64>,
+    /// Bumped when trust changes (see the module docs); outbound connections opened under an
+    /// older value are not reused. Stored after the snapshot it belongs to.
+    trust_generation: AtomicU64,
+}
+
+/// Whether a swapped-in snapshot changes what peers are verified against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Trust {
+    /// New bundle or CRL (or a SIGHUP): fresh inbound `ServerConfig` (fresh session cache) and
+    /// a new trust generation (outbound connections are retired).
+    Changed,
+    /// Policy or certificate only: the running inbound `ServerConfig` and its sessions carry
+    /// over ([`State::keep_server_tls`]); outbound connections stay pooled.
+    Kept,
 }
 
 impl State {
@@ -86,6 +114,7 @@ impl State {
             resolver,
             snapshot: ArcSwap::from_pointee(snapshot),
             generation: tokio::sync::watch::Sender::new(0),
+            trust_generation: AtomicU64::new(0),
         };
         Ok((state, inputs))
     }
@@ -116,12 +145,21 @@ impl State {
         self.snapshot.load()
     }
 
-    /// Replaces the snapshot: new handshakes present the new certificate and use the new
-    /// `ServerConfig` (fresh session cache), new requests the new policy. Then tells live
-    /// connections ([`State::subscribe`]) so they re-check their peer.
-    pub fn swap(&self, snapshot: Snapshot) {
+    /// Replaces the snapshot: new handshakes present the new certificate, new requests use the
+    /// new policy, new outbound connections the new `ClientConfig`s. With [`Trust::Changed`]
+    /// new inbound handshakes use the new `ServerConfig` (fresh session cache) and pooled
+    /// outbound connections are retired; with [`Trust::Kept`] the running `ServerConfig`
+    /// carries over. Then tells live connections ([`State::subscribe`]) so they re-check their
+    /// peer.
+    pub(crate) fn swap(&self, mut snapshot: Snapshot, trust: Trust) {
+        if trust == Trust::Kept {
+            self.keep_server_tls(&mut snapshot);
+        }
         self.resolver.store(snapshot.credentials.certified.clone());
         self.snapshot.store(Arc::new(snapshot));
+        if trust == Trust::Changed {
+            self.trust_generation.fetch_add(1, Ordering::Release);
+        }
         self.generation.send_modify(|g| *g += 1);
     }
 
@@ -130,7 +168,7 @@ impl State {
     /// certificate rotation then costs clients no full handshake. The certificate still
     /// changes, because every `ServerConfig` serves through the one shared resolver that
     /// [`State::swap`] updates.
-    pub fn keep_server_tls(&self, next: &mut Snapshot) {
+    fn keep_server_tls(&self, next: &mut Snapshot) {
         let current = self.snapshot.load();
         if let (Some(next), Some(current)) = (next.inbound.as_mut(), current.inbound.as_ref()) {
             next.tls = current.tls.clone();
@@ -139,13 +177,16 @@ impl State {
     }
 
     /// Tells live connections to re-check their peer against the current snapshot without a
-    /// swap: a CRL went stale beyond its grace period with `crl_stale = "refuse"`.
+    /// swap, and retires pooled outbound connections (the next request verifies its server
+    /// again): a CRL went stale beyond its grace period with `crl_stale = "refuse"`.
     pub fn recheck_peers(&self) {
+        self.trust_generation.fetch_add(1, Ordering::Release);
         // Notifies every receiver; the generation (swaps since startup) stays as it is.
         self.generation.send_modify(|_| {});
     }
 
-    /// A receiver that changes on every [`State::swap`].
+    /// A receiver that changes on every swap (`State::swap`) and on
+    /// [`State::recheck_peers`].
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.generation.subscribe()
     }
@@ -153,6 +194,18 @@ impl State {
     /// How many snapshots were swapped in since startup.
     pub fn generation(&self) -> u64 {
         *self.generation.borrow()
+    }
+}
+
+/// Outbound pools dial with the current snapshot's configuration for their entry.
+impl TlsSource for State {
+    fn client_config(&self, upstream: &str) -> Option<Arc<ClientConfig>> {
+        find(&self.snapshot.load().outbound, upstream)
+    }
+
+    fn trust_generation(&self) -> u64 {
+        // Acquire: a pool that sees a new generation then loads the snapshot stored before it.
+        self.trust_generation.load(Ordering::Acquire)
     }
 }
 
@@ -225,10 +278,19 @@ fn assemble(
         ),
         _ => None,
     };
+    let tls = OutboundTls {
+        cert: resolver.clone(),
+        credentials: credentials.clone(),
+        min_tls: config.min_tls,
+        provider: provider.clone(),
+    };
+    let outbound = crate::outbound::prepare(&config.outbound, &tls)
+        .map_err(|es| es.into_iter().map(LoadError::from).collect::<Vec<_>>())?;
     Ok(Snapshot {
         credentials,
         trust_domain,
         inbound,
+        outbound,
     })
 }
 

@@ -24,12 +24,11 @@
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, Uri, header};
@@ -37,8 +36,8 @@ use http_body::Body;
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
+use rustls::AlertDescription;
 use rustls::pki_types::ServerName;
-use rustls::{AlertDescription, ClientConfig};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
@@ -47,6 +46,7 @@ use tracing::{debug, warn};
 
 use super::error::OutboundError;
 use super::metrics::UpstreamMetrics;
+use super::tls_source::TlsSource;
 use crate::h2body::{BoxError, HttpBody, RecvBody, pipe};
 use crate::headers::{strip_for_h2, strip_hop_by_hop};
 use crate::tls::client::received_alert;
@@ -160,14 +160,14 @@ pub struct Upstream {
     authority: Authority,
     host_header: HeaderValue,
     server_name: ServerName<'static>,
-    tls: ArcSwap<ClientConfig>,
+    /// The TLS client configuration (read when dialling) and the trust generation (read
+    /// before reusing a connection): connections of an older generation are not reused.
+    tls: Arc<dyn TlsSource>,
     limits: Limits,
     permits: Arc<Semaphore>,
     available: Arc<Notify>,
     idle: Mutex<Idle>,
     metrics: UpstreamMetrics,
-    /// Bumped by [`Upstream::retire_all`]: connections of an older generation are not reused.
-    generation: AtomicU64,
 }
 
 #[derive(Default)]
@@ -199,7 +199,7 @@ pub type UpstreamBody = HttpBody;
 struct Conn {
     sender: Sender,
     born: Instant,
-    /// The pool's generation when the connection was started.
+    /// The trust generation ([`TlsSource::trust_generation`]) when the connection was started.
     generation: u64,
     /// The fatal TLS alert the server sent on this connection, once read: how a server that
     /// refused our certificate after a TLS 1.3 handshake had already "succeeded" shows up.
@@ -244,14 +244,14 @@ impl std::fmt::Debug for Upstream {
 }
 
 impl Upstream {
-    /// A pool for `target`, presenting `server_name` as SNI, and a task that closes idle and
-    /// aged connections (it stops when the returned `Arc` is dropped). Must be called inside a
-    /// Tokio runtime.
+    /// A pool for `target`, presenting `server_name` as SNI, dialling with the configuration
+    /// `tls` holds for `name`, and a task that closes idle, aged and retired connections (it
+    /// stops when the returned `Arc` is dropped). Must be called inside a Tokio runtime.
     pub fn start(
         name: &str,
         target: Target,
         server_name: ServerName<'static>,
-        tls: Arc<ClientConfig>,
+        tls: Arc<dyn TlsSource>,
         limits: Limits,
         metrics: UpstreamMetrics,
     ) -> Arc<Self> {
@@ -264,13 +264,12 @@ impl Upstream {
             authority,
             host_header,
             server_name,
-            tls: ArcSwap::new(tls),
+            tls,
             permits: Arc::new(Semaphore::new(limits.max_connections.max(1))),
             available: Arc::new(Notify::new()),
             idle: Mutex::new(Idle::default()),
             limits,
             metrics,
-            generation: AtomicU64::new(0),
         });
         tokio::spawn(reap(Arc::downgrade(&upstream)));
         upstream
@@ -286,25 +285,12 @@ impl Upstream {
         &self.metrics
     }
 
-    /// New connections use `tls` from now on (rotated certificate, new bundle or CRL); open
-    /// ones keep theirs until they age out.
-    pub fn set_tls(&self, tls: Arc<ClientConfig>) {
-        self.tls.store(tls);
-    }
-
-    /// No connection open now is reused: requests in flight finish on theirs, new requests go
-    /// to new connections (with the current TLS configuration). Used by reload when the trust
-    /// bundle or CRL changes, so a revoked or no longer trusted server is not talked to again.
-    pub fn retire_all(&self) {
-        self.generation.fetch_add(1, Ordering::AcqRel);
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        idle.h2 = None;
-        idle.h1.clear();
-    }
-
-    /// Open, younger than the maximum age at `now`, and not retired.
+    /// Open, younger than the maximum age at `now`, and not retired: opened under the current
+    /// trust generation (a reload that changed the bundle or CRL, or a CRL gone stale beyond
+    /// its grace period, retires every connection, so a revoked or no longer trusted server is
+    /// not talked to again; requests in flight finish on theirs).
     fn usable(&self, conn: &Conn, now: Instant) -> bool {
-        conn.generation == self.generation.load(Ordering::Acquire)
+        conn.generation == self.tls.trust_generation()
             && conn.is_usable(self.limits.max_connection_age, now)
     }
 
@@ -487,11 +473,17 @@ impl Upstream {
     }
 
     async fn connect_inner(&self, permit: OwnedSemaphorePermit) -> Result<Conn, OutboundError> {
-        // Read first: a retire_all during the handshake (which uses the TLS config current
-        // now) retires this connection too.
-        let generation = self.generation.load(Ordering::Acquire);
+        // The generation first: a trust change during the handshake (which uses the
+        // configuration current now) retires this connection too.
+        let generation = self.tls.trust_generation();
         let tcp = self.dial().await?;
-        let connector = TlsConnector::from(self.tls.load_full());
+        let Some(config) = self.tls.client_config(&self.name) else {
+            return Err(OutboundError::Handshake(io::Error::other(format!(
+                "no TLS client configuration for upstream `{}` (a bug: report it)",
+                self.name
+            ))));
+        };
+        let connector = TlsConnector::from(config);
         let tls = match connector.connect(self.server_name.clone(), tcp).await {
             Ok(tls) => tls,
             Err(e) => {

@@ -6,7 +6,9 @@
 //! - `listener`: the plaintext listener (HTTP/1.1 and h2c prior knowledge) and the request
 //!   path (request id, hop-by-hop headers, audit line);
 //! - `error`: failures and the JSON responses the app gets for them (502/504);
-//! - `metrics`: `gatehouse_outbound_*`.
+//! - `metrics`: `gatehouse_outbound_*`;
+//! - `tls_source`: where a pool takes its TLS client configuration when it dials (the current
+//!   snapshot) and the trust generation that retires older connections.
 //!
 //! Outbound listeners are unauthenticated plaintext: anything that can reach them speaks with
 //! this workload's identity. The configuration refuses a non-loopback `listen` unless
@@ -18,6 +20,7 @@ pub mod listener;
 pub mod metrics;
 #[cfg(test)]
 mod tests;
+pub mod tls_source;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -38,6 +41,7 @@ use crate::tls::client::{ServerIdentityVerifier, client_config};
 use connect::{Limits, Target, Upstream};
 use listener::OutboundListener;
 use metrics::OutboundMetrics;
+use tls_source::{FixedTls, TlsSource};
 
 /// Why the outbound side could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -102,8 +106,9 @@ pub struct OutboundTls {
     pub provider: Arc<CryptoProvider>,
 }
 
-/// A checked outbound entry, ready to bind: what `sidecar check` validates and prints.
-#[derive(Debug)]
+/// A checked outbound entry, ready to bind: what `sidecar check` validates and prints. Every
+/// snapshot holds one per entry ([`crate::state::Snapshot::outbound`]).
+#[derive(Debug, Clone)]
 pub struct PreparedOutbound {
     config: OutboundConfig,
     server_name: ServerName<'static>,
@@ -155,8 +160,8 @@ impl PreparedOutbound {
         })
     }
 
-    /// The TLS client configuration built for this entry; a reload that changes the bundle or
-    /// the CRL prepares the entry again and hands this to [`Upstream::set_tls`].
+    /// The TLS client configuration built for this entry; its pool reads it (through a
+    /// [`TlsSource`]) when it dials.
     pub fn tls_config(&self) -> Arc<ClientConfig> {
         Arc::clone(&self.tls)
     }
@@ -278,19 +283,20 @@ impl Outbound {
             .collect()
     }
 
-    /// Serves every listener on the calling event loop (the single-loop case); the accept
-    /// loops stop when `shutdown` starts. Returns the upstream pools, in configuration order,
-    /// for reloads ([`Upstream::set_tls`]).
+    /// Serves every listener on the calling event loop (the single-loop case) with the TLS
+    /// configurations the entries were prepared with (no reloads); the accept loops stop when
+    /// `shutdown` starts.
     ///
     /// # Panics
     /// If a bound socket cannot report its address (it just did, in `bind`).
-    pub fn spawn(self, shutdown: &Shutdown) -> Vec<Arc<Upstream>> {
+    pub fn spawn(self, shutdown: &Shutdown) {
         let (pools, listeners) = self.split();
         let acceptors = listeners
             .into_iter()
             .map(|l| Acceptor::listener(l).expect("a bound listener has an address"))
             .collect();
-        pools.spawn(acceptors, shutdown)
+        let tls: Arc<dyn TlsSource> = Arc::new(FixedTls(pools.entries.clone()));
+        pools.spawn(acceptors, &tls, shutdown);
     }
 
     /// The listeners (configuration order), to be spread over event loops
@@ -302,17 +308,16 @@ impl Outbound {
 
 impl OutboundPools {
     /// Starts, on the calling event loop, a connection pool per entry and an accept loop on
-    /// each of `acceptors` (configuration order); they stop when `shutdown` starts. Returns
-    /// the pools, in configuration order, for reloads ([`Upstream::set_tls`]).
-    pub fn spawn(&self, acceptors: Vec<Acceptor>, shutdown: &Shutdown) -> Vec<Arc<Upstream>> {
-        let mut upstreams = Vec::with_capacity(self.entries.len());
+    /// each of `acceptors` (configuration order); they stop when `shutdown` starts. The pools
+    /// take their TLS client configuration from `tls` when they dial.
+    pub fn spawn(&self, acceptors: Vec<Acceptor>, tls: &Arc<dyn TlsSource>, shutdown: &Shutdown) {
         for (p, acceptor) in self.entries.iter().zip(acceptors) {
             let c = &p.config;
             let upstream = Upstream::start(
                 &c.name,
                 Target::new(&c.connect_host, c.connect_port),
                 p.server_name.clone(),
-                Arc::clone(&p.tls),
+                Arc::clone(tls),
                 limits(c),
                 self.families.upstream(&c.name),
             );
@@ -323,9 +328,7 @@ impl OutboundPools {
                 Arc::clone(&self.provider),
             );
             tokio::spawn(listener.serve(shutdown.clone()));
-            upstreams.push(upstream);
         }
-        upstreams
     }
 }
 
