@@ -16,7 +16,7 @@
 //!   "Reload and rotation" design note;
 //! - [`signal`]: signals, cancellation and the drain of connection tasks;
 //! - [`run`]: the load path shared by `sidecar check` and `sidecar run`, and the run loop;
-//! - [`h2body`]: request and response bodies on the sidecar-to-sidecar HTTP/2 hop;
+//! - [`http`]: the HTTP layer both sides stand on (bodies, headers, the JSON error body);
 //! - [`error`]: load errors with their `help:` lines, and refusals as HTTP responses.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
@@ -26,8 +26,7 @@ pub mod admin;
 pub mod audit;
 pub mod config;
 pub mod error;
-pub mod h2body;
-pub mod headers;
+pub mod http;
 pub mod inbound;
 pub mod input;
 pub mod metrics;

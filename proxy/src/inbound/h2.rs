@@ -45,7 +45,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, warn};
 
 use super::request::{ConnCtx, RequestBody, handle};
-use crate::h2body::{BoxError, RecvBody, SendTimedOut, pipe_within};
+use crate::http::body::{BoxError, RecvBody, SendTimedOut, pipe_within};
 use crate::metrics::Metrics;
 
 /// Initial stream and connection flow-control windows: hyper 1.12's server defaults (the
@@ -452,7 +452,7 @@ fn end_of(e: &BoxError) -> StreamEnd {
 /// (`transfer-encoding` is the one an HTTP/1.1 app response still has here), `date` added when
 /// missing, and `content-length` set from an exactly known body length when missing.
 fn fit_for_h2(h: &mut HeaderMap, body: &impl Body) {
-    crate::headers::strip_for_h2(h);
+    crate::http::headers::strip_for_h2(h);
     if let header::Entry::Vacant(date) = h.entry(header::DATE) {
         date.insert(http_date());
     }
@@ -503,7 +503,7 @@ mod tests {
     use tokio::sync::{Notify, oneshot};
 
     use super::*;
-    use crate::h2body::pipe;
+    use crate::http::body::pipe;
 
     type Client = h2::client::SendRequest<Bytes>;
 

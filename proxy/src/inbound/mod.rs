@@ -20,7 +20,7 @@ use std::sync::Arc;
 use http::HeaderValue;
 
 use crate::config::InboundConfig;
-use crate::headers::RequestIds;
+use crate::http::headers::RequestIds;
 use crate::metrics::Metrics;
 use crate::state::State;
 

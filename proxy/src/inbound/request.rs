@@ -2,7 +2,7 @@
 //! refusal) → `policy.decide` → deny (403, the app sees nothing) or forward → audit line +
 //! metrics with the final status.
 //!
-//! Forwarding ([`crate::headers::strip_for_app`]) refuses a `Transfer-Encoding` other than
+//! Forwarding ([`crate::http::headers::strip_for_app`]) refuses a `Transfer-Encoding` other than
 //! `chunked` (501, or 400 when malformed), drops hop-by-hop headers and every identity header
 //! the client sent, in any spelling that normalizes to one of ours (`x-forwarded-client-cert`,
 //! `x-client-spiffe-id`, `client-cert`, `client-cert-chain`, `X_Client_Spiffe_Id`, …), then adds
@@ -21,7 +21,7 @@
 //!
 //! [`handle`] serves both protocols: HTTP/1.1 requests come from hyper (body
 //! [`hyper::body::Incoming`]), HTTP/2 requests from the `h2` crate directly (body
-//! [`crate::h2body::RecvBody`], see [`super::listener`]); [`RequestBody`] is either, and is
+//! [`crate::http::body::RecvBody`], see [`super::listener`]); [`RequestBody`] is either, and is
 //! what the app pool forwards.
 
 use std::convert::Infallible;
@@ -45,8 +45,8 @@ use super::app::AppBody;
 use super::listener::{Activity, RequestGuard};
 use crate::audit::{self, AuditRecord};
 use crate::error::Refusal;
-use crate::h2body::HttpBody;
-use crate::headers::{
+use crate::http::body::HttpBody;
+use crate::http::headers::{
     FramingError, REQUEST_ID, is_acceptable_request_id, strip_for_app, strip_hop_by_hop, trace_id,
 };
 use crate::state::{InboundSnapshot, Snapshot};

@@ -9,7 +9,7 @@
 //! is reused past `max_connection_age`, so a rotated client certificate is presented within a
 //! bounded time.
 //!
-//! HTTP/2 is spoken with the `h2` crate directly (bodies: [`crate::h2body`]): hyper's HTTP/2
+//! HTTP/2 is spoken with the `h2` crate directly (bodies: [`crate::http::body`]): hyper's HTTP/2
 //! client spawned a task per request and passed each request and response through a channel
 //! and a oneshot, which cost about a tenth of this sidecar's instructions per request. The
 //! request's own task now opens the stream and awaits the response head. The connection task
@@ -47,8 +47,8 @@ use tracing::{debug, warn};
 
 use super::error::OutboundError;
 use super::metrics::UpstreamMetrics;
-use crate::h2body::{BoxError, HttpBody, RecvBody, pipe};
-use crate::headers::{strip_for_h2, strip_hop_by_hop};
+use crate::http::body::{BoxError, HttpBody, RecvBody, pipe};
+use crate::http::headers::{strip_for_h2, strip_hop_by_hop};
 use crate::tls::client::received_alert;
 
 /// How often an HTTP/2 connection to an upstream is PINGed, and how long the answer may take

@@ -27,7 +27,7 @@ use super::connect::{Upstream, UpstreamBody};
 use super::error::OutboundError;
 use crate::accept::Acceptor;
 use crate::audit::{self, OutboundRecord};
-use crate::headers::{
+use crate::http::headers::{
     REQUEST_ID, RequestIds, check_transfer_encoding, is_acceptable_request_id, keep_or_start_trace,
     strip_hop_by_hop,
 };
@@ -218,7 +218,7 @@ mod tests {
         assert_eq!(keep_or_assign(&ids, &mut h), "abc-123");
 
         let mut h = HeaderMap::new();
-        // A fresh id from the generator (its UUID shape is tested in `crate::headers`).
+        // A fresh id from the generator (its UUID shape is tested in `crate::http::headers`).
         let fresh = keep_or_assign(&ids, &mut h);
         assert_eq!(fresh.len(), 36);
         assert!(is_acceptable_request_id(&fresh));

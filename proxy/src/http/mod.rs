@@ -1,0 +1,11 @@
+//! The HTTP layer both sides stand on, below every policy decision: it knows requests,
+//! responses, bodies, headers and connections, never identities or routes.
+//!
+//! - [`body`]: request and response bodies on the sidecar-to-sidecar HTTP/2 hop;
+//! - [`headers`]: hop-by-hop headers, the headers the sidecar owns, the request framing we
+//!   forward, and the one `x-request-id` rule;
+//! - [`respond`]: the one JSON error body both sides answer with.
+
+pub mod body;
+pub mod headers;
+pub mod respond;
