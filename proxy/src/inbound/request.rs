@@ -41,10 +41,10 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Full};
 
 use super::Inbound;
-use super::app::AppBody;
-use super::listener::{Activity, RequestGuard};
+use super::upstream::AppBody;
 use crate::audit::{self, AuditRecord};
 use crate::error::Refusal;
+use crate::http::activity::{Activity, RequestGuard};
 use crate::http::body::HttpBody;
 use crate::http::headers::{
     FramingError, REQUEST_ID, is_acceptable_request_id, strip_for_app, strip_hop_by_hop, trace_id,
@@ -58,7 +58,7 @@ const SPIFFE_ID_HEADER: HeaderName = HeaderName::from_static("x-client-spiffe-id
 /// Per-connection context: fixed for the connection's life.
 #[derive(Debug)]
 pub struct ConnCtx {
-    inbound: Arc<Inbound>,
+    pub(super) inbound: Arc<Inbound>,
     peer: PeerIdentity,
     distrusted: AtomicBool,
     xfcc: HeaderValue,

@@ -31,7 +31,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use super::request::RequestBody;
+use crate::http::body::HttpBody as RequestBody;
 
 /// What a request body sent to the app must be (the caller's [`RequestBody`]; tests use
 /// others).
