@@ -52,7 +52,7 @@
 //! [`State::keep_server_tls`]), both TLS roles present the new certificate, and every
 //! request, including those on open keep-alive and HTTP/2 connections, is decided by the new
 //! policy. When the bundle or CRL changed, each outbound pool gets a new client configuration
-//! and retires its open connections ([`crate::outbound::connect::Upstream::retire_all`]):
+//! and retires its open connections ([`crate::outbound::upstream::Upstream::retire_all`]):
 //! requests in flight finish, new ones go over new handshakes.
 //!
 //! **Live connections keep** their TLS session (and the certificate it presented) and their
@@ -82,7 +82,7 @@ use tracing::{debug, info, warn};
 use crate::error::LoadError;
 use crate::input::{Inputs, WATCHED};
 use crate::metrics::Metrics;
-use crate::outbound::connect::Upstream;
+use crate::outbound::upstream::Upstream;
 use crate::outbound::{self, OutboundTls};
 use crate::signal::Shutdown;
 use crate::state::{Snapshot, State, watched_paths};

@@ -22,7 +22,7 @@ use crate::inbound::sources::{Caps, Sources};
 use crate::inbound::{Inbound, listener};
 use crate::input::Inputs;
 use crate::metrics::Metrics;
-use crate::outbound::connect::Upstream;
+use crate::outbound::upstream::Upstream;
 use crate::outbound::{self, Outbound, OutboundPools, OutboundTls, PreparedOutbound};
 use crate::reload::Reloader;
 use crate::signal::{Shutdown, Terminate};

@@ -3,6 +3,7 @@
 //!
 //! - [`activity`]: a connection's requests in flight and write progress, for its idle and
 //!   send timeouts;
+//! - [`h2_client`]: the HTTP/2 client to a peer sidecar (settings, PING keep-alive);
 //! - [`h2_server`]: the HTTP/2 server (streams polled in the connection's task), its reset
 //!   budget and response-head fitting;
 //! - [`body`]: request and response bodies on the sidecar-to-sidecar HTTP/2 hop;
@@ -12,6 +13,7 @@
 
 pub mod activity;
 pub mod body;
+pub mod h2_client;
 pub mod h2_server;
 pub mod headers;
 pub mod respond;

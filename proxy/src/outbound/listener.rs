@@ -23,8 +23,8 @@ use rustls::crypto::CryptoProvider;
 use tokio::net::TcpStream;
 use tracing::{Instrument, debug, info_span, warn};
 
-use super::connect::{Upstream, UpstreamBody};
 use super::error::OutboundError;
+use super::upstream::{Upstream, UpstreamBody};
 use crate::accept::Acceptor;
 use crate::audit::{self, OutboundRecord};
 use crate::http::headers::{

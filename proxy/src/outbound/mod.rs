@@ -1,7 +1,7 @@
 //! Outbound: the local app calls a plaintext listener on loopback, the sidecar originates mTLS
 //! to the peer sidecar with its own certificate and pins the peer's SPIFFE ID.
 //!
-//! - `connect`: the per-upstream mTLS connection pool (h2 multiplexing or HTTP/1.1
+//! - `upstream`: the per-upstream mTLS connection pool (h2 multiplexing or HTTP/1.1
 //!   keep-alive, bounded, idle timeout, maximum age, DNS at connect time, safe retries);
 //! - `listener`: the plaintext listener (HTTP/1.1 and h2c prior knowledge) and the request
 //!   path (request id, hop-by-hop headers, audit line);
@@ -12,12 +12,12 @@
 //! this workload's identity. The configuration refuses a non-loopback `listen` unless
 //! `allow_non_loopback_listen = true`, and [`Outbound::bind`] logs a warning when it is set.
 
-pub mod connect;
 pub mod error;
 pub mod listener;
 pub mod metrics;
 #[cfg(test)]
 mod tests;
+pub mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -35,9 +35,9 @@ use crate::config::{MinTls, OutboundConfig};
 use crate::signal::Shutdown;
 use crate::tls::Credentials;
 use crate::tls::client::{ServerIdentityVerifier, client_config};
-use connect::{Limits, Target, Upstream};
 use listener::OutboundListener;
 use metrics::OutboundMetrics;
+use upstream::{Limits, Target, Upstream};
 
 /// Why the outbound side could not be set up.
 #[derive(Debug, thiserror::Error)]

@@ -21,25 +21,19 @@
 //! found closed before any of the request was queued (HTTP/1.1: hyper handed it back; HTTP/2:
 //! the connection refused new streams, e.g. after the peer's GOAWAY). Nothing else is retried.
 
-use std::future::poll_fn;
 use std::io;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
-use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, Uri, header};
-use http_body::Body;
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use rustls::{AlertDescription, ClientConfig};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsConnector;
@@ -47,14 +41,11 @@ use tracing::{debug, warn};
 
 use super::error::OutboundError;
 use super::metrics::UpstreamMetrics;
-use crate::http::body::{BoxError, HttpBody, RecvBody, pipe};
+use crate::http::body::{BoxError, HttpBody, RecvBody};
+use crate::http::h2_client::{self, H2Sender, send_h2};
 use crate::http::headers::{strip_for_h2, strip_hop_by_hop};
+use crate::tls::alert_tap::AlertTap;
 use crate::tls::client::received_alert;
-
-/// How often an HTTP/2 connection to an upstream is PINGed, and how long the answer may take
-/// before the connection is dropped.
-const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
-const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Connection limits and timeouts of one upstream.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -183,14 +174,6 @@ enum Sender {
     H2(H2Sender),
 }
 
-/// A handle on a shared HTTP/2 connection.
-#[derive(Clone)]
-struct H2Sender {
-    tx: h2::client::SendRequest<Bytes>,
-    /// Set when the connection ended or refused a new stream: it takes no more requests.
-    closed: Arc<AtomicBool>,
-}
-
 /// The upstream's response body, streamed: HTTP/1.1 (hyper) or HTTP/2 (h2).
 pub type UpstreamBody = HttpBody;
 
@@ -227,7 +210,7 @@ impl Conn {
     fn is_usable(&self, max_age: Duration, now: Instant) -> bool {
         let open = match &self.sender {
             Sender::H1(s) => !s.is_closed(),
-            Sender::H2(s) => !s.closed.load(Ordering::Acquire),
+            Sender::H2(s) => !s.is_closed(),
         };
         open && now.saturating_duration_since(self.born) < max_age
     }
@@ -513,25 +496,11 @@ impl Upstream {
         let alert = Arc::new(OnceLock::new());
         let io = AlertTap::new(tls, Arc::clone(&alert));
         let sender = if h2 {
-            let (tx, mut conn) = h2_builder()
-                .handshake::<_, Bytes>(io)
+            let (sender, conn) = h2_client::handshake(io)
                 .await
                 .map_err(|e| OutboundError::Upstream(e.into()))?;
-            let closed = Arc::new(AtomicBool::new(false));
-            let ping = conn.ping_pong();
-            let ended = Arc::clone(&closed);
-            self.spawn_conn(
-                async move {
-                    let result = tokio::select! {
-                        r = conn => r.map_err(BoxError::from),
-                        e = keep_alive(ping) => Err(e),
-                    };
-                    ended.store(true, Ordering::Release);
-                    result
-                },
-                permit,
-            );
-            Sender::H2(H2Sender { tx, closed })
+            self.spawn_conn(conn, permit);
+            Sender::H2(sender)
         } else {
             let (sender, conn) = http1::handshake(TokioIo::new(io))
                 .await
@@ -659,132 +628,6 @@ impl Upstream {
     }
 }
 
-/// Passes I/O through and remembers the first fatal TLS alert a read returns, before hyper
-/// reduces the error to a message (HTTP/2 stringifies connection errors for its streams).
-///
-/// A server that refuses our certificate sends its alert and closes; if we write before we
-/// read (HTTP/2 writes its preface and settings right away), the write fails with a reset
-/// while the alert still sits unread in the socket buffer. So a failed write is held back
-/// until a read has collected what the peer sent before it went away.
-struct AlertTap<T> {
-    inner: T,
-    alert: Arc<OnceLock<AlertDescription>>,
-    /// A write error waiting for the read that may explain it.
-    held: Option<io::Error>,
-}
-
-impl<T> AlertTap<T> {
-    fn new(inner: T, alert: Arc<OnceLock<AlertDescription>>) -> Self {
-        Self {
-            inner,
-            alert,
-            held: None,
-        }
-    }
-
-    fn note(&self, result: &io::Result<()>) {
-        if let Err(e) = result
-            && let Some(alert) = received_alert(e)
-        {
-            let _ = self.alert.set(alert);
-        }
-    }
-}
-
-impl<T: AsyncRead + Unpin> AlertTap<T> {
-    /// A write failed with `err`: read until the peer's last words (an alert, EOF or an
-    /// error) arrive, then report `err`. The peer is gone, so the read completes promptly.
-    fn settle(&mut self, cx: &mut Context<'_>, err: io::Error) -> Poll<io::Error> {
-        let mut scratch = [0u8; 512];
-        while self.alert.get().is_none() {
-            let mut buf = ReadBuf::new(&mut scratch);
-            match Pin::new(&mut self.inner).poll_read(cx, &mut buf) {
-                Poll::Pending => {
-                    self.held = Some(err);
-                    return Poll::Pending;
-                }
-                // Data after a failed write is of no use to anyone: keep looking for the alert.
-                Poll::Ready(Ok(())) if !buf.filled().is_empty() => {}
-                Poll::Ready(result) => {
-                    self.note(&result);
-                    break;
-                }
-            }
-        }
-        Poll::Ready(err)
-    }
-
-    /// Runs a write-side operation, holding back its error until [`Self::settle`] is done.
-    fn guard<R>(
-        &mut self,
-        cx: &mut Context<'_>,
-        op: impl FnOnce(&mut T, &mut Context<'_>) -> Poll<io::Result<R>>,
-    ) -> Poll<io::Result<R>> {
-        if let Some(err) = self.held.take() {
-            return self.settle(cx, err).map(Err);
-        }
-        match op(&mut self.inner, cx) {
-            // Only a peer that went away has last words to read; any other write error (the
-            // socket still open) is reported at once rather than waiting on a read.
-            Poll::Ready(Err(err))
-                if matches!(
-                    err.kind(),
-                    io::ErrorKind::ConnectionReset
-                        | io::ErrorKind::BrokenPipe
-                        | io::ErrorKind::ConnectionAborted
-                ) =>
-            {
-                self.settle(cx, err).map(Err)
-            }
-            other => other,
-        }
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for AlertTap<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if let Poll::Ready(result) = &polled {
-            self.note(result);
-        }
-        polled
-    }
-}
-
-impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for AlertTap<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        self.guard(cx, |io, cx| Pin::new(io).poll_write(cx, buf))
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        self.guard(cx, |io, cx| Pin::new(io).poll_write_vectored(cx, bufs))
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.guard(cx, |io, cx| Pin::new(io).poll_flush(cx))
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
 enum Exchange {
     /// The request came back: not one byte of it was written.
     Unsent(Box<Request<Incoming>>),
@@ -810,66 +653,6 @@ fn failed(
     match unsent {
         Some(req) => Exchange::Unsent(Box::new(req)),
         None => Exchange::Failed(OutboundError::Upstream(err)),
-    }
-}
-
-/// Opens a stream for `req` on a shared HTTP/2 connection and waits for the response head;
-/// the request body (if any) is copied by a task of its own. The request comes back with the
-/// error when the connection refused new streams before any of it was queued; the connection
-/// is then marked closed, so the retry opens a new one.
-async fn send_h2(
-    s: &mut H2Sender,
-    req: Request<Incoming>,
-) -> Result<Response<h2::RecvStream>, (h2::Error, Option<Request<Incoming>>)> {
-    if let Err(e) = poll_fn(|cx| s.tx.poll_ready(cx)).await {
-        s.closed.store(true, Ordering::Release);
-        return Err((e, Some(req)));
-    }
-    let (head, body) = req.into_parts();
-    let end_of_stream = body.is_end_stream();
-    let (response, send) =
-        s.tx.send_request(Request::from_parts(head, ()), end_of_stream)
-            .map_err(|e| (e, None))?;
-    if !end_of_stream {
-        tokio::spawn(async move {
-            if let Err(e) = pipe(body, send).await {
-                debug!(error = %e, "request body to the upstream ended early");
-            }
-        });
-    }
-    response.await.map_err(|e| (e, None))
-}
-
-/// hyper 1.12's HTTP/2 client settings, which this pool used before it spoke `h2` directly.
-fn h2_builder() -> h2::client::Builder {
-    let mut b = h2::client::Builder::new();
-    b.initial_max_send_streams(100)
-        .initial_window_size(2 * 1024 * 1024)
-        .initial_connection_window_size(5 * 1024 * 1024)
-        .max_frame_size(16 * 1024)
-        .max_header_list_size(16 * 1024)
-        .max_send_buffer_size(1024 * 1024)
-        .max_local_error_reset_streams(Some(1024))
-        .enable_push(false);
-    b
-}
-
-/// PINGs the peer every [`KEEP_ALIVE_INTERVAL`]; returns (and so ends the connection) when
-/// an answer does not come within [`KEEP_ALIVE_TIMEOUT`].
-async fn keep_alive(ping: Option<h2::PingPong>) -> BoxError {
-    let Some(mut ping) = ping else {
-        return std::future::pending().await;
-    };
-    loop {
-        tokio::time::sleep(KEEP_ALIVE_INTERVAL).await;
-        match tokio::time::timeout(KEEP_ALIVE_TIMEOUT, ping.ping(h2::Ping::opaque())).await {
-            Ok(Ok(_pong)) => {}
-            Ok(Err(e)) => return e.into(),
-            Err(_elapsed) => {
-                warn!(timeout = ?KEEP_ALIVE_TIMEOUT, "upstream did not answer a PING: dropping the connection");
-                return "the upstream did not answer a PING in time".into();
-            }
-        }
     }
 }
 
