@@ -171,7 +171,7 @@ pub async fn run(loaded: Loaded, shutdown: Shutdown) -> Result<usize, LoadError>
         }
         None => None,
     };
-    let out = Outbound::bind(outbound, metrics.registry(), state.provider.clone()).await?;
+    let out = Outbound::bind(outbound, &metrics, state.provider.clone()).await?;
     for (o, addr) in cfg.outbound.iter().zip(out.local_addrs()) {
         bound.push((format!("outbound:{}", o.name), addr));
     }

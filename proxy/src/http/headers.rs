@@ -17,7 +17,8 @@ mod ids;
 mod tests;
 
 pub use ids::{
-    REQUEST_ID, RequestIds, TRACEPARENT, is_acceptable_request_id, keep_or_start_trace, trace_id,
+    REQUEST_ID, RequestIds, TRACEPARENT, is_acceptable_request_id, keep_or_assign,
+    keep_or_start_trace, trace_id,
 };
 
 use http::StatusCode;

@@ -6,7 +6,8 @@
 //! `chunked` (501, or 400 when malformed), drops hop-by-hop headers and every identity header
 //! the client sent, in any spelling that normalizes to one of ours (`x-forwarded-client-cert`,
 //! `x-client-spiffe-id`, `client-cert`, `client-cert-chain`, `X_Client_Spiffe_Id`, …), then adds
-//! ours from the verified session, keeps or adds `x-request-id`, and sends the normalized path
+//! ours from the verified session (`x-request-id` was kept or assigned first, by the rule both
+//! sides share: [`crate::http::headers::keep_or_assign`]), and sends the normalized path
 //! with the original query to the app on a pooled keep-alive HTTP/1.1 connection. Bodies stream
 //! both ways; nothing is buffered.
 //!
@@ -34,7 +35,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use gatehouse_policy::method;
 use gatehouse_policy::path::normalize;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
 use http::{Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
@@ -47,7 +48,7 @@ use crate::error::Refusal;
 use crate::http::activity::{Activity, RequestGuard};
 use crate::http::body::HttpBody;
 use crate::http::headers::{
-    FramingError, REQUEST_ID, is_acceptable_request_id, strip_for_app, strip_hop_by_hop, trace_id,
+    FramingError, keep_or_assign, strip_for_app, strip_hop_by_hop, trace_id,
 };
 use crate::state::{InboundSnapshot, Snapshot};
 use crate::tls::PeerIdentity;
@@ -161,13 +162,13 @@ impl Body for ResponseBody {
 )]
 pub fn handle(
     ctx: Arc<ConnCtx>,
-    req: Request<RequestBody>,
+    mut req: Request<RequestBody>,
 ) -> impl Future<Output = Result<Response<ResponseBody>, Infallible>> + Send + 'static {
     async move {
         let guard = ctx.activity.begin();
         let started = Instant::now();
-        let (request_id, id_in_place) = request_id(&ctx.inbound, req.headers());
-        let request_id = &request_id;
+        // Kept or assigned by the one rule both sides share; the app gets it as is.
+        let request_id = &keep_or_assign(&ctx.inbound.request_ids, req.headers_mut());
         // The current snapshot, not the connection's: policy reloads reach open connections.
         let snapshot = ctx.inbound.state.snapshot();
         let resp = 'resp: {
@@ -239,7 +240,7 @@ pub fn handle(
             // An HTTP/2 response head is stripped where it is fitted for HTTP/2
             // (`h2::fit_for_h2`, which drops `transfer-encoding` too): one scan, not two.
             let over_h2 = req.version() == http::Version::HTTP_2;
-            let fwd = match rewrite(&ctx, req, &uri, &path, request_id, id_in_place) {
+            let fwd = match rewrite(&ctx, req, &uri, &path) {
                 Ok(fwd) => fwd,
                 Err(e) => {
                     log.finish(&path, route, "reject", e.reason(), e.status());
@@ -333,24 +334,12 @@ impl Outcome<'_> {
     }
 }
 
-/// The client's `x-request-id` when it is a sane token, else a fresh one; `true` when the
-/// request carries exactly that one `x-request-id` already.
-fn request_id(inbound: &Inbound, headers: &HeaderMap) -> (HeaderValue, bool) {
-    let mut all = headers.get_all(&REQUEST_ID).iter();
-    match all.next() {
-        Some(v) if is_acceptable_request_id(v) => (v.clone(), all.next().is_none()),
-        _ => (inbound.request_ids.next(), false),
-    }
-}
-
 /// The request the app receives, or why it cannot be forwarded.
 fn rewrite(
     ctx: &ConnCtx,
     req: Request<RequestBody>,
     uri: &Uri,
     path: &str,
-    request_id: &HeaderValue,
-    id_in_place: bool,
 ) -> Result<Request<RequestBody>, FramingError> {
     let (mut parts, body) = req.into_parts();
     let h = &mut parts.headers;
@@ -369,9 +358,6 @@ fn rewrite(
     // Both were removed above: appending is inserting.
     h.append(XFCC_HEADER, ctx.xfcc.clone());
     h.append(SPIFFE_ID_HEADER, ctx.spiffe_id.clone());
-    if !id_in_place {
-        h.insert(REQUEST_ID, request_id.clone());
-    }
     // An already normal path is forwarded as the client sent it (no allocation).
     let path_and_query = match uri.path_and_query() {
         Some(pq) if pq.path() == path => pq.clone(),

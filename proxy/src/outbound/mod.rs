@@ -12,9 +12,11 @@
 //! this workload's identity. The configuration refuses a non-loopback `listen` unless
 //! `allow_non_loopback_listen = true`, and [`Outbound::bind`] logs a warning when it is set.
 
+mod conn;
 pub mod error;
 pub mod listener;
 pub mod metrics;
+mod request;
 #[cfg(test)]
 mod tests;
 pub mod upstream;
@@ -32,6 +34,7 @@ use tracing::{info, warn};
 
 use crate::accept::Acceptor;
 use crate::config::{MinTls, OutboundConfig};
+use crate::metrics::Metrics;
 use crate::signal::Shutdown;
 use crate::tls::Credentials;
 use crate::tls::client::{ServerIdentityVerifier, client_config};
@@ -225,7 +228,8 @@ pub struct OutboundPools {
 }
 
 impl Outbound {
-    /// Binds every prepared entry; registers `gatehouse_outbound_*` on `registry`. Must run
+    /// Binds every prepared entry; registers `gatehouse_outbound_*` on `metrics`' registry
+    /// (handshakes are also counted in `metrics`' `gatehouse_tls_handshakes_total`). Must run
     /// inside a Tokio runtime. No pool exists until [`Outbound::spawn`] or
     /// [`OutboundPools::spawn`].
     ///
@@ -233,10 +237,10 @@ impl Outbound {
     /// A listen address that cannot be bound, or metrics registered twice.
     pub async fn bind(
         prepared: Vec<PreparedOutbound>,
-        registry: &prometheus::Registry,
+        metrics: &Metrics,
         provider: Arc<CryptoProvider>,
     ) -> Result<Self, OutboundSetupError> {
-        let families = OutboundMetrics::register(registry)?;
+        let families = OutboundMetrics::register(metrics.registry())?.with_tls(metrics);
         let mut listeners = Vec::with_capacity(prepared.len());
         for p in &prepared {
             let c = &p.config;

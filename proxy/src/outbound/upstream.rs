@@ -269,6 +269,12 @@ impl Upstream {
         &self.metrics
     }
 
+    /// The TLS client configuration a new connection uses: the one spot where an upstream
+    /// obtains it.
+    fn client_config(&self) -> Arc<ClientConfig> {
+        self.tls.load_full()
+    }
+
     /// New connections use `tls` from now on (rotated certificate, new bundle or CRL); open
     /// ones keep theirs until they age out.
     pub fn set_tls(&self, tls: Arc<ClientConfig>) {
@@ -474,7 +480,8 @@ impl Upstream {
         // now) retires this connection too.
         let generation = self.generation.load(Ordering::Acquire);
         let tcp = self.dial().await?;
-        let connector = TlsConnector::from(self.tls.load_full());
+        let connector = TlsConnector::from(self.client_config());
+        let started = Instant::now();
         let tls = match connector.connect(self.server_name.clone(), tcp).await {
             Ok(tls) => tls,
             Err(e) => {
@@ -485,6 +492,7 @@ impl Upstream {
             }
         };
         self.metrics.handshake("ok");
+        self.metrics.handshake_took(started.elapsed());
         let serial: Arc<str> = tls
             .get_ref()
             .1

@@ -4,7 +4,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use rustls::crypto::CryptoProvider;
 
 /// `x-request-id`, parsed once.
@@ -179,6 +179,34 @@ impl RequestIds {
     }
 }
 
+/// The one `x-request-id` rule, both sides: the request's first `x-request-id` if it is
+/// acceptable ([`is_acceptable_request_id`]), else a fresh one; either way the request then
+/// carries exactly that one value, marked sensitive (never HPACK-indexed, see
+/// [`RequestIds::next`]). The outbound side applies it to what the app sends, the inbound side
+/// to what the peer sends, so both sidecars' audit lines carry the same id.
+pub fn keep_or_assign(ids: &RequestIds, headers: &mut HeaderMap) -> HeaderValue {
+    // One hash and probe of the name for the lookup and the insertion.
+    match headers.entry(REQUEST_ID) {
+        header::Entry::Occupied(mut e) => {
+            let v = e.get_mut();
+            if is_acceptable_request_id(v) {
+                v.set_sensitive(true);
+                let id = v.clone();
+                if e.iter().nth(1).is_some() {
+                    // A repeated header: only the id kept goes on.
+                    e.insert(id.clone());
+                }
+                return id;
+            }
+            let id = ids.next();
+            // Replaces every value of the header (a repeated one included).
+            e.insert(id.clone());
+            id
+        }
+        header::Entry::Vacant(e) => e.insert(ids.next()).clone(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -270,6 +298,52 @@ mod tests {
         for bad in ["", "has space", "a/b", "quote\"", "é", &"x".repeat(129)] {
             let v = HeaderValue::from_bytes(bad.as_bytes()).unwrap();
             assert!(!is_acceptable_request_id(&v), "{bad}");
+        }
+    }
+
+    #[test]
+    fn request_id_is_kept_when_sane_and_replaced_otherwise() {
+        let ids = RequestIds::new(&crate::tls::provider());
+        let mut h = HeaderMap::new();
+        h.insert(REQUEST_ID, HeaderValue::from_static("abc-123"));
+        assert_eq!(keep_or_assign(&ids, &mut h), "abc-123");
+
+        let mut h = HeaderMap::new();
+        // A fresh id from the generator (its UUID shape is tested in `crate::http::headers`).
+        let fresh = keep_or_assign(&ids, &mut h);
+        assert_eq!(fresh.len(), 36);
+        assert!(is_acceptable_request_id(&fresh));
+        assert_eq!(h.get(&REQUEST_ID), Some(&fresh));
+        assert_ne!(fresh, keep_or_assign(&ids, &mut HeaderMap::new()));
+
+        let mut h = HeaderMap::new();
+        h.insert(REQUEST_ID, HeaderValue::from_static("has space"));
+        h.append(REQUEST_ID, HeaderValue::from_static("second"));
+        let id = keep_or_assign(&ids, &mut h);
+        assert_ne!(id, "has space");
+        let sent: Vec<&HeaderValue> = h.get_all(&REQUEST_ID).iter().collect();
+        assert_eq!(sent, [&id], "one value, the fresh id");
+
+        // An id the inbound side would replace is replaced here already, so both sidecars'
+        // audit lines carry the same one.
+        let mut h = HeaderMap::new();
+        h.insert(REQUEST_ID, HeaderValue::from_static("tenant/42"));
+        assert_ne!(keep_or_assign(&ids, &mut h), "tenant/42");
+    }
+
+    #[test]
+    fn request_ids_sent_upstream_are_never_hpack_indexed() {
+        // A sensitive value is an HPACK never-indexed literal: unique ids must not churn the
+        // h2 dynamic tables of the two sidecars.
+        let ids = RequestIds::new(&crate::tls::provider());
+        let mut kept = HeaderMap::new();
+        kept.insert(REQUEST_ID, HeaderValue::from_static("abc-123"));
+        let mut fresh = HeaderMap::new();
+        fresh.insert(REQUEST_ID, HeaderValue::from_static("has space"));
+        for mut h in [kept, fresh, HeaderMap::new()] {
+            let id = keep_or_assign(&ids, &mut h);
+            assert!(id.is_sensitive());
+            assert!(h[&REQUEST_ID].is_sensitive(), "{:?}", h.get(&REQUEST_ID));
         }
     }
 }
