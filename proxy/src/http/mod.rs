@@ -3,6 +3,7 @@
 //!
 //! - [`activity`]: a connection's requests in flight and write progress, for its idle and
 //!   send timeouts;
+//! - [`h1_pool`]: the HTTP/1.1 keep-alive pool of both hops (to the app, to a peer);
 //! - [`h2_client`]: the HTTP/2 client to a peer sidecar (settings, PING keep-alive);
 //! - [`h2_server`]: the HTTP/2 server (streams polled in the connection's task), its reset
 //!   budget and response-head fitting;
@@ -13,6 +14,7 @@
 
 pub mod activity;
 pub mod body;
+pub mod h1_pool;
 pub mod h2_client;
 pub mod h2_server;
 pub mod headers;

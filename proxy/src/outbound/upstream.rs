@@ -24,6 +24,7 @@
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
@@ -42,6 +43,7 @@ use tracing::{debug, warn};
 use super::error::OutboundError;
 use super::metrics::UpstreamMetrics;
 use crate::http::body::{BoxError, HttpBody, RecvBody};
+use crate::http::h1_pool;
 use crate::http::h2_client::{self, H2Sender, send_h2};
 use crate::http::headers::{strip_for_h2, strip_hop_by_hop};
 use crate::tls::alert_tap::AlertTap;
@@ -161,12 +163,11 @@ pub struct Upstream {
     generation: AtomicU64,
 }
 
-#[derive(Default)]
 struct Idle {
     /// The shared HTTP/2 connection and when a request last started on it.
     h2: Option<(Conn, Instant)>,
-    /// Idle HTTP/1.1 connections and since when they are idle.
-    h1: Vec<(Conn, Instant)>,
+    /// Idle HTTP/1.1 connections (the keep-alive pool both hops share).
+    h1: h1_pool::Idle<Conn>,
 }
 
 enum Sender {
@@ -216,6 +217,29 @@ impl Conn {
     }
 }
 
+impl h1_pool::Keepalive for Conn {
+    fn is_closed(&self) -> bool {
+        match &self.sender {
+            Sender::H1(s) => s.is_closed(),
+            Sender::H2(s) => s.is_closed(),
+        }
+    }
+
+    fn is_ready(&self) -> bool {
+        match &self.sender {
+            Sender::H1(s) => s.is_ready(),
+            Sender::H2(_) => true,
+        }
+    }
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), hyper::Error>> {
+        match &mut self.sender {
+            Sender::H1(s) => s.poll_ready(cx),
+            Sender::H2(_) => Poll::Ready(Ok(())),
+        }
+    }
+}
+
 impl std::fmt::Debug for Upstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Upstream")
@@ -250,7 +274,10 @@ impl Upstream {
             tls: ArcSwap::new(tls),
             permits: Arc::new(Semaphore::new(limits.max_connections.max(1))),
             available: Arc::new(Notify::new()),
-            idle: Mutex::new(Idle::default()),
+            idle: Mutex::new(Idle {
+                h2: None,
+                h1: h1_pool::Idle::new(limits.max_idle, limits.idle_timeout),
+            }),
             limits,
             metrics,
             generation: AtomicU64::new(0),
@@ -384,18 +411,8 @@ impl Upstream {
 
     /// Once the HTTP/1.1 response has been read to its end, the connection goes back to the
     /// idle set (if it is still young and open).
-    fn recycle_h1(self: &Arc<Self>, mut conn: Conn) {
-        let pool = Arc::downgrade(self);
-        tokio::spawn(async move {
-            if let Sender::H1(sender) = &mut conn.sender
-                && sender.ready().await.is_err()
-            {
-                return;
-            }
-            if let Some(pool) = pool.upgrade() {
-                pool.put_idle(conn);
-            }
-        });
+    fn recycle_h1(self: &Arc<Self>, conn: Conn) {
+        h1_pool::once_ready(conn, self, |pool, conn| pool.put_idle(conn));
     }
 
     fn put_idle(&self, conn: Conn) {
@@ -405,10 +422,9 @@ impl Upstream {
         }
         {
             let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-            if idle.h1.len() >= self.limits.max_idle {
+            if !idle.h1.put(conn, now) {
                 return; // dropping the sender closes the connection
             }
-            idle.h1.push((conn, now));
         }
         self.available.notify_one();
     }
@@ -450,12 +466,7 @@ impl Upstream {
             // Aged or closed: new streams go to a new connection; open streams finish.
             idle.h2 = None;
         }
-        while let Some((conn, _since)) = idle.h1.pop() {
-            if self.usable(&conn, now) {
-                return Some(conn);
-            }
-        }
-        None
+        idle.h1.take(now, |conn| self.usable(conn, now))
     }
 
     /// Opens a new connection under the connect timeout.
@@ -623,9 +634,7 @@ impl Upstream {
         let limits = &self.limits;
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        idle.h1.retain(|(conn, since)| {
-            now.saturating_duration_since(*since) < limits.idle_timeout && self.usable(conn, now)
-        });
+        idle.h1.sweep(now, |conn| self.usable(conn, now));
         if idle.h2.as_ref().is_some_and(|(conn, last_used)| {
             now.saturating_duration_since(*last_used) >= limits.idle_timeout
                 || !self.usable(conn, now)
