@@ -50,6 +50,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use crate::config::AuditConfig;
+use crate::outcome::Outcome;
 use sha2::{Digest, Sha256};
 
 /// Buffered bytes past which the flusher thread is woken at once instead of at the interval.
@@ -84,14 +85,11 @@ pub struct AuditRecord<'a> {
     pub path: &'a str,
     /// Deciding route, if any.
     pub route: Option<&'a str>,
-    /// `allow`, `deny`, `audit_deny` or `reject` (refused before or without the policy's say:
-    /// path, method spelling, framing, a peer no longer trusted).
-    pub decision: &'a str,
-    /// `allowed`, `no_route`, `not_allowed`, `bad_path`, `bad_method`,
-    /// `bad_transfer_encoding`, `unsupported_transfer_coding` or `peer_not_trusted`.
-    pub reason: &'a str,
-    /// Response status sent to the caller.
-    pub status: u16,
+    /// What became of it: `decision` (`allow`, `deny`, `audit_deny` or `reject`: refused
+    /// before or without the policy's say), `reason` (`allowed`, `no_route`, `not_allowed`,
+    /// `bad_path`, `bad_method`, `bad_transfer_encoding`, `unsupported_transfer_coding` or
+    /// `peer_not_trusted`) and the status sent to the caller.
+    pub outcome: Outcome,
     /// Time from request head to response head.
     pub duration: Duration,
 }
@@ -114,10 +112,9 @@ pub struct OutboundRecord<'a> {
     pub method: &'a str,
     /// Request path as the app sent it.
     pub path: &'a str,
-    /// Response status sent to the app.
-    pub status: u16,
-    /// `forwarded`, or why the sidecar answered itself.
-    pub reason: &'a str,
+    /// What became of it: the status sent to the app, and `reason`: `forwarded`, or why the
+    /// sidecar answered itself.
+    pub outcome: Outcome,
     /// Time from request head to response head.
     pub duration: Duration,
 }
@@ -319,11 +316,11 @@ impl Sink {
                 None => b.extend_from_slice(b"null"),
             }
             b.extend_from_slice(b",\"decision\":");
-            push_json_str(b, r.decision);
+            push_json_str(b, r.outcome.decision());
             b.extend_from_slice(b",\"reason\":");
-            push_json_str(b, r.reason);
+            push_json_str(b, r.outcome.reason());
             b.extend_from_slice(b",\"status\":");
-            push_u64(b, u64::from(r.status));
+            push_u64(b, u64::from(r.outcome.status().as_u16()));
             b.extend_from_slice(b",\"duration_ms\":");
             push_millis(b, r.duration);
         });
@@ -350,9 +347,9 @@ impl Sink {
             b.extend_from_slice(b",\"path\":");
             push_json_str(b, r.path);
             b.extend_from_slice(b",\"status\":");
-            push_u64(b, u64::from(r.status));
+            push_u64(b, u64::from(r.outcome.status().as_u16()));
             b.extend_from_slice(b",\"reason\":");
-            push_json_str(b, r.reason);
+            push_json_str(b, r.outcome.reason());
             b.extend_from_slice(b",\"duration_ms\":");
             push_millis(b, r.duration);
         });
@@ -841,9 +838,11 @@ mod tests {
             method: "GET",
             path,
             route,
-            decision: "allow",
-            reason: "allowed",
-            status: 200,
+            outcome: Outcome::Decided {
+                decision: "allow",
+                reason: "allowed",
+                status: http::StatusCode::OK,
+            },
             duration: Duration::from_micros(1_234_567),
         }
     }
@@ -906,8 +905,10 @@ mod tests {
             server_serial: None,
             method: "POST",
             path: "/api",
-            status: 502,
-            reason: "connect_failed",
+            outcome: Outcome::Failed {
+                reason: "connect_failed",
+                status: http::StatusCode::BAD_GATEWAY,
+            },
             duration: Duration::from_micros(3_000),
         });
         let text = out.text();

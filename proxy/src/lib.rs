@@ -31,6 +31,7 @@ pub mod inbound;
 pub mod input;
 pub mod metrics;
 pub mod outbound;
+pub mod outcome;
 pub mod reload;
 pub mod run;
 pub mod signal;

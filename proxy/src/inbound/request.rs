@@ -50,6 +50,7 @@ use crate::http::body::HttpBody;
 use crate::http::headers::{
     FramingError, keep_or_assign, strip_for_app, strip_hop_by_hop, trace_id,
 };
+use crate::outcome::{Outcome, Rejection};
 use crate::state::{InboundSnapshot, Snapshot};
 use crate::tls::PeerIdentity;
 
@@ -175,7 +176,7 @@ pub fn handle(
             let Some(inb) = snapshot.inbound.as_ref() else {
                 break 'resp refuse(Refusal::Denied, request_id);
             };
-            let mut log = Outcome {
+            let mut log = RequestLog {
                 ctx: &ctx,
                 // A SipHash lookup in the policy, once per connection and snapshot.
                 caller: ctx
@@ -189,37 +190,19 @@ pub fn handle(
             };
             if ctx.distrusted.load(Ordering::Relaxed) {
                 let path = req.uri().path();
-                log.finish(
-                    path,
-                    None,
-                    "reject",
-                    "peer_not_trusted",
-                    StatusCode::SERVICE_UNAVAILABLE,
-                );
+                log.finish(path, None, Outcome::Rejected(Rejection::PeerNotTrusted));
                 break 'resp refuse(Refusal::PeerNoLongerTrusted, request_id);
             }
             let uri = req.uri().clone();
             // Before matching: `get` must not be decided as an extension method.
             if let Err(e) = method::check(req.method().as_str()) {
-                log.finish(
-                    uri.path(),
-                    None,
-                    "reject",
-                    "bad_method",
-                    StatusCode::BAD_REQUEST,
-                );
+                log.finish(uri.path(), None, Outcome::Rejected(Rejection::BadMethod));
                 break 'resp refuse(Refusal::BadMethod(e), request_id);
             }
             let path = match normalize(uri.path(), &inb.normalize) {
                 Ok(p) => p,
                 Err(e) => {
-                    log.finish(
-                        uri.path(),
-                        None,
-                        "reject",
-                        "bad_path",
-                        StatusCode::BAD_REQUEST,
-                    );
+                    log.finish(uri.path(), None, Outcome::Rejected(Rejection::BadPath));
                     break 'resp refuse(Refusal::BadPath(&e), request_id);
                 }
             };
@@ -231,9 +214,7 @@ pub fn handle(
                 log.finish(
                     &path,
                     route,
-                    decision.label(),
-                    decision.reason(),
-                    StatusCode::FORBIDDEN,
+                    Outcome::decided(&decision, StatusCode::FORBIDDEN),
                 );
                 break 'resp refuse(Refusal::Denied, request_id);
             }
@@ -243,7 +224,7 @@ pub fn handle(
             let fwd = match rewrite(&ctx, req, &uri, &path) {
                 Ok(fwd) => fwd,
                 Err(e) => {
-                    log.finish(&path, route, "reject", e.reason(), e.status());
+                    log.finish(&path, route, Outcome::Rejected(Rejection::BadFraming(e)));
                     break 'resp refuse(Refusal::BadFraming(e), request_id);
                 }
             };
@@ -261,13 +242,7 @@ pub fn handle(
                 }
                 Err(_) => refuse(Refusal::AppTimeout, request_id),
             };
-            log.finish(
-                &path,
-                route,
-                decision.label(),
-                decision.reason(),
-                resp.status(),
-            );
+            log.finish(&path, route, Outcome::decided(&decision, resp.status()));
             resp
         };
         Ok(resp.map(|inner| ResponseBody {
@@ -281,8 +256,8 @@ fn refuse(r: Refusal<'_>, request_id: &HeaderValue) -> Response<Either<AppBody, 
     r.response(request_id).map(Either::Right)
 }
 
-/// What the audit line and the metrics need, minus the outcome.
-struct Outcome<'a> {
+/// What the audit line and the metrics need, minus the [`Outcome`].
+struct RequestLog<'a> {
     ctx: &'a ConnCtx,
     caller: Arc<str>,
     request_id: &'a HeaderValue,
@@ -294,28 +269,22 @@ struct Outcome<'a> {
     started: Instant,
 }
 
-impl Outcome<'_> {
-    fn finish(
-        &mut self,
-        path: &str,
-        route: Option<&str>,
-        decision: &str,
-        reason: &str,
-        status: StatusCode,
-    ) {
+impl RequestLog<'_> {
+    /// Counts the request and writes its audit line.
+    fn finish(&mut self, path: &str, route: Option<&str>, outcome: Outcome) {
         let duration = self.started.elapsed();
         let m = &self.ctx.inbound.metrics;
         m.inbound_requests
             .with_label_values(&[
                 route.unwrap_or("none"),
                 &self.caller,
-                decision,
-                reason,
-                status.as_str(),
+                outcome.decision(),
+                outcome.reason(),
+                outcome.status().as_str(),
             ])
             .inc();
         m.inbound_request_duration
-            .with_label_values(&[decision])
+            .with_label_values(&[outcome.decision()])
             .observe(duration.as_secs_f64());
         audit::record(&AuditRecord {
             request_id: self.request_id.to_str().unwrap_or_default(),
@@ -326,9 +295,7 @@ impl Outcome<'_> {
             method: self.method.as_str(),
             path,
             route,
-            decision,
-            reason,
-            status: status.as_u16(),
+            outcome,
             duration,
         });
     }

@@ -12,6 +12,7 @@ use http::{HeaderValue, Response, StatusCode};
 use http_body_util::Full;
 
 use crate::http::respond::ErrorResponse;
+use crate::outcome::Outcome;
 use crate::tls::client::{
     ServerIdentityError, alert_name, received_alert, rustls_error, server_identity_error,
 };
@@ -152,6 +153,14 @@ impl OutboundError {
             Self::ClosedBeforeSend => "upstream_closed",
             Self::Upstream(_) => "upstream",
             Self::Framing(e) => e.reason(),
+        }
+    }
+
+    /// The request's [`Outcome`] when this error answered it.
+    pub fn outcome(&self) -> Outcome {
+        Outcome::Failed {
+            reason: self.reason(),
+            status: self.status(),
         }
     }
 

@@ -24,6 +24,7 @@ use crate::http::headers::{
     REQUEST_ID, RequestIds, check_transfer_encoding, keep_or_assign, keep_or_start_trace,
     strip_hop_by_hop,
 };
+use crate::outcome::Outcome;
 
 /// What the app receives: the upstream's body, streamed, or the sidecar's own JSON.
 pub type OutboundBody = Either<UpstreamBody, Full<Bytes>>;
@@ -60,28 +61,29 @@ pub(super) async fn handle(
         Ok(()) => upstream.send(req).await,
         Err(e) => Err(e),
     };
-    let (response, reason, serial) = match sent {
+    let (response, outcome, serial) = match sent {
         Ok((resp, serial)) => {
             let mut resp = resp.map(Either::Left);
             strip_hop_by_hop(resp.headers_mut());
             resp.headers_mut()
                 .entry(REQUEST_ID)
                 .or_insert_with(|| request_id.clone());
-            (resp, "forwarded", Some(serial))
+            let outcome = Outcome::Forwarded(resp.status());
+            (resp, outcome, Some(serial))
         }
         Err(e) => {
-            metrics.error(e.reason());
+            let outcome = e.outcome();
+            metrics.error(outcome.reason());
             warn!(request_id = %display_id(&request_id), error = %e, "outbound request failed");
             let resp = e
                 .to_response(upstream.name(), &request_id)
                 .map(Either::Right);
-            (resp, e.reason(), None)
+            (resp, outcome, None)
         }
     };
     let elapsed = started.elapsed();
-    let status = response.status().as_u16();
     metrics.duration.observe(elapsed.as_secs_f64());
-    metrics.request(status);
+    metrics.request(outcome.status().as_u16());
     if let Some((method, uri)) = &audited {
         audit::record_outbound(&OutboundRecord {
             request_id: display_id(&request_id),
@@ -91,8 +93,7 @@ pub(super) async fn handle(
             server_serial: serial.as_deref(),
             method: method.as_str(),
             path: uri.path(),
-            status,
-            reason,
+            outcome,
             duration: elapsed,
         });
     }
