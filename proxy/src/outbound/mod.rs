@@ -17,6 +17,7 @@ pub mod error;
 pub mod listener;
 pub mod metrics;
 mod request;
+pub mod target;
 #[cfg(test)]
 mod tests;
 pub mod upstream;
