@@ -1,8 +1,8 @@
 //! What a served connection knows of its own traffic, for its idle and send timeouts:
-//! requests in flight and when the last one ended ([`Activity`], [`RequestGuard`]), and since
-//! when its socket refuses our writes ([`WriteWatch`]).
+//! requests in flight and when the last one ended (`Activity`, `RequestGuard`), and since
+//! when its socket refuses our writes (`WriteWatch`).
 //!
-//! The write-progress deadline (`send_timeout`): the socket is wrapped in a [`WriteWatch`] that
+//! The write-progress deadline (`send_timeout`): the socket is wrapped in a `WriteWatch` that
 //! notes when a write is refused (the client reads nothing and the buffers are full) and when
 //! one goes through again. A connection whose socket took no byte for `send_timeout` is
 //! dropped by its driver, and with it the responses in flight. This is the right depth for

@@ -6,8 +6,8 @@
 //! - Idle connections are reused last-in first-out (the warmest first);
 //! - at most `max_idle` are kept (one more is dropped, which closes it);
 //! - one idle for `idle_timeout`, closed by the peer, or refused by the owner's own check (too
-//!   old, retired) is never handed out, and is dropped by the owner's periodic [`Idle::sweep`];
-//! - a connection goes back only once its exchange has ended cleanly ([`once_ready`]: hyper's
+//!   old, retired) is never handed out, and is dropped by the owner's periodic `Idle::sweep`;
+//! - a connection goes back only once its exchange has ended cleanly (`once_ready`: hyper's
 //!   sender is ready again once the response was read to its end).
 
 use std::future::poll_fn;

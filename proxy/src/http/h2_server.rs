@@ -1,25 +1,25 @@
 //! The HTTP/2 server the inbound side serves: served with the `h2` crate directly.
 //!
-//! [`H2Server`] runs an HTTP/2 connection: each stream's future (made by the caller, e.g. the
+//! `H2Server` runs an HTTP/2 connection: each stream's future (made by the caller, e.g. the
 //! inbound side's `serve_stream`) runs inside the connection's task, in a
-//! [`FuturesUnordered`] polled in turn with the connection itself: no task, request channel or
+//! `FuturesUnordered` polled in turn with the connection itself: no task, request channel or
 //! response oneshot per request (what hyper's HTTP/2 server spent on each), and a slow stream
 //! holds up no other, each being polled only when woken. A response head is made fit for
-//! HTTP/2 as hyper did ([`fit_for_h2`]: no connection-specific headers; `date` and an exactly
+//! HTTP/2 as hyper did (`fit_for_h2`: no connection-specific headers; `date` and an exactly
 //! known `content-length` added when missing), and its body is written with
 //! [`crate::http::body::pipe_within`] under the peer's flow control.
 //!
 //! Two limits guard the app against abusive clients:
 //! - **Client resets** (rapid reset, CVE-2023-44487): a stream reset while it is served
 //!   frees its slot under `max_h2_streams` at once, so resets are what let a client start
-//!   requests without bound. Each connection counts them ([`ResetBudget`]): past
+//!   requests without bound. Each connection counts them (`ResetBudget`): past
 //!   `max_h2_resets` within `h2_reset_window` it gets `GOAWAY(ENHANCE_YOUR_CALM)` and is closed.
 //!   `h2`'s own `max_pending_accept_reset_streams` only counts streams reset while they wait in
 //!   its accept queue, which our loop empties at every poll, so it only catches large bursts.
 //!   A stream already reset when it is first polled (`HEADERS` and `RST_STREAM` read together)
-//!   is not forwarded at all (the caller's stream future checks [`reset_end`] first).
+//!   is not forwarded at all (the caller's stream future checks `reset_end` first).
 //! - **Slow readers**: a response body waits for the client's flow-control window at most
-//!   `send_timeout` per wait; then the stream is reset ([`StreamEnd::SendTimedOut`]). A client
+//!   `send_timeout` per wait; then the stream is reset (`StreamEnd::SendTimedOut`). A client
 //!   that reads nothing off the socket at all is caught a level down, by the connection's
 //!   write-progress deadline ([`crate::http::activity`]).
 

@@ -1,11 +1,11 @@
-//! One inbound connection (mini-redis's `Handler`): a [`Conn`] owns what the connection
+//! One inbound connection (mini-redis's `Handler`): a `Conn` owns what the connection
 //! needs from accept to close. The TLS handshake runs under a timeout, the verified
 //! [`crate::tls::PeerIdentity`] is taken from the session (never from headers), and the
 //! connection is served as HTTP/1.1 or HTTP/2 as negotiated by ALPN:
 //!
-//! - HTTP/1.1 by hyper, each request through [`handle`];
-//! - HTTP/2 by [`H2Server`] (the `h2` crate directly), each stream through [`serve_stream`],
-//!   which runs the same [`handle`], the streams polled inside the connection's task.
+//! - HTTP/1.1 by hyper, each request through `handle`;
+//! - HTTP/2 by `H2Server` (the `h2` crate directly), each stream through `serve_stream`,
+//!   which runs the same `handle`, the streams polled inside the connection's task.
 //!
 //! One driver (`Session::drive`) runs either protocol's connection to its end: it is closed
 //! gracefully when it has been idle for `idle_timeout` or when shutdown starts (HTTP/2 sends
@@ -17,7 +17,7 @@
 //! SVID rules) on the certificates its peer presented. A peer that no longer passes (revoked,
 //! or its root retired) gets its connection closed: requests still arriving get 503, the
 //! connection is shut down gracefully (HTTP/2 GOAWAY, HTTP/1.1 after the request in flight) and
-//! dropped outright after [`UNTRUSTED_GRACE`].
+//! dropped outright after `UNTRUSTED_GRACE`.
 
 use std::fmt::Display;
 use std::future::{Future, poll_fn};

@@ -1,6 +1,6 @@
 //! The inbound accept loop (mini-redis's `Listener`): the shared accept limiter bounds open
 //! connections ([`crate::accept::Acceptor::accept_within`]), a source's admission is checked
-//! before any TLS byte is read, and each connection runs as a tracked task ([`Conn`]).
+//! before any TLS byte is read, and each connection runs as a tracked task (`Conn`).
 
 use std::sync::Arc;
 

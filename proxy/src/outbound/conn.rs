@@ -1,5 +1,5 @@
-//! One connection from the app (mini-redis's `Handler`): a [`Conn`] serves it with hyper,
-//! HTTP/1.1 or h2c with prior knowledge, each request through [`handle`], under the same
+//! One connection from the app (mini-redis's `Handler`): a `Conn` serves it with hyper,
+//! HTTP/1.1 or h2c with prior knowledge, each request through `handle`, under the same
 //! header-read timeout default as the inbound side
 //! ([`crate::config::DEFAULT_HEADER_READ_TIMEOUT`]), and drains it gracefully on shutdown
 //! (HTTP/1.1 closes after the in-flight request, HTTP/2 sends GOAWAY).

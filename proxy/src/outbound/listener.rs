@@ -1,7 +1,7 @@
 //! The plaintext side of an outbound entry (mini-redis's `Listener`): the local app connects
 //! here (HTTP/1.1, or h2c with prior knowledge); the shared accept limiter
 //! ([`crate::accept::Acceptor::accept_within`]) bounds open connections, and each runs as a
-//! tracked task ([`Conn`]) whose requests go to [`super::request`].
+//! tracked task (`Conn`) whose requests go to `super::request`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -1,12 +1,17 @@
 //! Outbound: the local app calls a plaintext listener on loopback, the sidecar originates mTLS
 //! to the peer sidecar with its own certificate and pins the peer's SPIFFE ID.
 //!
-//! - `upstream`: the per-upstream mTLS connection pool (h2 multiplexing or HTTP/1.1
-//!   keep-alive, bounded, idle timeout, maximum age, DNS at connect time, safe retries);
-//! - `listener`: the plaintext listener (HTTP/1.1 and h2c prior knowledge) and the request
-//!   path (request id, hop-by-hop headers, audit line);
-//! - `error`: failures and the JSON responses the app gets for them (502/504);
-//! - `metrics`: `gatehouse_outbound_*`.
+//! The same shape as [`crate::inbound`], one request top-down:
+//! - [`listener`]: the plaintext accept loop (the shared limiter);
+//! - `conn`: one app connection (`Conn`): HTTP/1.1 or h2c with prior knowledge, header-read
+//!   timeout, graceful drain;
+//! - `request`: per request: request id, framing, hop-by-hop headers, the upstream, the
+//!   [`crate::outcome::Outcome`] counted and written to the audit log;
+//! - [`upstream`]: the per-upstream mTLS connection pool (h2 multiplexing or the shared
+//!   HTTP/1.1 keep-alive pool, bounded, idle timeout, maximum age, DNS at connect time, safe
+//!   retries); [`target`]: where it lives;
+//! - [`error`]: failures and the JSON responses the app gets for them (502/504);
+//! - [`metrics`]: `gatehouse_outbound_*`.
 //!
 //! Outbound listeners are unauthenticated plaintext: anything that can reach them speaks with
 //! this workload's identity. The configuration refuses a non-loopback `listen` unless
