@@ -11,7 +11,7 @@
 //!   HTTP/1.1 keep-alive pool, bounded, idle timeout, maximum age, DNS at connect time, safe
 //!   retries); [`target`]: where it lives;
 //! - [`error`]: failures and the JSON responses the app gets for them (502/504);
-//! - [`metrics`]: `gatehouse_outbound_*`.
+//! - [`metrics`]: the `gatehouse_outbound_*` families.
 //!
 //! Outbound listeners are unauthenticated plaintext: anything that can reach them speaks with
 //! this workload's identity. The configuration refuses a non-loopback `listen` unless

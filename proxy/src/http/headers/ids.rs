@@ -346,4 +346,17 @@ mod tests {
             assert!(h[&REQUEST_ID].is_sensitive(), "{:?}", h.get(&REQUEST_ID));
         }
     }
+
+    #[test]
+    fn a_repeated_acceptable_id_goes_on_once_as_the_inbound_side_always_sent_it() {
+        let ids = RequestIds::new(&crate::tls::provider());
+        let mut h = HeaderMap::new();
+        h.insert(REQUEST_ID, HeaderValue::from_static("first-1"));
+        h.append(REQUEST_ID, HeaderValue::from_static("second-2"));
+        let id = keep_or_assign(&ids, &mut h);
+        assert_eq!(id, "first-1");
+        let sent: Vec<&HeaderValue> = h.get_all(&REQUEST_ID).iter().collect();
+        assert_eq!(sent, [&id], "one value, the one kept");
+        assert!(h[&REQUEST_ID].is_sensitive());
+    }
 }
