@@ -286,13 +286,14 @@ impl Recheck {
     }
 }
 
-/// Runs a connection to completion, asking it to finish gracefully on shutdown, once idle, or
-/// when a reload stops trusting the peer (then dropped after [`UNTRUSTED_GRACE`]); dropping it
-/// at once when its socket took no byte for the send timeout.
-///
-/// `graceful` asks the connection to finish (hyper's `graceful_shutdown`, or the HTTP/2
-/// server's GOAWAY). A connection error is logged at debug level: it is the peer's business.
 impl Session {
+    /// Runs a connection to completion, asking it to finish gracefully on shutdown, once idle,
+    /// or when a reload stops trusting the peer (then dropped after [`UNTRUSTED_GRACE`]);
+    /// dropping it at once when its socket took no byte for the send timeout.
+    ///
+    /// `graceful` asks the connection to finish (hyper's `graceful_shutdown`, or the HTTP/2
+    /// server's GOAWAY). A connection error is logged at debug level: it is the peer's
+    /// business.
     async fn drive<C, E>(&mut self, conn: C, mut graceful: impl FnMut(Pin<&mut C>))
     where
         C: Future<Output = Result<(), E>>,
