@@ -10,8 +10,10 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tracing::{debug, warn};
 
 use crate::signal::Shutdown;
@@ -74,6 +76,25 @@ impl Acceptor {
                 }
             }
         }
+    }
+
+    /// The accept loop's limiter, the same on both sides: waits for a free slot under `limit`,
+    /// then for the next connection; `None` once shutdown starts. The permit is the
+    /// connection's slot: hold it until the connection ends.
+    pub async fn accept_within(
+        &mut self,
+        limit: &Arc<Semaphore>,
+        shutdown: &Shutdown,
+    ) -> Option<(TcpStream, SocketAddr, OwnedSemaphorePermit)> {
+        let permit = tokio::select! {
+            p = limit.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+            () = shutdown.token().cancelled() => return None,
+        };
+        let (tcp, peer) = tokio::select! {
+            c = self.accept() => c,
+            () = shutdown.token().cancelled() => return None,
+        };
+        Some((tcp, peer, permit))
     }
 }
 

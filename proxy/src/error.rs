@@ -6,11 +6,11 @@
 //! refused path, method spelling or malformed framing, 501 for a transfer coding we do not
 //! forward, 403 for a denial, 502 when the app is unreachable, 504 when it is too slow.
 
-use bytes::Bytes;
-use http::{HeaderValue, Response, StatusCode, header};
-use http_body_util::Full;
+use http::{HeaderValue, Response, StatusCode};
 
 use crate::config::ConfigError;
+use crate::http::respond::ErrorResponse;
+pub use crate::http::respond::OwnBody;
 use crate::tls::TlsError;
 
 /// A problem found while loading the configuration, credentials or policy.
@@ -114,9 +114,6 @@ impl LoadError {
     }
 }
 
-/// The body type of responses the sidecar makes itself.
-pub type OwnBody = Full<Bytes>;
-
 /// Why the sidecar answers a request itself instead of the app.
 #[derive(Debug, Clone, Copy)]
 pub enum Refusal<'a> {
@@ -125,7 +122,7 @@ pub enum Refusal<'a> {
     /// A standard method in a non-standard spelling (`get`).
     BadMethod(gatehouse_policy::method::MethodError),
     /// A `Transfer-Encoding` we do not forward (400 malformed, 501 unsupported coding).
-    BadFraming(crate::headers::FramingError),
+    BadFraming(crate::http::headers::FramingError),
     /// The policy denied the request (or no route matched).
     Denied,
     /// The app could not be reached or failed mid-response.
@@ -152,38 +149,42 @@ impl Refusal<'_> {
 
     /// The response: a JSON body `{"error", "message", "request_id"}` and `x-request-id`.
     pub fn response(&self, request_id: &HeaderValue) -> Response<OwnBody> {
-        let (error, message) = match self {
-            Self::BadPath(e) => ("bad_request", format!("refused request path: {e}")),
-            Self::BadMethod(e) => ("bad_request", format!("refused request method: {e}")),
+        let (error, reason, message) = match self {
+            Self::BadPath(e) => ("bad_request", "bad_path", format!("refused request path: {e}")),
+            Self::BadMethod(e) => (
+                "bad_request",
+                "bad_method",
+                format!("refused request method: {e}"),
+            ),
             Self::BadFraming(e) => match e.status() {
-                StatusCode::NOT_IMPLEMENTED => ("not_implemented", e.to_string()),
-                _ => ("bad_request", e.to_string()),
+                StatusCode::NOT_IMPLEMENTED => ("not_implemented", e.reason(), e.to_string()),
+                _ => ("bad_request", e.reason(), e.to_string()),
             },
-            Self::Denied => ("forbidden", "access denied".to_owned()),
-            Self::AppUnreachable => ("bad_gateway", "the upstream app is unreachable".to_owned()),
+            Self::Denied => ("forbidden", "denied", "access denied".to_owned()),
+            Self::AppUnreachable => (
+                "bad_gateway",
+                "app_unreachable",
+                "the upstream app is unreachable".to_owned(),
+            ),
             Self::AppTimeout => (
                 "gateway_timeout",
+                "app_timeout",
                 "the upstream app did not answer in time".to_owned(),
             ),
             Self::PeerNoLongerTrusted => (
                 "service_unavailable",
+                "peer_not_trusted",
                 "this connection's client certificate is no longer trusted; the connection is closing"
                     .to_owned(),
             ),
         };
-        let body = serde_json::json!({
-            "error": error,
-            "message": message,
-            "request_id": request_id.to_str().unwrap_or_default(),
-        });
-        let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
-        *resp.status_mut() = self.status();
-        let h = resp.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        h.insert("x-request-id", request_id.clone());
-        resp
+        ErrorResponse {
+            status: self.status(),
+            error,
+            reason,
+            message: &message,
+            details: &[],
+        }
+        .into_response(request_id)
     }
 }

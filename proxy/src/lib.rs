@@ -1,17 +1,26 @@
 //! Gatehouse sidecar library: the `sidecar` binary only parses arguments, calls into here and
 //! renders errors.
 //!
-//! Layout:
+//! Layout, from the bottom up (no module imports one that imports it back):
+//! - [`http`]: the HTTP layer both sides stand on, below every policy decision: the HTTP/2
+//!   server and client on `h2`, request and response bodies, the headers we own and strip
+//!   (one `x-request-id` rule), the one HTTP/1.1 keep-alive pool, a connection's activity for
+//!   its idle and send timeouts, and the one JSON error body;
 //! - [`config`]: the sidecar TOML → validated [`config::Config`];
 //! - [`tls`]: credentials loading, X.509-SVID rules, the SPIFFE verifier, server and client
-//!   configs, swappable certificate resolver;
+//!   configs, swappable certificate resolver, the TLS alert tap;
 //! - [`input`]: the one reader of configured files (regular files only, size limits, never
 //!   blocking on a FIFO) and the watched inputs a snapshot is built from;
 //! - [`state`]: the [`state::Snapshot`] (credentials, policy, inbound and outbound TLS) built by
 //!   the one path startup and reload share, and the trust generation outbound pools follow;
-//! - [`inbound`]: mTLS termination, per-route policy, forwarding to the app;
-//! - [`outbound`]: plaintext from the app, mTLS to the peer sidecar with its identity pinned
-//!   (the pools dial with the current snapshot's TLS: `outbound::tls_source`);
+//! - [`outcome`]: what became of one request ([`outcome::Outcome`]): its status, metric labels
+//!   and audit fields, on both sides;
+//! - [`inbound`] and [`outbound`], which mirror each other (`listener → conn → request →
+//!   upstream`) and hold identity, policy, forwarding, audit and metrics only: inbound
+//!   terminates mTLS, decides per route and forwards to the app; outbound takes plaintext from
+//!   the app and originates mTLS to the peer sidecar with its identity pinned (its pools dial
+//!   with the current snapshot's TLS: `outbound::tls_source`);
+//! - [`accept`]: accepting connections (spread over event loops, the shared accept limiter);
 //! - [`admin`], [`metrics`], [`audit`]: observability;
 //! - [`reload`]: hot reload of certificate, key, bundle, CRL and policy (file events, polling,
 //!   SIGHUP), revocation reaching live connections, expiry metrics, typed refusals
@@ -19,8 +28,7 @@
 //!   rotation" design note;
 //! - [`signal`]: signals, cancellation and the drain of connection tasks;
 //! - [`run`]: the load path shared by `sidecar check` and `sidecar run`, and the run loop;
-//! - [`h2body`]: request and response bodies on the sidecar-to-sidecar HTTP/2 hop;
-//! - [`error`]: load errors with their `help:` lines, and refusals as HTTP responses.
+//! - [`error`]: load errors with their `help:` lines, and inbound refusals as HTTP responses.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
@@ -29,12 +37,12 @@ pub mod admin;
 pub mod audit;
 pub mod config;
 pub mod error;
-pub mod h2body;
-pub mod headers;
+pub mod http;
 pub mod inbound;
 pub mod input;
 pub mod metrics;
 pub mod outbound;
+pub mod outcome;
 pub mod reload;
 pub mod run;
 pub mod signal;

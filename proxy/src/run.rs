@@ -160,12 +160,7 @@ pub async fn run(loaded: Loaded, shutdown: Shutdown) -> Result<usize, LoadError>
         }
         None => None,
     };
-    let out = Outbound::bind(
-        snap.outbound.clone(),
-        metrics.registry(),
-        state.provider.clone(),
-    )
-    .await?;
+    let out = Outbound::bind(snap.outbound.clone(), &metrics, state.provider.clone()).await?;
     for (o, addr) in cfg.outbound.iter().zip(out.local_addrs()) {
         bound.push((format!("outbound:{}", o.name), addr));
     }

@@ -1,26 +1,28 @@
 //! The inbound side: terminate mTLS from callers, enforce the policy per route, forward allowed
 //! requests to the app.
-//! - [`listener`]: the accept loop, the handshake under a timeout, the per-connection HTTP
-//!   server (hyper for HTTP/1.1, the `h2` crate directly for HTTP/2, its streams polled in
-//!   the connection's task), idle timeout and graceful drain;
+//!
+//! The same shape as [`crate::outbound`], one request top-down:
+//! - [`listener`]: the accept loop (the shared limiter, per-source admission);
+//! - `conn`: one connection (`Conn`): the handshake under a timeout, the peer's identity and
+//!   its re-check after reloads, HTTP/1.1 (hyper) or HTTP/2 ([`crate::http::h2_server`]),
+//!   idle and send timeouts, graceful drain;
 //! - [`request`]: per request of either protocol, normalize → decide → audit + metrics →
-//!   deny, or rewrite the identity headers and forward on a pooled keep-alive HTTP/1.1
-//!   connection;
-//! - [`sources`]: per-source admission before the handshake;
-//! - [`app`]: the pool of keep-alive connections to the app.
+//!   deny, or rewrite the identity headers and forward;
+//! - [`upstream`]: the hop to the app, on the shared HTTP/1.1 keep-alive pool;
+//! - [`sources`]: per-source admission before the handshake.
 
-pub mod app;
-mod h2;
+mod conn;
 pub mod listener;
 pub mod request;
 pub mod sources;
+pub mod upstream;
 
 use std::sync::Arc;
 
 use http::HeaderValue;
 
 use crate::config::InboundConfig;
-use crate::headers::RequestIds;
+use crate::http::headers::RequestIds;
 use crate::metrics::Metrics;
 use crate::state::State;
 
@@ -33,7 +35,7 @@ pub struct Inbound {
     pub metrics: Metrics,
     /// `[inbound]`.
     pub cfg: InboundConfig,
-    app: Arc<app::AppPool>,
+    app: Arc<upstream::AppPool>,
     /// `Host` for requests that came without one (the app's address).
     app_host: HeaderValue,
     request_ids: RequestIds,
@@ -51,7 +53,7 @@ impl Inbound {
         cfg: InboundConfig,
         sources: Arc<sources::Sources>,
     ) -> Self {
-        let app = Arc::new(app::AppPool::new(
+        let app = Arc::new(upstream::AppPool::new(
             cfg.app,
             cfg.app_pool_max_idle,
             cfg.app_pool_idle_timeout,

@@ -2,11 +2,12 @@
 //! refusal) → `policy.decide` → deny (403, the app sees nothing) or forward → audit line +
 //! metrics with the final status.
 //!
-//! Forwarding ([`crate::headers::strip_for_app`]) refuses a `Transfer-Encoding` other than
+//! Forwarding ([`crate::http::headers::strip_for_app`]) refuses a `Transfer-Encoding` other than
 //! `chunked` (501, or 400 when malformed), drops hop-by-hop headers and every identity header
 //! the client sent, in any spelling that normalizes to one of ours (`x-forwarded-client-cert`,
 //! `x-client-spiffe-id`, `client-cert`, `client-cert-chain`, `X_Client_Spiffe_Id`, …), then adds
-//! ours from the verified session, keeps or adds `x-request-id`, and sends the normalized path
+//! ours from the verified session (`x-request-id` was kept or assigned first, by the rule both
+//! sides share: [`crate::http::headers::keep_or_assign`]), and sends the normalized path
 //! with the original query to the app on a pooled keep-alive HTTP/1.1 connection. Bodies stream
 //! both ways; nothing is buffered.
 //!
@@ -21,7 +22,7 @@
 //!
 //! [`handle`] serves both protocols: HTTP/1.1 requests come from hyper (body
 //! [`hyper::body::Incoming`]), HTTP/2 requests from the `h2` crate directly (body
-//! [`crate::h2body::RecvBody`], see [`super::listener`]); [`RequestBody`] is either, and is
+//! [`crate::http::body::RecvBody`], see [`super::listener`]); [`RequestBody`] is either, and is
 //! what the app pool forwards.
 
 use std::convert::Infallible;
@@ -34,21 +35,22 @@ use std::time::Instant;
 use bytes::Bytes;
 use gatehouse_policy::method;
 use gatehouse_policy::path::normalize;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderName, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
 use http::{Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Full};
 
 use super::Inbound;
-use super::app::AppBody;
-use super::listener::{Activity, RequestGuard};
+use super::upstream::AppBody;
 use crate::audit::{self, AuditRecord};
 use crate::error::Refusal;
-use crate::h2body::HttpBody;
-use crate::headers::{
-    FramingError, REQUEST_ID, is_acceptable_request_id, strip_for_app, strip_hop_by_hop, trace_id,
+use crate::http::activity::{Activity, RequestGuard};
+use crate::http::body::HttpBody;
+use crate::http::headers::{
+    FramingError, keep_or_assign, strip_for_app, strip_hop_by_hop, trace_id,
 };
+use crate::outcome::{Outcome, Rejection};
 use crate::state::{InboundSnapshot, Snapshot};
 use crate::tls::PeerIdentity;
 
@@ -58,7 +60,7 @@ const SPIFFE_ID_HEADER: HeaderName = HeaderName::from_static("x-client-spiffe-id
 /// Per-connection context: fixed for the connection's life.
 #[derive(Debug)]
 pub struct ConnCtx {
-    inbound: Arc<Inbound>,
+    pub(super) inbound: Arc<Inbound>,
     peer: PeerIdentity,
     distrusted: AtomicBool,
     xfcc: HeaderValue,
@@ -161,20 +163,20 @@ impl Body for ResponseBody {
 )]
 pub fn handle(
     ctx: Arc<ConnCtx>,
-    req: Request<RequestBody>,
+    mut req: Request<RequestBody>,
 ) -> impl Future<Output = Result<Response<ResponseBody>, Infallible>> + Send + 'static {
     async move {
         let guard = ctx.activity.begin();
         let started = Instant::now();
-        let (request_id, id_in_place) = request_id(&ctx.inbound, req.headers());
-        let request_id = &request_id;
+        // Kept or assigned by the one rule both sides share; the app gets it as is.
+        let request_id = &keep_or_assign(&ctx.inbound.request_ids, req.headers_mut());
         // The current snapshot, not the connection's: policy reloads reach open connections.
         let snapshot = ctx.inbound.state.snapshot();
         let resp = 'resp: {
             let Some(inb) = snapshot.inbound.as_ref() else {
                 break 'resp refuse(Refusal::Denied, request_id);
             };
-            let mut log = Outcome {
+            let mut log = RequestLog {
                 ctx: &ctx,
                 // A SipHash lookup in the policy, once per connection and snapshot.
                 caller: ctx
@@ -188,37 +190,19 @@ pub fn handle(
             };
             if ctx.distrusted.load(Ordering::Relaxed) {
                 let path = req.uri().path();
-                log.finish(
-                    path,
-                    None,
-                    "reject",
-                    "peer_not_trusted",
-                    StatusCode::SERVICE_UNAVAILABLE,
-                );
+                log.finish(path, None, Outcome::Rejected(Rejection::PeerNotTrusted));
                 break 'resp refuse(Refusal::PeerNoLongerTrusted, request_id);
             }
             let uri = req.uri().clone();
             // Before matching: `get` must not be decided as an extension method.
             if let Err(e) = method::check(req.method().as_str()) {
-                log.finish(
-                    uri.path(),
-                    None,
-                    "reject",
-                    "bad_method",
-                    StatusCode::BAD_REQUEST,
-                );
+                log.finish(uri.path(), None, Outcome::Rejected(Rejection::BadMethod));
                 break 'resp refuse(Refusal::BadMethod(e), request_id);
             }
             let path = match normalize(uri.path(), &inb.normalize) {
                 Ok(p) => p,
                 Err(e) => {
-                    log.finish(
-                        uri.path(),
-                        None,
-                        "reject",
-                        "bad_path",
-                        StatusCode::BAD_REQUEST,
-                    );
+                    log.finish(uri.path(), None, Outcome::Rejected(Rejection::BadPath));
                     break 'resp refuse(Refusal::BadPath(&e), request_id);
                 }
             };
@@ -230,19 +214,17 @@ pub fn handle(
                 log.finish(
                     &path,
                     route,
-                    decision.label(),
-                    decision.reason(),
-                    StatusCode::FORBIDDEN,
+                    Outcome::decided(&decision, StatusCode::FORBIDDEN),
                 );
                 break 'resp refuse(Refusal::Denied, request_id);
             }
             // An HTTP/2 response head is stripped where it is fitted for HTTP/2
             // (`h2::fit_for_h2`, which drops `transfer-encoding` too): one scan, not two.
             let over_h2 = req.version() == http::Version::HTTP_2;
-            let fwd = match rewrite(&ctx, req, &uri, &path, request_id, id_in_place) {
+            let fwd = match rewrite(&ctx, req, &uri, &path) {
                 Ok(fwd) => fwd,
                 Err(e) => {
-                    log.finish(&path, route, "reject", e.reason(), e.status());
+                    log.finish(&path, route, Outcome::Rejected(Rejection::BadFraming(e)));
                     break 'resp refuse(Refusal::BadFraming(e), request_id);
                 }
             };
@@ -260,13 +242,7 @@ pub fn handle(
                 }
                 Err(_) => refuse(Refusal::AppTimeout, request_id),
             };
-            log.finish(
-                &path,
-                route,
-                decision.label(),
-                decision.reason(),
-                resp.status(),
-            );
+            log.finish(&path, route, Outcome::decided(&decision, resp.status()));
             resp
         };
         Ok(resp.map(|inner| ResponseBody {
@@ -280,8 +256,8 @@ fn refuse(r: Refusal<'_>, request_id: &HeaderValue) -> Response<Either<AppBody, 
     r.response(request_id).map(Either::Right)
 }
 
-/// What the audit line and the metrics need, minus the outcome.
-struct Outcome<'a> {
+/// What the audit line and the metrics need, minus the [`Outcome`].
+struct RequestLog<'a> {
     ctx: &'a ConnCtx,
     caller: Arc<str>,
     request_id: &'a HeaderValue,
@@ -293,28 +269,22 @@ struct Outcome<'a> {
     started: Instant,
 }
 
-impl Outcome<'_> {
-    fn finish(
-        &mut self,
-        path: &str,
-        route: Option<&str>,
-        decision: &str,
-        reason: &str,
-        status: StatusCode,
-    ) {
+impl RequestLog<'_> {
+    /// Counts the request and writes its audit line.
+    fn finish(&mut self, path: &str, route: Option<&str>, outcome: Outcome) {
         let duration = self.started.elapsed();
         let m = &self.ctx.inbound.metrics;
         m.inbound_requests
             .with_label_values(&[
                 route.unwrap_or("none"),
                 &self.caller,
-                decision,
-                reason,
-                status.as_str(),
+                outcome.decision(),
+                outcome.reason(),
+                outcome.status().as_str(),
             ])
             .inc();
         m.inbound_request_duration
-            .with_label_values(&[decision])
+            .with_label_values(&[outcome.decision()])
             .observe(duration.as_secs_f64());
         audit::record(&AuditRecord {
             request_id: self.request_id.to_str().unwrap_or_default(),
@@ -325,21 +295,9 @@ impl Outcome<'_> {
             method: self.method.as_str(),
             path,
             route,
-            decision,
-            reason,
-            status: status.as_u16(),
+            outcome,
             duration,
         });
-    }
-}
-
-/// The client's `x-request-id` when it is a sane token, else a fresh one; `true` when the
-/// request carries exactly that one `x-request-id` already.
-fn request_id(inbound: &Inbound, headers: &HeaderMap) -> (HeaderValue, bool) {
-    let mut all = headers.get_all(&REQUEST_ID).iter();
-    match all.next() {
-        Some(v) if is_acceptable_request_id(v) => (v.clone(), all.next().is_none()),
-        _ => (inbound.request_ids.next(), false),
     }
 }
 
@@ -349,8 +307,6 @@ fn rewrite(
     req: Request<RequestBody>,
     uri: &Uri,
     path: &str,
-    request_id: &HeaderValue,
-    id_in_place: bool,
 ) -> Result<Request<RequestBody>, FramingError> {
     let (mut parts, body) = req.into_parts();
     let h = &mut parts.headers;
@@ -369,9 +325,6 @@ fn rewrite(
     // Both were removed above: appending is inserting.
     h.append(XFCC_HEADER, ctx.xfcc.clone());
     h.append(SPIFFE_ID_HEADER, ctx.spiffe_id.clone());
-    if !id_in_place {
-        h.insert(REQUEST_ID, request_id.clone());
-    }
     // An already normal path is forwarded as the client sent it (no allocation).
     let path_and_query = match uri.path_and_query() {
         Some(pq) if pq.path() == path => pq.clone(),

@@ -8,10 +8,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use gatehouse_policy::{IdentityPattern, SpiffeId};
-use http::{HeaderValue, Response, StatusCode, header};
+use http::{HeaderValue, Response, StatusCode};
 use http_body_util::Full;
-use serde_json::json;
 
+use crate::http::respond::ErrorResponse;
+use crate::outcome::Outcome;
 use crate::tls::client::{
     ServerIdentityError, alert_name, received_alert, rustls_error, server_identity_error,
 };
@@ -80,11 +81,11 @@ pub enum OutboundError {
     ClosedBeforeSend,
     /// The HTTP exchange with the upstream failed after the connection was established.
     #[error("upstream connection failed: {0}")]
-    Upstream(#[source] crate::h2body::BoxError),
+    Upstream(#[source] crate::http::body::BoxError),
     /// The app's request claims a `Transfer-Encoding` we would not forward as it is (the
     /// inbound side refuses the same ones); nothing was sent.
     #[error("request not forwarded: {0}")]
-    Framing(#[source] crate::headers::FramingError),
+    Framing(#[source] crate::http::headers::FramingError),
 }
 
 impl OutboundError {
@@ -155,6 +156,14 @@ impl OutboundError {
         }
     }
 
+    /// The request's [`Outcome`] when this error answered it.
+    pub fn outcome(&self) -> Outcome {
+        Outcome::Failed {
+            reason: self.reason(),
+            status: self.status(),
+        }
+    }
+
     /// The status the app receives: 504 for timeouts, 400 or 501 for a request we would not
     /// forward, 502 for everything else.
     pub fn status(&self) -> StatusCode {
@@ -169,33 +178,32 @@ impl OutboundError {
 
     /// The response the sidecar sends the app in place of the upstream's.
     pub fn to_response(&self, upstream: &str, request_id: &HeaderValue) -> Response<Full<Bytes>> {
-        let mut body = json!({
-            "error": self.to_string(),
-            "reason": self.reason(),
-            "upstream": upstream,
-            "request_id": request_id.to_str().unwrap_or_default(),
-        });
-        match self {
+        let message = self.to_string();
+        let expected;
+        let details: &[(&str, &str)] = match self {
             Self::IdentityMismatch {
-                expected,
+                expected: e,
                 presented,
             } => {
-                body["expected_id"] = json!(expected.to_string());
-                body["presented_id"] = json!(presented.as_str());
+                expected = e.to_string();
+                &[
+                    ("upstream", upstream),
+                    ("expected_id", &expected),
+                    ("presented_id", presented.as_str()),
+                ]
             }
             Self::ClientCertificateRejected { alert } | Self::HandshakeAlert { alert } => {
-                body["alert"] = json!(alert);
+                &[("upstream", upstream), ("alert", alert)]
             }
-            _ => {}
+            _ => &[("upstream", upstream)],
+        };
+        ErrorResponse {
+            status: self.status(),
+            error: &message,
+            reason: self.reason(),
+            message: &message,
+            details,
         }
-        let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
-        *resp.status_mut() = self.status();
-        let headers = resp.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        headers.insert("x-request-id", request_id.clone());
-        resp
+        .into_response(request_id)
     }
 }

@@ -18,6 +18,10 @@ pub struct OutboundMetrics {
     connections_open: IntGaugeVec,
     retries: IntCounterVec,
     duration: HistogramVec,
+    /// `gatehouse_tls_handshakes_total` and `gatehouse_tls_handshake_duration_seconds`, shared
+    /// with the inbound side (`direction="outbound"` here), when registered with
+    /// [`OutboundMetrics::with_tls`].
+    tls: Option<(IntCounterVec, HistogramVec)>,
 }
 
 /// The metric handles of one upstream, label values already bound (no lookups per request).
@@ -100,7 +104,18 @@ impl OutboundMetrics {
             connections_open,
             retries,
             duration,
+            tls: None,
         })
+    }
+
+    /// Also counts handshakes in the sidecar's `gatehouse_tls_handshakes_total{direction}` and
+    /// `gatehouse_tls_handshake_duration_seconds{direction}`, as `direction="outbound"`.
+    pub(crate) fn with_tls(mut self, metrics: &crate::metrics::Metrics) -> Self {
+        self.tls = Some((
+            metrics.tls_handshakes.clone(),
+            metrics.tls_handshake_duration.clone(),
+        ));
+        self
     }
 
     /// The handles for the upstream named `upstream`.
@@ -158,6 +173,22 @@ impl UpstreamMetrics {
             .handshakes
             .with_label_values(&[self.upstream.as_str(), result])
             .inc();
+        if let Some((counts, _)) = &self.families.tls {
+            let labels = match result {
+                "ok" => ["outbound", "ok", "none"],
+                reason => ["outbound", "error", reason],
+            };
+            counts.with_label_values(&labels).inc();
+        }
+    }
+
+    /// A successful handshake took `elapsed` (TCP connected to TLS done).
+    pub(crate) fn handshake_took(&self, elapsed: std::time::Duration) {
+        if let Some((_, durations)) = &self.families.tls {
+            durations
+                .with_label_values(&["outbound"])
+                .observe(elapsed.as_secs_f64());
+        }
     }
 }
 

@@ -1,26 +1,34 @@
 //! Outbound: the local app calls a plaintext listener on loopback, the sidecar originates mTLS
 //! to the peer sidecar with its own certificate and pins the peer's SPIFFE ID.
 //!
-//! - `connect`: the per-upstream mTLS connection pool (h2 multiplexing or HTTP/1.1
-//!   keep-alive, bounded, idle timeout, maximum age, DNS at connect time, safe retries);
-//! - `listener`: the plaintext listener (HTTP/1.1 and h2c prior knowledge) and the request
-//!   path (request id, hop-by-hop headers, audit line);
-//! - `error`: failures and the JSON responses the app gets for them (502/504);
-//! - `metrics`: `gatehouse_outbound_*`;
-//! - `tls_source`: where a pool takes its TLS client configuration when it dials (the current
-//!   snapshot) and the trust generation that retires older connections.
+//! The same shape as [`crate::inbound`], one request top-down:
+//! - [`listener`]: the plaintext accept loop (the shared limiter);
+//! - `conn`: one app connection (`Conn`): HTTP/1.1 or h2c with prior knowledge, header-read
+//!   timeout, graceful drain;
+//! - `request`: per request: request id, framing, hop-by-hop headers, the upstream, the
+//!   [`crate::outcome::Outcome`] counted and written to the audit log;
+//! - [`upstream`]: the per-upstream mTLS connection pool (h2 multiplexing or the shared
+//!   HTTP/1.1 keep-alive pool, bounded, idle timeout, maximum age, DNS at connect time, safe
+//!   retries); [`target`]: where it lives;
+//! - [`tls_source`]: where a pool takes its TLS client configuration when it dials (the
+//!   current snapshot) and the trust generation that retires older connections;
+//! - [`error`]: failures and the JSON responses the app gets for them (502/504);
+//! - [`metrics`]: the `gatehouse_outbound_*` families.
 //!
 //! Outbound listeners are unauthenticated plaintext: anything that can reach them speaks with
 //! this workload's identity. The configuration refuses a non-loopback `listen` unless
 //! `allow_non_loopback_listen = true`, and [`Outbound::bind`] logs a warning when it is set.
 
-pub mod connect;
+mod conn;
 pub mod error;
 pub mod listener;
 pub mod metrics;
+mod request;
+pub mod target;
 #[cfg(test)]
 mod tests;
 pub mod tls_source;
+pub mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -35,13 +43,14 @@ use tracing::{info, warn};
 
 use crate::accept::Acceptor;
 use crate::config::{MinTls, OutboundConfig};
+use crate::metrics::Metrics;
 use crate::signal::Shutdown;
 use crate::tls::Credentials;
 use crate::tls::client::{ServerIdentityVerifier, client_config};
-use connect::{Limits, Target, Upstream};
 use listener::OutboundListener;
 use metrics::OutboundMetrics;
 use tls_source::{FixedTls, TlsSource};
+use upstream::{Limits, Target, Upstream};
 
 /// Why the outbound side could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -230,7 +239,8 @@ pub struct OutboundPools {
 }
 
 impl Outbound {
-    /// Binds every prepared entry; registers `gatehouse_outbound_*` on `registry`. Must run
+    /// Binds every prepared entry; registers `gatehouse_outbound_*` on `metrics`' registry
+    /// (handshakes are also counted in `metrics`' `gatehouse_tls_handshakes_total`). Must run
     /// inside a Tokio runtime. No pool exists until [`Outbound::spawn`] or
     /// [`OutboundPools::spawn`].
     ///
@@ -238,10 +248,10 @@ impl Outbound {
     /// A listen address that cannot be bound, or metrics registered twice.
     pub async fn bind(
         prepared: Vec<PreparedOutbound>,
-        registry: &prometheus::Registry,
+        metrics: &Metrics,
         provider: Arc<CryptoProvider>,
     ) -> Result<Self, OutboundSetupError> {
-        let families = OutboundMetrics::register(registry)?;
+        let families = OutboundMetrics::register(metrics.registry())?.with_tls(metrics);
         let mut listeners = Vec::with_capacity(prepared.len());
         for p in &prepared {
             let c = &p.config;

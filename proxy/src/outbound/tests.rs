@@ -283,9 +283,9 @@ impl Sidecar {
         };
         tweak(&mut entry);
         let prepared = prepare(&[entry], &tls).expect("prepare");
-        let registry =
-            prometheus::Registry::new_custom(Some("gatehouse".into()), None).expect("registry");
-        let outbound = Outbound::bind(prepared, &registry, provider())
+        let metrics = crate::metrics::Metrics::register().expect("metrics");
+        let registry = metrics.registry().clone();
+        let outbound = Outbound::bind(prepared, &metrics, provider())
             .await
             .expect("bind");
         let addr = outbound.local_addrs()[0];
@@ -762,4 +762,47 @@ async fn revoked_server_certificate_is_refused_with_a_crl() {
     .await;
     let (status, _, body) = get(&h1_client(), sidecar.addr, "/", None).await;
     assert_eq!(status, StatusCode::OK, "{body}");
+}
+
+#[tokio::test]
+async fn outbound_handshakes_are_counted_in_the_shared_handshake_metric() {
+    let ca = Ca::new(TD);
+    let (caller, monolith, impostor) = (
+        ca.issue("report-service"),
+        ca.issue("monolith"),
+        ca.issue("impostor"),
+    );
+    let good = server(&monolith, &monolith, &[b"h2", b"http/1.1"], Mode::Http).await;
+    let sidecar = Sidecar::to_monolith(&caller, good.addr).await;
+    let (status, _, body) = get(&h1_client(), sidecar.addr, "/ok", None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let outbound_ok = [
+        ("direction", "outbound"),
+        ("result", "ok"),
+        ("reason", "none"),
+    ];
+    assert_eq!(
+        sidecar.metric("gatehouse_tls_handshakes_total", &outbound_ok),
+        1.0
+    );
+    assert_eq!(
+        sidecar.metric(
+            "gatehouse_tls_handshake_duration_seconds_count",
+            &[("direction", "outbound")]
+        ),
+        1.0
+    );
+    let bad = server(&impostor, &impostor, &[b"h2", b"http/1.1"], Mode::Record).await;
+    let sidecar = Sidecar::to_monolith(&caller, bad.addr).await;
+    let (status, _, body) = get(&h1_client(), sidecar.addr, "/no", None).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
+    let refused = [
+        ("direction", "outbound"),
+        ("result", "error"),
+        ("reason", "identity_mismatch"),
+    ];
+    assert_eq!(
+        sidecar.metric("gatehouse_tls_handshakes_total", &refused),
+        1.0
+    );
 }

@@ -12,7 +12,7 @@
 //! [`server_identity_error`] digs it back out of the `io::Error` the connector returns.
 //!
 //! Not here: PEM loading and the SVID rules themselves (`tls::svid`), connection pooling
-//! (`outbound::connect`).
+//! (`outbound::upstream`).
 
 use std::error::Error as StdError;
 use std::fmt;

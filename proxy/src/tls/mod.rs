@@ -6,6 +6,7 @@
 //! - [`resolver`]: the swappable certificate resolver (server and client side);
 //! - [`server`]: the inbound `ServerConfig`.
 
+pub(crate) mod alert_tap;
 pub mod bounds;
 pub mod client;
 pub mod crl;

@@ -31,7 +31,9 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use super::request::RequestBody;
+use crate::http::h1_pool::{Idle, once_ready};
+
+use crate::http::body::HttpBody as RequestBody;
 
 /// What a request body sent to the app must be (the caller's [`RequestBody`]; tests use
 /// others).
@@ -66,12 +68,12 @@ pub struct AppPool<B: AppRequestBody = RequestBody> {
     addr: SocketAddr,
     max_idle: usize,
     idle_timeout: Duration,
-    idle: Mutex<Idle<B>>,
+    idle: Mutex<Pooled<B>>,
 }
 
-struct Idle<B> {
-    /// Idle connections and since when, oldest first.
-    conns: Vec<(SendRequest<B>, Instant)>,
+struct Pooled<B> {
+    /// Idle connections (the keep-alive pool both hops share).
+    conns: Idle<SendRequest<B>>,
     /// A sweep task is running.
     sweeping: bool,
 }
@@ -93,14 +95,14 @@ impl<B: AppRequestBody> AppPool<B> {
             addr,
             max_idle,
             idle_timeout,
-            idle: Mutex::new(Idle {
-                conns: Vec::new(),
+            idle: Mutex::new(Pooled {
+                conns: Idle::new(max_idle, idle_timeout),
                 sweeping: false,
             }),
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, Idle<B>> {
+    fn lock(&self) -> MutexGuard<'_, Pooled<B>> {
         self.idle.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -204,45 +206,23 @@ impl<B: AppRequestBody> AppPool<B> {
 
     /// The most recently idle connection that is still open and not past the idle timeout.
     fn take(&self) -> Option<SendRequest<B>> {
-        let mut idle = self.lock();
-        while let Some((sender, since)) = idle.conns.pop() {
-            if !sender.is_closed() && since.elapsed() < self.idle_timeout {
-                return Some(sender);
-            }
-        }
-        None
+        self.lock().conns.take(Instant::now(), |_| true)
     }
 
     /// A connection whose exchange ended cleanly: idle, or once it has finished (the request
     /// body may still be on its way when the app answered early).
-    fn put(self: &Arc<Self>, mut sender: SendRequest<B>) {
-        if self.max_idle == 0 || sender.is_closed() {
+    fn put(self: &Arc<Self>, sender: SendRequest<B>) {
+        if self.max_idle == 0 {
             return;
         }
-        if sender.is_ready() {
-            self.put_ready(sender);
-            return;
-        }
-        let Ok(rt) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let pool = Arc::downgrade(self);
-        rt.spawn(async move {
-            if sender.ready().await.is_ok()
-                && let Some(pool) = pool.upgrade()
-            {
-                pool.put_ready(sender);
-            }
-        });
+        once_ready(sender, self, Self::put_ready);
     }
 
     fn put_ready(self: &Arc<Self>, sender: SendRequest<B>) {
         let mut idle = self.lock();
-        if idle.conns.len() >= self.max_idle {
-            return; // dropping the sender closes the connection
-        }
-        idle.conns.push((sender, Instant::now()));
-        if !idle.sweeping
+        // Dropping the sender when it is not kept closes the connection.
+        if idle.conns.put(sender, Instant::now())
+            && !idle.sweeping
             && let Ok(rt) = tokio::runtime::Handle::try_current()
         {
             idle.sweeping = true;
@@ -272,10 +252,7 @@ async fn sweep<B: AppRequestBody>(pool: Weak<AppPool<B>>) {
             return;
         };
         let mut idle = pool.lock();
-        let timeout = pool.idle_timeout;
-        idle.conns
-            .retain(|(sender, since)| !sender.is_closed() && since.elapsed() < timeout);
-        if idle.conns.is_empty() {
+        if idle.conns.sweep(Instant::now(), |_| true) {
             idle.sweeping = false;
             return;
         }

@@ -9,7 +9,7 @@
 //! is reused past `max_connection_age`, so a rotated client certificate is presented within a
 //! bounded time.
 //!
-//! HTTP/2 is spoken with the `h2` crate directly (bodies: [`crate::h2body`]): hyper's HTTP/2
+//! HTTP/2 is spoken with the `h2` crate directly (bodies: [`crate::http::body`]): hyper's HTTP/2
 //! client spawned a task per request and passed each request and response through a channel
 //! and a oneshot, which cost about a tenth of this sidecar's instructions per request. The
 //! request's own task now opens the stream and awaits the response head. The connection task
@@ -21,24 +21,19 @@
 //! found closed before any of the request was queued (HTTP/1.1: hyper handed it back; HTTP/2:
 //! the connection refused new streams, e.g. after the peer's GOAWAY). Nothing else is retried.
 
-use std::future::poll_fn;
 use std::io;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, Uri, header};
-use http_body::Body;
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use rustls::AlertDescription;
+use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsConnector;
@@ -46,15 +41,14 @@ use tracing::{debug, warn};
 
 use super::error::OutboundError;
 use super::metrics::UpstreamMetrics;
+pub use super::target::Target;
 use super::tls_source::TlsSource;
-use crate::h2body::{BoxError, HttpBody, RecvBody, pipe};
-use crate::headers::{strip_for_h2, strip_hop_by_hop};
+use crate::http::body::{BoxError, HttpBody, RecvBody};
+use crate::http::h1_pool;
+use crate::http::h2_client::{self, H2Sender, send_h2};
+use crate::http::headers::{strip_for_h2, strip_hop_by_hop};
+use crate::tls::alert_tap::AlertTap;
 use crate::tls::client::received_alert;
-
-/// How often an HTTP/2 connection to an upstream is PINGed, and how long the answer may take
-/// before the connection is dropped.
-const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
-const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Connection limits and timeouts of one upstream.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -89,70 +83,6 @@ impl Default for Limits {
     }
 }
 
-/// Where an upstream lives: `host:port` from `connect`, kept unresolved.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Target {
-    host: String,
-    port: u16,
-}
-
-/// `connect` is not `host:port`.
-#[derive(Debug, thiserror::Error)]
-#[error("`{0}` is not host:port (write e.g. `monolith.internal:8443` or `[::1]:8443`)")]
-pub struct TargetError(String);
-
-impl Target {
-    /// A target from an already validated host (DNS name or IP, without brackets) and port.
-    pub fn new(host: &str, port: u16) -> Self {
-        Self {
-            host: host.to_owned(),
-            port,
-        }
-    }
-
-    /// Parses `host:port`, `ipv4:port` or `[ipv6]:port`.
-    ///
-    /// # Errors
-    /// Anything else.
-    pub fn parse(s: &str) -> Result<Self, TargetError> {
-        let bad = || TargetError(s.to_owned());
-        let authority: Authority = s.parse().map_err(|_| bad())?;
-        let port = authority.port_u16().ok_or_else(bad)?;
-        let host = authority.host();
-        let host = host
-            .strip_prefix('[')
-            .and_then(|h| h.strip_suffix(']'))
-            .unwrap_or(host);
-        if host.is_empty() || authority.as_str().contains('@') {
-            return Err(bad());
-        }
-        Ok(Self {
-            host: host.to_owned(),
-            port,
-        })
-    }
-
-    /// The host without brackets: a DNS name or an IP address.
-    pub fn host(&self) -> &str {
-        &self.host
-    }
-
-    /// The port.
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
-    fn authority(&self) -> Authority {
-        let text = if self.host.contains(':') {
-            format!("[{}]:{}", self.host, self.port)
-        } else {
-            format!("{}:{}", self.host, self.port)
-        };
-        // Invariant: built from a parsed authority's host and port.
-        text.parse().expect("host and port of a parsed authority")
-    }
-}
-
 /// One upstream: its TLS settings and its connection pool.
 pub struct Upstream {
     name: String,
@@ -170,25 +100,16 @@ pub struct Upstream {
     metrics: UpstreamMetrics,
 }
 
-#[derive(Default)]
 struct Idle {
     /// The shared HTTP/2 connection and when a request last started on it.
     h2: Option<(Conn, Instant)>,
-    /// Idle HTTP/1.1 connections and since when they are idle.
-    h1: Vec<(Conn, Instant)>,
+    /// Idle HTTP/1.1 connections (the keep-alive pool both hops share).
+    h1: h1_pool::Idle<Conn>,
 }
 
 enum Sender {
     H1(http1::SendRequest<Incoming>),
     H2(H2Sender),
-}
-
-/// A handle on a shared HTTP/2 connection.
-#[derive(Clone)]
-struct H2Sender {
-    tx: h2::client::SendRequest<Bytes>,
-    /// Set when the connection ended or refused a new stream: it takes no more requests.
-    closed: Arc<AtomicBool>,
 }
 
 /// The upstream's response body, streamed: HTTP/1.1 (hyper) or HTTP/2 (h2).
@@ -227,9 +148,32 @@ impl Conn {
     fn is_usable(&self, max_age: Duration, now: Instant) -> bool {
         let open = match &self.sender {
             Sender::H1(s) => !s.is_closed(),
-            Sender::H2(s) => !s.closed.load(Ordering::Acquire),
+            Sender::H2(s) => !s.is_closed(),
         };
         open && now.saturating_duration_since(self.born) < max_age
+    }
+}
+
+impl h1_pool::Keepalive for Conn {
+    fn is_closed(&self) -> bool {
+        match &self.sender {
+            Sender::H1(s) => s.is_closed(),
+            Sender::H2(s) => s.is_closed(),
+        }
+    }
+
+    fn is_ready(&self) -> bool {
+        match &self.sender {
+            Sender::H1(s) => s.is_ready(),
+            Sender::H2(_) => true,
+        }
+    }
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), hyper::Error>> {
+        match &mut self.sender {
+            Sender::H1(s) => s.poll_ready(cx),
+            Sender::H2(_) => Poll::Ready(Ok(())),
+        }
     }
 }
 
@@ -267,7 +211,10 @@ impl Upstream {
             tls,
             permits: Arc::new(Semaphore::new(limits.max_connections.max(1))),
             available: Arc::new(Notify::new()),
-            idle: Mutex::new(Idle::default()),
+            idle: Mutex::new(Idle {
+                h2: None,
+                h1: h1_pool::Idle::new(limits.max_idle, limits.idle_timeout),
+            }),
             limits,
             metrics,
         });
@@ -283,6 +230,13 @@ impl Upstream {
     /// The upstream's metric handles.
     pub fn metrics(&self) -> &UpstreamMetrics {
         &self.metrics
+    }
+
+    /// The TLS client configuration a new connection uses, from the current snapshot: the one
+    /// spot where an upstream obtains it (`None` only if the snapshot has no entry for this
+    /// upstream, which the one build path rules out).
+    fn client_config(&self) -> Option<Arc<ClientConfig>> {
+        self.tls.client_config(&self.name)
     }
 
     /// Open, younger than the maximum age at `now`, and not retired: opened under the current
@@ -381,18 +335,8 @@ impl Upstream {
 
     /// Once the HTTP/1.1 response has been read to its end, the connection goes back to the
     /// idle set (if it is still young and open).
-    fn recycle_h1(self: &Arc<Self>, mut conn: Conn) {
-        let pool = Arc::downgrade(self);
-        tokio::spawn(async move {
-            if let Sender::H1(sender) = &mut conn.sender
-                && sender.ready().await.is_err()
-            {
-                return;
-            }
-            if let Some(pool) = pool.upgrade() {
-                pool.put_idle(conn);
-            }
-        });
+    fn recycle_h1(self: &Arc<Self>, conn: Conn) {
+        h1_pool::once_ready(conn, self, |pool, conn| pool.put_idle(conn));
     }
 
     fn put_idle(&self, conn: Conn) {
@@ -402,10 +346,9 @@ impl Upstream {
         }
         {
             let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-            if idle.h1.len() >= self.limits.max_idle {
+            if !idle.h1.put(conn, now) {
                 return; // dropping the sender closes the connection
             }
-            idle.h1.push((conn, now));
         }
         self.available.notify_one();
     }
@@ -447,12 +390,7 @@ impl Upstream {
             // Aged or closed: new streams go to a new connection; open streams finish.
             idle.h2 = None;
         }
-        while let Some((conn, _since)) = idle.h1.pop() {
-            if self.usable(&conn, now) {
-                return Some(conn);
-            }
-        }
-        None
+        idle.h1.take(now, |conn| self.usable(conn, now))
     }
 
     /// Opens a new connection under the connect timeout.
@@ -477,13 +415,14 @@ impl Upstream {
         // configuration current now) retires this connection too.
         let generation = self.tls.trust_generation();
         let tcp = self.dial().await?;
-        let Some(config) = self.tls.client_config(&self.name) else {
+        let Some(config) = self.client_config() else {
             return Err(OutboundError::Handshake(io::Error::other(format!(
                 "no TLS client configuration for upstream `{}` (a bug: report it)",
                 self.name
             ))));
         };
         let connector = TlsConnector::from(config);
+        let started = Instant::now();
         let tls = match connector.connect(self.server_name.clone(), tcp).await {
             Ok(tls) => tls,
             Err(e) => {
@@ -494,6 +433,7 @@ impl Upstream {
             }
         };
         self.metrics.handshake("ok");
+        self.metrics.handshake_took(started.elapsed());
         let serial: Arc<str> = tls
             .get_ref()
             .1
@@ -505,25 +445,11 @@ impl Upstream {
         let alert = Arc::new(OnceLock::new());
         let io = AlertTap::new(tls, Arc::clone(&alert));
         let sender = if h2 {
-            let (tx, mut conn) = h2_builder()
-                .handshake::<_, Bytes>(io)
+            let (sender, conn) = h2_client::handshake(io)
                 .await
                 .map_err(|e| OutboundError::Upstream(e.into()))?;
-            let closed = Arc::new(AtomicBool::new(false));
-            let ping = conn.ping_pong();
-            let ended = Arc::clone(&closed);
-            self.spawn_conn(
-                async move {
-                    let result = tokio::select! {
-                        r = conn => r.map_err(BoxError::from),
-                        e = keep_alive(ping) => Err(e),
-                    };
-                    ended.store(true, Ordering::Release);
-                    result
-                },
-                permit,
-            );
-            Sender::H2(H2Sender { tx, closed })
+            self.spawn_conn(conn, permit);
+            Sender::H2(sender)
         } else {
             let (sender, conn) = http1::handshake(TokioIo::new(io))
                 .await
@@ -638,9 +564,7 @@ impl Upstream {
         let limits = &self.limits;
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        idle.h1.retain(|(conn, since)| {
-            now.saturating_duration_since(*since) < limits.idle_timeout && self.usable(conn, now)
-        });
+        idle.h1.sweep(now, |conn| self.usable(conn, now));
         if idle.h2.as_ref().is_some_and(|(conn, last_used)| {
             now.saturating_duration_since(*last_used) >= limits.idle_timeout
                 || !self.usable(conn, now)
@@ -648,132 +572,6 @@ impl Upstream {
             // Streams still open on it finish; the connection closes after the last one.
             idle.h2 = None;
         }
-    }
-}
-
-/// Passes I/O through and remembers the first fatal TLS alert a read returns, before hyper
-/// reduces the error to a message (HTTP/2 stringifies connection errors for its streams).
-///
-/// A server that refuses our certificate sends its alert and closes; if we write before we
-/// read (HTTP/2 writes its preface and settings right away), the write fails with a reset
-/// while the alert still sits unread in the socket buffer. So a failed write is held back
-/// until a read has collected what the peer sent before it went away.
-struct AlertTap<T> {
-    inner: T,
-    alert: Arc<OnceLock<AlertDescription>>,
-    /// A write error waiting for the read that may explain it.
-    held: Option<io::Error>,
-}
-
-impl<T> AlertTap<T> {
-    fn new(inner: T, alert: Arc<OnceLock<AlertDescription>>) -> Self {
-        Self {
-            inner,
-            alert,
-            held: None,
-        }
-    }
-
-    fn note(&self, result: &io::Result<()>) {
-        if let Err(e) = result
-            && let Some(alert) = received_alert(e)
-        {
-            let _ = self.alert.set(alert);
-        }
-    }
-}
-
-impl<T: AsyncRead + Unpin> AlertTap<T> {
-    /// A write failed with `err`: read until the peer's last words (an alert, EOF or an
-    /// error) arrive, then report `err`. The peer is gone, so the read completes promptly.
-    fn settle(&mut self, cx: &mut Context<'_>, err: io::Error) -> Poll<io::Error> {
-        let mut scratch = [0u8; 512];
-        while self.alert.get().is_none() {
-            let mut buf = ReadBuf::new(&mut scratch);
-            match Pin::new(&mut self.inner).poll_read(cx, &mut buf) {
-                Poll::Pending => {
-                    self.held = Some(err);
-                    return Poll::Pending;
-                }
-                // Data after a failed write is of no use to anyone: keep looking for the alert.
-                Poll::Ready(Ok(())) if !buf.filled().is_empty() => {}
-                Poll::Ready(result) => {
-                    self.note(&result);
-                    break;
-                }
-            }
-        }
-        Poll::Ready(err)
-    }
-
-    /// Runs a write-side operation, holding back its error until [`Self::settle`] is done.
-    fn guard<R>(
-        &mut self,
-        cx: &mut Context<'_>,
-        op: impl FnOnce(&mut T, &mut Context<'_>) -> Poll<io::Result<R>>,
-    ) -> Poll<io::Result<R>> {
-        if let Some(err) = self.held.take() {
-            return self.settle(cx, err).map(Err);
-        }
-        match op(&mut self.inner, cx) {
-            // Only a peer that went away has last words to read; any other write error (the
-            // socket still open) is reported at once rather than waiting on a read.
-            Poll::Ready(Err(err))
-                if matches!(
-                    err.kind(),
-                    io::ErrorKind::ConnectionReset
-                        | io::ErrorKind::BrokenPipe
-                        | io::ErrorKind::ConnectionAborted
-                ) =>
-            {
-                self.settle(cx, err).map(Err)
-            }
-            other => other,
-        }
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for AlertTap<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if let Poll::Ready(result) = &polled {
-            self.note(result);
-        }
-        polled
-    }
-}
-
-impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for AlertTap<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        self.guard(cx, |io, cx| Pin::new(io).poll_write(cx, buf))
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        self.guard(cx, |io, cx| Pin::new(io).poll_write_vectored(cx, bufs))
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.guard(cx, |io, cx| Pin::new(io).poll_flush(cx))
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
@@ -805,66 +603,6 @@ fn failed(
     }
 }
 
-/// Opens a stream for `req` on a shared HTTP/2 connection and waits for the response head;
-/// the request body (if any) is copied by a task of its own. The request comes back with the
-/// error when the connection refused new streams before any of it was queued; the connection
-/// is then marked closed, so the retry opens a new one.
-async fn send_h2(
-    s: &mut H2Sender,
-    req: Request<Incoming>,
-) -> Result<Response<h2::RecvStream>, (h2::Error, Option<Request<Incoming>>)> {
-    if let Err(e) = poll_fn(|cx| s.tx.poll_ready(cx)).await {
-        s.closed.store(true, Ordering::Release);
-        return Err((e, Some(req)));
-    }
-    let (head, body) = req.into_parts();
-    let end_of_stream = body.is_end_stream();
-    let (response, send) =
-        s.tx.send_request(Request::from_parts(head, ()), end_of_stream)
-            .map_err(|e| (e, None))?;
-    if !end_of_stream {
-        tokio::spawn(async move {
-            if let Err(e) = pipe(body, send).await {
-                debug!(error = %e, "request body to the upstream ended early");
-            }
-        });
-    }
-    response.await.map_err(|e| (e, None))
-}
-
-/// hyper 1.12's HTTP/2 client settings, which this pool used before it spoke `h2` directly.
-fn h2_builder() -> h2::client::Builder {
-    let mut b = h2::client::Builder::new();
-    b.initial_max_send_streams(100)
-        .initial_window_size(2 * 1024 * 1024)
-        .initial_connection_window_size(5 * 1024 * 1024)
-        .max_frame_size(16 * 1024)
-        .max_header_list_size(16 * 1024)
-        .max_send_buffer_size(1024 * 1024)
-        .max_local_error_reset_streams(Some(1024))
-        .enable_push(false);
-    b
-}
-
-/// PINGs the peer every [`KEEP_ALIVE_INTERVAL`]; returns (and so ends the connection) when
-/// an answer does not come within [`KEEP_ALIVE_TIMEOUT`].
-async fn keep_alive(ping: Option<h2::PingPong>) -> BoxError {
-    let Some(mut ping) = ping else {
-        return std::future::pending().await;
-    };
-    loop {
-        tokio::time::sleep(KEEP_ALIVE_INTERVAL).await;
-        match tokio::time::timeout(KEEP_ALIVE_TIMEOUT, ping.ping(h2::Ping::opaque())).await {
-            Ok(Ok(_pong)) => {}
-            Ok(Err(e)) => return e.into(),
-            Err(_elapsed) => {
-                warn!(timeout = ?KEEP_ALIVE_TIMEOUT, "upstream did not answer a PING: dropping the connection");
-                return "the upstream did not answer a PING in time".into();
-            }
-        }
-    }
-}
-
 /// Background sweep of one pool; ends when the pool is dropped.
 async fn reap(pool: Weak<Upstream>) {
     let period = match pool.upgrade() {
@@ -879,32 +617,6 @@ async fn reap(pool: Weak<Upstream>) {
         match pool.upgrade() {
             Some(p) => p.reap_idle(),
             None => return,
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn target_parses_names_and_addresses() {
-        let t = Target::parse("monolith.internal:8443").unwrap();
-        assert_eq!((t.host(), t.port()), ("monolith.internal", 8443));
-        let t = Target::parse("127.0.0.1:9").unwrap();
-        assert_eq!((t.host(), t.port()), ("127.0.0.1", 9));
-        let t = Target::parse("[::1]:8443").unwrap();
-        assert_eq!((t.host(), t.port()), ("::1", 8443));
-        assert_eq!(t.authority().as_str(), "[::1]:8443");
-        for bad in [
-            "monolith",
-            "monolith:",
-            ":8443",
-            "user@host:1",
-            "http://h:1",
-            "",
-        ] {
-            assert!(Target::parse(bad).is_err(), "{bad} must be refused");
         }
     }
 }

@@ -1,33 +1,31 @@
-//! HTTP/2 on the inbound side, served with the `h2` crate directly (see [`super::listener`]
-//! for the connection around it).
+//! The HTTP/2 server the inbound side serves: served with the `h2` crate directly.
 //!
-//! Each stream's request goes through the same [`handle`] as HTTP/1.1 (its body a
-//! [`RecvBody`]), then the response head is sent, made fit for HTTP/2 as hyper did (no
-//! connection-specific headers; `date` and an exactly known `content-length` added when
-//! missing), and its body is written with [`pipe`] under the peer's flow control. The stream
-//! futures run inside the connection's task, in a [`FuturesUnordered`] polled in turn with the
-//! connection itself: no task, request channel or response oneshot per request (what hyper's
-//! HTTP/2 server spent on each), and a slow stream holds up no other, each being polled only
-//! when woken. A stream the client resets before its response drops its handling (and the
-//! request to the app), as with hyper.
+//! `H2Server` runs an HTTP/2 connection: each stream's future (made by the caller, e.g. the
+//! inbound side's `serve_stream`) runs inside the connection's task, in a
+//! `FuturesUnordered` polled in turn with the connection itself: no task, request channel or
+//! response oneshot per request (what hyper's HTTP/2 server spent on each), and a slow stream
+//! holds up no other, each being polled only when woken. A response head is made fit for
+//! HTTP/2 as hyper did (`fit_for_h2`: no connection-specific headers; `date` and an exactly
+//! known `content-length` added when missing), and its body is written with
+//! [`crate::http::body::pipe_within`] under the peer's flow control.
 //!
 //! Two limits guard the app against abusive clients:
 //! - **Client resets** (rapid reset, CVE-2023-44487): a stream reset while it is served
 //!   frees its slot under `max_h2_streams` at once, so resets are what let a client start
-//!   requests without bound. Each connection counts them ([`ResetBudget`]): past
+//!   requests without bound. Each connection counts them (`ResetBudget`): past
 //!   `max_h2_resets` within `h2_reset_window` it gets `GOAWAY(ENHANCE_YOUR_CALM)` and is closed.
 //!   `h2`'s own `max_pending_accept_reset_streams` only counts streams reset while they wait in
 //!   its accept queue, which our loop empties at every poll, so it only catches large bursts.
 //!   A stream already reset when it is first polled (`HEADERS` and `RST_STREAM` read together)
-//!   is not forwarded at all.
+//!   is not forwarded at all (the caller's stream future checks `reset_end` first).
 //! - **Slow readers**: a response body waits for the client's flow-control window at most
-//!   `send_timeout` per wait ([`pipe_within`]); then the stream is reset and the app's
-//!   response (and connection) dropped. A client that reads nothing off the socket at all is
-//!   caught a level down, by the connection's write-progress deadline (`super::listener`).
+//!   `send_timeout` per wait; then the stream is reset (`StreamEnd::SendTimedOut`). A client
+//!   that reads nothing off the socket at all is caught a level down, by the connection's
+//!   write-progress deadline ([`crate::http::activity`]).
 
 use std::cell::RefCell;
-use std::future::{Future, poll_fn};
-use std::pin::{Pin, pin};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, Wake, Waker, ready};
@@ -38,14 +36,13 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::task::AtomicWaker;
 use h2::RecvStream;
 use h2::server::{Connection, Handshake, SendResponse};
+use http::Request;
 use http::header::{self, HeaderMap, HeaderValue};
-use http::{Request, Response};
 use http_body::Body;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, warn};
 
-use super::request::{ConnCtx, RequestBody, handle};
-use crate::h2body::{BoxError, RecvBody, SendTimedOut, pipe_within};
+use crate::http::body::{BoxError, SendTimedOut};
 use crate::metrics::Metrics;
 
 /// Initial stream and connection flow-control windows: hyper 1.12's server defaults (the
@@ -60,7 +57,7 @@ const H2_MAX_LOCAL_ERROR_RESETS: usize = 1024;
 
 /// The HTTP/2 server settings: ours (`max_h2_streams`, `max_header_bytes`), the rest as hyper
 /// 1.12's server had them (the reset-stream limits are `h2`'s defaults, as hyper left them).
-pub(super) fn h2_builder(max_streams: u32, max_header_bytes: usize) -> h2::server::Builder {
+pub(crate) fn h2_builder(max_streams: u32, max_header_bytes: usize) -> h2::server::Builder {
     let mut b = h2::server::Builder::new();
     b.initial_window_size(H2_WINDOW)
         .initial_connection_window_size(H2_WINDOW)
@@ -88,7 +85,7 @@ enum H2State<T> {
 /// has anything left to do: a wake-up from inside the poll (a stream queueing a frame wakes
 /// the connection, a new stream wants its first poll) costs a round, not another poll of the
 /// connection's whole task.
-pub(super) struct H2Server<T, S, F> {
+pub(crate) struct H2Server<T, S, F> {
     state: H2State<T>,
     streams: FuturesUnordered<F>,
     serve: S,
@@ -110,7 +107,7 @@ where
     S: FnMut(Request<RecvStream>, SendResponse<Bytes>) -> F + Unpin,
     F: Future<Output = StreamEnd>,
 {
-    pub(super) fn new(handshake: Handshake<T, Bytes>, serve: S, resets: ResetBudget) -> Self {
+    pub(crate) fn new(handshake: Handshake<T, Bytes>, serve: S, resets: ResetBudget) -> Self {
         let wakeups = Arc::new(Wakeups::default());
         wakeups.conn.store(true, Ordering::SeqCst);
         Self {
@@ -128,7 +125,7 @@ where
     /// GOAWAY: streams already open (or arriving within a round trip) are served, no new ones
     /// are accepted, and the connection closes once they are done. Before the handshake has
     /// completed nothing can be in flight, and the connection just closes.
-    pub(super) fn graceful_shutdown(self: Pin<&mut Self>) {
+    pub(crate) fn graceful_shutdown(self: Pin<&mut Self>) {
         let this = self.get_mut();
         match &mut this.state {
             H2State::Handshaking(_) => this.close_early = true,
@@ -271,7 +268,7 @@ impl Wake for PartWaker {
 
 /// How a stream's service ended, for its connection's accounting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum StreamEnd {
+pub(crate) enum StreamEnd {
     /// Answered, or ended by something other than the client's reset or our send timeout
     /// (the app's body failed, the connection broke).
     Done,
@@ -284,7 +281,7 @@ pub(super) enum StreamEnd {
 /// Client resets one connection may send within a window before it is closed with
 /// `GOAWAY(ENHANCE_YOUR_CALM)`; counted only when a stream ends (no timer, nothing per
 /// request), the window starting at the first reset after the previous one ran out.
-pub(super) struct ResetBudget {
+pub(crate) struct ResetBudget {
     max: u32,
     window: Duration,
     spent: u32,
@@ -295,7 +292,7 @@ pub(super) struct ResetBudget {
 }
 
 impl ResetBudget {
-    pub(super) fn new(max: u32, window: Duration, metrics: Metrics) -> Self {
+    pub(crate) fn new(max: u32, window: Duration, metrics: Metrics) -> Self {
         Self {
             max,
             window,
@@ -360,70 +357,8 @@ impl ResetBudget {
     }
 }
 
-/// One HTTP/2 stream: the request through [`handle`], then the response head and body.
-///
-/// A reset from the client while the response is being made drops the handling (and with it
-/// the request to the app), as hyper did. The [`super::request::ResponseBody`] (and so the
-/// request's activity for the idle timeout) lives until its last byte is queued.
-#[allow(
-    clippy::manual_async_fn,
-    reason = "an `async fn` stores its by-value arguments twice in its future"
-)]
-pub(super) fn serve_stream(
-    ctx: Arc<ConnCtx>,
-    req: Request<RecvStream>,
-    mut respond: SendResponse<Bytes>,
-    send_timeout: Duration,
-) -> impl Future<Output = StreamEnd> + Send + 'static {
-    async move {
-        let resp = {
-            let mut handling = pin!(handle(ctx, req.map(|s| RequestBody::H2(RecvBody::new(s)))));
-            let mut polled = false;
-            poll_fn(|cx| {
-                // The first poll looks at the reset first: a stream reset before we got to it
-                // never reaches the app. Later polls look after the handling, whose readiness
-                // is the common case; either way the reset's waker is registered.
-                let first = !std::mem::replace(&mut polled, true);
-                if first && let Poll::Ready(reset) = respond.poll_reset(cx) {
-                    return Poll::Ready(Err(reset_end(reset)));
-                }
-                if let Poll::Ready(Ok(resp)) = handling.as_mut().poll(cx) {
-                    return Poll::Ready(Ok(resp));
-                }
-                if first {
-                    return Poll::Pending;
-                }
-                respond.poll_reset(cx).map(|reset| Err(reset_end(reset)))
-            })
-            .await
-        };
-        let resp = match resp {
-            Ok(resp) => resp,
-            Err(end) => return end,
-        };
-        let (mut head, body) = resp.into_parts();
-        fit_for_h2(&mut head.headers, &body);
-        let end = body.is_end_stream();
-        match respond.send_response(Response::from_parts(head, ()), end) {
-            Ok(tx) if !end => match pipe_within(body, tx, Some(send_timeout)).await {
-                Ok(()) => StreamEnd::Done,
-                Err(e) => {
-                    debug!(error = %e, "HTTP/2 response body not sent whole");
-                    end_of(&e)
-                }
-            },
-            Ok(_) => StreamEnd::Done,
-            Err(e) => {
-                debug!(error = %e, "HTTP/2 response head not sent");
-                respond.send_reset(h2::Reason::INTERNAL_ERROR);
-                StreamEnd::Done
-            }
-        }
-    }
-}
-
 /// A stream reset before its response: the client's doing, or (an error) the connection's.
-fn reset_end(reset: Result<h2::Reason, h2::Error>) -> StreamEnd {
+pub(crate) fn reset_end(reset: Result<h2::Reason, h2::Error>) -> StreamEnd {
     debug!(
         ?reset,
         "HTTP/2 stream reset by the client before its response"
@@ -436,7 +371,7 @@ fn reset_end(reset: Result<h2::Reason, h2::Error>) -> StreamEnd {
 
 /// Why a response body was not sent whole: the client's reset, our send timeout, or
 /// something else (the app's body failed, the connection broke).
-fn end_of(e: &BoxError) -> StreamEnd {
+pub(crate) fn end_of(e: &BoxError) -> StreamEnd {
     if e.is::<SendTimedOut>() {
         return StreamEnd::SendTimedOut;
     }
@@ -451,8 +386,8 @@ fn end_of(e: &BoxError) -> StreamEnd {
 /// What hyper's HTTP/2 server did to a response head: connection-specific headers dropped
 /// (`transfer-encoding` is the one an HTTP/1.1 app response still has here), `date` added when
 /// missing, and `content-length` set from an exactly known body length when missing.
-fn fit_for_h2(h: &mut HeaderMap, body: &impl Body) {
-    crate::headers::strip_for_h2(h);
+pub(crate) fn fit_for_h2(h: &mut HeaderMap, body: &impl Body) {
+    crate::http::headers::strip_for_h2(h);
     if let header::Entry::Vacant(date) = h.entry(header::DATE) {
         date.insert(http_date());
     }
@@ -498,12 +433,15 @@ fn render_http_date(now: SystemTime) -> HeaderValue {
 #[cfg(test)]
 mod tests {
     use std::collections::HashSet;
+    use std::pin::pin;
 
     use http_body_util::{Empty, Full};
     use tokio::sync::{Notify, oneshot};
 
+    use http::Response;
+
     use super::*;
-    use crate::h2body::pipe;
+    use crate::http::body::{RecvBody, pipe};
 
     type Client = h2::client::SendRequest<Bytes>;
 
@@ -689,22 +627,6 @@ mod tests {
             .expect("closed")
             .unwrap()
             .expect("a clean end");
-    }
-
-    /// A stream's future (`handle`'s and the response's) is copied into the stream set once
-    /// per request: keep it small. Raise the bound only knowingly: 1800 → 1824 when the
-    /// hardening (reset check, `send_timeout`) and the audit evidence (trace id, serial, policy
-    /// hash) landed together (1792 and under 1800 apart).
-    #[test]
-    fn the_per_stream_future_stays_small() {
-        fn future_size<F, A, B, C, D, R>(_: &F) -> usize
-        where
-            F: Fn(A, B, C, D) -> R,
-        {
-            std::mem::size_of::<R>()
-        }
-        let size = future_size(&serve_stream);
-        assert!(size <= 1824, "serve_stream's future is {size} bytes");
     }
 
     #[test]

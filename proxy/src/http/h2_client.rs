@@ -1,0 +1,126 @@
+//! The HTTP/2 client to a peer sidecar, on the `h2` crate directly (bodies:
+//! [`crate::http::body`]): hyper's HTTP/2 client spawned a task per request and passed each
+//! request and response through a channel and a oneshot, which cost about a tenth of this
+//! sidecar's instructions per request. The request's own task now opens the stream and awaits
+//! the response head. The connection's driver sends a PING every 30 s and ends a connection
+//! whose peer does not answer within 20 s, so a peer that vanished mid-response is noticed.
+
+use std::future::{Future, poll_fn};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::Body;
+use hyper::body::Incoming;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::{debug, warn};
+
+use crate::http::body::{BoxError, pipe};
+
+/// How often an HTTP/2 connection to an upstream is PINGed, and how long the answer may take
+/// before the connection is dropped.
+const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// A handle on a shared HTTP/2 connection.
+#[derive(Clone)]
+pub(crate) struct H2Sender {
+    tx: h2::client::SendRequest<Bytes>,
+    /// Set when the connection ended or refused a new stream: it takes no more requests.
+    closed: Arc<AtomicBool>,
+}
+
+impl H2Sender {
+    /// The connection ended or refused a new stream: it takes no more requests.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+}
+
+/// The HTTP/2 handshake on `io`: a sender to share, and the connection's driver (to spawn;
+/// it ends with the connection, or when a PING goes unanswered).
+///
+/// # Errors
+/// The handshake failed.
+pub(crate) async fn handshake<T>(
+    io: T,
+) -> Result<(H2Sender, impl Future<Output = Result<(), BoxError>> + Send), h2::Error>
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (tx, mut conn) = h2_builder().handshake::<_, Bytes>(io).await?;
+    let closed = Arc::new(AtomicBool::new(false));
+    let ping = conn.ping_pong();
+    let ended = Arc::clone(&closed);
+    let driver = async move {
+        let result = tokio::select! {
+            r = conn => r.map_err(BoxError::from),
+            e = keep_alive(ping) => Err(e),
+        };
+        ended.store(true, Ordering::Release);
+        result
+    };
+    Ok((H2Sender { tx, closed }, driver))
+}
+
+/// Opens a stream for `req` on a shared HTTP/2 connection and waits for the response head;
+/// the request body (if any) is copied by a task of its own. The request comes back with the
+/// error when the connection refused new streams before any of it was queued; the connection
+/// is then marked closed, so the retry opens a new one.
+pub(crate) async fn send_h2(
+    s: &mut H2Sender,
+    req: Request<Incoming>,
+) -> Result<Response<h2::RecvStream>, (h2::Error, Option<Request<Incoming>>)> {
+    if let Err(e) = poll_fn(|cx| s.tx.poll_ready(cx)).await {
+        s.closed.store(true, Ordering::Release);
+        return Err((e, Some(req)));
+    }
+    let (head, body) = req.into_parts();
+    let end_of_stream = body.is_end_stream();
+    let (response, send) =
+        s.tx.send_request(Request::from_parts(head, ()), end_of_stream)
+            .map_err(|e| (e, None))?;
+    if !end_of_stream {
+        tokio::spawn(async move {
+            if let Err(e) = pipe(body, send).await {
+                debug!(error = %e, "request body to the upstream ended early");
+            }
+        });
+    }
+    response.await.map_err(|e| (e, None))
+}
+
+/// hyper 1.12's HTTP/2 client settings, which this pool used before it spoke `h2` directly.
+fn h2_builder() -> h2::client::Builder {
+    let mut b = h2::client::Builder::new();
+    b.initial_max_send_streams(100)
+        .initial_window_size(2 * 1024 * 1024)
+        .initial_connection_window_size(5 * 1024 * 1024)
+        .max_frame_size(16 * 1024)
+        .max_header_list_size(16 * 1024)
+        .max_send_buffer_size(1024 * 1024)
+        .max_local_error_reset_streams(Some(1024))
+        .enable_push(false);
+    b
+}
+
+/// PINGs the peer every [`KEEP_ALIVE_INTERVAL`]; returns (and so ends the connection) when
+/// an answer does not come within [`KEEP_ALIVE_TIMEOUT`].
+async fn keep_alive(ping: Option<h2::PingPong>) -> BoxError {
+    let Some(mut ping) = ping else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(KEEP_ALIVE_INTERVAL).await;
+        match tokio::time::timeout(KEEP_ALIVE_TIMEOUT, ping.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_pong)) => {}
+            Ok(Err(e)) => return e.into(),
+            Err(_elapsed) => {
+                warn!(timeout = ?KEEP_ALIVE_TIMEOUT, "upstream did not answer a PING: dropping the connection");
+                return "the upstream did not answer a PING in time".into();
+            }
+        }
+    }
+}

@@ -1,0 +1,362 @@
+//! The `x-request-id` rule both sides follow (which client ids are kept, how fresh ones are
+//! made) and the W3C `traceparent` a request carries or is given: one rule on both sides keeps
+//! a request's id and trace the same in the outbound and the inbound sidecar's audit lines.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use rustls::crypto::CryptoProvider;
+
+/// `x-request-id`, parsed once.
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The W3C Trace Context header (`version-traceid-parentid-flags`).
+pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+
+/// The trace id (16 bytes, sent as 32 lowercase hex digits) of a request's `traceparent`, when it carries exactly
+/// one that is valid under W3C Trace Context (version not `ff`; version `00` exactly 55
+/// characters, later versions at least 55 with a `-` after the flags; ids lowercase hex and
+/// not all zeros).
+pub fn trace_id(headers: &HeaderMap) -> Option<[u8; 16]> {
+    let mut all = headers.get_all(&TRACEPARENT).iter();
+    let v = all.next()?.as_bytes();
+    if all.next().is_some() || v.len() < 55 {
+        return None;
+    }
+    let hex = |b: &[u8]| b.iter().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'));
+    let nonzero = |b: &[u8]| b.iter().any(|&c| c != b'0');
+    let version_ok = hex(&v[..2])
+        && &v[..2] != b"ff"
+        && if &v[..2] == b"00" {
+            v.len() == 55
+        } else {
+            v.len() == 55 || v[55] == b'-'
+        };
+    let ok = version_ok
+        && v[2] == b'-'
+        && v[35] == b'-'
+        && v[52] == b'-'
+        && hex(&v[3..35])
+        && nonzero(&v[3..35])
+        && hex(&v[36..52])
+        && nonzero(&v[36..52])
+        && hex(&v[53..55]);
+    if !ok {
+        return None;
+    }
+    let mut id = [0; 16];
+    for (o, pair) in id.iter_mut().zip(v[3..35].chunks_exact(2)) {
+        *o = (nibble(pair[0]) << 4) | nibble(pair[1]);
+    }
+    Some(id)
+}
+
+/// The value of one lowercase hex digit (checked by the caller).
+fn nibble(c: u8) -> u8 {
+    match c {
+        b'0'..=b'9' => c - b'0',
+        _ => c - b'a' + 10,
+    }
+}
+
+/// The request's trace id: the app's valid `traceparent` is kept as sent; otherwise one is
+/// started (`00-<trace id>-<parent id>-01`, from `ids`) and set on the request, replacing
+/// an invalid or repeated one.
+pub fn keep_or_start_trace(ids: &RequestIds, headers: &mut HeaderMap) -> [u8; 16] {
+    if let Some(id) = trace_id(headers) {
+        return id;
+    }
+    let (value, id) = ids.next_traceparent();
+    // Replaces every value of the header (a repeated one included).
+    headers.insert(TRACEPARENT, value);
+    id
+}
+
+/// Longest client-sent `x-request-id` that is kept.
+const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// Whether a client-sent `x-request-id` is kept: 1 to 128 characters of letters, digits and
+/// `-_.:` (safe in logs and JSON without escaping). Anything else is replaced by a fresh id.
+pub fn is_acceptable_request_id(v: &HeaderValue) -> bool {
+    (1..=MAX_REQUEST_ID_LEN).contains(&v.len())
+        && v.as_bytes()
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+}
+
+/// Fresh request ids: UUID-shaped (version 4 and RFC 4122 variant bits set) from a random
+/// 64-bit prefix drawn from the TLS provider's CSPRNG and a counter starting at a random value,
+/// so they are unique without a random draw per request (the draw cost more than the rest of
+/// the request's header handling).
+#[derive(Debug)]
+pub struct RequestIds {
+    prefix: u64,
+    counter: AtomicU64,
+}
+
+impl RequestIds {
+    /// A generator seeded from `provider`'s CSPRNG.
+    pub fn new(provider: &CryptoProvider) -> Self {
+        let mut seed = [0u8; 16];
+        if provider.secure_random.fill(&mut seed).is_err() {
+            // The CSPRNG failing is not a reason to fail: fall back to the clock, ids only need
+            // to be unique enough to follow a request through two logs.
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos();
+            seed = nanos.to_le_bytes();
+        }
+        let (a, b) = seed.split_at(8);
+        Self {
+            prefix: u64::from_le_bytes(a.try_into().unwrap_or_default()),
+            counter: AtomicU64::new(u64::from_le_bytes(b.try_into().unwrap_or_default())),
+        }
+    }
+
+    /// The next id, marked sensitive: HPACK sends it as a never-indexed literal. An id is
+    /// unique, so indexing it only churns the h2 dynamic tables on both sides, evicting the
+    /// entries (path, authority) that let every other header be sent as an index.
+    pub fn next(&self) -> HeaderValue {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let mut b = [0u8; 16];
+        b[..8].copy_from_slice(&self.prefix.to_be_bytes());
+        b[8..].copy_from_slice(&n.to_be_bytes());
+        b[6] = (b[6] & 0x0f) | 0x40; // version 4
+        b[8] = (b[8] & 0x3f) | 0x80; // RFC 4122 variant
+        // Where each byte's two hex digits go in 8-4-4-4-12.
+        const AT: [usize; 16] = [0, 2, 4, 6, 9, 11, 14, 16, 19, 21, 24, 26, 28, 30, 32, 34];
+        let mut text = *b"00000000-0000-0000-0000-000000000000";
+        for (byte, at) in b.into_iter().zip(AT) {
+            text[at] = HEX[usize::from(byte >> 4)];
+            text[at + 1] = HEX[usize::from(byte & 0xf)];
+        }
+        // Invariant: lowercase hex and dashes are valid header bytes.
+        let mut id = HeaderValue::from_bytes(&text).expect("hex is a valid header value");
+        id.set_sensitive(true);
+        id
+    }
+}
+
+/// A bijective 64-bit mix (the SplitMix64 finalizer): distinct counters give distinct,
+/// random-looking values.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+impl RequestIds {
+    /// A fresh `traceparent` (sampled flag set: the audit line records the request) and its
+    /// trace id: the generator's prefix, mixed, then the next counter value, mixed; unique
+    /// like the request ids, without a random draw per request.
+    pub fn next_traceparent(&self) -> (HeaderValue, [u8; 16]) {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let mut raw = [0u8; 24];
+        raw[..8].copy_from_slice(&mix(self.prefix ^ 0x7472_6163_6570_6172).to_be_bytes());
+        raw[8..16].copy_from_slice(&mix(n).to_be_bytes());
+        // The parent (span) id must not be all zeros either.
+        raw[16..].copy_from_slice(&(mix(n ^ self.prefix) | 1).to_be_bytes());
+        if raw[..16] == [0; 16] {
+            raw[15] = 1;
+        }
+        let mut text = *b"00-00000000000000000000000000000000-0000000000000000-01";
+        // Trace id at 3..35, parent id at 36..52.
+        for (i, byte) in raw.into_iter().enumerate() {
+            let at = if i < 16 { 3 + 2 * i } else { 36 + 2 * (i - 16) };
+            text[at] = HEX[usize::from(byte >> 4)];
+            text[at + 1] = HEX[usize::from(byte & 0xf)];
+        }
+        let mut id = [0; 16];
+        id.copy_from_slice(&raw[..16]);
+        // Invariant: lowercase hex and dashes are valid header bytes.
+        let mut v = HeaderValue::from_bytes(&text).expect("hex is a valid header value");
+        // Unique per request: never HPACK-indexed (see `next`).
+        v.set_sensitive(true);
+        (v, id)
+    }
+}
+
+/// The one `x-request-id` rule, both sides: the request's first `x-request-id` if it is
+/// acceptable ([`is_acceptable_request_id`]), else a fresh one; either way the request then
+/// carries exactly that one value, marked sensitive (never HPACK-indexed, see
+/// [`RequestIds::next`]). The outbound side applies it to what the app sends, the inbound side
+/// to what the peer sends, so both sidecars' audit lines carry the same id.
+pub fn keep_or_assign(ids: &RequestIds, headers: &mut HeaderMap) -> HeaderValue {
+    // One hash and probe of the name for the lookup and the insertion.
+    match headers.entry(REQUEST_ID) {
+        header::Entry::Occupied(mut e) => {
+            let v = e.get_mut();
+            if is_acceptable_request_id(v) {
+                v.set_sensitive(true);
+                let id = v.clone();
+                if e.iter().nth(1).is_some() {
+                    // A repeated header: only the id kept goes on.
+                    e.insert(id.clone());
+                }
+                return id;
+            }
+            let id = ids.next();
+            // Replaces every value of the header (a repeated one included).
+            e.insert(id.clone());
+            id
+        }
+        header::Entry::Vacant(e) => e.insert(ids.next()).clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparent_is_kept_when_valid_and_started_otherwise() {
+        let ids = RequestIds::new(&crate::tls::provider());
+        let sent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let mut h = HeaderMap::new();
+        h.insert(TRACEPARENT, HeaderValue::from_static(sent));
+        let id = keep_or_start_trace(&ids, &mut h);
+        assert_eq!(hex::encode(id), "0af7651916cd43dd8448eb211c80319c");
+        assert_eq!(h[TRACEPARENT], sent);
+        // A later version may append fields.
+        h.insert(
+            TRACEPARENT,
+            HeaderValue::from_static("cc-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-x"),
+        );
+        assert!(trace_id(&h).is_some());
+        for bad in [
+            "00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01",
+            "00-00000000000000000000000000000000-b7ad6b7169203331-01",
+            "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
+            "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b716920333-01",
+            "00_0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert(TRACEPARENT, HeaderValue::from_static(bad));
+            assert_eq!(trace_id(&h), None, "{bad}");
+            let id = keep_or_start_trace(&ids, &mut h);
+            assert_eq!(h.get_all(TRACEPARENT).iter().count(), 1);
+            assert_eq!(
+                trace_id(&h),
+                Some(id),
+                "replaced by a valid one: {:?}",
+                h[TRACEPARENT]
+            );
+        }
+        let mut h = HeaderMap::new();
+        h.append(TRACEPARENT, HeaderValue::from_static(sent));
+        h.append(TRACEPARENT, HeaderValue::from_static(sent));
+        assert_eq!(trace_id(&h), None, "repeated");
+        let a = keep_or_start_trace(&ids, &mut HeaderMap::new());
+        let b = keep_or_start_trace(&ids, &mut HeaderMap::new());
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn fresh_ids_are_prefix_and_counter_in_uuid_layout() {
+        let ids = RequestIds {
+            prefix: 0x0123_4567_89ab_cdef,
+            counter: AtomicU64::new(0xfedc_ba98_7654_3210),
+        };
+        assert_eq!(ids.next(), "01234567-89ab-4def-bedc-ba9876543210");
+        assert_eq!(ids.next(), "01234567-89ab-4def-bedc-ba9876543211");
+    }
+
+    #[test]
+    fn fresh_ids_are_unique_uuids_and_never_hpack_indexed() {
+        let ids = RequestIds::new(&crate::tls::provider());
+        let (a, b) = (ids.next(), ids.next());
+        assert_ne!(a, b);
+        for id in [a, b] {
+            assert!(id.is_sensitive());
+            let text = id.to_str().expect("ascii");
+            assert_eq!(text.len(), 36);
+            for (i, c) in text.bytes().enumerate() {
+                match i {
+                    8 | 13 | 18 | 23 => assert_eq!(c, b'-', "{text}"),
+                    14 => assert_eq!(c, b'4', "version 4: {text}"),
+                    19 => assert!(b"89ab".contains(&c), "RFC 4122 variant: {text}"),
+                    _ => assert!(matches!(c, b'0'..=b'9' | b'a'..=b'f'), "{text}"),
+                }
+            }
+            assert!(is_acceptable_request_id(&id), "our own ids pass our rule");
+        }
+    }
+
+    #[test]
+    fn acceptable_request_ids() {
+        for ok in ["abc-123", "a", "trace:1.2_3", &"x".repeat(128)] {
+            assert!(
+                is_acceptable_request_id(&HeaderValue::from_str(ok).unwrap()),
+                "{ok}"
+            );
+        }
+        for bad in ["", "has space", "a/b", "quote\"", "é", &"x".repeat(129)] {
+            let v = HeaderValue::from_bytes(bad.as_bytes()).unwrap();
+            assert!(!is_acceptable_request_id(&v), "{bad}");
+        }
+    }
+
+    #[test]
+    fn request_id_is_kept_when_sane_and_replaced_otherwise() {
+        let ids = RequestIds::new(&crate::tls::provider());
+        let mut h = HeaderMap::new();
+        h.insert(REQUEST_ID, HeaderValue::from_static("abc-123"));
+        assert_eq!(keep_or_assign(&ids, &mut h), "abc-123");
+
+        let mut h = HeaderMap::new();
+        // A fresh id from the generator (its UUID shape is tested in `crate::http::headers`).
+        let fresh = keep_or_assign(&ids, &mut h);
+        assert_eq!(fresh.len(), 36);
+        assert!(is_acceptable_request_id(&fresh));
+        assert_eq!(h.get(&REQUEST_ID), Some(&fresh));
+        assert_ne!(fresh, keep_or_assign(&ids, &mut HeaderMap::new()));
+
+        let mut h = HeaderMap::new();
+        h.insert(REQUEST_ID, HeaderValue::from_static("has space"));
+        h.append(REQUEST_ID, HeaderValue::from_static("second"));
+        let id = keep_or_assign(&ids, &mut h);
+        assert_ne!(id, "has space");
+        let sent: Vec<&HeaderValue> = h.get_all(&REQUEST_ID).iter().collect();
+        assert_eq!(sent, [&id], "one value, the fresh id");
+
+        // An id the inbound side would replace is replaced here already, so both sidecars'
+        // audit lines carry the same one.
+        let mut h = HeaderMap::new();
+        h.insert(REQUEST_ID, HeaderValue::from_static("tenant/42"));
+        assert_ne!(keep_or_assign(&ids, &mut h), "tenant/42");
+    }
+
+    #[test]
+    fn request_ids_sent_upstream_are_never_hpack_indexed() {
+        // A sensitive value is an HPACK never-indexed literal: unique ids must not churn the
+        // h2 dynamic tables of the two sidecars.
+        let ids = RequestIds::new(&crate::tls::provider());
+        let mut kept = HeaderMap::new();
+        kept.insert(REQUEST_ID, HeaderValue::from_static("abc-123"));
+        let mut fresh = HeaderMap::new();
+        fresh.insert(REQUEST_ID, HeaderValue::from_static("has space"));
+        for mut h in [kept, fresh, HeaderMap::new()] {
+            let id = keep_or_assign(&ids, &mut h);
+            assert!(id.is_sensitive());
+            assert!(h[&REQUEST_ID].is_sensitive(), "{:?}", h.get(&REQUEST_ID));
+        }
+    }
+
+    #[test]
+    fn a_repeated_acceptable_id_goes_on_once_as_the_inbound_side_always_sent_it() {
+        let ids = RequestIds::new(&crate::tls::provider());
+        let mut h = HeaderMap::new();
+        h.insert(REQUEST_ID, HeaderValue::from_static("first-1"));
+        h.append(REQUEST_ID, HeaderValue::from_static("second-2"));
+        let id = keep_or_assign(&ids, &mut h);
+        assert_eq!(id, "first-1");
+        let sent: Vec<&HeaderValue> = h.get_all(&REQUEST_ID).iter().collect();
+        assert_eq!(sent, [&id], "one value, the one kept");
+        assert!(h[&REQUEST_ID].is_sensitive());
+    }
+}

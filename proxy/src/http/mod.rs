@@ -1,0 +1,21 @@
+//! The HTTP layer both sides stand on, below every policy decision: it knows requests,
+//! responses, bodies, headers and connections, never identities or routes.
+//!
+//! - [`activity`]: a connection's requests in flight and write progress, for its idle and
+//!   send timeouts;
+//! - [`h1_pool`]: the HTTP/1.1 keep-alive pool of both hops (to the app, to a peer);
+//! - [`h2_client`]: the HTTP/2 client to a peer sidecar (settings, PING keep-alive);
+//! - [`h2_server`]: the HTTP/2 server (streams polled in the connection's task), its reset
+//!   budget and response-head fitting;
+//! - [`body`]: request and response bodies on the sidecar-to-sidecar HTTP/2 hop;
+//! - [`headers`]: hop-by-hop headers, the headers the sidecar owns, the request framing we
+//!   forward, and the one `x-request-id` rule;
+//! - [`respond`]: the one JSON error body both sides answer with.
+
+pub mod activity;
+pub mod body;
+pub mod h1_pool;
+pub mod h2_client;
+pub mod h2_server;
+pub mod headers;
+pub mod respond;

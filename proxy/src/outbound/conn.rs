@@ -1,0 +1,64 @@
+//! One connection from the app (mini-redis's `Handler`): a `Conn` serves it with hyper,
+//! HTTP/1.1 or h2c with prior knowledge, each request through `handle`, under the same
+//! header-read timeout default as the inbound side
+//! ([`crate::config::DEFAULT_HEADER_READ_TIMEOUT`]), and drains it gracefully on shutdown
+//! (HTTP/1.1 closes after the in-flight request, HTTP/2 sends GOAWAY).
+
+use std::sync::Arc;
+
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+use tracing::debug;
+
+use super::request::{Ctx, handle};
+use crate::config::DEFAULT_HEADER_READ_TIMEOUT;
+use crate::signal::Shutdown;
+
+/// One accepted app connection and what it holds until it ends.
+pub(super) struct Conn {
+    ctx: Arc<Ctx>,
+    shutdown: Shutdown,
+    /// The connection's slot under the listener's limit.
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Conn {
+    /// A connection just accepted, holding its slot.
+    pub(super) fn new(ctx: Arc<Ctx>, permit: OwnedSemaphorePermit, shutdown: Shutdown) -> Self {
+        Self {
+            ctx,
+            shutdown,
+            _permit: permit,
+        }
+    }
+
+    /// Serves the connection on `tcp` to its end.
+    pub(super) async fn run(self, tcp: TcpStream) {
+        let Self {
+            ctx,
+            shutdown,
+            _permit,
+        } = self;
+        let _ = tcp.set_nodelay(true);
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(DEFAULT_HEADER_READ_TIMEOUT);
+        let service = hyper::service::service_fn(move |req| handle(Arc::clone(&ctx), req));
+        let conn = builder.serve_connection(TokioIo::new(tcp), service);
+        tokio::pin!(conn);
+        let result = tokio::select! {
+            res = conn.as_mut() => res,
+            () = shutdown.token().cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                conn.as_mut().await
+            }
+        };
+        if let Err(e) = result {
+            debug!(error = %e, "outbound app connection ended with an error");
+        }
+    }
+}
