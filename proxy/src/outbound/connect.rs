@@ -47,6 +47,7 @@ use tracing::{debug, warn};
 
 use super::error::OutboundError;
 use super::metrics::UpstreamMetrics;
+use crate::config::{OutboundLimits, Target};
 use crate::h2body::{BoxError, HttpBody, RecvBody, pipe};
 use crate::headers::{strip_for_h2, strip_hop_by_hop};
 use crate::tls::client::received_alert;
@@ -56,103 +57,6 @@ use crate::tls::client::received_alert;
 const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// Connection limits and timeouts of one upstream.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Limits {
-    /// DNS + TCP + TLS + HTTP handshake, per attempt.
-    pub connect_timeout: Duration,
-    /// From the request being sent to the response head arriving.
-    pub response_timeout: Duration,
-    /// An unused connection is closed after this long.
-    pub idle_timeout: Duration,
-    /// No request starts on a connection older than this.
-    pub max_connection_age: Duration,
-    /// Open connections to the upstream, busy or idle.
-    pub max_connections: usize,
-    /// Idle HTTP/1.1 connections kept for reuse.
-    pub max_idle: usize,
-    /// How long a request waits for a connection when `max_connections` are busy.
-    pub pool_wait_timeout: Duration,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            connect_timeout: Duration::from_secs(5),
-            response_timeout: Duration::from_secs(60),
-            idle_timeout: Duration::from_secs(90),
-            max_connection_age: Duration::from_secs(600),
-            max_connections: 64,
-            max_idle: 16,
-            pool_wait_timeout: Duration::from_secs(10),
-        }
-    }
-}
-
-/// Where an upstream lives: `host:port` from `connect`, kept unresolved.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Target {
-    host: String,
-    port: u16,
-}
-
-/// `connect` is not `host:port`.
-#[derive(Debug, thiserror::Error)]
-#[error("`{0}` is not host:port (write e.g. `monolith.internal:8443` or `[::1]:8443`)")]
-pub struct TargetError(String);
-
-impl Target {
-    /// A target from an already validated host (DNS name or IP, without brackets) and port.
-    pub fn new(host: &str, port: u16) -> Self {
-        Self {
-            host: host.to_owned(),
-            port,
-        }
-    }
-
-    /// Parses `host:port`, `ipv4:port` or `[ipv6]:port`.
-    ///
-    /// # Errors
-    /// Anything else.
-    pub fn parse(s: &str) -> Result<Self, TargetError> {
-        let bad = || TargetError(s.to_owned());
-        let authority: Authority = s.parse().map_err(|_| bad())?;
-        let port = authority.port_u16().ok_or_else(bad)?;
-        let host = authority.host();
-        let host = host
-            .strip_prefix('[')
-            .and_then(|h| h.strip_suffix(']'))
-            .unwrap_or(host);
-        if host.is_empty() || authority.as_str().contains('@') {
-            return Err(bad());
-        }
-        Ok(Self {
-            host: host.to_owned(),
-            port,
-        })
-    }
-
-    /// The host without brackets: a DNS name or an IP address.
-    pub fn host(&self) -> &str {
-        &self.host
-    }
-
-    /// The port.
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
-    fn authority(&self) -> Authority {
-        let text = if self.host.contains(':') {
-            format!("[{}]:{}", self.host, self.port)
-        } else {
-            format!("{}:{}", self.host, self.port)
-        };
-        // Invariant: built from a parsed authority's host and port.
-        text.parse().expect("host and port of a parsed authority")
-    }
-}
-
 /// One upstream: its TLS settings and its connection pool.
 pub struct Upstream {
     name: String,
@@ -161,7 +65,7 @@ pub struct Upstream {
     host_header: HeaderValue,
     server_name: ServerName<'static>,
     tls: ArcSwap<ClientConfig>,
-    limits: Limits,
+    limits: OutboundLimits,
     permits: Arc<Semaphore>,
     available: Arc<Notify>,
     idle: Mutex<Idle>,
@@ -252,7 +156,7 @@ impl Upstream {
         target: Target,
         server_name: ServerName<'static>,
         tls: Arc<ClientConfig>,
-        limits: Limits,
+        limits: OutboundLimits,
         metrics: UpstreamMetrics,
     ) -> Arc<Self> {
         let authority = target.authority();
@@ -887,32 +791,6 @@ async fn reap(pool: Weak<Upstream>) {
         match pool.upgrade() {
             Some(p) => p.reap_idle(),
             None => return,
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn target_parses_names_and_addresses() {
-        let t = Target::parse("monolith.internal:8443").unwrap();
-        assert_eq!((t.host(), t.port()), ("monolith.internal", 8443));
-        let t = Target::parse("127.0.0.1:9").unwrap();
-        assert_eq!((t.host(), t.port()), ("127.0.0.1", 9));
-        let t = Target::parse("[::1]:8443").unwrap();
-        assert_eq!((t.host(), t.port()), ("::1", 8443));
-        assert_eq!(t.authority().as_str(), "[::1]:8443");
-        for bad in [
-            "monolith",
-            "monolith:",
-            ":8443",
-            "user@host:1",
-            "http://h:1",
-            "",
-        ] {
-            assert!(Target::parse(bad).is_err(), "{bad} must be refused");
         }
     }
 }

@@ -35,7 +35,7 @@ use crate::config::{MinTls, OutboundConfig};
 use crate::signal::Shutdown;
 use crate::tls::Credentials;
 use crate::tls::client::{ServerIdentityVerifier, client_config};
-use connect::{Limits, Target, Upstream};
+use connect::Upstream;
 use listener::OutboundListener;
 use metrics::OutboundMetrics;
 
@@ -117,7 +117,7 @@ impl PreparedOutbound {
     /// An unusable SNI value, an unparsable CRL, or protocol versions rustls refuses.
     pub fn new(config: &OutboundConfig, tls: &OutboundTls) -> Result<Self, OutboundSetupError> {
         let name = config.name.clone();
-        let sni = config.sni.as_deref().unwrap_or(&config.connect_host);
+        let sni = config.sni.as_deref().unwrap_or(config.target.host());
         let server_name =
             ServerName::try_from(sni.to_owned()).map_err(|_| OutboundSetupError::ServerName {
                 name: name.clone(),
@@ -180,7 +180,11 @@ impl PreparedOutbound {
         };
         format!(
             "outbound {}: {} -> {}:{} (server must be {}{sni}){danger}",
-            c.name, c.listen, c.connect_host, c.connect_port, c.server_id
+            c.name,
+            c.listen,
+            c.target.host(),
+            c.target.port(),
+            c.server_id
         )
     }
 }
@@ -257,7 +261,7 @@ impl Outbound {
                         addr: c.listen,
                         source,
                     })?;
-            info!(upstream = %c.name, listen = %c.listen, connect = %format!("{}:{}", c.connect_host, c.connect_port), server_id = %c.server_id, "outbound listener bound");
+            info!(upstream = %c.name, listen = %c.listen, connect = %format!("{}:{}", c.target.host(), c.target.port()), server_id = %c.server_id, "outbound listener bound");
             listeners.push(tcp);
         }
         Ok(Self {
@@ -310,10 +314,10 @@ impl OutboundPools {
             let c = &p.config;
             let upstream = Upstream::start(
                 &c.name,
-                Target::new(&c.connect_host, c.connect_port),
+                c.target.clone(),
                 p.server_name.clone(),
                 Arc::clone(&p.tls),
-                limits(c),
+                c.limits.clone(),
                 self.families.upstream(&c.name),
             );
             let listener = OutboundListener::new(
@@ -326,17 +330,5 @@ impl OutboundPools {
             upstreams.push(upstream);
         }
         upstreams
-    }
-}
-
-fn limits(c: &OutboundConfig) -> Limits {
-    Limits {
-        connect_timeout: c.connect_timeout,
-        response_timeout: c.request_timeout,
-        idle_timeout: c.pool_idle_timeout,
-        max_connection_age: c.max_connection_age,
-        max_idle: c.pool_max_idle,
-        max_connections: c.pool_max_connections,
-        ..Limits::default()
     }
 }
