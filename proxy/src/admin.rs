@@ -179,7 +179,7 @@ impl Admin {
                 "crl": cfg.identity.crl.as_ref().map(|p| p.display().to_string()),
                 "outbound": cfg.outbound.iter().map(|o| serde_json::json!({
                     "name": o.name,
-                    "connect": format!("{}:{}", o.connect_host, o.connect_port),
+                    "connect": format!("{}:{}", o.target.host(), o.target.port()),
                     "server_id": o.server_id.as_str(),
                 })).collect::<Vec<_>>(),
                 "shutdown_grace_period_s": cfg.shutdown_grace_period.as_secs_f64(),

@@ -9,7 +9,7 @@
 //!   [`crate::outcome::Outcome`] counted and written to the audit log;
 //! - [`upstream`]: the per-upstream mTLS connection pool (h2 multiplexing or the shared
 //!   HTTP/1.1 keep-alive pool, bounded, idle timeout, maximum age, DNS at connect time, safe
-//!   retries); [`target`]: where it lives;
+//!   retries) to the `connect` target the config parsed ([`crate::config::Target`]);
 //! - [`tls_source`]: where a pool takes its TLS client configuration when it dials (the
 //!   current snapshot) and the trust generation that retires older connections;
 //! - [`error`]: failures and the JSON responses the app gets for them (502/504);
@@ -24,7 +24,6 @@ pub mod error;
 pub mod listener;
 pub mod metrics;
 mod request;
-pub mod target;
 #[cfg(test)]
 mod tests;
 pub mod tls_source;
@@ -50,7 +49,7 @@ use crate::tls::client::{ServerIdentityVerifier, client_config};
 use listener::OutboundListener;
 use metrics::OutboundMetrics;
 use tls_source::{FixedTls, TlsSource};
-use upstream::{Limits, Target, Upstream};
+use upstream::Upstream;
 
 /// Why the outbound side could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -131,7 +130,7 @@ impl PreparedOutbound {
     /// An unusable SNI value, an unparsable CRL, or protocol versions rustls refuses.
     pub fn new(config: &OutboundConfig, tls: &OutboundTls) -> Result<Self, OutboundSetupError> {
         let name = config.name.clone();
-        let sni = config.sni.as_deref().unwrap_or(&config.connect_host);
+        let sni = config.sni.as_deref().unwrap_or(config.target.host());
         let server_name =
             ServerName::try_from(sni.to_owned()).map_err(|_| OutboundSetupError::ServerName {
                 name: name.clone(),
@@ -194,7 +193,11 @@ impl PreparedOutbound {
         };
         format!(
             "outbound {}: {} -> {}:{} (server must be {}{sni}){danger}",
-            c.name, c.listen, c.connect_host, c.connect_port, c.server_id
+            c.name,
+            c.listen,
+            c.target.host(),
+            c.target.port(),
+            c.server_id
         )
     }
 }
@@ -272,7 +275,7 @@ impl Outbound {
                         addr: c.listen,
                         source,
                     })?;
-            info!(upstream = %c.name, listen = %c.listen, connect = %format!("{}:{}", c.connect_host, c.connect_port), server_id = %c.server_id, "outbound listener bound");
+            info!(upstream = %c.name, listen = %c.listen, connect = %format!("{}:{}", c.target.host(), c.target.port()), server_id = %c.server_id, "outbound listener bound");
             listeners.push(tcp);
         }
         Ok(Self {
@@ -325,10 +328,10 @@ impl OutboundPools {
             let c = &p.config;
             let upstream = Upstream::start(
                 &c.name,
-                Target::new(&c.connect_host, c.connect_port),
+                c.target.clone(),
                 p.server_name.clone(),
                 Arc::clone(tls),
-                limits(c),
+                c.limits.clone(),
                 self.families.upstream(&c.name),
             );
             let listener = OutboundListener::new(
@@ -339,17 +342,5 @@ impl OutboundPools {
             );
             tokio::spawn(listener.serve(shutdown.clone()));
         }
-    }
-}
-
-fn limits(c: &OutboundConfig) -> Limits {
-    Limits {
-        connect_timeout: c.connect_timeout,
-        response_timeout: c.request_timeout,
-        idle_timeout: c.pool_idle_timeout,
-        max_connection_age: c.max_connection_age,
-        max_idle: c.pool_max_idle,
-        max_connections: c.pool_max_connections,
-        ..Limits::default()
     }
 }

@@ -24,7 +24,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use super::{Outbound, OutboundTls, prepare};
-use crate::config::{MinTls, OutboundConfig, UpstreamProtocol};
+use crate::config::{MinTls, OutboundConfig, OutboundLimits, Target, UpstreamProtocol};
 use crate::signal::Shutdown;
 use crate::tls::resolver::CertResolver;
 use crate::tls::{CredentialPaths, Credentials, provider};
@@ -268,17 +268,19 @@ impl Sidecar {
         let mut entry = OutboundConfig {
             name: "monolith".into(),
             listen: "127.0.0.1:0".parse().expect("addr"),
-            connect_host: connect.ip().to_string(),
-            connect_port: connect.port(),
+            target: Target::new(&connect.ip().to_string(), connect.port()),
             server_id: SpiffeId::parse(server_id).expect("server id"),
             sni: Some("monolith.internal".into()),
             allow_non_loopback_listen: false,
-            connect_timeout: Duration::from_secs(10),
-            request_timeout: Duration::from_secs(20),
-            pool_idle_timeout: Duration::from_secs(30),
-            pool_max_idle: 8,
-            pool_max_connections: 64,
-            max_connection_age: Duration::from_secs(300),
+            limits: OutboundLimits {
+                connect_timeout: Duration::from_secs(10),
+                response_timeout: Duration::from_secs(20),
+                idle_timeout: Duration::from_secs(30),
+                max_idle: 8,
+                max_connections: 64,
+                max_connection_age: Duration::from_secs(300),
+                ..OutboundLimits::default()
+            },
             protocol: UpstreamProtocol::Auto,
         };
         tweak(&mut entry);
@@ -549,7 +551,7 @@ async fn slow_upstream_is_504_and_not_retried() {
     )
     .await;
     let sidecar = Sidecar::start(&caller, upstream.addr, MONOLITH, |c| {
-        c.request_timeout = Duration::from_millis(300);
+        c.limits.response_timeout = Duration::from_millis(300);
     })
     .await;
     let (status, _, body) = get(&h1_client(), sidecar.addr, "/slow", None).await;
@@ -564,7 +566,7 @@ async fn aged_connections_are_replaced() {
     let (caller, monolith) = (ca.issue("report-service"), ca.issue("monolith"));
     let upstream = server(&monolith, &monolith, &[b"h2"], Mode::Http).await;
     let sidecar = Sidecar::start(&caller, upstream.addr, MONOLITH, |c| {
-        c.max_connection_age = Duration::from_millis(200);
+        c.limits.max_connection_age = Duration::from_millis(200);
     })
     .await;
     let client = h1_client();
@@ -587,7 +589,7 @@ async fn pool_is_bounded_and_waiting_requests_get_a_freed_connection() {
     let slow = Mode::Slow(Duration::from_millis(300));
     let upstream = server(&monolith, &monolith, &[b"http/1.1"], slow).await;
     let sidecar = Sidecar::start(&caller, upstream.addr, MONOLITH, |c| {
-        c.pool_max_connections = 2;
+        c.limits.max_connections = 2;
     })
     .await;
     let client = h1_client();
@@ -612,7 +614,7 @@ async fn idle_connections_are_closed_after_the_idle_timeout() {
     let (caller, monolith) = (ca.issue("report-service"), ca.issue("monolith"));
     let upstream = server(&monolith, &monolith, &[b"http/1.1"], Mode::Http).await;
     let sidecar = Sidecar::start(&caller, upstream.addr, MONOLITH, |c| {
-        c.pool_idle_timeout = Duration::from_millis(200);
+        c.limits.idle_timeout = Duration::from_millis(200);
     })
     .await;
     let client = h1_client();
@@ -702,7 +704,7 @@ async fn sni_is_the_connect_host_unless_configured() {
     ] {
         let upstream = server(&monolith, &monolith, &[b"h2"], Mode::Http).await;
         let sidecar = Sidecar::start(&caller, upstream.addr, MONOLITH, |c| {
-            c.connect_host = "localhost".into();
+            c.target = Target::new("localhost", c.target.port());
             c.sni = configured.map(str::to_owned);
         })
         .await;
@@ -720,7 +722,7 @@ async fn connect_host_is_resolved_when_connecting_not_at_startup() {
     let unused = "127.0.0.1:9".parse().expect("addr");
     // RFC 6761: `.invalid` never resolves. Binding the listener must not need it to.
     let sidecar = Sidecar::start(&caller, unused, MONOLITH, |c| {
-        c.connect_host = "gatehouse-test.invalid".into();
+        c.target = Target::new("gatehouse-test.invalid", c.target.port());
         c.sni = None;
     })
     .await;

@@ -41,47 +41,14 @@ use tracing::{debug, warn};
 
 use super::error::OutboundError;
 use super::metrics::UpstreamMetrics;
-pub use super::target::Target;
 use super::tls_source::TlsSource;
+use crate::config::{OutboundLimits, Target};
 use crate::http::body::{BoxError, HttpBody, RecvBody};
 use crate::http::h1_pool;
 use crate::http::h2_client::{self, H2Sender, send_h2};
 use crate::http::headers::{strip_for_h2, strip_hop_by_hop};
 use crate::tls::alert_tap::AlertTap;
 use crate::tls::client::received_alert;
-
-/// Connection limits and timeouts of one upstream.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Limits {
-    /// DNS + TCP + TLS + HTTP handshake, per attempt.
-    pub connect_timeout: Duration,
-    /// From the request being sent to the response head arriving.
-    pub response_timeout: Duration,
-    /// An unused connection is closed after this long.
-    pub idle_timeout: Duration,
-    /// No request starts on a connection older than this.
-    pub max_connection_age: Duration,
-    /// Open connections to the upstream, busy or idle.
-    pub max_connections: usize,
-    /// Idle HTTP/1.1 connections kept for reuse.
-    pub max_idle: usize,
-    /// How long a request waits for a connection when `max_connections` are busy.
-    pub pool_wait_timeout: Duration,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self {
-            connect_timeout: Duration::from_secs(5),
-            response_timeout: Duration::from_secs(60),
-            idle_timeout: Duration::from_secs(90),
-            max_connection_age: Duration::from_secs(600),
-            max_connections: 64,
-            max_idle: 16,
-            pool_wait_timeout: Duration::from_secs(10),
-        }
-    }
-}
 
 /// One upstream: its TLS settings and its connection pool.
 pub struct Upstream {
@@ -93,7 +60,7 @@ pub struct Upstream {
     /// The TLS client configuration (read when dialling) and the trust generation (read
     /// before reusing a connection): connections of an older generation are not reused.
     tls: Arc<dyn TlsSource>,
-    limits: Limits,
+    limits: OutboundLimits,
     permits: Arc<Semaphore>,
     available: Arc<Notify>,
     idle: Mutex<Idle>,
@@ -196,7 +163,7 @@ impl Upstream {
         target: Target,
         server_name: ServerName<'static>,
         tls: Arc<dyn TlsSource>,
-        limits: Limits,
+        limits: OutboundLimits,
         metrics: UpstreamMetrics,
     ) -> Arc<Self> {
         let authority = target.authority();
