@@ -12,10 +12,10 @@ use std::time::Duration;
 
 use gatehouse_ca::revoke::RevokeTarget;
 use gatehouse_ca::{Authority, InitOptions, IssueRequest, KeyType, SpiffeId, TrustDomain};
-use gatehouse_proxy::tls::verify::SpiffeClientVerifier;
-use gatehouse_proxy::config::CrlPolicy;
-use gatehouse_proxy::input::{FileKind, Input};
-use gatehouse_proxy::tls::{self, CredentialFiles, Credentials};
+use gatehouse_proxy::fuzzing::CrlPolicy;
+use gatehouse_proxy::fuzzing::SpiffeClientVerifier;
+use gatehouse_proxy::fuzzing::{self as tls, CredentialFiles, Credentials};
+use gatehouse_proxy::fuzzing::{FileKind, Input};
 use rustls::RootCertStore;
 use rustls::crypto::CryptoProvider;
 use rustls::server::danger::ClientCertVerifier;

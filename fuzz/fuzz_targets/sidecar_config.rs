@@ -6,7 +6,7 @@
 
 use std::path::Path;
 
-use gatehouse_proxy::config::Config;
+use gatehouse_proxy::fuzzing::Config;
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {

@@ -27,7 +27,7 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 /// Where one event loop gets its connections.
 #[derive(Debug)]
-pub struct Acceptor {
+pub(crate) struct Acceptor {
     source: Source,
     local_addr: SocketAddr,
 }
@@ -43,7 +43,7 @@ impl Acceptor {
     ///
     /// # Errors
     /// The socket's error reading its address.
-    pub fn listener(listener: TcpListener) -> std::io::Result<Self> {
+    pub(crate) fn listener(listener: TcpListener) -> std::io::Result<Self> {
         Ok(Self {
             local_addr: listener.local_addr()?,
             source: Source::Listener(listener),
@@ -51,7 +51,7 @@ impl Acceptor {
     }
 
     /// The listening address connections arrive on.
-    pub fn local_addr(&self) -> SocketAddr {
+    pub(crate) fn local_addr(&self) -> SocketAddr {
         self.local_addr
     }
 
@@ -59,7 +59,7 @@ impl Acceptor {
     /// retried after a short back-off instead of spinning, so this only returns connections.
     /// After shutdown has started and the accept task has stopped, this never resolves:
     /// callers select it against the shutdown token.
-    pub async fn accept(&mut self) -> (TcpStream, SocketAddr) {
+    pub(crate) async fn accept(&mut self) -> (TcpStream, SocketAddr) {
         loop {
             let res = match &mut self.source {
                 Source::Listener(l) => l.accept().await,
@@ -81,7 +81,7 @@ impl Acceptor {
     /// The accept loop's limiter, the same on both sides: waits for a free slot under `limit`,
     /// then for the next connection; `None` once shutdown starts. The permit is the
     /// connection's slot: hold it until the connection ends.
-    pub async fn accept_within(
+    pub(crate) async fn accept_within(
         &mut self,
         limit: &Arc<Semaphore>,
         shutdown: &Shutdown,
@@ -104,7 +104,7 @@ impl Acceptor {
 ///
 /// # Errors
 /// The socket's error reading its address.
-pub fn spread(
+pub(crate) fn spread(
     listener: TcpListener,
     loops: usize,
     shutdown: &Shutdown,

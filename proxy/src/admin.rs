@@ -28,7 +28,7 @@ use crate::state::State;
 
 /// What the admin endpoints report on.
 #[derive(Debug)]
-pub struct Admin {
+pub(crate) struct Admin {
     /// Shared state.
     pub state: Arc<State>,
     /// Metrics to expose.
@@ -43,7 +43,7 @@ pub struct Admin {
 
 impl Admin {
     /// Serves until the process exits.
-    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+    pub(crate) async fn serve(self: Arc<Self>, listener: TcpListener) {
         loop {
             let Ok((tcp, _)) = listener.accept().await else {
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;

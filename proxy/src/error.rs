@@ -10,7 +10,7 @@ use http::{HeaderValue, Response, StatusCode};
 
 use crate::config::ConfigError;
 use crate::http::respond::ErrorResponse;
-pub use crate::http::respond::OwnBody;
+pub(crate) use crate::http::respond::OwnBody;
 use crate::tls::TlsError;
 
 /// A problem found while loading the configuration, credentials or policy.
@@ -116,7 +116,7 @@ impl LoadError {
 
 /// Why the sidecar answers a request itself instead of the app.
 #[derive(Debug, Clone, Copy)]
-pub enum Refusal<'a> {
+pub(crate) enum Refusal<'a> {
     /// The path was refused by normalization (the reason is the `PathError` text).
     BadPath(&'a gatehouse_policy::path::PathError),
     /// A standard method in a non-standard spelling (`get`).
@@ -136,7 +136,7 @@ pub enum Refusal<'a> {
 
 impl Refusal<'_> {
     /// The status code.
-    pub fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         match self {
             Self::BadPath(_) | Self::BadMethod(_) => StatusCode::BAD_REQUEST,
             Self::BadFraming(e) => e.status(),
@@ -148,7 +148,7 @@ impl Refusal<'_> {
     }
 
     /// The response: a JSON body `{"error", "message", "request_id"}` and `x-request-id`.
-    pub fn response(&self, request_id: &HeaderValue) -> Response<OwnBody> {
+    pub(crate) fn response(&self, request_id: &HeaderValue) -> Response<OwnBody> {
         let (error, reason, message) = match self {
             Self::BadPath(e) => ("bad_request", "bad_path", format!("refused request path: {e}")),
             Self::BadMethod(e) => (

@@ -20,17 +20,17 @@ use sha2::{Digest, Sha256};
 
 /// Largest sidecar configuration file read (a config of a few hundred outbound entries is
 /// under 100 KiB).
-pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+pub(crate) const MAX_CONFIG_BYTES: u64 = 1 << 20;
 /// Largest certificate chain file read (leaf and intermediates: an SVID is about 1 KiB).
-pub const MAX_CERT_BYTES: u64 = 256 << 10;
+pub(crate) const MAX_CERT_BYTES: u64 = 256 << 10;
 /// Largest private key file read (an RSA-4096 PKCS#8 PEM is about 3.3 KiB).
-pub const MAX_KEY_BYTES: u64 = 64 << 10;
+pub(crate) const MAX_KEY_BYTES: u64 = 64 << 10;
 /// Largest trust bundle read (several hundred roots).
-pub const MAX_BUNDLE_BYTES: u64 = 1 << 20;
+pub(crate) const MAX_BUNDLE_BYTES: u64 = 1 << 20;
 /// Largest CRL file read (about 300,000 revoked serials in PEM).
-pub const MAX_CRL_BYTES: u64 = 16 << 20;
+pub(crate) const MAX_CRL_BYTES: u64 = 16 << 20;
 /// Largest policy file read (about 40,000 routes).
-pub const MAX_POLICY_BYTES: u64 = 4 << 20;
+pub(crate) const MAX_POLICY_BYTES: u64 = 4 << 20;
 
 /// What a file is for: its name in messages and metrics, and its size limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -158,7 +158,7 @@ impl FileError {
 ///
 /// # Errors
 /// [`FileError`] naming the file and the problem.
-pub fn read(path: &Path, kind: FileKind) -> Result<Vec<u8>, FileError> {
+pub(crate) fn read(path: &Path, kind: FileKind) -> Result<Vec<u8>, FileError> {
     let err = |problem| FileError {
         path: path.to_path_buf(),
         kind,
@@ -224,7 +224,7 @@ fn describe(t: &std::fs::FileType) -> &'static str {
 }
 
 /// The watched kinds, in [`Inputs`] order.
-pub const WATCHED: [FileKind; 5] = [
+pub(crate) const WATCHED: [FileKind; 5] = [
     FileKind::Cert,
     FileKind::Key,
     FileKind::Bundle,

@@ -31,20 +31,45 @@
 //! - [`error`]: load errors with their `help:` lines, and inbound refusals as HTTP responses.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
+#![warn(unreachable_pub)]
 
-pub mod accept;
-pub mod admin;
-pub mod audit;
-pub mod config;
-pub mod error;
-pub mod http;
-pub mod inbound;
-pub mod input;
-pub mod metrics;
-pub mod outbound;
-pub mod outcome;
-pub mod reload;
-pub mod run;
-pub mod signal;
-pub mod state;
-pub mod tls;
+mod accept;
+mod admin;
+mod audit;
+mod config;
+mod error;
+mod http;
+mod inbound;
+mod input;
+mod metrics;
+mod outbound;
+mod outcome;
+mod reload;
+mod run;
+mod signal;
+mod state;
+mod tls;
+
+// The library's surface: what the `sidecar` binary and the fuzz targets (`fuzz/`) use. Everything
+// else is crate-private (`unreachable_pub` keeps it so).
+pub use audit::{
+    Sink as AuditSink, Verified as AuditVerified, install as install_audit_sink,
+    verify as verify_audit,
+};
+pub use config::Config;
+pub use error::LoadError;
+pub use run::{Loaded, load, run};
+pub use signal::Shutdown;
+
+/// What the fuzz targets in `fuzz/` drive: the sidecar config parser, the PEM loaders, the
+/// credential checks and the client verifier. Not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::config::{Config, CrlPolicy};
+    pub use crate::input::{FileKind, Input};
+    pub use crate::tls::verify::SpiffeClientVerifier;
+    pub use crate::tls::{
+        CredentialFiles, Credentials, TlsError, leaf_identity, load_bundle, load_chain, load_crls,
+        load_key, provider, serial_hex, svid_identity,
+    };
+}

@@ -7,11 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use gatehouse_proxy::audit;
-use gatehouse_proxy::config::Config;
-use gatehouse_proxy::error::LoadError;
-use gatehouse_proxy::run::{self, Loaded};
-use gatehouse_proxy::signal::Shutdown;
+use gatehouse_proxy::{AuditSink, Config, LoadError, Loaded, Shutdown};
 use tracing_subscriber::filter::EnvFilter;
 use tracing_subscriber::prelude::*;
 
@@ -76,7 +72,7 @@ fn main() -> ExitCode {
         },
         Command::Audit {
             command: AuditCommand::Verify { files },
-        } => match audit::verify(&files) {
+        } => match gatehouse_proxy::verify_audit(&files) {
             Ok(v) => {
                 let from = v.continues_from.map_or_else(String::new, |h| {
                     format!("; the first line continues from a line not given, SHA-256 {h}")
@@ -110,7 +106,7 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            match rt.block_on(run::run(loaded, Shutdown::new())) {
+            match rt.block_on(gatehouse_proxy::run(loaded, Shutdown::new())) {
                 Ok(_) => ExitCode::SUCCESS,
                 Err(e) => render(&[e]),
             }
@@ -120,7 +116,7 @@ fn main() -> ExitCode {
 
 /// The main thread's event loop: tokio's current-thread runtime (no work stealing, no
 /// cross-thread wake-ups). `[runtime] worker_threads = N` adds N - 1 more such loops on their
-/// own threads (`run::run`), each accepting from the same listening sockets.
+/// own threads (`gatehouse_proxy::run`), each accepting from the same listening sockets.
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -130,7 +126,7 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 fn load(path: &std::path::Path) -> Result<Loaded, ExitCode> {
     let config = Config::load(path)
         .map_err(|es| render(&es.into_iter().map(LoadError::from).collect::<Vec<_>>()))?;
-    run::load(config).map_err(|es| render(&es))
+    gatehouse_proxy::load(config).map_err(|es| render(&es))
 }
 
 /// Prints every problem with its `help:` line; exit code 2.
@@ -145,11 +141,11 @@ fn render(errors: &[LoadError]) -> ExitCode {
 }
 
 /// Operational logs to stderr (RUST_LOG, default `info`) through `tracing`; audit lines to
-/// stdout or the configured file through the process-wide [`audit::Sink`], or nowhere (with a
+/// stdout or the configured file through the process-wide [`AuditSink`], or nowhere (with a
 /// warning) when `[audit] enabled = false`.
 fn init_logging(loaded: &Loaded) -> Result<(), LoadError> {
     let cfg = &loaded.state.config.audit;
-    let sink = audit::Sink::from_config(cfg).map_err(|source| LoadError::AuditFile {
+    let sink = AuditSink::from_config(cfg).map_err(|source| LoadError::AuditFile {
         path: cfg
             .path
             .clone()
@@ -164,7 +160,7 @@ fn init_logging(loaded: &Loaded) -> Result<(), LoadError> {
     tracing_subscriber::registry().with(logs).init();
     match sink {
         Some(sink) => {
-            let _ = audit::install(sink);
+            let _ = gatehouse_proxy::install_audit_sink(sink);
             tracing::info!("audit log: {}", cfg.summary());
         }
         None => tracing::warn!("audit log {}", cfg.summary()),

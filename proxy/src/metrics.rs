@@ -11,11 +11,11 @@ use prometheus::{
 };
 
 /// The metric prefix.
-pub const PREFIX: &str = "gatehouse";
+pub(crate) const PREFIX: &str = "gatehouse";
 
 /// Most CRL issuers given a `gatehouse_crl_next_update_timestamp_seconds` series; further ones
 /// are folded into `issuer="other"` (the earliest next-update).
-pub const MAX_CRL_ISSUERS: usize = 16;
+pub(crate) const MAX_CRL_ISSUERS: usize = 16;
 
 /// The sidecar's metrics.
 #[derive(Clone, Debug)]

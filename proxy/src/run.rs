@@ -31,7 +31,7 @@ use crate::signal::{Shutdown, Terminate};
 use crate::state::State;
 
 /// The target of the `listening <name> on <addr>` lines.
-pub const LISTEN_TARGET: &str = "gatehouse::listen";
+pub(crate) const LISTEN_TARGET: &str = "gatehouse::listen";
 
 /// A loaded, validated sidecar, ready to bind.
 #[derive(Debug)]

@@ -63,7 +63,7 @@ impl Shutdown {
 /// SIGTERM and SIGINT handlers, installed before anything is bound so a signal that arrives
 /// early is never lost to the default action.
 #[derive(Debug)]
-pub struct Terminate {
+pub(crate) struct Terminate {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
 }
@@ -73,7 +73,7 @@ impl Terminate {
     ///
     /// # Errors
     /// The I/O error if a handler cannot be installed.
-    pub fn install() -> std::io::Result<Self> {
+    pub(crate) fn install() -> std::io::Result<Self> {
         use tokio::signal::unix::{SignalKind, signal};
         Ok(Self {
             term: signal(SignalKind::terminate())?,
@@ -82,7 +82,7 @@ impl Terminate {
     }
 
     /// Waits for SIGTERM or SIGINT and returns the signal's name.
-    pub async fn recv(&mut self) -> &'static str {
+    pub(crate) async fn recv(&mut self) -> &'static str {
         tokio::select! {
             _ = self.term.recv() => "SIGTERM",
             _ = self.int.recv() => "SIGINT",

@@ -210,7 +210,7 @@ impl TlsSource for State {
 }
 
 /// The watched files of `config`, in [`crate::input::WATCHED`] order.
-pub fn watched_paths(config: &Config) -> [Option<std::path::PathBuf>; 5] {
+pub(crate) fn watched_paths(config: &Config) -> [Option<std::path::PathBuf>; 5] {
     [
         Some(config.identity.cert.clone()),
         Some(config.identity.key.clone()),

@@ -8,7 +8,7 @@ use std::path::Path;
 use sha2::{Digest, Sha256};
 
 /// The `prev` of a chain's first line when it follows no line: 64 zeros.
-pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+pub(super) const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 /// How every line ends: `"prev":"` + 64 hex digits + `"}\n`; the digits start this many
 /// bytes before the end of the line (its newline included).
 pub(super) const PREV_FROM_END: usize = 64 + 3;
@@ -128,7 +128,7 @@ pub fn verify(files: &[std::path::PathBuf]) -> Result<Verified, String> {
 }
 
 /// The anchor file of the audit file at `path`: `<path>.chain`.
-pub fn anchor_path(path: &Path) -> std::path::PathBuf {
+pub(super) fn anchor_path(path: &Path) -> std::path::PathBuf {
     let mut p = path.as_os_str().to_owned();
     p.push(".chain");
     p.into()

@@ -41,9 +41,9 @@ mod sink;
 
 use std::sync::OnceLock;
 
-pub use chain::{GENESIS, Verified, anchor_path, verify};
-pub use line::{AuditRecord, OutboundRecord};
-pub use sink::{FLUSH_BYTES, MAX_BUFFERED, Sink};
+pub use chain::{Verified, verify};
+pub(crate) use line::{AuditRecord, OutboundRecord};
+pub use sink::Sink;
 
 static SINK: OnceLock<Sink> = OnceLock::new();
 
@@ -57,19 +57,19 @@ pub fn install(sink: Sink) -> Result<(), Sink> {
 }
 
 /// Whether an audit sink is installed (`[audit] enabled`, in `sidecar run`).
-pub fn enabled() -> bool {
+pub(crate) fn enabled() -> bool {
     SINK.get().is_some()
 }
 
 /// Logs an inbound decision (nothing when no sink is installed).
-pub fn record(r: &AuditRecord<'_>) {
+pub(crate) fn record(r: &AuditRecord<'_>) {
     if let Some(sink) = SINK.get() {
         sink.record(r);
     }
 }
 
 /// Logs an outbound request (nothing when no sink is installed).
-pub fn record_outbound(r: &OutboundRecord<'_>) {
+pub(crate) fn record_outbound(r: &OutboundRecord<'_>) {
     if let Some(sink) = SINK.get() {
         sink.record_outbound(r);
     }
@@ -77,7 +77,7 @@ pub fn record_outbound(r: &OutboundRecord<'_>) {
 
 /// Writes every buffered line now and waits for the write: call at the end of a graceful
 /// shutdown (after the drain), or lines of the last flush interval are lost.
-pub fn flush() {
+pub(crate) fn flush() {
     if let Some(sink) = SINK.get() {
         sink.flush();
     }

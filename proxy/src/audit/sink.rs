@@ -24,9 +24,9 @@ use crate::config::AuditConfig;
 use sha2::{Digest, Sha256};
 
 /// Buffered bytes past which the flusher thread is woken at once instead of at the interval.
-pub const FLUSH_BYTES: usize = 32 * 1024;
+pub(super) const FLUSH_BYTES: usize = 32 * 1024;
 /// Buffered bytes past which a request path writes the buffer itself (the flusher is behind).
-pub const MAX_BUFFERED: usize = 1024 * 1024;
+pub(super) const MAX_BUFFERED: usize = 1024 * 1024;
 /// Writes to a pipe up to this size are atomic (POSIX `PIPE_BUF` on Linux).
 const PIPE_BUF: usize = 4096;
 #[cfg(test)]

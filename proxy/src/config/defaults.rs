@@ -10,95 +10,95 @@ use super::model::CrlStale;
 // ---- [inbound] ----------------------------------------------------------------------------------
 
 /// Default TLS handshake timeout.
-pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default time a client has to send a complete HTTP/1.1 request head.
-pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default idle time after which an inbound connection with no request in flight is closed.
-pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default time the app has to start its response (504 after).
-pub const DEFAULT_APP_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const DEFAULT_APP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default `inbound.max_connections`.
-pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+pub(crate) const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 /// Default `inbound.max_connections_per_source`: open connections from one IP address.
-pub const DEFAULT_MAX_CONNECTIONS_PER_SOURCE: usize = 1024;
+pub(crate) const DEFAULT_MAX_CONNECTIONS_PER_SOURCE: usize = 1024;
 /// Default `inbound.max_handshakes_per_source`: handshakes in progress from one IP address.
-pub const DEFAULT_MAX_HANDSHAKES_PER_SOURCE: usize = 64;
+pub(crate) const DEFAULT_MAX_HANDSHAKES_PER_SOURCE: usize = 64;
 /// Default `inbound.max_pending_handshakes`: handshakes in progress over all sources (capped
 /// at half of `max_connections`, so unauthenticated connections never hold every slot).
-pub const DEFAULT_MAX_PENDING_HANDSHAKES: usize = 1024;
+pub(crate) const DEFAULT_MAX_PENDING_HANDSHAKES: usize = 1024;
 /// Default `inbound.failed_handshake_delay`: how long a source that sent a certificate chain
 /// over the bounds waits before each of its next handshakes.
-pub const DEFAULT_FAILED_HANDSHAKE_DELAY: Duration = Duration::from_secs(1);
+pub(crate) const DEFAULT_FAILED_HANDSHAKE_DELAY: Duration = Duration::from_secs(1);
 /// Default grace period for in-flight requests on shutdown.
-pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+pub(crate) const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 /// Default time a response may make no progress (the client reads nothing, or an HTTP/2
 /// stream gets no flow-control window) before it is aborted and its app connection closed
 /// (nginx's `send_timeout`, which defaults to 60 s: half, as the app connection is pinned).
-pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default number of client resets (`RST_STREAM` of a stream still being served) one HTTP/2
 /// connection may send within [`DEFAULT_H2_RESET_WINDOW`] before it gets
 /// `GOAWAY(ENHANCE_YOUR_CALM)` (CVE-2023-44487, rapid reset; Netty allows 200 per 30 s).
-pub const DEFAULT_MAX_H2_RESETS: u32 = 200;
+pub(crate) const DEFAULT_MAX_H2_RESETS: u32 = 200;
 /// Default window over which [`DEFAULT_MAX_H2_RESETS`] is counted.
-pub const DEFAULT_H2_RESET_WINDOW: Duration = Duration::from_secs(10);
+pub(crate) const DEFAULT_H2_RESET_WINDOW: Duration = Duration::from_secs(10);
 /// Default `inbound.max_header_bytes`: the largest request head accepted (431 beyond).
-pub const DEFAULT_MAX_HEADER_BYTES: usize = 16 * 1024;
+pub(crate) const DEFAULT_MAX_HEADER_BYTES: usize = 16 * 1024;
 /// Default `inbound.max_h2_streams`: concurrent HTTP/2 streams per connection.
-pub const DEFAULT_MAX_H2_STREAMS: u32 = 128;
+pub(crate) const DEFAULT_MAX_H2_STREAMS: u32 = 128;
 /// Default `inbound.app_pool_max_idle`: idle keep-alive connections kept to the app.
-pub const DEFAULT_APP_POOL_MAX_IDLE: usize = 64;
+pub(crate) const DEFAULT_APP_POOL_MAX_IDLE: usize = 64;
 /// Default `inbound.app_pool_idle_timeout`: how long an idle connection to the app is kept.
-pub const DEFAULT_APP_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const DEFAULT_APP_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 // ---- [[outbound]] -------------------------------------------------------------------------------
 
 /// Default `outbound.connect_timeout`: DNS + TCP connect + TLS handshake to the peer, per attempt.
-pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Default `outbound.request_timeout`: time the peer has to start its response (504 after); the
 /// same budget the inbound side gives the app.
-pub const DEFAULT_REQUEST_TIMEOUT: Duration = DEFAULT_APP_TIMEOUT;
+pub(crate) const DEFAULT_REQUEST_TIMEOUT: Duration = DEFAULT_APP_TIMEOUT;
 /// Default `outbound.pool_idle_timeout`: an unused pooled connection is closed after this long.
-pub const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default `outbound.pool_max_idle`: idle HTTP/1.1 connections kept per peer.
-pub const DEFAULT_POOL_MAX_IDLE: usize = 32;
+pub(crate) const DEFAULT_POOL_MAX_IDLE: usize = 32;
 /// Default `outbound.pool_max_connections`: open connections per peer, busy or idle.
-pub const DEFAULT_POOL_MAX_CONNECTIONS: usize = 64;
+pub(crate) const DEFAULT_POOL_MAX_CONNECTIONS: usize = 64;
 /// Default `outbound.max_connection_age`: no request starts on a pooled connection older than
 /// this, so a rotated certificate or bundle reaches every connection within it.
-pub const DEFAULT_MAX_CONNECTION_AGE: Duration = Duration::from_secs(300);
+pub(crate) const DEFAULT_MAX_CONNECTION_AGE: Duration = Duration::from_secs(300);
 /// How long a request waits for a pooled connection when `pool_max_connections` are busy (not
 /// configurable: the caller's own `request_timeout` is usually shorter).
-pub const POOL_WAIT_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const POOL_WAIT_TIMEOUT: Duration = Duration::from_secs(10);
 
 // ---- [runtime], [reload], [identity], [audit] ---------------------------------------------------
 
 /// Default `[runtime] worker_threads`: one event loop serves every connection. A sidecar shares
 /// its machine with the app it fronts; one loop is the cheapest per request (the most work per
 /// wake-up and per syscall) and keeps idle RSS under 10 MiB.
-pub const DEFAULT_WORKER_THREADS: usize = 1;
+pub(crate) const DEFAULT_WORKER_THREADS: usize = 1;
 
 /// Largest `[runtime] worker_threads` accepted: each loop is a thread with its own pools, and
 /// more loops than cores only add CPU per request.
-pub const MAX_WORKER_THREADS: usize = 256;
+pub(crate) const MAX_WORKER_THREADS: usize = 256;
 
 /// Default interval of the polling fallback of hot reload.
-pub const DEFAULT_RELOAD_POLL: Duration = Duration::from_secs(2);
+pub(crate) const DEFAULT_RELOAD_POLL: Duration = Duration::from_secs(2);
 /// Default quiet time after a file event before reloading (a writer's burst becomes one reload).
-pub const DEFAULT_RELOAD_DEBOUNCE: Duration = Duration::from_millis(75);
+pub(crate) const DEFAULT_RELOAD_DEBOUNCE: Duration = Duration::from_millis(75);
 
 /// Default `[identity] crl_stale`: refuse the peers a stale CRL vouches for, as OpenSSL (and so
 /// nginx, HAProxy and Envoy) does with an expired CRL. A CRL past its next-update says nothing
 /// about what was revoked since; accepting it forever would let a stopped CRL job (or an
 /// attacker who keeps the new CRL from arriving) switch revocation off without anyone seeing.
-pub const DEFAULT_CRL_STALE: CrlStale = CrlStale::Refuse;
+pub(crate) const DEFAULT_CRL_STALE: CrlStale = CrlStale::Refuse;
 
 /// Default `[identity] crl_grace`: how long after a CRL's next-update `crl_stale` acts. Long
 /// enough for a late cron run or a slow Secret sync, short next to `ca crl`'s 24 h lifetime.
-pub const DEFAULT_CRL_GRACE: Duration = Duration::from_secs(3600);
+pub(crate) const DEFAULT_CRL_GRACE: Duration = Duration::from_secs(3600);
 
 /// Default `[audit] flush_interval`: the longest an audit line waits in memory before it is
 /// written (under load the buffer fills to 32 KiB and is written sooner).
-pub const DEFAULT_AUDIT_FLUSH_INTERVAL: Duration = Duration::from_millis(100);
+pub(crate) const DEFAULT_AUDIT_FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 /// Longest `[audit] flush_interval` accepted: lines still buffered when the process is killed
 /// (not a graceful shutdown) are lost.
-pub const MAX_AUDIT_FLUSH_INTERVAL: Duration = Duration::from_secs(10);
+pub(crate) const MAX_AUDIT_FLUSH_INTERVAL: Duration = Duration::from_secs(10);

@@ -31,8 +31,10 @@ mod model;
 mod raw;
 mod validate;
 
-pub use defaults::*;
-pub use error::{ConfigError, ConfigErrorKind};
+pub(crate) use defaults::*;
+pub(crate) use error::ConfigError;
+#[cfg(test)]
+pub(crate) use error::ConfigErrorKind;
 pub use model::*;
 
 #[cfg(test)]

@@ -25,7 +25,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// connection started), for the idle timeout; since when its socket refuses our writes, for
 /// the send timeout.
 #[derive(Debug)]
-pub struct Activity {
+pub(crate) struct Activity {
     started: Instant,
     active: AtomicUsize,
     last_ms: AtomicU64,
@@ -85,7 +85,7 @@ impl Activity {
     }
 
     /// A request started; the returned guard ends it when dropped (with the response body).
-    pub fn begin(self: &Arc<Self>) -> RequestGuard {
+    pub(crate) fn begin(self: &Arc<Self>) -> RequestGuard {
         self.active.fetch_add(1, Ordering::Relaxed);
         RequestGuard(self.clone())
     }
@@ -104,7 +104,7 @@ impl Default for Activity {
 
 /// Ends a request's activity on drop.
 #[derive(Debug)]
-pub struct RequestGuard(Arc<Activity>);
+pub(crate) struct RequestGuard(Arc<Activity>);
 
 impl Drop for RequestGuard {
     fn drop(&mut self) {

@@ -29,14 +29,14 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
 /// A boxed error, what the HTTP/1.1 side accepts from a body.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A received HTTP/2 stream's data and trailers as a [`Body`].
 ///
 /// A `RST_STREAM` with `NO_ERROR` ends the body without an error: the peer needs no more of
 /// it, having answered already (RFC 9113 §8.1), as hyper has it.
 #[derive(Debug)]
-pub struct RecvBody {
+pub(crate) struct RecvBody {
     stream: RecvStream,
     /// Every DATA frame has been read; trailers (if any) are next.
     data_done: bool,
@@ -44,7 +44,7 @@ pub struct RecvBody {
 
 impl RecvBody {
     /// Wraps a stream `h2` handed us (a request's or a response's).
-    pub fn new(stream: RecvStream) -> Self {
+    pub(crate) fn new(stream: RecvStream) -> Self {
         Self {
             stream,
             data_done: false,
@@ -87,7 +87,7 @@ impl Body for RecvBody {
 /// A body received on HTTP/1.1 (from hyper) or HTTP/2 (from `h2`), streamed on as it
 /// arrives.
 #[derive(Debug)]
-pub enum HttpBody {
+pub(crate) enum HttpBody {
     /// HTTP/1.1, from hyper.
     H1(Incoming),
     /// HTTP/2, from the `h2` crate.
@@ -128,7 +128,7 @@ impl Body for HttpBody {
 /// was reset (`CANCEL`).
 #[derive(Debug, thiserror::Error)]
 #[error("the peer opened no flow-control window for {0:?}: stream reset")]
-pub struct SendTimedOut(pub Duration);
+pub(crate) struct SendTimedOut(pub Duration);
 
 /// Writes `body` to `tx` to its end (data, then trailers or an empty end-of-stream frame).
 ///
@@ -139,7 +139,7 @@ pub struct SendTimedOut(pub Duration);
 ///
 /// # Errors
 /// The body's error, the peer's reset, or the connection's error.
-pub fn pipe<B>(body: B, tx: SendStream<Bytes>) -> impl Future<Output = Result<(), BoxError>>
+pub(crate) fn pipe<B>(body: B, tx: SendStream<Bytes>) -> impl Future<Output = Result<(), BoxError>>
 where
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
@@ -154,7 +154,7 @@ where
 ///
 /// # Errors
 /// As [`pipe`], and [`SendTimedOut`].
-pub async fn pipe_within<B>(
+pub(crate) async fn pipe_within<B>(
     body: B,
     mut tx: SendStream<Bytes>,
     send_timeout: Option<Duration>,

@@ -16,10 +16,7 @@ mod ids;
 #[cfg(test)]
 mod tests;
 
-pub use ids::{
-    REQUEST_ID, RequestIds, TRACEPARENT, is_acceptable_request_id, keep_or_assign,
-    keep_or_start_trace, trace_id,
-};
+pub(crate) use ids::{REQUEST_ID, RequestIds, keep_or_assign, keep_or_start_trace, trace_id};
 
 use http::StatusCode;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -62,7 +59,7 @@ const TRANSFER_ENCODING_BIT: u16 = 1 << HOP_BY_HOP;
 /// Whatever the client sent under an identity name, or a name that normalizes to one of these
 /// (`X_Client_Spiffe_Id`), is removed before ours are added. `x-request-id` in its own
 /// spelling follows [`is_acceptable_request_id`]; any other spelling is removed.
-pub const OWN_NAMES: [&str; 5] = [
+pub(crate) const OWN_NAMES: [&str; 5] = [
     "x-forwarded-client-cert",
     "x-client-spiffe-id",
     "client-cert",
@@ -77,7 +74,7 @@ const KEPT_OWN: &str = OWN_NAMES[4];
 /// headers the sidecar sets ([`OWN_NAMES`]) and those it decides for the next hop (the target
 /// and the framing). `Connection: x-request-id` would otherwise drop the id the audit line
 /// records, and `Connection: content-length` the body's length.
-pub const NOT_NAMEABLE: [&str; 8] = [
+pub(crate) const NOT_NAMEABLE: [&str; 8] = [
     OWN_NAMES[0],
     OWN_NAMES[1],
     OWN_NAMES[2],
@@ -114,14 +111,14 @@ const fn length_bit(len: usize) -> u32 {
 
 /// Removes hop-by-hop headers, including those the `Connection` header names (except
 /// [`NOT_NAMEABLE`] ones): they describe one connection and must not be forwarded to the next.
-pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap) {
     let found = scan(h, false);
     remove_connection_specific(h, HOP_BY_HOP, found.connection_specific);
 }
 
 /// What [`strip_hop_by_hop`] removes and `transfer-encoding` too: what a message must not
 /// carry onto an HTTP/2 hop (`h2` refuses to send it).
-pub fn strip_for_h2(h: &mut HeaderMap) {
+pub(crate) fn strip_for_h2(h: &mut HeaderMap) {
     let found = scan(h, false);
     remove_connection_specific(h, CONNECTION_SPECIFIC.len(), found.connection_specific);
 }
@@ -134,7 +131,7 @@ pub fn strip_for_h2(h: &mut HeaderMap) {
 ///
 /// # Errors
 /// A `Transfer-Encoding` we do not forward ([`FramingError`]); the head is left unchanged.
-pub fn strip_for_app(h: &mut HeaderMap) -> Result<(), FramingError> {
+pub(crate) fn strip_for_app(h: &mut HeaderMap) -> Result<(), FramingError> {
     let found = scan(h, true);
     if found.connection_specific & TRANSFER_ENCODING_BIT != 0 {
         check_transfer_encoding(h)?;
@@ -305,7 +302,7 @@ impl FramingError {
 /// # Errors
 /// [`FramingError::UnsupportedCoding`] for any other coding, [`FramingError::Malformed`] for
 /// `chunked` twice or a value without any coding; the header is left unchanged.
-pub fn check_transfer_encoding(h: &mut HeaderMap) -> Result<(), FramingError> {
+pub(crate) fn check_transfer_encoding(h: &mut HeaderMap) -> Result<(), FramingError> {
     let mut values = h.get_all(header::TRANSFER_ENCODING).iter();
     let canonical = match (values.next(), values.next()) {
         (None, _) => return Ok(()),

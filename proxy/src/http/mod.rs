@@ -12,10 +12,10 @@
 //!   forward, and the one `x-request-id` rule;
 //! - [`respond`]: the one JSON error body both sides answer with.
 
-pub mod activity;
-pub mod body;
-pub mod h1_pool;
-pub mod h2_client;
-pub mod h2_server;
-pub mod headers;
-pub mod respond;
+pub(crate) mod activity;
+pub(crate) mod body;
+pub(crate) mod h1_pool;
+pub(crate) mod h2_client;
+pub(crate) mod h2_server;
+pub(crate) mod headers;
+pub(crate) mod respond;

@@ -20,7 +20,7 @@ use serde_json::{Map, Value};
 use super::headers::REQUEST_ID;
 
 /// A body the sidecar made itself.
-pub type OwnBody = Full<Bytes>;
+pub(crate) type OwnBody = Full<Bytes>;
 
 /// One error response as the sidecar sends it.
 #[derive(Debug)]

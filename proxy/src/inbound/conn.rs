@@ -248,7 +248,7 @@ fn io_tls_error(e: &std::io::Error) -> Option<&rustls::Error> {
 
 /// How long a connection whose peer is no longer trusted may take to finish its in-flight
 /// requests before it is dropped.
-pub const UNTRUSTED_GRACE: Duration = Duration::from_secs(5);
+pub(super) const UNTRUSTED_GRACE: Duration = Duration::from_secs(5);
 
 /// What a connection needs to re-check its peer after a reload.
 struct Recheck {

@@ -13,7 +13,7 @@ use crate::accept::Acceptor;
 use crate::signal::Shutdown;
 
 /// Accepts connections until shutdown starts.
-pub async fn serve(inbound: Arc<Inbound>, mut listener: Acceptor, shutdown: Shutdown) {
+pub(crate) async fn serve(inbound: Arc<Inbound>, mut listener: Acceptor, shutdown: Shutdown) {
     let limit = Arc::new(Semaphore::new(inbound.cfg.max_connections));
     while let Some((tcp, peer, permit)) = listener.accept_within(&limit, &shutdown).await {
         let admission = match inbound.sources.admit(peer.ip()) {

@@ -12,10 +12,10 @@
 //! - [`sources`]: per-source admission before the handshake.
 
 mod conn;
-pub mod listener;
-pub mod request;
-pub mod sources;
-pub mod upstream;
+pub(crate) mod listener;
+pub(crate) mod request;
+pub(crate) mod sources;
+pub(crate) mod upstream;
 
 use std::sync::Arc;
 
@@ -28,7 +28,7 @@ use crate::state::State;
 
 /// Shared by every inbound connection.
 #[derive(Debug)]
-pub struct Inbound {
+pub(crate) struct Inbound {
     /// Snapshots (policy, TLS) and the configuration.
     pub state: Arc<State>,
     /// Metrics.
@@ -47,7 +47,7 @@ impl Inbound {
     /// Builds the inbound side for `cfg`. Nothing is opened or spawned here: the app
     /// connection pool connects, and starts its sweep task, on the runtime of the first
     /// request that needs it (one `Inbound` per event loop).
-    pub fn new(
+    pub(crate) fn new(
         state: Arc<State>,
         metrics: Metrics,
         cfg: InboundConfig,

@@ -59,7 +59,7 @@ const SPIFFE_ID_HEADER: HeaderName = HeaderName::from_static("x-client-spiffe-id
 
 /// Per-connection context: fixed for the connection's life.
 #[derive(Debug)]
-pub struct ConnCtx {
+pub(crate) struct ConnCtx {
     pub(super) inbound: Arc<Inbound>,
     peer: PeerIdentity,
     distrusted: AtomicBool,
@@ -100,7 +100,7 @@ impl ConnCtx {
     /// Precomputes the identity headers once per connection (our own identity cannot change
     /// on reload unless `allow_identity_change`, and then the XFCC `By=` of open connections
     /// keeps the identity they were accepted under).
-    pub fn new(inbound: Arc<Inbound>, snapshot: &Snapshot, peer: PeerIdentity) -> Self {
+    pub(crate) fn new(inbound: Arc<Inbound>, snapshot: &Snapshot, peer: PeerIdentity) -> Self {
         let own = &snapshot.credentials.id;
         let xfcc = format!("By={own};Hash={};URI={}", peer.leaf_sha256_hex(), peer.id());
         Self {
@@ -116,17 +116,17 @@ impl ConnCtx {
     }
 
     /// The peer is no longer trusted: every further request on this connection gets 503.
-    pub fn distrust(&self) {
+    pub(crate) fn distrust(&self) {
         self.distrusted.store(true, Ordering::Relaxed);
     }
 }
 
 /// A request body as either protocol delivers it; streamed to the app as it arrives.
-pub type RequestBody = HttpBody;
+pub(crate) type RequestBody = HttpBody;
 
 /// The response body: the app's, streamed, or one the sidecar made; it ends the request's
 /// activity (idle timeout) when dropped.
-pub struct ResponseBody {
+pub(crate) struct ResponseBody {
     inner: Either<AppBody, Full<Bytes>>,
     _guard: RequestGuard,
 }
@@ -161,7 +161,7 @@ impl Body for ResponseBody {
     clippy::manual_async_fn,
     reason = "an `async fn` stores its by-value arguments twice in its future"
 )]
-pub fn handle(
+pub(crate) fn handle(
     ctx: Arc<ConnCtx>,
     mut req: Request<RequestBody>,
 ) -> impl Future<Output = Result<Response<ResponseBody>, Infallible>> + Send + 'static {

@@ -28,7 +28,7 @@ use crate::config::InboundConfig;
 
 /// Why a connection was refused at admission (bounded metric label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
+pub(crate) enum Refusal {
     /// Its source has `max_connections_per_source` connections open.
     SourceConnections,
     /// Its source has `max_handshakes_per_source` handshakes in progress.
@@ -39,7 +39,7 @@ pub enum Refusal {
 
 impl Refusal {
     /// The `reason` label.
-    pub fn reason(self) -> &'static str {
+    pub(crate) fn reason(self) -> &'static str {
         match self {
             Self::SourceConnections => "source_connections",
             Self::SourceHandshakes => "source_handshakes",
@@ -50,7 +50,7 @@ impl Refusal {
 
 /// The caps (from `[inbound]`).
 #[derive(Debug, Clone, Copy)]
-pub struct Caps {
+pub(crate) struct Caps {
     /// Open connections per source address.
     pub connections_per_source: usize,
     /// Handshakes in progress per source address.
@@ -81,14 +81,14 @@ struct Table {
 
 /// The admission table, one per sidecar (shared by the event loops).
 #[derive(Debug)]
-pub struct Sources {
+pub(crate) struct Sources {
     caps: Caps,
     table: Mutex<Table>,
 }
 
 impl Caps {
     /// The caps `[inbound]` configures.
-    pub fn of(cfg: &InboundConfig) -> Self {
+    pub(crate) fn of(cfg: &InboundConfig) -> Self {
         Self {
             connections_per_source: cfg.max_connections_per_source,
             handshakes_per_source: cfg.max_handshakes_per_source,
@@ -100,7 +100,7 @@ impl Caps {
 
 impl Sources {
     /// An empty table enforcing `caps`.
-    pub fn new(caps: Caps) -> Self {
+    pub(crate) fn new(caps: Caps) -> Self {
         Self {
             caps,
             table: Mutex::new(Table::default()),
@@ -116,7 +116,7 @@ impl Sources {
     ///
     /// # Errors
     /// The [`Refusal`] naming the cap that is full.
-    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Admission, Refusal> {
+    pub(crate) fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Admission, Refusal> {
         let mut t = self.lock();
         if t.pending >= self.caps.pending_handshakes {
             return Err(Refusal::PendingHandshakes);
@@ -148,7 +148,7 @@ impl Sources {
 
     /// Penalizes `ip` (its peer sent a chain over the bounds): its connections wait
     /// `failed_handshake_delay` before their handshake, until that long from now.
-    pub fn penalize(&self, ip: IpAddr) {
+    pub(crate) fn penalize(&self, ip: IpAddr) {
         let now = Instant::now();
         let mut t = self.lock();
         if t.penalized.len() >= MAX_PENALIZED && !t.penalized.contains_key(&ip) {
@@ -171,7 +171,7 @@ impl Sources {
 
 /// One admitted connection; releases its counts when dropped.
 #[derive(Debug)]
-pub struct Admission {
+pub(crate) struct Admission {
     sources: Arc<Sources>,
     ip: IpAddr,
     handshaking: bool,
@@ -180,17 +180,17 @@ pub struct Admission {
 
 impl Admission {
     /// How long to wait before the handshake (the source is penalized), if at all.
-    pub fn delay(&self) -> Option<Duration> {
+    pub(crate) fn delay(&self) -> Option<Duration> {
         self.delay
     }
 
     /// The source address.
-    pub fn ip(&self) -> IpAddr {
+    pub(crate) fn ip(&self) -> IpAddr {
         self.ip
     }
 
     /// The handshake completed: the connection no longer counts as pending.
-    pub fn authenticated(&mut self) {
+    pub(crate) fn authenticated(&mut self) {
         if self.handshaking {
             self.handshaking = false;
             let mut t = self.sources.lock();

@@ -37,7 +37,7 @@ use crate::http::body::HttpBody as RequestBody;
 
 /// What a request body sent to the app must be (the caller's [`RequestBody`]; tests use
 /// others).
-pub trait AppRequestBody:
+pub(crate) trait AppRequestBody:
     Body<Data = Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>>> + Send + 'static
 {
 }
@@ -49,7 +49,7 @@ impl<B> AppRequestBody for B where
 
 /// Forwarding to the app failed (the caller gets 502).
 #[derive(Debug, thiserror::Error)]
-pub enum AppError {
+pub(crate) enum AppError {
     /// No TCP connection to the app.
     #[error("cannot connect to the app at {addr}: {source}")]
     Connect {
@@ -64,7 +64,7 @@ pub enum AppError {
 }
 
 /// Keep-alive HTTP/1.1 connections to the app.
-pub struct AppPool<B: AppRequestBody = RequestBody> {
+pub(crate) struct AppPool<B: AppRequestBody = RequestBody> {
     addr: SocketAddr,
     max_idle: usize,
     idle_timeout: Duration,
@@ -90,7 +90,7 @@ impl<B: AppRequestBody> std::fmt::Debug for AppPool<B> {
 
 impl<B: AppRequestBody> AppPool<B> {
     /// An empty pool for `addr`; nothing is opened or spawned until the first request.
-    pub fn new(addr: SocketAddr, max_idle: usize, idle_timeout: Duration) -> Self {
+    pub(crate) fn new(addr: SocketAddr, max_idle: usize, idle_timeout: Duration) -> Self {
         Self {
             addr,
             max_idle,
@@ -115,7 +115,7 @@ impl<B: AppRequestBody> AppPool<B> {
         clippy::manual_async_fn,
         reason = "an `async fn` stores its by-value arguments twice in its future"
     )]
-    pub fn send(
+    pub(crate) fn send(
         self: &Arc<Self>,
         req: Request<B>,
     ) -> impl Future<Output = Result<Response<AppBody<B>>, AppError>> + Send + '_ {
@@ -267,7 +267,7 @@ struct Lease<B: AppRequestBody> {
 
 /// The app's response body; gives its connection back to the pool once read to its end
 /// (dropped earlier, or failed, the connection closes).
-pub struct AppBody<B: AppRequestBody = RequestBody> {
+pub(crate) struct AppBody<B: AppRequestBody = RequestBody> {
     body: Incoming,
     lease: Option<Lease<B>>,
 }

@@ -20,7 +20,7 @@ use crate::tls::client::{
 /// A failed outbound request. Every variant is answered by the sidecar itself.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum OutboundError {
+pub(crate) enum OutboundError {
     /// The server's certificate is valid but proves another identity. No request byte was sent.
     #[error("upstream identity mismatch: expected `{expected}`, server presented `{presented}`")]
     IdentityMismatch {
@@ -138,7 +138,7 @@ impl OutboundError {
     }
 
     /// The metric label and the `reason` field of the JSON body.
-    pub fn reason(&self) -> &'static str {
+    pub(crate) fn reason(&self) -> &'static str {
         match self {
             Self::IdentityMismatch { .. } => "identity_mismatch",
             Self::ServerCertificate(_) => "server_certificate",
@@ -157,7 +157,7 @@ impl OutboundError {
     }
 
     /// The request's [`Outcome`] when this error answered it.
-    pub fn outcome(&self) -> Outcome {
+    pub(crate) fn outcome(&self) -> Outcome {
         Outcome::Failed {
             reason: self.reason(),
             status: self.status(),
@@ -166,7 +166,7 @@ impl OutboundError {
 
     /// The status the app receives: 504 for timeouts, 400 or 501 for a request we would not
     /// forward, 502 for everything else.
-    pub fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         match self {
             Self::ConnectTimeout(_) | Self::ResponseTimeout(_) | Self::PoolTimeout(_) => {
                 StatusCode::GATEWAY_TIMEOUT
@@ -177,7 +177,11 @@ impl OutboundError {
     }
 
     /// The response the sidecar sends the app in place of the upstream's.
-    pub fn to_response(&self, upstream: &str, request_id: &HeaderValue) -> Response<Full<Bytes>> {
+    pub(crate) fn to_response(
+        &self,
+        upstream: &str,
+        request_id: &HeaderValue,
+    ) -> Response<Full<Bytes>> {
         let message = self.to_string();
         let expected;
         let details: &[(&str, &str)] = match self {

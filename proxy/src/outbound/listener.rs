@@ -3,7 +3,6 @@
 //! ([`crate::accept::Acceptor::accept_within`]) bounds open connections, and each runs as a
 //! tracked task (`Conn`) whose requests go to `super::request`.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use rustls::crypto::CryptoProvider;
@@ -18,11 +17,9 @@ use crate::config::DEFAULT_MAX_CONNECTIONS;
 use crate::http::headers::RequestIds;
 use crate::signal::Shutdown;
 
-pub use super::request::OutboundBody;
-
 /// One bound outbound listener and the upstream it forwards to.
 #[derive(Debug)]
-pub struct OutboundListener {
+pub(crate) struct OutboundListener {
     listener: Acceptor,
     upstream: Arc<Upstream>,
     server_id: String,
@@ -31,7 +28,7 @@ pub struct OutboundListener {
 
 impl OutboundListener {
     /// Wraps a bound listener.
-    pub fn new(
+    pub(crate) fn new(
         listener: Acceptor,
         upstream: Arc<Upstream>,
         server_id: String,
@@ -45,18 +42,10 @@ impl OutboundListener {
         }
     }
 
-    /// The bound address.
-    ///
-    /// # Errors
-    /// The socket's error.
-    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        Ok(self.listener.local_addr())
-    }
-
     /// Accepts until shutdown starts, at most [`DEFAULT_MAX_CONNECTIONS`] app connections open
     /// at once (the inbound side's default limit); each connection runs as a tracked task and
     /// drains gracefully.
-    pub async fn serve(mut self, shutdown: Shutdown) {
+    pub(crate) async fn serve(mut self, shutdown: Shutdown) {
         let ctx = Arc::new(Ctx {
             upstream: self.upstream,
             server_id: self.server_id,

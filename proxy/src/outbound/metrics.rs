@@ -11,7 +11,7 @@ use prometheus::{
 
 /// The outbound metric families, registered once per process.
 #[derive(Clone, Debug)]
-pub struct OutboundMetrics {
+pub(crate) struct OutboundMetrics {
     requests: IntCounterVec,
     errors: IntCounterVec,
     handshakes: IntCounterVec,
@@ -26,7 +26,7 @@ pub struct OutboundMetrics {
 
 /// The metric handles of one upstream, label values already bound (no lookups per request).
 #[derive(Clone, Debug)]
-pub struct UpstreamMetrics {
+pub(crate) struct UpstreamMetrics {
     families: OutboundMetrics,
     upstream: String,
     /// Open TLS connections to the upstream.
@@ -45,7 +45,7 @@ impl OutboundMetrics {
     ///
     /// # Errors
     /// A family of the same name is already registered.
-    pub fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
+    pub(crate) fn register(registry: &Registry) -> Result<Self, prometheus::Error> {
         let requests = IntCounterVec::new(
             Opts::new(
                 "outbound_requests_total",
@@ -119,7 +119,7 @@ impl OutboundMetrics {
     }
 
     /// The handles for the upstream named `upstream`.
-    pub fn upstream(&self, upstream: &str) -> UpstreamMetrics {
+    pub(crate) fn upstream(&self, upstream: &str) -> UpstreamMetrics {
         UpstreamMetrics {
             connections_open: self.connections_open.with_label_values(&[upstream]),
             retries: self.retries.with_label_values(&[upstream]),
@@ -133,7 +133,7 @@ impl OutboundMetrics {
 
 impl UpstreamMetrics {
     /// Counts one request answered to the app with `status`.
-    pub fn request(&self, status: u16) {
+    pub(crate) fn request(&self, status: u16) {
         if status == 200 {
             let ok = self.ok.get_or_init(|| {
                 self.families
@@ -160,7 +160,7 @@ impl UpstreamMetrics {
     }
 
     /// Counts one request the sidecar answered itself, by `reason`.
-    pub fn error(&self, reason: &str) {
+    pub(crate) fn error(&self, reason: &str) {
         self.families
             .errors
             .with_label_values(&[self.upstream.as_str(), reason])
@@ -168,7 +168,7 @@ impl UpstreamMetrics {
     }
 
     /// Counts one handshake with `result` (`ok` or a failure reason).
-    pub fn handshake(&self, result: &str) {
+    pub(crate) fn handshake(&self, result: &str) {
         self.families
             .handshakes
             .with_label_values(&[self.upstream.as_str(), result])

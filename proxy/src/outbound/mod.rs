@@ -20,14 +20,14 @@
 //! `allow_non_loopback_listen = true`, and [`Outbound::bind`] logs a warning when it is set.
 
 mod conn;
-pub mod error;
-pub mod listener;
-pub mod metrics;
+pub(crate) mod error;
+pub(crate) mod listener;
+pub(crate) mod metrics;
 mod request;
 #[cfg(test)]
 mod tests;
-pub mod tls_source;
-pub mod upstream;
+pub(crate) mod tls_source;
+pub(crate) mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -48,7 +48,9 @@ use crate::tls::Credentials;
 use crate::tls::client::{ServerIdentityVerifier, client_config};
 use listener::OutboundListener;
 use metrics::OutboundMetrics;
-use tls_source::{FixedTls, TlsSource};
+#[cfg(test)]
+use tls_source::FixedTls;
+use tls_source::TlsSource;
 use upstream::Upstream;
 
 /// Why the outbound side could not be set up.
@@ -206,7 +208,7 @@ impl PreparedOutbound {
 ///
 /// # Errors
 /// Every entry that cannot be prepared.
-pub fn prepare(
+pub(crate) fn prepare(
     entries: &[OutboundConfig],
     tls: &OutboundTls,
 ) -> Result<Vec<PreparedOutbound>, Vec<OutboundSetupError>> {
@@ -227,7 +229,7 @@ pub fn prepare(
 
 /// The bound outbound listeners.
 #[derive(Debug)]
-pub struct Outbound {
+pub(crate) struct Outbound {
     listeners: Vec<TcpListener>,
     pools: OutboundPools,
 }
@@ -235,7 +237,7 @@ pub struct Outbound {
 /// What every event loop needs to serve the outbound listeners with its own connection pools
 /// ([`OutboundPools::spawn`] runs once per loop).
 #[derive(Debug)]
-pub struct OutboundPools {
+pub(crate) struct OutboundPools {
     entries: Vec<PreparedOutbound>,
     families: OutboundMetrics,
     provider: Arc<CryptoProvider>,
@@ -249,7 +251,7 @@ impl Outbound {
     ///
     /// # Errors
     /// A listen address that cannot be bound, or metrics registered twice.
-    pub async fn bind(
+    pub(crate) async fn bind(
         prepared: Vec<PreparedOutbound>,
         metrics: &Metrics,
         provider: Arc<CryptoProvider>,
@@ -289,20 +291,21 @@ impl Outbound {
     }
 
     /// The bound addresses, in configuration order.
-    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+    pub(crate) fn local_addrs(&self) -> Vec<SocketAddr> {
         self.listeners
             .iter()
             .filter_map(|l| l.local_addr().ok())
             .collect()
     }
 
-    /// Serves every listener on the calling event loop (the single-loop case) with the TLS
-    /// configurations the entries were prepared with (no reloads); the accept loops stop when
-    /// `shutdown` starts.
+    /// Serves every listener on the calling event loop with the TLS configurations the entries
+    /// were prepared with (no reloads); the accept loops stop when `shutdown` starts. The unit
+    /// tests' way to run an outbound without a `State`.
     ///
     /// # Panics
     /// If a bound socket cannot report its address (it just did, in `bind`).
-    pub fn spawn(self, shutdown: &Shutdown) {
+    #[cfg(test)]
+    pub(crate) fn spawn(self, shutdown: &Shutdown) {
         let (pools, listeners) = self.split();
         let acceptors = listeners
             .into_iter()
@@ -314,7 +317,7 @@ impl Outbound {
 
     /// The listeners (configuration order), to be spread over event loops
     /// ([`crate::accept::spread`]), and what each loop needs to serve them.
-    pub fn split(self) -> (OutboundPools, Vec<TcpListener>) {
+    pub(crate) fn split(self) -> (OutboundPools, Vec<TcpListener>) {
         (self.pools, self.listeners)
     }
 }
@@ -323,7 +326,12 @@ impl OutboundPools {
     /// Starts, on the calling event loop, a connection pool per entry and an accept loop on
     /// each of `acceptors` (configuration order); they stop when `shutdown` starts. The pools
     /// take their TLS client configuration from `tls` when they dial.
-    pub fn spawn(&self, acceptors: Vec<Acceptor>, tls: &Arc<dyn TlsSource>, shutdown: &Shutdown) {
+    pub(crate) fn spawn(
+        &self,
+        acceptors: Vec<Acceptor>,
+        tls: &Arc<dyn TlsSource>,
+        shutdown: &Shutdown,
+    ) {
         for (p, acceptor) in self.entries.iter().zip(acceptors) {
             let c = &p.config;
             let upstream = Upstream::start(

@@ -27,7 +27,7 @@ use crate::http::headers::{
 use crate::outcome::Outcome;
 
 /// What the app receives: the upstream's body, streamed, or the sidecar's own JSON.
-pub type OutboundBody = Either<UpstreamBody, Full<Bytes>>;
+pub(crate) type OutboundBody = Either<UpstreamBody, Full<Bytes>>;
 
 /// What every request of one outbound listener shares.
 #[derive(Debug)]

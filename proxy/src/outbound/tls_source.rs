@@ -15,7 +15,7 @@ use rustls::ClientConfig;
 use super::PreparedOutbound;
 
 /// The TLS client configurations of the upstream pools and their trust generation.
-pub trait TlsSource: Send + Sync + 'static {
+pub(crate) trait TlsSource: Send + Sync + 'static {
     /// The configuration for a new connection of the entry named `upstream` (read once per
     /// connect); `None` when the entry is unknown (a bug: entries never change at run time).
     fn client_config(&self, upstream: &str) -> Option<Arc<ClientConfig>>;
@@ -34,10 +34,12 @@ pub(crate) fn find(entries: &[PreparedOutbound], upstream: &str) -> Option<Arc<C
 }
 
 /// The configurations of prepared entries, fixed for the pools' life (pools that do not
-/// follow reloads: [`super::Outbound::spawn`]).
+/// follow reloads: the unit tests' `Outbound::spawn`).
+#[cfg(test)]
 #[derive(Debug)]
 pub(crate) struct FixedTls(pub(crate) Vec<PreparedOutbound>);
 
+#[cfg(test)]
 impl TlsSource for FixedTls {
     fn client_config(&self, upstream: &str) -> Option<Arc<ClientConfig>> {
         find(&self.0, upstream)

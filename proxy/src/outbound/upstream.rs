@@ -51,7 +51,7 @@ use crate::tls::alert_tap::AlertTap;
 use crate::tls::client::received_alert;
 
 /// One upstream: its TLS settings and its connection pool.
-pub struct Upstream {
+pub(crate) struct Upstream {
     name: String,
     target: Target,
     authority: Authority,
@@ -80,7 +80,7 @@ enum Sender {
 }
 
 /// The upstream's response body, streamed: HTTP/1.1 (hyper) or HTTP/2 (h2).
-pub type UpstreamBody = HttpBody;
+pub(crate) type UpstreamBody = HttpBody;
 
 /// A checked-out connection. HTTP/2 connections are shared: each checkout holds a clone of
 /// the sender.
@@ -158,7 +158,7 @@ impl Upstream {
     /// A pool for `target`, presenting `server_name` as SNI, dialling with the configuration
     /// `tls` holds for `name`, and a task that closes idle, aged and retired connections (it
     /// stops when the returned `Arc` is dropped). Must be called inside a Tokio runtime.
-    pub fn start(
+    pub(crate) fn start(
         name: &str,
         target: Target,
         server_name: ServerName<'static>,
@@ -190,12 +190,12 @@ impl Upstream {
     }
 
     /// The `[[outbound]]` name.
-    pub fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         &self.name
     }
 
     /// The upstream's metric handles.
-    pub fn metrics(&self) -> &UpstreamMetrics {
+    pub(crate) fn metrics(&self) -> &UpstreamMetrics {
         &self.metrics
     }
 
@@ -220,7 +220,7 @@ impl Upstream {
     ///
     /// # Errors
     /// Any [`OutboundError`]; see the module docs for which ones were retried first.
-    pub async fn send(
+    pub(crate) async fn send(
         self: &Arc<Self>,
         mut req: Request<Incoming>,
     ) -> Result<(Response<UpstreamBody>, Arc<str>), OutboundError> {

@@ -58,7 +58,7 @@ impl Reloader {
 
 /// Sets `gatehouse_cert_expiry_timestamp_seconds` for the leaf and every bundle root, and
 /// `gatehouse_crl_next_update_timestamp_seconds` for every CRL.
-pub fn publish_expiry(metrics: &Metrics, snap: &Snapshot) {
+pub(crate) fn publish_expiry(metrics: &Metrics, snap: &Snapshot) {
     metrics.publish_crls(&snap.credentials.crl_set);
     let g = &metrics.cert_expiry;
     g.reset();
@@ -74,7 +74,7 @@ pub fn publish_expiry(metrics: &Metrics, snap: &Snapshot) {
 }
 
 /// Serial (hex), not-after of a certificate.
-pub fn serial_and_expiry(cert: &CertificateDer<'_>) -> Option<(String, OffsetDateTime)> {
+pub(crate) fn serial_and_expiry(cert: &CertificateDer<'_>) -> Option<(String, OffsetDateTime)> {
     use x509_parser::prelude::{FromDer, X509Certificate};
     let (_, c) = X509Certificate::from_der(cert.as_ref()).ok()?;
     Some((

@@ -95,19 +95,19 @@ use crate::signal::Shutdown;
 use crate::state::{State, watched_paths};
 use crate::tls::crl::StaleReport;
 use apply::{Attempt, attempt};
-pub use expiry::{publish_expiry, serial_and_expiry};
-pub use status::ReloadStatus;
+pub(crate) use expiry::{publish_expiry, serial_and_expiry};
+pub(crate) use status::ReloadStatus;
 
 /// How long one reload attempt (reading the watched files, building and validating a
 /// snapshot) may take before it is reported stuck. Reading is bounded by the size limits and
 /// building takes milliseconds, so only a hung file system (NFS, FUSE) gets near it.
-pub const RELOAD_DEADLINE: Duration = Duration::from_secs(10);
+pub(crate) const RELOAD_DEADLINE: Duration = Duration::from_secs(10);
 
 /// How an attempt reads the watched files: [`Inputs::read`] (tests slow it down).
 type ReadInputs = fn(&[Option<PathBuf>; 5]) -> Inputs;
 
 /// Watches the files and reloads the snapshot; one per sidecar, run by [`Reloader::run`].
-pub struct Reloader {
+pub(crate) struct Reloader {
     state: Arc<State>,
     metrics: Metrics,
     paths: [Option<PathBuf>; 5],
@@ -133,7 +133,7 @@ impl std::fmt::Debug for Reloader {
 impl Reloader {
     /// A reloader for `state`; `served` the files the current snapshot was built from (what
     /// changes are compared with). Publishes the expiry metrics of the current snapshot.
-    pub fn new(state: Arc<State>, metrics: Metrics, served: Inputs) -> Self {
+    pub(crate) fn new(state: Arc<State>, metrics: Metrics, served: Inputs) -> Self {
         let paths = watched_paths(&state.config);
         for kind in WATCHED.iter().zip(&paths).filter(|(_, p)| p.is_some()) {
             metrics
@@ -161,7 +161,7 @@ impl Reloader {
     }
 
     /// What `/status` shows under `reload`.
-    pub fn status(&self) -> Arc<Mutex<ReloadStatus>> {
+    pub(crate) fn status(&self) -> Arc<Mutex<ReloadStatus>> {
         self.status.clone()
     }
 
@@ -172,7 +172,7 @@ impl Reloader {
 
     /// Runs until shutdown starts: file events (debounced), the polling fallback, and SIGHUP
     /// (`hangup`, installed before anything was bound; ignored while draining).
-    pub async fn run(mut self, mut hangup: tokio::signal::unix::Signal, shutdown: Shutdown) {
+    pub(crate) async fn run(mut self, mut hangup: tokio::signal::unix::Signal, shutdown: Shutdown) {
         let cfg = self.state.config.reload.clone();
         let (tx, mut events) = mpsc::unbounded_channel::<()>();
         let _watcher = if cfg.watch { self.watch(tx) } else { None };

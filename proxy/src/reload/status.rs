@@ -20,7 +20,7 @@ pub(super) struct Refused {
 
 /// What the reloader reports on `/status` (`reload`).
 #[derive(Debug, Default)]
-pub struct ReloadStatus {
+pub(crate) struct ReloadStatus {
     pub(super) refused: [Option<Refused>; 5],
     pub(super) last_attempt: Option<OffsetDateTime>,
     pub(super) last_result: Option<&'static str>,
@@ -30,7 +30,7 @@ pub struct ReloadStatus {
 impl ReloadStatus {
     /// `{"last_attempt", "last_result", "stuck_since", "refused": [{"what", "path", "since",
     /// "errors"}]}`; times in RFC 3339.
-    pub fn to_json(&self) -> serde_json::Value {
+    pub(crate) fn to_json(&self) -> serde_json::Value {
         let time = |t: Option<OffsetDateTime>| t.and_then(|t| t.format(&Rfc3339).ok());
         let refused: Vec<serde_json::Value> = self
             .refused

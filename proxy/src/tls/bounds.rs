@@ -15,15 +15,15 @@ use rustls::{CertificateError, Error, OtherError};
 use rustls_pki_types::CertificateDer;
 
 /// Most intermediates a peer may send after its leaf.
-pub const MAX_CHAIN_INTERMEDIATES: usize = 4;
+pub(crate) const MAX_CHAIN_INTERMEDIATES: usize = 4;
 /// Largest single certificate accepted, in DER bytes (an RSA-4096 SVID is about 1.5 KiB).
-pub const MAX_CERT_BYTES: usize = 16 * 1024;
+pub(crate) const MAX_CERT_BYTES: usize = 16 * 1024;
 /// Largest whole chain (leaf + intermediates) accepted, in DER bytes.
-pub const MAX_CHAIN_BYTES: usize = 48 * 1024;
+pub(crate) const MAX_CHAIN_BYTES: usize = 48 * 1024;
 
 /// Why a chain was refused before verification.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ChainBoundError {
+pub(crate) enum ChainBoundError {
     /// More intermediates than [`MAX_CHAIN_INTERMEDIATES`].
     TooManyIntermediates(usize),
     /// One certificate larger than [`MAX_CERT_BYTES`].
@@ -34,7 +34,7 @@ pub enum ChainBoundError {
 
 impl ChainBoundError {
     /// Bounded metric label.
-    pub fn reason(&self) -> &'static str {
+    pub(crate) fn reason(&self) -> &'static str {
         match self {
             Self::TooManyIntermediates(_) => "chain_too_long",
             Self::CertTooLarge(_) => "cert_too_large",
@@ -70,7 +70,7 @@ impl std::error::Error for ChainBoundError {}
 ///
 /// # Errors
 /// [`Error::InvalidCertificate`] carrying the [`ChainBoundError`].
-pub fn check_chain(
+pub(crate) fn check_chain(
     end_entity: &CertificateDer<'_>,
     intermediates: &[CertificateDer<'_>],
 ) -> Result<(), Error> {
@@ -79,7 +79,7 @@ pub fn check_chain(
 }
 
 /// Whether `e` is a refusal by [`check_chain`].
-pub fn is_bound_refusal(e: &Error) -> bool {
+pub(crate) fn is_bound_refusal(e: &Error) -> bool {
     matches!(
         e,
         Error::InvalidCertificate(CertificateError::Other(OtherError(inner)))

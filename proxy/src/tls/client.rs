@@ -40,7 +40,7 @@ use crate::tls::svid::{SvidError, svid_identity};
 /// Why the server's certificate was refused after its chain validated.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum ServerIdentityError {
+pub(crate) enum ServerIdentityError {
     /// The server proved an identity of our trust domain, but not the one we pinned.
     #[error("server presented `{presented}`, expected `{expected}`")]
     Mismatch {
@@ -57,7 +57,7 @@ pub enum ServerIdentityError {
 /// The CRL given to [`ServerIdentityVerifier::new`] could not be parsed.
 #[derive(Debug, thiserror::Error)]
 #[error("certificate revocation list {index} is not valid DER: {source}")]
-pub struct CrlError {
+pub(crate) struct CrlError {
     /// Position of the bad CRL in the list (0-based).
     pub index: usize,
     /// What webpki said.
@@ -66,7 +66,7 @@ pub struct CrlError {
 }
 
 /// A rustls server verifier that pins the server's SPIFFE ID.
-pub struct ServerIdentityVerifier {
+pub(crate) struct ServerIdentityVerifier {
     roots: Arc<RootCertStore>,
     freshness: Freshness,
     crls: Vec<CertRevocationList<'static>>,
@@ -92,7 +92,7 @@ impl ServerIdentityVerifier {
     ///
     /// # Errors
     /// A CRL that does not parse.
-    pub fn new(
+    pub(crate) fn new(
         roots: Arc<RootCertStore>,
         crls: &[CertificateRevocationListDer<'_>],
         trust_domain: TrustDomain,
@@ -121,14 +121,9 @@ impl ServerIdentityVerifier {
     /// Also refuses servers whose issuer's CRL is stale beyond the grace period (see
     /// [`Freshness`]).
     #[must_use]
-    pub fn with_freshness(mut self, freshness: Freshness) -> Self {
+    pub(crate) fn with_freshness(mut self, freshness: Freshness) -> Self {
         self.freshness = freshness;
         self
-    }
-
-    /// The identity (or pattern) this verifier pins.
-    pub fn expected(&self) -> &IdentityPattern {
-        &self.expected
     }
 
     fn verify_chain(
@@ -254,7 +249,7 @@ fn pki_error(e: webpki::Error) -> rustls::Error {
 ///
 /// # Errors
 /// The provider does not support the requested protocol versions.
-pub fn client_config(
+pub(crate) fn client_config(
     provider: Arc<CryptoProvider>,
     versions: &[&'static SupportedProtocolVersion],
     verifier: Arc<ServerIdentityVerifier>,
@@ -272,7 +267,7 @@ pub fn client_config(
 }
 
 /// Finds the [`ServerIdentityError`] behind a failed handshake, if that is why it failed.
-pub fn server_identity_error<'e>(
+pub(crate) fn server_identity_error<'e>(
     err: &'e (dyn StdError + 'static),
 ) -> Option<&'e ServerIdentityError> {
     match rustls_error(err)? {
@@ -288,7 +283,7 @@ pub fn server_identity_error<'e>(
 /// In TLS 1.3 the client's handshake completes before the server has judged our certificate,
 /// so a refusal of *our* identity arrives as an alert on the first read after the request was
 /// written: this is how the caller tells "the server refused us" from a broken connection.
-pub fn received_alert(err: &(dyn StdError + 'static)) -> Option<AlertDescription> {
+pub(crate) fn received_alert(err: &(dyn StdError + 'static)) -> Option<AlertDescription> {
     match rustls_error(err)? {
         rustls::Error::AlertReceived(alert) => Some(*alert),
         _ => None,
@@ -297,7 +292,7 @@ pub fn received_alert(err: &(dyn StdError + 'static)) -> Option<AlertDescription
 
 /// Walks an error chain looking for the rustls error inside. `io::Error::source` skips the
 /// wrapped error itself (it returns the wrapped error's source), so look into `get_ref` too.
-pub fn rustls_error<'e>(err: &'e (dyn StdError + 'static)) -> Option<&'e rustls::Error> {
+pub(crate) fn rustls_error<'e>(err: &'e (dyn StdError + 'static)) -> Option<&'e rustls::Error> {
     let mut cur = Some(err);
     while let Some(e) = cur {
         if let Some(tls) = e.downcast_ref::<rustls::Error>() {
@@ -317,7 +312,7 @@ pub fn rustls_error<'e>(err: &'e (dyn StdError + 'static)) -> Option<&'e rustls:
 
 /// Lowercase snake_case name of a TLS alert (`certificate_required`, `unknown_ca`), as the
 /// RFCs spell them; used in error bodies and logs.
-pub fn alert_name(alert: AlertDescription) -> String {
+pub(crate) fn alert_name(alert: AlertDescription) -> String {
     let debug = format!("{alert:?}");
     let mut out = String::with_capacity(debug.len() + 4);
     let mut prev_lower = false;

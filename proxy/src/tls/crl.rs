@@ -293,7 +293,7 @@ impl Freshness {
 /// Logs stale CRLs once per CRL and state: a warning when one passes its next-update, an
 /// error saying what `crl_stale` does once it is `crl_grace` past it.
 #[derive(Debug, Default)]
-pub struct StaleReport {
+pub(crate) struct StaleReport {
     /// The stale CRL last reported: issuer, number, beyond the grace period.
     last: Option<String>,
 }
@@ -301,7 +301,7 @@ pub struct StaleReport {
 impl StaleReport {
     /// Checks `set` now; true when a CRL just went stale beyond the grace period with
     /// `crl_stale = "refuse"` (the caller then re-checks open connections).
-    pub fn check(&mut self, set: &CrlSet, policy: CrlPolicy) -> bool {
+    pub(crate) fn check(&mut self, set: &CrlSet, policy: CrlPolicy) -> bool {
         let now = OffsetDateTime::now_utc();
         let stale = set
             .crls

@@ -7,13 +7,13 @@
 //! - [`server`]: the inbound `ServerConfig`.
 
 pub(crate) mod alert_tap;
-pub mod bounds;
-pub mod client;
-pub mod crl;
-pub mod resolver;
-pub mod server;
-pub mod svid;
-pub mod verify;
+pub(crate) mod bounds;
+pub(crate) mod client;
+pub(crate) mod crl;
+pub(crate) mod resolver;
+pub(crate) mod server;
+pub(crate) mod svid;
+pub(crate) mod verify;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -31,8 +31,9 @@ use time::format_description::well_known::Rfc3339;
 
 use crate::input::{FileError, FileKind, Input};
 
-pub use svid::{SvidError, leaf_identity, svid_identity};
-pub use verify::PeerIdentity;
+pub(crate) use svid::SvidError;
+pub use svid::{leaf_identity, svid_identity};
+pub(crate) use verify::PeerIdentity;
 
 /// The one crypto provider used everywhere: aws-lc-rs with its default suites, AES-128-GCM
 /// preferred. Both AES-GCM suites are 128-bit-secure AEADs; AES-128 with SHA-256 costs about
@@ -324,7 +325,7 @@ impl<T: ?Sized> Clone for CredentialSet<'_, T> {
 impl<T: ?Sized> Copy for CredentialSet<'_, T> {}
 
 /// Paths of the credential files.
-pub type CredentialPaths<'a> = CredentialSet<'a, Path>;
+pub(crate) type CredentialPaths<'a> = CredentialSet<'a, Path>;
 
 /// The credential files as read (with [`crate::input::read`]).
 pub type CredentialFiles<'a> = CredentialSet<'a, Input>;

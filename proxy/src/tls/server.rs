@@ -17,10 +17,10 @@ use super::verify::SpiffeClientVerifier;
 use crate::config::MinTls;
 
 /// ALPN protocols we offer, in preference order.
-pub const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
+pub(crate) const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
 
 /// The protocol versions for `min`.
-pub fn versions(min: MinTls) -> &'static [&'static rustls::SupportedProtocolVersion] {
+pub(crate) fn versions(min: MinTls) -> &'static [&'static rustls::SupportedProtocolVersion] {
     static ONLY_13: [&rustls::SupportedProtocolVersion; 1] = [&TLS13];
     static FROM_12: [&rustls::SupportedProtocolVersion; 2] = [&TLS13, &TLS12];
     match min {
@@ -33,7 +33,7 @@ pub fn versions(min: MinTls) -> &'static [&'static rustls::SupportedProtocolVers
 ///
 /// # Errors
 /// [`TlsError::Config`] when rustls refuses the protocol versions for the provider.
-pub fn server_config(
+pub(crate) fn server_config(
     provider: Arc<CryptoProvider>,
     min: MinTls,
     verifier: Arc<SpiffeClientVerifier>,

@@ -202,7 +202,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
 }
 
 /// A bounded label saying why a handshake failed, for `gatehouse_tls_handshakes_total{reason}`.
-pub fn failure_reason(e: &Error) -> &'static str {
+pub(crate) fn failure_reason(e: &Error) -> &'static str {
     match e {
         Error::NoCertificatesPresented => "no_client_cert",
         Error::InvalidCertificate(c) => certificate_reason(c),

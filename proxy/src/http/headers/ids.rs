@@ -8,16 +8,16 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use rustls::crypto::CryptoProvider;
 
 /// `x-request-id`, parsed once.
-pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub(crate) const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// The W3C Trace Context header (`version-traceid-parentid-flags`).
-pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+pub(crate) const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
 /// The trace id (16 bytes, sent as 32 lowercase hex digits) of a request's `traceparent`, when it carries exactly
 /// one that is valid under W3C Trace Context (version not `ff`; version `00` exactly 55
 /// characters, later versions at least 55 with a `-` after the flags; ids lowercase hex and
 /// not all zeros).
-pub fn trace_id(headers: &HeaderMap) -> Option<[u8; 16]> {
+pub(crate) fn trace_id(headers: &HeaderMap) -> Option<[u8; 16]> {
     let mut all = headers.get_all(&TRACEPARENT).iter();
     let v = all.next()?.as_bytes();
     if all.next().is_some() || v.len() < 55 {
@@ -62,7 +62,7 @@ fn nibble(c: u8) -> u8 {
 /// The request's trace id: the app's valid `traceparent` is kept as sent; otherwise one is
 /// started (`00-<trace id>-<parent id>-01`, from `ids`) and set on the request, replacing
 /// an invalid or repeated one.
-pub fn keep_or_start_trace(ids: &RequestIds, headers: &mut HeaderMap) -> [u8; 16] {
+pub(crate) fn keep_or_start_trace(ids: &RequestIds, headers: &mut HeaderMap) -> [u8; 16] {
     if let Some(id) = trace_id(headers) {
         return id;
     }
@@ -77,7 +77,7 @@ const MAX_REQUEST_ID_LEN: usize = 128;
 
 /// Whether a client-sent `x-request-id` is kept: 1 to 128 characters of letters, digits and
 /// `-_.:` (safe in logs and JSON without escaping). Anything else is replaced by a fresh id.
-pub fn is_acceptable_request_id(v: &HeaderValue) -> bool {
+pub(crate) fn is_acceptable_request_id(v: &HeaderValue) -> bool {
     (1..=MAX_REQUEST_ID_LEN).contains(&v.len())
         && v.as_bytes()
             .iter()
@@ -89,14 +89,14 @@ pub fn is_acceptable_request_id(v: &HeaderValue) -> bool {
 /// so they are unique without a random draw per request (the draw cost more than the rest of
 /// the request's header handling).
 #[derive(Debug)]
-pub struct RequestIds {
+pub(crate) struct RequestIds {
     prefix: u64,
     counter: AtomicU64,
 }
 
 impl RequestIds {
     /// A generator seeded from `provider`'s CSPRNG.
-    pub fn new(provider: &CryptoProvider) -> Self {
+    pub(crate) fn new(provider: &CryptoProvider) -> Self {
         let mut seed = [0u8; 16];
         if provider.secure_random.fill(&mut seed).is_err() {
             // The CSPRNG failing is not a reason to fail: fall back to the clock, ids only need
@@ -117,7 +117,7 @@ impl RequestIds {
     /// The next id, marked sensitive: HPACK sends it as a never-indexed literal. An id is
     /// unique, so indexing it only churns the h2 dynamic tables on both sides, evicting the
     /// entries (path, authority) that let every other header be sent as an index.
-    pub fn next(&self) -> HeaderValue {
+    pub(crate) fn next(&self) -> HeaderValue {
         const HEX: &[u8; 16] = b"0123456789abcdef";
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let mut b = [0u8; 16];
@@ -151,7 +151,7 @@ impl RequestIds {
     /// A fresh `traceparent` (sampled flag set: the audit line records the request) and its
     /// trace id: the generator's prefix, mixed, then the next counter value, mixed; unique
     /// like the request ids, without a random draw per request.
-    pub fn next_traceparent(&self) -> (HeaderValue, [u8; 16]) {
+    pub(crate) fn next_traceparent(&self) -> (HeaderValue, [u8; 16]) {
         const HEX: &[u8; 16] = b"0123456789abcdef";
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let mut raw = [0u8; 24];
@@ -184,7 +184,7 @@ impl RequestIds {
 /// carries exactly that one value, marked sensitive (never HPACK-indexed, see
 /// [`RequestIds::next`]). The outbound side applies it to what the app sends, the inbound side
 /// to what the peer sends, so both sidecars' audit lines carry the same id.
-pub fn keep_or_assign(ids: &RequestIds, headers: &mut HeaderMap) -> HeaderValue {
+pub(crate) fn keep_or_assign(ids: &RequestIds, headers: &mut HeaderMap) -> HeaderValue {
     // One hash and probe of the name for the lookup and the insertion.
     match headers.entry(REQUEST_ID) {
         header::Entry::Occupied(mut e) => {
