@@ -271,28 +271,28 @@ impl Input {
 /// The watched files a snapshot is built from, in [`WATCHED`] order (`None`: not
 /// configured: no CRL, or no `[inbound]` policy).
 #[derive(Debug, Clone)]
-pub struct Inputs(pub [Option<Input>; 5]);
+pub(crate) struct Inputs(pub [Option<Input>; 5]);
 
 impl Inputs {
     /// Reads every configured path (index `i` is of kind `WATCHED[i]`).
-    pub fn read(paths: &[Option<PathBuf>; 5]) -> Self {
+    pub(crate) fn read(paths: &[Option<PathBuf>; 5]) -> Self {
         Self(std::array::from_fn(|i| {
             paths[i].as_deref().map(|p| Input::read(p, WATCHED[i]))
         }))
     }
 
     /// The digest of input `i` (`None`: not configured).
-    pub fn digest(&self, i: usize) -> Option<[u8; 32]> {
+    pub(crate) fn digest(&self, i: usize) -> Option<[u8; 32]> {
         self.0[i].as_ref().map(|x| x.digest)
     }
 
     /// The digests of all inputs.
-    pub fn digests(&self) -> [Option<[u8; 32]>; 5] {
+    pub(crate) fn digests(&self) -> [Option<[u8; 32]>; 5] {
         std::array::from_fn(|i| self.digest(i))
     }
 
     /// These inputs, with those whose bit is set in `mask` taken from `other`.
-    pub fn with(&self, other: &Self, mask: u8) -> Self {
+    pub(crate) fn with(&self, other: &Self, mask: u8) -> Self {
         Self(std::array::from_fn(|i| {
             if mask & (1 << i) != 0 {
                 other.0[i].clone()
@@ -303,7 +303,7 @@ impl Inputs {
     }
 
     /// Input `kind`, which startup and reload always configure for cert, key and bundle.
-    pub fn get(&self, kind: FileKind) -> Option<&Input> {
+    pub(crate) fn get(&self, kind: FileKind) -> Option<&Input> {
         let i = WATCHED.iter().position(|k| *k == kind)?;
         self.0[i].as_ref()
     }

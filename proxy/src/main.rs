@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use gatehouse_proxy::{AuditSink, Config, LoadError, Loaded, Shutdown};
+use gatehouse_proxy::{Config, LoadError, Loaded, Shutdown};
 use tracing_subscriber::filter::EnvFilter;
 use tracing_subscriber::prelude::*;
 
@@ -144,14 +144,7 @@ fn render(errors: &[LoadError]) -> ExitCode {
 /// stdout or the configured file through the process-wide [`AuditSink`], or nowhere (with a
 /// warning) when `[audit] enabled = false`.
 fn init_logging(loaded: &Loaded) -> Result<(), LoadError> {
-    let cfg = &loaded.state.config.audit;
-    let sink = AuditSink::from_config(cfg).map_err(|source| LoadError::AuditFile {
-        path: cfg
-            .path
-            .clone()
-            .unwrap_or_else(|| PathBuf::from("/dev/stdout")),
-        source,
-    })?;
+    let (sink, summary) = loaded.audit_sink()?;
     let env = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
@@ -161,9 +154,9 @@ fn init_logging(loaded: &Loaded) -> Result<(), LoadError> {
     match sink {
         Some(sink) => {
             let _ = gatehouse_proxy::install_audit_sink(sink);
-            tracing::info!("audit log: {}", cfg.summary());
+            tracing::info!("audit log: {summary}");
         }
-        None => tracing::warn!("audit log {}", cfg.summary()),
+        None => tracing::warn!("audit log {summary}"),
     }
     Ok(())
 }

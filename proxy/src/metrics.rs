@@ -19,7 +19,7 @@ pub(crate) const MAX_CRL_ISSUERS: usize = 16;
 
 /// The sidecar's metrics.
 #[derive(Clone, Debug)]
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Registry,
     /// `gatehouse_inbound_requests_total{route,caller,decision,reason,status}`.
     pub inbound_requests: IntCounterVec,
@@ -69,7 +69,7 @@ impl Metrics {
     ///
     /// # Errors
     /// A prometheus error if a family is invalid or registered twice (a programming error).
-    pub fn register() -> Result<Self, prometheus::Error> {
+    pub(crate) fn register() -> Result<Self, prometheus::Error> {
         let registry = Registry::new_custom(Some(PREFIX.to_owned()), None)?;
         let inbound_requests = IntCounterVec::new(
             Opts::new(
@@ -202,7 +202,7 @@ impl Metrics {
 
     /// Sets `gatehouse_crl_next_update_timestamp_seconds` for the CRLs of `set` (and drops
     /// the series of CRLs no longer there).
-    pub fn publish_crls(&self, set: &crate::tls::crl::CrlSet) {
+    pub(crate) fn publish_crls(&self, set: &crate::tls::crl::CrlSet) {
         let g = &self.crl_next_update;
         g.reset();
         for (i, crl) in set.crls().iter().enumerate() {
@@ -224,12 +224,12 @@ impl Metrics {
     }
 
     /// The registry, for other families (`gatehouse_outbound_*`).
-    pub fn registry(&self) -> &Registry {
+    pub(crate) fn registry(&self) -> &Registry {
         &self.registry
     }
 
     /// The Prometheus text exposition of every registered family.
-    pub fn encode(&self) -> Vec<u8> {
+    pub(crate) fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(8 * 1024);
         // Encoding into a Vec only fails on invalid metric families, which registration refused.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);

@@ -9,7 +9,7 @@ use crate::http::headers::FramingError;
 
 /// The end of one request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// Inbound: refused before (or without) the policy's say.
     Rejected(Rejection),
     /// Inbound: the policy decided. `status` is what the caller got: 403 for a denial; for an
@@ -36,7 +36,7 @@ pub enum Outcome {
 /// Why an inbound request was refused before the policy decided (or, for framing, after it
 /// allowed the request but before it was forwarded).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Rejection {
+pub(crate) enum Rejection {
     /// A reload stopped trusting the connection's peer: 503.
     PeerNotTrusted,
     /// The method is not spelled as HTTP requires: 400.
@@ -49,7 +49,7 @@ pub enum Rejection {
 
 impl Outcome {
     /// The policy's `decision` of a request, answered with `status`.
-    pub fn decided(decision: &Decision<'_>, status: StatusCode) -> Self {
+    pub(crate) fn decided(decision: &Decision<'_>, status: StatusCode) -> Self {
         Self::Decided {
             decision: decision.label(),
             reason: decision.reason(),
@@ -58,7 +58,7 @@ impl Outcome {
     }
 
     /// The status sent.
-    pub fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         match *self {
             Self::Rejected(Rejection::PeerNotTrusted) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Rejected(Rejection::BadMethod | Rejection::BadPath) => StatusCode::BAD_REQUEST,
@@ -70,7 +70,7 @@ impl Outcome {
 
     /// The inbound `decision` label: the policy's, or `reject`; outbound, `forward` or
     /// `fail` (outbound lines and metrics do not carry it).
-    pub fn decision(&self) -> &'static str {
+    pub(crate) fn decision(&self) -> &'static str {
         match self {
             Self::Rejected(_) => "reject",
             Self::Decided { decision, .. } => decision,
@@ -80,7 +80,7 @@ impl Outcome {
     }
 
     /// The `reason` label.
-    pub fn reason(&self) -> &'static str {
+    pub(crate) fn reason(&self) -> &'static str {
         match self {
             Self::Rejected(Rejection::PeerNotTrusted) => "peer_not_trusted",
             Self::Rejected(Rejection::BadMethod) => "bad_method",

@@ -37,11 +37,11 @@ pub(crate) const LISTEN_TARGET: &str = "gatehouse::listen";
 #[derive(Debug)]
 pub struct Loaded {
     /// Shared state (configuration, snapshot, resolver).
-    pub state: Arc<State>,
+    pub(crate) state: Arc<State>,
     /// Metrics registry and families.
-    pub metrics: Metrics,
+    pub(crate) metrics: Metrics,
     /// The watched files as read for the first snapshot (what the reloader compares with).
-    pub inputs: Inputs,
+    pub(crate) inputs: Inputs,
 }
 
 /// Loads everything `run` needs, without binding: what `sidecar check` runs.
@@ -60,6 +60,23 @@ pub fn load(config: Config) -> Result<Loaded, Vec<LoadError>> {
 }
 
 impl Loaded {
+    /// The audit sink `[audit]` asks for (`None` when `enabled = false`) and the one-line
+    /// summary of where it writes, for the start-up log.
+    ///
+    /// # Errors
+    /// The audit file cannot be opened for appending.
+    pub fn audit_sink(&self) -> Result<(Option<crate::audit::Sink>, String), LoadError> {
+        let cfg = &self.state.config.audit;
+        let sink = crate::audit::Sink::from_config(cfg).map_err(|source| LoadError::AuditFile {
+            path: cfg
+                .path
+                .clone()
+                .unwrap_or_else(|| std::path::PathBuf::from("/dev/stdout")),
+            source,
+        })?;
+        Ok((sink, cfg.summary()))
+    }
+
     /// The `sidecar check` summary: identity, expiry, listeners, routes.
     pub fn summary(&self) -> String {
         let snap = self.state.snapshot();

@@ -22,7 +22,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use arc_swap::{ArcSwap, Guard};
+use arc_swap::ArcSwap;
 use gatehouse_policy::path::NormalizeOptions;
 use gatehouse_policy::{Policy, SourceFile, TrustDomain};
 use rustls::crypto::CryptoProvider;
@@ -41,7 +41,7 @@ use crate::tls::{CredentialFiles, Credentials};
 
 /// Everything one connection needs, fixed for its life.
 #[derive(Debug)]
-pub struct Snapshot {
+pub(crate) struct Snapshot {
     /// Our certificate, key, trust bundle and CRLs.
     pub credentials: Credentials,
     /// Our trust domain (from our own certificate); peers must belong to it.
@@ -54,7 +54,7 @@ pub struct Snapshot {
 
 /// The inbound part of a [`Snapshot`].
 #[derive(Debug)]
-pub struct InboundSnapshot {
+pub(crate) struct InboundSnapshot {
     /// The compiled policy.
     pub policy: Policy,
     /// SHA-256 of the policy file as read, lowercase hex.
@@ -69,7 +69,7 @@ pub struct InboundSnapshot {
 
 /// The running sidecar's shared state.
 #[derive(Debug)]
-pub struct State {
+pub(crate) struct State {
     /// The configuration the sidecar started with.
     pub config: Config,
     /// The crypto provider.
@@ -102,7 +102,7 @@ impl State {
     ///
     /// # Errors
     /// Every problem found.
-    pub fn load(config: Config) -> Result<(Self, Inputs), Vec<LoadError>> {
+    pub(crate) fn load(config: Config) -> Result<(Self, Inputs), Vec<LoadError>> {
         let provider = crate::tls::provider();
         let inputs = Inputs::read(&watched_paths(&config));
         let (credentials, policy) = load_files(&config, &inputs, &provider)?;
@@ -124,7 +124,7 @@ impl State {
     ///
     /// # Errors
     /// Every problem found.
-    pub fn build_snapshot(&self, inputs: &Inputs) -> Result<Snapshot, Vec<LoadError>> {
+    pub(crate) fn build_snapshot(&self, inputs: &Inputs) -> Result<Snapshot, Vec<LoadError>> {
         let (credentials, policy) = load_files(&self.config, inputs, &self.provider)?;
         assemble(
             &self.config,
@@ -136,13 +136,8 @@ impl State {
     }
 
     /// The current snapshot.
-    pub fn snapshot(&self) -> Arc<Snapshot> {
+    pub(crate) fn snapshot(&self) -> Arc<Snapshot> {
         self.snapshot.load_full()
-    }
-
-    /// The current snapshot, cheaply (per request: no reference count traffic).
-    pub fn current(&self) -> Guard<Arc<Snapshot>> {
-        self.snapshot.load()
     }
 
     /// Replaces the snapshot: new handshakes present the new certificate, new requests use the
@@ -179,7 +174,7 @@ impl State {
     /// Tells live connections to re-check their peer against the current snapshot without a
     /// swap, and retires pooled outbound connections (the next request verifies its server
     /// again): a CRL went stale beyond its grace period with `crl_stale = "refuse"`.
-    pub fn recheck_peers(&self) {
+    pub(crate) fn recheck_peers(&self) {
         self.trust_generation.fetch_add(1, Ordering::Release);
         // Notifies every receiver; the generation (swaps since startup) stays as it is.
         self.generation.send_modify(|_| {});
@@ -187,12 +182,12 @@ impl State {
 
     /// A receiver that changes on every swap (`State::swap`) and on
     /// [`State::recheck_peers`].
-    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+    pub(crate) fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.generation.subscribe()
     }
 
     /// How many snapshots were swapped in since startup.
-    pub fn generation(&self) -> u64 {
+    pub(crate) fn generation(&self) -> u64 {
         *self.generation.borrow()
     }
 }

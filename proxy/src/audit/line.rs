@@ -11,7 +11,7 @@ use crate::outcome::Outcome;
 
 /// One inbound decision, as logged.
 #[derive(Debug)]
-pub struct AuditRecord<'a> {
+pub(crate) struct AuditRecord<'a> {
     /// The request id (also sent to the app and in error bodies).
     pub request_id: &'a str,
     /// The W3C trace id of the request's `traceparent` (logged as 32 lowercase hex digits), if
@@ -40,7 +40,7 @@ pub struct AuditRecord<'a> {
 
 /// One outbound request, as logged.
 #[derive(Debug)]
-pub struct OutboundRecord<'a> {
+pub(crate) struct OutboundRecord<'a> {
     /// The request id (the app's or the one the sidecar assigned; the peer logs the same).
     pub request_id: &'a str,
     /// The W3C trace id sent upstream (the app's, or the one the sidecar created).

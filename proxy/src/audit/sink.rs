@@ -124,7 +124,8 @@ impl Sink {
     ///
     /// # Errors
     /// The flusher thread cannot be started.
-    pub fn new(
+    #[cfg(test)]
+    pub(crate) fn new(
         out: Box<dyn Write + Send>,
         pipe: bool,
         flush_interval: Duration,
@@ -132,12 +133,12 @@ impl Sink {
         Self::with_chain(out, pipe, flush_interval, [0; 32])
     }
 
-    /// [`Sink::new`], the chain continuing from a line whose SHA-256 is `last` (zeros: a new
+    /// A sink writing to `out` like the tests' `Sink::new`, the chain continuing from a line whose SHA-256 is `last` (zeros: a new
     /// chain).
     ///
     /// # Errors
     /// The flusher thread cannot be started.
-    pub fn with_chain(
+    pub(crate) fn with_chain(
         out: Box<dyn Write + Send>,
         pipe: bool,
         flush_interval: Duration,
@@ -170,7 +171,7 @@ impl Sink {
     }
 
     /// Buffers an inbound line.
-    pub fn record(&self, r: &AuditRecord<'_>) {
+    pub(crate) fn record(&self, r: &AuditRecord<'_>) {
         self.push(|b| {
             b.extend_from_slice(b",\"direction\":\"inbound\",\"request_id\":");
             push_json_str(b, r.request_id);
@@ -203,7 +204,7 @@ impl Sink {
     }
 
     /// Buffers an outbound line.
-    pub fn record_outbound(&self, r: &OutboundRecord<'_>) {
+    pub(crate) fn record_outbound(&self, r: &OutboundRecord<'_>) {
         self.push(|b| {
             b.extend_from_slice(b",\"direction\":\"outbound\",\"request_id\":");
             push_json_str(b, r.request_id);
@@ -232,7 +233,7 @@ impl Sink {
     }
 
     /// Writes every buffered line now and waits for the write.
-    pub fn flush(&self) {
+    pub(crate) fn flush(&self) {
         self.inner.flush();
     }
 

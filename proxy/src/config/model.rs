@@ -13,7 +13,7 @@ use super::defaults::*;
 
 /// Minimum TLS version a sidecar accepts and offers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MinTls {
+pub(crate) enum MinTls {
     /// TLS 1.3 only (default).
     Tls13,
     /// TLS 1.2 and 1.3 (by configuration only).
@@ -33,25 +33,25 @@ impl fmt::Display for MinTls {
 #[derive(Debug, Clone)]
 pub struct Config {
     /// The configuration file (absolute).
-    pub path: PathBuf,
+    pub(crate) path: PathBuf,
     /// The sidecar's own identity files.
-    pub identity: IdentityConfig,
+    pub(crate) identity: IdentityConfig,
     /// Minimum TLS version, both directions.
-    pub min_tls: MinTls,
+    pub(crate) min_tls: MinTls,
     /// The inbound (mTLS → app) side, if configured.
-    pub inbound: Option<InboundConfig>,
+    pub(crate) inbound: Option<InboundConfig>,
     /// Outbound (app → mTLS peer) listeners.
-    pub outbound: Vec<OutboundConfig>,
+    pub(crate) outbound: Vec<OutboundConfig>,
     /// Admin listener.
-    pub admin: AdminConfig,
+    pub(crate) admin: AdminConfig,
     /// Audit log destination.
-    pub audit: AuditConfig,
+    pub(crate) audit: AuditConfig,
     /// How long in-flight requests may take to finish after SIGTERM/SIGINT.
-    pub shutdown_grace_period: Duration,
+    pub(crate) shutdown_grace_period: Duration,
     /// Hot reload of certificate, key, bundle, CRL and policy.
-    pub reload: ReloadConfig,
+    pub(crate) reload: ReloadConfig,
     /// The async runtime's threads.
-    pub runtime: RuntimeConfig,
+    pub(crate) runtime: RuntimeConfig,
 }
 
 impl Config {
@@ -71,13 +71,13 @@ impl Config {
 
 /// `[runtime]`: the sidecar's event loops.
 #[derive(Debug, Clone)]
-pub struct RuntimeConfig {
+pub(crate) struct RuntimeConfig {
     /// Event loops (threads) serving connections. Each is a single-threaded runtime with its
     /// own app and outbound connection pools, accepting from the same listening sockets, so a
     /// connection stays on one thread for its life (no work stealing, no cross-thread
     /// wake-ups per request), like nginx's `worker_processes`. More than one raises the
     /// throughput ceiling when the sidecar has cores to spare, at some CPU per request.
-    pub worker_threads: usize,
+    pub(crate) worker_threads: usize,
 }
 
 impl Default for RuntimeConfig {
@@ -91,7 +91,7 @@ impl Default for RuntimeConfig {
 /// `[[outbound]] protocol`: what the sidecar offers its peer in ALPN.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum UpstreamProtocol {
+pub(crate) enum UpstreamProtocol {
     /// HTTP/1.1 only: a keep-alive pool, one request per connection at a time (about 25 %
     /// less CPU per request than h2 at concurrency 1 on the benchmark machine, about 20 % more
     /// at concurrency 32).
@@ -105,7 +105,7 @@ pub enum UpstreamProtocol {
 
 impl UpstreamProtocol {
     /// The ALPN protocol names offered, most preferred first.
-    pub fn alpn(self) -> &'static [&'static [u8]] {
+    pub(crate) fn alpn(self) -> &'static [&'static [u8]] {
         match self {
             Self::Http1 => &[b"http/1.1"],
             Self::H2 => &[b"h2"],
@@ -116,16 +116,16 @@ impl UpstreamProtocol {
 
 /// `[reload]`: how the sidecar notices changed files (see `crate::reload`).
 #[derive(Debug, Clone)]
-pub struct ReloadConfig {
+pub(crate) struct ReloadConfig {
     /// Watch the directories of the watched files with inotify (notify).
-    pub watch: bool,
+    pub(crate) watch: bool,
     /// Quiet time after a file event before reloading.
-    pub debounce: Duration,
+    pub(crate) debounce: Duration,
     /// Polling fallback: compare the files' contents this often.
-    pub poll_interval: Duration,
+    pub(crate) poll_interval: Duration,
     /// DANGEROUS: accept a reloaded certificate with a different SPIFFE ID than the running
     /// one. Off by default: a changed identity on disk is refused and the old one kept.
-    pub allow_identity_change: bool,
+    pub(crate) allow_identity_change: bool,
 }
 
 impl Default for ReloadConfig {
@@ -166,9 +166,9 @@ impl CrlStale {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CrlPolicy {
     /// The action.
-    pub stale: CrlStale,
+    pub(crate) stale: CrlStale,
     /// How long after next-update the action starts.
-    pub grace: Duration,
+    pub(crate) grace: Duration,
 }
 
 impl Default for CrlPolicy {
@@ -182,105 +182,105 @@ impl Default for CrlPolicy {
 
 /// `[identity]`: paths resolved against the config file's directory.
 #[derive(Debug, Clone)]
-pub struct IdentityConfig {
+pub(crate) struct IdentityConfig {
     /// Leaf + intermediates, PEM.
-    pub cert: PathBuf,
+    pub(crate) cert: PathBuf,
     /// PKCS#8 private key, PEM.
-    pub key: PathBuf,
+    pub(crate) key: PathBuf,
     /// Trust anchors, PEM.
-    pub bundle: PathBuf,
+    pub(crate) bundle: PathBuf,
     /// Certificate revocation list(s), PEM, optional.
-    pub crl: Option<PathBuf>,
+    pub(crate) crl: Option<PathBuf>,
     /// What a CRL past its next-update (beyond the grace period) does: `crl_stale`, `crl_grace`.
-    pub crl_policy: CrlPolicy,
+    pub(crate) crl_policy: CrlPolicy,
 }
 
 /// `[inbound]`.
 #[derive(Debug, Clone)]
-pub struct InboundConfig {
+pub(crate) struct InboundConfig {
     /// mTLS listen address.
-    pub listen: SocketAddr,
+    pub(crate) listen: SocketAddr,
     /// Where allowed requests go (plaintext HTTP/1.1).
-    pub app: SocketAddr,
+    pub(crate) app: SocketAddr,
     /// The policy file.
-    pub policy: PathBuf,
+    pub(crate) policy: PathBuf,
     /// The app address is not loopback and the operator said that is fine.
-    pub insecure_app_address: bool,
+    pub(crate) insecure_app_address: bool,
     /// TLS handshake timeout.
-    pub handshake_timeout: Duration,
+    pub(crate) handshake_timeout: Duration,
     /// Time a client has to send a complete HTTP/1.1 request head (slow clients are dropped).
     /// hyper also runs this timer while a keep-alive HTTP/1.1 connection waits for its next
     /// request, so it bounds HTTP/1.1 idle time too.
-    pub header_read_timeout: Duration,
+    pub(crate) header_read_timeout: Duration,
     /// A connection with no request in flight for this long is closed (HTTP/2 with GOAWAY).
-    pub idle_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
     /// Time the app has to start its response before the caller gets 504.
-    pub app_timeout: Duration,
+    pub(crate) app_timeout: Duration,
     /// Largest request head accepted (431 beyond).
-    pub max_header_bytes: usize,
+    pub(crate) max_header_bytes: usize,
     /// Concurrent inbound connections.
-    pub max_connections: usize,
+    pub(crate) max_connections: usize,
     /// Open connections from one source IP address (handshaking or authenticated).
-    pub max_connections_per_source: usize,
+    pub(crate) max_connections_per_source: usize,
     /// Handshakes in progress from one source IP address.
-    pub max_handshakes_per_source: usize,
+    pub(crate) max_handshakes_per_source: usize,
     /// Handshakes in progress over all sources, at most half of `max_connections`.
-    pub max_pending_handshakes: usize,
+    pub(crate) max_pending_handshakes: usize,
     /// After a peer sent a certificate chain over the bounds, its source's handshakes wait this
     /// long to start, until that long after the refusal.
-    pub failed_handshake_delay: Duration,
+    pub(crate) failed_handshake_delay: Duration,
     /// Concurrent HTTP/2 streams per connection.
-    pub max_h2_streams: u32,
+    pub(crate) max_h2_streams: u32,
     /// Client resets of streams still being served that an HTTP/2 connection may send within
     /// `h2_reset_window`; one more gets `GOAWAY(ENHANCE_YOUR_CALM)` and the connection closes.
-    pub max_h2_resets: u32,
+    pub(crate) max_h2_resets: u32,
     /// The window over which `max_h2_resets` is counted.
-    pub h2_reset_window: Duration,
+    pub(crate) h2_reset_window: Duration,
     /// A response that makes no progress for this long is aborted and its app connection
     /// closed: an HTTP/2 stream left without flow-control window is reset, a connection whose
     /// socket accepts no byte (HTTP/1.1 or HTTP/2) is dropped.
-    pub send_timeout: Duration,
+    pub(crate) send_timeout: Duration,
     /// Idle keep-alive connections kept to the app.
-    pub app_pool_max_idle: usize,
+    pub(crate) app_pool_max_idle: usize,
     /// How long an idle keep-alive connection to the app is kept.
-    pub app_pool_idle_timeout: Duration,
+    pub(crate) app_pool_idle_timeout: Duration,
     /// Accept `;` in path segments (off by default: see `gatehouse_policy::path`).
-    pub allow_matrix_params: bool,
+    pub(crate) allow_matrix_params: bool,
 }
 
 /// One `[[outbound]]` entry.
 #[derive(Debug, Clone)]
-pub struct OutboundConfig {
+pub(crate) struct OutboundConfig {
     /// Name, used in logs and metric labels.
-    pub name: String,
+    pub(crate) name: String,
     /// Plaintext listen address for the local app.
-    pub listen: SocketAddr,
+    pub(crate) listen: SocketAddr,
     /// The peer sidecar (`connect`), parsed once by the validator, resolved at connect time.
-    pub target: Target,
+    pub(crate) target: Target,
     /// The SPIFFE ID the peer must present.
-    pub server_id: SpiffeId,
+    pub(crate) server_id: SpiffeId,
     /// SNI to send; `None` means the host of `connect`.
-    pub sni: Option<String>,
+    pub(crate) sni: Option<String>,
     /// `listen` is not loopback and the operator said that is fine (dangerous).
-    pub allow_non_loopback_listen: bool,
+    pub(crate) allow_non_loopback_listen: bool,
     /// The pool's timeouts and bounds (`connect_timeout`, `request_timeout`, `pool_*`,
     /// `max_connection_age`).
-    pub limits: OutboundLimits,
+    pub(crate) limits: OutboundLimits,
     /// What to offer the peer in ALPN (`protocol`, default `auto`).
-    pub protocol: UpstreamProtocol,
+    pub(crate) protocol: UpstreamProtocol,
 }
 
 /// Where an upstream lives: the host and port of `connect`, kept unresolved. Only the validator
 /// builds one from text, and it refuses what would not render as an HTTP authority.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Target {
+pub(crate) struct Target {
     host: String,
     port: u16,
 }
 
 impl Target {
     /// A target from a validated host (DNS name or IP, without brackets) and port.
-    pub fn new(host: &str, port: u16) -> Self {
+    pub(crate) fn new(host: &str, port: u16) -> Self {
         Self {
             host: host.to_owned(),
             port,
@@ -304,12 +304,12 @@ impl Target {
     }
 
     /// The host without brackets: a DNS name or an IP address.
-    pub fn host(&self) -> &str {
+    pub(crate) fn host(&self) -> &str {
         &self.host
     }
 
     /// The port.
-    pub fn port(&self) -> u16 {
+    pub(crate) fn port(&self) -> u16 {
         self.port
     }
 
@@ -317,7 +317,7 @@ impl Target {
     ///
     /// # Panics
     /// Never for a target the validator built; [`Target::new`] callers pass a validated host.
-    pub fn authority(&self) -> http::uri::Authority {
+    pub(crate) fn authority(&self) -> http::uri::Authority {
         // Invariant: the validator refused every host that does not render as an authority.
         self.try_authority()
             .expect("a validated host and port form an authority")
@@ -336,23 +336,23 @@ impl Target {
 /// Connection limits and timeouts of one upstream pool, from its `[[outbound]]` entry. The
 /// default is the documented configuration default of every key.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct OutboundLimits {
+pub(crate) struct OutboundLimits {
     /// DNS + TCP + TLS + HTTP handshake, per attempt (`connect_timeout`).
-    pub connect_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
     /// From the request being sent to the response head arriving (`request_timeout`, 504 after).
-    pub response_timeout: Duration,
+    pub(crate) response_timeout: Duration,
     /// An unused connection is closed after this long (`pool_idle_timeout`).
-    pub idle_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
     /// No request starts on a connection older than this (`max_connection_age`): rotated
     /// certificates take effect.
-    pub max_connection_age: Duration,
+    pub(crate) max_connection_age: Duration,
     /// Open connections to the upstream, busy or idle (`pool_max_connections`; requests wait
     /// beyond it).
-    pub max_connections: usize,
+    pub(crate) max_connections: usize,
     /// Idle HTTP/1.1 connections kept for reuse (`pool_max_idle`).
-    pub max_idle: usize,
+    pub(crate) max_idle: usize,
     /// How long a request waits for a connection when `max_connections` are busy.
-    pub pool_wait_timeout: Duration,
+    pub(crate) pool_wait_timeout: Duration,
 }
 
 impl Default for OutboundLimits {
@@ -371,20 +371,20 @@ impl Default for OutboundLimits {
 
 /// `[admin]`.
 #[derive(Debug, Clone)]
-pub struct AdminConfig {
+pub(crate) struct AdminConfig {
     /// Listen address of /metrics, /healthz, /readyz, /status.
-    pub listen: SocketAddr,
+    pub(crate) listen: SocketAddr,
 }
 
 /// `[audit]`.
 #[derive(Debug, Clone)]
 pub struct AuditConfig {
     /// Whether decisions are audited at all (default true; off is logged as a warning).
-    pub enabled: bool,
+    pub(crate) enabled: bool,
     /// Append audit lines to this file; `None` = stdout.
-    pub path: Option<PathBuf>,
+    pub(crate) path: Option<PathBuf>,
     /// Longest time a line is buffered before it is written; zero = every line at once.
-    pub flush_interval: Duration,
+    pub(crate) flush_interval: Duration,
 }
 
 impl AuditConfig {

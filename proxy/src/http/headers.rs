@@ -265,7 +265,7 @@ fn remove_connection_specific(h: &mut HeaderMap, count: usize, present: u16) {
 /// no longer describes its body (RFC 9112 §6.1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
-pub enum FramingError {
+pub(crate) enum FramingError {
     /// A transfer coding other than `chunked` (`gzip`, `identity`, `deflate`, parameters):
     /// 501 (RFC 9112 §6.1: a server that does not understand a coding answers 501).
     #[error(
@@ -279,7 +279,7 @@ pub enum FramingError {
 
 impl FramingError {
     /// The status the client gets.
-    pub fn status(self) -> StatusCode {
+    pub(crate) fn status(self) -> StatusCode {
         match self {
             Self::UnsupportedCoding => StatusCode::NOT_IMPLEMENTED,
             Self::Malformed => StatusCode::BAD_REQUEST,
@@ -287,7 +287,7 @@ impl FramingError {
     }
 
     /// The audit and metric reason.
-    pub fn reason(self) -> &'static str {
+    pub(crate) fn reason(self) -> &'static str {
         match self {
             Self::UnsupportedCoding => "unsupported_transfer_coding",
             Self::Malformed => "bad_transfer_encoding",

@@ -105,7 +105,7 @@ impl OutboundSetupError {
 
 /// The pieces every outbound entry shares.
 #[derive(Clone)]
-pub struct OutboundTls {
+pub(crate) struct OutboundTls {
     /// Our certificate (swappable on reload).
     pub cert: Arc<dyn ResolvesClientCert>,
     /// Trust anchors, CRLs and our own identity (for the trust domain).
@@ -119,7 +119,7 @@ pub struct OutboundTls {
 /// A checked outbound entry, ready to bind: what `sidecar check` validates and prints. Every
 /// snapshot holds one per entry ([`crate::state::Snapshot::outbound`]).
 #[derive(Debug, Clone)]
-pub struct PreparedOutbound {
+pub(crate) struct PreparedOutbound {
     config: OutboundConfig,
     server_name: ServerName<'static>,
     tls: Arc<ClientConfig>,
@@ -130,7 +130,10 @@ impl PreparedOutbound {
     ///
     /// # Errors
     /// An unusable SNI value, an unparsable CRL, or protocol versions rustls refuses.
-    pub fn new(config: &OutboundConfig, tls: &OutboundTls) -> Result<Self, OutboundSetupError> {
+    pub(crate) fn new(
+        config: &OutboundConfig,
+        tls: &OutboundTls,
+    ) -> Result<Self, OutboundSetupError> {
         let name = config.name.clone();
         let sni = config.sni.as_deref().unwrap_or(config.target.host());
         let server_name =
@@ -172,17 +175,17 @@ impl PreparedOutbound {
 
     /// The TLS client configuration built for this entry; its pool reads it (through a
     /// [`TlsSource`]) when it dials.
-    pub fn tls_config(&self) -> Arc<ClientConfig> {
+    pub(crate) fn tls_config(&self) -> Arc<ClientConfig> {
         Arc::clone(&self.tls)
     }
 
     /// The entry's name.
-    pub fn name(&self) -> &str {
+    pub(crate) fn name(&self) -> &str {
         &self.config.name
     }
 
     /// One line for `sidecar check`.
-    pub fn summary(&self) -> String {
+    pub(crate) fn summary(&self) -> String {
         let c = &self.config;
         let sni = match &c.sni {
             Some(sni) => format!(", sni {sni}"),

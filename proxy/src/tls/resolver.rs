@@ -12,26 +12,21 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
 /// Holds the current certificate and key.
-pub struct CertResolver {
+pub(crate) struct CertResolver {
     current: ArcSwap<CertifiedKey>,
 }
 
 impl CertResolver {
     /// A resolver presenting `ck`.
-    pub fn new(ck: Arc<CertifiedKey>) -> Self {
+    pub(crate) fn new(ck: Arc<CertifiedKey>) -> Self {
         Self {
             current: ArcSwap::new(ck),
         }
     }
 
     /// Presents `ck` on every handshake from now on.
-    pub fn store(&self, ck: Arc<CertifiedKey>) {
+    pub(crate) fn store(&self, ck: Arc<CertifiedKey>) {
         self.current.store(ck);
-    }
-
-    /// The certificate presented now.
-    pub fn current(&self) -> Arc<CertifiedKey> {
-        self.current.load_full()
     }
 }
 
