@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use gatehouse_ca::{IssueRequest, SpiffeId};
-use gatehouse_tests::fintech::http::{Recorder, serve};
 use gatehouse_tests::fintech::monolith::Monolith;
+use gatehouse_tests::harness::app::{Recorder, serve};
 use gatehouse_tests::harness::{
     CertDir, FINTECH_TD, MONOLITH_ID, Pki, REPORT_EXPORT_POLICY, REPORT_SERVICE_ID, Sidecar,
     eventually, sidecar_cli, terminate,

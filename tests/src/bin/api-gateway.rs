@@ -8,8 +8,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 use gatehouse_tests::fintech::api_gateway::{Frontend, Inbox, WebhookReceiver};
-use gatehouse_tests::fintech::http::Recorder;
-use gatehouse_tests::fintech::serve::{Servers, render_bind_error};
+use gatehouse_tests::harness::app::{Recorder, Servers, render_bind_error};
 
 /// Fake API gateway: /reports… → report service, /api/… → monolith, GET /notifications; webhook receiver.
 #[derive(Debug, Parser)]

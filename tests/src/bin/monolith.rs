@@ -6,9 +6,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use gatehouse_tests::fintech::http::Recorder;
 use gatehouse_tests::fintech::monolith::Monolith;
-use gatehouse_tests::fintech::serve::run_app;
+use gatehouse_tests::harness::app::{Recorder, run_app};
 
 /// Fake monolith: GET /api/data/reports, GET /api/dashboard, POST /api/expenses.
 #[derive(Debug, Parser)]

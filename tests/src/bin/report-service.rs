@@ -5,9 +5,8 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use clap::Parser;
-use gatehouse_tests::fintech::http::Recorder;
 use gatehouse_tests::fintech::report_service::{ReportService, ReportServiceApp, Upstreams};
-use gatehouse_tests::fintech::serve::run_app;
+use gatehouse_tests::harness::app::{Recorder, run_app};
 
 /// Fake report service: POST /reports (202), GET /reports, GET /reports/{id}; webhook when done.
 #[derive(Debug, Parser)]

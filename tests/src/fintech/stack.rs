@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 use gatehouse_policy::SpiffeId;
 use tokio::process::{Child, Command};
 
-use super::http::{HttpClient, SeenRequest};
+use crate::harness::app::SeenRequest;
+use crate::harness::client::HttpClient;
 
 /// The example's trust domain.
 pub const TRUST_DOMAIN: &str = "fintech.internal";

@@ -1,0 +1,1 @@
+//! The policy texts several test files share, each written once.
