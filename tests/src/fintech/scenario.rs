@@ -627,13 +627,13 @@ fn sample_value(line: &str) -> f64 {
 async fn metrics_excerpt(stack: &Stack) -> Result<String, String> {
     // Counters are bumped as the sidecar finishes with a connection, which can trail the client's view
     // by a moment on a loaded machine: poll briefly for the expected counts.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let judged = judge_metrics(stack).await;
-        if judged.is_ok() || Instant::now() > deadline {
-            return judged;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    match wait::until(Duration::from_secs(10), async || {
+        judge_metrics(stack).await.ok()
+    })
+    .await
+    {
+        Some(judged) => Ok(judged),
+        None => judge_metrics(stack).await,
     }
 }
 

@@ -41,26 +41,12 @@ pub use wait::eventually;
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The FinTech trust domain of the two-sidecar tests.
-pub const FINTECH_TD: &str = "fintech.internal";
+pub const FINTECH_TD: &str = fixtures::TD;
 /// The monolith's SPIFFE ID (the inbound, server side).
-pub const MONOLITH_ID: &str = "spiffe://fintech.internal/monolith";
+pub const MONOLITH_ID: &str = fixtures::MONOLITH;
 /// The report service's SPIFFE ID (the outbound, client side).
-pub const REPORT_SERVICE_ID: &str = "spiffe://fintech.internal/report-service";
-/// The monolith's policy for the report data export: the report service may
-/// `GET /api/data/reports`, nothing else is routed.
-pub const REPORT_EXPORT_POLICY: &str = r#"
-version = 1
-trust_domain = "fintech.internal"
-
-[identities]
-report-service = "spiffe://fintech.internal/report-service"
-
-[[route]]
-name    = "report data export"
-methods = ["GET"]
-path    = "/api/data/reports"
-allow   = ["report-service"]
-"#;
+pub const REPORT_SERVICE_ID: &str = fixtures::REPORTS;
+pub use fixtures::REPORT_EXPORT_POLICY;
 
 /// The path of a workspace binary, `target/debug/<name>`, next to the running test executable.
 ///

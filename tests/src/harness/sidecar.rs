@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context as _, anyhow};
 use http::StatusCode;
@@ -17,7 +17,7 @@ use tempfile::TempDir;
 
 use super::client::http_get;
 use super::pki::CertDir;
-use super::wait::eventually;
+use super::wait::{self, eventually};
 use super::{READY_TIMEOUT, binary};
 
 /// Runs `sidecar VERB --config CONFIG` to completion: `check`, or `run` with a config it refuses.
@@ -465,12 +465,8 @@ pub fn terminate(child: &mut Child, grace: Duration) {
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
-    let deadline = Instant::now() + grace;
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    if wait::until_blocking(grace, || child.try_wait().ok().flatten()).is_some() {
+        return;
     }
     let _ = child.kill();
     let _ = child.wait();

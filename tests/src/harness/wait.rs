@@ -38,3 +38,29 @@ pub async fn eventually<T>(
         None => bail!("timed out after {timeout:?} waiting for {what}"),
     }
 }
+
+/// [`until`] for synchronous code (a plain thread, a `Drop`): polls `check` every [`POLL`] until
+/// it returns `Some`, for at most `within`; `None` on timeout.
+pub fn until_blocking<T>(within: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = check() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+/// Waits up to `within` for `child` to exit; its status, or `None` when it is still running.
+///
+/// # Panics
+/// When the child's status cannot be read.
+pub fn child_exit(
+    child: &mut std::process::Child,
+    within: Duration,
+) -> Option<std::process::ExitStatus> {
+    until_blocking(within, || child.try_wait().expect("wait"))
+}
