@@ -536,6 +536,14 @@ pub async fn run_app<A: App>(
     std::process::ExitCode::SUCCESS
 }
 
+/// The flag every fake-service binary shares: where to serve its request recorder.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DebugArgs {
+    /// Loopback address serving `GET /requests`: every request the app received, with its headers.
+    #[arg(long)]
+    pub debug_listen: Option<SocketAddr>,
+}
+
 /// Prints a bind failure the way every fake-service binary does, and returns exit code 2.
 pub fn render_bind_error(program: &str, e: &BindError) -> std::process::ExitCode {
     eprintln!("{program}: error: {e}");
