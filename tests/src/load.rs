@@ -85,6 +85,21 @@ impl Load {
         self.samples.lock().expect("samples").clone()
     }
 
+    /// Waits until the load is flowing: two 200 answers per worker, so every worker's
+    /// keep-alive connection is up and in use (instead of a fixed warm-up sleep).
+    ///
+    /// # Panics
+    /// When that does not happen within 30 s.
+    pub async fn wait_flowing(&self) {
+        let want = 2 * self.tasks.len();
+        crate::harness::eventually("the load to flow", Duration::from_secs(30), async || {
+            let ok = self.samples.lock().expect("samples");
+            (ok.iter().filter(|s| s.is_200()).count() >= want).then_some(())
+        })
+        .await
+        .expect("load flowing");
+    }
+
     /// Stops the workers (each finishes its request) and returns every sample and the time
     /// the load ran.
     pub async fn stop(self) -> (Vec<Sample>, Duration) {

@@ -9,6 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use gatehouse_tests::fintech::stack::bin_dir;
+use gatehouse_tests::harness::wait;
 
 /// The controls the document must address (with a command, or by saying what is not covered).
 const CONTROLS: [&str; 13] = [
@@ -87,15 +88,7 @@ fn every_command_in_compliance_md_runs_against_the_fintech_example() {
         .expect("run bash");
     let pid = child.id();
     let start = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break Some(status);
-        }
-        if start.elapsed() > Duration::from_secs(90) {
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = wait::child_exit(&mut child, Duration::from_secs(90));
     let _ = Command::new("kill")
         .args(["-KILL", "--", &format!("-{pid}")])
         .stderr(Stdio::null())

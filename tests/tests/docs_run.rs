@@ -10,9 +10,9 @@ use std::io::Write as _;
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use gatehouse_tests::harness::binary;
+use gatehouse_tests::harness::{binary, wait};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -203,16 +203,7 @@ fn run_doc(doc: &str, markdown: &str, timeout: Duration) -> Run {
         .process_group(0)
         .spawn()
         .expect("run bash");
-    let deadline = Instant::now() + timeout;
-    let exit = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break Some(s);
-        }
-        if Instant::now() > deadline {
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let exit = wait::child_exit(&mut child, timeout);
     // Whatever the document left running (`cmd &`), and the script itself on a timeout.
     let _ = Command::new("kill")
         .args(["-KILL", "--", &format!("-{}", child.id())])

@@ -6,12 +6,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use gatehouse_tests::fintech::api_gateway::{Frontend, Inbox, WebhookReceiver};
-use gatehouse_tests::fintech::http::{App, HttpClient, Recorder, serve};
 use gatehouse_tests::fintech::monolith::{Monolith, ReportData};
 use gatehouse_tests::fintech::report_service::{
     Report, ReportService, ReportServiceApp, ReportStatus, Upstreams,
 };
-use gatehouse_tests::fintech::scenario::eventually;
+use gatehouse_tests::harness::app::{App, Recorder, serve};
+use gatehouse_tests::harness::client::HttpClient;
+use gatehouse_tests::harness::wait;
 use serde_json::{Value, json};
 
 async fn start<A: App>(app: A) -> SocketAddr {
@@ -124,7 +125,7 @@ async fn report_is_generated_in_the_background_and_announced_by_webhook() {
         accepted.headers["location"],
         format!("/reports/{id}").as_str()
     );
-    let note = eventually(Duration::from_secs(20), || async {
+    let note = wait::until(Duration::from_secs(20), || async {
         trio.inbox.snapshot().into_iter().next()
     })
     .await
@@ -207,7 +208,7 @@ async fn report_fails_visibly_when_the_monolith_is_unreachable() {
         .await
         .expect("call");
     assert_eq!(accepted.status, 202);
-    let note = eventually(Duration::from_secs(30), || async {
+    let note = wait::until(Duration::from_secs(30), || async {
         trio.inbox.snapshot().into_iter().next()
     })
     .await

@@ -6,47 +6,31 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use gatehouse_tests::harness::fixtures::{GATEWAY, MONOLITH, OPS, REPORTS, TD};
 use gatehouse_tests::harness::{
     CertDir, FakeApp, Generated, MtlsClient, Pki, Proto, Sidecar, eventually, sidecar_cli,
 };
+use gatehouse_tests::{bulk_transfer_route, fintech_policy_head, report_export_route};
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const TD: &str = "fintech.internal";
-const MONOLITH: &str = "spiffe://fintech.internal/monolith";
-const REPORTS: &str = "spiffe://fintech.internal/report-service";
-const GATEWAY: &str = "spiffe://fintech.internal/api-gateway";
-const OPS: &str = "spiffe://fintech.internal/ops";
-
-const POLICY: &str = r#"
-version = 1
-trust_domain = "fintech.internal"
-
-[identities]
-report-service = "spiffe://fintech.internal/report-service"
-api-gateway    = "spiffe://fintech.internal/api-gateway"
+const POLICY: &str = concat!(
+    fintech_policy_head!(),
+    r#"api-gateway    = "spiffe://fintech.internal/api-gateway"
 ops            = "spiffe://fintech.internal/ops"
-
-[[route]]
-name    = "report data export"
-methods = ["GET"]
-path    = "/api/data/reports"
-allow   = ["report-service"]
-
+"#,
+    report_export_route!(),
+    r#"
 [[route]]
 name    = "dashboard"
 methods = ["GET"]
 path    = "/api/dashboard"
 allow   = ["api-gateway"]
-
-[[route]]
-name    = "bulk transfer"
-methods = ["GET", "POST"]
-path    = "/bulk"
-allow   = ["report-service"]
-
+"#,
+    bulk_transfer_route!(),
+    r#"
 [[route]]
 name    = "admin"
 path    = "/admin"
@@ -57,7 +41,8 @@ name    = "public"
 methods = ["GET"]
 path    = "/public/**"
 allow   = ["*"]
-"#;
+"#
+);
 
 /// A PKI, a fake app and a monolith sidecar in front of it.
 struct Setup {

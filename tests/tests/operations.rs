@@ -201,7 +201,11 @@ async fn root_rotation_runbook_under_load_with_a_crl_fails_no_request() {
         ca(&["rotate", "--dir", &ca_dir, "--bundle-only", &dirs[0]]).await;
     };
     let load = Load::start(outbound.listener("outbound:monolith"), 4);
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    eventually("the load to flow", Duration::from_secs(30), async || {
+        (load.ok.load(Ordering::Relaxed) >= 8).then_some(())
+    })
+    .await
+    .expect("load flowing");
 
     // Step 1 (pause the rotation timer/CronJob) has nothing to stop here: no job runs.
     // Step 2: a new root next to the old one.

@@ -17,11 +17,11 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use gatehouse_ca::{IssueRequest, SpiffeId};
-use gatehouse_tests::fintech::http::{Recorder, serve};
 use gatehouse_tests::fintech::monolith::Monolith;
+use gatehouse_tests::harness::app::{Recorder, serve};
 use gatehouse_tests::harness::{
     CertDir, FINTECH_TD, MONOLITH_ID, Pki, REPORT_EXPORT_POLICY, REPORT_SERVICE_ID, Sidecar,
-    eventually, sidecar_cli, terminate,
+    eventually, sidecar_cli, terminate, wait,
 };
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -563,15 +563,15 @@ http {{
                 .stderr(Stdio::piped())
                 .spawn()
                 .expect("spawn nginx");
-            let deadline = Instant::now() + Duration::from_secs(20);
-            while Instant::now() < deadline {
+            // Listening, or exited (port taken or bad config: see error.log; try another port).
+            let listening = wait::until_blocking(Duration::from_secs(20), || {
                 if std::net::TcpStream::connect(addr).is_ok() {
-                    return Self { child, addr, dir };
+                    return Some(true);
                 }
-                if let Ok(Some(_)) = child.try_wait() {
-                    break; // port taken or bad config: see error.log; try another port
-                }
-                std::thread::sleep(Duration::from_millis(50));
+                matches!(child.try_wait(), Ok(Some(_))).then_some(false)
+            });
+            if listening == Some(true) {
+                return Self { child, addr, dir };
             }
             terminate(&mut child, Duration::from_secs(5));
         }

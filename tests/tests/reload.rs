@@ -242,7 +242,7 @@ async fn rotation_under_load_fails_no_request() {
     assert_eq!(status(&p.inbound).await["certificate"]["serial"], server0);
 
     let load = p.load(12, 450.0);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    load.wait_flowing().await;
 
     // 1. Both leaves, same root.
     ca(&[
@@ -379,7 +379,7 @@ async fn policy_edit_applies_to_live_connections_within_two_seconds() {
     let allowed = policy("\"report-service\"");
     let p = Pair::start(&allowed).await;
     let load = p.load(4, 200.0);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    load.wait_flowing().await;
 
     replace(&p.inbound.policy_path(), policy("\"gateway\"").as_bytes());
     let edited = Instant::now();
@@ -449,7 +449,7 @@ async fn broken_files_are_refused_and_traffic_keeps_flowing() {
     let key = std::fs::read(p.server.key()).expect("key");
     let stranger_key = std::fs::read(p.pki.issue(OTHER_ID).key()).expect("other key");
     let load = p.load(4, 200.0);
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    load.wait_flowing().await;
 
     // (file, what, broken content, original content)
     let cases: [(PathBuf, &str, Vec<u8>, &[u8]); 4] = [

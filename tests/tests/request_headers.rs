@@ -12,38 +12,22 @@
 use std::time::Duration;
 
 use bytes::Bytes;
+use gatehouse_tests::harness::fixtures::{GATEWAY, MONOLITH, REPORTS, TD};
 use gatehouse_tests::harness::{
     CertDir, FakeApp, MtlsClient, Pki, Proto, Sidecar, eventually, raw_exchange,
 };
+use gatehouse_tests::{bulk_transfer_route, fintech_policy_head, report_export_route};
 use http::{Method, Request, StatusCode};
 use http_body_util::Full;
 use tokio::net::TcpStream;
 
-const TD: &str = "fintech.internal";
-const MONOLITH: &str = "spiffe://fintech.internal/monolith";
-const REPORTS: &str = "spiffe://fintech.internal/report-service";
-const GATEWAY: &str = "spiffe://fintech.internal/api-gateway";
-
-const POLICY: &str = r#"
-version = 1
-trust_domain = "fintech.internal"
-
-[identities]
-report-service = "spiffe://fintech.internal/report-service"
-api-gateway    = "spiffe://fintech.internal/api-gateway"
-
-[[route]]
-name    = "report data export"
-methods = ["GET"]
-path    = "/api/data/reports"
-allow   = ["report-service"]
-
-[[route]]
-name    = "bulk transfer"
-methods = ["GET", "POST"]
-path    = "/bulk"
-allow   = ["report-service"]
-
+const POLICY: &str = concat!(
+    fintech_policy_head!(),
+    r#"api-gateway    = "spiffe://fintech.internal/api-gateway"
+"#,
+    report_export_route!(),
+    bulk_transfer_route!(),
+    r#"
 [[route]]
 name    = "v2 export"
 methods = ["GET"]
@@ -54,7 +38,8 @@ allow   = ["report-service"]
 name  = "v2 api"
 path  = "/v2/**"
 allow = ["api-gateway"]
-"#;
+"#
+);
 
 /// Every header the sidecar sets on a request to the app, as a statement of identity or as
 /// the request id.

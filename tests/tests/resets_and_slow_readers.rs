@@ -6,6 +6,7 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use gatehouse_tests::harness::fixtures::TD;
 use gatehouse_tests::harness::{
     FakeApp, MONOLITH_ID, MtlsClient, Pki, Proto, REPORT_EXPORT_POLICY, REPORT_SERVICE_ID, Sidecar,
     eventually,
@@ -13,7 +14,6 @@ use gatehouse_tests::harness::{
 use h2::Reason;
 use tokio::io::AsyncWriteExt;
 
-const TD: &str = "fintech.internal";
 const EXPORT: &str = "/api/data/reports";
 
 /// A PKI, the fake app, a monolith sidecar in front of it (with `options` under

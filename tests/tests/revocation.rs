@@ -332,7 +332,7 @@ async fn issue_21_root_rotation_with_a_crl_under_load_fails_no_request() {
         8,
         300.0,
     );
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    load.wait_flowing().await;
     let t0 = Instant::now();
 
     // The README's steps: a new root, wait for two roots, re-issue, retire.

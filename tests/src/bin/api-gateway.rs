@@ -8,8 +8,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 use gatehouse_tests::fintech::api_gateway::{Frontend, Inbox, WebhookReceiver};
-use gatehouse_tests::fintech::http::Recorder;
-use gatehouse_tests::fintech::serve::{Servers, render_bind_error};
+use gatehouse_tests::harness::app::{DebugArgs, Recorder, Servers, render_bind_error};
 
 /// Fake API gateway: /reports… → report service, /api/… → monolith, GET /notifications; webhook receiver.
 #[derive(Debug, Parser)]
@@ -27,9 +26,8 @@ struct Args {
     /// Base URL of the monolith: the outbound sidecar listener named "monolith".
     #[arg(long, default_value = "http://127.0.0.1:17012")]
     monolith: String,
-    /// Loopback address serving `GET /requests`: every request the webhook receiver got, with headers.
-    #[arg(long)]
-    debug_listen: Option<SocketAddr>,
+    #[command(flatten)]
+    debug: DebugArgs,
 }
 
 #[tokio::main]
@@ -64,7 +62,7 @@ async fn main() -> ExitCode {
             .await;
     }
     if bound.is_ok() {
-        bound = servers.add_debug(args.debug_listen, &recorder).await;
+        bound = servers.add_debug(args.debug.debug_listen, &recorder).await;
     }
     if let Err(e) = bound {
         return render_bind_error("api-gateway", &e);

@@ -6,9 +6,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use gatehouse_tests::fintech::http::Recorder;
 use gatehouse_tests::fintech::monolith::Monolith;
-use gatehouse_tests::fintech::serve::run_app;
+use gatehouse_tests::harness::app::{DebugArgs, Recorder, run_app};
 
 /// Fake monolith: GET /api/data/reports, GET /api/dashboard, POST /api/expenses.
 #[derive(Debug, Parser)]
@@ -17,9 +16,8 @@ struct Args {
     /// Address of the app (the inbound sidecar's `app`).
     #[arg(long, default_value = "127.0.0.1:17080")]
     listen: SocketAddr,
-    /// Loopback address serving `GET /requests`: every request the app received, with its headers.
-    #[arg(long)]
-    debug_listen: Option<SocketAddr>,
+    #[command(flatten)]
+    debug: DebugArgs,
 }
 
 #[tokio::main]
@@ -27,5 +25,12 @@ async fn main() -> ExitCode {
     let args = Args::parse();
     let recorder = Recorder::default();
     let app = Arc::new(Monolith::new(recorder.clone()));
-    run_app("monolith", args.listen, app, args.debug_listen, &recorder).await
+    run_app(
+        "monolith",
+        args.listen,
+        app,
+        args.debug.debug_listen,
+        &recorder,
+    )
+    .await
 }

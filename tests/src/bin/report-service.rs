@@ -5,9 +5,8 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use clap::Parser;
-use gatehouse_tests::fintech::http::Recorder;
 use gatehouse_tests::fintech::report_service::{ReportService, ReportServiceApp, Upstreams};
-use gatehouse_tests::fintech::serve::run_app;
+use gatehouse_tests::harness::app::{DebugArgs, Recorder, run_app};
 
 /// Fake report service: POST /reports (202), GET /reports, GET /reports/{id}; webhook when done.
 #[derive(Debug, Parser)]
@@ -25,9 +24,8 @@ struct Args {
     /// Send no webhook.
     #[arg(long, conflicts_with = "webhook_url")]
     no_webhook: bool,
-    /// Loopback address serving `GET /requests`: every request the app received, with its headers.
-    #[arg(long)]
-    debug_listen: Option<SocketAddr>,
+    #[command(flatten)]
+    debug: DebugArgs,
 }
 
 #[tokio::main]
@@ -46,7 +44,7 @@ async fn main() -> ExitCode {
         "report-service",
         args.listen,
         app,
-        args.debug_listen,
+        args.debug.debug_listen,
         &recorder,
     )
     .await

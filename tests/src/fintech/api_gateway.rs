@@ -16,8 +16,11 @@ use http::{HeaderValue, Method, Response, StatusCode, header};
 use http_body_util::Full;
 use serde::{Deserialize, Serialize};
 
-use super::http::{App, Body, CLIENT_ID_HEADER, Captured, HttpClient, Recorder, error, json};
 use super::report_service::{ReportReady, WEBHOOK_PATH};
+use crate::harness::app::{
+    App, CLIENT_ID_HEADER, Captured, Recorder, ServiceBody as Body, error, json,
+};
+use crate::harness::client::HttpClient;
 
 /// A webhook notification as the gateway received it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -15,7 +15,9 @@ use serde::{Deserialize, Serialize};
 use time::Date;
 use time::macros::format_description;
 
-use super::http::{App, Body, CLIENT_ID_HEADER, Captured, Recorder, error, json};
+use crate::harness::app::{
+    App, CLIENT_ID_HEADER, Captured, Recorder, ServiceBody as Body, error, json,
+};
 
 /// Longest range `GET /api/data/reports` serves, in days (ten years).
 pub const MAX_RANGE_DAYS: i64 = 3660;

@@ -17,8 +17,9 @@ use std::time::Duration;
 use http::{HeaderValue, Method, Response, StatusCode, header};
 use serde::{Deserialize, Serialize};
 
-use super::http::{App, Body, Captured, HttpClient, Recorder, error, json};
 use super::monolith::{ReportData, parse_range};
+use crate::harness::app::{App, Captured, Recorder, ServiceBody as Body, error, json};
+use crate::harness::client::HttpClient;
 
 /// Formats the report service renders.
 pub const FORMATS: [&str; 2] = ["json", "csv"];

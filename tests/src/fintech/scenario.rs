@@ -8,10 +8,11 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use super::api_gateway::Notification;
-use super::http::SeenRequest;
 use super::probe::{ProbeIdentity, ProbeOutcome, probe};
 use super::report_service::{Report, ReportStatus};
 use super::stack::{LEAKED_KEY, Service, Stack};
+use crate::harness::app::SeenRequest;
+use crate::harness::wait;
 
 /// The report the demo asks for (the seed story's request).
 pub const REPORT_REQUEST: &str =
@@ -155,24 +156,6 @@ pub async fn run(stack: &Stack, report: &mut dyn FnMut(&Check)) -> Vec<Check> {
     checks
 }
 
-/// Polls `probe` until it yields `Some`, for at most `within`.
-pub async fn eventually<T, F, Fut>(within: Duration, mut probe: F) -> Option<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(value) = probe().await {
-            return Some(value);
-        }
-        if Instant::now() > deadline {
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// The async report flow: request, data fetch over mTLS, webhook, download.
 pub async fn report_flow(stack: &Stack) -> Vec<Check> {
     let client = stack.client();
@@ -222,7 +205,7 @@ pub async fn report_flow(stack: &Stack) -> Vec<Check> {
 
 async fn wait_for_notification(stack: &Stack, id: &str) -> Result<String, String> {
     let url = stack.frontend_url("/notifications");
-    let found = eventually(Duration::from_secs(45), || async {
+    let found = wait::until(Duration::from_secs(45), || async {
         let reply = stack.client().get(&url).await.ok()?;
         let list: Value = reply.json().ok()?;
         let notes: Vec<Notification> =
@@ -276,7 +259,7 @@ async fn data_fetch(stack: &Stack) -> Result<String, String> {
 /// The report service's data fetch, followed by its request id through the outbound audit line of the
 /// report service's sidecar, the inbound audit line of the monolith's sidecar and the app's headers.
 async fn audit_trail(stack: &Stack) -> Result<String, String> {
-    let outbound = eventually(Duration::from_secs(10), || async {
+    let outbound = wait::until(Duration::from_secs(10), || async {
         stack
             .audit(Service::ReportService)
             .await
@@ -293,7 +276,7 @@ async fn audit_trail(stack: &Stack) -> Result<String, String> {
         .as_str()
         .ok_or("outbound audit line without request_id")?
         .to_owned();
-    let inbound = eventually(Duration::from_secs(10), || async {
+    let inbound = wait::until(Duration::from_secs(10), || async {
         stack
             .audit(Service::Monolith)
             .await
@@ -402,7 +385,7 @@ pub async fn denied_flow(stack: &Stack) -> Vec<Check> {
 
 async fn audited_denial(stack: &Stack) -> Result<String, String> {
     let gateway = Service::ApiGateway.spiffe_id();
-    let line = eventually(Duration::from_secs(10), || async {
+    let line = wait::until(Duration::from_secs(10), || async {
         stack.audit(Service::Monolith).await.into_iter().find(|l| {
             l["caller"].as_str() == Some(gateway.as_str())
                 && l["path"]
@@ -565,7 +548,7 @@ async fn revoke_live(stack: &Stack) -> Result<String, String> {
             "certs/crl.pem",
         ])
         .await?;
-    let refused = eventually(Duration::from_secs(30), || async {
+    let refused = wait::until(Duration::from_secs(30), || async {
         fetch_as_report_service(stack)
             .await
             .filter(|(status, body)| *status == 502 && body["alert"] == "certificate_revoked")
@@ -608,7 +591,7 @@ async fn reissue(stack: &Stack) -> Result<String, String> {
             "certs/report-service",
         ])
         .await?;
-    let back = eventually(Duration::from_secs(30), || async {
+    let back = wait::until(Duration::from_secs(30), || async {
         fetch_as_report_service(stack)
             .await
             .filter(|(status, _)| *status == 200)
@@ -644,13 +627,13 @@ fn sample_value(line: &str) -> f64 {
 async fn metrics_excerpt(stack: &Stack) -> Result<String, String> {
     // Counters are bumped as the sidecar finishes with a connection, which can trail the client's view
     // by a moment on a loaded machine: poll briefly for the expected counts.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let judged = judge_metrics(stack).await;
-        if judged.is_ok() || Instant::now() > deadline {
-            return judged;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    match wait::until(Duration::from_secs(10), async || {
+        judge_metrics(stack).await.ok()
+    })
+    .await
+    {
+        Some(judged) => Ok(judged),
+        None => judge_metrics(stack).await,
     }
 }
 

@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use gatehouse_policy::SpiffeId;
 use tokio::process::{Child, Command};
 
-use super::http::{HttpClient, SeenRequest};
+use crate::harness::app::SeenRequest;
+use crate::harness::client::HttpClient;
+use crate::harness::wait;
 
 /// The example's trust domain.
 pub const TRUST_DOMAIN: &str = "fintech.internal";
@@ -670,12 +672,17 @@ impl Stack {
     ) -> Result<(), StackError> {
         let deadline = Instant::now() + READY_TIMEOUT;
         for (name, addr, http) in checks {
-            loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let outcome = wait::until(left, async || {
                 if self.is_ready(addr, http).await {
-                    break;
+                    return Some(Ok(()));
                 }
-                self.check_alive().await?;
-                if Instant::now() > deadline {
+                self.check_alive().await.err().map(Err)
+            })
+            .await;
+            match outcome {
+                Some(ready) => ready?,
+                None => {
                     let log = self.log_path(&name);
                     let text = tokio::fs::read_to_string(&log).await.unwrap_or_default();
                     return Err(StackError::NotReady {
@@ -686,7 +693,6 @@ impl Stack {
                         tail: tail(&text),
                     });
                 }
-                tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
         Ok(())
@@ -715,8 +721,8 @@ impl Stack {
         let Some((name, status)) = exited else {
             return Ok(());
         };
-        // Give the process's last words a moment to reach the log file.
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // The child wrote straight into the log file (no pipe in between): once it has exited,
+        // its last words are there.
         let log = self.log_path(&name);
         let text = tokio::fs::read_to_string(&log).await.unwrap_or_default();
         Err(StackError::Exited {

@@ -1,0 +1,69 @@
+//! The one test harness for real-process, real-TLS tests, used by the end-to-end tests in
+//! `tests/tests/` and by the FinTech scenario (`crate::fintech`) and its demo binaries alike:
+//! - [`pki`]: test certificates, minted one way: a `gatehouse-ca` [`Authority`](gatehouse_ca::Authority)
+//!   in a temp dir ([`Pki`]) issuing real SVIDs and, through `sign_custom`, deliberately broken
+//!   ones; plus the real `ca` CLI ([`ca_ok`], [`ca_json`]) where the CLI is what is under test;
+//! - [`app`]: the fake services behind a sidecar: [`FakeApp`] (records every request, can answer
+//!   slowly or with large bodies) and the plaintext HTTP/1.1 + h2c server loop ([`app::serve`]) the
+//!   FinTech services run on;
+//! - [`sidecar`]: writes a config, spawns the real `sidecar` binary, waits for `/readyz`,
+//!   collects the audit lines from stdout, can send SIGTERM, and kills it on drop;
+//! - [`client`]: [`MtlsClient`] (a rustls client with a chosen certificate, speaking HTTP/1.1
+//!   or h2), the one test [`ServerCertVerifier`](rustls::client::danger::ServerCertVerifier)
+//!   ([`client::AnyServer`]), the plaintext [`client::HttpClient`] and [`raw_exchange`] (exact
+//!   request bytes in, one response out);
+//! - [`wait`]: waiting on a condition ([`eventually`], [`wait::until`]) instead of fixed sleeps;
+//! - [`fixtures`]: the policy texts several test files share.
+//!
+//! Ports: every listener is configured as `127.0.0.1:0`; the sidecar logs `listening <name> on
+//! <addr>` to stderr once bound and the harness reads the addresses from there, so parallel
+//! tests never race for a port.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub mod app;
+pub mod client;
+pub mod fixtures;
+pub mod pki;
+pub mod sidecar;
+pub mod wait;
+
+pub use app::{FakeApp, Generated, Seen};
+pub use client::{MtlsClient, Proto, RawResponse, Resp, http_get, raw_exchange};
+pub use pki::{CertDir, Pki, ca_json, ca_ok};
+pub use sidecar::{
+    Sidecar, SidecarBuilder, metric_sum, sidecar_cli, sidecar_status, terminate, wait_status,
+};
+pub use wait::eventually;
+
+/// How long to wait for a sidecar to become ready (a loaded 2-core CI machine is slow).
+pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The FinTech trust domain of the two-sidecar tests.
+pub const FINTECH_TD: &str = fixtures::TD;
+/// The monolith's SPIFFE ID (the inbound, server side).
+pub const MONOLITH_ID: &str = fixtures::MONOLITH;
+/// The report service's SPIFFE ID (the outbound, client side).
+pub const REPORT_SERVICE_ID: &str = fixtures::REPORTS;
+pub use fixtures::REPORT_EXPORT_POLICY;
+
+/// The path of a workspace binary, `target/debug/<name>`, next to the running test executable.
+///
+/// # Panics
+/// When the binary is missing: run `cargo build --workspace --bins` first.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test executable has a path");
+    // target/debug/deps/<test> → target/debug/<name>
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("test executables live in target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: run `cargo build --workspace --bins` first",
+        path.display()
+    );
+    path
+}

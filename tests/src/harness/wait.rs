@@ -1,0 +1,66 @@
+//! Waiting on a condition instead of a fixed sleep: poll a check until it holds or a deadline
+//! passes. Every wait in the test crate goes through [`until`] (or [`eventually`], which turns
+//! the timeout into an error naming what was awaited).
+
+use std::time::{Duration, Instant};
+
+use anyhow::bail;
+
+/// How often a condition is polled.
+pub const POLL: Duration = Duration::from_millis(25);
+
+/// Polls `check` every [`POLL`] until it returns `Some`, for at most `within`; `None` on timeout.
+/// `check` runs at least once, and once more after the deadline has passed.
+pub async fn until<T>(within: Duration, mut check: impl AsyncFnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = check().await {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Polls `check` until it returns `Some`, or fails after `timeout`.
+///
+/// # Errors
+/// `what` with the timeout when `check` never succeeded.
+pub async fn eventually<T>(
+    what: &str,
+    timeout: Duration,
+    check: impl AsyncFnMut() -> Option<T>,
+) -> anyhow::Result<T> {
+    match until(timeout, check).await {
+        Some(v) => Ok(v),
+        None => bail!("timed out after {timeout:?} waiting for {what}"),
+    }
+}
+
+/// [`until`] for synchronous code (a plain thread, a `Drop`): polls `check` every [`POLL`] until
+/// it returns `Some`, for at most `within`; `None` on timeout.
+pub fn until_blocking<T>(within: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = check() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+/// Waits up to `within` for `child` to exit; its status, or `None` when it is still running.
+///
+/// # Panics
+/// When the child's status cannot be read.
+pub fn child_exit(
+    child: &mut std::process::Child,
+    within: Duration,
+) -> Option<std::process::ExitStatus> {
+    until_blocking(within, || child.try_wait().expect("wait"))
+}
