@@ -215,6 +215,12 @@ pub enum CaError {
         /// The serial, hex.
         serial: String,
     },
+    /// The PKCS#11 key store (module, token, PIN or key object) failed or is misconfigured.
+    #[error("PKCS#11 key store: {detail}")]
+    KeyStore {
+        /// What failed, with the module/token/label involved (never the PIN).
+        detail: String,
+    },
 }
 
 /// ` (resolves to X)` when the path given is not where it lands.

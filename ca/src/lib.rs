@@ -28,6 +28,7 @@ pub mod inspect;
 pub mod inventory;
 pub mod issue;
 pub mod k8s;
+pub mod keystore;
 pub mod profile;
 pub mod revoke;
 pub mod rotate;

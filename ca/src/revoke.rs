@@ -268,7 +268,7 @@ impl Authority {
     }
 
     /// The (empty) CRL of generation `id`'s root: signed for `max(ttl, root_ttl)` and stored when
-    /// `gen-N/root.key` is present, else the stored one if it outlives this run's CRLs.
+    /// `gen-N/root.key` is present (or the root key is in a PKCS#11 token), else the stored one if it outlives this run's CRLs.
     fn root_crl(
         &self,
         id: u32,
@@ -279,7 +279,8 @@ impl Authority {
     ) -> Result<String, CaError> {
         let gen_dir = self.dir().join(format!("gen-{id}"));
         let stored = gen_dir.join(ROOT_CRL_FILE);
-        if gen_dir.join("root.key").exists() {
+        // A token-held root is always online: only a PKCS#8 root.key can be moved offline.
+        if gen_dir.join("root.key").exists() || self.state()?.key_store.is_some() {
             let root = self.root_signer(id)?;
             let pem = sign_crl(&root.issuer, Vec::new(), number, now, ttl.max(root_ttl))?;
             store::write_atomic(&stored, pem.as_bytes(), PUBLIC_MODE)?;
@@ -327,7 +328,7 @@ impl Authority {
 }
 
 fn sign_crl(
-    issuer: &rcgen::Issuer<'static, rcgen::KeyPair>,
+    issuer: &rcgen::Issuer<'static, crate::keystore::CaKey>,
     revoked_certs: Vec<RevokedCertParams>,
     number: u64,
     now: OffsetDateTime,
