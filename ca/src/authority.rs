@@ -165,6 +165,8 @@ pub struct Authority {
     dir: PathBuf,
     trust_domain: TrustDomain,
     key_type: KeyType,
+    /// The shared store of records (`--store`); `None`: the CA directory.
+    store: Option<crate::ledger::SharedStore>,
 }
 
 impl Authority {
@@ -285,7 +287,28 @@ impl Authority {
             dir: dir.to_path_buf(),
             trust_domain,
             key_type: state.key_type,
+            store: None,
         })
+    }
+
+    /// Keeps the inventory, join tokens, revocations and CRL numbers in `store` instead of the
+    /// CA directory (keys, certificates and `bundle.pem` stay in the directory). The store's
+    /// CRL number is raised to the directory's, so numbers never go back.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn with_store(
+        mut self,
+        store: std::sync::Arc<dyn crate::ledger::Store>,
+    ) -> Result<Authority, CaError> {
+        store.raise_crl_number(read_state(&self.dir)?.crl_number)?;
+        self.store = Some(crate::ledger::SharedStore(store));
+        Ok(self)
+    }
+
+    /// The shared store, when the CA uses one.
+    pub fn store(&self) -> Option<&dyn crate::ledger::Store> {
+        self.store.as_ref().map(|s| &*s.0)
     }
 
     /// The CA directory.
@@ -507,7 +530,8 @@ impl Authority {
             return Err(CaError::NothingToRetire);
         }
         let now = OffsetDateTime::now_utc();
-        let live: Vec<_> = inventory::read_entries(&self.dir, now)?
+        let live: Vec<_> = self
+            .entries(now)?
             .into_iter()
             .filter(|e| old.contains(&e.generation) && e.state == inventory::CertState::Valid)
             .collect();

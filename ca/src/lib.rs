@@ -29,6 +29,8 @@ pub mod inventory;
 pub mod issue;
 pub mod k8s;
 pub mod keystore;
+pub mod ledger;
+pub mod pg;
 pub mod profile;
 pub mod revoke;
 pub mod rotate;

@@ -33,6 +33,18 @@ struct Cli {
     /// pin-source, then $GATEHOUSE_PKCS11_PIN). The PIN is never written to any file.
     #[arg(long, global = true, value_name = "VAR")]
     pin_env: Option<String>,
+    /// Keep the inventory, join tokens, revocations and CRL numbers in PostgreSQL instead of the
+    /// CA directory (`postgres://user:password@host:5432/db[?sslmode=require]`; TLS roots from
+    /// $PGSSLROOTCERT). Shared by every `ca serve` replica and by `ca list`/`revoke`/`crl`/
+    /// `token create`/`enrollment issue`. The password is never printed.
+    #[arg(
+        long,
+        global = true,
+        value_name = "URL",
+        env = "GATEHOUSE_CA_STORE",
+        hide_env_values = true
+    )]
+    store: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -352,6 +364,9 @@ fn main() -> ExitCode {
         module: cli.pkcs11_module.clone(),
         pin_env: cli.pin_env.clone(),
     });
+    if let Some(url) = &cli.store {
+        let _ = STORE_URL.set(url.clone());
+    }
     match run(&cli) {
         Ok(code) => code,
         Err(e) => render(&e),
@@ -388,12 +403,12 @@ fn run(cli: &Cli) -> Result<ExitCode, CaError> {
             (Some(file), _) => {
                 let code = inspect_cmd(file, bundle.as_deref(), json)?;
                 if let (Some(dir), false) = (dir, json) {
-                    print_keys(&Authority::open(dir)?.key_locations()?);
+                    print_keys(&open_ca(dir)?.key_locations()?);
                 }
                 Ok(code)
             }
             (None, Some(dir)) => {
-                let ca = Authority::open(dir)?;
+                let ca = open_ca(dir)?;
                 let keys = ca.key_locations()?;
                 if json {
                     print_json(&json!({
@@ -418,7 +433,7 @@ fn run(cli: &Cli) -> Result<ExitCode, CaError> {
             exit_code,
             bundle_only,
         } => {
-            let ca = Authority::open(dir)?;
+            let ca = open_ca(dir)?;
             let opts = RotateOptions {
                 renew_before: *renew_before,
                 force: *force,
@@ -506,7 +521,7 @@ fn token_create(
     uses: u32,
     json: bool,
 ) -> Result<ExitCode, CaError> {
-    let ca = Authority::open(dir)?;
+    let ca = open_ca(dir)?;
     let t = ca.create_token(&parse_id(spiffe_id)?, ttl, uses)?;
     if json {
         print_json(&json!({
@@ -531,7 +546,7 @@ fn enrollment_issue(
     ttl: Duration,
     json: bool,
 ) -> Result<ExitCode, CaError> {
-    let ca = Authority::open(dir)?;
+    let ca = open_ca(dir)?;
     let bound = parse_id(spiffe_id)?;
     check_out_dir(&ca, out)?;
     let cert = ca.issue_enrollment(&bound, ttl)?;
@@ -568,7 +583,7 @@ fn serve(
     dns: &[String],
     k8s: Option<K8sArgs<'_>>,
 ) -> Result<ExitCode, CaError> {
-    let ca = Authority::open(dir)?;
+    let ca = open_ca(dir)?;
     gatehouse_ca::profile::check_dns_names(dns)?;
     let k8s = k8s
         .map(|k| {
@@ -696,7 +711,7 @@ impl SvidArgs {
 }
 
 fn issue(dir: &Path, svid: &SvidArgs, out: &Path, json: bool) -> Result<ExitCode, CaError> {
-    let ca = Authority::open(dir)?;
+    let ca = open_ca(dir)?;
     let req = svid.request()?;
     check_out_dir(&ca, out)?;
     let svid = ca.issue(&req)?;
@@ -733,7 +748,7 @@ fn sign(
     out: &Path,
     json: bool,
 ) -> Result<ExitCode, CaError> {
-    let ca = Authority::open(dir)?;
+    let ca = open_ca(dir)?;
     let req = svid.request()?;
     let csr_bytes = std::fs::read(csr).map_err(|e| CaError::Io {
         action: "cannot read",
@@ -779,7 +794,7 @@ fn inspect_cmd(file: &Path, bundle: Option<&Path>, json: bool) -> Result<ExitCod
 }
 
 fn list(dir: &Path, json: bool) -> Result<ExitCode, CaError> {
-    let ca = Authority::open(dir)?;
+    let ca = open_ca(dir)?;
     let entries = ca.list()?;
     if json {
         print_json(&serde_json::to_value(&entries).unwrap_or_default());
@@ -796,6 +811,27 @@ fn unreachable_usage() -> Result<ExitCode, CaError> {
     Ok(ExitCode::from(2))
 }
 
+static STORE_URL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Opens the CA directory, with the `--store` records when one is given (connected and
+/// migrated once per process).
+fn open_ca(dir: &Path) -> Result<Authority, CaError> {
+    static STORE: std::sync::OnceLock<std::sync::Arc<gatehouse_ca::pg::PgStore>> =
+        std::sync::OnceLock::new();
+    let ca = Authority::open(dir)?;
+    let Some(url) = STORE_URL.get() else {
+        return Ok(ca);
+    };
+    let store = match STORE.get() {
+        Some(s) => s.clone(),
+        None => {
+            let s = gatehouse_ca::pg::PgStore::connect(url)?;
+            STORE.get_or_init(|| s).clone()
+        }
+    };
+    ca.with_store(store)
+}
+
 fn keys_json(keys: &[KeyLocation]) -> serde_json::Value {
     serde_json::to_value(keys).unwrap_or_default()
 }
@@ -809,7 +845,7 @@ fn print_keys(keys: &[KeyLocation]) {
 }
 
 fn root_rotate(dir: &Path, json: bool) -> Result<ExitCode, CaError> {
-    let ca = Authority::open(dir)?;
+    let ca = open_ca(dir)?;
     let generation = ca.rotate_root()?;
     let crls = republished(&ca);
     if json {
@@ -832,7 +868,7 @@ fn root_rotate(dir: &Path, json: bool) -> Result<ExitCode, CaError> {
 }
 
 fn root_retire(dir: &Path, force: bool, json: bool) -> Result<ExitCode, CaError> {
-    let ca = Authority::open(dir)?;
+    let ca = open_ca(dir)?;
     let (retired, cut_off) = ca.retire_roots(force)?;
     let crls = republished(&ca);
     if cut_off > 0 {
@@ -879,7 +915,7 @@ fn revoke(
     crl_ttl: Duration,
     json: bool,
 ) -> Result<ExitCode, CaError> {
-    let ca = Authority::open(dir)?;
+    let ca = open_ca(dir)?;
     let target = match (serial, spiffe_id) {
         (Some(s), _) => RevokeTarget::Serial(s.to_owned()),
         (None, Some(id)) => RevokeTarget::Identity(parse_id(id)?),
@@ -920,7 +956,7 @@ fn crl(
     root_ttl: Duration,
     json: bool,
 ) -> Result<ExitCode, CaError> {
-    let ca = Authority::open(dir)?;
+    let ca = open_ca(dir)?;
     check_out_file(&ca, out)?;
     create_parent(out)?;
     ca.write_crl_with_root_ttl(out, ttl, root_ttl)?;
@@ -937,7 +973,7 @@ fn crl(
 }
 
 fn bundle(dir: &Path, out: &Path, json: bool) -> Result<ExitCode, CaError> {
-    let ca = Authority::open(dir)?;
+    let ca = open_ca(dir)?;
     check_out_file(&ca, out)?;
     create_parent(out)?;
     let pem = ca.bundle_pem()?;
@@ -1219,6 +1255,8 @@ fn help(e: &CaError) -> Option<String> {
         CaError::TokenUnknown | CaError::TokenExpired { .. } | CaError::TokenUsed => "create a new join token with `ca token create --dir <dir> --spiffe-id <id>`".into(),
         CaError::ReservedPath { .. } => "pass the workload's own SPIFFE ID, e.g. spiffe://<td>/payments".into(),
         CaError::NotRotatable { .. } => "the directory must hold cert.pem and key.pem written by `ca issue` from this CA".into(),
+        CaError::StoreUnavailable { .. } => "check that PostgreSQL is up and reachable from here (host, port, sslmode, PGSSLROOTCERT) and that the user may connect; nothing was recorded".into(),
+        CaError::StoreConfig { .. } => "write the store as postgres://user:password@host:5432/db[?sslmode=require] (GATEHOUSE_CA_STORE also works)".into(),
         CaError::KeyStore { .. } => "check --pkcs11-module/GATEHOUSE_PKCS11_MODULE, the token label in the pkcs11: URI and the PIN (--pin-env, pin-source or GATEHOUSE_PKCS11_PIN); `softhsm2-util --show-slots` lists SoftHSM2 tokens".into(),
         CaError::OutputInsideCa { dir, .. } => format!(
             "write outputs outside {} (it holds only the CA's own keys and state), e.g. `--out ./crl.pem` or `--out ./certs/<service>` next to it",

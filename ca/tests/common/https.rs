@@ -34,11 +34,16 @@ impl Drop for Server {
 }
 
 pub fn serve(sb: &Sandbox, extra: &[&str]) -> Server {
+    serve_dir(sb, "ca", extra)
+}
+
+/// [`serve`] on the CA directory `dir` (relative to the sandbox).
+pub fn serve_dir(sb: &Sandbox, dir: &str, extra: &[&str]) -> Server {
     let mut child = Command::new(env!("CARGO_BIN_EXE_ca"))
         .args([
             "serve",
             "--dir",
-            "ca",
+            dir,
             "--listen",
             "127.0.0.1:0",
             "--dns",
