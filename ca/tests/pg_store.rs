@@ -26,6 +26,8 @@ struct Pg {
     port: u16,
     user: Option<String>,
     bin: PathBuf,
+    /// Server options beyond the address (`-c ssl=on …`).
+    extra: String,
 }
 
 fn pg_bin() -> PathBuf {
@@ -41,6 +43,12 @@ fn pg_bin() -> PathBuf {
 
 impl Pg {
     fn start() -> Pg {
+        Self::start_with(|_| String::new())
+    }
+
+    /// Starts a cluster; `setup` gets the cluster's private directory (owned by the server's
+    /// user once started) and returns extra server options.
+    fn start_with(setup: impl FnOnce(&std::path::Path) -> String) -> Pg {
         use std::os::unix::fs::{MetadataExt, PermissionsExt};
         let tmp = tempfile::tempdir().expect("tmp");
         let data = tmp.path().join("data");
@@ -63,6 +71,13 @@ impl Pg {
             std::os::unix::fs::chown(tmp.path(), Some(uid), None).expect("chown");
             std::os::unix::fs::chown(&pwfile, Some(uid), None).expect("chown");
         }
+        let extra = setup(tmp.path());
+        if root {
+            for e in std::fs::read_dir(tmp.path()).expect("ls").flatten() {
+                let uid = std::fs::metadata(tmp.path()).expect("meta").uid();
+                std::os::unix::fs::chown(e.path(), Some(uid), None).expect("chown");
+            }
+        }
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .expect("bind")
             .local_addr()
@@ -74,6 +89,7 @@ impl Pg {
             port,
             user,
             bin: pg_bin(),
+            extra,
         };
         pg.run(
             "initdb",
@@ -115,9 +131,10 @@ impl Pg {
     /// `pg_ctl start -w`: returns once the server accepts connections (pg_ctl polls for it).
     fn ctl_start(&self) {
         let opts = format!(
-            "-c listen_addresses=127.0.0.1 -p {} -k {} -c fsync=off -c max_connections=100",
+            "-c listen_addresses=127.0.0.1 -p {} -k {} -c fsync=off -c max_connections=100 {}",
             self.port,
-            self.data.display()
+            self.data.display(),
+            self.extra
         );
         let log = self.data.join("log");
         self.run(
@@ -408,4 +425,62 @@ fn migrations_are_versioned_and_the_password_is_never_printed() {
     let help = sb.ok(&["list", "--help"]);
     assert!(!help.contains(PASSWORD), "{help}");
     sb.ok(&["list", "--dir", "ca"]);
+}
+
+/// A CA certificate (PEM) and a server certificate + key for 127.0.0.1 signed by it.
+fn tls_files(dir: &std::path::Path, name: &str) -> (PathBuf, PathBuf, PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, SanType};
+    let ca_key = KeyPair::generate().expect("key");
+    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca.self_signed(&ca_key).expect("ca");
+    let key = KeyPair::generate().expect("key");
+    let mut leaf = CertificateParams::new(Vec::<String>::new()).expect("params");
+    leaf.subject_alt_names = vec![SanType::IpAddress(std::net::IpAddr::from([127, 0, 0, 1]))];
+    let cert = leaf
+        .signed_by(&key, &Issuer::new(ca, &ca_key))
+        .expect("leaf");
+    let paths = (
+        dir.join(format!("{name}-ca.pem")),
+        dir.join(format!("{name}-server.pem")),
+        dir.join(format!("{name}-server.key")),
+    );
+    std::fs::write(&paths.0, ca_cert.pem()).expect("write");
+    std::fs::write(&paths.1, cert.pem()).expect("write");
+    std::fs::write(&paths.2, key.serialize_pem()).expect("write");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&paths.2, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    (paths.0, paths.1, paths.2)
+}
+
+#[test]
+fn tls_to_the_database_verifies_its_certificate() {
+    let mut ca_pem = PathBuf::new();
+    let mut other_ca = PathBuf::new();
+    let pg = Pg::start_with(|dir| {
+        let (ca, cert, key) = tls_files(dir, "db");
+        ca_pem = ca;
+        other_ca = tls_files(dir, "other").0;
+        format!(
+            "-c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+            cert.display(),
+            key.display()
+        )
+    });
+    let url = format!("{}?sslmode=require", pg.url());
+    let mut sb = Sandbox::new();
+    init(&sb);
+    // sslmode=require without the database's CA: refused with what to set.
+    let stderr = sb.fails(2, &["list", "--dir", "ca", "--store", &url]);
+    assert!(stderr.contains("PGSSLROOTCERT"), "{stderr}");
+    // The right CA: connects over TLS.
+    sb.env = vec![("PGSSLROOTCERT".into(), ca_pem.display().to_string())];
+    sb.ok(&["list", "--dir", "ca", "--store", &url]);
+    // Another CA: the handshake fails, so the certificate really is verified.
+    sb.env = vec![("PGSSLROOTCERT".into(), other_ca.display().to_string())];
+    let stderr = sb.fails(2, &["list", "--dir", "ca", "--store", &url]);
+    assert!(
+        stderr.contains("unavailable") && !stderr.contains(PASSWORD),
+        "{stderr}"
+    );
 }
