@@ -497,8 +497,7 @@ pub fn generate(
     generation: u32,
     role: Role,
 ) -> Result<CaKey, CaError> {
-    let uri = Pkcs11Uri::parse(&store.uri)?;
-    let m = module(&module_path(&uri, store.module.as_deref())?)?;
+    let (uri, m) = resolve(store)?;
     let label = uri.label(generation, role);
     let session = open_session(&m, &uri)?;
     let existing = session
@@ -551,9 +550,15 @@ pub fn open(
     generation: u32,
     role: Role,
 ) -> Result<CaKey, CaError> {
+    let (uri, m) = resolve(store)?;
+    find(&m, &uri, &uri.label(generation, role), key_type)
+}
+
+/// The parsed URI of `store` and its loaded module.
+fn resolve(store: &KeyStoreRef) -> Result<(Pkcs11Uri, Arc<Module>), CaError> {
     let uri = Pkcs11Uri::parse(&store.uri)?;
     let m = module(&module_path(&uri, store.module.as_deref())?)?;
-    find(&m, &uri, &uri.label(generation, role), key_type)
+    Ok((uri, m))
 }
 
 fn find(m: &Module, uri: &Pkcs11Uri, label: &str, key_type: KeyType) -> Result<CaKey, CaError> {

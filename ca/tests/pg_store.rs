@@ -233,6 +233,12 @@ fn crl_contents(pem: &[u8]) -> (HashSet<String>, Vec<u64>) {
     (serials, numbers)
 }
 
+/// Replica A on `ca`, replica B on its copy `ca-b`, both on the database at `url`.
+fn replicas(sb: &Sandbox, url: &str) -> (Server, Server) {
+    let store = ["--store", url];
+    (serve(sb, &store), serve_dir(sb, "ca-b", &store))
+}
+
 async fn get_crl(sb: &Sandbox, srv: &Server) -> Vec<u8> {
     let (s, body) = call(sb, srv.addr, None, "GET", "/v1/crl", None).await;
     assert_eq!(s, 200);
@@ -245,9 +251,7 @@ async fn two_replicas_on_one_database_share_tokens_inventory_revocations_and_crl
     let url = pg.url();
     let sb = Sandbox::new();
     init(&sb);
-    let store = ["--store", url.as_str()];
-    let a = serve(&sb, &store);
-    let b = serve_dir(&sb, "ca-b", &store);
+    let (a, b) = replicas(&sb, &url);
     let sb = Arc::new(sb);
 
     // 200 concurrent enrollments, alternating replicas, on one 200-use token: 200 distinct
@@ -354,9 +358,7 @@ async fn database_outage_means_503_at_every_replica_and_issuance_resumes_without
     let url = pg.url();
     let sb = Sandbox::new();
     init(&sb);
-    let store = ["--store", url.as_str()];
-    let a = serve(&sb, &store);
-    let b = serve_dir(&sb, "ca-b", &store);
+    let (a, b) = replicas(&sb, &url);
     let id = format!("{TD}/payments");
     let t = token(&sb, &id, &["--uses", "10", "--store", &url]);
     let key = KeyPair::generate().expect("key");
