@@ -486,3 +486,56 @@ fn tls_to_the_database_verifies_its_certificate() {
         "{stderr}"
     );
 }
+
+/// Replica A killed while certificates it issued are being renewed: every renewal goes through
+/// replica B (the sidecar's failover is another component; here the client moves on to B as a
+/// sidecar would after a refused connection) and none fails.
+#[tokio::test(flavor = "multi_thread")]
+async fn replica_killed_during_renewals_the_other_renews_everything() {
+    let pg = Pg::start();
+    let url = pg.url();
+    let sb = Sandbox::new();
+    init(&sb);
+    let (mut a, b) = replicas(&sb, &url);
+    let id = format!("{TD}/orders");
+    let t = token(&sb, &id, &["--uses", "20", "--store", &url]);
+    let mut held = Vec::new();
+    for _ in 0..20 {
+        let key = KeyPair::generate().expect("key");
+        let (s, body) = enroll(&sb, a.addr, &t, &csr(&key)).await;
+        held.push((ok_cert(s, &body), key));
+    }
+    let sb = Arc::new(sb);
+    // Renewals start at A; A dies after the first few; each renewal falls over to B.
+    let a_addr = a.addr;
+    let mut failed = 0;
+    let mut via_b = 0;
+    for (i, (cert, key)) in held.into_iter().enumerate() {
+        if i == 5 {
+            let _ = a.child.kill();
+            let _ = a.child.wait();
+        }
+        let next = KeyPair::generate().expect("key");
+        // A refused connection is what a sidecar sees from a dead replica: it tries the next.
+        let (s, resp) = if tokio::net::TcpStream::connect(a_addr).await.is_ok() {
+            renew(&sb, a_addr, &cert.cert_chain, &key, &next).await
+        } else {
+            via_b += 1;
+            renew(&sb, b.addr, &cert.cert_chain, &key, &next).await
+        };
+        if s == 200 {
+            verified(&ok_cert(s, &resp));
+        } else {
+            failed += 1;
+        }
+    }
+    assert_eq!(failed, 0);
+    assert_eq!(via_b, 15, "the 15 renewals after the kill went to B");
+    // Both replicas' renewals are in the one inventory.
+    let renewed = rows(&sb, &url)
+        .iter()
+        .filter(|r| r["source"] == "renew")
+        .count();
+    assert_eq!(renewed, 20);
+    drop(b);
+}
