@@ -95,7 +95,7 @@ note "Debian kubectl $("$deb_kubectl" version --client --short 2>/dev/null || "$
 
 # ---------------------------------------------------------------------------------------------
 step "kustomize: render every root"
-roots=(base overlays/monolith overlays/report-service ca-rotation)
+roots=(base overlays/monolith overlays/report-service ca-rotation ca-serve-postgres)
 renderers=("debian-kubectl|$deb_kubectl kustomize")
 if command -v kustomize >/dev/null; then
   renderers+=("kustomize-$(kustomize version 2>/dev/null | tr -d '{}' | awk '{print $1}' | tr -c 'A-Za-z0-9.\n' '-')|kustomize build")
@@ -478,7 +478,7 @@ step "shell scripts (shellcheck, when installed)"
 if command -v shellcheck >/dev/null; then
   if ! shellcheck "$here/validate.sh" "$here/kubernetes/ca-rotation/publish.sh" ||
     ! shellcheck "$here/terraform/ecs/rotate.sh" ||
-    ! shellcheck -s sh "$here/terraform/ecs/templates/init.sh"; then
+    ! shellcheck -s sh "$here/terraform/ecs/templates/init.sh" "$here/kubernetes/ca-serve-postgres/seed.sh"; then
     die "shellcheck found problems (above)" "fix them"
   fi
   note "ok"
@@ -487,7 +487,7 @@ else
 fi
 
 step "READMEs"
-for d in "$here" "$here"/kubernetes "$here"/argocd "$here"/terraform/ecs "$here"/systemd "$here"/container "$here"/monitoring; do
+for d in "$here" "$here"/kubernetes "$here"/argocd "$here"/terraform/ecs "$here"/terraform/ca-store "$here"/systemd "$here"/container "$here"/monitoring; do
   [[ -s $d/README.md ]] || die "${d#"$repo"/}/README.md is missing" "every deploy/ folder documents how an operator uses it"
 done
 note "ok"

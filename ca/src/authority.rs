@@ -20,6 +20,8 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use rcgen::{Issuer, KeyPair, SignatureAlgorithm};
+
+use crate::keystore::{self, CaKey, KeyStoreRef, Role};
 use serde::{Deserialize, Serialize};
 use time::{Duration, OffsetDateTime};
 
@@ -119,6 +121,9 @@ pub(crate) struct CaState {
     /// `bundle.pem`. Absent from `ca.json` until a CRL is written.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub crl_outputs: Vec<CrlOutput>,
+    /// The PKCS#11 token holding the CA keys; absent when they are `gen-N/*.key` files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_store: Option<KeyStoreRef>,
 }
 
 /// A file the CA publishes its CRLs to, and the validity it was written with.
@@ -148,7 +153,7 @@ pub struct Generation {
 /// A CA certificate with its key, able to sign.
 pub(crate) struct Signer {
     pub generation: u32,
-    pub issuer: Issuer<'static, KeyPair>,
+    pub issuer: Issuer<'static, CaKey>,
     /// PEM of the certificates that go after the leaf in `cert.pem` (the intermediate, if any).
     pub chain_pem: String,
     pub not_after: OffsetDateTime,
@@ -160,6 +165,8 @@ pub struct Authority {
     dir: PathBuf,
     trust_domain: TrustDomain,
     key_type: KeyType,
+    /// The shared store of records (`--store`); `None`: the CA directory.
+    store: Option<crate::ledger::SharedStore>,
 }
 
 impl Authority {
@@ -171,6 +178,20 @@ impl Authority {
     /// # Errors
     /// [`CaError::AlreadyExists`] when `dir` holds anything; [`CaError::ZeroTtl`]; I/O errors.
     pub fn init(dir: &Path, opts: &InitOptions) -> Result<Authority, CaError> {
+        Self::init_with_key_store(dir, opts, None)
+    }
+
+    /// [`Authority::init`] with the CA keys generated in a PKCS#11 token (`Some`) instead of
+    /// PKCS#8 files: no key file is written, `ca.json` records the token URI (without PIN).
+    ///
+    /// # Errors
+    /// As [`Authority::init`], and [`CaError::KeyStore`] for a bad URI, an Ed25519 key type
+    /// or any token failure.
+    pub fn init_with_key_store(
+        dir: &Path,
+        opts: &InitOptions,
+        key_store: Option<KeyStoreRef>,
+    ) -> Result<Authority, CaError> {
         if is_non_empty_dir(dir) || (dir.exists() && !dir.is_dir()) {
             return Err(CaError::AlreadyExists {
                 dir: dir.to_path_buf(),
@@ -197,7 +218,16 @@ impl Authority {
             }],
             crl_number: 0,
             crl_outputs: Vec::new(),
+            key_store,
         };
+        if let Some(ks) = &state.key_store {
+            keystore::Pkcs11Uri::parse(&ks.uri)?;
+            if opts.key_type == KeyType::Ed25519 {
+                return Err(CaError::KeyStore {
+                    detail: "a PKCS#11 key store holds ECDSA keys: use --key-type ecdsa-p256 or ecdsa-p384".into(),
+                });
+            }
+        }
         let parent = match dir.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
@@ -257,7 +287,28 @@ impl Authority {
             dir: dir.to_path_buf(),
             trust_domain,
             key_type: state.key_type,
+            store: None,
         })
+    }
+
+    /// Keeps the inventory, join tokens, revocations and CRL numbers in `store` instead of the
+    /// CA directory (keys, certificates and `bundle.pem` stay in the directory). The store's
+    /// CRL number is raised to the directory's, so numbers never go back.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub fn with_store(
+        mut self,
+        store: std::sync::Arc<dyn crate::ledger::Store>,
+    ) -> Result<Authority, CaError> {
+        store.raise_crl_number(read_state(&self.dir)?.crl_number)?;
+        self.store = Some(crate::ledger::SharedStore(store));
+        Ok(self)
+    }
+
+    /// The shared store, when the CA uses one.
+    pub fn store(&self) -> Option<&dyn crate::ledger::Store> {
+        self.store.as_ref().map(|s| &*s.0)
     }
 
     /// The CA directory.
@@ -327,6 +378,30 @@ impl Authority {
         Ok(read_state(&self.dir)?.crl_outputs)
     }
 
+    /// Where each CA key lives (PKCS#8 file or PKCS#11 token object), oldest generation first.
+    ///
+    /// # Errors
+    /// [`CaError::Corrupt`] or I/O errors reading `ca.json`.
+    pub fn key_locations(&self) -> Result<Vec<keystore::KeyLocation>, CaError> {
+        let state = read_state(&self.dir)?;
+        let mut out = Vec::new();
+        for g in &state.generations {
+            out.push(keystore::describe(
+                state.key_store.as_ref(),
+                g.id,
+                Role::Root,
+            ));
+            if state.intermediate {
+                out.push(keystore::describe(
+                    state.key_store.as_ref(),
+                    g.id,
+                    Role::Intermediate,
+                ));
+            }
+        }
+        Ok(out)
+    }
+
     /// Takes the directory lock (blocks until free).
     pub(crate) fn lock(&self) -> Result<DirLock, CaError> {
         DirLock::acquire(&self.dir)
@@ -343,44 +418,47 @@ impl Authority {
     /// The signer of generation `id` (its intermediate, or its root without one).
     pub(crate) fn signer(&self, state: &CaState, id: u32) -> Result<Signer, CaError> {
         let gen_dir = self.dir.join(format!("gen-{id}"));
-        let (cert_file, key_file) = if state.intermediate {
-            ("intermediate.pem", "intermediate.key")
+        let role = if state.intermediate {
+            Role::Intermediate
         } else {
-            ("root.pem", "root.key")
+            Role::Root
         };
-        self.load_signer(
-            &gen_dir.join(cert_file),
-            &gen_dir.join(key_file),
-            id,
-            state.intermediate,
-        )
+        self.load_signer(state, &gen_dir, role, id, state.intermediate)
     }
 
     /// The root of generation `id` as a signer (for CRLs covering intermediates).
     pub(crate) fn root_signer(&self, id: u32) -> Result<Signer, CaError> {
         let gen_dir = self.dir.join(format!("gen-{id}"));
-        self.load_signer(
-            &gen_dir.join("root.pem"),
-            &gen_dir.join("root.key"),
-            id,
-            false,
-        )
+        let state = self.state()?;
+        self.load_signer(&state, &gen_dir, Role::Root, id, false)
     }
 
     fn load_signer(
         &self,
-        cert_path: &Path,
-        key_path: &Path,
+        state: &CaState,
+        gen_dir: &Path,
+        role: Role,
         id: u32,
         chain: bool,
     ) -> Result<Signer, CaError> {
+        let name = match role {
+            Role::Root => "root",
+            Role::Intermediate => "intermediate",
+        };
+        let cert_path = &gen_dir.join(format!("{name}.pem"));
         let cert_pem = store::read_string(cert_path)?;
-        let key_pem = store::read_string(key_path)?;
         let corrupt = |path: &Path, e: rcgen::Error| CaError::Corrupt {
             path: path.to_path_buf(),
             detail: e.to_string(),
         };
-        let key = KeyPair::from_pem(&key_pem).map_err(|e| corrupt(key_path, e))?;
+        let key = match &state.key_store {
+            Some(ks) => keystore::open(ks, state.key_type, id, role)?,
+            None => {
+                let key_path = &gen_dir.join(format!("{name}.key"));
+                let key_pem = store::read_string(key_path)?;
+                CaKey::File(KeyPair::from_pem(&key_pem).map_err(|e| corrupt(key_path, e))?)
+            }
+        };
         let not_after = crate::inspect::not_after_of_pem(&cert_pem, cert_path)?;
         let issuer = Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|e| corrupt(cert_path, e))?;
         Ok(Signer {
@@ -452,7 +530,8 @@ impl Authority {
             return Err(CaError::NothingToRetire);
         }
         let now = OffsetDateTime::now_utc();
-        let live: Vec<_> = inventory::read_entries(&self.dir, now)?
+        let live: Vec<_> = self
+            .entries(now)?
             .into_iter()
             .filter(|e| old.contains(&e.generation) && e.state == inventory::CertState::Valid)
             .collect();
@@ -481,10 +560,27 @@ fn is_non_empty_dir(dir: &Path) -> bool {
 }
 
 /// PEM files of one generation: (root cert, root key, optional (intermediate cert, key)).
+/// The keys are `None` when they live in a PKCS#11 token.
 struct GenerationFiles {
     root_pem: String,
-    root_key: String,
-    intermediate: Option<(String, String)>,
+    root_key: Option<String>,
+    intermediate: Option<(String, Option<String>)>,
+}
+
+/// A new CA key: a PKCS#8 key in memory, or generated inside the configured token.
+fn new_ca_key(state: &CaState, id: u32, role: Role) -> Result<CaKey, CaError> {
+    match &state.key_store {
+        Some(ks) => keystore::generate(ks, state.key_type, id, role),
+        None => Ok(CaKey::File(state.key_type.generate()?)),
+    }
+}
+
+/// The PKCS#8 PEM to write for a file key; `None` for a token key.
+fn key_file(key: &CaKey) -> Option<String> {
+    match key {
+        CaKey::File(k) => Some(k.serialize_pem()),
+        CaKey::Token(_) => None,
+    }
 }
 
 fn build_generation(
@@ -494,7 +590,7 @@ fn build_generation(
 ) -> Result<GenerationFiles, CaError> {
     let ttl = Duration::seconds(i64::try_from(state.ca_ttl_secs).unwrap_or(i64::MAX / 2));
     let td = &state.trust_domain;
-    let root_key = state.key_type.generate()?;
+    let root_key = new_ca_key(state, id, Role::Root)?;
     let path_len = u8::from(state.intermediate);
     let root_params = profile::ca_params(
         &format!("Gatehouse root CA {td} g{id}"),
@@ -504,7 +600,7 @@ fn build_generation(
     )?;
     let root = root_params.self_signed(&root_key)?;
     let intermediate = if state.intermediate {
-        let key = state.key_type.generate()?;
+        let key = new_ca_key(state, id, Role::Intermediate)?;
         let params = profile::ca_params(
             &format!("Gatehouse intermediate CA {td} g{id}"),
             0,
@@ -513,13 +609,13 @@ fn build_generation(
         )?;
         let issuer = Issuer::new(root_params, &root_key);
         let cert = params.signed_by(&key, &issuer)?;
-        Some((cert.pem(), key.serialize_pem()))
+        Some((cert.pem(), key_file(&key)))
     } else {
         None
     };
     Ok(GenerationFiles {
         root_pem: root.pem(),
-        root_key: root_key.serialize_pem(),
+        root_key: key_file(&root_key),
         intermediate,
     })
 }
@@ -527,18 +623,18 @@ fn build_generation(
 fn write_generation(dir: &Path, id: u32, files: &GenerationFiles) -> Result<(), CaError> {
     let gen_dir = dir.join(format!("gen-{id}"));
     store::create_dir(&gen_dir, 0o700)?;
-    store::write_new(
-        &gen_dir.join("root.key"),
-        files.root_key.as_bytes(),
-        KEY_MODE,
-    )?;
+    if let Some(key) = &files.root_key {
+        store::write_new(&gen_dir.join("root.key"), key.as_bytes(), KEY_MODE)?;
+    }
     store::write_new(
         &gen_dir.join("root.pem"),
         files.root_pem.as_bytes(),
         PUBLIC_MODE,
     )?;
     if let Some((cert, key)) = &files.intermediate {
-        store::write_new(&gen_dir.join("intermediate.key"), key.as_bytes(), KEY_MODE)?;
+        if let Some(key) = key {
+            store::write_new(&gen_dir.join("intermediate.key"), key.as_bytes(), KEY_MODE)?;
+        }
         store::write_new(
             &gen_dir.join("intermediate.pem"),
             cert.as_bytes(),

@@ -215,6 +215,28 @@ pub enum CaError {
         /// The serial, hex.
         serial: String,
     },
+    /// The shared store (`--store`) cannot be reached: nothing was issued or recorded.
+    #[error("the CA store {store} is unavailable: {detail}")]
+    StoreUnavailable {
+        /// The store, without its password.
+        store: String,
+        /// What failed.
+        detail: String,
+    },
+    /// A `--store` connection string or TLS setting that cannot work.
+    #[error("CA store {store}: {detail}")]
+    StoreConfig {
+        /// The store, without its password.
+        store: String,
+        /// What is wrong.
+        detail: String,
+    },
+    /// The PKCS#11 key store (module, token, PIN or key object) failed or is misconfigured.
+    #[error("PKCS#11 key store: {detail}")]
+    KeyStore {
+        /// What failed, with the module/token/label involved (never the PIN).
+        detail: String,
+    },
 }
 
 /// ` (resolves to X)` when the path given is not where it lands.

@@ -195,7 +195,11 @@ pub fn read_records(dir: &Path) -> Result<Vec<Record>, CaError> {
 /// # Errors
 /// As [`read_records`].
 pub fn read_entries(dir: &Path, now: OffsetDateTime) -> Result<Vec<Entry>, CaError> {
-    let records = read_records(dir)?;
+    Ok(entries_from(read_records(dir)?, now))
+}
+
+/// Every issued certificate of `records` with its state at `now`, in issue order.
+pub fn entries_from(records: Vec<Record>, now: OffsetDateTime) -> Vec<Entry> {
     let mut revoked: HashMap<String, Revoked> = HashMap::new();
     let mut replaced: HashSet<String> = HashSet::new();
     for r in &records {
@@ -214,7 +218,7 @@ pub fn read_entries(dir: &Path, now: OffsetDateTime) -> Result<Vec<Entry>, CaErr
         Record::Issued(i) => Some(i),
         Record::Revoked(_) => None,
     });
-    Ok(entries
+    entries
         .map(|issued| {
             let revoked = revoked.get(&issued.serial).cloned();
             let expired = parse_time(&issued.not_after).is_none_or(|t| t <= now);
@@ -233,7 +237,7 @@ pub fn read_entries(dir: &Path, now: OffsetDateTime) -> Result<Vec<Entry>, CaErr
                 revoked,
             }
         })
-        .collect())
+        .collect()
 }
 
 /// Appends a record. The caller holds the directory lock.
@@ -262,6 +266,6 @@ impl Authority {
     /// # Errors
     /// [`CaError::Corrupt`] for a malformed line; I/O errors.
     pub fn list(&self) -> Result<Vec<Entry>, CaError> {
-        read_entries(self.dir(), OffsetDateTime::now_utc())
+        self.entries(OffsetDateTime::now_utc())
     }
 }

@@ -12,7 +12,7 @@ use rcgen::{CertificateParams, KeyPair, PublicKeyData, SanType};
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
-use crate::inventory::{self, Issued, Record, Source, fmt_time};
+use crate::inventory::{Issued, Record, Source, fmt_time};
 use crate::{Authority, CaError, SpiffeId, profile, store};
 
 /// What to issue: one identity, optional DNS SANs, a lifetime.
@@ -230,11 +230,9 @@ impl Authority {
                 ca_not_after: fmt_time(signer.not_after),
             });
         }
-        let known = inventory::known_serials(self.dir())?;
-        while params
-            .serial_number
-            .as_ref()
-            .is_some_and(|s| known.contains(&hex::encode(s.to_bytes())))
+        let known = self.serial_checker()?;
+        while let Some(s) = params.serial_number.as_ref()
+            && known(&hex::encode(s.to_bytes()))?
         {
             params.serial_number = Some(profile::random_serial()?);
         }
@@ -257,23 +255,20 @@ impl Authority {
                 _ => None,
             })
             .collect();
-        inventory::append(
-            self.dir(),
-            &Record::Issued(Issued {
-                serial: serial_hex.clone(),
-                spiffe_id,
-                dns,
-                not_before: fmt_time(params.not_before),
-                not_after: fmt_time(params.not_after),
-                sha256: sha256_hex.clone(),
-                issued_at: fmt_time(OffsetDateTime::now_utc()),
-                generation: signer.generation,
-                source: how.source,
-                replaces: how.replaces.map(str::to_owned),
-                credential: how.credential.map(str::to_owned),
-                peer: how.peer.map(str::to_owned),
-            }),
-        )?;
+        self.append_record(&Record::Issued(Issued {
+            serial: serial_hex.clone(),
+            spiffe_id,
+            dns,
+            not_before: fmt_time(params.not_before),
+            not_after: fmt_time(params.not_after),
+            sha256: sha256_hex.clone(),
+            issued_at: fmt_time(OffsetDateTime::now_utc()),
+            generation: signer.generation,
+            source: how.source,
+            replaces: how.replaces.map(str::to_owned),
+            credential: how.credential.map(str::to_owned),
+            peer: how.peer.map(str::to_owned),
+        }))?;
         Ok(Signed {
             chain_pem: format!("{}{}", cert.pem(), signer.chain_pem),
             serial_hex,

@@ -106,7 +106,7 @@ impl Authority {
         check_reason(reason)?;
         let _lock = self.lock()?;
         let now = OffsetDateTime::now_utc();
-        let entries = inventory::read_entries(self.dir(), now)?;
+        let entries = self.entries(now)?;
         let chosen: Vec<_> = match target {
             RevokeTarget::Serial(s) => {
                 let serial = normalize_serial(s);
@@ -134,7 +134,7 @@ impl Authority {
                 reason: reason.to_owned(),
                 revoked_at: fmt_time(now),
             };
-            inventory::append(self.dir(), &Record::Revoked(record.clone()))?;
+            self.append_record(&Record::Revoked(record.clone()))?;
             done.push(record);
         }
         Ok(done)
@@ -148,13 +148,8 @@ impl Authority {
         let ttl = crl_ttl(ttl)?;
         let _lock = self.lock()?;
         let mut state = self.state()?;
-        state.crl_number += 1;
-        let pem = self.sign_crls(
-            &state,
-            state.crl_number,
-            ttl,
-            crl_ttl(DEFAULT_ROOT_CRL_TTL)?,
-        )?;
+        let number = self.next_crl_number(&mut state)?;
+        let pem = self.sign_crls(&state, number, ttl, crl_ttl(DEFAULT_ROOT_CRL_TTL)?)?;
         self.save_state(&state)?;
         Ok(pem)
     }
@@ -188,9 +183,9 @@ impl Authority {
         let path = std::path::absolute(out).map_err(CaError::io("cannot resolve", out))?;
         let _lock = self.lock()?;
         let mut state = self.state()?;
-        state.crl_number += 1;
+        let number = self.next_crl_number(&mut state)?;
         let root_ttl = crl_ttl(root_ttl)?;
-        let pem = self.sign_crls(&state, state.crl_number, ttl, root_ttl)?;
+        let pem = self.sign_crls(&state, number, ttl, root_ttl)?;
         state.crl_outputs.retain(|o| o.path != path);
         state.crl_outputs.push(CrlOutput {
             path: path.clone(),
@@ -212,8 +207,7 @@ impl Authority {
             return Ok(());
         }
         // One number per run, shared by every file (as one `ca crl` would).
-        let number = state.crl_number + 1;
-        state.crl_number = number;
+        let number = self.next_crl_number(state)?;
         let mut signed: Vec<(u64, String)> = Vec::new();
         for out in &state.crl_outputs {
             if !signed.iter().any(|(t, _)| *t == out.ttl_secs) {
@@ -242,7 +236,7 @@ impl Authority {
     ) -> Result<String, CaError> {
         let now = OffsetDateTime::now_utc();
         let now = now.replace_nanosecond(0).unwrap_or(now);
-        let entries = inventory::read_entries(self.dir(), now)?;
+        let entries = self.entries(now)?;
         let mut pem = String::new();
         for generation in state.generations.iter().filter(|g| !g.retired) {
             let revoked: Vec<RevokedCertParams> = entries
@@ -268,7 +262,7 @@ impl Authority {
     }
 
     /// The (empty) CRL of generation `id`'s root: signed for `max(ttl, root_ttl)` and stored when
-    /// `gen-N/root.key` is present, else the stored one if it outlives this run's CRLs.
+    /// `gen-N/root.key` is present (or the root key is in a PKCS#11 token), else the stored one if it outlives this run's CRLs.
     fn root_crl(
         &self,
         id: u32,
@@ -279,7 +273,8 @@ impl Authority {
     ) -> Result<String, CaError> {
         let gen_dir = self.dir().join(format!("gen-{id}"));
         let stored = gen_dir.join(ROOT_CRL_FILE);
-        if gen_dir.join("root.key").exists() {
+        // A token-held root is always online: only a PKCS#8 root.key can be moved offline.
+        if gen_dir.join("root.key").exists() || self.state()?.key_store.is_some() {
             let root = self.root_signer(id)?;
             let pem = sign_crl(&root.issuer, Vec::new(), number, now, ttl.max(root_ttl))?;
             store::write_atomic(&stored, pem.as_bytes(), PUBLIC_MODE)?;
@@ -316,6 +311,9 @@ impl Authority {
     /// # Errors
     /// As [`inventory::read_records`].
     pub fn revoked_serials(&self) -> Result<HashSet<String>, CaError> {
+        if let Some(store) = self.store() {
+            return store.revoked_serials();
+        }
         Ok(inventory::read_records(self.dir())?
             .into_iter()
             .filter_map(|r| match r {
@@ -327,7 +325,7 @@ impl Authority {
 }
 
 fn sign_crl(
-    issuer: &rcgen::Issuer<'static, rcgen::KeyPair>,
+    issuer: &rcgen::Issuer<'static, crate::keystore::CaKey>,
     revoked_certs: Vec<RevokedCertParams>,
     number: u64,
     now: OffsetDateTime,

@@ -33,7 +33,7 @@ use time::OffsetDateTime;
 use x509_parser::prelude::GeneralName;
 
 use crate::inspect::{parse_x509, read_chain};
-use crate::inventory::{self, CertState, Source, fmt_time};
+use crate::inventory::{CertState, Source, fmt_time};
 use crate::store::{self, DirLock};
 use crate::{Authority, CaError, IssueRequest, SpiffeId, profile};
 
@@ -145,7 +145,7 @@ impl Authority {
                 self.trust_domain()
             )));
         }
-        let entries = inventory::read_entries(self.dir(), now)?;
+        let entries = self.entries(now)?;
         let Some(entry) = entries.iter().find(|e| e.serial == cur.serial) else {
             return Err(not_rotatable(format!(
                 "serial {} is not in this CA's inventory",

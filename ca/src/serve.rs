@@ -429,6 +429,15 @@ fn refusal(e: &CaError) -> Reply {
             "foreign_trust_domain",
             "use the CA of that trust domain",
         ),
+        // Nothing is issued without its record: the replica refuses until the store is back.
+        CaError::StoreUnavailable { .. } => {
+            eprintln!("ca serve: {e}");
+            return error(
+                S::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                "the CA cannot reach its database, so it issues nothing: retry shortly or another CA replica",
+            );
+        }
         _ => {
             eprintln!("ca serve: internal error: {e}");
             return error(

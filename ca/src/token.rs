@@ -108,6 +108,20 @@ impl Authority {
         let token = format!("{TOKEN_PREFIX}{}", hex::encode(store::random_bytes(32)?));
         let now = OffsetDateTime::now_utc();
         let expires = now + ttl;
+        if let Some(store) = self.store() {
+            store.create_token(&crate::ledger::TokenRow {
+                sha256: hash(&token),
+                spiffe_id: id.as_str().to_owned(),
+                expires: expires.unix_timestamp(),
+                uses_left: uses,
+            })?;
+            return Ok(JoinToken {
+                token,
+                spiffe_id: id.clone(),
+                expires,
+                uses,
+            });
+        }
         let _lock = self.lock()?;
         let mut file = self.read_tokens()?;
         file.tokens.push(StoredToken {
@@ -127,12 +141,27 @@ impl Authority {
 
     /// The SPIFFE ID of a usable `token`, without spending it. The caller holds the lock.
     pub(crate) fn peek_token_locked(&self, token: &str) -> Result<SpiffeId, CaError> {
+        if let Some(store) = self.store() {
+            let now = OffsetDateTime::now_utc().unix_timestamp();
+            return self.store_peek_token(store, &hash(token), now);
+        }
         let file = self.read_tokens()?;
         self.check_token(&file, token).map(|(id, _)| id)
     }
 
     /// Spends one use of `token` and returns its SPIFFE ID. The caller holds the directory lock.
     pub(crate) fn spend_token_locked(&self, token: &str) -> Result<SpiffeId, CaError> {
+        if let Some(store) = self.store() {
+            // One conditional UPDATE: the database decides which replica's request wins.
+            let (h, now) = (hash(token), OffsetDateTime::now_utc().unix_timestamp());
+            let id = self.store_peek_token(store, &h, now)?;
+            if !store.spend_token(&h, now)? {
+                // Spent or expired since the peek: say which.
+                self.store_peek_token(store, &h, now)?;
+                return Err(CaError::TokenUsed);
+            }
+            return Ok(id);
+        }
         let mut file = self.read_tokens()?;
         let (id, i) = self.check_token(&file, token)?;
         file.tokens[i].uses_left -= 1;

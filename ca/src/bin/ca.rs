@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use gatehouse_ca::inspect::{self, Inspection};
 use gatehouse_ca::inventory::Entry;
+use gatehouse_ca::keystore::{self, KeyLocation};
 use gatehouse_ca::revoke::RevokeTarget;
 use gatehouse_ca::rotate::{Outcome, RotateOptions};
 use gatehouse_ca::{
@@ -23,6 +24,27 @@ struct Cli {
     /// Output format for commands that print data.
     #[arg(long, global = true, value_enum, default_value_t = Format::Text)]
     format: Format,
+    /// PKCS#11 module (shared library) for a CA whose keys live in a token, e.g.
+    /// /usr/lib/softhsm/libsofthsm2.so. Default: $GATEHOUSE_PKCS11_MODULE, the key-store URI's
+    /// module-path, then the module recorded by `ca init`.
+    #[arg(long, global = true, value_name = "LIB")]
+    pkcs11_module: Option<PathBuf>,
+    /// Read the token's user PIN from this environment variable (default: the key-store URI's
+    /// pin-source, then $GATEHOUSE_PKCS11_PIN). The PIN is never written to any file.
+    #[arg(long, global = true, value_name = "VAR")]
+    pin_env: Option<String>,
+    /// Keep the inventory, join tokens, revocations and CRL numbers in PostgreSQL instead of the
+    /// CA directory (`postgres://user:password@host:5432/db[?sslmode=require]`; TLS roots from
+    /// $PGSSLROOTCERT). Shared by every `ca serve` replica and by `ca list`/`revoke`/`crl`/
+    /// `token create`/`enrollment issue`. The password is never printed.
+    #[arg(
+        long,
+        global = true,
+        value_name = "URL",
+        env = "GATEHOUSE_CA_STORE",
+        hide_env_values = true
+    )]
+    store: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -57,6 +79,11 @@ enum Command {
         /// Create a root and an intermediate; leaves are signed by the intermediate.
         #[arg(long)]
         intermediate: bool,
+        /// Generate the CA keys inside a PKCS#11 token instead of PKCS#8 files:
+        /// "pkcs11:token=<label>;object=<prefix>" (RFC 7512; query attributes module-path,
+        /// pin-source, pin-value). ECDSA P-256 or P-384 only. The keys never leave the token.
+        #[arg(long, value_name = "URI")]
+        key_store: Option<String>,
     },
     /// Issue an X.509-SVID with a new key into a certificate directory.
     ///
@@ -94,9 +121,13 @@ enum Command {
     /// Prints identity, DNS SANs, serial, validity and time left, key type, issuer. With
     /// --bundle the chain is verified with webpki (serverAuth and clientAuth); exit 1 when it
     /// does not verify.
+    #[command(group = clap::ArgGroup::new("what").required(true).multiple(true).args(["file", "dir"]))]
     Inspect {
         /// PEM file, leaf first (e.g. cert.pem from `ca issue`).
-        file: PathBuf,
+        file: Option<PathBuf>,
+        /// CA directory: print where each of its keys lives (PKCS#8 file or PKCS#11 token).
+        #[arg(long)]
+        dir: Option<PathBuf>,
         /// Trust bundle to verify against (e.g. bundle.pem).
         #[arg(long)]
         bundle: Option<PathBuf>,
@@ -329,6 +360,13 @@ enum RootCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    gatehouse_ca::keystore::configure(gatehouse_ca::keystore::Pkcs11Options {
+        module: cli.pkcs11_module.clone(),
+        pin_env: cli.pin_env.clone(),
+    });
+    if let Some(url) = &cli.store {
+        let _ = STORE_URL.set(url.clone());
+    }
     match run(&cli) {
         Ok(code) => code,
         Err(e) => render(&e),
@@ -344,7 +382,16 @@ fn run(cli: &Cli) -> Result<ExitCode, CaError> {
             key_type,
             ttl,
             intermediate,
-        } => init(dir, trust_domain, key_type, *ttl, *intermediate, json),
+            key_store,
+        } => init(
+            dir,
+            trust_domain,
+            key_type,
+            *ttl,
+            *intermediate,
+            key_store.as_deref(),
+            json,
+        ),
         Command::Issue { dir, svid, out } => issue(dir, svid, out, json),
         Command::Sign {
             dir,
@@ -352,7 +399,29 @@ fn run(cli: &Cli) -> Result<ExitCode, CaError> {
             svid,
             out,
         } => sign(dir, csr, svid, out, json),
-        Command::Inspect { file, bundle } => inspect_cmd(file, bundle.as_deref(), json),
+        Command::Inspect { file, dir, bundle } => match (file, dir) {
+            (Some(file), _) => {
+                let code = inspect_cmd(file, bundle.as_deref(), json)?;
+                if let (Some(dir), false) = (dir, json) {
+                    print_keys(&open_ca(dir)?.key_locations()?);
+                }
+                Ok(code)
+            }
+            (None, Some(dir)) => {
+                let ca = open_ca(dir)?;
+                let keys = ca.key_locations()?;
+                if json {
+                    print_json(&json!({
+                        "dir": dir, "trust_domain": ca.trust_domain().as_str(), "keys": keys_json(&keys),
+                    }));
+                } else {
+                    println!("CA {} in {}", ca.trust_domain(), dir.display());
+                    print_keys(&keys);
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            (None, None) => unreachable_usage(),
+        },
         Command::List { dir } => list(dir, json),
         Command::Rotate {
             dir,
@@ -364,7 +433,7 @@ fn run(cli: &Cli) -> Result<ExitCode, CaError> {
             exit_code,
             bundle_only,
         } => {
-            let ca = Authority::open(dir)?;
+            let ca = open_ca(dir)?;
             let opts = RotateOptions {
                 renew_before: *renew_before,
                 force: *force,
@@ -452,7 +521,7 @@ fn token_create(
     uses: u32,
     json: bool,
 ) -> Result<ExitCode, CaError> {
-    let ca = Authority::open(dir)?;
+    let ca = open_ca(dir)?;
     let t = ca.create_token(&parse_id(spiffe_id)?, ttl, uses)?;
     if json {
         print_json(&json!({
@@ -477,7 +546,7 @@ fn enrollment_issue(
     ttl: Duration,
     json: bool,
 ) -> Result<ExitCode, CaError> {
-    let ca = Authority::open(dir)?;
+    let ca = open_ca(dir)?;
     let bound = parse_id(spiffe_id)?;
     check_out_dir(&ca, out)?;
     let cert = ca.issue_enrollment(&bound, ttl)?;
@@ -514,7 +583,7 @@ fn serve(
     dns: &[String],
     k8s: Option<K8sArgs<'_>>,
 ) -> Result<ExitCode, CaError> {
-    let ca = Authority::open(dir)?;
+    let ca = open_ca(dir)?;
     gatehouse_ca::profile::check_dns_names(dns)?;
     let k8s = k8s
         .map(|k| {
@@ -567,6 +636,7 @@ fn init(
     key_type: &str,
     ttl: Duration,
     intermediate: bool,
+    key_store: Option<&str>,
     json: bool,
 ) -> Result<ExitCode, CaError> {
     let trust_domain = TrustDomain::parse(trust_domain).map_err(|source| CaError::InvalidId {
@@ -580,12 +650,14 @@ fn init(
         ttl,
         intermediate,
     };
-    let ca = Authority::init(dir, &opts)?;
+    let key_store = key_store.map(keystore::KeyStoreRef::for_init).transpose()?;
+    let ca = Authority::init_with_key_store(dir, &opts, key_store)?;
+    let keys = ca.key_locations()?;
     let bundle = dir.join("bundle.pem");
     if json {
         print_json(&json!({
             "dir": dir, "trust_domain": ca.trust_domain().as_str(), "key_type": key_type.as_str(),
-            "intermediate": intermediate, "bundle": bundle,
+            "intermediate": intermediate, "bundle": bundle, "keys": keys_json(&keys),
         }));
     } else {
         println!(
@@ -602,6 +674,9 @@ fn init(
             }
         );
         println!("  trust bundle  {}", bundle.display());
+        for k in &keys {
+            println!("  {:<13} {}", format!("{} key", k.role), k.location);
+        }
         println!(
             "next: ca issue --dir {} --spiffe-id spiffe://{}/<service> --out <dir>",
             dir.display(),
@@ -636,7 +711,7 @@ impl SvidArgs {
 }
 
 fn issue(dir: &Path, svid: &SvidArgs, out: &Path, json: bool) -> Result<ExitCode, CaError> {
-    let ca = Authority::open(dir)?;
+    let ca = open_ca(dir)?;
     let req = svid.request()?;
     check_out_dir(&ca, out)?;
     let svid = ca.issue(&req)?;
@@ -673,7 +748,7 @@ fn sign(
     out: &Path,
     json: bool,
 ) -> Result<ExitCode, CaError> {
-    let ca = Authority::open(dir)?;
+    let ca = open_ca(dir)?;
     let req = svid.request()?;
     let csr_bytes = std::fs::read(csr).map_err(|e| CaError::Io {
         action: "cannot read",
@@ -719,17 +794,58 @@ fn inspect_cmd(file: &Path, bundle: Option<&Path>, json: bool) -> Result<ExitCod
 }
 
 fn list(dir: &Path, json: bool) -> Result<ExitCode, CaError> {
-    let entries = Authority::open(dir)?.list()?;
+    let ca = open_ca(dir)?;
+    let entries = ca.list()?;
     if json {
         print_json(&serde_json::to_value(&entries).unwrap_or_default());
     } else {
         print_list(&entries);
+        print_keys(&ca.key_locations()?);
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn root_rotate(dir: &Path, json: bool) -> Result<ExitCode, CaError> {
+/// clap's argument group makes FILE or --dir required.
+fn unreachable_usage() -> Result<ExitCode, CaError> {
+    eprintln!("error: pass a certificate FILE or --dir <CA directory>");
+    Ok(ExitCode::from(2))
+}
+
+static STORE_URL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Opens the CA directory, with the `--store` records when one is given (connected and
+/// migrated once per process).
+fn open_ca(dir: &Path) -> Result<Authority, CaError> {
+    static STORE: std::sync::OnceLock<std::sync::Arc<gatehouse_ca::pg::PgStore>> =
+        std::sync::OnceLock::new();
     let ca = Authority::open(dir)?;
+    let Some(url) = STORE_URL.get() else {
+        return Ok(ca);
+    };
+    let store = match STORE.get() {
+        Some(s) => s.clone(),
+        None => {
+            let s = gatehouse_ca::pg::PgStore::connect(url)?;
+            STORE.get_or_init(|| s).clone()
+        }
+    };
+    ca.with_store(store)
+}
+
+fn keys_json(keys: &[KeyLocation]) -> serde_json::Value {
+    serde_json::to_value(keys).unwrap_or_default()
+}
+
+/// Where each CA key lives (`ca list`, `ca inspect --dir`).
+fn print_keys(keys: &[KeyLocation]) {
+    println!("CA keys:");
+    for k in keys {
+        println!("  gen-{} {:<12}  {}", k.generation, k.role, k.location);
+    }
+}
+
+fn root_rotate(dir: &Path, json: bool) -> Result<ExitCode, CaError> {
+    let ca = open_ca(dir)?;
     let generation = ca.rotate_root()?;
     let crls = republished(&ca);
     if json {
@@ -752,7 +868,7 @@ fn root_rotate(dir: &Path, json: bool) -> Result<ExitCode, CaError> {
 }
 
 fn root_retire(dir: &Path, force: bool, json: bool) -> Result<ExitCode, CaError> {
-    let ca = Authority::open(dir)?;
+    let ca = open_ca(dir)?;
     let (retired, cut_off) = ca.retire_roots(force)?;
     let crls = republished(&ca);
     if cut_off > 0 {
@@ -799,7 +915,7 @@ fn revoke(
     crl_ttl: Duration,
     json: bool,
 ) -> Result<ExitCode, CaError> {
-    let ca = Authority::open(dir)?;
+    let ca = open_ca(dir)?;
     let target = match (serial, spiffe_id) {
         (Some(s), _) => RevokeTarget::Serial(s.to_owned()),
         (None, Some(id)) => RevokeTarget::Identity(parse_id(id)?),
@@ -840,7 +956,7 @@ fn crl(
     root_ttl: Duration,
     json: bool,
 ) -> Result<ExitCode, CaError> {
-    let ca = Authority::open(dir)?;
+    let ca = open_ca(dir)?;
     check_out_file(&ca, out)?;
     create_parent(out)?;
     ca.write_crl_with_root_ttl(out, ttl, root_ttl)?;
@@ -857,7 +973,7 @@ fn crl(
 }
 
 fn bundle(dir: &Path, out: &Path, json: bool) -> Result<ExitCode, CaError> {
-    let ca = Authority::open(dir)?;
+    let ca = open_ca(dir)?;
     check_out_file(&ca, out)?;
     create_parent(out)?;
     let pem = ca.bundle_pem()?;
@@ -1139,6 +1255,9 @@ fn help(e: &CaError) -> Option<String> {
         CaError::TokenUnknown | CaError::TokenExpired { .. } | CaError::TokenUsed => "create a new join token with `ca token create --dir <dir> --spiffe-id <id>`".into(),
         CaError::ReservedPath { .. } => "pass the workload's own SPIFFE ID, e.g. spiffe://<td>/payments".into(),
         CaError::NotRotatable { .. } => "the directory must hold cert.pem and key.pem written by `ca issue` from this CA".into(),
+        CaError::StoreUnavailable { .. } => "check that PostgreSQL is up and reachable from here (host, port, sslmode, PGSSLROOTCERT) and that the user may connect; nothing was recorded".into(),
+        CaError::StoreConfig { .. } => "write the store as postgres://user:password@host:5432/db[?sslmode=require] (GATEHOUSE_CA_STORE also works)".into(),
+        CaError::KeyStore { .. } => "check --pkcs11-module/GATEHOUSE_PKCS11_MODULE, the token label in the pkcs11: URI and the PIN (--pin-env, pin-source or GATEHOUSE_PKCS11_PIN); `softhsm2-util --show-slots` lists SoftHSM2 tokens".into(),
         CaError::OutputInsideCa { dir, .. } => format!(
             "write outputs outside {} (it holds only the CA's own keys and state), e.g. `--out ./crl.pem` or `--out ./certs/<service>` next to it",
             dir.display()

@@ -1,6 +1,8 @@
 //! Shared helpers for the `ca` integration tests: run the real binary, read files back.
 #![allow(dead_code, reason = "each test file uses a different subset")]
 
+pub mod https;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::Arc;
@@ -15,12 +17,15 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 /// A temp directory (removed on drop) with helpers to run `ca` in it.
 pub struct Sandbox {
     pub tmp: tempfile::TempDir,
+    /// Environment variables every `ca` run gets (the PKCS#11 tests' SoftHSM2 settings).
+    pub env: Vec<(String, String)>,
 }
 
 impl Sandbox {
     pub fn new() -> Self {
         Self {
             tmp: tempfile::tempdir().expect("create temp dir"),
+            env: Vec::new(),
         }
     }
 
@@ -32,6 +37,7 @@ impl Sandbox {
     pub fn ca(&self, args: &[&str]) -> Output {
         Command::new(env!("CARGO_BIN_EXE_ca"))
             .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .current_dir(self.tmp.path())
             .output()
             .expect("run ca")
@@ -41,6 +47,7 @@ impl Sandbox {
     pub fn spawn(&self, args: &[&str]) -> std::process::Child {
         Command::new(env!("CARGO_BIN_EXE_ca"))
             .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .current_dir(self.tmp.path())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
