@@ -28,6 +28,7 @@ pub mod config;
 pub mod error;
 pub mod h2body;
 pub mod headers;
+pub mod identity;
 pub mod inbound;
 pub mod input;
 pub mod metrics;
