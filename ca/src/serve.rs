@@ -115,7 +115,11 @@ impl ClientCertVerifier for ClientVerifier {
             &self.anchors,
             intermediates,
             now,
-            webpki::KeyUsage::required(crate::profile::ENROLL_EKU_OID),
+            // webpki applies the EKU rule to every certificate of the path: `required` would
+            // refuse an intermediate without an EKU extension (every `--intermediate` CA), so
+            // "if present". The leaf has an EKU (it failed for its purpose), so it must carry
+            // the enroll-only OID; the handlers check that again.
+            webpki::KeyUsage::required_if_present(crate::profile::ENROLL_EKU_OID),
             None,
             None,
         )

@@ -422,3 +422,67 @@ async fn revocation_reaches_the_client_through_the_crl_poll() {
     eprintln!("revocation reached the client after {took:?}");
     cancel.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrollment_certificate_enrolls_and_enrolls_again_after_the_svid_expired() {
+    let sb = Sandbox::new();
+    let id = format!("spiffe://{TD}/reports-db");
+    sb.ca(&[
+        "enrollment",
+        "issue",
+        "--dir",
+        "ca",
+        "--spiffe-id",
+        &id,
+        "--out",
+        "bootstrap/enroll",
+    ]);
+    let ca = serve(&sb, "127.0.0.1:0", "4s");
+    let addr = ca.addr;
+    let cfg = OnlineIdentityRaw {
+        ca: format!("https://{addr}"),
+        spiffe_id: id.clone(),
+        ca_bundle: "bootstrap/bundle.pem".into(),
+        enrollment_cert: Some("bootstrap/enroll/cert.pem".into()),
+        enrollment_key: Some("bootstrap/enroll/key.pem".into()),
+        ca_poll: Some("1s".into()),
+        ..OnlineIdentityRaw::default()
+    }
+    .validate(sb.dir.path())
+    .expect("valid");
+    let cancel = CancellationToken::new();
+    let (h, _) = start(cfg, &cancel);
+    let first = wait_material(&h, Duration::from_secs(10), "enrollment", |_| true).await;
+    assert_eq!(first.spiffe_id.to_string(), id);
+    assert_eq!(
+        issued(&sb, &first.serial)["credential"],
+        "enrollment_certificate"
+    );
+
+    // The CA is away for longer than the SVID lives: renewal cannot happen, the SVID expires.
+    drop(ca);
+    wait_until(Duration::from_secs(10), "the SVID expired", || {
+        first.expires_in() == Duration::ZERO
+    })
+    .await;
+    assert_eq!(h.current().expect("held").serial, first.serial);
+    let ca = serve(&sb, &addr.to_string(), "4s");
+    // An expired SVID cannot renew; the enrollment certificate enrolls again.
+    let again = wait_material(&h, Duration::from_secs(8), "enrollment after expiry", |m| {
+        m.serial != first.serial
+    })
+    .await;
+    let e = issued(&sb, &again.serial);
+    assert_eq!(e["source"], "enroll");
+    assert_eq!(e["credential"], "enrollment_certificate");
+    // Only the bootstrap credential (the enrollment key, as `ca enrollment issue` wrote it) is
+    // on disk, no SVID key.
+    let keys: Vec<PathBuf> = sb
+        .workload_keys_on_disk()
+        .into_iter()
+        .filter(|p| !p.starts_with(sb.path("bootstrap/enroll")))
+        .collect();
+    assert!(keys.is_empty(), "{keys:?}");
+    drop(ca);
+    cancel.cancel();
+}
