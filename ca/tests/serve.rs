@@ -1010,3 +1010,44 @@ async fn enrollment_certificate_works_under_an_intermediate_ca() {
     assert_eq!(r.spiffe_id, id);
     assert_eq!(verified(&r).spiffe_id.as_deref(), Some(id.as_str()));
 }
+
+/// After `ca root rotate`, SVIDs of the new root renew without restarting `ca serve`: its TLS
+/// layer re-reads the bundle and CRLs (every 5 s). Before, the handshake refused them
+/// (`unknown_ca`) until a restart.
+#[tokio::test]
+async fn tls_trust_follows_a_root_rotation_without_restart() {
+    let sb = Sandbox::new();
+    init(&sb);
+    let srv = serve(&sb, &[]);
+    sb.ok(&["root", "rotate", "--dir", "ca"]);
+    let id = format!("{TD}/after-rotation");
+    sb.ok(&["issue", "--dir", "ca", "--spiffe-id", &id, "--out", "new"]);
+    let chain = std::fs::read_to_string(sb.path("new/cert.pem")).expect("cert");
+    let key = KeyPair::from_pem(&std::fs::read_to_string(sb.path("new/key.pem")).expect("key"))
+        .expect("key pem");
+    let started = std::time::Instant::now();
+    loop {
+        let body = json!({"csr": csr(&KeyPair::generate().expect("key"))});
+        match try_call(
+            &sb,
+            srv.addr,
+            Some((&chain, &key)),
+            "POST",
+            "/v1/renew",
+            Some(body),
+        )
+        .await
+        {
+            Ok((200, b)) => {
+                let r = ok_cert(200, &b);
+                assert_eq!(r.spiffe_id, id);
+                break;
+            }
+            other => assert!(
+                started.elapsed() < std::time::Duration::from_secs(15),
+                "renewal with a new-root SVID still refused after 15 s: {other:?}"
+            ),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+}
