@@ -95,7 +95,9 @@ note "Debian kubectl $("$deb_kubectl" version --client --short 2>/dev/null || "$
 
 # ---------------------------------------------------------------------------------------------
 step "kustomize: render every root"
-roots=(base overlays/monolith overlays/report-service ca-rotation ca-serve-postgres)
+# overlays/report-service-online uses [identity] ca = … (issue 16), which `sidecar check` does not accept
+# yet: it is rendered, schema- and invariant-checked, but not in the `sidecar check` list of step 8.
+roots=(base overlays/monolith overlays/report-service overlays/report-service-online ca-rotation ca-serve ca-serve-postgres)
 renderers=("debian-kubectl|$deb_kubectl kustomize")
 if command -v kustomize >/dev/null; then
   renderers+=("kustomize-$(kustomize version 2>/dev/null | tr -d '{}' | awk '{print $1}' | tr -c 'A-Za-z0-9.\n' '-')|kustomize build")
@@ -176,14 +178,14 @@ for f in "$here"/systemd/*.service "$here"/systemd/*.timer; do
   sed "s#/usr/local/bin/#$units_dir/bin/#g" "$f" >"$units_dir/$(basename "$f")"
 done
 cp "$units_dir/gatehouse-sidecar@.service" "$units_dir/gatehouse-sidecar@monolith.service"
-units=(gatehouse-sidecar@monolith.service gatehouse-ca-rotate.service gatehouse-ca-rotate.timer)
+units=(gatehouse-sidecar@monolith.service gatehouse-ca-rotate.service gatehouse-ca-rotate.timer gatehouse-ca-serve.service)
 # Any diagnostic (unknown directive, bad value) is a failure, not just a non-zero exit.
 if ! (cd "$units_dir" && systemd-analyze verify "${units[@]}") >"$units_dir/verify.log" 2>&1 || [[ -s $units_dir/verify.log ]]; then
   cat "$units_dir/verify.log" >&2
   die "systemd-analyze verify reported problems (above)" "fix the unit file named in the message"
 fi
 note "verify: ok (${units[*]})"
-for u in gatehouse-sidecar@monolith.service gatehouse-ca-rotate.service; do
+for u in gatehouse-sidecar@monolith.service gatehouse-ca-rotate.service gatehouse-ca-serve.service; do
   exposure=$(cd "$units_dir" && systemd-analyze security --offline=yes --threshold=20 "$u" 2>&1 | sed -n 's/.*Overall exposure level for [^:]*: \([0-9.]*\).*/\1/p') ||
     die "$u: exposure above 2.0 in systemd-analyze security" "run systemd-analyze security --offline=yes on the unit and restore the hardening"
   note "security: $u exposure $exposure (threshold 2.0)"
@@ -413,7 +415,7 @@ print(*[x.getsockname()[1] for x in s])')
       else
         outbounds='[]'
       fi
-      printf 'templatefile("%s", {min_tls="1.3", with_crl=true, sidecar_port=8443, app_port=8080, admin_port=9901, admin_host="127.0.0.1", outbounds=%s})\n' \
+      printf 'templatefile("%s", {min_tls="1.3", with_crl=true, sidecar_port=8443, app_port=8080, admin_port=9901, admin_host="127.0.0.1", outbounds=%s, online=null})\n' \
         "$here/terraform/ecs/templates/sidecar.toml.tftpl" "$outbounds" |
         (cd "$w" && TF_CLI_CONFIG_FILE=/dev/null terraform console) | sed '1d;$d' >"$w/ecs-$svc.rendered.toml"
       diff -u "$golden/$svc.sidecar.toml" "$w/ecs-$svc.rendered.toml" >&2 ||

@@ -6,8 +6,9 @@
 //!   the CA itself at start with a key that exists only in this process's memory, and re-issued
 //!   (new key) after two thirds of its lifetime.
 //! - Client certificates are optional; when presented they are verified with webpki against the
-//!   bundle and the CRLs as of the start. `POST /v1/renew` additionally re-checks, under the CA
-//!   directory lock, that the serial is not revoked now.
+//!   bundle and the CRLs, re-read every 5 s and swapped in when they changed (root rotation,
+//!   revocation; open connections keep their configuration). `POST /v1/renew` additionally
+//!   re-checks, under the CA directory lock, that the serial is not revoked now.
 //! - Every CA directory access (locks, files, signatures) runs in `spawn_blocking`: the
 //!   directory lock is an flock on a std `File` and never taken on an async worker thread.
 
@@ -115,7 +116,11 @@ impl ClientCertVerifier for ClientVerifier {
             &self.anchors,
             intermediates,
             now,
-            webpki::KeyUsage::required(crate::profile::ENROLL_EKU_OID),
+            // webpki applies the EKU rule to every certificate of the path: `required` would
+            // refuse an intermediate without an EKU extension (every `--intermediate` CA), so
+            // "if present". The leaf has an EKU (it failed for its purpose), so it must carry
+            // the enroll-only OID; the handlers check that again.
+            webpki::KeyUsage::required_if_present(crate::profile::ENROLL_EKU_OID),
             None,
             None,
         )
@@ -231,51 +236,45 @@ pub async fn serve(
         tokio::task::spawn_blocking(move || -> Result<_, CaError> {
             let cert = serving_cert(&ca, &opts, &provider)?;
             let bundle = ca.bundle_pem()?;
+            let revoked = ca.revoked_serials()?.len();
             let crl = ca.crl_pem(CRL_TTL)?;
-            Ok((cert, bundle, crl))
+            Ok((cert, bundle, crl, revoked))
         })
         .await
         .map_err(|e| io_err(std::io::Error::other(e)))??
     };
-    let (cert, bundle, crl) = setup;
-    let mut roots = RootCertStore::empty();
-    for c in CertificateDer::pem_slice_iter(bundle.as_bytes()) {
-        roots
-            .add(c.map_err(|_| bad_pem("the bundle"))?)
-            .map_err(|_| bad_pem("a root of the bundle"))?;
-    }
-    let crls: Vec<CertificateRevocationListDer<'static>> =
-        CertificateRevocationListDer::pem_slice_iter(crl.as_bytes())
-            .collect::<Result<_, _>>()
-            .map_err(|_| bad_pem("the CRLs"))?;
-    let anchors: Vec<rustls::pki_types::TrustAnchor<'static>> = roots.roots.clone();
-    let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
-        .with_crls(crls)
-        .allow_unknown_revocation_status()
-        .allow_unauthenticated()
-        .build()
-        .map_err(|e| bad_pem(&format!("the client verifier ({e})")))?;
-    let verifier = Arc::new(ClientVerifier {
-        inner,
-        anchors,
-        provider: Arc::clone(&provider),
-    });
+    let (cert, bundle, crl, revoked) = setup;
     let resolver = Arc::new(ServingCert(RwLock::new(Arc::new(cert))));
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::clone(&provider))
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| bad_pem(&format!("TLS 1.3 ({e})")))?
-        .with_client_cert_verifier(verifier as Arc<dyn ClientCertVerifier>)
-        .with_cert_resolver(resolver.clone());
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    config.session_storage = Arc::new(NoServerSessionStorage {});
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let crl = Bytes::from(crl);
+    let digest = trust_digest(&bundle, &crl);
+    let config = tls_config(&bundle, &crl, &provider, resolver.clone())?;
+    let acceptor = Arc::new(RwLock::new(tokio_rustls::TlsAcceptor::from(Arc::new(
+        config,
+    ))));
 
-    tokio::spawn(renew_own_cert(ca.clone(), opts.clone(), provider, resolver));
+    tokio::spawn(renew_own_cert(
+        ca.clone(),
+        opts.clone(),
+        Arc::clone(&provider),
+        resolver.clone(),
+    ));
     let state = Arc::new(State {
         ca,
         opts,
-        crl: Mutex::new(None),
+        crl: Mutex::new(Some(CachedCrl {
+            etag: etag(&crl),
+            pem: crl,
+            revoked,
+            made: Instant::now(),
+        })),
     });
+    tokio::spawn(refresh_trust(
+        Arc::clone(&state),
+        provider,
+        resolver,
+        Arc::clone(&acceptor),
+        digest,
+    ));
     ready(listener.local_addr().map_err(io_err)?);
     loop {
         let (tcp, peer) = match listener.accept().await {
@@ -286,7 +285,11 @@ pub async fn serve(
                 continue;
             }
         };
-        let (acceptor, state) = (acceptor.clone(), Arc::clone(&state));
+        let acceptor = match acceptor.read() {
+            Ok(a) => a.clone(),
+            Err(_) => continue,
+        };
+        let state = Arc::clone(&state);
         tokio::spawn(async move {
             let Ok(Ok(tls)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
             else {
@@ -305,6 +308,105 @@ pub async fn serve(
                 .serve_connection(TokioIo::new(tls), service)
                 .await;
         });
+    }
+}
+
+/// How often the TLS layer's trust (bundle and CRLs) is compared with the CA directory.
+const TRUST_REFRESH: Duration = Duration::from_secs(5);
+
+fn trust_digest(bundle: &str, crl: &[u8]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(bundle.as_bytes());
+    h.update([0]);
+    h.update(crl);
+    h.finalize().into()
+}
+
+/// The TLS 1.3 server configuration: our serving certificate, client certificates optional and
+/// verified against `bundle` and `crl` (see [`ClientVerifier`]).
+fn tls_config(
+    bundle: &str,
+    crl: &[u8],
+    provider: &Arc<CryptoProvider>,
+    resolver: Arc<ServingCert>,
+) -> Result<rustls::ServerConfig, CaError> {
+    let mut roots = RootCertStore::empty();
+    for c in CertificateDer::pem_slice_iter(bundle.as_bytes()) {
+        roots
+            .add(c.map_err(|_| bad_pem("the bundle"))?)
+            .map_err(|_| bad_pem("a root of the bundle"))?;
+    }
+    let crls: Vec<CertificateRevocationListDer<'static>> =
+        CertificateRevocationListDer::pem_slice_iter(crl)
+            .collect::<Result<_, _>>()
+            .map_err(|_| bad_pem("the CRLs"))?;
+    let anchors: Vec<rustls::pki_types::TrustAnchor<'static>> = roots.roots.clone();
+    let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(provider))
+        .with_crls(crls)
+        .allow_unknown_revocation_status()
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| bad_pem(&format!("the client verifier ({e})")))?;
+    let verifier = Arc::new(ClientVerifier {
+        inner,
+        anchors,
+        provider: Arc::clone(provider),
+    });
+    let mut config = rustls::ServerConfig::builder_with_provider(Arc::clone(provider))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| bad_pem(&format!("TLS 1.3 ({e})")))?
+        .with_client_cert_verifier(verifier as Arc<dyn ClientCertVerifier>)
+        .with_cert_resolver(resolver);
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.session_storage = Arc::new(NoServerSessionStorage {});
+    Ok(config)
+}
+
+/// Every [`TRUST_REFRESH`], re-reads the bundle and the (cached) CRLs and, when either changed
+/// (`ca root rotate`/`retire`, `ca revoke`), swaps in a TLS configuration built from them: new
+/// handshakes use it, open connections keep theirs. A failure keeps the current configuration.
+async fn refresh_trust(
+    state: Arc<State>,
+    provider: Arc<CryptoProvider>,
+    resolver: Arc<ServingCert>,
+    acceptor: Arc<RwLock<tokio_rustls::TlsAcceptor>>,
+    mut digest: [u8; 32],
+) {
+    loop {
+        tokio::time::sleep(TRUST_REFRESH).await;
+        let st = Arc::clone(&state);
+        let read = tokio::task::spawn_blocking(move || -> Result<_, CaError> {
+            let bundle = st.ca.bundle_pem()?;
+            let (crl, _) = current_crl(&st)?;
+            Ok((bundle, crl))
+        })
+        .await;
+        let (bundle, crl) = match read {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => {
+                eprintln!(
+                    "ca serve: reading the bundle and CRLs failed: {e}; keeping the current TLS trust"
+                );
+                continue;
+            }
+            Err(_) => continue,
+        };
+        let now = trust_digest(&bundle, &crl);
+        if now == digest {
+            continue;
+        }
+        match tls_config(&bundle, &crl, &provider, resolver.clone()) {
+            Ok(config) => {
+                if let Ok(mut slot) = acceptor.write() {
+                    *slot = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+                    digest = now;
+                    eprintln!("ca serve: TLS trust reloaded (the bundle or the CRLs changed)");
+                }
+            }
+            Err(e) => eprintln!(
+                "ca serve: the new bundle or CRLs are unusable: {e}; keeping the current TLS trust"
+            ),
+        }
     }
 }
 

@@ -735,3 +735,88 @@ async fn k8s_map_table_decides_the_identity_and_refuses_unlisted_accounts() {
     assert!(e.message.contains("ledger/monolith"), "{e:?}");
     assert_eq!(enrolled_rows(&sb), 1);
 }
+
+/// Regression: with `--intermediate`, webpki applies the enroll-only EKU rule to the
+/// intermediate too, which has no EKU extension; `KeyUsage::required` refused every enrollment
+/// certificate in the handshake (alert `unsupported_certificate`).
+#[tokio::test]
+async fn enrollment_certificate_works_under_an_intermediate_ca() {
+    let sb = Sandbox::new();
+    sb.ok(&[
+        "init",
+        "--dir",
+        "ca",
+        "--trust-domain",
+        "serve.test",
+        "--intermediate",
+    ]);
+    let id = format!("{TD}/ecs-task");
+    sb.ok(&[
+        "enrollment",
+        "issue",
+        "--dir",
+        "ca",
+        "--spiffe-id",
+        &id,
+        "--out",
+        "enroll",
+    ]);
+    let chain = std::fs::read_to_string(sb.path("enroll/cert.pem")).expect("cert");
+    let key = KeyPair::from_pem(&std::fs::read_to_string(sb.path("enroll/key.pem")).expect("key"))
+        .expect("key pem");
+    let srv = serve(&sb, &[]);
+    let body = json!({"csr": csr(&KeyPair::generate().expect("key"))});
+    let (s, b) = call(
+        &sb,
+        srv.addr,
+        Some((&chain, &key)),
+        "POST",
+        "/v1/enroll",
+        Some(body),
+    )
+    .await;
+    let r = ok_cert(s, &b);
+    assert_eq!(r.spiffe_id, id);
+    assert_eq!(verified(&r).spiffe_id.as_deref(), Some(id.as_str()));
+}
+
+/// After `ca root rotate`, SVIDs of the new root renew without restarting `ca serve`: its TLS
+/// layer re-reads the bundle and CRLs (every 5 s). Before, the handshake refused them
+/// (`unknown_ca`) until a restart.
+#[tokio::test]
+async fn tls_trust_follows_a_root_rotation_without_restart() {
+    let sb = Sandbox::new();
+    init(&sb);
+    let srv = serve(&sb, &[]);
+    sb.ok(&["root", "rotate", "--dir", "ca"]);
+    let id = format!("{TD}/after-rotation");
+    sb.ok(&["issue", "--dir", "ca", "--spiffe-id", &id, "--out", "new"]);
+    let chain = std::fs::read_to_string(sb.path("new/cert.pem")).expect("cert");
+    let key = KeyPair::from_pem(&std::fs::read_to_string(sb.path("new/key.pem")).expect("key"))
+        .expect("key pem");
+    let started = std::time::Instant::now();
+    loop {
+        let body = json!({"csr": csr(&KeyPair::generate().expect("key"))});
+        match try_call(
+            &sb,
+            srv.addr,
+            Some((&chain, &key)),
+            "POST",
+            "/v1/renew",
+            Some(body),
+        )
+        .await
+        {
+            Ok((200, b)) => {
+                let r = ok_cert(200, &b);
+                assert_eq!(r.spiffe_id, id);
+                break;
+            }
+            other => assert!(
+                started.elapsed() < std::time::Duration::from_secs(15),
+                "renewal with a new-root SVID still refused after 15 s: {other:?}"
+            ),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+}

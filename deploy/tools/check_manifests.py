@@ -156,12 +156,15 @@ def check_sidecar_workload(where: str, meta: dict, pod: dict, by_kind: dict, fil
     app_addr = inbound.get("app", "")
     if host_of(app_addr) != "127.0.0.1":
         err(where, f"inbound.app {app_addr} must be on 127.0.0.1 (the app is reachable only through the sidecar)")
-    for key in ("cert", "key", "bundle", "crl"):
-        p = identity.get(key)
-        if p is not None and not p.startswith("/etc/gatehouse/certs/"):
-            err(where, f"identity.{key} {p} must be in the Secret mounted at /etc/gatehouse/certs")
-    if "secret" not in mounts.get("/etc/gatehouse/certs", {}):
-        err(where, "certificates must come from a Secret mounted at /etc/gatehouse/certs")
+    if "ca" in identity:
+        check_online_identity(where, identity, pod, mounts)
+    else:
+        for key in ("cert", "key", "bundle", "crl"):
+            p = identity.get(key)
+            if p is not None and not p.startswith("/etc/gatehouse/certs/"):
+                err(where, f"identity.{key} {p} must be in the Secret mounted at /etc/gatehouse/certs")
+        if "secret" not in mounts.get("/etc/gatehouse/certs", {}):
+            err(where, "certificates must come from a Secret mounted at /etc/gatehouse/certs")
     for o in cfg.get("outbound", []):
         if host_of(o.get("listen", "")) != "127.0.0.1":
             err(where, f"outbound {o.get('name')} must listen on 127.0.0.1")
@@ -219,6 +222,32 @@ def check_sidecar_workload(where: str, meta: dict, pod: dict, by_kind: dict, fil
                 if rp.get("port") not in ("mtls", ports["mtls"]):
                     err(npw, f"ingress admits port {rp.get('port')}: only the sidecar port {ports['mtls']} may be admitted "
                         f"(and the admin port {ports['admin']} to a scraper named by namespace and pod labels)")
+
+
+def check_online_identity(where: str, identity: dict, pod: dict, mounts: dict) -> None:
+    """`[identity] ca = …` (issue 16): the key is made in the sidecar's memory, so no Secret is
+    mounted anywhere in the pod; the sidecar enrolls with a projected service-account token of
+    audience gatehouse, and its first-contact bundle comes from a ConfigMap."""
+    for v in pod.get("volumes", []):
+        sources = v.get("projected", {}).get("sources", [])
+        if "secret" in v or any("secret" in src for src in sources):
+            err(where, f"volume {v['name']}: online identity keeps no key in any Secret (remove the Secret volume)")
+    if not identity.get("ca", "").startswith("https://"):
+        err(where, f"identity.ca {identity.get('ca')} must be an https:// URL of ca serve")
+    token = identity.get("k8s_token_file")
+    if token is None:
+        err(where, "online identity on Kubernetes enrolls with k8s_token_file (a projected service-account token)")
+        return
+    vol = mounts.get(str(Path(token).parent), {})
+    sat = [src["serviceAccountToken"] for src in vol.get("projected", {}).get("sources", []) if "serviceAccountToken" in src]
+    if not sat or sat[0].get("path") != Path(token).name:
+        err(where, f"identity.k8s_token_file {token} is not a projected serviceAccountToken mounted into the sidecar")
+    elif sat[0].get("audience") != "gatehouse":
+        err(where, "the projected service-account token must have audience gatehouse (what ca serve checks)")
+    bundle = identity.get("ca_bundle", "")
+    bvol = mounts.get(str(Path(bundle).parent), {})
+    if "configMap" not in bvol and not any("configMap" in src for src in bvol.get("projected", {}).get("sources", [])):
+        err(where, f"identity.ca_bundle {bundle} must come from a ConfigMap mounted into the sidecar")
 
 
 def check_k8s(files: list[str]) -> None:

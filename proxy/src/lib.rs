@@ -39,6 +39,8 @@ mod audit;
 mod config;
 mod error;
 mod http;
+#[doc(hidden)]
+pub mod identity; // public only for proxy/tests/enroll_client.rs until it is wired into `sidecar run` (issue 16)
 mod inbound;
 mod input;
 mod metrics;

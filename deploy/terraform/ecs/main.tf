@@ -12,7 +12,8 @@
 data "aws_region" "current" {}
 
 locals {
-  with_crl = var.crl_secret_arn != null
+  # Online identity: the CRLs come from the CA, not from a secret.
+  with_crl = var.crl_secret_arn != null && var.online_identity == null
 
   secret_arns = compact([var.svid_secret_arn, var.trust_bundle_secret_arn, var.crl_secret_arn])
 
@@ -24,6 +25,7 @@ locals {
     admin_port   = var.admin_port
     admin_host   = local.metrics_enabled ? "0.0.0.0" : "127.0.0.1"
     outbounds    = var.outbounds
+    online       = var.online_identity
   })
 
   # A Prometheus in the VPC may scrape /metrics: the admin listener then binds the task's
@@ -61,6 +63,9 @@ locals {
     environment = [
       { name = "GATEHOUSE_SIDECAR_TOML", value = local.sidecar_toml },
       { name = "GATEHOUSE_POLICY_TOML", value = var.policy_toml },
+      # "1": the secret holds an enrollment certificate (online identity), written as
+      # enroll-cert.pem / enroll-key.pem; the SVID's key is then made in the sidecar's memory.
+      { name = "GATEHOUSE_ONLINE", value = var.online_identity == null ? "0" : "1" },
     ]
     secrets = concat(
       [

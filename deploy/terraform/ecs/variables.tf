@@ -223,6 +223,19 @@ variable "crl_secret_arn" {
   default     = null
 }
 
+variable "online_identity" {
+  description = "Online identity (issue 16), or null for file-based SVIDs. When set, svid_secret_arn holds an enrollment certificate from `ca enrollment issue` (same keys cert_pem/key_pem): each task makes its own key in memory, enrolls with ca_url (https://host:port of `ca serve`) as spiffe_id, and renews its short-lived SVID in place, with no redeploy; crl_secret_arn is then unused (the CRLs come from the CA). egress_cidr_blocks must admit the CA's address."
+  type = object({
+    ca_url    = string
+    spiffe_id = string
+  })
+  default = null
+  validation {
+    condition     = var.online_identity == null || startswith(try(var.online_identity.ca_url, ""), "https://")
+    error_message = "online_identity.ca_url must be the https:// URL of ca serve, e.g. https://ca.fintech.internal:8444."
+  }
+}
+
 variable "secrets_kms_key_arn" {
   description = "Customer managed KMS key the secrets are encrypted with, or null when they use the AWS managed key (aws/secretsmanager)."
   type        = string

@@ -5,8 +5,14 @@
 set -eu
 umask 077
 d=${GATEHOUSE_DIR:-/run/gatehouse}
-printf '%s\n' "$GATEHOUSE_CERT_PEM" > "$d/cert.pem"
-printf '%s\n' "$GATEHOUSE_KEY_PEM" > "$d/key.pem"
+if [ "${GATEHOUSE_ONLINE:-0}" = 1 ]; then
+  # Online identity: the secret is the enroll-only certificate; the SVID key never touches disk.
+  printf '%s\n' "$GATEHOUSE_CERT_PEM" > "$d/enroll-cert.pem"
+  printf '%s\n' "$GATEHOUSE_KEY_PEM" > "$d/enroll-key.pem"
+else
+  printf '%s\n' "$GATEHOUSE_CERT_PEM" > "$d/cert.pem"
+  printf '%s\n' "$GATEHOUSE_KEY_PEM" > "$d/key.pem"
+fi
 printf '%s\n' "$GATEHOUSE_BUNDLE_PEM" > "$d/bundle.pem"
 if [ -n "${GATEHOUSE_CRL_PEM:-}" ]; then printf '%s\n' "$GATEHOUSE_CRL_PEM" > "$d/crl.pem"; fi
 printf '%s' "$GATEHOUSE_SIDECAR_TOML" > "$d/sidecar.toml"
