@@ -16,6 +16,7 @@
 //!   "Reload and rotation" design note;
 //! - [`signal`]: signals, cancellation and the drain of connection tasks;
 //! - [`run`]: the load path shared by `sidecar check` and `sidecar run`, and the run loop;
+//! - [`limits`]: per-caller budgets for the policy's `[[limit]]`s (issue 15);
 //! - [`h2body`]: request and response bodies on the sidecar-to-sidecar HTTP/2 hop;
 //! - [`error`]: load errors with their `help:` lines, and refusals as HTTP responses.
 #![forbid(unsafe_code)]
@@ -30,6 +31,9 @@ pub mod h2body;
 pub mod headers;
 pub mod inbound;
 pub mod input;
+// Wired into inbound in the next step (issue 15).
+#[allow(dead_code)]
+pub mod limits;
 pub mod metrics;
 pub mod outbound;
 pub mod reload;
