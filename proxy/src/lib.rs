@@ -16,6 +16,7 @@
 //!   "Reload and rotation" design note;
 //! - [`signal`]: signals, cancellation and the drain of connection tasks;
 //! - [`run`]: the load path shared by `sidecar check` and `sidecar run`, and the run loop;
+//! - [`balance`]: per-request balancing over an outbound's endpoints (issue 15);
 //! - [`limits`]: per-caller budgets for the policy's `[[limit]]`s (issue 15);
 //! - [`h2body`]: request and response bodies on the sidecar-to-sidecar HTTP/2 hop;
 //! - [`error`]: load errors with their `help:` lines, and refusals as HTTP responses.
@@ -25,6 +26,9 @@
 pub mod accept;
 pub mod admin;
 pub mod audit;
+// Wired into outbound in the next step (issue 15).
+#[allow(dead_code)]
+pub mod balance;
 pub mod config;
 pub mod error;
 pub mod h2body;
