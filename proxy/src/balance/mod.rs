@@ -21,6 +21,7 @@
 //! Generic over the connection type `C`, so the outbound holds a `Balancer<Upstream>`.
 //! Wired into outbound in the next step (issue 15).
 
+pub mod discover;
 mod ewma;
 pub mod retry;
 
