@@ -85,6 +85,19 @@ fn a_slow_endpoint_gets_less() {
     );
 }
 
+/// One request at a time: outstanding counts are all zero at every pick, so only the latency
+/// estimate can steer traffic away from the slow endpoint (least-outstanding alone gives 1/3).
+#[test]
+fn latency_decides_when_outstanding_is_equal() {
+    let (b, t0) = fleet(3, BalanceConfig::default());
+    let slow = addr(3);
+    let (counts, _) = simulate(&b, t0, 600, 1, |a| {
+        Duration::from_millis(if a == slow { 205 } else { 5 })
+    });
+    let s = share(&counts, slow);
+    assert!(s < 0.10, "slow endpoint got {s:.3} of {counts:?}");
+}
+
 #[test]
 fn consecutive_failures_eject_with_growing_backoff_and_success_resets_it() {
     let cfg = BalanceConfig::default();
