@@ -17,6 +17,10 @@ use gatehouse_policy::{Policy, SpiffeId};
 /// A policy with `n` routes shaped like a real service's: `/api/v{k}/svc{i}/items`,
 /// `/api/v{k}/svc{i}/items/*` (GET), `/api/v{k}/svc{i}/**`, across 10 callers.
 fn policy(n: usize) -> Policy {
+    Policy::parse("bench.toml", &policy_text(n)).expect("bench policy compiles")
+}
+
+fn policy_text(n: usize) -> String {
     let mut t = String::from("version = 1\ntrust_domain = \"bench.internal\"\n\n[identities]\n");
     for c in 0..10 {
         t += &format!("caller{c} = \"spiffe://bench.internal/ns/prod/caller{c}\"\n");
@@ -34,7 +38,7 @@ fn policy(n: usize) -> Policy {
             (i + 3) % 10
         );
     }
-    Policy::parse("bench.toml", &t).expect("bench policy compiles")
+    t
 }
 
 fn bench_decide(c: &mut Criterion) {
@@ -74,6 +78,38 @@ fn bench_decide(c: &mut Criterion) {
     group.finish();
 }
 
+/// `decide` then `limits_for` (what the inbound does per request) at 1,000 routes with a limit
+/// per caller, a `*` limit and 100 route-specific limits: the lookup is a per-route candidate
+/// list filtered by pattern, so it must stay well under a microsecond.
+fn bench_limits(c: &mut Criterion) {
+    let mut t = policy_text(1_000);
+    for c in 0..10 {
+        t += &format!("\n[[limit]]\ncaller = \"caller{c}\"\nrate = \"100/s\"\nconcurrency = 8\n");
+    }
+    t += "\n[[limit]]\ncaller = \"*\"\nconcurrency = 64\n";
+    for i in (0..1_000).step_by(10) {
+        t += &format!(
+            "\n[[limit]]\ncaller = \"caller{}\"\nroute = \"route {i}\"\nrate = \"5/s\"\n",
+            i % 10
+        );
+    }
+    let p = Policy::parse("bench.toml", &t).expect("bench policy compiles");
+    let caller = SpiffeId::parse("spiffe://bench.internal/ns/prod/caller0").unwrap();
+    let path = "/api/v1/svc330/items";
+    let route = p.decide(&caller, "GET", path).route();
+    assert_eq!(
+        p.limits_for(&caller, route).count(),
+        3,
+        "own, `*` and route limit"
+    );
+    c.bench_function("limits_for/1000_routes_111_limits", |b| {
+        b.iter(|| {
+            let d = p.decide(black_box(&caller), "GET", black_box(path));
+            black_box(p.limits_for(&caller, d.route()).count())
+        })
+    });
+}
+
 fn bench_normalize(c: &mut Criterion) {
     let opts = NormalizeOptions::default();
     let mut group = c.benchmark_group("normalize");
@@ -88,5 +124,5 @@ fn bench_normalize(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_decide, bench_normalize);
+criterion_group!(benches, bench_decide, bench_limits, bench_normalize);
 criterion_main!(benches);

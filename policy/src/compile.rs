@@ -15,6 +15,7 @@ use toml::Spanned;
 
 use crate::file::{self, RawPolicy, RawRoute};
 use crate::identity::{IdError, IdentityPattern, SpiffeId, TrustDomain};
+use crate::limit::Limits;
 use crate::matcher::{self, AllowEntry, Loc, METHODS, Matcher, MethodSet, Route, Segment};
 use crate::path::{self, NormalizeOptions};
 use crate::source::{Diagnostic, SourceFile};
@@ -34,6 +35,7 @@ pub struct Policy {
     exact_aliases: HashMap<String, usize>,
     pub(crate) routes: Vec<Route>,
     pub(crate) matcher: Matcher,
+    pub(crate) limits: Limits,
 }
 
 /// A name from `[identities]`.
@@ -201,17 +203,22 @@ pub(crate) fn toml_diagnostic(src: &SourceFile, e: &toml::de::Error) -> Diagnost
 }
 
 /// One validation pass over the raw file; collects diagnostics instead of stopping.
-struct Compiler<'s> {
-    src: &'s SourceFile,
-    errors: Vec<Diagnostic>,
+pub(crate) struct Compiler<'s> {
+    pub(crate) src: &'s SourceFile,
+    pub(crate) errors: Vec<Diagnostic>,
 }
 
 impl Compiler<'_> {
-    fn error(&mut self, span: Range<usize>, message: impl Into<String>, help: impl Into<String>) {
+    pub(crate) fn error(
+        &mut self,
+        span: Range<usize>,
+        message: impl Into<String>,
+        help: impl Into<String>,
+    ) {
         self.errors.push(self.src.diagnostic(span, message, help));
     }
 
-    fn loc(&self, span: &Range<usize>) -> Loc {
+    pub(crate) fn loc(&self, span: &Range<usize>) -> Loc {
         let (line, col) = self.src.line_col(span.start);
         Loc { line, col }
     }
@@ -222,12 +229,16 @@ impl Compiler<'_> {
         let audit = self.mode(raw.mode.as_ref());
         let td = trust_domain.as_ref();
         let aliases = self.aliases(raw.identities.as_ref(), td);
-        let routes: Vec<Route> = raw
+        let mut routes: Vec<Route> = raw
             .route
             .iter()
             .filter_map(|r| self.route(r, &aliases, td))
             .collect();
+        for (i, r) in routes.iter_mut().enumerate() {
+            r.index = u32::try_from(i).unwrap_or(u32::MAX);
+        }
         self.route_names(&routes);
+        let limits = self.limits(&raw.limit, &aliases, td, &routes);
         self.errors
             .extend(matcher::indistinguishable(&routes, self.src.name()));
         let (Some(trust_domain), true) = (trust_domain, self.errors.is_empty()) else {
@@ -250,6 +261,7 @@ impl Compiler<'_> {
             aliases,
             exact_aliases,
             matcher: Matcher::build(&routes),
+            limits,
             routes,
         })
     }
@@ -391,6 +403,7 @@ impl Compiler<'_> {
         let (name, methods, segments, allow) = (name?, methods?, segments?, allow?);
         let path = r.path.as_ref()?;
         Some(Route {
+            index: 0, // numbered in `run`, after invalid routes are dropped
             name,
             methods,
             path: path.get_ref().clone(),
@@ -545,7 +558,7 @@ impl Compiler<'_> {
         ok.then_some(out)
     }
 
-    fn allow_entry(
+    pub(crate) fn allow_entry(
         &mut self,
         entry: &Spanned<String>,
         aliases: &[Alias],

@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use crate::compile::Policy;
+use crate::limit::{self, LimitChange};
 use crate::matcher::{METHODS, Route};
 use crate::probe::{self, EXTENSION_METHOD, Probes};
 
@@ -50,6 +51,8 @@ pub struct PolicyDiff {
     /// `Some(true)` when the new policy turns audit mode on (enforcement off), `Some(false)`
     /// when it turns it off, `None` when unchanged.
     pub audit_mode_turned_on: Option<bool>,
+    /// `[[limit]]` changes: a raised or removed limit widens, a lowered or added one narrows.
+    pub limits: Vec<LimitChange>,
 }
 
 impl PolicyDiff {
@@ -57,11 +60,12 @@ impl PolicyDiff {
     pub fn widens(&self) -> bool {
         self.audit_mode_turned_on == Some(true)
             || self.changes.iter().any(|c| c.change == Change::Granted)
+            || self.limits.iter().any(|l| l.change.widens())
     }
 
     /// Whether nothing changed.
     pub fn is_empty(&self) -> bool {
-        self.changes.is_empty() && self.audit_mode_turned_on.is_none()
+        self.changes.is_empty() && self.audit_mode_turned_on.is_none() && self.limits.is_empty()
     }
 }
 
@@ -110,6 +114,7 @@ pub fn diff(old: &Policy, new: &Policy) -> PolicyDiff {
     PolicyDiff {
         changes,
         audit_mode_turned_on: (old.audit != new.audit).then_some(new.audit),
+        limits: limit::diff(old, new),
     }
 }
 

@@ -26,6 +26,29 @@ pub struct Matrix {
     pub callers: Vec<MatrixCaller>,
     /// The rows.
     pub routes: Vec<MatrixRoute>,
+    /// The `[[limit]]` entries, in file order.
+    pub limits: Vec<MatrixLimit>,
+}
+
+/// One `[[limit]]` as `policy explain` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct MatrixLimit {
+    /// The caller as written (alias, ID or pattern).
+    pub caller: String,
+    /// The identity or pattern it stands for.
+    pub identity: String,
+    /// Whether each identity the pattern admits gets its own budget (a wildcard pattern).
+    pub per_identity: bool,
+    /// The route it is restricted to; `None` for every route.
+    pub route: Option<String>,
+    /// In-flight requests per identity.
+    pub concurrency: Option<u32>,
+    /// Token-bucket rate per identity, e.g. `50/s`.
+    pub rate: Option<String>,
+    /// Bucket size.
+    pub burst: Option<u32>,
+    /// Line of the `[[limit]]` table.
+    pub line: usize,
 }
 
 /// A column: an alias or an identity written in an allow-list.
@@ -96,6 +119,20 @@ pub fn matrix(policy: &Policy) -> Matrix {
             })
             .collect(),
         routes,
+        limits: policy
+            .limits()
+            .iter()
+            .map(|l| MatrixLimit {
+                caller: l.caller_written().to_owned(),
+                identity: l.caller().to_string(),
+                per_identity: l.caller().is_wildcard(),
+                route: l.route_name().map(str::to_owned),
+                concurrency: l.concurrency(),
+                rate: l.rate().map(|r| r.to_string()),
+                burst: l.rate().map(|r| r.burst),
+                line: l.line(),
+            })
+            .collect(),
     }
 }
 
@@ -153,6 +190,33 @@ impl Matrix {
         out.push_str("\nidentities:\n");
         for c in &self.callers {
             let _ = writeln!(out, "  {} = {}", c.name, c.identity);
+        }
+        if !self.limits.is_empty() {
+            out.push_str("\nlimits (per caller identity):\n");
+            for l in &self.limits {
+                let mut bounds = Vec::new();
+                if let Some(c) = l.concurrency {
+                    bounds.push(format!("concurrency {c}"));
+                }
+                if let (Some(r), Some(b)) = (&l.rate, l.burst) {
+                    bounds.push(format!("rate {r} (burst {b})"));
+                }
+                let _ = writeln!(
+                    out,
+                    "  {}{}: {}{}  (line {})",
+                    l.caller,
+                    l.route
+                        .as_ref()
+                        .map_or(String::new(), |r| format!(" on route `{r}`")),
+                    bounds.join(", "),
+                    if l.per_identity {
+                        "; each matching identity has its own budget"
+                    } else {
+                        ""
+                    },
+                    l.line
+                );
+            }
         }
         out
     }

@@ -20,6 +20,8 @@ pub(crate) struct RawPolicy {
     pub identities: Option<Spanned<BTreeMap<Spanned<String>, Spanned<String>>>>,
     #[serde(default)]
     pub route: Vec<Spanned<RawRoute>>,
+    #[serde(default)]
+    pub limit: Vec<Spanned<RawLimit>>,
 }
 
 /// One `[[route]]` table.
@@ -30,6 +32,17 @@ pub(crate) struct RawRoute {
     pub methods: Option<Spanned<Vec<Spanned<String>>>>,
     pub path: Option<Spanned<String>>,
     pub allow: Option<Spanned<Vec<Spanned<String>>>>,
+}
+
+/// One `[[limit]]` table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawLimit {
+    pub caller: Option<Spanned<String>>,
+    pub route: Option<Spanned<String>>,
+    pub concurrency: Option<Spanned<i64>>,
+    pub rate: Option<Spanned<String>>,
+    pub burst: Option<Spanned<i64>>,
 }
 
 /// Parses the TOML; a syntax error, an unknown key or a value of the wrong type is returned

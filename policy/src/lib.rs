@@ -7,6 +7,7 @@
 //! - `source`: [`SourceFile`] and the [`Diagnostic`] every binary renders;
 //! - `file` (the TOML as written) and `compile` (validation into a [`Policy`], every error at
 //!   once with `file:line:col`);
+//! - [`limit`]: the `[[limit]]` overload limits and their lookup by caller and route;
 //! - [`path`]: request path normalization, shared with the sidecar;
 //! - [`method`]: the method spelling check (non-canonical `get` refused), shared with the sidecar;
 //! - `matcher`: the segment trie behind [`Policy::decide`] and its [`Decision`];
@@ -25,6 +26,7 @@ mod file;
 pub mod fleet;
 mod fleet_html;
 pub mod identity;
+pub mod limit;
 mod matcher;
 pub mod method;
 pub mod path;
@@ -34,5 +36,6 @@ mod source;
 
 pub use compile::{Alias, CallerError, Policy, SUPPORTED_VERSION};
 pub use identity::{IdError, IdentityPattern, SpiffeId, TrustDomain};
+pub use limit::{Limit, Rate};
 pub use matcher::{AllowEntry, Decision, DenyReason, METHODS, Route};
 pub use source::{Diagnostic, SourceFile};

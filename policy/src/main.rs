@@ -12,6 +12,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use gatehouse_policy::cases::{self, CaseResult, Outcome};
 use gatehouse_policy::diff::{self, Change, PolicyDiff};
+use gatehouse_policy::limit::LimitChangeKind;
 use gatehouse_policy::path::NormalizeOptions;
 use gatehouse_policy::review::{self, Warning};
 use gatehouse_policy::{Diagnostic, Policy, SourceFile, explain, fleet};
@@ -385,6 +386,20 @@ fn render_diff(d: &PolicyDiff) -> String {
         Some(true) => s += "! audit mode turned on: denials are no longer enforced\n",
         Some(false) => s += "  audit mode turned off: denials are enforced again\n",
         None => {}
+    }
+    for l in &d.limits {
+        let sign = match l.change {
+            LimitChangeKind::Added => "  limit added",
+            LimitChangeKind::Removed => "! limit removed",
+            LimitChangeKind::Raised => "! limit raised",
+            LimitChangeKind::Lowered => "  limit lowered",
+        };
+        s += &format!(
+            "{sign}  {}: {} -> {}\n",
+            l.limit,
+            l.old.as_deref().unwrap_or("none"),
+            l.new.as_deref().unwrap_or("none")
+        );
     }
     for c in &d.changes {
         let sign = match c.change {

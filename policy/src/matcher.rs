@@ -108,6 +108,8 @@ impl AllowEntry {
 /// A compiled `[[route]]`.
 #[derive(Debug, Clone)]
 pub struct Route {
+    /// Position in [`crate::Policy::routes`] (file order), the key of per-route tables.
+    pub(crate) index: u32,
     pub(crate) name: String,
     pub(crate) methods: MethodSet,
     pub(crate) path: String,
@@ -118,6 +120,11 @@ pub struct Route {
 }
 
 impl Route {
+    /// The route's position in [`crate::Policy::routes`].
+    pub fn index(&self) -> usize {
+        self.index as usize
+    }
+
     /// The route's `name`, as used in audit lines and metric labels.
     pub fn name(&self) -> &str {
         &self.name
