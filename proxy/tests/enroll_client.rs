@@ -203,7 +203,7 @@ fn start(
         IdentityMetrics::register(&prometheus::Registry::new()).expect("register metrics");
     let handle = identity::spawn(
         cfg,
-        gatehouse_proxy::tls::provider(),
+        gatehouse_proxy::identity::provider(),
         Some(metrics.clone()),
         fast(),
         cancel.clone(),
@@ -292,7 +292,7 @@ async fn enrolls_with_a_join_token_then_renews_with_a_new_key_and_serial() {
     rustls::sign::CertifiedKey::from_der(
         second.chain.clone(),
         key,
-        &gatehouse_proxy::tls::provider(),
+        &gatehouse_proxy::identity::provider(),
     )
     .expect("key matches");
 

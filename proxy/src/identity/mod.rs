@@ -18,5 +18,7 @@ pub mod config;
 pub mod driver;
 pub mod key;
 
+/// The crypto provider the client uses (aws-lc-rs, our one provider), for callers of [`spawn`].
+pub use crate::tls::provider;
 pub use config::{Bootstrap, IdentityConfigError, OnlineIdentity, OnlineIdentityRaw};
 pub use driver::{IdentityHandle, IdentityMetrics, IdentityStatus, Material, Tuning, spawn};
