@@ -328,7 +328,7 @@ impl Output {
     /// previous batch for the first), in place, and remembers the last line's hash.
     fn chain(&mut self, batch: &mut [u8]) {
         let mut start = 0;
-        while let Some(nl) = batch[start..].iter().position(|&c| c == b'\n') {
+        while let Some(nl) = memchr::memchr(b'\n', &batch[start..]) {
             let end = start + nl;
             let line = &mut batch[start..end];
             // Every line this sink formats ends with the placeholder; guard anyway.
