@@ -5,8 +5,6 @@
 
 use std::time::Duration;
 
-use super::model::CrlStale;
-
 // ---- [inbound] ----------------------------------------------------------------------------------
 
 /// Default TLS handshake timeout.
@@ -85,12 +83,6 @@ pub(crate) const MAX_WORKER_THREADS: usize = 256;
 pub(crate) const DEFAULT_RELOAD_POLL: Duration = Duration::from_secs(2);
 /// Default quiet time after a file event before reloading (a writer's burst becomes one reload).
 pub(crate) const DEFAULT_RELOAD_DEBOUNCE: Duration = Duration::from_millis(75);
-
-/// Default `[identity] crl_stale`: refuse the peers a stale CRL vouches for, as OpenSSL (and so
-/// nginx, HAProxy and Envoy) does with an expired CRL. A CRL past its next-update says nothing
-/// about what was revoked since; accepting it forever would let a stopped CRL job (or an
-/// attacker who keeps the new CRL from arriving) switch revocation off without anyone seeing.
-pub(crate) const DEFAULT_CRL_STALE: CrlStale = CrlStale::Refuse;
 
 /// Default `[identity] crl_grace`: how long after a CRL's next-update `crl_stale` acts. Long
 /// enough for a late cron run or a slow Secret sync, short next to `ca crl`'s 24 h lifetime.

@@ -139,6 +139,12 @@ impl Default for ReloadConfig {
     }
 }
 
+/// Default `[identity] crl_stale` (kept beside its type, so `defaults` needs nothing from here): refuse the peers a stale CRL vouches for, as OpenSSL (and so
+/// nginx, HAProxy and Envoy) does with an expired CRL. A CRL past its next-update says nothing
+/// about what was revoked since; accepting it forever would let a stopped CRL job (or an
+/// attacker who keeps the new CRL from arriving) switch revocation off without anyone seeing.
+pub(crate) const DEFAULT_CRL_STALE: CrlStale = CrlStale::Refuse;
+
 /// `[identity] crl_stale`: what a CRL stale beyond `crl_grace` does (each also logs a warning and
 /// shows in `gatehouse_crl_next_update_timestamp_seconds`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
