@@ -34,6 +34,7 @@ pub struct Policy {
     exact_aliases: HashMap<String, usize>,
     pub(crate) routes: Vec<Route>,
     pub(crate) matcher: Matcher,
+    pub(crate) tcp: Vec<crate::tcp::TcpEntry>, // issue 17: `[[tcp]]` entries
 }
 
 /// A name from `[identities]`.
@@ -201,17 +202,23 @@ pub(crate) fn toml_diagnostic(src: &SourceFile, e: &toml::de::Error) -> Diagnost
 }
 
 /// One validation pass over the raw file; collects diagnostics instead of stopping.
-struct Compiler<'s> {
+pub(crate) struct Compiler<'s> {
+    // issue 17: pub(crate) for tcp.rs
     src: &'s SourceFile,
     errors: Vec<Diagnostic>,
 }
 
 impl Compiler<'_> {
-    fn error(&mut self, span: Range<usize>, message: impl Into<String>, help: impl Into<String>) {
+    pub(crate) fn error(
+        &mut self,
+        span: Range<usize>,
+        message: impl Into<String>,
+        help: impl Into<String>,
+    ) {
         self.errors.push(self.src.diagnostic(span, message, help));
     }
 
-    fn loc(&self, span: &Range<usize>) -> Loc {
+    pub(crate) fn loc(&self, span: &Range<usize>) -> Loc {
         let (line, col) = self.src.line_col(span.start);
         Loc { line, col }
     }
@@ -228,6 +235,7 @@ impl Compiler<'_> {
             .filter_map(|r| self.route(r, &aliases, td))
             .collect();
         self.route_names(&routes);
+        let tcp = self.tcp(&raw.tcp, &aliases, td); // issue 17
         self.errors
             .extend(matcher::indistinguishable(&routes, self.src.name()));
         let (Some(trust_domain), true) = (trust_domain, self.errors.is_empty()) else {
@@ -251,6 +259,7 @@ impl Compiler<'_> {
             exact_aliases,
             matcher: Matcher::build(&routes),
             routes,
+            tcp, // issue 17
         })
     }
 
@@ -507,7 +516,7 @@ impl Compiler<'_> {
         }
     }
 
-    fn allow(
+    pub(crate) fn allow(
         &mut self,
         allow: Option<&Spanned<Vec<Spanned<String>>>>,
         span: &Range<usize>,

@@ -20,6 +20,8 @@ pub(crate) struct RawPolicy {
     pub identities: Option<Spanned<BTreeMap<Spanned<String>, Spanned<String>>>>,
     #[serde(default)]
     pub route: Vec<Spanned<RawRoute>>,
+    #[serde(default)] // issue 17: `[[tcp]]` entries (policy/src/tcp.rs)
+    pub tcp: Vec<Spanned<crate::tcp::RawTcp>>,
 }
 
 /// One `[[route]]` table.

@@ -50,7 +50,12 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use crate::config::AuditConfig;
+
+// issue 17: the TCP connection line (a child module: it uses the sink's line builder).
+#[path = "audit_tcp.rs"]
+mod tcp;
 use sha2::{Digest, Sha256};
+pub use tcp::{TcpRecord, record_tcp};
 
 /// Buffered bytes past which the flusher thread is woken at once instead of at the interval.
 pub const FLUSH_BYTES: usize = 32 * 1024;

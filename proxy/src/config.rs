@@ -224,7 +224,7 @@ impl ConfigErrorKind {
                 .into(),
             Self::DuplicateOutbound { .. } => "give each [[outbound]] entry its own name".into(),
             Self::Empty { .. } => "give it a value".into(),
-            Self::NoListener => "add an [inbound] section or an [[outbound]] entry".into(),
+            Self::NoListener => "add an [inbound] section, an [[outbound]] entry or a [[tcp_inbound]]/[[tcp_outbound]] entry".into(), // issue 17
             Self::DuplicateListen { .. } => "give each listener its own port".into(),
             Self::AuditFlushInterval { .. } => "buffered audit lines are lost if the process \
                  is killed: use \"100ms\" (default), at most \"10s\", or \"0\" to write every \
@@ -268,6 +268,8 @@ pub struct Config {
     pub inbound: Option<InboundConfig>,
     /// Outbound (app → mTLS peer) listeners.
     pub outbound: Vec<OutboundConfig>,
+    /// `[[tcp_inbound]]` and `[[tcp_outbound]]` (issue 17: `crate::tcp::config`).
+    pub tcp: crate::tcp::config::TcpConfig,
     /// Admin listener.
     pub admin: AdminConfig,
     /// Audit log destination.
@@ -587,6 +589,10 @@ struct RawConfig {
     inbound: Option<RawInbound>,
     #[serde(default)]
     outbound: Vec<RawOutbound>,
+    #[serde(default)] // issue 17
+    tcp_inbound: Vec<crate::tcp::config::RawTcpInbound>,
+    #[serde(default)] // issue 17
+    tcp_outbound: Vec<crate::tcp::config::RawTcpOutbound>,
     admin: RawAdmin,
     audit: Option<RawAudit>,
     reload: Option<RawReload>,
@@ -690,7 +696,8 @@ struct RawAudit {
 // ---- stage two: validation --------------------------------------------------------------------
 
 /// Collects every problem with its position.
-struct Check<'a> {
+pub(crate) struct Check<'a> {
+    // issue 17: pub(crate) for tcp/config.rs
     file: &'a Path,
     dir: &'a Path,
     text: &'a str,
@@ -698,7 +705,7 @@ struct Check<'a> {
 }
 
 impl Check<'_> {
-    fn push(&mut self, span: Option<Range<usize>>, kind: ConfigErrorKind) {
+    pub(crate) fn push(&mut self, span: Option<Range<usize>>, kind: ConfigErrorKind) {
         let position = span.map(|s| line_col(self.text, s.start));
         self.errors.push(ConfigError {
             file: self.file.to_path_buf(),
@@ -707,14 +714,14 @@ impl Check<'_> {
         });
     }
 
-    fn path(&mut self, v: &S<String>, key: &'static str) -> PathBuf {
+    pub(crate) fn path(&mut self, v: &S<String>, key: &'static str) -> PathBuf {
         if v.get_ref().is_empty() {
             self.push(Some(v.span()), ConfigErrorKind::Empty { key });
         }
         self.dir.join(v.get_ref())
     }
 
-    fn addr(&mut self, v: &S<String>) -> Option<SocketAddr> {
+    pub(crate) fn addr(&mut self, v: &S<String>) -> Option<SocketAddr> {
         match v.get_ref().parse() {
             Ok(a) => Some(a),
             Err(_) => {
@@ -725,7 +732,7 @@ impl Check<'_> {
         }
     }
 
-    fn duration(
+    pub(crate) fn duration(
         &mut self,
         v: Option<&S<String>>,
         key: &'static str,
@@ -770,7 +777,7 @@ impl Check<'_> {
         }
     }
 
-    fn count(&mut self, v: Option<&S<u64>>, key: &'static str, default: usize) -> usize {
+    pub(crate) fn count(&mut self, v: Option<&S<u64>>, key: &'static str, default: usize) -> usize {
         let Some(v) = v else { return default };
         if *v.get_ref() == 0 {
             self.push(Some(v.span()), ConfigErrorKind::Zero { key });
@@ -897,6 +904,7 @@ impl Config {
         for o in &self.outbound {
             out.push((format!("outbound:{}", o.name), o.listen));
         }
+        out.extend(self.tcp.listeners()); // issue 17
         out.push(("admin".to_owned(), self.admin.listen));
         out
     }
@@ -928,6 +936,7 @@ impl Check<'_> {
         };
         let inbound = raw.inbound.map(|i| self.inbound(i));
         let outbound = self.outbound(raw.outbound);
+        let tcp = self.tcp(raw.tcp_inbound, raw.tcp_outbound); // issue 17
         let admin = AdminConfig {
             listen: self
                 .addr(&raw.admin.listen)
@@ -975,7 +984,7 @@ impl Check<'_> {
         let runtime = RuntimeConfig {
             worker_threads: loops,
         };
-        if inbound.is_none() && outbound.is_empty() {
+        if inbound.is_none() && outbound.is_empty() && tcp.is_empty() {
             self.push(None, ConfigErrorKind::NoListener);
         }
         let config = Config {
@@ -984,6 +993,7 @@ impl Check<'_> {
             min_tls,
             inbound,
             outbound,
+            tcp, // issue 17
             admin,
             audit,
             shutdown_grace_period,
@@ -1195,7 +1205,7 @@ impl Check<'_> {
         out
     }
 
-    fn host_port(&mut self, v: &S<String>) -> (String, u16) {
+    pub(crate) fn host_port(&mut self, v: &S<String>) -> (String, u16) {
         let s = v.get_ref();
         let parsed = s.rsplit_once(':').and_then(|(host, port)| {
             let host = host

@@ -39,4 +39,5 @@ pub mod reload;
 pub mod run;
 pub mod signal;
 pub mod state;
+pub mod tcp; // issue 17: TCP mode
 pub mod tls;
