@@ -186,6 +186,99 @@ pub(crate) fn patterns(policy: &Policy) -> impl Iterator<Item = &IdentityPattern
         .flat_map(|t| t.allow.iter().map(|a| &a.pattern))
 }
 
+/// Whether a `[[tcp]]` allow-list names the alias `name`.
+pub(crate) fn uses_alias(policy: &Policy, name: &str) -> bool {
+    policy
+        .tcp
+        .iter()
+        .any(|t| t.allow.iter().any(|a| a.written == name))
+}
+
+/// `policy check` warnings (`tcp-wildcard-identity`): a `[[tcp]]` allow entry that stands for
+/// more than one identity. A TCP listener has no methods or paths to narrow what a caller may
+/// do, so every identity it admits gets the whole service (a database, say).
+pub(crate) fn review(policy: &Policy) -> Vec<(Loc, String, &'static str)> {
+    let mut out = Vec::new();
+    for t in &policy.tcp {
+        for a in t.allow.iter().filter(|a| a.pattern.is_wildcard()) {
+            out.push((
+                a.loc,
+                format!(
+                    "[[tcp]] `{}` admits every identity matching `{}`: each gets the whole TCP service",
+                    t.name, a.pattern
+                ),
+                "list the exact callers (aliases or spiffe:// IDs) that need this connection",
+            ));
+        }
+    }
+    out
+}
+
+/// `policy explain` rows: one per `[[tcp]]` entry (methods `TCP`, path `-`), a cell per
+/// caller column as for routes.
+pub(crate) fn matrix_rows(
+    policy: &Policy,
+    callers: &[(String, IdentityPattern)],
+) -> Vec<crate::explain::MatrixRoute> {
+    policy
+        .tcp
+        .iter()
+        .map(|t| crate::explain::MatrixRoute {
+            name: t.name.clone(),
+            methods: vec!["TCP"],
+            path: "-".to_owned(),
+            allowed_by: callers
+                .iter()
+                .map(|(_, who)| {
+                    t.allow
+                        .iter()
+                        .find(|a| a.pattern.covers(who))
+                        .map(|a| a.written.clone())
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+/// `policy diff` lines for `[[tcp]]` entries: per sampled caller and entry name, whether the
+/// new policy lets it connect where the old one did not (granted) or the reverse (revoked).
+pub(crate) fn changes(
+    old: &Policy,
+    new: &Policy,
+    callers: &[crate::probe::Caller],
+) -> Vec<crate::diff::AccessChange> {
+    let mut names: Vec<&str> = old
+        .tcp
+        .iter()
+        .chain(&new.tcp)
+        .map(|t| t.name.as_str())
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    let mut out = Vec::new();
+    for name in names {
+        for caller in callers {
+            let change = match (
+                old.tcp_allows(name, &caller.id),
+                new.tcp_allows(name, &caller.id),
+            ) {
+                (false, true) => crate::diff::Change::Granted,
+                (true, false) => crate::diff::Change::Revoked,
+                _ => continue,
+            };
+            out.push(crate::diff::AccessChange {
+                change,
+                caller: caller.label.clone(),
+                route: name.to_owned(),
+                path: "[[tcp]]".to_owned(),
+                methods: vec!["TCP".to_owned()],
+            });
+        }
+    }
+    out.sort_by(|a, b| (a.change, &a.caller, &a.route).cmp(&(b.change, &b.caller, &b.route)));
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -200,6 +293,53 @@ report-service = "spiffe://fintech.internal/report-service"
 name  = "postgres"
 allow = ["report-service", "spiffe://fintech.internal/ns/ops/*"]
 "#;
+
+    #[test]
+    fn check_warns_about_tcp_wildcards_and_counts_tcp_aliases_as_used() {
+        let p = Policy::parse("policy.toml", TCP_ONLY).expect("compiles");
+        let w = crate::review::review(&p);
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert_eq!(w[0].code, "tcp-wildcard-identity");
+        assert_eq!((w[0].diagnostic.line, w[0].diagnostic.col), (9, 28));
+    }
+
+    #[test]
+    fn diff_reports_an_added_tcp_caller_as_a_widening_and_explain_shows_the_row() {
+        let old = Policy::parse("old.toml", TCP_ONLY).expect("old");
+        let wider = TCP_ONLY.replace(
+            "allow = [\"report-service\",",
+            "allow = [\"report-service\", \"spiffe://fintech.internal/api-gateway\",",
+        );
+        let new = Policy::parse("new.toml", &wider).expect("new");
+        let d = crate::diff::diff(&old, &new);
+        assert!(d.widens(), "{d:?}");
+        assert_eq!(d.changes.len(), 1, "{d:?}");
+        let c = &d.changes[0];
+        assert_eq!(c.change, crate::diff::Change::Granted);
+        assert_eq!(c.caller, "spiffe://fintech.internal/api-gateway");
+        assert_eq!(
+            (c.route.as_str(), c.methods[0].as_str()),
+            ("postgres", "TCP")
+        );
+        let back = crate::diff::diff(&new, &old);
+        assert!(!back.widens());
+        assert_eq!(back.changes[0].change, crate::diff::Change::Revoked);
+        assert!(crate::diff::diff(&old, &old).is_empty());
+
+        let m = crate::explain::matrix(&new);
+        assert_eq!(m.tcp.len(), 1);
+        let table = m.to_table();
+        assert!(table.contains("postgres"), "{table}");
+        let gateway = m
+            .callers
+            .iter()
+            .position(|c| c.name == "spiffe://fintech.internal/api-gateway")
+            .expect("column");
+        assert_eq!(
+            m.tcp[0].allowed_by[gateway].as_deref(),
+            Some("spiffe://fintech.internal/api-gateway")
+        );
+    }
 
     fn id(s: &str) -> SpiffeId {
         SpiffeId::parse(s).expect("valid id")
