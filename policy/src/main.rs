@@ -256,16 +256,9 @@ fn test_one(
         Ok(p) => p,
         Err(code) => return code,
     };
-    let id = match policy.resolve_caller(caller) {
+    let id = match resolve(&policy, caller, json) {
         Ok(id) => id,
-        Err(e) => {
-            let d = Diagnostic::whole_file(
-                "--caller",
-                format!("caller `{caller}`: {e}"),
-                "pass a spiffe:// ID, or an alias of the policy that stands for one exact ID",
-            );
-            return render_errors(&[d], json);
-        }
+        Err(code) => return code,
     };
     let outcome = cases::evaluate(&policy, &id, method, path, opts);
     if json {
@@ -279,22 +272,27 @@ fn test_one(
     if outcome.allowed { 0 } else { 1 }
 }
 
+/// `--caller`: an exact-ID alias of `policy` or a SPIFFE ID; else the error is rendered.
+fn resolve(policy: &Policy, caller: &str, json: bool) -> Result<gatehouse_policy::SpiffeId, u8> {
+    policy.resolve_caller(caller).map_err(|e| {
+        let d = Diagnostic::whole_file(
+            "--caller",
+            format!("caller `{caller}`: {e}"),
+            "pass a spiffe:// ID, or an alias of the policy that stands for one exact ID",
+        );
+        render_errors(&[d], json)
+    })
+}
+
 /// `policy test FILE --tcp NAME --caller ID` (issue 17): exit 0 allow, 1 deny, 2 error.
 fn test_tcp(file: &Path, name: &str, caller: &str, json: bool) -> u8 {
     let policy = match load(file, json) {
         Ok(p) => p,
         Err(code) => return code,
     };
-    let id = match policy.resolve_caller(caller) {
+    let id = match resolve(&policy, caller, json) {
         Ok(id) => id,
-        Err(e) => {
-            let d = Diagnostic::whole_file(
-                "--caller",
-                format!("caller `{caller}`: {e}"),
-                "pass a spiffe:// ID, or an alias of the policy that stands for one exact ID",
-            );
-            return render_errors(&[d], json);
-        }
+        Err(code) => return code,
     };
     let d = policy.decide_tcp(name, &id);
     let (decision, matched, line) = match d {

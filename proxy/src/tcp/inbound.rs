@@ -13,9 +13,8 @@ use rustls::server::danger::ClientCertVerifier;
 use rustls_pki_types::{CertificateDer, UnixTime};
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
-use tracing::{Instrument, debug, info, info_span};
+use tracing::{debug, info};
 
 use super::config::TcpInboundConfig;
 use super::metrics::{ListenerMetrics, TcpMetrics};
@@ -42,40 +41,19 @@ pub async fn serve(
     metrics: TcpMetrics,
     shutdown: Shutdown,
 ) {
-    let limit = Arc::new(Semaphore::new(cfg.max_connections));
     let l = Arc::new(Listener {
         index,
         metrics: metrics.listener(&cfg.name),
         cfg,
         state,
     });
-    loop {
-        let permit = tokio::select! {
-            p = limit.clone().acquire_owned() => p.expect("the semaphore is never closed"),
-            () = shutdown.token().cancelled() => break,
-        };
-        let (tcp, peer) = tokio::select! {
-            c = listener.accept() => match c {
-                Ok(c) => c,
-                Err(e) => {
-                    info!(listener = %l.cfg.name, error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = shutdown.token().cancelled() => break,
-        };
-        let span = info_span!("tcp_inbound", listener = %l.cfg.name, %peer);
-        let (conn, stop) = (l.clone(), shutdown.clone());
-        let task = async move {
-            let _permit = permit;
-            conn.metrics.active.inc();
-            serve_one(&conn, tcp, &stop).await;
-            conn.metrics.active.dec();
-        };
-        shutdown.tracker().spawn(task.instrument(span));
-    }
-    debug!("tcp inbound listener stopped accepting");
+    let (name, max) = (l.cfg.name.clone(), l.cfg.max_connections);
+    let active = l.metrics.active.clone();
+    let serve = move |tcp, stop: Shutdown| {
+        let l = l.clone();
+        async move { serve_one(&l, tcp, &stop).await }
+    };
+    super::accept_loop(listener, "inbound", name, max, active, shutdown, serve).await;
 }
 
 async fn serve_one(l: &Listener, tcp: TcpStream, shutdown: &Shutdown) {

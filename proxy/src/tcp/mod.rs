@@ -332,6 +332,52 @@ impl Tcp {
     }
 }
 
+/// Accepts on `listener` until shutdown starts: at most `max` connections open, one task per
+/// connection in the drain tracker, counted in `active`, each served by `serve`.
+async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    side: &'static str,
+    name: String,
+    max: usize,
+    active: prometheus::IntGauge,
+    shutdown: Shutdown,
+    serve: F,
+) where
+    F: Fn(tokio::net::TcpStream, Shutdown) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let limit = Arc::new(tokio::sync::Semaphore::new(max));
+    loop {
+        let permit = tokio::select! {
+            p = limit.clone().acquire_owned() => p.expect("the semaphore is never closed"),
+            () = shutdown.token().cancelled() => break,
+        };
+        let (tcp, peer) = tokio::select! {
+            c = listener.accept() => match c {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(side, listener = %name, error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = shutdown.token().cancelled() => break,
+        };
+        let span = tracing::info_span!("tcp", side, listener = %name, %peer);
+        let (conn, active) = (serve(tcp, shutdown.clone()), active.clone());
+        let task = async move {
+            let _permit = permit;
+            active.inc();
+            conn.await;
+            active.dec();
+        };
+        shutdown
+            .tracker()
+            .spawn(tracing::Instrument::instrument(task, span));
+    }
+    tracing::debug!(side, listener = %name, "tcp listener stopped accepting");
+}
+
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, LoadError> {
     TcpListener::bind(addr)
         .await
