@@ -11,6 +11,9 @@
 //! - `revoking_report_service_closes_its_open_psql_session_within_2s`: an open interactive
 //!   `psql` session is cut when the CRL revoking report-service is written (reload), within
 //!   2 s, seen from PostgreSQL (`pg_stat_activity`) and from `psql` itself.
+//! - `half_close_passes_through_both_sidecars_and_idle_connections_are_closed`: an app that
+//!   answers only after end of stream gets it through both sidecars (half-close), and a silent
+//!   connection is closed after `idle_timeout` with an `idle_timeout` audit line.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -318,4 +321,96 @@ async fn revoking_report_service_closes_its_open_psql_session_within_2s() {
         .await
         .expect("psql runs");
     assert!(!again.ok);
+}
+
+/// A plain TCP app that answers only once its client has half-closed: it reads to the end,
+/// then writes `got N bytes` and closes.
+async fn answer_after_eof() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut all = Vec::new();
+                if tokio::io::AsyncReadExt::read_to_end(&mut s, &mut all)
+                    .await
+                    .is_ok()
+                {
+                    let _ = s
+                        .write_all(format!("got {} bytes", all.len()).as_bytes())
+                        .await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_passes_through_both_sidecars_and_idle_connections_are_closed() {
+    use tokio::io::AsyncReadExt;
+    let app = answer_after_eof().await;
+    let pki = Pki::new(TD);
+    let db = Sidecar::builder(&pki.issue(DB_ID))
+        .policy(POLICY)
+        .section(&format!(
+            "[[tcp_inbound]]\nname = \"postgres\"\nlisten = \"127.0.0.1:0\"\napp = \"{app}\"\npolicy = \"policy.toml\"\nidle_timeout = \"1s\"\n"
+        ))
+        .spawn()
+        .await
+        .expect("sidecar starts");
+    let client = client_sidecar(&pki.issue(REPORT_ID), &db).await;
+    let local = client.listener("tcp_outbound:reports-db");
+
+    // Half-close: the app answers only after our end of stream crossed both sidecars.
+    let mut s = tokio::net::TcpStream::connect(local)
+        .await
+        .expect("connect");
+    s.write_all(&vec![7u8; 100_000]).await.expect("write");
+    s.shutdown().await.expect("half-close");
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut answer))
+        .await
+        .expect("answer within 10 s")
+        .expect("read");
+    assert_eq!(answer, "got 100000 bytes");
+
+    // Idle: a connection that moves nothing is closed after idle_timeout (1 s).
+    let mut idle = tokio::net::TcpStream::connect(local)
+        .await
+        .expect("connect");
+    idle.write_all(b"x").await.expect("write");
+    let opened = Instant::now();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(10), idle.read(&mut buf))
+        .await
+        .expect("closed within 10 s");
+    let after = opened.elapsed();
+    assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
+    assert!(
+        after >= Duration::from_millis(900),
+        "closed too early: {after:?}"
+    );
+    eprintln!("idle connection closed after {after:?} (idle_timeout 1s)");
+    let line = eventually(
+        "the idle_timeout audit line",
+        Duration::from_secs(5),
+        async || {
+            db.audit()
+                .into_iter()
+                .find(|l| l["reason"] == "idle_timeout")
+        },
+    )
+    .await
+    .expect("audit");
+    assert_eq!(line["bytes_client_to_server"], 1);
+    let first = db
+        .audit()
+        .into_iter()
+        .find(|l| l["reason"] == "closed")
+        .expect("closed line");
+    assert_eq!(first["bytes_client_to_server"], 100_000);
+    assert_eq!(first["bytes_server_to_client"], 16);
 }
