@@ -33,7 +33,7 @@ pub(crate) mod pump;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use gatehouse_policy::{IdentityPattern, Policy};
+use gatehouse_policy::Policy;
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ServerConfig};
 use tokio::net::TcpListener;
@@ -45,7 +45,6 @@ use crate::input::{FileKind, Input};
 use crate::outbound::OutboundTls;
 use crate::signal::Shutdown;
 use crate::state::{InboundSnapshot, State};
-use crate::tls::client::{ServerIdentityVerifier, client_config};
 use crate::tls::resolver::CertResolver;
 use crate::tls::verify::SpiffeClientVerifier;
 use config::TcpConfig;
@@ -216,43 +215,16 @@ fn pinned_client(
     o: &config::TcpOutboundConfig,
     tls: &OutboundTls,
 ) -> Result<PinnedClient, LoadError> {
-    let fail = |detail: String| {
-        LoadError::Outbound(crate::outbound::OutboundSetupError::Tls {
-            name: o.name.clone(),
-            detail,
-        })
-    };
-    let sni = o.sni.as_deref().unwrap_or(&o.connect_host);
-    let server_name = ServerName::try_from(sni.to_owned()).map_err(|_| {
-        LoadError::Outbound(crate::outbound::OutboundSetupError::ServerName {
-            name: o.name.clone(),
-            value: sni.to_owned(),
-        })
-    })?;
-    let creds = &tls.credentials;
-    let verifier = ServerIdentityVerifier::new(
-        Arc::clone(&creds.roots),
-        &creds.crls,
-        creds.id.trust_domain(),
-        IdentityPattern::Exact(o.server_id.clone()),
-        Arc::clone(&tls.provider),
-    )
-    .map_err(|e| fail(e.to_string()))?
-    .with_freshness(creds.freshness.clone());
-    let versions = crate::tls::server::versions(tls.min_tls);
     // No ALPN: the stream is not HTTP.
-    let client = client_config(
-        Arc::clone(&tls.provider),
-        versions,
-        Arc::new(verifier),
-        Arc::clone(&tls.cert),
+    let (server_name, tls) = crate::outbound::pinned_client_tls(
+        &o.name,
+        o.sni.as_deref().unwrap_or(&o.connect_host),
+        &o.server_id,
         &[],
+        tls,
     )
-    .map_err(|e| fail(e.to_string()))?;
-    Ok(PinnedClient {
-        tls: Arc::new(client),
-        server_name,
-    })
+    .map_err(LoadError::Outbound)?;
+    Ok(PinnedClient { tls, server_name })
 }
 
 /// The bound TCP listeners, in configuration order (inbound, then outbound).
