@@ -36,6 +36,7 @@ pub struct Policy {
     pub(crate) routes: Vec<Route>,
     pub(crate) matcher: Matcher,
     pub(crate) limits: Limits,
+    pub(crate) tcp: Vec<crate::tcp::TcpEntry>, // issue 17: `[[tcp]]` entries
 }
 
 /// A name from `[identities]`.
@@ -239,6 +240,7 @@ impl Compiler<'_> {
         }
         self.route_names(&routes);
         let limits = self.limits(&raw.limit, &aliases, td, &routes);
+        let tcp = self.tcp(&raw.tcp, &aliases, td); // issue 17
         self.errors
             .extend(matcher::indistinguishable(&routes, self.src.name()));
         let (Some(trust_domain), true) = (trust_domain, self.errors.is_empty()) else {
@@ -263,6 +265,7 @@ impl Compiler<'_> {
             matcher: Matcher::build(&routes),
             limits,
             routes,
+            tcp, // issue 17
         })
     }
 
@@ -520,7 +523,7 @@ impl Compiler<'_> {
         }
     }
 
-    fn allow(
+    pub(crate) fn allow(
         &mut self,
         allow: Option<&Spanned<Vec<Spanned<String>>>>,
         span: &Range<usize>,

@@ -94,7 +94,7 @@ pub fn diff(old: &Policy, new: &Policy) -> PolicyDiff {
             }
         }
     }
-    let changes = found
+    let mut changes: Vec<AccessChange> = found
         .into_iter()
         .map(|((change, c, in_new, r), methods)| {
             let route: &Route = if in_new {
@@ -111,6 +111,7 @@ pub fn diff(old: &Policy, new: &Policy) -> PolicyDiff {
             }
         })
         .collect();
+    changes.extend(crate::tcp::changes(old, new, &probes.callers)); // issue 17: [[tcp]] entries
     PolicyDiff {
         changes,
         audit_mode_turned_on: (old.audit != new.audit).then_some(new.audit),

@@ -28,6 +28,8 @@ pub struct Matrix {
     pub routes: Vec<MatrixRoute>,
     /// The `[[limit]]` entries, in file order.
     pub limits: Vec<MatrixLimit>,
+    /// One row per `[[tcp]]` entry (methods `TCP`, path `-`), after the routes (issue 17).
+    pub tcp: Vec<MatrixRoute>,
 }
 
 /// One `[[limit]]` as `policy explain` shows it.
@@ -83,7 +85,13 @@ pub fn matrix(policy: &Policy) -> Matrix {
         .iter()
         .map(|a| (a.name.clone(), a.pattern.clone()))
         .collect();
-    for entry in policy.routes.iter().flat_map(|r| r.allow.iter()) {
+    let tcp_allow = policy.tcp.iter().flat_map(|t| t.allow.iter()); // issue 17
+    for entry in policy
+        .routes
+        .iter()
+        .flat_map(|r| r.allow.iter())
+        .chain(tcp_allow)
+    {
         if !callers.iter().any(|(n, _)| *n == entry.written) {
             callers.push((entry.written.clone(), entry.pattern.clone()));
         }
@@ -106,6 +114,7 @@ pub fn matrix(policy: &Policy) -> Matrix {
                 .collect(),
         })
         .collect();
+    let tcp = crate::tcp::matrix_rows(policy, &callers); // issue 17
     Matrix {
         file: policy.source_name.clone(),
         trust_domain: policy.trust_domain.to_string(),
@@ -133,6 +142,7 @@ pub fn matrix(policy: &Policy) -> Matrix {
                 line: l.line(),
             })
             .collect(),
+        tcp,
     }
 }
 
@@ -154,7 +164,7 @@ impl Matrix {
         let mut header = vec!["route".to_owned(), "methods".to_owned(), "path".to_owned()];
         header.extend(self.callers.iter().map(|c| c.name.clone()));
         let mut rows = vec![header];
-        for r in &self.routes {
+        for r in self.routes.iter().chain(&self.tcp) {
             let mut row = vec![r.name.clone(), r.methods_text(), r.path.clone()];
             row.extend(r.allowed_by.iter().map(|a| match a {
                 Some(_) => "allow".to_owned(),
@@ -228,7 +238,7 @@ impl Matrix {
         for (i, c) in self.callers.iter().enumerate() {
             let _ = writeln!(out, "  c{i}([\"{}\"])", escape(&c.name));
         }
-        for (i, r) in self.routes.iter().enumerate() {
+        for (i, r) in self.routes.iter().chain(&self.tcp).enumerate() {
             let _ = writeln!(
                 out,
                 "  r{i}[\"{}<br/>{} {}\"]",
@@ -237,7 +247,7 @@ impl Matrix {
                 escape(&r.path)
             );
         }
-        for (ri, r) in self.routes.iter().enumerate() {
+        for (ri, r) in self.routes.iter().chain(&self.tcp).enumerate() {
             for (ci, a) in r.allowed_by.iter().enumerate() {
                 if a.is_some() {
                     let _ = writeln!(out, "  c{ci} --> r{ri}");

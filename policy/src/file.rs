@@ -22,6 +22,8 @@ pub(crate) struct RawPolicy {
     pub route: Vec<Spanned<RawRoute>>,
     #[serde(default)]
     pub limit: Vec<Spanned<RawLimit>>,
+    #[serde(default)] // issue 17: `[[tcp]]` entries (policy/src/tcp.rs)
+    pub tcp: Vec<Spanned<crate::tcp::RawTcp>>,
 }
 
 /// One `[[route]]` table.

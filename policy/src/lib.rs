@@ -33,9 +33,11 @@ pub mod path;
 mod probe;
 pub mod review;
 mod source;
+mod tcp; // issue 17: `[[tcp]]` entries
 
 pub use compile::{Alias, CallerError, Policy, SUPPORTED_VERSION};
 pub use identity::{IdError, IdentityPattern, SpiffeId, TrustDomain};
 pub use limit::{Limit, Rate};
 pub use matcher::{AllowEntry, Decision, DenyReason, METHODS, Route};
 pub use source::{Diagnostic, SourceFile};
+pub use tcp::{TcpDecision, TcpEntry}; // issue 17

@@ -15,7 +15,7 @@ use gatehouse_policy::diff::{self, Change, PolicyDiff};
 use gatehouse_policy::limit::LimitChangeKind;
 use gatehouse_policy::path::NormalizeOptions;
 use gatehouse_policy::review::{self, Warning};
-use gatehouse_policy::{Diagnostic, Policy, SourceFile, explain, fleet};
+use gatehouse_policy::{Diagnostic, Policy, SourceFile, TcpDecision, explain, fleet};
 use serde_json::json;
 
 /// Check, test, explain and diff Gatehouse policy files.
@@ -56,10 +56,10 @@ enum Command {
         #[arg(long, required_unless_present = "cases", conflicts_with = "cases")]
         caller: Option<String>,
         /// The HTTP method.
-        #[arg(long, required_unless_present = "cases", conflicts_with = "cases")]
+        #[arg(long, required_unless_present_any = ["cases", "tcp"], conflicts_with = "cases")]
         method: Option<String>,
         /// The request path as sent (normalized like the sidecar does; a query is ignored).
-        #[arg(long, required_unless_present = "cases", conflicts_with = "cases")]
+        #[arg(long, required_unless_present_any = ["cases", "tcp"], conflicts_with = "cases")]
         path: Option<String>,
         /// A CASES.toml file: one `[[case]]` table (caller, method, path, expect, optional route)
         /// per expected decision.
@@ -68,6 +68,10 @@ enum Command {
         /// Accept `;` in path segments, as a sidecar configured for matrix parameters does.
         #[arg(long)]
         allow_matrix_params: bool,
+        /// Issue 17: decide a connection to the TCP listener NAME (its `[[tcp]]` entry) instead
+        /// of an HTTP request; takes --caller, not --method/--path.
+        #[arg(long, value_name = "NAME", conflicts_with_all = ["method", "path", "cases"])]
+        tcp: Option<String>,
     },
     /// Show the caller × route matrix (`--format mermaid` for a graph), or with `--fleet` the
     /// map of who can call what across every service under the given directories.
@@ -120,12 +124,19 @@ fn main() -> ExitCode {
             path,
             cases,
             allow_matrix_params,
+            tcp,
         } => {
             let opts = NormalizeOptions {
                 allow_matrix_params,
             };
             match cases {
                 Some(cases) => test_cases(&file, &cases, json),
+                None if tcp.is_some() => test_tcp(
+                    &file,
+                    tcp.as_deref().unwrap_or_default(),
+                    caller.as_deref().unwrap_or_default(),
+                    json,
+                ),
                 None => test_one(
                     &file,
                     caller.as_deref().unwrap_or_default(),
@@ -178,11 +189,16 @@ fn check(files: &[PathBuf], deny_warnings: bool, json: bool) -> u8 {
     let mut reports = Vec::new();
     let (mut errors, mut warnings) = (0, 0);
     for file in files {
-        let (errs, warns, routes): (Vec<Diagnostic>, Vec<Warning>, usize) = match Policy::load(file)
-        {
-            Ok(p) => (Vec::new(), review::review(&p), p.route_count()),
-            Err(e) => (e, Vec::new(), 0),
-        };
+        let (errs, warns, routes, tcp_count): (Vec<Diagnostic>, Vec<Warning>, usize, usize) =
+            match Policy::load(file) {
+                Ok(p) => (
+                    Vec::new(),
+                    review::review(&p),
+                    p.route_count(),
+                    p.tcp_entries().len(),
+                ),
+                Err(e) => (e, Vec::new(), 0, 0),
+            };
         errors += errs.len();
         warnings += warns.len();
         if !json {
@@ -193,6 +209,10 @@ fn check(files: &[PathBuf], deny_warnings: bool, json: bool) -> u8 {
             for w in &warns {
                 println!("warning[{}]: {}", w.code, w.diagnostic);
             }
+            let tcp = match tcp_count {
+                0 => String::new(),
+                n => format!(", {n} [[tcp]] entr{}", if n == 1 { "y" } else { "ies" }),
+            }; // issue 17
             let status = if !errs.is_empty() {
                 format!("{} error(s)", errs.len())
             } else if !warns.is_empty() {
@@ -200,12 +220,13 @@ fn check(files: &[PathBuf], deny_warnings: bool, json: bool) -> u8 {
             } else {
                 format!("ok, {routes} route(s)")
             };
-            println!("{}: {status}", file.display());
+            println!("{}: {status}{tcp}", file.display());
         }
         reports.push(json!({
             "file": file.display().to_string(),
             "ok": errs.is_empty(),
             "routes": routes,
+            "tcp": tcp_count,
             "errors": errs,
             "warnings": warns,
         }));
@@ -236,16 +257,9 @@ fn test_one(
         Ok(p) => p,
         Err(code) => return code,
     };
-    let id = match policy.resolve_caller(caller) {
+    let id = match resolve(&policy, caller, json) {
         Ok(id) => id,
-        Err(e) => {
-            let d = Diagnostic::whole_file(
-                "--caller",
-                format!("caller `{caller}`: {e}"),
-                "pass a spiffe:// ID, or an alias of the policy that stands for one exact ID",
-            );
-            return render_errors(&[d], json);
-        }
+        Err(code) => return code,
     };
     let outcome = cases::evaluate(&policy, &id, method, path, opts);
     if json {
@@ -257,6 +271,53 @@ fn test_one(
         print!("{}", describe(&outcome));
     }
     if outcome.allowed { 0 } else { 1 }
+}
+
+/// `--caller`: an exact-ID alias of `policy` or a SPIFFE ID; else the error is rendered.
+fn resolve(policy: &Policy, caller: &str, json: bool) -> Result<gatehouse_policy::SpiffeId, u8> {
+    policy.resolve_caller(caller).map_err(|e| {
+        let d = Diagnostic::whole_file(
+            "--caller",
+            format!("caller `{caller}`: {e}"),
+            "pass a spiffe:// ID, or an alias of the policy that stands for one exact ID",
+        );
+        render_errors(&[d], json)
+    })
+}
+
+/// `policy test FILE --tcp NAME --caller ID` (issue 17): exit 0 allow, 1 deny, 2 error.
+fn test_tcp(file: &Path, name: &str, caller: &str, json: bool) -> u8 {
+    let policy = match load(file, json) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    let id = match resolve(&policy, caller, json) {
+        Ok(id) => id,
+        Err(code) => return code,
+    };
+    let d = policy.decide_tcp(name, &id);
+    let (decision, matched, line) = match d {
+        TcpDecision::Allow { entry, matched } => {
+            ("allow", Some(matched.written()), Some(entry.line()))
+        }
+        TcpDecision::NotAllowed { entry } => ("deny", None, Some(entry.line())),
+        _ => ("deny", None, None),
+    };
+    if json {
+        let out = json!({ "caller": id.as_str(), "tcp": name, "decision": decision,
+            "reason": d.reason(), "matched": matched, "line": line });
+        println!("{out}");
+    } else {
+        println!("{decision} ({})", d.reason());
+        match line {
+            Some(l) => println!("  [[tcp]] `{name}` (line {l})"),
+            None => println!("  [[tcp]] `{name}`: no such entry (nobody may connect)"),
+        }
+        if let Some(m) = matched {
+            println!("  matched: {m}");
+        }
+    }
+    if d.is_allowed() { 0 } else { 1 }
 }
 
 fn describe(o: &Outcome) -> String {

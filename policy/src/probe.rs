@@ -106,6 +106,7 @@ fn callers(policies: &[&Policy]) -> Vec<Caller> {
                 .iter()
                 .flat_map(|r| r.allow.iter().map(|a| &a.pattern)),
         );
+        patterns.extend(crate::tcp::patterns(p)); // issue 17: `[[tcp]]` callers
     }
     let ids: Vec<String> = patterns.iter().map(|p| p.to_string()).collect();
     let seg = fresh(|c| ids.iter().any(|i| i.contains(c)), "unlisted");

@@ -16,7 +16,7 @@ use crate::source::Diagnostic;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Warning {
     /// Stable identifier: `star-on-write`, `root-wildcard-path`, `unused-alias`,
-    /// `wildcard-identity`, `redundant-route` or `audit-mode`.
+    /// `wildcard-identity`, `redundant-route`, `audit-mode` or `tcp-wildcard-identity`.
     pub code: &'static str,
     /// Where and what, with a `help:` line.
     #[serde(flatten)]
@@ -46,11 +46,15 @@ pub fn review(policy: &Policy) -> Vec<Warning> {
             "set mode = \"enforce\" once the audit log shows no unexpected would-be denials",
         );
     }
+    for (loc, message, help) in crate::tcp::review(policy) {
+        warn("tcp-wildcard-identity", loc, message, help); // issue 17
+    }
     for alias in &policy.aliases {
         let used = policy
             .routes
             .iter()
-            .any(|r| r.allow.iter().any(|a| a.written == alias.name));
+            .any(|r| r.allow.iter().any(|a| a.written == alias.name))
+            || crate::tcp::uses_alias(policy, &alias.name); // issue 17
         if !used {
             warn(
                 "unused-alias",

@@ -27,6 +27,8 @@
 //!   (`reload/{mod,apply,watch,expiry,status,error}.rs`); its module docs are the "Reload and
 //!   rotation" design note;
 //! - [`signal`]: signals, cancellation and the drain of connection tasks;
+//! - [`tcp`]: TCP mode (`[[tcp_inbound]]`/`[[tcp_outbound]]`, issue 17): mTLS around a byte
+//!   stream, decided once per connection by the policy's `[[tcp]]` entry;
 //! - [`run`]: the load path shared by `sidecar check` and `sidecar run`, and the run loop;
 //! - `balance` and `limits`: per-request balancing over an outbound's endpoints and per-caller
 //!   budgets for the policy's `[[limit]]`s (issue 15; not wired into the sidecar yet);
@@ -59,6 +61,7 @@ mod reload;
 mod run;
 mod signal;
 mod state;
+mod tcp; // issue 17: TCP mode
 mod tls;
 
 // The library's surface: what the `sidecar` binary and the fuzz targets (`fuzz/`) use. Everything

@@ -115,6 +115,7 @@ impl Loaded {
         for o in &snap.outbound {
             let _ = writeln!(s, "{}", o.summary());
         }
+        s.push_str(&snap.tcp.summary(&cfg.tcp)); // issue 17
         let _ = writeln!(s, "admin      {}", cfg.admin.listen);
         let _ = writeln!(s, "audit      {}", cfg.audit.summary());
         let _ = writeln!(s, "runtime    {} event loop(s)", cfg.runtime.worker_threads);
@@ -181,6 +182,8 @@ pub async fn run(loaded: Loaded, shutdown: Shutdown) -> Result<usize, LoadError>
     for (o, addr) in cfg.outbound.iter().zip(out.local_addrs()) {
         bound.push((format!("outbound:{}", o.name), addr));
     }
+    let tcp = crate::tcp::Tcp::bind(&cfg.tcp, metrics.registry()).await?; // issue 17
+    bound.extend(tcp.local_addrs(&cfg.tcp)); // issue 17
     let admin_listener = bind("admin", cfg.admin.listen).await?;
     bound.push((
         "admin".into(),
@@ -231,6 +234,7 @@ pub async fn run(loaded: Loaded, shutdown: Shutdown) -> Result<usize, LoadError>
         }
     }
     drop(shared);
+    tcp.spawn(&state, &shutdown); // issue 17: TCP listeners on the main event loop
 
     for (name, addr) in &bound {
         info!(target: LISTEN_TARGET, "listening {name} on {addr}");

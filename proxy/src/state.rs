@@ -50,6 +50,8 @@ pub(crate) struct Snapshot {
     pub inbound: Option<InboundSnapshot>,
     /// Every `[[outbound]]` entry with its TLS client configuration, in configuration order.
     pub outbound: Vec<PreparedOutbound>,
+    /// The TCP listeners' TLS and policies (issue 17: `crate::tcp`).
+    pub tcp: crate::tcp::TcpSnapshot,
 }
 
 /// The inbound part of a [`Snapshot`].
@@ -169,6 +171,7 @@ impl State {
             next.tls = current.tls.clone();
             next.verifier = current.verifier.clone();
         }
+        next.tcp.keep_server_tls(&current.tcp); // issue 17
     }
 
     /// Tells live connections to re-check their peer against the current snapshot without a
@@ -245,7 +248,7 @@ fn load_files(
     let credentials = Credentials::parse(files, provider)
         .map_err(|es| es.into_iter().map(LoadError::from).collect::<Vec<_>>());
     let policy = match (&config.inbound, inputs.get(FileKind::Policy)) {
-        (Some(cfg), Some(file)) => Some(load_policy(cfg, file)).transpose(),
+        (Some(cfg), Some(file)) => Some(load_policy(&cfg.policy, file)).transpose(),
         _ => Ok(None),
     };
     match (credentials, policy) {
@@ -281,24 +284,29 @@ fn assemble(
     };
     let outbound = crate::outbound::prepare(&config.outbound, &tls)
         .map_err(|es| es.into_iter().map(LoadError::from).collect::<Vec<_>>())?;
+    let tcp = crate::tcp::TcpSnapshot::build(config, inbound.as_ref(), &tls, resolver)?; // issue 17
     Ok(Snapshot {
         credentials,
         trust_domain,
         inbound,
         outbound,
+        tcp, // issue 17
     })
 }
 
-fn load_policy(cfg: &InboundConfig, file: &Input) -> Result<(Policy, String), Vec<LoadError>> {
+pub(crate) fn load_policy(
+    path: &std::path::Path, // issue 17: the path, not [inbound] (TCP policy files too)
+    file: &Input,
+) -> Result<(Policy, String), Vec<LoadError>> {
     let bytes = file.bytes().map_err(|e| vec![LoadError::File(e)])?;
     let text = std::str::from_utf8(bytes).map_err(|e| {
         vec![LoadError::Policy(gatehouse_policy::Diagnostic::whole_file(
-            cfg.policy.display().to_string(),
+            path.display().to_string(),
             format!("the file is not UTF-8 text: {e}"),
             "save the policy as UTF-8 TOML",
         ))]
     })?;
-    let src = SourceFile::new(cfg.policy.display().to_string(), text);
+    let src = SourceFile::new(path.display().to_string(), text);
     let sha = hex::encode(Sha256::digest(src.text().as_bytes()));
     let policy = Policy::compile(&src)
         .map_err(|ds| ds.into_iter().map(LoadError::Policy).collect::<Vec<_>>())?;
@@ -321,11 +329,38 @@ fn inbound_snapshot(
             cert_td: credentials.id.trust_domain_str().to_owned(),
         });
     }
+    let (verifier, tls) = server_tls(
+        config,
+        credentials,
+        policy.trust_domain(),
+        provider,
+        resolver,
+    )?;
+    Ok(InboundSnapshot {
+        policy,
+        policy_sha256,
+        normalize: NormalizeOptions {
+            allow_matrix_params: cfg.allow_matrix_params,
+        },
+        verifier,
+        tls,
+    })
+}
+
+/// The inbound client verifier and `ServerConfig` for peers of `td`: the one build path of
+/// `[inbound]` and `[[tcp_inbound]]` (issue 17).
+pub(crate) fn server_tls(
+    config: &Config,
+    credentials: &Credentials,
+    td: &TrustDomain,
+    provider: &Arc<CryptoProvider>,
+    resolver: &Arc<CertResolver>,
+) -> Result<(Arc<SpiffeClientVerifier>, Arc<ServerConfig>), LoadError> {
     let verifier = Arc::new(
         SpiffeClientVerifier::new(
             credentials.roots.clone(),
             credentials.crls.clone(),
-            policy.trust_domain().clone(),
+            td.clone(),
             provider.clone(),
         )?
         .with_freshness(credentials.freshness.clone()),
@@ -336,13 +371,5 @@ fn inbound_snapshot(
         verifier.clone(),
         resolver.clone(),
     )?;
-    Ok(InboundSnapshot {
-        policy,
-        policy_sha256,
-        normalize: NormalizeOptions {
-            allow_matrix_params: cfg.allow_matrix_params,
-        },
-        verifier,
-        tls: Arc::new(tls),
-    })
+    Ok((verifier, Arc::new(tls)))
 }

@@ -6,3 +6,4 @@ pub mod docs;
 pub mod fintech;
 pub mod harness;
 pub mod load;
+pub mod postgres; // issue 17: a real PostgreSQL for the TCP-mode tests

@@ -4,7 +4,7 @@
 #
 #   OUT/ca/                         the private CA of trust domain fintech.internal (keys stay here)
 #   OUT/bundle.pem                  trust bundle every sidecar verifies against
-#   OUT/{monolith,report-service,api-gateway}/{cert,key,bundle}.pem   one X.509-SVID per service
+#   OUT/{monolith,report-service,api-gateway,reports-db}/{cert,key,bundle}.pem   one X.509-SVID per service
 #   OUT/revoked-report-service/     a second report-service SVID, revoked at once (a leaked key);
 #                                   its serial is in OUT/revoked-report-service/serial
 #   OUT/crl.pem                     the CA's CRL naming that serial (the configs' `crl`)
@@ -41,7 +41,7 @@ step() { printf '==> %s\n' "$*"; }
 step "CA for trust domain $td"
 "$ca" init --dir "$out/ca" --trust-domain "$td"
 
-for svc in monolith report-service api-gateway; do
+for svc in monolith report-service api-gateway reports-db; do
   step "SVID spiffe://$td/$svc"
   "$ca" issue --dir "$out/ca" --spiffe-id "spiffe://$td/$svc" --ttl "$ttl" --out "$out/$svc"
 done

@@ -38,12 +38,14 @@
 mod chain;
 mod line;
 mod sink;
+mod tcp; // issue 17: the TCP connection line
 
 use std::sync::OnceLock;
 
 pub use chain::{Verified, verify};
 pub(crate) use line::{AuditRecord, OutboundRecord};
 pub use sink::Sink;
+pub(crate) use tcp::{TcpRecord, record_tcp};
 
 static SINK: OnceLock<Sink> = OnceLock::new();
 

@@ -239,7 +239,7 @@ impl Sink {
 
     /// Appends one line (`{"time":...` + `fields` + the `prev` placeholder + `}\n`) and wakes
     /// or writes as needed.
-    fn push(&self, fields: impl FnOnce(&mut Vec<u8>)) {
+    pub(super) fn push(&self, fields: impl FnOnce(&mut Vec<u8>)) {
         let now = OffsetDateTime::now_utc();
         let inner = &*self.inner;
         let (was_empty, len) = {

@@ -94,3 +94,12 @@ pub(crate) const DEFAULT_AUDIT_FLUSH_INTERVAL: Duration = Duration::from_millis(
 /// Longest `[audit] flush_interval` accepted: lines still buffered when the process is killed
 /// (not a graceful shutdown) are lost.
 pub(crate) const MAX_AUDIT_FLUSH_INTERVAL: Duration = Duration::from_secs(10);
+
+// ---- [[tcp_inbound]] / [[tcp_outbound]] (issue 17) ----------------------------------------------
+
+/// Default `idle_timeout` of a TCP connection: no byte either way for this long closes it.
+pub(crate) const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Default `handshake_timeout` (inbound) and `connect_timeout` (outbound).
+pub(crate) const DEFAULT_TCP_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default `max_connections` per TCP listener.
+pub(crate) const DEFAULT_TCP_MAX_CONNECTIONS: usize = 1024;

@@ -168,7 +168,10 @@ impl ConfigErrorKind {
                 .into(),
             Self::DuplicateOutbound { .. } => "give each [[outbound]] entry its own name".into(),
             Self::Empty { .. } => "give it a value".into(),
-            Self::NoListener => "add an [inbound] section or an [[outbound]] entry".into(),
+            Self::NoListener => {
+                // issue 17
+                "add an [inbound] section, an [[outbound]] entry or a [[tcp_inbound]]/[[tcp_outbound]] entry".into()
+            }
             Self::DuplicateListen { .. } => "give each listener its own port".into(),
             Self::AuditFlushInterval { .. } => "buffered audit lines are lost if the process \
                  is killed: use \"100ms\" (default), at most \"10s\", or \"0\" to write every \

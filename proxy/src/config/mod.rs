@@ -32,10 +32,9 @@ mod raw;
 mod validate;
 
 pub(crate) use defaults::*;
-pub(crate) use error::ConfigError;
-#[cfg(test)]
-pub(crate) use error::ConfigErrorKind;
+pub(crate) use error::{ConfigError, ConfigErrorKind};
 pub use model::*;
+pub(crate) use validate::Check; // issue 17: tcp/config.rs validates its tables in the same pass
 
 #[cfg(test)]
 mod tests;

@@ -42,6 +42,8 @@ pub struct Config {
     pub(crate) inbound: Option<InboundConfig>,
     /// Outbound (app → mTLS peer) listeners.
     pub(crate) outbound: Vec<OutboundConfig>,
+    /// `[[tcp_inbound]]` and `[[tcp_outbound]]` (issue 17: `crate::tcp::config`).
+    pub(crate) tcp: crate::tcp::config::TcpConfig,
     /// Admin listener.
     pub(crate) admin: AdminConfig,
     /// Audit log destination.
@@ -64,6 +66,7 @@ impl Config {
         for o in &self.outbound {
             out.push((format!("outbound:{}", o.name), o.listen));
         }
+        out.extend(self.tcp.listeners()); // issue 17
         out.push(("admin".to_owned(), self.admin.listen));
         out
     }

@@ -18,6 +18,10 @@ pub(super) struct RawConfig {
     pub(super) inbound: Option<RawInbound>,
     #[serde(default)]
     pub(super) outbound: Vec<RawOutbound>,
+    #[serde(default)] // issue 17
+    pub(super) tcp_inbound: Vec<crate::tcp::config::RawTcpInbound>,
+    #[serde(default)] // issue 17
+    pub(super) tcp_outbound: Vec<crate::tcp::config::RawTcpOutbound>,
     pub(super) admin: RawAdmin,
     pub(super) audit: Option<RawAudit>,
     pub(super) reload: Option<RawReload>,

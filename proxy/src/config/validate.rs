@@ -14,7 +14,7 @@ use super::model::*;
 use super::raw::*;
 
 /// Collects every problem with its position.
-struct Check<'a> {
+pub(crate) struct Check<'a> {
     file: &'a Path,
     dir: &'a Path,
     text: &'a str,
@@ -22,7 +22,7 @@ struct Check<'a> {
 }
 
 impl Check<'_> {
-    fn push(&mut self, span: Option<Range<usize>>, kind: ConfigErrorKind) {
+    pub(crate) fn push(&mut self, span: Option<Range<usize>>, kind: ConfigErrorKind) {
         let position = span.map(|s| line_col(self.text, s.start));
         self.errors.push(ConfigError {
             file: self.file.to_path_buf(),
@@ -31,14 +31,14 @@ impl Check<'_> {
         });
     }
 
-    fn path(&mut self, v: &S<String>, key: &'static str) -> PathBuf {
+    pub(crate) fn path(&mut self, v: &S<String>, key: &'static str) -> PathBuf {
         if v.get_ref().is_empty() {
             self.push(Some(v.span()), ConfigErrorKind::Empty { key });
         }
         self.dir.join(v.get_ref())
     }
 
-    fn addr(&mut self, v: &S<String>) -> Option<SocketAddr> {
+    pub(crate) fn addr(&mut self, v: &S<String>) -> Option<SocketAddr> {
         match v.get_ref().parse() {
             Ok(a) => Some(a),
             Err(_) => {
@@ -49,7 +49,7 @@ impl Check<'_> {
         }
     }
 
-    fn duration(
+    pub(crate) fn duration(
         &mut self,
         v: Option<&S<String>>,
         key: &'static str,
@@ -94,7 +94,7 @@ impl Check<'_> {
         }
     }
 
-    fn count(&mut self, v: Option<&S<u64>>, key: &'static str, default: usize) -> usize {
+    pub(crate) fn count(&mut self, v: Option<&S<u64>>, key: &'static str, default: usize) -> usize {
         let Some(v) = v else { return default };
         if *v.get_ref() == 0 {
             self.push(Some(v.span()), ConfigErrorKind::Zero { key });
@@ -239,6 +239,7 @@ impl Check<'_> {
         };
         let inbound = raw.inbound.map(|i| self.inbound(i));
         let outbound = self.outbound(raw.outbound);
+        let tcp = self.tcp(raw.tcp_inbound, raw.tcp_outbound); // issue 17
         let admin = AdminConfig {
             listen: self
                 .addr(&raw.admin.listen)
@@ -286,7 +287,7 @@ impl Check<'_> {
         let runtime = RuntimeConfig {
             worker_threads: loops,
         };
-        if inbound.is_none() && outbound.is_empty() {
+        if inbound.is_none() && outbound.is_empty() && tcp.is_empty() {
             self.push(None, ConfigErrorKind::NoListener);
         }
         let config = Config {
@@ -295,6 +296,7 @@ impl Check<'_> {
             min_tls,
             inbound,
             outbound,
+            tcp, // issue 17
             admin,
             audit,
             shutdown_grace_period,
@@ -517,7 +519,7 @@ impl Check<'_> {
     }
 
     /// `connect`: the one place `host:port` is parsed.
-    fn target(&mut self, v: &S<String>) -> Target {
+    pub(crate) fn target(&mut self, v: &S<String>) -> Target {
         Target::parse(v.get_ref()).unwrap_or_else(|| {
             let value = v.get_ref().clone();
             self.push(Some(v.span()), ConfigErrorKind::HostPort { value });

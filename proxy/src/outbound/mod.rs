@@ -32,7 +32,7 @@ pub(crate) mod upstream;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use gatehouse_policy::IdentityPattern;
+use gatehouse_policy::{IdentityPattern, SpiffeId};
 use rustls::ClientConfig;
 use rustls::client::ResolvesClientCert;
 use rustls::crypto::CryptoProvider;
@@ -134,42 +134,17 @@ impl PreparedOutbound {
         config: &OutboundConfig,
         tls: &OutboundTls,
     ) -> Result<Self, OutboundSetupError> {
-        let name = config.name.clone();
-        let sni = config.sni.as_deref().unwrap_or(config.target.host());
-        let server_name =
-            ServerName::try_from(sni.to_owned()).map_err(|_| OutboundSetupError::ServerName {
-                name: name.clone(),
-                value: sni.to_owned(),
-            })?;
-        let creds = &tls.credentials;
-        let verifier = ServerIdentityVerifier::new(
-            Arc::clone(&creds.roots),
-            &creds.crls,
-            creds.id.trust_domain(),
-            IdentityPattern::Exact(config.server_id.clone()),
-            Arc::clone(&tls.provider),
-        )
-        .map_err(|e| OutboundSetupError::Tls {
-            name: name.clone(),
-            detail: e.to_string(),
-        })?
-        .with_freshness(creds.freshness.clone());
-        let versions = crate::tls::server::versions(tls.min_tls);
-        let client = client_config(
-            Arc::clone(&tls.provider),
-            versions,
-            Arc::new(verifier),
-            Arc::clone(&tls.cert),
+        let (server_name, tls) = pinned_client_tls(
+            &config.name,
+            config.sni.as_deref().unwrap_or(config.target.host()),
+            &config.server_id,
             config.protocol.alpn(),
-        )
-        .map_err(|e| OutboundSetupError::Tls {
-            name,
-            detail: e.to_string(),
-        })?;
+            tls,
+        )?;
         Ok(Self {
             config: config.clone(),
             server_name,
-            tls: Arc::new(client),
+            tls,
         })
     }
 
@@ -205,6 +180,49 @@ impl PreparedOutbound {
             c.server_id
         )
     }
+}
+
+/// The TLS client configuration of an outbound hop (`[[outbound]]`, and `[[tcp_outbound]]` with
+/// no ALPN): a verifier pinned to `server_id`, the SNI `sni`, our certificate.
+///
+/// # Errors
+/// An unusable SNI value, an unparsable CRL, or protocol versions rustls refuses.
+pub(crate) fn pinned_client_tls(
+    name: &str,
+    sni: &str,
+    server_id: &SpiffeId,
+    alpn: &[&[u8]],
+    tls: &OutboundTls,
+) -> Result<(ServerName<'static>, Arc<ClientConfig>), OutboundSetupError> {
+    let server_name =
+        ServerName::try_from(sni.to_owned()).map_err(|_| OutboundSetupError::ServerName {
+            name: name.to_owned(),
+            value: sni.to_owned(),
+        })?;
+    let fail = |e: &dyn std::fmt::Display| OutboundSetupError::Tls {
+        name: name.to_owned(),
+        detail: e.to_string(),
+    };
+    let creds = &tls.credentials;
+    let verifier = ServerIdentityVerifier::new(
+        Arc::clone(&creds.roots),
+        &creds.crls,
+        creds.id.trust_domain(),
+        IdentityPattern::Exact(server_id.clone()),
+        Arc::clone(&tls.provider),
+    )
+    .map_err(|e| fail(&e))?
+    .with_freshness(creds.freshness.clone());
+    let versions = crate::tls::server::versions(tls.min_tls);
+    let client = client_config(
+        Arc::clone(&tls.provider),
+        versions,
+        Arc::new(verifier),
+        Arc::clone(&tls.cert),
+        alpn,
+    )
+    .map_err(|e| fail(&e))?;
+    Ok((server_name, Arc::new(client)))
 }
 
 /// Prepares every `[[outbound]]` entry (the shared load path of `check` and `run`).

@@ -1,0 +1,251 @@
+//! A real PostgreSQL server for the TCP-mode tests (issue 17): the Debian `postgresql` package's
+//! `initdb` and `postgres` from `/usr/lib/postgresql/<version>/bin`, a cluster in a temporary
+//! directory, listening on a free loopback port, with `log_connections = on` so a test can
+//! prove that no connection reached it. `initdb` refuses to run as root: as root, the cluster
+//! is owned by and run as `nobody` (`runuser`). Stopped (fast shutdown) on drop.
+//!
+//! [`psql`] runs the real client against any address (the database directly, or a sidecar's
+//! TCP listener in front of it).
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use tempfile::TempDir;
+
+/// The database every test uses.
+pub const DATABASE: &str = "reports";
+
+/// The newest `/usr/lib/postgresql/<version>/bin`.
+///
+/// # Errors
+/// When PostgreSQL is not installed (`.ci/run` installs the `postgresql` package).
+pub fn bin_dir() -> anyhow::Result<PathBuf> {
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .context("PostgreSQL is not installed: apt-get install postgresql (see .ci/run)")?
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let v = e.file_name().to_str()?.parse().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("postgres").is_file().then_some((v, bin))
+        })
+        .collect();
+    versions.sort();
+    versions
+        .pop()
+        .map(|(_, bin)| bin)
+        .context("no /usr/lib/postgresql/<version>/bin/postgres: apt-get install postgresql")
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0\n"))
+}
+
+/// `program args…`, as `nobody` when we are root.
+fn as_owner(root: bool, program: &Path) -> Command {
+    if root {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "nobody", "--"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    }
+}
+
+/// A running PostgreSQL server; stopped on drop.
+pub struct Postgres {
+    child: Child,
+    addr: SocketAddr,
+    log: PathBuf,
+    _dir: TempDir,
+}
+
+impl Postgres {
+    /// `initdb` in a temporary directory, then `postgres` on a free loopback port; waits until
+    /// it accepts connections (`pg_isready`) and creates [`DATABASE`].
+    ///
+    /// # Errors
+    /// PostgreSQL missing, `initdb` failing, or the server not ready within 20 s.
+    pub async fn start() -> anyhow::Result<Self> {
+        let bin = bin_dir()?;
+        let root = is_root();
+        let dir = tempfile::tempdir()?;
+        if root {
+            std::os::unix::fs::chown(dir.path(), Some(65534), Some(65534))
+                .context("chown the cluster directory to nobody")?;
+        }
+        let data = dir.path().join("data");
+        let out = as_owner(root, &bin.join("initdb"))
+            .args(["-D"])
+            .arg(&data)
+            .args([
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+            ])
+            .output()
+            .context("run initdb")?;
+        if !out.status.success() {
+            bail!(
+                "initdb failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let log = dir.path().join("postgres.log");
+        let log_file = std::fs::File::create(&log)?;
+        let child = as_owner(root, &bin.join("postgres"))
+            .arg("-D")
+            .arg(&data)
+            .args(["-p", &port.to_string(), "-k"])
+            .arg(dir.path())
+            .args([
+                "-c",
+                "listen_addresses=127.0.0.1",
+                "-c",
+                "log_connections=on",
+                "-c",
+                "log_disconnections=on",
+                "-c",
+                "fsync=off",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log_file)
+            .spawn()
+            .context("start postgres")?;
+        let mut pg = Self {
+            child,
+            addr,
+            log,
+            _dir: dir,
+        };
+        pg.wait_ready(&bin).await?;
+        let out = psql(pg.addr, "postgres", "CREATE DATABASE reports", None).await?;
+        if !out.ok {
+            bail!("CREATE DATABASE failed: {}", out.stderr);
+        }
+        Ok(pg)
+    }
+
+    async fn wait_ready(&mut self, bin: &Path) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                bail!("postgres exited ({status}):\n{}", self.log_text());
+            }
+            let ready = tokio::process::Command::new(bin.join("pg_isready"))
+                .args(["-q", "-h", "127.0.0.1", "-p", &self.addr.port().to_string()])
+                .status()
+                .await
+                .is_ok_and(|s| s.success());
+            if ready {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!("postgres not ready after 20 s:\n{}", self.log_text());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Where it listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The server log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Connections the server received (`log_connections` lines), whatever became of them.
+    pub fn connections_received(&self) -> usize {
+        self.log_text().matches("connection received:").count()
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        // SIGINT: fast shutdown (clients disconnected, no checkpoint wait).
+        let _ = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What a `psql` run printed.
+#[derive(Debug)]
+pub struct PsqlOutput {
+    /// Exit status 0.
+    pub ok: bool,
+    /// Stdout (`-A -t`: unaligned, tuples only).
+    pub stdout: String,
+    /// Stderr.
+    pub stderr: String,
+}
+
+/// The libpq connection string for `addr` and `database` (no TLS: the sidecars carry it).
+pub fn conninfo(addr: SocketAddr, database: &str, application: &str) -> String {
+    format!(
+        "host={} port={} user=postgres dbname={database} sslmode=disable connect_timeout=5 application_name={application}",
+        addr.ip(),
+        addr.port()
+    )
+}
+
+/// Runs `psql -c SQL` against `addr`, feeding `stdin` (e.g. `COPY … FROM STDIN` data).
+///
+/// # Errors
+/// When `psql` cannot be started.
+pub async fn psql(
+    addr: SocketAddr,
+    database: &str,
+    sql: &str,
+    stdin: Option<Vec<u8>>,
+) -> anyhow::Result<PsqlOutput> {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new("psql")
+        .arg(conninfo(addr, database, "gatehouse-test"))
+        .args(["-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1", "-c", sql])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("run psql (apt-get install postgresql-client)")?;
+    let mut input = child.stdin.take().context("psql stdin")?;
+    if let Some(data) = stdin {
+        input.write_all(&data).await?;
+    }
+    drop(input);
+    let out = tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
+        .await
+        .context("psql did not finish within 20 s")??;
+    Ok(PsqlOutput {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
+}
