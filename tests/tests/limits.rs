@@ -2,7 +2,8 @@
 //! mTLS clients with certificates from our CA. One caller over its rate gets 429, over its
 //! concurrency 503, both with `retry-after`, while another caller's requests at the same time all
 //! pass; the audit lines and metrics carry the reasons; a limit written for a pattern gives each
-//! matching identity its own budget. Run `cargo build --workspace --bins` first.
+//! matching identity its own budget; a reload that changes the policy applies new limits, one
+//! that leaves it unchanged keeps the budgets. Run `cargo build --workspace --bins` first.
 
 use std::time::Duration;
 
@@ -259,4 +260,55 @@ async fn a_limit_for_a_pattern_gives_each_identity_its_own_budget() {
     .await
     .expect("two rate_limited for `other`");
     assert_eq!(app.count(), 4, "refused requests never reach the app");
+}
+
+/// Waits until `gatehouse_reloads_total{what,result="ok"}` reaches `at_least`.
+async fn wait_reload(sc: &Sidecar, what: &str, at_least: f64) {
+    let labels = &[("what", what), ("result", "ok")];
+    eventually("the reload", Duration::from_secs(10), async || {
+        let v = sc.metric("gatehouse_reloads_total", labels).await.ok()?;
+        (v >= at_least).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", sc.stderr_text()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_changes_limits_applies_and_one_that_does_not_keeps_budgets() {
+    let pki = Pki::new(TD);
+    let app = FakeApp::start().await;
+    let sidecar = Sidecar::inbound(&pki.issue(MONOLITH), app.addr(), POLICY)
+        .section("[reload]\ndebounce = \"50ms\"\npoll_interval = \"1s\"\n")
+        .spawn()
+        .await
+        .expect("sidecar starts");
+    let addr = sidecar.inbound_addr();
+    let a = MtlsClient::new(&pki.issue("spiffe://fintech.internal/batch/a"));
+    let status = async || {
+        a.get(addr, Proto::H1, "/api/jobs")
+            .await
+            .expect("get")
+            .status
+    };
+    for _ in 0..2 {
+        assert_eq!(status().await, StatusCode::OK);
+    }
+    assert_eq!(status().await, StatusCode::TOO_MANY_REQUESTS);
+
+    // SIGHUP with the policy unchanged: a new snapshot, the same budgets (no refill).
+    sidecar.sighup();
+    wait_reload(&sidecar, "none", 1.0).await;
+    assert_eq!(status().await, StatusCode::TOO_MANY_REQUESTS);
+
+    // A policy that raises the limit: new requests get the new budgets.
+    let raised = POLICY.replace("rate   = \"2/m\"", "rate   = \"100/s\"");
+    assert_ne!(raised, POLICY);
+    let path = sidecar.policy_path();
+    let tmp = path.with_extension("tmp-test");
+    std::fs::write(&tmp, raised).expect("write policy");
+    std::fs::rename(&tmp, &path).expect("replace policy");
+    wait_reload(&sidecar, "policy", 1.0).await;
+    for _ in 0..5 {
+        assert_eq!(status().await, StatusCode::OK);
+    }
 }
