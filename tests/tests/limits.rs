@@ -53,6 +53,19 @@ rate   = "2/m"
 /// A large streamed body: its head arrives at once, its end only when the client reads it all.
 const STREAMING: &str = "/download?download=67108864";
 
+/// A PKI, the fake app and a monolith sidecar with [`POLICY`] in front of it (`section`
+/// appended to its configuration).
+async fn start(section: &str) -> (Pki, FakeApp, Sidecar) {
+    let pki = Pki::new(TD);
+    let app = FakeApp::start().await;
+    let sidecar = Sidecar::inbound(&pki.issue(MONOLITH), app.addr(), POLICY)
+        .section(section)
+        .spawn()
+        .await
+        .expect("sidecar starts");
+    (pki, app, sidecar)
+}
+
 fn retry_after(headers: &http::HeaderMap) -> u64 {
     headers
         .get(http::header::RETRY_AFTER)
@@ -65,12 +78,7 @@ fn retry_after(headers: &http::HeaderMap) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_rate_429_over_concurrency_503_while_another_caller_passes() {
-    let pki = Pki::new(TD);
-    let app = FakeApp::start().await;
-    let sidecar = Sidecar::inbound(&pki.issue(MONOLITH), app.addr(), POLICY)
-        .spawn()
-        .await
-        .expect("sidecar starts");
+    let (pki, app, sidecar) = start("").await;
     let addr = sidecar.inbound_addr();
     let reports = MtlsClient::new(&pki.issue(REPORTS));
     let gateway = MtlsClient::new(&pki.issue(GATEWAY));
@@ -160,6 +168,9 @@ async fn over_rate_429_over_concurrency_503_while_another_caller_passes() {
         statuses.iter().all(|s| *s == StatusCode::OK),
         "every api-gateway request passes: {statuses:?}"
     );
+    // Refused requests never reach the app: 3 within the rate, 2 streaming, 1 after the
+    // release, 30 from the api-gateway.
+    assert_eq!(app.count(), 36);
 
     // Audit lines: one per refusal, with its reason and the status sent.
     let audit = eventually(
@@ -222,12 +233,7 @@ async fn over_rate_429_over_concurrency_503_while_another_caller_passes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_limit_for_a_pattern_gives_each_identity_its_own_budget() {
-    let pki = Pki::new(TD);
-    let app = FakeApp::start().await;
-    let sidecar = Sidecar::inbound(&pki.issue(MONOLITH), app.addr(), POLICY)
-        .spawn()
-        .await
-        .expect("sidecar starts");
+    let (pki, app, sidecar) = start("").await;
     let addr = sidecar.inbound_addr();
     let a = MtlsClient::new(&pki.issue("spiffe://fintech.internal/batch/a"));
     let b = MtlsClient::new(&pki.issue("spiffe://fintech.internal/batch/b"));
@@ -275,13 +281,8 @@ async fn wait_reload(sc: &Sidecar, what: &str, at_least: f64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reload_that_changes_limits_applies_and_one_that_does_not_keeps_budgets() {
-    let pki = Pki::new(TD);
-    let app = FakeApp::start().await;
-    let sidecar = Sidecar::inbound(&pki.issue(MONOLITH), app.addr(), POLICY)
-        .section("[reload]\ndebounce = \"50ms\"\npoll_interval = \"1s\"\n")
-        .spawn()
-        .await
-        .expect("sidecar starts");
+    let (pki, _app, sidecar) =
+        start("[reload]\ndebounce = \"50ms\"\npoll_interval = \"1s\"\n").await;
     let addr = sidecar.inbound_addr();
     let a = MtlsClient::new(&pki.issue("spiffe://fintech.internal/batch/a"));
     let status = async || {
