@@ -4,7 +4,8 @@
 //! `help:` line; the binary renders them. Request-time failures become small JSON bodies that
 //! carry the request id and nothing about the policy (routes are not revealed): 400 for a
 //! refused path, method spelling or malformed framing, 501 for a transfer coding we do not
-//! forward, 403 for a denial, 502 when the app is unreachable, 504 when it is too slow.
+//! forward, 403 for a denial, 429 (over a rate) or 503 (over a concurrency) with `retry-after`
+//! for a caller over a `[[limit]]`, 502 when the app is unreachable, 504 when it is too slow.
 
 use http::{HeaderValue, Response, StatusCode};
 
@@ -132,6 +133,16 @@ pub(crate) enum Refusal<'a> {
     /// The caller's certificate is no longer trusted (revoked by a new CRL, or its root left
     /// the bundle); its connection is closing.
     PeerNoLongerTrusted,
+    /// The caller is over a `[[limit]]` rate; `retry-after` in whole seconds.
+    RateLimited {
+        /// Seconds until a token is available (at least 1).
+        retry_after: u64,
+    },
+    /// The caller is over a `[[limit]]` concurrency; `retry-after` in whole seconds.
+    Overloaded {
+        /// A hint for the client, in seconds.
+        retry_after: u64,
+    },
 }
 
 impl Refusal<'_> {
@@ -143,11 +154,13 @@ impl Refusal<'_> {
             Self::Denied => StatusCode::FORBIDDEN,
             Self::AppUnreachable => StatusCode::BAD_GATEWAY,
             Self::AppTimeout => StatusCode::GATEWAY_TIMEOUT,
-            Self::PeerNoLongerTrusted => StatusCode::SERVICE_UNAVAILABLE,
+            Self::PeerNoLongerTrusted | Self::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
-    /// The response: a JSON body `{"error", "message", "request_id"}` and `x-request-id`.
+    /// The response: a JSON body `{"error", "message", "request_id"}` and `x-request-id`
+    /// (and `retry-after` when over a limit).
     pub(crate) fn response(&self, request_id: &HeaderValue) -> Response<OwnBody> {
         let (error, reason, message) = match self {
             Self::BadPath(e) => ("bad_request", "bad_path", format!("refused request path: {e}")),
@@ -177,14 +190,31 @@ impl Refusal<'_> {
                 "this connection's client certificate is no longer trusted; the connection is closing"
                     .to_owned(),
             ),
+            Self::RateLimited { .. } => (
+                "too_many_requests",
+                "rate_limited",
+                "this caller is over its request rate; retry after the retry-after seconds"
+                    .to_owned(),
+            ),
+            Self::Overloaded { .. } => (
+                "service_unavailable",
+                "overloaded",
+                "this caller has too many requests in flight; retry after the retry-after seconds"
+                    .to_owned(),
+            ),
         };
-        ErrorResponse {
+        let mut resp = ErrorResponse {
             status: self.status(),
             error,
             reason,
             message: &message,
             details: &[],
         }
-        .into_response(request_id)
+        .into_response(request_id);
+        if let Self::RateLimited { retry_after } | Self::Overloaded { retry_after } = self {
+            resp.headers_mut()
+                .insert(http::header::RETRY_AFTER, HeaderValue::from(*retry_after));
+        }
+        resp
     }
 }

@@ -30,8 +30,10 @@
 //! - [`tcp`]: TCP mode (`[[tcp_inbound]]`/`[[tcp_outbound]]`, issue 17): mTLS around a byte
 //!   stream, decided once per connection by the policy's `[[tcp]]` entry;
 //! - [`run`]: the load path shared by `sidecar check` and `sidecar run`, and the run loop;
-//! - `balance` and `limits`: per-request balancing over an outbound's endpoints and per-caller
-//!   budgets for the policy's `[[limit]]`s (issue 15; not wired into the sidecar yet);
+//! - `balance`: per-request balancing over an outbound's endpoints (issue 15; not wired into
+//!   the sidecar yet);
+//! - [`limits`]: per-caller budgets for the policy's `[[limit]]`s, one limiter per snapshot,
+//!   asked by inbound after the policy allows a request;
 //! - [`error`]: load errors with their `help:` lines, and inbound refusals as HTTP responses.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
@@ -51,8 +53,6 @@ mod http;
 pub mod identity; // public only for proxy/tests/enroll_client.rs until it is wired into `sidecar run` (issue 16)
 mod inbound;
 mod input;
-// Wired into inbound in the next step (issue 15).
-#[allow(dead_code)]
 mod limits;
 mod metrics;
 mod outbound;

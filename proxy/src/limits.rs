@@ -16,7 +16,8 @@
 //! The limiter is built from one compiled policy and replaced with it on reload (budgets start
 //! full again; in-flight guards keep their old counters alive until they finish).
 //!
-//! Wired into the inbound request path in the next step (issue 15).
+//! Asked by the inbound request path (`crate::inbound::request`) once the policy allowed a
+//! request; the limiter sits in the snapshot next to the policy it was built from.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
@@ -58,7 +59,9 @@ pub(crate) enum Admission {
 }
 
 impl Admission {
-    /// `"allowed"`, `"rate_limited"` or `"overloaded"`: the audit reason and metric label.
+    /// `"allowed"`, `"rate_limited"` or `"overloaded"`: the audit reason and metric label
+    /// (the request path takes them from [`crate::outcome::Outcome`]).
+    #[cfg(test)]
     pub(crate) fn reason(&self) -> &'static str {
         match self {
             Self::Allow(_) => "allowed",
@@ -152,7 +155,13 @@ impl LimitGuard {
         self.held.push(b);
     }
 
+    /// Whether it holds no concurrency budget (dropping it releases nothing).
+    pub(crate) fn is_empty(&self) -> bool {
+        self.held.iter().next().is_none()
+    }
+
     /// How many concurrency budgets it holds.
+    #[cfg(test)]
     pub(crate) fn held(&self) -> usize {
         self.held.iter().count()
     }
@@ -281,7 +290,8 @@ impl Limiter {
         Some(b)
     }
 
-    /// How many identities hold a budget under limit `i` (for metrics and tests).
+    /// How many identities hold a budget under limit `i` (for tests).
+    #[cfg(test)]
     pub(crate) fn identities(&self, i: usize) -> usize {
         self.limits.get(i).map_or(0, |s| {
             s.shards

@@ -23,6 +23,10 @@ pub(crate) struct Metrics {
     registry: Registry,
     /// `gatehouse_inbound_requests_total{route,caller,decision,reason,status}`.
     pub inbound_requests: IntCounterVec,
+    /// `gatehouse_inbound_limited_total{caller,reason}`: requests the policy allowed but a
+    /// `[[limit]]` refused; `caller` a policy identity or `other`, `reason` `rate_limited` or
+    /// `overloaded`.
+    pub inbound_limited: IntCounterVec,
     /// `gatehouse_inbound_request_duration_seconds{decision}` (to response headers).
     pub inbound_request_duration: HistogramVec,
     /// `gatehouse_tls_handshakes_total{direction,result,reason}`.
@@ -78,6 +82,13 @@ impl Metrics {
             ),
             &["route", "caller", "decision", "reason", "status"],
         )?;
+        let inbound_limited = IntCounterVec::new(
+            Opts::new(
+                "inbound_limited_total",
+                "Inbound requests refused by a [[limit]], by caller and reason (rate_limited|overloaded)",
+            ),
+            &["caller", "reason"],
+        )?;
         let inbound_request_duration = HistogramVec::new(
             HistogramOpts::new(
                 "inbound_request_duration_seconds",
@@ -125,6 +136,7 @@ impl Metrics {
             &["cert"],
         )?;
         registry.register(Box::new(inbound_requests.clone()))?;
+        registry.register(Box::new(inbound_limited.clone()))?;
         registry.register(Box::new(inbound_request_duration.clone()))?;
         registry.register(Box::new(tls_handshakes.clone()))?;
         registry.register(Box::new(tls_handshake_duration.clone()))?;
@@ -184,6 +196,7 @@ impl Metrics {
         Ok(Self {
             registry,
             inbound_requests,
+            inbound_limited,
             inbound_request_duration,
             tls_handshakes,
             tls_handshake_duration,

@@ -22,6 +22,13 @@ pub(crate) enum Outcome {
         /// The response status.
         status: StatusCode,
     },
+    /// Inbound: the policy allowed the request but the caller is over a `[[limit]]` rate:
+    /// 429 with `retry-after`, never forwarded.
+    RateLimited,
+    /// Inbound: the policy allowed the request but the caller is over a `[[limit]]`
+    /// concurrency (or the limiter's table is full of busy callers): 503 with `retry-after`,
+    /// never forwarded.
+    Overloaded,
     /// Outbound: the upstream's response went to the app.
     Forwarded(StatusCode),
     /// Outbound: the sidecar answered the app itself.
@@ -64,15 +71,18 @@ impl Outcome {
             Self::Rejected(Rejection::BadMethod | Rejection::BadPath) => StatusCode::BAD_REQUEST,
             Self::Rejected(Rejection::BadFraming(e)) => e.status(),
             Self::Decided { status, .. } | Self::Failed { status, .. } => status,
+            Self::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            Self::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
             Self::Forwarded(status) => status,
         }
     }
 
-    /// The inbound `decision` label: the policy's, or `reject`; outbound, `forward` or
+    /// The inbound `decision` label: the policy's, or `reject` (refused by the sidecar, as a
+    /// limited request is: the policy allowed it, the app never saw it); outbound, `forward` or
     /// `fail` (outbound lines and metrics do not carry it).
     pub(crate) fn decision(&self) -> &'static str {
         match self {
-            Self::Rejected(_) => "reject",
+            Self::Rejected(_) | Self::RateLimited | Self::Overloaded => "reject",
             Self::Decided { decision, .. } => decision,
             Self::Forwarded(_) => "forward",
             Self::Failed { .. } => "fail",
@@ -87,6 +97,8 @@ impl Outcome {
             Self::Rejected(Rejection::BadPath) => "bad_path",
             Self::Rejected(Rejection::BadFraming(e)) => e.reason(),
             Self::Decided { reason, .. } | Self::Failed { reason, .. } => reason,
+            Self::RateLimited => "rate_limited",
+            Self::Overloaded => "overloaded",
             Self::Forwarded(_) => "forwarded",
         }
     }
@@ -127,6 +139,8 @@ mod tests {
                 "deny",
                 "no_route",
             ),
+            (Outcome::RateLimited, 429, "reject", "rate_limited"),
+            (Outcome::Overloaded, 503, "reject", "overloaded"),
             (
                 Outcome::Forwarded(StatusCode::OK),
                 200,

@@ -32,6 +32,7 @@ use sha2::{Digest, Sha256};
 use crate::config::{Config, InboundConfig};
 use crate::error::LoadError;
 use crate::input::{FileKind, Input, Inputs};
+use crate::limits::Limiter;
 use crate::outbound::tls_source::{TlsSource, find};
 use crate::outbound::{OutboundTls, PreparedOutbound};
 use crate::tls::resolver::CertResolver;
@@ -67,6 +68,11 @@ pub(crate) struct InboundSnapshot {
     pub verifier: Arc<SpiffeClientVerifier>,
     /// The TLS server configuration.
     pub tls: Arc<ServerConfig>,
+    /// The budgets of the policy's `[[limit]]`s, built from this snapshot's `policy`: a reload
+    /// that changes the policy file starts new budgets for new requests, one that leaves it
+    /// byte for byte alone (a certificate rotation) keeps the running ones. `None` when the
+    /// policy has no limits, so a policy without limits costs one branch per request.
+    pub limiter: Option<Arc<Limiter>>,
 }
 
 /// The running sidecar's shared state.
@@ -128,13 +134,22 @@ impl State {
     /// Every problem found.
     pub(crate) fn build_snapshot(&self, inputs: &Inputs) -> Result<Snapshot, Vec<LoadError>> {
         let (credentials, policy) = load_files(&self.config, inputs, &self.provider)?;
-        assemble(
+        let mut next = assemble(
             &self.config,
             credentials,
             policy,
             &self.provider,
             &self.resolver,
-        )
+        )?;
+        // The same policy bytes: keep the running budgets (a rotation must not refill every
+        // bucket or forget requests in flight).
+        let current = self.snapshot();
+        if let (Some(new), Some(old)) = (next.inbound.as_mut(), current.inbound.as_ref())
+            && new.policy_sha256 == old.policy_sha256
+        {
+            new.limiter.clone_from(&old.limiter);
+        }
+        Ok(next)
     }
 
     /// The current snapshot.
@@ -336,7 +351,9 @@ fn inbound_snapshot(
         provider,
         resolver,
     )?;
+    let limiter = (!policy.limits().is_empty()).then(|| Arc::new(Limiter::new(&policy)));
     Ok(InboundSnapshot {
+        limiter,
         policy,
         policy_sha256,
         normalize: NormalizeOptions {

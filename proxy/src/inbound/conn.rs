@@ -462,8 +462,11 @@ pub(super) fn serve_stream(
     async move {
         let resp = {
             let mut handling = pin!(handle(ctx, req.map(|s| RequestBody::H2(RecvBody::new(s)))));
+            // A `move` closure owning its flag and the two borrows: 16 bytes less per stream
+            // than borrowing three locals (the room the limit guard in the body takes).
+            let respond = &mut respond;
             let mut polled = false;
-            poll_fn(|cx| {
+            poll_fn(move |cx| {
                 // The first poll looks at the reset first: a stream reset before we got to it
                 // never reaches the app. Later polls look after the handling, whose readiness
                 // is the common case; either way the reset's waker is registered.

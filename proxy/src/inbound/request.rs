@@ -1,6 +1,12 @@
 //! One inbound request, top-down: check the method's spelling and normalize the path (400 on
-//! refusal) → `policy.decide` → deny (403, the app sees nothing) or forward → audit line +
-//! metrics with the final status.
+//! refusal) → `policy.decide` → deny (403, the app sees nothing) → the caller's `[[limit]]`s
+//! (429 over a rate, 503 over a concurrency, both with `retry-after`; the app sees nothing) →
+//! forward → audit line + metrics with the final status.
+//!
+//! An admitted request's concurrency is held by its [`LimitGuard`], which lives in the
+//! [`ResponseBody`]: it is released when the response body is finished or dropped (the
+//! client went away, the HTTP/2 stream was reset, the app failed), not when the head is sent.
+//! A policy without limits has no limiter in its snapshot: one branch, nothing allocated.
 //!
 //! Forwarding ([`crate::http::headers::strip_for_app`]) refuses a `Transfer-Encoding` other than
 //! `chunked` (501, or 400 when malformed), drops hop-by-hop headers and every identity header
@@ -50,6 +56,7 @@ use crate::http::body::HttpBody;
 use crate::http::headers::{
     FramingError, keep_or_assign, strip_for_app, strip_hop_by_hop, trace_id,
 };
+use crate::limits::{Admission, LimitGuard};
 use crate::outcome::{Outcome, Rejection};
 use crate::state::{InboundSnapshot, Snapshot};
 use crate::tls::PeerIdentity;
@@ -129,6 +136,10 @@ pub(crate) type RequestBody = HttpBody;
 pub(crate) struct ResponseBody {
     inner: Either<AppBody, Full<Bytes>>,
     _guard: RequestGuard,
+    /// The caller's concurrency under its `[[limit]]`s, released with the body. Boxed (one
+    /// pointer: this body sits in every stream's future, see `the_per_stream_future_stays_small`),
+    /// and only when a concurrency budget is held: no limit, or a rate alone, allocates nothing.
+    _limit: Option<Box<LimitGuard>>,
 }
 
 impl Body for ResponseBody {
@@ -172,6 +183,7 @@ pub(crate) fn handle(
         let request_id = &keep_or_assign(&ctx.inbound.request_ids, req.headers_mut());
         // The current snapshot, not the connection's: policy reloads reach open connections.
         let snapshot = ctx.inbound.state.snapshot();
+        let mut limit = None;
         let resp = 'resp: {
             let Some(inb) = snapshot.inbound.as_ref() else {
                 break 'resp refuse(Refusal::Denied, request_id);
@@ -218,6 +230,36 @@ pub(crate) fn handle(
                 );
                 break 'resp refuse(Refusal::Denied, request_id);
             }
+            if let Some(limiter) = inb.limiter.as_deref() {
+                let admission = limiter.admit(&inb.policy, ctx.peer.id(), decision.route());
+                let retry_after = admission.retry_after_secs().unwrap_or(1);
+                let (outcome, refusal, index) = match admission {
+                    Admission::Allow(held) => {
+                        limit = (!held.is_empty()).then(|| Box::new(held));
+                        (None, None, 0)
+                    }
+                    Admission::RateLimited { limit, .. } => (
+                        Some(Outcome::RateLimited),
+                        Some(Refusal::RateLimited { retry_after }),
+                        limit,
+                    ),
+                    Admission::Overloaded { limit, .. } => (
+                        Some(Outcome::Overloaded),
+                        Some(Refusal::Overloaded { retry_after }),
+                        limit,
+                    ),
+                };
+                if let (Some(outcome), Some(refusal)) = (outcome, refusal) {
+                    tracing::debug!(caller = %ctx.peer.id(), limit = index, reason = outcome.reason(), retry_after, "request over a [[limit]]");
+                    ctx.inbound
+                        .metrics
+                        .inbound_limited
+                        .with_label_values(&[&*log.caller, outcome.reason()])
+                        .inc();
+                    log.finish(&path, route, outcome);
+                    break 'resp refuse(refusal, request_id);
+                }
+            }
             // An HTTP/2 response head is stripped where it is fitted for HTTP/2
             // (`h2::fit_for_h2`, which drops `transfer-encoding` too): one scan, not two.
             let over_h2 = req.version() == http::Version::HTTP_2;
@@ -248,6 +290,7 @@ pub(crate) fn handle(
         Ok(resp.map(|inner| ResponseBody {
             inner,
             _guard: guard,
+            _limit: limit,
         }))
     }
 }
