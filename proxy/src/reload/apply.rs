@@ -10,7 +10,7 @@ use tracing::{info, warn};
 use super::error::{ReloadError, ReloadErrors};
 use super::expiry::publish_expiry;
 use super::status::Refused;
-use super::{ReadInputs, Reloader, Trigger};
+use super::{Reloader, Trigger};
 use crate::input::{Inputs, WATCHED};
 use crate::state::{Snapshot, State, Trust};
 
@@ -72,7 +72,7 @@ struct Plan {
 
 /// Reads the files and decides what to apply (blocking: runs on the blocking pool).
 pub(super) fn attempt(
-    read: ReadInputs,
+    read: &dyn Fn(&[Option<PathBuf>; 5]) -> Inputs,
     state: &State,
     paths: &[Option<PathBuf>; 5],
     served: &Inputs,
