@@ -46,12 +46,17 @@ impl Reloader {
             return;
         }
         self.warned_serial = Some(key);
+        let todo = if self.state.config.is_online() {
+            "renewal with the CA is failing: see /status online_identity.last_error"
+        } else {
+            "rotate it (`ca rotate --dir CA OUTDIR`)"
+        };
         warn!(
             cert = %self.state.config.identity.cert.display(),
             serial = %serial,
             not_after = %not_after.format(&Rfc3339).unwrap_or_default(),
             seconds_left = left.whole_seconds(),
-            "own certificate has less than a third of its lifetime left: rotate it (`ca rotate --dir CA OUTDIR`)"
+            "own certificate has less than a third of its lifetime left: {todo}"
         );
     }
 }
