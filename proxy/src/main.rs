@@ -108,17 +108,11 @@ fn main() -> ExitCode {
             if let Err(e) = init_logging(loaded.audit_sink()) {
                 return render(&[e]);
             }
-            let rt = match runtime() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("error: cannot start the async runtime: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            match rt.block_on(gatehouse_proxy::run(loaded, Shutdown::new())) {
-                Ok(_) => ExitCode::SUCCESS,
-                Err(e) => render(&[e]),
-            }
+            serve(async {
+                gatehouse_proxy::run(loaded, Shutdown::new())
+                    .await
+                    .map_err(|e| vec![e])
+            })
         }
     }
 }
@@ -143,6 +137,11 @@ fn run_online(config: Config) -> ExitCode {
     if let Err(e) = init_logging(config.audit_sink()) {
         return render(&[e]);
     }
+    serve(gatehouse_proxy::run_online(config, Shutdown::new()))
+}
+
+/// Runs `sidecar` on the main thread's event loop ([`runtime`]) until it stops.
+fn serve(sidecar: impl std::future::Future<Output = Result<usize, Vec<LoadError>>>) -> ExitCode {
     let rt = match runtime() {
         Ok(rt) => rt,
         Err(e) => {
@@ -150,7 +149,7 @@ fn run_online(config: Config) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match rt.block_on(gatehouse_proxy::run_online(config, Shutdown::new())) {
+    match rt.block_on(sidecar) {
         Ok(_) => ExitCode::SUCCESS,
         Err(es) => render(&es),
     }

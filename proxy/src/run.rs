@@ -264,6 +264,10 @@ pub async fn run_online(config: Config, shutdown: Shutdown) -> Result<usize, Vec
     let admin_listener = bind("admin", config.admin.listen)
         .await
         .map_err(|e| vec![e])?;
+    if let Ok(addr) = admin_listener.local_addr() {
+        // Logged again with the other listeners once serving.
+        info!(target: LISTEN_TARGET, "listening admin on {addr}");
+    }
     info!(
         ca = %online.ca.url,
         spiffe_id = %online.spiffe_id,

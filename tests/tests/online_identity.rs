@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use gatehouse_tests::harness::{FakeApp, Sidecar, binary, eventually, sidecar_status};
+use gatehouse_tests::harness::{
+    FakeApp, Sidecar, binary, eventually, http_get, sidecar_cli, sidecar_status,
+};
 use gatehouse_tests::load::{Load, Sample, failures, one_request};
 
 const TD: &str = "online.test";
@@ -319,4 +321,52 @@ async fn enrolled_sidecars_renew_ride_out_a_ca_outage_and_are_revoked_through_th
     assert!(keys.is_empty(), "private keys on disk: {keys:?}");
     drop(ca);
     println!("total {:?}", t0.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_is_503_until_the_first_svid_and_check_does_not_contact_the_ca() {
+    let sb = Sandbox::new();
+    // A CA address nobody listens on (yet).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let ca_addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let app = FakeApp::start().await;
+    let builder = Sidecar::online(&identity(&sb, ca_addr, "monolith"))
+        .app(app.addr())
+        .policy(POLICY);
+    let config = builder.write();
+    let out = sidecar_cli("check", &config);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("(online)") && text.contains("not contacted by check"),
+        "{text}"
+    );
+
+    let sc = builder.start().await.expect("sidecar starts");
+    let admin = sc.admin_addr();
+    let (code, body) = http_get(admin, "/readyz").await.expect("/readyz");
+    assert_eq!(code.as_u16(), 503, "{body}");
+    assert!(body.contains("waiting for the first SVID"), "{body}");
+    let status = sidecar_status(&sc).await;
+    assert_eq!(status["ready"], false, "{status}");
+    assert_eq!(status["online_identity"]["renewals"], 0, "{status}");
+
+    // The CA comes up on that address: the sidecar enrolls and becomes ready by itself.
+    let _ca = serve(&sb, &ca_addr.to_string());
+    eventually("/readyz 200", Duration::from_secs(15), async || {
+        matches!(http_get(admin, "/readyz").await, Ok((c, _)) if c.as_u16() == 200).then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", sc.stderr_text()));
+    let status = sidecar_status(&sc).await;
+    assert_eq!(status["online_identity"]["renewals"], 1, "{status}");
+    assert!(status["online_identity"]["serial"].is_string(), "{status}");
 }

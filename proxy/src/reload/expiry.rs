@@ -26,6 +26,11 @@ impl Reloader {
     /// Warns once per leaf when less than a third of its lifetime is left (and once when it
     /// has expired: `/readyz` fails from then on).
     pub(super) fn check_lifetime(&mut self, snap: &Snapshot) {
+        if self.state.config.is_online() {
+            // The CA backdates not-before, so "a third of the lifetime" says nothing here; the
+            // driver warns when a renewal fails, with the time left.
+            return;
+        }
         let Some((not_before, not_after)) =
             validity(snap.credentials.certified.end_entity_cert().ok())
         else {
@@ -46,17 +51,12 @@ impl Reloader {
             return;
         }
         self.warned_serial = Some(key);
-        let todo = if self.state.config.is_online() {
-            "renewal with the CA is failing: see /status online_identity.last_error"
-        } else {
-            "rotate it (`ca rotate --dir CA OUTDIR`)"
-        };
         warn!(
             cert = %self.state.config.identity.cert.display(),
             serial = %serial,
             not_after = %not_after.format(&Rfc3339).unwrap_or_default(),
             seconds_left = left.whole_seconds(),
-            "own certificate has less than a third of its lifetime left: {todo}"
+            "own certificate has less than a third of its lifetime left: rotate it (`ca rotate --dir CA OUTDIR`)"
         );
     }
 }

@@ -170,6 +170,24 @@ impl SidecarBuilder {
     /// When the process exits early or does not become ready in [`READY_TIMEOUT`] (the
     /// error carries its stderr).
     pub async fn spawn(self) -> anyhow::Result<Sidecar> {
+        let mut sidecar = self.start().await?;
+        let admin = sidecar.admin_addr();
+        eventually("/readyz 200", READY_TIMEOUT, async || {
+            matches!(http_get(admin, "/readyz").await, Ok((StatusCode::OK, _))).then_some(())
+        })
+        .await
+        .with_context(|| sidecar.stderr_text())?;
+        // Ready: every listener is logged (an online identity logs its admin listener first).
+        sidecar.listeners = sidecar.parse_listeners();
+        Ok(sidecar)
+    }
+
+    /// Spawns `sidecar run` and waits until it logged its admin listener, not for `/readyz`
+    /// (an online identity is unready until its first SVID).
+    ///
+    /// # Errors
+    /// When the process exits early or logs no admin listener in [`READY_TIMEOUT`].
+    pub async fn start(self) -> anyhow::Result<Sidecar> {
         let config = self.write();
         let mut child = Command::new(binary("sidecar"))
             .args(["run", "--config"])
@@ -207,12 +225,6 @@ impl SidecarBuilder {
         .await
         .with_context(|| sidecar.stderr_text())??;
         sidecar.listeners = listeners;
-        let admin = sidecar.admin_addr();
-        eventually("/readyz 200", READY_TIMEOUT, async || {
-            matches!(http_get(admin, "/readyz").await, Ok((StatusCode::OK, _))).then_some(())
-        })
-        .await
-        .with_context(|| sidecar.stderr_text())?;
         Ok(sidecar)
     }
 }
