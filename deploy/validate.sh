@@ -95,8 +95,8 @@ note "Debian kubectl $("$deb_kubectl" version --client --short 2>/dev/null || "$
 
 # ---------------------------------------------------------------------------------------------
 step "kustomize: render every root"
-# overlays/report-service-online uses [identity] ca = … (issue 16), which `sidecar check` does not accept
-# yet: it is rendered, schema- and invariant-checked, but not in the `sidecar check` list of step 8.
+# overlays/report-service-online uses [identity] ca = … (issue 16): rendered, schema- and
+# invariant-checked here, and `sidecar check`ed in step 8 (offline: the CA is not contacted).
 roots=(base overlays/monolith overlays/report-service overlays/report-service-online ca-rotation ca-serve ca-serve-postgres)
 renderers=("debian-kubectl|$deb_kubectl kustomize")
 if command -v kustomize >/dev/null; then
@@ -276,6 +276,23 @@ if [[ -x $sidecar_bin && -x $ca_bin ]]; then
     }
     note "kubernetes $svc: $(tail -1 "$root/check.log")"
   done
+  # The online overlay (issue 16): `sidecar check` says the identity is online and checks ca_bundle,
+  # the token file and the policy without contacting the CA (the token is a stand-in: never sent).
+  root="$w/k8s-report-service-online"
+  mkdir -p "$root/etc/gatehouse/config" "$root/etc/gatehouse/policy" "$root/etc/gatehouse/certs"
+  cp "$w/ca/bundle.pem" "$root/etc/gatehouse/certs/bundle.pem"
+  printf 'stand-in-service-account-token\n' >"$root/etc/gatehouse/certs/token"
+  "$py" "$here/tools/check_manifests.py" extract "$k8s_render/overlays_report-service-online.yaml" report-service-gatehouse-policy policy.toml \
+    >"$root/etc/gatehouse/policy/policy.toml"
+  "$py" "$here/tools/check_manifests.py" extract "$k8s_render/overlays_report-service-online.yaml" report-service-gatehouse-sidecar sidecar.toml |
+    sed "s#\"/etc/gatehouse/#\"$root/etc/gatehouse/#" >"$root/etc/gatehouse/config/sidecar.toml"
+  { "$sidecar_bin" check --config "$root/etc/gatehouse/config/sidecar.toml" >"$root/check.log" 2>&1 &&
+    grep -q '(online)' "$root/check.log"; } || {
+    cat "$root/check.log" >&2
+    die "sidecar check rejected the online Kubernetes config of report-service" \
+      "fix deploy/kubernetes/overlays/report-service-online/online.yaml"
+  }
+  note "kubernetes report-service-online: $(tail -1 "$root/check.log")"
 
   # The image's health check client against a live sidecar running the monolith's Kubernetes
   # config (listeners moved to free loopback ports): exit 0 while /readyz answers 200, 1 after

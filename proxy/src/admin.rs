@@ -21,6 +21,7 @@ use tokio::net::TcpListener;
 use tracing::debug;
 
 use crate::config::CrlStale;
+use crate::identity::{IdentityHandle, Material};
 use crate::metrics::Metrics;
 use crate::reload::ReloadStatus;
 use crate::signal::Shutdown;
@@ -39,6 +40,8 @@ pub(crate) struct Admin {
     pub listeners: Vec<(String, SocketAddr)>,
     /// The reloader's state (inputs refused, an attempt stuck), for `/status`.
     pub reload: Arc<std::sync::Mutex<ReloadStatus>>,
+    /// The online identity's driver (`[identity] ca = …`), for `/status`.
+    pub identity: Option<IdentityHandle>,
 }
 
 impl Admin {
@@ -55,12 +58,7 @@ impl Admin {
                     let admin = admin.clone();
                     async move { Ok::<_, Infallible>(admin.route(&req)) }
                 });
-                let mut b = http1::Builder::new();
-                b.timer(TokioTimer::new())
-                    .header_read_timeout(std::time::Duration::from_secs(10));
-                if let Err(e) = b.serve_connection(TokioIo::new(tcp), svc).await {
-                    debug!(error = %e, "admin connection error");
-                }
+                serve_connection(tcp, svc, true).await;
             });
         }
     }
@@ -185,6 +183,7 @@ impl Admin {
                 "shutdown_grace_period_s": cfg.shutdown_grace_period.as_secs_f64(),
             },
             "listeners": listeners,
+            "online_identity": self.identity.as_ref().map(IdentityHandle::status),
         })
     }
 
@@ -214,6 +213,84 @@ impl Admin {
             })
             .collect()
     }
+}
+
+async fn serve_connection<S>(tcp: tokio::net::TcpStream, svc: S, keep_alive: bool)
+where
+    S: hyper::service::HttpService<Incoming, ResBody = Full<Bytes>>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut b = http1::Builder::new();
+    b.timer(TokioTimer::new())
+        .keep_alive(keep_alive)
+        .header_read_timeout(std::time::Duration::from_secs(10));
+    if let Err(e) = b.serve_connection(TokioIo::new(tcp), svc).await {
+        debug!(error = %e, "admin connection error");
+    }
+}
+
+/// The admin listener of an online identity before its first SVID: `/healthz` 200, `/readyz`
+/// 503 (with the last error), `/status` the enrollment status, `/metrics`. Returns the first
+/// [`Material`] (`None`: the driver stopped, i.e. shutdown); the listener then goes to the
+/// full [`Admin`]. Connections are not kept alive, so none outlives this phase.
+pub(crate) async fn until_ready(
+    listener: &TcpListener,
+    identity: &IdentityHandle,
+    metrics: &Metrics,
+) -> Option<Arc<Material>> {
+    loop {
+        let tcp = tokio::select! {
+            m = identity.ready() => return m,
+            a = listener.accept() => match a {
+                Ok((tcp, _)) => tcp,
+                Err(_) => {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let (identity, metrics) = (identity.clone(), metrics.clone());
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let r = unready_route(req.uri().path(), &identity, &metrics);
+                async move { Ok::<_, Infallible>(r) }
+            });
+            serve_connection(tcp, svc, false).await;
+        });
+    }
+}
+
+fn unready_route(
+    path: &str,
+    identity: &IdentityHandle,
+    metrics: &Metrics,
+) -> Response<Full<Bytes>> {
+    let status = identity.status();
+    let mut r = match path {
+        "/metrics" => return Response::new(Full::new(Bytes::from(metrics.encode()))),
+        "/healthz" => return text(StatusCode::OK, "ok\n"),
+        "/readyz" => Response::new(Full::new(Bytes::from(format!(
+            "waiting for the first SVID from {}{}\n",
+            status.ca,
+            status
+                .last_error
+                .as_deref()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default()
+        )))),
+        "/status" => {
+            let body = serde_json::json!({ "ready": false, "online_identity": status });
+            return Response::new(Full::new(Bytes::from(body.to_string())));
+        }
+        _ => {
+            return text(
+                StatusCode::NOT_FOUND,
+                "not found: try /metrics /healthz /readyz /status\n",
+            );
+        }
+    };
+    *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    r
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {

@@ -71,6 +71,10 @@ pub enum LoadError {
         #[source]
         source: std::io::Error,
     },
+    /// An online identity's bootstrap file (`ca_bundle`, token, enrollment certificate or
+    /// key) is unusable (`sidecar check`).
+    #[error("[identity] {0}")]
+    Bootstrap(String),
     /// The audit log file could not be opened.
     #[error("{}: cannot open the audit log: {source}", path.display())]
     AuditFile {
@@ -107,6 +111,9 @@ impl LoadError {
                 "another process holds the port, or the address is not local: change the listen address".into()
             }
             Self::Signal(_) => "report this as a bug".into(),
+            Self::Bootstrap(_) => "fix or replace the file named; it is what the sidecar \
+                 presents to the CA on its first contact (`sidecar check` does not contact the CA)"
+                .into(),
             Self::Worker { .. } => {
                 "lower [runtime] worker_threads, or raise the process's thread and open-files limits (ulimit -u, ulimit -n)".into()
             }

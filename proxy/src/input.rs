@@ -259,6 +259,17 @@ impl Input {
         }
     }
 
+    /// An input whose content is held in memory (the online identity's SVID, key, bundle and
+    /// CRLs: never written to disk); `path` names it in messages.
+    pub(crate) fn from_memory(path: PathBuf, content: Vec<u8>) -> Self {
+        let digest = Sha256::digest(&content).into();
+        Self {
+            path,
+            content: Ok(content),
+            digest,
+        }
+    }
+
     /// The content.
     ///
     /// # Errors

@@ -72,7 +72,7 @@ pub use audit::{
 };
 pub use config::Config;
 pub use error::LoadError;
-pub use run::{Loaded, load, run};
+pub use run::{Loaded, check_online, load, run, run_online};
 pub use signal::Shutdown;
 
 /// What the fuzz targets in `fuzz/` drive: the sidecar config parser, the PEM loaders, the

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use gatehouse_proxy::{Config, LoadError, Loaded, Shutdown};
+use gatehouse_proxy::{Config, LoadError, Shutdown};
 use tracing_subscriber::filter::EnvFilter;
 use tracing_subscriber::prelude::*;
 
@@ -55,9 +55,11 @@ enum AuditCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Check { config } => match load(&config) {
-            Ok(loaded) => {
-                let out = format!("{}ok: {} is valid\n", loaded.summary(), config.display());
+        Command::Check { config } => match load_config(&config)
+            .and_then(|c| gatehouse_proxy::check_online(&c).map_err(|es| render(&es)))
+        {
+            Ok(summary) => {
+                let out = format!("{summary}ok: {} is valid\n", config.display());
                 // Often piped (`| grep -q …`): a reader that stopped early is not an error, and a
                 // closed pipe must not turn a valid config into a panic.
                 match std::io::Write::write_all(&mut std::io::stdout().lock(), out.as_bytes()) {
@@ -92,24 +94,25 @@ fn main() -> ExitCode {
             }
         },
         Command::Run { config } => {
-            let loaded = match load(&config) {
+            let config = match load_config(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            if config.is_online() {
+                return run_online(config);
+            }
+            let loaded = match gatehouse_proxy::load(config).map_err(|es| render(&es)) {
                 Ok(l) => l,
                 Err(code) => return code,
             };
-            if let Err(e) = init_logging(&loaded) {
+            if let Err(e) = init_logging(loaded.audit_sink()) {
                 return render(&[e]);
             }
-            let rt = match runtime() {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("error: cannot start the async runtime: {e}");
-                    return ExitCode::from(2);
-                }
-            };
-            match rt.block_on(gatehouse_proxy::run(loaded, Shutdown::new())) {
-                Ok(_) => ExitCode::SUCCESS,
-                Err(e) => render(&[e]),
-            }
+            serve(async {
+                gatehouse_proxy::run(loaded, Shutdown::new())
+                    .await
+                    .map_err(|e| vec![e])
+            })
         }
     }
 }
@@ -123,10 +126,33 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
-fn load(path: &std::path::Path) -> Result<Loaded, ExitCode> {
-    let config = Config::load(path)
-        .map_err(|es| render(&es.into_iter().map(LoadError::from).collect::<Vec<_>>()))?;
-    gatehouse_proxy::load(config).map_err(|es| render(&es))
+fn load_config(path: &std::path::Path) -> Result<Config, ExitCode> {
+    Config::load(path)
+        .map_err(|es| render(&es.into_iter().map(LoadError::from).collect::<Vec<_>>()))
+}
+
+/// `sidecar run` with `[identity] ca = …`: logging first (the enrollment logs), then the
+/// online start-up (the first snapshot is built once the first SVID arrives).
+fn run_online(config: Config) -> ExitCode {
+    if let Err(e) = init_logging(config.audit_sink()) {
+        return render(&[e]);
+    }
+    serve(gatehouse_proxy::run_online(config, Shutdown::new()))
+}
+
+/// Runs `sidecar` on the main thread's event loop ([`runtime`]) until it stops.
+fn serve(sidecar: impl std::future::Future<Output = Result<usize, Vec<LoadError>>>) -> ExitCode {
+    let rt = match runtime() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match rt.block_on(sidecar) {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(es) => render(&es),
+    }
 }
 
 /// Prints every problem with its `help:` line; exit code 2.
@@ -143,8 +169,10 @@ fn render(errors: &[LoadError]) -> ExitCode {
 /// Operational logs to stderr (RUST_LOG, default `info`) through `tracing`; audit lines to
 /// stdout or the configured file through the process-wide [`AuditSink`], or nowhere (with a
 /// warning) when `[audit] enabled = false`.
-fn init_logging(loaded: &Loaded) -> Result<(), LoadError> {
-    let (sink, summary) = loaded.audit_sink()?;
+fn init_logging(
+    sink: Result<(Option<gatehouse_proxy::AuditSink>, String), LoadError>,
+) -> Result<(), LoadError> {
+    let (sink, summary) = sink?;
     let env = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)

@@ -20,6 +20,7 @@ use crate::accept::{self, Acceptor};
 use crate::admin::Admin;
 use crate::config::{Config, InboundConfig};
 use crate::error::LoadError;
+use crate::identity::{IdentityHandle, IdentityMetrics, Tuning};
 use crate::inbound::sources::{Caps, Sources};
 use crate::inbound::{Inbound, listener};
 use crate::input::Inputs;
@@ -42,6 +43,8 @@ pub struct Loaded {
     pub(crate) metrics: Metrics,
     /// The watched files as read for the first snapshot (what the reloader compares with).
     pub(crate) inputs: Inputs,
+    /// The online identity's driver, when `[identity] ca = …`.
+    pub(crate) identity: Option<IdentityHandle>,
 }
 
 /// Loads everything `run` needs, without binding: what `sidecar check` runs.
@@ -56,7 +59,87 @@ pub fn load(config: Config) -> Result<Loaded, Vec<LoadError>> {
         state,
         metrics,
         inputs,
+        identity: None,
     })
+}
+
+/// `sidecar check` of an online identity (`[identity] ca = …`), without contacting the CA:
+/// the configuration is valid (checked by [`Config::load`]), `ca_bundle` and the bootstrap
+/// credential's files read and parse, and the policy compiles for the identity's trust
+/// domain. Returns the summary. Certificates and outbound TLS are checked at run time, when
+/// the first SVID arrives, through the same build path as files.
+///
+/// # Errors
+/// Every problem found.
+pub fn check_online(config: &Config) -> Result<String, Vec<LoadError>> {
+    let Some(online) = &config.identity.online else {
+        return load(config.clone()).map(|l| l.summary());
+    };
+    let mut errors: Vec<LoadError> = Vec::new();
+    if let Err(es) = crate::identity::check_bootstrap(online, &crate::tls::provider()) {
+        errors.extend(es.into_iter().map(LoadError::Bootstrap));
+    }
+    let mut s = String::new();
+    let _ = writeln!(s, "identity   {} (online)", online.spiffe_id);
+    let _ = writeln!(
+        s,
+        "enrolls    with {} using {} (not contacted by check); bundle and CRLs every {}",
+        online.ca.url,
+        online.bootstrap.kind(),
+        humantime::format_duration(online.ca_poll)
+    );
+    let _ = writeln!(s, "min TLS    {}", config.min_tls);
+    if let Some(i) = &config.inbound {
+        let input = crate::input::Input::read(&i.policy, crate::input::FileKind::Policy);
+        match crate::state::load_policy(&i.policy, &input) {
+            Ok((policy, sha)) => {
+                if !online.spiffe_id.is_member_of(policy.trust_domain()) {
+                    errors.push(LoadError::TrustDomainMismatch {
+                        policy: i.policy.display().to_string(),
+                        policy_td: policy.trust_domain().to_string(),
+                        cert_td: online.trust_domain().to_string(),
+                    });
+                }
+                let _ = writeln!(s, "inbound    {} -> app {}", i.listen, i.app);
+                let _ = writeln!(
+                    s,
+                    "policy     {} ({} routes, sha256 {sha})",
+                    i.policy.display(),
+                    policy.route_count()
+                );
+            }
+            Err(es) => errors.extend(es),
+        }
+    }
+    for o in &config.outbound {
+        let _ = writeln!(s, "outbound   {} {} -> {}", o.name, o.listen, o.server_id);
+    }
+    let _ = writeln!(s, "admin      {}", config.admin.listen);
+    let _ = writeln!(s, "audit      {}", config.audit.summary());
+    if errors.is_empty() {
+        Ok(s)
+    } else {
+        Err(errors)
+    }
+}
+
+impl Config {
+    /// The audit sink `[audit]` asks for (`None` when `enabled = false`) and the one-line
+    /// summary of where it writes, for the start-up log.
+    ///
+    /// # Errors
+    /// The audit file cannot be opened for appending.
+    pub fn audit_sink(&self) -> Result<(Option<crate::audit::Sink>, String), LoadError> {
+        let cfg = &self.audit;
+        let sink = crate::audit::Sink::from_config(cfg).map_err(|source| LoadError::AuditFile {
+            path: cfg
+                .path
+                .clone()
+                .unwrap_or_else(|| std::path::PathBuf::from("/dev/stdout")),
+            source,
+        })?;
+        Ok((sink, cfg.summary()))
+    }
 }
 
 impl Loaded {
@@ -66,15 +149,7 @@ impl Loaded {
     /// # Errors
     /// The audit file cannot be opened for appending.
     pub fn audit_sink(&self) -> Result<(Option<crate::audit::Sink>, String), LoadError> {
-        let cfg = &self.state.config.audit;
-        let sink = crate::audit::Sink::from_config(cfg).map_err(|source| LoadError::AuditFile {
-            path: cfg
-                .path
-                .clone()
-                .unwrap_or_else(|| std::path::PathBuf::from("/dev/stdout")),
-            source,
-        })?;
-        Ok((sink, cfg.summary()))
+        self.state.config.audit_sink()
     }
 
     /// The `sidecar check` summary: identity, expiry, listeners, routes.
@@ -154,14 +229,95 @@ fn crl_summary(
 /// # Errors
 /// A listener that cannot be bound, or the audit file.
 pub async fn run(loaded: Loaded, shutdown: Shutdown) -> Result<usize, LoadError> {
-    let mut signals = Terminate::install().map_err(LoadError::Signal)?;
-    // Installed before anything is bound: SIGHUP's default action would kill the process.
+    let (signals, hangup) = install_signals()?;
+    serve(loaded, shutdown, signals, hangup, None).await
+}
+
+/// Installed before anything is bound: SIGHUP's default action would kill the process.
+fn install_signals() -> Result<(Terminate, tokio::signal::unix::Signal), LoadError> {
+    let signals = Terminate::install().map_err(LoadError::Signal)?;
     let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .map_err(LoadError::Signal)?;
+    Ok((signals, hangup))
+}
+
+/// `sidecar run` with an online identity (`[identity] ca = …`): binds the admin listener
+/// (`/readyz` 503 until an SVID is held), starts the enrollment driver, waits for the first
+/// SVID, builds the first snapshot from it (in memory, through [`State::load_with`]: the same
+/// build path as files) and then serves as [`run`] does, the reloader applying every new
+/// SVID, bundle or CRL set. Returns 0 when shutdown came before the first SVID. With
+/// identity files it is [`load`] then [`run`].
+///
+/// # Errors
+/// A listener that cannot be bound, or the first snapshot does not build.
+pub async fn run_online(config: Config, shutdown: Shutdown) -> Result<usize, Vec<LoadError>> {
+    let (mut signals, hangup) = install_signals().map_err(|e| vec![e])?;
+    let Some(online) = config.identity.online.clone() else {
+        // Files: exactly `run`.
+        let loaded = load(config)?;
+        return serve(loaded, shutdown, signals, hangup, None)
+            .await
+            .map_err(|e| vec![e]);
+    };
+    let metrics = Metrics::register().map_err(|e| vec![e.into()])?;
+    let identity_metrics =
+        IdentityMetrics::register(metrics.registry()).map_err(|e| vec![e.into()])?;
+    let admin_listener = bind("admin", config.admin.listen)
+        .await
+        .map_err(|e| vec![e])?;
+    if let Ok(addr) = admin_listener.local_addr() {
+        // Logged again with the other listeners once serving.
+        info!(target: LISTEN_TARGET, "listening admin on {addr}");
+    }
+    info!(
+        ca = %online.ca.url,
+        spiffe_id = %online.spiffe_id,
+        credential = online.bootstrap.kind(),
+        "online identity: enrolling with the CA (readyz 503 until an SVID is held)"
+    );
+    let identity = crate::identity::spawn(
+        online,
+        crate::tls::provider(),
+        Some(identity_metrics),
+        Tuning::default(),
+        shutdown.token().clone(),
+    );
+    let first = tokio::select! {
+        m = crate::admin::until_ready(&admin_listener, &identity, &metrics) => m,
+        s = signals.recv() => {
+            info!(signal = s, "shutting down before the first SVID");
+            None
+        }
+        () = shutdown.token().cancelled() => None,
+    };
+    let Some(first) = first else {
+        shutdown.begin();
+        return Ok(0);
+    };
+    let (state, inputs) = State::load_with(config, Some(&first))?;
+    let loaded = Loaded {
+        state: Arc::new(state),
+        metrics,
+        inputs,
+        identity: Some(identity),
+    };
+    serve(loaded, shutdown, signals, hangup, Some(admin_listener))
+        .await
+        .map_err(|e| vec![e])
+}
+
+async fn serve(
+    loaded: Loaded,
+    shutdown: Shutdown,
+    mut signals: Terminate,
+    hangup: tokio::signal::unix::Signal,
+    admin_listener: Option<TcpListener>,
+) -> Result<usize, LoadError> {
     let Loaded {
         state,
         metrics,
         inputs,
+        identity,
     } = loaded;
     let cfg = state.config.clone();
     let snap = state.snapshot();
@@ -184,7 +340,10 @@ pub async fn run(loaded: Loaded, shutdown: Shutdown) -> Result<usize, LoadError>
     }
     let tcp = crate::tcp::Tcp::bind(&cfg.tcp, metrics.registry()).await?; // issue 17
     bound.extend(tcp.local_addrs(&cfg.tcp)); // issue 17
-    let admin_listener = bind("admin", cfg.admin.listen).await?;
+    let admin_listener = match admin_listener {
+        Some(l) => l,
+        None => bind("admin", cfg.admin.listen).await?,
+    };
     bound.push((
         "admin".into(),
         admin_listener.local_addr().unwrap_or(cfg.admin.listen),
@@ -240,13 +399,17 @@ pub async fn run(loaded: Loaded, shutdown: Shutdown) -> Result<usize, LoadError>
         info!(target: LISTEN_TARGET, "listening {name} on {addr}");
     }
     info!(identity = %snap.credentials.id, event_loops = loops, "sidecar ready");
-    let reloader = Reloader::new(state.clone(), metrics.clone(), inputs);
+    let mut reloader = Reloader::new(state.clone(), metrics.clone(), inputs);
+    if let Some(identity) = &identity {
+        reloader = reloader.follow(identity.clone());
+    }
     let admin = Arc::new(Admin {
         state: state.clone(),
         metrics: metrics.clone(),
         shutdown: shutdown.clone(),
         listeners: bound,
         reload: reloader.status(),
+        identity,
     });
     tokio::spawn(admin.serve(admin_listener));
     tokio::spawn(reloader.run(hangup, shutdown.clone()));

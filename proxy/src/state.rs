@@ -31,6 +31,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::{Config, InboundConfig};
 use crate::error::LoadError;
+use crate::identity::Material;
 use crate::input::{FileKind, Input, Inputs};
 use crate::limits::Limiter;
 use crate::outbound::tls_source::{TlsSource, find};
@@ -111,8 +112,20 @@ impl State {
     /// # Errors
     /// Every problem found.
     pub(crate) fn load(config: Config) -> Result<(Self, Inputs), Vec<LoadError>> {
+        Self::load_with(config, None)
+    }
+
+    /// [`State::load`], with the credentials of an online identity taken from `material`
+    /// (in memory) instead of files.
+    ///
+    /// # Errors
+    /// Every problem found.
+    pub(crate) fn load_with(
+        config: Config,
+        material: Option<&Material>,
+    ) -> Result<(Self, Inputs), Vec<LoadError>> {
         let provider = crate::tls::provider();
-        let inputs = Inputs::read(&watched_paths(&config));
+        let inputs = with_material(Inputs::read(&watched_paths(&config)), &config, material);
         let (credentials, policy) = load_files(&config, &inputs, &provider)?;
         let resolver = Arc::new(CertResolver::new(credentials.certified.clone()));
         let snapshot = assemble(&config, credentials, policy, &provider, &resolver)?;
@@ -222,8 +235,18 @@ impl TlsSource for State {
     }
 }
 
-/// The watched files of `config`, in [`crate::input::WATCHED`] order.
+/// The watched files of `config`, in [`crate::input::WATCHED`] order. An online identity
+/// has no credential files: its inputs come from memory ([`with_material`]).
 pub(crate) fn watched_paths(config: &Config) -> [Option<std::path::PathBuf>; 5] {
+    if config.identity.online.is_some() {
+        return [
+            None,
+            None,
+            None,
+            None,
+            config.inbound.as_ref().map(|i| i.policy.clone()),
+        ];
+    }
     [
         Some(config.identity.cert.clone()),
         Some(config.identity.key.clone()),
@@ -231,6 +254,33 @@ pub(crate) fn watched_paths(config: &Config) -> [Option<std::path::PathBuf>; 5] 
         config.identity.crl.clone(),
         config.inbound.as_ref().map(|i| i.policy.clone()),
     ]
+}
+
+/// `inputs` with the certificate, key, bundle and CRLs of an online identity taken from
+/// `material` (PEM in memory, never on disk), so that startup and every reload build the
+/// snapshot from them through the one path files take. Without an online identity (or
+/// before the first SVID) `inputs` is returned as it is.
+pub(crate) fn with_material(
+    mut inputs: Inputs,
+    config: &Config,
+    material: Option<&Material>,
+) -> Inputs {
+    let (Some(online), Some(m)) = (&config.identity.online, material) else {
+        return inputs;
+    };
+    let id = &config.identity;
+    let memory = |path: &std::path::Path, text: &str| {
+        Some(Input::from_memory(
+            path.to_path_buf(),
+            text.as_bytes().to_vec(),
+        ))
+    };
+    inputs.0[0] = memory(&id.cert, &m.chain_pem);
+    inputs.0[1] = memory(&id.key, &m.key_pem());
+    inputs.0[2] = memory(&id.bundle, &m.bundle_pem);
+    let crls = std::path::PathBuf::from(format!("{} (CRLs)", online.ca.url));
+    inputs.0[3] = m.crl_pem.as_deref().and_then(|crl| memory(&crls, crl));
+    inputs
 }
 
 type Files = (Credentials, Option<(Policy, String)>);

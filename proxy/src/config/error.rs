@@ -135,6 +135,27 @@ pub enum ConfigErrorKind {
         /// The value as written.
         value: String,
     },
+    /// `[identity]` names neither files nor an online CA, or lacks one of the files.
+    #[error("[identity] has no `{key}`")]
+    IdentityMissing {
+        /// The missing key.
+        key: &'static str,
+    },
+    /// A file key together with `ca = …`.
+    #[error("[identity] `{key}` cannot be combined with `ca` (online identity)")]
+    IdentityConflict {
+        /// The file key.
+        key: &'static str,
+    },
+    /// A file-mode key given without `ca`.
+    #[error("[identity] `{key}` only applies with `ca = …` (online identity)")]
+    IdentityOnlineOnly {
+        /// The key.
+        key: &'static str,
+    },
+    /// A problem with the online-identity keys.
+    #[error("{}", .0.problem)]
+    Online(crate::identity::IdentityConfigError),
     /// `[runtime] worker_threads` above [`MAX_WORKER_THREADS`].
     #[error("`runtime.worker_threads` = {value} is more than the maximum of {MAX_WORKER_THREADS}")]
     WorkerThreads {
@@ -177,6 +198,18 @@ impl ConfigErrorKind {
                  is killed: use \"100ms\" (default), at most \"10s\", or \"0\" to write every \
                  line at once"
                 .into(),
+            Self::IdentityMissing { .. } => "give `cert`, `key` and `bundle` (files from `ca \
+                 issue`), or `ca`, `spiffe_id`, `ca_bundle` and one bootstrap credential to \
+                 enroll online with `ca serve`"
+                .into(),
+            Self::IdentityConflict { .. } => "an online identity gets its SVID, bundle and CRLs \
+                 from the CA: remove `cert`, `key`, `bundle` and `crl`, or remove `ca` to use \
+                 files"
+                .into(),
+            Self::IdentityOnlineOnly { .. } => {
+                "add `ca = \"https://…\"` to enroll online, or remove the key".into()
+            }
+            Self::Online(e) => e.help.clone(),
             Self::WorkerThreads { .. } => "use at most one event loop per core the sidecar may \
                  use (`nproc`); 1 (the default) is the cheapest per request"
                 .into(),

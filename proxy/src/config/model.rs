@@ -57,6 +57,12 @@ pub struct Config {
 }
 
 impl Config {
+    /// Whether the identity is enrolled online (`[identity] ca = …`) rather than read from
+    /// files.
+    pub fn is_online(&self) -> bool {
+        self.identity.online.is_some()
+    }
+
     /// Every listen address: inbound, outbound and admin, with a label.
     pub fn listeners(&self) -> Vec<(String, SocketAddr)> {
         let mut out = Vec::new();
@@ -202,6 +208,10 @@ pub(crate) struct IdentityConfig {
     pub(crate) crl: Option<PathBuf>,
     /// What a CRL past its next-update (beyond the grace period) does: `crl_stale`, `crl_grace`.
     pub(crate) crl_policy: CrlPolicy,
+    /// `ca = …`: enroll and renew online; then `cert`, `key` and `bundle` are not files but
+    /// names for the in-memory SVID in messages, and `crl` is `None` (the CRLs come from the
+    /// CA).
+    pub(crate) online: Option<crate::identity::OnlineIdentity>,
 }
 
 /// `[inbound]`.

@@ -13,7 +13,7 @@ pub(super) type S<T> = Spanned<T>;
 pub(super) struct RawConfig {
     pub(super) min_tls: Option<S<String>>,
     pub(super) shutdown_grace_period: Option<S<String>>,
-    pub(super) identity: RawIdentity,
+    pub(super) identity: S<RawIdentity>,
     pub(super) tls: Option<RawTls>,
     pub(super) inbound: Option<RawInbound>,
     #[serde(default)]
@@ -53,12 +53,21 @@ pub(super) struct RawTls {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct RawIdentity {
-    pub(super) cert: S<String>,
-    pub(super) key: S<String>,
-    pub(super) bundle: S<String>,
+    // Files (`cert`, `key`, `bundle`, optional `crl`) or online (`ca` with the keys below).
+    pub(super) cert: Option<S<String>>,
+    pub(super) key: Option<S<String>>,
+    pub(super) bundle: Option<S<String>>,
     pub(super) crl: Option<S<String>>,
     pub(super) crl_stale: Option<S<String>>,
     pub(super) crl_grace: Option<S<String>>,
+    pub(super) ca: Option<S<String>>,
+    pub(super) spiffe_id: Option<S<String>>,
+    pub(super) ca_bundle: Option<S<String>>,
+    pub(super) join_token_file: Option<S<String>>,
+    pub(super) enrollment_cert: Option<S<String>>,
+    pub(super) enrollment_key: Option<S<String>>,
+    pub(super) k8s_token_file: Option<S<String>>,
+    pub(super) ca_poll: Option<S<String>>,
 }
 
 #[derive(Deserialize)]

@@ -384,3 +384,43 @@ fn outbound_limits_default_to_the_documented_config_defaults() {
     assert_eq!(d.max_connection_age, Duration::from_secs(300));
     assert_eq!((d.max_idle, d.max_connections), (32, 64));
 }
+
+#[test]
+fn online_identity_is_exclusive_with_files_and_errors_name_the_key() {
+    let online = GOOD.replace(
+        "cert = \"certs/cert.pem\"\nkey = \"certs/key.pem\"\nbundle = \"certs/bundle.pem\"\n",
+        "ca = \"https://ca.fintech.internal:8444\"\n\
+         spiffe_id = \"spiffe://fintech.internal/report-service\"\n\
+         ca_bundle = \"bootstrap/bundle.pem\"\njoin_token_file = \"bootstrap/token\"\n",
+    );
+    let c = parse(&online).expect("valid online identity");
+    let o = c.identity.online.as_ref().expect("online");
+    assert_eq!(o.ca_bundle, Path::new("/etc/gh/bootstrap/bundle.pem"));
+    assert!(c.is_online() && c.identity.crl.is_none());
+
+    // A file key next to `ca`: at that key.
+    let both = online.replace("[inbound]", "crl = \"crl.pem\"\n\n[inbound]");
+    let e = errors(&both);
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert!(
+        e[0].starts_with("/etc/gh/sidecar.toml:8:7: [identity] `crl` cannot be combined"),
+        "{e:?}"
+    );
+    // An online key without `ca`.
+    let e = errors(&GOOD.replace("[inbound]", "ca_poll = \"5s\"\n\n[inbound]"));
+    assert!(
+        e[0].contains(":7:11: [identity] `ca_poll` only applies with `ca"),
+        "{e:?}"
+    );
+    // The client's own validation, placed at the key: a bad duration, a missing credential.
+    let e = errors(&online.replace("[inbound]", "ca_poll = \"100ms\"\n\n[inbound]"));
+    assert!(e[0].contains(":8:11: `100ms` is outside 1s..=1h"), "{e:?}");
+    let e = errors(&online.replace("join_token_file = \"bootstrap/token\"\n", ""));
+    assert!(e[0].contains(":3:6: no bootstrap credential"), "{e:?}");
+    // Neither: every missing file named.
+    let e = errors(&online.replace("ca = \"https://ca.fintech.internal:8444\"\n", ""));
+    assert!(
+        e.iter().any(|e| e.contains("[identity] has no `cert`")),
+        "{e:?}"
+    );
+}

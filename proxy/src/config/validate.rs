@@ -219,24 +219,7 @@ impl Check<'_> {
             raw.min_tls.as_ref(),
             raw.tls.as_ref().and_then(|t| t.min_tls.as_ref()),
         );
-        let identity = IdentityConfig {
-            cert: self.path(&raw.identity.cert, "identity.cert"),
-            key: self.path(&raw.identity.key, "identity.key"),
-            bundle: self.path(&raw.identity.bundle, "identity.bundle"),
-            crl: raw
-                .identity
-                .crl
-                .as_ref()
-                .map(|c| self.path(c, "identity.crl")),
-            crl_policy: CrlPolicy {
-                stale: self.crl_stale(raw.identity.crl_stale.as_ref()),
-                grace: self.duration(
-                    raw.identity.crl_grace.as_ref(),
-                    "identity.crl_grace",
-                    DEFAULT_CRL_GRACE,
-                ),
-            },
-        };
+        let identity = self.identity(raw.identity);
         let inbound = raw.inbound.map(|i| self.inbound(i));
         let outbound = self.outbound(raw.outbound);
         let tcp = self.tcp(raw.tcp_inbound, raw.tcp_outbound); // issue 17
@@ -305,6 +288,106 @@ impl Check<'_> {
         };
         self.duplicate_listens(&config);
         config
+    }
+
+    /// `[identity]`: the files (`cert`, `key`, `bundle`, `crl`), or online with `ca = …`
+    /// (exclusive with the files; `crl_stale`/`crl_grace` apply to the CRLs from the CA too).
+    fn identity(&mut self, raw: S<RawIdentity>) -> IdentityConfig {
+        let table = raw.span();
+        let raw = raw.into_inner();
+        let crl_policy = CrlPolicy {
+            stale: self.crl_stale(raw.crl_stale.as_ref()),
+            grace: self.duration(
+                raw.crl_grace.as_ref(),
+                "identity.crl_grace",
+                DEFAULT_CRL_GRACE,
+            ),
+        };
+        let files = [
+            ("cert", &raw.cert),
+            ("key", &raw.key),
+            ("bundle", &raw.bundle),
+            ("crl", &raw.crl),
+        ];
+        let online_keys = [
+            ("spiffe_id", &raw.spiffe_id),
+            ("ca_bundle", &raw.ca_bundle),
+            ("join_token_file", &raw.join_token_file),
+            ("enrollment_cert", &raw.enrollment_cert),
+            ("enrollment_key", &raw.enrollment_key),
+            ("k8s_token_file", &raw.k8s_token_file),
+            ("ca_poll", &raw.ca_poll),
+        ];
+        let Some(ca) = &raw.ca else {
+            for (key, v) in online_keys {
+                if let Some(v) = v {
+                    self.push(Some(v.span()), ConfigErrorKind::IdentityOnlineOnly { key });
+                }
+            }
+            let mut file = |v: &Option<S<String>>, key: &'static str, name: &'static str| match v {
+                Some(v) => self.path(v, key),
+                None => {
+                    self.push(
+                        Some(table.clone()),
+                        ConfigErrorKind::IdentityMissing { key: name },
+                    );
+                    PathBuf::new()
+                }
+            };
+            let cert = file(&raw.cert, "identity.cert", "cert");
+            let key = file(&raw.key, "identity.key", "key");
+            let bundle = file(&raw.bundle, "identity.bundle", "bundle");
+            return IdentityConfig {
+                cert,
+                key,
+                bundle,
+                crl: raw.crl.as_ref().map(|c| self.path(c, "identity.crl")),
+                crl_policy,
+                online: None,
+            };
+        };
+        for (key, v) in files {
+            if let Some(v) = v {
+                self.push(Some(v.span()), ConfigErrorKind::IdentityConflict { key });
+            }
+        }
+        let text = |v: &Option<S<String>>| v.as_ref().map(|v| v.get_ref().clone());
+        let online = crate::identity::OnlineIdentityRaw {
+            ca: ca.get_ref().clone(),
+            spiffe_id: text(&raw.spiffe_id).unwrap_or_default(),
+            ca_bundle: text(&raw.ca_bundle).unwrap_or_default().into(),
+            join_token_file: text(&raw.join_token_file).map(Into::into),
+            enrollment_cert: text(&raw.enrollment_cert).map(Into::into),
+            enrollment_key: text(&raw.enrollment_key).map(Into::into),
+            k8s_token_file: text(&raw.k8s_token_file).map(Into::into),
+            ca_poll: text(&raw.ca_poll),
+        }
+        .validate(self.dir);
+        let online = match online {
+            Ok(o) => Some(o),
+            Err(problems) => {
+                for e in problems {
+                    // The error's position: the key at fault, else `ca` (a missing key).
+                    let span = online_keys
+                        .iter()
+                        .find(|(k, _)| *k == e.key)
+                        .and_then(|(_, v)| v.as_ref())
+                        .map_or_else(|| ca.span(), |v| v.span());
+                    self.push(Some(span), ConfigErrorKind::Online(e));
+                }
+                None
+            }
+        };
+        // Names for the in-memory SVID, key, bundle and CRLs in messages and `/status`.
+        let name = |what: &str| PathBuf::from(format!("{} ({what})", ca.get_ref()));
+        IdentityConfig {
+            cert: name("SVID"),
+            key: name("key in memory"),
+            bundle: name("bundle"),
+            crl: None,
+            crl_policy,
+            online,
+        }
     }
 
     fn duplicate_listens(&mut self, config: &Config) {

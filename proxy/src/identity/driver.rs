@@ -578,21 +578,75 @@ async fn bootstrap_auth(b: &Bootstrap, provider: &CryptoProvider) -> Result<Auth
         Bootstrap::JoinTokenFile(p) => Ok(Auth::Token(text(p, read_async(p).await?)?)),
         Bootstrap::K8sTokenFile(p) => Ok(Auth::Bearer(text(p, read_async(p).await?)?)),
         Bootstrap::EnrollmentCert { cert, key } => {
-            let chain: Vec<CertificateDer<'static>> =
-                CertificateDer::pem_slice_iter(&read_async(cert).await?)
-                    .collect::<Result<_, _>>()
-                    .map_err(|e| StepError::Local(format!("{}: not PEM: {e}", cert.display())))?;
-            let key_der = PrivateKeyDer::from_pem_slice(&read_async(key).await?)
-                .map_err(|e| StepError::Local(format!("{}: no private key: {e}", key.display())))?;
-            let ck = CertifiedKey::from_der(chain, key_der, provider).map_err(|e| {
-                StepError::Local(format!(
-                    "{} does not match {}: {e}",
-                    key.display(),
-                    cert.display()
-                ))
-            })?;
+            let (c, k) = (read_async(cert).await?, read_async(key).await?);
+            let ck = enrollment_key(cert, &c, key, &k, provider)?;
             Ok(Auth::ClientCert(Arc::new(ck)))
         }
+    }
+}
+
+fn enrollment_key(
+    cert: &Path,
+    cert_pem: &[u8],
+    key: &Path,
+    key_pem: &[u8],
+    provider: &CryptoProvider,
+) -> Result<CertifiedKey, StepError> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| StepError::Local(format!("{}: not PEM: {e}", cert.display())))?;
+    let key_der = PrivateKeyDer::from_pem_slice(key_pem)
+        .map_err(|e| StepError::Local(format!("{}: no private key: {e}", key.display())))?;
+    CertifiedKey::from_der(chain, key_der, provider).map_err(|e| {
+        StepError::Local(format!(
+            "{} does not match {}: {e}",
+            key.display(),
+            cert.display()
+        ))
+    })
+}
+
+/// What `sidecar check` checks of an online identity without contacting the CA: `ca_bundle`
+/// holds PEM roots, and the bootstrap credential's files read and parse (a token file is not
+/// empty; an enrollment certificate matches its key). Blocking: reads files.
+///
+/// # Errors
+/// Every problem, as a sentence naming the file.
+pub fn check_bootstrap(cfg: &OnlineIdentity, provider: &CryptoProvider) -> Result<(), Vec<String>> {
+    let mut errors = Vec::new();
+    let mut read = |p: &Path| read_small(p).map_err(|e| errors.push(e.to_string())).ok();
+    let bundle = read(&cfg.ca_bundle);
+    let files: Vec<(std::path::PathBuf, Option<Vec<u8>>)> = match &cfg.bootstrap {
+        Bootstrap::JoinTokenFile(p) | Bootstrap::K8sTokenFile(p) => vec![(p.clone(), read(p))],
+        Bootstrap::EnrollmentCert { cert, key } => {
+            vec![(cert.clone(), read(cert)), (key.clone(), read(key))]
+        }
+    };
+    if let Some(b) = bundle
+        && let Err(e) = roots_from_pem(&b)
+    {
+        errors.push(format!(
+            "{}: {e}; ca_bundle must hold the PEM roots of the CA (its bundle.pem)",
+            cfg.ca_bundle.display()
+        ));
+    }
+    match (&cfg.bootstrap, files.as_slice()) {
+        (Bootstrap::EnrollmentCert { cert, key }, [(_, Some(c)), (_, Some(k))]) => {
+            if let Err(e) = enrollment_key(cert, c, key, k, provider) {
+                errors.push(e.to_string());
+            }
+        }
+        (Bootstrap::JoinTokenFile(p) | Bootstrap::K8sTokenFile(p), [(_, Some(t))])
+            if t.trim_ascii().is_empty() =>
+        {
+            errors.push(format!("{}: the file is empty", p.display()));
+        }
+        _ => {}
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(errors)
     }
 }
 

@@ -10,8 +10,6 @@
 //! sidecar's provider, [`IdentityMetrics::register`] on the metrics registry and the run's
 //! cancellation token; it waits on [`IdentityHandle::ready`] before building the first snapshot
 //! and rebuilds on each change of [`IdentityHandle::subscribe`].
-// Wired into the sidecar in the next step (issue 16): until then only tests call it.
-#![allow(dead_code)]
 
 pub mod client;
 pub mod config;
@@ -21,4 +19,6 @@ pub mod key;
 /// The crypto provider the client uses (aws-lc-rs, our one provider), for callers of [`spawn`].
 pub use crate::tls::provider;
 pub use config::{Bootstrap, IdentityConfigError, OnlineIdentity, OnlineIdentityRaw};
-pub use driver::{IdentityHandle, IdentityMetrics, IdentityStatus, Material, Tuning, spawn};
+pub use driver::{
+    IdentityHandle, IdentityMetrics, IdentityStatus, Material, Tuning, check_bootstrap, spawn,
+};

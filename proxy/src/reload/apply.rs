@@ -10,7 +10,7 @@ use tracing::{info, warn};
 use super::error::{ReloadError, ReloadErrors};
 use super::expiry::publish_expiry;
 use super::status::Refused;
-use super::{ReadInputs, Reloader, Trigger};
+use super::{Reloader, Trigger};
 use crate::input::{Inputs, WATCHED};
 use crate::state::{Snapshot, State, Trust};
 
@@ -72,7 +72,7 @@ struct Plan {
 
 /// Reads the files and decides what to apply (blocking: runs on the blocking pool).
 pub(super) fn attempt(
-    read: ReadInputs,
+    read: &dyn Fn(&[Option<PathBuf>; 5]) -> Inputs,
     state: &State,
     paths: &[Option<PathBuf>; 5],
     served: &Inputs,
@@ -269,6 +269,13 @@ impl Reloader {
         let policy_sha = snapshot.inbound.as_ref().map(|i| i.policy_sha256.clone());
         publish_expiry(&self.metrics, &snapshot);
         self.state.swap(snapshot, trust);
+        if trust == Trust::Kept && plan.applied & (CERT | KEY) != 0 && self.state.config.is_online()
+        {
+            // A renewed online SVID: pooled outbound connections presented the previous one,
+            // which expires soon after (short lifetimes); the peer closes a connection whose
+            // client certificate expired, failing what is in flight. Stop reusing them now.
+            self.state.recheck_peers();
+        }
         let applied = if plan.applied == 0 {
             vec!["none"]
         } else {

@@ -89,10 +89,11 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
+use crate::identity::IdentityHandle;
 use crate::input::{Inputs, WATCHED};
 use crate::metrics::Metrics;
 use crate::signal::Shutdown;
-use crate::state::{State, watched_paths};
+use crate::state::{State, watched_paths, with_material};
 use crate::tls::crl::StaleReport;
 use apply::{Attempt, attempt};
 pub(crate) use expiry::{publish_expiry, serial_and_expiry};
@@ -120,6 +121,9 @@ pub(crate) struct Reloader {
     stuck: Option<JoinHandle<Attempt>>,
     warned_serial: Option<String>,
     crl_report: StaleReport,
+    /// The online identity (`[identity] ca = …`): its SVID, key, bundle and CRLs are inputs
+    /// held in memory, and each new one triggers a reload.
+    online: Option<IdentityHandle>,
 }
 
 impl std::fmt::Debug for Reloader {
@@ -152,12 +156,20 @@ impl Reloader {
             stuck: None,
             warned_serial: None,
             crl_report: StaleReport::default(),
+            online: None,
         };
         let snap = r.state.snapshot();
         publish_expiry(&r.metrics, &snap);
         r.check_lifetime(&snap);
         r.check_crls(&snap);
         r
+    }
+
+    /// Follows an online identity: every new [`crate::identity::Material`] (renewal, bundle,
+    /// CRLs) is an input change, validated and applied like a changed file.
+    pub(crate) fn follow(mut self, identity: IdentityHandle) -> Self {
+        self.online = Some(identity);
+        self
     }
 
     /// What `/status` shows under `reload`.
@@ -179,9 +191,20 @@ impl Reloader {
         let mut poll = tokio::time::interval(cfg.poll_interval);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         poll.tick().await; // the first tick is immediate
+        let mut material = self.online.as_ref().map(IdentityHandle::subscribe);
+        if let Some(m) = material.as_mut() {
+            m.mark_unchanged(); // the first snapshot was built from the current one
+        }
         loop {
+            let new_material = async {
+                match material.as_mut() {
+                    Some(m) => m.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 () = shutdown.token().cancelled() => break,
+                true = new_material => self.reload(Trigger::Identity).await,
                 Some(()) = events.recv() => {
                     // Debounce: a writer's burst (temp file, rename, symlink swap) is one reload.
                     tokio::time::sleep(cfg.debounce).await;
@@ -229,8 +252,11 @@ impl Reloader {
             let refused =
                 self.with_status(|s| s.refused.each_ref().map(|r| r.as_ref().map(|r| r.digest)));
             let read = self.read;
+            let material = self.online.as_ref().and_then(IdentityHandle::current);
             let job = tokio::task::spawn_blocking(move || {
-                attempt(read, &state, &paths, &served, refused, signal)
+                let read =
+                    |paths: &_| with_material(read(paths), &state.config, material.as_deref());
+                attempt(&read, &state, &paths, &served, refused, signal)
             });
             let Some(outcome) = self.within_deadline(job).await else {
                 return;
@@ -300,6 +326,8 @@ enum Trigger {
     Watch,
     Poll,
     Signal,
+    /// New material from the online CA.
+    Identity,
 }
 
 impl Trigger {
@@ -308,6 +336,7 @@ impl Trigger {
             Self::Watch => "file_event",
             Self::Poll => "poll",
             Self::Signal => "SIGHUP",
+            Self::Identity => "identity",
         }
     }
 }

@@ -56,7 +56,8 @@ pub async fn wait_status(sc: &Sidecar, what: &str, ok: impl Fn(&serde_json::Valu
 
 /// Builds a sidecar configuration and spawns the real binary.
 pub struct SidecarBuilder {
-    cert: CertDir,
+    /// The identity files; `None` for an online identity (`[identity]` from `identity_extra`).
+    cert: Option<CertDir>,
     policy: Option<String>,
     app: Option<SocketAddr>,
     inbound_extra: String,
@@ -125,12 +126,15 @@ impl SidecarBuilder {
     /// The configuration text this builder writes.
     pub fn config_text(&self) -> String {
         let mut s = self.top_extra.clone();
-        s.push_str(&format!(
-            "[identity]\ncert = {:?}\nkey = {:?}\nbundle = {:?}\n",
-            self.cert.cert(),
-            self.cert.key(),
-            self.bundle.clone().unwrap_or_else(|| self.cert.bundle())
-        ));
+        s.push_str("[identity]\n");
+        if let Some(cert) = &self.cert {
+            s.push_str(&format!(
+                "cert = {:?}\nkey = {:?}\nbundle = {:?}\n",
+                cert.cert(),
+                cert.key(),
+                self.bundle.clone().unwrap_or_else(|| cert.bundle())
+            ));
+        }
         if let Some(crl) = &self.crl {
             s.push_str(&format!("crl = {crl:?}\n"));
         }
@@ -166,6 +170,24 @@ impl SidecarBuilder {
     /// When the process exits early or does not become ready in [`READY_TIMEOUT`] (the
     /// error carries its stderr).
     pub async fn spawn(self) -> anyhow::Result<Sidecar> {
+        let mut sidecar = self.start().await?;
+        let admin = sidecar.admin_addr();
+        eventually("/readyz 200", READY_TIMEOUT, async || {
+            matches!(http_get(admin, "/readyz").await, Ok((StatusCode::OK, _))).then_some(())
+        })
+        .await
+        .with_context(|| sidecar.stderr_text())?;
+        // Ready: every listener is logged (an online identity logs its admin listener first).
+        sidecar.listeners = sidecar.parse_listeners();
+        Ok(sidecar)
+    }
+
+    /// Spawns `sidecar run` and waits until it logged its admin listener, not for `/readyz`
+    /// (an online identity is unready until its first SVID).
+    ///
+    /// # Errors
+    /// When the process exits early or logs no admin listener in [`READY_TIMEOUT`].
+    pub async fn start(self) -> anyhow::Result<Sidecar> {
         let config = self.write();
         let mut child = Command::new(binary("sidecar"))
             .args(["run", "--config"])
@@ -203,12 +225,6 @@ impl SidecarBuilder {
         .await
         .with_context(|| sidecar.stderr_text())??;
         sidecar.listeners = listeners;
-        let admin = sidecar.admin_addr();
-        eventually("/readyz 200", READY_TIMEOUT, async || {
-            matches!(http_get(admin, "/readyz").await, Ok((StatusCode::OK, _))).then_some(())
-        })
-        .await
-        .with_context(|| sidecar.stderr_text())?;
         Ok(sidecar)
     }
 }
@@ -237,8 +253,20 @@ impl Sidecar {
     /// # Panics
     /// If a temp dir cannot be created.
     pub fn builder(cert: &CertDir) -> SidecarBuilder {
+        let mut b = Self::online("");
+        b.cert = Some(cert.clone());
+        b
+    }
+
+    /// A builder for a sidecar with an online identity: `identity` holds the `[identity]`
+    /// lines (`ca = …`, `spiffe_id`, `ca_bundle`, a credential); `spawn` waits for `/readyz`,
+    /// i.e. for the first SVID.
+    ///
+    /// # Panics
+    /// If a temp dir cannot be created.
+    pub fn online(identity: &str) -> SidecarBuilder {
         SidecarBuilder {
-            cert: cert.clone(),
+            cert: None,
             policy: None,
             app: None,
             inbound_extra: String::new(),
@@ -246,7 +274,7 @@ impl Sidecar {
             extra_sections: String::new(),
             bundle: None,
             crl: None,
-            identity_extra: String::new(),
+            identity_extra: format!("{identity}\n").trim_start().to_owned(),
             work: tempfile::tempdir().expect("temp dir"),
         }
     }
