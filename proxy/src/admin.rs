@@ -39,6 +39,8 @@ pub(crate) struct Admin {
     pub listeners: Vec<(String, SocketAddr)>,
     /// The reloader's state (inputs refused, an attempt stuck), for `/status`.
     pub reload: Arc<std::sync::Mutex<ReloadStatus>>,
+    /// The outbound upstreams and their endpoints, for `/status`.
+    pub upstreams: Arc<crate::outbound::UpstreamRegistry>,
 }
 
 impl Admin {
@@ -185,6 +187,7 @@ impl Admin {
                 "shutdown_grace_period_s": cfg.shutdown_grace_period.as_secs_f64(),
             },
             "listeners": listeners,
+            "upstreams": self.upstreams.status(),
         })
     }
 

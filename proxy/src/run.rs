@@ -192,6 +192,7 @@ pub async fn run(loaded: Loaded, shutdown: Shutdown) -> Result<usize, LoadError>
     // spread connections when there is more than one loop); the others are threads with their
     // own current-thread runtime. Each loop owns its pools.
     let (pools, out_listeners) = out.split();
+    let upstreams = pools.registry();
     let spread_error = |source| LoadError::Worker { index: 0, source };
     let mut inbound_acceptors = match inbound {
         Some((i, l)) => Some((
@@ -243,6 +244,7 @@ pub async fn run(loaded: Loaded, shutdown: Shutdown) -> Result<usize, LoadError>
         shutdown: shutdown.clone(),
         listeners: bound,
         reload: reloader.status(),
+        upstreams,
     });
     tokio::spawn(admin.serve(admin_listener));
     tokio::spawn(reloader.run(hangup, shutdown.clone()));

@@ -59,6 +59,14 @@ pub enum ConfigErrorKind {
         /// The value as written.
         value: String,
     },
+    /// `dns_max_ttl` below `dns_min_ttl`.
+    #[error("`outbound.dns_max_ttl` ({}) is below `outbound.dns_min_ttl` ({})", humantime::format_duration(*.max_ttl), humantime::format_duration(*.min_ttl))]
+    TtlRange {
+        /// The minimum.
+        min_ttl: std::time::Duration,
+        /// The maximum.
+        max_ttl: std::time::Duration,
+    },
     /// Not a duration.
     #[error("`{value}` is not a duration")]
     Duration {
@@ -168,6 +176,9 @@ impl ConfigErrorKind {
                 .into(),
             Self::DuplicateOutbound { .. } => "give each [[outbound]] entry its own name".into(),
             Self::Empty { .. } => "give it a value".into(),
+            Self::TtlRange { .. } => "raise `dns_max_ttl` or lower `dns_min_ttl` (defaults: \
+                 5s and 60s)"
+                .into(),
             Self::NoListener => "add an [inbound] section or an [[outbound]] entry".into(),
             Self::DuplicateListen { .. } => "give each listener its own port".into(),
             Self::AuditFlushInterval { .. } => "buffered audit lines are lost if the process \
