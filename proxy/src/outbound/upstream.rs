@@ -347,8 +347,12 @@ impl Upstream {
         let mut connect_retried = false;
         let mut unsent_retried = false;
         let mut not = None;
+        let mut next = None;
         loop {
-            let pick = self.pick(not).await?;
+            let pick = match next.take() {
+                Some(pick) => pick,
+                None => self.pick(not).await?,
+            };
             let pool = pick.conn();
             pool.requests.inc();
             let conn = match pool.checkout().await {
@@ -359,13 +363,29 @@ impl Upstream {
                         Some(outcome) => self.finish(pick, outcome),
                         None => drop(pick),
                     }
-                    if e.is_retryable() && !connect_retried {
-                        debug!(upstream = %self.name, endpoint = ?not, error = %e, "connect failed before anything was sent; retrying on another endpoint");
-                        connect_retried = true;
-                        self.metrics.retries.inc();
-                        continue;
+                    if connect_retried {
+                        return Err(e);
                     }
-                    return Err(e);
+                    if !e.is_retryable() {
+                        // A certificate or identity failure is deterministic for this
+                        // endpoint, not for the others: nothing was sent, so the request
+                        // goes to another endpoint if there is one (never the same again).
+                        let other = self
+                            .balancer
+                            .pick_at(Instant::now(), not)
+                            .ok()
+                            .filter(|p| Some(p.addr()) != not);
+                        match other {
+                            Some(p) if e.endpoint_outcome() == Some(Outcome::ConnectFailure) => {
+                                next = Some(p);
+                            }
+                            _ => return Err(e),
+                        }
+                    }
+                    debug!(upstream = %self.name, endpoint = ?not, error = %e, "connect failed before anything was sent; retrying on another endpoint");
+                    connect_retried = true;
+                    self.metrics.retries.inc();
+                    continue;
                 }
             };
             pool.set_target(&mut req, &conn.sender);

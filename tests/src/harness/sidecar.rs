@@ -59,6 +59,7 @@ pub struct SidecarBuilder {
     cert: CertDir,
     policy: Option<String>,
     app: Option<SocketAddr>,
+    inbound_listen: Option<SocketAddr>,
     inbound_extra: String,
     top_extra: String,
     extra_sections: String,
@@ -101,6 +102,13 @@ impl SidecarBuilder {
         self
     }
 
+    /// The inbound listen address (default `127.0.0.1:0`), e.g. another loopback address
+    /// with a port shared by several sidecars.
+    pub fn inbound_listen(mut self, addr: SocketAddr) -> Self {
+        self.inbound_listen = Some(addr);
+        self
+    }
+
     /// Extra `key = value` lines under `[inbound]`.
     pub fn inbound_option(mut self, line: &str) -> Self {
         self.inbound_extra.push_str(line);
@@ -138,7 +146,9 @@ impl SidecarBuilder {
         s.push('\n');
         if let Some(app) = self.app {
             s.push_str(&format!(
-                "[inbound]\nlisten = \"127.0.0.1:0\"\napp = \"{app}\"\npolicy = \"policy.toml\"\n{}\n",
+                "[inbound]\nlisten = \"{}\"\napp = \"{app}\"\npolicy = \"policy.toml\"\n{}\n",
+                self.inbound_listen
+                    .map_or_else(|| "127.0.0.1:0".to_owned(), |a| a.to_string()),
                 self.inbound_extra
             ));
         }
@@ -241,6 +251,7 @@ impl Sidecar {
             cert: cert.clone(),
             policy: None,
             app: None,
+            inbound_listen: None,
             inbound_extra: String::new(),
             top_extra: String::new(),
             extra_sections: String::new(),
