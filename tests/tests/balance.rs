@@ -179,6 +179,28 @@ async fn requests_spread_over_every_a_record_and_a_killed_endpoint_is_ejected() 
     );
     let status = outbound.status_json().await.expect("/status");
     assert_eq!(status["upstreams"]["monolith"]["panic"], false, "{status}");
+
+    // A fourth task and A record (the killed one's record removed): it gets traffic within 15 s.
+    let app4 = FakeApp::start().await;
+    let _sc4 = Sidecar::inbound(&monolith, app4.addr(), REPORT_EXPORT_POLICY)
+        .inbound_listen(SocketAddr::new(ip("127.0.0.4"), port))
+        .spawn()
+        .await
+        .expect("fourth monolith sidecar starts");
+    dns.set_records(&[
+        (NAME, ip("127.0.0.1")),
+        (NAME, ip("127.0.0.2")),
+        (NAME, ip("127.0.0.4")),
+    ]);
+    let added = Instant::now();
+    while app4.count() == 0 {
+        assert!(
+            added.elapsed() < Duration::from_secs(15),
+            "the new endpoint got no request within 15 s"
+        );
+        assert_eq!(load(&http, &url, 40, 4).await, 0);
+    }
+    eprintln!("new endpoint used after {:?}", added.elapsed());
     let ejections = outbound
         .metric(
             "gatehouse_outbound_ejections_total",

@@ -171,6 +171,13 @@ impl<C> Pick<C> {
         &self.endpoint.conn
     }
 
+    /// Starts the latency clock now: the time to open a connection (TCP, TLS) is not the
+    /// endpoint's response latency, and a first request that paid for a handshake must not
+    /// make the endpoint look slow for the whole decay time.
+    pub fn sent(&mut self) {
+        self.started = Instant::now();
+    }
+
     /// Records how the request ended, now; `true` when this outcome ejected the endpoint.
     pub fn finish<B>(self, balancer: &Balancer<B>, outcome: Outcome) -> bool {
         let now = Instant::now();

@@ -349,11 +349,12 @@ impl Upstream {
         let mut not = None;
         let mut next = None;
         loop {
-            let pick = match next.take() {
+            let mut pick = match next.take() {
                 Some(pick) => pick,
                 None => self.pick(not).await?,
             };
-            let pool = pick.conn();
+            // A clone (an atomic increment) so the pick can be updated while the pool is used.
+            let pool = Arc::clone(pick.conn());
             pool.requests.inc();
             let conn = match pool.checkout().await {
                 Ok(conn) => conn,
@@ -390,6 +391,7 @@ impl Upstream {
             };
             pool.set_target(&mut req, &conn.sender);
             let serial = Arc::clone(&conn.serial);
+            pick.sent();
             match pool.exchange(conn, req).await {
                 Ok(resp) => {
                     let outcome = match resp.status().as_u16() {
