@@ -62,6 +62,44 @@ async fn load(http: &Http, url: &str, n: usize, c: usize) -> usize {
     failed.load(Ordering::Relaxed)
 }
 
+/// Three monolith tasks on 127.0.0.1, .2 and .3 with one port (an app and an inbound sidecar
+/// each, with the given certificates), the DNS server with their A records, and the report
+/// service's outbound sidecar: the apps, the sidecars, the port, the DNS server, the outbound.
+async fn fleet(
+    certs: [&CertDir; 3],
+    reports: &CertDir,
+) -> (Vec<FakeApp>, Vec<Sidecar>, u16, Dnsmasq, Sidecar) {
+    let mut apps = Vec::new();
+    let mut sidecars = Vec::new();
+    let mut port = 0;
+    for (i, cert) in certs.into_iter().enumerate() {
+        let app = FakeApp::start().await;
+        let listen = SocketAddr::new(ip(&format!("127.0.0.{}", i + 1)), port);
+        let sc = Sidecar::inbound(cert, app.addr(), REPORT_EXPORT_POLICY)
+            .inbound_listen(listen)
+            .spawn()
+            .await
+            .expect("monolith-side sidecar starts");
+        port = sc.inbound_addr().port();
+        apps.push(app);
+        sidecars.push(sc);
+    }
+    let dns = Dnsmasq::start(
+        &[
+            (NAME, ip("127.0.0.1")),
+            (NAME, ip("127.0.0.2")),
+            (NAME, ip("127.0.0.3")),
+        ],
+        1,
+    );
+    let outbound = outbound_sidecar(reports, &dns, port).await;
+    (apps, sidecars, port, dns, outbound)
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().expect("an IP address")
+}
+
 /// The report service's sidecar: one outbound to every A record of [`NAME`] at `port`.
 async fn outbound_sidecar(cert: &CertDir, dns: &Dnsmasq, port: u16) -> Sidecar {
     Sidecar::builder(cert)
@@ -89,32 +127,8 @@ async fn requests_spread_over_every_a_record_and_a_killed_endpoint_is_ejected() 
     let monolith = pki.issue(MONOLITH_ID);
     let reports = pki.issue(REPORT_SERVICE_ID);
 
-    // Three monolith tasks: an app and an inbound sidecar each, one port on three addresses.
-    let mut apps = Vec::new();
-    let mut sidecars = Vec::new();
-    let mut port = 0;
-    for ip in ["127.0.0.1", "127.0.0.2", "127.0.0.3"] {
-        let app = FakeApp::start().await;
-        let listen = SocketAddr::new(ip.parse().unwrap(), port);
-        let sc = Sidecar::inbound(&monolith, app.addr(), REPORT_EXPORT_POLICY)
-            .inbound_listen(listen)
-            .spawn()
-            .await
-            .expect("monolith sidecar starts");
-        port = sc.inbound_addr().port();
-        apps.push(app);
-        sidecars.push(sc);
-    }
-    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-    let dns = Dnsmasq::start(
-        &[
-            (NAME, ip("127.0.0.1")),
-            (NAME, ip("127.0.0.2")),
-            (NAME, ip("127.0.0.3")),
-        ],
-        1,
-    );
-    let outbound = outbound_sidecar(&reports, &dns, port).await;
+    let (apps, mut sidecars, port, dns, outbound) =
+        fleet([&monolith, &monolith, &monolith], &reports).await;
     let url = format!("http://{}{QUERY}", outbound.listener("outbound:monolith"));
     let http: Http = Client::builder(TokioExecutor::new()).build_http();
 
@@ -221,35 +235,8 @@ async fn an_endpoint_with_the_wrong_identity_is_ejected_and_gets_no_request() {
     let impostor = pki.issue(GATEWAY);
     let reports = pki.issue(REPORT_SERVICE_ID);
 
-    let mut apps = Vec::new();
-    let mut sidecars = Vec::new();
-    let mut port = 0;
-    for (ip, cert) in [
-        ("127.0.0.1", &monolith),
-        ("127.0.0.2", &monolith),
-        ("127.0.0.3", &impostor),
-    ] {
-        let app = FakeApp::start().await;
-        let listen = SocketAddr::new(ip.parse().unwrap(), port);
-        let sc = Sidecar::inbound(cert, app.addr(), REPORT_EXPORT_POLICY)
-            .inbound_listen(listen)
-            .spawn()
-            .await
-            .expect("sidecar starts");
-        port = sc.inbound_addr().port();
-        apps.push(app);
-        sidecars.push(sc);
-    }
-    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-    let dns = Dnsmasq::start(
-        &[
-            (NAME, ip("127.0.0.1")),
-            (NAME, ip("127.0.0.2")),
-            (NAME, ip("127.0.0.3")),
-        ],
-        1,
-    );
-    let outbound = outbound_sidecar(&reports, &dns, port).await;
+    let (apps, sidecars, _port, _dns, outbound) =
+        fleet([&monolith, &monolith, &impostor], &reports).await;
     let url = format!("http://{}{QUERY}", outbound.listener("outbound:monolith"));
     let http: Http = Client::builder(TokioExecutor::new()).build_http();
 
