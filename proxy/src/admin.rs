@@ -42,6 +42,8 @@ pub(crate) struct Admin {
     pub reload: Arc<std::sync::Mutex<ReloadStatus>>,
     /// The online identity's driver (`[identity] ca = …`), for `/status`.
     pub identity: Option<IdentityHandle>,
+    /// The outbound upstreams and their endpoints, for `/status`.
+    pub upstreams: Arc<crate::outbound::UpstreamRegistry>,
 }
 
 impl Admin {
@@ -184,6 +186,7 @@ impl Admin {
             },
             "listeners": listeners,
             "online_identity": self.identity.as_ref().map(IdentityHandle::status),
+            "upstreams": self.upstreams.status(),
         })
     }
 

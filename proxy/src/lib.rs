@@ -42,8 +42,7 @@
 mod accept;
 mod admin;
 mod audit;
-// Wired into outbound in the next step (issue 15); public until then for tests/tests/discovery.rs.
-#[allow(dead_code)]
+// Public (hidden) only for tests/tests/discovery.rs, which drives discovery against dnsmasq.
 #[doc(hidden)]
 pub mod balance;
 mod config;

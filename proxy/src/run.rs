@@ -354,6 +354,7 @@ async fn serve(
     // spread connections when there is more than one loop); the others are threads with their
     // own current-thread runtime. Each loop owns its pools.
     let (pools, out_listeners) = out.split();
+    let upstreams = pools.registry();
     let spread_error = |source| LoadError::Worker { index: 0, source };
     let mut inbound_acceptors = match inbound {
         Some((i, l)) => Some((
@@ -410,6 +411,7 @@ async fn serve(
         listeners: bound,
         reload: reloader.status(),
         identity,
+        upstreams,
     });
     tokio::spawn(admin.serve(admin_listener));
     tokio::spawn(reloader.run(hangup, shutdown.clone()));

@@ -171,14 +171,21 @@ impl<C> Pick<C> {
         &self.endpoint.conn
     }
 
-    /// Records how the request ended, now.
-    pub fn finish<B>(self, balancer: &Balancer<B>, outcome: Outcome) {
+    /// Starts the latency clock now: the time to open a connection (TCP, TLS) is not the
+    /// endpoint's response latency, and a first request that paid for a handshake must not
+    /// make the endpoint look slow for the whole decay time.
+    pub fn sent(&mut self) {
+        self.started = Instant::now();
+    }
+
+    /// Records how the request ended, now; `true` when this outcome ejected the endpoint.
+    pub fn finish<B>(self, balancer: &Balancer<B>, outcome: Outcome) -> bool {
         let now = Instant::now();
-        self.finish_at(balancer, outcome, now);
+        self.finish_at(balancer, outcome, now)
     }
 
     /// [`Pick::finish`] at a given time (tests drive the clock).
-    pub fn finish_at<B>(mut self, balancer: &Balancer<B>, outcome: Outcome, now: Instant) {
+    pub fn finish_at<B>(mut self, balancer: &Balancer<B>, outcome: Outcome, now: Instant) -> bool {
         self.done = true;
         let ep = &self.endpoint;
         ep.outstanding.fetch_sub(1, Ordering::AcqRel);
@@ -191,7 +198,7 @@ impl<C> Pick<C> {
         if outcome == Outcome::Success {
             h.consecutive_failures = 0;
             h.ejections = 0;
-            return;
+            return false;
         }
         h.consecutive_failures = h.consecutive_failures.saturating_add(1);
         let now_ns = balancer.ns(now);
@@ -210,7 +217,9 @@ impl<C> Pick<C> {
                 backoff_ms = u64::try_from(backoff.as_millis()).unwrap_or(u64::MAX),
                 "endpoint ejected"
             );
+            return true;
         }
+        false
     }
 }
 

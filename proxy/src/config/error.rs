@@ -59,6 +59,14 @@ pub enum ConfigErrorKind {
         /// The value as written.
         value: String,
     },
+    /// `dns_max_ttl` below `dns_min_ttl`.
+    #[error("`outbound.dns_max_ttl` ({}) is below `outbound.dns_min_ttl` ({})", humantime::format_duration(*.max_ttl), humantime::format_duration(*.min_ttl))]
+    TtlRange {
+        /// The minimum.
+        min_ttl: std::time::Duration,
+        /// The maximum.
+        max_ttl: std::time::Duration,
+    },
     /// Not a duration.
     #[error("`{value}` is not a duration")]
     Duration {
@@ -189,6 +197,9 @@ impl ConfigErrorKind {
                 .into(),
             Self::DuplicateOutbound { .. } => "give each [[outbound]] entry its own name".into(),
             Self::Empty { .. } => "give it a value".into(),
+            Self::TtlRange { .. } => "raise `dns_max_ttl` or lower `dns_min_ttl` (defaults: \
+                 5s and 60s)"
+                .into(),
             Self::NoListener => {
                 // issue 17
                 "add an [inbound] section, an [[outbound]] entry or a [[tcp_inbound]]/[[tcp_outbound]] entry".into()

@@ -6,6 +6,8 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::balance::BalanceConfig;
+use crate::balance::discover::DiscoverConfig;
 use gatehouse_policy::SpiffeId;
 use serde::Deserialize;
 
@@ -372,6 +374,10 @@ pub(crate) struct OutboundLimits {
     pub(crate) max_idle: usize,
     /// How long a request waits for a connection when `max_connections` are busy.
     pub(crate) pool_wait_timeout: Duration,
+    /// The balancer over the upstream's endpoints (`slow_start`; the rest built in).
+    pub(crate) balance: BalanceConfig,
+    /// Endpoint discovery (`resolver`, `dns_min_ttl`, `dns_max_ttl`).
+    pub(crate) discover: DiscoverConfig,
 }
 
 impl Default for OutboundLimits {
@@ -384,6 +390,8 @@ impl Default for OutboundLimits {
             max_connections: DEFAULT_POOL_MAX_CONNECTIONS,
             max_idle: DEFAULT_POOL_MAX_IDLE,
             pool_wait_timeout: POOL_WAIT_TIMEOUT,
+            balance: BalanceConfig::default(),
+            discover: DiscoverConfig::default(),
         }
     }
 }

@@ -115,6 +115,10 @@ pub(super) struct RawOutbound {
     pub(super) pool_max_connections: Option<S<u64>>,
     pub(super) max_connection_age: Option<S<String>>,
     pub(super) protocol: Option<UpstreamProtocol>,
+    pub(super) resolver: Option<S<String>>,
+    pub(super) dns_min_ttl: Option<S<String>>,
+    pub(super) dns_max_ttl: Option<S<String>>,
+    pub(super) slow_start: Option<S<String>>,
 }
 
 #[derive(Deserialize)]

@@ -6,6 +6,8 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::balance::BalanceConfig;
+use crate::balance::discover::DiscoverConfig;
 use gatehouse_policy::SpiffeId;
 
 use super::defaults::*;
@@ -598,6 +600,50 @@ impl Check<'_> {
                 DEFAULT_MAX_CONNECTION_AGE,
             ),
             pool_wait_timeout: POOL_WAIT_TIMEOUT,
+            balance: BalanceConfig {
+                slow_start: self.slow_start(o.slow_start.as_ref()),
+                ..BalanceConfig::default()
+            },
+            discover: self.discover(o),
+        }
+    }
+
+    /// `slow_start`: zero allowed (turns warm-up off).
+    fn slow_start(&mut self, v: Option<&S<String>>) -> Duration {
+        let default = BalanceConfig::default().slow_start;
+        let Some(v) = v else { return default };
+        humantime::parse_duration(v.get_ref()).unwrap_or_else(|_| {
+            let value = v.get_ref().clone();
+            self.push(Some(v.span()), ConfigErrorKind::Duration { value });
+            default
+        })
+    }
+
+    /// `resolver`, `dns_min_ttl`, `dns_max_ttl` (a maximum below the minimum is an error).
+    fn discover(&mut self, o: &RawOutbound) -> DiscoverConfig {
+        let default = DiscoverConfig::default();
+        let min_ttl = self.duration(
+            o.dns_min_ttl.as_ref(),
+            "outbound.dns_min_ttl",
+            default.min_ttl,
+        );
+        let max_ttl = self.duration(
+            o.dns_max_ttl.as_ref(),
+            "outbound.dns_max_ttl",
+            default.max_ttl,
+        );
+        if max_ttl < min_ttl {
+            let span = o
+                .dns_max_ttl
+                .as_ref()
+                .or(o.dns_min_ttl.as_ref())
+                .map(S::span);
+            self.push(span, ConfigErrorKind::TtlRange { min_ttl, max_ttl });
+        }
+        DiscoverConfig {
+            min_ttl,
+            max_ttl,
+            resolver: o.resolver.as_ref().and_then(|r| self.addr(r)),
         }
     }
 

@@ -137,6 +137,27 @@ impl OutboundError {
         matches!(self, Self::Connect { .. } | Self::Handshake(_))
     }
 
+    /// What this failure says about the endpoint that caused it, for the balancer's outlier
+    /// ejection: connect and TLS failures (a wrong `server_id` included) count against it,
+    /// response timeouts and broken exchanges as gateway errors; failures that are not the
+    /// endpoint's (no endpoint, our pool full, a request we refused to forward) say nothing.
+    pub(crate) fn endpoint_outcome(&self) -> Option<crate::balance::Outcome> {
+        use crate::balance::Outcome as O;
+        match self {
+            Self::IdentityMismatch { .. }
+            | Self::ServerCertificate(_)
+            | Self::ClientCertificateRejected { .. }
+            | Self::HandshakeAlert { .. }
+            | Self::Handshake(_)
+            | Self::Connect { .. }
+            | Self::ConnectTimeout(_) => Some(O::ConnectFailure),
+            Self::ResponseTimeout(_) | Self::ClosedBeforeSend | Self::Upstream(_) => {
+                Some(O::GatewayError)
+            }
+            Self::Resolve { .. } | Self::PoolTimeout(_) | Self::Framing(_) => None,
+        }
+    }
+
     /// The metric label and the `reason` field of the JSON body.
     pub(crate) fn reason(&self) -> &'static str {
         match self {

@@ -18,6 +18,9 @@ pub(crate) struct OutboundMetrics {
     connections_open: IntGaugeVec,
     retries: IntCounterVec,
     duration: HistogramVec,
+    endpoint_requests: IntCounterVec,
+    ejections: IntCounterVec,
+    endpoints: IntGaugeVec,
     /// `gatehouse_tls_handshakes_total` and `gatehouse_tls_handshake_duration_seconds`, shared
     /// with the inbound side (`direction="outbound"` here), when registered with
     /// [`OutboundMetrics::with_tls`].
@@ -35,6 +38,10 @@ pub(crate) struct UpstreamMetrics {
     pub retries: IntCounter,
     /// Time from the app's request to the upstream's response head.
     pub duration: Histogram,
+    /// Endpoints ejected by the balancer.
+    pub ejections: IntCounter,
+    /// Endpoints by state (`active`, `warming`, `ejected`, `draining`), summed over event loops.
+    pub endpoints: [IntGauge; 4],
     /// The `status="200"` counter, looked up on first use (most requests; the label lookup
     /// hashes both values under a lock).
     ok: OnceLock<IntCounter>,
@@ -91,6 +98,30 @@ impl OutboundMetrics {
             ]),
             &["upstream"],
         )?;
+        let endpoint_requests = IntCounterVec::new(
+            Opts::new(
+                "outbound_endpoint_requests_total",
+                "Requests sent to each endpoint (address DNS returned) of an upstream",
+            ),
+            &["upstream", "endpoint"],
+        )?;
+        let ejections = IntCounterVec::new(
+            Opts::new(
+                "outbound_ejections_total",
+                "Endpoints ejected after consecutive connect, TLS or gateway failures",
+            ),
+            &["upstream"],
+        )?;
+        let endpoints = IntGaugeVec::new(
+            Opts::new(
+                "outbound_endpoints",
+                "Endpoints of an upstream by balancer state",
+            ),
+            &["upstream", "state"],
+        )?;
+        registry.register(Box::new(endpoint_requests.clone()))?;
+        registry.register(Box::new(ejections.clone()))?;
+        registry.register(Box::new(endpoints.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(errors.clone()))?;
         registry.register(Box::new(handshakes.clone()))?;
@@ -104,6 +135,9 @@ impl OutboundMetrics {
             connections_open,
             retries,
             duration,
+            endpoint_requests,
+            ejections,
+            endpoints,
             tls: None,
         })
     }
@@ -124,6 +158,9 @@ impl OutboundMetrics {
             connections_open: self.connections_open.with_label_values(&[upstream]),
             retries: self.retries.with_label_values(&[upstream]),
             duration: self.duration.with_label_values(&[upstream]),
+            ejections: self.ejections.with_label_values(&[upstream]),
+            endpoints: ENDPOINT_STATES
+                .map(|state| self.endpoints.with_label_values(&[upstream, state])),
             upstream: upstream.to_owned(),
             families: self.clone(),
             ok: OnceLock::new(),
@@ -131,7 +168,18 @@ impl OutboundMetrics {
     }
 }
 
+/// The `state` label values of `gatehouse_outbound_endpoints`, in [`UpstreamMetrics::endpoints`]
+/// order.
+pub(crate) const ENDPOINT_STATES: [&str; 4] = ["active", "warming", "ejected", "draining"];
+
 impl UpstreamMetrics {
+    /// The request counter of one endpoint (bound once, when the endpoint is added).
+    pub(crate) fn endpoint_requests(&self, endpoint: std::net::SocketAddr) -> IntCounter {
+        self.families
+            .endpoint_requests
+            .with_label_values(&[self.upstream.as_str(), &endpoint.to_string()])
+    }
+
     /// Counts one request answered to the app with `status`.
     pub(crate) fn request(&self, status: u16) {
         if status == 200 {

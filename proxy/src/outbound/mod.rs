@@ -30,7 +30,7 @@ pub(crate) mod tls_source;
 pub(crate) mod upstream;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use gatehouse_policy::{IdentityPattern, SpiffeId};
 use rustls::ClientConfig;
@@ -262,6 +262,51 @@ pub(crate) struct OutboundPools {
     entries: Vec<PreparedOutbound>,
     families: OutboundMetrics,
     provider: Arc<CryptoProvider>,
+    registry: Arc<UpstreamRegistry>,
+}
+
+/// Every running upstream (each event loop has its own), for `/status`.
+#[derive(Debug, Default)]
+pub(crate) struct UpstreamRegistry(Mutex<Vec<Weak<Upstream>>>);
+
+impl UpstreamRegistry {
+    fn register(&self, upstream: &Arc<Upstream>) {
+        let mut all = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        all.retain(|u| u.strong_count() > 0);
+        all.push(Arc::downgrade(upstream));
+    }
+
+    /// `/status` `upstreams`: per `[[outbound]]` name, its endpoints (of every event loop)
+    /// with state, outstanding requests and latency average, and `panic`: every endpoint is
+    /// ejected, so the balancer uses them all.
+    pub(crate) fn status(&self) -> serde_json::Value {
+        let all: Vec<_> = self
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect();
+        let mut out = serde_json::Map::new();
+        for u in &all {
+            let status = u.status();
+            let entry = out
+                .entry(u.name().to_owned())
+                .or_insert_with(|| serde_json::json!({ "panic": false, "endpoints": [] }));
+            if status.panic {
+                entry["panic"] = true.into();
+            }
+            if let Some(eps) = entry["endpoints"].as_array_mut() {
+                eps.extend(
+                    status
+                        .endpoints
+                        .iter()
+                        .filter_map(|e| serde_json::to_value(e).ok()),
+                );
+            }
+        }
+        out.into()
+    }
 }
 
 impl Outbound {
@@ -307,6 +352,7 @@ impl Outbound {
                 entries: prepared,
                 families,
                 provider,
+                registry: Arc::default(),
             },
         })
     }
@@ -344,6 +390,11 @@ impl Outbound {
 }
 
 impl OutboundPools {
+    /// What `/status` reads the upstreams' endpoints from.
+    pub(crate) fn registry(&self) -> Arc<UpstreamRegistry> {
+        Arc::clone(&self.registry)
+    }
+
     /// Starts, on the calling event loop, a connection pool per entry and an accept loop on
     /// each of `acceptors` (configuration order); they stop when `shutdown` starts. The pools
     /// take their TLS client configuration from `tls` when they dial.
@@ -363,6 +414,7 @@ impl OutboundPools {
                 c.limits.clone(),
                 self.families.upstream(&c.name),
             );
+            self.registry.register(&upstream);
             let listener = OutboundListener::new(
                 acceptor,
                 Arc::clone(&upstream),

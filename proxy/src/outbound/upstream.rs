@@ -22,7 +22,8 @@
 //! the connection refused new streams, e.g. after the peer's GOAWAY). Nothing else is retried.
 
 use std::io;
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -31,17 +32,20 @@ use http::{HeaderValue, Request, Response, Uri, header};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
+use prometheus::IntCounter;
 use rustls::AlertDescription;
 use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio_rustls::TlsConnector;
 use tracing::{debug, warn};
 
 use super::error::OutboundError;
-use super::metrics::UpstreamMetrics;
+use super::metrics::{ENDPOINT_STATES, UpstreamMetrics};
 use super::tls_source::TlsSource;
+use crate::balance::discover::{DiscoverConfig, Discovery};
+use crate::balance::{Balancer, BalancerStatus, Outcome, Pick};
 use crate::config::{OutboundLimits, Target};
 use crate::http::body::{BoxError, HttpBody, RecvBody};
 use crate::http::h1_pool;
@@ -50,10 +54,29 @@ use crate::http::headers::{strip_for_h2, strip_hop_by_hop};
 use crate::tls::alert_tap::AlertTap;
 use crate::tls::client::received_alert;
 
-/// One upstream: its TLS settings and its connection pool.
+/// One upstream: its endpoints (from `connect`: an IP literal is one, a DNS name is every
+/// address it resolves to, re-resolved on its TTL) behind a balancer that picks one per
+/// request, each endpoint with its own connection pool.
 pub(crate) struct Upstream {
     name: String,
     target: Target,
+    balancer: Balancer<Arc<Pool>>,
+    /// Set once the first resolution has published endpoints (or failed).
+    resolved: Notify,
+    /// The last resolution error while no endpoint is known (the request's error then).
+    resolve_error: Mutex<Option<String>>,
+    /// What this upstream last added to `gatehouse_outbound_endpoints{state}`.
+    counted: Mutex<[i64; 4]>,
+    limits: OutboundLimits,
+    metrics: UpstreamMetrics,
+}
+
+/// The connection pool to one endpoint address of an upstream.
+pub(crate) struct Pool {
+    name: String,
+    addr: SocketAddr,
+    /// `gatehouse_outbound_endpoint_requests_total` for this endpoint.
+    requests: IntCounter,
     authority: Authority,
     host_header: HeaderValue,
     server_name: ServerName<'static>,
@@ -144,6 +167,15 @@ impl h1_pool::Keepalive for Conn {
     }
 }
 
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("name", &self.name)
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
 impl std::fmt::Debug for Upstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Upstream")
@@ -154,10 +186,22 @@ impl std::fmt::Debug for Upstream {
     }
 }
 
+/// What every endpoint pool of one upstream shares.
+struct PoolSpec {
+    name: String,
+    authority: Authority,
+    host_header: HeaderValue,
+    server_name: ServerName<'static>,
+    tls: Arc<dyn TlsSource>,
+    limits: OutboundLimits,
+    metrics: UpstreamMetrics,
+}
+
 impl Upstream {
-    /// A pool for `target`, presenting `server_name` as SNI, dialling with the configuration
-    /// `tls` holds for `name`, and a task that closes idle, aged and retired connections (it
-    /// stops when the returned `Arc` is dropped). Must be called inside a Tokio runtime.
+    /// The upstream `name` at `target`, presenting `server_name` as SNI, dialling with the
+    /// configuration `tls` holds for `name`. An IP literal is one endpoint; a DNS name is
+    /// resolved (by `discover`'s server or the system's) in a task that keeps the endpoint set
+    /// current until the returned `Arc` is dropped. Must be called inside a Tokio runtime.
     pub(crate) fn start(
         name: &str,
         target: Target,
@@ -166,26 +210,49 @@ impl Upstream {
         limits: OutboundLimits,
         metrics: UpstreamMetrics,
     ) -> Arc<Self> {
+        let (balance, discover) = (limits.balance, limits.discover);
         let authority = target.authority();
         let host_header = HeaderValue::from_str(authority.as_str())
             .expect("an authority is a valid header value");
-        let upstream = Arc::new(Self {
+        let spec = PoolSpec {
             name: name.to_owned(),
-            target,
             authority,
             host_header,
             server_name,
             tls,
-            permits: Arc::new(Semaphore::new(limits.max_connections.max(1))),
-            available: Arc::new(Notify::new()),
-            idle: Mutex::new(Idle {
-                h2: None,
-                h1: h1_pool::Idle::new(limits.max_idle, limits.idle_timeout),
-            }),
+            limits: limits.clone(),
+            metrics: metrics.clone(),
+        };
+        let upstream = Arc::new(Self {
+            name: name.to_owned(),
+            target: target.clone(),
+            balancer: Balancer::new(balance),
+            resolved: Notify::new(),
+            resolve_error: Mutex::new(None),
+            counted: Mutex::new([0; 4]),
             limits,
             metrics,
         });
-        tokio::spawn(reap(Arc::downgrade(&upstream)));
+        let fixed = target
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+            .ok();
+        match fixed {
+            Some(ip) => {
+                let addr = SocketAddr::new(ip, target.port());
+                upstream.balancer.add(addr, Pool::start(&spec, addr));
+                tokio::spawn(maintain(Arc::downgrade(&upstream), None));
+            }
+            None => {
+                tokio::spawn(discover_endpoints(
+                    Arc::downgrade(&upstream),
+                    spec,
+                    discover,
+                ));
+            }
+        }
         upstream
     }
 
@@ -197,6 +264,276 @@ impl Upstream {
     /// The upstream's metric handles.
     pub(crate) fn metrics(&self) -> &UpstreamMetrics {
         &self.metrics
+    }
+
+    /// The endpoints and their states (for `/status`).
+    pub(crate) fn status(&self) -> BalancerStatus {
+        self.balancer.status()
+    }
+
+    /// Picks an endpoint other than `not` when there is one; before the first resolution
+    /// answered, waits for it (up to the connect timeout).
+    async fn pick(&self, not: Option<SocketAddr>) -> Result<Pick<Arc<Pool>>, OutboundError> {
+        if let Ok(pick) = self.balancer.pick_at(Instant::now(), not) {
+            return Ok(pick);
+        }
+        let deadline = tokio::time::Instant::now() + self.limits.connect_timeout;
+        loop {
+            let resolved = self.resolved.notified();
+            tokio::pin!(resolved);
+            resolved.as_mut().enable();
+            if let Ok(pick) = self.balancer.pick_at(Instant::now(), not) {
+                return Ok(pick);
+            }
+            let error = self
+                .resolve_error
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone();
+            if let Some(reason) = error {
+                return Err(self.no_endpoints(reason));
+            }
+            if tokio::time::timeout_at(deadline, resolved).await.is_err() {
+                return Err(self.no_endpoints("no answer yet".to_owned()));
+            }
+        }
+    }
+
+    /// Records how a request on `pick` ended (and counts an ejection it caused).
+    fn finish(&self, pick: Pick<Arc<Pool>>, outcome: Outcome) {
+        if pick.finish(&self.balancer, outcome) {
+            self.metrics.ejections.inc();
+        }
+    }
+
+    /// Drops drained endpoints and brings `gatehouse_outbound_endpoints` up to date.
+    fn tick(&self) {
+        self.balancer.prune();
+        let mut now = [0i64; 4];
+        for e in self.balancer.status().endpoints {
+            let i = ENDPOINT_STATES
+                .iter()
+                .position(|s| *s == e.state.label())
+                .unwrap_or(0);
+            now[i] += 1;
+        }
+        self.count_endpoints(now);
+    }
+
+    fn count_endpoints(&self, now: [i64; 4]) {
+        let mut counted = self.counted.lock().unwrap_or_else(PoisonError::into_inner);
+        for (i, gauge) in self.metrics.endpoints.iter().enumerate() {
+            gauge.add(now[i] - counted[i]);
+        }
+        *counted = now;
+    }
+
+    fn no_endpoints(&self, reason: String) -> OutboundError {
+        OutboundError::Resolve {
+            host: self.target.host().to_owned(),
+            source: io::Error::new(io::ErrorKind::NotFound, reason),
+        }
+    }
+
+    /// Sends `req` upstream and returns the response head (the body streams on) and the
+    /// serial number of the server's certificate (lowercase hex).
+    ///
+    /// # Errors
+    /// Any [`OutboundError`]; see the module docs for which ones were retried first.
+    pub(crate) async fn send(
+        self: &Arc<Self>,
+        mut req: Request<Incoming>,
+    ) -> Result<(Response<UpstreamBody>, Arc<str>), OutboundError> {
+        let mut connect_retried = false;
+        let mut unsent_retried = false;
+        let mut not = None;
+        let mut next = None;
+        loop {
+            let mut pick = match next.take() {
+                Some(pick) => pick,
+                None => self.pick(not).await?,
+            };
+            // A clone (an atomic increment) so the pick can be updated while the pool is used.
+            let pool = Arc::clone(pick.conn());
+            pool.requests.inc();
+            let conn = match pool.checkout().await {
+                Ok(conn) => conn,
+                Err(e) => {
+                    not = Some(pick.addr());
+                    match e.endpoint_outcome() {
+                        Some(outcome) => self.finish(pick, outcome),
+                        None => drop(pick),
+                    }
+                    if connect_retried {
+                        return Err(e);
+                    }
+                    if !e.is_retryable() {
+                        // A certificate or identity failure is deterministic for this
+                        // endpoint, not for the others: nothing was sent, so the request
+                        // goes to another endpoint if there is one (never the same again).
+                        let other = self
+                            .balancer
+                            .pick_at(Instant::now(), not)
+                            .ok()
+                            .filter(|p| Some(p.addr()) != not);
+                        match other {
+                            Some(p) if e.endpoint_outcome() == Some(Outcome::ConnectFailure) => {
+                                next = Some(p);
+                            }
+                            _ => return Err(e),
+                        }
+                    }
+                    debug!(upstream = %self.name, endpoint = ?not, error = %e, "connect failed before anything was sent; retrying on another endpoint");
+                    connect_retried = true;
+                    self.metrics.retries.inc();
+                    continue;
+                }
+            };
+            pool.set_target(&mut req, &conn.sender);
+            let serial = Arc::clone(&conn.serial);
+            pick.sent();
+            match pool.exchange(conn, req).await {
+                Ok(resp) => {
+                    let outcome = match resp.status().as_u16() {
+                        502..=504 => Outcome::GatewayError,
+                        _ => Outcome::Success,
+                    };
+                    self.finish(pick, outcome);
+                    return Ok((resp, serial));
+                }
+                Err(Exchange::Unsent(back)) if !unsent_retried => {
+                    not = Some(pick.addr());
+                    drop(pick);
+                    debug!(upstream = %self.name, "pooled connection closed before the request was written; retrying on another endpoint");
+                    unsent_retried = true;
+                    self.metrics.retries.inc();
+                    req = *back;
+                }
+                Err(Exchange::Unsent(_)) => return Err(OutboundError::ClosedBeforeSend),
+                Err(Exchange::Failed(e)) => {
+                    match e.endpoint_outcome() {
+                        Some(outcome) => self.finish(pick, outcome),
+                        None => drop(pick),
+                    }
+                    return Err(e);
+                }
+            }
+        }
+    }
+}
+
+/// Keeps `upstream`'s endpoint set equal to what `spec`'s host resolves to: new addresses get
+/// a pool (warming up), addresses that left drain. Ends when the upstream is dropped.
+async fn discover_endpoints(upstream: Weak<Upstream>, spec: PoolSpec, config: DiscoverConfig) {
+    let (host, port) = match upstream.upgrade() {
+        Some(u) => (u.target.host().to_owned(), u.target.port()),
+        None => return,
+    };
+    let mut rx = loop {
+        let first = match Discovery::new(&host, port, config) {
+            Ok(d) => d.spawn().await,
+            Err(e) => Err(e),
+        };
+        let Some(u) = upstream.upgrade() else { return };
+        match first {
+            Ok(rx) => break rx,
+            Err(e) => {
+                warn!(upstream = %spec.name, %host, error = %e, "cannot resolve the upstream; retrying");
+                *u.resolve_error
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = Some(e.to_string());
+                u.resolved.notify_waiters();
+            }
+        }
+        drop(u);
+        tokio::time::sleep(config.min_ttl).await;
+    };
+    {
+        let Some(u) = upstream.upgrade() else { return };
+        let addrs = Arc::clone(&rx.borrow_and_update());
+        u.set_endpoints(&addrs, &spec);
+    }
+    maintain(upstream, Some((rx, spec))).await;
+}
+
+impl Upstream {
+    fn set_endpoints(&self, addrs: &[SocketAddr], spec: &PoolSpec) {
+        self.balancer.update(addrs, |addr| Pool::start(spec, addr));
+        *self
+            .resolve_error
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = None;
+        self.resolved.notify_waiters();
+        self.tick();
+    }
+}
+
+/// Applies each new endpoint set from discovery (if any), and every second drops drained
+/// endpoints and updates the endpoint gauges. Ends when the upstream is dropped.
+async fn maintain(
+    upstream: Weak<Upstream>,
+    mut discovery: Option<(watch::Receiver<Arc<Vec<SocketAddr>>>, PoolSpec)>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let changed = async {
+            match &mut discovery {
+                Some((rx, _)) => rx.changed().await.is_ok(),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            ok = changed => {
+                let Some(u) = upstream.upgrade() else { return };
+                match (ok, &mut discovery) {
+                    (true, Some((rx, spec))) => {
+                        let addrs = Arc::clone(&rx.borrow_and_update());
+                        u.set_endpoints(&addrs, spec);
+                    }
+                    // Discovery ended (not while this task holds the receiver).
+                    _ => discovery = None,
+                }
+            }
+            _ = tick.tick() => {
+                let Some(u) = upstream.upgrade() else { return };
+                u.tick();
+            }
+        }
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.count_endpoints([0; 4]);
+    }
+}
+
+impl Pool {
+    /// A pool for the endpoint `addr` of `spec`'s upstream, and a task that closes idle, aged
+    /// and retired connections (it stops when the returned `Arc` is dropped). Must be called
+    /// inside a Tokio runtime.
+    fn start(spec: &PoolSpec, addr: SocketAddr) -> Arc<Self> {
+        let limits = spec.limits.clone();
+        let pool = Arc::new(Self {
+            name: spec.name.clone(),
+            addr,
+            requests: spec.metrics.endpoint_requests(addr),
+            authority: spec.authority.clone(),
+            host_header: spec.host_header.clone(),
+            server_name: spec.server_name.clone(),
+            tls: Arc::clone(&spec.tls),
+            permits: Arc::new(Semaphore::new(limits.max_connections.max(1))),
+            available: Arc::new(Notify::new()),
+            idle: Mutex::new(Idle {
+                h2: None,
+                h1: h1_pool::Idle::new(limits.max_idle, limits.idle_timeout),
+            }),
+            limits,
+            metrics: spec.metrics.clone(),
+        });
+        tokio::spawn(reap(Arc::downgrade(&pool)));
+        pool
     }
 
     /// The TLS client configuration a new connection uses, from the current snapshot: the one
@@ -213,44 +550,6 @@ impl Upstream {
     fn usable(&self, conn: &Conn, now: Instant) -> bool {
         conn.generation == self.tls.trust_generation()
             && conn.is_usable(self.limits.max_connection_age, now)
-    }
-
-    /// Sends `req` upstream and returns the response head (the body streams on) and the
-    /// serial number of the server's certificate (lowercase hex).
-    ///
-    /// # Errors
-    /// Any [`OutboundError`]; see the module docs for which ones were retried first.
-    pub(crate) async fn send(
-        self: &Arc<Self>,
-        mut req: Request<Incoming>,
-    ) -> Result<(Response<UpstreamBody>, Arc<str>), OutboundError> {
-        let mut connect_retried = false;
-        let mut unsent_retried = false;
-        loop {
-            let conn = match self.checkout().await {
-                Ok(conn) => conn,
-                Err(e) if e.is_retryable() && !connect_retried => {
-                    debug!(upstream = %self.name, error = %e, "connect failed before anything was sent; retrying");
-                    connect_retried = true;
-                    self.metrics.retries.inc();
-                    continue;
-                }
-                Err(e) => return Err(e),
-            };
-            self.set_target(&mut req, &conn.sender);
-            let serial = Arc::clone(&conn.serial);
-            match self.exchange(conn, req).await {
-                Ok(resp) => return Ok((resp, serial)),
-                Err(Exchange::Unsent(back)) if !unsent_retried => {
-                    debug!(upstream = %self.name, "pooled connection closed before the request was written; retrying");
-                    unsent_retried = true;
-                    self.metrics.retries.inc();
-                    req = *back;
-                }
-                Err(Exchange::Unsent(_)) => return Err(OutboundError::ClosedBeforeSend),
-                Err(Exchange::Failed(e)) => return Err(e),
-            }
-        }
     }
 
     /// Writes `req` on `conn` and waits for the response head.
@@ -441,36 +740,17 @@ impl Upstream {
         Ok(conn)
     }
 
-    /// Resolves `connect` now (DNS answers change) and opens TCP to the first address that
-    /// accepts.
+    /// Opens TCP to this pool's endpoint.
     async fn dial(&self) -> Result<TcpStream, OutboundError> {
-        let host = self.target.host();
-        let addrs = tokio::net::lookup_host((host, self.target.port()))
+        let tcp = TcpStream::connect(self.addr)
             .await
-            .map_err(|source| OutboundError::Resolve {
-                host: host.to_owned(),
+            .map_err(|source| OutboundError::Connect {
+                addr: self.addr.to_string(),
                 source,
             })?;
-        let mut last = None;
-        for addr in addrs {
-            match TcpStream::connect(addr).await {
-                Ok(tcp) => {
-                    // Requests are small writes; do not let Nagle hold them back.
-                    let _ = tcp.set_nodelay(true);
-                    return Ok(tcp);
-                }
-                Err(source) => {
-                    last = Some(OutboundError::Connect {
-                        addr: addr.to_string(),
-                        source,
-                    })
-                }
-            }
-        }
-        Err(last.unwrap_or_else(|| OutboundError::Resolve {
-            host: host.to_owned(),
-            source: io::Error::new(io::ErrorKind::NotFound, "no addresses"),
-        }))
+        // Requests are small writes; do not let Nagle hold them back.
+        let _ = tcp.set_nodelay(true);
+        Ok(tcp)
     }
 
     fn spawn_conn<F, E>(&self, conn: F, permit: OwnedSemaphorePermit)
@@ -571,7 +851,7 @@ fn failed(
 }
 
 /// Background sweep of one pool; ends when the pool is dropped.
-async fn reap(pool: Weak<Upstream>) {
+async fn reap(pool: Weak<Pool>) {
     let period = match pool.upgrade() {
         Some(p) => (p.limits.idle_timeout.min(p.limits.max_connection_age) / 4)
             .clamp(Duration::from_millis(100), Duration::from_secs(15)),

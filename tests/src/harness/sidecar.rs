@@ -60,6 +60,7 @@ pub struct SidecarBuilder {
     cert: Option<CertDir>,
     policy: Option<String>,
     app: Option<SocketAddr>,
+    inbound_listen: Option<SocketAddr>,
     inbound_extra: String,
     top_extra: String,
     extra_sections: String,
@@ -99,6 +100,13 @@ impl SidecarBuilder {
     /// The app the inbound side forwards to.
     pub fn app(mut self, addr: SocketAddr) -> Self {
         self.app = Some(addr);
+        self
+    }
+
+    /// The inbound listen address (default `127.0.0.1:0`), e.g. another loopback address
+    /// with a port shared by several sidecars.
+    pub fn inbound_listen(mut self, addr: SocketAddr) -> Self {
+        self.inbound_listen = Some(addr);
         self
     }
 
@@ -142,7 +150,9 @@ impl SidecarBuilder {
         s.push('\n');
         if let Some(app) = self.app {
             s.push_str(&format!(
-                "[inbound]\nlisten = \"127.0.0.1:0\"\napp = \"{app}\"\npolicy = \"policy.toml\"\n{}\n",
+                "[inbound]\nlisten = \"{}\"\napp = \"{app}\"\npolicy = \"policy.toml\"\n{}\n",
+                self.inbound_listen
+                    .map_or_else(|| "127.0.0.1:0".to_owned(), |a| a.to_string()),
                 self.inbound_extra
             ));
         }
@@ -269,6 +279,7 @@ impl Sidecar {
             cert: None,
             policy: None,
             app: None,
+            inbound_listen: None,
             inbound_extra: String::new(),
             top_extra: String::new(),
             extra_sections: String::new(),
