@@ -232,11 +232,22 @@ fn a_full_buffer_is_written_without_waiting_for_the_interval() {
     let id = caller();
     let path = "/p".repeat(100);
     let mut n = 0;
-    // Until the line that takes the buffer past FLUSH_BYTES (the flusher may already have
-    // taken it by the time we look).
-    while !sink.inner.urgent.load(Ordering::Acquire) && out.writes() == 0 {
+    // Until the line that takes the buffer past FLUSH_BYTES. The flusher may already have
+    // taken it (and cleared `urgent`) by the time we look, so a buffer that shrank counts too:
+    // recording on would fill a second batch while a slow flusher is still writing the first.
+    let mut last_len = 0;
+    loop {
         sink.record(&inbound(&id, &path, None));
         n += 1;
+        let len = lock(&sink.inner.buf).cur.len();
+        if len >= FLUSH_BYTES
+            || len < last_len
+            || sink.inner.urgent.load(Ordering::Acquire)
+            || out.writes() > 0
+        {
+            break;
+        }
+        last_len = len;
     }
     let start = Instant::now();
     while out.writes() == 0 && start.elapsed() < Duration::from_secs(5) {
