@@ -27,7 +27,7 @@ use toml::Spanned;
 
 use crate::config::{
     Check, ConfigErrorKind, DEFAULT_TCP_HANDSHAKE_TIMEOUT, DEFAULT_TCP_IDLE_TIMEOUT,
-    DEFAULT_TCP_MAX_CONNECTIONS,
+    DEFAULT_TCP_MAX_CONNECTIONS, Target,
 };
 
 type S<T> = Spanned<T>;
@@ -91,10 +91,9 @@ pub(crate) struct TcpOutboundConfig {
     pub name: String,
     /// Plain TCP listen address for the local app.
     pub listen: SocketAddr,
-    /// The peer sidecar's host, resolved at connect time.
-    pub connect_host: String,
-    /// The peer sidecar's port.
-    pub connect_port: u16,
+    /// The peer sidecar (`connect`), parsed once like an `[[outbound]]`'s; the host is
+    /// resolved at connect time.
+    pub target: Target,
     /// The SPIFFE ID the peer must present.
     pub server_id: SpiffeId,
     /// SNI to send; `None` means the host of `connect`.
@@ -223,7 +222,6 @@ impl Check<'_> {
             self.push(Some(t.listen.span()), kind);
         }
         let target = self.target(&t.connect);
-        let (connect_host, connect_port) = (target.host().to_owned(), target.port());
         let server_id = match SpiffeId::parse(t.server_id.get_ref()) {
             Ok(id) => Some(id),
             Err(source) => {
@@ -260,8 +258,7 @@ impl Check<'_> {
         Some(TcpOutboundConfig {
             name,
             listen,
-            connect_host,
-            connect_port,
+            target,
             // An error is already recorded when it did not parse.
             server_id: server_id?,
             sni,
@@ -316,7 +313,7 @@ listen = "127.0.0.1:9901"
         assert_eq!(t.idle_timeout, super::DEFAULT_TCP_IDLE_TIMEOUT);
         let o = &c.tcp.outbound[0];
         assert_eq!(
-            (o.connect_host.as_str(), o.connect_port),
+            (o.target.host(), o.target.port()),
             ("reports-db.internal", 15432)
         );
         assert_eq!(o.idle_timeout.as_secs(), 300);

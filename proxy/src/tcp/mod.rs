@@ -172,7 +172,11 @@ impl TcpSnapshot {
         for o in &config.outbound {
             s.push_str(&format!(
                 "tcp_outbound {}: {} -> {}:{} (server must be {})\n",
-                o.name, o.listen, o.connect_host, o.connect_port, o.server_id
+                o.name,
+                o.listen,
+                o.target.host(),
+                o.target.port(),
+                o.server_id
             ));
         }
         s
@@ -218,7 +222,7 @@ fn pinned_client(
     // No ALPN: the stream is not HTTP.
     let (server_name, tls) = crate::outbound::pinned_client_tls(
         &o.name,
-        o.sni.as_deref().unwrap_or(&o.connect_host),
+        o.sni.as_deref().unwrap_or(o.target.host()),
         &o.server_id,
         &[],
         tls,

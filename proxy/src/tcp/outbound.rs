@@ -57,7 +57,7 @@ async fn serve_one(l: &Listener, app: TcpStream, shutdown: &Shutdown) {
     let client = l.state.snapshot().tcp.outbound[l.index].clone();
     let c = &l.cfg;
     let dial = async {
-        let tcp = TcpStream::connect((c.connect_host.as_str(), c.connect_port)).await?;
+        let tcp = TcpStream::connect((c.target.host(), c.target.port())).await?;
         let _ = tcp.set_nodelay(true);
         TlsConnector::from(client.tls)
             .connect(client.server_name, tcp)
@@ -106,7 +106,7 @@ async fn serve_one(l: &Listener, app: TcpStream, shutdown: &Shutdown) {
 
 fn connect_failed(l: &Listener, started: Instant, e: &dyn std::fmt::Display) {
     l.metrics.connection("connect_failed");
-    info!(connect = %format!("{}:{}", l.cfg.connect_host, l.cfg.connect_port), error = %e, "tcp outbound: cannot reach the peer");
+    info!(connect = %format!("{}:{}", l.cfg.target.host(), l.cfg.target.port()), error = %e, "tcp outbound: cannot reach the peer");
     record_tcp(&TcpRecord {
         direction: "tcp_outbound",
         listener: &l.cfg.name,
