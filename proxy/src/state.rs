@@ -206,9 +206,16 @@ impl State {
     /// swap, and retires pooled outbound connections (the next request verifies its server
     /// again): a CRL went stale beyond its grace period with `crl_stale = "refuse"`.
     pub(crate) fn recheck_peers(&self) {
-        self.trust_generation.fetch_add(1, Ordering::Release);
+        self.retire_outbound();
         // Notifies every receiver; the generation (swaps since startup) stays as it is.
         self.generation.send_modify(|_| {});
+    }
+
+    /// Retires pooled outbound connections (requests in flight finish on them; the next
+    /// request dials with the current snapshot): our own certificate changed, and the
+    /// connections still present the previous one.
+    pub(crate) fn retire_outbound(&self) {
+        self.trust_generation.fetch_add(1, Ordering::Release);
     }
 
     /// A receiver that changes on every swap (`State::swap`) and on

@@ -18,6 +18,8 @@
 //! - `resumed_session_after_revocation_is_refused`;
 //! - `outbound_pool_drops_a_server_revoked_by_a_new_crl`: a CRL reload retires the outbound
 //!   pool, so the next request makes a new handshake, which refuses the revoked server;
+//! - `own_certificate_rotation_retires_pooled_outbound_connections`: our own re-issued leaf
+//!   retires the outbound pool, so the peer never sees the old leaf again;
 //! - expiry: `sidecar run` refuses an expired own leaf naming the file and the time; expiry
 //!   metrics for the leaf and the roots, the last-third warning, SIGHUP, and a certificate for
 //!   another identity refused on reload.
@@ -848,6 +850,64 @@ async fn outbound_pool_drops_a_server_revoked_by_a_new_crl() {
         after,
         Ok(502),
         "the pooled connection to the revoked server was reused\n{}",
+        outbound.stderr_text()
+    );
+}
+
+/// Our own certificate re-issued on disk (`ca rotate --force`, the step before `ca root
+/// retire`): the outbound stops reusing the connections that presented the old leaf, so the
+/// next request opens a new handshake with the new one. Reused, they would be refused by the
+/// peer once it retires the old root (503 `peer_not_trusted` under load, the root-rotation
+/// race of the CRL test in `revocation.rs`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_certificate_rotation_retires_pooled_outbound_connections() {
+    let pki = Pki::new("reload.test");
+    let app = FakeApp::start().await;
+    let server = pki.issue(SERVER_ID);
+    let inbound = Sidecar::inbound(&server, app.addr(), &policy("\"report-service\""))
+        .spawn()
+        .await
+        .expect("inbound starts");
+    // The default max_connection_age (5 min): only the reload can retire the connection.
+    let entry = format!(
+        "[[outbound]]\nname = \"monolith\"\nlisten = \"127.0.0.1:0\"\nconnect = \"{}\"\n\
+         server_id = \"{SERVER_ID}\"\n\n{RELOAD}",
+        inbound.inbound_addr()
+    );
+    let client = pki.issue(CLIENT_ID);
+    let outbound = Sidecar::builder(&client)
+        .section(&entry)
+        .spawn()
+        .await
+        .expect("outbound starts");
+    let addr = outbound.listener("outbound:monolith");
+    let handshakes = async || {
+        inbound
+            .metric("gatehouse_tls_handshakes_total", &[("result", "ok")])
+            .await
+            .expect("inbound metrics")
+    };
+    let mut sender = None;
+    for _ in 0..3 {
+        assert_eq!(one_request(addr, &mut sender).await, Ok(200));
+    }
+    let before = handshakes().await;
+    assert_eq!(before, 1.0, "three requests, one pooled connection");
+
+    let ca_dir = pki.authority().dir().display().to_string();
+    let dir = client.dir.display().to_string();
+    ca(&["rotate", "--dir", &ca_dir, "--force", &dir]).await;
+    let (serial, _) = leaf(&client.cert()).await;
+    wait_status(&outbound, "the re-issued leaf", |s| {
+        s["certificate"]["serial"] == serial
+    })
+    .await;
+    assert_eq!(one_request(addr, &mut sender).await, Ok(200));
+    assert_eq!(
+        handshakes().await,
+        before + 1.0,
+        "the request after our own certificate changed reused the connection that presented \
+         the old one\n{}",
         outbound.stderr_text()
     );
 }

@@ -269,12 +269,12 @@ impl Reloader {
         let policy_sha = snapshot.inbound.as_ref().map(|i| i.policy_sha256.clone());
         publish_expiry(&self.metrics, &snapshot);
         self.state.swap(snapshot, trust);
-        if trust == Trust::Kept && plan.applied & (CERT | KEY) != 0 && self.state.config.is_online()
-        {
-            // A renewed online SVID: pooled outbound connections presented the previous one,
-            // which expires soon after (short lifetimes); the peer closes a connection whose
-            // client certificate expired, failing what is in flight. Stop reusing them now.
-            self.state.recheck_peers();
+        if trust == Trust::Kept && plan.applied & (CERT | KEY) != 0 {
+            // A new certificate of our own (an online renewal, or `ca rotate` on disk): pooled
+            // outbound connections presented the previous one, which the peer stops trusting
+            // soon (it expires, is revoked, or its root is retired next). Stop reusing them
+            // now, while the peer still accepts them, rather than when the peer refuses it.
+            self.state.retire_outbound();
         }
         let applied = if plan.applied == 0 {
             vec!["none"]
