@@ -36,11 +36,40 @@ impl Dnsmasq {
         let dir = tempfile::tempdir().expect("temp dir");
         let hosts = dir.path().join("hosts");
         std::fs::write(&hosts, hosts_text(records)).expect("write hosts");
-        // dnsmasq cannot take port 0: ask the kernel for a free UDP port, then hand it over.
-        let port = UdpSocket::bind("127.0.0.1:0")
-            .and_then(|s| s.local_addr())
-            .expect("free port")
-            .port();
+        let mut dir = Some(dir);
+        let mut tries = Vec::new();
+        for _ in 0..5 {
+            // dnsmasq cannot take port 0: ask the kernel for a free UDP port, then hand it
+            // over. Another process may take it (or its TCP twin) in between: then dnsmasq
+            // exits saying so, and we try another port.
+            let port = UdpSocket::bind("127.0.0.1:0")
+                .and_then(|s| s.local_addr())
+                .expect("free port")
+                .port();
+            match Self::spawn(&hosts, port, ttl_secs) {
+                Ok((child, log)) => {
+                    return Dnsmasq {
+                        child,
+                        addr: SocketAddr::from(([127, 0, 0, 1], port)),
+                        hosts,
+                        log,
+                        _dir: dir.take().expect("one directory"),
+                    };
+                }
+                Err(e) if e.contains("in use") => tries.push(format!("port {port}: {e}")),
+                Err(e) => panic!("dnsmasq did not start: {e}"),
+            }
+        }
+        panic!("dnsmasq found no free port:\n{}", tries.join("\n"))
+    }
+
+    /// Starts dnsmasq on `port` and waits until it has bound its sockets and read `hosts`
+    /// ("read …/hosts - N names"), or says why it exited.
+    fn spawn(
+        hosts: &std::path::Path,
+        port: u16,
+        ttl_secs: u32,
+    ) -> Result<(Child, Receiver<String>), String> {
         let mut child = Command::new("dnsmasq")
             .args([
                 "--no-daemon",
@@ -71,16 +100,14 @@ impl Dnsmasq {
                 }
             }
         });
-        let d = Dnsmasq {
-            child,
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
-            hosts,
-            log,
-            _dir: dir,
-        };
-        // "read …/hosts - N names" comes after the sockets are bound.
-        d.wait_log("names", Duration::from_secs(10));
-        d
+        match wait_line(&log, "names", Duration::from_secs(10)) {
+            Ok(()) => Ok((child, log)),
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(e)
+            }
+        }
     }
 
     /// The server's address, for `resolver = "ip:port"`.
@@ -106,19 +133,30 @@ impl Dnsmasq {
     }
 
     fn wait_log(&self, needle: &str, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        let mut seen = Vec::new();
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.log.recv_timeout(left) {
-                Ok(line) if line.contains(needle) => return,
-                Ok(line) => seen.push(line),
-                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {
-                    panic!(
-                        "dnsmasq did not log `{needle}` within {timeout:?}; its log:\n{}",
-                        seen.join("\n")
-                    )
-                }
+        if let Err(e) = wait_line(&self.log, needle, timeout) {
+            panic!("{e}");
+        }
+    }
+}
+
+/// Waits for a line of dnsmasq's log containing `needle`; the lines seen otherwise when it
+/// does not come within `timeout` or dnsmasq exits.
+fn wait_line(log: &Receiver<String>, needle: &str, timeout: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match log.recv_timeout(left) {
+            Ok(line) if line.contains(needle) => return Ok(()),
+            Ok(line) => seen.push(line),
+            Err(e) => {
+                let why = match e {
+                    RecvTimeoutError::Timeout => {
+                        format!("did not log `{needle}` within {timeout:?}")
+                    }
+                    RecvTimeoutError::Disconnected => "exited".to_owned(),
+                };
+                return Err(format!("dnsmasq {why}; its log:\n{}", seen.join("\n")));
             }
         }
     }
