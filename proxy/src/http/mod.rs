@@ -10,7 +10,9 @@
 //! - [`body`]: request and response bodies on the sidecar-to-sidecar HTTP/2 hop;
 //! - [`headers`]: hop-by-hop headers, the headers the sidecar owns, the request framing we
 //!   forward, and the one `x-request-id` rule;
-//! - [`respond`]: the one JSON error body both sides answer with.
+//! - [`respond`]: the one JSON error body both sides answer with;
+//! - [`linger`]: lingering close of accepted sockets, so a client still writing reads our last
+//!   frame (GOAWAY, TLS alert) before end-of-stream instead of a reset.
 
 pub(crate) mod activity;
 pub(crate) mod body;
@@ -18,4 +20,5 @@ pub(crate) mod h1_pool;
 pub(crate) mod h2_client;
 pub(crate) mod h2_server;
 pub(crate) mod headers;
+pub(crate) mod linger;
 pub(crate) mod respond;

@@ -51,6 +51,7 @@ use crate::http::body::{RecvBody, pipe_within};
 use crate::http::h2_server::{
     H2Server, ResetBudget, StreamEnd, end_of, fit_for_h2, h2_builder, reset_end,
 };
+use crate::http::linger::Linger;
 use crate::signal::Shutdown;
 use crate::state::{Snapshot, State};
 use crate::tls::bounds::is_bound_refusal;
@@ -151,7 +152,7 @@ async fn accept(
     admission: &mut Admission,
     shutdown: Shutdown,
     tcp: TcpStream,
-) -> Option<(Session, WriteWatch<TlsStream<TcpStream>>, bool)> {
+) -> Option<(Session, WriteWatch<TlsStream<Linger>>, bool)> {
     let m = &inbound.metrics;
     let inb = snapshot.inbound.as_ref()?;
     if let Some(delay) = admission.delay() {
@@ -162,7 +163,8 @@ async fn accept(
         }
     }
     let started = Instant::now();
-    let accept = TlsAcceptor::from(inb.tls.clone()).accept(tcp);
+    // Closed lingering, so a client still writing reads our GOAWAY or alert first.
+    let accept = TlsAcceptor::from(inb.tls.clone()).accept(Linger::new(tcp));
     let tls = tokio::select! {
         r = tokio::time::timeout(inbound.cfg.handshake_timeout, accept) => r,
         () = shutdown.token().cancelled() => return None,
@@ -298,7 +300,7 @@ impl Recheck {
 
 impl Session {
     /// Serves an HTTP/2 connection (`h2`, each stream through [`serve_stream`]) to its end.
-    async fn serve_h2(mut self, tls: WriteWatch<TlsStream<TcpStream>>) {
+    async fn serve_h2(mut self, tls: WriteWatch<TlsStream<Linger>>) {
         let ctx = self.ctx.clone();
         let inbound = &ctx.inbound;
         let cfg = &inbound.cfg;
@@ -328,7 +330,7 @@ impl Session {
     }
 
     /// Serves an HTTP/1.1 connection (hyper, each request through `handle`) to its end.
-    async fn serve_h1(mut self, tls: WriteWatch<TlsStream<TcpStream>>) {
+    async fn serve_h1(mut self, tls: WriteWatch<TlsStream<Linger>>) {
         let ctx = self.ctx.clone();
         let cfg = &ctx.inbound.cfg;
         let svc_ctx = ctx.clone();
