@@ -68,13 +68,18 @@ ANCHOR_VARIANTS = {
 ANCHORS = tuple(ANCHOR_VARIANTS)
 # Gatehouse rows: port key, audit log to a file (else off), `[[outbound]] protocol` (None = default, auto),
 # `[runtime] worker_threads` (event loops per sidecar).
+# The `-before` rows run the same configurations with another build of `sidecar` (`--before-bin-dir`: a commit
+# before a change), so a change's before and after are measured in one run, behind the same load and drift.
 GH_VARIANTS = {
-    "gatehouse": ("gh", False, None, 1),
-    "gatehouse-audit": ("gha", True, None, 1),
-    "gatehouse-h1": ("gh1", False, "http1", 1),
-    "gatehouse-2loops": ("gh2", False, None, 2),
+    "gatehouse": ("gh", False, None, 1, "sidecar"),
+    "gatehouse-audit": ("gha", True, None, 1, "sidecar"),
+    "gatehouse-h1": ("gh1", False, "http1", 1, "sidecar"),
+    "gatehouse-2loops": ("gh2", False, None, 2, "sidecar"),
+    "gatehouse-before": ("ghb", False, None, 1, "sidecar_before"),
+    "gatehouse-audit-before": ("ghab", True, None, 1, "sidecar_before"),
 }
 GATEHOUSE = tuple(GH_VARIANTS)
+BEFORE = tuple(t for t, v in GH_VARIANTS.items() if v[4] == "sidecar_before")
 ALL_TOPOLOGIES = ("direct",) + GATEHOUSE + ANCHORS
 
 
@@ -338,7 +343,7 @@ def render_all(work, certs, ports, bins):
     for topo in GATEHOUSE:
         if topo not in bins["topologies"]:
             continue
-        key, audit, protocol, loops = GH_VARIANTS[topo]
+        key, audit, protocol, loops, sidecar = GH_VARIANTS[topo]
         policy = render("gatehouse-policy.toml", conf_dir / f"{topo}-policy.toml", common)
         def audit_section(side):
             runtime = f"[runtime]\nworker_threads = {loops}\n\n"
@@ -357,7 +362,7 @@ def render_all(work, certs, ports, bins):
         env = dict(os.environ, RUST_LOG=os.environ.get("BENCH_RUST_LOG", "warn"))
         for side, cfg, port in (("inbound", cfg_in, ports[f"{key}_in"]), ("outbound", cfg_out, ports[f"{key}_out"])):
             name = f"{topo}-{side}"
-            services[name] = Service(name, [bins["sidecar"], "run", "--config", cfg], logs, [port], env=env)
+            services[name] = Service(name, [bins[sidecar], "run", "--config", cfg], logs, [port], env=env)
             services[name].config = cfg
     return services
 
@@ -726,7 +731,11 @@ def main():
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--handshake-seconds", type=float, default=4)
     p.add_argument("--idle-conns", type=int, default=1000)
-    p.add_argument("--topologies", default=",".join(ALL_TOPOLOGIES))
+    p.add_argument("--before-bin-dir", default="",
+                   help="another build's `sidecar` (a commit before a change) for the rows "
+                        + ", ".join(BEFORE) + ", measured in the same run")
+    p.add_argument("--topologies", default="",
+                   help="comma-separated (default: every one; the -before rows only with --before-bin-dir)")
     p.add_argument("--results", default="", help="write the markdown report here")
     p.add_argument("--raw", default="", help="write the raw measurements (JSON) here")
     p.add_argument("--smoke", action="store_true",
@@ -741,7 +750,10 @@ def main():
     p.add_argument("--hold", action="store_true", help="after measuring, keep everything running until Ctrl-C")
     args = p.parse_args()
 
-    wanted = [t.strip() for t in args.topologies.split(",") if t.strip()]
+    default = [t for t in ALL_TOPOLOGIES if args.before_bin_dir or t not in BEFORE]
+    wanted = [t.strip() for t in args.topologies.split(",") if t.strip()] or default
+    if any(t in BEFORE for t in wanted) and not args.before_bin_dir:
+        raise BenchError("the -before rows need --before-bin-dir DIR (a directory with another build's `sidecar`)")
     for t in wanted:
         if t not in ALL_TOPOLOGIES:
             raise BenchError(f"unknown topology {t!r}; known: {', '.join(ALL_TOPOLOGIES)}")
@@ -753,9 +765,11 @@ def main():
 
     bin_dir = Path(args.bin_dir)
     bins = {"sidecar": bin_dir / "sidecar", "ca": bin_dir / "ca", "nginx": shutil.which("nginx"),
+            "sidecar_before": Path(args.before_bin_dir) / "sidecar" if args.before_bin_dir else None,
             "haproxy": shutil.which("haproxy"), "wrk": shutil.which("wrk"), "topologies": wanted}
     need = ([] if args.certs else ["ca"]) + ["nginx"] + \
         (["sidecar"] if any(t in GATEHOUSE for t in wanted) and not args.render_only else []) + \
+        (["sidecar_before"] if any(t in BEFORE for t in wanted) and not args.render_only else []) + \
         (["haproxy"] if any(ANCHOR_VARIANTS[t][0] == "haproxy" for t in wanted if t in ANCHOR_VARIANTS) else [])
     for k in need:
         if not bins[k] or not Path(bins[k]).exists():
@@ -841,7 +855,7 @@ def main():
                "handshakes": hss, "idle_conns": idles, "rss_idle": rss_idle, "rows": rows,
                "settings": {"duration_s": args.duration, "reps": args.reps,
                             "handshake_seconds": args.handshake_seconds, "idle_conns": args.idle_conns,
-                            "bin_dir": str(bin_dir), "smoke": args.smoke}}
+                            "bin_dir": str(bin_dir), "before_bin_dir": args.before_bin_dir, "smoke": args.smoke}}
         if args.raw:
             Path(args.raw).write_text(json.dumps(raw, indent=1, default=str))
         if args.results:
@@ -888,7 +902,8 @@ def write_results(path, raw, table, tgt, services):
              f"- load average at start {' '.join(m['loadavg_start'])}, at end {' '.join(m.get('loadavg_end', []))}",
              f"- settings: {st['duration_s']} s per wrk run, {st['reps']} repetitions (medians), "
              f"{st['handshake_seconds']} s of handshakes per repetition, {st['idle_conns']} idle mTLS connections; "
-             f"binaries from `{st['bin_dir']}`", "",
+             f"binaries from `{st['bin_dir']}`" +
+             (f" (the -before rows: `{st['before_bin_dir']}`)" if st.get("before_bin_dir") else ""), "",
              "## Results (medians; ratios against the best anchor of the same run)", "", table, "",
              "## Targets (issue 20)", "", tgt, "",
              "## Functional checks before measuring", "",
