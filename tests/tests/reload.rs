@@ -38,7 +38,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use gatehouse_tests::harness::{
-    CertDir, FakeApp, MtlsClient, Pki, Proto, Sidecar, binary, eventually,
+    CertDir, FakeApp, MtlsClient, Pki, Proto, Sidecar, SidecarBuilder, binary, eventually,
 };
 use gatehouse_tests::harness::{ca_json as ca, sidecar_status as status, wait_status};
 use gatehouse_tests::load::{self, Load, Sample, exchange, failures};
@@ -813,30 +813,38 @@ async fn expiry_metrics_lifetime_warning_sighup_and_identity_change_refused() {
     assert!(reloads(&sc, "cert", "error").await >= 1.0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn outbound_pool_drops_a_server_revoked_by_a_new_crl() {
-    let pki = Pki::new("reload.test");
-    let app = FakeApp::start().await;
-    let server = pki.issue(SERVER_ID);
-    let inbound = Sidecar::inbound(&server, app.addr(), &policy("\"report-service\""))
+/// An inbound in front of `app` (report-service allowed on `/api/**`) and the report-service
+/// outbound to it (`outbound` adds its options), with the default `max_connection_age` (5 min):
+/// only a reload can retire a pooled connection.
+async fn pooled_pair(
+    app: &FakeApp,
+    (server, client): (&CertDir, &CertDir),
+    outbound: impl FnOnce(SidecarBuilder) -> SidecarBuilder,
+) -> (Sidecar, Sidecar) {
+    let inbound = Sidecar::inbound(server, app.addr(), &policy("\"report-service\""))
         .spawn()
         .await
         .expect("inbound starts");
-    let crl = pki.fresh_dir("crl").join("crl.pem");
-    write_crl(&pki, &crl).await;
-    // The default max_connection_age (5 min): only the CRL reload can retire the connection.
     let entry = format!(
         "[[outbound]]\nname = \"monolith\"\nlisten = \"127.0.0.1:0\"\nconnect = \"{}\"\n\
          server_id = \"{SERVER_ID}\"\n\n{RELOAD}",
         inbound.inbound_addr()
     );
-    let client = pki.issue(CLIENT_ID);
-    let outbound = Sidecar::builder(&client)
-        .crl(&crl)
-        .section(&entry)
+    let outbound = outbound(Sidecar::builder(client).section(&entry))
         .spawn()
         .await
         .expect("outbound starts");
+    (inbound, outbound)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_pool_drops_a_server_revoked_by_a_new_crl() {
+    let pki = Pki::new("reload.test");
+    let app = FakeApp::start().await;
+    let crl = pki.fresh_dir("crl").join("crl.pem");
+    write_crl(&pki, &crl).await;
+    let (server, client) = (pki.issue(SERVER_ID), pki.issue(CLIENT_ID));
+    let (_inbound, outbound) = pooled_pair(&app, (&server, &client), |b| b.crl(&crl)).await;
     let addr = outbound.listener("outbound:monolith");
     let mut sender = None;
     for _ in 0..3 {
@@ -863,23 +871,8 @@ async fn outbound_pool_drops_a_server_revoked_by_a_new_crl() {
 async fn own_certificate_rotation_retires_pooled_outbound_connections() {
     let pki = Pki::new("reload.test");
     let app = FakeApp::start().await;
-    let server = pki.issue(SERVER_ID);
-    let inbound = Sidecar::inbound(&server, app.addr(), &policy("\"report-service\""))
-        .spawn()
-        .await
-        .expect("inbound starts");
-    // The default max_connection_age (5 min): only the reload can retire the connection.
-    let entry = format!(
-        "[[outbound]]\nname = \"monolith\"\nlisten = \"127.0.0.1:0\"\nconnect = \"{}\"\n\
-         server_id = \"{SERVER_ID}\"\n\n{RELOAD}",
-        inbound.inbound_addr()
-    );
-    let client = pki.issue(CLIENT_ID);
-    let outbound = Sidecar::builder(&client)
-        .section(&entry)
-        .spawn()
-        .await
-        .expect("outbound starts");
+    let (server, client) = (pki.issue(SERVER_ID), pki.issue(CLIENT_ID));
+    let (inbound, outbound) = pooled_pair(&app, (&server, &client), |b| b).await;
     let addr = outbound.listener("outbound:monolith");
     let handshakes = async || {
         inbound
