@@ -5,58 +5,26 @@
 //! one byte reaches it. After every reload the peer is checked again (verifier and policy of
 //! the new snapshot); a peer that fails is cut at once.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gatehouse_policy::TcpDecision;
 use rustls::server::danger::ClientCertVerifier;
 use rustls_pki_types::{CertificateDer, UnixTime};
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info};
 
 use super::config::TcpInboundConfig;
-use super::metrics::{ListenerMetrics, TcpMetrics};
 use super::pump::pump;
 use crate::audit::{TcpRecord, record_tcp};
 use crate::signal::Shutdown;
-use crate::state::State;
 use crate::tls::verify::{PeerIdentity, failure_reason};
 
-/// One listener's shared parts.
-struct Listener {
-    index: usize,
-    cfg: TcpInboundConfig,
-    state: Arc<State>,
-    metrics: ListenerMetrics,
-}
+/// The shared parts of a `[[tcp_inbound]]` listener.
+type Listener = super::Listener<TcpInboundConfig>;
 
-/// Accepts connections until shutdown starts.
-pub(crate) async fn serve(
-    listener: TcpListener,
-    index: usize,
-    cfg: TcpInboundConfig,
-    state: Arc<State>,
-    metrics: TcpMetrics,
-    shutdown: Shutdown,
-) {
-    let l = Arc::new(Listener {
-        index,
-        metrics: metrics.listener(&cfg.name),
-        cfg,
-        state,
-    });
-    let (name, max) = (l.cfg.name.clone(), l.cfg.max_connections);
-    let active = l.metrics.active.clone();
-    let serve = move |tcp, stop: Shutdown| {
-        let l = l.clone();
-        async move { serve_one(&l, tcp, &stop).await }
-    };
-    super::accept_loop(listener, "inbound", name, max, active, shutdown, serve).await;
-}
-
-async fn serve_one(l: &Listener, tcp: TcpStream, shutdown: &Shutdown) {
+pub(super) async fn serve_one(l: &Listener, tcp: TcpStream, shutdown: &Shutdown) {
     let started = Instant::now();
     let _ = tcp.set_nodelay(true);
     // Subscribe before loading the snapshot: a swap in between is then seen as a change.

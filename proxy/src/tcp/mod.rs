@@ -48,7 +48,7 @@ use crate::state::{InboundSnapshot, State};
 use crate::tls::resolver::CertResolver;
 use crate::tls::verify::SpiffeClientVerifier;
 use config::TcpConfig;
-use metrics::TcpMetrics;
+use metrics::{ListenerMetrics, TcpMetrics};
 
 /// The TCP part of a [`crate::state::Snapshot`].
 #[derive(Debug, Default)]
@@ -284,28 +284,88 @@ impl Tcp {
     pub(crate) fn spawn(self, state: &Arc<State>, shutdown: &Shutdown) {
         let config = state.config.tcp.clone();
         for (index, (cfg, l)) in config.inbound.into_iter().zip(self.inbound).enumerate() {
-            let m = self.metrics.clone();
-            tokio::spawn(inbound::serve(
+            let shared = Listener::new(index, cfg, state, &self.metrics);
+            tokio::spawn(listen(
                 l,
-                index,
-                cfg,
-                state.clone(),
-                m,
+                "inbound",
+                shared,
                 shutdown.clone(),
+                |l, tcp, stop| async move { inbound::serve_one(&l, tcp, &stop).await },
             ));
         }
         for (index, (cfg, l)) in config.outbound.into_iter().zip(self.outbound).enumerate() {
-            let m = self.metrics.clone();
-            tokio::spawn(outbound::serve(
+            let shared = Listener::new(index, cfg, state, &self.metrics);
+            tokio::spawn(listen(
                 l,
-                index,
-                cfg,
-                state.clone(),
-                m,
+                "outbound",
+                shared,
                 shutdown.clone(),
+                |l, tcp, stop| async move { outbound::serve_one(&l, tcp, &stop).await },
             ));
         }
     }
+}
+
+/// What every connection of one `[[tcp_inbound]]` or `[[tcp_outbound]]` listener shares: its
+/// configuration `C`, its index in the configuration, the sidecar's state and its metrics.
+struct Listener<C> {
+    index: usize,
+    cfg: C,
+    state: Arc<State>,
+    metrics: ListenerMetrics,
+}
+
+impl<C: ListenerConfig> Listener<C> {
+    fn new(index: usize, cfg: C, state: &Arc<State>, metrics: &TcpMetrics) -> Arc<Self> {
+        Arc::new(Self {
+            index,
+            metrics: metrics.listener(cfg.name()),
+            cfg,
+            state: state.clone(),
+        })
+    }
+}
+
+/// A TCP listener's configuration as the accept loop needs it.
+trait ListenerConfig: Send + Sync + 'static {
+    fn name(&self) -> &str;
+    fn max_connections(&self) -> usize;
+}
+
+impl ListenerConfig for config::TcpInboundConfig {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn max_connections(&self) -> usize {
+        self.max_connections
+    }
+}
+
+impl ListenerConfig for config::TcpOutboundConfig {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn max_connections(&self) -> usize {
+        self.max_connections
+    }
+}
+
+/// Runs the accept loop of one listener, each connection served by `serve_one`.
+async fn listen<C, F, Fut>(
+    listener: TcpListener,
+    side: &'static str,
+    shared: Arc<Listener<C>>,
+    shutdown: Shutdown,
+    serve_one: F,
+) where
+    C: ListenerConfig,
+    F: Fn(Arc<Listener<C>>, tokio::net::TcpStream, Shutdown) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (name, max) = (shared.cfg.name().to_owned(), shared.cfg.max_connections());
+    let active = shared.metrics.active.clone();
+    let serve = move |tcp, stop| serve_one(shared.clone(), tcp, stop);
+    accept_loop(listener, side, name, max, active, shutdown, serve).await;
 }
 
 /// Accepts on `listener` until shutdown starts: at most `max` connections open, one task per

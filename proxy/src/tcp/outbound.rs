@@ -6,52 +6,21 @@
 //! completes: a refusal shows up as the peer closing, which the app sees as its connection
 //! closing before any answer.
 
-use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tracing::info;
 
 use super::config::TcpOutboundConfig;
-use super::metrics::{ListenerMetrics, TcpMetrics};
 use super::pump::pump;
 use crate::audit::{TcpRecord, record_tcp};
 use crate::signal::Shutdown;
-use crate::state::State;
 
-struct Listener {
-    index: usize,
-    cfg: TcpOutboundConfig,
-    state: Arc<State>,
-    metrics: ListenerMetrics,
-}
+/// The shared parts of a `[[tcp_outbound]]` listener.
+type Listener = super::Listener<TcpOutboundConfig>;
 
-/// Accepts the app's connections until shutdown starts.
-pub(crate) async fn serve(
-    listener: TcpListener,
-    index: usize,
-    cfg: TcpOutboundConfig,
-    state: Arc<State>,
-    metrics: TcpMetrics,
-    shutdown: Shutdown,
-) {
-    let l = Arc::new(Listener {
-        index,
-        metrics: metrics.listener(&cfg.name),
-        cfg,
-        state,
-    });
-    let (name, max) = (l.cfg.name.clone(), l.cfg.max_connections);
-    let active = l.metrics.active.clone();
-    let serve = move |tcp, stop: Shutdown| {
-        let l = l.clone();
-        async move { serve_one(&l, tcp, &stop).await }
-    };
-    super::accept_loop(listener, "outbound", name, max, active, shutdown, serve).await;
-}
-
-async fn serve_one(l: &Listener, app: TcpStream, shutdown: &Shutdown) {
+pub(super) async fn serve_one(l: &Listener, app: TcpStream, shutdown: &Shutdown) {
     let started = Instant::now();
     let _ = app.set_nodelay(true);
     let client = l.state.snapshot().tcp.outbound[l.index].clone();
