@@ -56,6 +56,7 @@ mod limits;
 mod metrics;
 mod outbound;
 mod outcome;
+mod policy_file;
 mod reload;
 mod run;
 mod signal;

@@ -91,7 +91,7 @@ pub fn check_online(config: &Config) -> Result<String, Vec<LoadError>> {
     let _ = writeln!(s, "min TLS    {}", config.min_tls);
     if let Some(i) = &config.inbound {
         let input = crate::input::Input::read(&i.policy, crate::input::FileKind::Policy);
-        match crate::state::load_policy(&i.policy, &input) {
+        match crate::policy_file::load(&i.policy, &input) {
             Ok((policy, sha)) => {
                 if !online.spiffe_id.is_member_of(policy.trust_domain()) {
                     errors.push(LoadError::TrustDomainMismatch {
@@ -338,7 +338,7 @@ async fn serve(
     for (o, addr) in cfg.outbound.iter().zip(out.local_addrs()) {
         bound.push((format!("outbound:{}", o.name), addr));
     }
-    let tcp = crate::tcp::Tcp::bind(&cfg.tcp, metrics.registry()).await?; // issue 17
+    let tcp = crate::tcp::listen::Tcp::bind(&cfg.tcp, metrics.registry()).await?; // issue 17
     bound.extend(tcp.local_addrs(&cfg.tcp)); // issue 17
     let admin_listener = match admin_listener {
         Some(l) => l,

@@ -11,8 +11,9 @@
 //! The trust generation changes when what a peer is verified against changes: a swap with a
 //! new bundle or CRL (or any swap on SIGHUP), and [`State::recheck_peers`] (a CRL gone stale
 //! beyond its grace period with `crl_stale = "refuse"`). A swap that leaves trust alone (a
-//! policy edit, a certificate rotation) keeps it: outbound connections stay pooled (they are
-//! retired by age) and the inbound `ServerConfig` and its session cache carry over.
+//! policy edit, a certificate rotation) keeps the inbound `ServerConfig` and its session cache.
+//! Outbound connections stay pooled across a policy edit; a new certificate of our own retires
+//! them too ([`State::retire_outbound`]: they present the old one).
 //!
 //! `sidecar check` and `sidecar run` both call [`State::load`], so check validates exactly
 //! what run would use, stopping before any socket is bound. Files are read once per build,
@@ -24,10 +25,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use arc_swap::ArcSwap;
 use gatehouse_policy::path::NormalizeOptions;
-use gatehouse_policy::{Policy, SourceFile, TrustDomain};
+use gatehouse_policy::{Policy, TrustDomain};
 use rustls::crypto::CryptoProvider;
 use rustls::{ClientConfig, ServerConfig};
-use sha2::{Digest, Sha256};
 
 use crate::config::{Config, InboundConfig};
 use crate::error::LoadError;
@@ -320,7 +320,7 @@ fn load_files(
     let credentials = Credentials::parse(files, provider)
         .map_err(|es| es.into_iter().map(LoadError::from).collect::<Vec<_>>());
     let policy = match (&config.inbound, inputs.get(FileKind::Policy)) {
-        (Some(cfg), Some(file)) => Some(load_policy(&cfg.policy, file)).transpose(),
+        (Some(cfg), Some(file)) => Some(crate::policy_file::load(&cfg.policy, file)).transpose(),
         _ => Ok(None),
     };
     match (credentials, policy) {
@@ -356,7 +356,13 @@ fn assemble(
     };
     let outbound = crate::outbound::prepare(&config.outbound, &tls)
         .map_err(|es| es.into_iter().map(LoadError::from).collect::<Vec<_>>())?;
-    let tcp = crate::tcp::TcpSnapshot::build(config, inbound.as_ref(), &tls, resolver)?; // issue 17
+    // `[[tcp_inbound]]` terminates mTLS like `[inbound]`: the same verifier and `ServerConfig`
+    // (the inbound's own, or built the same way when there is no `[inbound]`).
+    let tcp_server = (!config.tcp.inbound.is_empty()).then(|| match &inbound {
+        Some(i) => Ok((i.verifier.clone(), i.tls.clone())),
+        None => server_tls(config, &tls.credentials, &trust_domain, provider, resolver),
+    });
+    let tcp = crate::tcp::TcpSnapshot::build(config, tcp_server, &tls)?; // issue 17
     Ok(Snapshot {
         credentials,
         trust_domain,
@@ -364,25 +370,6 @@ fn assemble(
         outbound,
         tcp, // issue 17
     })
-}
-
-pub(crate) fn load_policy(
-    path: &std::path::Path, // issue 17: the path, not [inbound] (TCP policy files too)
-    file: &Input,
-) -> Result<(Policy, String), Vec<LoadError>> {
-    let bytes = file.bytes().map_err(|e| vec![LoadError::File(e)])?;
-    let text = std::str::from_utf8(bytes).map_err(|e| {
-        vec![LoadError::Policy(gatehouse_policy::Diagnostic::whole_file(
-            path.display().to_string(),
-            format!("the file is not UTF-8 text: {e}"),
-            "save the policy as UTF-8 TOML",
-        ))]
-    })?;
-    let src = SourceFile::new(path.display().to_string(), text);
-    let sha = hex::encode(Sha256::digest(src.text().as_bytes()));
-    let policy = Policy::compile(&src)
-        .map_err(|ds| ds.into_iter().map(LoadError::Policy).collect::<Vec<_>>())?;
-    Ok((policy, sha))
 }
 
 fn inbound_snapshot(
