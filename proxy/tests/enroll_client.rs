@@ -176,7 +176,7 @@ fn config(
     poll: &str,
 ) -> identity::OnlineIdentity {
     OnlineIdentityRaw {
-        ca: format!("https://{addr}"),
+        ca: format!("https://{addr}").into(),
         spiffe_id: format!("spiffe://{TD}/{name}"),
         ca_bundle: "bootstrap/bundle.pem".into(),
         join_token_file: Some(token.to_path_buf()),
@@ -440,7 +440,7 @@ async fn enrollment_certificate_enrolls_and_enrolls_again_after_the_svid_expired
     let ca = serve(&sb, "127.0.0.1:0", "4s");
     let addr = ca.addr;
     let cfg = OnlineIdentityRaw {
-        ca: format!("https://{addr}"),
+        ca: format!("https://{addr}").into(),
         spiffe_id: id.clone(),
         ca_bundle: "bootstrap/bundle.pem".into(),
         enrollment_cert: Some("bootstrap/enroll/cert.pem".into()),
@@ -484,5 +484,68 @@ async fn enrollment_certificate_enrolls_and_enrolls_again_after_the_svid_expired
         .collect();
     assert!(keys.is_empty(), "{keys:?}");
     drop(ca);
+    cancel.cancel();
+}
+
+/// `ca = [ … ]`: a dead replica and one whose certificate does not chain to our anchors (another
+/// CA, same trust domain name) are skipped within the same call, and the next replica answers;
+/// a list of only those fails with the TLS error (the CA SVID check holds at every endpoint).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_or_foreign_ca_endpoint_is_skipped_for_the_next_in_the_same_call() {
+    let sb = Sandbox::new();
+    let ca = serve(&sb, "127.0.0.1:0", "1h");
+    // Another CA with the same trust domain name, in its own sandbox: its SVID
+    // `spiffe://enroll.test/gatehouse/ca` does not chain to our bundle.
+    let foreign_sb = Sandbox::new();
+    let foreign = serve(&foreign_sb, "127.0.0.1:0", "1h");
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let token = sb.token_file("reports", 1, "token");
+    let cfg = |urls: Vec<String>| {
+        OnlineIdentityRaw {
+            ca: identity::config::CaUrls::Many(urls),
+            spiffe_id: format!("spiffe://{TD}/reports"),
+            ca_bundle: "bootstrap/bundle.pem".into(),
+            join_token_file: Some(token.clone()),
+            ca_poll: Some("5s".into()),
+            ..OnlineIdentityRaw::default()
+        }
+        .validate(sb.dir.path())
+        .expect("valid")
+    };
+    let url = |a: SocketAddr| format!("https://{a}");
+
+    // Only the foreign CA and the dead one: no SVID, the error names both failures.
+    let cancel = CancellationToken::new();
+    let (h, metrics) = start(cfg(vec![url(foreign.addr), url(dead)]), &cancel);
+    wait_until(Duration::from_secs(10), "a failed round", || {
+        metrics.renewals.with_label_values(&["error"]).get() >= 1
+    })
+    .await;
+    assert!(h.current().is_none());
+    let err = h.status().last_error.expect("an error");
+    assert!(
+        err.contains("TLS handshake") && err.contains("connect to"),
+        "{err}"
+    );
+    cancel.cancel();
+
+    // With the real CA last: enrolled in one round, no failed attempt counted, and /status
+    // names the endpoint that answered.
+    let cancel = CancellationToken::new();
+    let (h, metrics) = start(
+        cfg(vec![url(dead), url(foreign.addr), url(ca.addr)]),
+        &cancel,
+    );
+    let m = tokio::time::timeout(Duration::from_secs(10), h.ready())
+        .await
+        .expect("enrolled")
+        .expect("driver");
+    assert_eq!(m.spiffe_id.to_string(), format!("spiffe://{TD}/reports"));
+    assert_eq!(metrics.renewals.with_label_values(&["error"]).get(), 0);
+    assert_eq!(h.status().ca_endpoint, Some(url(ca.addr)));
+    assert_eq!(issued(&sb, &m.serial)["source"], "enroll");
     cancel.cancel();
 }
