@@ -279,6 +279,14 @@ async fn enrolls_with_a_join_token_then_renews_with_a_new_key_and_serial() {
     })
     .await;
     assert_ne!(spki(&first), spki(&second), "renewal must carry a new key");
+    // The inventory records each certified key: SHA-256 of the SubjectPublicKeyInfo.
+    for m in [&first, &second] {
+        use sha2::Digest as _;
+        assert_eq!(
+            issued(&sb, &m.serial)["public_key_sha256"].as_str(),
+            Some(hex::encode(sha2::Sha256::digest(spki(m))).as_str())
+        );
+    }
     let e = issued(&sb, &second.serial);
     assert_eq!(e["source"], "renew");
     assert_eq!(e["credential"], "svid");
@@ -325,6 +333,13 @@ async fn two_replicas_of_one_id_get_different_keys_and_serials() {
         issued(&sb, &ma.serial)["spiffe_id"],
         issued(&sb, &mb.serial)["spiffe_id"]
     );
+    // The inventory shows the two keys too (SHA-256 of each certified public key).
+    let (ka, kb) = (
+        issued(&sb, &ma.serial)["public_key_sha256"].clone(),
+        issued(&sb, &mb.serial)["public_key_sha256"].clone(),
+    );
+    assert!(ka.is_string() && kb.is_string(), "{ka} {kb}");
+    assert_ne!(ka, kb, "two replicas, two keys");
     let keys = sb.workload_keys_on_disk();
     assert!(keys.is_empty(), "workload keys on disk: {keys:?}");
     cancel.cancel();

@@ -168,6 +168,21 @@ async fn enrolled_sidecars_renew_ride_out_a_ca_outage_and_are_revoked_through_th
             );
         }
     }
+    // ... and the inventory's public-key digests say the same: one key per issuance.
+    for name in ["monolith", "report-service"] {
+        let id = format!("spiffe://{TD}/{name}");
+        let keys: Vec<&str> = inventory
+            .iter()
+            .filter(|e| e["spiffe_id"].as_str() == Some(id.as_str()))
+            .map(|e| e["public_key_sha256"].as_str().expect("public_key_sha256"))
+            .collect();
+        let distinct: std::collections::BTreeSet<&str> = keys.iter().copied().collect();
+        assert_eq!(
+            distinct.len(),
+            keys.len(),
+            "{name}: a key was reused: {keys:?}"
+        );
+    }
 
     // 3. Revocation through the CA cuts report-service's traffic within 10 s, no file copied.
     let serial = sidecar_status(&report).await["online_identity"]["serial"]
