@@ -47,15 +47,11 @@ fn renewals(status: &serde_json::Value) -> u64 {
     status["online_identity"]["renewals"].as_u64().unwrap_or(0)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn enrolled_sidecars_renew_ride_out_a_ca_outage_and_are_revoked_through_the_ca() {
-    let t0 = Instant::now();
-    let sb = sandbox();
-    let mut ca = serve(&sb, "127.0.0.1:0");
-    let ca_addr = ca.addr();
+/// The monolith's sidecar (inbound, in front of a fake app) and report-service's (outbound to
+/// it), both enrolling online with the CA endpoints `cas`.
+async fn online_pair(sb: &CaSandbox, cas: &[SocketAddr]) -> (FakeApp, Sidecar, Sidecar) {
     let app = FakeApp::start().await;
-
-    let monolith = Sidecar::online(&identity(&sb, ca_addr, "monolith"))
+    let monolith = Sidecar::online(&sb.identity(cas, "monolith"))
         .app(app.addr())
         .policy(POLICY)
         .spawn()
@@ -66,18 +62,45 @@ async fn enrolled_sidecars_renew_ride_out_a_ca_outage_and_are_revoked_through_th
          server_id = \"spiffe://{TD}/monolith\"\n",
         monolith.inbound_addr()
     );
-    let report = Sidecar::online(&identity(&sb, ca_addr, "report-service"))
+    let report = Sidecar::online(&sb.identity(cas, "report-service"))
         .section(&entry)
         .spawn()
         .await
         .expect("report-service sidecar enrolls and becomes ready");
-    let logs = || {
-        format!(
-            "--- monolith ---\n{}\n--- report-service ---\n{}",
-            monolith.stderr_text(),
-            report.stderr_text()
-        )
-    };
+    (app, monolith, report)
+}
+
+/// Both sidecars' logs, for a failure message.
+fn pair_logs(monolith: &Sidecar, report: &Sidecar) -> String {
+    format!(
+        "--- monolith ---\n{}\n--- report-service ---\n{}",
+        monolith.stderr_text(),
+        report.stderr_text()
+    )
+}
+
+/// Stops the load; asserts it ran (> 500 requests) and that no request failed.
+async fn stop_load_without_failures(load: Load, logs: impl Fn() -> String) {
+    let started = load.started;
+    let (samples, elapsed) = load.stop().await;
+    let failed = failures(&samples, started, Sample::is_200);
+    println!(
+        "{} requests in {elapsed:?}, {} failed",
+        samples.len(),
+        samples.iter().filter(|s| !s.is_200()).count()
+    );
+    assert!(samples.len() > 500, "the load ran: {}", samples.len());
+    assert!(failed.is_empty(), "failed requests: {failed:?}\n{}", logs());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn enrolled_sidecars_renew_ride_out_a_ca_outage_and_are_revoked_through_the_ca() {
+    let t0 = Instant::now();
+    let sb = sandbox();
+    let mut ca = serve(&sb, "127.0.0.1:0");
+    let ca_addr = ca.addr();
+    let (_app, monolith, report) = online_pair(&sb, &[ca_addr]).await;
+    let logs = || pair_logs(&monolith, &report);
     let sidecars = [&monolith, &report];
     println!("both enrolled after {:?}", t0.elapsed());
 
@@ -138,16 +161,7 @@ async fn enrolled_sidecars_renew_ride_out_a_ca_outage_and_are_revoked_through_th
         down.elapsed() - outage
     );
 
-    let started = load.started;
-    let (samples, elapsed) = load.stop().await;
-    let failed = failures(&samples, started, Sample::is_200);
-    println!(
-        "{} requests in {elapsed:?}, {} failed",
-        samples.len(),
-        samples.iter().filter(|s| !s.is_200()).count()
-    );
-    assert!(samples.len() > 500, "the load ran: {}", samples.len());
-    assert!(failed.is_empty(), "failed requests: {failed:?}\n{}", logs());
+    stop_load_without_failures(load, logs).await;
 
     // Every renewal had a new key: serials and public keys differ in the inventory.
     let inventory = sb.inventory();
@@ -292,31 +306,9 @@ async fn replica_killed_then_database_stopped_sidecars_renew_through_the_other_a
     let b = CaServe::start(&sb, &b_dir, "127.0.0.1:0", &ttl).expect("replica B");
     let (a_addr, b_addr) = (a.addr(), b.addr());
     let (a_url, b_url) = (format!("https://{a_addr}"), format!("https://{b_addr}"));
-    let app = FakeApp::start().await;
-    let monolith = Sidecar::online(&sb.identity(&[a_addr, b_addr], "monolith"))
-        .app(app.addr())
-        .policy(POLICY)
-        .spawn()
-        .await
-        .expect("monolith sidecar enrolls");
-    let entry = format!(
-        "[[outbound]]\nname = \"monolith\"\nlisten = \"127.0.0.1:0\"\nconnect = \"{}\"\n\
-         server_id = \"spiffe://{TD}/monolith\"\n",
-        monolith.inbound_addr()
-    );
-    let report = Sidecar::online(&sb.identity(&[a_addr, b_addr], "report-service"))
-        .section(&entry)
-        .spawn()
-        .await
-        .expect("report-service sidecar enrolls");
+    let (_app, monolith, report) = online_pair(&sb, &[a_addr, b_addr]).await;
     let sidecars = [&monolith, &report];
-    let logs = || {
-        format!(
-            "--- monolith ---\n{}\n--- report-service ---\n{}",
-            monolith.stderr_text(),
-            report.stderr_text()
-        )
-    };
+    let logs = || pair_logs(&monolith, &report);
     // Both enrolled through A, the first listed.
     for sc in sidecars {
         assert_eq!(
@@ -430,16 +422,7 @@ async fn replica_killed_then_database_stopped_sidecars_renew_through_the_other_a
         stopped.elapsed() - down
     );
 
-    let started = load.started;
-    let (samples, elapsed) = load.stop().await;
-    let failed = failures(&samples, started, Sample::is_200);
-    println!(
-        "{} requests in {elapsed:?}, {} failed",
-        samples.len(),
-        samples.iter().filter(|s| !s.is_200()).count()
-    );
-    assert!(samples.len() > 500, "the load ran: {}", samples.len());
-    assert!(failed.is_empty(), "failed requests: {failed:?}\n{}", logs());
+    stop_load_without_failures(load, logs).await;
     let keys = sb.workload_keys_on_disk();
     assert!(keys.is_empty(), "private keys on disk: {keys:?}");
     drop((a, b));

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use super::scenario::{self, Check, REPORT_QUERY};
-use super::stack::{Service, Stack, StackError, TRUST_DOMAIN};
+use super::stack::{Service, Stack, StackError, TRUST_DOMAIN, io};
 use crate::harness::ca_serve::private_keys_under;
 use crate::harness::wait;
 use crate::load::{Load, Sample, failures};
@@ -143,15 +143,6 @@ fn replace_table(text: &str, name: &str, with: &str) -> Option<String> {
     out.push_str(&lines[end..].join("\n"));
     out.push('\n');
     Some(out)
-}
-
-fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StackError {
-    let path = path.to_path_buf();
-    move |source| StackError::Io {
-        action,
-        path,
-        source,
-    }
 }
 
 /// Writes a secret file readable by its owner only.

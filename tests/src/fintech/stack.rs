@@ -252,7 +252,7 @@ impl StackError {
 }
 
 /// `map_err` adapter: an I/O failure while doing `action` on `path`.
-fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StackError {
+pub(crate) fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StackError {
     let path = path.to_path_buf();
     move |source| StackError::Io {
         action,
