@@ -24,7 +24,8 @@
 #    CA and SVIDs from the real `ca`, laid out as the pod / VM / Fargate task sees them, and
 #    `sidecar check` on the rendered Kubernetes ConfigMaps, the systemd example and the ECS
 #    configs (committed renders, compared with `terraform console` output when terraform is
-#    installed, written by the init script as ECS runs it); the rotation
+#    installed, written by the init script as ECS runs it; the online ECS config with an enrollment
+#    certificate too); the rotation
 #    CronJob's and the systemd rotate unit's `ca` command lines run against that CA.
 #    A live sidecar (the monolith's Kubernetes config on free loopback ports) must reload its
 #    policy after a kubelet-style ..data swap and its certificate after `ca rotate`, and survive
@@ -426,14 +427,20 @@ print(*[x.getsockname()[1] for x in s])')
   # terraform is installed), written by the init script as ECS runs it, then `sidecar check`.
   golden="$here/terraform/ecs/examples/fintech/rendered"
   if command -v terraform >/dev/null; then
-    for svc in monolith report-service; do
-      if [[ $svc == report-service ]]; then
+    for svc in monolith report-service report-service-online; do
+      if [[ $svc == report-service* ]]; then
         outbounds='[{name="monolith", listen="127.0.0.1:7001", connect="monolith.fintech.internal:8443", server_id="spiffe://fintech.internal/monolith"}]'
       else
         outbounds='[]'
       fi
-      printf 'templatefile("%s", {min_tls="1.3", with_crl=true, sidecar_port=8443, app_port=8080, admin_port=9901, admin_host="127.0.0.1", outbounds=%s, online=null})\n' \
-        "$here/terraform/ecs/templates/sidecar.toml.tftpl" "$outbounds" |
+      # report-service-online: online_identity set (issue 16), so main.tf renders with_crl=false.
+      if [[ $svc == *-online ]]; then
+        identity='with_crl=false, online={ca_url="https://ca.fintech.internal:8444", spiffe_id="spiffe://fintech.internal/report-service"}'
+      else
+        identity='with_crl=true, online=null'
+      fi
+      printf 'templatefile("%s", {min_tls="1.3", sidecar_port=8443, app_port=8080, admin_port=9901, admin_host="127.0.0.1", outbounds=%s, %s})\n' \
+        "$here/terraform/ecs/templates/sidecar.toml.tftpl" "$outbounds" "$identity" |
         (cd "$w" && TF_CLI_CONFIG_FILE=/dev/null terraform console) | sed '1d;$d' >"$w/ecs-$svc.rendered.toml"
       diff -u "$golden/$svc.sidecar.toml" "$w/ecs-$svc.rendered.toml" >&2 ||
         die "terraform/ecs/examples/fintech/rendered/$svc.sidecar.toml differs from what the module renders" \
@@ -464,6 +471,28 @@ print(*[x.getsockname()[1] for x in s])')
       }
       note "ecs $svc (init.sh + rendered config): $(tail -1 "$root/check.log")"
     done
+    # Online identity (issue 16): the secret holds an enrollment certificate; init.sh writes it as
+    # enroll-cert.pem/enroll-key.pem (no SVID key on the volume) and `sidecar check` says the
+    # identity is online (offline check: the CA is not contacted).
+    root="$w/ecs-report-service-online"
+    mkdir -p "$root/run" "$root/app-tmp" && chmod 0755 "$root/app-tmp"
+    "$ca_bin" enrollment issue --dir "$w/ca" --spiffe-id spiffe://fintech.internal/report-service \
+      --out "$root/enroll" >/dev/null
+    GATEHOUSE_DIR="$root/run" GATEHOUSE_APP_TMP="$root/app-tmp" GATEHOUSE_ONLINE=1 \
+      GATEHOUSE_CERT_PEM="$(cat "$root/enroll/cert.pem")" GATEHOUSE_KEY_PEM="$(cat "$root/enroll/key.pem")" \
+      GATEHOUSE_BUNDLE_PEM="$(cat "$w/ca/bundle.pem")" \
+      GATEHOUSE_SIDECAR_TOML="$(cat "$golden/report-service-online.sidecar.toml")" \
+      GATEHOUSE_POLICY_TOML="$(cat "$here/kubernetes/overlays/report-service/policy.toml")" \
+      sh "$here/terraform/ecs/templates/init.sh" >/dev/null
+    [[ -s $root/run/enroll-key.pem && ! -e $root/run/key.pem && ! -e $root/run/crl.pem ]] ||
+      die "init.sh (online) did not write enroll-cert.pem/enroll-key.pem alone" "fix deploy/terraform/ecs/templates/init.sh"
+    { "$sidecar_bin" check --config "$root/run/sidecar.toml" >"$root/check.log" 2>&1 &&
+      grep -q '(online)' "$root/check.log"; } || {
+      cat "$root/check.log" >&2
+      die "sidecar check rejected the online ECS config of report-service" \
+        "fix deploy/terraform/ecs/templates/ (sidecar.toml.tftpl, init.sh)"
+    }
+    note "ecs report-service-online (init.sh + rendered config): $(tail -1 "$root/check.log")"
   else
     note "ecs: init.sh not run (it chowns files to 65532, which needs root)"
   fi

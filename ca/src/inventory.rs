@@ -87,6 +87,10 @@ pub struct Issued {
     /// For `ca serve` issuance: the requesting address (`ip:port`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub peer: Option<String>,
+    /// SHA-256 of the certified public key (its SubjectPublicKeyInfo DER), lowercase hex: two
+    /// certificates with the same value share one key (absent in lines written before it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key_sha256: Option<String>,
 }
 
 /// A `revoked` line.

@@ -268,6 +268,9 @@ impl Authority {
             replaces: how.replaces.map(str::to_owned),
             credential: how.credential.map(str::to_owned),
             peer: how.peer.map(str::to_owned),
+            public_key_sha256: Some(hex::encode(Sha256::digest(
+                public_key.subject_public_key_info(),
+            ))),
         }))?;
         Ok(Signed {
             chain_pem: format!("{}{}", cert.pem(), signer.chain_pem),

@@ -49,7 +49,10 @@ mod config;
 mod error;
 mod http;
 #[doc(hidden)]
-pub mod identity; // public only for proxy/tests/enroll_client.rs until it is wired into `sidecar run` (issue 16)
+// Public (hidden) only for tests/tests/enroll_client.rs, which drives the enrollment client with
+// test timings and inspects the in-memory material; the sidecar binary is tested end to end in
+// tests/tests/online_identity.rs.
+pub mod identity;
 mod inbound;
 mod input;
 mod limits;

@@ -84,7 +84,7 @@ pub fn check_online(config: &Config) -> Result<String, Vec<LoadError>> {
     let _ = writeln!(
         s,
         "enrolls    with {} using {} (not contacted by check); bundle and CRLs every {}",
-        online.ca.url,
+        online.ca_urls(),
         online.bootstrap.kind(),
         humantime::format_duration(online.ca_poll)
     );
@@ -270,7 +270,7 @@ pub async fn run_online(config: Config, shutdown: Shutdown) -> Result<usize, Vec
         info!(target: LISTEN_TARGET, "listening admin on {addr}");
     }
     info!(
-        ca = %online.ca.url,
+        ca = %online.ca_urls(),
         spiffe_id = %online.spiffe_id,
         credential = online.bootstrap.kind(),
         "online identity: enrolling with the CA (readyz 503 until an SVID is held)"

@@ -285,7 +285,7 @@ pub(crate) fn with_material(
     inputs.0[0] = memory(&id.cert, &m.chain_pem);
     inputs.0[1] = memory(&id.key, &m.key_pem());
     inputs.0[2] = memory(&id.bundle, &m.bundle_pem);
-    let crls = std::path::PathBuf::from(format!("{} (CRLs)", online.ca.url));
+    let crls = std::path::PathBuf::from(format!("{} (CRLs)", online.ca_urls()));
     inputs.0[3] = m.crl_pem.as_deref().and_then(|crl| memory(&crls, crl));
     inputs
 }

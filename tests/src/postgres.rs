@@ -62,7 +62,9 @@ pub struct Postgres {
     child: Child,
     addr: SocketAddr,
     log: PathBuf,
-    _dir: TempDir,
+    bin: PathBuf,
+    root: bool,
+    dir: TempDir,
 }
 
 impl Postgres {
@@ -105,32 +107,14 @@ impl Postgres {
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let log = dir.path().join("postgres.log");
-        let log_file = std::fs::File::create(&log)?;
-        let child = as_owner(root, &bin.join("postgres"))
-            .arg("-D")
-            .arg(&data)
-            .args(["-p", &port.to_string(), "-k"])
-            .arg(dir.path())
-            .args([
-                "-c",
-                "listen_addresses=127.0.0.1",
-                "-c",
-                "log_connections=on",
-                "-c",
-                "log_disconnections=on",
-                "-c",
-                "fsync=off",
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log_file)
-            .spawn()
-            .context("start postgres")?;
+        let child = spawn_server(root, &bin, dir.path(), port, &log)?;
         let mut pg = Self {
             child,
             addr,
             log,
-            _dir: dir,
+            bin: bin.clone(),
+            root,
+            dir,
         };
         pg.wait_ready(&bin).await?;
         let out = psql(pg.addr, "postgres", "CREATE DATABASE reports", None).await?;
@@ -138,6 +122,33 @@ impl Postgres {
             bail!("CREATE DATABASE failed: {}", out.stderr);
         }
         Ok(pg)
+    }
+
+    /// Stops the server (fast shutdown: clients disconnected), keeping its data.
+    pub fn stop(&mut self) {
+        stop_child(&mut self.child, self.dir.path());
+    }
+
+    /// Starts the stopped server again on the same port and data; waits until it accepts
+    /// connections.
+    ///
+    /// # Errors
+    /// The server does not start or is not ready within 20 s.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.child = spawn_server(
+            self.root,
+            &self.bin,
+            self.dir.path(),
+            self.addr.port(),
+            &self.log,
+        )?;
+        let bin = self.bin.clone();
+        self.wait_ready(&bin).await
+    }
+
+    /// A `postgres://` URL of [`DATABASE`] (user `postgres`, trust authentication).
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@{}/{DATABASE}", self.addr)
     }
 
     async fn wait_ready(&mut self, bin: &Path) -> anyhow::Result<()> {
@@ -179,20 +190,64 @@ impl Postgres {
 
 impl Drop for Postgres {
     fn drop(&mut self) {
-        // SIGINT: fast shutdown (clients disconnected, no checkpoint wait).
-        let _ = Command::new("kill")
-            .args(["-INT", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        stop_child(&mut self.child, self.dir.path());
     }
+}
+
+/// `postgres` on `127.0.0.1:port` with the cluster in `dir/data`, its log appended to `log`.
+fn spawn_server(
+    root: bool,
+    bin: &Path,
+    dir: &Path,
+    port: u16,
+    log: &Path,
+) -> anyhow::Result<Child> {
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    as_owner(root, &bin.join("postgres"))
+        .arg("-D")
+        .arg(dir.join("data"))
+        .args(["-p", &port.to_string(), "-k"])
+        .arg(dir)
+        .args([
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            "log_connections=on",
+            "-c",
+            "log_disconnections=on",
+            "-c",
+            "fsync=off",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log_file)
+        .spawn()
+        .context("start postgres")
+}
+
+/// SIGINT (fast shutdown: clients disconnected, no checkpoint wait) to the server itself, whose
+/// PID is the first line of `data/postmaster.pid` (as root, `child` is `runuser`, which neither
+/// forwards SIGINT nor takes the server down when killed); SIGKILL after 5 s.
+fn stop_child(child: &mut Child, dir: &Path) {
+    let server = std::fs::read_to_string(dir.join("data/postmaster.pid"))
+        .ok()
+        .and_then(|t| t.lines().next().map(str::trim).map(str::to_owned))
+        .filter(|pid| pid.parse::<u32>().is_ok())
+        .unwrap_or_else(|| child.id().to_string());
+    let _ = Command::new("kill").args(["-INT", &server]).status();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = Command::new("kill").args(["-KILL", &server]).status();
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// What a `psql` run printed.

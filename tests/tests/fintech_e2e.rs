@@ -9,6 +9,7 @@
 use std::process::Stdio;
 use std::time::Duration;
 
+use gatehouse_tests::fintech::online;
 use gatehouse_tests::fintech::probe::{ProbeIdentity, ProbeOutcome, probe};
 use gatehouse_tests::fintech::scenario::{self, Check, label};
 use gatehouse_tests::fintech::stack::{LEAKED_KEY, Ports, Service, Stack, StackOptions, bin_dir};
@@ -41,15 +42,15 @@ fn check<'a>(checks: &'a [Check], label: &str) -> &'a Check {
         .unwrap_or_else(|| panic!("no check `{label}` in {checks:#?}"))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn demo_exits_0_and_its_transcript_shows_every_expected_outcome() {
-    let _ports = FIXED_PORTS.lock().await;
-    let work = tempfile::tempdir().expect("temp dir");
+/// Runs `fintech-demo --work-dir WORK/demo EXTRA…` in its own process group (killed with its
+/// children after 4 minutes) and returns its output.
+async fn run_demo(work: &tempfile::TempDir, extra: &[&str]) -> std::process::Output {
     let demo = bin_dir().expect("binary dir").join("fintech-demo");
     // Its own process group, so a timeout can take the demo's children down with it.
     let child = tokio::process::Command::new(&demo)
         .arg("--work-dir")
         .arg(work.path().join("demo"))
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -63,7 +64,7 @@ async fn demo_exits_0_and_its_transcript_shows_every_expected_outcome() {
             )
         });
     let pid = child.id().expect("running");
-    let out = match tokio::time::timeout(Duration::from_secs(240), child.wait_with_output()).await {
+    match tokio::time::timeout(Duration::from_secs(240), child.wait_with_output()).await {
         Ok(out) => out.expect("demo output"),
         Err(_) => {
             let _ = std::process::Command::new("kill")
@@ -71,7 +72,14 @@ async fn demo_exits_0_and_its_transcript_shows_every_expected_outcome() {
                 .status();
             panic!("the demo did not finish within 4 minutes; killed its process group");
         }
-    };
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_exits_0_and_its_transcript_shows_every_expected_outcome() {
+    let _ports = FIXED_PORTS.lock().await;
+    let work = tempfile::tempdir().expect("temp dir");
+    let out = run_demo(&work, &[]).await;
     let transcript = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -94,6 +102,46 @@ async fn demo_exits_0_and_its_transcript_shows_every_expected_outcome() {
         transcript.contains("gatehouse_inbound_requests_total{"),
         "no metrics excerpt in:\n{transcript}"
     );
+}
+
+/// The README's online demo (`fintech-demo --online`, issue 16): the three sidecars enroll with a
+/// real `ca serve` using join tokens, serve the report flow and the denial, renew under load with
+/// a new key each time and no failed request, and leave no workload key on disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn online_demo_enrolls_renews_under_load_and_exits_0() {
+    let _ports = FIXED_PORTS.lock().await;
+    let work = tempfile::tempdir().expect("temp dir");
+    let out = run_demo(&work, &["--online"]).await;
+    let transcript = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "demo exited {}\n{transcript}\n{stderr}",
+        out.status
+    );
+    for expected in [
+        online::label::CA,
+        online::label::STARTED,
+        online::label::ENROLLED,
+        label::REPORT_ACCEPTED,
+        label::DATA_FETCHED,
+        label::DOWNLOADED,
+        label::DENIED,
+        online::label::RENEWED,
+        online::label::NO_KEY_ON_DISK,
+    ] {
+        assert!(
+            transcript.contains(&format!("✔ {expected}")),
+            "missing `✔ {expected}` in:\n{transcript}"
+        );
+    }
+    assert!(!transcript.contains('✘'), "a failed step in:\n{transcript}");
+    assert!(transcript.contains("checks passed"), "{transcript}");
+    // Nothing was minted for the workloads: no certs/<service>/ directories, only the CA's.
+    let certs = work.path().join("demo/certs");
+    for s in Service::ALL {
+        assert!(!certs.join(s.name()).exists(), "{} minted", s.name());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

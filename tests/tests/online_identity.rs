@@ -5,14 +5,12 @@
 //!
 //! Needs `target/debug/{ca,sidecar}`: run `cargo build --workspace --bins` first.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use gatehouse_tests::harness::ca_serve::private_keys_under;
 use gatehouse_tests::harness::{
-    FakeApp, Sidecar, binary, eventually, http_get, sidecar_cli, sidecar_status,
+    CaSandbox, CaServe, FakeApp, Sidecar, eventually, http_get, sidecar_cli, sidecar_status,
 };
 use gatehouse_tests::load::{Load, Sample, failures, one_request};
 
@@ -33,148 +31,27 @@ path    = "/api/**"
 allow   = ["report-service"]
 "#;
 
-/// The CA's directory and the bootstrap files, in one temporary directory.
-struct Sandbox {
-    dir: tempfile::TempDir,
+fn sandbox() -> CaSandbox {
+    CaSandbox::new(TD, false)
 }
 
-impl Sandbox {
-    fn new() -> Self {
-        let sb = Self {
-            dir: tempfile::tempdir().expect("tempdir"),
-        };
-        sb.ca(&["init", "--dir", "ca", "--trust-domain", TD]);
-        std::fs::create_dir(sb.path("bootstrap")).expect("mkdir");
-        std::fs::copy(sb.path("ca/bundle.pem"), sb.path("bootstrap/bundle.pem")).expect("copy");
-        sb
-    }
-
-    fn path(&self, rel: &str) -> PathBuf {
-        self.dir.path().join(rel)
-    }
-
-    fn ca(&self, args: &[&str]) -> String {
-        let out = Command::new(binary("ca"))
-            .args(args)
-            .current_dir(self.dir.path())
-            .output()
-            .expect("run ca");
-        assert!(
-            out.status.success(),
-            "ca {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).expect("utf-8")
-    }
-
-    /// A single-use join token for `spiffe://online.test/<name>`, in bootstrap/<name>.token.
-    fn token(&self, name: &str) -> PathBuf {
-        let id = format!("spiffe://{TD}/{name}");
-        let out = self.ca(&[
-            "--format",
-            "json",
-            "token",
-            "create",
-            "--dir",
-            "ca",
-            "--spiffe-id",
-            &id,
-        ]);
-        let v: serde_json::Value = serde_json::from_str(&out).expect("json");
-        let path = self.path(&format!("bootstrap/{name}.token"));
-        std::fs::write(&path, v["token"].as_str().expect("token")).expect("write token");
-        path
-    }
-
-    /// `ca list --format json`: every issuance.
-    fn inventory(&self) -> Vec<serde_json::Value> {
-        let out = self.ca(&["--format", "json", "list", "--dir", "ca"]);
-        match serde_json::from_str(&out).expect("ca list json") {
-            serde_json::Value::Array(a) => a,
-            other => panic!("ca list: {other}"),
-        }
-    }
+fn serve(sb: &CaSandbox, listen: &str) -> CaServe {
+    CaServe::start(sb, "ca", listen, &["--svid-ttl", SVID_TTL]).expect("ca serve starts")
 }
 
-/// Files under `root` (skipping `skip`) holding a private key.
-fn private_keys_under(root: &Path, skip: &Path) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for e in std::fs::read_dir(&dir).expect("read_dir").flatten() {
-            let p = e.path();
-            if p == skip {
-                continue;
-            }
-            if p.is_dir() {
-                stack.push(p);
-            } else if std::fs::read(&p)
-                .is_ok_and(|b| String::from_utf8_lossy(&b).contains("PRIVATE KEY"))
-            {
-                found.push(p);
-            }
-        }
-    }
-    found
-}
-
-/// A running `ca serve`, killed on drop.
-struct CaServer {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Drop for CaServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn serve(sb: &Sandbox, listen: &str) -> CaServer {
-    let mut child = Command::new(binary("ca"))
-        .args(["serve", "--dir", "ca", "--listen", listen])
-        .args(["--svid-ttl", SVID_TTL])
-        .current_dir(sb.dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn ca serve");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("read stdout");
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .parse()
-        .expect("address");
-    CaServer { child, addr }
-}
-
-fn identity(sb: &Sandbox, ca: SocketAddr, name: &str) -> String {
-    format!(
-        "ca = \"https://{ca}\"\nspiffe_id = \"spiffe://{TD}/{name}\"\nca_bundle = {:?}\n\
-         join_token_file = {:?}\nca_poll = \"1s\"",
-        sb.path("bootstrap/bundle.pem"),
-        sb.token(name)
-    )
+fn identity(sb: &CaSandbox, ca: SocketAddr, name: &str) -> String {
+    sb.identity(&[ca], name)
 }
 
 fn renewals(status: &serde_json::Value) -> u64 {
     status["online_identity"]["renewals"].as_u64().unwrap_or(0)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn enrolled_sidecars_renew_ride_out_a_ca_outage_and_are_revoked_through_the_ca() {
-    let t0 = Instant::now();
-    let sb = Sandbox::new();
-    let mut ca = serve(&sb, "127.0.0.1:0");
-    let ca_addr = ca.addr;
+/// The monolith's sidecar (inbound, in front of a fake app) and report-service's (outbound to
+/// it), both enrolling online with the CA endpoints `cas`.
+async fn online_pair(sb: &CaSandbox, cas: &[SocketAddr]) -> (FakeApp, Sidecar, Sidecar) {
     let app = FakeApp::start().await;
-
-    let monolith = Sidecar::online(&identity(&sb, ca_addr, "monolith"))
+    let monolith = Sidecar::online(&sb.identity(cas, "monolith"))
         .app(app.addr())
         .policy(POLICY)
         .spawn()
@@ -185,18 +62,45 @@ async fn enrolled_sidecars_renew_ride_out_a_ca_outage_and_are_revoked_through_th
          server_id = \"spiffe://{TD}/monolith\"\n",
         monolith.inbound_addr()
     );
-    let report = Sidecar::online(&identity(&sb, ca_addr, "report-service"))
+    let report = Sidecar::online(&sb.identity(cas, "report-service"))
         .section(&entry)
         .spawn()
         .await
         .expect("report-service sidecar enrolls and becomes ready");
-    let logs = || {
-        format!(
-            "--- monolith ---\n{}\n--- report-service ---\n{}",
-            monolith.stderr_text(),
-            report.stderr_text()
-        )
-    };
+    (app, monolith, report)
+}
+
+/// Both sidecars' logs, for a failure message.
+fn pair_logs(monolith: &Sidecar, report: &Sidecar) -> String {
+    format!(
+        "--- monolith ---\n{}\n--- report-service ---\n{}",
+        monolith.stderr_text(),
+        report.stderr_text()
+    )
+}
+
+/// Stops the load; asserts it ran (> 500 requests) and that no request failed.
+async fn stop_load_without_failures(load: Load, logs: impl Fn() -> String) {
+    let started = load.started;
+    let (samples, elapsed) = load.stop().await;
+    let failed = failures(&samples, started, Sample::is_200);
+    println!(
+        "{} requests in {elapsed:?}, {} failed",
+        samples.len(),
+        samples.iter().filter(|s| !s.is_200()).count()
+    );
+    assert!(samples.len() > 500, "the load ran: {}", samples.len());
+    assert!(failed.is_empty(), "failed requests: {failed:?}\n{}", logs());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn enrolled_sidecars_renew_ride_out_a_ca_outage_and_are_revoked_through_the_ca() {
+    let t0 = Instant::now();
+    let sb = sandbox();
+    let mut ca = serve(&sb, "127.0.0.1:0");
+    let ca_addr = ca.addr();
+    let (_app, monolith, report) = online_pair(&sb, &[ca_addr]).await;
+    let logs = || pair_logs(&monolith, &report);
     let sidecars = [&monolith, &report];
     println!("both enrolled after {:?}", t0.elapsed());
 
@@ -257,16 +161,7 @@ async fn enrolled_sidecars_renew_ride_out_a_ca_outage_and_are_revoked_through_th
         down.elapsed() - outage
     );
 
-    let started = load.started;
-    let (samples, elapsed) = load.stop().await;
-    let failed = failures(&samples, started, Sample::is_200);
-    println!(
-        "{} requests in {elapsed:?}, {} failed",
-        samples.len(),
-        samples.iter().filter(|s| !s.is_200()).count()
-    );
-    assert!(samples.len() > 500, "the load ran: {}", samples.len());
-    assert!(failed.is_empty(), "failed requests: {failed:?}\n{}", logs());
+    stop_load_without_failures(load, logs).await;
 
     // Every renewal had a new key: serials and public keys differ in the inventory.
     let inventory = sb.inventory();
@@ -287,6 +182,21 @@ async fn enrolled_sidecars_renew_ride_out_a_ca_outage_and_are_revoked_through_th
             );
         }
     }
+    // ... and the inventory's public-key digests say the same: one key per issuance.
+    for name in ["monolith", "report-service"] {
+        let id = format!("spiffe://{TD}/{name}");
+        let keys: Vec<&str> = inventory
+            .iter()
+            .filter(|e| e["spiffe_id"].as_str() == Some(id.as_str()))
+            .map(|e| e["public_key_sha256"].as_str().expect("public_key_sha256"))
+            .collect();
+        let distinct: std::collections::BTreeSet<&str> = keys.iter().copied().collect();
+        assert_eq!(
+            distinct.len(),
+            keys.len(),
+            "{name}: a key was reused: {keys:?}"
+        );
+    }
 
     // 3. Revocation through the CA cuts report-service's traffic within 10 s, no file copied.
     let serial = sidecar_status(&report).await["online_identity"]["serial"]
@@ -294,7 +204,7 @@ async fn enrolled_sidecars_renew_ride_out_a_ca_outage_and_are_revoked_through_th
         .expect("serial")
         .to_owned();
     let revoked_at = Instant::now();
-    sb.ca(&["revoke", "--dir", "ca", "--serial", &serial]);
+    sb.revoke(&serial);
     let mut sender = None;
     eventually(
         "report-service refused",
@@ -313,10 +223,10 @@ async fn enrolled_sidecars_renew_ride_out_a_ca_outage_and_are_revoked_through_th
 
     // 4. No workload key on disk: the sandbox (but the CA's own directory) and the sidecars'
     //    directories.
-    let mut keys = private_keys_under(sb.dir.path(), &sb.path("ca"));
+    let mut keys = sb.workload_keys_on_disk();
     for sc in sidecars {
         let dir = sc.policy_path().parent().expect("work dir").to_path_buf();
-        keys.extend(private_keys_under(&dir, Path::new("/nonexistent")));
+        keys.extend(private_keys_under(&dir, &|_| false));
     }
     assert!(keys.is_empty(), "private keys on disk: {keys:?}");
     drop(ca);
@@ -325,7 +235,7 @@ async fn enrolled_sidecars_renew_ride_out_a_ca_outage_and_are_revoked_through_th
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_is_503_until_the_first_svid_and_check_does_not_contact_the_ca() {
-    let sb = Sandbox::new();
+    let sb = sandbox();
     // A CA address nobody listens on (yet).
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind")
@@ -369,4 +279,152 @@ async fn readyz_is_503_until_the_first_svid_and_check_does_not_contact_the_ca() 
     let status = sidecar_status(&sc).await;
     assert_eq!(status["online_identity"]["renewals"], 1, "{status}");
     assert!(status["online_identity"]["serial"].is_string(), "{status}");
+}
+
+fn ca_endpoint(status: &serde_json::Value) -> Option<String> {
+    status["online_identity"]["ca_endpoint"]
+        .as_str()
+        .map(str::to_owned)
+}
+
+/// Issue 18: two `ca serve` replicas on one real PostgreSQL, two sidecars listing both (A first,
+/// `ca = [A, B]`) under continuous load. Replica A is killed: every renewal goes through B
+/// within the same attempt (no failed renewal, no failed request). Then the database stops:
+/// both replicas (A restarted) answer 503 and the sidecars keep serving on their current SVIDs;
+/// the database comes back and renewal resumes with no restart of anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replica_killed_then_database_stopped_sidecars_renew_through_the_other_and_keep_serving() {
+    let t0 = Instant::now();
+    let mut pg = gatehouse_tests::postgres::Postgres::start()
+        .await
+        .expect("PostgreSQL starts (apt-get install postgresql)");
+    let mut sb = sandbox();
+    sb.use_store(&pg.url());
+    let b_dir = sb.replica_dir("ca-b");
+    let ttl = ["--svid-ttl", SVID_TTL];
+    let a = CaServe::start(&sb, "ca", "127.0.0.1:0", &ttl).expect("replica A");
+    let b = CaServe::start(&sb, &b_dir, "127.0.0.1:0", &ttl).expect("replica B");
+    let (a_addr, b_addr) = (a.addr(), b.addr());
+    let (a_url, b_url) = (format!("https://{a_addr}"), format!("https://{b_addr}"));
+    let (_app, monolith, report) = online_pair(&sb, &[a_addr, b_addr]).await;
+    let sidecars = [&monolith, &report];
+    let logs = || pair_logs(&monolith, &report);
+    // Both enrolled through A, the first listed.
+    for sc in sidecars {
+        assert_eq!(
+            ca_endpoint(&sidecar_status(sc).await).as_deref(),
+            Some(a_url.as_str())
+        );
+    }
+    let out = report.listener("outbound:monolith");
+    let load = Load::start(out, "/api/report", "monolith", 4, 100.0);
+    load.wait_flowing().await;
+
+    // 1. Replica A killed: the next renewals go through B.
+    let mut before = Vec::new();
+    for sc in sidecars {
+        before.push(renewals(&sidecar_status(sc).await));
+    }
+    a.kill();
+    let killed = time::OffsetDateTime::now_utc();
+    println!("replica A killed after {:?}", t0.elapsed());
+    for (sc, n) in sidecars.iter().zip(&before) {
+        eventually(
+            "two renewals through B",
+            Duration::from_secs(30),
+            async || (renewals(&sidecar_status(sc).await) >= n + 2).then_some(()),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
+    }
+    println!("two renewals each through B after {:?}", t0.elapsed());
+    for sc in sidecars {
+        let s = sidecar_status(sc).await;
+        assert_eq!(ca_endpoint(&s).as_deref(), Some(b_url.as_str()), "{s}");
+        for result in ["error", "refused"] {
+            let failed = sc
+                .metric("gatehouse_identity_renewals_total", &[("result", result)])
+                .await
+                .expect("metrics");
+            assert_eq!(
+                failed, 0.0,
+                "renewals {result}: the failover is within one attempt"
+            );
+        }
+    }
+    // The inventory (PostgreSQL, `ca list --store`) holds the renewals issued since the kill:
+    // only B was there to issue them, each with a new key.
+    let inventory = sb.inventory();
+    for name in ["monolith", "report-service"] {
+        let id = format!("spiffe://{TD}/{name}");
+        let since: Vec<&serde_json::Value> = inventory
+            .iter()
+            .filter(|e| e["spiffe_id"].as_str() == Some(id.as_str()) && e["source"] == "renew")
+            .filter(|e| {
+                e["issued_at"]
+                    .as_str()
+                    .and_then(|t| {
+                        time::OffsetDateTime::parse(
+                            t,
+                            &time::format_description::well_known::Rfc3339,
+                        )
+                        .ok()
+                    })
+                    .is_some_and(|t| t >= killed.replace_millisecond(0).expect("ms"))
+            })
+            .collect();
+        assert!(since.len() >= 2, "{name}: {since:?}");
+    }
+
+    // 2. A is back (same address), then the database stops: both replicas answer 503 and the
+    //    sidecars keep serving on the SVIDs they hold.
+    let a = CaServe::start(&sb, "ca", &a_addr.to_string(), &ttl).expect("replica A again");
+    pg.stop();
+    let stopped = Instant::now();
+    let mut refused_one = None;
+    eventually(
+        "a renewal refused by both replicas",
+        Duration::from_secs(15),
+        async || {
+            for (i, sc) in sidecars.iter().enumerate() {
+                let s = sidecar_status(sc).await;
+                let err = s["online_identity"]["last_error"].as_str().unwrap_or("");
+                if s["online_identity"]["failures_in_a_row"].as_u64() >= Some(1)
+                    && err.matches("503 store_unavailable").count() == 2
+                {
+                    refused_one = Some(i);
+                }
+            }
+            refused_one
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
+    let refused_one = refused_one.expect("set above");
+    let held = renewals(&sidecar_status(sidecars[refused_one]).await);
+    println!(
+        "database down: renewal refused (503 at both replicas) after {:?}",
+        stopped.elapsed()
+    );
+
+    // 3. The database is back: issuance resumes by itself.
+    pg.restart().await.expect("PostgreSQL restarts");
+    let down = stopped.elapsed();
+    eventually("renewal resumes", Duration::from_secs(20), async || {
+        let s = sidecar_status(sidecars[refused_one]).await;
+        (renewals(&s) > held && s["online_identity"]["failures_in_a_row"].as_u64() == Some(0))
+            .then_some(())
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", logs()));
+    println!(
+        "database down {down:?}; renewal resumed {:?} after it came back",
+        stopped.elapsed() - down
+    );
+
+    stop_load_without_failures(load, logs).await;
+    let keys = sb.workload_keys_on_disk();
+    assert!(keys.is_empty(), "private keys on disk: {keys:?}");
+    drop((a, b));
+    println!("total {:?}", t0.elapsed());
 }

@@ -60,7 +60,7 @@ pub(super) struct RawIdentity {
     pub(super) crl: Option<S<String>>,
     pub(super) crl_stale: Option<S<String>>,
     pub(super) crl_grace: Option<S<String>>,
-    pub(super) ca: Option<S<String>>,
+    pub(super) ca: Option<S<crate::identity::config::CaUrls>>,
     pub(super) spiffe_id: Option<S<String>>,
     pub(super) ca_bundle: Option<S<String>>,
     pub(super) join_token_file: Option<S<String>>,

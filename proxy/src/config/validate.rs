@@ -381,7 +381,7 @@ impl Check<'_> {
             }
         };
         // Names for the in-memory SVID, key, bundle and CRLs in messages and `/status`.
-        let name = |what: &str| PathBuf::from(format!("{} ({what})", ca.get_ref()));
+        let name = |what: &str| PathBuf::from(format!("{} ({what})", ca.get_ref().joined()));
         IdentityConfig {
             cert: name("SVID"),
             key: name("key in memory"),

@@ -3,10 +3,13 @@
 //! chain must end in the anchors we hold (the bootstrap `ca_bundle` until the first answer, then
 //! the bundle the CA hands out) and its SVID must be exactly `spiffe://<td>/gatehouse/ca`
 //! ([`ServerIdentityVerifier`], the outbound verifier). Host names are not checked; the SNI is
-//! the host of `ca`.
+//! the host of the URL. Several replicas (`ca = [ … ]`, or one name with several addresses) are
+//! tried in turn within one call (see [`CaClient`]).
 
 use std::fmt;
+use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -122,33 +125,50 @@ pub enum Fetched {
     },
 }
 
-/// A client of one `ca serve`.
+/// A client of `ca serve`: one or several replicas (`ca = [ … ]`), every one of them held to
+/// the same TLS check (anchors + the SVID `spiffe://<td>/gatehouse/ca`).
+///
+/// Each call starts at the endpoint that answered last (the first written at start) and moves
+/// on, within the same call, to every address its host name resolves to and then to the next
+/// URL when one cannot be reached, fails the TLS check, does not answer within
+/// [`CALL_TIMEOUT`] or answers 502/503/504 (a replica that lost its database answers 503). Any
+/// other answer (a 4xx that says what to fix) is final. Back-off is the driver's, after a whole
+/// round failed.
 #[derive(Debug, Clone)]
 pub struct CaClient {
-    endpoint: CaEndpoint,
-    server_name: ServerName<'static>,
+    endpoints: Arc<[CaEndpoint]>,
+    /// Index in `endpoints` of the one that answered last.
+    preferred: Arc<AtomicUsize>,
     trust_domain: TrustDomain,
     ca_id: SpiffeId,
     provider: Arc<CryptoProvider>,
 }
 
+/// Statuses after which the next endpoint is tried: the replica (or a proxy in front of it)
+/// cannot serve now, another may.
+fn try_next_on(status: StatusCode) -> bool {
+    matches!(
+        status,
+        StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE | StatusCode::GATEWAY_TIMEOUT
+    )
+}
+
 impl CaClient {
-    /// A client of the CA at `endpoint`, which must present the SVID `ca_id`.
-    pub fn new(endpoint: CaEndpoint, ca_id: SpiffeId, provider: Arc<CryptoProvider>) -> Self {
-        let server_name = ServerName::try_from(endpoint.host.clone())
-            .unwrap_or_else(|_| ServerName::try_from("gatehouse-ca").expect("a valid DNS name"));
+    /// A client of the CA at `endpoints` (at least one), which must present the SVID `ca_id`.
+    pub fn new(endpoints: Vec<CaEndpoint>, ca_id: SpiffeId, provider: Arc<CryptoProvider>) -> Self {
         Self {
-            endpoint,
-            server_name,
+            endpoints: endpoints.into(),
+            preferred: Arc::new(AtomicUsize::new(0)),
             trust_domain: ca_id.trust_domain(),
             ca_id,
             provider,
         }
     }
 
-    /// The CA's URL as configured.
+    /// The URL of the endpoint that answered last (the first one before any answer).
     pub fn url(&self) -> &str {
-        &self.endpoint.url
+        let i = self.preferred.load(Ordering::Relaxed);
+        self.endpoints.get(i).map_or("", |e| e.url.as_str())
     }
 
     /// `POST /v1/enroll` with `csr_pem` and a bootstrap credential (`Token`, `Bearer` or an
@@ -220,10 +240,8 @@ impl CaClient {
         auth: Auth,
         body: Vec<u8>,
     ) -> Result<CertResponse, CaCallError> {
-        let mut req = Request::builder()
-            .method(Method::POST)
-            .uri(path)
-            .header(header::CONTENT_TYPE, "application/json");
+        let mut req =
+            RequestParts::new(Method::POST, path).header(header::CONTENT_TYPE, "application/json");
         if let Auth::Bearer(jwt) = &auth {
             req = req.header(header::AUTHORIZATION, format!("Bearer {}", jwt.trim()));
         }
@@ -247,7 +265,7 @@ impl CaClient {
         path: &'static str,
         etag: Option<&str>,
     ) -> Result<Fetched, CaCallError> {
-        let mut req = Request::builder().method(Method::GET).uri(path);
+        let mut req = RequestParts::new(Method::GET, path);
         if let Some(tag) = etag.filter(|t| !t.is_empty()) {
             req = req.header(header::IF_NONE_MATCH, tag);
         }
@@ -269,67 +287,84 @@ impl CaClient {
         }
     }
 
+    /// One request, tried at each endpoint in turn (see [`CaClient`]) until one answers.
     async fn call(
         &self,
         anchors: Arc<RootCertStore>,
         client_cert: Option<Arc<CertifiedKey>>,
-        req: http::request::Builder,
+        req: RequestParts,
         body: Bytes,
         path: &'static str,
     ) -> Result<(StatusCode, http::HeaderMap, Bytes), CaCallError> {
-        let url = self.endpoint.url.clone();
-        let unreachable = |detail: String| CaCallError::Unreachable {
-            url: url.clone(),
-            detail,
-        };
-        let config = self.tls_config(anchors, client_cert).map_err(unreachable)?;
-        let authority = if self.endpoint.host.contains(':') {
-            format!("[{}]:{}", self.endpoint.host, self.endpoint.port)
-        } else {
-            format!("{}:{}", self.endpoint.host, self.endpoint.port)
-        };
-        let req = req
-            .header(header::HOST, authority)
-            .body(Full::new(body))
-            .map_err(|e| unreachable(format!("building the request: {e}")))?;
-        let work = async {
-            let tcp =
-                tokio::net::TcpStream::connect((self.endpoint.host.as_str(), self.endpoint.port))
-                    .await
-                    .map_err(|e| unreachable(format!("connect: {e}")))?;
-            let _ = tcp.set_nodelay(true);
-            let tls = tokio_rustls::TlsConnector::from(config)
-                .connect(self.server_name.clone(), tcp)
-                .await
-                .map_err(|e| unreachable(format!("TLS handshake: {e}")))?;
-            let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-                .await
-                .map_err(|e| unreachable(format!("HTTP: {e}")))?;
-            let driver = tokio::spawn(conn);
-            let result = async {
-                let resp = send
-                    .send_request(req)
-                    .await
-                    .map_err(|e| unreachable(format!("HTTP request: {}", chain(&e))))?;
-                let (parts, body) = resp.into_parts();
-                let bytes = Limited::new(body, MAX_ANSWER)
-                    .collect()
-                    .await
-                    .map_err(|e| CaCallError::BadAnswer {
+        let config =
+            self.tls_config(anchors, client_cert)
+                .map_err(|detail| CaCallError::Unreachable {
+                    url: self.url().to_owned(),
+                    detail,
+                })?;
+        let n = self.endpoints.len();
+        let start = self.preferred.load(Ordering::Relaxed);
+        let mut failed: Vec<CaCallError> = Vec::new();
+        for i in 0..n {
+            let index = (start + i) % n;
+            let endpoint = &self.endpoints[index];
+            let addrs = match tokio::time::timeout(
+                CALL_TIMEOUT,
+                tokio::net::lookup_host((endpoint.host.as_str(), endpoint.port)),
+            )
+            .await
+            {
+                Ok(Ok(addrs)) => addrs.collect::<Vec<SocketAddr>>(),
+                Ok(Err(e)) => {
+                    failed.push(CaCallError::Unreachable {
+                        url: endpoint.url.clone(),
+                        detail: format!("resolving {}: {e}", endpoint.host),
+                    });
+                    continue;
+                }
+                Err(_) => {
+                    failed.push(CaCallError::Timeout {
+                        url: endpoint.url.clone(),
+                    });
+                    continue;
+                }
+            };
+            for addr in addrs {
+                let attempt = tokio::time::timeout(
+                    CALL_TIMEOUT,
+                    call_once(
+                        endpoint,
+                        addr,
+                        Arc::clone(&config),
+                        &req,
+                        body.clone(),
                         path,
-                        detail: format!("reading the answer: {e}"),
-                    })?
-                    .to_bytes();
-                Ok((parts.status, parts.headers, bytes))
+                    ),
+                )
+                .await
+                .unwrap_or_else(|_| {
+                    Err(CaCallError::Timeout {
+                        url: endpoint.url.clone(),
+                    })
+                });
+                let error = match attempt {
+                    Ok((status, _, body)) if try_next_on(status) => refused(path, status, &body),
+                    Ok(answer) => {
+                        self.preferred.store(index, Ordering::Relaxed);
+                        return Ok(answer);
+                    }
+                    Err(e) => e,
+                };
+                if n > 1 {
+                    tracing::info!(
+                        url = %endpoint.url, %addr, error = %error,
+                        "identity: CA endpoint failed; trying the next"
+                    );
+                }
+                failed.push(error);
             }
-            .await;
-            driver.abort();
-            result
-        };
-        match tokio::time::timeout(CALL_TIMEOUT, work).await {
-            Ok(r) => r,
-            Err(_) => Err(CaCallError::Timeout { url }),
         }
+        Err(round_failed(failed, &self.endpoints))
     }
 
     fn tls_config(
@@ -356,6 +391,111 @@ impl CaClient {
         };
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         Ok(Arc::new(config))
+    }
+}
+
+/// What a call sends, rebuilt for each endpoint tried.
+#[derive(Debug, Clone)]
+struct RequestParts {
+    method: Method,
+    path: &'static str,
+    headers: Vec<(header::HeaderName, String)>,
+}
+
+impl RequestParts {
+    fn new(method: Method, path: &'static str) -> Self {
+        Self {
+            method,
+            path,
+            headers: Vec::new(),
+        }
+    }
+
+    fn header(mut self, name: header::HeaderName, value: impl Into<String>) -> Self {
+        self.headers.push((name, value.into()));
+        self
+    }
+}
+
+/// One request to one address of one endpoint (no deadline: the caller's).
+async fn call_once(
+    endpoint: &CaEndpoint,
+    addr: SocketAddr,
+    config: Arc<ClientConfig>,
+    parts: &RequestParts,
+    body: Bytes,
+    path: &'static str,
+) -> Result<(StatusCode, http::HeaderMap, Bytes), CaCallError> {
+    let unreachable = |detail: String| CaCallError::Unreachable {
+        url: endpoint.url.clone(),
+        detail,
+    };
+    let server_name = ServerName::try_from(endpoint.host.clone())
+        .unwrap_or_else(|_| ServerName::try_from("gatehouse-ca").expect("a valid DNS name"));
+    let authority = if endpoint.host.contains(':') {
+        format!("[{}]:{}", endpoint.host, endpoint.port)
+    } else {
+        format!("{}:{}", endpoint.host, endpoint.port)
+    };
+    let mut req = Request::builder()
+        .method(parts.method.clone())
+        .uri(parts.path)
+        .header(header::HOST, authority);
+    for (name, value) in &parts.headers {
+        req = req.header(name, value.as_str());
+    }
+    let req = req
+        .body(Full::new(body))
+        .map_err(|e| unreachable(format!("building the request: {e}")))?;
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| unreachable(format!("connect to {addr}: {e}")))?;
+    let _ = tcp.set_nodelay(true);
+    let tls = tokio_rustls::TlsConnector::from(config)
+        .connect(server_name, tcp)
+        .await
+        .map_err(|e| unreachable(format!("TLS handshake with {addr}: {e}")))?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .map_err(|e| unreachable(format!("HTTP: {e}")))?;
+    let driver = tokio::spawn(conn);
+    let result = async {
+        let resp = send
+            .send_request(req)
+            .await
+            .map_err(|e| unreachable(format!("HTTP request: {}", chain(&e))))?;
+        let (parts, body) = resp.into_parts();
+        let bytes = Limited::new(body, MAX_ANSWER)
+            .collect()
+            .await
+            .map_err(|e| CaCallError::BadAnswer {
+                path,
+                detail: format!("reading the answer: {e}"),
+            })?
+            .to_bytes();
+        Ok((parts.status, parts.headers, bytes))
+    }
+    .await;
+    driver.abort();
+    result
+}
+
+/// The error of a round in which no endpoint answered: the one error when a single address was
+/// tried (so a lone CA's refusal keeps its code), else every attempt on one line.
+fn round_failed(mut failed: Vec<CaCallError>, endpoints: &[CaEndpoint]) -> CaCallError {
+    if failed.len() == 1 {
+        return failed.remove(0);
+    }
+    let urls: Vec<&str> = endpoints.iter().map(|e| e.url.as_str()).collect();
+    let detail = if failed.is_empty() {
+        "no address to try".to_owned()
+    } else {
+        let each: Vec<String> = failed.iter().map(ToString::to_string).collect();
+        format!("every endpoint failed: {}", each.join("; "))
+    };
+    CaCallError::Unreachable {
+        url: urls.join(", "),
+        detail,
     }
 }
 

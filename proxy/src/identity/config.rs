@@ -16,13 +16,60 @@ pub const DEFAULT_CA_POLL: Duration = Duration::from_secs(5);
 pub const MIN_CA_POLL: Duration = Duration::from_secs(1);
 /// Longest accepted `ca_poll`.
 pub const MAX_CA_POLL: Duration = Duration::from_secs(3600);
+/// Most CA URLs in `ca = [ … ]`.
+pub const MAX_CA_URLS: usize = 16;
+
+/// `ca`: one URL, or a list of the replicas' URLs (tried in order, see [`OnlineIdentity::ca`]).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum CaUrls {
+    /// `ca = "https://ca.fintech.internal:8444"` (a Service, or one `ca serve`).
+    One(String),
+    /// `ca = ["https://ca-0…", "https://ca-1…"]`.
+    Many(Vec<String>),
+}
+
+impl Default for CaUrls {
+    fn default() -> Self {
+        Self::One(String::new())
+    }
+}
+
+impl From<String> for CaUrls {
+    fn from(url: String) -> Self {
+        Self::One(url)
+    }
+}
+
+impl From<&str> for CaUrls {
+    fn from(url: &str) -> Self {
+        Self::One(url.to_owned())
+    }
+}
+
+impl CaUrls {
+    /// The URLs as written.
+    pub fn as_slice(&self) -> &[String] {
+        match self {
+            Self::One(u) => std::slice::from_ref(u),
+            Self::Many(v) => v,
+        }
+    }
+
+    /// The URLs joined with `, ` (for names in messages).
+    pub fn joined(&self) -> String {
+        self.as_slice().join(", ")
+    }
+}
 
 /// The online-identity keys of `[identity]`, as written (paths not yet resolved).
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OnlineIdentityRaw {
-    /// `ca = "https://host:port"`: the `ca serve` to enroll with and renew from.
-    pub ca: String,
+    /// `ca = "https://host:port"` or a list of them: the `ca serve` replicas to enroll with and
+    /// renew from.
+    #[serde(default)]
+    pub ca: CaUrls,
     /// `spiffe_id`: the identity this sidecar expects to be given (the CA decides it from the
     /// credential; a different answer is refused).
     pub spiffe_id: String,
@@ -90,8 +137,11 @@ pub struct CaEndpoint {
 /// The validated online-identity settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OnlineIdentity {
-    /// The CA.
-    pub ca: CaEndpoint,
+    /// The CA endpoints, at least one, in the order written. Each call goes to the one that
+    /// answered last (the first at start) and moves on to the next (and to every address a
+    /// host name resolves to) when it cannot be reached, fails the TLS check, times out or
+    /// answers 502/503/504.
+    pub ca: Vec<CaEndpoint>,
     /// The identity we expect.
     pub spiffe_id: SpiffeId,
     /// The CA's own identity, `spiffe://<td>/gatehouse/ca`, pinned on every connection to it.
@@ -132,7 +182,7 @@ impl OnlineIdentityRaw {
     /// Every problem found.
     pub fn validate(&self, base: &Path) -> Result<OnlineIdentity, Vec<IdentityConfigError>> {
         let mut errors = Vec::new();
-        let ca = parse_ca_url(&self.ca).map_err(|e| errors.push(e)).ok();
+        let ca = parse_ca_urls(&self.ca).map_err(|e| errors.push(e)).ok();
         let spiffe_id = self
             .spiffe_id
             .parse::<SpiffeId>()
@@ -264,6 +314,44 @@ impl OnlineIdentity {
     pub fn trust_domain(&self) -> TrustDomain {
         self.spiffe_id.trust_domain()
     }
+
+    /// The CA URLs joined with `, `, for logs and names in messages.
+    pub fn ca_urls(&self) -> String {
+        let urls: Vec<&str> = self.ca.iter().map(|e| e.url.as_str()).collect();
+        urls.join(", ")
+    }
+}
+
+/// Parses every URL of `ca`: at least one, at most [`MAX_CA_URLS`], no duplicates.
+fn parse_ca_urls(urls: &CaUrls) -> Result<Vec<CaEndpoint>, IdentityConfigError> {
+    let list = urls.as_slice();
+    if list.is_empty() {
+        return Err(problem(
+            "ca",
+            "is an empty list".into(),
+            "name at least one `ca serve`, e.g. ca = [\"https://ca-0.ca:8444\", \"https://ca-1.ca:8444\"]",
+        ));
+    }
+    if list.len() > MAX_CA_URLS {
+        return Err(problem(
+            "ca",
+            format!("lists {} URLs (at most {MAX_CA_URLS})", list.len()),
+            "list a few replicas, or put a Service / load balancer in front of them and name it once",
+        ));
+    }
+    let mut out: Vec<CaEndpoint> = Vec::with_capacity(list.len());
+    for url in list {
+        let e = parse_ca_url(url)?;
+        if out.iter().any(|o| o.host == e.host && o.port == e.port) {
+            return Err(problem(
+                "ca",
+                format!("`{url}` is listed twice"),
+                "list each `ca serve` replica once",
+            ));
+        }
+        out.push(e);
+    }
+    Ok(out)
 }
 
 /// Parses `https://host[:port][/]`: no user, path, query or fragment.
@@ -340,8 +428,8 @@ mod tests {
     #[test]
     fn join_token_config_resolves_paths_and_derives_the_ca_id() {
         let c = raw("join_token_file = \"bootstrap/token\"").expect("valid");
-        assert_eq!(c.ca.host, "ca.fintech.internal");
-        assert_eq!(c.ca.port, 8444);
+        assert_eq!(c.ca[0].host, "ca.fintech.internal");
+        assert_eq!(c.ca[0].port, 8444);
         assert_eq!(
             c.bootstrap,
             Bootstrap::JoinTokenFile("/etc/gatehouse/bootstrap/token".into())
@@ -407,7 +495,7 @@ mod tests {
                 join_token_file: Some("t".into()),
                 ..Default::default()
             };
-            raw.validate(Path::new("/")).expect(ca).ca
+            raw.validate(Path::new("/")).expect(ca).ca.remove(0)
         };
         assert_eq!(ok("https://ca/").port, 443);
         let v6 = ok("https://[::1]:9");
@@ -426,5 +514,34 @@ mod tests {
         .expect("toml");
         let e = r.validate(Path::new("/")).expect_err("bad id");
         assert_eq!(e[0].key, "spiffe_id");
+    }
+
+    #[test]
+    fn ca_takes_one_url_or_a_list_of_replicas() {
+        let parse = |ca: &str| {
+            let text = format!(
+                "ca = {ca}\nspiffe_id = \"spiffe://td/x\"\nca_bundle = \"b\"\njoin_token_file = \"t\""
+            );
+            let raw: OnlineIdentityRaw = toml::from_str(&text).expect("toml");
+            raw.validate(Path::new("/"))
+        };
+        let one = parse("\"https://ca:8444\"").expect("one");
+        assert_eq!(one.ca.len(), 1);
+        let two = parse("[\"https://ca-0:8444\", \"https://ca-1:8444\"]").expect("list");
+        let hosts: Vec<&str> = two.ca.iter().map(|e| e.host.as_str()).collect();
+        assert_eq!(hosts, ["ca-0", "ca-1"], "in the order written");
+        assert_eq!(two.ca_urls(), "https://ca-0:8444, https://ca-1:8444");
+        for bad in [
+            "[]",
+            "[\"https://a:1\", \"https://a:1/\"]",
+            "[\"https://a:1\", \"http://b:1\"]",
+        ] {
+            assert_eq!(keys(parse(bad)), ["ca"], "{bad}");
+        }
+        let many: Vec<String> = (0..=MAX_CA_URLS)
+            .map(|i| format!("\"https://ca-{i}:1\""))
+            .collect();
+        let e = parse(&format!("[{}]", many.join(","))).expect_err("too many");
+        assert!(e[0].problem.contains("at most 16"), "{e:?}");
     }
 }

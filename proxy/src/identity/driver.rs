@@ -142,8 +142,10 @@ fn pem_block(label: &str, der: &[u8]) -> String {
 /// What `/status` shows about the online identity.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct IdentityStatus {
-    /// The CA's URL.
+    /// The CA's URL (the URLs, `, `-separated, with several replicas).
     pub ca: String,
+    /// The CA URL that answered last (the one the next call tries first); `None` before.
+    pub ca_endpoint: Option<String>,
     /// The bootstrap credential kind.
     pub credential: &'static str,
     /// Serial of the SVID held, if any.
@@ -242,7 +244,7 @@ pub fn spawn(
 ) -> IdentityHandle {
     let (tx, rx) = watch::channel(None);
     let status = Arc::new(Mutex::new(IdentityStatus {
-        ca: cfg.ca.url.clone(),
+        ca: cfg.ca_urls(),
         credential: cfg.bootstrap.kind(),
         ..IdentityStatus::default()
     }));
@@ -304,13 +306,16 @@ impl Driver {
                         let due = self.renewal_due(&material);
                         self.failures = 0;
                         self.count("ok");
+                        let answered = self.client.url().to_owned();
                         self.update_status(|s| {
+                            s.ca_endpoint = Some(answered);
                             s.renewals += 1;
                             s.failures_in_a_row = 0;
                             s.last_error = None;
                         });
                         tracing::info!(
                             serial = %material.serial,
+                            ca = %self.client.url(),
                             not_after = %material.not_after.format(&Rfc3339).unwrap_or_default(),
                             "identity: SVID received from the CA"
                         );

@@ -5,6 +5,11 @@
 //! Ports are those of the example configs (127.0.0.1:17xxx, see the example README); a port offset
 //! shifts every one of them, in the copied configs and in the services' arguments alike.
 //! Every child is killed when the [`Stack`] is dropped, including on a panic.
+//!
+//! Online mode ([`StackOptions::online`], `fintech-demo --online`): no certificate is minted. A CA
+//! is created with `ca init`, `ca serve` runs on 127.0.0.1:17800 with short SVIDs, and each
+//! sidecar's `[identity]` is rewritten to enroll with a join token (see [`super::online`]); the
+//! leaked key's sidecar (a file-identity story) is not started.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -113,6 +118,11 @@ impl Ports {
         self.at(17003)
     }
 
+    /// `ca serve` in online mode: 17800.
+    pub fn ca_serve(self) -> SocketAddr {
+        self.at(17800)
+    }
+
     /// Admin endpoint of the sidecar running the revoked key: 17904.
     pub fn leaked_key_admin(self) -> SocketAddr {
         self.at(17904)
@@ -187,6 +197,12 @@ pub enum StackError {
         /// Its last lines.
         tail: String,
     },
+    /// Online mode: creating the CA or a join token with `ca` failed.
+    #[error("setting up the online CA failed: {detail}")]
+    CaSetup {
+        /// The command and its error.
+        detail: String,
+    },
     /// A process exited during startup.
     #[error("{name} exited during startup ({status}); log {}:\n{tail}", log.display())]
     Exited {
@@ -228,7 +244,7 @@ impl StackError {
             Self::Exited { .. } | Self::NotReady { .. } => {
                 "read the log above; if a port is in use, stop the other process or pass --port-offset N"
             }
-            Self::Mint { .. } | Self::Io { .. } => {
+            Self::Mint { .. } | Self::Io { .. } | Self::CaSetup { .. } => {
                 "read the message above; it names the file or step that failed"
             }
         }
@@ -236,7 +252,7 @@ impl StackError {
 }
 
 /// `map_err` adapter: an I/O failure while doing `action` on `path`.
-fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StackError {
+pub(crate) fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StackError {
     let path = path.to_path_buf();
     move |source| StackError::Io {
         action,
@@ -256,6 +272,8 @@ pub struct StackOptions {
     pub work_dir: PathBuf,
     /// Port plan.
     pub ports: Ports,
+    /// Online identity: the sidecars enroll with `ca serve` instead of reading minted files.
+    pub online: bool,
 }
 
 impl StackOptions {
@@ -269,6 +287,7 @@ impl StackOptions {
             bin_dir: bin_dir()?,
             work_dir,
             ports,
+            online: false,
         })
     }
 }
@@ -334,7 +353,11 @@ impl Stack {
             client: HttpClient::new(Duration::from_secs(20)),
         };
         stack.prepare_work_dir().await?;
-        stack.mint().await?;
+        if stack.opts.online {
+            super::online::prepare(&stack).await?;
+        } else {
+            stack.mint().await?;
+        }
         Ok(stack)
     }
 
@@ -343,6 +366,12 @@ impl Stack {
     /// # Errors
     /// [`StackError`] naming the process that exited or did not become ready, with its log's tail.
     pub async fn launch(&mut self) -> Result<(), StackError> {
+        if self.opts.online {
+            let args = super::online::ca_serve_args(self);
+            self.spawn("ca-serve", "ca", &args).await?;
+            let ca = self.ports().ca_serve();
+            self.wait_for(vec![("ca-serve".into(), ca, false)]).await?;
+        }
         for s in Service::ALL {
             self.spawn_app(s).await?;
         }
@@ -355,6 +384,9 @@ impl Stack {
             ];
             self.spawn(&format!("{}-sidecar", s.name()), "sidecar", &args)
                 .await?;
+        }
+        if self.opts.online {
+            return self.wait_ready().await;
         }
         let config = self.work_dir().join(LEAKED_KEY).join("sidecar.toml");
         let args = [
@@ -484,6 +516,9 @@ impl Stack {
         let examples = &self.opts.examples;
         for s in Service::ALL {
             self.copy_example(s.name(), true).await?;
+        }
+        if self.opts.online {
+            return Ok(());
         }
         self.copy_example(LEAKED_KEY, false).await?;
         let mint = examples.join("mint.sh");
@@ -660,7 +695,9 @@ impl Stack {
             checks.push((format!("{}-sidecar", s.name()), p.admin(s), true));
         }
         checks.push(("api-gateway".into(), p.frontend(), false));
-        checks.push((format!("{LEAKED_KEY}-sidecar"), p.leaked_key_admin(), true));
+        if !self.opts.online {
+            checks.push((format!("{LEAKED_KEY}-sidecar"), p.leaked_key_admin(), true));
+        }
         self.wait_for(checks).await
     }
 

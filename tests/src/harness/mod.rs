@@ -8,6 +8,8 @@
 //!   FinTech services run on;
 //! - [`sidecar`]: writes a config, spawns the real `sidecar` binary, waits for `/readyz`,
 //!   collects the audit lines from stdout, can send SIGTERM, and kills it on drop;
+//! - [`ca_serve`]: the online CA: a `ca init` directory with join tokens and the inventory
+//!   ([`CaSandbox`]) and the real `ca serve` ([`CaServe`]), alone or as replicas on PostgreSQL;
 //! - [`client`]: [`MtlsClient`] (a rustls client with a chosen certificate, speaking HTTP/1.1
 //!   or h2), the one test [`ServerCertVerifier`](rustls::client::danger::ServerCertVerifier)
 //!   ([`client::AnyServer`]), the plaintext [`client::HttpClient`] and [`raw_exchange`] (exact
@@ -23,6 +25,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub mod app;
+pub mod ca_serve;
 pub mod client;
 pub mod fixtures;
 pub mod pki;
@@ -30,6 +33,7 @@ pub mod sidecar;
 pub mod wait;
 
 pub use app::{FakeApp, Generated, Seen};
+pub use ca_serve::{CaSandbox, CaServe};
 pub use client::{MtlsClient, Proto, RawResponse, Resp, http_get, raw_exchange};
 pub use pki::{CertDir, Pki, ca_json, ca_ok};
 pub use sidecar::{

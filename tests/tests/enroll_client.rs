@@ -1,189 +1,45 @@
 //! The sidecar's enrollment client (`gatehouse_proxy::identity`) against the real `ca serve`
 //! binary on 127.0.0.1: join-token enrollment, renewal with a new key, two replicas of one ID,
-//! a CA outage, revocation through the CRL poll, and no workload key on disk.
+//! a CA outage, revocation through the CRL poll, several CA endpoints, and no workload key on
+//! disk. (Here rather than in `proxy/tests/` so it shares the `ca serve` launcher of the test
+//! harness, `gatehouse_tests::harness::ca_serve`.)
 //!
 //! Needs `target/debug/ca`: run `cargo build --workspace --bins` first.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gatehouse_proxy::identity::{
     self, IdentityHandle, IdentityMetrics, Material, OnlineIdentityRaw, Tuning,
 };
+use gatehouse_tests::harness::{CaSandbox, CaServe};
 use rustls_pki_types::pem::PemObject;
 use tokio_util::sync::CancellationToken;
 
 const TD: &str = "enroll.test";
 
-fn ca_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable path");
-    let path = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps")
-        .join("ca");
-    assert!(
-        path.is_file(),
-        "{} is missing: run `cargo build --workspace --bins` first",
-        path.display()
-    );
-    path
-}
-
-struct Sandbox {
-    dir: tempfile::TempDir,
-}
-
-impl Sandbox {
-    fn new() -> Self {
-        let sb = Self {
-            dir: tempfile::tempdir().expect("tempdir"),
-        };
-        sb.ca(&[
-            "init",
-            "--dir",
-            "ca",
-            "--trust-domain",
-            TD,
-            "--intermediate",
-        ]);
-        std::fs::create_dir(sb.path("bootstrap")).expect("mkdir");
-        std::fs::copy(sb.path("ca/bundle.pem"), sb.path("bootstrap/bundle.pem")).expect("copy");
-        sb
-    }
-
-    fn path(&self, rel: &str) -> PathBuf {
-        self.dir.path().join(rel)
-    }
-
-    fn ca(&self, args: &[&str]) -> String {
-        let out = Command::new(ca_binary())
-            .args(args)
-            .current_dir(self.dir.path())
-            .output()
-            .expect("run ca");
-        assert!(
-            out.status.success(),
-            "ca {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).expect("utf-8")
-    }
-
-    /// A join token for `spiffe://enroll.test/<name>` with `uses`, written to bootstrap/<file>.
-    fn token_file(&self, name: &str, uses: u32, file: &str) -> PathBuf {
-        let id = format!("spiffe://{TD}/{name}");
-        let out = self.ca(&[
-            "--format",
-            "json",
-            "token",
-            "create",
-            "--dir",
-            "ca",
-            "--spiffe-id",
-            &id,
-            "--uses",
-            &uses.to_string(),
-        ]);
-        let v: serde_json::Value = serde_json::from_str(&out).expect("json");
-        let path = self.path(&format!("bootstrap/{file}"));
-        std::fs::write(&path, v["token"].as_str().expect("token")).expect("write token");
-        path
-    }
-
-    fn inventory(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(self.path("ca/inventory.jsonl"))
-            .expect("inventory")
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("json line"))
-            .collect()
-    }
-
-    /// Files under the sandbox, outside the CA's own directory, holding a private key.
-    fn workload_keys_on_disk(&self) -> Vec<PathBuf> {
-        let mut found = Vec::new();
-        let mut stack = vec![self.dir.path().to_path_buf()];
-        while let Some(dir) = stack.pop() {
-            for e in std::fs::read_dir(&dir).expect("read_dir").flatten() {
-                let p = e.path();
-                if p == self.path("ca") {
-                    continue;
-                }
-                if p.is_dir() {
-                    stack.push(p);
-                } else if std::fs::read(&p)
-                    .is_ok_and(|b| String::from_utf8_lossy(&b).contains("PRIVATE KEY"))
-                {
-                    found.push(p);
-                }
-            }
-        }
-        found
-    }
-}
-
-/// A running `ca serve`, killed on drop.
-struct CaServer {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Drop for CaServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn serve(sb: &Sandbox, listen: &str, svid_ttl: &str) -> CaServer {
-    let mut child = Command::new(ca_binary())
-        .args([
-            "serve",
-            "--dir",
-            "ca",
-            "--listen",
-            listen,
-            "--svid-ttl",
-            svid_ttl,
-        ])
-        .current_dir(sb.dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn ca serve");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("read stdout");
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .parse()
-        .expect("address");
-    CaServer { child, addr }
+fn serve(sb: &CaSandbox, listen: &str, svid_ttl: &str) -> CaServe {
+    CaServe::start(sb, "ca", listen, &["--svid-ttl", svid_ttl]).expect("ca serve starts")
 }
 
 fn config(
-    sb: &Sandbox,
+    sb: &CaSandbox,
     addr: SocketAddr,
     name: &str,
     token: &Path,
     poll: &str,
 ) -> identity::OnlineIdentity {
     OnlineIdentityRaw {
-        ca: format!("https://{addr}"),
+        ca: format!("https://{addr}").into(),
         spiffe_id: format!("spiffe://{TD}/{name}"),
         ca_bundle: "bootstrap/bundle.pem".into(),
         join_token_file: Some(token.to_path_buf()),
         ca_poll: Some(poll.into()),
         ..OnlineIdentityRaw::default()
     }
-    .validate(sb.dir.path())
+    .validate(sb.root())
     .expect("valid identity config")
 }
 
@@ -239,21 +95,21 @@ fn spki(m: &Material) -> Vec<u8> {
     cert.public_key().raw.to_vec()
 }
 
-fn issued(sb: &Sandbox, serial: &str) -> serde_json::Value {
+fn issued(sb: &CaSandbox, serial: &str) -> serde_json::Value {
     sb.inventory()
         .into_iter()
-        .find(|e| e["event"] == "issued" && e["serial"].as_str() == Some(serial))
+        .find(|e| e["serial"].as_str() == Some(serial))
         .unwrap_or_else(|| panic!("serial {serial} not in the inventory"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enrolls_with_a_join_token_then_renews_with_a_new_key_and_serial() {
-    let sb = Sandbox::new();
+    let sb = CaSandbox::new(TD, true);
     let ca = serve(&sb, "127.0.0.1:0", "9s");
-    let token = sb.token_file("report-service", 1, "token");
+    let token = sb.token("report-service", 1);
     let cancel = CancellationToken::new();
     let (h, metrics) = start(
-        config(&sb, ca.addr, "report-service", &token, "1s"),
+        config(&sb, ca.addr(), "report-service", &token, "1s"),
         &cancel,
     );
 
@@ -279,6 +135,14 @@ async fn enrolls_with_a_join_token_then_renews_with_a_new_key_and_serial() {
     })
     .await;
     assert_ne!(spki(&first), spki(&second), "renewal must carry a new key");
+    // The inventory records each certified key: SHA-256 of the SubjectPublicKeyInfo.
+    for m in [&first, &second] {
+        use sha2::Digest as _;
+        assert_eq!(
+            issued(&sb, &m.serial)["public_key_sha256"].as_str(),
+            Some(hex::encode(sha2::Sha256::digest(spki(m))).as_str())
+        );
+    }
     let e = issued(&sb, &second.serial);
     assert_eq!(e["source"], "renew");
     assert_eq!(e["credential"], "svid");
@@ -303,12 +167,12 @@ async fn enrolls_with_a_join_token_then_renews_with_a_new_key_and_serial() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_of_one_id_get_different_keys_and_serials() {
-    let sb = Sandbox::new();
+    let sb = CaSandbox::new(TD, true);
     let ca = serve(&sb, "127.0.0.1:0", "1h");
-    let token = sb.token_file("ledger", 2, "token");
+    let token = sb.token("ledger", 2);
     let cancel = CancellationToken::new();
-    let (a, _) = start(config(&sb, ca.addr, "ledger", &token, "5s"), &cancel);
-    let (b, _) = start(config(&sb, ca.addr, "ledger", &token, "5s"), &cancel);
+    let (a, _) = start(config(&sb, ca.addr(), "ledger", &token, "5s"), &cancel);
+    let (b, _) = start(config(&sb, ca.addr(), "ledger", &token, "5s"), &cancel);
     let limit = Duration::from_secs(10);
     let ma = tokio::time::timeout(limit, a.ready())
         .await
@@ -325,6 +189,13 @@ async fn two_replicas_of_one_id_get_different_keys_and_serials() {
         issued(&sb, &ma.serial)["spiffe_id"],
         issued(&sb, &mb.serial)["spiffe_id"]
     );
+    // The inventory shows the two keys too (SHA-256 of each certified public key).
+    let (ka, kb) = (
+        issued(&sb, &ma.serial)["public_key_sha256"].clone(),
+        issued(&sb, &mb.serial)["public_key_sha256"].clone(),
+    );
+    assert!(ka.is_string() && kb.is_string(), "{ka} {kb}");
+    assert_ne!(ka, kb, "two replicas, two keys");
     let keys = sb.workload_keys_on_disk();
     assert!(keys.is_empty(), "workload keys on disk: {keys:?}");
     cancel.cancel();
@@ -332,10 +203,10 @@ async fn two_replicas_of_one_id_get_different_keys_and_serials() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ca_outage_keeps_the_current_svid_and_renewal_resumes_when_it_returns() {
-    let sb = Sandbox::new();
+    let sb = CaSandbox::new(TD, true);
     let mut ca = serve(&sb, "127.0.0.1:0", "15s");
-    let addr = ca.addr;
-    let token = sb.token_file("monolith", 1, "token");
+    let addr = ca.addr();
+    let token = sb.token("monolith", 1);
     let cancel = CancellationToken::new();
     let (h, metrics) = start(config(&sb, addr, "monolith", &token, "1s"), &cancel);
     let first = tokio::time::timeout(Duration::from_secs(10), h.ready())
@@ -387,11 +258,11 @@ async fn ca_outage_keeps_the_current_svid_and_renewal_resumes_when_it_returns() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revocation_reaches_the_client_through_the_crl_poll() {
-    let sb = Sandbox::new();
+    let sb = CaSandbox::new(TD, true);
     let ca = serve(&sb, "127.0.0.1:0", "1h");
-    let token = sb.token_file("api-gateway", 1, "token");
+    let token = sb.token("api-gateway", 1);
     let cancel = CancellationToken::new();
-    let (h, _) = start(config(&sb, ca.addr, "api-gateway", &token, "1s"), &cancel);
+    let (h, _) = start(config(&sb, ca.addr(), "api-gateway", &token, "1s"), &cancel);
     let m = tokio::time::timeout(Duration::from_secs(10), h.ready())
         .await
         .expect("enrolled")
@@ -408,7 +279,7 @@ async fn revocation_reaches_the_client_through_the_crl_poll() {
     assert!(!listed(&m, &m.serial));
     let serial = m.serial.clone();
     let t0 = Instant::now();
-    sb.ca(&["revoke", "--dir", "ca", "--serial", &serial]);
+    sb.revoke(&serial);
     let after = wait_material(
         &h,
         Duration::from_secs(10),
@@ -425,7 +296,7 @@ async fn revocation_reaches_the_client_through_the_crl_poll() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enrollment_certificate_enrolls_and_enrolls_again_after_the_svid_expired() {
-    let sb = Sandbox::new();
+    let sb = CaSandbox::new(TD, true);
     let id = format!("spiffe://{TD}/reports-db");
     sb.ca(&[
         "enrollment",
@@ -438,9 +309,9 @@ async fn enrollment_certificate_enrolls_and_enrolls_again_after_the_svid_expired
         "bootstrap/enroll",
     ]);
     let ca = serve(&sb, "127.0.0.1:0", "4s");
-    let addr = ca.addr;
+    let addr = ca.addr();
     let cfg = OnlineIdentityRaw {
-        ca: format!("https://{addr}"),
+        ca: format!("https://{addr}").into(),
         spiffe_id: id.clone(),
         ca_bundle: "bootstrap/bundle.pem".into(),
         enrollment_cert: Some("bootstrap/enroll/cert.pem".into()),
@@ -448,7 +319,7 @@ async fn enrollment_certificate_enrolls_and_enrolls_again_after_the_svid_expired
         ca_poll: Some("1s".into()),
         ..OnlineIdentityRaw::default()
     }
-    .validate(sb.dir.path())
+    .validate(sb.root())
     .expect("valid");
     let cancel = CancellationToken::new();
     let (h, _) = start(cfg, &cancel);
@@ -484,5 +355,68 @@ async fn enrollment_certificate_enrolls_and_enrolls_again_after_the_svid_expired
         .collect();
     assert!(keys.is_empty(), "{keys:?}");
     drop(ca);
+    cancel.cancel();
+}
+
+/// `ca = [ … ]`: a dead replica and one whose certificate does not chain to our anchors (another
+/// CA, same trust domain name) are skipped within the same call, and the next replica answers;
+/// a list of only those fails with the TLS error (the CA SVID check holds at every endpoint).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_or_foreign_ca_endpoint_is_skipped_for_the_next_in_the_same_call() {
+    let sb = CaSandbox::new(TD, true);
+    let ca = serve(&sb, "127.0.0.1:0", "1h");
+    // Another CA with the same trust domain name, in its own sandbox: its SVID
+    // `spiffe://enroll.test/gatehouse/ca` does not chain to our bundle.
+    let foreign_sb = CaSandbox::new(TD, true);
+    let foreign = serve(&foreign_sb, "127.0.0.1:0", "1h");
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    };
+    let token = sb.token("reports", 1);
+    let cfg = |urls: Vec<String>| {
+        OnlineIdentityRaw {
+            ca: identity::config::CaUrls::Many(urls),
+            spiffe_id: format!("spiffe://{TD}/reports"),
+            ca_bundle: "bootstrap/bundle.pem".into(),
+            join_token_file: Some(token.clone()),
+            ca_poll: Some("5s".into()),
+            ..OnlineIdentityRaw::default()
+        }
+        .validate(sb.root())
+        .expect("valid")
+    };
+    let url = |a: SocketAddr| format!("https://{a}");
+
+    // Only the foreign CA and the dead one: no SVID, the error names both failures.
+    let cancel = CancellationToken::new();
+    let (h, metrics) = start(cfg(vec![url(foreign.addr()), url(dead)]), &cancel);
+    wait_until(Duration::from_secs(10), "a failed round", || {
+        metrics.renewals.with_label_values(&["error"]).get() >= 1
+    })
+    .await;
+    assert!(h.current().is_none());
+    let err = h.status().last_error.expect("an error");
+    assert!(
+        err.contains("TLS handshake") && err.contains("connect to"),
+        "{err}"
+    );
+    cancel.cancel();
+
+    // With the real CA last: enrolled in one round, no failed attempt counted, and /status
+    // names the endpoint that answered.
+    let cancel = CancellationToken::new();
+    let (h, metrics) = start(
+        cfg(vec![url(dead), url(foreign.addr()), url(ca.addr())]),
+        &cancel,
+    );
+    let m = tokio::time::timeout(Duration::from_secs(10), h.ready())
+        .await
+        .expect("enrolled")
+        .expect("driver");
+    assert_eq!(m.spiffe_id.to_string(), format!("spiffe://{TD}/reports"));
+    assert_eq!(metrics.renewals.with_label_values(&["error"]).get(), 0);
+    assert_eq!(h.status().ca_endpoint, Some(url(ca.addr())));
+    assert_eq!(issued(&sb, &m.serial)["source"], "enroll");
     cancel.cancel();
 }
