@@ -637,25 +637,17 @@ fn timeline(fleet: &Fleet, samples: &[super::Sample]) -> Check {
     }
 }
 
-/// The summary table.
+/// The summary table (Markdown): one row per step.
 pub fn table(rows: &[Row]) -> String {
-    let mut t = format!(
-        "{:<58} {:>6} {:>8} {:>7} {:>9} {:>9} {:>7} {:>7}  {}\n",
-        "step",
-        "secs",
-        "reports",
-        "failed",
-        "p50 ms",
-        "p99 ms",
-        "calls",
-        "failed",
-        "per monolith replica"
+    let mut t = String::from(
+        "| step | secs | reports | failed | p50 ms | p99 ms | mesh calls | failed calls | per monolith replica |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---|\n",
     );
     for r in rows {
         let s = &r.stats;
         let spread: Vec<String> = s.per_monolith.values().map(usize::to_string).collect();
         t.push_str(&format!(
-            "{:<58} {:>6.1} {:>8} {:>7} {:>9.1} {:>9.1} {:>7} {:>7}  {}\n",
+            "| {} | {:.1} | {} | {} | {:.1} | {:.1} | {} | {} | {} |\n",
             r.step,
             s.secs,
             s.reports_ok + s.reports_failed,
