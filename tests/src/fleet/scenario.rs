@@ -245,7 +245,7 @@ async fn scale_out(fleet: &mut Fleet) -> StepResult {
 }
 
 async fn spread(fleet: &mut Fleet) -> StepResult {
-    tokio::time::sleep(fleet.opts.window * 2).await;
+    tokio::time::sleep(fleet.opts.window * 3).await;
     Ok((true, String::new()))
 }
 
