@@ -210,11 +210,22 @@ pub async fn token(dir: &Path, service: &str, file: &str) -> anyhow::Result<Path
     Ok(path)
 }
 
-/// The `[identity]` lines of an enrolled sidecar.
+/// The `[identity]` lines of an enrolled sidecar fetching the bundle and CRLs every second.
 pub fn identity(dir: &Path, ca: SocketAddr, service: &str, token: &Path) -> String {
+    identity_polling(dir, ca, service, token, "1s")
+}
+
+/// The `[identity]` lines of an enrolled sidecar with `ca_poll = poll`.
+pub fn identity_polling(
+    dir: &Path,
+    ca: SocketAddr,
+    service: &str,
+    token: &Path,
+    poll: &str,
+) -> String {
     format!(
         "ca = \"https://{ca}\"\nspiffe_id = \"spiffe://{TD}/{service}\"\nca_bundle = {:?}\n\
-         join_token_file = {token:?}\nca_poll = \"1s\"",
+         join_token_file = {token:?}\nca_poll = \"{poll}\"",
         dir.join("bootstrap/bundle.pem")
     )
 }
