@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use gatehouse_tests::fleet::{Fleet, Options, scale, scenario};
+use gatehouse_tests::harness::process::interrupted;
 
 /// `println!` that survives a closed stdout (`fleet-demo | head`).
 macro_rules! say {
@@ -161,20 +162,5 @@ async fn simulate(args: &Args, work_dir: PathBuf) -> bool {
             say!("✘ scale simulation with {} sidecars: {e:#}", args.replicas);
             false
         }
-    }
-}
-
-/// Resolves on SIGINT or SIGTERM, so every child is killed before the demo exits.
-async fn interrupted() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut int), Ok(mut term)) = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = int.recv() => {}
-        _ = term.recv() => {}
     }
 }

@@ -200,9 +200,22 @@ pub async fn serve_ca(dir: &Path, listen: &str, ttl: Duration) -> anyhow::Result
 /// # Errors
 /// When `ca token create` fails.
 pub async fn token(dir: &Path, service: &str, file: &str) -> anyhow::Result<PathBuf> {
+    token_with(dir, service, file, &[]).await
+}
+
+/// [`token`] with more `ca token create` options (`--uses N`, `--ttl 1h`).
+///
+/// # Errors
+/// When `ca token create` fails.
+pub async fn token_with(
+    dir: &Path,
+    service: &str,
+    file: &str,
+    options: &[&str],
+) -> anyhow::Result<PathBuf> {
     let id = format!("spiffe://{TD}/{service}");
     let args = ["--format", "json", "token", "create", "--dir", "ca"];
-    let out = ca(dir, &[&args[..], &["--spiffe-id", &id]].concat()).await?;
+    let out = ca(dir, &[&args[..], &["--spiffe-id", &id], options].concat()).await?;
     let v: serde_json::Value = serde_json::from_str(&out)?;
     let path = dir.join(format!("bootstrap/{file}.token"));
     let token = v["token"].as_str().context("no token in the answer")?;

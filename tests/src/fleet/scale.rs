@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use super::{MONOLITH_POLICY, ca, identity_polling, init_ca, serve_ca};
+use super::{MONOLITH_POLICY, identity_polling, init_ca, serve_ca, token_with};
 use crate::harness::Sidecar;
 use crate::harness::process::usage;
 
@@ -25,27 +25,13 @@ pub async fn run(dir: &Path, n: usize) -> anyhow::Result<String> {
     let ca_addr = server.listener("");
     // One join token with N uses (N `ca token create` processes would dominate the timing).
     let uses = n.to_string();
-    let out = ca(
+    let token = token_with(
         dir,
-        &[
-            "--format",
-            "json",
-            "token",
-            "create",
-            "--dir",
-            "ca",
-            "--spiffe-id",
-            "spiffe://fintech.internal/monolith",
-            "--uses",
-            &uses,
-            "--ttl",
-            "1h",
-        ],
+        "monolith",
+        "monolith",
+        &["--uses", &uses, "--ttl", "1h"],
     )
     .await?;
-    let v: serde_json::Value = serde_json::from_str(&out)?;
-    let token = dir.join("bootstrap/monolith.token");
-    tokio::fs::write(&token, v["token"].as_str().unwrap_or_default()).await?;
     let app = std::net::SocketAddr::from(([127, 0, 0, 1], 9));
     let (ca_rss_before, ca_cpu_before) = usage(server.pid())?;
     let t = Instant::now();

@@ -156,3 +156,19 @@ pub fn usage(pid: u32) -> anyhow::Result<(u64, u64)> {
     };
     Ok((rss_kib, tick(11) + tick(12)))
 }
+
+/// Resolves on SIGINT or SIGTERM (never, when the handlers cannot be installed): a demo binary
+/// selects on it so its children (killed on drop) go with it.
+pub async fn interrupted() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => {}
+        _ = term.recv() => {}
+    }
+}
