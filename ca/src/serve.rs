@@ -165,6 +165,9 @@ struct CachedCrl {
     pem: Bytes,
     etag: String,
     revoked: usize,
+    /// The generations it covers: `ca root rotate`/`retire` change them, and sidecars refuse a
+    /// bundle root without a CRL (issue 23).
+    roots: Vec<u32>,
     made: Instant,
 }
 
@@ -237,13 +240,14 @@ pub async fn serve(
             let cert = serving_cert(&ca, &opts, &provider)?;
             let bundle = ca.bundle_pem()?;
             let revoked = ca.revoked_serials()?.len();
+            let roots = active_generations(&ca)?;
             let crl = ca.crl_pem(CRL_TTL)?;
-            Ok((cert, bundle, crl, revoked))
+            Ok((cert, bundle, crl, (revoked, roots)))
         })
         .await
         .map_err(|e| io_err(std::io::Error::other(e)))??
     };
-    let (cert, bundle, crl, revoked) = setup;
+    let (cert, bundle, crl, (revoked, roots)) = setup;
     let resolver = Arc::new(ServingCert(RwLock::new(Arc::new(cert))));
     let crl = Bytes::from(crl);
     let digest = trust_digest(&bundle, &crl);
@@ -265,6 +269,7 @@ pub async fn serve(
             etag: etag(&crl),
             pem: crl,
             revoked,
+            roots,
             made: Instant::now(),
         })),
     });
@@ -919,9 +924,11 @@ fn pem_reply(req: &Request<Incoming>, pem: Bytes, etag: &str) -> Reply {
 /// passed (signing bumps the CRL number, so it is not done per request).
 fn current_crl(state: &State) -> Result<(Bytes, String), CaError> {
     let revoked = state.ca.revoked_serials()?.len();
+    let roots = active_generations(&state.ca)?;
     let mut slot = state.crl.lock().map_err(|_| bad_pem("the CRL cache"))?;
     if let Some(c) = slot.as_ref()
         && c.revoked == revoked
+        && c.roots == roots
         && c.made.elapsed() < CRL_TTL / 2
     {
         return Ok((c.pem.clone(), c.etag.clone()));
@@ -932,7 +939,19 @@ fn current_crl(state: &State) -> Result<(Bytes, String), CaError> {
         pem: pem.clone(),
         etag: etag.clone(),
         revoked,
+        roots,
         made: Instant::now(),
     });
     Ok((pem, etag))
+}
+
+/// The generations (roots) not retired: the issuers the served CRLs must cover. Read before
+/// the CRLs are signed, so a root change racing the signature only costs one more signature.
+fn active_generations(ca: &Authority) -> Result<Vec<u32>, CaError> {
+    let (generations, _) = ca.generations()?;
+    Ok(generations
+        .iter()
+        .filter(|g| !g.retired)
+        .map(|g| g.id)
+        .collect())
 }

@@ -820,3 +820,43 @@ async fn tls_trust_follows_a_root_rotation_without_restart() {
         tokio::time::sleep(std::time::Duration::from_millis(250)).await;
     }
 }
+
+/// Issue 23 (found by the fleet demo): after `ca root rotate`, `/v1/crl` must carry a CRL from
+/// the new root at once. Sidecars refuse a bundle with a root that has no CRL, so with the CRL
+/// cached until the next revocation (or 12 h) every online sidecar refused the two-root bundle
+/// and every SVID of the new root: they kept their old SVIDs until these expired. (The cache
+/// key is the set of roots not retired, so `ca root retire` re-signs too; the fleet demo's
+/// root step covers that end to end.)
+#[tokio::test]
+async fn issue_23_served_crls_follow_root_rotation_and_retirement() {
+    let crl_issuers = |pem: &Bytes| -> Vec<String> {
+        use rustls_pki_types::pem::PemObject as _;
+        use x509_parser::prelude::FromDer as _;
+        rustls_pki_types::CertificateRevocationListDer::pem_slice_iter(pem)
+            .map(|c| {
+                let der = c.expect("CRL PEM");
+                let (_, crl) =
+                    x509_parser::revocation_list::CertificateRevocationList::from_der(&der)
+                        .expect("CRL DER");
+                crl.issuer().to_string()
+            })
+            .collect()
+    };
+    let sb = Sandbox::new();
+    init(&sb);
+    let srv = serve(&sb, &[]);
+    let (s, before) = call(&sb, srv.addr, None, "GET", "/v1/crl", None).await;
+    assert_eq!(s, 200);
+    assert_eq!(crl_issuers(&before).len(), 1, "one root, one CRL");
+
+    sb.ok(&["root", "rotate", "--dir", "ca"]);
+    let (s, rotated) = call(&sb, srv.addr, None, "GET", "/v1/crl", None).await;
+    assert_eq!(s, 200);
+    let issuers = crl_issuers(&rotated);
+    assert_eq!(
+        issuers.len(),
+        2,
+        "a CRL from each root of the bundle: {issuers:?}"
+    );
+    assert!(issuers.iter().any(|i| i.contains("g2")), "{issuers:?}");
+}

@@ -24,6 +24,7 @@ use gatehouse_tests::fintech::scenario::{self, Check, label};
 use gatehouse_tests::fintech::stack::{
     Ports, Service, Stack, StackError, StackOptions, examples_dir,
 };
+use gatehouse_tests::harness::process::interrupted;
 
 /// Run the FinTech zero-trust demo on 127.0.0.1 and print what happened.
 #[derive(Debug, Parser)]
@@ -240,19 +241,4 @@ fn fail_start(e: &StackError) -> bool {
     eprintln!("fintech-demo: error: {e}");
     eprintln!("  help: {}", e.help());
     false
-}
-
-/// Resolves on SIGINT or SIGTERM, so the stack is dropped (children killed) before the demo exits.
-async fn interrupted() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut int), Ok(mut term)) = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-    ) else {
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = int.recv() => {}
-        _ = term.recv() => {}
-    }
 }

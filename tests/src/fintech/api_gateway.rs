@@ -16,7 +16,7 @@ use http::{HeaderValue, Method, Response, StatusCode, header};
 use http_body_util::Full;
 use serde::{Deserialize, Serialize};
 
-use super::report_service::{ReportReady, WEBHOOK_PATH};
+use super::report_service::{ReportReady, TRACEPARENT, WEBHOOK_PATH};
 use crate::harness::app::{
     App, CLIENT_ID_HEADER, Captured, Recorder, ServiceBody as Body, error, json,
 };
@@ -124,9 +124,13 @@ impl Frontend {
             .headers
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok());
+        // The trace context travels on (as an instrumented gateway would), so the sidecars'
+        // audit lines of one request share its trace id.
+        let traceparent = req.headers.get(TRACEPARENT).and_then(|v| v.to_str().ok());
         let headers: Vec<(&str, &str)> = content_type
             .map(|ct| ("content-type", ct))
             .into_iter()
+            .chain(traceparent.map(|t| (TRACEPARENT, t)))
             .collect();
         match self
             .client

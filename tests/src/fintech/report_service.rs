@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::{HeaderValue, Method, Response, StatusCode, header};
 use serde::{Deserialize, Serialize};
 
@@ -26,6 +27,9 @@ pub const FORMATS: [&str; 2] = ["json", "csv"];
 
 /// Path of the webhook the gateway receives.
 pub const WEBHOOK_PATH: &str = "/webhooks/report-ready";
+
+/// The W3C trace context header the fake services pass on from a request to the calls it causes.
+pub const TRACEPARENT: &str = "traceparent";
 
 /// Body of `POST /reports`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -179,7 +183,12 @@ impl ReportService {
             reports.insert(id, report.clone());
             (id, report)
         });
-        tokio::spawn(self.clone().generate(id));
+        let trace = req
+            .headers
+            .get(TRACEPARENT)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        tokio::spawn(self.clone().generate(id, trace));
         let url = format!("/reports/{}", report.id);
         let mut resp = json(
             StatusCode::ACCEPTED,
@@ -191,14 +200,16 @@ impl ReportService {
         resp
     }
 
-    /// The background job: fetch, render, store, notify.
-    async fn generate(self: Arc<Self>, id: u64) {
+    /// The background job: fetch, render, store, notify; the request's `traceparent` (if any)
+    /// goes with the fetch and the webhook.
+    async fn generate(self: Arc<Self>, id: u64, trace: Option<String>) {
         let report = self.update(id, |r| r.status = ReportStatus::Running);
         let url = format!(
             "{}/api/data/reports?startDate={}&endDate={}",
             self.upstreams.monolith, report.start_date, report.end_date
         );
-        let outcome = match self.client.get(&url).await {
+        let trace: Vec<(&str, &str)> = trace.iter().map(|t| (TRACEPARENT, t.as_str())).collect();
+        let outcome = match self.client.send(Method::GET, &url, &trace, None).await {
             Ok(reply) if reply.status == StatusCode::OK => {
                 reply.json::<ReportData>().map_err(|e| e.to_string())
             }
@@ -216,10 +227,10 @@ impl ReportService {
                 r.error = Some(message);
             }
         });
-        self.notify(id, &report).await;
+        self.notify(id, &report, &trace).await;
     }
 
-    async fn notify(&self, id: u64, report: &Report) {
+    async fn notify(&self, id: u64, report: &Report, trace: &[(&str, &str)]) {
         let Some(webhook) = &self.upstreams.webhook else {
             return;
         };
@@ -237,7 +248,14 @@ impl ReportService {
         let mut outcome = String::new();
         // A few bounded attempts: the gateway may still be starting; a refusal (4xx) is final.
         for attempt in 1..=4u32 {
-            outcome = match self.client.post_json(webhook, &body).await {
+            let json = Bytes::from(serde_json::to_vec(&body).unwrap_or_default());
+            let mut headers = vec![("content-type", "application/json")];
+            headers.extend_from_slice(trace);
+            outcome = match self
+                .client
+                .send(Method::POST, webhook, &headers, Some(json))
+                .await
+            {
                 Ok(reply) if reply.status.is_success() => {
                     format!("delivered ({})", reply.status.as_u16())
                 }

@@ -470,7 +470,9 @@ impl Servers {
             TcpListener::bind(addr)
                 .await
                 .map_err(|source| BindError { what, addr, source })?;
-        println!("{what} listening on {addr}");
+        // The bound address (port 0 asks the kernel for one; the launcher reads it from here).
+        let bound = listener.local_addr().unwrap_or(addr);
+        println!("{what} listening on {bound}");
         self.tasks.spawn(serve(listener, app));
         Ok(())
     }

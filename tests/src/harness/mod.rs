@@ -29,6 +29,7 @@ pub mod ca_serve;
 pub mod client;
 pub mod fixtures;
 pub mod pki;
+pub mod process;
 pub mod sidecar;
 pub mod wait;
 
@@ -52,17 +53,21 @@ pub const MONOLITH_ID: &str = fixtures::MONOLITH;
 pub const REPORT_SERVICE_ID: &str = fixtures::REPORTS;
 pub use fixtures::REPORT_EXPORT_POLICY;
 
-/// The path of a workspace binary, `target/debug/<name>`, next to the running test executable.
+/// The path of a workspace binary, `target/debug/<name>`: next to the running executable when
+/// that is a binary of the workspace (`target/debug/fleet-demo`), one level up when it is a test
+/// executable (`target/debug/deps/<test>`).
 ///
 /// # Panics
 /// When the binary is missing: run `cargo build --workspace --bins` first.
 pub fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("the test executable has a path");
-    // target/debug/deps/<test> → target/debug/<name>
-    let dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("test executables live in target/<profile>/deps");
+    let exe = std::env::current_exe().expect("the running executable has a path");
+    let parent = exe.parent().expect("an executable lives in a directory");
+    // target/debug/deps/<test> → target/debug/<name>; target/debug/<bin> → target/debug/<name>
+    let dir = if parent.file_name().is_some_and(|n| n == "deps") {
+        parent.parent().expect("deps/ has a parent")
+    } else {
+        parent
+    };
     let path = dir.join(name);
     assert!(
         path.is_file(),

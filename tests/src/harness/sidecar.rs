@@ -181,14 +181,7 @@ impl SidecarBuilder {
     /// error carries its stderr).
     pub async fn spawn(self) -> anyhow::Result<Sidecar> {
         let mut sidecar = self.start().await?;
-        let admin = sidecar.admin_addr();
-        eventually("/readyz 200", READY_TIMEOUT, async || {
-            matches!(http_get(admin, "/readyz").await, Ok((StatusCode::OK, _))).then_some(())
-        })
-        .await
-        .with_context(|| sidecar.stderr_text())?;
-        // Ready: every listener is logged (an online identity logs its admin listener first).
-        sidecar.listeners = sidecar.parse_listeners();
+        sidecar.wait_ready().await?;
         Ok(sidecar)
     }
 
@@ -308,6 +301,23 @@ impl Sidecar {
             }
         }
         map
+    }
+
+    /// Waits until `/readyz` answers 200, then reads every listener (an online identity logs
+    /// its admin listener first, the others once it holds an SVID). [`SidecarBuilder::spawn`]
+    /// is `start` + this; several sidecars started one after the other become ready together.
+    ///
+    /// # Errors
+    /// When it is not ready within [`READY_TIMEOUT`] (the error carries its stderr).
+    pub async fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let admin = self.admin_addr();
+        eventually("/readyz 200", READY_TIMEOUT, async || {
+            matches!(http_get(admin, "/readyz").await, Ok((StatusCode::OK, _))).then_some(())
+        })
+        .await
+        .with_context(|| self.stderr_text())?;
+        self.listeners = self.parse_listeners();
+        Ok(())
     }
 
     /// A bound listener by name (`inbound`, `admin`, `outbound:<name>`).
