@@ -47,6 +47,7 @@ mod audit;
 pub mod balance;
 mod config;
 mod error;
+mod hexdigits;
 mod http;
 #[doc(hidden)]
 pub mod identity; // public only for proxy/tests/enroll_client.rs until it is wired into `sidecar run` (issue 16)
