@@ -466,13 +466,12 @@ print(*[x.getsockname()[1] for x in s])')
       # As examples/fintech/main.tf passes them: the report service reads the monolith over HTTP
       # and its PostgreSQL over a [[tcp_outbound]] (issue 17).
       if [[ $svc == report-service ]]; then
-        outbounds='[{name="monolith", listen="127.0.0.1:7001", connect="monolith.fintech.internal:8443", server_id="spiffe://fintech.internal/monolith"}]'
-        tcp='[{name="reports-db", listen="127.0.0.1:5432", connect="reports-db.fintech.internal:15432", server_id="spiffe://fintech.internal/reports-db"}]'
+        outbounds='[{name="monolith", listen="127.0.0.1:7001", connect="monolith.fintech.internal:8443", server_id="spiffe://fintech.internal/monolith", tcp=false}, {name="reports-db", listen="127.0.0.1:5432", connect="reports-db.fintech.internal:15432", server_id="spiffe://fintech.internal/reports-db", tcp=true}]'
       else
-        outbounds='[]' tcp='[]'
+        outbounds='[]'
       fi
-      printf 'templatefile("%s", {min_tls="1.3", with_crl=true, sidecar_port=8443, app_port=8080, admin_port=9901, admin_host="127.0.0.1", outbounds=%s, tcp=%s, online=null})\n' \
-        "$here/terraform/ecs/templates/sidecar.toml.tftpl" "$outbounds" "$tcp" |
+      printf 'templatefile("%s", {min_tls="1.3", with_crl=true, sidecar_port=8443, app_port=8080, admin_port=9901, admin_host="127.0.0.1", outbounds=%s, online=null})\n' \
+        "$here/terraform/ecs/templates/sidecar.toml.tftpl" "$outbounds" |
         (cd "$w" && TF_CLI_CONFIG_FILE=/dev/null terraform console) | sed '1d;$d' >"$w/ecs-$svc.rendered.toml"
       diff -u "$golden/$svc.sidecar.toml" "$w/ecs-$svc.rendered.toml" >&2 ||
         die "terraform/ecs/examples/fintech/rendered/$svc.sidecar.toml differs from what the module renders" \

@@ -25,7 +25,6 @@ locals {
     admin_port   = var.admin_port
     admin_host   = local.metrics_enabled ? "0.0.0.0" : "127.0.0.1"
     outbounds    = var.outbounds
-    tcp          = var.tcp_outbounds
     online       = var.online_identity
   })
 

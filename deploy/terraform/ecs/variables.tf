@@ -162,12 +162,13 @@ variable "sidecar_health_check_command" {
 }
 
 variable "outbounds" {
-  description = "Outbound listeners of the sidecar: the app calls http://127.0.0.1:<listen port>, the sidecar connects over mTLS to `connect` and accepts only a server presenting `server_id`. For the report service: [{ name = \"monolith\", listen = \"127.0.0.1:7001\", connect = \"monolith.fintech.internal:8443\", server_id = \"spiffe://fintech.internal/monolith\" }]."
+  description = "Outbound listeners of the sidecar: the app calls http://127.0.0.1:<listen port>, the sidecar connects over mTLS to `connect` and accepts only a server presenting `server_id`. For the report service: [{ name = \"monolith\", listen = \"127.0.0.1:7001\", connect = \"monolith.fintech.internal:8443\", server_id = \"spiffe://fintech.internal/monolith\" }]. With tcp = true the listener is plain TCP (a [[tcp_outbound]], issue 17), e.g. for a database: the app's JDBC URL jdbc:postgresql://127.0.0.1:5432/reports?sslmode=disable reaches `connect`, the database host's [[tcp_inbound]]; egress_cidr_blocks must admit that host."
   type = list(object({
     name      = string
     listen    = string
     connect   = string
     server_id = string
+    tcp       = optional(bool, false)
   }))
   default = []
 
@@ -179,32 +180,6 @@ variable "outbounds" {
   validation {
     condition     = alltrue([for o in var.outbounds : startswith(o.server_id, "spiffe://")])
     error_message = "server_id must be a SPIFFE ID (spiffe://trust-domain/path)."
-  }
-}
-
-variable "tcp_outbounds" {
-  description = "Plain TCP listeners of the sidecar (issue 17, TCP mode), e.g. for a database: the app connects to 127.0.0.1:<listen port> (a JDBC URL jdbc:postgresql://127.0.0.1:5432/reports?sslmode=disable), the sidecar connects over mTLS to `connect` (the database host's [[tcp_inbound]]) and accepts only a server presenting `server_id`. For the report service: [{ name = \"reports-db\", listen = \"127.0.0.1:5432\", connect = \"reports-db.fintech.internal:15432\", server_id = \"spiffe://fintech.internal/reports-db\" }]. egress_cidr_blocks must admit the database host."
-  type = list(object({
-    name      = string
-    listen    = string
-    connect   = string
-    server_id = string
-  }))
-  default = []
-
-  validation {
-    condition     = alltrue([for o in var.tcp_outbounds : startswith(o.listen, "127.0.0.1:")])
-    error_message = "tcp_outbounds must listen on 127.0.0.1: only the task's own app may use them (anyone reaching the listener connects with this service's identity)."
-  }
-
-  validation {
-    condition     = alltrue([for o in var.tcp_outbounds : startswith(o.server_id, "spiffe://")])
-    error_message = "tcp_outbounds server_id must be a SPIFFE ID (spiffe://trust-domain/path)."
-  }
-
-  validation {
-    condition     = length(distinct([for o in concat(var.outbounds, var.tcp_outbounds) : o.name])) == length(var.outbounds) + length(var.tcp_outbounds)
-    error_message = "outbounds and tcp_outbounds names must be unique across both lists (they are the sidecar's listener names)."
   }
 }
 

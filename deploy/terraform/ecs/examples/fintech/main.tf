@@ -136,15 +136,15 @@ module "report_service" {
     listen    = "127.0.0.1:7001"
     connect   = "monolith.fintech.internal:8443"
     server_id = "spiffe://fintech.internal/monolith"
-  }]
-  # The reports database runs on its own host with a TCP-only sidecar
-  # (deploy/examples/fintech/databases/reports-db/sidecar.toml, under systemd:
-  # deploy/systemd): its [[tcp_inbound]] "postgres" listens on 15432.
-  tcp_outbounds = [{
+    }, {
+    # The reports database runs on its own host with a TCP-only sidecar
+    # (deploy/examples/fintech/databases/reports-db/sidecar.toml, under systemd:
+    # deploy/systemd): its [[tcp_inbound]] "postgres" listens on 15432.
     name      = "reports-db"
     listen    = "127.0.0.1:5432"
     connect   = "reports-db.fintech.internal:15432"
     server_id = "spiffe://fintech.internal/reports-db"
+    tcp       = true
   }]
   policy_toml             = file("${path.module}/../../../../kubernetes/overlays/report-service/policy.toml")
   svid_secret_arn         = var.report_service_svid_secret_arn
