@@ -295,6 +295,42 @@ if [[ -x $sidecar_bin && -x $ca_bin ]]; then
   }
   note "kubernetes report-service-online: $(tail -1 "$root/check.log")"
 
+  # The FinTech example's reports database (issue 17, TCP mode): its TCP-only sidecar, and the
+  # report service's sidecar with the README's [[tcp_outbound]] "reports-db" added, laid out as
+  # in examples/fintech (certs/ beside the service folders) with throwaway SVIDs.
+  ex="$w/fintech"
+  mkdir -p "$ex/databases/reports-db" "$ex/report-service"
+  for svc in reports-db report-service; do
+    "$ca_bin" issue --dir "$w/ca" --spiffe-id "spiffe://fintech.internal/$svc" --out "$ex/certs/$svc" >/dev/null
+  done
+  cp "$w/ca/bundle.pem" "$w/crl.pem" "$ex/certs/"
+  cp "$here/examples/fintech/databases/reports-db/"{sidecar.toml,policy.toml} "$ex/databases/reports-db/"
+  cp "$here/examples/fintech/report-service/"{sidecar.toml,policy.toml} "$ex/report-service/"
+  # The block the README tells the reader to add, taken from the README itself.
+  # shellcheck disable=SC2016 # backticks are the README's code fences, not an expansion
+  sed -n '/^## The reports database/,/^## /{/^```toml$/,/^```$/{/^```/d;p}}' "$here/examples/fintech/README.md" \
+    >>"$ex/report-service/sidecar.toml"
+  grep -q '^\[\[tcp_outbound\]\]' "$ex/report-service/sidecar.toml" ||
+    die "examples/fintech/README.md has no [[tcp_outbound]] block under \"The reports database\"" "keep the README's toml block"
+  if [[ -x $policy_bin ]]; then
+    db_policy="$ex/databases/reports-db/policy.toml"
+    if ! "$policy_bin" check --deny-warnings "$db_policy" >"$ex/policy-check.log" 2>&1 ||
+      ! "$policy_bin" test "$db_policy" --tcp postgres --caller spiffe://fintech.internal/report-service >/dev/null ||
+      "$policy_bin" test "$db_policy" --tcp postgres --caller spiffe://fintech.internal/api-gateway >/dev/null 2>&1; then
+      cat "$ex/policy-check.log" >&2
+      die "examples/fintech/databases/reports-db/policy.toml must pass policy check and allow only report-service on postgres" \
+        "fix the [[tcp]] entry"
+    fi
+  fi
+  for cfg in databases/reports-db report-service; do
+    "$sidecar_bin" check --config "$ex/$cfg/sidecar.toml" >"$ex/check.log" 2>&1 || {
+      cat "$ex/check.log" >&2
+      die "sidecar check rejected examples/fintech/$cfg/sidecar.toml (with the database)" "fix the example config or the README block"
+    }
+    grep -q 'tcp_' "$ex/check.log" || die "sidecar check of examples/fintech/$cfg lists no TCP listener" "see $ex/check.log"
+    note "examples/fintech/$cfg: $(tail -1 "$ex/check.log")"
+  done
+
   # The image's health check client against a live sidecar running the monolith's Kubernetes
   # config (listeners moved to free loopback ports): exit 0 while /readyz answers 200, 1 after
   # the sidecar stopped. Built with the Containerfile's rustc command line.
@@ -428,8 +464,13 @@ print(*[x.getsockname()[1] for x in s])')
   golden="$here/terraform/ecs/examples/fintech/rendered"
   if command -v terraform >/dev/null; then
     for svc in monolith report-service report-service-online; do
-      if [[ $svc == report-service* ]]; then
-        outbounds='[{name="monolith", listen="127.0.0.1:7001", connect="monolith.fintech.internal:8443", server_id="spiffe://fintech.internal/monolith"}]'
+      # As examples/fintech/main.tf passes them: the report service reads the monolith over HTTP
+      # and its PostgreSQL over a [[tcp_outbound]] (issue 17); the online render (issue 16) keeps
+      # the monolith only, as its committed golden file shows.
+      if [[ $svc == report-service ]]; then
+        outbounds='[{name="monolith", listen="127.0.0.1:7001", connect="monolith.fintech.internal:8443", server_id="spiffe://fintech.internal/monolith", tcp=false}, {name="reports-db", listen="127.0.0.1:5432", connect="reports-db.fintech.internal:15432", server_id="spiffe://fintech.internal/reports-db", tcp=true}]'
+      elif [[ $svc == report-service-online ]]; then
+        outbounds='[{name="monolith", listen="127.0.0.1:7001", connect="monolith.fintech.internal:8443", server_id="spiffe://fintech.internal/monolith", tcp=false}]'
       else
         outbounds='[]'
       fi

@@ -165,9 +165,11 @@ def check_sidecar_workload(where: str, meta: dict, pod: dict, by_kind: dict, fil
                 err(where, f"identity.{key} {p} must be in the Secret mounted at /etc/gatehouse/certs")
         if "secret" not in mounts.get("/etc/gatehouse/certs", {}):
             err(where, "certificates must come from a Secret mounted at /etc/gatehouse/certs")
-    for o in cfg.get("outbound", []):
+    for o in cfg.get("outbound", []) + cfg.get("tcp_outbound", []):
         if host_of(o.get("listen", "")) != "127.0.0.1":
             err(where, f"outbound {o.get('name')} must listen on 127.0.0.1")
+        if o.get("allow_non_loopback_listen"):
+            err(where, f"outbound {o.get('name')}: allow_non_loopback_listen lends the pod's identity to the network")
 
     policy_path = inbound.get("policy", "")
     pol_dir = str(Path(policy_path).parent)

@@ -47,6 +47,7 @@ mod audit;
 pub mod balance;
 mod config;
 mod error;
+mod hexdigits;
 mod http;
 #[doc(hidden)]
 // Public (hidden) only for tests/tests/enroll_client.rs, which drives the enrollment client with

@@ -120,6 +120,35 @@ async fn disabled_audit_writes_no_line_on_either_side_and_warns() {
 }
 
 #[tokio::test]
+async fn issue_19_without_an_audit_log_the_outbound_adds_no_traceparent() {
+    // The trace id only joins two audit lines: with the log off, starting one cost both
+    // sidecars an HPACK encode and decode per request and changed what the app sent.
+    let p = pair("enabled = false").await;
+    let out = p.outbound.listener("outbound:monolith");
+    let (status, _) = get_with(out, "/api/data/reports", &[("x-request-id", "tp-1")]).await;
+    assert_eq!(status, StatusCode::OK);
+    let invalid = "00-not-a-trace";
+    let (status, _) = get_with(
+        out,
+        "/api/data/reports",
+        &[("x-request-id", "tp-2"), ("traceparent", invalid)],
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let seen = p.app.requests();
+    assert_eq!(seen.len(), 2);
+    assert!(
+        seen[0].headers.get("traceparent").is_none(),
+        "none sent, none added: {:?}",
+        seen[0].headers
+    );
+    assert_eq!(
+        seen[1].headers["traceparent"], invalid,
+        "the app's header passes as sent"
+    );
+}
+
+#[tokio::test]
 async fn buffered_lines_are_written_together_within_the_flush_interval() {
     let p = pair("flush_interval = \"2s\"").await;
     let started = Instant::now();

@@ -162,12 +162,13 @@ variable "sidecar_health_check_command" {
 }
 
 variable "outbounds" {
-  description = "Outbound listeners of the sidecar: the app calls http://127.0.0.1:<listen port>, the sidecar connects over mTLS to `connect` and accepts only a server presenting `server_id`. For the report service: [{ name = \"monolith\", listen = \"127.0.0.1:7001\", connect = \"monolith.fintech.internal:8443\", server_id = \"spiffe://fintech.internal/monolith\" }]."
+  description = "Outbound listeners of the sidecar: the app calls http://127.0.0.1:<listen port>, the sidecar connects over mTLS to `connect` and accepts only a server presenting `server_id`. For the report service: [{ name = \"monolith\", listen = \"127.0.0.1:7001\", connect = \"monolith.fintech.internal:8443\", server_id = \"spiffe://fintech.internal/monolith\" }]. With tcp = true the listener is plain TCP (a [[tcp_outbound]], issue 17), e.g. for a database: the app's JDBC URL jdbc:postgresql://127.0.0.1:5432/reports?sslmode=disable reaches `connect`, the database host's [[tcp_inbound]]; egress_cidr_blocks must admit that host."
   type = list(object({
     name      = string
     listen    = string
     connect   = string
     server_id = string
+    tcp       = optional(bool, false)
   }))
   default = []
 

@@ -92,7 +92,7 @@ pub fn verify(files: &[std::path::PathBuf]) -> Result<Verified, String> {
                 }
                 // A sidecar (re)started on a pipe, or a new file: a new chain.
                 _ if start && genesis => {}
-                Some((hash, _)) if prev == hex_of(hash) => {}
+                Some((hash, _)) if prev == crate::hexdigits::of_hash(hash) => {}
                 Some((_, before)) => {
                     return Err(format!(
                         "{at}: broken chain: its \"prev\" is not the SHA-256 of the line before \
@@ -171,21 +171,5 @@ pub(super) fn last_line_hash(path: &Path) -> io::Result<Option<[u8; 32]>> {
             }
             None => window *= 4,
         }
-    }
-}
-
-/// A hash as lowercase hex.
-pub(super) fn hex_of(hash: &[u8; 32]) -> [u8; 64] {
-    let mut out = [0; 64];
-    push_hex_into(&mut out, hash);
-    out
-}
-
-/// Writes `bytes` as lowercase hex into `out` (twice as long).
-pub(super) fn push_hex_into(out: &mut [u8], bytes: &[u8]) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
-        pair[0] = HEX[usize::from(b >> 4)];
-        pair[1] = HEX[usize::from(b & 0xf)];
     }
 }

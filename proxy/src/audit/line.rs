@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use gatehouse_policy::SpiffeId;
 
-use super::chain::push_hex_into;
+use crate::hexdigits;
 use crate::outcome::Outcome;
 
 /// One inbound decision, as logged.
@@ -68,7 +68,7 @@ pub(super) fn push_trace_id(buf: &mut Vec<u8>, id: Option<&[u8; 16]>) {
     match id {
         Some(id) => {
             let mut text = [b'"'; 34];
-            push_hex_into(&mut text[1..33], id);
+            hexdigits::encode_into(&mut text[1..33], id);
             buf.extend_from_slice(&text);
         }
         None => buf.extend_from_slice(b"null"),
@@ -118,7 +118,6 @@ pub(super) fn push_json_str(buf: &mut Vec<u8>, s: &str) {
     }
     // Runs of bytes that need no escape are copied whole; every escaped byte is ASCII, so the
     // output stays UTF-8.
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut run = 0;
     for (i, &b) in bytes.iter().enumerate() {
         let esc: &[u8] = match b {
@@ -132,14 +131,8 @@ pub(super) fn push_json_str(buf: &mut Vec<u8>, s: &str) {
         };
         buf.extend_from_slice(&bytes[run..i]);
         if esc.is_empty() {
-            buf.extend_from_slice(&[
-                b'\\',
-                b'u',
-                b'0',
-                b'0',
-                HEX[usize::from(b >> 4)],
-                HEX[usize::from(b & 0xf)],
-            ]);
+            let [hi, lo] = hexdigits::pair(b);
+            buf.extend_from_slice(&[b'\\', b'u', b'0', b'0', hi, lo]);
         } else {
             buf.extend_from_slice(esc);
         }
@@ -151,8 +144,16 @@ pub(super) fn push_json_str(buf: &mut Vec<u8>, s: &str) {
 
 /// Whether any byte of `s` must be escaped in a JSON string.
 fn needs_escape(s: &[u8]) -> bool {
-    // A fold without early exit, so the compiler can vectorize it; audit fields are short.
-    s.iter().fold(false, |acc, &b| {
-        acc | (b == b'"') | (b == b'\\') | (b < 0x20)
-    })
+    // Sixteen bytes at a time, without early exit inside a block: the compiler turns each block
+    // into a few SIMD compares (a byte-at-a-time fold cost about five instructions a byte, and
+    // a line scans some 250 bytes). The tail is padded with a byte that needs no escape.
+    fn block(b: &[u8; 16]) -> bool {
+        b.iter().fold(false, |acc, &c| {
+            acc | (c == b'"') | (c == b'\\') | (c < 0x20)
+        })
+    }
+    let (blocks, tail) = s.as_chunks::<16>();
+    let mut last = [b' '; 16];
+    last[..tail.len()].copy_from_slice(tail);
+    blocks.iter().any(block) || block(&last)
 }

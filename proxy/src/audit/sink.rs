@@ -10,17 +10,16 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
 use std::thread::{self, Thread};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use super::chain::{
-    GENESIS, PREV_FROM_END, anchor_path, last_line_hash, push_hex_into, read_anchor,
-};
+use super::chain::{GENESIS, PREV_FROM_END, anchor_path, last_line_hash, read_anchor};
 use super::line::{AuditRecord, OutboundRecord};
 use super::line::{push_json_str, push_millis, push_trace_id, push_u64};
 use crate::config::AuditConfig;
+use crate::hexdigits;
 use sha2::{Digest, Sha256};
 
 /// Buffered bytes past which the flusher thread is woken at once instead of at the interval.
@@ -61,6 +60,7 @@ struct Inner {
 struct Buffers {
     /// A line was buffered since the sink was made: later lines do not start the chain.
     started: bool,
+    clock: Clock,
     cur: Vec<u8>,
     /// The other buffer, kept between writes so swapping allocates nothing.
     spare: Vec<u8>,
@@ -147,6 +147,7 @@ impl Sink {
         let inner = Arc::new(Inner {
             buf: Mutex::new(Buffers {
                 started: false,
+                clock: Clock::default(),
                 cur: Vec::with_capacity(FLUSH_BYTES + PIPE_BUF),
                 spare: Vec::with_capacity(FLUSH_BYTES + PIPE_BUF),
             }),
@@ -240,15 +241,16 @@ impl Sink {
     /// Appends one line (`{"time":...` + `fields` + the `prev` placeholder + `}\n`) and wakes
     /// or writes as needed.
     pub(super) fn push(&self, fields: impl FnOnce(&mut Vec<u8>)) {
-        let now = OffsetDateTime::now_utc();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
         let inner = &*self.inner;
         let (was_empty, len) = {
             let mut g = lock(&inner.buf);
             let was_empty = g.cur.is_empty();
-            let b = &mut g.cur;
+            let Buffers { cur: b, clock, .. } = &mut *g;
             b.extend_from_slice(b"{\"time\":\"");
-            // Into a Vec this cannot fail for years 0..=9999.
-            let _ = now.format_into(b, &Rfc3339);
+            clock.push_rfc3339(b, now);
             b.push(b'"');
             fields(b);
             if !g.started {
@@ -308,7 +310,7 @@ impl Inner {
             if let Some(a) = &out.anchor {
                 use std::os::unix::fs::FileExt;
                 let mut text = [b'\n'; 65];
-                push_hex_into(&mut text[..64], &out.last);
+                text[..64].copy_from_slice(&hexdigits::of_hash(&out.last));
                 if let Err(e) = a.write_all_at(&text, 0) {
                     tracing::warn!(error = %e, "cannot update the audit chain anchor file");
                 }
@@ -333,7 +335,7 @@ impl Output {
             let line = &mut batch[start..end];
             // Every line this sink formats ends with the placeholder; guard anyway.
             if let Some(at) = line.len().checked_sub(PREV_FROM_END - 1) {
-                push_hex_into(&mut line[at..at + 64], &self.last);
+                line[at..at + 64].copy_from_slice(&hexdigits::of_hash(&self.last));
             }
             self.last = Sha256::digest(&*line).into();
             start = end + 1;
@@ -362,6 +364,60 @@ impl Output {
             b = &b[n..];
         }
         self.w.flush()
+    }
+}
+
+/// The `time` of audit lines: RFC 3339 in UTC, as `time`'s `Rfc3339` writes it (fraction
+/// digits without trailing zeros, none at a whole second), with the date and time of day
+/// formatted once per second instead of once per line.
+struct Clock {
+    /// Seconds since the Unix epoch of `text`; `u64::MAX` before the first line.
+    secs: u64,
+    /// `YYYY-MM-DDTHH:MM:SS` of `secs`.
+    text: [u8; 19],
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Self {
+            secs: u64::MAX,
+            text: *b"1970-01-01T00:00:00",
+        }
+    }
+}
+
+impl Clock {
+    /// Appends the instant `since_epoch` after the Unix epoch.
+    fn push_rfc3339(&mut self, b: &mut Vec<u8>, since_epoch: Duration) {
+        let secs = since_epoch.as_secs();
+        if secs != self.secs {
+            self.secs = secs;
+            let mut text = Vec::with_capacity(32);
+            // Years 0..=9999 always format; past them the epoch's text stays (not reached).
+            let whole = i64::try_from(secs)
+                .ok()
+                .and_then(|s| OffsetDateTime::from_unix_timestamp(s).ok());
+            if let Some(t) = whole
+                && t.format_into(&mut text, &Rfc3339).is_ok()
+                && let Some(head) = text.get(..19)
+            {
+                self.text.copy_from_slice(head);
+            }
+        }
+        b.extend_from_slice(&self.text);
+        let nanos = since_epoch.subsec_nanos();
+        if nanos != 0 {
+            let mut frac = *b".000000000";
+            let mut n = nanos;
+            for d in frac[1..].iter_mut().rev() {
+                // Invariant: n % 10 < 10.
+                *d = b'0' + (n % 10) as u8;
+                n /= 10;
+            }
+            let digits = frac.iter().rposition(|&d| d != b'0').unwrap_or(0);
+            b.extend_from_slice(&frac[..=digits]);
+        }
+        b.push(b'Z');
     }
 }
 

@@ -74,6 +74,56 @@ fn json_strings_are_escaped() {
 }
 
 #[test]
+fn every_byte_that_needs_an_escape_is_found_at_every_position_and_length() {
+    // The scan runs sixteen bytes at a time with a padded tail: check block edges and tails.
+    for len in 0..50 {
+        for at in 0..len {
+            for bad in [b'"', b'\\', 0x00, 0x1f, b'\n'] {
+                let mut raw = vec![b'a'; len];
+                raw[at] = bad;
+                let s = String::from_utf8(raw).expect("ascii");
+                let mut buf = Vec::new();
+                push_json_str(&mut buf, &s);
+                let back: String = serde_json::from_slice(&buf).expect("valid JSON string");
+                assert_eq!(back, s, "len {len}, {bad:#x} at {at}");
+            }
+        }
+        let plain = "é".repeat(len / 2) + &"~".repeat(len % 2);
+        let mut buf = Vec::new();
+        push_json_str(&mut buf, &plain);
+        assert_eq!(buf, format!("\"{plain}\"").into_bytes(), "copied as it is");
+    }
+}
+
+#[test]
+fn line_times_are_what_time_formats_as_rfc3339() {
+    use time::OffsetDateTime;
+    use time::format_description::well_known::Rfc3339;
+    let mut clock = Clock::default();
+    let base = 1_796_000_000u64;
+    for (secs, nanos) in [
+        (base, 0),
+        (base, 1),
+        (base, 120_000_000),
+        (base, 123_456_789),
+        (base + 1, 999_999_999),
+        (base + 1, 500_000),
+        (base + 86_400 * 400 + 7, 10),
+        (0, 0),
+    ] {
+        let d = Duration::new(secs, nanos);
+        let mut ours = Vec::new();
+        clock.push_rfc3339(&mut ours, d);
+        let t = OffsetDateTime::from_unix_timestamp_nanos(
+            i128::from(secs) * 1_000_000_000 + i128::from(nanos),
+        )
+        .expect("in range");
+        let want = t.format(&Rfc3339).expect("formats");
+        assert_eq!(String::from_utf8(ours).expect("ascii"), want);
+    }
+}
+
+#[test]
 fn numbers_and_durations() {
     for (n, s) in [
         (0, "0"),

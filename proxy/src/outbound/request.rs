@@ -43,11 +43,15 @@ pub(super) async fn handle(
 ) -> Result<Response<OutboundBody>, Infallible> {
     let started = Instant::now();
     let request_id = keep_or_assign(&ctx.ids, req.headers_mut());
-    // Both sides' audit lines join on it: kept when the app sent one, else started here.
-    let trace_id = keep_or_start_trace(&ctx.ids, req.headers_mut());
     // Kept for the audit line only; both clones are cheap (the URI shares the request's
-    // bytes), where copying the path out was an allocation per request.
-    let audited = audit::enabled().then(|| (req.method().clone(), req.uri().clone()));
+    // bytes), where copying the path out was an allocation per request. The trace id joins
+    // both sides' audit lines: kept when the app sent one, else started here. Without an
+    // audit log there is no line to join, and the app's headers pass as sent: no header
+    // added, nothing for either sidecar to encode or decode.
+    let audited = audit::enabled().then(|| {
+        let trace_id = keep_or_start_trace(&ctx.ids, req.headers_mut());
+        (req.method().clone(), req.uri().clone(), trace_id)
+    });
     let upstream = &ctx.upstream;
     let metrics = upstream.metrics();
     // The framing rule of the inbound side (`headers::strip_for_app`), so a request is refused
@@ -84,10 +88,10 @@ pub(super) async fn handle(
     let elapsed = started.elapsed();
     metrics.duration.observe(elapsed.as_secs_f64());
     metrics.request(outcome.status().as_u16());
-    if let Some((method, uri)) = &audited {
+    if let Some((method, uri, trace_id)) = &audited {
         audit::record_outbound(&OutboundRecord {
             request_id: display_id(&request_id),
-            trace_id: Some(&trace_id),
+            trace_id: Some(trace_id),
             upstream: upstream.name(),
             server_id: &ctx.server_id,
             server_serial: serial.as_deref(),

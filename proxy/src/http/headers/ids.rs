@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use rustls::crypto::CryptoProvider;
 
+use crate::hexdigits;
+
 /// `x-request-id`, parsed once.
 pub(crate) const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -20,43 +22,38 @@ pub(crate) const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent"
 pub(crate) fn trace_id(headers: &HeaderMap) -> Option<[u8; 16]> {
     let mut all = headers.get_all(&TRACEPARENT).iter();
     let v = all.next()?.as_bytes();
-    if all.next().is_some() || v.len() < 55 {
+    if all.next().is_some() {
         return None;
     }
-    let hex = |b: &[u8]| b.iter().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'));
-    let nonzero = |b: &[u8]| b.iter().any(|&c| c != b'0');
-    let version_ok = hex(&v[..2])
-        && &v[..2] != b"ff"
-        && if &v[..2] == b"00" {
-            v.len() == 55
-        } else {
-            v.len() == 55 || v[55] == b'-'
-        };
-    let ok = version_ok
-        && v[2] == b'-'
-        && v[35] == b'-'
-        && v[52] == b'-'
-        && hex(&v[3..35])
-        && nonzero(&v[3..35])
-        && hex(&v[36..52])
-        && nonzero(&v[36..52])
-        && hex(&v[53..55]);
-    if !ok {
+    // `vv-<32 trace id>-<16 parent id>-ff`, then `-…` in a later version.
+    let head: &[u8; 55] = v.get(..55)?.try_into().ok()?;
+    let [v0, v1, b'-', trace @ .., b'-', _, _] = head else {
+        return None;
+    };
+    let later = match (v0, v1) {
+        (b'0', b'0') => false,
+        (b'f', b'f') => return None,
+        _ => true,
+    };
+    if v.len() > 55 && !(later && v[55] == b'-') {
         return None;
     }
+    let (trace, rest) = trace.split_at(32);
+    let [b'-', parent @ ..] = rest else {
+        return None;
+    };
+    // One OR over every digit's value checks them all (`NOT_HEX` has high bits set).
+    let digits = |d: &[u8]| d.iter().fold(0, |acc, &c| acc | hexdigits::value(c));
     let mut id = [0; 16];
-    for (o, pair) in id.iter_mut().zip(v[3..35].chunks_exact(2)) {
-        *o = (nibble(pair[0]) << 4) | nibble(pair[1]);
+    let mut seen = 0;
+    for (o, pair) in id.iter_mut().zip(trace.chunks_exact(2)) {
+        let (hi, lo) = (hexdigits::value(pair[0]), hexdigits::value(pair[1]));
+        seen |= hi | lo;
+        *o = (hi << 4) | lo;
     }
-    Some(id)
-}
-
-/// The value of one lowercase hex digit (checked by the caller).
-fn nibble(c: u8) -> u8 {
-    match c {
-        b'0'..=b'9' => c - b'0',
-        _ => c - b'a' + 10,
-    }
+    let hex = seen | digits(parent) | digits(&[*v0, *v1]) | digits(&head[53..]);
+    let nonzero = id != [0; 16] && parent.iter().any(|&c| c != b'0');
+    (hex < 16 && nonzero).then_some(id)
 }
 
 /// The request's trace id: the app's valid `traceparent` is kept as sent; otherwise one is
@@ -118,7 +115,6 @@ impl RequestIds {
     /// unique, so indexing it only churns the h2 dynamic tables on both sides, evicting the
     /// entries (path, authority) that let every other header be sent as an index.
     pub(crate) fn next(&self) -> HeaderValue {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let mut b = [0u8; 16];
         b[..8].copy_from_slice(&self.prefix.to_be_bytes());
@@ -129,8 +125,7 @@ impl RequestIds {
         const AT: [usize; 16] = [0, 2, 4, 6, 9, 11, 14, 16, 19, 21, 24, 26, 28, 30, 32, 34];
         let mut text = *b"00000000-0000-0000-0000-000000000000";
         for (byte, at) in b.into_iter().zip(AT) {
-            text[at] = HEX[usize::from(byte >> 4)];
-            text[at + 1] = HEX[usize::from(byte & 0xf)];
+            text[at..at + 2].copy_from_slice(&hexdigits::pair(byte));
         }
         // Invariant: lowercase hex and dashes are valid header bytes.
         let mut id = HeaderValue::from_bytes(&text).expect("hex is a valid header value");
@@ -152,7 +147,6 @@ impl RequestIds {
     /// trace id: the generator's prefix, mixed, then the next counter value, mixed; unique
     /// like the request ids, without a random draw per request.
     pub(crate) fn next_traceparent(&self) -> (HeaderValue, [u8; 16]) {
-        const HEX: &[u8; 16] = b"0123456789abcdef";
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
         let mut raw = [0u8; 24];
         raw[..8].copy_from_slice(&mix(self.prefix ^ 0x7472_6163_6570_6172).to_be_bytes());
@@ -164,11 +158,8 @@ impl RequestIds {
         }
         let mut text = *b"00-00000000000000000000000000000000-0000000000000000-01";
         // Trace id at 3..35, parent id at 36..52.
-        for (i, byte) in raw.into_iter().enumerate() {
-            let at = if i < 16 { 3 + 2 * i } else { 36 + 2 * (i - 16) };
-            text[at] = HEX[usize::from(byte >> 4)];
-            text[at + 1] = HEX[usize::from(byte & 0xf)];
-        }
+        hexdigits::encode_into(&mut text[3..35], &raw[..16]);
+        hexdigits::encode_into(&mut text[36..52], &raw[16..]);
         let mut id = [0; 16];
         id.copy_from_slice(&raw[..16]);
         // Invariant: lowercase hex and dashes are valid header bytes.
@@ -254,6 +245,69 @@ mod tests {
         let a = keep_or_start_trace(&ids, &mut HeaderMap::new());
         let b = keep_or_start_trace(&ids, &mut HeaderMap::new());
         assert_ne!(a, b);
+    }
+
+    /// The trace-id rule written plainly, byte by byte: the table-driven parser must agree.
+    fn plain_trace_id(v: &[u8]) -> Option<[u8; 16]> {
+        let hex = |b: &[u8]| b.iter().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'));
+        let nonzero = |b: &[u8]| b.iter().any(|&c| c != b'0');
+        let ok = v.len() >= 55
+            && hex(&v[..2])
+            && &v[..2] != b"ff"
+            && (if &v[..2] == b"00" {
+                v.len() == 55
+            } else {
+                v.len() == 55 || v[55] == b'-'
+            })
+            && v[2] == b'-'
+            && v[35] == b'-'
+            && v[52] == b'-'
+            && hex(&v[3..35])
+            && nonzero(&v[3..35])
+            && hex(&v[36..52])
+            && nonzero(&v[36..52])
+            && hex(&v[53..55]);
+        ok.then(|| {
+            let mut id = [0; 16];
+            hex::decode_to_slice(&v[3..35], &mut id).expect("checked hex");
+            id
+        })
+    }
+
+    #[test]
+    fn traceparent_parser_agrees_with_the_plain_rule_on_every_one_byte_change() {
+        let good = b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".to_vec();
+        let mut cases = vec![
+            good.clone(),
+            b"cc-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-x".to_vec(),
+        ];
+        for base in cases.clone() {
+            for at in 0..base.len() {
+                for c in [b'0', b'f', b'g', b'A', b'-', b' ', 0xff] {
+                    let mut v = base.clone();
+                    v[at] = c;
+                    cases.push(v);
+                }
+            }
+            cases.push(base[..54].to_vec());
+            cases.push([&base[..], b"-"].concat());
+            cases.push([&base[..], b"x"].concat());
+        }
+        cases.push(b"00-00000000000000000000000000000000-b7ad6b7169203331-01".to_vec());
+        cases.push(b"00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01".to_vec());
+        for v in cases {
+            let mut h = HeaderMap::new();
+            let Ok(value) = HeaderValue::from_bytes(&v) else {
+                continue;
+            };
+            h.insert(TRACEPARENT, value);
+            assert_eq!(
+                trace_id(&h),
+                plain_trace_id(&v),
+                "{}",
+                String::from_utf8_lossy(&v)
+            );
+        }
     }
 
     #[test]

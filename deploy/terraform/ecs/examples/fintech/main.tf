@@ -124,13 +124,27 @@ module "report_service" {
   subnet_ids                 = var.report_service_subnet_ids
   allowed_source_cidr_blocks = var.gateway_vpc_link_cidr_blocks
   app_image                  = var.report_service_image
-  app_environment            = { MONOLITH_BASE_URL = "http://127.0.0.1:7001" }
-  sidecar_image              = var.gatehouse_image
+  app_environment = {
+    MONOLITH_BASE_URL = "http://127.0.0.1:7001"
+    # Spring Boot reads its PostgreSQL through the sidecar's [[tcp_outbound]]: plain TCP on
+    # loopback, mTLS to the database host's sidecar (which lets in only the report service).
+    SPRING_DATASOURCE_URL = "jdbc:postgresql://127.0.0.1:5432/reports?sslmode=disable"
+  }
+  sidecar_image = var.gatehouse_image
   outbounds = [{
     name      = "monolith"
     listen    = "127.0.0.1:7001"
     connect   = "monolith.fintech.internal:8443"
     server_id = "spiffe://fintech.internal/monolith"
+    }, {
+    # The reports database runs on its own host with a TCP-only sidecar
+    # (deploy/examples/fintech/databases/reports-db/sidecar.toml, under systemd:
+    # deploy/systemd): its [[tcp_inbound]] "postgres" listens on 15432.
+    name      = "reports-db"
+    listen    = "127.0.0.1:5432"
+    connect   = "reports-db.fintech.internal:15432"
+    server_id = "spiffe://fintech.internal/reports-db"
+    tcp       = true
   }]
   policy_toml             = file("${path.module}/../../../../kubernetes/overlays/report-service/policy.toml")
   svid_secret_arn         = var.report_service_svid_secret_arn
