@@ -20,13 +20,38 @@ pub const MAX_CA_POLL: Duration = Duration::from_secs(3600);
 pub const MAX_CA_URLS: usize = 16;
 
 /// `ca`: one URL, or a list of the replicas' URLs (tried in order, see [`OnlineIdentity::ca`]).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(untagged)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CaUrls {
     /// `ca = "https://ca.fintech.internal:8444"` (a Service, or one `ca serve`).
     One(String),
     /// `ca = ["https://ca-0…", "https://ca-1…"]`.
     Many(Vec<String>),
+}
+
+impl<'de> Deserialize<'de> for CaUrls {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Urls;
+        impl<'de> serde::de::Visitor<'de> for Urls {
+            type Value = CaUrls;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an https:// URL of `ca serve`, or a list of them")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<CaUrls, E> {
+                Ok(CaUrls::One(v.to_owned()))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<CaUrls, A::Error> {
+                let mut urls = Vec::new();
+                while let Some(u) = seq.next_element::<String>()? {
+                    urls.push(u);
+                }
+                Ok(CaUrls::Many(urls))
+            }
+        }
+        d.deserialize_any(Urls)
+    }
 }
 
 impl Default for CaUrls {
@@ -543,5 +568,14 @@ mod tests {
             .collect();
         let e = parse(&format!("[{}]", many.join(","))).expect_err("too many");
         assert!(e[0].problem.contains("at most 16"), "{e:?}");
+        let wrong =
+            toml::from_str::<OnlineIdentityRaw>("ca = 5\nspiffe_id = \"x\"\nca_bundle = \"b\"")
+                .expect_err("a number");
+        assert!(
+            wrong
+                .to_string()
+                .contains("an https:// URL of `ca serve`, or a list of them"),
+            "{wrong}"
+        );
     }
 }
