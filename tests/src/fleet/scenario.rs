@@ -383,17 +383,27 @@ async fn rotate_root(fleet: &mut Fleet) -> StepResult {
     let overlap = t.elapsed();
     // Every sidecar renews onto the new root (generation 2).
     for r in fleet.replicas() {
+        let mut last = String::new();
         eventually(
             "an SVID of the new root",
             ttl + Duration::from_secs(10),
             async || {
                 let s = serial(&r.sidecar).await;
-                let gens = generations(fleet).await.ok()?;
-                (gens.get(&s) == Some(&2)).then_some(())
+                let gens = match generations(fleet).await {
+                    Ok(g) => g,
+                    Err(e) => {
+                        last = format!("ca list: {e:#}");
+                        return None;
+                    }
+                };
+                // `ca list` and `/status` may differ in leading zeros.
+                let generation = gens.get(s.trim_start_matches('0'));
+                last = format!("serial {s} of generation {generation:?}");
+                (generation == Some(&2)).then_some(())
             },
         )
         .await
-        .map_err(|e| anyhow::anyhow!("{}: {e}", r.name))?;
+        .map_err(|e| anyhow::anyhow!("{}: {e} (last seen: {last})", r.name))?;
     }
     let renewed = t.elapsed();
     // `ca root retire` refuses while a live SVID (the replicas' previous ones, the CA's own)
