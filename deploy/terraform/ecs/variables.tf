@@ -162,12 +162,15 @@ variable "sidecar_health_check_command" {
 }
 
 variable "outbounds" {
-  description = "Outbound listeners of the sidecar: the app calls http://127.0.0.1:<listen port>, the sidecar connects over mTLS to `connect` and accepts only a server presenting `server_id`. For the report service: [{ name = \"monolith\", listen = \"127.0.0.1:7001\", connect = \"monolith.fintech.internal:8443\", server_id = \"spiffe://fintech.internal/monolith\" }]."
+  description = "Outbound listeners of the sidecar: the app calls http://127.0.0.1:<listen port>, the sidecar connects over mTLS to `connect` and accepts only a server presenting `server_id`. For the report service: [{ name = \"monolith\", listen = \"127.0.0.1:7001\", connect = \"monolith.fintech.internal:8443\", server_id = \"spiffe://fintech.internal/monolith\" }]. Point `connect` at the peer's Cloud Map name (MULTIVALUE A records, one per task): the sidecar balances every request over all of them; optional `resolver` names another DNS server."
   type = list(object({
     name      = string
     listen    = string
     connect   = string
     server_id = string
+    # The DNS server that resolves `connect` ("IP:PORT"); null = the task's resolver (the VPC
+    # resolver, which answers for Cloud Map private namespaces).
+    resolver = optional(string)
   }))
   default = []
 
@@ -277,7 +280,7 @@ variable "load_balancer_target_group_arn" {
 }
 
 variable "service_registry_arn" {
-  description = "Cloud Map service ARN to register the tasks under (how peers find this service, for example monolith.fintech.internal), or null."
+  description = "Cloud Map service ARN to register the tasks under (how peers find this service, for example monolith.fintech.internal), or null. Create it with dns_config { routing_policy = \"MULTIVALUE\", dns_records { type = \"A\", ttl = 10 } } so the name returns every healthy task (up to 8) and callers' sidecars balance requests over all of them."
   type        = string
   default     = null
 }

@@ -126,6 +126,8 @@ module "report_service" {
   app_image                  = var.report_service_image
   app_environment            = { MONOLITH_BASE_URL = "http://127.0.0.1:7001" }
   sidecar_image              = var.gatehouse_image
+  # The monolith's Cloud Map name (MULTIVALUE A records, one per task): the sidecar balances
+  # every request over all of them (see ../../README.md).
   outbounds = [{
     name      = "monolith"
     listen    = "127.0.0.1:7001"
