@@ -273,6 +273,15 @@ class Topology:
         return f"http://127.0.0.1:{self.url_port}{path}"
 
 
+def start_all(services, started):
+    """Starts every service (each appended to `started`, for the caller's cleanup), then waits until all listen."""
+    for s in services.values():
+        s.start()
+        started.append(s)
+    for s in services.values():
+        s.wait_ready()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # setup
 
@@ -307,28 +316,36 @@ def mint_certs(ca_bin, work):
     return certs
 
 
+def common_values(certs):
+    """The placeholders every template shares."""
+    client_sha1 = hashlib.sha1(pem_first_der(certs / "client" / "cert.pem")).hexdigest()
+    return {"CERTS": certs, "SERVER_DNS": SERVER_DNS, "CLIENT_SHA1": client_sha1,
+            "CLIENT_SHA1_HEX": client_sha1.upper(), "USER_LINE": "user root root;" if os.geteuid() == 0 else "",
+            "BODY": BODY, "TRUST_DOMAIN": TRUST_DOMAIN, "CLIENT_ID": CLIENT_ID, "SERVER_ID": SERVER_ID,
+            "ROUTE": ROUTE, "INBOUND_ADDR": "127.0.0.1"}
+
+
+def nginx_config(work, conf_dir, bins, name, template, values):
+    """Renders an nginx config under work/name (its prefix) with a copy in conf_dir; returns it and the command."""
+    prefix = work / name
+    for t in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (prefix / "tmp" / t).mkdir(parents=True, exist_ok=True)
+    cfg = render(template, prefix / "nginx.conf", {**values, "PREFIX": prefix})
+    shutil.copy(cfg, conf_dir / f"{name}.conf")
+    return cfg, [bins["nginx"], "-p", prefix, "-e", prefix / "error.log", "-c", cfg]
+
+
 def render_all(work, certs, ports, bins):
     """Write every config into work/; returns the services per topology (not started)."""
     conf_dir = work / "conf"
     logs = work / "logs"
     for d in (conf_dir, logs):
         d.mkdir(parents=True, exist_ok=True)
-    client_sha1 = hashlib.sha1(pem_first_der(certs / "client" / "cert.pem")).hexdigest()
-    user_line = "user root root;" if os.geteuid() == 0 else ""
-    common = {"CERTS": certs, "BACKEND_PORT": ports["backend"], "SERVER_DNS": SERVER_DNS,
-              "CLIENT_SHA1": client_sha1, "CLIENT_SHA1_HEX": client_sha1.upper(), "USER_LINE": user_line,
-              "BODY": BODY, "TRUST_DOMAIN": TRUST_DOMAIN, "CLIENT_ID": CLIENT_ID, "SERVER_ID": SERVER_ID,
-              "ROUTE": ROUTE, "INBOUND_ADDR": "127.0.0.1"}
+    common = {**common_values(certs), "BACKEND_PORT": ports["backend"]}
     services = {}
 
     def nginx(name, template, extra):
-        prefix = work / name
-        for t in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
-            (prefix / "tmp" / t).mkdir(parents=True, exist_ok=True)
-        cfg = render(template, prefix / "nginx.conf", {**common, **extra, "PREFIX": prefix})
-        shutil.copy(cfg, conf_dir / f"{name}.conf")
-        cmd = [bins["nginx"], "-p", prefix, "-e", prefix / "error.log", "-c", cfg]
-        return cfg, cmd
+        return nginx_config(work, conf_dir, bins, name, template, {**common, **extra})
 
     cfg, cmd = nginx("backend", "nginx-backend.conf", {})
     services["backend"] = Service("backend", cmd, logs, [ports["backend"]])
@@ -814,11 +831,7 @@ def main():
     started = []
     ok = False
     try:
-        for s in services.values():
-            s.start()
-            started.append(s)
-        for s in services.values():
-            s.wait_ready()
+        start_all(services, started)
         topos = topologies_from(services, ports, wanted)
         backend = services["backend"]
         info = machine(bins)
@@ -985,20 +998,11 @@ def start_fleet(work, certs, bins, wanted):
     names = ["b1", "b2", "b3", "dns", "gh_in", "gh_out", "gh_out_admin", "gh_in_admin1", "gh_in_admin2",
              "gh_in_admin3", "hap_in", "hap_out", "ngx_in", "ngx_out"]
     ports = dict(zip(names, free_ports(len(names))))
-    client_sha1 = hashlib.sha1(pem_first_der(certs / "client" / "cert.pem")).hexdigest()
-    common = {"CERTS": certs, "SERVER_DNS": SERVER_DNS, "CLIENT_SHA1": client_sha1,
-              "CLIENT_SHA1_HEX": client_sha1.upper(), "USER_LINE": "user root root;" if os.geteuid() == 0 else "",
-              "BODY": BODY, "TRUST_DOMAIN": TRUST_DOMAIN, "CLIENT_ID": CLIENT_ID, "SERVER_ID": SERVER_ID,
-              "ROUTE": ROUTE, "NBTHREAD_LINE": "", "WORKERS": "1"}
+    common = {**common_values(certs), "NBTHREAD_LINE": "", "WORKERS": "1"}
     services = {}
 
     def nginx(name, template, extra):
-        prefix = work / name
-        for t in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
-            (prefix / "tmp" / t).mkdir(parents=True, exist_ok=True)
-        cfg = render(template, prefix / "nginx.conf", {**common, **extra, "PREFIX": prefix})
-        shutil.copy(cfg, conf_dir / f"{name}.conf")
-        return cfg, [bins["nginx"], "-p", prefix, "-e", prefix / "error.log", "-c", cfg]
+        return nginx_config(work, conf_dir, bins, name, template, {**common, **extra})
 
     def add(name, cmd, cfg, port, host="127.0.0.1", env=None):
         s = Service(name, cmd, logs, [port], env=env)
@@ -1070,11 +1074,7 @@ def run_fleet(args, bins, work, certs, wanted, use_wrk):
     services, backends, outbound_ports = start_fleet(work, certs, bins, wanted)
     started = []
     try:
-        for s in services.values():
-            s.start()
-            started.append(s)
-        for s in services.values():
-            s.wait_ready()
+        start_all(services, started)
         slow = services["fleet-backend3-slow"]
         recs = []
         for topo in [t for t in FLEET if t in wanted]:

@@ -35,14 +35,20 @@ const QUERY: &str = "/api/data/reports?startDate=2024-01-01&endDate=2024-12-31";
 type Http = Client<HttpConnector, Full<Bytes>>;
 
 async fn get(http: &Http, url: &str) -> StatusCode {
-    let req = Request::get(url).body(Full::default()).expect("request");
+    send(http, Request::get(url), StatusCode::SERVICE_UNAVAILABLE).await
+}
+
+/// Sends `req` with an empty body; its status once the body is read, or `failed` when there
+/// was no response.
+async fn send(http: &Http, req: http::request::Builder, failed: StatusCode) -> StatusCode {
+    let req = req.body(Full::default()).expect("request");
     match http.request(req).await {
         Ok(resp) => {
             let status = resp.status();
             let _ = resp.into_body().collect().await;
             status
         }
-        Err(_) => StatusCode::SERVICE_UNAVAILABLE,
+        Err(_) => failed,
     }
 }
 
@@ -120,6 +126,23 @@ async fn fleet_with(
     );
     let outbound = outbound_sidecar(reports, &dns, port, keys).await;
     (apps, sidecars, port, dns, outbound)
+}
+
+/// A fresh PKI, the monolith's certificate, and [`fleet_with`] three monolith tasks (`keys` in
+/// the outbound entry, `policy` on the monolith's sidecars).
+async fn monolith_fleet(
+    keys: &str,
+    policy: &str,
+) -> (
+    Pki,
+    CertDir,
+    (Vec<FakeApp>, Vec<Sidecar>, u16, Dnsmasq, Sidecar),
+) {
+    let pki = Pki::new(FINTECH_TD);
+    let monolith = pki.issue(MONOLITH_ID);
+    let reports = pki.issue(REPORT_SERVICE_ID);
+    let fleet = fleet_with([&monolith, &monolith, &monolith], &reports, keys, policy).await;
+    (pki, monolith, fleet)
 }
 
 fn ip(s: &str) -> IpAddr {
@@ -357,11 +380,8 @@ fn p99(mut latencies: Vec<Duration>) -> Duration {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_endpoint_gets_few_requests_and_the_p99_stays_near_the_fast_ones() {
     let _one = ONE_FLEET_AT_A_TIME.lock().await;
-    let pki = Pki::new(FINTECH_TD);
-    let monolith = pki.issue(MONOLITH_ID);
-    let reports = pki.issue(REPORT_SERVICE_ID);
-    let (apps, _sidecars, _port, _dns, outbound) =
-        fleet([&monolith, &monolith, &monolith], &reports).await;
+    let (_pki, _, (apps, _sidecars, _port, _dns, outbound)) =
+        monolith_fleet("slow_start = \"0s\"\n", REPORT_EXPORT_POLICY).await;
     apps[2].set_delay(Duration::from_millis(200));
     let slow = apps[2].addr().to_string();
     let url = format!("http://{}{QUERY}", outbound.listener("outbound:monolith"));
@@ -397,16 +417,8 @@ async fn a_slow_endpoint_gets_few_requests_and_the_p99_stays_near_the_fast_ones(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fourth_a_record_warms_up_and_gets_traffic_within_15_s() {
     let _one = ONE_FLEET_AT_A_TIME.lock().await;
-    let pki = Pki::new(FINTECH_TD);
-    let monolith = pki.issue(MONOLITH_ID);
-    let reports = pki.issue(REPORT_SERVICE_ID);
-    let (_apps, _sidecars, port, dns, outbound) = fleet_with(
-        [&monolith, &monolith, &monolith],
-        &reports,
-        "slow_start = \"5s\"\n",
-        REPORT_EXPORT_POLICY,
-    )
-    .await;
+    let (_pki, monolith, (_apps, _sidecars, port, dns, outbound)) =
+        monolith_fleet("slow_start = \"5s\"\n", REPORT_EXPORT_POLICY).await;
     let url = format!("http://{}{QUERY}", outbound.listener("outbound:monolith"));
     let http: Http = Client::builder(TokioExecutor::new()).build_http();
     assert_eq!(load(&http, &url, 100, 4).await, 0);
@@ -463,15 +475,7 @@ async fn a_fourth_a_record_warms_up_and_gets_traffic_within_15_s() {
 }
 
 async fn post(http: &Http, url: &str) -> StatusCode {
-    let req = Request::post(url).body(Full::default()).expect("request");
-    match http.request(req).await {
-        Ok(resp) => {
-            let status = resp.status();
-            let _ = resp.into_body().collect().await;
-            status
-        }
-        Err(_) => StatusCode::BAD_GATEWAY,
-    }
+    send(http, Request::post(url), StatusCode::BAD_GATEWAY).await
 }
 
 /// `retry_idempotent = true` with one endpoint answering 503: every GET succeeds (the 503s
@@ -481,12 +485,7 @@ async fn post(http: &Http, url: &str) -> StatusCode {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_idempotent_retries_gets_on_a_503_within_the_budget_and_never_posts() {
     let _one = ONE_FLEET_AT_A_TIME.lock().await;
-    let pki = Pki::new(FINTECH_TD);
-    let monolith = pki.issue(MONOLITH_ID);
-    let reports = pki.issue(REPORT_SERVICE_ID);
-    let (apps, _sidecars, _port, _dns, outbound) = fleet_with(
-        [&monolith, &monolith, &monolith],
-        &reports,
+    let (_pki, _, (apps, _sidecars, _port, _dns, outbound)) = monolith_fleet(
         "slow_start = \"0s\"\nretry_idempotent = true\n",
         BULK_POLICY,
     )
