@@ -485,7 +485,7 @@ async fn post(http: &Http, url: &str) -> StatusCode {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_idempotent_retries_gets_on_a_503_within_the_budget_and_never_posts() {
     let _one = ONE_FLEET_AT_A_TIME.lock().await;
-    let (_pki, _, (apps, _sidecars, _port, _dns, outbound)) = monolith_fleet(
+    let (_pki, _, (apps, sidecars, _port, _dns, outbound)) = monolith_fleet(
         "slow_start = \"0s\"\nretry_idempotent = true\n",
         BULK_POLICY,
     )
@@ -511,8 +511,9 @@ async fn retry_idempotent_retries_gets_on_a_503_within_the_budget_and_never_post
             .count()
     };
 
-    // POSTs (without a body: their head is kept, yet a 503 is never retried) until one met
-    // the failing endpoint.
+    // POSTs (without a body: their head is kept, yet a 503 is never retried), eight at a time
+    // (with nothing outstanding, an endpoint not tried yet loses every pick to faster ones),
+    // until one met the failing endpoint.
     let (mut sent, mut got_503) = (0, 0);
     let started = Instant::now();
     while posts_seen(&apps[2]) == 0 {
@@ -520,11 +521,18 @@ async fn retry_idempotent_retries_gets_on_a_503_within_the_budget_and_never_post
             started.elapsed() < Duration::from_secs(15),
             "no POST reached the failing endpoint"
         );
-        sent += 1;
-        match post(&http, &bulk).await {
-            StatusCode::OK => {}
-            StatusCode::SERVICE_UNAVAILABLE => got_503 += 1,
-            other => panic!("POST answered {other}"),
+        let mut batch = tokio::task::JoinSet::new();
+        for _ in 0..8 {
+            let (http, bulk) = (http.clone(), bulk.clone());
+            batch.spawn(async move { post(&http, &bulk).await });
+        }
+        for status in batch.join_all().await {
+            sent += 1;
+            match status {
+                StatusCode::OK => {}
+                StatusCode::SERVICE_UNAVAILABLE => got_503 += 1,
+                other => panic!("POST answered {other}"),
+            }
         }
     }
     let seen: Vec<usize> = apps.iter().map(posts_seen).collect();
@@ -539,7 +547,14 @@ async fn retry_idempotent_retries_gets_on_a_503_within_the_budget_and_never_post
     );
     assert_eq!(retries("status_503").await, 0.0, "no POST retried");
 
-    // GETs: all 200; the failing app's GETs were each retried once elsewhere.
+    // GETs: all 200; the failing app's GETs were each retried once elsewhere. (The POSTs' 503s
+    // may have ejected it: wait until it is tried again.)
+    let failing = sidecars[2].inbound_addr();
+    outbound
+        .wait_status("the failing endpoint back from its ejection", |s| {
+            endpoint_state(s, failing).as_deref() == Some("active")
+        })
+        .await;
     let failed = load(&http, &url, 600, 8).await;
     assert_eq!(failed, 0, "every GET succeeded");
     let gets_on_503 = apps[2].count() - seen[2];
