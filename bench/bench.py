@@ -13,6 +13,16 @@ every topology alike:
   nginx             wrk -> nginx (mTLS origination) -> mTLS -> nginx (client cert verified, route pinned) -> backend
   haproxy           the same with HAProxy
 
+Fleet group (`--topologies fleet`, or any of fleet-gatehouse,fleet-haproxy,fleet-nginx; issue 15): one outbound
+in front of THREE inbound proxies on 127.0.0.1, .2 and .3 (one port), each in front of its own backend; two backends
+are nginx, the third (bench/slow_backend.py, asyncio) answers after a timer: nginx cannot delay a response without a
+third-party module.
+  fleet-gatehouse   outbound sidecar -> a DNS name with three A records (dnsmasq) -> three inbound sidecars
+  fleet-haproxy     HAProxy `balance leastconn`, health checks -> three HAProxy inbounds
+  fleet-nginx       nginx `least_conn` (passive health) -> three nginx inbounds
+Two phases per topology, wrk c=32: `even` (no delay) and `slowed` (one backend +50 ms): requests per backend
+(max/min), the slowed backend's share, req/s and p99.
+
 Figures: requests/s and p50/p99 at keep-alive c=32 and c=1 (wrk), proxy CPU per request (utime+stime of every
 process of the pair from /proc/PID/stat, before/after), inbound CPU per full mTLS handshake (bench/tlsclient.py:
 new connection, client certificate, one request), RSS idle and with N idle mTLS connections open. Medians of the
@@ -81,6 +91,11 @@ GH_VARIANTS = {
 GATEHOUSE = tuple(GH_VARIANTS)
 BEFORE = tuple(t for t, v in GH_VARIANTS.items() if v[4] == "sidecar_before")
 ALL_TOPOLOGIES = ("direct",) + GATEHOUSE + ANCHORS
+# The fleet group (issue 15): not in the default run; `--topologies fleet` selects all three.
+FLEET = ("fleet-gatehouse", "fleet-haproxy", "fleet-nginx")
+FLEET_NAME = "inbound.fleet.bench.internal"
+FLEET_ADDRS = ("127.0.0.1", "127.0.0.2", "127.0.0.3")
+FLEET_DELAY_MS = 50
 
 
 class BenchError(Exception):
@@ -189,6 +204,7 @@ class Service:
         self.proc = None
         self.env = env
         self.stop_timeout = 10
+        self.host = "127.0.0.1"
 
     def start(self):
         logf = open(self.log_path, "w")
@@ -227,7 +243,7 @@ class Service:
         while pending:
             self.pids()  # raises if it died
             try:
-                with socket.create_connection(("127.0.0.1", pending[0]), timeout=1):
+                with socket.create_connection((self.host, pending[0]), timeout=1):
                     pending.pop(0)
             except OSError:
                 if time.monotonic() > deadline:
@@ -260,6 +276,15 @@ class Topology:
 
     def url(self, path=REQUEST_PATH):
         return f"http://127.0.0.1:{self.url_port}{path}"
+
+
+def start_all(services, started):
+    """Starts every service (each appended to `started`, for the caller's cleanup), then waits until all listen."""
+    for s in services.values():
+        s.start()
+        started.append(s)
+    for s in services.values():
+        s.wait_ready()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -296,28 +321,36 @@ def mint_certs(ca_bin, work):
     return certs
 
 
+def common_values(certs):
+    """The placeholders every template shares."""
+    client_sha1 = hashlib.sha1(pem_first_der(certs / "client" / "cert.pem")).hexdigest()
+    return {"CERTS": certs, "SERVER_DNS": SERVER_DNS, "CLIENT_SHA1": client_sha1,
+            "CLIENT_SHA1_HEX": client_sha1.upper(), "USER_LINE": "user root root;" if os.geteuid() == 0 else "",
+            "BODY": BODY, "TRUST_DOMAIN": TRUST_DOMAIN, "CLIENT_ID": CLIENT_ID, "SERVER_ID": SERVER_ID,
+            "ROUTE": ROUTE, "INBOUND_ADDR": "127.0.0.1"}
+
+
+def nginx_config(work, conf_dir, bins, name, template, values):
+    """Renders an nginx config under work/name (its prefix) with a copy in conf_dir; returns it and the command."""
+    prefix = work / name
+    for t in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (prefix / "tmp" / t).mkdir(parents=True, exist_ok=True)
+    cfg = render(template, prefix / "nginx.conf", {**values, "PREFIX": prefix})
+    shutil.copy(cfg, conf_dir / f"{name}.conf")
+    return cfg, [bins["nginx"], "-p", prefix, "-e", prefix / "error.log", "-c", cfg]
+
+
 def render_all(work, certs, ports, bins):
     """Write every config into work/; returns the services per topology (not started)."""
     conf_dir = work / "conf"
     logs = work / "logs"
     for d in (conf_dir, logs):
         d.mkdir(parents=True, exist_ok=True)
-    client_sha1 = hashlib.sha1(pem_first_der(certs / "client" / "cert.pem")).hexdigest()
-    user_line = "user root root;" if os.geteuid() == 0 else ""
-    common = {"CERTS": certs, "BACKEND_PORT": ports["backend"], "SERVER_DNS": SERVER_DNS,
-              "CLIENT_SHA1": client_sha1, "CLIENT_SHA1_HEX": client_sha1.upper(), "USER_LINE": user_line,
-              "BODY": BODY, "TRUST_DOMAIN": TRUST_DOMAIN, "CLIENT_ID": CLIENT_ID, "SERVER_ID": SERVER_ID,
-              "ROUTE": ROUTE}
+    common = {**common_values(certs), "BACKEND_PORT": ports["backend"]}
     services = {}
 
     def nginx(name, template, extra):
-        prefix = work / name
-        for t in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
-            (prefix / "tmp" / t).mkdir(parents=True, exist_ok=True)
-        cfg = render(template, prefix / "nginx.conf", {**common, **extra, "PREFIX": prefix})
-        shutil.copy(cfg, conf_dir / f"{name}.conf")
-        cmd = [bins["nginx"], "-p", prefix, "-e", prefix / "error.log", "-c", cfg]
-        return cfg, cmd
+        return nginx_config(work, conf_dir, bins, name, template, {**common, **extra})
 
     cfg, cmd = nginx("backend", "nginx-backend.conf", {})
     services["backend"] = Service("backend", cmd, logs, [ports["backend"]])
@@ -752,11 +785,16 @@ def main():
 
     default = [t for t in ALL_TOPOLOGIES if args.before_bin_dir or t not in BEFORE]
     wanted = [t.strip() for t in args.topologies.split(",") if t.strip()] or default
+    wanted = [x for t in wanted for x in (FLEET if t == "fleet" else (t,))]
+    fleet_wanted = [t for t in FLEET if t in wanted]
+    wanted = [t for t in wanted if t not in FLEET]
     if any(t in BEFORE for t in wanted) and not args.before_bin_dir:
         raise BenchError("the -before rows need --before-bin-dir DIR (a directory with another build's `sidecar`)")
     for t in wanted:
         if t not in ALL_TOPOLOGIES:
-            raise BenchError(f"unknown topology {t!r}; known: {', '.join(ALL_TOPOLOGIES)}")
+            raise BenchError(f"unknown topology {t!r}; known: {', '.join(ALL_TOPOLOGIES + FLEET)}, fleet")
+    # `--topologies fleet` alone measures only the fleet group.
+    fleet_only = bool(fleet_wanted) and not wanted
     if "direct" not in wanted:
         wanted.insert(0, "direct")
     if args.smoke:
@@ -766,11 +804,14 @@ def main():
     bin_dir = Path(args.bin_dir)
     bins = {"sidecar": bin_dir / "sidecar", "ca": bin_dir / "ca", "nginx": shutil.which("nginx"),
             "sidecar_before": Path(args.before_bin_dir) / "sidecar" if args.before_bin_dir else None,
-            "haproxy": shutil.which("haproxy"), "wrk": shutil.which("wrk"), "topologies": wanted}
+            "haproxy": shutil.which("haproxy"), "wrk": shutil.which("wrk"), "dnsmasq": shutil.which("dnsmasq"),
+            "topologies": wanted}
     need = ([] if args.certs else ["ca"]) + ["nginx"] + \
         (["sidecar"] if any(t in GATEHOUSE for t in wanted) and not args.render_only else []) + \
         (["sidecar_before"] if any(t in BEFORE for t in wanted) and not args.render_only else []) + \
-        (["haproxy"] if any(ANCHOR_VARIANTS[t][0] == "haproxy" for t in wanted if t in ANCHOR_VARIANTS) else [])
+        (["haproxy"] if any(ANCHOR_VARIANTS[t][0] == "haproxy" for t in wanted if t in ANCHOR_VARIANTS) else []) + \
+        (["sidecar", "dnsmasq"] if "fleet-gatehouse" in fleet_wanted else []) + \
+        (["haproxy"] if "fleet-haproxy" in fleet_wanted else [])
     for k in need:
         if not bins[k] or not Path(bins[k]).exists():
             raise BenchError(f"{k} not found ({bins[k]}); help: run bench/run.sh, which installs and builds it")
@@ -785,6 +826,17 @@ def main():
     ports = allocate_ports()
 
     certs = Path(args.certs) if args.certs else mint_certs(bins["ca"], work)
+    fleet = None
+    if fleet_wanted and not args.render_only:
+        fleet = run_fleet(args, bins, work, certs, fleet_wanted, use_wrk)
+        print("\nFleet (one outbound, three backends, b3 slowed in the `slowed` phase):\n\n" + fleet[0] + "\n")
+        if fleet_only:
+            if args.results:
+                write_fleet_results(Path(args.results), machine(bins), args, fleet)
+                log(f"results written to {args.results}")
+            if not args.keep and not args.work:
+                shutil.rmtree(work, ignore_errors=True)
+            return 0
     services = render_all(work, certs, ports, bins)
     if args.render_only:
         print(json.dumps({k: str(s.config) for k, s in services.items()}, indent=1))
@@ -793,11 +845,7 @@ def main():
     started = []
     ok = False
     try:
-        for s in services.values():
-            s.start()
-            started.append(s)
-        for s in services.values():
-            s.wait_ready()
+        start_all(services, started)
         topos = topologies_from(services, ports, wanted)
         backend = services["backend"]
         info = machine(bins)
@@ -852,6 +900,7 @@ def main():
         else:
             print("\n" + table + "\n\n" + tgt + "\n")
         raw = {"machine": info, "ports": ports, "work": str(work), "checks": checks, "loads": loads,
+               "fleet": fleet[1] if fleet else [],
                "handshakes": hss, "idle_conns": idles, "rss_idle": rss_idle, "rows": rows,
                "settings": {"duration_s": args.duration, "reps": args.reps,
                             "handshake_seconds": args.handshake_seconds, "idle_conns": args.idle_conns,
@@ -906,6 +955,7 @@ def write_results(path, raw, table, tgt, services):
              (f" (the -before rows: `{st['before_bin_dir']}`)" if st.get("before_bin_dir") else ""), "",
              "## Results (medians; ratios against the best anchor of the same run)", "", table, "",
              "## Targets (issue 20)", "", tgt, "",
+             *(["## Fleet (issue 15)", "", FLEET_NOTE, "", fleet_table(raw["fleet"]), ""] if raw.get("fleet") else []),
              "## Functional checks before measuring", "",
              "Each pair answered 200 with the backend's body on the route, 403 on an unrouted path, and 403 to a "
              "valid certificate of another identity on the route itself: " +
@@ -939,6 +989,177 @@ def write_results(path, raw, table, tgt, services):
             if pol.exists():
                 lines += [f"<details><summary>{pol.name}</summary>", "", "```toml", pol.read_text().rstrip(), "```",
                           "", "</details>", ""]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# fleet (issue 15): one outbound balancing over three inbound proxies, one backend slowed
+
+
+def backend_count(port):
+    """Requests a fleet backend has answered (nginx stub_status, or slow_backend.py's look-alike)."""
+    status, body = http_get(port, "/bench_status")
+    if status != 200:
+        raise BenchError(f"backend on {port}: /bench_status answered {status}")
+    return int(body.decode().splitlines()[2].split()[2])
+
+
+def start_fleet(work, certs, bins, wanted):
+    """Starts the fleet's backends, DNS server and, per wanted tool, three inbounds and the outbound."""
+    conf_dir, logs = work / "fleet-conf", work / "logs"
+    for d in (conf_dir, logs):
+        d.mkdir(parents=True, exist_ok=True)
+    names = ["b1", "b2", "b3", "dns", "gh_in", "gh_out", "gh_out_admin", "gh_in_admin1", "gh_in_admin2",
+             "gh_in_admin3", "hap_in", "hap_out", "ngx_in", "ngx_out"]
+    ports = dict(zip(names, free_ports(len(names))))
+    common = {**common_values(certs), "NBTHREAD_LINE": "", "WORKERS": "1"}
+    services = {}
+
+    def nginx(name, template, extra):
+        return nginx_config(work, conf_dir, bins, name, template, {**common, **extra})
+
+    def add(name, cmd, cfg, port, host="127.0.0.1", env=None):
+        s = Service(name, cmd, logs, [port], env=env)
+        s.config, s.host = cfg, host
+        services[name] = s
+        return s
+
+    # Backends: two nginx, the third slowed by a timer (asyncio; its CPU is reported with the figures).
+    for i, key in ((1, "b1"), (2, "b2")):
+        cfg, cmd = nginx(f"fleet-backend{i}", "fleet-nginx-backend.conf", {"BACKEND_PORT": ports[key], "NAME": f"b{i}"})
+        add(f"fleet-backend{i}", cmd, cfg, ports[key])
+    slow_py = HERE / "slow_backend.py"
+    add("fleet-backend3-slow", [sys.executable, slow_py, "--port", ports["b3"], "--delay-ms", 0, "--body", BODY],
+        slow_py, ports["b3"])
+    backends = [ports["b1"], ports["b2"], ports["b3"]]
+
+    if "fleet-gatehouse" in wanted:
+        hosts = conf_dir / "fleet-hosts"
+        hosts.write_text("".join(f"{a} {FLEET_NAME}\n" for a in FLEET_ADDRS))
+        if not bins.get("dnsmasq"):
+            raise BenchError("dnsmasq not found; help: apt-get install dnsmasq (bench/run.sh does)")
+        cmd = [bins["dnsmasq"], "--no-daemon", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
+               "--bind-interfaces", "--listen-address=127.0.0.1", f"--port={ports['dns']}", "--local-ttl=5",
+               f"--addn-hosts={hosts}", "--pid-file="] + (["--user=root"] if os.geteuid() == 0 else [])
+        add("fleet-dns", cmd, hosts, ports["dns"])
+        env = dict(os.environ, RUST_LOG=os.environ.get("BENCH_RUST_LOG", "warn"))
+        policy = render("gatehouse-policy.toml", conf_dir / "fleet-gatehouse-policy.toml", common)
+        runtime = "[runtime]\nworker_threads = 1\n\n" + AUDIT_OFF_SECTION
+        for i, addr in enumerate(FLEET_ADDRS, 1):
+            cfg = render("gatehouse-inbound.toml", conf_dir / f"fleet-gatehouse-inbound{i}.toml",
+                         {**common, "INBOUND_ADDR": addr, "INBOUND_PORT": ports["gh_in"],
+                          "ADMIN_PORT": ports[f"gh_in_admin{i}"], "BACKEND_PORT": backends[i - 1],
+                          "POLICY": policy, "AUDIT_SECTION": runtime})
+            add(f"fleet-gatehouse-inbound{i}", [bins["sidecar"], "run", "--config", cfg], cfg, ports["gh_in"], addr, env)
+        cfg = render("fleet-gatehouse-outbound.toml", conf_dir / "fleet-gatehouse-outbound.toml",
+                     {**common, "FLEET_NAME": FLEET_NAME, "INBOUND_PORT": ports["gh_in"],
+                      "OUTBOUND_PORT": ports["gh_out"], "ADMIN_PORT": ports["gh_out_admin"],
+                      "DNS_ADDR": f"127.0.0.1:{ports['dns']}", "AUDIT_SECTION": runtime})
+        add("fleet-gatehouse-outbound", [bins["sidecar"], "run", "--config", cfg], cfg, ports["gh_out"], env=env)
+    for topo, tool, pin, pout in (("fleet-haproxy", "haproxy", "hap_in", "hap_out"),
+                                  ("fleet-nginx", "nginx", "ngx_in", "ngx_out")):
+        if topo not in wanted:
+            continue
+        side = {"INBOUND_PORT": ports[pin], "OUTBOUND_PORT": ports[pout],
+                **{f"BACKEND{i}_ADDR": a for i, a in enumerate(FLEET_ADDRS, 1)}}
+        for i, addr in enumerate(FLEET_ADDRS, 1):
+            name = f"{topo}-inbound{i}"
+            extra = {**side, "INBOUND_ADDR": addr, "BACKEND_PORT": backends[i - 1]}
+            if tool == "nginx":
+                cfg, cmd = nginx(name, "nginx-inbound.conf", extra)
+            else:
+                cfg = render("haproxy-inbound.cfg", conf_dir / f"{name}.cfg", {**common, **extra})
+                cmd = [bins["haproxy"], "-f", cfg]
+            add(name, cmd, cfg, ports[pin], addr)
+        name = f"{topo}-outbound"
+        if tool == "nginx":
+            cfg, cmd = nginx(name, "fleet-nginx-outbound.conf", side)
+        else:
+            cfg = render("fleet-haproxy-outbound.cfg", conf_dir / f"{name}.cfg", {**common, **side})
+            cmd = [bins["haproxy"], "-f", cfg]
+        add(name, cmd, cfg, ports[pout])
+    outbound_ports = {"fleet-gatehouse": ports["gh_out"], "fleet-haproxy": ports["hap_out"],
+                      "fleet-nginx": ports["ngx_out"]}
+    return services, backends, outbound_ports
+
+
+def run_fleet(args, bins, work, certs, wanted, use_wrk):
+    """The fleet group: per topology an `even` and a `slowed` phase; returns (markdown, raw records)."""
+    services, backends, outbound_ports = start_fleet(work, certs, bins, wanted)
+    started = []
+    try:
+        start_all(services, started)
+        slow = services["fleet-backend3-slow"]
+        recs = []
+        for topo in [t for t in FLEET if t in wanted]:
+            port = outbound_ports[topo]
+            # Functional check, then warm-up: DNS answered, connections open, slow start (5 s) over.
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    status, _ = http_get(port, REQUEST_PATH)
+                except OSError:
+                    status = None
+                if status == 200:
+                    break
+                if time.monotonic() > deadline:
+                    raise BenchError(f"{topo}: no 200 through the outbound within 30 s (last: {status}); "
+                                     f"logs under {work / 'logs'}")
+                time.sleep(0.2)
+            warm = Topology(topo, port)
+            for phase, delay in (("even", 0), ("slowed", FLEET_DELAY_MS)):
+                http_get(backends[2], f"/bench_delay?ms={delay}")
+                measure_load(bins, warm, slow, 32, 2 if args.smoke else 6, use_wrk)
+                before = [backend_count(p) for p in backends]
+                slow_ticks = slow.ticks()
+                rec = measure_load(bins, warm, slow, 32, args.duration, use_wrk)
+                after = [backend_count(p) for p in backends]
+                counts = [a - b - 1 for a, b in zip(after, before)]  # minus the /bench_status read itself
+                total = sum(counts) or 1
+                rec.update({"phase": phase, "delay_ms": delay, "per_backend": counts,
+                            "max_min": max(counts) / max(1, min(counts)), "slowed_share": counts[2] / total,
+                            "slow_backend_cpu_us": (slow.ticks() - slow_ticks) / CLK_TCK * 1e6 / max(1, counts[2])})
+                recs.append(rec)
+                log(f"{topo:16} {phase:6} {rec['rps']:8.0f} req/s p99 {rec['p99_us']}µs per backend {counts} "
+                    f"max/min {rec['max_min']:.2f} slowed share {rec['slowed_share'] * 100:.1f} %")
+        for s in services.values():
+            s.pids()  # every process survived
+        return fleet_table(recs), recs, services
+    finally:
+        for s in reversed(started):
+            s.stop()
+
+
+FLEET_NOTE = (
+    "One outbound in front of three inbound proxies on 127.0.0.1, .2 and .3 (one port), each in front of its own "
+    "backend (b1, b2: nginx; b3: bench/slow_backend.py, a 50 ms asyncio timer in the `slowed` phase, none in `even`). "
+    "wrk c=32 keep-alive; requests per backend from the backends' own counters. Gatehouse: DNS name with three A "
+    "records (dnsmasq), p2c over peak-EWMA; HAProxy: `balance leastconn`, health checks; nginx: `least_conn`.")
+
+
+def fleet_table(recs):
+    lines = ["| topology | phase | req/s | p50 µs | p99 µs | requests per backend (b1 / b2 / b3) | max/min | "
+             "b3 share | b3 CPU µs/req |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in recs:
+        phase = r["phase"] + (f" (b3 +{r['delay_ms']} ms)" if r["delay_ms"] else "")
+        lines.append(f"| {r['topology']} | {phase} | {r['rps']:.0f} | {r['p50_us']} | {r['p99_us']} | "
+                     f"{' / '.join(str(c) for c in r['per_backend'])} | {r['max_min']:.2f} | "
+                     f"{r['slowed_share'] * 100:.1f} % | {r['slow_backend_cpu_us']:.0f} |")
+    return "\n".join(lines)
+
+
+def write_fleet_results(path, m, args, fleet):
+    _, recs, services = fleet
+    lines = [f"# Gatehouse fleet benchmark {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC} "
+             f"({m['git']})", "", "Produced by `bench/run.sh --topologies fleet` (issue 15).", "",
+             f"- {m['nproc']} CPUs: {m['cpu']}; {m['nginx']}; {m['haproxy']}; {m['rustc']}",
+             f"- {args.duration} s per wrk run{' (smoke)' if args.smoke else ''}", "", FLEET_NOTE, "",
+             fleet_table(recs), "", "## Configs used", ""]
+    for name, s in services.items():
+        cfg = Path(s.config)
+        lines += [f"<details><summary>{name}</summary>", "", "```", cfg.read_text().rstrip(), "```", "",
+                  "</details>", ""]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
 

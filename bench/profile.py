@@ -105,11 +105,7 @@ def perf_run(args, work):
     services = B.render_all(work, certs, ports, bins)
     started = []
     try:
-        for s in services.values():
-            s.start()
-            started.append(s)
-        for s in services.values():
-            s.wait_ready()
+        B.start_all(services, started)
         topo = B.topologies_from(services, ports, ["direct", pair])[pair]
         B.wrk(bins, topo.url(), 32, 2)  # warm-up
         perfs = []

@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 say() { printf '[bench] %s\n' "$*" >&2; }
 
 missing=()
-for tool in nginx haproxy wrk python3; do command -v "$tool" >/dev/null 2>&1 || missing+=("$tool"); done
+for tool in nginx haproxy wrk python3 dnsmasq; do command -v "$tool" >/dev/null 2>&1 || missing+=("$tool"); done
 if ((${#missing[@]})); then
   say "installing ${missing[*]} with apt-get"
   sudo=()
@@ -18,7 +18,7 @@ if ((${#missing[@]})); then
   "${sudo[@]}" apt-get update -qq
   "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   # The packages may start system services; the benchmark starts its own instances, on ephemeral ports.
-  if command -v systemctl >/dev/null 2>&1; then "${sudo[@]}" systemctl stop nginx haproxy 2>/dev/null || true; fi
+  if command -v systemctl >/dev/null 2>&1; then "${sudo[@]}" systemctl stop nginx haproxy dnsmasq 2>/dev/null || true; fi
 fi
 
 # 1,000 idle connections plus their upstream sockets: raise the open-files limit as far as allowed.

@@ -162,13 +162,16 @@ variable "sidecar_health_check_command" {
 }
 
 variable "outbounds" {
-  description = "Outbound listeners of the sidecar: the app calls http://127.0.0.1:<listen port>, the sidecar connects over mTLS to `connect` and accepts only a server presenting `server_id`. For the report service: [{ name = \"monolith\", listen = \"127.0.0.1:7001\", connect = \"monolith.fintech.internal:8443\", server_id = \"spiffe://fintech.internal/monolith\" }]. With tcp = true the listener is plain TCP (a [[tcp_outbound]], issue 17), e.g. for a database: the app's JDBC URL jdbc:postgresql://127.0.0.1:5432/reports?sslmode=disable reaches `connect`, the database host's [[tcp_inbound]]; egress_cidr_blocks must admit that host."
+  description = "Outbound listeners of the sidecar: the app calls http://127.0.0.1:<listen port>, the sidecar connects over mTLS to `connect` and accepts only a server presenting `server_id`. For the report service: [{ name = \"monolith\", listen = \"127.0.0.1:7001\", connect = \"monolith.fintech.internal:8443\", server_id = \"spiffe://fintech.internal/monolith\" }]. Point `connect` at the peer's Cloud Map name (MULTIVALUE A records, one per task): the sidecar balances every request over all of them; optional `resolver` names another DNS server. With tcp = true the listener is plain TCP (a [[tcp_outbound]], issue 17), e.g. for a database: the app's JDBC URL jdbc:postgresql://127.0.0.1:5432/reports?sslmode=disable reaches `connect`, the database host's [[tcp_inbound]]; egress_cidr_blocks must admit that host."
   type = list(object({
     name      = string
     listen    = string
     connect   = string
     server_id = string
     tcp       = optional(bool, false)
+    # The DNS server that resolves `connect` ("IP:PORT"); null = the task's resolver (the VPC
+    # resolver, which answers for Cloud Map private namespaces).
+    resolver = optional(string)
   }))
   default = []
 
@@ -278,7 +281,7 @@ variable "load_balancer_target_group_arn" {
 }
 
 variable "service_registry_arn" {
-  description = "Cloud Map service ARN to register the tasks under (how peers find this service, for example monolith.fintech.internal), or null."
+  description = "Cloud Map service ARN to register the tasks under (how peers find this service, for example monolith.fintech.internal), or null. Create it with dns_config { routing_policy = \"MULTIVALUE\", dns_records { type = \"A\", ttl = 10 } } so the name returns every healthy task (up to 8) and callers' sidecars balance requests over all of them."
   type        = string
   default     = null
 }

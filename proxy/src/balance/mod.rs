@@ -50,7 +50,8 @@ pub struct BalanceConfig {
     pub ejection_max: Duration,
     /// Decay time of the latency average.
     pub decay: Duration,
-    /// Latency assumed for an endpoint before its first response.
+    /// Latency assumed for an endpoint before its first response (or the balancer's typical
+    /// latency, when that is higher).
     pub default_rtt: Duration,
 }
 
@@ -129,6 +130,12 @@ pub struct Balancer<C> {
     /// Serializes updates (picks never take it).
     update: Mutex<()>,
     rng: AtomicU64,
+    /// The latency of this balancer's responses (an average over every endpoint's samples,
+    /// `f64` nanoseconds as bits; 0 before the first): an endpoint that has not answered yet
+    /// is assumed to take at least this long. The fixed guess alone (30 ms) made a slow
+    /// endpoint look better than fast ones answering in 40 ms under load, so it got a burst of
+    /// requests until its first slow answer came back.
+    typical_rtt: AtomicU64,
 }
 
 impl<C> fmt::Debug for Balancer<C> {
@@ -194,6 +201,7 @@ impl<C> Pick<C> {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .add_peak(latency, now);
+        balancer.note_typical(latency);
         let mut h = ep.health.lock().unwrap_or_else(PoisonError::into_inner);
         if outcome == Outcome::Success {
             h.consecutive_failures = 0;
@@ -303,6 +311,7 @@ impl<C> Balancer<C> {
             endpoints: ArcSwap::from_pointee(Vec::new()),
             update: Mutex::new(()),
             rng: AtomicU64::new(seed),
+            typical_rtt: AtomicU64::new(0),
         }
     }
 
@@ -487,6 +496,23 @@ impl<C> Balancer<C> {
         Err(NoEndpoints)
     }
 
+    /// Folds one response's latency into the typical latency (a plain moving average, 1/16
+    /// per sample; a lost race between two updates loses one sample, which is harmless).
+    fn note_typical(&self, latency: Duration) {
+        let s = latency.as_secs_f64() * 1e9;
+        let cur = f64::from_bits(self.typical_rtt.load(Ordering::Relaxed));
+        let next = if cur > 0.0 { cur + (s - cur) / 16.0 } else { s };
+        self.typical_rtt
+            .store(next.max(1.0).to_bits(), Ordering::Relaxed);
+    }
+
+    /// What an endpoint that has not answered yet is assumed to take: `default_rtt`, or the
+    /// typical latency when that is higher (never better than the endpoints that answered).
+    fn unknown_rtt(&self) -> f64 {
+        let typical = f64::from_bits(self.typical_rtt.load(Ordering::Relaxed));
+        typical.max(self.config.default_rtt.as_secs_f64() * 1e9)
+    }
+
     /// Latency × (outstanding + 1), divided by the slow-start weight.
     fn load(&self, e: &Endpoint<C>, now: Instant, now_ns: u64) -> f64 {
         let rtt = e
@@ -494,7 +520,7 @@ impl<C> Balancer<C> {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .get_at(now)
-            .unwrap_or(self.config.default_rtt.as_secs_f64() * 1e9)
+            .unwrap_or_else(|| self.unknown_rtt())
             .max(1_000.0);
         let cost = rtt * f64::from(e.outstanding.load(Ordering::Acquire) + 1);
         cost / self.weight(e, now_ns)

@@ -378,6 +378,9 @@ pub(crate) struct OutboundLimits {
     pub(crate) balance: BalanceConfig,
     /// Endpoint discovery (`resolver`, `dns_min_ttl`, `dns_max_ttl`).
     pub(crate) discover: DiscoverConfig,
+    /// `retry_idempotent`: a bodiless GET/HEAD/OPTIONS answered 503 is retried once on another
+    /// endpoint, within the retry budget; off by default.
+    pub(crate) retry_idempotent: bool,
 }
 
 impl Default for OutboundLimits {
@@ -392,6 +395,7 @@ impl Default for OutboundLimits {
             pool_wait_timeout: POOL_WAIT_TIMEOUT,
             balance: BalanceConfig::default(),
             discover: DiscoverConfig::default(),
+            retry_idempotent: false,
         }
     }
 }

@@ -119,6 +119,8 @@ pub(super) struct RawOutbound {
     pub(super) dns_min_ttl: Option<S<String>>,
     pub(super) dns_max_ttl: Option<S<String>>,
     pub(super) slow_start: Option<S<String>>,
+    #[serde(default)]
+    pub(super) retry_idempotent: bool,
 }
 
 #[derive(Deserialize)]

@@ -605,6 +605,7 @@ impl Check<'_> {
                 ..BalanceConfig::default()
             },
             discover: self.discover(o),
+            retry_idempotent: o.retry_idempotent,
         }
     }
 

@@ -13,7 +13,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body;
-use hyper::body::Incoming;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, warn};
 
@@ -69,10 +68,14 @@ where
 /// the request body (if any) is copied by a task of its own. The request comes back with the
 /// error when the connection refused new streams before any of it was queued; the connection
 /// is then marked closed, so the retry opens a new one.
-pub(crate) async fn send_h2(
+pub(crate) async fn send_h2<B>(
     s: &mut H2Sender,
-    req: Request<Incoming>,
-) -> Result<Response<h2::RecvStream>, (h2::Error, Option<Request<Incoming>>)> {
+    req: Request<B>,
+) -> Result<Response<h2::RecvStream>, (h2::Error, Option<Request<B>>)>
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError> + Send,
+{
     if let Err(e) = poll_fn(|cx| s.tx.poll_ready(cx)).await {
         s.closed.store(true, Ordering::Release);
         return Err((e, Some(req)));
@@ -90,6 +93,15 @@ pub(crate) async fn send_h2(
         });
     }
     response.await.map_err(|e| (e, None))
+}
+
+/// The peer provably did not process the stream, so the request never reached its app: it
+/// reset the stream with `REFUSED_STREAM` (RFC 9113 §8.7), or sent a GOAWAY whose last
+/// processed stream is below this one (h2 0.4 fails a stream with the peer's GOAWAY error only
+/// then, in `recv_go_away`; streams at or below it end with the connection's own error).
+pub(crate) fn refused_unprocessed(e: &h2::Error) -> bool {
+    e.is_remote()
+        && (e.is_go_away() || (e.is_reset() && e.reason() == Some(h2::Reason::REFUSED_STREAM)))
 }
 
 /// hyper 1.12's HTTP/2 client settings, which this pool used before it spoke `h2` directly.

@@ -17,6 +17,7 @@ pub(crate) struct OutboundMetrics {
     handshakes: IntCounterVec,
     connections_open: IntGaugeVec,
     retries: IntCounterVec,
+    retry_budget_exhausted: IntCounterVec,
     duration: HistogramVec,
     endpoint_requests: IntCounterVec,
     ejections: IntCounterVec,
@@ -34,8 +35,6 @@ pub(crate) struct UpstreamMetrics {
     upstream: String,
     /// Open TLS connections to the upstream.
     pub connections_open: IntGauge,
-    /// Requests retried on a new connection (connection not established, nothing sent).
-    pub retries: IntCounter,
     /// Time from the app's request to the upstream's response head.
     pub duration: Histogram,
     /// Endpoints ejected by the balancer.
@@ -84,7 +83,14 @@ impl OutboundMetrics {
         let retries = IntCounterVec::new(
             Opts::new(
                 "outbound_retries_total",
-                "Requests retried because no connection could be established and nothing was sent",
+                "Requests sent a second time, by upstream and reason (connect, unsent, refused, status_503)",
+            ),
+            &["upstream", "reason"],
+        )?;
+        let retry_budget_exhausted = IntCounterVec::new(
+            Opts::new(
+                "outbound_retry_budget_exhausted_total",
+                "Retries retry_idempotent would have made but the retry budget refused",
             ),
             &["upstream"],
         )?;
@@ -127,6 +133,7 @@ impl OutboundMetrics {
         registry.register(Box::new(handshakes.clone()))?;
         registry.register(Box::new(connections_open.clone()))?;
         registry.register(Box::new(retries.clone()))?;
+        registry.register(Box::new(retry_budget_exhausted.clone()))?;
         registry.register(Box::new(duration.clone()))?;
         Ok(Self {
             requests,
@@ -134,6 +141,7 @@ impl OutboundMetrics {
             handshakes,
             connections_open,
             retries,
+            retry_budget_exhausted,
             duration,
             endpoint_requests,
             ejections,
@@ -156,7 +164,6 @@ impl OutboundMetrics {
     pub(crate) fn upstream(&self, upstream: &str) -> UpstreamMetrics {
         UpstreamMetrics {
             connections_open: self.connections_open.with_label_values(&[upstream]),
-            retries: self.retries.with_label_values(&[upstream]),
             duration: self.duration.with_label_values(&[upstream]),
             ejections: self.ejections.with_label_values(&[upstream]),
             endpoints: ENDPOINT_STATES
@@ -171,6 +178,32 @@ impl OutboundMetrics {
 /// The `state` label values of `gatehouse_outbound_endpoints`, in [`UpstreamMetrics::endpoints`]
 /// order.
 pub(crate) const ENDPOINT_STATES: [&str; 4] = ["active", "warming", "ejected", "draining"];
+
+/// Why a request was sent a second time (`gatehouse_outbound_retries_total{reason}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RetryReason {
+    /// No connection to the endpoint (TCP or TLS failed): nothing was sent.
+    Connect,
+    /// The pooled connection closed before any of the request was written.
+    Unsent,
+    /// The peer refused the HTTP/2 stream unprocessed (`REFUSED_STREAM`, or a GOAWAY whose last
+    /// processed stream is below it).
+    Refused,
+    /// `retry_idempotent`: a bodiless GET/HEAD/OPTIONS answered 503.
+    Status503,
+}
+
+impl RetryReason {
+    /// The metric label.
+    pub(crate) fn label(self) -> &'static str {
+        match self {
+            Self::Connect => "connect",
+            Self::Unsent => "unsent",
+            Self::Refused => "refused",
+            Self::Status503 => "status_503",
+        }
+    }
+}
 
 impl UpstreamMetrics {
     /// The request counter of one endpoint (bound once, when the endpoint is added).
@@ -204,6 +237,22 @@ impl UpstreamMetrics {
         self.families
             .requests
             .with_label_values(&[self.upstream.as_str(), label])
+            .inc();
+    }
+
+    /// Counts one retry, by why (a label lookup, but only when a request is sent again).
+    pub(crate) fn retry(&self, reason: RetryReason) {
+        self.families
+            .retries
+            .with_label_values(&[self.upstream.as_str(), reason.label()])
+            .inc();
+    }
+
+    /// Counts one retry the budget refused.
+    pub(crate) fn retry_budget_exhausted(&self) {
+        self.families
+            .retry_budget_exhausted
+            .with_label_values(&[self.upstream.as_str()])
             .inc();
     }
 

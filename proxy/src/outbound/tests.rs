@@ -100,6 +100,9 @@ enum Mode {
     /// Serve HTTP, `/slow` taking a second; after answering `/fast`, close the connection
     /// gracefully (GOAWAY) while the slow requests finish.
     GoAwayAfterFast,
+    /// HTTP/2 only: reset each connection's first stream with `REFUSED_STREAM` (unprocessed),
+    /// answer the others `HTTP/2.0 <path>`.
+    RefuseFirst,
 }
 
 struct TestServer {
@@ -176,6 +179,7 @@ async fn server(
                     Mode::Http | Mode::Slow(_) | Mode::GoAwayAfterFast => {
                         serve_http(tls, mode).await;
                     }
+                    Mode::RefuseFirst => serve_refusing_first(tls).await,
                 }
             });
         }
@@ -185,6 +189,25 @@ async fn server(
         handshakes,
         bytes_read,
         sni,
+    }
+}
+
+async fn serve_refusing_first(tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>) {
+    let Ok(mut conn) = h2::server::handshake(tls).await else {
+        return;
+    };
+    let mut first = true;
+    while let Some(Ok((req, mut respond))) = conn.accept().await {
+        if std::mem::take(&mut first) {
+            respond.send_reset(h2::Reason::REFUSED_STREAM);
+            continue;
+        }
+        let body = format!("{:?} {}", req.version(), req.uri().path());
+        let mut send = respond
+            .send_response(hyper::Response::new(()), false)
+            .expect("response head");
+        send.send_data(Bytes::from(body), true)
+            .expect("response body");
     }
 }
 
@@ -537,6 +560,43 @@ async fn a_request_after_the_upstreams_goaway_is_retried_on_a_new_connection() {
     );
     assert_eq!(upstream.handshakes.load(Ordering::SeqCst), 2);
     assert_eq!(sidecar.metric("gatehouse_outbound_retries_total", &[]), 1.0);
+}
+
+/// A stream the peer refused unprocessed (`REFUSED_STREAM`) never reached its app: with
+/// `retry_idempotent` (which keeps a bodiless request's head) it is sent again, any method;
+/// without it the head is gone and the app gets 502 (nothing is copied per request then).
+#[tokio::test]
+async fn a_refused_stream_is_sent_again_when_its_head_was_kept() {
+    let ca = Ca::new(TD);
+    let (caller, monolith) = (ca.issue("report-service"), ca.issue("monolith"));
+    for retry in [true, false] {
+        let upstream = server(&monolith, &monolith, &[b"h2"], Mode::RefuseFirst).await;
+        let sidecar = Sidecar::start(&caller, upstream.addr, MONOLITH, |c| {
+            c.limits.retry_idempotent = retry;
+        })
+        .await;
+        let client = h1_client();
+        let req = Request::post(format!("http://{}/submit", sidecar.addr))
+            .body(Full::default())
+            .expect("request");
+        let resp = client.request(req).await.expect("response");
+        let status = resp.status();
+        let body = resp.into_body().collect().await.expect("body").to_bytes();
+        let refused = sidecar.metric("gatehouse_outbound_retries_total", &[("reason", "refused")]);
+        if retry {
+            assert_eq!(status, StatusCode::OK, "{body:?}");
+            assert_eq!(&body[..], b"HTTP/2.0 /submit");
+            assert_eq!(refused, 1.0);
+        } else {
+            assert_eq!(status, StatusCode::BAD_GATEWAY, "{body:?}");
+            assert_eq!(refused, 0.0);
+        }
+        assert_eq!(
+            upstream.handshakes.load(Ordering::SeqCst),
+            1,
+            "one connection"
+        );
+    }
 }
 
 #[tokio::test]

@@ -16,10 +16,15 @@
 //! sends a PING every 30 s and drops a connection whose peer does not answer within 20 s, so a
 //! peer that vanished mid-response is noticed.
 //!
-//! Retries: a request is sent again only when it provably never left: the connection could
-//! not be established (TCP refused or reset during the handshake), or a pooled connection was
-//! found closed before any of the request was queued (HTTP/1.1: hyper handed it back; HTTP/2:
-//! the connection refused new streams, e.g. after the peer's GOAWAY). Nothing else is retried.
+//! Retries, at most one per request, to another endpoint when there is one: a request is sent
+//! again when it provably never left: the connection could not be established (TCP refused or
+//! reset during the handshake, or TLS: then only to another endpoint), or a pooled connection
+//! was found closed before any of the request was queued (HTTP/1.1: hyper handed it back;
+//! HTTP/2: the connection refused new streams, e.g. after the peer's GOAWAY), or the peer
+//! refused the HTTP/2 stream unprocessed (`REFUSED_STREAM`, a GOAWAY below it: only with
+//! `retry_idempotent`, which keeps a bodiless request's head; h2 consumed the original).
+//! With `retry_idempotent`, a bodiless GET/HEAD/OPTIONS answered 503 is sent again within the
+//! [`RetryBudget`]. Nothing else is retried.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -27,8 +32,10 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{HeaderValue, Request, Response, Uri, header};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, header};
+use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
@@ -42,10 +49,10 @@ use tokio_rustls::TlsConnector;
 use tracing::{debug, warn};
 
 use super::error::OutboundError;
-use super::metrics::{ENDPOINT_STATES, UpstreamMetrics};
+use super::metrics::{ENDPOINT_STATES, RetryReason, UpstreamMetrics};
 use super::tls_source::TlsSource;
 use crate::balance::discover::{DiscoverConfig, Discovery};
-use crate::balance::{Balancer, BalancerStatus, Outcome, Pick};
+use crate::balance::{Balancer, BalancerStatus, Outcome, Pick, RetryBudget};
 use crate::config::{OutboundLimits, Target};
 use crate::http::body::{BoxError, HttpBody, RecvBody};
 use crate::http::h1_pool;
@@ -67,6 +74,8 @@ pub(crate) struct Upstream {
     resolve_error: Mutex<Option<String>>,
     /// What this upstream last added to `gatehouse_outbound_endpoints{state}`.
     counted: Mutex<[i64; 4]>,
+    /// The retry budget of `retry_idempotent`; `None` (nothing counted) without it.
+    budget: Option<RetryBudget>,
     limits: OutboundLimits,
     metrics: UpstreamMetrics,
 }
@@ -98,7 +107,7 @@ struct Idle {
 }
 
 enum Sender {
-    H1(http1::SendRequest<Incoming>),
+    H1(http1::SendRequest<ReqBody>),
     H2(H2Sender),
 }
 
@@ -230,6 +239,7 @@ impl Upstream {
             resolved: Notify::new(),
             resolve_error: Mutex::new(None),
             counted: Mutex::new([0; 4]),
+            budget: limits.retry_idempotent.then(RetryBudget::default),
             limits,
             metrics,
         });
@@ -342,8 +352,19 @@ impl Upstream {
     /// Any [`OutboundError`]; see the module docs for which ones were retried first.
     pub(crate) async fn send(
         self: &Arc<Self>,
-        mut req: Request<Incoming>,
+        req: Request<Incoming>,
     ) -> Result<(Response<UpstreamBody>, Arc<str>), OutboundError> {
+        // With `retry_idempotent` only: the request counts toward the retry budget, and a
+        // bodiless one keeps a copy of its head for a second attempt. Without it nothing is
+        // copied or counted (one branch).
+        let mut replay = match &self.budget {
+            Some(budget) => {
+                budget.deposit();
+                Replay::of(&req)
+            }
+            None => None,
+        };
+        let mut req = req.map(Either::Left);
         let mut connect_retried = false;
         let mut unsent_retried = false;
         let mut not = None;
@@ -385,7 +406,7 @@ impl Upstream {
                     }
                     debug!(upstream = %self.name, endpoint = ?not, error = %e, "connect failed before anything was sent; retrying on another endpoint");
                     connect_retried = true;
-                    self.metrics.retries.inc();
+                    self.metrics.retry(RetryReason::Connect);
                     continue;
                 }
             };
@@ -394,11 +415,25 @@ impl Upstream {
             pick.sent();
             match pool.exchange(conn, req).await {
                 Ok(resp) => {
-                    let outcome = match resp.status().as_u16() {
+                    let status = resp.status();
+                    let outcome = match status.as_u16() {
                         502..=504 => Outcome::GatewayError,
                         _ => Outcome::Success,
                     };
+                    let addr = pick.addr();
                     self.finish(pick, outcome);
+                    if status == StatusCode::SERVICE_UNAVAILABLE
+                        && !connect_retried
+                        && let Some(again) = self.replay_503(&mut replay)
+                    {
+                        // The 503 (its body unread) is dropped: the app sees the second answer.
+                        drop(resp);
+                        debug!(upstream = %self.name, endpoint = %addr, "503 to an idempotent request; retrying on another endpoint");
+                        self.metrics.retry(RetryReason::Status503);
+                        not = Some(addr);
+                        req = again;
+                        continue;
+                    }
                     return Ok((resp, serial));
                 }
                 Err(Exchange::Unsent(back)) if !unsent_retried => {
@@ -406,10 +441,28 @@ impl Upstream {
                     drop(pick);
                     debug!(upstream = %self.name, "pooled connection closed before the request was written; retrying on another endpoint");
                     unsent_retried = true;
-                    self.metrics.retries.inc();
+                    self.metrics.retry(RetryReason::Unsent);
                     req = *back;
                 }
                 Err(Exchange::Unsent(_)) => return Err(OutboundError::ClosedBeforeSend),
+                Err(Exchange::Refused(e)) => {
+                    // The peer did not process the stream (RST_STREAM REFUSED_STREAM, or a
+                    // GOAWAY below it): it provably never reached the app, whatever the
+                    // method. Sent again when a copy of the head was kept.
+                    not = Some(pick.addr());
+                    match e.endpoint_outcome() {
+                        Some(outcome) => self.finish(pick, outcome),
+                        None => drop(pick),
+                    }
+                    match replay.take() {
+                        Some(r) => {
+                            debug!(upstream = %self.name, endpoint = ?not, error = %e, "the peer refused the stream unprocessed; retrying on another endpoint");
+                            self.metrics.retry(RetryReason::Refused);
+                            req = r.request();
+                        }
+                        None => return Err(e),
+                    }
+                }
                 Err(Exchange::Failed(e)) => {
                     match e.endpoint_outcome() {
                         Some(outcome) => self.finish(pick, outcome),
@@ -419,6 +472,61 @@ impl Upstream {
                 }
             }
         }
+    }
+
+    /// The second attempt of a request answered 503, when `retry_idempotent` kept its head,
+    /// it is a GET, HEAD or OPTIONS without a body, it was not retried yet, and the retry
+    /// budget has room.
+    fn replay_503(&self, replay: &mut Option<Replay>) -> Option<Request<ReqBody>> {
+        let r = replay.take_if(|r| r.idempotent)?;
+        let budget = self.budget.as_ref()?;
+        if budget.try_withdraw() {
+            Some(r.request())
+        } else {
+            self.metrics.retry_budget_exhausted();
+            None
+        }
+    }
+}
+
+/// The request body the pools send: the app's, or none (a bodiless request sent again).
+pub(crate) type ReqBody = Either<Incoming, Empty<Bytes>>;
+
+/// The head of a bodiless request, kept (only with `retry_idempotent`) so it can be sent a
+/// second time.
+struct Replay {
+    method: Method,
+    uri: Uri,
+    version: http::Version,
+    headers: http::HeaderMap,
+    /// GET, HEAD or OPTIONS: may be retried after a 503.
+    idempotent: bool,
+}
+
+impl Replay {
+    /// A copy of `req`'s head, when it has no body (a body is never buffered for a retry).
+    fn of(req: &Request<Incoming>) -> Option<Replay> {
+        if !http_body::Body::is_end_stream(req.body()) {
+            return None;
+        }
+        let method = req.method().clone();
+        Some(Replay {
+            idempotent: matches!(method, Method::GET | Method::HEAD | Method::OPTIONS),
+            method,
+            uri: req.uri().clone(),
+            version: req.version(),
+            headers: req.headers().clone(),
+        })
+    }
+
+    /// The request again (the pool re-targets it for its connection).
+    fn request(self) -> Request<ReqBody> {
+        let mut req = Request::new(Either::Right(Empty::new()));
+        *req.method_mut() = self.method;
+        *req.uri_mut() = self.uri;
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers;
+        req
     }
 }
 
@@ -556,7 +664,7 @@ impl Pool {
     async fn exchange(
         self: &Arc<Self>,
         conn: Conn,
-        req: Request<Incoming>,
+        req: Request<ReqBody>,
     ) -> Result<Response<UpstreamBody>, Exchange> {
         let timeout = self.limits.response_timeout;
         let Conn {
@@ -584,7 +692,7 @@ impl Pool {
                     Ok(Err(mut err)) => {
                         let read = received_alert(err.error());
                         let unsent = err.take_message();
-                        Err(failed(&alert, read, unsent, err.into_error().into()))
+                        Err(failed(&alert, read, unsent, false, err.into_error().into()))
                     }
                 }
             }
@@ -593,7 +701,8 @@ impl Pool {
                 Ok(Ok(resp)) => Ok(resp.map(|b| UpstreamBody::H2(RecvBody::new(b)))),
                 Ok(Err((err, unsent))) => {
                     let read = err.get_io().and_then(|e| received_alert(e));
-                    Err(failed(&alert, read, unsent, err.into()))
+                    let refused = unsent.is_none() && h2_client::refused_unprocessed(&err);
+                    Err(failed(&alert, read, unsent, refused, err.into()))
                 }
             },
         }
@@ -776,7 +885,7 @@ impl Pool {
     /// URI (`:authority`) for HTTP/2, and drops what describes the app's connection (for
     /// HTTP/2 also its `transfer-encoding`, which `h2` refuses). Idempotent, so a request
     /// handed back unsent can be re-targeted for another connection.
-    fn set_target(&self, req: &mut Request<Incoming>, sender: &Sender) {
+    fn set_target(&self, req: &mut Request<ReqBody>, sender: &Sender) {
         let path = req
             .uri()
             .path_and_query()
@@ -824,17 +933,22 @@ impl Pool {
 
 enum Exchange {
     /// The request came back: not one byte of it was written.
-    Unsent(Box<Request<Incoming>>),
+    Unsent(Box<Request<ReqBody>>),
+    /// The peer refused the HTTP/2 stream without processing it (`REFUSED_STREAM`, or a
+    /// GOAWAY whose last processed stream is below it); the request is gone (h2 took it).
+    Refused(OutboundError),
     Failed(OutboundError),
 }
 
 /// Classifies a failed exchange: a TLS alert the server sent (read with the error, or earlier
 /// by the connection's I/O tap) says more than the HTTP error; a request that came back unsent
-/// may be retried; anything else is the upstream's failure.
+/// may be retried, and so may a stream the peer `refused` unprocessed (when its head was
+/// kept); anything else is the upstream's failure.
 fn failed(
     tapped: &OnceLock<AlertDescription>,
     read: Option<AlertDescription>,
-    unsent: Option<Request<Incoming>>,
+    unsent: Option<Request<ReqBody>>,
+    refused: bool,
     err: BoxError,
 ) -> Exchange {
     // A server that refused our certificate after a TLS 1.3 handshake sends its alert as the
@@ -846,6 +960,7 @@ fn failed(
     }
     match unsent {
         Some(req) => Exchange::Unsent(Box::new(req)),
+        None if refused => Exchange::Refused(OutboundError::Upstream(err)),
         None => Exchange::Failed(OutboundError::Upstream(err)),
     }
 }

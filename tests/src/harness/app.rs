@@ -44,10 +44,12 @@ pub struct Seen {
 ///
 /// Behaviour by query parameter: `sleep_ms=N` waits N ms before answering; `download=N`
 /// streams an N-byte body; otherwise it reads the request body to the end and answers 200 with
-/// `{"method","path","body_len"}`.
+/// `{"method","path","body_len"}`. Every response names the app in `x-app-addr` (its
+/// address). [`FakeApp::set_delay`] and [`FakeApp::set_status`] make it slow or failing.
 pub struct FakeApp {
     addr: SocketAddr,
     seen: Arc<Mutex<Vec<Seen>>>,
+    behaviour: Arc<Behaviour>,
     open: Arc<std::sync::atomic::AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -64,6 +66,17 @@ impl Drop for OpenGuard {
 
 type AppBody = Either<Full<Bytes>, Generated>;
 
+/// What a [`FakeApp`] does to every request (changed while it runs).
+#[derive(Debug)]
+struct Behaviour {
+    /// `x-app-addr`.
+    name: HeaderValue,
+    /// Milliseconds to wait before answering.
+    delay_ms: std::sync::atomic::AtomicU64,
+    /// The status to answer with instead of 200; 0 = normal.
+    status: std::sync::atomic::AtomicU16,
+}
+
 impl FakeApp {
     /// Starts the app.
     ///
@@ -74,6 +87,12 @@ impl FakeApp {
         let addr = listener.local_addr().expect("app addr");
         let seen = Arc::new(Mutex::new(Vec::new()));
         let log = seen.clone();
+        let behaviour = Arc::new(Behaviour {
+            name: HeaderValue::from_str(&addr.to_string()).expect("an address is a header value"),
+            delay_ms: 0.into(),
+            status: 0.into(),
+        });
+        let does = behaviour.clone();
         let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let opened = open.clone();
         let task = tokio::spawn(async move {
@@ -82,11 +101,13 @@ impl FakeApp {
                     continue;
                 };
                 let log = log.clone();
+                let does = does.clone();
                 opened.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let guard = OpenGuard(opened.clone());
                 tokio::spawn(async move {
                     let _guard = guard;
-                    let svc = hyper::service::service_fn(move |req| app(log.clone(), req));
+                    let svc =
+                        hyper::service::service_fn(move |req| app(log.clone(), does.clone(), req));
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(tcp), svc)
                         .await;
@@ -96,9 +117,30 @@ impl FakeApp {
         Self {
             addr,
             seen,
+            behaviour,
             open,
             task,
         }
+    }
+
+    /// Every later request waits `delay` before it is answered.
+    pub fn set_delay(&self, delay: Duration) {
+        let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        self.behaviour
+            .delay_ms
+            .store(ms, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Every later request is answered `status` (with an empty body); `200` = normal again.
+    pub fn set_status(&self, status: StatusCode) {
+        let code = if status == StatusCode::OK {
+            0
+        } else {
+            status.as_u16()
+        };
+        self.behaviour
+            .status
+            .store(code, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Connections from the sidecar that are open now (accepted, not yet closed by the
@@ -138,6 +180,17 @@ fn query_u64(q: Option<&str>, key: &str) -> Option<u64> {
 
 async fn app(
     log: Arc<Mutex<Vec<Seen>>>,
+    does: Arc<Behaviour>,
+    req: Request<Incoming>,
+) -> Result<Response<AppBody>, hyper::Error> {
+    let mut resp = answer(log, &does, req).await?;
+    resp.headers_mut().insert("x-app-addr", does.name.clone());
+    Ok(resp)
+}
+
+async fn answer(
+    log: Arc<Mutex<Vec<Seen>>>,
+    does: &Behaviour,
     req: Request<Incoming>,
 ) -> Result<Response<AppBody>, hyper::Error> {
     let (parts, mut body) = req.into_parts();
@@ -157,6 +210,16 @@ async fn app(
         headers: parts.headers.clone(),
         body_len,
     });
+    let delay = does.delay_ms.load(std::sync::atomic::Ordering::SeqCst);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+    }
+    let status = does.status.load(std::sync::atomic::Ordering::SeqCst);
+    if let Ok(status) = StatusCode::from_u16(status) {
+        let mut resp = Response::new(Either::Left(Full::new(Bytes::new())));
+        *resp.status_mut() = status;
+        return Ok(resp);
+    }
     let q = parts.uri.query();
     if let Some(ms) = query_u64(q, "sleep_ms") {
         tokio::time::sleep(Duration::from_millis(ms)).await;

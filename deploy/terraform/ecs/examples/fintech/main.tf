@@ -131,6 +131,8 @@ module "report_service" {
     SPRING_DATASOURCE_URL = "jdbc:postgresql://127.0.0.1:5432/reports?sslmode=disable"
   }
   sidecar_image = var.gatehouse_image
+  # The monolith's Cloud Map name (MULTIVALUE A records, one per task): the sidecar balances
+  # every request over all of them (see ../../README.md).
   outbounds = [{
     name      = "monolith"
     listen    = "127.0.0.1:7001"
