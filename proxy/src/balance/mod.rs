@@ -62,7 +62,7 @@ impl Default for BalanceConfig {
             eject_after: 3,
             ejection_base: Duration::from_secs(1),
             ejection_max: Duration::from_secs(15),
-            decay: Duration::from_secs(10),
+            decay: Duration::from_secs(2),
             default_rtt: Duration::from_millis(30),
         }
     }
