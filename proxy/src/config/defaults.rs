@@ -47,7 +47,6 @@ pub(crate) const DEFAULT_MAX_H2_STREAMS: u32 = 128;
 pub(crate) const DEFAULT_APP_POOL_MAX_IDLE: usize = 64;
 /// Default `inbound.app_pool_idle_timeout`: how long an idle connection to the app is kept.
 pub(crate) const DEFAULT_APP_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
-
 // ---- [[outbound]] -------------------------------------------------------------------------------
 
 /// Default `outbound.connect_timeout`: DNS + TCP connect + TLS handshake to the peer, per attempt.

@@ -503,6 +503,8 @@ impl Check<'_> {
                 DEFAULT_APP_POOL_IDLE_TIMEOUT,
             ),
             allow_matrix_params: i.allow_matrix_params,
+            // issue 17
+            app_protocol: i.app_protocol.unwrap_or_default(),
         };
         // Unauthenticated connections never hold more than half the slots.
         inbound.max_pending_handshakes = inbound

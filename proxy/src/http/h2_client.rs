@@ -13,7 +13,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body;
-use hyper::body::Incoming;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::{debug, warn};
 
@@ -25,7 +24,7 @@ const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// A handle on a shared HTTP/2 connection.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub(crate) struct H2Sender {
     tx: h2::client::SendRequest<Bytes>,
     /// Set when the connection ended or refused a new stream: it takes no more requests.
@@ -69,10 +68,13 @@ where
 /// the request body (if any) is copied by a task of its own. The request comes back with the
 /// error when the connection refused new streams before any of it was queued; the connection
 /// is then marked closed, so the retry opens a new one.
-pub(crate) async fn send_h2(
+pub(crate) async fn send_h2<B>(
     s: &mut H2Sender,
-    req: Request<Incoming>,
-) -> Result<Response<h2::RecvStream>, (h2::Error, Option<Request<Incoming>>)> {
+    req: Request<B>,
+) -> Result<Response<h2::RecvStream>, (h2::Error, Option<Request<B>>)>
+where
+    B: Body<Data = Bytes, Error: Into<BoxError> + Send> + Send + 'static,
+{
     if let Err(e) = poll_fn(|cx| s.tx.poll_ready(cx)).await {
         s.closed.store(true, Ordering::Release);
         return Err((e, Some(req)));
