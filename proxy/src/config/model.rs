@@ -281,6 +281,10 @@ pub(crate) struct InboundConfig {
     pub(crate) allow_matrix_params: bool,
     /// How the app is spoken to: HTTP/1.1 (default) or h2c (issue 17).
     pub(crate) app_protocol: AppProtocol,
+    /// A WebSocket tunnel that moves no byte either way for this long is closed (issue 17).
+    pub(crate) websocket_idle_timeout: Duration,
+    /// A WebSocket tunnel is closed this long after its upgrade, busy or not (issue 17).
+    pub(crate) websocket_max_duration: Duration,
 }
 
 /// One `[[outbound]]` entry.

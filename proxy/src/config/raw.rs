@@ -97,6 +97,8 @@ pub(super) struct RawInbound {
     #[serde(default)]
     pub(super) allow_matrix_params: bool,
     pub(super) app_protocol: Option<AppProtocol>, // issue 17
+    pub(super) websocket_idle_timeout: Option<S<String>>, // issue 17
+    pub(super) websocket_max_duration: Option<S<String>>, // issue 17
 }
 
 #[derive(Deserialize)]

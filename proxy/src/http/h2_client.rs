@@ -94,6 +94,39 @@ where
     response.await.map_err(|e| (e, None))
 }
 
+/// Opens an RFC 8441 extended-CONNECT stream (a WebSocket tunnel, issue 17) for `head`
+/// (method `CONNECT`, `h2::ext::Protocol` set) and returns the response future and our half
+/// of the stream. The peer allows it in its SETTINGS, which arrive a round trip after the
+/// handshake: on a fresh connection this waits for them, up to `within`.
+///
+/// # Errors
+/// The connection failed, or the peer does not allow extended CONNECT.
+pub(crate) async fn open_extended_connect(
+    s: &mut H2Sender,
+    head: Request<()>,
+    within: Duration,
+) -> Result<(h2::client::ResponseFuture, h2::SendStream<Bytes>), BoxError> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Err(e) = poll_fn(|cx| s.tx.poll_ready(cx)).await {
+            s.closed.store(true, Ordering::Release);
+            return Err(e.into());
+        }
+        if s.tx.is_extended_connect_protocol_enabled() {
+            break;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(
+                "the peer does not accept WebSocket tunnels (RFC 8441 extended CONNECT \
+                 is not enabled in its SETTINGS): is it a Gatehouse inbound sidecar with HTTP/2?"
+                    .into(),
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(s.tx.send_request(head, false)?)
+}
+
 /// hyper 1.12's HTTP/2 client settings, which this pool used before it spoke `h2` directly.
 fn h2_builder() -> h2::client::Builder {
     let mut b = h2::client::Builder::new();

@@ -11,6 +11,7 @@
 //! - [`grpc`]: gRPC calls, their deadline, and the sidecar's trailers-only answers (issue 17);
 //! - [`headers`]: hop-by-hop headers, the headers the sidecar owns, the request framing we
 //!   forward, and the one `x-request-id` rule;
+//! - [`tunnel`]: a WebSocket tunnel's HTTP/2 leg as a byte stream, and its metrics (issue 17);
 //! - [`respond`]: the one JSON error body both sides answer with.
 
 pub(crate) mod activity;
@@ -21,3 +22,4 @@ pub(crate) mod h2_client;
 pub(crate) mod h2_server;
 pub(crate) mod headers;
 pub(crate) mod respond;
+pub(crate) mod tunnel;

@@ -10,6 +10,8 @@
 //!   deny, or rewrite the identity headers and forward;
 //! - [`upstream`]: the hop to the app, on the shared HTTP/1.1 keep-alive pool, or
 //!   [`app_h2`]: one multiplexed h2c connection (`app_protocol = "h2c"`, gRPC);
+//! - `websocket`: an RFC 8441 extended CONNECT (a WebSocket tunnel from a peer's outbound
+//!   side) decided as a `GET`, then an HTTP/1.1 upgrade to the app, spliced (issue 17);
 //! - [`sources`]: per-source admission before the handshake.
 
 pub(crate) mod app_h2;
@@ -18,6 +20,7 @@ pub(crate) mod listener;
 pub(crate) mod request;
 pub(crate) mod sources;
 pub(crate) mod upstream;
+mod websocket;
 
 use std::sync::Arc;
 
@@ -48,6 +51,8 @@ pub(crate) struct Inbound {
     request_ids: RequestIds,
     /// Per-source admission, shared by every event loop.
     pub sources: Arc<sources::Sources>,
+    /// `gatehouse_websocket_*{side="inbound"}` (issue 17).
+    websocket: crate::http::tunnel::SideMetrics,
 }
 
 impl Inbound {
@@ -72,7 +77,9 @@ impl Inbound {
         let app_authority = http::uri::Authority::try_from(cfg.app.to_string())
             .expect("a SocketAddr always renders as a valid authority");
         let request_ids = RequestIds::new(&state.provider);
+        let websocket = metrics.websocket.side("inbound");
         Self {
+            websocket,
             state,
             metrics,
             cfg,

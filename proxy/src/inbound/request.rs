@@ -127,6 +127,47 @@ impl ConnCtx {
     pub(crate) fn distrust(&self) {
         self.distrusted.store(true, Ordering::Relaxed);
     }
+
+    /// Whether [`Self::distrust`] was called.
+    pub(super) fn is_distrusted(&self) -> bool {
+        self.distrusted.load(Ordering::Relaxed)
+    }
+
+    /// The verified caller.
+    pub(super) fn peer(&self) -> &PeerIdentity {
+        &self.peer
+    }
+
+    /// The audit and metrics context of a request decided by `inb` (of `snapshot`) that
+    /// started at `started`: what [`handle`] builds, for the WebSocket path (issue 17).
+    pub(super) fn request_log<'a>(
+        &'a self,
+        snapshot: &Arc<Snapshot>,
+        inb: &'a InboundSnapshot,
+        request_id: &'a HeaderValue,
+        headers: &http::HeaderMap,
+        method: http::Method,
+        started: Instant,
+    ) -> RequestLog<'a> {
+        RequestLog {
+            ctx: self,
+            caller: self
+                .caller
+                .get(snapshot, || inb.policy.caller_label(self.peer.id()).into()),
+            request_id,
+            trace_id: audit::enabled().then(|| trace_id(headers)).flatten(),
+            inb,
+            method,
+            started,
+        }
+    }
+
+    /// Adds the identity statements to a request head for the app, after
+    /// [`strip_for_app`] removed the client's (the WebSocket path, issue 17).
+    pub(super) fn add_identity(&self, h: &mut http::HeaderMap) {
+        h.append(XFCC_HEADER, self.xfcc.clone());
+        h.append(SPIFFE_ID_HEADER, self.spiffe_id.clone());
+    }
 }
 
 /// A request body as either protocol delivers it; streamed to the app as it arrives.
@@ -233,18 +274,16 @@ pub(crate) fn handle(
             let Some(inb) = snapshot.inbound.as_ref() else {
                 break 'resp refuse(Refusal::Denied, request_id, req.headers());
             };
-            let mut log = RequestLog {
-                ctx: &ctx,
-                // A SipHash lookup in the policy, once per connection and snapshot.
-                caller: ctx
-                    .caller
-                    .get(&snapshot, || inb.policy.caller_label(ctx.peer.id()).into()),
-                request_id,
-                trace_id: audit::enabled().then(|| trace_id(req.headers())).flatten(),
+            // The caller's label: a SipHash lookup in the policy, once per connection and
+            // snapshot.
+            let mut log = ctx.request_log(
+                &snapshot,
                 inb,
-                method: req.method().clone(),
+                request_id,
+                req.headers(),
+                req.method().clone(),
                 started,
-            };
+            );
             if ctx.distrusted.load(Ordering::Relaxed) {
                 let path = req.uri().path();
                 log.finish(path, None, Outcome::Rejected(Rejection::PeerNotTrusted));
@@ -393,7 +432,7 @@ fn refuse_as(r: Refusal<'_>, request_id: &HeaderValue, grpc: bool) -> Response<I
 }
 
 /// What the audit line and the metrics need, minus the [`Outcome`].
-struct RequestLog<'a> {
+pub(super) struct RequestLog<'a> {
     ctx: &'a ConnCtx,
     caller: Arc<str>,
     request_id: &'a HeaderValue,
@@ -407,7 +446,7 @@ struct RequestLog<'a> {
 
 impl RequestLog<'_> {
     /// Counts the request and writes its audit line.
-    fn finish(&mut self, path: &str, route: Option<&str>, outcome: Outcome) {
+    pub(super) fn finish(&mut self, path: &str, route: Option<&str>, outcome: Outcome) {
         let duration = self.started.elapsed();
         let m = &self.ctx.inbound.metrics;
         m.inbound_requests
@@ -461,8 +500,7 @@ fn rewrite(
         );
     }
     // Both were removed above: appending is inserting.
-    h.append(XFCC_HEADER, ctx.xfcc.clone());
-    h.append(SPIFFE_ID_HEADER, ctx.spiffe_id.clone());
+    ctx.add_identity(h);
     // An already normal path is forwarded as the client sent it (no allocation).
     let path_and_query = match uri.path_and_query() {
         Some(pq) if pq.path() == path => pq.clone(),

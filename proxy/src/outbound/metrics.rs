@@ -25,6 +25,8 @@ pub(crate) struct OutboundMetrics {
     /// with the inbound side (`direction="outbound"` here), when registered with
     /// [`OutboundMetrics::with_tls`].
     tls: Option<(IntCounterVec, HistogramVec)>,
+    /// `gatehouse_websocket_*{side="outbound"}` (issue 17), with the TLS families.
+    websocket: Option<crate::http::tunnel::SideMetrics>,
 }
 
 /// The metric handles of one upstream, label values already bound (no lookups per request).
@@ -45,6 +47,8 @@ pub(crate) struct UpstreamMetrics {
     /// The `status="200"` counter, looked up on first use (most requests; the label lookup
     /// hashes both values under a lock).
     ok: OnceLock<IntCounter>,
+    /// WebSocket tunnels through this upstream (issue 17); `None` in unit tests.
+    pub websocket: Option<crate::http::tunnel::SideMetrics>,
 }
 
 impl OutboundMetrics {
@@ -139,6 +143,7 @@ impl OutboundMetrics {
             ejections,
             endpoints,
             tls: None,
+            websocket: None,
         })
     }
 
@@ -149,6 +154,7 @@ impl OutboundMetrics {
             metrics.tls_handshakes.clone(),
             metrics.tls_handshake_duration.clone(),
         ));
+        self.websocket = Some(metrics.websocket.side("outbound"));
         self
     }
 
@@ -164,6 +170,7 @@ impl OutboundMetrics {
             upstream: upstream.to_owned(),
             families: self.clone(),
             ok: OnceLock::new(),
+            websocket: self.websocket.clone(),
         }
     }
 }
