@@ -67,163 +67,161 @@ pub(super) async fn serve(
     respond: SendResponse<Bytes>,
     side: SideMetrics,
 ) -> StreamEnd {
-    {
-        let _guard = ctx.activity.begin();
-        let mut respond = respond;
-        let started = Instant::now();
-        let (mut parts, recv) = req.into_parts();
-        let request_id = keep_or_assign(&ctx.inbound.request_ids, &mut parts.headers);
-        let snapshot = ctx.inbound.state.snapshot();
-        let Some(inb) = snapshot.inbound.as_ref() else {
-            return send_own(&mut respond, Refusal::Denied.response(&request_id));
-        };
-        let mut log = ctx.request_log(
-            &snapshot,
-            inb,
-            &request_id,
-            &parts.headers,
-            Method::GET,
-            started,
+    let _guard = ctx.activity.begin();
+    let mut respond = respond;
+    let started = Instant::now();
+    let (mut parts, recv) = req.into_parts();
+    let request_id = keep_or_assign(&ctx.inbound.request_ids, &mut parts.headers);
+    let snapshot = ctx.inbound.state.snapshot();
+    let Some(inb) = snapshot.inbound.as_ref() else {
+        return send_own(&mut respond, Refusal::Denied.response(&request_id));
+    };
+    let mut log = ctx.request_log(
+        &snapshot,
+        inb,
+        &request_id,
+        &parts.headers,
+        Method::GET,
+        started,
+    );
+    let uri = parts.uri.clone();
+    if ctx.is_distrusted() {
+        log.finish(
+            uri.path(),
+            None,
+            Outcome::Rejected(Rejection::PeerNotTrusted),
         );
-        let uri = parts.uri.clone();
-        if ctx.is_distrusted() {
-            log.finish(
-                uri.path(),
-                None,
-                Outcome::Rejected(Rejection::PeerNotTrusted),
-            );
-            let resp = Refusal::PeerNoLongerTrusted.response(&request_id);
-            return send_own(&mut respond, resp);
-        }
-        if parts.extensions.get::<Protocol>().map(Protocol::as_str) != Some("websocket") {
-            side.upgrade("failed");
-            let resp = ErrorResponse {
-                status: StatusCode::NOT_IMPLEMENTED,
-                error: "not_implemented",
-                reason: "unsupported_protocol",
-                message: "only WebSocket tunnels (:protocol = websocket) are accepted",
-                details: &[],
-            }
-            .into_response(&request_id);
-            return send_own(&mut respond, resp);
-        }
-        let path = match normalize(uri.path(), &inb.normalize) {
-            Ok(p) => p,
-            Err(e) => {
-                log.finish(uri.path(), None, Outcome::Rejected(Rejection::BadPath));
-                return send_own(&mut respond, Refusal::BadPath(&e).response(&request_id));
-            }
-        };
-        let decision = inb.policy.decide(ctx.peer().id(), "GET", &path);
-        let route = decision.route_name();
-        if !decision.is_allowed() {
-            side.upgrade("denied");
-            let outcome = Outcome::decided(&decision, StatusCode::FORBIDDEN);
-            log.finish(&path, route, outcome);
-            return send_own(&mut respond, Refusal::Denied.response(&request_id));
-        }
-        // The app's upgrade request: the client's headers as for any request (hop-by-hop and
-        // identity look-alikes removed, ours added), `GET`, origin-form, `Host`.
-        let mut h = std::mem::take(&mut parts.headers);
-        if strip_for_app(&mut h).is_err() {
-            h.remove(header::TRANSFER_ENCODING);
-        }
-        ctx.add_identity(&mut h);
-        if let header::Entry::Vacant(host) = h.entry(header::HOST) {
-            let authority = uri.authority().map(|a| a.as_str().to_owned());
-            host.insert(
-                authority
-                    .and_then(|a| HeaderValue::from_str(&a).ok())
-                    .unwrap_or_else(|| ctx.inbound.app_host.clone()),
-            );
-        }
-        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        let target = match uri.query() {
-            Some(q) => format!("{path}?{q}"),
-            None => path.to_string(),
-        };
-        let mut up = Request::new(Empty::<Bytes>::new());
-        *up.uri_mut() = PathAndQuery::try_from(target)
-            .map(http::Uri::from)
-            .unwrap_or_else(|_| http::Uri::from_static("/"));
-        *up.headers_mut() = h;
-        let cfg = &ctx.inbound.cfg;
-        let answered = tokio::time::timeout(cfg.app_timeout, ask_app(cfg.app, up)).await;
-        let mut resp = match answered {
-            Ok(Ok(resp)) => resp,
-            Ok(Err(e)) => {
-                warn!(error = %e, app = %cfg.app, "WebSocket upgrade to the app failed");
-                side.upgrade("failed");
-                log.finish(
-                    &path,
-                    route,
-                    Outcome::decided(&decision, StatusCode::BAD_GATEWAY),
-                );
-                return send_own(&mut respond, Refusal::AppUnreachable.response(&request_id));
-            }
-            Err(_) => {
-                side.upgrade("failed");
-                let outcome = Outcome::decided(&decision, StatusCode::GATEWAY_TIMEOUT);
-                log.finish(&path, route, outcome);
-                return send_own(&mut respond, Refusal::AppTimeout.response(&request_id));
-            }
-        };
-        log.finish(&path, route, Outcome::decided(&decision, resp.status()));
-        if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-            // The app would not switch: its answer as it came, no tunnel.
-            side.upgrade("not_upgraded");
-            strip_hop_by_hop(resp.headers_mut());
-            resp.headers_mut()
-                .entry(REQUEST_ID)
-                .or_insert_with(|| request_id.clone());
-            let (mut head, body) = resp.into_parts();
-            fit_for_h2(&mut head.headers, &body);
-            let end = body.is_end_stream();
-            return match respond.send_response(Response::from_parts(head, ()), end) {
-                Ok(tx) if !end => match pipe_within(body, tx, Some(cfg.send_timeout)).await {
-                    Ok(()) => StreamEnd::Done,
-                    Err(e) => end_of(&e),
-                },
-                _ => StreamEnd::Done,
-            };
-        }
-        let mut ok = Response::new(());
-        for name in ANSWER {
-            if let Some(v) = resp.headers().get(&name) {
-                ok.headers_mut().insert(name, v.clone());
-            }
-        }
-        ok.headers_mut().insert(REQUEST_ID, request_id.clone());
-        let app = match hyper::upgrade::on(resp).await {
-            Ok(upgraded) => TokioIo::new(upgraded),
-            Err(e) => {
-                debug!(error = %e, "the app's connection did not upgrade");
-                side.upgrade("failed");
-                respond.send_reset(h2::Reason::INTERNAL_ERROR);
-                return StreamEnd::Done;
-            }
-        };
-        let send = match respond.send_response(ok, false) {
-            Ok(send) => send,
-            Err(e) => {
-                debug!(error = %e, "WebSocket tunnel head not sent");
-                return StreamEnd::Done;
-            }
-        };
-        side.upgrade("upgraded");
-        side.active.inc();
-        let opened = Instant::now();
-        let (idle, max) = (cfg.websocket_idle_timeout, cfg.websocket_max_duration);
-        let flow = pump(H2Io::new(send, recv), app, idle, &side, async {
-            tokio::time::sleep(max).await;
-            "max_duration"
-        })
-        .await;
-        side.active.dec();
-        record_close(&ctx, inb, &request_id, flow, opened.elapsed());
-        StreamEnd::Done
+        let resp = Refusal::PeerNoLongerTrusted.response(&request_id);
+        return send_own(&mut respond, resp);
     }
+    if parts.extensions.get::<Protocol>().map(Protocol::as_str) != Some("websocket") {
+        side.upgrade("failed");
+        let resp = ErrorResponse {
+            status: StatusCode::NOT_IMPLEMENTED,
+            error: "not_implemented",
+            reason: "unsupported_protocol",
+            message: "only WebSocket tunnels (:protocol = websocket) are accepted",
+            details: &[],
+        }
+        .into_response(&request_id);
+        return send_own(&mut respond, resp);
+    }
+    let path = match normalize(uri.path(), &inb.normalize) {
+        Ok(p) => p,
+        Err(e) => {
+            log.finish(uri.path(), None, Outcome::Rejected(Rejection::BadPath));
+            return send_own(&mut respond, Refusal::BadPath(&e).response(&request_id));
+        }
+    };
+    let decision = inb.policy.decide(ctx.peer().id(), "GET", &path);
+    let route = decision.route_name();
+    if !decision.is_allowed() {
+        side.upgrade("denied");
+        let outcome = Outcome::decided(&decision, StatusCode::FORBIDDEN);
+        log.finish(&path, route, outcome);
+        return send_own(&mut respond, Refusal::Denied.response(&request_id));
+    }
+    // The app's upgrade request: the client's headers as for any request (hop-by-hop and
+    // identity look-alikes removed, ours added), `GET`, origin-form, `Host`.
+    let mut h = std::mem::take(&mut parts.headers);
+    if strip_for_app(&mut h).is_err() {
+        h.remove(header::TRANSFER_ENCODING);
+    }
+    ctx.add_identity(&mut h);
+    if let header::Entry::Vacant(host) = h.entry(header::HOST) {
+        let authority = uri.authority().map(|a| a.as_str().to_owned());
+        host.insert(
+            authority
+                .and_then(|a| HeaderValue::from_str(&a).ok())
+                .unwrap_or_else(|| ctx.inbound.app_host.clone()),
+        );
+    }
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    let target = match uri.query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path.to_string(),
+    };
+    let mut up = Request::new(Empty::<Bytes>::new());
+    *up.uri_mut() = PathAndQuery::try_from(target)
+        .map(http::Uri::from)
+        .unwrap_or_else(|_| http::Uri::from_static("/"));
+    *up.headers_mut() = h;
+    let cfg = &ctx.inbound.cfg;
+    let answered = tokio::time::timeout(cfg.app_timeout, ask_app(cfg.app, up)).await;
+    let mut resp = match answered {
+        Ok(Ok(resp)) => resp,
+        Ok(Err(e)) => {
+            warn!(error = %e, app = %cfg.app, "WebSocket upgrade to the app failed");
+            side.upgrade("failed");
+            log.finish(
+                &path,
+                route,
+                Outcome::decided(&decision, StatusCode::BAD_GATEWAY),
+            );
+            return send_own(&mut respond, Refusal::AppUnreachable.response(&request_id));
+        }
+        Err(_) => {
+            side.upgrade("failed");
+            let outcome = Outcome::decided(&decision, StatusCode::GATEWAY_TIMEOUT);
+            log.finish(&path, route, outcome);
+            return send_own(&mut respond, Refusal::AppTimeout.response(&request_id));
+        }
+    };
+    log.finish(&path, route, Outcome::decided(&decision, resp.status()));
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        // The app would not switch: its answer as it came, no tunnel.
+        side.upgrade("not_upgraded");
+        strip_hop_by_hop(resp.headers_mut());
+        resp.headers_mut()
+            .entry(REQUEST_ID)
+            .or_insert_with(|| request_id.clone());
+        let (mut head, body) = resp.into_parts();
+        fit_for_h2(&mut head.headers, &body);
+        let end = body.is_end_stream();
+        return match respond.send_response(Response::from_parts(head, ()), end) {
+            Ok(tx) if !end => match pipe_within(body, tx, Some(cfg.send_timeout)).await {
+                Ok(()) => StreamEnd::Done,
+                Err(e) => end_of(&e),
+            },
+            _ => StreamEnd::Done,
+        };
+    }
+    let mut ok = Response::new(());
+    for name in ANSWER {
+        if let Some(v) = resp.headers().get(&name) {
+            ok.headers_mut().insert(name, v.clone());
+        }
+    }
+    ok.headers_mut().insert(REQUEST_ID, request_id.clone());
+    let app = match hyper::upgrade::on(resp).await {
+        Ok(upgraded) => TokioIo::new(upgraded),
+        Err(e) => {
+            debug!(error = %e, "the app's connection did not upgrade");
+            side.upgrade("failed");
+            respond.send_reset(h2::Reason::INTERNAL_ERROR);
+            return StreamEnd::Done;
+        }
+    };
+    let send = match respond.send_response(ok, false) {
+        Ok(send) => send,
+        Err(e) => {
+            debug!(error = %e, "WebSocket tunnel head not sent");
+            return StreamEnd::Done;
+        }
+    };
+    side.upgrade("upgraded");
+    side.active.inc();
+    let opened = Instant::now();
+    let (idle, max) = (cfg.websocket_idle_timeout, cfg.websocket_max_duration);
+    let flow = pump(H2Io::new(send, recv), app, idle, &side, async {
+        tokio::time::sleep(max).await;
+        "max_duration"
+    })
+    .await;
+    side.active.dec();
+    record_close(&ctx, inb, &request_id, flow, opened.elapsed());
+    StreamEnd::Done
 }
 
 /// The close line of an inbound tunnel.
