@@ -261,3 +261,80 @@ fn normalize_of_a_normal_path_makes_no_heap_allocation() {
     });
     assert_eq!(info.count_total, 0, "normalize allocated");
 }
+
+/// gRPC paths (issue 17): `/package.Service/Method` exactly, and `/package.Service/*` for every
+/// method of a service; dots in a segment are plain characters and survive normalization.
+#[test]
+fn grpc_method_and_service_routes_decide_grpc_paths() {
+    let p = Policy::parse(
+        "grpc.toml",
+        r#"
+version = 1
+trust_domain = "fintech.internal"
+
+[identities]
+report-service = "spiffe://fintech.internal/report-service"
+api-gateway    = "spiffe://fintech.internal/api-gateway"
+
+[[route]]
+name    = "ledger get"
+methods = ["POST"]
+path    = "/fintech.ledger.v1.Ledger/GetBalance"
+allow   = ["api-gateway"]
+
+[[route]]
+name    = "ledger service"
+methods = ["POST"]
+path    = "/fintech.ledger.v1.Ledger/*"
+allow   = ["report-service"]
+"#,
+    )
+    .unwrap();
+    let opts = gatehouse_policy::path::NormalizeOptions::default();
+    let cases = [
+        (
+            "api-gateway",
+            "/fintech.ledger.v1.Ledger/GetBalance",
+            Some("ledger get"),
+            true,
+        ),
+        (
+            "report-service",
+            "/fintech.ledger.v1.Ledger/GetBalance",
+            Some("ledger get"),
+            false,
+        ),
+        (
+            "report-service",
+            "/fintech.ledger.v1.Ledger/ListEntries",
+            Some("ledger service"),
+            true,
+        ),
+        (
+            "api-gateway",
+            "/fintech.ledger.v1.Ledger/ListEntries",
+            Some("ledger service"),
+            false,
+        ),
+        (
+            "report-service",
+            "/fintech.ledger.v1.Admin/Purge",
+            None,
+            false,
+        ),
+        // One segment only: a nested path is not a method of the service.
+        (
+            "report-service",
+            "/fintech.ledger.v1.Ledger/a/b",
+            None,
+            false,
+        ),
+    ];
+    for (caller, path, route, allowed) in cases {
+        let normalized = gatehouse_policy::path::normalize(path, &opts).unwrap();
+        assert_eq!(normalized, path, "gRPC paths are already normal");
+        let d = p.decide(&id(caller), "POST", &normalized);
+        assert_eq!(d.route_name(), route, "{caller} {path}");
+        assert_eq!(d.is_allowed(), allowed, "{caller} {path}");
+    }
+}

@@ -166,6 +166,40 @@ impl Refusal<'_> {
         }
     }
 
+    /// The response for a gRPC call (issue 17): trailers-only, HTTP 200, the gRPC status
+    /// closest to [`Self::status`] (a denial is `PERMISSION_DENIED`), and `retry-after` when
+    /// over a limit. Otherwise [`Self::response`].
+    pub(crate) fn response_for(&self, request_id: &HeaderValue, grpc: bool) -> Response<OwnBody> {
+        use crate::http::grpc::{Code, trailers_only};
+        if !grpc {
+            return self.response(request_id);
+        }
+        let (code, message) = match self {
+            Self::BadPath(_) | Self::BadMethod(_) | Self::BadFraming(_) => {
+                (Code::Internal, "request refused by the sidecar: malformed")
+            }
+            Self::Denied => (Code::PermissionDenied, "access denied"),
+            Self::AppUnreachable => (Code::Unavailable, "the upstream app is unreachable"),
+            Self::AppTimeout => (
+                Code::DeadlineExceeded,
+                "the upstream app did not answer in time",
+            ),
+            Self::PeerNoLongerTrusted => (
+                Code::Unavailable,
+                "this connection's client certificate is no longer trusted",
+            ),
+            Self::RateLimited { .. } | Self::Overloaded { .. } => {
+                (Code::ResourceExhausted, "this caller is over its limit")
+            }
+        };
+        let mut resp = trailers_only(code, message, request_id);
+        if let Self::RateLimited { retry_after } | Self::Overloaded { retry_after } = self {
+            resp.headers_mut()
+                .insert(http::header::RETRY_AFTER, HeaderValue::from(*retry_after));
+        }
+        resp
+    }
+
     /// The response: a JSON body `{"error", "message", "request_id"}` and `x-request-id`
     /// (and `retry-after` when over a limit).
     pub(crate) fn response(&self, request_id: &HeaderValue) -> Response<OwnBody> {

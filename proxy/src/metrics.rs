@@ -66,6 +66,8 @@ pub(crate) struct Metrics {
     /// `send_timeout` without progress: an HTTP/2 stream without window (`protocol="h2"`), or a
     /// connection whose socket took no byte (`"http1"` or `"h2"`).
     pub inbound_send_timeouts: IntCounterVec,
+    /// `gatehouse_websocket_*` (issue 17).
+    pub websocket: crate::http::tunnel::WebSocketMetrics,
 }
 
 impl Metrics {
@@ -193,7 +195,10 @@ impl Metrics {
         registry.register(Box::new(inbound_h2_client_resets.clone()))?;
         registry.register(Box::new(inbound_h2_goaways.clone()))?;
         registry.register(Box::new(inbound_send_timeouts.clone()))?;
+        // issue 17: both sides' WebSocket tunnels.
+        let websocket = crate::http::tunnel::WebSocketMetrics::register(&registry)?;
         Ok(Self {
+            websocket,
             registry,
             inbound_requests,
             inbound_limited,

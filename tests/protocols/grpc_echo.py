@@ -8,11 +8,12 @@ handlers, so no generated stubs are needed; the wire is ordinary gRPC over HTTP/
   /gatehouse.test.Echo/Bidi          a response per request, as they come
   /gatehouse.test.Echo/Fail          an application error: NOT_FOUND, message "no such report"
   /gatehouse.test.Echo/Slow          sleeps {"seconds": S} before answering (deadline tests)
+  /gatehouse.test.Admin/Purge        another service (a method a policy leaves out)
 
 Server:  grpc_echo.py serve --listen 127.0.0.1:0
   prints {"listening": "127.0.0.1:PORT"} first, then one JSON line per call it receives:
   {"method": "/gatehouse.test.Echo/Unary", "metadata": {"x-client-spiffe-id": ...}}
-Client:  grpc_echo.py call --target 127.0.0.1:PORT --method unary|server_stream|bidi|fail|slow
+Client:  grpc_echo.py call --target 127.0.0.1:PORT --method unary|server_stream|bidi|fail|slow|purge
                            [--count N] [--deadline SECONDS] [--sleep SECONDS] [--payload TEXT]
   prints one JSON object: {"ok": bool, "code": "OK"|"PERMISSION_DENIED"|..., "details": str,
   "responses": [...], "trailing_metadata": {...}}; exit 0 when the call ended with OK.
@@ -27,6 +28,7 @@ from concurrent import futures
 import grpc
 
 SERVICE = "gatehouse.test.Echo"
+ADMIN = "gatehouse.test.Admin"
 
 
 def identity(b):
@@ -78,6 +80,11 @@ def slow(request, context):
     return b"{}"
 
 
+def purge(request, context):
+    log({"method": f"/{ADMIN}/Purge", "metadata": metadata_dict(context.invocation_metadata())})
+    return b"{}"
+
+
 def serve(listen):
     handlers = {
         "Unary": grpc.unary_unary_rpc_method_handler(unary, identity, identity),
@@ -87,7 +94,13 @@ def serve(listen):
         "Slow": grpc.unary_unary_rpc_method_handler(slow, identity, identity),
     }
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    admin = {"Purge": grpc.unary_unary_rpc_method_handler(purge, identity, identity)}
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(SERVICE, handlers),
+            grpc.method_handlers_generic_handler(ADMIN, admin),
+        )
+    )
     port = server.add_insecure_port(listen)
     host = listen.rsplit(":", 1)[0]
     log({"listening": f"{host}:{port}"})
@@ -101,9 +114,10 @@ def call(args):
     timeout = args.deadline
     responses, trailing = [], {}
     try:
-        if args.method in ("unary", "fail", "slow"):
-            name = {"unary": "Unary", "fail": "Fail", "slow": "Slow"}[args.method]
-            stub = channel.unary_unary(path(name), request_serializer=identity, response_deserializer=identity)
+        if args.method in ("unary", "fail", "slow", "purge"):
+            name = {"unary": "Unary", "fail": "Fail", "slow": "Slow", "purge": "Purge"}[args.method]
+            full = f"/{ADMIN}/Purge" if args.method == "purge" else path(name)
+            stub = channel.unary_unary(full, request_serializer=identity, response_deserializer=identity)
             payload = args.payload.encode() if args.method == "unary" else json.dumps({"seconds": args.sleep}).encode()
             response, call_ = stub.with_call(payload, timeout=timeout)
             responses.append(response.decode())
@@ -139,7 +153,7 @@ def main():
     s.add_argument("--listen", default="127.0.0.1:0")
     c = sub.add_parser("call")
     c.add_argument("--target", required=True)
-    c.add_argument("--method", required=True, choices=["unary", "server_stream", "bidi", "fail", "slow"])
+    c.add_argument("--method", required=True, choices=["unary", "server_stream", "bidi", "fail", "slow", "purge"])
     c.add_argument("--count", type=int, default=3)
     c.add_argument("--deadline", type=float, default=10.0)
     c.add_argument("--sleep", type=float, default=5.0)

@@ -41,6 +41,8 @@ pub(crate) struct TcpRecord<'a> {
     pub bytes_server_to_client: u64,
     /// From accept to close.
     pub duration: Duration,
+    /// The request that opened it: a WebSocket tunnel's upgrade (issue 17); `None` for TCP.
+    pub request_id: Option<&'a str>,
 }
 
 /// Logs a TCP connection (nothing when no sink is installed).
@@ -63,6 +65,10 @@ impl Sink {
         self.push(|b| {
             b.extend_from_slice(b",\"direction\":");
             push_json_str(b, r.direction);
+            if let Some(id) = r.request_id {
+                b.extend_from_slice(b",\"request_id\":");
+                push_json_str(b, id);
+            }
             b.extend_from_slice(b",\"listener\":");
             push_json_str(b, r.listener);
             b.extend_from_slice(b",\"peer\":");

@@ -47,6 +47,12 @@ pub(crate) const DEFAULT_MAX_H2_STREAMS: u32 = 128;
 pub(crate) const DEFAULT_APP_POOL_MAX_IDLE: usize = 64;
 /// Default `inbound.app_pool_idle_timeout`: how long an idle connection to the app is kept.
 pub(crate) const DEFAULT_APP_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default `inbound.websocket_idle_timeout`: a WebSocket tunnel with no byte either way for
+/// this long is closed (issue 17); the outbound side's tunnels use it too. Long enough for clients that ping every 30-60 s.
+pub(crate) const DEFAULT_WEBSOCKET_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Default `inbound.websocket_max_duration`: a WebSocket tunnel is closed this long after its
+/// upgrade (both sides), so a certificate rotation or a policy change reaches it within that time.
+pub(crate) const DEFAULT_WEBSOCKET_MAX_DURATION: Duration = Duration::from_secs(3600);
 
 // ---- [[outbound]] -------------------------------------------------------------------------------
 

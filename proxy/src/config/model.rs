@@ -99,6 +99,18 @@ impl Default for RuntimeConfig {
     }
 }
 
+/// `[inbound] app_protocol`: how the inbound side speaks to the app (issue 17).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum AppProtocol {
+    /// HTTP/1.1 on a keep-alive pool (the default).
+    #[default]
+    Http1,
+    /// HTTP/2 cleartext with prior knowledge, every request multiplexed on one connection
+    /// (gRPC: `te: trailers` and trailers pass).
+    H2c,
+}
+
 /// `[[outbound]] protocol`: what the sidecar offers its peer in ALPN.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -267,6 +279,12 @@ pub(crate) struct InboundConfig {
     pub(crate) app_pool_idle_timeout: Duration,
     /// Accept `;` in path segments (off by default: see `gatehouse_policy::path`).
     pub(crate) allow_matrix_params: bool,
+    /// How the app is spoken to: HTTP/1.1 (default) or h2c (issue 17).
+    pub(crate) app_protocol: AppProtocol,
+    /// A WebSocket tunnel that moves no byte either way for this long is closed (issue 17).
+    pub(crate) websocket_idle_timeout: Duration,
+    /// A WebSocket tunnel is closed this long after its upgrade, busy or not (issue 17).
+    pub(crate) websocket_max_duration: Duration,
 }
 
 /// One `[[outbound]]` entry.

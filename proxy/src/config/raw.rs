@@ -4,7 +4,7 @@
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::model::UpstreamProtocol;
+use super::model::{AppProtocol, UpstreamProtocol};
 
 pub(super) type S<T> = Spanned<T>;
 
@@ -96,6 +96,9 @@ pub(super) struct RawInbound {
     pub(super) app_pool_idle_timeout: Option<S<String>>,
     #[serde(default)]
     pub(super) allow_matrix_params: bool,
+    pub(super) app_protocol: Option<AppProtocol>, // issue 17
+    pub(super) websocket_idle_timeout: Option<S<String>>, // issue 17
+    pub(super) websocket_max_duration: Option<S<String>>, // issue 17
 }
 
 #[derive(Deserialize)]

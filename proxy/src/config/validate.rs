@@ -503,6 +503,18 @@ impl Check<'_> {
                 DEFAULT_APP_POOL_IDLE_TIMEOUT,
             ),
             allow_matrix_params: i.allow_matrix_params,
+            // issue 17
+            app_protocol: i.app_protocol.unwrap_or_default(),
+            websocket_idle_timeout: self.duration(
+                i.websocket_idle_timeout.as_ref(),
+                "inbound.websocket_idle_timeout",
+                DEFAULT_WEBSOCKET_IDLE_TIMEOUT,
+            ),
+            websocket_max_duration: self.duration(
+                i.websocket_max_duration.as_ref(),
+                "inbound.websocket_max_duration",
+                DEFAULT_WEBSOCKET_MAX_DURATION,
+            ),
         };
         // Unauthenticated connections never hold more than half the slots.
         inbound.max_pending_handshakes = inbound

@@ -24,7 +24,7 @@ const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// A handle on a shared HTTP/2 connection.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub(crate) struct H2Sender {
     tx: h2::client::SendRequest<Bytes>,
     /// Set when the connection ended or refused a new stream: it takes no more requests.
@@ -102,6 +102,39 @@ where
 pub(crate) fn refused_unprocessed(e: &h2::Error) -> bool {
     e.is_remote()
         && (e.is_go_away() || (e.is_reset() && e.reason() == Some(h2::Reason::REFUSED_STREAM)))
+}
+
+/// Opens an RFC 8441 extended-CONNECT stream (a WebSocket tunnel, issue 17) for `head`
+/// (method `CONNECT`, `h2::ext::Protocol` set) and returns the response future and our half
+/// of the stream. The peer allows it in its SETTINGS, which arrive a round trip after the
+/// handshake: on a fresh connection this waits for them, up to `within`.
+///
+/// # Errors
+/// The connection failed, or the peer does not allow extended CONNECT.
+pub(crate) async fn open_extended_connect(
+    s: &mut H2Sender,
+    head: Request<()>,
+    within: Duration,
+) -> Result<(h2::client::ResponseFuture, h2::SendStream<Bytes>), BoxError> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Err(e) = poll_fn(|cx| s.tx.poll_ready(cx)).await {
+            s.closed.store(true, Ordering::Release);
+            return Err(e.into());
+        }
+        if s.tx.is_extended_connect_protocol_enabled() {
+            break;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(
+                "the peer does not accept WebSocket tunnels (RFC 8441 extended CONNECT \
+                 is not enabled in its SETTINGS): is it a Gatehouse inbound sidecar with HTTP/2?"
+                    .into(),
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(s.tx.send_request(head, false)?)
 }
 
 /// hyper 1.12's HTTP/2 client settings, which this pool used before it spoke `h2` directly.

@@ -117,10 +117,29 @@ pub(crate) fn strip_hop_by_hop(h: &mut HeaderMap) {
 }
 
 /// What [`strip_hop_by_hop`] removes and `transfer-encoding` too: what a message must not
-/// carry onto an HTTP/2 hop (`h2` refuses to send it).
+/// carry onto an HTTP/2 hop (`h2` refuses to send it). The one exception is `te: trailers`,
+/// which HTTP/2 allows (RFC 9113 §8.2.2) and gRPC requires (issue 17): it is kept, spelled
+/// exactly `trailers`; any other `te` is removed.
 pub(crate) fn strip_for_h2(h: &mut HeaderMap) {
-    let found = scan(h, false);
-    remove_connection_specific(h, CONNECTION_SPECIFIC.len(), found.connection_specific);
+    let mut found = scan(h, false).connection_specific;
+    if found & TE_BIT != 0 && is_te_trailers(h) {
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        found &= !TE_BIT;
+    }
+    remove_connection_specific(h, CONNECTION_SPECIFIC.len(), found);
+}
+
+/// The bit of `te` among [`CONNECTION_SPECIFIC`].
+const TE_BIT: u16 = 1 << 5;
+
+/// The request says `te: trailers` and nothing else (one value, any case): what HTTP/2 and
+/// gRPC allow.
+pub(crate) fn is_te_trailers(h: &HeaderMap) -> bool {
+    let mut values = h.get_all(header::TE).iter();
+    matches!(
+        (values.next(), values.next()),
+        (Some(v), None) if v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"trailers")
+    )
 }
 
 /// Fits a client's request head (either protocol) for the app's HTTP/1.1 hop, in one pass

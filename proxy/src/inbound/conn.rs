@@ -46,6 +46,7 @@ use tracing::{debug, info};
 use super::Inbound;
 use super::request::{ConnCtx, RequestBody, handle};
 use super::sources::Admission;
+use super::websocket;
 use crate::http::activity::WriteWatch;
 use crate::http::body::{RecvBody, pipe_within};
 use crate::http::h2_server::{
@@ -56,6 +57,7 @@ use crate::signal::Shutdown;
 use crate::state::{Snapshot, State};
 use crate::tls::bounds::is_bound_refusal;
 use crate::tls::verify::failure_reason;
+use futures_util::future::Either;
 
 /// One accepted connection and what it holds until it ends.
 pub(super) struct Conn {
@@ -312,6 +314,8 @@ impl Session {
             builder.max_pending_accept_reset_streams(
                 usize::try_from(cfg.max_h2_resets).unwrap_or(usize::MAX),
             );
+            // WebSocket tunnels from a peer's outbound side: RFC 8441 (issue 17).
+            builder.enable_connect_protocol();
             builder.handshake(tls)
         };
         let resets = ResetBudget::new(
@@ -323,7 +327,16 @@ impl Session {
         let stream_ctx = ctx.clone();
         let server = H2Server::new(
             handshake,
-            move |req, respond| serve_stream(stream_ctx.clone(), req, respond, send_timeout),
+            move |req, respond| {
+                // A tunnel is rare and long: boxed, so the request streams' futures stay
+                // what they were (one branch per stream to tell them apart).
+                if websocket::is_tunnel(&req) {
+                    let side = stream_ctx.inbound.websocket.clone();
+                    let tunnel = websocket::serve(stream_ctx.clone(), req, respond, side);
+                    return Either::Right(Box::pin(tunnel));
+                }
+                Either::Left(serve_stream(stream_ctx.clone(), req, respond, send_timeout))
+            },
             resets,
         );
         self.drive(pin!(server), H2Server::graceful_shutdown).await;

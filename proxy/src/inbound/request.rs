@@ -45,16 +45,17 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::uri::{PathAndQuery, Uri};
 use http::{Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
-use http_body_util::{Either, Full};
+use http_body_util::Full;
 
 use super::Inbound;
 use super::upstream::AppBody;
 use crate::audit::{self, AuditRecord};
 use crate::error::Refusal;
 use crate::http::activity::{Activity, RequestGuard};
-use crate::http::body::HttpBody;
+use crate::http::body::{HttpBody, RecvBody};
+use crate::http::grpc;
 use crate::http::headers::{
-    FramingError, keep_or_assign, strip_for_app, strip_hop_by_hop, trace_id,
+    FramingError, is_te_trailers, keep_or_assign, strip_for_app, strip_hop_by_hop, trace_id,
 };
 use crate::limits::{Admission, LimitGuard};
 use crate::outcome::{Outcome, Rejection};
@@ -126,15 +127,100 @@ impl ConnCtx {
     pub(crate) fn distrust(&self) {
         self.distrusted.store(true, Ordering::Relaxed);
     }
+
+    /// Whether [`Self::distrust`] was called.
+    pub(super) fn is_distrusted(&self) -> bool {
+        self.distrusted.load(Ordering::Relaxed)
+    }
+
+    /// The verified caller.
+    pub(super) fn peer(&self) -> &PeerIdentity {
+        &self.peer
+    }
+
+    /// The audit and metrics context of a request decided by `inb` (of `snapshot`) that
+    /// started at `started`: what [`handle`] builds, for the WebSocket path (issue 17).
+    pub(super) fn request_log<'a>(
+        &'a self,
+        snapshot: &Arc<Snapshot>,
+        inb: &'a InboundSnapshot,
+        request_id: &'a HeaderValue,
+        headers: &http::HeaderMap,
+        method: http::Method,
+        started: Instant,
+    ) -> RequestLog<'a> {
+        RequestLog {
+            ctx: self,
+            caller: self
+                .caller
+                .get(snapshot, || inb.policy.caller_label(self.peer.id()).into()),
+            request_id,
+            trace_id: audit::enabled().then(|| trace_id(headers)).flatten(),
+            inb,
+            method,
+            started,
+        }
+    }
+
+    /// Adds the identity statements to a request head for the app, after
+    /// [`strip_for_app`] removed the client's (the WebSocket path, issue 17).
+    pub(super) fn add_identity(&self, h: &mut http::HeaderMap) {
+        h.append(XFCC_HEADER, self.xfcc.clone());
+        h.append(SPIFFE_ID_HEADER, self.spiffe_id.clone());
+    }
 }
 
 /// A request body as either protocol delivers it; streamed to the app as it arrives.
 pub(crate) type RequestBody = HttpBody;
 
+/// What a response carries: the app's body (HTTP/1.1 from the keep-alive pool, or an h2c
+/// stream: issue 17), streamed, or one the sidecar made. One enum, not nested `Either`s: its
+/// single tag keeps every stream's future as small as with the HTTP/1.1 hop alone.
+pub(crate) enum Inner {
+    /// From the app, HTTP/1.1.
+    App(AppBody),
+    /// From the app, h2c.
+    AppH2(RecvBody),
+    /// The sidecar's own.
+    Own(Full<Bytes>),
+}
+
+impl Body for Inner {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match self.get_mut() {
+            Self::App(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            Self::AppH2(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            Self::Own(b) => Pin::new(b).poll_frame(cx).map_err(|e| match e {}),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::App(b) => b.is_end_stream(),
+            Self::AppH2(b) => b.is_end_stream(),
+            Self::Own(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::App(b) => b.size_hint(),
+            Self::AppH2(b) => b.size_hint(),
+            Self::Own(b) => b.size_hint(),
+        }
+    }
+}
+
 /// The response body: the app's, streamed, or one the sidecar made; it ends the request's
 /// activity (idle timeout) when dropped.
 pub(crate) struct ResponseBody {
-    inner: Either<AppBody, Full<Bytes>>,
+    inner: Inner,
     _guard: RequestGuard,
     /// The caller's concurrency under its `[[limit]]`s, released with the body. Boxed (one
     /// pointer: this body sits in every stream's future, see `the_per_stream_future_stays_small`),
@@ -186,36 +272,34 @@ pub(crate) fn handle(
         let mut limit = None;
         let resp = 'resp: {
             let Some(inb) = snapshot.inbound.as_ref() else {
-                break 'resp refuse(Refusal::Denied, request_id);
+                break 'resp refuse(Refusal::Denied, request_id, req.headers());
             };
-            let mut log = RequestLog {
-                ctx: &ctx,
-                // A SipHash lookup in the policy, once per connection and snapshot.
-                caller: ctx
-                    .caller
-                    .get(&snapshot, || inb.policy.caller_label(ctx.peer.id()).into()),
-                request_id,
-                trace_id: audit::enabled().then(|| trace_id(req.headers())).flatten(),
+            // The caller's label: a SipHash lookup in the policy, once per connection and
+            // snapshot.
+            let mut log = ctx.request_log(
+                &snapshot,
                 inb,
-                method: req.method().clone(),
+                request_id,
+                req.headers(),
+                req.method().clone(),
                 started,
-            };
+            );
             if ctx.distrusted.load(Ordering::Relaxed) {
                 let path = req.uri().path();
                 log.finish(path, None, Outcome::Rejected(Rejection::PeerNotTrusted));
-                break 'resp refuse(Refusal::PeerNoLongerTrusted, request_id);
+                break 'resp refuse(Refusal::PeerNoLongerTrusted, request_id, req.headers());
             }
             let uri = req.uri().clone();
             // Before matching: `get` must not be decided as an extension method.
             if let Err(e) = method::check(req.method().as_str()) {
                 log.finish(uri.path(), None, Outcome::Rejected(Rejection::BadMethod));
-                break 'resp refuse(Refusal::BadMethod(e), request_id);
+                break 'resp refuse(Refusal::BadMethod(e), request_id, req.headers());
             }
             let path = match normalize(uri.path(), &inb.normalize) {
                 Ok(p) => p,
                 Err(e) => {
                     log.finish(uri.path(), None, Outcome::Rejected(Rejection::BadPath));
-                    break 'resp refuse(Refusal::BadPath(&e), request_id);
+                    break 'resp refuse(Refusal::BadPath(&e), request_id, req.headers());
                 }
             };
             let decision = inb
@@ -228,7 +312,7 @@ pub(crate) fn handle(
                     route,
                     Outcome::decided(&decision, StatusCode::FORBIDDEN),
                 );
-                break 'resp refuse(Refusal::Denied, request_id);
+                break 'resp refuse(Refusal::Denied, request_id, req.headers());
             }
             if let Some(limiter) = inb.limiter.as_deref() {
                 let admission = limiter.admit(&inb.policy, ctx.peer.id(), decision.route());
@@ -257,7 +341,7 @@ pub(crate) fn handle(
                         .with_label_values(&[&*log.caller, outcome.reason()])
                         .inc();
                     log.finish(&path, route, outcome);
-                    break 'resp refuse(refusal, request_id);
+                    break 'resp refuse(refusal, request_id, req.headers());
                 }
             }
             // An HTTP/2 response head is stripped where it is fitted for HTTP/2
@@ -267,22 +351,33 @@ pub(crate) fn handle(
                 Ok(fwd) => fwd,
                 Err(e) => {
                     log.finish(&path, route, Outcome::Rejected(Rejection::BadFraming(e)));
-                    break 'resp refuse(Refusal::BadFraming(e), request_id);
+                    // Only HTTP/1.1 requests carry `Transfer-Encoding` (`h2` refuses it), so
+                    // never a gRPC call: the JSON answer.
+                    break 'resp refuse_as(Refusal::BadFraming(e), request_id, false);
                 }
             };
-            let sent = tokio::time::timeout(ctx.inbound.cfg.app_timeout, ctx.inbound.app.send(fwd));
-            let resp = match sent.await {
-                Ok(Ok(mut resp)) => {
-                    if !over_h2 {
-                        strip_hop_by_hop(resp.headers_mut());
+            let resp = match &ctx.inbound.app_h2 {
+                None => {
+                    let sent = tokio::time::timeout(
+                        ctx.inbound.cfg.app_timeout,
+                        ctx.inbound.app.send(fwd),
+                    );
+                    match sent.await {
+                        Ok(Ok(mut resp)) => {
+                            if !over_h2 {
+                                strip_hop_by_hop(resp.headers_mut());
+                            }
+                            resp.map(Inner::App)
+                        }
+                        Ok(Err(e)) => {
+                            tracing::warn!(error = %e, app = %ctx.inbound.cfg.app, "forwarding to the app failed");
+                            refuse_as(Refusal::AppUnreachable, request_id, false)
+                        }
+                        Err(_) => refuse_as(Refusal::AppTimeout, request_id, false),
                     }
-                    resp.map(Either::Left)
                 }
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, app = %ctx.inbound.cfg.app, "forwarding to the app failed");
-                    refuse(Refusal::AppUnreachable, request_id)
-                }
-                Err(_) => refuse(Refusal::AppTimeout, request_id),
+                // Boxed: the HTTP/1.1 hop's request future stays what it was.
+                Some(app) => Box::pin(forward_h2c(&ctx, app, fwd, request_id, over_h2)).await,
             };
             log.finish(&path, route, Outcome::decided(&decision, resp.status()));
             resp
@@ -295,12 +390,49 @@ pub(crate) fn handle(
     }
 }
 
-fn refuse(r: Refusal<'_>, request_id: &HeaderValue) -> Response<Either<AppBody, Full<Bytes>>> {
-    r.response(request_id).map(Either::Right)
+/// Forwards `fwd` to the app over its h2c connection (`app_protocol = "h2c"`, issue 17). A
+/// gRPC call's own deadline (`grpc-timeout`) bounds the wait for the app's response head when
+/// it is shorter than `app_timeout`, and the sidecar's answers to a gRPC call are gRPC-shaped
+/// (`DEADLINE_EXCEEDED`, `UNAVAILABLE`).
+async fn forward_h2c(
+    ctx: &ConnCtx,
+    app: &super::app_h2::AppH2,
+    fwd: Request<RequestBody>,
+    request_id: &HeaderValue,
+    over_h2: bool,
+) -> Response<Inner> {
+    let mut wait = ctx.inbound.cfg.app_timeout;
+    let grpc = grpc::is_grpc(fwd.headers());
+    if grpc && let Some(deadline) = grpc::timeout(fwd.headers()) {
+        wait = wait.min(deadline);
+    }
+    match tokio::time::timeout(wait, app.send(fwd)).await {
+        Ok(Ok(resp)) => {
+            let mut resp = resp.map(|b| Inner::AppH2(RecvBody::new(b)));
+            if !over_h2 {
+                strip_hop_by_hop(resp.headers_mut());
+            }
+            resp
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, app = %ctx.inbound.cfg.app, "forwarding to the app (h2c) failed");
+            refuse_as(Refusal::AppUnreachable, request_id, grpc)
+        }
+        Err(_) => refuse_as(Refusal::AppTimeout, request_id, grpc),
+    }
+}
+
+/// The sidecar's own answer to a request whose head is `h`: gRPC-shaped for a gRPC call.
+fn refuse(r: Refusal<'_>, request_id: &HeaderValue, h: &http::HeaderMap) -> Response<Inner> {
+    refuse_as(r, request_id, grpc::is_grpc(h))
+}
+
+fn refuse_as(r: Refusal<'_>, request_id: &HeaderValue, grpc: bool) -> Response<Inner> {
+    r.response_for(request_id, grpc).map(Inner::Own)
 }
 
 /// What the audit line and the metrics need, minus the [`Outcome`].
-struct RequestLog<'a> {
+pub(super) struct RequestLog<'a> {
     ctx: &'a ConnCtx,
     caller: Arc<str>,
     request_id: &'a HeaderValue,
@@ -314,7 +446,7 @@ struct RequestLog<'a> {
 
 impl RequestLog<'_> {
     /// Counts the request and writes its audit line.
-    fn finish(&mut self, path: &str, route: Option<&str>, outcome: Outcome) {
+    pub(super) fn finish(&mut self, path: &str, route: Option<&str>, outcome: Outcome) {
         let duration = self.started.elapsed();
         let m = &self.ctx.inbound.metrics;
         m.inbound_requests
@@ -353,6 +485,8 @@ fn rewrite(
 ) -> Result<Request<RequestBody>, FramingError> {
     let (mut parts, body) = req.into_parts();
     let h = &mut parts.headers;
+    // gRPC needs `te: trailers` on the h2c hop (issue 17); the HTTP/1.1 hop never carries it.
+    let te_trailers = ctx.inbound.app_h2.is_some() && is_te_trailers(h);
     // Hop-by-hop headers and every client header in the spelling of one of ours go first
     // (`Connection` cannot name ours away); ours are added below.
     strip_for_app(h)?;
@@ -366,8 +500,7 @@ fn rewrite(
         );
     }
     // Both were removed above: appending is inserting.
-    h.append(XFCC_HEADER, ctx.xfcc.clone());
-    h.append(SPIFFE_ID_HEADER, ctx.spiffe_id.clone());
+    ctx.add_identity(h);
     // An already normal path is forwarded as the client sent it (no allocation).
     let path_and_query = match uri.path_and_query() {
         Some(pq) if pq.path() == path => pq.clone(),
@@ -379,6 +512,24 @@ fn rewrite(
             PathAndQuery::try_from(s).unwrap_or_else(|_| PathAndQuery::from_static("/"))
         }
     };
+    if ctx.inbound.app_h2.is_some() {
+        // h2c: the authority goes in the URI (`:authority`), not a `Host` header.
+        let authority = h
+            .remove(header::HOST)
+            .and_then(|v| http::uri::Authority::try_from(v.as_bytes()).ok())
+            .unwrap_or_else(|| ctx.inbound.app_authority.clone());
+        if te_trailers {
+            h.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = Some(http::uri::Scheme::HTTP);
+        uri.authority = Some(authority);
+        uri.path_and_query = Some(path_and_query);
+        // Invariant: scheme, authority and path are all set and individually valid.
+        parts.uri = Uri::from_parts(uri).expect("complete absolute URI");
+        parts.version = http::Version::HTTP_2;
+        return Ok(Request::from_parts(parts, body));
+    }
     // Origin-form: the app is the connection's only destination.
     parts.uri = Uri::from(path_and_query);
     parts.version = http::Version::HTTP_11;

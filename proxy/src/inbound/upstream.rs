@@ -61,6 +61,9 @@ pub(crate) enum AppError {
     /// The HTTP/1.1 exchange failed (reset, closed mid-response, malformed response).
     #[error(transparent)]
     Http(hyper::Error),
+    /// The h2c connection or stream failed (`app_protocol = "h2c"`, issue 17).
+    #[error("h2c to the app: {0}")]
+    H2(h2::Error),
 }
 
 /// Keep-alive HTTP/1.1 connections to the app.

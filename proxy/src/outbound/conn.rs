@@ -48,7 +48,8 @@ impl Conn {
             .timer(TokioTimer::new())
             .header_read_timeout(DEFAULT_HEADER_READ_TIMEOUT);
         let service = hyper::service::service_fn(move |req| handle(Arc::clone(&ctx), req));
-        let conn = builder.serve_connection(TokioIo::new(tcp), service);
+        // With upgrades: a WebSocket upgrade is tunnelled (issue 17, `super::websocket`).
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service);
         tokio::pin!(conn);
         let result = tokio::select! {
             res = conn.as_mut() => res,

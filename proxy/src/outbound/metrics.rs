@@ -26,6 +26,8 @@ pub(crate) struct OutboundMetrics {
     /// with the inbound side (`direction="outbound"` here), when registered with
     /// [`OutboundMetrics::with_tls`].
     tls: Option<(IntCounterVec, HistogramVec)>,
+    /// `gatehouse_websocket_*{side="outbound"}` (issue 17), with the TLS families.
+    websocket: Option<crate::http::tunnel::SideMetrics>,
 }
 
 /// The metric handles of one upstream, label values already bound (no lookups per request).
@@ -44,6 +46,8 @@ pub(crate) struct UpstreamMetrics {
     /// The `status="200"` counter, looked up on first use (most requests; the label lookup
     /// hashes both values under a lock).
     ok: OnceLock<IntCounter>,
+    /// WebSocket tunnels through this upstream (issue 17); `None` in unit tests.
+    pub websocket: Option<crate::http::tunnel::SideMetrics>,
 }
 
 impl OutboundMetrics {
@@ -147,6 +151,7 @@ impl OutboundMetrics {
             ejections,
             endpoints,
             tls: None,
+            websocket: None,
         })
     }
 
@@ -157,6 +162,7 @@ impl OutboundMetrics {
             metrics.tls_handshakes.clone(),
             metrics.tls_handshake_duration.clone(),
         ));
+        self.websocket = Some(metrics.websocket.side("outbound"));
         self
     }
 
@@ -171,6 +177,7 @@ impl OutboundMetrics {
             upstream: upstream.to_owned(),
             families: self.clone(),
             ok: OnceLock::new(),
+            websocket: self.websocket.clone(),
         }
     }
 }

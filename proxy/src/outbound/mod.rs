@@ -10,6 +10,8 @@
 //! - [`upstream`]: the per-upstream mTLS connection pool (h2 multiplexing or the shared
 //!   HTTP/1.1 keep-alive pool, bounded, idle timeout, maximum age, DNS at connect time, safe
 //!   retries) to the `connect` target the config parsed ([`crate::config::Target`]);
+//! - `websocket`: an `Upgrade: websocket` request tunnelled to the peer as an RFC 8441
+//!   extended CONNECT (issue 17);
 //! - [`tls_source`]: where a pool takes its TLS client configuration when it dials (the
 //!   current snapshot) and the trust generation that retires older connections;
 //! - [`error`]: failures and the JSON responses the app gets for them (502/504);
@@ -28,6 +30,7 @@ mod request;
 mod tests;
 pub(crate) mod tls_source;
 pub(crate) mod upstream;
+mod websocket;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError, Weak};

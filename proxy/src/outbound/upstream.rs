@@ -530,6 +530,84 @@ impl Replay {
     }
 }
 
+impl Upstream {
+    /// Opens a WebSocket tunnel (issue 17): an RFC 8441 extended-CONNECT stream for `head`
+    /// on an endpoint's shared HTTP/2 connection, and waits for the response head (within
+    /// `request_timeout`). Returns the response (its body is the peer's half of the stream),
+    /// our half, and the serial of the server's certificate. Not retried: a tunnel is opened
+    /// once; an HTTP/1.1 upstream (`protocol = "http1"`) cannot carry one.
+    ///
+    /// # Errors
+    /// As [`Upstream::send`], and [`OutboundError::Upstream`] when the peer speaks HTTP/1.1 or
+    /// does not allow extended CONNECT.
+    pub(crate) async fn open_tunnel(
+        self: &Arc<Self>,
+        mut head: Request<()>,
+    ) -> Result<
+        (
+            Response<h2::RecvStream>,
+            h2::SendStream<bytes::Bytes>,
+            Arc<str>,
+        ),
+        OutboundError,
+    > {
+        let mut pick = self.pick(None).await?;
+        let pool = Arc::clone(pick.conn());
+        pool.requests.inc();
+        let conn = match pool.checkout().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                match e.endpoint_outcome() {
+                    Some(outcome) => self.finish(pick, outcome),
+                    None => drop(pick),
+                }
+                return Err(e);
+            }
+        };
+        let Sender::H2(mut sender) = conn.sender else {
+            drop(pick);
+            return Err(OutboundError::Upstream(
+                "WebSocket needs HTTP/2 to the peer sidecar (RFC 8441): this upstream speaks \
+                 HTTP/1.1; set `protocol = \"auto\"` or `\"h2\"`"
+                    .into(),
+            ));
+        };
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(Scheme::HTTPS);
+        parts.authority = Some(pool.authority.clone());
+        parts.path_and_query = head.uri().path_and_query().cloned();
+        *head.uri_mut() = Uri::from_parts(parts).map_err(|e| OutboundError::Upstream(e.into()))?;
+        *head.version_mut() = http::Version::HTTP_2;
+        pick.sent();
+        let timeout = self.limits.response_timeout;
+        let opened = tokio::time::timeout(timeout, async {
+            let (response, send) =
+                h2_client::open_extended_connect(&mut sender, head, self.limits.connect_timeout)
+                    .await?;
+            Ok::<_, BoxError>((response.await?, send))
+        })
+        .await;
+        match opened {
+            Ok(Ok((resp, send))) => {
+                let outcome = match resp.status().as_u16() {
+                    502..=504 => Outcome::GatewayError,
+                    _ => Outcome::Success,
+                };
+                self.finish(pick, outcome);
+                Ok((resp, send, conn.serial))
+            }
+            Ok(Err(e)) => {
+                self.finish(pick, Outcome::GatewayError);
+                Err(OutboundError::Upstream(e))
+            }
+            Err(_elapsed) => {
+                self.finish(pick, Outcome::GatewayError);
+                Err(OutboundError::ResponseTimeout(timeout))
+            }
+        }
+    }
+}
+
 /// Keeps `upstream`'s endpoint set equal to what `spec`'s host resolves to: new addresses get
 /// a pool (warming up), addresses that left drain. Ends when the upstream is dropped.
 async fn discover_endpoints(upstream: Weak<Upstream>, spec: PoolSpec, config: DiscoverConfig) {

@@ -179,6 +179,7 @@ impl Line<'_> {
             bytes_client_to_server: flow.map_or(0, |f| f.client_to_server),
             bytes_server_to_client: flow.map_or(0, |f| f.server_to_client),
             duration: self.started.elapsed(),
+            request_id: None,
         });
     }
 }

@@ -70,6 +70,7 @@ pub(super) async fn serve_one(l: &Listener, app: TcpStream, shutdown: &Shutdown)
         bytes_client_to_server: flow.client_to_server,
         bytes_server_to_client: flow.server_to_client,
         duration: started.elapsed(),
+        request_id: None,
     });
 }
 
@@ -87,5 +88,6 @@ fn connect_failed(l: &Listener, started: Instant, e: &dyn std::fmt::Display) {
         bytes_client_to_server: 0,
         bytes_server_to_client: 0,
         duration: started.elapsed(),
+        request_id: None,
     });
 }

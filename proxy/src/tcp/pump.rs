@@ -15,7 +15,24 @@ use std::time::{Duration, Instant};
 use prometheus::IntCounter;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use super::metrics::ListenerMetrics;
+/// The byte counters a pump adds to, one per direction (the TCP listener's, or the WebSocket
+/// tunnel's: issue 17).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Counters<'a> {
+    /// Client to server.
+    pub client_to_server: &'a IntCounter,
+    /// Server to client.
+    pub server_to_client: &'a IntCounter,
+}
+
+impl<'a> From<&'a super::metrics::ListenerMetrics> for Counters<'a> {
+    fn from(m: &'a super::metrics::ListenerMetrics) -> Self {
+        Self {
+            client_to_server: &m.client_to_server,
+            server_to_client: &m.server_to_client,
+        }
+    }
+}
 
 /// Bytes read (then written) per call; one buffer per direction per connection.
 const CHUNK: usize = 16 * 1024;
@@ -53,13 +70,14 @@ pub(crate) async fn pump<C, S>(
     client: C,
     server: S,
     idle: Duration,
-    metrics: &ListenerMetrics,
+    metrics: impl Into<Counters<'_>>,
     stop: impl Future<Output = &'static str>,
 ) -> Flow
 where
     C: AsyncRead + AsyncWrite + Unpin,
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let metrics = metrics.into();
     let (mut cr, mut cw) = tokio::io::split(client);
     let (mut sr, mut sw) = tokio::io::split(server);
     let activity = Activity {
@@ -69,14 +87,8 @@ where
     let (up, down) = (AtomicU64::new(0), AtomicU64::new(0));
     let both = async {
         tokio::try_join!(
-            copy(&mut cr, &mut sw, &up, &metrics.client_to_server, &activity),
-            copy(
-                &mut sr,
-                &mut cw,
-                &down,
-                &metrics.server_to_client,
-                &activity
-            ),
+            copy(&mut cr, &mut sw, &up, metrics.client_to_server, &activity),
+            copy(&mut sr, &mut cw, &down, metrics.server_to_client, &activity),
         )
     };
     let idle_out = async {

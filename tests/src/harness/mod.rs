@@ -14,6 +14,7 @@
 //!   or h2), the one test [`ServerCertVerifier`](rustls::client::danger::ServerCertVerifier)
 //!   ([`client::AnyServer`]), the plaintext [`client::HttpClient`] and [`raw_exchange`] (exact
 //!   request bytes in, one response out);
+//! - [`protocols`]: the real gRPC and WebSocket peers (`tests/protocols/*.py`, issue 17);
 //! - [`wait`]: waiting on a condition ([`eventually`], [`wait::until`]) instead of fixed sleeps;
 //! - [`fixtures`]: the policy texts several test files share.
 //!
@@ -30,6 +31,7 @@ pub mod client;
 pub mod fixtures;
 pub mod pki;
 pub mod process;
+pub mod protocols;
 pub mod sidecar;
 pub mod wait;
 

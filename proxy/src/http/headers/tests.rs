@@ -230,3 +230,39 @@ fn hop_by_hop_and_connection_named_headers_are_removed() {
     assert_eq!(h.len(), 1, "{h:?}");
     assert!(h.contains_key(header::ACCEPT));
 }
+
+#[test]
+fn te_trailers_crosses_onto_http2_and_any_other_te_does_not() {
+    assert_eq!(CONNECTION_SPECIFIC[5], header::TE);
+    for (values, kept) in [
+        (&["trailers"][..], true),
+        (&["Trailers"], true),
+        (&["gzip"], false),
+        (&["trailers, gzip"], false),
+        (&["trailers", "trailers"], false),
+    ] {
+        let mut h = HeaderMap::new();
+        for v in values {
+            h.append(header::TE, HeaderValue::from_static(v));
+        }
+        h.insert(header::CONNECTION, HeaderValue::from_static("te"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        strip_for_h2(&mut h);
+        assert!(h.get(header::CONNECTION).is_none(), "{values:?}");
+        match kept {
+            true => assert_eq!(
+                h.get_all(header::TE).iter().collect::<Vec<_>>(),
+                ["trailers"]
+            ),
+            false => assert!(h.get(header::TE).is_none(), "{values:?}: {h:?}"),
+        }
+        // HTTP/1.1 hops never carry it.
+        let mut h1 = HeaderMap::new();
+        h1.insert(header::TE, HeaderValue::from_static("trailers"));
+        strip_hop_by_hop(&mut h1);
+        assert!(h1.is_empty());
+    }
+}

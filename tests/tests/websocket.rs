@@ -1,0 +1,214 @@
+//! Issue 17, WebSocket through both sidecars: a real `websockets` client
+//! (`tests/protocols/ws_echo.py`) → the report service's outbound sidecar (HTTP/1.1 upgrade)
+//! → RFC 8441 extended CONNECT over the sidecars' mTLS HTTP/2 connection → the monolith's
+//! inbound sidecar → an HTTP/1.1 upgrade to a real `websockets` echo server; the real
+//! `sidecar` binary and certificates from our CA.
+//!
+//! - `messages_echo_both_ways_for_10s_and_the_app_sees_the_caller`: text and binary messages
+//!   every 0.1 s for 10 s all come back; the app saw `x-client-spiffe-id` (and the request
+//!   id) on the upgrade request; both sidecars write the upgrade's request line (101) and a
+//!   close line with the bytes each way;
+//! - `an_unauthorized_path_or_caller_gets_403_and_no_upgrade`: a path outside the policy and
+//!   a caller the route does not allow both get 403, and the app never sees an upgrade;
+//! - `an_idle_tunnel_is_closed_after_websocket_idle_timeout`: with
+//!   `websocket_idle_timeout = "1s"`, a client that waits 2.5 s between messages loses its
+//!   tunnel, and the close line says `idle_timeout`.
+
+use std::time::Duration;
+
+use gatehouse_tests::harness::protocols::{PyServer, py_call};
+use gatehouse_tests::harness::{CertDir, MONOLITH_ID, Pki, REPORT_SERVICE_ID, Sidecar, eventually};
+
+const GATEWAY_ID: &str = "spiffe://fintech.internal/api-gateway";
+
+const POLICY: &str = r#"
+version = 1
+trust_domain = "fintech.internal"
+
+[identities]
+report-service = "spiffe://fintech.internal/report-service"
+api-gateway    = "spiffe://fintech.internal/api-gateway"
+
+[[route]]
+name    = "report stream"
+methods = ["GET"]
+path    = "/ws/reports"
+allow   = ["report-service"]
+"#;
+
+async fn inbound(pki: &Pki, app: &PyServer, extra: &str) -> Sidecar {
+    Sidecar::inbound(&pki.issue(MONOLITH_ID), app.addr, POLICY)
+        .inbound_option(extra)
+        .spawn()
+        .await
+        .expect("inbound sidecar")
+}
+
+async fn outbound(cert: &CertDir, inbound: &Sidecar) -> Sidecar {
+    Sidecar::builder(cert)
+        .section(&format!(
+            "[[outbound]]\nname = \"monolith\"\nlisten = \"127.0.0.1:0\"\nconnect = \"{}\"\nserver_id = \"{MONOLITH_ID}\"\n",
+            inbound.inbound_addr()
+        ))
+        .spawn()
+        .await
+        .expect("outbound sidecar")
+}
+
+async fn ws(out: &Sidecar, path: &str, extra: &[&str]) -> serde_json::Value {
+    let url = format!("ws://{}{path}", out.listener("outbound:monolith"));
+    let mut args = vec!["--url", url.as_str()];
+    args.extend_from_slice(extra);
+    py_call("ws_echo.py", &args, Duration::from_secs(40))
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", out.stderr_text()))
+}
+
+fn upgrades_seen(app: &PyServer) -> Vec<serde_json::Value> {
+    app.seen()
+        .into_iter()
+        .filter(|l| l.get("path").is_some())
+        .collect()
+}
+
+/// Waits for `sc`'s close line of a tunnel (`direction`).
+async fn close_line(sc: &Sidecar, direction: &str) -> serde_json::Value {
+    eventually(
+        "the tunnel's close line",
+        Duration::from_secs(15),
+        async || sc.audit().into_iter().find(|l| l["direction"] == direction),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {:?}\n{}", sc.audit(), sc.stderr_text()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_echo_both_ways_for_10s_and_the_app_sees_the_caller() {
+    let pki = Pki::new("fintech.internal");
+    let app = PyServer::start("ws_echo.py").await.expect("echo server");
+    let inb = inbound(&pki, &app, "").await;
+    let out = outbound(&pki.issue(REPORT_SERVICE_ID), &inb).await;
+
+    let r = ws(&out, "/ws/reports", &["--seconds", "10"]).await;
+    assert_eq!(r["status"], 101, "{r}");
+    assert_eq!(
+        r["ok"],
+        true,
+        "{r}\n{}\n{}",
+        inb.stderr_text(),
+        out.stderr_text()
+    );
+    let sent = r["sent"].as_u64().expect("sent");
+    assert!(sent >= 50, "a message every 0.1 s for 10 s: {r}");
+    assert_eq!(r["echoed"], sent, "{r}");
+    assert_eq!(r["mismatched"], 0, "{r}");
+    assert!(r["seconds"].as_f64() >= Some(10.0), "{r}");
+
+    let seen = upgrades_seen(&app);
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    let headers = &seen[0]["headers"];
+    assert_eq!(headers["x-client-spiffe-id"], REPORT_SERVICE_ID, "{seen:?}");
+    assert_eq!(seen[0]["path"], "/ws/reports");
+    let request_id = headers["x-request-id"]
+        .as_str()
+        .expect("x-request-id")
+        .to_owned();
+
+    // The upgrade's request line (101) and the close line, on both sides, joined by the id.
+    let line = close_line(&inb, "websocket_inbound").await;
+    assert_eq!(line["peer"], REPORT_SERVICE_ID, "{line}");
+    assert_eq!(line["request_id"], request_id.as_str(), "{line}");
+    assert_eq!(line["reason"], "closed", "{line}");
+    // Every message is a frame of at least 2 bytes each way (permessage-deflate, which
+    // `websockets` negotiates, makes them small: the app's choice of extension came through).
+    assert!(
+        line["bytes_client_to_server"].as_u64() > Some(sent * 2),
+        "{line}"
+    );
+    assert!(
+        line["bytes_server_to_client"].as_u64() > Some(sent * 2),
+        "{line}"
+    );
+    assert!(line["duration_ms"].as_f64() >= Some(10_000.0), "{line}");
+    let audit = inb.audit();
+    let upgrade = audit
+        .iter()
+        .find(|l| l["direction"] == "inbound" && l["path"] == "/ws/reports")
+        .unwrap_or_else(|| panic!("no request line for the upgrade: {audit:?}"));
+    assert_eq!(upgrade["status"], 101, "{upgrade}");
+    assert_eq!(upgrade["decision"], "allow", "{upgrade}");
+    assert_eq!(upgrade["route"], "report stream", "{upgrade}");
+    let out_line = close_line(&out, "websocket_outbound").await;
+    assert_eq!(out_line["peer"], MONOLITH_ID, "{out_line}");
+    assert_eq!(out_line["request_id"], request_id.as_str(), "{out_line}");
+    assert_eq!(
+        out_line["bytes_client_to_server"], line["bytes_client_to_server"],
+        "both sidecars count the same bytes: {out_line}"
+    );
+    let metric = inb
+        .metric(
+            "gatehouse_websocket_upgrades_total",
+            &[("side", "inbound"), ("result", "upgraded")],
+        )
+        .await
+        .expect("metrics");
+    assert_eq!(metric, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unauthorized_path_or_caller_gets_403_and_no_upgrade() {
+    let pki = Pki::new("fintech.internal");
+    let app = PyServer::start("ws_echo.py").await.expect("echo server");
+    let inb = inbound(&pki, &app, "").await;
+    let report = outbound(&pki.issue(REPORT_SERVICE_ID), &inb).await;
+    let gateway = outbound(&pki.issue(GATEWAY_ID), &inb).await;
+
+    let path = ws(&report, "/ws/admin", &["--seconds", "1"]).await;
+    assert_eq!(path["status"], 403, "{path}");
+    assert_eq!(path["ok"], false, "{path}");
+    let caller = ws(&gateway, "/ws/reports", &["--seconds", "1"]).await;
+    assert_eq!(caller["status"], 403, "{caller}");
+    // The allowed pair still works: the app is up and records what reaches it.
+    let ok = ws(&report, "/ws/reports", &["--seconds", "0.5"]).await;
+    assert_eq!(ok["ok"], true, "{ok}");
+    let seen = upgrades_seen(&app);
+    assert_eq!(
+        seen.len(),
+        1,
+        "only the allowed upgrade reached the app: {seen:?}"
+    );
+    assert_eq!(seen[0]["headers"]["x-client-spiffe-id"], REPORT_SERVICE_ID);
+    let audit = inb.audit();
+    for (path, caller) in [
+        ("/ws/admin", REPORT_SERVICE_ID),
+        ("/ws/reports", GATEWAY_ID),
+    ] {
+        let line = audit
+            .iter()
+            .find(|l| l["path"] == path && l["caller"] == caller)
+            .unwrap_or_else(|| panic!("no audit line for {caller} {path}: {audit:?}"));
+        assert_eq!(line["decision"], "deny", "{line}");
+        assert_eq!(line["status"], 403, "{line}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_tunnel_is_closed_after_websocket_idle_timeout() {
+    let pki = Pki::new("fintech.internal");
+    let app = PyServer::start("ws_echo.py").await.expect("echo server");
+    let inb = inbound(&pki, &app, "websocket_idle_timeout = \"1s\"").await;
+    let out = outbound(&pki.issue(REPORT_SERVICE_ID), &inb).await;
+    let r = ws(
+        &out,
+        "/ws/reports",
+        &["--seconds", "6", "--interval", "2.5"],
+    )
+    .await;
+    assert_eq!(r["status"], 101, "{r}");
+    assert_eq!(
+        r["ok"], false,
+        "the tunnel must not survive 2.5 s of silence: {r}"
+    );
+    let line = close_line(&inb, "websocket_inbound").await;
+    assert_eq!(line["reason"], "idle_timeout", "{line}");
+}
