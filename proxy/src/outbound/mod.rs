@@ -25,6 +25,7 @@ mod conn;
 pub(crate) mod error;
 pub(crate) mod listener;
 pub(crate) mod metrics;
+mod pool;
 mod request;
 #[cfg(test)]
 mod tests;

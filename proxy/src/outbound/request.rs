@@ -18,7 +18,8 @@ use hyper::body::Incoming;
 use tracing::warn;
 
 use super::error::OutboundError;
-use super::upstream::{Upstream, UpstreamBody};
+use super::pool::UpstreamBody;
+use super::upstream::Upstream;
 use crate::audit::{self, OutboundRecord};
 use crate::http::headers::{
     REQUEST_ID, RequestIds, check_transfer_encoding, keep_or_assign, keep_or_start_trace,

@@ -26,8 +26,8 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tracing::{debug, warn};
 
+use super::pool::UpstreamBody;
 use super::request::{Ctx, OutboundBody};
-use super::upstream::UpstreamBody;
 use crate::audit::{self, OutboundRecord, TcpRecord, record_tcp};
 use crate::config::{DEFAULT_WEBSOCKET_IDLE_TIMEOUT, DEFAULT_WEBSOCKET_MAX_DURATION};
 use crate::http::body::RecvBody;

@@ -1,0 +1,570 @@
+//! One endpoint's connections (a [`Pool`]): dialled on demand (TCP, then TLS with our
+//! certificate and the server's identity pinned, then HTTP/2 when the server agreed to `h2`,
+//! else an HTTP/1.1 keep-alive pool), bounded by `max_connections`, retired by idle time, age
+//! and trust generation, and the one exchange of a request on one of them ([`Exchange`]).
+//! [`super::upstream::Upstream`] picks the pool a request goes to.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderValue, Request, Response, Uri, header};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use prometheus::IntCounter;
+use rustls::AlertDescription;
+use rustls::ClientConfig;
+use rustls::pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsConnector;
+use tracing::{debug, warn};
+
+use super::error::OutboundError;
+use super::metrics::UpstreamMetrics;
+use super::tls_source::TlsSource;
+use crate::config::OutboundLimits;
+use crate::http::body::{BoxError, RecvBody};
+use crate::http::h1_pool;
+use crate::http::h2_client::{self, H2Sender, send_h2};
+use crate::http::headers::{strip_for_h2, strip_hop_by_hop};
+use crate::tls::alert_tap::AlertTap;
+use crate::tls::client::received_alert;
+
+use crate::http::body::HttpBody;
+use bytes::Bytes;
+use http::Method;
+use http_body_util::{Either, Empty};
+use hyper::body::Incoming;
+
+/// The connection pool to one endpoint address of an upstream.
+pub(crate) struct Pool {
+    pub(super) name: String,
+    pub(super) addr: SocketAddr,
+    /// `gatehouse_outbound_endpoint_requests_total` for this endpoint.
+    pub(super) requests: IntCounter,
+    pub(super) authority: Authority,
+    pub(super) host_header: HeaderValue,
+    pub(super) server_name: ServerName<'static>,
+    /// The TLS client configuration (read when dialling) and the trust generation (read
+    /// before reusing a connection): connections of an older generation are not reused.
+    pub(super) tls: Arc<dyn TlsSource>,
+    pub(super) limits: OutboundLimits,
+    pub(super) permits: Arc<Semaphore>,
+    pub(super) available: Arc<Notify>,
+    pub(super) idle: Mutex<Idle>,
+    pub(super) metrics: UpstreamMetrics,
+}
+
+pub(super) struct Idle {
+    /// The shared HTTP/2 connection and when a request last started on it.
+    h2: Option<(Conn, Instant)>,
+    /// Idle HTTP/1.1 connections (the keep-alive pool both hops share).
+    h1: h1_pool::Idle<Conn>,
+}
+
+pub(super) enum Sender {
+    H1(http1::SendRequest<ReqBody>),
+    H2(H2Sender),
+}
+
+/// A checked-out connection. HTTP/2 connections are shared: each checkout holds a clone of
+/// the sender.
+pub(super) struct Conn {
+    pub(super) sender: Sender,
+    pub(super) born: Instant,
+    /// The trust generation ([`TlsSource::trust_generation`]) when the connection was started.
+    pub(super) generation: u64,
+    /// The fatal TLS alert the server sent on this connection, once read: how a server that
+    /// refused our certificate after a TLS 1.3 handshake had already "succeeded" shows up.
+    pub(super) alert: Arc<OnceLock<AlertDescription>>,
+    /// The serial number of the server's certificate, lowercase hex (for the audit line).
+    pub(super) serial: Arc<str>,
+}
+
+impl Conn {
+    /// Another handle on a shared HTTP/2 connection; `None` for HTTP/1.1 (one request at a
+    /// time, never shared).
+    pub(super) fn share(&self) -> Option<Conn> {
+        match &self.sender {
+            Sender::H2(s) => Some(Conn {
+                sender: Sender::H2(s.clone()),
+                born: self.born,
+                generation: self.generation,
+                alert: Arc::clone(&self.alert),
+                serial: Arc::clone(&self.serial),
+            }),
+            Sender::H1(_) => None,
+        }
+    }
+
+    pub(super) fn is_usable(&self, max_age: Duration, now: Instant) -> bool {
+        let open = match &self.sender {
+            Sender::H1(s) => !s.is_closed(),
+            Sender::H2(s) => !s.is_closed(),
+        };
+        open && now.saturating_duration_since(self.born) < max_age
+    }
+}
+
+impl h1_pool::Keepalive for Conn {
+    fn is_closed(&self) -> bool {
+        match &self.sender {
+            Sender::H1(s) => s.is_closed(),
+            Sender::H2(s) => s.is_closed(),
+        }
+    }
+
+    fn is_ready(&self) -> bool {
+        match &self.sender {
+            Sender::H1(s) => s.is_ready(),
+            Sender::H2(_) => true,
+        }
+    }
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), hyper::Error>> {
+        match &mut self.sender {
+            Sender::H1(s) => s.poll_ready(cx),
+            Sender::H2(_) => Poll::Ready(Ok(())),
+        }
+    }
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("name", &self.name)
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pool {
+    /// A pool for the endpoint `addr` of `spec`'s upstream, and a task that closes idle, aged
+    /// and retired connections (it stops when the returned `Arc` is dropped). Must be called
+    /// inside a Tokio runtime.
+    pub(super) fn start(spec: &PoolSpec, addr: SocketAddr) -> Arc<Self> {
+        let limits = spec.limits.clone();
+        let pool = Arc::new(Self {
+            name: spec.name.clone(),
+            addr,
+            requests: spec.metrics.endpoint_requests(addr),
+            authority: spec.authority.clone(),
+            host_header: spec.host_header.clone(),
+            server_name: spec.server_name.clone(),
+            tls: Arc::clone(&spec.tls),
+            permits: Arc::new(Semaphore::new(limits.max_connections.max(1))),
+            available: Arc::new(Notify::new()),
+            idle: Mutex::new(Idle {
+                h2: None,
+                h1: h1_pool::Idle::new(limits.max_idle, limits.idle_timeout),
+            }),
+            limits,
+            metrics: spec.metrics.clone(),
+        });
+        tokio::spawn(reap(Arc::downgrade(&pool)));
+        pool
+    }
+
+    /// The TLS client configuration a new connection uses, from the current snapshot: the one
+    /// spot where an upstream obtains it (`None` only if the snapshot has no entry for this
+    /// upstream, which the one build path rules out).
+    pub(super) fn client_config(&self) -> Option<Arc<ClientConfig>> {
+        self.tls.client_config(&self.name)
+    }
+
+    /// Open, younger than the maximum age at `now`, and not retired: opened under the current
+    /// trust generation (a reload that changed the bundle or CRL, or a CRL gone stale beyond
+    /// its grace period, retires every connection, so a revoked or no longer trusted server is
+    /// not talked to again; requests in flight finish on theirs).
+    pub(super) fn usable(&self, conn: &Conn, now: Instant) -> bool {
+        conn.generation == self.tls.trust_generation()
+            && conn.is_usable(self.limits.max_connection_age, now)
+    }
+
+    /// Writes `req` on `conn` and waits for the response head.
+    pub(super) async fn exchange(
+        self: &Arc<Self>,
+        conn: Conn,
+        req: Request<ReqBody>,
+    ) -> Result<Response<UpstreamBody>, Exchange> {
+        let timeout = self.limits.response_timeout;
+        let Conn {
+            sender,
+            born,
+            generation,
+            alert,
+            serial,
+        } = conn;
+        match sender {
+            Sender::H1(mut s) => {
+                let sent = tokio::time::timeout(timeout, s.try_send_request(req)).await;
+                if matches!(sent, Ok(Ok(_))) {
+                    self.recycle_h1(Conn {
+                        sender: Sender::H1(s),
+                        born,
+                        generation,
+                        alert: Arc::clone(&alert),
+                        serial,
+                    });
+                }
+                match sent {
+                    Err(_elapsed) => Err(Exchange::Failed(OutboundError::ResponseTimeout(timeout))),
+                    Ok(Ok(resp)) => Ok(resp.map(UpstreamBody::H1)),
+                    Ok(Err(mut err)) => {
+                        let read = received_alert(err.error());
+                        let unsent = err.take_message();
+                        Err(failed(&alert, read, unsent, false, err.into_error().into()))
+                    }
+                }
+            }
+            Sender::H2(mut s) => match tokio::time::timeout(timeout, send_h2(&mut s, req)).await {
+                Err(_elapsed) => Err(Exchange::Failed(OutboundError::ResponseTimeout(timeout))),
+                Ok(Ok(resp)) => Ok(resp.map(|b| UpstreamBody::H2(RecvBody::new(b)))),
+                Ok(Err((err, unsent))) => {
+                    let read = err.get_io().and_then(|e| received_alert(e));
+                    let refused = unsent.is_none() && h2_client::refused_unprocessed(&err);
+                    Err(failed(&alert, read, unsent, refused, err.into()))
+                }
+            },
+        }
+    }
+
+    /// Once the HTTP/1.1 response has been read to its end, the connection goes back to the
+    /// idle set (if it is still young and open).
+    pub(super) fn recycle_h1(self: &Arc<Self>, conn: Conn) {
+        h1_pool::once_ready(conn, self, |pool, conn| pool.put_idle(conn));
+    }
+
+    pub(super) fn put_idle(&self, conn: Conn) {
+        let now = Instant::now();
+        if !self.usable(&conn, now) {
+            return;
+        }
+        {
+            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            if !idle.h1.put(conn, now) {
+                return; // dropping the sender closes the connection
+            }
+        }
+        self.available.notify_one();
+    }
+
+    /// A connection to send on: the shared h2 connection, an idle h1 one, or a new one if the
+    /// pool has room; otherwise waits for one of those to become true.
+    pub(super) async fn checkout(&self) -> Result<Conn, OutboundError> {
+        // The common case, a pooled connection, without registering as a waiter first.
+        if let Some(conn) = self.take_pooled() {
+            return Ok(conn);
+        }
+        let deadline = tokio::time::Instant::now() + self.limits.pool_wait_timeout;
+        loop {
+            let notified = self.available.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(conn) = self.take_pooled() {
+                return Ok(conn);
+            }
+            if let Ok(permit) = self.permits.clone().try_acquire_owned() {
+                // Boxed: the connect future (DNS, TCP, TLS and HTTP handshakes) is large and
+                // rarely needed; inline, every request's future would carry (and move) it.
+                return Box::pin(self.connect(permit)).await;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(OutboundError::PoolTimeout(self.limits.pool_wait_timeout));
+            }
+        }
+    }
+
+    pub(super) fn take_pooled(&self) -> Option<Conn> {
+        let now = Instant::now();
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((h2, last_used)) = &mut idle.h2 {
+            if self.usable(h2, now) {
+                *last_used = now;
+                return h2.share();
+            }
+            // Aged or closed: new streams go to a new connection; open streams finish.
+            idle.h2 = None;
+        }
+        idle.h1.take(now, |conn| self.usable(conn, now))
+    }
+
+    /// Opens a new connection under the connect timeout.
+    pub(super) async fn connect(
+        &self,
+        permit: OwnedSemaphorePermit,
+    ) -> Result<Conn, OutboundError> {
+        let timeout = self.limits.connect_timeout;
+        let result = match tokio::time::timeout(timeout, self.connect_inner(permit)).await {
+            Ok(result) => result,
+            Err(_elapsed) => {
+                self.metrics.handshake("timeout");
+                Err(OutboundError::ConnectTimeout(timeout))
+            }
+        };
+        if result.is_err() {
+            // The failed attempt's permit is free again: a waiting request may try.
+            self.available.notify_one();
+        }
+        result
+    }
+
+    pub(super) async fn connect_inner(
+        &self,
+        permit: OwnedSemaphorePermit,
+    ) -> Result<Conn, OutboundError> {
+        // The generation first: a trust change during the handshake (which uses the
+        // configuration current now) retires this connection too.
+        let generation = self.tls.trust_generation();
+        let tcp = self.dial().await?;
+        let Some(config) = self.client_config() else {
+            return Err(OutboundError::Handshake(io::Error::other(format!(
+                "no TLS client configuration for upstream `{}` (a bug: report it)",
+                self.name
+            ))));
+        };
+        let connector = TlsConnector::from(config);
+        let started = Instant::now();
+        let tls = match connector.connect(self.server_name.clone(), tcp).await {
+            Ok(tls) => tls,
+            Err(e) => {
+                let err = OutboundError::from_handshake(e);
+                self.metrics.handshake(err.reason());
+                warn!(upstream = %self.name, error = %err, "outbound TLS handshake failed");
+                return Err(err);
+            }
+        };
+        self.metrics.handshake("ok");
+        self.metrics.handshake_took(started.elapsed());
+        let serial: Arc<str> = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(<[_]>::first)
+            .map_or_else(String::new, crate::tls::serial_hex)
+            .into();
+        let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+        let alert = Arc::new(OnceLock::new());
+        let io = AlertTap::new(tls, Arc::clone(&alert));
+        let sender = if h2 {
+            let (sender, conn) = h2_client::handshake(io)
+                .await
+                .map_err(|e| OutboundError::Upstream(e.into()))?;
+            self.spawn_conn(conn, permit);
+            Sender::H2(sender)
+        } else {
+            let (sender, conn) = http1::handshake(TokioIo::new(io))
+                .await
+                .map_err(|e| OutboundError::Upstream(e.into()))?;
+            self.spawn_conn(conn, permit);
+            Sender::H1(sender)
+        };
+        let conn = Conn {
+            sender,
+            born: Instant::now(),
+            generation,
+            alert,
+            serial,
+        };
+        if let Some(shared) = conn.share() {
+            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            idle.h2 = Some((shared, Instant::now()));
+            drop(idle);
+            // Callers waiting for a connection can share this one.
+            self.available.notify_waiters();
+        }
+        Ok(conn)
+    }
+
+    /// Opens TCP to this pool's endpoint.
+    pub(super) async fn dial(&self) -> Result<TcpStream, OutboundError> {
+        let tcp = TcpStream::connect(self.addr)
+            .await
+            .map_err(|source| OutboundError::Connect {
+                addr: self.addr.to_string(),
+                source,
+            })?;
+        // Requests are small writes; do not let Nagle hold them back.
+        let _ = tcp.set_nodelay(true);
+        Ok(tcp)
+    }
+
+    pub(super) fn spawn_conn<F, E>(&self, conn: F, permit: OwnedSemaphorePermit)
+    where
+        F: Future<Output = Result<(), E>> + Send + 'static,
+        E: std::fmt::Debug,
+    {
+        let open = self.metrics.connections_open.clone();
+        let available = Arc::clone(&self.available);
+        let name = self.name.clone();
+        open.inc();
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(upstream = %name, error = ?e, "upstream connection ended with an error");
+            }
+            open.dec();
+            drop(permit);
+            available.notify_one();
+        });
+    }
+
+    /// Points the request at the upstream: origin-form URI and `Host` for HTTP/1.1, absolute
+    /// URI (`:authority`) for HTTP/2, and drops what describes the app's connection (for
+    /// HTTP/2 also its `transfer-encoding`, which `h2` refuses). Idempotent, so a request
+    /// handed back unsent can be re-targeted for another connection.
+    pub(super) fn set_target(&self, req: &mut Request<ReqBody>, sender: &Sender) {
+        let path = req
+            .uri()
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        match sender {
+            Sender::H1(_) => {
+                *req.uri_mut() = Uri::from(path);
+                *req.version_mut() = http::Version::HTTP_11;
+                strip_hop_by_hop(req.headers_mut());
+                req.headers_mut()
+                    .insert(header::HOST, self.host_header.clone());
+            }
+            Sender::H2(_) => {
+                let mut parts = http::uri::Parts::default();
+                parts.scheme = Some(Scheme::HTTPS);
+                parts.authority = Some(self.authority.clone());
+                parts.path_and_query = Some(path);
+                // Invariant: scheme, authority and path are all set and individually valid.
+                *req.uri_mut() = Uri::from_parts(parts).expect("complete absolute URI");
+                *req.version_mut() = http::Version::HTTP_2;
+                let headers = req.headers_mut();
+                strip_for_h2(headers);
+                headers.remove(header::HOST);
+            }
+        }
+    }
+
+    /// Drops idle HTTP/1.1 connections past `idle_timeout` and the shared h2 connection once
+    /// it is aged or closed.
+    pub(super) fn reap_idle(&self) {
+        let limits = &self.limits;
+        let now = Instant::now();
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        idle.h1.sweep(now, |conn| self.usable(conn, now));
+        if idle.h2.as_ref().is_some_and(|(conn, last_used)| {
+            now.saturating_duration_since(*last_used) >= limits.idle_timeout
+                || !self.usable(conn, now)
+        }) {
+            // Streams still open on it finish; the connection closes after the last one.
+            idle.h2 = None;
+        }
+    }
+}
+
+pub(super) enum Exchange {
+    /// The request came back: not one byte of it was written.
+    Unsent(Box<Request<ReqBody>>),
+    /// The peer refused the HTTP/2 stream without processing it (`REFUSED_STREAM`, or a
+    /// GOAWAY whose last processed stream is below it); the request is gone (h2 took it).
+    Refused(OutboundError),
+    Failed(OutboundError),
+}
+
+/// Classifies a failed exchange: a TLS alert the server sent (read with the error, or earlier
+/// by the connection's I/O tap) says more than the HTTP error; a request that came back unsent
+/// may be retried, and so may a stream the peer `refused` unprocessed (when its head was
+/// kept); anything else is the upstream's failure.
+pub(super) fn failed(
+    tapped: &OnceLock<AlertDescription>,
+    read: Option<AlertDescription>,
+    unsent: Option<Request<ReqBody>>,
+    refused: bool,
+    err: BoxError,
+) -> Exchange {
+    // A server that refused our certificate after a TLS 1.3 handshake sends its alert as the
+    // first thing we read; the connection task may have read it before the request was
+    // written (the request then comes back unsent), and HTTP/2 streams only see a stringified
+    // summary of the connection's error. The I/O tap recorded the original.
+    if let Some(alert) = read.or_else(|| tapped.get().copied()) {
+        return Exchange::Failed(OutboundError::from_alert(alert));
+    }
+    match unsent {
+        Some(req) => Exchange::Unsent(Box::new(req)),
+        None if refused => Exchange::Refused(OutboundError::Upstream(err)),
+        None => Exchange::Failed(OutboundError::Upstream(err)),
+    }
+}
+
+/// Background sweep of one pool; ends when the pool is dropped.
+pub(super) async fn reap(pool: Weak<Pool>) {
+    let period = match pool.upgrade() {
+        Some(p) => (p.limits.idle_timeout.min(p.limits.max_connection_age) / 4)
+            .clamp(Duration::from_millis(100), Duration::from_secs(15)),
+        None => return,
+    };
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        match pool.upgrade() {
+            Some(p) => p.reap_idle(),
+            None => return,
+        }
+    }
+}
+
+/// What every endpoint pool of one upstream shares.
+pub(super) struct PoolSpec {
+    pub(super) name: String,
+    pub(super) authority: Authority,
+    pub(super) host_header: HeaderValue,
+    pub(super) server_name: ServerName<'static>,
+    pub(super) tls: Arc<dyn TlsSource>,
+    pub(super) limits: OutboundLimits,
+    pub(super) metrics: UpstreamMetrics,
+}
+
+/// The upstream's response body, streamed: HTTP/1.1 (hyper) or HTTP/2 (h2).
+pub(crate) type UpstreamBody = HttpBody;
+
+/// The request body the pools send: the app's, or none (a bodiless request sent again).
+pub(crate) type ReqBody = Either<Incoming, Empty<Bytes>>;
+
+/// The head of a bodiless request, kept (only with `retry_idempotent`) so it can be sent a
+/// second time.
+pub(super) struct Replay {
+    pub(super) method: Method,
+    pub(super) uri: Uri,
+    pub(super) version: http::Version,
+    pub(super) headers: http::HeaderMap,
+    /// GET, HEAD or OPTIONS: may be retried after a 503.
+    pub(super) idempotent: bool,
+}
+
+impl Replay {
+    /// A copy of `req`'s head, when it has no body (a body is never buffered for a retry).
+    pub(super) fn of(req: &Request<Incoming>) -> Option<Replay> {
+        if !http_body::Body::is_end_stream(req.body()) {
+            return None;
+        }
+        let method = req.method().clone();
+        Some(Replay {
+            idempotent: matches!(method, Method::GET | Method::HEAD | Method::OPTIONS),
+            method,
+            uri: req.uri().clone(),
+            version: req.version(),
+            headers: req.headers().clone(),
+        })
+    }
+
+    /// The request again (the pool re-targets it for its connection).
+    pub(super) fn request(self) -> Request<ReqBody> {
+        let mut req = Request::new(Either::Right(Empty::new()));
+        *req.method_mut() = self.method;
+        *req.uri_mut() = self.uri;
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers;
+        req
+    }
+}
