@@ -5,12 +5,14 @@
 //! - [`http`]: the HTTP layer both sides stand on, below every policy decision: the HTTP/2
 //!   server and client on `h2`, request and response bodies, the headers we own and strip
 //!   (one `x-request-id` rule), the one HTTP/1.1 keep-alive pool, a connection's activity for
-//!   its idle and send timeouts, and the one JSON error body;
+//!   its idle and send timeouts, the one JSON error body, lingering close of accepted
+//!   sockets, gRPC answers and WebSocket tunnels;
 //! - [`config`]: the sidecar TOML → validated [`config::Config`];
 //! - [`tls`]: credentials loading, X.509-SVID rules, the SPIFFE verifier, server and client
 //!   configs, swappable certificate resolver, the TLS alert tap;
 //! - [`input`]: the one reader of configured files (regular files only, size limits, never
-//!   blocking on a FIFO) and the watched inputs a snapshot is built from;
+//!   blocking on a FIFO) and the watched inputs a snapshot is built from; [`policy_file`]: the
+//!   one policy reader (the `[inbound]` policy and every `[[tcp_inbound]]` one);
 //! - [`state`]: the [`state::Snapshot`] (credentials, policy, inbound and outbound TLS) built by
 //!   the one path startup and reload share, and the trust generation outbound pools follow;
 //! - [`outcome`]: what became of one request ([`outcome::Outcome`]): its status, metric labels
@@ -18,8 +20,9 @@
 //! - [`inbound`] and [`outbound`], which mirror each other (`listener → conn → request →
 //!   upstream`) and hold identity, policy, forwarding, audit and metrics only: inbound
 //!   terminates mTLS, decides per route and forwards to the app; outbound takes plaintext from
-//!   the app and originates mTLS to the peer sidecar with its identity pinned (its pools dial
-//!   with the current snapshot's TLS: `outbound::tls_source`);
+//!   the app and originates mTLS to the peer sidecar with its identity pinned (`upstream`
+//!   balances over the endpoints' `pool`s, which dial with the current snapshot's TLS:
+//!   `outbound::tls_source`);
 //! - [`accept`]: accepting connections (spread over event loops, the shared accept limiter);
 //! - [`admin`], [`metrics`], [`audit`]: observability;
 //! - [`reload`]: hot reload of certificate, key, bundle, CRL and policy (file events, polling,
@@ -28,10 +31,11 @@
 //!   rotation" design note;
 //! - [`signal`]: signals, cancellation and the drain of connection tasks;
 //! - [`tcp`]: TCP mode (`[[tcp_inbound]]`/`[[tcp_outbound]]`, issue 17): mTLS around a byte
-//!   stream, decided once per connection by the policy's `[[tcp]]` entry;
+//!   stream, decided once per connection by the policy's `[[tcp]]` entry (`tcp/listen.rs`: the
+//!   listeners at run time);
 //! - [`run`]: the load path shared by `sidecar check` and `sidecar run`, and the run loop;
-//! - `balance`: per-request balancing over an outbound's endpoints (issue 15; not wired into
-//!   the sidecar yet);
+//! - `balance`: per-request balancing over an outbound's endpoints (p2c over peak-EWMA, slow
+//!   start, ejection, DNS discovery, the retry budget), used by `outbound::upstream`;
 //! - [`limits`]: per-caller budgets for the policy's `[[limit]]`s, one limiter per snapshot,
 //!   asked by inbound after the policy allows a request;
 //! - [`error`]: load errors with their `help:` lines, and inbound refusals as HTTP responses.
