@@ -47,15 +47,15 @@ pub(crate) struct Pool {
     /// `gatehouse_outbound_endpoint_requests_total` for this endpoint.
     pub(super) requests: IntCounter,
     pub(super) authority: Authority,
-    pub(super) host_header: HeaderValue,
+    host_header: HeaderValue,
     pub(super) server_name: ServerName<'static>,
     /// The TLS client configuration (read when dialling) and the trust generation (read
     /// before reusing a connection): connections of an older generation are not reused.
     pub(super) tls: Arc<dyn TlsSource>,
     pub(super) limits: OutboundLimits,
-    pub(super) permits: Arc<Semaphore>,
-    pub(super) available: Arc<Notify>,
-    pub(super) idle: Mutex<Idle>,
+    permits: Arc<Semaphore>,
+    available: Arc<Notify>,
+    idle: Mutex<Idle>,
     pub(super) metrics: UpstreamMetrics,
 }
 
@@ -75,12 +75,12 @@ pub(super) enum Sender {
 /// the sender.
 pub(super) struct Conn {
     pub(super) sender: Sender,
-    pub(super) born: Instant,
+    born: Instant,
     /// The trust generation ([`TlsSource::trust_generation`]) when the connection was started.
-    pub(super) generation: u64,
+    generation: u64,
     /// The fatal TLS alert the server sent on this connection, once read: how a server that
     /// refused our certificate after a TLS 1.3 handshake had already "succeeded" shows up.
-    pub(super) alert: Arc<OnceLock<AlertDescription>>,
+    alert: Arc<OnceLock<AlertDescription>>,
     /// The serial number of the server's certificate, lowercase hex (for the audit line).
     pub(super) serial: Arc<str>,
 }
@@ -88,7 +88,7 @@ pub(super) struct Conn {
 impl Conn {
     /// Another handle on a shared HTTP/2 connection; `None` for HTTP/1.1 (one request at a
     /// time, never shared).
-    pub(super) fn share(&self) -> Option<Conn> {
+    fn share(&self) -> Option<Conn> {
         match &self.sender {
             Sender::H2(s) => Some(Conn {
                 sender: Sender::H2(s.clone()),
@@ -101,7 +101,7 @@ impl Conn {
         }
     }
 
-    pub(super) fn is_usable(&self, max_age: Duration, now: Instant) -> bool {
+    fn is_usable(&self, max_age: Duration, now: Instant) -> bool {
         let open = match &self.sender {
             Sender::H1(s) => !s.is_closed(),
             Sender::H2(s) => !s.is_closed(),
@@ -180,7 +180,7 @@ impl Pool {
     /// trust generation (a reload that changed the bundle or CRL, or a CRL gone stale beyond
     /// its grace period, retires every connection, so a revoked or no longer trusted server is
     /// not talked to again; requests in flight finish on theirs).
-    pub(super) fn usable(&self, conn: &Conn, now: Instant) -> bool {
+    fn usable(&self, conn: &Conn, now: Instant) -> bool {
         conn.generation == self.tls.trust_generation()
             && conn.is_usable(self.limits.max_connection_age, now)
     }
@@ -235,11 +235,11 @@ impl Pool {
 
     /// Once the HTTP/1.1 response has been read to its end, the connection goes back to the
     /// idle set (if it is still young and open).
-    pub(super) fn recycle_h1(self: &Arc<Self>, conn: Conn) {
+    fn recycle_h1(self: &Arc<Self>, conn: Conn) {
         h1_pool::once_ready(conn, self, |pool, conn| pool.put_idle(conn));
     }
 
-    pub(super) fn put_idle(&self, conn: Conn) {
+    fn put_idle(&self, conn: Conn) {
         let now = Instant::now();
         if !self.usable(&conn, now) {
             return;
@@ -279,7 +279,7 @@ impl Pool {
         }
     }
 
-    pub(super) fn take_pooled(&self) -> Option<Conn> {
+    fn take_pooled(&self) -> Option<Conn> {
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((h2, last_used)) = &mut idle.h2 {
@@ -313,10 +313,7 @@ impl Pool {
         result
     }
 
-    pub(super) async fn connect_inner(
-        &self,
-        permit: OwnedSemaphorePermit,
-    ) -> Result<Conn, OutboundError> {
+    async fn connect_inner(&self, permit: OwnedSemaphorePermit) -> Result<Conn, OutboundError> {
         // The generation first: a trust change during the handshake (which uses the
         // configuration current now) retires this connection too.
         let generation = self.tls.trust_generation();
@@ -393,7 +390,7 @@ impl Pool {
         Ok(tcp)
     }
 
-    pub(super) fn spawn_conn<F, E>(&self, conn: F, permit: OwnedSemaphorePermit)
+    fn spawn_conn<F, E>(&self, conn: F, permit: OwnedSemaphorePermit)
     where
         F: Future<Output = Result<(), E>> + Send + 'static,
         E: std::fmt::Debug,
@@ -447,7 +444,7 @@ impl Pool {
 
     /// Drops idle HTTP/1.1 connections past `idle_timeout` and the shared h2 connection once
     /// it is aged or closed.
-    pub(super) fn reap_idle(&self) {
+    fn reap_idle(&self) {
         let limits = &self.limits;
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
@@ -497,7 +494,7 @@ pub(super) fn failed(
 }
 
 /// Background sweep of one pool; ends when the pool is dropped.
-pub(super) async fn reap(pool: Weak<Pool>) {
+async fn reap(pool: Weak<Pool>) {
     let period = match pool.upgrade() {
         Some(p) => (p.limits.idle_timeout.min(p.limits.max_connection_age) / 4)
             .clamp(Duration::from_millis(100), Duration::from_secs(15)),
