@@ -78,21 +78,11 @@ pub(super) async fn handle(
     };
     let (response, outcome, serial) = match sent {
         Ok((resp, serial)) => {
-            let mut resp = resp.map(Either::Left);
-            strip_hop_by_hop(resp.headers_mut());
-            resp.headers_mut()
-                .entry(REQUEST_ID)
-                .or_insert_with(|| request_id.clone());
-            let outcome = Outcome::Forwarded(resp.status());
+            let (resp, outcome) = forwarded(resp, &request_id);
             (resp, outcome, Some(serial))
         }
         Err(e) => {
-            let outcome = e.outcome();
-            metrics.error(outcome.reason());
-            warn!(request_id = %display_id(&request_id), error = %e, "outbound request failed");
-            let resp = e
-                .to_response(upstream.name(), &request_id)
-                .map(Either::Right);
+            let (resp, outcome) = refused(&e, upstream, &request_id, "outbound request failed");
             (resp, outcome, None)
         }
     };
@@ -115,6 +105,38 @@ pub(super) async fn handle(
     Ok(response)
 }
 
-fn display_id(id: &HeaderValue) -> &str {
+/// The peer's answer as the app receives it: hop-by-hop headers stripped, our request id
+/// added when the peer sent none.
+pub(super) fn forwarded(
+    resp: Response<UpstreamBody>,
+    request_id: &HeaderValue,
+) -> (Response<OutboundBody>, Outcome) {
+    let mut resp = resp.map(Either::Left);
+    strip_hop_by_hop(resp.headers_mut());
+    resp.headers_mut()
+        .entry(REQUEST_ID)
+        .or_insert_with(|| request_id.clone());
+    let outcome = Outcome::Forwarded(resp.status());
+    (resp, outcome)
+}
+
+/// The sidecar's own JSON answer to a request that did not reach the peer's app, counted and
+/// logged (`what` says which request).
+pub(super) fn refused(
+    e: &OutboundError,
+    upstream: &Upstream,
+    request_id: &HeaderValue,
+    what: &'static str,
+) -> (Response<OutboundBody>, Outcome) {
+    let outcome = e.outcome();
+    upstream.metrics().error(outcome.reason());
+    warn!(request_id = %display_id(request_id), error = %e, "{what}");
+    let resp = e
+        .to_response(upstream.name(), request_id)
+        .map(Either::Right);
+    (resp, outcome)
+}
+
+pub(super) fn display_id(id: &HeaderValue) -> &str {
     id.to_str().unwrap_or("-")
 }

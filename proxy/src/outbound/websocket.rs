@@ -24,16 +24,14 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::pool::UpstreamBody;
-use super::request::{Ctx, OutboundBody};
+use super::request::{Ctx, OutboundBody, display_id, forwarded, refused};
 use crate::audit::{self, OutboundRecord, TcpRecord, record_tcp};
 use crate::config::{DEFAULT_WEBSOCKET_IDLE_TIMEOUT, DEFAULT_WEBSOCKET_MAX_DURATION};
 use crate::http::body::RecvBody;
-use crate::http::headers::{
-    REQUEST_ID, keep_or_assign, keep_or_start_trace, strip_for_h2, strip_hop_by_hop,
-};
+use crate::http::headers::{REQUEST_ID, keep_or_assign, keep_or_start_trace, strip_for_h2};
 use crate::http::tunnel::{H2Io, SideMetrics, WebSocketMetrics};
 use crate::outcome::Outcome;
 use crate::tcp::pump::pump;
@@ -87,7 +85,7 @@ pub(super) async fn upgrade(ctx: Arc<Ctx>, mut req: Request<Incoming>) -> Respon
                 upstream: upstream.name().to_owned(),
                 server_id: ctx.server_id.clone(),
                 serial: Arc::clone(&serial),
-                request_id: request_id.to_str().unwrap_or("-").to_owned(),
+                request_id: display_id(&request_id).to_owned(),
             };
             tokio::spawn(tunnel.run(on_upgrade, H2Io::new(send, recv)));
             (
@@ -104,22 +102,14 @@ pub(super) async fn upgrade(ctx: Arc<Ctx>, mut req: Request<Incoming>) -> Respon
                 "not_upgraded"
             };
             side.upgrade(result);
-            let mut resp = resp.map(|b| Either::Left(UpstreamBody::H2(RecvBody::new(b))));
-            strip_hop_by_hop(resp.headers_mut());
-            resp.headers_mut()
-                .entry(REQUEST_ID)
-                .or_insert_with(|| request_id.clone());
-            let outcome = Outcome::Forwarded(resp.status());
+            let resp = resp.map(|b| UpstreamBody::H2(RecvBody::new(b)));
+            let (resp, outcome) = forwarded(resp, &request_id);
             (resp, outcome, Some(serial))
         }
         Err(e) => {
             side.upgrade("failed");
-            let outcome = e.outcome();
-            metrics.error(outcome.reason());
-            warn!(request_id = %request_id.to_str().unwrap_or("-"), error = %e, "outbound WebSocket upgrade failed");
-            let resp = e
-                .to_response(upstream.name(), &request_id)
-                .map(Either::Right);
+            let failed = "outbound WebSocket upgrade failed";
+            let (resp, outcome) = refused(&e, &upstream, &request_id, failed);
             (resp, outcome, None)
         }
     };
@@ -127,7 +117,7 @@ pub(super) async fn upgrade(ctx: Arc<Ctx>, mut req: Request<Incoming>) -> Respon
     metrics.duration.observe(elapsed.as_secs_f64());
     metrics.request(outcome.status().as_u16());
     audit::record_outbound(&OutboundRecord {
-        request_id: request_id.to_str().unwrap_or("-"),
+        request_id: display_id(&request_id),
         trace_id: Some(&trace_id),
         upstream: upstream.name(),
         server_id: &ctx.server_id,
