@@ -26,12 +26,6 @@ const STEPS: [&str; 11] = [
     "one report's path through the fleet, joined on its trace id",
 ];
 
-/// The spread check depends on the balancer's latency weighting, which starves for up to its
-/// decay time (10 s) a replica whose latency peaked during the scale-out burst (see
-/// docs/DESIGN-NOTES.md, issue 23): on a loaded 2-core machine it fails in some runs. The test
-/// requires its line and figures, and every other step.
-const SPREAD: &str = "load spread over every monolith replica";
-
 #[test]
 fn fleet_demo_holds_every_step_with_no_failed_request() {
     let t = Instant::now();
@@ -41,10 +35,8 @@ fn fleet_demo_holds_every_step_with_no_failed_request() {
         .expect("run fleet-demo");
     let text = String::from_utf8_lossy(&out.stdout);
     println!("{text}\nfleet-demo took {:?}", t.elapsed());
-    let failed: Vec<&str> = text.lines().filter(|l| l.starts_with("✘ ")).collect();
-    let only_spread = failed.iter().all(|l| l.contains(SPREAD));
     assert!(
-        out.status.success() || (out.status.code() == Some(1) && only_spread),
+        out.status.success(),
         "fleet-demo failed ({}):\n{text}\n{}",
         out.status,
         String::from_utf8_lossy(&out.stderr)
@@ -53,11 +45,7 @@ fn fleet_demo_holds_every_step_with_no_failed_request() {
         let ok = text
             .lines()
             .any(|l| l.starts_with("✔ ") && l.contains(step));
-        let spread_shown = step == SPREAD && text.contains("data exports over 4 replicas");
-        assert!(ok || spread_shown, "no ✔ line for `{step}`:\n{text}");
-    }
-    if !failed.is_empty() {
-        eprintln!("warning: the spread check failed in this run (see the test's doc comment)");
+        assert!(ok, "no ✔ line for `{step}`:\n{text}");
     }
     // Zero failed report requests in every row of the summary table (`| step | secs |
     // reports | failed | …`), one row per step.

@@ -1,13 +1,14 @@
 //! Request balancing over the endpoints of one outbound (issue 15).
 //!
 //! - **Pick**: power of two choices over the eligible endpoints: two distinct endpoints drawn at
-//!   random, the one with the lower load wins, load = peak-EWMA latency × (outstanding + 1),
-//!   divided by the slow-start weight (linkerd2-proxy's `linkerd/pool/p2c` and `PeakEwma` are
+//!   random, the one with the lower load wins, load = peak-EWMA latency × (outstanding + 1)
+//!   (linkerd2-proxy's `linkerd/pool/p2c` and `PeakEwma` are
 //!   the model; this is our own code). Two draws instead of a scan keep a pick O(1) and avoid
 //!   the herd a global "least loaded" choice causes when many callers see the same numbers.
 //! - **Slow start**: an endpoint that was just added (or just came back from ejection) has its
-//!   weight ramp from 10 % to 100 % over `slow_start` (default 5 s), so a fresh JVM is not
-//!   flooded.
+//!   weight ramp from 10 % to 100 % over `slow_start` (default 5 s): it enters a draw's duel
+//!   with that probability (Envoy's slow start scales the weight the same way), so a fresh JVM
+//!   is not flooded and still gets its growing share at any load.
 //! - **Outlier ejection**: `eject_after` consecutive connect/TLS failures or gateway errors
 //!   (502/503/504 from the peer sidecar) eject the endpoint for a back-off that doubles with
 //!   every ejection in a row (`ejection_base` … `ejection_max`, default 1 s … 15 s); a success
@@ -50,8 +51,8 @@ pub struct BalanceConfig {
     pub ejection_max: Duration,
     /// Decay time of the latency average.
     pub decay: Duration,
-    /// Latency assumed for an endpoint before its first response (or the balancer's typical
-    /// latency, when that is higher).
+    /// Latency assumed for an endpoint before its first response while no endpoint has
+    /// answered yet (afterwards the balancer's typical latency is assumed).
     pub default_rtt: Duration,
 }
 
@@ -132,9 +133,10 @@ pub struct Balancer<C> {
     rng: AtomicU64,
     /// The latency of this balancer's responses (an average over every endpoint's samples,
     /// `f64` nanoseconds as bits; 0 before the first): an endpoint that has not answered yet
-    /// is assumed to take at least this long. The fixed guess alone (30 ms) made a slow
-    /// endpoint look better than fast ones answering in 40 ms under load, so it got a burst of
-    /// requests until its first slow answer came back.
+    /// is assumed to take this long. A fixed guess (30 ms) is wrong both ways: it made a slow
+    /// endpoint look better than fast ones answering in 40 ms under load (a burst until its
+    /// first slow answer), and a new one look 30 times worse than fast ones answering in 1 ms
+    /// (no request at all).
     typical_rtt: AtomicU64,
 }
 
@@ -474,13 +476,7 @@ impl<C> Balancer<C> {
                 }
                 let (ea, eb) = (nth(a), nth(b));
                 match (ea, eb) {
-                    (Some(x), Some(y)) => {
-                        Some(if self.load(x, now, now_ns) <= self.load(y, now, now_ns) {
-                            x
-                        } else {
-                            y
-                        })
-                    }
+                    (Some(x), Some(y)) => Some(self.duel(x, y, now, now_ns)),
                     (x, y) => x.or(y),
                 }
             };
@@ -506,15 +502,49 @@ impl<C> Balancer<C> {
             .store(next.max(1.0).to_bits(), Ordering::Relaxed);
     }
 
-    /// What an endpoint that has not answered yet is assumed to take: `default_rtt`, or the
-    /// typical latency when that is higher (never better than the endpoints that answered).
+    /// What an endpoint that has not answered yet is assumed to take: the typical latency of
+    /// the endpoints that answered (no better, so a slow newcomer gets no burst; no worse, so a
+    /// newcomer beside fast endpoints is not outbid forever), or `default_rtt` before any
+    /// answer.
     fn unknown_rtt(&self) -> f64 {
         let typical = f64::from_bits(self.typical_rtt.load(Ordering::Relaxed));
-        typical.max(self.config.default_rtt.as_secs_f64() * 1e9)
+        if typical > 0.0 {
+            typical
+        } else {
+            self.config.default_rtt.as_secs_f64() * 1e9
+        }
     }
 
-    /// Latency × (outstanding + 1), divided by the slow-start weight.
-    fn load(&self, e: &Endpoint<C>, now: Instant, now_ns: u64) -> f64 {
+    /// The power-of-two-choices duel: the lower load wins. A warming endpoint takes part only
+    /// with a probability equal to its slow-start weight (otherwise the other one wins), so its
+    /// share ramps from 10 % of a full one to all of it whatever the load. (Dividing the load by
+    /// the weight instead made it lose every duel at low concurrency, where loads are equal.)
+    fn duel<'e>(
+        &self,
+        x: &'e Arc<Endpoint<C>>,
+        y: &'e Arc<Endpoint<C>>,
+        now: Instant,
+        now_ns: u64,
+    ) -> &'e Arc<Endpoint<C>> {
+        let (wx, wy) = (self.weight(x, now_ns), self.weight(y, now_ns));
+        if wx < 1.0 || wy < 1.0 {
+            #[allow(clippy::cast_precision_loss)]
+            let coin = (self.random() >> 11) as f64 / (1u64 << 53) as f64;
+            match (coin < wx, coin < wy) {
+                (true, false) => return x,
+                (false, true) => return y,
+                _ => {}
+            }
+        }
+        if self.load(x, now) <= self.load(y, now) {
+            x
+        } else {
+            y
+        }
+    }
+
+    /// Latency × (outstanding + 1).
+    fn load(&self, e: &Endpoint<C>, now: Instant) -> f64 {
         let rtt = e
             .ewma
             .lock()
@@ -522,8 +552,7 @@ impl<C> Balancer<C> {
             .get_at(now)
             .unwrap_or_else(|| self.unknown_rtt())
             .max(1_000.0);
-        let cost = rtt * f64::from(e.outstanding.load(Ordering::Acquire) + 1);
-        cost / self.weight(e, now_ns)
+        rtt * f64::from(e.outstanding.load(Ordering::Acquire) + 1)
     }
 
     /// Slow-start weight in (0.1, 1].

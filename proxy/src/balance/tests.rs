@@ -256,6 +256,24 @@ fn a_new_endpoint_warms_up_before_taking_its_full_share() {
     assert!(l > 0.25, "full share {l:.3}");
 }
 
+/// Fast endpoints (1 ms) at low concurrency: an endpoint that has not answered yet must not be
+/// assumed slower than they are (a fixed 30 ms guess made it lose every draw, so a scaled-out
+/// replica got no request at all: CI, `a_fourth_a_record_warms_up…`). It gets requests while
+/// warming and about its fair share after the ramp.
+#[test]
+fn a_new_endpoint_beside_fast_ones_gets_traffic_while_warming_and_its_share_after() {
+    let (b, t0) = fleet(3, BalanceConfig::default());
+    let fast = |_| Duration::from_millis(1);
+    let (_, now) = simulate(&b, t0, 3_000, 4, fast);
+    b.add_at(addr(4), 4, now);
+    // The ramp's 5 s: 20,000 requests × 1 ms / 4.
+    let (warming, now) = simulate(&b, now, 20_000, 4, fast);
+    let (late, _) = simulate(&b, now, 8_000, 4, fast);
+    let (w, l) = (share(&warming, addr(4)), share(&late, addr(4)));
+    assert!(w > 0.02 && w < 0.25, "warming share {w:.3} of {warming:?}");
+    assert!(l > 0.15, "share after the ramp {l:.3} of {late:?}");
+}
+
 #[test]
 fn status_shows_address_state_outstanding_and_latency() {
     let (b, t0) = fleet(1, BalanceConfig::default());
