@@ -372,6 +372,32 @@ fn list_shows_the_inventory_in_text_and_json() {
     assert_eq!(rows[1]["serial"], inspect["serial"]);
 }
 
+/// `ca list | head -1` (a reader that stops reading) is not a crash: exit 0 and nothing on
+/// stderr, in text and JSON. The pipe's read end is closed before `ca` starts, so every write
+/// meets the broken pipe (`println!` panicked there).
+#[test]
+fn list_into_a_closed_pipe_exits_0_without_a_panic() {
+    let sb = Sandbox::new();
+    sb.init(false);
+    sb.issue("a");
+    for format in ["text", "json"] {
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        drop(reader);
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ca"))
+            .args(["list", "--dir", "ca", "--format", format])
+            .current_dir(sb.path(""))
+            .stdout(writer)
+            .output()
+            .expect("run ca list");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && stderr.is_empty(),
+            "{format}: {} {stderr}",
+            out.status
+        );
+    }
+}
+
 #[test]
 fn eight_concurrent_issues_get_distinct_serials_and_well_formed_inventory_lines() {
     let sb = Sandbox::new();

@@ -388,12 +388,12 @@ fn explain_cmd(file: &Path, format: Format) -> u8 {
         Err(code) => return code,
     };
     let m = explain::matrix(&policy);
-    match format {
-        Format::Json => println!("{}", json!(m)),
-        Format::Mermaid => print!("{}", m.to_mermaid()),
-        Format::Human | Format::Html => print!("{}", m.to_table()),
-    }
-    0
+    let out = match format {
+        Format::Json => format!("{}\n", json!(m)),
+        Format::Mermaid => m.to_mermaid(),
+        Format::Human | Format::Html => m.to_table(),
+    };
+    write_out(&out, 0)
 }
 
 fn fleet_cmd(dirs: &[PathBuf], format: Format) -> u8 {
@@ -407,14 +407,18 @@ fn fleet_cmd(dirs: &[PathBuf], format: Format) -> u8 {
         Format::Html => fleet.to_html(),
         Format::Human => fleet.to_text(),
     };
-    // The map is often piped (`| head`, `> map.html`): a closed pipe ends the command quietly.
+    write_out(&out, 0)
+}
+
+/// Writes a command's output and returns `code`. Maps, matrices and diffs are often piped
+/// (`| head`, `> map.html`): a closed pipe ends the command quietly (`print!` panics there);
+/// another write error is exit 2.
+fn write_out(out: &str, code: u8) -> u8 {
     match std::io::stdout().lock().write_all(out.as_bytes()) {
-        Ok(()) => 0,
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => 0,
+        Ok(()) => code,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => code,
         Err(e) => {
-            eprintln!(
-                "error: cannot write the map to stdout: {e}\n  help: check the output file or pipe"
-            );
+            eprintln!("error: cannot write to stdout: {e}\n  help: check the output file or pipe");
             2
         }
     }
@@ -430,12 +434,12 @@ fn diff_cmd(old: &Path, new: &Path, fail_on_widen: bool, json: bool) -> u8 {
         }
     };
     let d = diff::diff(&old_p, &new_p);
-    if json {
-        println!("{}", json!({ "diff": d, "widens": d.widens() }));
+    let out = if json {
+        format!("{}\n", json!({ "diff": d, "widens": d.widens() }))
     } else {
-        print!("{}", render_diff(&d));
-    }
-    if fail_on_widen && d.widens() { 1 } else { 0 }
+        render_diff(&d)
+    };
+    write_out(&out, u8::from(fail_on_widen && d.widens()))
 }
 
 fn render_diff(d: &PolicyDiff) -> String {

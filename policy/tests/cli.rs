@@ -551,3 +551,41 @@ fn fintech_monolith_grants_exactly_what_the_brief_says() {
         ]
     );
 }
+
+/// `policy explain FILE | head -1` and `policy diff … | head -1` (a reader that stops reading)
+/// are not a crash: the command's own exit code and nothing on stderr. The pipe's read end is
+/// closed before `policy` starts, so every write meets the broken pipe (`print!` panicked).
+#[test]
+fn output_into_a_closed_pipe_keeps_the_exit_code_without_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write(&dir, "policy.toml", POLICY);
+    let wider = write(
+        &dir,
+        "wider.toml",
+        &POLICY.replace(
+            r#"allow   = ["api-gateway"]"#,
+            r#"allow   = ["api-gateway", "report-service"]"#,
+        ),
+    );
+    let cases: [(&[&str], i32); 4] = [
+        (&["explain", s(&p)], 0),
+        (&["--format", "json", "explain", s(&p)], 0),
+        (&["--format", "mermaid", "explain", s(&p)], 0),
+        (&["diff", s(&p), s(&wider), "--fail-on-widen"], 1),
+    ];
+    for (args, want) in cases {
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        drop(reader);
+        let o = Command::new(env!("CARGO_BIN_EXE_policy"))
+            .args(args)
+            .stdout(writer)
+            .output()
+            .expect("the policy binary runs");
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            code(&o) == want && stderr.is_empty(),
+            "{args:?}: {} {stderr}",
+            o.status
+        );
+    }
+}

@@ -403,7 +403,7 @@ fn run(cli: &Cli) -> Result<ExitCode, CaError> {
             (Some(file), _) => {
                 let code = inspect_cmd(file, bundle.as_deref(), json)?;
                 if let (Some(dir), false) = (dir, json) {
-                    print_keys(&open_ca(dir)?.key_locations()?);
+                    emit(&keys_text(&open_ca(dir)?.key_locations()?));
                 }
                 Ok(code)
             }
@@ -416,7 +416,7 @@ fn run(cli: &Cli) -> Result<ExitCode, CaError> {
                     }));
                 } else {
                     println!("CA {} in {}", ca.trust_domain(), dir.display());
-                    print_keys(&keys);
+                    emit(&keys_text(&keys));
                 }
                 Ok(ExitCode::SUCCESS)
             }
@@ -799,8 +799,9 @@ fn list(dir: &Path, json: bool) -> Result<ExitCode, CaError> {
     if json {
         print_json(&serde_json::to_value(&entries).unwrap_or_default());
     } else {
-        print_list(&entries);
-        print_keys(&ca.key_locations()?);
+        let mut text = list_text(&entries);
+        text.push_str(&keys_text(&ca.key_locations()?));
+        emit(&text);
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -837,11 +838,17 @@ fn keys_json(keys: &[KeyLocation]) -> serde_json::Value {
 }
 
 /// Where each CA key lives (`ca list`, `ca inspect --dir`).
-fn print_keys(keys: &[KeyLocation]) {
-    println!("CA keys:");
+fn keys_text(keys: &[KeyLocation]) -> String {
+    use std::fmt::Write as _;
+    let mut text = "CA keys:\n".to_owned();
     for k in keys {
-        println!("  gen-{} {:<12}  {}", k.generation, k.role, k.location);
+        let _ = writeln!(
+            text,
+            "  gen-{} {:<12}  {}",
+            k.generation, k.role, k.location
+        );
     }
+    text
 }
 
 fn root_rotate(dir: &Path, json: bool) -> Result<ExitCode, CaError> {
@@ -1152,7 +1159,21 @@ fn left(t: OffsetDateTime) -> String {
 }
 
 fn print_json(v: &serde_json::Value) {
-    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+    let mut text = serde_json::to_string_pretty(v).unwrap_or_default();
+    text.push('\n');
+    emit(&text);
+}
+
+/// Writes `text` to stdout. A reader that stopped reading (`ca list | head`) is not an error
+/// (`println!` panics on the broken pipe); any other write error is reported.
+fn emit(text: &str) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush())
+        && e.kind() != std::io::ErrorKind::BrokenPipe
+    {
+        eprintln!("error: writing to stdout: {e}\n  help: check the output file or pipe");
+    }
 }
 
 fn print_inspection(r: &Inspection) {
@@ -1189,17 +1210,19 @@ fn print_inspection(r: &Inspection) {
     }
 }
 
-fn print_list(entries: &[Entry]) {
+/// The inventory table (`ca list`).
+fn list_text(entries: &[Entry]) -> String {
+    use std::fmt::Write as _;
     if entries.is_empty() {
-        println!("no certificates issued yet");
-        return;
+        return "no certificates issued yet\n".to_owned();
     }
-    println!(
-        "{:<40}  {:<10}  {:<20}  {:<20}  {:<64}  SPIFFE ID",
+    let mut text = format!(
+        "{:<40}  {:<10}  {:<20}  {:<20}  {:<64}  SPIFFE ID\n",
         "SERIAL", "STATE", "NOT AFTER", "ISSUED AT", "SHA-256"
     );
     for e in entries {
-        println!(
+        let _ = writeln!(
+            text,
             "{:<40}  {:<10}  {:<20}  {:<20}  {:<64}  {}",
             e.serial,
             e.state.as_str(),
@@ -1209,6 +1232,7 @@ fn print_list(entries: &[Entry]) {
             e.spiffe_id.as_deref().unwrap_or("-")
         );
     }
+    text
 }
 
 /// The one place errors become text: `error: ...`, `help: ...`, and the exit code.
