@@ -7,7 +7,7 @@
 //! - an audit file is hash-chained: `sidecar audit verify` passes on it, names the line where
 //!   one was deleted, edited or swapped (exit 1), and a restarted sidecar continues the chain;
 //! - one request gives an outbound and an inbound line with the same W3C trace id (the app's
-//!   `traceparent` kept, or one started at the outbound), the policy's SHA-256 and both
+//!   `traceparent` kept, or one derived from the request id on both sides), the policy's SHA-256 and both
 //!   certificates' serials.
 //!
 //! Run `cargo build --workspace --bins` first.
@@ -388,7 +388,8 @@ fn serial_of(cert: &CertDir) -> String {
 async fn both_sides_log_one_trace_id_the_policy_hash_and_both_serials() {
     let p = pair("flush_interval = \"0s\"").await;
     let out = p.outbound.listener("outbound:monolith");
-    // The app sent no traceparent: the outbound starts one and forwards it.
+    // The app sent no traceparent: both sides derive the trace id from the request id, and the
+    // inbound starts the app's traceparent with it.
     let (status, _) = get_with(out, "/api/data/reports", &[("x-request-id", "trace-1")]).await;
     assert_eq!(status, StatusCode::OK);
     // The app sent one: kept as sent, end to end.

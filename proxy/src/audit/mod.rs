@@ -8,7 +8,7 @@
 //! "policy_sha256","method","path","route","decision","reason","status","duration_ms",
 //! ["chain_start",]"prev"}`; `path` is the normalized path (the raw one when normalization
 //! refused it), `route` is `null` when no route matched, `trace_id` is the W3C trace id of the
-//! request's `traceparent` (`null` without a valid one), `caller_serial` the serial number of
+//! request's valid `traceparent`, or else the one both sides derive from the request id, `caller_serial` the serial number of
 //! the caller's certificate (lowercase hex) and `policy_sha256` the SHA-256 of the policy file
 //! that decided. An outbound line ([`record_outbound`]): `{"time","direction":"outbound",
 //! "request_id","trace_id","upstream","server_id","server_serial","method","path","status",

@@ -16,7 +16,7 @@ mod ids;
 #[cfg(test)]
 mod tests;
 
-pub(crate) use ids::{REQUEST_ID, RequestIds, keep_or_assign, keep_or_start_trace, trace_id};
+pub(crate) use ids::{REQUEST_ID, RequestIds, keep_or_assign, keep_or_derive_trace};
 
 use http::StatusCode;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};

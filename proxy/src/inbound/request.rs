@@ -55,7 +55,8 @@ use crate::http::activity::{Activity, RequestGuard};
 use crate::http::body::{HttpBody, RecvBody};
 use crate::http::grpc;
 use crate::http::headers::{
-    FramingError, is_te_trailers, keep_or_assign, strip_for_app, strip_hop_by_hop, trace_id,
+    FramingError, is_te_trailers, keep_or_assign, keep_or_derive_trace, strip_for_app,
+    strip_hop_by_hop,
 };
 use crate::limits::{Admission, LimitGuard};
 use crate::outcome::{Outcome, Rejection};
@@ -145,7 +146,7 @@ impl ConnCtx {
         snapshot: &Arc<Snapshot>,
         inb: &'a InboundSnapshot,
         request_id: &'a HeaderValue,
-        headers: &http::HeaderMap,
+        trace_id: Option<[u8; 16]>,
         method: http::Method,
         started: Instant,
     ) -> RequestLog<'a> {
@@ -155,7 +156,7 @@ impl ConnCtx {
                 .caller
                 .get(snapshot, || inb.policy.caller_label(self.peer.id()).into()),
             request_id,
-            trace_id: audit::enabled().then(|| trace_id(headers)).flatten(),
+            trace_id,
             inb,
             method,
             started,
@@ -267,6 +268,11 @@ pub(crate) fn handle(
         let started = Instant::now();
         // Kept or assigned by the one rule both sides share; the app gets it as is.
         let request_id = &keep_or_assign(&ctx.inbound.request_ids, req.headers_mut());
+        // With an audit log, the trace id that joins both sides' lines: the request's valid
+        // `traceparent`, or one derived from the request id (as the outbound side did) and
+        // started for the app.
+        let trace_id =
+            audit::enabled().then(|| keep_or_derive_trace(req.headers_mut(), request_id, true));
         // The current snapshot, not the connection's: policy reloads reach open connections.
         let snapshot = ctx.inbound.state.snapshot();
         let mut limit = None;
@@ -280,7 +286,7 @@ pub(crate) fn handle(
                 &snapshot,
                 inb,
                 request_id,
-                req.headers(),
+                trace_id,
                 req.method().clone(),
                 started,
             );

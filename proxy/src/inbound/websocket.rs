@@ -42,7 +42,9 @@ use crate::audit::{TcpRecord, record_tcp};
 use crate::error::Refusal;
 use crate::http::body::pipe_within;
 use crate::http::h2_server::{StreamEnd, end_of, fit_for_h2};
-use crate::http::headers::{REQUEST_ID, keep_or_assign, strip_for_app, strip_hop_by_hop};
+use crate::http::headers::{
+    REQUEST_ID, keep_or_assign, keep_or_derive_trace, strip_for_app, strip_hop_by_hop,
+};
 use crate::http::respond::ErrorResponse;
 use crate::http::tunnel::{H2Io, SideMetrics};
 use crate::outcome::{Outcome, Rejection};
@@ -76,14 +78,9 @@ pub(super) async fn serve(
     let Some(inb) = snapshot.inbound.as_ref() else {
         return send_own(&mut respond, Refusal::Denied.response(&request_id));
     };
-    let mut log = ctx.request_log(
-        &snapshot,
-        inb,
-        &request_id,
-        &parts.headers,
-        Method::GET,
-        started,
-    );
+    let trace_id = crate::audit::enabled()
+        .then(|| keep_or_derive_trace(&mut parts.headers, &request_id, true));
+    let mut log = ctx.request_log(&snapshot, inb, &request_id, trace_id, Method::GET, started);
     let uri = parts.uri.clone();
     if ctx.is_distrusted() {
         log.finish(

@@ -22,7 +22,7 @@ use super::pool::UpstreamBody;
 use super::upstream::Upstream;
 use crate::audit::{self, OutboundRecord};
 use crate::http::headers::{
-    REQUEST_ID, RequestIds, check_transfer_encoding, keep_or_assign, keep_or_start_trace,
+    REQUEST_ID, RequestIds, check_transfer_encoding, keep_or_assign, keep_or_derive_trace,
     strip_hop_by_hop,
 };
 use crate::outcome::Outcome;
@@ -56,11 +56,11 @@ pub(super) async fn handle(
     let request_id = keep_or_assign(&ctx.ids, req.headers_mut());
     // Kept for the audit line only; both clones are cheap (the URI shares the request's
     // bytes), where copying the path out was an allocation per request. The trace id joins
-    // both sides' audit lines: kept when the app sent one, else started here. Without an
-    // audit log there is no line to join, and the app's headers pass as sent: no header
-    // added, nothing for either sidecar to encode or decode.
+    // both sides' audit lines: the app's, or else derived from the request id, which the
+    // inbound side derives the same way (no header added here, nothing for either sidecar to
+    // encode or decode). Without an audit log there is no line to join.
     let audited = audit::enabled().then(|| {
-        let trace_id = keep_or_start_trace(&ctx.ids, req.headers_mut());
+        let trace_id = keep_or_derive_trace(req.headers_mut(), &request_id, false);
         (req.method().clone(), req.uri().clone(), trace_id)
     });
     let upstream = &ctx.upstream;

@@ -31,7 +31,7 @@ use super::request::{Ctx, OutboundBody, display_id, forwarded, refused};
 use crate::audit::{self, OutboundRecord, TcpRecord, record_tcp};
 use crate::config::{DEFAULT_WEBSOCKET_IDLE_TIMEOUT, DEFAULT_WEBSOCKET_MAX_DURATION};
 use crate::http::body::RecvBody;
-use crate::http::headers::{REQUEST_ID, keep_or_assign, keep_or_start_trace, strip_for_h2};
+use crate::http::headers::{REQUEST_ID, keep_or_assign, keep_or_derive_trace, strip_for_h2};
 use crate::http::tunnel::{H2Io, SideMetrics, WebSocketMetrics};
 use crate::outcome::Outcome;
 use crate::tcp::pump::pump;
@@ -47,7 +47,7 @@ const ANSWER: [HeaderName; 3] = [
 pub(super) async fn upgrade(ctx: Arc<Ctx>, mut req: Request<Incoming>) -> Response<OutboundBody> {
     let started = Instant::now();
     let request_id = keep_or_assign(&ctx.ids, req.headers_mut());
-    let trace_id = keep_or_start_trace(&ctx.ids, req.headers_mut());
+    let trace_id = keep_or_derive_trace(req.headers_mut(), &request_id, false);
     let on_upgrade = hyper::upgrade::on(&mut req);
     let upstream = Arc::clone(&ctx.upstream);
     let metrics = upstream.metrics();

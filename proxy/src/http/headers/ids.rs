@@ -56,17 +56,74 @@ pub(crate) fn trace_id(headers: &HeaderMap) -> Option<[u8; 16]> {
     (hex < 16 && nonzero).then_some(id)
 }
 
-/// The request's trace id: the app's valid `traceparent` is kept as sent; otherwise one is
-/// started (`00-<trace id>-<parent id>-01`, from `ids`) and set on the request, replacing
-/// an invalid or repeated one.
-pub(crate) fn keep_or_start_trace(ids: &RequestIds, headers: &mut HeaderMap) -> [u8; 16] {
+/// The request's trace id, the same on both sides without a header on the sidecar-to-sidecar
+/// hop: the valid `traceparent` the request carries (passed on as sent), or else one derived
+/// from its `request_id` ([`derived_trace_id`]), which both sidecars hold by the one
+/// `x-request-id` rule ([`keep_or_assign`], applied first). The outbound side (`start: false`)
+/// adds nothing: the inbound side derives the same id from the same request id. The inbound
+/// side (`start: true`) starts the `traceparent` its app gets, replacing an invalid or repeated
+/// one. (Starting it at the outbound cost both sidecars an HPACK Huffman encode and decode of a
+/// never-indexed 55-byte value per request: ~4k of the pair's ~120k instructions.)
+pub(crate) fn keep_or_derive_trace(
+    headers: &mut HeaderMap,
+    request_id: &HeaderValue,
+    start: bool,
+) -> [u8; 16] {
     if let Some(id) = trace_id(headers) {
         return id;
     }
-    let (value, id) = ids.next_traceparent();
-    // Replaces every value of the header (a repeated one included).
-    headers.insert(TRACEPARENT, value);
+    let id = derived_trace_id(request_id);
+    if start {
+        // Replaces every value of the header (a repeated one included).
+        headers.insert(TRACEPARENT, traceparent_for(&id));
+    }
     id
+}
+
+/// The trace id of a request without a valid `traceparent`, from its `x-request-id`: the 16
+/// bytes of a UUID-shaped id (what [`RequestIds::next`] makes: unique, random-looking), else
+/// the first 16 bytes of the id's SHA-256 (an id the app chose). Never all zeros.
+pub(crate) fn derived_trace_id(request_id: &HeaderValue) -> [u8; 16] {
+    let b = request_id.as_bytes();
+    let mut id = [0u8; 16];
+    let uuid = b.len() == 36 && [8, 13, 18, 23].iter().all(|&i| b[i] == b'-') && {
+        let mut seen = 0;
+        let digits = b
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| !matches!(i, 8 | 13 | 18 | 23));
+        for (k, (_, &c)) in digits.enumerate() {
+            let v = hexdigits::value(c);
+            seen |= v;
+            id[k / 2] |= if k % 2 == 0 { v << 4 } else { v };
+        }
+        seen < 16
+    };
+    if !uuid {
+        use sha2::Digest as _;
+        id.copy_from_slice(&sha2::Sha256::digest(b)[..16]);
+    }
+    if id == [0; 16] {
+        id[15] = 1;
+    }
+    id
+}
+
+/// `00-<trace id>-<parent id>-01` for a derived trace id (sampled: the audit line records the
+/// request), its parent id mixed from the trace id (never zero), marked sensitive (unique per
+/// request: never HPACK-indexed, see [`RequestIds::next`]).
+fn traceparent_for(id: &[u8; 16]) -> HeaderValue {
+    let (hi, lo) = id.split_at(8);
+    let word = |h: &[u8]| u64::from_be_bytes(h.try_into().unwrap_or_default());
+    let parent = mix(word(hi) ^ word(lo).rotate_left(17)) | 1;
+    let mut text = *b"00-00000000000000000000000000000000-0000000000000000-01";
+    // Trace id at 3..35, parent id at 36..52.
+    hexdigits::encode_into(&mut text[3..35], id);
+    hexdigits::encode_into(&mut text[36..52], &parent.to_be_bytes());
+    // Invariant: lowercase hex and dashes are valid header bytes.
+    let mut v = HeaderValue::from_bytes(&text).expect("hex is a valid header value");
+    v.set_sensitive(true);
+    v
 }
 
 /// Longest client-sent `x-request-id` that is kept.
@@ -142,34 +199,6 @@ fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-impl RequestIds {
-    /// A fresh `traceparent` (sampled flag set: the audit line records the request) and its
-    /// trace id: the generator's prefix, mixed, then the next counter value, mixed; unique
-    /// like the request ids, without a random draw per request.
-    pub(crate) fn next_traceparent(&self) -> (HeaderValue, [u8; 16]) {
-        let n = self.counter.fetch_add(1, Ordering::Relaxed);
-        let mut raw = [0u8; 24];
-        raw[..8].copy_from_slice(&mix(self.prefix ^ 0x7472_6163_6570_6172).to_be_bytes());
-        raw[8..16].copy_from_slice(&mix(n).to_be_bytes());
-        // The parent (span) id must not be all zeros either.
-        raw[16..].copy_from_slice(&(mix(n ^ self.prefix) | 1).to_be_bytes());
-        if raw[..16] == [0; 16] {
-            raw[15] = 1;
-        }
-        let mut text = *b"00-00000000000000000000000000000000-0000000000000000-01";
-        // Trace id at 3..35, parent id at 36..52.
-        hexdigits::encode_into(&mut text[3..35], &raw[..16]);
-        hexdigits::encode_into(&mut text[36..52], &raw[16..]);
-        let mut id = [0; 16];
-        id.copy_from_slice(&raw[..16]);
-        // Invariant: lowercase hex and dashes are valid header bytes.
-        let mut v = HeaderValue::from_bytes(&text).expect("hex is a valid header value");
-        // Unique per request: never HPACK-indexed (see `next`).
-        v.set_sensitive(true);
-        (v, id)
-    }
-}
-
 /// The one `x-request-id` rule, both sides: the request's first `x-request-id` if it is
 /// acceptable ([`is_acceptable_request_id`]), else a fresh one; either way the request then
 /// carries exactly that one value, marked sensitive (never HPACK-indexed, see
@@ -203,12 +232,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn traceparent_is_kept_when_valid_and_started_otherwise() {
+    fn traceparent_is_kept_when_valid_and_derived_from_the_request_id_otherwise() {
         let ids = RequestIds::new(&crate::tls::provider());
+        let rid = ids.next();
         let sent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
         let mut h = HeaderMap::new();
         h.insert(TRACEPARENT, HeaderValue::from_static(sent));
-        let id = keep_or_start_trace(&ids, &mut h);
+        let id = keep_or_derive_trace(&mut h, &rid, true);
         assert_eq!(hex::encode(id), "0af7651916cd43dd8448eb211c80319c");
         assert_eq!(h[TRACEPARENT], sent);
         // A later version may append fields.
@@ -217,6 +247,7 @@ mod tests {
             HeaderValue::from_static("cc-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-x"),
         );
         assert!(trace_id(&h).is_some());
+        let derived = derived_trace_id(&rid);
         for bad in [
             "00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01",
             "00-00000000000000000000000000000000-b7ad6b7169203331-01",
@@ -229,22 +260,46 @@ mod tests {
             let mut h = HeaderMap::new();
             h.insert(TRACEPARENT, HeaderValue::from_static(bad));
             assert_eq!(trace_id(&h), None, "{bad}");
-            let id = keep_or_start_trace(&ids, &mut h);
+            // The outbound side derives and adds nothing; the inbound side derives the same id
+            // and gives its app a valid header with it.
+            assert_eq!(keep_or_derive_trace(&mut h, &rid, false), derived);
+            assert_eq!(h[TRACEPARENT], bad);
+            assert_eq!(keep_or_derive_trace(&mut h, &rid, true), derived);
             assert_eq!(h.get_all(TRACEPARENT).iter().count(), 1);
-            assert_eq!(
-                trace_id(&h),
-                Some(id),
-                "replaced by a valid one: {:?}",
-                h[TRACEPARENT]
-            );
+            assert_eq!(trace_id(&h), Some(derived), "{:?}", h[TRACEPARENT]);
         }
         let mut h = HeaderMap::new();
         h.append(TRACEPARENT, HeaderValue::from_static(sent));
         h.append(TRACEPARENT, HeaderValue::from_static(sent));
         assert_eq!(trace_id(&h), None, "repeated");
-        let a = keep_or_start_trace(&ids, &mut HeaderMap::new());
-        let b = keep_or_start_trace(&ids, &mut HeaderMap::new());
-        assert_ne!(a, b);
+        let mut none = HeaderMap::new();
+        assert_eq!(keep_or_derive_trace(&mut none, &rid, false), derived);
+        assert!(none.is_empty(), "the outbound side adds no header");
+    }
+
+    #[test]
+    fn derived_trace_ids_are_the_uuid_bytes_or_a_hash_and_differ_per_request() {
+        let ids = RequestIds::new(&crate::tls::provider());
+        let (a, b) = (ids.next(), ids.next());
+        let (ta, tb) = (derived_trace_id(&a), derived_trace_id(&b));
+        assert_ne!(ta, tb);
+        assert_eq!(hex::encode(ta), a.to_str().unwrap().replace('-', ""));
+        // An id the app chose: a hash, the same on both sides, different per id.
+        let app = |s: &'static str| derived_trace_id(&HeaderValue::from_static(s));
+        assert_eq!(app("trace-1"), app("trace-1"));
+        assert_ne!(app("trace-1"), app("trace-2"));
+        assert_ne!(app("trace-1"), [0; 16]);
+        // Upper-case hex is not a UUID of ours: hashed, not parsed.
+        let upper = "0AF76519-16CD-43DD-8448-EB211C80319C";
+        assert_ne!(
+            hex::encode(app(upper)),
+            upper.replace('-', "").to_lowercase()
+        );
+        let mut h = HeaderMap::new();
+        keep_or_derive_trace(&mut h, &a, true);
+        let tp = h[TRACEPARENT].to_str().unwrap().to_owned();
+        assert_eq!(&tp[3..35], hex::encode(ta));
+        assert!(h[TRACEPARENT].is_sensitive());
     }
 
     /// The trace-id rule written plainly, byte by byte: the table-driven parser must agree.
