@@ -212,3 +212,62 @@ async fn an_idle_tunnel_is_closed_after_websocket_idle_timeout() {
     let line = close_line(&inb, "websocket_inbound").await;
     assert_eq!(line["reason"], "idle_timeout", "{line}");
 }
+
+/// A `[[limit]]` with `concurrency = 1` for the caller on the tunnel's route: while one tunnel
+/// is open a second upgrade gets 503 with `retry-after` and never reaches the app (an open
+/// tunnel holds its concurrency budget), the refusal is audited as `overloaded`, and once the
+/// first tunnel closed the next upgrade goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_over_its_concurrency_limit_gets_no_second_tunnel_until_the_first_closes() {
+    let pki = Pki::new("fintech.internal");
+    let app = PyServer::start("ws_echo.py").await.expect("echo server");
+    let policy = format!(
+        "{POLICY}\n[[limit]]\ncaller      = \"report-service\"\nroute       = \"report stream\"\nconcurrency = 1\n"
+    );
+    let inb = Sidecar::inbound(&pki.issue(MONOLITH_ID), app.addr, &policy)
+        .spawn()
+        .await
+        .expect("inbound sidecar");
+    let out = std::sync::Arc::new(outbound(&pki.issue(REPORT_SERVICE_ID), &inb).await);
+    let first = {
+        let out = out.clone();
+        tokio::spawn(async move { ws(&out, "/ws/reports", &["--seconds", "3"]).await })
+    };
+    eventually(
+        "the first tunnel open at the app",
+        Duration::from_secs(15),
+        async || (upgrades_seen(&app).len() == 1).then_some(()),
+    )
+    .await
+    .expect("first upgrade");
+    let second = ws(&out, "/ws/reports", &["--seconds", "0.5"]).await;
+    assert_eq!(second["status"], 503, "{second}");
+    assert_eq!(
+        upgrades_seen(&app).len(),
+        1,
+        "the refused upgrade never reached the app"
+    );
+    let line = eventually(
+        "the refusal's audit line",
+        Duration::from_secs(15),
+        async || {
+            inb.audit()
+                .into_iter()
+                .find(|l| l["reason"] == "overloaded")
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {:?}", inb.audit()));
+    assert_eq!(line["path"], "/ws/reports", "{line}");
+    let first = first.await.expect("first tunnel task");
+    assert_eq!(
+        first["ok"], true,
+        "the open tunnel was not disturbed: {first}"
+    );
+    let third = ws(&out, "/ws/reports", &["--seconds", "0.5"]).await;
+    assert_eq!(
+        third["ok"], true,
+        "the budget came back with the closed tunnel: {third}"
+    );
+    assert_eq!(upgrades_seen(&app).len(), 2);
+}

@@ -119,7 +119,7 @@ impl AsyncWrite for H2Io {
 }
 
 /// `result` values of `gatehouse_websocket_upgrades_total`.
-pub(crate) const RESULTS: [&str; 4] = ["upgraded", "denied", "not_upgraded", "failed"];
+pub(crate) const RESULTS: [&str; 5] = ["upgraded", "denied", "limited", "not_upgraded", "failed"];
 
 /// The `gatehouse_websocket_*` families (registered without the prefix), labels bounded:
 /// `side` is `inbound` or `outbound`, `result` one of [`RESULTS`], `direction`
@@ -153,7 +153,7 @@ impl WebSocketMetrics {
         let upgrades = IntCounterVec::new(
             Opts::new(
                 "websocket_upgrades_total",
-                "WebSocket upgrade requests by side (inbound|outbound) and result (upgraded, denied, not_upgraded, failed)",
+                "WebSocket upgrade requests by side (inbound|outbound) and result (upgraded, denied, limited, not_upgraded, failed)",
             ),
             &["side", "result"],
         )?;

@@ -320,35 +320,9 @@ pub(crate) fn handle(
                 );
                 break 'resp refuse(Refusal::Denied, request_id, req.headers());
             }
-            if let Some(limiter) = inb.limiter.as_deref() {
-                let admission = limiter.admit(&inb.policy, ctx.peer.id(), decision.route());
-                let retry_after = admission.retry_after_secs().unwrap_or(1);
-                let (outcome, refusal, index) = match admission {
-                    Admission::Allow(held) => {
-                        limit = (!held.is_empty()).then(|| Box::new(held));
-                        (None, None, 0)
-                    }
-                    Admission::RateLimited { limit, .. } => (
-                        Some(Outcome::RateLimited),
-                        Some(Refusal::RateLimited { retry_after }),
-                        limit,
-                    ),
-                    Admission::Overloaded { limit, .. } => (
-                        Some(Outcome::Overloaded),
-                        Some(Refusal::Overloaded { retry_after }),
-                        limit,
-                    ),
-                };
-                if let (Some(outcome), Some(refusal)) = (outcome, refusal) {
-                    tracing::debug!(caller = %ctx.peer.id(), limit = index, reason = outcome.reason(), retry_after, "request over a [[limit]]");
-                    ctx.inbound
-                        .metrics
-                        .inbound_limited
-                        .with_label_values(&[&*log.caller, outcome.reason()])
-                        .inc();
-                    log.finish(&path, route, outcome);
-                    break 'resp refuse(refusal, request_id, req.headers());
-                }
+            match log.admit(&decision, &path) {
+                Ok(held) => limit = held,
+                Err(refusal) => break 'resp refuse(refusal, request_id, req.headers()),
             }
             // An HTTP/2 response head is stripped where it is fitted for HTTP/2
             // (`h2::fit_for_h2`, which drops `transfer-encoding` too): one scan, not two.
@@ -451,6 +425,46 @@ pub(super) struct RequestLog<'a> {
 }
 
 impl RequestLog<'_> {
+    /// The caller's `[[limit]]`s for a request the policy allowed (`decision`): `Ok` with the
+    /// concurrency budgets to hold while it is in flight (`None` when it holds none: no limit,
+    /// or a rate alone), or the refusal (429 or 503 with `retry-after`), already counted and
+    /// logged. The request path and the WebSocket upgrade (whose tunnel holds its budget while
+    /// open) both ask here.
+    pub(super) fn admit(
+        &mut self,
+        decision: &gatehouse_policy::Decision<'_>,
+        path: &str,
+    ) -> Result<Option<Box<LimitGuard>>, Refusal<'static>> {
+        let Some(limiter) = self.inb.limiter.as_deref() else {
+            return Ok(None);
+        };
+        let peer = self.ctx.peer.id();
+        let admission = limiter.admit(&self.inb.policy, peer, decision.route());
+        let retry_after = admission.retry_after_secs().unwrap_or(1);
+        let (outcome, refusal, index) = match admission {
+            Admission::Allow(held) => return Ok((!held.is_empty()).then(|| Box::new(held))),
+            Admission::RateLimited { limit, .. } => (
+                Outcome::RateLimited,
+                Refusal::RateLimited { retry_after },
+                limit,
+            ),
+            Admission::Overloaded { limit, .. } => (
+                Outcome::Overloaded,
+                Refusal::Overloaded { retry_after },
+                limit,
+            ),
+        };
+        tracing::debug!(caller = %peer, limit = index, reason = outcome.reason(), retry_after, "request over a [[limit]]");
+        self.ctx
+            .inbound
+            .metrics
+            .inbound_limited
+            .with_label_values(&[&*self.caller, outcome.reason()])
+            .inc();
+        self.finish(path, decision.route_name(), outcome);
+        Err(refusal)
+    }
+
     /// Counts the request and writes its audit line.
     pub(super) fn finish(&mut self, path: &str, route: Option<&str>, outcome: Outcome) {
         let duration = self.started.elapsed();

@@ -118,6 +118,15 @@ pub(super) async fn serve(
         log.finish(&path, route, outcome);
         return send_own(&mut respond, Refusal::Denied.response(&request_id));
     }
+    // The caller's `[[limit]]`s apply as to any request; a concurrency budget is held while
+    // the tunnel is open (a caller cannot open more tunnels than its limit allows).
+    let _limit = match log.admit(&decision, &path) {
+        Ok(held) => held,
+        Err(refusal) => {
+            side.upgrade("limited");
+            return send_own(&mut respond, refusal.response(&request_id));
+        }
+    };
     // The app's upgrade request: the client's headers as for any request (hop-by-hop and
     // identity look-alikes removed, ours added), `GET`, origin-form, `Host`.
     let mut h = std::mem::take(&mut parts.headers);

@@ -96,10 +96,10 @@ pub(super) async fn upgrade(ctx: Arc<Ctx>, mut req: Request<Incoming>) -> Respon
         }
         Ok((resp, _send, serial)) => {
             // Refused (the peer's policy, or the app would not switch): as it came, no upgrade.
-            let result = if resp.status() == StatusCode::FORBIDDEN {
-                "denied"
-            } else {
-                "not_upgraded"
+            let result = match resp.status() {
+                StatusCode::FORBIDDEN => "denied",
+                StatusCode::TOO_MANY_REQUESTS => "limited",
+                _ => "not_upgraded",
             };
             side.upgrade(result);
             let resp = resp.map(|b| UpstreamBody::H2(RecvBody::new(b)));
