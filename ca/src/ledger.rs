@@ -1,7 +1,8 @@
 //! Where the CA's shared records live: the inventory, join tokens, revocations and the CRL
 //! number. By default in the CA directory (`inventory.jsonl`, `tokens.json`, `ca.json`), as
-//! before; with [`Authority::with_store`], in a [`Store`] shared by several `ca serve`
-//! replicas ([`crate::pg::PgStore`], PostgreSQL).
+//! before; with [`crate::Authority::with_store`], in a [`Store`] shared by several `ca serve`
+//! replicas ([`crate::pg::PgStore`], PostgreSQL). How an [`crate::Authority`] reads and writes them,
+//! store or directory alike: `records.rs`.
 //!
 //! The trait is synchronous: every caller already runs off the async threads (`ca serve` does
 //! all CA work in `spawn_blocking`; the CLI is synchronous).
@@ -10,11 +11,8 @@ use std::collections::HashSet;
 use std::fmt;
 use std::sync::Arc;
 
-use time::OffsetDateTime;
-
-use crate::authority::CaState;
-use crate::inventory::{self, Entry, Record};
-use crate::{Authority, CaError, SpiffeId};
+use crate::CaError;
+use crate::inventory::Record;
 
 /// A join token as a store keeps it (the secret itself is never stored).
 #[derive(Debug, Clone)]
@@ -81,78 +79,12 @@ pub trait Store: Send + Sync {
     fn raise_crl_number(&self, floor: u64) -> Result<(), CaError>;
 }
 
-/// "Is this serial recorded?", from [`Authority::serial_checker`].
-pub(crate) type SerialCheck<'a> = Box<dyn Fn(&str) -> Result<bool, CaError> + 'a>;
-
-/// The store an [`Authority`] uses (absent: the CA directory).
+/// The store an [`crate::Authority`] uses (absent: the CA directory).
 #[derive(Clone)]
 pub(crate) struct SharedStore(pub Arc<dyn Store>);
 
 impl fmt::Debug for SharedStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0.describe())
-    }
-}
-
-impl Authority {
-    /// Every certificate with its state at `now`, from the store or `inventory.jsonl`.
-    pub(crate) fn entries(&self, now: OffsetDateTime) -> Result<Vec<Entry>, CaError> {
-        match self.store() {
-            Some(s) => Ok(inventory::entries_from(s.records()?, now)),
-            None => inventory::read_entries(self.dir(), now),
-        }
-    }
-
-    /// Appends an inventory record (the caller holds the directory lock).
-    pub(crate) fn append_record(&self, record: &Record) -> Result<(), CaError> {
-        match self.store() {
-            Some(s) => s.append(record),
-            None => inventory::append(self.dir(), record),
-        }
-    }
-
-    /// A predicate "this serial is already recorded" (a store error stops the search).
-    pub(crate) fn serial_checker(&self) -> Result<SerialCheck<'_>, CaError> {
-        match self.store() {
-            Some(s) => Ok(Box::new(move |serial| s.serial_known(serial))),
-            None => {
-                let known = inventory::known_serials(self.dir())?;
-                Ok(Box::new(move |serial| Ok(known.contains(serial))))
-            }
-        }
-    }
-
-    /// The next CRL number: from the store's sequence (monotonic across replicas) or `ca.json`.
-    /// `state.crl_number` is set to it either way (the caller saves `state`).
-    pub(crate) fn next_crl_number(&self, state: &mut CaState) -> Result<u64, CaError> {
-        state.crl_number = match self.store() {
-            Some(s) => s.next_crl_number()?,
-            None => state.crl_number + 1,
-        };
-        Ok(state.crl_number)
-    }
-
-    /// The SPIFFE ID of a usable token in the store (not spent).
-    pub(crate) fn store_peek_token(
-        &self,
-        store: &dyn Store,
-        sha256: &str,
-        now: i64,
-    ) -> Result<SpiffeId, CaError> {
-        let t = store.find_token(sha256)?.ok_or(CaError::TokenUnknown)?;
-        if t.expires <= now {
-            return Err(CaError::TokenExpired {
-                expired: OffsetDateTime::from_unix_timestamp(t.expires)
-                    .map(inventory::fmt_time)
-                    .unwrap_or_default(),
-            });
-        }
-        if t.uses_left == 0 {
-            return Err(CaError::TokenUsed);
-        }
-        SpiffeId::parse(&t.spiffe_id).map_err(|e| CaError::Corrupt {
-            path: store.describe().into(),
-            detail: e.to_string(),
-        })
     }
 }

@@ -32,6 +32,7 @@ pub mod keystore;
 pub mod ledger;
 pub mod pg;
 pub mod profile;
+mod records;
 pub mod revoke;
 pub mod rotate;
 pub mod serve;

@@ -16,6 +16,7 @@ use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
 use crate::inventory::fmt_time;
+use crate::ledger::Store;
 use crate::{Authority, CaError, SpiffeId, store};
 
 /// File name of the token store inside the CA directory.
@@ -193,5 +194,29 @@ impl Authority {
             detail: e.to_string(),
         })?;
         Ok((id, i))
+    }
+
+    /// The SPIFFE ID of a usable token in the store (not spent).
+    pub(crate) fn store_peek_token(
+        &self,
+        store: &dyn Store,
+        sha256: &str,
+        now: i64,
+    ) -> Result<SpiffeId, CaError> {
+        let t = store.find_token(sha256)?.ok_or(CaError::TokenUnknown)?;
+        if t.expires <= now {
+            return Err(CaError::TokenExpired {
+                expired: OffsetDateTime::from_unix_timestamp(t.expires)
+                    .map(fmt_time)
+                    .unwrap_or_default(),
+            });
+        }
+        if t.uses_left == 0 {
+            return Err(CaError::TokenUsed);
+        }
+        SpiffeId::parse(&t.spiffe_id).map_err(|e| CaError::Corrupt {
+            path: store.describe().into(),
+            detail: e.to_string(),
+        })
     }
 }
