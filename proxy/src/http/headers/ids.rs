@@ -86,16 +86,14 @@ pub(crate) fn keep_or_derive_trace(
 pub(crate) fn derived_trace_id(request_id: &HeaderValue) -> [u8; 16] {
     let b = request_id.as_bytes();
     let mut id = [0u8; 16];
-    let uuid = b.len() == 36 && [8, 13, 18, 23].iter().all(|&i| b[i] == b'-') && {
+    let dashes = b.len() == 36 && b[8] == b'-' && b[13] == b'-' && b[18] == b'-' && b[23] == b'-';
+    let uuid = dashes && {
+        // One OR over every digit's value checks them all (`NOT_HEX` has high bits set).
         let mut seen = 0;
-        let digits = b
-            .iter()
-            .enumerate()
-            .filter(|&(i, _)| !matches!(i, 8 | 13 | 18 | 23));
-        for (k, (_, &c)) in digits.enumerate() {
-            let v = hexdigits::value(c);
-            seen |= v;
-            id[k / 2] |= if k % 2 == 0 { v << 4 } else { v };
+        for (o, at) in id.iter_mut().zip(UUID_AT) {
+            let (hi, lo) = (hexdigits::value(b[at]), hexdigits::value(b[at + 1]));
+            seen |= hi | lo;
+            *o = (hi << 4) | lo;
         }
         seen < 16
     };
@@ -125,6 +123,9 @@ fn traceparent_for(id: &[u8; 16]) -> HeaderValue {
     v.set_sensitive(true);
     v
 }
+
+/// Where each byte's two hex digits are in a UUID's 8-4-4-4-12 text.
+const UUID_AT: [usize; 16] = [0, 2, 4, 6, 9, 11, 14, 16, 19, 21, 24, 26, 28, 30, 32, 34];
 
 /// Longest client-sent `x-request-id` that is kept.
 const MAX_REQUEST_ID_LEN: usize = 128;
@@ -178,10 +179,8 @@ impl RequestIds {
         b[8..].copy_from_slice(&n.to_be_bytes());
         b[6] = (b[6] & 0x0f) | 0x40; // version 4
         b[8] = (b[8] & 0x3f) | 0x80; // RFC 4122 variant
-        // Where each byte's two hex digits go in 8-4-4-4-12.
-        const AT: [usize; 16] = [0, 2, 4, 6, 9, 11, 14, 16, 19, 21, 24, 26, 28, 30, 32, 34];
         let mut text = *b"00000000-0000-0000-0000-000000000000";
-        for (byte, at) in b.into_iter().zip(AT) {
+        for (byte, at) in b.into_iter().zip(UUID_AT) {
             text[at..at + 2].copy_from_slice(&hexdigits::pair(byte));
         }
         // Invariant: lowercase hex and dashes are valid header bytes.
