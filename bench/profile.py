@@ -137,7 +137,7 @@ def syscalls_run(args, work):
     """Syscalls per keep-alive request of each half of every pair (strace -c -f), at --conns."""
     if shutil.which("strace") is None or shutil.which("wrk") is None:
         raise B.BenchError("strace and wrk are needed; help: apt-get install strace wrk")
-    wanted = ["direct", "gatehouse", "gatehouse-h1", "nginx", "haproxy"]
+    wanted = ["direct", "gatehouse", "gatehouse-audit", "gatehouse-h1", "nginx", "haproxy"]
     bins = {"sidecar": Path(args.bin_dir) / "sidecar", "ca": Path(args.bin_dir) / "ca",
             "nginx": shutil.which("nginx"), "haproxy": shutil.which("haproxy"), "wrk": shutil.which("wrk"),
             "topologies": wanted}
