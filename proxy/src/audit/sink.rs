@@ -54,6 +54,9 @@ struct Inner {
     interval: Duration,
     /// The buffer passed `FLUSH_BYTES`: the flusher writes without waiting for the interval.
     urgent: AtomicBool,
+    /// The flusher is counting down an interval (it will write without being woken); false
+    /// while it is parked on an empty buffer, so the next line wakes it.
+    armed: AtomicBool,
     flusher: OnceLock<Thread>,
 }
 
@@ -159,6 +162,7 @@ impl Sink {
             }),
             interval: flush_interval,
             urgent: AtomicBool::new(false),
+            armed: AtomicBool::new(false),
             flusher: OnceLock::new(),
         });
         if !flush_interval.is_zero() {
@@ -270,8 +274,9 @@ impl Sink {
             if !inner.urgent.swap(true, Ordering::AcqRel) {
                 inner.wake();
             }
-        } else if was_empty {
-            // The first line since the last write starts the interval.
+        } else if was_empty && !inner.armed.load(Ordering::SeqCst) {
+            // The first line since the flusher went idle starts the interval. (Under load the
+            // flusher stays armed from one write to the next: one wake per batch, not two.)
             inner.wake();
         }
     }
@@ -422,18 +427,30 @@ impl Clock {
 }
 
 /// The flusher thread: parked while the buffer is empty; woken by the first line, it writes
-/// once the interval has passed since (or at once when the buffer passes `FLUSH_BYTES`).
-/// Exits when the sink is dropped.
+/// once the interval has passed since (or at once when the buffer passes `FLUSH_BYTES`). Lines
+/// that arrived during a write start the next interval at once, without a wake; it disarms
+/// and parks only on an empty buffer (disarm first, then look: a line pushed in between either
+/// is seen here or sees `armed` false and wakes it). Exits when the sink is dropped.
 fn flusher(sink: &Weak<Inner>, interval: Duration) {
     loop {
         thread::park();
-        let deadline = Instant::now() + interval;
+        match sink.upgrade() {
+            Some(inner) => inner.armed.store(true, Ordering::SeqCst),
+            None => return,
+        }
+        let mut deadline = Instant::now() + interval;
         loop {
             let Some(inner) = sink.upgrade() else { return };
             let now = Instant::now();
             if now >= deadline || inner.urgent.swap(false, Ordering::AcqRel) {
                 inner.flush();
-                break;
+                inner.armed.store(false, Ordering::SeqCst);
+                if lock(&inner.buf).cur.is_empty() {
+                    break;
+                }
+                inner.armed.store(true, Ordering::SeqCst);
+                deadline = Instant::now() + interval;
+                continue;
             }
             drop(inner);
             thread::park_timeout(deadline - now);
