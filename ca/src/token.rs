@@ -179,19 +179,8 @@ impl Authority {
             .position(|t| t.sha256 == h)
             .ok_or(CaError::TokenUnknown)?;
         let t = &file.tokens[i];
-        if t.expires <= now {
-            return Err(CaError::TokenExpired {
-                expired: OffsetDateTime::from_unix_timestamp(t.expires)
-                    .map(fmt_time)
-                    .unwrap_or_default(),
-            });
-        }
-        if t.uses_left == 0 {
-            return Err(CaError::TokenUsed);
-        }
-        let id = SpiffeId::parse(&t.spiffe_id).map_err(|e| CaError::Corrupt {
-            path: self.tokens_path(),
-            detail: e.to_string(),
+        let id = usable_id(t.expires, t.uses_left, &t.spiffe_id, now, || {
+            self.tokens_path()
         })?;
         Ok((id, i))
     }
@@ -204,19 +193,33 @@ impl Authority {
         now: i64,
     ) -> Result<SpiffeId, CaError> {
         let t = store.find_token(sha256)?.ok_or(CaError::TokenUnknown)?;
-        if t.expires <= now {
-            return Err(CaError::TokenExpired {
-                expired: OffsetDateTime::from_unix_timestamp(t.expires)
-                    .map(fmt_time)
-                    .unwrap_or_default(),
-            });
-        }
-        if t.uses_left == 0 {
-            return Err(CaError::TokenUsed);
-        }
-        SpiffeId::parse(&t.spiffe_id).map_err(|e| CaError::Corrupt {
-            path: store.describe().into(),
-            detail: e.to_string(),
+        usable_id(t.expires, t.uses_left, &t.spiffe_id, now, || {
+            store.describe().into()
         })
     }
+}
+
+/// The identity of a token that has neither expired nor been spent, file or store alike
+/// (`source` names where it is kept, for a corrupt identity).
+fn usable_id(
+    expires: i64,
+    uses_left: u32,
+    spiffe_id: &str,
+    now: i64,
+    source: impl FnOnce() -> PathBuf,
+) -> Result<SpiffeId, CaError> {
+    if expires <= now {
+        return Err(CaError::TokenExpired {
+            expired: OffsetDateTime::from_unix_timestamp(expires)
+                .map(fmt_time)
+                .unwrap_or_default(),
+        });
+    }
+    if uses_left == 0 {
+        return Err(CaError::TokenUsed);
+    }
+    SpiffeId::parse(spiffe_id).map_err(|e| CaError::Corrupt {
+        path: source(),
+        detail: e.to_string(),
+    })
 }
