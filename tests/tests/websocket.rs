@@ -12,7 +12,10 @@
 //!   a caller the route does not allow both get 403, and the app never sees an upgrade;
 //! - `an_idle_tunnel_is_closed_after_websocket_idle_timeout`: with
 //!   `websocket_idle_timeout = "1s"`, a client that waits 2.5 s between messages loses its
-//!   tunnel, and the close line says `idle_timeout`.
+//!   tunnel, and the close line says `idle_timeout`;
+//! - `a_caller_over_its_concurrency_limit_gets_no_second_tunnel_until_the_first_closes`: an
+//!   open tunnel holds its caller's `[[limit]]` concurrency;
+//! - `an_open_tunnel_drains_when_the_outbound_sidecar_is_stopped`: SIGTERM drains open tunnels.
 
 use std::time::Duration;
 
@@ -270,4 +273,39 @@ async fn a_caller_over_its_concurrency_limit_gets_no_second_tunnel_until_the_fir
         "the budget came back with the closed tunnel: {third}"
     );
     assert_eq!(upgrades_seen(&app).len(), 2);
+}
+
+/// SIGTERM to the outbound sidecar while a tunnel is open: the tunnel is drained like a
+/// request (it keeps echoing until the client ends it) and the sidecar then exits 0. (The
+/// tunnel's task outlives its app connection's task; untracked, it was cut at once.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_tunnel_drains_when_the_outbound_sidecar_is_stopped() {
+    let pki = Pki::new("fintech.internal");
+    let app = PyServer::start("ws_echo.py").await.expect("echo server");
+    let inb = inbound(&pki, &app, "").await;
+    let mut out = outbound(&pki.issue(REPORT_SERVICE_ID), &inb).await;
+    let url_out = format!("ws://{}/ws/reports", out.listener("outbound:monolith"));
+    let tunnel = tokio::spawn(async move {
+        py_call(
+            "ws_echo.py",
+            &["--url", url_out.as_str(), "--seconds", "3"],
+            Duration::from_secs(40),
+        )
+        .await
+    });
+    eventually(
+        "the tunnel open at the app",
+        Duration::from_secs(15),
+        async || (upgrades_seen(&app).len() == 1).then_some(()),
+    )
+    .await
+    .expect("upgrade");
+    out.sigterm();
+    let r = tunnel.await.expect("tunnel task").expect("ws_echo result");
+    assert_eq!(r["ok"], true, "the tunnel was cut at SIGTERM: {r}");
+    let status = out
+        .wait_exit(Duration::from_secs(15))
+        .await
+        .expect("the outbound exits after the drain");
+    assert!(status.success(), "{status}");
 }

@@ -50,6 +50,7 @@ impl OutboundListener {
             upstream: self.upstream,
             server_id: self.server_id,
             ids: self.ids,
+            tracker: shutdown.tracker().clone(),
         });
         let limit = Arc::new(Semaphore::new(DEFAULT_MAX_CONNECTIONS));
         while let Some((tcp, peer, permit)) = self.listener.accept_within(&limit, &shutdown).await {

@@ -36,6 +36,9 @@ pub(super) struct Ctx {
     pub(super) upstream: Arc<Upstream>,
     pub(super) server_id: String,
     pub(super) ids: RequestIds,
+    /// Graceful shutdown's tasks: a WebSocket tunnel outlives its app connection's task, so
+    /// it is tracked itself and drains like a request.
+    pub(super) tracker: tokio_util::task::TaskTracker,
 }
 
 pub(super) async fn handle(

@@ -87,7 +87,10 @@ pub(super) async fn upgrade(ctx: Arc<Ctx>, mut req: Request<Incoming>) -> Respon
                 serial: Arc::clone(&serial),
                 request_id: display_id(&request_id).to_owned(),
             };
-            tokio::spawn(tunnel.run(on_upgrade, H2Io::new(send, recv)));
+            // Tracked: after the upgrade the app connection's task has ended, and graceful
+            // shutdown drains the tunnel instead of cutting it.
+            ctx.tracker
+                .spawn(tunnel.run(on_upgrade, H2Io::new(send, recv)));
             (
                 out,
                 Outcome::Forwarded(StatusCode::SWITCHING_PROTOCOLS),
