@@ -57,6 +57,9 @@ async def call(args):
     try:
         async with connect(args.url, additional_headers=headers, open_timeout=10) as ws:
             result["status"] = 101
+            # The session's clock starts with the open tunnel (the sidecars time the tunnel from
+            # their 101, which precedes this), not before the handshake.
+            started = time.monotonic()
             i = 0
             while time.monotonic() - started < args.seconds:
                 message = f"message-{i}" if i % 2 == 0 else f"message-{i}".encode()
