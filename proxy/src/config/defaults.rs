@@ -95,7 +95,7 @@ pub(crate) const DEFAULT_RELOAD_DEBOUNCE: Duration = Duration::from_millis(75);
 pub(crate) const DEFAULT_CRL_GRACE: Duration = Duration::from_secs(3600);
 
 /// Default `[audit] flush_interval`: the longest an audit line waits in memory before it is
-/// written (under load the buffer fills to 32 KiB and is written sooner).
+/// written (under load the buffer fills to 128 KiB and is written sooner).
 pub(crate) const DEFAULT_AUDIT_FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 /// Longest `[audit] flush_interval` accepted: lines still buffered when the process is killed
 /// (not a graceful shutdown) are lost.

@@ -451,7 +451,7 @@ impl AuditConfig {
             format!("{to}, every line written at once (flush_interval = 0)")
         } else {
             format!(
-                "{to}, buffered: written every {} or 32 KiB, and on shutdown",
+                "{to}, buffered: written every {} or 128 KiB, and on shutdown",
                 humantime::format_duration(self.flush_interval)
             )
         }

@@ -323,7 +323,7 @@ fn audit_summary_says_where_how_and_when_off() {
     let mut a = AuditConfig::default();
     assert_eq!(
         a.summary(),
-        "stdout, buffered: written every 100ms or 32 KiB, and on shutdown"
+        "stdout, buffered: written every 100ms or 128 KiB, and on shutdown"
     );
     a.path = Some(PathBuf::from("/var/log/gh/audit.jsonl"));
     a.flush_interval = Duration::ZERO;
