@@ -67,6 +67,32 @@ async fn ws(out: &Sidecar, path: &str, extra: &[&str]) -> serde_json::Value {
         .unwrap_or_else(|e| panic!("{e}\n{}", out.stderr_text()))
 }
 
+/// Starts a `ws_echo.py` session through `out` in the background (the sidecar stays free to be
+/// signalled or called again meanwhile).
+fn spawn_ws(
+    out: &Sidecar,
+    path: &str,
+    extra: &'static [&'static str],
+) -> tokio::task::JoinHandle<anyhow::Result<serde_json::Value>> {
+    let url = format!("ws://{}{path}", out.listener("outbound:monolith"));
+    tokio::spawn(async move {
+        let mut args = vec!["--url", url.as_str()];
+        args.extend_from_slice(extra);
+        py_call("ws_echo.py", &args, Duration::from_secs(40)).await
+    })
+}
+
+/// Waits until the app has seen `n` upgrade requests.
+async fn wait_upgrades(app: &PyServer, n: usize) {
+    eventually(
+        "the upgrades at the app",
+        Duration::from_secs(15),
+        async || (upgrades_seen(app).len() == n).then_some(()),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}: {:?}", upgrades_seen(app)));
+}
+
 fn upgrades_seen(app: &PyServer) -> Vec<serde_json::Value> {
     app.seen()
         .into_iter()
@@ -231,18 +257,9 @@ async fn a_caller_over_its_concurrency_limit_gets_no_second_tunnel_until_the_fir
         .spawn()
         .await
         .expect("inbound sidecar");
-    let out = std::sync::Arc::new(outbound(&pki.issue(REPORT_SERVICE_ID), &inb).await);
-    let first = {
-        let out = out.clone();
-        tokio::spawn(async move { ws(&out, "/ws/reports", &["--seconds", "3"]).await })
-    };
-    eventually(
-        "the first tunnel open at the app",
-        Duration::from_secs(15),
-        async || (upgrades_seen(&app).len() == 1).then_some(()),
-    )
-    .await
-    .expect("first upgrade");
+    let out = outbound(&pki.issue(REPORT_SERVICE_ID), &inb).await;
+    let first = spawn_ws(&out, "/ws/reports", &["--seconds", "3"]);
+    wait_upgrades(&app, 1).await;
     let second = ws(&out, "/ws/reports", &["--seconds", "0.5"]).await;
     assert_eq!(second["status"], 503, "{second}");
     assert_eq!(
@@ -262,7 +279,10 @@ async fn a_caller_over_its_concurrency_limit_gets_no_second_tunnel_until_the_fir
     .await
     .unwrap_or_else(|e| panic!("{e}: {:?}", inb.audit()));
     assert_eq!(line["path"], "/ws/reports", "{line}");
-    let first = first.await.expect("first tunnel task");
+    let first = first
+        .await
+        .expect("first tunnel task")
+        .expect("ws_echo result");
     assert_eq!(
         first["ok"], true,
         "the open tunnel was not disturbed: {first}"
@@ -284,22 +304,8 @@ async fn an_open_tunnel_drains_when_the_outbound_sidecar_is_stopped() {
     let app = PyServer::start("ws_echo.py").await.expect("echo server");
     let inb = inbound(&pki, &app, "").await;
     let mut out = outbound(&pki.issue(REPORT_SERVICE_ID), &inb).await;
-    let url_out = format!("ws://{}/ws/reports", out.listener("outbound:monolith"));
-    let tunnel = tokio::spawn(async move {
-        py_call(
-            "ws_echo.py",
-            &["--url", url_out.as_str(), "--seconds", "3"],
-            Duration::from_secs(40),
-        )
-        .await
-    });
-    eventually(
-        "the tunnel open at the app",
-        Duration::from_secs(15),
-        async || (upgrades_seen(&app).len() == 1).then_some(()),
-    )
-    .await
-    .expect("upgrade");
+    let tunnel = spawn_ws(&out, "/ws/reports", &["--seconds", "3"]);
+    wait_upgrades(&app, 1).await;
     out.sigterm();
     let r = tunnel.await.expect("tunnel task").expect("ws_echo result");
     assert_eq!(r["ok"], true, "the tunnel was cut at SIGTERM: {r}");
