@@ -1,7 +1,7 @@
 //! Issue 23: the fleet demo as a test. Runs the real `fleet-demo` binary (dnsmasq, `ca serve`,
-//! the gateway, 2 report-service and 2 → 4 monolith replicas, each behind its own enrolled
-//! sidecar) through the whole peak with short windows and short SVIDs, and asserts exit 0 and
-//! every step's ✔ line.
+//! the gateway, 2 report-service and 2 → 8 monolith replicas (the largest fleet the platform
+//! runs), each behind its own enrolled sidecar) through the whole peak with short windows and
+//! short SVIDs, and asserts exit 0 and every step's ✔ line.
 //!
 //! Needs `target/debug/{fleet-demo,ca,sidecar,monolith,report-service,api-gateway}` (run
 //! `cargo build --workspace --bins` first) and Debian's `dnsmasq`.
@@ -30,7 +30,7 @@ const STEPS: [&str; 11] = [
 fn fleet_demo_holds_every_step_with_no_failed_request() {
     let t = Instant::now();
     let out = Command::new(binary("fleet-demo"))
-        .args(["--peak", "4", "--window-secs", "2", "--svid-ttl-secs", "12"])
+        .args(["--peak", "8", "--window-secs", "2", "--svid-ttl-secs", "12"])
         .output()
         .expect("run fleet-demo");
     let text = String::from_utf8_lossy(&out.stdout);

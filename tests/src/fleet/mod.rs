@@ -71,11 +71,28 @@ fn ip(a: u8, b: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(127, 0, a, b))
 }
 
-/// A loopback port free right now (for a listener whose address must be known before it binds).
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+/// A port free on `ip` right now, for a listener whose address must be known before it binds.
+/// `ip` is a replica's own loopback address: no other process binds ephemeral ports there, so
+/// the port is still free when the replica binds it (on `127.0.0.1` it could be taken in between).
+fn free_port(ip: IpAddr) -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind((ip, 0))?.local_addr()?.port())
+}
+
+/// The gateway's loopback address.
+fn gateway_ip() -> IpAddr {
+    ip(3, 1)
+}
+
+/// Where the app of the replica at `127.0.a.k` listens when its port must be known before it
+/// binds: `127.0.(a+10).k`, an address of its own, so no sidecar port can be chosen twice.
+fn app_ip(replica: IpAddr) -> IpAddr {
+    match replica {
+        IpAddr::V4(v) => {
+            let [_, _, a, k] = v.octets();
+            ip(a + 10, k)
+        }
+        IpAddr::V6(_) => replica,
+    }
 }
 
 /// One task of a service: its app process and its enrolled sidecar.
@@ -122,7 +139,24 @@ pub struct Fleet {
     pub gone: Vec<(String, Vec<serde_json::Value>)>,
     /// Requests of the gateway for the data export that a stopped monolith app saw.
     pub leaked: usize,
+    /// Replicas SIGKILLed, and when: audit lines they still buffered were lost.
+    pub crashes: Vec<(String, Instant)>,
 }
+
+/// How a replica is stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// SIGKILL to its sidecar and app: a crash. Its sidecar loses the audit lines of its last
+    /// [`AUDIT_FLUSH`] at most.
+    Crash,
+    /// SIGTERM to its sidecar (it drains and writes every audit line), then its app stops: how
+    /// ECS and Kubernetes stop a task on scale-in.
+    Retire,
+}
+
+/// The sidecars' `[audit] flush_interval` (they run with the default): the longest an audit
+/// line waits in memory, so what a crash can lose.
+pub const AUDIT_FLUSH: Duration = Duration::from_millis(100);
 
 /// How many requests of the gateway for the data export the monolith app of `r` received
 /// (from its debug endpoint); an unreadable endpoint counts as one, so it cannot hide a leak.
@@ -268,7 +302,11 @@ impl Fleet {
         let ca = serve_ca(&dir, "127.0.0.1:0", opts.svid_ttl).await?;
         let ca_addr = ca.listener("");
         let dns = tokio::task::block_in_place(|| Dnsmasq::start(&[], 1));
-        let (rport, gw_in, gw_app) = (free_port()?, free_port()?, free_port()?);
+        let (rport, gw_in, gw_app) = (
+            free_port(ip(2, 1))?,
+            free_port(gateway_ip())?,
+            free_port(app_ip(gateway_ip()))?,
+        );
         // The first monolith replica picks the port every other one shares.
         let first = Self::monolith(&dir, ca_addr, 1, 0).await?;
         let monolith_port = first.sidecar.inbound_addr().port();
@@ -301,6 +339,7 @@ impl Fleet {
             gateway,
             monolith_port,
             gone: Vec::new(),
+            crashes: Vec::new(),
             leaked: 0,
         };
         Ok(fleet)
@@ -356,10 +395,11 @@ impl Fleet {
         let name = format!("report-service-{k}");
         let token = token(dir, "report-service", &name).await?;
         let addr = ip(2, u8::try_from(k)?);
-        let app_addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let app_addr = SocketAddr::new(app_ip(addr), free_port(app_ip(addr))?);
         let webhook = format!(
             "[[outbound]]\nname = \"api-gateway\"\nlisten = \"127.0.0.1:0\"\n\
-             connect = \"127.0.0.1:{gateway_port}\"\nserver_id = \"spiffe://{TD}/api-gateway\"\n"
+             connect = \"{}\"\nserver_id = \"spiffe://{TD}/api-gateway\"\n",
+            SocketAddr::new(gateway_ip(), gateway_port)
         );
         let sidecar = Sidecar::online(&identity(dir, ca, "report-service", &token))
             .app(app_addr)
@@ -410,9 +450,9 @@ impl Fleet {
     ) -> anyhow::Result<Replica> {
         let token = token(dir, "api-gateway", "api-gateway").await?;
         let sidecar = Sidecar::online(&identity(dir, ca, "api-gateway", &token))
-            .app(SocketAddr::from(([127, 0, 0, 1], app_port)))
+            .app(SocketAddr::new(app_ip(gateway_ip()), app_port))
             .policy(GATEWAY_POLICY)
-            .inbound_listen(SocketAddr::from(([127, 0, 0, 1], inbound_port)))
+            .inbound_listen(SocketAddr::new(gateway_ip(), inbound_port))
             .section(&balanced(
                 "report-service",
                 REPORTS_NAME,
@@ -434,7 +474,7 @@ impl Fleet {
             "--frontend-listen",
             "127.0.0.1:0",
             "--webhook-listen",
-            &format!("127.0.0.1:{app_port}"),
+            &SocketAddr::new(app_ip(gateway_ip()), app_port).to_string(),
             "--report-service",
             &format!("http://{}", sidecar.listener("outbound:report-service")),
             "--monolith",
@@ -445,7 +485,7 @@ impl Fleet {
         let app = Process::start("api-gateway", &strings(&args), dir, 3).await?;
         Ok(Replica {
             name: "api-gateway".into(),
-            ip: ip(0, 1),
+            ip: gateway_ip(),
             sidecar,
             app,
         })
@@ -490,15 +530,27 @@ impl Fleet {
         Ok(new)
     }
 
-    /// Kills replica `k` of the monolith (SIGKILL to its sidecar and app), keeping its audit
-    /// lines and counting the gateway's requests its app saw (there must be none).
-    pub async fn stop_monolith(&mut self, k: usize) {
-        if let Some(r) = self.monoliths.remove(&k) {
-            let client = HttpClient::new(Duration::from_secs(10));
-            self.leaked += gateway_exports_seen(&client, &r).await;
-            let _ = std::fs::write(self.log_path(&r.name), r.sidecar.stderr_text());
-            self.gone.push((r.name.clone(), r.audit()));
+    /// Stops replica `k` of the monolith as `how` says, keeping every audit line its sidecar
+    /// wrote and counting the gateway's requests its app saw (there must be none).
+    ///
+    /// # Errors
+    /// When the sidecar's output does not close within 20 s after it was stopped.
+    pub async fn stop_monolith(&mut self, k: usize, how: Stop) -> anyhow::Result<()> {
+        let Some(mut r) = self.monoliths.remove(&k) else {
+            return Ok(());
+        };
+        if how == Stop::Crash {
+            self.crashes.push((r.name.clone(), Instant::now()));
         }
+        let stopped = r
+            .sidecar
+            .stop(how == Stop::Retire, Duration::from_secs(20))
+            .await;
+        let client = HttpClient::new(Duration::from_secs(10));
+        self.leaked += gateway_exports_seen(&client, &r).await;
+        let _ = std::fs::write(self.log_path(&r.name), r.sidecar.stderr_text());
+        self.gone.push((r.name.clone(), r.audit()));
+        stopped.with_context(|| format!("stop {}", r.name))
     }
 
     fn log_path(&self, name: &str) -> PathBuf {
@@ -566,7 +618,7 @@ pub struct Sample {
 /// twice a second the call the policy denies to the gateway.
 pub struct Load {
     samples: Arc<Mutex<Vec<Sample>>>,
-    denied: Arc<Mutex<Vec<Option<u16>>>>,
+    denied: Arc<Mutex<Vec<Sample>>>,
     stop: Arc<AtomicBool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -633,7 +685,7 @@ impl Load {
                 tokio::time::sleep(Duration::from_millis(500)).await;
                 n -= 1;
                 let s = send(&client, Method::GET, &url, n).await;
-                denied2.lock().expect("denied").push(s.status);
+                denied2.lock().expect("denied").push(s);
             }
         }));
         Load {
@@ -649,8 +701,8 @@ impl Load {
         self.samples.lock().expect("samples").clone()
     }
 
-    /// Statuses of the denied probe so far (`None`: transport error).
-    pub fn denied(&self) -> Vec<Option<u16>> {
+    /// The denied probes so far.
+    pub fn denied(&self) -> Vec<Sample> {
         self.denied.lock().expect("denied").clone()
     }
 
@@ -810,12 +862,11 @@ impl Fleet {
         st.report_ms = (quantile(&mut ms, 0.5), quantile(&mut ms, 0.99));
         let denied = load.denied();
         let denied = &denied[from.denied.min(denied.len())..];
-        st.denied = (
-            denied.len(),
-            denied.iter().filter(|s| **s != Some(403)).count(),
-        );
-        for d in denied.iter().filter(|s| **s != Some(403)).take(3) {
-            st.failures.push(format!("denied probe answered {d:?}"));
+        let others = || denied.iter().filter(|s| s.status != Some(403));
+        st.denied = (denied.len(), others().count());
+        for d in others().take(3) {
+            st.failures
+                .push(format!("denied probe answered {:?}", d.status));
         }
         for s in samples.iter().filter(|s| !ok(s)).take(3) {
             st.failures.push(format!(

@@ -8,6 +8,7 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -206,11 +207,12 @@ impl SidecarBuilder {
             .context("spawn sidecar")?;
         let stdout = Arc::new(Mutex::new(Vec::new()));
         let stderr = Arc::new(Mutex::new(Vec::new()));
-        pump(child.stdout.take().expect("piped"), stdout.clone());
+        let stdout_closed = pump(child.stdout.take().expect("piped"), stdout.clone());
         pump(child.stderr.take().expect("piped"), stderr.clone());
         let mut sidecar = Sidecar {
             child,
             stdout,
+            stdout_closed,
             stderr,
             listeners: HashMap::new(),
             work: self.work,
@@ -232,19 +234,29 @@ impl SidecarBuilder {
     }
 }
 
-fn pump(src: impl std::io::Read + Send + 'static, into: Arc<Mutex<Vec<String>>>) {
+/// Copies the lines of `src` into `into` on a thread; the flag turns true at end of file.
+fn pump(
+    src: impl std::io::Read + Send + 'static,
+    into: Arc<Mutex<Vec<String>>>,
+) -> Arc<AtomicBool> {
+    let closed = Arc::new(AtomicBool::new(false));
+    let done = closed.clone();
     std::thread::spawn(move || {
         for line in BufReader::new(src).lines() {
             let Ok(line) = line else { break };
             into.lock().expect("lines").push(line);
         }
+        done.store(true, Ordering::Release);
     });
+    closed
 }
 
 /// A running `sidecar` process; killed on drop.
 pub struct Sidecar {
     child: Child,
     stdout: Arc<Mutex<Vec<String>>>,
+    /// The stdout pump read end of file: every line the process wrote is in `stdout`.
+    stdout_closed: Arc<AtomicBool>,
     stderr: Arc<Mutex<Vec<String>>>,
     listeners: HashMap<String, SocketAddr>,
     work: TempDir,
@@ -459,6 +471,31 @@ impl Sidecar {
         let child = &mut self.child;
         eventually("the sidecar to exit", timeout, async || {
             child.try_wait().ok().flatten()
+        })
+        .await
+    }
+
+    /// Stops the process; then [`Sidecar::audit`] holds every line it wrote. With `graceful`, SIGTERM and
+    /// up to `timeout` for its drain (which writes the lines it still buffers), then SIGKILL;
+    /// without, SIGKILL at once (a crash: lines still in its buffer are lost, as
+    /// `[audit] flush_interval` documents).
+    ///
+    /// # Errors
+    /// When its stdout is not closed within `timeout` after it exited.
+    pub async fn stop(&mut self, graceful: bool, timeout: Duration) -> anyhow::Result<()> {
+        if graceful && self.child.try_wait()?.is_none() {
+            self.sigterm();
+            if self.wait_exit(timeout).await.is_err() {
+                let _ = self.child.kill();
+            }
+        } else {
+            let _ = self.child.kill();
+        }
+        let child = &mut self.child;
+        let closed = &self.stdout_closed;
+        eventually("the sidecar's stdout to close", timeout, async || {
+            let exited = child.try_wait().ok().flatten().is_some();
+            (exited && closed.load(Ordering::Acquire)).then_some(())
         })
         .await
     }
