@@ -1,6 +1,6 @@
 //! One connection from the app (mini-redis's `Handler`): a `Conn` serves it with hyper,
-//! HTTP/1.1 or h2c with prior knowledge, each request through `handle`, under the same
-//! header-read timeout default as the inbound side
+//! HTTP/1.1 or h2c with prior knowledge, each request through `handle` (an upgrade through
+//! `websocket::upgrade`), under the same header-read timeout default as the inbound side
 //! ([`crate::config::DEFAULT_HEADER_READ_TIMEOUT`]), and drains it gracefully on shutdown
 //! (HTTP/1.1 closes after the in-flight request, HTTP/2 sends GOAWAY).
 
@@ -13,6 +13,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tracing::debug;
 
 use super::request::{Ctx, handle};
+use super::websocket;
 use crate::config::DEFAULT_HEADER_READ_TIMEOUT;
 use crate::signal::Shutdown;
 
@@ -47,8 +48,17 @@ impl Conn {
             .http1()
             .timer(TokioTimer::new())
             .header_read_timeout(DEFAULT_HEADER_READ_TIMEOUT);
-        let service = hyper::service::service_fn(move |req| handle(Arc::clone(&ctx), req));
-        // With upgrades: a WebSocket upgrade is tunnelled (issue 17, `super::websocket`).
+        // A WebSocket upgrade is tunnelled (issue 17), every other request handled: the
+        // dispatch the inbound side makes for an extended CONNECT.
+        let service = hyper::service::service_fn(move |req| {
+            let ctx = Arc::clone(&ctx);
+            async move {
+                if websocket::is_upgrade(&req) {
+                    return Ok(Box::pin(websocket::upgrade(ctx, req)).await);
+                }
+                handle(ctx, req).await
+            }
+        });
         let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), service);
         tokio::pin!(conn);
         let result = tokio::select! {

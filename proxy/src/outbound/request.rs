@@ -41,20 +41,11 @@ pub(super) struct Ctx {
     pub(super) tracker: tokio_util::task::TaskTracker,
 }
 
+/// Serves one request (not an upgrade: `super::conn` sends those to `super::websocket`).
 pub(super) async fn handle(
     ctx: Arc<Ctx>,
     mut req: Request<Incoming>,
 ) -> Result<Response<OutboundBody>, Infallible> {
-    // A WebSocket upgrade (issue 17): hyper offers the upgrade only to an HTTP/1.1 request
-    // with `Connection: upgrade`, so an ordinary request pays one empty-extensions check.
-    if req
-        .extensions()
-        .get::<hyper::upgrade::OnUpgrade>()
-        .is_some()
-        && crate::http::tunnel::wants_websocket(req.headers())
-    {
-        return Ok(Box::pin(super::websocket::upgrade(ctx, req)).await);
-    }
     let started = Instant::now();
     let request_id = keep_or_assign(&ctx.ids, req.headers_mut());
     // Kept for the audit line only; both clones are cheap (the URI shares the request's

@@ -43,6 +43,16 @@ const ANSWER: [HeaderName; 3] = [
     HeaderName::from_static("sec-websocket-extensions"),
 ];
 
+/// Whether `req` asks for a WebSocket upgrade, served by [`upgrade`]. hyper offers the upgrade
+/// only to an HTTP/1.1 request with `Connection: upgrade`, so an ordinary request pays one
+/// empty-extensions check.
+pub(super) fn is_upgrade(req: &Request<Incoming>) -> bool {
+    req.extensions()
+        .get::<hyper::upgrade::OnUpgrade>()
+        .is_some()
+        && crate::http::tunnel::wants_websocket(req.headers())
+}
+
 /// Serves one upgrade request; see the module docs.
 pub(super) async fn upgrade(ctx: Arc<Ctx>, mut req: Request<Incoming>) -> Response<OutboundBody> {
     let started = Instant::now();

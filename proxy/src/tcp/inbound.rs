@@ -22,7 +22,7 @@ use crate::signal::Shutdown;
 use crate::tls::verify::{PeerIdentity, failure_reason};
 
 /// The shared parts of a `[[tcp_inbound]]` listener.
-type Listener = super::listen::Listener<TcpInboundConfig>;
+type Listener = super::listener::Listener<TcpInboundConfig>;
 
 pub(super) async fn serve_one(l: &Listener, tcp: TcpStream, shutdown: &Shutdown) {
     let started = Instant::now();

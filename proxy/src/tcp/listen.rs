@@ -1,7 +1,7 @@
 //! The TCP listeners at run time: bound at startup ([`Tcp::bind`]), then one accept loop per
 //! listener ([`Tcp::spawn`]), at most `max_connections` open, each connection served by
 //! [`super::inbound::serve_one`] or [`super::outbound::serve_one`] with the listener's shared
-//! parts ([`Listener`]).
+//! parts ([`super::listener::Listener`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,8 +9,9 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tracing::warn;
 
-use super::config::{self, TcpConfig};
-use super::metrics::{ListenerMetrics, TcpMetrics};
+use super::config::TcpConfig;
+use super::listener::{Listener, ListenerConfig};
+use super::metrics::TcpMetrics;
 use super::{inbound, outbound};
 use crate::error::LoadError;
 use crate::signal::Shutdown;
@@ -88,50 +89,6 @@ impl Tcp {
                 |l, tcp, stop| async move { outbound::serve_one(&l, tcp, &stop).await },
             ));
         }
-    }
-}
-
-/// What every connection of one `[[tcp_inbound]]` or `[[tcp_outbound]]` listener shares: its
-/// configuration `C`, its index in the configuration, the sidecar's state and its metrics.
-pub(super) struct Listener<C> {
-    pub(super) index: usize,
-    pub(super) cfg: C,
-    pub(super) state: Arc<State>,
-    pub(super) metrics: ListenerMetrics,
-}
-
-impl<C: ListenerConfig> Listener<C> {
-    fn new(index: usize, cfg: C, state: &Arc<State>, metrics: &TcpMetrics) -> Arc<Self> {
-        Arc::new(Self {
-            index,
-            metrics: metrics.listener(cfg.name()),
-            cfg,
-            state: state.clone(),
-        })
-    }
-}
-
-/// A TCP listener's configuration as the accept loop needs it.
-pub(super) trait ListenerConfig: Send + Sync + 'static {
-    fn name(&self) -> &str;
-    fn max_connections(&self) -> usize;
-}
-
-impl ListenerConfig for config::TcpInboundConfig {
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn max_connections(&self) -> usize {
-        self.max_connections
-    }
-}
-
-impl ListenerConfig for config::TcpOutboundConfig {
-    fn name(&self) -> &str {
-        &self.name
-    }
-    fn max_connections(&self) -> usize {
-        self.max_connections
     }
 }
 

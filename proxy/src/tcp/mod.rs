@@ -9,6 +9,7 @@
 //! - `[[tcp_outbound]]` ([`outbound`]): plain TCP from the app on loopback, mTLS to the peer
 //!   sidecar with our certificate and the peer's `server_id` pinned (no ALPN is offered).
 //! - [`listen`]: binding the listeners and their accept loops;
+//! - `listener`: what every connection of one listener shares (configuration, state, metrics);
 //! - [`pump`]: both directions with half-close (EOF on one side shuts down the write side of
 //!   the other), byte counters, the idle timeout, and the reasons a connection ends.
 //!
@@ -28,6 +29,7 @@
 pub(crate) mod config;
 pub(crate) mod inbound;
 pub(crate) mod listen;
+mod listener;
 pub(crate) mod metrics;
 pub(crate) mod outbound;
 pub(crate) mod pump;

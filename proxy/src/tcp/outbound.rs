@@ -18,7 +18,7 @@ use crate::audit::{TcpRecord, record_tcp};
 use crate::signal::Shutdown;
 
 /// The shared parts of a `[[tcp_outbound]]` listener.
-type Listener = super::listen::Listener<TcpOutboundConfig>;
+type Listener = super::listener::Listener<TcpOutboundConfig>;
 
 pub(super) async fn serve_one(l: &Listener, app: TcpStream, shutdown: &Shutdown) {
     let started = Instant::now();
