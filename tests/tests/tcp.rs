@@ -294,17 +294,11 @@ async fn revoking_report_service_closes_its_open_psql_session_within_2s() {
         closed_after < Duration::from_secs(2),
         "the revoked session lived {closed_after:?}"
     );
-    let cut = eventually(
-        "the audit line of the cut",
-        Duration::from_secs(5),
-        async || {
-            db.audit()
-                .into_iter()
-                .find(|l| l["reason"] == "peer_not_trusted")
-        },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e}: {:?}", db.audit()));
+    let cut = db
+        .wait_audit_line("the audit line of the cut", |l| {
+            l["reason"] == "peer_not_trusted"
+        })
+        .await;
     assert_eq!(cut["peer"], REPORT_ID);
     assert!(cut["bytes_server_to_client"].as_u64() > Some(0));
 
@@ -396,17 +390,11 @@ async fn half_close_passes_through_both_sidecars_and_idle_connections_are_closed
         "closed too early: {after:?}"
     );
     eprintln!("idle connection closed after {after:?} (idle_timeout 1s)");
-    let line = eventually(
-        "the idle_timeout audit line",
-        Duration::from_secs(5),
-        async || {
-            db.audit()
-                .into_iter()
-                .find(|l| l["reason"] == "idle_timeout")
-        },
-    )
-    .await
-    .expect("audit");
+    let line = db
+        .wait_audit_line("the idle_timeout audit line", |l| {
+            l["reason"] == "idle_timeout"
+        })
+        .await;
     assert_eq!(line["bytes_client_to_server"], 1);
     let first = db
         .audit()

@@ -102,13 +102,8 @@ fn upgrades_seen(app: &PyServer) -> Vec<serde_json::Value> {
 
 /// Waits for `sc`'s close line of a tunnel (`direction`).
 async fn close_line(sc: &Sidecar, direction: &str) -> serde_json::Value {
-    eventually(
-        "the tunnel's close line",
-        Duration::from_secs(15),
-        async || sc.audit().into_iter().find(|l| l["direction"] == direction),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e}: {:?}\n{}", sc.audit(), sc.stderr_text()))
+    sc.wait_audit_line("the tunnel's close line", |l| l["direction"] == direction)
+        .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -267,17 +262,9 @@ async fn a_caller_over_its_concurrency_limit_gets_no_second_tunnel_until_the_fir
         1,
         "the refused upgrade never reached the app"
     );
-    let line = eventually(
-        "the refusal's audit line",
-        Duration::from_secs(15),
-        async || {
-            inb.audit()
-                .into_iter()
-                .find(|l| l["reason"] == "overloaded")
-        },
-    )
-    .await
-    .unwrap_or_else(|e| panic!("{e}: {:?}", inb.audit()));
+    let line = inb
+        .wait_audit_line("the refusal's audit line", |l| l["reason"] == "overloaded")
+        .await;
     assert_eq!(line["path"], "/ws/reports", "{line}");
     let first = first
         .await

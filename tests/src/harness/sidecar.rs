@@ -411,6 +411,22 @@ impl Sidecar {
         .await
     }
 
+    /// Waits up to 15 s for an audit line that satisfies `pred`, and returns the first.
+    ///
+    /// # Panics
+    /// When none comes, with `what`, the lines so far and the sidecar's stderr.
+    pub async fn wait_audit_line(
+        &self,
+        what: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        eventually(what, Duration::from_secs(15), async || {
+            self.audit().into_iter().find(|l| pred(l))
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}: {:?}\n{}", self.audit(), self.stderr_text()))
+    }
+
     /// Stderr so far.
     pub fn stderr_text(&self) -> String {
         self.stderr.lock().expect("lines").join("\n")
