@@ -67,7 +67,7 @@ pub struct Options {
     pub work_dir: PathBuf,
 }
 
-fn ip(a: u8, b: u8) -> IpAddr {
+const fn ip(a: u8, b: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(127, 0, a, b))
 }
 
@@ -79,20 +79,16 @@ fn free_port(ip: IpAddr) -> anyhow::Result<u16> {
 }
 
 /// The gateway's loopback address.
-fn gateway_ip() -> IpAddr {
-    ip(3, 1)
-}
+const GATEWAY_IP: IpAddr = ip(3, 1);
 
 /// Where the app of the replica at `127.0.a.k` listens when its port must be known before it
 /// binds: `127.0.(a+10).k`, an address of its own, so no sidecar port can be chosen twice.
 fn app_ip(replica: IpAddr) -> IpAddr {
-    match replica {
-        IpAddr::V4(v) => {
-            let [_, _, a, k] = v.octets();
-            ip(a + 10, k)
-        }
-        IpAddr::V6(_) => replica,
-    }
+    let IpAddr::V4(v) = replica else {
+        unreachable!("fleet replicas are on 127.0.a.k (`ip`)")
+    };
+    let [_, _, a, k] = v.octets();
+    ip(a + 10, k)
 }
 
 /// One task of a service: its app process and its enrolled sidecar.
@@ -304,8 +300,8 @@ impl Fleet {
         let dns = tokio::task::block_in_place(|| Dnsmasq::start(&[], 1));
         let (rport, gw_in, gw_app) = (
             free_port(ip(2, 1))?,
-            free_port(gateway_ip())?,
-            free_port(app_ip(gateway_ip()))?,
+            free_port(GATEWAY_IP)?,
+            free_port(app_ip(GATEWAY_IP))?,
         );
         // The first monolith replica picks the port every other one shares.
         let first = Self::monolith(&dir, ca_addr, 1, 0).await?;
@@ -399,7 +395,7 @@ impl Fleet {
         let webhook = format!(
             "[[outbound]]\nname = \"api-gateway\"\nlisten = \"127.0.0.1:0\"\n\
              connect = \"{}\"\nserver_id = \"spiffe://{TD}/api-gateway\"\n",
-            SocketAddr::new(gateway_ip(), gateway_port)
+            SocketAddr::new(GATEWAY_IP, gateway_port)
         );
         let sidecar = Sidecar::online(&identity(dir, ca, "report-service", &token))
             .app(app_addr)
@@ -450,9 +446,9 @@ impl Fleet {
     ) -> anyhow::Result<Replica> {
         let token = token(dir, "api-gateway", "api-gateway").await?;
         let sidecar = Sidecar::online(&identity(dir, ca, "api-gateway", &token))
-            .app(SocketAddr::new(app_ip(gateway_ip()), app_port))
+            .app(SocketAddr::new(app_ip(GATEWAY_IP), app_port))
             .policy(GATEWAY_POLICY)
-            .inbound_listen(SocketAddr::new(gateway_ip(), inbound_port))
+            .inbound_listen(SocketAddr::new(GATEWAY_IP, inbound_port))
             .section(&balanced(
                 "report-service",
                 REPORTS_NAME,
@@ -474,7 +470,7 @@ impl Fleet {
             "--frontend-listen",
             "127.0.0.1:0",
             "--webhook-listen",
-            &SocketAddr::new(app_ip(gateway_ip()), app_port).to_string(),
+            &SocketAddr::new(app_ip(GATEWAY_IP), app_port).to_string(),
             "--report-service",
             &format!("http://{}", sidecar.listener("outbound:report-service")),
             "--monolith",
@@ -485,7 +481,7 @@ impl Fleet {
         let app = Process::start("api-gateway", &strings(&args), dir, 3).await?;
         Ok(Replica {
             name: "api-gateway".into(),
-            ip: gateway_ip(),
+            ip: GATEWAY_IP,
             sidecar,
             app,
         })

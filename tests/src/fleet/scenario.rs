@@ -569,28 +569,29 @@ async fn denied(fleet: &Fleet, probes: &[Sample]) -> Check {
         .filter(|s| *s != Some(403))
         .collect();
     let unaudited = unaudited(&fleet.audit_lines(), probes);
-    let (lost, missing): (Vec<&Sample>, Vec<&Sample>) =
-        unaudited.iter().partition(|s| crashed(s).is_some());
-    let lost_note: String = lost
-        .iter()
-        .filter_map(|s| crashed(s).map(|(name, at)| (s, name, at)))
-        .map(|(s, name, at)| {
-            let before = at.saturating_duration_since(s.at + s.latency);
-            format!(
-                "; 1 denial answered {:.0} ms before {name} was SIGKILLed is not in the audit \
-                 (lines buffered at a crash are lost: flush_interval {} ms)",
-                before.as_secs_f64() * 1e3,
-                AUDIT_FLUSH.as_millis()
-            )
-        })
-        .collect();
+    let (mut lost_note, mut lost, mut missing) = (String::new(), 0, Vec::new());
+    for s in &unaudited {
+        match crashed(s) {
+            Some((name, at)) => {
+                lost += 1;
+                let before = at.saturating_duration_since(s.at + s.latency);
+                lost_note += &format!(
+                    "; 1 denial answered {:.0} ms before {name} was SIGKILLed is not in the audit \
+                     (lines buffered at a crash are lost: flush_interval {} ms)",
+                    before.as_secs_f64() * 1e3,
+                    AUDIT_FLUSH.as_millis()
+                );
+            }
+            None => missing.push(&s.trace),
+        }
+    }
     let n = probes.len();
     Check {
         ok: leaked == 0
             && others.is_empty()
             && n > 0
             && missing.is_empty()
-            && lost.len() <= fleet.crashes.len(),
+            && lost <= fleet.crashes.len(),
         label: "gateway → monolith data export denied throughout",
         detail: format!(
             "{n} calls of GET /api/data/reports by the gateway: {} answered 403; {} of them \
@@ -606,10 +607,7 @@ async fn denied(fleet: &Fleet, probes: &[Sample]) -> Check {
             if missing.is_empty() {
                 String::new()
             } else {
-                format!(
-                    "; not audited: {:?}",
-                    missing.iter().map(|s| &s.trace).collect::<Vec<_>>()
-                )
+                format!("; not audited: {missing:?}")
             }
         ),
     }
