@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use gatehouse_proxy::{Config, LoadError, Shutdown};
-use tracing_subscriber::filter::EnvFilter;
+use tracing_subscriber::filter::Targets;
 use tracing_subscriber::prelude::*;
 
 /// Gatehouse sidecar: inbound mTLS with per-route SPIFFE policy, outbound mTLS with pinned peers.
@@ -173,12 +173,26 @@ fn init_logging(
     sink: Result<(Option<gatehouse_proxy::AuditSink>, String), LoadError>,
 ) -> Result<(), LoadError> {
     let (sink, summary) = sink?;
-    let env = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // `target=level` directives, comma-separated (`info`, `gatehouse_proxy=debug,warn`): `Targets`
+    // rather than `EnvFilter`, whose span-field filters nobody here needs and whose regex engine
+    // was 250 KiB of the binary's start-up pages (issue 20's idle RSS).
+    let rust_log = std::env::var("RUST_LOG").ok();
+    let parsed = rust_log.as_deref().map(str::parse::<Targets>);
+    let filter = match &parsed {
+        Some(Ok(targets)) => targets.clone(),
+        _ => Targets::new().with_default(tracing::Level::INFO),
+    };
     let logs = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_filter(env);
+        .with_filter(filter);
     tracing_subscriber::registry().with(logs).init();
+    if let Some(Err(e)) = parsed {
+        tracing::warn!(
+            "RUST_LOG={:?} is not a list of target=level directives ({e}); logging at info. Fix: e.g. RUST_LOG=info or RUST_LOG=gatehouse_proxy=debug,info",
+            rust_log.unwrap_or_default()
+        );
+    }
     match sink {
         Some(sink) => {
             let _ = gatehouse_proxy::install_audit_sink(sink);
