@@ -748,7 +748,23 @@ def machine(bins):
         "python": platform.python_version(),
         "git": tool_version(["git", "-C", str(ROOT), "describe", "--always", "--dirty", "--abbrev=12"]),
         "loadavg_start": Path("/proc/loadavg").read_text().split()[:3],
+        "symbol_order": symbol_order(bins["sidecar"]),
     }
+
+
+def symbol_order(binary):
+    """How much of proxy/symbol-order.txt the sidecar binary was linked with (proxy/build.rs): a list made from
+    another build's symbols (new dependencies, toolchain) is ignored line by line, and idle RSS grows back."""
+    listed = (ROOT / "proxy" / "symbol-order.txt").read_text().split()
+    try:
+        have = set(subprocess.run(["nm", "--defined-only", "--format=just-symbols", str(binary)],
+                                  capture_output=True, text=True, timeout=60).stdout.split())
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (nm failed)"
+    found = sum(s in have for s in listed)
+    note = "" if found >= 0.9 * len(listed) else (
+        " (stale: regenerate with python3 bench/profile.py --order-file proxy/symbol-order.txt, then rebuild)")
+    return f"{found} of {len(listed)} functions of proxy/symbol-order.txt in the binary{note}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -949,6 +965,7 @@ def write_results(path, raw, table, tgt, services):
              f"- {m['nproc']} CPUs: {m['cpu']}; {m['memory']}; kernel {m['kernel']}; {m['os']}",
              f"- {m['nginx']}; {m['haproxy']}; {m['wrk']}; {m['rustc']}; {m['openssl']}; Python {m['python']}",
              f"- load average at start {' '.join(m['loadavg_start'])}, at end {' '.join(m.get('loadavg_end', []))}",
+             f"- sidecar link order: {m.get('symbol_order', 'not recorded')}",
              f"- settings: {st['duration_s']} s per wrk run, {st['reps']} repetitions (medians), "
              f"{st['handshake_seconds']} s of handshakes per repetition, {st['idle_conns']} idle mTLS connections; "
              f"binaries from `{st['bin_dir']}`" +

@@ -45,7 +45,7 @@ def keepalive_requests(port, n):
         raise B.BenchError(f"{bad} of {n} requests did not get 200")
 
 
-def one_run(args, work, n_requests, n_handshakes, tag):
+def one_run(args, work, n_requests, n_handshakes, tag, valgrind_extra=()):
     bins = {"sidecar": Path(args.bin_dir) / "sidecar", "ca": Path(args.bin_dir) / "ca",
             "nginx": shutil.which("nginx"), "haproxy": shutil.which("haproxy"), "wrk": None,
             "topologies": ["direct", args.pair]}
@@ -65,7 +65,7 @@ def one_run(args, work, n_requests, n_handshakes, tag):
         cfg = Path(target.config)
         cfg.write_text(cfg.read_text().replace("global\n", "global\n    nbthread 1\n", 1))
     target.cmd = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out_file}", "--separate-threads=no",
-                  "--dump-line=yes"] + target.cmd
+                  "--dump-line=yes", *valgrind_extra] + target.cmd
     target.stop_timeout = 120  # the profile is written at exit: give the graceful shutdown time under valgrind
     started = []
     try:
@@ -76,6 +76,8 @@ def one_run(args, work, n_requests, n_handshakes, tag):
             s.wait_ready(timeout=300)
         topo = B.topologies_from(services, ports, ["direct", args.pair])[args.pair]
         keepalive_requests(topo.url_port, 5)  # both sidecars connected, pools warm
+        if args.order_file:  # the paths of a refusal too
+            B.http_get(topo.url_port, B.DENIED_PATH)
         if n_requests:
             keepalive_requests(topo.url_port, n_requests)
         if n_handshakes:
@@ -224,6 +226,50 @@ def total_ir(path):
     raise B.BenchError(f"{path}: no totals line")
 
 
+def self_costs(path, costs):
+    """Adds each function's self cost (instructions) in a callgrind profile written with --demangle=no to `costs`,
+    keyed by the raw symbol name. A cost line right after `calls=` is the call's inclusive cost and is skipped."""
+    names, fn, after_call = {}, None, False
+    for line in path.read_text(errors="replace").splitlines():
+        if line.startswith(("fn=", "cfn=")):  # one name table for both; a name is given once, then its id
+            callee = line[0] == "c"
+            m = re.match(r"c?fn=\((\d+)\)(?: (.*))?$", line)
+            if m and m.group(2):
+                names[m.group(1)] = m.group(2)
+            if not callee:
+                fn = names.get(m.group(1)) if m else line[3:]
+        elif line.startswith("calls="):
+            after_call = True
+        elif line[:1].isdigit() or line[:1] in "+-*":
+            if not after_call and fn is not None:
+                parts = line.split()
+                if len(parts) >= 2 and parts[1].isdigit():
+                    costs[fn] = costs.get(fn, 0) + int(parts[1])
+            after_call = False
+
+
+def order_run(args, work):
+    """Writes the symbol ordering file (`proxy/symbol-order.txt`, see proxy/build.rs): every function of the sidecar
+    binary that ran while both sides started, took the bench's functional checks, requests (audit log on and off) and
+    full handshakes, hottest first. lld places them together at the start of .text, so a sidecar maps the pages of
+    the code it runs and not the rest of the binary (idle RSS, issue 20); the hot path also shares fewer pages."""
+    binary = Path(args.bin_dir) / "sidecar"
+    have = set(subprocess.run(["nm", "--defined-only", "--format=just-symbols", str(binary)],
+                              capture_output=True, text=True, check=True).stdout.split())
+    costs = {}
+    for pair in ("gatehouse", "gatehouse-audit"):
+        for side in ("inbound", "outbound"):
+            args.pair, args.side = pair, side
+            out = one_run(args, work / f"{pair}-{side}", 300, 20 if side == "inbound" else 0, "order",
+                          valgrind_extra=("--demangle=no",))
+            self_costs(out, costs)
+    ran = sorted((s for s in costs if s in have), key=lambda s: -costs[s])
+    text = "".join(f"{s}\n" for s in ran)
+    Path(args.order_file).write_text(text)
+    print(f"{len(ran)} functions that ran, of {len(have)} symbols in {binary}; written to {args.order_file}")
+    return 0
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bin-dir", default=str(B.ROOT / "target" / "release"))
@@ -240,7 +286,17 @@ def main():
                    help="sample both sidecars with perf under wrk load instead of running callgrind")
     p.add_argument("--syscalls", type=int, default=0, metavar="SECONDS",
                    help="count syscalls per request of every pair's halves with strace instead")
+    p.add_argument("--order-file", default="", metavar="PATH",
+                   help="write the link-time symbol order (proxy/symbol-order.txt) from callgrind runs instead")
     args = p.parse_args()
+    if args.order_file:
+        if shutil.which("valgrind") is None:
+            raise B.BenchError("valgrind not found; help: apt-get install valgrind")
+        work = Path(args.work) / "order"
+        if work.exists():
+            shutil.rmtree(work)
+        work.mkdir(parents=True)
+        return order_run(args, work)
     if args.syscalls:
         work = Path(args.work) / "syscalls"
         if work.exists():
