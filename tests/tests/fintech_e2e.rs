@@ -288,9 +288,15 @@ async fn every_example_config_passes_sidecar_check_with_the_minted_certificates(
     }
 }
 
-/// A free loopback port: bound on port 0, then released for the sidecar config that needs a number.
+/// The loopback address of the extra sidecar's listeners: no other listener binds there and no
+/// connection from 127.0.0.1 takes its ports, so a port picked there stays free until it binds.
+const OWN_IP: [u8; 4] = [127, 0, 8, 1];
+
+/// A free port on [`OWN_IP`]: bound on port 0, then released for the sidecar config that needs a
+/// number.
 fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+    let listener = std::net::TcpListener::bind(std::net::SocketAddr::from((OWN_IP, 0)))
+        .expect("bind port 0 on 127.0.8.1");
     listener.local_addr().expect("local addr").port()
 }
 
@@ -317,11 +323,11 @@ async fn call_monolith_through_own_sidecar(stack: &mut Stack, who: &str) -> (u16
     let text = format!(
         "[identity]\ncert = \"../certs/{who}/cert.pem\"\nkey = \"../certs/{who}/key.pem\"\n\
          bundle = \"bundle.pem\"\ncrl = \"../certs/crl.pem\"\n\n\
-         [[outbound]]\nname = \"monolith\"\nlisten = \"127.0.0.1:{listen}\"\nconnect = \"{monolith}\"\n\
-         server_id = \"spiffe://fintech.internal/monolith\"\n\n[admin]\nlisten = \"127.0.0.1:{admin}\"\n"
+         [[outbound]]\nname = \"monolith\"\nlisten = \"127.0.8.1:{listen}\"\nconnect = \"{monolith}\"\n\
+         server_id = \"spiffe://fintech.internal/monolith\"\n\n[admin]\nlisten = \"127.0.8.1:{admin}\"\n"
     );
     tokio::fs::write(&config, text).await.expect("write config");
-    let admin = std::net::SocketAddr::from(([127, 0, 0, 1], admin));
+    let admin = std::net::SocketAddr::from((OWN_IP, admin));
     if let Err(e) = stack
         .start_sidecar(&format!("own-{who}-sidecar"), &config, admin)
         .await
@@ -329,7 +335,7 @@ async fn call_monolith_through_own_sidecar(stack: &mut Stack, who: &str) -> (u16
         panic!("{who} sidecar did not start: {e}");
     }
     let url = format!(
-        "http://127.0.0.1:{listen}/api/data/reports?{}",
+        "http://127.0.8.1:{listen}/api/data/reports?{}",
         scenario::REPORT_QUERY
     );
     let reply = stack

@@ -236,13 +236,14 @@ async fn enrolled_sidecars_renew_ride_out_a_ca_outage_and_are_revoked_through_th
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_is_503_until_the_first_svid_and_check_does_not_contact_the_ca() {
     let sb = sandbox();
-    // A CA address nobody listens on (yet).
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
+    // A CA address nobody listens on (yet): a port picked on a loopback address no other test
+    // binds, so it stays free.
+    let port = std::net::TcpListener::bind("127.0.8.2:0")
         .expect("bind")
         .local_addr()
         .expect("addr")
         .port();
-    let ca_addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let ca_addr: SocketAddr = format!("127.0.8.2:{port}").parse().expect("addr");
     let app = FakeApp::start().await;
     let builder = Sidecar::online(&identity(&sb, ca_addr, "monolith"))
         .app(app.addr())
