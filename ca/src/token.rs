@@ -144,7 +144,7 @@ impl Authority {
     pub(crate) fn peek_token_locked(&self, token: &str) -> Result<SpiffeId, CaError> {
         if let Some(store) = self.store() {
             let now = OffsetDateTime::now_utc().unix_timestamp();
-            return self.store_peek_token(store, &hash(token), now);
+            return Self::store_peek_token(store, &hash(token), now);
         }
         let file = self.read_tokens()?;
         self.check_token(&file, token).map(|(id, _)| id)
@@ -155,10 +155,10 @@ impl Authority {
         if let Some(store) = self.store() {
             // One conditional UPDATE: the database decides which replica's request wins.
             let (h, now) = (hash(token), OffsetDateTime::now_utc().unix_timestamp());
-            let id = self.store_peek_token(store, &h, now)?;
+            let id = Self::store_peek_token(store, &h, now)?;
             if !store.spend_token(&h, now)? {
                 // Spent or expired since the peek: say which.
-                self.store_peek_token(store, &h, now)?;
+                Self::store_peek_token(store, &h, now)?;
                 return Err(CaError::TokenUsed);
             }
             return Ok(id);
@@ -187,7 +187,6 @@ impl Authority {
 
     /// The SPIFFE ID of a usable token in the store (not spent).
     pub(crate) fn store_peek_token(
-        &self,
         store: &dyn Store,
         sha256: &str,
         now: i64,
