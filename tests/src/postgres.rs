@@ -15,6 +15,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use tempfile::TempDir;
 
+/// The loopback address every test PostgreSQL listens on (clients connect from 127.0.0.1, which
+/// `initdb`'s default `pg_hba.conf` trusts).
+const PG_IP: [u8; 4] = [127, 0, 9, 1];
+
 /// The database every test uses.
 pub const DATABASE: &str = "reports";
 
@@ -104,8 +108,13 @@ impl Postgres {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        // `postgres` cannot take port 0: a port picked on its own loopback address, where no other
+        // test binds and no connection from 127.0.0.1 takes it, stays free until it binds (and when
+        // the server is restarted on it).
+        let port = TcpListener::bind(SocketAddr::from((PG_IP, 0)))?
+            .local_addr()?
+            .port();
+        let addr = SocketAddr::from((PG_IP, port));
         let log = dir.path().join("postgres.log");
         let child = spawn_server(root, &bin, dir.path(), port, &log)?;
         let mut pg = Self {
@@ -158,7 +167,8 @@ impl Postgres {
                 bail!("postgres exited ({status}):\n{}", self.log_text());
             }
             let ready = tokio::process::Command::new(bin.join("pg_isready"))
-                .args(["-q", "-h", "127.0.0.1", "-p", &self.addr.port().to_string()])
+                .args(["-q", "-h", &self.addr.ip().to_string()])
+                .args(["-p", &self.addr.port().to_string()])
                 .status()
                 .await
                 .is_ok_and(|s| s.success());
@@ -194,7 +204,8 @@ impl Drop for Postgres {
     }
 }
 
-/// `postgres` on `127.0.0.1:port` with the cluster in `dir/data`, its log appended to `log`.
+/// `postgres` on `127.0.9.1:port` ([`PG_IP`]) with the cluster in `dir/data`, its log appended
+/// to `log`.
 fn spawn_server(
     root: bool,
     bin: &Path,
@@ -213,7 +224,7 @@ fn spawn_server(
         .arg(dir)
         .args([
             "-c",
-            "listen_addresses=127.0.0.1",
+            "listen_addresses=127.0.9.1",
             "-c",
             "log_connections=on",
             "-c",
