@@ -7,7 +7,7 @@
 //! [`psql`] runs the real client against any address (the database directly, or a sidecar's
 //! TCP listener in front of it).
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -108,15 +108,11 @@ impl Postgres {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        // `postgres` cannot take port 0: a port picked on its own loopback address, where no other
-        // test binds and no connection from 127.0.0.1 takes it, stays free until it binds (and when
-        // the server is restarted on it).
-        let port = TcpListener::bind(SocketAddr::from((PG_IP, 0)))?
-            .local_addr()?
-            .port();
-        let addr = SocketAddr::from((PG_IP, port));
+        // `postgres` cannot take port 0: one picked on its own loopback address, where no
+        // connection takes ephemeral ports, stays free until it binds.
+        let addr = SocketAddr::from((PG_IP, crate::harness::free_port(PG_IP.into())?));
         let log = dir.path().join("postgres.log");
-        let child = spawn_server(root, &bin, dir.path(), port, &log)?;
+        let child = spawn_server(root, &bin, dir.path(), addr.port(), &log)?;
         let mut pg = Self {
             child,
             addr,

@@ -13,6 +13,7 @@ use gatehouse_tests::fintech::online;
 use gatehouse_tests::fintech::probe::{ProbeIdentity, ProbeOutcome, probe};
 use gatehouse_tests::fintech::scenario::{self, Check, label};
 use gatehouse_tests::fintech::stack::{LEAKED_KEY, Ports, Service, Stack, StackOptions, bin_dir};
+use gatehouse_tests::harness::free_port;
 
 /// The example's ports are fixed: one stack at a time in this test binary.
 static FIXED_PORTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -288,16 +289,13 @@ async fn every_example_config_passes_sidecar_check_with_the_minted_certificates(
     }
 }
 
-/// The loopback address of the extra sidecar's listeners: no other listener binds there and no
-/// connection from 127.0.0.1 takes its ports, so a port picked there stays free until it binds.
+/// The loopback address of the extra sidecar's listeners, whose ports its config names
+/// ([`free_port`]).
 const OWN_IP: [u8; 4] = [127, 0, 8, 1];
 
-/// A free port on [`OWN_IP`]: bound on port 0, then released for the sidecar config that needs a
-/// number.
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind(std::net::SocketAddr::from((OWN_IP, 0)))
-        .expect("bind port 0 on 127.0.8.1");
-    listener.local_addr().expect("local addr").port()
+/// A free port on [`OWN_IP`].
+fn own_port() -> u16 {
+    free_port(OWN_IP.into()).expect("a free port on 127.0.8.1")
 }
 
 /// Runs a fourth sidecar with the certificate in `certs/<who>/`, with one outbound listener toward the
@@ -305,7 +303,7 @@ fn free_port() -> u16 {
 /// monolith: the bundle is public) and the root of its own certificate (a sidecar refuses to start
 /// with a certificate its bundle does not verify); the CRL is ours.
 async fn call_monolith_through_own_sidecar(stack: &mut Stack, who: &str) -> (u16, String) {
-    let (listen, admin) = (free_port(), free_port());
+    let (listen, admin) = (own_port(), own_port());
     let dir = stack.work_dir().join(format!("own-{who}"));
     tokio::fs::create_dir_all(&dir).await.expect("create dir");
     let config = dir.join("sidecar.toml");

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use gatehouse_tests::harness::ca_serve::private_keys_under;
 use gatehouse_tests::harness::{
-    CaSandbox, CaServe, FakeApp, Sidecar, eventually, http_get, sidecar_cli, sidecar_status,
+    CaSandbox, CaServe, FakeApp, Sidecar, eventually, free_port, http_get, sidecar_cli,
+    sidecar_status,
 };
 use gatehouse_tests::load::{Load, Sample, failures, one_request};
 
@@ -238,12 +239,8 @@ async fn readyz_is_503_until_the_first_svid_and_check_does_not_contact_the_ca() 
     let sb = sandbox();
     // A CA address nobody listens on (yet): a port picked on a loopback address no other test
     // binds, so it stays free.
-    let port = std::net::TcpListener::bind("127.0.8.2:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port();
-    let ca_addr: SocketAddr = format!("127.0.8.2:{port}").parse().expect("addr");
+    let ip = [127, 0, 8, 2].into();
+    let ca_addr = SocketAddr::new(ip, free_port(ip).expect("a free port on 127.0.8.2"));
     let app = FakeApp::start().await;
     let builder = Sidecar::online(&identity(&sb, ca_addr, "monolith"))
         .app(app.addr())

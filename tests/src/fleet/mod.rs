@@ -31,7 +31,7 @@ use crate::dns::Dnsmasq;
 use crate::fintech::report_service::TRACEPARENT;
 use crate::harness::client::HttpClient;
 use crate::harness::process::Process;
-use crate::harness::{Sidecar, binary};
+use crate::harness::{Sidecar, binary, free_port};
 
 /// The example's trust domain.
 pub const TD: &str = "fintech.internal";
@@ -69,13 +69,6 @@ pub struct Options {
 
 const fn ip(a: u8, b: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(127, 0, a, b))
-}
-
-/// A port free on `ip` right now, for a listener whose address must be known before it binds.
-/// `ip` is a replica's own loopback address: no other process binds ephemeral ports there, so
-/// the port is still free when the replica binds it (on `127.0.0.1` it could be taken in between).
-fn free_port(ip: IpAddr) -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind((ip, 0))?.local_addr()?.port())
 }
 
 /// The gateway's loopback address.

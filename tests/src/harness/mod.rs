@@ -20,8 +20,12 @@
 //!
 //! Ports: every listener is configured as `127.0.0.1:0`; the sidecar logs `listening <name> on
 //! <addr>` to stderr once bound and the harness reads the addresses from there, so parallel
-//! tests never race for a port.
+//! tests never race for a port. A listener whose port must be written down before it binds
+//! (PostgreSQL, a config read by another process) takes [`free_port`] on a loopback address of
+//! its own: the fleet on `127.0.1–3.k` and `127.0.11–13.k`, the FinTech test's extra sidecar
+//! and an absent CA on `127.0.8.x`, PostgreSQL on `127.0.9.1`.
 
+use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -54,6 +58,19 @@ pub const MONOLITH_ID: &str = fixtures::MONOLITH;
 /// The report service's SPIFFE ID (the outbound, client side).
 pub const REPORT_SERVICE_ID: &str = fixtures::REPORTS;
 pub use fixtures::REPORT_EXPORT_POLICY;
+
+/// A TCP port free on `ip` right now, for a listener whose address must be known before it
+/// binds. `ip` must be a loopback address no other test binds: connections from `127.0.0.1`
+/// take their ephemeral ports there, not on `ip`, so the port is still free when the listener
+/// binds it (on `127.0.0.1` it could be taken in between).
+///
+/// # Errors
+/// When `ip` cannot be bound.
+pub fn free_port(ip: IpAddr) -> std::io::Result<u16> {
+    Ok(TcpListener::bind(SocketAddr::new(ip, 0))?
+        .local_addr()?
+        .port())
+}
 
 /// The path of a workspace binary, `target/debug/<name>`: next to the running executable when
 /// that is a binary of the workspace (`target/debug/fleet-demo`), one level up when it is a test
