@@ -752,13 +752,18 @@ def machine(bins):
     }
 
 
+def defined_symbols(binary):
+    """The names of the symbols `binary` defines (`nm`), as the linker sees them (not demangled)."""
+    return set(subprocess.run(["nm", "--defined-only", "--format=just-symbols", str(binary)],
+                              capture_output=True, text=True, timeout=60, check=True).stdout.split())
+
+
 def symbol_order(binary):
     """How much of proxy/symbol-order.txt the sidecar binary was linked with (proxy/build.rs): a list made from
     another build's symbols (new dependencies, toolchain) is ignored line by line, and idle RSS grows back."""
     listed = (ROOT / "proxy" / "symbol-order.txt").read_text().split()
     try:
-        have = set(subprocess.run(["nm", "--defined-only", "--format=just-symbols", str(binary)],
-                                  capture_output=True, text=True, timeout=60).stdout.split())
+        have = defined_symbols(binary)
     except (OSError, subprocess.SubprocessError):
         return "unknown (nm failed)"
     found = sum(s in have for s in listed)

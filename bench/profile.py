@@ -76,8 +76,7 @@ def one_run(args, work, n_requests, n_handshakes, tag, valgrind_extra=()):
             s.wait_ready(timeout=300)
         topo = B.topologies_from(services, ports, ["direct", args.pair])[args.pair]
         keepalive_requests(topo.url_port, 5)  # both sidecars connected, pools warm
-        if args.order_file:  # the paths of a refusal too
-            B.http_get(topo.url_port, B.DENIED_PATH)
+        B.http_get(topo.url_port, B.DENIED_PATH)  # and a refusal's path (base and loaded runs alike)
         if n_requests:
             keepalive_requests(topo.url_port, n_requests)
         if n_handshakes:
@@ -254,8 +253,7 @@ def order_run(args, work):
     full handshakes, hottest first. lld places them together at the start of .text, so a sidecar maps the pages of
     the code it runs and not the rest of the binary (idle RSS, issue 20); the hot path also shares fewer pages."""
     binary = Path(args.bin_dir) / "sidecar"
-    have = set(subprocess.run(["nm", "--defined-only", "--format=just-symbols", str(binary)],
-                              capture_output=True, text=True, check=True).stdout.split())
+    have = B.defined_symbols(binary)
     costs = {}
     for pair in ("gatehouse", "gatehouse-audit"):
         for side in ("inbound", "outbound"):
@@ -268,6 +266,15 @@ def order_run(args, work):
     Path(args.order_file).write_text(text)
     print(f"{len(ran)} functions that ran, of {len(have)} symbols in {binary}; written to {args.order_file}")
     return 0
+
+
+def fresh_dir(args, name):
+    """An empty work directory `--work/name` (what an earlier run left there removed)."""
+    work = Path(args.work) / name
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    return work
 
 
 def main():
@@ -289,34 +296,17 @@ def main():
     p.add_argument("--order-file", default="", metavar="PATH",
                    help="write the link-time symbol order (proxy/symbol-order.txt) from callgrind runs instead")
     args = p.parse_args()
-    if args.order_file:
-        if shutil.which("valgrind") is None:
-            raise B.BenchError("valgrind not found; help: apt-get install valgrind")
-        work = Path(args.work) / "order"
-        if work.exists():
-            shutil.rmtree(work)
-        work.mkdir(parents=True)
-        return order_run(args, work)
     if args.syscalls:
-        work = Path(args.work) / "syscalls"
-        if work.exists():
-            shutil.rmtree(work)
-        work.mkdir(parents=True)
-        return syscalls_run(args, work)
+        return syscalls_run(args, fresh_dir(args, "syscalls"))
     if args.perf:
-        work = Path(args.work) / "perf"
-        if work.exists():
-            shutil.rmtree(work)
-        work.mkdir(parents=True)
-        return perf_run(args, work)
-    if not args.requests and not args.handshakes:
-        args.requests = 3000
+        return perf_run(args, fresh_dir(args, "perf"))
     if shutil.which("valgrind") is None:
         raise B.BenchError("valgrind not found; help: apt-get install valgrind")
-    work = Path(args.work) / f"{args.pair}-{args.side}-{args.requests}r-{args.handshakes}h"
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
+    if args.order_file:
+        return order_run(args, fresh_dir(args, "order"))
+    if not args.requests and not args.handshakes:
+        args.requests = 3000
+    work = fresh_dir(args, f"{args.pair}-{args.side}-{args.requests}r-{args.handshakes}h")
     base = one_run(args, work, 0, 0, "base")
     loaded = one_run(args, work, args.requests, args.handshakes, "loaded")
     ir_base, ir_loaded = total_ir(base), total_ir(loaded)
