@@ -176,21 +176,22 @@ fn init_logging(
     // `target=level` directives, comma-separated (`info`, `gatehouse_proxy=debug,warn`): `Targets`
     // rather than `EnvFilter`, whose span-field filters nobody here needs and whose regex engine
     // was 250 KiB of the binary's start-up pages (issue 20's idle RSS).
-    let rust_log = std::env::var("RUST_LOG").ok();
-    let parsed = rust_log.as_deref().map(str::parse::<Targets>);
-    let filter = match &parsed {
-        Some(Ok(targets)) => targets.clone(),
-        _ => Targets::new().with_default(tracing::Level::INFO),
+    let rust_log = std::env::var("RUST_LOG").unwrap_or_default();
+    let (filter, unparsable) = match rust_log.parse::<Targets>() {
+        Ok(targets) if !rust_log.is_empty() => (targets, None),
+        parsed => (
+            Targets::new().with_default(tracing::Level::INFO),
+            parsed.err(),
+        ),
     };
     let logs = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .with_filter(filter);
     tracing_subscriber::registry().with(logs).init();
-    if let Some(Err(e)) = parsed {
+    if let Some(e) = unparsable {
         tracing::warn!(
-            "RUST_LOG={:?} is not a list of target=level directives ({e}); logging at info. Fix: e.g. RUST_LOG=info or RUST_LOG=gatehouse_proxy=debug,info",
-            rust_log.unwrap_or_default()
+            "RUST_LOG={rust_log:?} is not a list of target=level directives ({e}); logging at info. Fix: e.g. RUST_LOG=info or RUST_LOG=gatehouse_proxy=debug,info"
         );
     }
     match sink {
