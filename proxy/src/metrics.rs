@@ -39,6 +39,9 @@ pub(crate) struct Metrics {
     pub inbound_connections_refused: IntCounterVec,
     /// `gatehouse_inbound_active_connections`.
     pub inbound_active_connections: IntGauge,
+    /// `gatehouse_inbound_parked_connections`: HTTP/1.1 connections idle long enough to hold
+    /// no HTTP buffer ([`crate::http::h1_server`]).
+    pub inbound_parked_connections: IntGauge,
     /// `gatehouse_cert_expiry_timestamp_seconds{cert}`: `cert="leaf"` is our own leaf,
     /// `cert="root:<serial>"` each root of the trust bundle (serial truncated to 16 hex digits).
     pub cert_expiry: IntGaugeVec,
@@ -123,6 +126,10 @@ impl Metrics {
             "inbound_active_connections",
             "Open inbound connections (after the TCP accept)",
         )?;
+        let inbound_parked_connections = IntGauge::new(
+            "inbound_parked_connections",
+            "Open inbound HTTP/1.1 connections waiting for their next request without HTTP buffers",
+        )?;
         let inbound_connections_refused = IntCounterVec::new(
             Opts::new(
                 "inbound_connections_refused_total",
@@ -143,6 +150,7 @@ impl Metrics {
         registry.register(Box::new(tls_handshakes.clone()))?;
         registry.register(Box::new(tls_handshake_duration.clone()))?;
         registry.register(Box::new(inbound_active_connections.clone()))?;
+        registry.register(Box::new(inbound_parked_connections.clone()))?;
         registry.register(Box::new(inbound_connections_refused.clone()))?;
         let reloads = IntCounterVec::new(
             Opts::new(
@@ -207,6 +215,7 @@ impl Metrics {
             tls_handshake_duration,
             inbound_connections_refused,
             inbound_active_connections,
+            inbound_parked_connections,
             cert_expiry,
             crl_next_update,
             reloads,

@@ -685,6 +685,72 @@ async fn slow_header_client_is_disconnected_after_the_header_timeout() {
     assert_eq!(s.app.count(), 0);
 }
 
+/// An HTTP/1.1 keep-alive connection idle for a moment lets go of hyper (its buffers) and is
+/// counted as parked; its next request, a POST with a body, is served on the same connection,
+/// and once that body was read whole the connection parks again.
+#[tokio::test]
+async fn an_idle_http1_connection_parks_and_serves_its_next_requests() {
+    use hyper_util::rt::TokioIo;
+    let s = setup().await;
+    let client = MtlsClient::new(&s.pki.issue(REPORTS));
+    let tls = client
+        .connect(s.sidecar.inbound_addr(), Proto::H1)
+        .await
+        .expect("handshake");
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .expect("h1");
+    let conn = tokio::spawn(conn);
+    let parked = async |n: f64| {
+        eventually(
+            &format!("{n} parked connection(s)"),
+            Duration::from_secs(10),
+            async || {
+                let v = s
+                    .sidecar
+                    .metric("gatehouse_inbound_parked_connections", &[])
+                    .await
+                    .ok()?;
+                (v == n).then_some(())
+            },
+        )
+        .await
+        .expect("parked gauge");
+    };
+    let requests = [
+        Request::get("/api/data/reports?startDate=2024-01-01&endDate=2024-12-31"),
+        Request::post("/bulk"),
+        Request::get("/bulk"),
+    ];
+    for (i, req) in requests.into_iter().enumerate() {
+        let body = if i == 1 {
+            vec![b'x'; 100_000]
+        } else {
+            Vec::new()
+        };
+        let req = req
+            .header("host", "localhost")
+            .body(Full::new(Bytes::from(body)))
+            .expect("request");
+        let resp = send
+            .send_request(req)
+            .await
+            .expect("served on the same connection");
+        assert_eq!(resp.status(), StatusCode::OK, "request {i}");
+        resp.into_body().collect().await.expect("body");
+        parked(1.0).await;
+    }
+    assert_eq!(s.app.count(), 3);
+    assert_eq!(
+        s.app.requests()[1].body_len,
+        100_000,
+        "the POST body arrived whole"
+    );
+    assert!(!conn.is_finished(), "the connection is still open");
+    drop(send);
+    parked(0.0).await;
+}
+
 #[tokio::test]
 async fn oversized_header_gets_431() {
     let s = setup().await;

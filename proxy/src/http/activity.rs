@@ -1,6 +1,7 @@
 //! What a served connection knows of its own traffic, for its idle and send timeouts:
 //! requests in flight and when the last one ended (`Activity`, `RequestGuard`), and since
-//! when its socket refuses our writes (`WriteWatch`).
+//! when its socket refuses our writes (`WriteWatch`); for parking an idle HTTP/1.1
+//! connection ([`super::h1_server`]), whether a request body is still unread (`BodyWatch`).
 //!
 //! The write-progress deadline (`send_timeout`): the socket is wrapped in a `WriteWatch` that
 //! notes when a write is refused (the client reads nothing and the buffers are full) and when
@@ -34,6 +35,8 @@ pub(crate) struct Activity {
     stalled_ms: AtomicU64,
     /// The driver, waiting for a stall to begin.
     stall_waker: AtomicWaker,
+    /// HTTP/1.1 request bodies begun and not yet read to their end ([`BodyWatch`]).
+    unread_bodies: AtomicUsize,
 }
 
 impl Activity {
@@ -44,6 +47,7 @@ impl Activity {
             last_ms: AtomicU64::new(0),
             stalled_ms: AtomicU64::new(0),
             stall_waker: AtomicWaker::new(),
+            unread_bodies: AtomicUsize::new(0),
         }
     }
 
@@ -90,6 +94,18 @@ impl Activity {
         RequestGuard(self.clone())
     }
 
+    /// A request body began: the returned watch says when it was read to its end.
+    pub(crate) fn watch_body(self: &Arc<Self>) -> BodyWatch {
+        self.unread_bodies.fetch_add(1, Ordering::Relaxed);
+        BodyWatch(Some(self.clone()))
+    }
+
+    /// Whether every request body was read to its end: none has bytes left on the socket. A
+    /// body dropped before its end keeps this false for the connection's life.
+    pub(crate) fn bodies_read(&self) -> bool {
+        self.unread_bodies.load(Ordering::Relaxed) == 0
+    }
+
     pub(crate) fn idle_since(&self) -> Option<Instant> {
         (self.active.load(Ordering::Relaxed) == 0)
             .then(|| self.started + Duration::from_millis(self.last_ms.load(Ordering::Relaxed)))
@@ -111,6 +127,20 @@ impl Drop for RequestGuard {
         let ms = u64::try_from(self.0.started.elapsed().as_millis()).unwrap_or(u64::MAX);
         self.0.last_ms.store(ms, Ordering::Relaxed);
         self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A request body being read ([`Activity::watch_body`]): [`BodyWatch::ended`] when its last
+/// byte was read. Dropped before, it leaves the body counted as unread.
+#[derive(Debug)]
+pub(crate) struct BodyWatch(Option<Arc<Activity>>);
+
+impl BodyWatch {
+    /// The body was read to its end.
+    pub(crate) fn ended(&mut self) {
+        if let Some(a) = self.0.take() {
+            a.unread_bodies.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 

@@ -28,6 +28,8 @@ use h2::{Reason, RecvStream, SendStream};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use super::activity::BodyWatch;
+
 /// A boxed error, what the HTTP/1.1 side accepts from a body.
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -90,6 +92,9 @@ impl Body for RecvBody {
 pub(crate) enum HttpBody {
     /// HTTP/1.1, from hyper.
     H1(Incoming),
+    /// HTTP/1.1, from hyper's server: its end is noted, for parking the connection
+    /// ([`super::h1_server`]).
+    H1Watched(Incoming, BodyWatch),
     /// HTTP/2, from the `h2` crate.
     H2(RecvBody),
 }
@@ -104,13 +109,22 @@ impl Body for HttpBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             Self::H1(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            Self::H1Watched(b, watch) => {
+                let polled = Pin::new(&mut *b).poll_frame(cx);
+                match &polled {
+                    Poll::Ready(None) => watch.ended(),
+                    Poll::Ready(Some(Ok(_))) if b.is_end_stream() => watch.ended(),
+                    _ => {}
+                }
+                polled.map_err(Into::into)
+            }
             Self::H2(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            Self::H1(b) => b.is_end_stream(),
+            Self::H1(b) | Self::H1Watched(b, _) => b.is_end_stream(),
             Self::H2(b) => b.is_end_stream(),
         }
     }
@@ -118,7 +132,7 @@ impl Body for HttpBody {
     /// HTTP/2: unknown. The next hop goes by the `content-length` header, which is forwarded.
     fn size_hint(&self) -> SizeHint {
         match self {
-            Self::H1(b) => b.size_hint(),
+            Self::H1(b) | Self::H1Watched(b, _) => b.size_hint(),
             Self::H2(b) => b.size_hint(),
         }
     }

@@ -4,6 +4,7 @@
 //! - [`activity`]: a connection's requests in flight and write progress, for its idle and
 //!   send timeouts;
 //! - [`h1_pool`]: the HTTP/1.1 keep-alive pool of both hops (to the app, to a peer);
+//! - [`h1_server`]: the HTTP/1.1 server (hyper's), let go of while a connection is idle;
 //! - [`h2_client`]: the HTTP/2 client to a peer sidecar (settings, PING keep-alive);
 //! - [`h2_server`]: the HTTP/2 server (streams polled in the connection's task), its reset
 //!   budget and response-head fitting;
@@ -20,6 +21,7 @@ pub(crate) mod activity;
 pub(crate) mod body;
 pub(crate) mod grpc;
 pub(crate) mod h1_pool;
+pub(crate) mod h1_server;
 pub(crate) mod h2_client;
 pub(crate) mod h2_server;
 pub(crate) mod headers;
