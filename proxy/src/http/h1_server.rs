@@ -37,10 +37,12 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use super::activity::Activity;
 use super::body::BoxError;
 
-/// How long a keep-alive connection waits for its next request before it lets go of hyper.
-/// A client that calls more often than this never pays the few microseconds of a new hyper
-/// connection; one that calls less often holds no HTTP buffer in between.
-pub(crate) const PARK_AFTER: Duration = Duration::from_millis(500);
+/// How long a keep-alive connection waits for its next request before it lets go of hyper
+/// (nginx lets go at once). A caller that sends its requests back to back never pays the
+/// microsecond or two of a new hyper connection; one that pauses pays it once per pause, and
+/// holds no HTTP buffer in between. The driver looks at a busy connection once a second, so
+/// after a run of back-to-back requests the connection parks within a second of the last.
+pub(crate) const PARK_AFTER: Duration = Duration::from_millis(100);
 
 /// The most a parked connection reads at once when its client writes again (nginx's
 /// `client_header_buffer_size`); the rest stays in the TLS session for hyper's first read.
