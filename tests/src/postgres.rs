@@ -109,11 +109,30 @@ impl Postgres {
             );
         }
         // `postgres` cannot take port 0: one picked on its own loopback address, where no
-        // connection takes ephemeral ports, stays free until it binds.
-        let addr = SocketAddr::from((PG_IP, crate::harness::free_port(PG_IP.into())?));
+        // connection takes ephemeral ports, stays free until it binds, unless another test's
+        // PostgreSQL picked the same one in between: then another is tried.
         let log = dir.path().join("postgres.log");
-        let child = spawn_server(root, &bin, dir.path(), addr.port(), &log)?;
-        let mut pg = Self {
+        let mut tries = 0;
+        let (child, addr) = loop {
+            let addr = SocketAddr::from((PG_IP, crate::harness::free_port(PG_IP.into())?));
+            let logged = std::fs::metadata(&log).map_or(0, |m| m.len());
+            let mut child = spawn_server(root, &bin, dir.path(), addr.port(), &log)?;
+            match wait_ready(&mut child, addr, &bin, &log).await {
+                Ok(()) => break (child, addr),
+                Err(e) => {
+                    stop_child(&mut child, dir.path());
+                    let text = read_log(&log);
+                    let lost_port = text
+                        .get(usize::try_from(logged).unwrap_or(0)..)
+                        .is_some_and(|new| new.contains("could not bind"));
+                    if !lost_port || tries == 3 {
+                        return Err(e);
+                    }
+                    tries += 1;
+                }
+            }
+        };
+        let pg = Self {
             child,
             addr,
             log,
@@ -121,7 +140,6 @@ impl Postgres {
             root,
             dir,
         };
-        pg.wait_ready(&bin).await?;
         let out = psql(pg.addr, "postgres", "CREATE DATABASE reports", None).await?;
         if !out.ok {
             bail!("CREATE DATABASE failed: {}", out.stderr);
@@ -147,35 +165,12 @@ impl Postgres {
             self.addr.port(),
             &self.log,
         )?;
-        let bin = self.bin.clone();
-        self.wait_ready(&bin).await
+        wait_ready(&mut self.child, self.addr, &self.bin, &self.log).await
     }
 
     /// A `postgres://` URL of [`DATABASE`] (user `postgres`, trust authentication).
     pub fn url(&self) -> String {
         format!("postgres://postgres@{}/{DATABASE}", self.addr)
-    }
-
-    async fn wait_ready(&mut self, bin: &Path) -> anyhow::Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                bail!("postgres exited ({status}):\n{}", self.log_text());
-            }
-            let ready = tokio::process::Command::new(bin.join("pg_isready"))
-                .args(["-q", "-h", &self.addr.ip().to_string()])
-                .args(["-p", &self.addr.port().to_string()])
-                .status()
-                .await
-                .is_ok_and(|s| s.success());
-            if ready {
-                return Ok(());
-            }
-            if Instant::now() >= deadline {
-                bail!("postgres not ready after 20 s:\n{}", self.log_text());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
     }
 
     /// Where it listens.
@@ -185,7 +180,7 @@ impl Postgres {
 
     /// The server log so far.
     pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        read_log(&self.log)
     }
 
     /// Connections the server received (`log_connections` lines), whatever became of them.
@@ -198,6 +193,38 @@ impl Drop for Postgres {
     fn drop(&mut self) {
         stop_child(&mut self.child, self.dir.path());
     }
+}
+
+/// Waits until the server on `addr` accepts connections (`pg_isready`), for at most 20 s.
+async fn wait_ready(
+    child: &mut Child,
+    addr: SocketAddr,
+    bin: &Path,
+    log: &Path,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            bail!("postgres exited ({status}):\n{}", read_log(log));
+        }
+        let ready = tokio::process::Command::new(bin.join("pg_isready"))
+            .args(["-q", "-h", &addr.ip().to_string()])
+            .args(["-p", &addr.port().to_string()])
+            .status()
+            .await
+            .is_ok_and(|s| s.success());
+        if ready {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("postgres not ready after 20 s:\n{}", read_log(log));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn read_log(log: &Path) -> String {
+    std::fs::read_to_string(log).unwrap_or_default()
 }
 
 /// `postgres` on `127.0.9.1:port` ([`PG_IP`]) with the cluster in `dir/data`, its log appended
