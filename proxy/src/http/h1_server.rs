@@ -319,7 +319,7 @@ mod tests {
             drop(guard);
             async { Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok")))) }
         });
-        let parked = IntGauge::new("parked", "parked").expect("gauge");
+        let parked = IntGauge::new("inbound_parked_connections", "parked").expect("gauge");
         let conn = H1Conn::new(
             http1::Builder::new(),
             server,
