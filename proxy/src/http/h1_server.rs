@@ -5,8 +5,8 @@
 //! its minimum; no server option makes them smaller), its state and a box for the request
 //! future in flight. For a keep-alive connection that only waits for its next request (the
 //! usual state of a connection in a caller's pool) that is most of what the connection
-//! costs. [`H1Conn`] serves through hyper and, when its driver asks it to [`park`]
-//! (`H1Conn::park`) because the connection has been idle for [`PARK_AFTER`], takes hyper's
+//! costs. [`H1Conn`] serves through hyper and, when its driver asks it to
+//! [`park`](H1Conn::park) because the connection has been idle for [`PARK_AFTER`], takes hyper's
 //! connection apart (`into_parts`) and drops it. What stays is the socket (the TLS stream) and
 //! the service. A read of at most [`WAKE_BYTES`] waits for the client's next bytes, which go to
 //! a new hyper connection ahead of the socket ([`Rewind`]). nginx does the same with its

@@ -3,12 +3,14 @@
 //! [`crate::tls::PeerIdentity`] is taken from the session (never from headers), and the
 //! connection is served as HTTP/1.1 or HTTP/2 as negotiated by ALPN:
 //!
-//! - HTTP/1.1 by hyper, each request through `handle`;
+//! - HTTP/1.1 by hyper, each request through `handle`; a connection idle for
+//!   [`PARK_AFTER`] lets go of hyper until its client writes again ([`H1Conn`]);
 //! - HTTP/2 by `H2Server` (the `h2` crate directly), each stream through `serve_stream`,
 //!   which runs the same `handle`, the streams polled inside the connection's task.
 //!
 //! One driver (`Session::drive`) runs either protocol's connection to its end: it is closed
-//! gracefully when it has been idle for `idle_timeout` or when shutdown starts (HTTP/2 sends
+//! gracefully when it has been idle for `idle_timeout` (HTTP/1.1: or `header_read_timeout`,
+//! if shorter) or when shutdown starts (HTTP/2 sends
 //! GOAWAY and lets the streams already open finish, HTTP/1.1 finishes the request in flight),
 //! and dropped when its socket took no byte for `send_timeout` ([`crate::http::activity`]).
 //!
