@@ -17,6 +17,24 @@ pub(crate) const PREFIX: &str = "gatehouse";
 /// are folded into `issuer="other"` (the earliest next-update).
 pub(crate) const MAX_CRL_ISSUERS: usize = 16;
 
+/// One more in a gauge while it lives: incremented when made, decremented when dropped (a
+/// connection open, a connection parked), whichever way its owner ends.
+#[derive(Debug)]
+pub(crate) struct GaugeGuard(IntGauge);
+
+impl GaugeGuard {
+    pub(crate) fn new(gauge: &IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// The sidecar's metrics.
 #[derive(Clone, Debug)]
 pub(crate) struct Metrics {

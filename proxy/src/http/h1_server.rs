@@ -22,10 +22,10 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, Bytes};
 use http_body::Body;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
@@ -36,6 +36,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use super::activity::Activity;
 use super::body::BoxError;
+use crate::metrics::GaugeGuard;
 
 /// How long a keep-alive connection waits for its next request before it lets go of hyper
 /// (nginx lets go at once). A caller that sends its requests back to back never pays the
@@ -132,7 +133,12 @@ enum State<T: H1Io, S: H1Service> {
     /// hyper serves (boxed: a parked connection carries none of it).
     Serving(Box<Hyper<T, S>>),
     /// Waiting for the client's next bytes, holding no HTTP state.
-    Parked(T, S),
+    Parked {
+        io: T,
+        service: S,
+        /// Counted in `gatehouse_inbound_parked_connections` while parked.
+        _counted: GaugeGuard,
+    },
     /// Asked to finish while parked: our TLS close, then done.
     Closing(T),
     /// Finished (or between two states).
@@ -186,18 +192,19 @@ impl<T: H1Io, S: H1Service> H1Conn<T, S> {
         } = conn.into_parts();
         let Rewind { prefix, io } = io.into_inner();
         // hyper read `read_buf` out of `prefix` (or the socket): it comes first.
-        let unread = match (read_buf.is_empty(), prefix.is_empty()) {
-            (_, true) => read_buf,
-            (true, false) => prefix,
-            (false, false) => {
-                let mut both = BytesMut::from(read_buf);
-                both.extend_from_slice(&prefix);
-                both.freeze()
-            }
+        let unread = if prefix.is_empty() {
+            read_buf
+        } else if read_buf.is_empty() {
+            prefix
+        } else {
+            Bytes::from([&read_buf[..], &prefix[..]].concat())
         };
         if unread.is_empty() {
-            self.parked.inc();
-            self.state = State::Parked(io, service);
+            self.state = State::Parked {
+                io,
+                service,
+                _counted: GaugeGuard::new(&self.parked),
+            };
         } else {
             self.serve(io, service, unread);
         }
@@ -206,31 +213,29 @@ impl<T: H1Io, S: H1Service> H1Conn<T, S> {
     /// Asks the connection to finish: hyper's graceful shutdown (after the request in flight),
     /// or, parked, our TLS close at once.
     pub(crate) fn graceful_shutdown(&mut self) {
-        match std::mem::replace(&mut self.state, State::Done) {
-            State::Serving(mut conn) => {
-                Pin::new(&mut *conn).graceful_shutdown();
-                self.state = State::Serving(conn);
+        match &mut self.state {
+            State::Serving(conn) => Pin::new(&mut **conn).graceful_shutdown(),
+            State::Parked { .. } => {
+                if let State::Parked { io, .. } = std::mem::replace(&mut self.state, State::Done) {
+                    self.state = State::Closing(io);
+                }
             }
-            State::Parked(io, _) => {
-                self.parked.dec();
-                self.state = State::Closing(io);
-            }
-            other => self.state = other,
+            State::Closing(_) | State::Done => {}
+        }
+    }
+
+    /// The parked connection's client wrote `woke` (empty at end of stream: hyper sees it and
+    /// closes as it would have): hyper serves again.
+    fn wake(&mut self, woke: Bytes) {
+        if let State::Parked { io, service, .. } = std::mem::replace(&mut self.state, State::Done) {
+            self.serve(io, service, woke);
         }
     }
 
     /// Whether hyper's connection is let go of.
     #[cfg(test)]
     pub(crate) fn is_parked(&self) -> bool {
-        matches!(self.state, State::Parked(..))
-    }
-}
-
-impl<T: H1Io, S: H1Service> Drop for H1Conn<T, S> {
-    fn drop(&mut self) {
-        if matches!(self.state, State::Parked(..)) {
-            self.parked.dec();
-        }
+        matches!(self.state, State::Parked { .. })
     }
 }
 
@@ -240,32 +245,20 @@ impl<T: H1Io, S: H1Service> Future for H1Conn<T, S> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
         loop {
-            match std::mem::replace(&mut this.state, State::Done) {
-                State::Serving(mut conn) => {
-                    let polled = Pin::new(&mut *conn).poll(cx);
-                    this.state = State::Serving(conn);
-                    return polled.map_err(Into::into);
-                }
-                State::Parked(mut io, service) => {
+            match &mut this.state {
+                State::Serving(conn) => return Pin::new(&mut **conn).poll(cx).map_err(Into::into),
+                State::Parked { io, .. } => {
                     let mut buf = [0u8; WAKE_BYTES];
                     let mut read = ReadBuf::new(&mut buf);
-                    let Poll::Ready(res) = Pin::new(&mut io).poll_read(cx, &mut read) else {
-                        this.state = State::Parked(io, service);
-                        return Poll::Pending;
-                    };
-                    this.parked.dec();
-                    if let Err(e) = res {
+                    if let Err(e) = ready!(Pin::new(io).poll_read(cx, &mut read)) {
+                        this.state = State::Done;
                         return Poll::Ready(Err(e.into()));
                     }
-                    // At end of stream too: hyper sees it and closes as it would have.
-                    let woke = Bytes::copy_from_slice(read.filled());
-                    this.serve(io, service, woke);
+                    this.wake(Bytes::copy_from_slice(read.filled()));
                 }
-                State::Closing(mut io) => {
-                    let Poll::Ready(res) = Pin::new(&mut io).poll_shutdown(cx) else {
-                        this.state = State::Closing(io);
-                        return Poll::Pending;
-                    };
+                State::Closing(io) => {
+                    let res = ready!(Pin::new(io).poll_shutdown(cx));
+                    this.state = State::Done;
                     return Poll::Ready(res.map_err(Into::into));
                 }
                 State::Done => return Poll::Ready(Ok(())),
@@ -282,7 +275,7 @@ mod tests {
 
     use futures_util::poll;
     use http::{Request, Response};
-    use http_body_util::Full;
+    use http_body_util::{BodyExt, Full};
     use hyper::service::service_fn;
     use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
@@ -292,9 +285,9 @@ mod tests {
     /// Paths the service was asked for, in order.
     type Seen = Arc<Mutex<Vec<String>>>;
 
-    /// An `H1Conn` on one end of an in-memory pipe, its service answering `ok` without
-    /// reading the request body (as a refusal does) and noting each path; bodies are watched
-    /// as the inbound side watches them.
+    /// An `H1Conn` on one end of an in-memory pipe, its service noting each path and
+    /// answering `ok`: after reading the request body to its end on `/read`, without reading
+    /// it (as a refusal does) elsewhere. Bodies are watched as the inbound side watches them.
     fn pair() -> (
         DuplexStream,
         H1Conn<DuplexStream, impl H1Service>,
@@ -307,17 +300,26 @@ mod tests {
         let activity = Arc::new(Activity::new());
         let (noted, watched) = (seen.clone(), activity.clone());
         let svc = service_fn(move |req: Request<Incoming>| {
-            noted
-                .lock()
-                .expect("seen")
-                .push(req.uri().path().to_owned());
-            let guard = watched.begin();
-            let _body = req.map(|b| match b.is_end_stream() {
-                true => HttpBody::H1(b),
-                false => HttpBody::H1Watched(b, watched.watch_body()),
-            });
-            drop(guard);
-            async { Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok")))) }
+            let path = req.uri().path().to_owned();
+            noted.lock().expect("seen").push(path.clone());
+            let body = req.into_body();
+            let mut body = match body.is_end_stream() {
+                true => HttpBody::H1(body),
+                false => HttpBody::H1Watched(body, watched.watch_body()),
+            };
+            async move {
+                // As hyper's client reads a body it forwards: until its end of stream shows,
+                // through `is_end_stream` after a frame (a sized body) or no frame (chunked).
+                if path == "/read" {
+                    while let Some(frame) = body.frame().await {
+                        frame.expect("frame");
+                        if body.is_end_stream() {
+                            break;
+                        }
+                    }
+                }
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+            }
         });
         let parked = IntGauge::new("inbound_parked_connections", "parked").expect("gauge");
         let conn = H1Conn::new(
@@ -351,22 +353,30 @@ mod tests {
         }
     }
 
+    /// Sends `request` and runs `conn` until its response is read.
+    async fn exchange(
+        conn: &mut H1Conn<DuplexStream, impl H1Service>,
+        client: &mut DuplexStream,
+        request: &[u8],
+    ) {
+        client.write_all(request).await.expect("write");
+        response(conn, client).await;
+    }
+
     const GET_A: &[u8] = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n";
     const GET_B: &[u8] = b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n";
 
     #[tokio::test]
     async fn a_parked_connection_lets_go_of_hyper_and_serves_the_next_request() {
         let (mut client, mut conn, seen, _, parked) = pair();
-        client.write_all(GET_A).await.expect("write");
-        response(&mut conn, &mut client).await;
+        exchange(&mut conn, &mut client, GET_A).await;
         conn.park();
         assert!(conn.is_parked());
         assert_eq!(parked.get(), 1);
         // Nothing to read: it stays parked.
         assert!(poll!(&mut conn).is_pending());
         assert!(conn.is_parked());
-        client.write_all(GET_B).await.expect("write");
-        response(&mut conn, &mut client).await;
+        exchange(&mut conn, &mut client, GET_B).await;
         assert!(!conn.is_parked());
         assert_eq!(parked.get(), 0);
         assert_eq!(*seen.lock().expect("seen"), ["/a", "/b"]);
@@ -375,8 +385,7 @@ mod tests {
     #[tokio::test]
     async fn bytes_hyper_had_read_past_the_last_request_are_served_not_lost() {
         let (mut client, mut conn, seen, _, parked) = pair();
-        client.write_all(GET_A).await.expect("write");
-        response(&mut conn, &mut client).await;
+        exchange(&mut conn, &mut client, GET_A).await;
         // Half of the next request's head, read by hyper.
         client.write_all(&GET_B[..12]).await.expect("write");
         assert!(poll!(&mut conn).is_pending());
@@ -386,8 +395,7 @@ mod tests {
             "hyper had bytes of a request: served again at once"
         );
         assert_eq!(parked.get(), 0);
-        client.write_all(&GET_B[12..]).await.expect("write");
-        response(&mut conn, &mut client).await;
+        exchange(&mut conn, &mut client, &GET_B[12..]).await;
         assert_eq!(*seen.lock().expect("seen"), ["/a", "/b"]);
     }
 
@@ -401,8 +409,7 @@ mod tests {
             "POST /c HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n0123456789",
             10 + smuggled.len()
         );
-        client.write_all(head.as_bytes()).await.expect("write");
-        response(&mut conn, &mut client).await;
+        exchange(&mut conn, &mut client, head.as_bytes()).await;
         assert!(!activity.bodies_read());
         conn.park();
         assert!(!conn.is_parked());
@@ -413,24 +420,25 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_read_body_lets_the_connection_park() {
-        let (mut client, mut conn, _, activity, _) = pair();
-        let watch = activity.watch_body();
-        assert!(!activity.bodies_read());
-        let mut watch = watch;
-        watch.ended();
-        assert!(activity.bodies_read());
-        client.write_all(GET_A).await.expect("write");
-        response(&mut conn, &mut client).await;
-        conn.park();
-        assert!(conn.is_parked());
+    async fn a_request_body_read_to_its_end_lets_the_connection_park() {
+        let (mut client, mut conn, seen, activity, _) = pair();
+        let sized = b"POST /read HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello";
+        let chunked = b"POST /read HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n\
+                        5\r\nhello\r\n0\r\n\r\n";
+        for request in [&sized[..], &chunked[..]] {
+            exchange(&mut conn, &mut client, request).await;
+            assert!(activity.bodies_read());
+            conn.park();
+            assert!(conn.is_parked());
+        }
+        exchange(&mut conn, &mut client, GET_A).await;
+        assert_eq!(*seen.lock().expect("seen"), ["/read", "/read", "/a"]);
     }
 
     #[tokio::test]
     async fn a_parked_connection_asked_to_finish_closes() {
         let (mut client, mut conn, _, _, parked) = pair();
-        client.write_all(GET_A).await.expect("write");
-        response(&mut conn, &mut client).await;
+        exchange(&mut conn, &mut client, GET_A).await;
         conn.park();
         conn.graceful_shutdown();
         assert_eq!(parked.get(), 0);

@@ -56,6 +56,7 @@ use crate::http::h2_server::{
     H2Server, ResetBudget, StreamEnd, end_of, fit_for_h2, h2_builder, reset_end,
 };
 use crate::http::linger::Linger;
+use crate::metrics::GaugeGuard;
 use crate::signal::Shutdown;
 use crate::state::{Snapshot, State};
 use crate::tls::bounds::is_bound_refusal;
@@ -73,15 +74,6 @@ pub(super) struct Conn {
     shutdown: Shutdown,
     /// The connection's slot under `max_connections`.
     _permit: OwnedSemaphorePermit,
-}
-
-/// Decrements the active-connection gauge when the connection task ends.
-struct ActiveGuard(prometheus::IntGauge);
-
-impl Drop for ActiveGuard {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
 }
 
 impl Conn {
@@ -112,9 +104,7 @@ impl Conn {
     /// connection's lifetime, so the handshake and each protocol's serving are boxed: an idle
     /// HTTP/1.1 connection carries neither the handshake's state nor an HTTP/2 connection's.
     pub(super) async fn run(self, tcp: TcpStream) {
-        let m = &self.inbound.metrics;
-        m.inbound_active_connections.inc();
-        let _active = ActiveGuard(m.inbound_active_connections.clone());
+        let _active = GaugeGuard::new(&self.inbound.metrics.inbound_active_connections);
         let _ = tcp.set_nodelay(true);
         let Self {
             inbound,
