@@ -193,6 +193,18 @@ async fn several_event_loops_spread_connections_and_each_has_its_own_pool() {
     }
     drop(conns);
 
+    // Each loop's pool dialled one shared HTTP/2 connection for the concurrent requests
+    // (the others waited for it), besides the HTTP/1.1 lane of the sequential ones.
+    let handshakes = inbound
+        .metric("gatehouse_tls_handshakes_total", &[("result", "ok")])
+        .await
+        .expect("metrics");
+    assert_eq!(
+        handshakes,
+        2.0 * LOOPS as f64,
+        "one lane and one HTTP/2 connection per outbound loop"
+    );
+
     // A trust change (the bundle rewritten) retires the pools of every loop: the next
     // request on each loop connects anew.
     let bundle = std::fs::read(client.bundle()).expect("bundle");
@@ -223,7 +235,7 @@ async fn several_event_loops_spread_connections_and_each_has_its_own_pool() {
         .expect("metrics");
     assert_eq!(
         handshakes,
-        2.0 * LOOPS as f64,
+        3.0 * LOOPS as f64,
         "every loop's pool reconnected after the trust change"
     );
 

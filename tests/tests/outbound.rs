@@ -75,12 +75,29 @@ async fn outbound_sidecar(cert: &CertDir, entries: &[(&str, String, &str)]) -> S
         .expect("outbound sidecar starts")
 }
 
+/// The value of `k=` in nginx's `/whoami` answer.
+fn field_of(body: &str, k: &str) -> String {
+    body.split_whitespace()
+        .find_map(|kv| kv.strip_prefix(&format!("{k}=")))
+        .unwrap_or_default()
+        .to_owned()
+}
+
 /// A plaintext keep-alive HTTP/1.1 client: the report service's view of its sidecar.
 struct Http(Client<HttpConnector, Full<Bytes>>);
 
 impl Http {
     fn new() -> Self {
         Self(Client::builder(TokioExecutor::new()).build_http())
+    }
+
+    /// HTTP/2 with prior knowledge (a gRPC app's view of its sidecar).
+    fn h2c() -> Self {
+        Self(
+            Client::builder(TokioExecutor::new())
+                .http2_only(true)
+                .build_http(),
+        )
     }
 
     async fn get(
@@ -414,12 +431,7 @@ async fn nginx_accepts_our_client_certificate_and_is_refused_when_not_the_pinned
         "{body}; nginx error log:\n{}",
         ngx.error_log()
     );
-    let field = |k: &str| {
-        body.split_whitespace()
-            .find_map(|kv| kv.strip_prefix(&format!("{k}=")))
-            .unwrap_or_default()
-            .to_owned()
-    };
+    let field = |k: &str| field_of(&body, k);
     assert_eq!(field("verify"), "SUCCESS", "{body}");
     let norm = |s: &str| s.trim_start_matches('0').to_ascii_lowercase();
     assert_eq!(
@@ -429,6 +441,15 @@ async fn nginx_accepts_our_client_certificate_and_is_refused_when_not_the_pinned
     );
     assert_eq!(
         field("proto"),
+        "HTTP/1.1",
+        "one request at a time takes the HTTP/1.1 lane: {body}"
+    );
+    // HTTP/2 from the app goes over h2, negotiated with nginx.
+    let (status, _, body) = Http::h2c().get(&url, None).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(field_of(&body, "verify"), "SUCCESS", "{body}");
+    assert_eq!(
+        field_of(&body, "proto"),
         "HTTP/2.0",
         "h2 negotiated with nginx: {body}"
     );

@@ -93,7 +93,7 @@ fn credentials(dir: &Path) -> Credentials {
 enum Mode {
     /// Serve HTTP (h2 or HTTP/1.1 as negotiated); responds `served by <id> path <path>`.
     Http,
-    /// Serve HTTP but take this long to answer.
+    /// Serve HTTP but take this long to answer (paths under `/long/` four times as long).
     Slow(Duration),
     /// Read and count bytes, never answer.
     Record,
@@ -237,6 +237,9 @@ async fn respond(
 ) -> Result<hyper::Response<Full<Bytes>>, std::convert::Infallible> {
     {
         match mode {
+            Mode::Slow(d) if req.uri().path().starts_with("/long/") => {
+                tokio::time::sleep(d * 4).await;
+            }
             Mode::Slow(d) => tokio::time::sleep(d).await,
             Mode::GoAwayAfterFast if req.uri().path() == "/slow" => {
                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -388,7 +391,11 @@ async fn pinned_h2_upstream_multiplexes_many_requests_on_one_handshake() {
     let ca = Ca::new(TD);
     let (caller, monolith) = (ca.issue("report-service"), ca.issue("monolith"));
     let upstream = server(&monolith, &monolith, &[b"h2", b"http/1.1"], Mode::Http).await;
-    let sidecar = Sidecar::to_monolith(&caller, upstream.addr).await;
+    // HTTP/2 only: with `auto`, requests one at a time would take the HTTP/1.1 lane.
+    let sidecar = Sidecar::start(&caller, upstream.addr, MONOLITH, |o| {
+        o.protocol = UpstreamProtocol::H2;
+    })
+    .await;
     let client = h1_client();
     let (status, headers, body) = get(
         &client,
@@ -424,6 +431,139 @@ async fn pinned_h2_upstream_multiplexes_many_requests_on_one_handshake() {
         sidecar.metric("gatehouse_outbound_requests_total", &[("status", "200")]),
         103.0
     );
+}
+
+/// Polls `cond` every 5 ms for up to 10 s.
+async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !cond() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn one_request_at_a_time_takes_the_http1_lane_and_concurrent_ones_share_h2() {
+    let ca = Ca::new(TD);
+    let (caller, monolith) = (ca.issue("report-service"), ca.issue("monolith"));
+    // Every answer takes 300 ms, so requests started together overlap.
+    let slow = Mode::Slow(Duration::from_millis(300));
+    let upstream = server(&monolith, &monolith, &[b"h2", b"http/1.1"], slow).await;
+    let sidecar = Sidecar::to_monolith(&caller, upstream.addr).await;
+    let client = h1_client();
+    for i in 0..3 {
+        let (status, _, body) = get(&client, sidecar.addr, &format!("/seq/{i}"), None).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert!(body.starts_with("HTTP/1.1 /seq/"), "the lane: {body}");
+    }
+    assert_eq!(
+        upstream.handshakes.load(Ordering::SeqCst),
+        1,
+        "one lane connection"
+    );
+    let sent = || sidecar.metric("gatehouse_outbound_endpoint_requests_total", &[]);
+    let spawn_get = |path: String| {
+        let (client, addr) = (client.clone(), sidecar.addr);
+        tokio::spawn(async move { get(&client, addr, &path, None).await })
+    };
+    // A takes the idle lane; B (answered in 1.2 s), sent while A waits for its answer, opens
+    // the HTTP/2 connection, and the rest share it.
+    let before = sent();
+    let a = spawn_get("/a".into());
+    until("A to be sent", || sent() > before).await;
+    let b = spawn_get("/long/b".into());
+    until("the HTTP/2 handshake", || {
+        upstream.handshakes.load(Ordering::SeqCst) == 2
+    })
+    .await;
+    let rest: Vec<_> = (0..6).map(|i| spawn_get(format!("/c/{i}"))).collect();
+    let (_, _, body) = a.await.expect("A");
+    assert!(body.starts_with("HTTP/1.1 /a"), "A on the lane: {body}");
+    // The lane is idle again but B still waits for its answer: a caller with concurrent
+    // requests stays on HTTP/2.
+    let (_, _, body) = get(&client, sidecar.addr, "/d", None).await;
+    assert!(
+        body.starts_with("HTTP/2.0 /d"),
+        "not the lane while B is out: {body}"
+    );
+    for c in rest.into_iter().chain([b]) {
+        let (status, _, body) = c.await.expect("B or C");
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert!(
+            body.starts_with("HTTP/2.0 /"),
+            "concurrent ones on h2: {body}"
+        );
+    }
+    // HTTP/2 from the app (gRPC's trailers need it end to end) never takes the idle lane.
+    let (_, _, body) = get(&h2c_client(), sidecar.addr, "/h2c", None).await;
+    assert!(body.starts_with("HTTP/2.0 /h2c"), "{body}");
+    // Alone again: back on the lane, with no new connection.
+    let (_, _, body) = get(&client, sidecar.addr, "/seq/again", None).await;
+    assert!(body.starts_with("HTTP/1.1 /seq/again"), "{body}");
+    assert_eq!(upstream.handshakes.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn a_burst_of_first_requests_dials_one_shared_connection() {
+    let ca = Ca::new(TD);
+    let (caller, monolith) = (ca.issue("report-service"), ca.issue("monolith"));
+    let slow = Mode::Slow(Duration::from_millis(200));
+    for (protocol, alpn, want) in [
+        (UpstreamProtocol::H2, &[&b"h2"[..]][..], 1),
+        // The lane's connection and the shared one.
+        (
+            UpstreamProtocol::Auto,
+            &[&b"h2"[..], &b"http/1.1"[..]][..],
+            2,
+        ),
+        // A peer that speaks only HTTP/1.1: one connection per request in flight.
+        (UpstreamProtocol::Auto, &[&b"http/1.1"[..]][..], 10),
+    ] {
+        let upstream = server(&monolith, &monolith, alpn, slow).await;
+        let sidecar =
+            Sidecar::start(&caller, upstream.addr, MONOLITH, |o| o.protocol = protocol).await;
+        let client = h1_client();
+        let burst: Vec<_> = (0..10)
+            .map(|i| {
+                let (client, addr) = (client.clone(), sidecar.addr);
+                tokio::spawn(async move { get(&client, addr, &format!("/burst/{i}"), None).await })
+            })
+            .collect();
+        for b in burst {
+            let (status, _, body) = b.await.expect("request");
+            assert_eq!(status, StatusCode::OK, "{protocol:?}: {body}");
+        }
+        assert_eq!(
+            upstream.handshakes.load(Ordering::SeqCst),
+            want,
+            "{protocol:?} to a peer offering {alpn:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_peer_that_refuses_http1_in_alpn_gets_no_lane() {
+    let ca = Ca::new(TD);
+    let (caller, monolith) = (ca.issue("report-service"), ca.issue("monolith"));
+    let upstream = server(&monolith, &monolith, &[b"h2"], Mode::Http).await;
+    let sidecar = Sidecar::to_monolith(&caller, upstream.addr).await;
+    let client = h1_client();
+    for i in 0..5 {
+        let (status, _, body) = get(&client, sidecar.addr, &format!("/n/{i}"), None).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert!(body.starts_with("HTTP/2.0 /n/"), "{body}");
+    }
+    // The refused lane handshake was not completed; the lane is not tried again.
+    assert_eq!(upstream.handshakes.load(Ordering::SeqCst), 1);
+    let failed = sidecar.metric("gatehouse_outbound_tls_handshakes_total", &[])
+        - sidecar.metric(
+            "gatehouse_outbound_tls_handshakes_total",
+            &[("result", "ok")],
+        );
+    assert_eq!(failed, 0.0, "the refused lane is not a failed handshake");
 }
 
 #[tokio::test]

@@ -236,6 +236,8 @@ impl Upstream {
             }
             None => None,
         };
+        // HTTP/1.x from the app may take the pool's HTTP/1.1 lane; HTTP/2 (gRPC) may not.
+        let lane = req.version() < http::Version::HTTP_2;
         let mut req = req.map(Either::Left);
         let mut connect_retried = false;
         let mut unsent_retried = false;
@@ -249,7 +251,7 @@ impl Upstream {
             // A clone (an atomic increment) so the pick can be updated while the pool is used.
             let pool = Arc::clone(pick.conn());
             pool.requests.inc();
-            let conn = match pool.checkout().await {
+            let conn = match pool.checkout(lane).await {
                 Ok(conn) => conn,
                 Err(e) => {
                     not = Some(pick.addr());
@@ -385,7 +387,7 @@ impl Upstream {
         let mut pick = self.pick(None).await?;
         let pool = Arc::clone(pick.conn());
         pool.requests.inc();
-        let conn = match pool.checkout().await {
+        let conn = match pool.checkout(false).await {
             Ok(conn) => conn,
             Err(e) => {
                 match e.endpoint_outcome() {
