@@ -73,6 +73,12 @@ pub(crate) const DEFAULT_MAX_CONNECTION_AGE: Duration = Duration::from_secs(300)
 /// How long a request waits for a pooled connection when `pool_max_connections` are busy (not
 /// configurable: the caller's own `request_timeout` is usually shorter).
 pub(crate) const POOL_WAIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The HTTP/1.1 lane's idle time (`crate::outbound::pool`; not configurable): a lane
+/// connection idle this long is closed, and one is dialled only for a caller whose previous
+/// request came within it. Half the inbound's default HTTP/1.1 keep-alive bound
+/// (`header_read_timeout`, 10 s), so the peer does not close a lane under a request; a slower
+/// caller stays on the HTTP/2 connection, which both sides keep longer.
+pub(crate) const LANE_IDLE: Duration = Duration::from_secs(5);
 
 // ---- [runtime], [reload], [identity], [audit] ---------------------------------------------------
 

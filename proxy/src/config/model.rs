@@ -121,7 +121,9 @@ pub(crate) enum UpstreamProtocol {
     Http1,
     /// HTTP/2 only: every request multiplexed on one shared connection.
     H2,
-    /// Offer `h2` then `http/1.1` and use what the peer picks (the default).
+    /// Offer `h2` then `http/1.1` and use what the peer picks, plus one HTTP/1.1 connection
+    /// per endpoint for requests sent one at a time (the lane: `crate::outbound::pool`; the
+    /// default).
     #[default]
     Auto,
 }
@@ -392,6 +394,8 @@ pub(crate) struct OutboundLimits {
     pub(crate) max_idle: usize,
     /// How long a request waits for a connection when `max_connections` are busy.
     pub(crate) pool_wait_timeout: Duration,
+    /// The HTTP/1.1 lane's idle time ([`LANE_IDLE`]; tests shorten it).
+    pub(crate) lane_idle: Duration,
     /// The balancer over the upstream's endpoints (`slow_start`; the rest built in).
     pub(crate) balance: BalanceConfig,
     /// Endpoint discovery (`resolver`, `dns_min_ttl`, `dns_max_ttl`).
@@ -411,6 +415,7 @@ impl Default for OutboundLimits {
             max_connections: DEFAULT_POOL_MAX_CONNECTIONS,
             max_idle: DEFAULT_POOL_MAX_IDLE,
             pool_wait_timeout: POOL_WAIT_TIMEOUT,
+            lane_idle: LANE_IDLE,
             balance: BalanceConfig::default(),
             discover: DiscoverConfig::default(),
             retry_idempotent: false,

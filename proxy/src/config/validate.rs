@@ -612,6 +612,7 @@ impl Check<'_> {
                 DEFAULT_MAX_CONNECTION_AGE,
             ),
             pool_wait_timeout: POOL_WAIT_TIMEOUT,
+            lane_idle: LANE_IDLE,
             balance: BalanceConfig {
                 slow_start: self.slow_start(o.slow_start.as_ref()),
                 ..BalanceConfig::default()

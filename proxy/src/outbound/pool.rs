@@ -7,8 +7,11 @@
 //! **The HTTP/1.1 lane** (`protocol = "auto"`, the default): besides the shared HTTP/2
 //! connection, a pool keeps [`LANE`] HTTP/1.1 connection to the same peer (dialled offering
 //! only `http/1.1`). An HTTP/1.x request from the app takes it when it is idle and no other
-//! request of the pool is waiting for its response; otherwise it shares the HTTP/2
-//! connection. A caller that sends one request at a time (the report service fetching its
+//! request of the pool is waiting for its response or dialling; otherwise it shares the HTTP/2
+//! connection. The lane is dialled only for a caller whose previous request came within
+//! `lane_idle` (5 s, [`crate::config`]'s `LANE_IDLE`), and closed after that long idle: a
+//! caller slower than that stays on HTTP/2 (kept 30 s) instead of paying a handshake for each
+//! request after the peer closed the lane. A caller that sends one request at a time (the report service fetching its
 //! data) so never pays for HTTP/2's framing, HPACK and stream bookkeeping on either sidecar
 //! (the pair's user CPU per request a fifth lower at concurrency 1), while concurrent callers
 //! multiplex on one connection, where HTTP/2 is the cheaper of the two (its writes carry many
@@ -100,6 +103,9 @@ pub(super) struct Idle {
     h1: h1_pool::Idle<Conn>,
     /// The idle connection of the HTTP/1.1 lane (module docs).
     lane: h1_pool::Idle<Conn>,
+    /// When a request last looked for a connection: the lane is dialled only for a caller
+    /// whose previous request came within `lane_idle`.
+    last_checkout: Option<Instant>,
 }
 
 pub(super) enum Sender {
@@ -208,7 +214,8 @@ impl Pool {
                 dialling: false,
                 h2: None,
                 h1: h1_pool::Idle::new(limits.max_idle, limits.idle_timeout),
-                lane: h1_pool::Idle::new(LANE, limits.idle_timeout),
+                lane: h1_pool::Idle::new(LANE, limits.lane_idle.min(limits.idle_timeout)),
+                last_checkout: None,
             }),
             lane_open: Arc::new(AtomicUsize::new(0)),
             lane_off: AtomicBool::new(!lane),
@@ -359,31 +366,31 @@ impl Pool {
     fn take_pooled(&self, lane: bool) -> Pooled<'_> {
         let now = Instant::now();
         let mut idle = self.lock_idle();
+        let previous = idle.last_checkout.replace(now);
+        // Nothing else in flight or being dialled: a caller with one request at a time.
         if lane
             && !self.lane_off.load(Ordering::Relaxed)
             && self.in_flight.load(Ordering::Relaxed) == 0
+            && !idle.dialling
         {
             if let Some(conn) = idle.lane.take(now, |conn| self.usable(conn, now)) {
                 return Pooled::Conn(conn);
             }
-            let reserved = self
-                .lane_open
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                    (n < LANE).then_some(n + 1)
-                });
-            if reserved.is_ok() {
+            let recent =
+                previous.is_some_and(|t| now.saturating_duration_since(t) < self.limits.lane_idle);
+            let reserved = recent
+                && self
+                    .lane_open
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                        (n < LANE).then_some(n + 1)
+                    })
+                    .is_ok();
+            if reserved {
                 return Pooled::Dial(Dial::Lane(LaneSlot(Arc::clone(&self.lane_open))));
             }
         }
-        if let Some((h2, last_used)) = &mut idle.h2 {
-            if self.usable(h2, now) {
-                *last_used = now;
-                if let Some(conn) = h2.share() {
-                    return Pooled::Conn(conn);
-                }
-            }
-            // Aged or closed: new streams go to a new connection; open streams finish.
-            idle.h2 = None;
+        if let Some(conn) = self.share_h2(&mut idle, now) {
+            return Pooled::Conn(conn);
         }
         if let Some(conn) = idle.h1.take(now, |conn| self.usable(conn, now)) {
             return Pooled::Conn(conn);
@@ -399,6 +406,18 @@ impl Pool {
             pool: self,
             wake: true,
         }))
+    }
+
+    /// A handle on the shared HTTP/2 connection, if there is a usable one.
+    fn share_h2(&self, idle: &mut Idle, now: Instant) -> Option<Conn> {
+        let (h2, last_used) = idle.h2.as_mut()?;
+        if self.usable(h2, now) {
+            *last_used = now;
+            return h2.share();
+        }
+        // Aged or closed: new streams go to a new connection; open streams finish.
+        idle.h2 = None;
+        None
     }
 
     /// Opens a new connection under the connect timeout.
@@ -455,10 +474,14 @@ impl Pool {
             };
             match handshake {
                 Err(e) if slot.is_some() && refused_alpn(&e) => {
-                    // A peer that speaks only h2: no lane to it; dialled again as configured.
+                    // A peer that speaks only h2: no lane to it; the shared connection, or
+                    // dialled again as configured.
                     debug!(upstream = %self.name, endpoint = %self.addr, "the peer refused an HTTP/1.1 lane; using HTTP/2 only");
                     self.lane_off.store(true, Ordering::Relaxed);
                     *slot = None;
+                    if let Some(conn) = self.share_h2(&mut self.lock_idle(), Instant::now()) {
+                        return Ok(conn);
+                    }
                 }
                 handshake => break handshake,
             }
@@ -486,8 +509,10 @@ impl Pool {
         let io = AlertTap::new(tls, Arc::clone(&alert));
         let lane = slot.is_some();
         if !h2 && !lane {
-            // The peer chose HTTP/1.1: one connection per request in flight, dialled in parallel.
+            // The peer chose HTTP/1.1: one connection per request in flight, dialled in
+            // parallel, and no lane (its pool is HTTP/1.1 already).
             self.single_dial.store(false, Ordering::Relaxed);
+            self.lane_off.store(true, Ordering::Relaxed);
         }
         let sender = if h2 {
             let (sender, conn) = h2_client::handshake(io)

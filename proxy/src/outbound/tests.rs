@@ -454,6 +454,10 @@ async fn one_request_at_a_time_takes_the_http1_lane_and_concurrent_ones_share_h2
     let upstream = server(&monolith, &monolith, &[b"h2", b"http/1.1"], slow).await;
     let sidecar = Sidecar::to_monolith(&caller, upstream.addr).await;
     let client = h1_client();
+    // The first request of a pool opens the HTTP/2 connection; the next, one at a time
+    // within `lane_idle` of it, dials the lane and the ones after reuse it.
+    let (_, _, body) = get(&client, sidecar.addr, "/seq/first", None).await;
+    assert!(body.starts_with("HTTP/2.0 /seq/first"), "{body}");
     for i in 0..3 {
         let (status, _, body) = get(&client, sidecar.addr, &format!("/seq/{i}"), None).await;
         assert_eq!(status, StatusCode::OK, "{body}");
@@ -461,24 +465,20 @@ async fn one_request_at_a_time_takes_the_http1_lane_and_concurrent_ones_share_h2
     }
     assert_eq!(
         upstream.handshakes.load(Ordering::SeqCst),
-        1,
-        "one lane connection"
+        2,
+        "the HTTP/2 connection and one lane connection"
     );
     let sent = || sidecar.metric("gatehouse_outbound_endpoint_requests_total", &[]);
     let spawn_get = |path: String| {
         let (client, addr) = (client.clone(), sidecar.addr);
         tokio::spawn(async move { get(&client, addr, &path, None).await })
     };
-    // A takes the idle lane; B (answered in 1.2 s), sent while A waits for its answer, opens
-    // the HTTP/2 connection, and the rest share it.
+    // A takes the idle lane; B (answered in 1.2 s), sent while A waits for its answer, and
+    // the rest share the HTTP/2 connection.
     let before = sent();
     let a = spawn_get("/a".into());
     until("A to be sent", || sent() > before).await;
     let b = spawn_get("/long/b".into());
-    until("the HTTP/2 handshake", || {
-        upstream.handshakes.load(Ordering::SeqCst) == 2
-    })
-    .await;
     let rest: Vec<_> = (0..6).map(|i| spawn_get(format!("/c/{i}"))).collect();
     let (_, _, body) = a.await.expect("A");
     assert!(body.starts_with("HTTP/1.1 /a"), "A on the lane: {body}");
@@ -513,11 +513,11 @@ async fn a_burst_of_first_requests_dials_one_shared_connection() {
     let slow = Mode::Slow(Duration::from_millis(200));
     for (protocol, alpn, want) in [
         (UpstreamProtocol::H2, &[&b"h2"[..]][..], 1),
-        // The lane's connection and the shared one.
+        // Concurrent requests: no lane either.
         (
             UpstreamProtocol::Auto,
             &[&b"h2"[..], &b"http/1.1"[..]][..],
-            2,
+            1,
         ),
         // A peer that speaks only HTTP/1.1: one connection per request in flight.
         (UpstreamProtocol::Auto, &[&b"http/1.1"[..]][..], 10),
@@ -542,6 +542,40 @@ async fn a_burst_of_first_requests_dials_one_shared_connection() {
             "{protocol:?} to a peer offering {alpn:?}"
         );
     }
+}
+
+#[tokio::test]
+async fn a_caller_slower_than_the_lane_s_idle_time_stays_on_h2() {
+    let ca = Ca::new(TD);
+    let (caller, monolith) = (ca.issue("report-service"), ca.issue("monolith"));
+    let upstream = server(&monolith, &monolith, &[b"h2", b"http/1.1"], Mode::Http).await;
+    let lane_idle = Duration::from_millis(300);
+    let sidecar = Sidecar::start(&caller, upstream.addr, MONOLITH, |o| {
+        o.limits.lane_idle = lane_idle;
+    })
+    .await;
+    let client = h1_client();
+    let proto = async |path: &str| {
+        let (status, _, body) = get(&client, sidecar.addr, path, None).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body.split(' ').next().unwrap_or_default().to_owned()
+    };
+    assert_eq!(proto("/1").await, "HTTP/2.0");
+    assert_eq!(proto("/2").await, "HTTP/1.1", "the lane, dialled");
+    // The pause is what is under test: longer than the lane's idle time.
+    tokio::time::sleep(lane_idle + Duration::from_millis(100)).await;
+    assert_eq!(
+        proto("/3").await,
+        "HTTP/2.0",
+        "after the pause: h2, no new dial"
+    );
+    assert_eq!(upstream.handshakes.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        proto("/4").await,
+        "HTTP/1.1",
+        "back to back again: a new lane"
+    );
+    assert_eq!(upstream.handshakes.load(Ordering::SeqCst), 3);
 }
 
 #[tokio::test]

@@ -4,7 +4,8 @@
 //! startup), TCP, then TLS with our certificate and the server's identity pinned
 //! ([`ServerIdentityVerifier`](crate::tls::client::ServerIdentityVerifier)), then HTTP/2 when
 //! the server agreed to `h2` in ALPN (one connection, many concurrent streams) or HTTP/1.1
-//! (a keep-alive pool). The pool is bounded (`max_connections`, waiting callers get a
+//! (a keep-alive pool); with `protocol = "auto"` also one HTTP/1.1 connection for requests sent
+//! one at a time (the lane, [`super::pool`]). The pool is bounded (`max_connections`, waiting callers get a
 //! connection as one frees up), idle connections close after `idle_timeout`, and no connection
 //! is reused past `max_connection_age`, so a rotated client certificate is presented within a
 //! bounded time.

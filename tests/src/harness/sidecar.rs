@@ -432,6 +432,19 @@ impl Sidecar {
         self.stderr.lock().expect("lines").join("\n")
     }
 
+    /// Waits (10 s) until stderr contains `needle`: a log line can reach the pipe reader after
+    /// the metric that counts its event.
+    ///
+    /// # Panics
+    /// On timeout, with stderr.
+    pub async fn wait_stderr(&self, needle: &str) {
+        eventually(needle, Duration::from_secs(10), async || {
+            self.stderr_text().contains(needle).then_some(())
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", self.stderr_text()));
+    }
+
     /// GET on the admin listener: status and body.
     ///
     /// # Errors
