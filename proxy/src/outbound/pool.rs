@@ -8,16 +8,21 @@
 //! connection, a pool keeps [`LANE`] HTTP/1.1 connection to the same peer (dialled offering
 //! only `http/1.1`). An HTTP/1.x request from the app takes it when it is idle and no other
 //! request of the pool is waiting for its response or dialling; otherwise it shares the HTTP/2
-//! connection. The lane is dialled only for a caller whose previous request came within
-//! `lane_idle` (5 s, [`crate::config`]'s `LANE_IDLE`), and closed after that long idle: a
-//! caller slower than that stays on HTTP/2 (kept 30 s) instead of paying a handshake for each
-//! request after the peer closed the lane. A caller that sends one request at a time (the report service fetching its
+//! connection. A caller that sends one request at a time (the report service fetching its
 //! data) so never pays for HTTP/2's framing, HPACK and stream bookkeeping on either sidecar
 //! (the pair's user CPU per request a fifth lower at concurrency 1), while concurrent callers
 //! multiplex on one connection, where HTTP/2 is the cheaper of the two (its writes carry many
-//! requests' frames). HTTP/2 requests from the app (gRPC: trailers) and WebSocket tunnels
-//! never take the lane. A peer that refuses `http/1.1` in ALPN turns the lane off for the
-//! pool; the request is dialled again as before.
+//! requests' frames).
+//!
+//! - The lane is dialled only for a caller whose previous request came within `lane_idle`
+//!   (5 s, `LANE_IDLE` in [`crate::config`]), and closed after that long idle: a slower caller
+//!   stays on HTTP/2 (kept 30 s) instead of paying a handshake per request after the peer
+//!   closed the lane (the inbound keeps an idle HTTP/1.1 connection 10 s).
+//! - HTTP/2 requests from the app (gRPC: trailers) and WebSocket tunnels never take it.
+//! - A peer that refuses `http/1.1` in ALPN, or that chose it for the shared connection,
+//!   turns the lane off for the pool.
+//! - The shared connection is dialled by one request at a time ([`SharedDial`]): a burst of
+//!   first requests waits for it instead of each paying a handshake.
 
 use std::io;
 use std::net::SocketAddr;
