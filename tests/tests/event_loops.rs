@@ -103,6 +103,12 @@ async fn several_event_loops_spread_connections_and_each_has_its_own_pool() {
         .await
         .expect("outbound sidecar starts");
     let addr = outbound.listener("outbound:monolith");
+    let handshakes = async || {
+        inbound
+            .metric("gatehouse_tls_handshakes_total", &[("result", "ok")])
+            .await
+            .expect("metrics")
+    };
     let before = loop_switches(inbound.pid());
     assert_eq!(
         before.len(),
@@ -119,12 +125,8 @@ async fn several_event_loops_spread_connections_and_each_has_its_own_pool() {
         assert_eq!(get(&mut send).await, StatusCode::OK);
         conns.push(send);
     }
-    let handshakes = inbound
-        .metric("gatehouse_tls_handshakes_total", &[("result", "ok")])
-        .await
-        .expect("metrics");
     assert_eq!(
-        handshakes,
+        handshakes().await,
         2.0 * LOOPS as f64,
         "two mTLS connections per outbound event loop (connections spread round-robin)"
     );
@@ -196,12 +198,8 @@ async fn several_event_loops_spread_connections_and_each_has_its_own_pool() {
     drop(conns);
 
     // The concurrent requests shared each loop's HTTP/2 connection: no new one.
-    let handshakes = inbound
-        .metric("gatehouse_tls_handshakes_total", &[("result", "ok")])
-        .await
-        .expect("metrics");
     assert_eq!(
-        handshakes,
+        handshakes().await,
         2.0 * LOOPS as f64,
         "still one lane and one HTTP/2 connection per outbound loop"
     );
@@ -230,12 +228,8 @@ async fn several_event_loops_spread_connections_and_each_has_its_own_pool() {
         let mut send = connect(addr).await;
         assert_eq!(get(&mut send).await, StatusCode::OK);
     }
-    let handshakes = inbound
-        .metric("gatehouse_tls_handshakes_total", &[("result", "ok")])
-        .await
-        .expect("metrics");
     assert_eq!(
-        handshakes,
+        handshakes().await,
         3.0 * LOOPS as f64,
         "every loop's pool reconnected after the trust change"
     );

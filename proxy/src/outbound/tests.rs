@@ -376,6 +376,21 @@ async fn get(
     )
 }
 
+/// Sends `n` GETs one after the other; each must be answered 200 and have reached the upstream
+/// over `proto` (`HTTP/1.1` or `HTTP/2.0`).
+async fn one_at_a_time(
+    client: &Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+    addr: SocketAddr,
+    n: usize,
+    proto: &str,
+) {
+    for i in 0..n {
+        let (status, _, body) = get(client, addr, &format!("/n/{i}"), None).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert!(body.starts_with(&format!("{proto} /n/")), "{body}");
+    }
+}
+
 fn h1_client() -> Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>> {
     Client::builder(TokioExecutor::new()).build_http()
 }
@@ -458,11 +473,7 @@ async fn one_request_at_a_time_takes_the_http1_lane_and_concurrent_ones_share_h2
     // within `lane_idle` of it, dials the lane and the ones after reuse it.
     let (_, _, body) = get(&client, sidecar.addr, "/seq/first", None).await;
     assert!(body.starts_with("HTTP/2.0 /seq/first"), "{body}");
-    for i in 0..3 {
-        let (status, _, body) = get(&client, sidecar.addr, &format!("/seq/{i}"), None).await;
-        assert_eq!(status, StatusCode::OK, "{body}");
-        assert!(body.starts_with("HTTP/1.1 /seq/"), "the lane: {body}");
-    }
+    one_at_a_time(&client, sidecar.addr, 3, "HTTP/1.1").await;
     assert_eq!(
         upstream.handshakes.load(Ordering::SeqCst),
         2,
@@ -585,11 +596,7 @@ async fn a_peer_that_refuses_http1_in_alpn_gets_no_lane() {
     let upstream = server(&monolith, &monolith, &[b"h2"], Mode::Http).await;
     let sidecar = Sidecar::to_monolith(&caller, upstream.addr).await;
     let client = h1_client();
-    for i in 0..5 {
-        let (status, _, body) = get(&client, sidecar.addr, &format!("/n/{i}"), None).await;
-        assert_eq!(status, StatusCode::OK, "{body}");
-        assert!(body.starts_with("HTTP/2.0 /n/"), "{body}");
-    }
+    one_at_a_time(&client, sidecar.addr, 5, "HTTP/2.0").await;
     // The refused lane handshake was not completed; the lane is not tried again.
     assert_eq!(upstream.handshakes.load(Ordering::SeqCst), 1);
     let failed = sidecar.metric("gatehouse_outbound_tls_handshakes_total", &[])
@@ -607,11 +614,7 @@ async fn http1_upstream_reuses_keepalive_connections() {
     let upstream = server(&monolith, &monolith, &[b"http/1.1"], Mode::Http).await;
     let sidecar = Sidecar::to_monolith(&caller, upstream.addr).await;
     let client = h1_client();
-    for i in 0..50 {
-        let (status, _, body) = get(&client, sidecar.addr, &format!("/n/{i}"), None).await;
-        assert_eq!(status, StatusCode::OK);
-        assert!(body.starts_with("HTTP/1.1 /n/"), "{body}");
-    }
+    one_at_a_time(&client, sidecar.addr, 50, "HTTP/1.1").await;
     assert_eq!(upstream.handshakes.load(Ordering::SeqCst), 1);
 }
 
@@ -625,11 +628,7 @@ async fn protocol_http1_keeps_a_keepalive_pool_to_an_h2_capable_peer() {
     })
     .await;
     let client = h1_client();
-    for i in 0..20 {
-        let (status, _, body) = get(&client, sidecar.addr, &format!("/n/{i}"), None).await;
-        assert_eq!(status, StatusCode::OK);
-        assert!(body.starts_with("HTTP/1.1 /n/"), "{body}");
-    }
+    one_at_a_time(&client, sidecar.addr, 20, "HTTP/1.1").await;
     assert_eq!(upstream.handshakes.load(Ordering::SeqCst), 1);
 }
 
