@@ -113,7 +113,28 @@ async fn messages_echo_both_ways_for_10s_and_the_app_sees_the_caller() {
     let inb = inbound(&pki, &app, "").await;
     let out = outbound(&pki.issue(REPORT_SERVICE_ID), &inb).await;
 
-    let r = ws(&out, "/ws/reports", &["--seconds", "10"]).await;
+    // Each side counts the open tunnel while it is open, and not after.
+    let tunnels = async |sc: &Sidecar, side: &str| {
+        sc.metric("gatehouse_websocket_active_tunnels", &[("side", side)])
+            .await
+            .expect("metrics")
+    };
+    let both_open = async || {
+        eventually(
+            "the tunnel counted on both sides",
+            Duration::from_secs(8),
+            async || {
+                let open = (
+                    tunnels(&inb, "inbound").await,
+                    tunnels(&out, "outbound").await,
+                );
+                (open == (1.0, 1.0)).then_some(())
+            },
+        )
+        .await
+    };
+    let (r, counted) = tokio::join!(ws(&out, "/ws/reports", &["--seconds", "10"]), both_open());
+    counted.expect("both sides count the open tunnel");
     assert_eq!(r["status"], 101, "{r}");
     assert_eq!(
         r["ok"],
@@ -177,6 +198,8 @@ async fn messages_echo_both_ways_for_10s_and_the_app_sees_the_caller() {
         .await
         .expect("metrics");
     assert_eq!(metric, 1.0);
+    assert_eq!(tunnels(&inb, "inbound").await, 0.0, "closed: not counted");
+    assert_eq!(tunnels(&out, "outbound").await, 0.0, "closed: not counted");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

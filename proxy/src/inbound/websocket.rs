@@ -47,6 +47,7 @@ use crate::http::headers::{
 };
 use crate::http::respond::ErrorResponse;
 use crate::http::tunnel::{H2Io, SideMetrics};
+use crate::metrics::GaugeGuard;
 use crate::outcome::{Outcome, Rejection};
 use crate::tcp::pump::pump;
 
@@ -217,7 +218,7 @@ pub(super) async fn serve(
         }
     };
     side.upgrade("upgraded");
-    side.active.inc();
+    let active = GaugeGuard::new(&side.active);
     let opened = Instant::now();
     let (idle, max) = (cfg.websocket_idle_timeout, cfg.websocket_max_duration);
     let flow = pump(H2Io::new(send, recv), app, idle, &side, async {
@@ -225,7 +226,7 @@ pub(super) async fn serve(
         "max_duration"
     })
     .await;
-    side.active.dec();
+    drop(active);
     record_close(&ctx, inb, &request_id, flow, opened.elapsed());
     StreamEnd::Done
 }

@@ -33,6 +33,7 @@ use crate::config::{DEFAULT_WEBSOCKET_IDLE_TIMEOUT, DEFAULT_WEBSOCKET_MAX_DURATI
 use crate::http::body::RecvBody;
 use crate::http::headers::{REQUEST_ID, keep_or_assign, keep_or_derive_trace, strip_for_h2};
 use crate::http::tunnel::{H2Io, SideMetrics, WebSocketMetrics};
+use crate::metrics::GaugeGuard;
 use crate::outcome::Outcome;
 use crate::tcp::pump::pump;
 
@@ -169,7 +170,7 @@ impl Tunnel {
                 return;
             }
         };
-        self.side.active.inc();
+        let active = GaugeGuard::new(&self.side.active);
         let max = tokio::time::sleep(DEFAULT_WEBSOCKET_MAX_DURATION);
         let flow = pump(
             app,
@@ -182,7 +183,7 @@ impl Tunnel {
             },
         )
         .await;
-        self.side.active.dec();
+        drop(active);
         record_tcp(&TcpRecord {
             direction: "websocket_outbound",
             listener: &self.upstream,

@@ -14,6 +14,7 @@ use super::listener::{Listener, ListenerConfig};
 use super::metrics::TcpMetrics;
 use super::{inbound, outbound};
 use crate::error::LoadError;
+use crate::metrics::GaugeGuard;
 use crate::signal::Shutdown;
 use crate::state::State;
 
@@ -142,12 +143,11 @@ async fn accept_loop<F, Fut>(
             () = shutdown.token().cancelled() => break,
         };
         let span = tracing::info_span!("tcp", side, listener = %name, %peer);
-        let (conn, active) = (serve(tcp, shutdown.clone()), active.clone());
+        // Counted until the task ends, however it ends.
+        let (conn, active) = (serve(tcp, shutdown.clone()), GaugeGuard::new(&active));
         let task = async move {
-            let _permit = permit;
-            active.inc();
+            let _held = (permit, active);
             conn.await;
-            active.dec();
         };
         shutdown
             .tracker()
