@@ -198,13 +198,14 @@ impl Pool {
     /// inside a Tokio runtime.
     pub(super) fn start(spec: &PoolSpec, addr: SocketAddr) -> Arc<Self> {
         let limits = spec.limits.clone();
-        let alpn = spec
-            .tls
-            .client_config(&spec.name)
-            .map(|c| c.alpn_protocols.clone())
-            .unwrap_or_default();
-        let h2 = alpn.iter().any(|p| p == b"h2");
-        let lane = h2 && alpn.iter().any(|p| p == LANE_ALPN);
+        // What the entry offers in ALPN (fixed for the process): h2 at all, and the lane's too.
+        let offers = |proto: &[u8]| {
+            spec.tls
+                .client_config(&spec.name)
+                .is_some_and(|c| c.alpn_protocols.iter().any(|p| p == proto))
+        };
+        let h2 = offers(b"h2");
+        let lane = h2 && offers(LANE_ALPN);
         let pool = Arc::new(Self {
             name: spec.name.clone(),
             addr,
