@@ -373,29 +373,69 @@ fn list_shows_the_inventory_in_text_and_json() {
 }
 
 /// `ca list | head -1` (a reader that stops reading) is not a crash: exit 0 and nothing on
-/// stderr, in text and JSON. The pipe's read end is closed before `ca` starts, so every write
-/// meets the broken pipe (`println!` panicked there).
+/// stderr, for every command that prints, in text and JSON. The pipe's read end is closed
+/// before `ca` starts, so every write meets the broken pipe (`println!` panicked there). Output
+/// that cannot be written for another reason (`> /dev/full`) is exit 2 with the error on stderr,
+/// and the command's work is done (the certificate is issued and in the inventory).
 #[test]
-fn list_into_a_closed_pipe_exits_0_without_a_panic() {
+fn output_into_a_closed_pipe_exits_0_and_into_a_full_disk_exits_2() {
     let sb = Sandbox::new();
     sb.init(false);
     sb.issue("a");
-    for format in ["text", "json"] {
-        let (reader, writer) = std::io::pipe().expect("pipe");
-        drop(reader);
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ca"))
-            .args(["list", "--dir", "ca", "--format", format])
+    let run = |args: &[&str], stdout: std::process::Stdio| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_ca"))
+            .args(args)
             .current_dir(sb.path(""))
-            .stdout(writer)
+            .stdout(stdout)
             .output()
-            .expect("run ca list");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            out.status.success() && stderr.is_empty(),
-            "{format}: {} {stderr}",
-            out.status
-        );
+            .expect("run ca")
+    };
+    for format in ["text", "json"] {
+        let id = format!("spiffe://fintech.internal/{format}");
+        let commands: [&[&str]; 4] = [
+            &["list", "--dir", "ca"],
+            &["inspect", "a/cert.pem", "--bundle", "ca/bundle.pem"],
+            &["issue", "--dir", "ca", "--spiffe-id", &id, "--out", format],
+            &["crl", "--dir", "ca", "--out", "crl.pem"],
+        ];
+        for args in commands {
+            let args = [args, &["--format", format]].concat();
+            let (reader, writer) = std::io::pipe().expect("pipe");
+            drop(reader);
+            let out = run(&args, writer.into());
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                out.status.success() && stderr.is_empty(),
+                "{args:?}: {} {stderr}",
+                out.status
+            );
+        }
     }
+    let full = std::fs::File::create("/dev/full").expect("/dev/full");
+    let out = run(
+        &[
+            "issue",
+            "--dir",
+            "ca",
+            "--spiffe-id",
+            "spiffe://fintech.internal/c",
+            "--out",
+            "c",
+        ],
+        full.into(),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("cannot write to stdout") && stderr.contains("help:"),
+        "{stderr}"
+    );
+    assert!(sb.path("c/cert.pem").exists(), "the work is done");
+    let list = sb.ca(&["list", "--dir", "ca"]);
+    assert!(
+        String::from_utf8_lossy(&list.stdout).contains("spiffe://fintech.internal/c"),
+        "the inventory holds it"
+    );
 }
 
 #[test]

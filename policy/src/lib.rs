@@ -14,7 +14,9 @@
 //! - [`review`], [`diff`], [`explain`], [`cases`]: what `policy check`, `policy diff`,
 //!   `policy explain` and `policy test` compute (`probe` samples requests for the first two);
 //! - [`fleet`] (and `fleet_html`): `policy explain --fleet DIR…`, the map of who can call what
-//!   across many services, built from the same matrices and review findings.
+//!   across many services, built from the same matrices and review findings;
+//! - [`stdout`]: standard output for the `ca`, `policy` and `sidecar` binaries (a reader that
+//!   stopped reading is not a panic), with the [`outln!`] and [`out!`] macros.
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
@@ -33,6 +35,7 @@ pub mod path;
 mod probe;
 pub mod review;
 mod source;
+pub mod stdout;
 mod tcp; // issue 17: `[[tcp]]` entries
 
 pub use compile::{Alias, CallerError, Policy, SUPPORTED_VERSION};

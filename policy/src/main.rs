@@ -5,7 +5,6 @@
 //! 1 deny (or a failing case), 2 error; `diff` 1 with `--fail-on-widen` when access is granted;
 //! 2 whenever a file cannot be loaded.
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -16,6 +15,7 @@ use gatehouse_policy::limit::LimitChangeKind;
 use gatehouse_policy::path::NormalizeOptions;
 use gatehouse_policy::review::{self, Warning};
 use gatehouse_policy::{Diagnostic, Policy, SourceFile, TcpDecision, explain, fleet};
+use gatehouse_policy::{out, outln, stdout};
 use serde_json::json;
 
 /// Check, test, explain and diff Gatehouse policy files.
@@ -166,13 +166,14 @@ fn main() -> ExitCode {
             fail_on_widen,
         } => diff_cmd(&old, &new, fail_on_widen, json),
     };
-    ExitCode::from(code)
+    // Output that could not be written (a full disk, not a closed pipe) is exit 2.
+    ExitCode::from(if stdout::failed() { 2 } else { code })
 }
 
 /// Prints load errors (all of them) and returns exit code 2.
 fn render_errors(errors: &[Diagnostic], json: bool) -> u8 {
     if json {
-        println!("{}", json!({ "errors": errors }));
+        outln!("{}", json!({ "errors": errors }));
     } else {
         for e in errors {
             eprintln!("error: {e}");
@@ -204,10 +205,10 @@ fn check(files: &[PathBuf], deny_warnings: bool, json: bool) -> u8 {
         if !json {
             // The findings are this command's output, so they go to stdout.
             for e in &errs {
-                println!("error: {e}");
+                outln!("error: {e}");
             }
             for w in &warns {
-                println!("warning[{}]: {}", w.code, w.diagnostic);
+                outln!("warning[{}]: {}", w.code, w.diagnostic);
             }
             let tcp = match tcp_count {
                 0 => String::new(),
@@ -220,7 +221,7 @@ fn check(files: &[PathBuf], deny_warnings: bool, json: bool) -> u8 {
             } else {
                 format!("ok, {routes} route(s)")
             };
-            println!("{}: {status}{tcp}", file.display());
+            outln!("{}: {status}{tcp}", file.display());
         }
         reports.push(json!({
             "file": file.display().to_string(),
@@ -232,7 +233,7 @@ fn check(files: &[PathBuf], deny_warnings: bool, json: bool) -> u8 {
         }));
     }
     if json {
-        println!(
+        outln!(
             "{}",
             json!({ "files": reports, "errors": errors, "warnings": warnings })
         );
@@ -263,12 +264,12 @@ fn test_one(
     };
     let outcome = cases::evaluate(&policy, &id, method, path, opts);
     if json {
-        println!(
+        outln!(
             "{}",
             json!({ "caller": id.as_str(), "method": method, "path": path, "outcome": outcome })
         );
     } else {
-        print!("{}", describe(&outcome));
+        out!("{}", describe(&outcome));
     }
     if outcome.allowed { 0 } else { 1 }
 }
@@ -306,15 +307,15 @@ fn test_tcp(file: &Path, name: &str, caller: &str, json: bool) -> u8 {
     if json {
         let out = json!({ "caller": id.as_str(), "tcp": name, "decision": decision,
             "reason": d.reason(), "matched": matched, "line": line });
-        println!("{out}");
+        outln!("{out}");
     } else {
-        println!("{decision} ({})", d.reason());
+        outln!("{decision} ({})", d.reason());
         match line {
-            Some(l) => println!("  [[tcp]] `{name}` (line {l})"),
-            None => println!("  [[tcp]] `{name}`: no such entry (nobody may connect)"),
+            Some(l) => outln!("  [[tcp]] `{name}` (line {l})"),
+            None => outln!("  [[tcp]] `{name}`: no such entry (nobody may connect)"),
         }
         if let Some(m) = matched {
-            println!("  matched: {m}");
+            outln!("  matched: {m}");
         }
     }
     if d.is_allowed() { 0 } else { 1 }
@@ -349,7 +350,7 @@ fn test_cases(file: &Path, cases_file: &Path, json: bool) -> u8 {
     };
     let failed = results.iter().filter(|r| !r.passed).count();
     if json {
-        println!(
+        outln!(
             "{}",
             json!({ "cases": results, "passed": results.len() - failed, "failed": failed })
         );
@@ -357,14 +358,14 @@ fn test_cases(file: &Path, cases_file: &Path, json: bool) -> u8 {
         for r in &results {
             print_case(cases_file, r);
         }
-        println!("{} passed, {failed} failed", results.len() - failed);
+        outln!("{} passed, {failed} failed", results.len() - failed);
     }
     if failed == 0 { 0 } else { 1 }
 }
 
 fn print_case(cases_file: &Path, r: &CaseResult) {
     if r.passed {
-        println!("ok    {}", r.name);
+        outln!("ok    {}", r.name);
         return;
     }
     let want_route = r
@@ -372,7 +373,7 @@ fn print_case(cases_file: &Path, r: &CaseResult) {
         .as_ref()
         .map(|route| format!(" by route `{route}`"))
         .unwrap_or_default();
-    println!(
+    outln!(
         "FAIL  {} ({}:{})\n  expected {}{want_route}, got {}",
         r.name,
         cases_file.display(),
@@ -393,7 +394,8 @@ fn explain_cmd(file: &Path, format: Format) -> u8 {
         Format::Mermaid => m.to_mermaid(),
         Format::Human | Format::Html => m.to_table(),
     };
-    write_out(&out, 0)
+    stdout::write(&out);
+    0
 }
 
 fn fleet_cmd(dirs: &[PathBuf], format: Format) -> u8 {
@@ -407,21 +409,8 @@ fn fleet_cmd(dirs: &[PathBuf], format: Format) -> u8 {
         Format::Html => fleet.to_html(),
         Format::Human => fleet.to_text(),
     };
-    write_out(&out, 0)
-}
-
-/// Writes a command's output and returns `code`. Maps, matrices and diffs are often piped
-/// (`| head`, `> map.html`): a closed pipe ends the command quietly (`print!` panics there);
-/// another write error is exit 2.
-fn write_out(out: &str, code: u8) -> u8 {
-    match std::io::stdout().lock().write_all(out.as_bytes()) {
-        Ok(()) => code,
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => code,
-        Err(e) => {
-            eprintln!("error: cannot write to stdout: {e}\n  help: check the output file or pipe");
-            2
-        }
-    }
+    stdout::write(&out);
+    0
 }
 
 fn diff_cmd(old: &Path, new: &Path, fail_on_widen: bool, json: bool) -> u8 {
@@ -439,7 +428,8 @@ fn diff_cmd(old: &Path, new: &Path, fail_on_widen: bool, json: bool) -> u8 {
     } else {
         render_diff(&d)
     };
-    write_out(&out, u8::from(fail_on_widen && d.widens()))
+    stdout::write(&out);
+    u8::from(fail_on_widen && d.widens())
 }
 
 fn render_diff(d: &PolicyDiff) -> String {

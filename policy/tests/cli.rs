@@ -552,11 +552,13 @@ fn fintech_monolith_grants_exactly_what_the_brief_says() {
     );
 }
 
-/// `policy explain FILE | head -1` and `policy diff … | head -1` (a reader that stops reading)
-/// are not a crash: the command's own exit code and nothing on stderr. The pipe's read end is
-/// closed before `policy` starts, so every write meets the broken pipe (`print!` panicked).
+/// `policy explain FILE | head -1`, `policy diff … | head -1` or `policy test --cases … | head`
+/// (a reader that stops reading) are not a crash: the command's own exit code and nothing on
+/// stderr. The pipe's read end is closed before `policy` starts, so every write meets the broken
+/// pipe (`print!` panicked). Output that cannot be written for another reason (`> /dev/full`)
+/// is exit 2, with the error on stderr.
 #[test]
-fn output_into_a_closed_pipe_keeps_the_exit_code_without_a_panic() {
+fn output_into_a_closed_pipe_keeps_the_exit_code_and_into_a_full_disk_is_exit_2() {
     let dir = tempfile::tempdir().unwrap();
     let p = write(&dir, "policy.toml", POLICY);
     let wider = write(
@@ -567,25 +569,59 @@ fn output_into_a_closed_pipe_keeps_the_exit_code_without_a_panic() {
             r#"allow   = ["api-gateway", "report-service"]"#,
         ),
     );
-    let cases: [(&[&str], i32); 4] = [
-        (&["explain", s(&p)], 0),
-        (&["--format", "json", "explain", s(&p)], 0),
-        (&["--format", "mermaid", "explain", s(&p)], 0),
-        (&["diff", s(&p), s(&wider), "--fail-on-widen"], 1),
+    let case = "[[case]]\ncaller = \"report-service\"\nmethod = \"GET\"\npath = \"/api/data/reports\"\nexpect = \"allow\"\n\n";
+    let c = write(&dir, "CASES.toml", &case.repeat(50));
+    let ask = |caller| {
+        let path = "/api/data/reports";
+        vec![
+            "test",
+            s(&p),
+            "--caller",
+            caller,
+            "--method",
+            "GET",
+            "--path",
+            path,
+        ]
+    };
+    let cases = [
+        (vec!["explain", s(&p)], 0),
+        (vec!["--format", "json", "explain", s(&p)], 0),
+        (vec!["--format", "mermaid", "explain", s(&p)], 0),
+        (vec!["diff", s(&p), s(&wider), "--fail-on-widen"], 1),
+        (vec!["check", s(&p)], 0),
+        (vec!["test", s(&p), "--cases", s(&c)], 0),
+        (vec!["--format", "json", "test", s(&p), "--cases", s(&c)], 0),
+        (ask("api-gateway"), 1),
+        (ask("report-service"), 0),
     ];
+    let run_into = |args: &[&str], out: std::process::Stdio| {
+        Command::new(env!("CARGO_BIN_EXE_policy"))
+            .args(args)
+            .stdout(out)
+            .output()
+            .expect("the policy binary runs")
+    };
     for (args, want) in cases {
         let (reader, writer) = std::io::pipe().expect("pipe");
         drop(reader);
-        let o = Command::new(env!("CARGO_BIN_EXE_policy"))
-            .args(args)
-            .stdout(writer)
-            .output()
-            .expect("the policy binary runs");
+        let o = run_into(&args, writer.into());
         let stderr = String::from_utf8_lossy(&o.stderr);
         assert!(
             code(&o) == want && stderr.is_empty(),
             "{args:?}: {} {stderr}",
             o.status
+        );
+    }
+    for args in [&["explain", s(&p)][..], &["test", s(&p), "--cases", s(&c)]] {
+        let full = std::fs::File::create("/dev/full").expect("/dev/full");
+        let o = run_into(args, full.into());
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(code(&o), 2, "{args:?}: {stderr}");
+        assert_eq!(
+            stderr.matches("cannot write to stdout").count(),
+            1,
+            "{args:?}: reported once: {stderr}"
         );
     }
 }

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use gatehouse_policy::{outln, stdout};
 use gatehouse_proxy::{Config, LoadError, Shutdown};
 use tracing_subscriber::filter::Targets;
 use tracing_subscriber::prelude::*;
@@ -52,6 +53,15 @@ enum AuditCommand {
     },
 }
 
+/// `code`, or 2 when the output could not be written (see [`stdout`]).
+fn stdout_status(code: ExitCode) -> ExitCode {
+    if stdout::failed() {
+        ExitCode::from(2)
+    } else {
+        code
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -59,16 +69,9 @@ fn main() -> ExitCode {
             .and_then(|c| gatehouse_proxy::check_online(&c).map_err(|es| render(&es)))
         {
             Ok(summary) => {
-                let out = format!("{summary}ok: {} is valid\n", config.display());
-                // Often piped (`| grep -q …`): a reader that stopped early is not an error, and a
-                // closed pipe must not turn a valid config into a panic.
-                match std::io::Write::write_all(&mut std::io::stdout().lock(), out.as_bytes()) {
-                    Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
-                        eprintln!("error: cannot write the summary to stdout: {e}");
-                        ExitCode::from(2)
-                    }
-                    _ => ExitCode::SUCCESS,
-                }
+                // Often piped (`| grep -q …`): a reader that stopped early is not an error.
+                outln!("{summary}ok: {} is valid", config.display());
+                stdout_status(ExitCode::SUCCESS)
             }
             Err(code) => code,
         },
@@ -79,14 +82,14 @@ fn main() -> ExitCode {
                 let from = v.continues_from.map_or_else(String::new, |h| {
                     format!("; the first line continues from a line not given, SHA-256 {h}")
                 });
-                println!(
+                outln!(
                     "ok: {} lines verified in {} file(s), {} chain start(s){from}; last line SHA-256 {}",
                     v.lines,
                     files.len(),
                     v.starts,
                     v.last
                 );
-                ExitCode::SUCCESS
+                stdout_status(ExitCode::SUCCESS)
             }
             Err(e) => {
                 eprintln!("audit verify: FAILED: {e}");

@@ -1006,6 +1006,24 @@ async fn sidecar_check_prints_the_summary_or_every_problem_with_exit_2() {
     assert!(text.contains("expires"), "{text}");
     assert!(text.contains("inbound    127.0.0.1:0"), "{text}");
 
+    // Piped to a reader that has gone (`| grep -q`): still exit 0, nothing on stderr. Into a
+    // full disk: exit 2, the error on stderr.
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let closed = Stdio::from(writer);
+    let full = Stdio::from(std::fs::File::create("/dev/full").expect("/dev/full"));
+    for (stdout, want) in [(closed, 0), (full, 2)] {
+        let out = Command::new(gatehouse_tests::harness::binary("sidecar"))
+            .args(["check", "--config"])
+            .arg(&config)
+            .stdout(stdout)
+            .output()
+            .expect("run sidecar");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(want), "{err}");
+        assert_eq!(err.contains("cannot write to stdout"), want == 2, "{err}");
+    }
+
     // Three problems at once: a bad duration, a non-loopback app, a policy typo.
     let broken = std::fs::read_to_string(&config).expect("config").replace(
         &format!("app = \"{}\"", app.addr()),

@@ -14,6 +14,7 @@ use gatehouse_ca::rotate::{Outcome, RotateOptions};
 use gatehouse_ca::{
     Authority, CaError, InitOptions, IssueRequest, KeyType, SpiffeId, TrustDomain, store,
 };
+use gatehouse_policy::{outln, stdout};
 use serde_json::json;
 use time::OffsetDateTime;
 
@@ -368,6 +369,8 @@ fn main() -> ExitCode {
         let _ = STORE_URL.set(url.clone());
     }
     match run(&cli) {
+        // Output that could not be written (a full disk, not a closed pipe) is exit 2.
+        Ok(_) if stdout::failed() => ExitCode::from(2),
         Ok(code) => code,
         Err(e) => render(&e),
     }
@@ -403,7 +406,7 @@ fn run(cli: &Cli) -> Result<ExitCode, CaError> {
             (Some(file), _) => {
                 let code = inspect_cmd(file, bundle.as_deref(), json)?;
                 if let (Some(dir), false) = (dir, json) {
-                    emit(&keys_text(&open_ca(dir)?.key_locations()?));
+                    stdout::write(&keys_text(&open_ca(dir)?.key_locations()?));
                 }
                 Ok(code)
             }
@@ -415,8 +418,8 @@ fn run(cli: &Cli) -> Result<ExitCode, CaError> {
                         "dir": dir, "trust_domain": ca.trust_domain().as_str(), "keys": keys_json(&keys),
                     }));
                 } else {
-                    println!("CA {} in {}", ca.trust_domain(), dir.display());
-                    emit(&keys_text(&keys));
+                    outln!("CA {} in {}", ca.trust_domain(), dir.display());
+                    stdout::write(&keys_text(&keys));
                 }
                 Ok(ExitCode::SUCCESS)
             }
@@ -528,7 +531,7 @@ fn token_create(
             "token": t.token, "spiffe_id": t.spiffe_id.as_str(), "expires": rfc3339(t.expires), "uses": t.uses,
         }));
     } else {
-        println!("{}", t.token);
+        outln!("{}", t.token);
         eprintln!(
             "join token for {} (expires {}, {} use(s)); it is shown only once",
             t.spiffe_id,
@@ -557,10 +560,10 @@ fn enrollment_issue(
             "not_after": rfc3339(cert.not_after), "out": out,
         }));
     } else {
-        println!("enrollment certificate for {bound} ({})", cert.spiffe_id);
-        println!("  serial     {}", cert.serial_hex);
-        println!("  not after  {}", rfc3339(cert.not_after));
-        println!(
+        outln!("enrollment certificate for {bound} ({})", cert.spiffe_id);
+        outln!("  serial     {}", cert.serial_hex);
+        outln!("  not after  {}", rfc3339(cert.not_after));
+        outln!(
             "  wrote      {}/{{cert.pem,key.pem,bundle.pem}}",
             out.display()
         );
@@ -622,7 +625,7 @@ fn serve(
         };
         gatehouse_ca::serve::serve(ca, opts, listener, |addr| {
             use std::io::Write;
-            println!("listening on {addr}");
+            outln!("listening on {addr}");
             let _ = std::io::stdout().flush();
         })
         .await
@@ -660,12 +663,12 @@ fn init(
             "intermediate": intermediate, "bundle": bundle, "keys": keys_json(&keys),
         }));
     } else {
-        println!(
+        outln!(
             "created CA for trust domain {} in {}",
             ca.trust_domain(),
             dir.display()
         );
-        println!(
+        outln!(
             "  key type      {key_type}{}",
             if intermediate {
                 " (root + intermediate)"
@@ -673,11 +676,11 @@ fn init(
                 ""
             }
         );
-        println!("  trust bundle  {}", bundle.display());
+        outln!("  trust bundle  {}", bundle.display());
         for k in &keys {
-            println!("  {:<13} {}", format!("{} key", k.role), k.location);
+            outln!("  {:<13} {}", format!("{} key", k.role), k.location);
         }
-        println!(
+        outln!(
             "next: ca issue --dir {} --spiffe-id spiffe://{}/<service> --out <dir>",
             dir.display(),
             ca.trust_domain()
@@ -724,14 +727,14 @@ fn issue(dir: &Path, svid: &SvidArgs, out: &Path, json: bool) -> Result<ExitCode
             "cert": cert, "key": key, "bundle": bundle,
         }));
     } else {
-        println!("issued {}", svid.spiffe_id);
-        println!("  serial     {}", svid.serial_hex);
-        println!(
+        outln!("issued {}", svid.spiffe_id);
+        outln!("  serial     {}", svid.serial_hex);
+        outln!(
             "  not after  {} (in {})",
             rfc3339(svid.not_after),
             left(svid.not_after)
         );
-        println!(
+        outln!(
             "  wrote      {} {} {}",
             cert.display(),
             key.display(),
@@ -765,14 +768,14 @@ fn sign(
             "not_after": rfc3339(signed.not_after), "cert": out,
         }));
     } else {
-        println!("signed {} from {}", signed.spiffe_id, csr.display());
-        println!("  serial     {}", signed.serial_hex);
-        println!(
+        outln!("signed {} from {}", signed.spiffe_id, csr.display());
+        outln!("  serial     {}", signed.serial_hex);
+        outln!(
             "  not after  {} (in {})",
             rfc3339(signed.not_after),
             left(signed.not_after)
         );
-        println!("  wrote      {}", out.display());
+        outln!("  wrote      {}", out.display());
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -801,7 +804,7 @@ fn list(dir: &Path, json: bool) -> Result<ExitCode, CaError> {
     } else {
         let mut text = list_text(&entries);
         text.push_str(&keys_text(&ca.key_locations()?));
-        emit(&text);
+        stdout::write(&text);
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -861,11 +864,12 @@ fn root_rotate(dir: &Path, json: bool) -> Result<ExitCode, CaError> {
         print_json(&v);
     } else {
         print_republished(&crls);
-        println!(
+        outln!(
             "created root generation {} (expires {}); bundle.pem now holds old and new roots",
-            generation.id, generation.not_after
+            generation.id,
+            generation.not_after
         );
-        println!(
+        outln!(
             "next: ca rotate --dir {} <outdir>... (re-issues every leaf under the new root), then ca root retire --dir {}",
             dir.display(),
             dir.display()
@@ -890,7 +894,7 @@ fn root_retire(dir: &Path, force: bool, json: bool) -> Result<ExitCode, CaError>
         }));
     } else {
         print_republished(&crls);
-        println!(
+        outln!(
             "retired root generation(s) {retired:?}; bundle.pem now holds only the current root"
         );
     }
@@ -906,7 +910,7 @@ fn republished(ca: &Authority) -> Vec<PathBuf> {
 
 fn print_republished(crls: &[PathBuf]) {
     for path in crls {
-        println!(
+        outln!(
             "republished CRL {} (covers every root in bundle.pem)",
             path.display()
         );
@@ -940,14 +944,14 @@ fn revoke(
         print_json(&json!({ "revoked": revoked, "crl": crl }));
     } else {
         if revoked.is_empty() {
-            println!("already revoked; nothing new recorded");
+            outln!("already revoked; nothing new recorded");
         }
         for r in &revoked {
-            println!("revoked serial {} ({})", r.serial, r.reason);
+            outln!("revoked serial {} ({})", r.serial, r.reason);
         }
         match crl {
-            Some(out) => println!("wrote CRL {}", out.display()),
-            None => println!(
+            Some(out) => outln!("wrote CRL {}", out.display()),
+            None => outln!(
                 "next: ca crl --dir {} --out <crl.pem> and distribute it to the sidecars",
                 dir.display()
             ),
@@ -971,7 +975,7 @@ fn crl(
     if json {
         print_json(&json!({ "crl": out, "revoked_total": revoked }));
     } else {
-        println!(
+        outln!(
             "wrote CRL {} ({revoked} revocation(s) on record)",
             out.display()
         );
@@ -989,7 +993,7 @@ fn bundle(dir: &Path, out: &Path, json: bool) -> Result<ExitCode, CaError> {
     if json {
         print_json(&json!({ "bundle": out, "roots": roots }));
     } else {
-        println!("wrote bundle {} ({roots} root(s))", out.display());
+        outln!("wrote bundle {} ({roots} root(s))", out.display());
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -1023,22 +1027,22 @@ fn rotate(
                             old_serial,
                             new_serial,
                             not_after,
-                        } => println!(
+                        } => outln!(
                             "rotated {} ({}): serial {old_serial} -> {new_serial}, not after {not_after}; {reason}",
                             dir.display(),
                             report.spiffe_id
                         ),
-                        Outcome::BundleUpdated { serial } => println!(
+                        Outcome::BundleUpdated { serial } => outln!(
                             "bundle updated {} ({}): serial {serial} kept",
                             dir.display(),
                             report.spiffe_id
                         ),
-                        Outcome::Skipped { serial, reason } => println!(
+                        Outcome::Skipped { serial, reason } => outln!(
                             "skipped {} ({}): serial {serial} {reason}",
                             dir.display(),
                             report.spiffe_id
                         ),
-                        Outcome::Current { serial, due_at } => println!(
+                        Outcome::Current { serial, due_at } => outln!(
                             "current {} ({}): serial {serial}, due {due_at}",
                             dir.display(),
                             report.spiffe_id
@@ -1161,33 +1165,21 @@ fn left(t: OffsetDateTime) -> String {
 fn print_json(v: &serde_json::Value) {
     let mut text = serde_json::to_string_pretty(v).unwrap_or_default();
     text.push('\n');
-    emit(&text);
-}
-
-/// Writes `text` to stdout. A reader that stopped reading (`ca list | head`) is not an error
-/// (`println!` panics on the broken pipe); any other write error is reported.
-fn emit(text: &str) {
-    use std::io::Write as _;
-    let mut out = std::io::stdout().lock();
-    if let Err(e) = out.write_all(text.as_bytes()).and_then(|()| out.flush())
-        && e.kind() != std::io::ErrorKind::BrokenPipe
-    {
-        eprintln!("error: writing to stdout: {e}\n  help: check the output file or pipe");
-    }
+    stdout::write(&text);
 }
 
 fn print_inspection(r: &Inspection) {
-    println!("{}", r.file);
+    outln!("{}", r.file);
     match (&r.spiffe_id, r.uri_sans.len()) {
-        (Some(id), _) => println!("  identity    {id}"),
-        (None, 0) => println!("  identity    none (no URI SAN: not an X.509-SVID)"),
-        (None, n) => println!("  identity    none ({n} URI SANs: an X.509-SVID has exactly one)"),
+        (Some(id), _) => outln!("  identity    {id}"),
+        (None, 0) => outln!("  identity    none (no URI SAN: not an X.509-SVID)"),
+        (None, n) => outln!("  identity    none ({n} URI SANs: an X.509-SVID has exactly one)"),
     }
     if !r.dns.is_empty() {
-        println!("  dns         {}", r.dns.join(", "));
+        outln!("  dns         {}", r.dns.join(", "));
     }
-    println!("  serial      {}", r.serial);
-    println!("  not before  {}", r.not_before);
+    outln!("  serial      {}", r.serial);
+    outln!("  not before  {}", r.not_before);
     let remaining = if r.expired {
         "EXPIRED".to_owned()
     } else {
@@ -1196,16 +1188,16 @@ fn print_inspection(r: &Inspection) {
             humantime::format_duration(Duration::from_secs(r.seconds_left.unsigned_abs()))
         )
     };
-    println!("  not after   {} ({remaining})", r.not_after);
-    println!("  key type    {}", r.key_type);
-    println!("  ca          {}", r.is_ca);
-    println!("  subject     {}", r.subject);
-    println!("  issuer      {}", r.issuer);
-    println!("  chain       {} certificate(s) in file", r.chain_len);
-    println!("  sha256      {}", r.sha256);
+    outln!("  not after   {} ({remaining})", r.not_after);
+    outln!("  key type    {}", r.key_type);
+    outln!("  ca          {}", r.is_ca);
+    outln!("  subject     {}", r.subject);
+    outln!("  issuer      {}", r.issuer);
+    outln!("  chain       {} certificate(s) in file", r.chain_len);
+    outln!("  sha256      {}", r.sha256);
     match (r.verified, &r.verify_error) {
-        (Some(true), _) => println!("  verifies    yes (webpki, serverAuth + clientAuth)"),
-        (Some(false), Some(e)) => println!("  verifies    NO: {e}"),
+        (Some(true), _) => outln!("  verifies    yes (webpki, serverAuth + clientAuth)"),
+        (Some(false), Some(e)) => outln!("  verifies    NO: {e}"),
         _ => {}
     }
 }
