@@ -414,6 +414,7 @@ impl OutboundPools {
                 &c.name,
                 c.target.clone(),
                 p.server_name.clone(),
+                c.protocol,
                 Arc::clone(tls),
                 c.limits.clone(),
                 self.families.upstream(&c.name),

@@ -47,7 +47,7 @@ use tracing::{debug, warn};
 use super::error::OutboundError;
 use super::metrics::UpstreamMetrics;
 use super::tls_source::TlsSource;
-use crate::config::OutboundLimits;
+use crate::config::{OutboundLimits, UpstreamProtocol};
 use crate::http::body::{BoxError, RecvBody};
 use crate::http::h1_pool;
 use crate::http::h2_client::{self, H2Sender, send_h2};
@@ -198,14 +198,12 @@ impl Pool {
     /// inside a Tokio runtime.
     pub(super) fn start(spec: &PoolSpec, addr: SocketAddr) -> Arc<Self> {
         let limits = spec.limits.clone();
-        // What the entry offers in ALPN (fixed for the process): h2 at all, and the lane's too.
-        let offers = |proto: &[u8]| {
-            spec.tls
-                .client_config(&spec.name)
-                .is_some_and(|c| c.alpn_protocols.iter().any(|p| p == proto))
+        // Whether the entry offers h2 at all (one dial for the shared connection), and the lane.
+        let (h2, lane) = match spec.protocol {
+            UpstreamProtocol::Http1 => (false, false),
+            UpstreamProtocol::H2 => (true, false),
+            UpstreamProtocol::Auto => (true, true),
         };
-        let h2 = offers(b"h2");
-        let lane = h2 && offers(LANE_ALPN);
         let pool = Arc::new(Self {
             name: spec.name.clone(),
             addr,
@@ -777,6 +775,9 @@ pub(super) struct PoolSpec {
     pub(super) authority: Authority,
     pub(super) host_header: HeaderValue,
     pub(super) server_name: ServerName<'static>,
+    /// What the entry offers in ALPN: whether there is a lane, and one dial for the shared
+    /// connection.
+    pub(super) protocol: UpstreamProtocol,
     pub(super) tls: Arc<dyn TlsSource>,
     pub(super) limits: OutboundLimits,
     pub(super) metrics: UpstreamMetrics,

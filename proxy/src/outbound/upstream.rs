@@ -46,7 +46,7 @@ use super::pool::{Exchange, Pool, PoolSpec, Replay, ReqBody, Sender, UpstreamBod
 use super::tls_source::TlsSource;
 use crate::balance::discover::{DiscoverConfig, Discovery};
 use crate::balance::{Balancer, BalancerStatus, Outcome, Pick, RetryBudget};
-use crate::config::{OutboundLimits, Target};
+use crate::config::{OutboundLimits, Target, UpstreamProtocol};
 use crate::http::body::BoxError;
 use crate::http::h2_client::{self};
 
@@ -88,6 +88,7 @@ impl Upstream {
         name: &str,
         target: Target,
         server_name: ServerName<'static>,
+        protocol: UpstreamProtocol,
         tls: Arc<dyn TlsSource>,
         limits: OutboundLimits,
         metrics: UpstreamMetrics,
@@ -101,6 +102,7 @@ impl Upstream {
             authority,
             host_header,
             server_name,
+            protocol,
             tls,
             limits: limits.clone(),
             metrics: metrics.clone(),
