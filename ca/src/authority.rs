@@ -25,7 +25,7 @@ use crate::keystore::{self, CaKey, KeyStoreRef, Role};
 use serde::{Deserialize, Serialize};
 use time::{Duration, OffsetDateTime};
 
-use crate::inventory::{self, fmt_time};
+use crate::inventory::{self, Source, fmt_time, parse_time};
 use crate::store::{self, DirLock, KEY_MODE, PUBLIC_MODE};
 use crate::{CaError, TrustDomain, profile};
 
@@ -167,6 +167,9 @@ pub struct Authority {
     key_type: KeyType,
     /// The shared store of records (`--store`); `None`: the CA directory.
     store: Option<crate::ledger::SharedStore>,
+    /// How long a new root is in the published bundle before online issuance signs with it
+    /// ([`Authority::with_online_lead`]); zero outside `ca serve`.
+    online_lead: std::time::Duration,
 }
 
 impl Authority {
@@ -288,7 +291,58 @@ impl Authority {
             trust_domain,
             key_type: state.key_type,
             store: None,
+            online_lead: std::time::Duration::ZERO,
         })
+    }
+
+    /// This authority as `ca serve` runs it (`--bundle-lead`): after `ca root rotate`, the new
+    /// root signs enrollments, renewals and the server's own certificate only once it has been
+    /// in the published bundle for `lead`. Sidecars poll the bundle (`ca_poll`), so each trusts
+    /// the new root before any peer presents a leaf of it; until then online issuance is signed
+    /// by the newest older root still in the bundle (or by the new one when that older root
+    /// would end before the certificate). Offline commands (`issue`, `sign`, `rotate`) always
+    /// sign with the current root: the operator hands out the bundle first.
+    #[must_use]
+    pub fn with_online_lead(mut self, lead: std::time::Duration) -> Self {
+        self.online_lead = lead;
+        self
+    }
+
+    /// The generation whose CA signs a certificate from `source` now (see
+    /// [`Authority::with_online_lead`]).
+    pub(crate) fn signing_generation(&self, state: &CaState, source: Source) -> u32 {
+        match self.online_switch(state) {
+            Some(_) if source.is_online() => state
+                .generations
+                .iter()
+                .filter(|g| g.id < state.current && !g.retired)
+                .map(|g| g.id)
+                .max()
+                .unwrap_or(state.current),
+            _ => state.current,
+        }
+    }
+
+    /// The current root generation and when it starts signing online issuance
+    /// ([`Authority::with_online_lead`]), if that is still to come.
+    ///
+    /// # Errors
+    /// The CA directory's state cannot be read.
+    pub fn pending_online_root(&self) -> Result<Option<(u32, OffsetDateTime)>, CaError> {
+        let state = self.state()?;
+        Ok(self.online_switch(&state).map(|at| (state.current, at)))
+    }
+
+    /// When the current root starts signing online issuance, if that is still to come.
+    pub(crate) fn online_switch(&self, state: &CaState) -> Option<OffsetDateTime> {
+        let published = state
+            .generations
+            .iter()
+            .find(|g| g.id == state.current)
+            .and_then(|g| parse_time(&g.created))?;
+        // `created` has whole seconds: the root was in the bundle by the next one.
+        let at = published + Duration::SECOND + self.online_lead;
+        (OffsetDateTime::now_utc() < at).then_some(at)
     }
 
     /// Keeps the inventory, join tokens, revocations and CRL numbers in `store` instead of the

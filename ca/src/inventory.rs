@@ -46,6 +46,15 @@ pub enum Source {
     Serve,
 }
 
+impl Source {
+    /// Issued by `ca serve` (enrollment, renewal, its own certificate), not by an operator's
+    /// command: signed by a new root only after the online lead
+    /// ([`crate::Authority::with_online_lead`]).
+    pub(crate) fn is_online(self) -> bool {
+        matches!(self, Self::Enroll | Self::Renew | Self::Serve)
+    }
+}
+
 /// One line of the ledger.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]

@@ -223,7 +223,11 @@ impl Authority {
         enforce_ca_lifetime: bool,
     ) -> Result<Signed, CaError> {
         let state = self.state()?;
-        let signer = self.signer(&state, state.current)?;
+        let mut signer = self.signer(&state, self.signing_generation(&state, how.source))?;
+        if signer.generation != state.current && params.not_after > signer.not_after {
+            // The older root ends before this certificate would: the new one signs it.
+            signer = self.signer(&state, state.current)?;
+        }
         if enforce_ca_lifetime && params.not_after > signer.not_after {
             return Err(CaError::TtlBeyondCa {
                 requested: fmt_time(params.not_after),

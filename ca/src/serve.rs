@@ -61,6 +61,9 @@ pub struct ServeOptions {
     pub dns: Vec<String>,
     /// Kubernetes service-account tokens accepted for enrollment (`--k8s-jwks`), if any.
     pub k8s: Option<Arc<K8sVerifier>>,
+    /// How long a new root is in the published bundle before it signs enrollments, renewals
+    /// and the server's own certificate (`--bundle-lead`; [`Authority::with_online_lead`]).
+    pub bundle_lead: Duration,
 }
 
 /// webpki's client verifier (clientAuth, bundle, CRLs), plus enrollment certificates: a chain
@@ -233,6 +236,8 @@ pub async fn serve(
     listener: TcpListener,
     ready: impl FnOnce(SocketAddr),
 ) -> Result<(), CaError> {
+    let ca = ca.with_online_lead(opts.bundle_lead);
+    log_pending_root(&ca);
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let setup = {
         let (ca, opts, provider) = (ca.clone(), opts.clone(), Arc::clone(&provider));
@@ -406,12 +411,23 @@ async fn refresh_trust(
                     *slot = tokio_rustls::TlsAcceptor::from(Arc::new(config));
                     digest = now;
                     eprintln!("ca serve: TLS trust reloaded (the bundle or the CRLs changed)");
+                    log_pending_root(&state.ca);
                 }
             }
             Err(e) => eprintln!(
                 "ca serve: the new bundle or CRLs are unusable: {e}; keeping the current TLS trust"
             ),
         }
+    }
+}
+
+/// Says when a root that is in the bundle but still within `--bundle-lead` starts signing.
+fn log_pending_root(ca: &Authority) {
+    if let Ok(Some((generation, at))) = ca.pending_online_root() {
+        let at = fmt_time(at);
+        eprintln!(
+            "ca serve: root generation {generation} is in the published bundle; enrollments and renewals are signed by the previous root until {at} (--bundle-lead), so every sidecar fetches the new bundle first"
+        );
     }
 }
 

@@ -780,6 +780,84 @@ async fn enrollment_certificate_works_under_an_intermediate_ca() {
     assert_eq!(verified(&r).spiffe_id.as_deref(), Some(id.as_str()));
 }
 
+/// Bundle first, leaves later: after `ca root rotate`, `/v1/bundle` serves both roots at once,
+/// but enrollments and renewals stay signed by the old root until the new one has been in the
+/// bundle for `--bundle-lead` (sidecars poll the bundle, so each trusts the new root before a
+/// peer presents a leaf of it). Operator commands (`ca issue`) sign with the new root at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_root_signs_enrollments_and_renewals_only_after_the_bundle_lead() {
+    const LEAD: std::time::Duration = std::time::Duration::from_secs(4);
+    let generation_of = |sb: &Sandbox, serial: &str| {
+        inventory(sb)
+            .iter()
+            .find(|r| r["serial"] == serial)
+            .map(|r| r["generation"].as_u64().expect("generation"))
+            .expect("inventory row")
+    };
+    let sb = Sandbox::new();
+    init(&sb);
+    let id = format!("{TD}/reports");
+    let t = token(&sb, &id, &[]);
+    let srv = serve(&sb, &["--bundle-lead", "4s"]);
+    let mut key = KeyPair::generate().expect("key");
+    let (s, b) = enroll(&sb, srv.addr, &t, &csr(&key)).await;
+    let mut svid = ok_cert(s, &b);
+    assert_eq!(generation_of(&sb, &svid.serial), 1);
+
+    let rotated = std::time::Instant::now();
+    sb.ok(&["root", "rotate", "--dir", "ca"]);
+    let (s, b) = call(&sb, srv.addr, None, "GET", "/v1/bundle", None).await;
+    assert_eq!(s, 200);
+    let roots = String::from_utf8_lossy(&b)
+        .matches("BEGIN CERTIFICATE")
+        .count();
+    assert_eq!(roots, 2, "the new root is published at once");
+    let offline = format!("{TD}/offline");
+    sb.ok(&[
+        "issue",
+        "--dir",
+        "ca",
+        "--spiffe-id",
+        &offline,
+        "--out",
+        "offline",
+    ]);
+    let issued = inventory(&sb);
+    let row = issued.iter().rev().find(|r| r["source"] == "issue");
+    assert_eq!(
+        row.expect("issue row")["generation"],
+        2,
+        "ca issue: the new root"
+    );
+
+    // Renew until the new root signs: never before the lead has passed since the rotation,
+    // and the old root signs the renewals before that.
+    let mut old_root_renewals = 0;
+    loop {
+        let next = KeyPair::generate().expect("key");
+        let (s, b) = renew(&sb, srv.addr, &svid.cert_chain, &key, &next).await;
+        let renewed = ok_cert(s, &b);
+        verified(&renewed);
+        let (generation, elapsed) = (generation_of(&sb, &renewed.serial), rotated.elapsed());
+        (svid, key) = (renewed, next);
+        if generation == 2 {
+            assert!(
+                elapsed >= LEAD,
+                "a new-root renewal {elapsed:?} after the rotation"
+            );
+            break;
+        }
+        assert_eq!(generation, 1);
+        old_root_renewals += 1;
+        assert!(
+            elapsed < LEAD + std::time::Duration::from_secs(10),
+            "still signed by the old root {elapsed:?} after the rotation"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    assert!(old_root_renewals > 0, "no renewal fell within the lead");
+}
+
 /// After `ca root rotate`, SVIDs of the new root renew without restarting `ca serve`: its TLS
 /// layer re-reads the bundle and CRLs (every 5 s). Before, the handshake refused them
 /// (`unknown_ca`) until a restart.

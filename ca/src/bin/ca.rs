@@ -268,6 +268,12 @@ enum Command {
         /// Lifetime of the SVIDs it issues (at most the CA's own lifetime).
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         svid_ttl: Duration,
+        /// After `ca root rotate`, how long the new root is in the published bundle before it
+        /// signs enrollments, renewals and this server's own certificate (the previous root
+        /// signs them meanwhile). Keep it several times the sidecars' `ca_poll`, so every
+        /// sidecar trusts the new root before a peer presents a leaf of it.
+        #[arg(long, default_value = "1m", value_parser = humantime::parse_duration)]
+        bundle_lead: Duration,
         /// DNS name to add to the serving certificate (repeatable), for clients that check one.
         #[arg(long)]
         dns: Vec<String>,
@@ -497,6 +503,7 @@ fn run(cli: &Cli) -> Result<ExitCode, CaError> {
             dir,
             listen,
             svid_ttl,
+            bundle_lead,
             dns,
             k8s_jwks,
             k8s_issuer,
@@ -512,7 +519,7 @@ fn run(cli: &Cli) -> Result<ExitCode, CaError> {
                     audience: k8s_audience,
                     map: k8s_map.as_deref(),
                 });
-            serve(dir, *listen, *svid_ttl, dns, k8s)
+            serve(dir, *listen, *svid_ttl, *bundle_lead, dns, k8s)
         }
     }
 }
@@ -583,6 +590,7 @@ fn serve(
     dir: &Path,
     listen: std::net::SocketAddr,
     svid_ttl: Duration,
+    bundle_lead: Duration,
     dns: &[String],
     k8s: Option<K8sArgs<'_>>,
 ) -> Result<ExitCode, CaError> {
@@ -622,6 +630,7 @@ fn serve(
             svid_ttl,
             dns: dns.to_vec(),
             k8s,
+            bundle_lead,
         };
         gatehouse_ca::serve::serve(ca, opts, listener, |addr| {
             use std::io::Write;

@@ -198,7 +198,11 @@ pub async fn init_ca(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Starts `ca serve` on `listen` with `--svid-ttl`.
+/// `ca serve --bundle-lead` in the fleet: a few times the sidecars' `ca_poll` (1 s), so each
+/// has fetched a new root before the CA signs with it.
+pub const BUNDLE_LEAD: Duration = Duration::from_secs(4);
+
+/// Starts `ca serve` on `listen` with `--svid-ttl` and [`BUNDLE_LEAD`].
 ///
 /// # Errors
 /// When it does not start.
@@ -211,6 +215,8 @@ pub async fn serve_ca(dir: &Path, listen: &str, ttl: Duration) -> anyhow::Result
         listen,
         "--svid-ttl",
         &format!("{}s", ttl.as_secs()),
+        "--bundle-lead",
+        &format!("{}s", BUNDLE_LEAD.as_secs()),
     ]
     .map(str::to_owned)
     .to_vec();

@@ -430,12 +430,14 @@ async fn rotate_root(fleet: &mut Fleet) -> StepResult {
     .await;
     retired?;
     wait_roots(fleet, 1, Duration::from_secs(20)).await?;
+    // Bundle first, leaves later: every sidecar trusted the new root before it signed.
     Ok((
-        true,
+        overlap < super::BUNDLE_LEAD,
         format!(
-            "`ca root rotate`: every sidecar fetched the two-root bundle from the CA in {:.1}s and renewed onto the new root by {:.1}s; \
+            "`ca root rotate`: every sidecar fetched the two-root bundle from the CA in {:.1}s (the new root signs from {}s on) and renewed onto the new root by {:.1}s; \
              `ca root retire` refused {refusals}× while old SVIDs lived, then succeeded; every sidecar trusts the new root alone after {:.1}s",
             overlap.as_secs_f64(),
+            super::BUNDLE_LEAD.as_secs(),
             renewed.as_secs_f64(),
             t.elapsed().as_secs_f64()
         ),
