@@ -632,10 +632,9 @@ fn serve(
             k8s,
             bundle_lead,
         };
+        // `outln!` flushes: whoever waits for this line sees it at once.
         gatehouse_ca::serve::serve(ca, opts, listener, |addr| {
-            use std::io::Write;
             outln!("listening on {addr}");
-            let _ = std::io::stdout().flush();
         })
         .await
     })?;
