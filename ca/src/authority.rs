@@ -299,8 +299,8 @@ impl Authority {
     /// root signs enrollments, renewals and the server's own certificate only once it has been
     /// in the published bundle for `lead`. Sidecars poll the bundle (`ca_poll`), so each trusts
     /// the new root before any peer presents a leaf of it; until then online issuance is signed
-    /// by the newest older root still in the bundle (or by the new one when that older root
-    /// would end before the certificate). Offline commands (`issue`, `sign`, `rotate`) always
+    /// by the newest root that has been in the bundle for the lead (or by the current one when
+    /// that root would end before the certificate). Offline commands (`issue`, `sign`, `rotate`) always
     /// sign with the current root: the operator hands out the bundle first.
     #[must_use]
     pub fn with_online_lead(mut self, lead: std::time::Duration) -> Self {
@@ -309,18 +309,21 @@ impl Authority {
     }
 
     /// The generation whose CA signs a certificate from `source` now (see
-    /// [`Authority::with_online_lead`]).
+    /// [`Authority::with_online_lead`]): for online issuance, the newest root that has been in
+    /// the bundle for the lead (two rotations within one lead skip the middle root until its
+    /// own lead has passed), or the oldest one in the bundle when none has yet.
     pub(crate) fn signing_generation(&self, state: &CaState, source: Source) -> u32 {
-        match self.online_switch(state) {
-            Some(_) if source.is_online() => state
-                .generations
-                .iter()
-                .filter(|g| g.id < state.current && !g.retired)
-                .map(|g| g.id)
-                .max()
-                .unwrap_or(state.current),
-            _ => state.current,
+        if !source.is_online() || self.online_switch(state).is_none() {
+            return state.current;
         }
+        let now = OffsetDateTime::now_utc();
+        let in_bundle = || state.generations.iter().filter(|g| !g.retired);
+        in_bundle()
+            .filter(|g| self.lead_ends(g).is_none_or(|at| at <= now))
+            .map(|g| g.id)
+            .max()
+            .or_else(|| in_bundle().map(|g| g.id).min())
+            .unwrap_or(state.current)
     }
 
     /// The current root generation and when it starts signing online issuance
@@ -335,14 +338,16 @@ impl Authority {
 
     /// When the current root starts signing online issuance, if that is still to come.
     pub(crate) fn online_switch(&self, state: &CaState) -> Option<OffsetDateTime> {
-        let published = state
-            .generations
-            .iter()
-            .find(|g| g.id == state.current)
-            .and_then(|g| parse_time(&g.created))?;
+        let current = state.generations.iter().find(|g| g.id == state.current)?;
+        self.lead_ends(current)
+            .filter(|at| OffsetDateTime::now_utc() < *at)
+    }
+
+    /// When `generation` has been in the bundle for the online lead (`None`: its creation time
+    /// is unreadable, so it counts as published long ago).
+    fn lead_ends(&self, generation: &Generation) -> Option<OffsetDateTime> {
         // `created` has whole seconds: the root was in the bundle by the next one.
-        let at = published + Duration::SECOND + self.online_lead;
-        (OffsetDateTime::now_utc() < at).then_some(at)
+        parse_time(&generation.created).map(|t| t + Duration::SECOND + self.online_lead)
     }
 
     /// Keeps the inventory, join tokens, revocations and CRL numbers in `store` instead of the
@@ -787,5 +792,52 @@ mod tests {
             Err(CaError::ZeroTtl)
         ));
         assert!(!tmp.path().join("z").exists());
+    }
+
+    /// Online issuance signs with the newest root that has been in the bundle for the lead;
+    /// offline issuance with the current root. Two rotations within one lead skip the middle
+    /// root until its own lead has passed; none past its lead: the oldest root in the bundle.
+    #[test]
+    fn online_issuance_waits_for_each_root_s_lead() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = tmp.path().join("ca");
+        let opts = InitOptions {
+            trust_domain: TrustDomain::parse("t.internal").expect("td"),
+            key_type: KeyType::EcdsaP256,
+            ttl: std::time::Duration::from_secs(3600),
+            intermediate: false,
+        };
+        let ca = Authority::init(&dir, &opts)
+            .expect("init")
+            .with_online_lead(std::time::Duration::from_secs(60));
+        ca.rotate_root().expect("root 2");
+        ca.rotate_root().expect("root 3");
+        let now = OffsetDateTime::now_utc();
+        let signing = |ages_secs: [i64; 3], source: Source| {
+            let mut state = ca.state().expect("state");
+            for (g, age) in state.generations.iter_mut().zip(ages_secs) {
+                g.created = fmt_time(now - Duration::seconds(age));
+            }
+            ca.signing_generation(&state, source)
+        };
+        // Roots 2 and 3 made just now: the online side stays on root 1.
+        assert_eq!(signing([600, 0, 0], Source::Renew), 1);
+        assert_eq!(
+            signing([600, 0, 0], Source::Issue),
+            3,
+            "offline: the current root"
+        );
+        // Root 2 past its lead, root 3 not yet.
+        assert_eq!(signing([600, 120, 10], Source::Enroll), 2);
+        assert_eq!(signing([600, 120, 120], Source::Serve), 3);
+        // No root past its lead (a CA made a moment ago): the oldest in the bundle.
+        assert_eq!(signing([5, 5, 5], Source::Renew), 1);
+        // A retired root never signs.
+        let mut state = ca.state().expect("state");
+        state.generations[0].retired = true;
+        for (g, age) in state.generations.iter_mut().zip([600, 0, 0]) {
+            g.created = fmt_time(now - Duration::seconds(age));
+        }
+        assert_eq!(ca.signing_generation(&state, Source::Renew), 2);
     }
 }

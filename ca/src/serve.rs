@@ -426,7 +426,7 @@ fn log_pending_root(ca: &Authority) {
     if let Ok(Some((generation, at))) = ca.pending_online_root() {
         let at = fmt_time(at);
         eprintln!(
-            "ca serve: root generation {generation} is in the published bundle; enrollments and renewals are signed by the previous root until {at} (--bundle-lead), so every sidecar fetches the new bundle first"
+            "ca serve: root generation {generation} is in the published bundle; enrollments and renewals are signed by an older root until {at} (--bundle-lead), so every sidecar fetches the new bundle first"
         );
     }
 }
