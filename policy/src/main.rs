@@ -166,8 +166,7 @@ fn main() -> ExitCode {
             fail_on_widen,
         } => diff_cmd(&old, &new, fail_on_widen, json),
     };
-    // Output that could not be written (a full disk, not a closed pipe) is exit 2.
-    ExitCode::from(if stdout::failed() { 2 } else { code })
+    stdout::exit_code(ExitCode::from(code))
 }
 
 /// Prints load errors (all of them) and returns exit code 2.

@@ -9,6 +9,7 @@
 
 use std::fmt;
 use std::io::{self, Write as _};
+use std::process::ExitCode;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 /// What the output has met so far: nothing yet, a reader that has gone, or a write error.
@@ -46,6 +47,13 @@ pub fn write_fmt(args: fmt::Arguments<'_>) {
 #[must_use]
 pub fn failed() -> bool {
     STATE.load(Ordering::Relaxed) == FAILED
+}
+
+/// The binary's exit status: `code`, or 2 when a write to stdout [`failed`] (a full disk, not a
+/// closed pipe).
+#[must_use]
+pub fn exit_code(code: ExitCode) -> ExitCode {
+    if failed() { ExitCode::from(2) } else { code }
 }
 
 /// `print!` for the command-line tools: a closed pipe is not a panic (see [`crate::stdout`]).

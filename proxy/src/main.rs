@@ -53,15 +53,6 @@ enum AuditCommand {
     },
 }
 
-/// `code`, or 2 when the output could not be written (see [`stdout`]).
-fn stdout_status(code: ExitCode) -> ExitCode {
-    if stdout::failed() {
-        ExitCode::from(2)
-    } else {
-        code
-    }
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
@@ -71,7 +62,7 @@ fn main() -> ExitCode {
             Ok(summary) => {
                 // Often piped (`| grep -q …`): a reader that stopped early is not an error.
                 outln!("{summary}ok: {} is valid", config.display());
-                stdout_status(ExitCode::SUCCESS)
+                stdout::exit_code(ExitCode::SUCCESS)
             }
             Err(code) => code,
         },
@@ -89,7 +80,7 @@ fn main() -> ExitCode {
                     v.starts,
                     v.last
                 );
-                stdout_status(ExitCode::SUCCESS)
+                stdout::exit_code(ExitCode::SUCCESS)
             }
             Err(e) => {
                 eprintln!("audit verify: FAILED: {e}");

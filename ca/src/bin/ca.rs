@@ -375,9 +375,7 @@ fn main() -> ExitCode {
         let _ = STORE_URL.set(url.clone());
     }
     match run(&cli) {
-        // Output that could not be written (a full disk, not a closed pipe) is exit 2.
-        Ok(_) if stdout::failed() => ExitCode::from(2),
-        Ok(code) => code,
+        Ok(code) => stdout::exit_code(code),
         Err(e) => render(&e),
     }
 }
