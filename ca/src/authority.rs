@@ -313,9 +313,10 @@ impl Authority {
     /// the bundle for the lead (two rotations within one lead skip the middle root until its
     /// own lead has passed), or the oldest one in the bundle when none has yet.
     pub(crate) fn signing_generation(&self, state: &CaState, source: Source) -> u32 {
-        if !source.is_online() || self.online_switch(state).is_none() {
+        if !source.is_online() {
             return state.current;
         }
+        // The current root is the newest one: once past its lead, it is the one chosen here.
         let now = OffsetDateTime::now_utc();
         let in_bundle = || state.generations.iter().filter(|g| !g.retired);
         in_bundle()
@@ -813,31 +814,27 @@ mod tests {
         ca.rotate_root().expect("root 2");
         ca.rotate_root().expect("root 3");
         let now = OffsetDateTime::now_utc();
-        let signing = |ages_secs: [i64; 3], source: Source| {
+        let signing = |ages_secs: [i64; 3], source: Source, retire_first: bool| {
             let mut state = ca.state().expect("state");
             for (g, age) in state.generations.iter_mut().zip(ages_secs) {
                 g.created = fmt_time(now - Duration::seconds(age));
             }
+            state.generations[0].retired = retire_first;
             ca.signing_generation(&state, source)
         };
         // Roots 2 and 3 made just now: the online side stays on root 1.
-        assert_eq!(signing([600, 0, 0], Source::Renew), 1);
+        assert_eq!(signing([600, 0, 0], Source::Renew, false), 1);
         assert_eq!(
-            signing([600, 0, 0], Source::Issue),
+            signing([600, 0, 0], Source::Issue, false),
             3,
             "offline: the current root"
         );
         // Root 2 past its lead, root 3 not yet.
-        assert_eq!(signing([600, 120, 10], Source::Enroll), 2);
-        assert_eq!(signing([600, 120, 120], Source::Serve), 3);
+        assert_eq!(signing([600, 120, 10], Source::Enroll, false), 2);
+        assert_eq!(signing([600, 120, 120], Source::Serve, false), 3);
         // No root past its lead (a CA made a moment ago): the oldest in the bundle.
-        assert_eq!(signing([5, 5, 5], Source::Renew), 1);
+        assert_eq!(signing([5, 5, 5], Source::Renew, false), 1);
         // A retired root never signs.
-        let mut state = ca.state().expect("state");
-        state.generations[0].retired = true;
-        for (g, age) in state.generations.iter_mut().zip([600, 0, 0]) {
-            g.created = fmt_time(now - Duration::seconds(age));
-        }
-        assert_eq!(ca.signing_generation(&state, Source::Renew), 2);
+        assert_eq!(signing([600, 0, 0], Source::Renew, true), 2);
     }
 }
