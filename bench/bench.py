@@ -749,7 +749,20 @@ def machine(bins):
         "git": tool_version(["git", "-C", str(ROOT), "describe", "--always", "--dirty", "--abbrev=12"]),
         "loadavg_start": Path("/proc/loadavg").read_text().split()[:3],
         "symbol_order": symbol_order(bins["sidecar"]),
+        "mitigations": cpu_mitigations(),
     }
+
+
+def cpu_mitigations():
+    """The kernel's CPU-vulnerability mitigations in force (/sys/devices/system/cpu/vulnerabilities). They set much
+    of what a syscall, a wake-up and a context switch cost, so two hosts with the same core count can differ
+    threefold in the kernel time per request of every proxy: compare ratios within a run, not figures across runs."""
+    d = Path("/sys/devices/system/cpu/vulnerabilities")
+    try:
+        found = sorted((f.name, f.read_text().strip()) for f in d.iterdir())
+    except OSError:
+        return "unknown"
+    return "; ".join(f"{name}: {state}" for name, state in found if not state.startswith("Not affected")) or "none"
 
 
 def defined_symbols(binary):
@@ -971,6 +984,7 @@ def write_results(path, raw, table, tgt, services):
              f"- {m['nginx']}; {m['haproxy']}; {m['wrk']}; {m['rustc']}; {m['openssl']}; Python {m['python']}",
              f"- load average at start {' '.join(m['loadavg_start'])}, at end {' '.join(m.get('loadavg_end', []))}",
              f"- sidecar link order: {m.get('symbol_order', 'not recorded')}",
+             f"- CPU vulnerability mitigations: {m.get('mitigations', 'not recorded')}",
              f"- settings: {st['duration_s']} s per wrk run, {st['reps']} repetitions (medians), "
              f"{st['handshake_seconds']} s of handshakes per repetition, {st['idle_conns']} idle mTLS connections; "
              f"binaries from `{st['bin_dir']}`" +
