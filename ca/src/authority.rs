@@ -328,20 +328,21 @@ impl Authority {
     }
 
     /// The current root generation and when it starts signing online issuance
-    /// ([`Authority::with_online_lead`]), if that is still to come.
+    /// ([`Authority::with_online_lead`]), while an older root signs it meanwhile. `None` when
+    /// the current root signs already: its lead has passed, or it is the only root in the
+    /// bundle (a CA made a moment ago).
     ///
     /// # Errors
     /// The CA directory's state cannot be read.
     pub fn pending_online_root(&self) -> Result<Option<(u32, OffsetDateTime)>, CaError> {
         let state = self.state()?;
-        Ok(self.online_switch(&state).map(|at| (state.current, at)))
-    }
-
-    /// When the current root starts signing online issuance, if that is still to come.
-    pub(crate) fn online_switch(&self, state: &CaState) -> Option<OffsetDateTime> {
-        let current = state.generations.iter().find(|g| g.id == state.current)?;
-        self.lead_ends(current)
-            .filter(|at| OffsetDateTime::now_utc() < *at)
+        if self.signing_generation(&state, Source::Renew) == state.current {
+            return Ok(None);
+        }
+        let current = state.generations.iter().find(|g| g.id == state.current);
+        Ok(current
+            .and_then(|g| self.lead_ends(g))
+            .map(|at| (state.current, at)))
     }
 
     /// When `generation` has been in the bundle for the online lead (`None`: its creation time
@@ -811,7 +812,17 @@ mod tests {
         let ca = Authority::init(&dir, &opts)
             .expect("init")
             .with_online_lead(std::time::Duration::from_secs(60));
+        assert_eq!(
+            ca.pending_online_root().expect("state"),
+            None,
+            "a CA made a moment ago signs with its only root: nothing pending"
+        );
         ca.rotate_root().expect("root 2");
+        assert_eq!(
+            ca.pending_online_root().expect("state").map(|(g, _)| g),
+            Some(2),
+            "root 1 signs until root 2's lead has passed"
+        );
         ca.rotate_root().expect("root 3");
         let now = OffsetDateTime::now_utc();
         let signing = |ages_secs: [i64; 3], source: Source, retire_first: bool| {
