@@ -1,45 +1,44 @@
-//! Per-source admission of inbound connections, shared by every event loop: before a
+//! Per-source admission of TLS connections, shared by every event loop of a listener: before a
 //! connection may start its TLS handshake, its source address must be under its caps and the
-//! sidecar under its budget of pending (unauthenticated) handshakes.
+//! listener under its budget of pending (unauthenticated) handshakes. One rule for the
+//! sidecar's inbound listener (caps from `[inbound]`) and `ca serve` (`--max-connections-per-source`).
 //!
-//! - `max_connections_per_source`: open connections from one IP address (handshaking or
+//! - `connections_per_source`: open connections from one IP address (handshaking or
 //!   authenticated);
-//! - `max_handshakes_per_source`: connections from one IP address that have not completed
+//! - `handshakes_per_source`: connections from one IP address that have not completed
 //!   their handshake;
-//! - `max_pending_handshakes`: handshakes in progress over all sources, kept below
-//!   `max_connections` so a flood of connections that never finish a handshake cannot take the
+//! - `pending_handshakes`: handshakes in progress over all sources, kept below the listener's
+//!   connection limit so a flood of connections that never finish a handshake cannot take the
 //!   slots authenticated peers need.
 //!
-//! A source whose peer sent a certificate chain over the bounds of [`crate::tls::bounds`] (a
+//! A source whose peer sent a certificate chain over the bounds of [`crate::chain_bounds`] (a
 //! path-building bomb) is *penalized* for `failed_handshake_delay`: its next connections wait
 //! that long before their handshake starts (still counted against its caps). A refused chain
 //! is cheap, but a hostile client retrying in a tight loop would otherwise keep the event loop
 //! busy with handshakes; the delay turns that loop into one attempt per delay per connection.
 //!
-//! A connection over any of them is closed right after the accept, before a TLS byte is read,
-//! and counted in `gatehouse_inbound_connections_refused_total{reason}`.
+//! A connection over any of them is closed right after the accept, before a TLS byte is read;
+//! the listener counts it by [`Refusal::reason`].
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use crate::config::InboundConfig;
-
 /// Why a connection was refused at admission (bounded metric label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Refusal {
-    /// Its source has `max_connections_per_source` connections open.
+pub enum Refusal {
+    /// Its source has `connections_per_source` connections open.
     SourceConnections,
-    /// Its source has `max_handshakes_per_source` handshakes in progress.
+    /// Its source has `handshakes_per_source` handshakes in progress.
     SourceHandshakes,
-    /// `max_pending_handshakes` handshakes are in progress over all sources.
+    /// `pending_handshakes` handshakes are in progress over all sources.
     PendingHandshakes,
 }
 
 impl Refusal {
     /// The `reason` label.
-    pub(crate) fn reason(self) -> &'static str {
+    pub fn reason(self) -> &'static str {
         match self {
             Self::SourceConnections => "source_connections",
             Self::SourceHandshakes => "source_handshakes",
@@ -48,9 +47,9 @@ impl Refusal {
     }
 }
 
-/// The caps (from `[inbound]`).
+/// The caps a listener enforces.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Caps {
+pub struct Caps {
     /// Open connections per source address.
     pub connections_per_source: usize,
     /// Handshakes in progress per source address.
@@ -79,28 +78,16 @@ struct Table {
     penalized: HashMap<IpAddr, Instant>,
 }
 
-/// The admission table, one per sidecar (shared by the event loops).
+/// The admission table, one per listener (shared by its event loops).
 #[derive(Debug)]
-pub(crate) struct Sources {
+pub struct Sources {
     caps: Caps,
     table: Mutex<Table>,
 }
 
-impl Caps {
-    /// The caps `[inbound]` configures.
-    pub(crate) fn of(cfg: &InboundConfig) -> Self {
-        Self {
-            connections_per_source: cfg.max_connections_per_source,
-            handshakes_per_source: cfg.max_handshakes_per_source,
-            pending_handshakes: cfg.max_pending_handshakes,
-            failed_handshake_delay: cfg.failed_handshake_delay,
-        }
-    }
-}
-
 impl Sources {
     /// An empty table enforcing `caps`.
-    pub(crate) fn new(caps: Caps) -> Self {
+    pub fn new(caps: Caps) -> Self {
         Self {
             caps,
             table: Mutex::new(Table::default()),
@@ -116,7 +103,7 @@ impl Sources {
     ///
     /// # Errors
     /// The [`Refusal`] naming the cap that is full.
-    pub(crate) fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Admission, Refusal> {
+    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Admission, Refusal> {
         let mut t = self.lock();
         if t.pending >= self.caps.pending_handshakes {
             return Err(Refusal::PendingHandshakes);
@@ -148,7 +135,7 @@ impl Sources {
 
     /// Penalizes `ip` (its peer sent a chain over the bounds): its connections wait
     /// `failed_handshake_delay` before their handshake, until that long from now.
-    pub(crate) fn penalize(&self, ip: IpAddr) {
+    pub fn penalize(&self, ip: IpAddr) {
         let now = Instant::now();
         let mut t = self.lock();
         if t.penalized.len() >= MAX_PENALIZED && !t.penalized.contains_key(&ip) {
@@ -171,7 +158,7 @@ impl Sources {
 
 /// One admitted connection; releases its counts when dropped.
 #[derive(Debug)]
-pub(crate) struct Admission {
+pub struct Admission {
     sources: Arc<Sources>,
     ip: IpAddr,
     handshaking: bool,
@@ -180,17 +167,17 @@ pub(crate) struct Admission {
 
 impl Admission {
     /// How long to wait before the handshake (the source is penalized), if at all.
-    pub(crate) fn delay(&self) -> Option<Duration> {
+    pub fn delay(&self) -> Option<Duration> {
         self.delay
     }
 
     /// The source address.
-    pub(crate) fn ip(&self) -> IpAddr {
+    pub fn ip(&self) -> IpAddr {
         self.ip
     }
 
     /// The handshake completed: the connection no longer counts as pending.
-    pub(crate) fn authenticated(&mut self) {
+    pub fn authenticated(&mut self) {
         if self.handshaking {
             self.handshaking = false;
             let mut t = self.sources.lock();

@@ -1,5 +1,6 @@
-//! Bounds on a peer's certificate chain, checked before webpki sees it: one rule for both
-//! directions (the inbound client verifier and the outbound server verifier).
+//! Bounds on a peer's certificate chain, checked before webpki sees it: one rule for every
+//! verifier (the sidecar's inbound client verifier and outbound server verifier, and `ca serve`'s
+//! client verifier).
 //!
 //! webpki builds paths by trying every presented certificate whose subject matches the issuer
 //! it looks for. A chain of many self-issued CAs with one subject makes that search
@@ -11,19 +12,19 @@
 use std::fmt;
 use std::sync::Arc;
 
+use rustls::pki_types::CertificateDer;
 use rustls::{CertificateError, Error, OtherError};
-use rustls_pki_types::CertificateDer;
 
 /// Most intermediates a peer may send after its leaf.
-pub(crate) const MAX_CHAIN_INTERMEDIATES: usize = 4;
+pub const MAX_CHAIN_INTERMEDIATES: usize = 4;
 /// Largest single certificate accepted, in DER bytes (an RSA-4096 SVID is about 1.5 KiB).
-pub(crate) const MAX_CERT_BYTES: usize = 16 * 1024;
+pub const MAX_CERT_BYTES: usize = 16 * 1024;
 /// Largest whole chain (leaf + intermediates) accepted, in DER bytes.
-pub(crate) const MAX_CHAIN_BYTES: usize = 48 * 1024;
+pub const MAX_CHAIN_BYTES: usize = 48 * 1024;
 
 /// Why a chain was refused before verification.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum ChainBoundError {
+pub enum ChainBoundError {
     /// More intermediates than [`MAX_CHAIN_INTERMEDIATES`].
     TooManyIntermediates(usize),
     /// One certificate larger than [`MAX_CERT_BYTES`].
@@ -34,7 +35,7 @@ pub(crate) enum ChainBoundError {
 
 impl ChainBoundError {
     /// Bounded metric label.
-    pub(crate) fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> &'static str {
         match self {
             Self::TooManyIntermediates(_) => "chain_too_long",
             Self::CertTooLarge(_) => "cert_too_large",
@@ -70,7 +71,7 @@ impl std::error::Error for ChainBoundError {}
 ///
 /// # Errors
 /// [`Error::InvalidCertificate`] carrying the [`ChainBoundError`].
-pub(crate) fn check_chain(
+pub fn check_chain(
     end_entity: &CertificateDer<'_>,
     intermediates: &[CertificateDer<'_>],
 ) -> Result<(), Error> {
@@ -79,12 +80,20 @@ pub(crate) fn check_chain(
 }
 
 /// Whether `e` is a refusal by [`check_chain`].
-pub(crate) fn is_bound_refusal(e: &Error) -> bool {
+pub fn is_bound_refusal(e: &Error) -> bool {
     matches!(
         e,
         Error::InvalidCertificate(CertificateError::Other(OtherError(inner)))
             if inner.downcast_ref::<ChainBoundError>().is_some()
     )
+}
+
+/// Whether a failed TLS accept or connect (the I/O error `tokio_rustls` returns) was a
+/// refusal by [`check_chain`].
+pub fn is_bound_refusal_io(e: &std::io::Error) -> bool {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<Error>())
+        .is_some_and(is_bound_refusal)
 }
 
 fn bound(

@@ -20,8 +20,10 @@
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod admission;
 pub mod api;
 pub mod authority;
+pub mod chain_bounds;
 pub mod csr;
 mod error;
 pub mod inspect;

@@ -21,7 +21,7 @@ use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rcgen::KeyPair;
 use rustls::RootCertStore;
 use rustls::client::danger::HandshakeSignatureValid;
@@ -37,8 +37,10 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use x509_parser::extensions::GeneralName;
 
+use crate::admission::{Admission, Caps, Refusal, Sources};
 use crate::api::{self, CertResponse, EnrollRequest, ErrorResponse, RenewRequest};
 use crate::csr::Credential;
 use crate::inventory::{Source, fmt_time};
@@ -51,6 +53,65 @@ pub const SERVER_ID_PATH: &str = "/gatehouse/ca";
 pub const CRL_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Time allowed for a TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default `--max-connections`: connections held at once, below the usual soft limit of 1,024
+/// open files with room for the store's pool and the CA directory's files.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 512;
+/// Default `--max-connections-per-source`: connections from one IP address, a quarter of the
+/// default `--max-connections` (the sidecar's inbound keeps the same ratio). A sidecar opens
+/// one connection per call (calls are seconds to minutes apart), so this leaves room for a
+/// fleet starting at once behind one address.
+pub const DEFAULT_MAX_CONNECTIONS_PER_SOURCE: usize = 128;
+/// How long a source that sent a certificate chain over [`crate::chain_bounds`] waits before
+/// each of its next handshakes.
+const FAILED_HANDSHAKE_DELAY: Duration = Duration::from_secs(1);
+/// How long a connection may wait for a request head: the first one after the handshake and
+/// each next one on a keep-alive connection (HTTP/1.1). A silent connection closes after it.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest life of one connection (HTTP/2 included, whose idle streams no header timeout
+/// bounds): then it closes gracefully (HTTP/1.1 after the request in flight, HTTP/2 with
+/// GOAWAY). Sidecars open one connection per call, so only a client that holds connections
+/// open on purpose meets it.
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+/// After a graceful close starts, how long the requests in flight may take before the
+/// connection is dropped.
+const CLOSE_GRACE: Duration = Duration::from_secs(10);
+
+/// How many connections `ca serve` holds (`--max-connections`, `--max-connections-per-source`).
+///
+/// Every connection is bounded in time as well: [`HEADER_READ_TIMEOUT`] for each request head,
+/// [`CONNECTION_LIFETIME`] in all. So a client that opens connections and sends nothing, or
+/// holds them open, cannot take the slots that sidecars need to enroll, renew and fetch the
+/// bundle, and one source cannot take them all.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnLimits {
+    /// Connections held at once; more wait in the kernel's accept queue.
+    pub max_connections: usize,
+    /// Connections from one IP address; more are closed at once, before a TLS byte is read.
+    pub max_connections_per_source: usize,
+}
+
+impl Default for ConnLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_connections_per_source: DEFAULT_MAX_CONNECTIONS_PER_SOURCE,
+        }
+    }
+}
+
+impl ConnLimits {
+    /// The per-source admission caps: a source's connections count against its cap whether
+    /// they are handshaking or not, and handshakes in progress over all sources are capped at
+    /// half of `max_connections`, so unauthenticated connections never hold every slot.
+    fn caps(self) -> Caps {
+        Caps {
+            connections_per_source: self.max_connections_per_source,
+            handshakes_per_source: self.max_connections_per_source,
+            pending_handshakes: (self.max_connections / 2).max(1),
+            failed_handshake_delay: FAILED_HANDSHAKE_DELAY,
+        }
+    }
+}
 
 /// What `ca serve` needs besides the CA directory.
 #[derive(Debug, Clone)]
@@ -64,6 +125,8 @@ pub struct ServeOptions {
     /// How long a new root is in the published bundle before it signs enrollments, renewals
     /// and the server's own certificate (`--bundle-lead`; [`Authority::with_online_lead`]).
     pub bundle_lead: Duration,
+    /// How many connections it holds, in all and per source address.
+    pub limits: ConnLimits,
 }
 
 /// webpki's client verifier (clientAuth, bundle, CRLs), plus enrollment certificates: a chain
@@ -96,6 +159,8 @@ impl ClientCertVerifier for ClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: rustls::pki_types::UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
+        // Before any path building: a chain of many self-issued CAs would cost webpki ~100 ms.
+        crate::chain_bounds::check_chain(end_entity, intermediates)?;
         let err = match self
             .inner
             .verify_client_cert(end_entity, intermediates, now)
@@ -286,7 +351,15 @@ pub async fn serve(
         digest,
     ));
     ready(listener.local_addr().map_err(io_err)?);
+    let limits = state.opts.limits;
+    let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let sources = Arc::new(Sources::new(limits.caps()));
+    let mut refusals = RefusalLog::default();
     loop {
+        // At the limit, new connections wait in the kernel's accept queue until one closes.
+        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+            return Ok(()); // never closed
+        };
         let (tcp, peer) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
@@ -295,29 +368,111 @@ pub async fn serve(
                 continue;
             }
         };
+        let admission = match sources.admit(peer.ip()) {
+            Ok(a) => a,
+            Err(refusal) => {
+                // Closed before a TLS byte is read.
+                refusals.note(refusal, peer);
+                continue;
+            }
+        };
         let acceptor = match acceptor.read() {
             Ok(a) => a.clone(),
             Err(_) => continue,
         };
         let state = Arc::clone(&state);
+        let sources = Arc::clone(&sources);
         tokio::spawn(async move {
-            let Ok(Ok(tls)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
-            else {
-                return;
-            };
-            let client_cert: Option<Arc<CertificateDer<'static>>> = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|c| c.first())
-                .map(|c| Arc::new(c.clone().into_owned()));
-            let service = hyper::service::service_fn(move |req| {
-                handle(Arc::clone(&state), peer, client_cert.clone(), req)
-            });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(tls), service)
-                .await;
+            let _slot = slot;
+            serve_connection(state, acceptor, &sources, admission, tcp, peer).await;
         });
+    }
+}
+
+/// One connection: the TLS handshake (after its source's penalty delay) under its timeout,
+/// then HTTP under [`HEADER_READ_TIMEOUT`] and [`CONNECTION_LIFETIME`].
+async fn serve_connection(
+    state: Arc<State>,
+    acceptor: tokio_rustls::TlsAcceptor,
+    sources: &Sources,
+    mut admission: Admission,
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+) {
+    if let Some(delay) = admission.delay() {
+        tokio::time::sleep(delay).await;
+    }
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            if crate::chain_bounds::is_bound_refusal_io(&e) {
+                sources.penalize(peer.ip());
+            }
+            return;
+        }
+        Err(_) => return,
+    };
+    admission.authenticated();
+    let client_cert: Option<Arc<CertificateDer<'static>>> = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| Arc::new(c.clone().into_owned()));
+    let service = hyper::service::service_fn(move |req| {
+        handle(Arc::clone(&state), peer, client_cert.clone(), req)
+    });
+    // The protocol is the one ALPN chose, not sniffed from the first bytes: hyper-util's
+    // sniffing waits for them with no timeout, so a silent connection would outlive
+    // HEADER_READ_TIMEOUT.
+    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    let builder = if h2 {
+        builder.http2_only()
+    } else {
+        builder.http1_only()
+    };
+    let conn = builder.serve_connection(TokioIo::new(tls), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        () = tokio::time::sleep(CONNECTION_LIFETIME) => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(CLOSE_GRACE, conn).await;
+        }
+    }
+}
+
+/// Connections refused at admission, logged at most once per [`REFUSAL_LOG_EVERY`] with the
+/// count since the last line, so a flood does not flood the log as well.
+#[derive(Default)]
+struct RefusalLog {
+    last: Option<Instant>,
+    since: u64,
+}
+
+/// How often [`RefusalLog`] writes a line while connections are being refused.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
+
+impl RefusalLog {
+    fn note(&mut self, refusal: Refusal, peer: SocketAddr) {
+        self.since += 1;
+        if self.last.is_some_and(|t| t.elapsed() < REFUSAL_LOG_EVERY) {
+            return;
+        }
+        eprintln!(
+            "ca serve: refused {} connection(s) before the TLS handshake ({}; last from {}); \
+             raise --max-connections-per-source if many sidecars share one address",
+            self.since,
+            refusal.reason(),
+            peer.ip()
+        );
+        self.since = 0;
+        self.last = Some(Instant::now());
     }
 }
 

@@ -374,7 +374,7 @@ async fn serve(
         sources: cfg
             .inbound
             .as_ref()
-            .map(|i| Arc::new(Sources::new(Caps::of(i)))),
+            .map(|i| Arc::new(Sources::new(admission_caps(i)))),
         outbound: pools,
     });
     for index in (0..loops).rev() {
@@ -518,4 +518,14 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, LoadE
     TcpListener::bind(addr)
         .await
         .map_err(|source| LoadError::Bind { what, addr, source })
+}
+
+/// The admission caps `[inbound]` configures.
+fn admission_caps(cfg: &InboundConfig) -> Caps {
+    Caps {
+        connections_per_source: cfg.max_connections_per_source,
+        handshakes_per_source: cfg.max_handshakes_per_source,
+        pending_handshakes: cfg.max_pending_handshakes,
+        failed_handshake_delay: cfg.failed_handshake_delay,
+    }
 }

@@ -277,6 +277,14 @@ enum Command {
         /// DNS name to add to the serving certificate (repeatable), for clients that check one.
         #[arg(long)]
         dns: Vec<String>,
+        /// Connections held at once; more wait in the accept queue. Keep it below the open-files
+        /// limit (`ulimit -n`, systemd's LimitNOFILE), with room for the store's connections.
+        #[arg(long, default_value_t = gatehouse_ca::serve::DEFAULT_MAX_CONNECTIONS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+        max_connections: usize,
+        /// Connections from one IP address; more are closed before the TLS handshake. Raise it
+        /// when many sidecars reach the CA from one address (a NAT gateway, an SNAT load balancer).
+        #[arg(long, default_value_t = gatehouse_ca::serve::DEFAULT_MAX_CONNECTIONS_PER_SOURCE, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+        max_connections_per_source: usize,
         /// Accept Kubernetes projected service-account tokens (`Authorization: Bearer`) for
         /// enrollment, verified against the public keys of this JWKS file (the cluster's
         /// /openid/v1/jwks). They enroll as spiffe://<td>/ns/<namespace>/sa/<serviceaccount>.
@@ -503,6 +511,8 @@ fn run(cli: &Cli) -> Result<ExitCode, CaError> {
             svid_ttl,
             bundle_lead,
             dns,
+            max_connections,
+            max_connections_per_source,
             k8s_jwks,
             k8s_issuer,
             k8s_audience,
@@ -517,7 +527,11 @@ fn run(cli: &Cli) -> Result<ExitCode, CaError> {
                     audience: k8s_audience,
                     map: k8s_map.as_deref(),
                 });
-            serve(dir, *listen, *svid_ttl, *bundle_lead, dns, k8s)
+            let limits = gatehouse_ca::serve::ConnLimits {
+                max_connections: *max_connections,
+                max_connections_per_source: *max_connections_per_source,
+            };
+            serve(dir, *listen, *svid_ttl, *bundle_lead, dns, k8s, limits)
         }
     }
 }
@@ -591,6 +605,7 @@ fn serve(
     bundle_lead: Duration,
     dns: &[String],
     k8s: Option<K8sArgs<'_>>,
+    limits: gatehouse_ca::serve::ConnLimits,
 ) -> Result<ExitCode, CaError> {
     let ca = open_ca(dir)?;
     gatehouse_ca::profile::check_dns_names(dns)?;
@@ -629,6 +644,7 @@ fn serve(
             dns: dns.to_vec(),
             k8s,
             bundle_lead,
+            limits,
         };
         // `outln!` flushes: whoever waits for this line sees it at once.
         gatehouse_ca::serve::serve(ca, opts, listener, |addr| {

@@ -59,7 +59,7 @@ use crate::http::linger::Linger;
 use crate::metrics::GaugeGuard;
 use crate::signal::Shutdown;
 use crate::state::{Snapshot, State};
-use crate::tls::bounds::is_bound_refusal;
+use crate::tls::bounds::is_bound_refusal_io;
 use crate::tls::verify::failure_reason;
 use futures_util::future::Either;
 
@@ -167,7 +167,7 @@ async fn accept(
     let tls = match tls {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
-            if io_tls_error(&e).is_some_and(is_bound_refusal) {
+            if is_bound_refusal_io(&e) {
                 inbound.sources.penalize(admission.ip());
             }
             handshake_failed(inbound, io_reason(&e), &e);

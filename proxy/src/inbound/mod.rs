@@ -18,7 +18,7 @@ pub(crate) mod app_h2;
 mod conn;
 pub(crate) mod listener;
 pub(crate) mod request;
-pub(crate) mod sources;
+pub(crate) use gatehouse_ca::admission as sources;
 pub(crate) mod upstream;
 mod websocket;
 

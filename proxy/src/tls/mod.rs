@@ -7,7 +7,7 @@
 //! - [`server`]: the inbound `ServerConfig`.
 
 pub(crate) mod alert_tap;
-pub(crate) mod bounds;
+pub(crate) use gatehouse_ca::chain_bounds as bounds;
 pub(crate) mod client;
 pub(crate) mod crl;
 pub(crate) mod resolver;
