@@ -404,3 +404,72 @@ async fn half_close_passes_through_both_sidecars_and_idle_connections_are_closed
     assert_eq!(first["bytes_client_to_server"], 100_000);
     assert_eq!(first["bytes_server_to_client"], 16);
 }
+
+/// A plain TCP connection to `addr` from `source` (another loopback address), nothing sent.
+async fn connect_from(source: &str, addr: SocketAddr) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(format!("{source}:0").parse().expect("source address"))
+        .expect("bind the source address");
+    socket.connect(addr).await.expect("connect")
+}
+
+/// Issue 21's finding 8 on a `[[tcp_inbound]]`: one source that opens connections and sends no
+/// TLS byte gets `max_connections_per_source` of them; its next one is closed at once (not
+/// after the 10 s handshake timeout) and counted, while report-service's connections from
+/// another address still go through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_source_cannot_take_every_tcp_inbound_slot() {
+    use tokio::io::AsyncReadExt;
+    let app = answer_after_eof().await;
+    let pki = Pki::new(TD);
+    let db = Sidecar::builder(&pki.issue(DB_ID))
+        .policy(POLICY)
+        .section(&format!(
+            "[[tcp_inbound]]\nname = \"postgres\"\nlisten = \"127.0.0.1:0\"\napp = \"{app}\"\npolicy = \"policy.toml\"\nmax_connections_per_source = 3\n"
+        ))
+        .spawn()
+        .await
+        .expect("sidecar starts");
+    let inbound = db.listener("tcp_inbound:postgres");
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(connect_from("127.0.0.2", inbound).await);
+    }
+    let mut fourth = connect_from("127.0.0.2", inbound).await;
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(3), fourth.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0) | Err(_))),
+        "the source's fourth connection must be closed at once, got {read:?}"
+    );
+    eventually("the refusal counted", Duration::from_secs(5), async || {
+        let refused = metric(
+            &db,
+            "gatehouse_tcp_connections_total",
+            &[
+                ("listener", "postgres"),
+                ("result", "refused_source_connections"),
+            ],
+        )
+        .await;
+        (refused >= 1.0).then_some(())
+    })
+    .await
+    .expect("gatehouse_tcp_connections_total{result=\"refused_source_connections\"} counted");
+
+    // report-service, from 127.0.0.1, is served while 127.0.0.2 holds its cap.
+    let client = client_sidecar(&pki.issue(REPORT_ID), &db).await;
+    let mut s = tokio::net::TcpStream::connect(client.listener("tcp_outbound:reports-db"))
+        .await
+        .expect("connect");
+    s.write_all(b"hello").await.expect("write");
+    s.shutdown().await.expect("half-close");
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut answer))
+        .await
+        .expect("answer within 10 s")
+        .expect("read");
+    assert_eq!(answer, "got 5 bytes");
+    drop(held);
+}

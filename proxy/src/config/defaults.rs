@@ -115,3 +115,6 @@ pub(crate) const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 pub(crate) const DEFAULT_TCP_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default `max_connections` per TCP listener.
 pub(crate) const DEFAULT_TCP_MAX_CONNECTIONS: usize = 1024;
+/// Default `tcp_inbound.max_connections_per_source`: a quarter of the listener's default
+/// `max_connections` (the `[inbound]` default, 1024, would be all of them).
+pub(crate) const DEFAULT_TCP_MAX_CONNECTIONS_PER_SOURCE: usize = 256;

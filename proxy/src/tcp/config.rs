@@ -26,8 +26,9 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::config::{
-    Check, ConfigErrorKind, DEFAULT_TCP_HANDSHAKE_TIMEOUT, DEFAULT_TCP_IDLE_TIMEOUT,
-    DEFAULT_TCP_MAX_CONNECTIONS, Target,
+    Check, ConfigErrorKind, DEFAULT_MAX_HANDSHAKES_PER_SOURCE, DEFAULT_MAX_PENDING_HANDSHAKES,
+    DEFAULT_TCP_HANDSHAKE_TIMEOUT, DEFAULT_TCP_IDLE_TIMEOUT, DEFAULT_TCP_MAX_CONNECTIONS,
+    DEFAULT_TCP_MAX_CONNECTIONS_PER_SOURCE, Target,
 };
 
 type S<T> = Spanned<T>;
@@ -45,6 +46,9 @@ pub(crate) struct RawTcpInbound {
     handshake_timeout: Option<S<String>>,
     idle_timeout: Option<S<String>>,
     max_connections: Option<S<u64>>,
+    max_connections_per_source: Option<S<u64>>,
+    max_handshakes_per_source: Option<S<u64>>,
+    max_pending_handshakes: Option<S<u64>>,
 }
 
 /// One `[[tcp_outbound]]` table as written.
@@ -82,6 +86,12 @@ pub(crate) struct TcpInboundConfig {
     pub idle_timeout: Duration,
     /// Open connections on this listener.
     pub max_connections: usize,
+    /// Open connections from one source address (`gatehouse_ca::admission`, as `[inbound]`).
+    pub max_connections_per_source: usize,
+    /// Handshakes in progress from one source address.
+    pub max_handshakes_per_source: usize,
+    /// Handshakes in progress over all sources (at most half of `max_connections`).
+    pub max_pending_handshakes: usize,
 }
 
 /// A validated `[[tcp_outbound]]` entry.
@@ -187,6 +197,11 @@ impl Check<'_> {
                 ConfigErrorKind::NonLoopbackApp { addr: app },
             );
         }
+        let max_connections = self.count(
+            t.max_connections.as_ref(),
+            "tcp_inbound.max_connections",
+            DEFAULT_TCP_MAX_CONNECTIONS,
+        );
         TcpInboundConfig {
             name: t.name.into_inner(),
             listen,
@@ -203,11 +218,25 @@ impl Check<'_> {
                 "tcp_inbound.idle_timeout",
                 DEFAULT_TCP_IDLE_TIMEOUT,
             ),
-            max_connections: self.count(
-                t.max_connections.as_ref(),
-                "tcp_inbound.max_connections",
-                DEFAULT_TCP_MAX_CONNECTIONS,
+            max_connections,
+            max_connections_per_source: self.count(
+                t.max_connections_per_source.as_ref(),
+                "tcp_inbound.max_connections_per_source",
+                DEFAULT_TCP_MAX_CONNECTIONS_PER_SOURCE,
             ),
+            max_handshakes_per_source: self.count(
+                t.max_handshakes_per_source.as_ref(),
+                "tcp_inbound.max_handshakes_per_source",
+                DEFAULT_MAX_HANDSHAKES_PER_SOURCE,
+            ),
+            // Unauthenticated connections never hold more than half the slots.
+            max_pending_handshakes: self
+                .count(
+                    t.max_pending_handshakes.as_ref(),
+                    "tcp_inbound.max_pending_handshakes",
+                    DEFAULT_MAX_PENDING_HANDSHAKES,
+                )
+                .min(max_connections.div_ceil(2)),
         }
     }
 

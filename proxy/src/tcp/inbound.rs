@@ -7,6 +7,7 @@
 
 use std::time::{Duration, Instant};
 
+use gatehouse_ca::admission::{Admission, Refusal};
 use gatehouse_policy::TcpDecision;
 use rustls::server::danger::ClientCertVerifier;
 use rustls_pki_types::{CertificateDer, UnixTime};
@@ -19,6 +20,7 @@ use super::config::TcpInboundConfig;
 use super::pump::pump;
 use crate::audit::{TcpRecord, record_tcp};
 use crate::signal::Shutdown;
+use crate::tls::bounds::is_bound_refusal_io;
 use crate::tls::verify::{PeerIdentity, failure_reason};
 
 /// The shared parts of a `[[tcp_inbound]]` listener.
@@ -26,6 +28,21 @@ type Listener = super::listener::Listener<TcpInboundConfig>;
 
 pub(super) async fn serve_one(l: &Listener, tcp: TcpStream, shutdown: &Shutdown) {
     let started = Instant::now();
+    // Before any TLS byte is read: the source must be under its caps (as on `[inbound]`).
+    let mut admission = match (&l.sources, tcp.peer_addr()) {
+        (Some(sources), Ok(peer)) => match sources.admit(peer.ip()) {
+            Ok(a) => Some(a),
+            Err(refusal) => return l.metrics.connection(refused(refusal)),
+        },
+        _ => None,
+    };
+    if let Some(delay) = admission.as_ref().and_then(Admission::delay) {
+        // A penalized source (it sent a chain over the bounds): wait before any TLS work.
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = shutdown.token().cancelled() => return,
+        }
+    }
     let _ = tcp.set_nodelay(true);
     // Subscribe before loading the snapshot: a swap in between is then seen as a change.
     let mut reloads = l.state.subscribe();
@@ -40,9 +57,19 @@ pub(super) async fn serve_one(l: &Listener, tcp: TcpStream, shutdown: &Shutdown)
     };
     let mut tls = match tls {
         Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => return handshake_failed(l, &e),
+        Ok(Err(e)) => {
+            if let (Some(sources), Some(a)) = (&l.sources, &admission)
+                && is_bound_refusal_io(&e)
+            {
+                sources.penalize(a.ip());
+            }
+            return handshake_failed(l, &e);
+        }
         Err(_) => return handshake_failed(l, &"handshake timed out"),
     };
+    if let Some(a) = admission.as_mut() {
+        a.authenticated();
+    }
     let (_, session) = tls.get_ref();
     let peer = match server.verifier.identify(session) {
         Ok(p) => p,
@@ -144,6 +171,15 @@ async fn watch_peer(
             info!(caller = %peer.id(), reason = d.reason(), "closing tcp connection: the reloaded policy no longer allows its caller");
             return "not_allowed";
         }
+    }
+}
+
+/// The `result` label of a connection refused at admission.
+fn refused(refusal: Refusal) -> &'static str {
+    match refusal {
+        Refusal::SourceConnections => "refused_source_connections",
+        Refusal::SourceHandshakes => "refused_source_handshakes",
+        Refusal::PendingHandshakes => "refused_pending_handshakes",
     }
 }
 

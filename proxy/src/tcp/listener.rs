@@ -4,8 +4,11 @@
 
 use std::sync::Arc;
 
+use gatehouse_ca::admission::{Caps, Sources};
+
 use super::config;
 use super::metrics::{ListenerMetrics, TcpMetrics};
+use crate::config::DEFAULT_FAILED_HANDSHAKE_DELAY;
 use crate::state::State;
 
 /// What every connection of one `[[tcp_inbound]]` or `[[tcp_outbound]]` listener shares: its
@@ -15,6 +18,8 @@ pub(super) struct Listener<C> {
     pub(super) cfg: C,
     pub(super) state: Arc<State>,
     pub(super) metrics: ListenerMetrics,
+    /// Per-source admission before the TLS handshake (mTLS listeners only).
+    pub(super) sources: Option<Arc<Sources>>,
 }
 
 impl<C: ListenerConfig> Listener<C> {
@@ -22,6 +27,7 @@ impl<C: ListenerConfig> Listener<C> {
         Arc::new(Self {
             index,
             metrics: metrics.listener(cfg.name()),
+            sources: cfg.admission().map(|caps| Arc::new(Sources::new(caps))),
             cfg,
             state: state.clone(),
         })
@@ -32,6 +38,10 @@ impl<C: ListenerConfig> Listener<C> {
 pub(super) trait ListenerConfig: Send + Sync + 'static {
     fn name(&self) -> &str;
     fn max_connections(&self) -> usize;
+    /// The per-source caps of a listener that terminates mTLS from the network.
+    fn admission(&self) -> Option<Caps> {
+        None
+    }
 }
 
 impl ListenerConfig for config::TcpInboundConfig {
@@ -40,6 +50,14 @@ impl ListenerConfig for config::TcpInboundConfig {
     }
     fn max_connections(&self) -> usize {
         self.max_connections
+    }
+    fn admission(&self) -> Option<Caps> {
+        Some(Caps {
+            connections_per_source: self.max_connections_per_source,
+            handshakes_per_source: self.max_handshakes_per_source,
+            pending_handshakes: self.max_pending_handshakes,
+            failed_handshake_delay: DEFAULT_FAILED_HANDSHAKE_DELAY,
+        })
     }
 }
 

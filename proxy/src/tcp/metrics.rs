@@ -6,11 +6,14 @@
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 /// `result` values of `gatehouse_tcp_connections_total`.
-pub(crate) const RESULTS: [&str; 6] = [
+pub(crate) const RESULTS: [&str; 9] = [
     "allowed",
     "denied",
     "audit_denied",
     "handshake_failed",
+    "refused_source_connections",
+    "refused_source_handshakes",
+    "refused_pending_handshakes",
     "app_unreachable",
     "connect_failed",
 ];
