@@ -7,8 +7,10 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
+use gatehouse_ca::admission::{Caps, Sources};
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -18,6 +20,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tracing::debug;
 
 use crate::config::CrlStale;
@@ -26,6 +29,11 @@ use crate::metrics::Metrics;
 use crate::reload::ReloadStatus;
 use crate::signal::Shutdown;
 use crate::state::State;
+
+/// Admin connections held at once.
+const MAX_CONNECTIONS: usize = 256;
+/// Admin connections from one address (a scraper keeps one; probes open one per check).
+const MAX_CONNECTIONS_PER_SOURCE: usize = 64;
 
 /// What the admin endpoints report on.
 #[derive(Debug)]
@@ -47,15 +55,36 @@ pub(crate) struct Admin {
 }
 
 impl Admin {
-    /// Serves until the process exits.
+    /// Serves until the process exits: at most [`MAX_CONNECTIONS`] connections (more wait in
+    /// the accept queue), at most [`MAX_CONNECTIONS_PER_SOURCE`] of them from one address (more
+    /// are closed at once), each closed when it sends no request head for 10 s. The admin port
+    /// often listens on the pod's address for probes: a client that reaches it despite the
+    /// network policy can neither exhaust the sidecar's file descriptors nor keep the kubelet's
+    /// probes out.
     pub(crate) async fn serve(self: Arc<Self>, listener: TcpListener) {
+        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let sources = Arc::new(Sources::new(Caps {
+            connections_per_source: MAX_CONNECTIONS_PER_SOURCE,
+            handshakes_per_source: MAX_CONNECTIONS_PER_SOURCE,
+            pending_handshakes: MAX_CONNECTIONS,
+            failed_handshake_delay: Duration::ZERO,
+        }));
         loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+                return; // never closed
+            };
+            let Ok((tcp, peer)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            let Ok(admission) = sources.admit(peer.ip()) else {
+                self.metrics.admin_connections_refused.inc();
+                debug!(%peer, "admin connection refused: its address holds its share");
                 continue;
             };
             let admin = self.clone();
             tokio::spawn(async move {
+                let _held = (slot, admission);
                 let svc = service_fn(move |req| {
                     let admin = admin.clone();
                     async move { Ok::<_, Infallible>(admin.route(&req)) }

@@ -55,6 +55,9 @@ pub(crate) struct Metrics {
     /// before their handshake (`source_connections`, `source_handshakes`,
     /// `pending_handshakes`).
     pub inbound_connections_refused: IntCounterVec,
+    /// `gatehouse_admin_connections_refused_total`: admin connections closed at once because
+    /// their source holds [`crate::admin`]'s per-source share.
+    pub admin_connections_refused: IntCounter,
     /// `gatehouse_inbound_active_connections`.
     pub inbound_active_connections: IntGauge,
     /// `gatehouse_inbound_parked_connections`: HTTP/1.1 connections idle long enough to hold
@@ -170,6 +173,11 @@ impl Metrics {
         registry.register(Box::new(inbound_active_connections.clone()))?;
         registry.register(Box::new(inbound_parked_connections.clone()))?;
         registry.register(Box::new(inbound_connections_refused.clone()))?;
+        let admin_connections_refused = IntCounter::new(
+            "admin_connections_refused_total",
+            "Admin connections closed at once because their source address holds its share",
+        )?;
+        registry.register(Box::new(admin_connections_refused.clone()))?;
         let reloads = IntCounterVec::new(
             Opts::new(
                 "reloads_total",
@@ -232,6 +240,7 @@ impl Metrics {
             tls_handshakes,
             tls_handshake_duration,
             inbound_connections_refused,
+            admin_connections_refused,
             inbound_active_connections,
             inbound_parked_connections,
             cert_expiry,

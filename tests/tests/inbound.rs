@@ -1283,3 +1283,43 @@ async fn sidecar_check_into_a_closed_pipe_still_exits_0() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The admin port often listens on the pod's address for probes. One address that opens
+/// connections and sends nothing gets 64 of them; its next one is closed at once and counted,
+/// and the probes (another address) are answered all along.
+#[tokio::test]
+async fn one_address_cannot_take_the_admin_port() {
+    let s = setup().await;
+    let admin = s.sidecar.admin_addr();
+    let mut held = Vec::new();
+    for _ in 0..64 {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind("127.0.0.2:0".parse().expect("addr"))
+            .expect("bind");
+        held.push(socket.connect(admin).await.expect("connect"));
+    }
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind("127.0.0.2:0".parse().expect("addr"))
+        .expect("bind");
+    let mut next = socket.connect(admin).await.expect("connect");
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(3), next.read(&mut buf)).await;
+    assert!(
+        matches!(read, Ok(Ok(0) | Err(_))),
+        "the 65th connection of one address must be closed at once (not after the 10 s header timeout), got {read:?}"
+    );
+    assert_eq!(
+        s.sidecar.admin_get("/readyz").await.expect("readyz").0,
+        StatusCode::OK,
+        "another address is answered while 127.0.0.2 holds its share"
+    );
+    let refused = s
+        .sidecar
+        .metric("gatehouse_admin_connections_refused_total", &[])
+        .await
+        .expect("metric");
+    assert!(refused >= 1.0, "refusals counted: {refused}");
+    drop(held);
+}
