@@ -464,9 +464,16 @@ impl RefusalLog {
         if self.last.is_some_and(|t| t.elapsed() < REFUSAL_LOG_EVERY) {
             return;
         }
+        let advice = match refusal {
+            Refusal::PendingHandshakes => {
+                "half of --max-connections are in their TLS handshake: a flood, or raise --max-connections"
+            }
+            Refusal::SourceConnections | Refusal::SourceHandshakes => {
+                "raise --max-connections-per-source if many sidecars share one address"
+            }
+        };
         eprintln!(
-            "ca serve: refused {} connection(s) before the TLS handshake ({}; last from {}); \
-             raise --max-connections-per-source if many sidecars share one address",
+            "ca serve: refused {} connection(s) before the TLS handshake ({}; last from {}); {advice}",
             self.since,
             refusal.reason(),
             peer.ip()
