@@ -15,8 +15,7 @@ use common::Sandbox;
 use common::https::*;
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
 use rustls::ClientConfig;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::client::TlsStream;
@@ -29,18 +28,7 @@ const D: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 4));
 /// A client configuration trusting the CA's bundle, HTTP/1.1, with `cert` (chain PEM, key) as
 /// its client certificate if given.
 fn client(sb: &Sandbox, cert: Option<(&str, &KeyPair)>) -> Arc<ClientConfig> {
-    let builder = client_builder(sb);
-    let mut config = match cert {
-        Some((chain, key)) => builder
-            .with_client_auth_cert(
-                CertificateDer::pem_slice_iter(chain.as_bytes())
-                    .collect::<Result<_, _>>()
-                    .expect("chain"),
-                PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes()).expect("key"),
-            )
-            .expect("client cert"),
-        None => builder.with_no_client_auth(),
-    };
+    let mut config = client_config(sb, cert);
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Arc::new(config)
 }

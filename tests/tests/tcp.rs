@@ -344,34 +344,48 @@ async fn answer_after_eof() -> SocketAddr {
     addr
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn half_close_passes_through_both_sidecars_and_idle_connections_are_closed() {
+/// Sends `data` to `addr`, half-closes, and returns the whole answer ([`answer_after_eof`]
+/// answers only after end of stream).
+async fn send_then_eof(addr: SocketAddr, data: &[u8]) -> String {
     use tokio::io::AsyncReadExt;
-    let app = answer_after_eof().await;
-    let pki = Pki::new(TD);
-    let db = Sidecar::builder(&pki.issue(DB_ID))
-        .policy(POLICY)
-        .section(&format!(
-            "[[tcp_inbound]]\nname = \"postgres\"\nlisten = \"127.0.0.1:0\"\napp = \"{app}\"\npolicy = \"policy.toml\"\nidle_timeout = \"1s\"\n"
-        ))
-        .spawn()
-        .await
-        .expect("sidecar starts");
-    let client = client_sidecar(&pki.issue(REPORT_ID), &db).await;
-    let local = client.listener("tcp_outbound:reports-db");
-
-    // Half-close: the app answers only after our end of stream crossed both sidecars.
-    let mut s = tokio::net::TcpStream::connect(local)
-        .await
-        .expect("connect");
-    s.write_all(&vec![7u8; 100_000]).await.expect("write");
+    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    s.write_all(data).await.expect("write");
     s.shutdown().await.expect("half-close");
     let mut answer = String::new();
     tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut answer))
         .await
         .expect("answer within 10 s")
         .expect("read");
-    assert_eq!(answer, "got 100000 bytes");
+    answer
+}
+
+/// A database sidecar whose `[[tcp_inbound]]` (with the `extra` line) leads to
+/// [`answer_after_eof`] instead of PostgreSQL.
+async fn echo_db(pki: &Pki, extra: &str) -> Sidecar {
+    let app = answer_after_eof().await;
+    Sidecar::builder(&pki.issue(DB_ID))
+        .policy(POLICY)
+        .section(&format!(
+            "[[tcp_inbound]]\nname = \"postgres\"\nlisten = \"127.0.0.1:0\"\napp = \"{app}\"\npolicy = \"policy.toml\"\n{extra}\n"
+        ))
+        .spawn()
+        .await
+        .expect("sidecar starts")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_close_passes_through_both_sidecars_and_idle_connections_are_closed() {
+    use tokio::io::AsyncReadExt;
+    let pki = Pki::new(TD);
+    let db = echo_db(&pki, "idle_timeout = \"1s\"").await;
+    let client = client_sidecar(&pki.issue(REPORT_ID), &db).await;
+    let local = client.listener("tcp_outbound:reports-db");
+
+    // Half-close: the app answers only after our end of stream crossed both sidecars.
+    assert_eq!(
+        send_then_eof(local, &vec![7u8; 100_000]).await,
+        "got 100000 bytes"
+    );
 
     // Idle: a connection that moves nothing is closed after idle_timeout (1 s).
     let mut idle = tokio::net::TcpStream::connect(local)
@@ -421,16 +435,8 @@ async fn connect_from(source: &str, addr: SocketAddr) -> tokio::net::TcpStream {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_source_cannot_take_every_tcp_inbound_slot() {
     use tokio::io::AsyncReadExt;
-    let app = answer_after_eof().await;
     let pki = Pki::new(TD);
-    let db = Sidecar::builder(&pki.issue(DB_ID))
-        .policy(POLICY)
-        .section(&format!(
-            "[[tcp_inbound]]\nname = \"postgres\"\nlisten = \"127.0.0.1:0\"\napp = \"{app}\"\npolicy = \"policy.toml\"\nmax_connections_per_source = 3\n"
-        ))
-        .spawn()
-        .await
-        .expect("sidecar starts");
+    let db = echo_db(&pki, "max_connections_per_source = 3").await;
     let inbound = db.listener("tcp_inbound:postgres");
     let mut held = Vec::new();
     for _ in 0..3 {
@@ -460,16 +466,7 @@ async fn one_source_cannot_take_every_tcp_inbound_slot() {
 
     // report-service, from 127.0.0.1, is served while 127.0.0.2 holds its cap.
     let client = client_sidecar(&pki.issue(REPORT_ID), &db).await;
-    let mut s = tokio::net::TcpStream::connect(client.listener("tcp_outbound:reports-db"))
-        .await
-        .expect("connect");
-    s.write_all(b"hello").await.expect("write");
-    s.shutdown().await.expect("half-close");
-    let mut answer = String::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut answer))
-        .await
-        .expect("answer within 10 s")
-        .expect("read");
-    assert_eq!(answer, "got 5 bytes");
+    let local = client.listener("tcp_outbound:reports-db");
+    assert_eq!(send_then_eof(local, b"hello").await, "got 5 bytes");
     drop(held);
 }

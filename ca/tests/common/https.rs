@@ -111,6 +111,23 @@ pub fn client_builder(
         .with_root_certificates(roots)
 }
 
+/// [`client_builder`] finished: with `client` (chain PEM, key) as the client certificate if
+/// given, else none.
+pub fn client_config(sb: &Sandbox, client: Option<(&str, &KeyPair)>) -> ClientConfig {
+    let builder = client_builder(sb);
+    match client {
+        Some((chain, key)) => builder
+            .with_client_auth_cert(
+                CertificateDer::pem_slice_iter(chain.as_bytes())
+                    .collect::<Result<_, _>>()
+                    .expect("chain"),
+                PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes()).expect("key"),
+            )
+            .expect("client cert"),
+        None => builder.with_no_client_auth(),
+    }
+}
+
 /// One HTTPS request (HTTP/1.1), optionally with a client certificate (chain PEM, key).
 pub async fn call(
     sb: &Sandbox,
@@ -145,18 +162,7 @@ pub async fn try_call_with(
     (method, path, headers): (&str, &str, &[(&str, &str)]),
     body: Option<serde_json::Value>,
 ) -> Result<(u16, Bytes), String> {
-    let builder = client_builder(sb);
-    let config = match client {
-        Some((chain, key)) => builder
-            .with_client_auth_cert(
-                CertificateDer::pem_slice_iter(chain.as_bytes())
-                    .collect::<Result<_, _>>()
-                    .expect("chain"),
-                PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes()).expect("key"),
-            )
-            .expect("client cert"),
-        None => builder.with_no_client_auth(),
-    };
+    let config = client_config(sb, client);
     let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(ServerName::try_from("localhost").expect("name"), tcp)
