@@ -67,6 +67,12 @@ const FAILED_HANDSHAKE_DELAY: Duration = Duration::from_secs(1);
 /// How long a connection may wait for a request head: the first one after the handshake and
 /// each next one on a keep-alive connection (HTTP/1.1). A silent connection closes after it.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a request's body may take to arrive (it is at most [`api::MAX_BODY`] bytes).
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Concurrent HTTP/2 streams per connection. Sidecars send one request per connection; the
+/// bound keeps the bodies buffered at once to `--max-connections` × 4 × 64 KiB (hyper's
+/// default of 200 streams allowed 6 GiB with the default 512 connections).
+const MAX_H2_STREAMS: u32 = 4;
 /// Longest life of one connection (HTTP/2 included, whose idle streams no header timeout
 /// bounds): then it closes gracefully (HTTP/1.1 after the request in flight, HTTP/2 with
 /// GOAWAY). Sidecars open one connection per call, so only a client that holds connections
@@ -431,6 +437,7 @@ async fn serve_connection(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT);
+    builder.http2().max_concurrent_streams(MAX_H2_STREAMS);
     let builder = if h2 {
         builder.http2_only()
     } else {
@@ -1056,11 +1063,20 @@ async fn read_json<T: serde::de::DeserializeOwned>(
     if declared.is_some_and(|n| n > api::MAX_BODY as u64) {
         return Err(too_large());
     }
-    let body = Limited::new(req.into_body(), api::MAX_BODY)
-        .collect()
-        .await
-        .map_err(|_| too_large())?
-        .to_bytes();
+    let body = Limited::new(req.into_body(), api::MAX_BODY).collect();
+    let body = match tokio::time::timeout(BODY_READ_TIMEOUT, body).await {
+        Ok(read) => read.map_err(|_| too_large())?.to_bytes(),
+        Err(_) => {
+            return Err(Box::new(error(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                format!(
+                    "the request body did not arrive within {} s; send it with the request",
+                    BODY_READ_TIMEOUT.as_secs()
+                ),
+            )));
+        }
+    };
     serde_json::from_slice(&body).map_err(|e| {
         Box::new(error(
             StatusCode::BAD_REQUEST,

@@ -247,3 +247,36 @@ async fn a_path_building_bomb_is_refused_before_any_path_is_built() {
     .await;
     assert_eq!(status, "HTTP/1.1 200 OK");
 }
+
+/// A request whose body does not arrive is answered 408 after 10 s, so a client that trickles
+/// bodies cannot hold buffers and connections for as long as it likes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_body_that_does_not_arrive_is_answered_408() {
+    let sb = Sandbox::new();
+    sb.ok(&["init", "--dir", "ca", "--trust-domain", "limits.test"]);
+    let srv = serve(&sb, &[]);
+    let mut tls = connect_from(&client(&sb, None), srv.addr, A)
+        .await
+        .expect("connect");
+    let started = Instant::now();
+    tls.write_all(
+        b"POST /v1/enroll HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"csr\":",
+    )
+    .await
+    .expect("write the head and the start of the body");
+    let mut response = vec![0u8; 512];
+    let n = tokio::time::timeout(Duration::from_secs(20), tls.read(&mut response))
+        .await
+        .expect("an answer within 20 s")
+        .expect("read");
+    let waited = started.elapsed();
+    let head = String::from_utf8_lossy(&response[..n]).into_owned();
+    assert!(
+        head.starts_with("HTTP/1.1 408") && head.contains("body_timeout"),
+        "got {head:?}"
+    );
+    assert!(
+        waited >= Duration::from_secs(9),
+        "answered after {waited:?}, before the 10 s body timeout"
+    );
+}
