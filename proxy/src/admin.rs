@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use gatehouse_ca::admission::{Caps, Sources};
+use gatehouse_ca::admission::{Admission, Caps, Sources};
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -20,7 +20,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tracing::debug;
 
 use crate::config::CrlStale;
@@ -34,6 +34,64 @@ use crate::state::State;
 const MAX_CONNECTIONS: usize = 256;
 /// Admin connections from one address (a scraper keeps one; probes open one per check).
 const MAX_CONNECTIONS_PER_SOURCE: usize = 64;
+
+/// The admin port: its socket and its connection limits, the same for the phase before the first
+/// SVID ([`until_ready`]) and the full [`Admin`]. At most [`MAX_CONNECTIONS`] connections (more
+/// wait in the accept queue), at most [`MAX_CONNECTIONS_PER_SOURCE`] from one address (more are
+/// closed at once), each closed when it sends no request head for 10 s. The admin port often
+/// listens on the pod's address for probes: a client that reaches it despite the network policy
+/// can neither exhaust the sidecar's file descriptors nor keep the kubelet's probes out.
+#[derive(Debug)]
+pub(crate) struct AdminListener {
+    tcp: TcpListener,
+    slots: Arc<Semaphore>,
+    sources: Arc<Sources>,
+}
+
+/// What an admitted admin connection holds until it closes.
+type Held = (OwnedSemaphorePermit, Admission);
+
+impl AdminListener {
+    /// The limits around a bound socket.
+    pub(crate) fn new(tcp: TcpListener) -> Self {
+        Self {
+            tcp,
+            slots: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+            sources: Arc::new(Sources::new(Caps {
+                connections_per_source: MAX_CONNECTIONS_PER_SOURCE,
+                handshakes_per_source: MAX_CONNECTIONS_PER_SOURCE,
+                pending_handshakes: MAX_CONNECTIONS,
+                failed_handshake_delay: Duration::ZERO,
+            })),
+        }
+    }
+
+    /// The bound address.
+    pub(crate) fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.tcp.local_addr()
+    }
+
+    /// The next admitted connection; those over their address's share are closed and counted.
+    /// Cancel-safe (a slot taken before the accept is given back).
+    async fn accept(&self, metrics: &Metrics) -> (tokio::net::TcpStream, Held) {
+        loop {
+            let Ok(slot) = Arc::clone(&self.slots).acquire_owned().await else {
+                continue; // never closed
+            };
+            let Ok((tcp, peer)) = self.tcp.accept().await else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            match self.sources.admit(peer.ip()) {
+                Ok(admission) => return (tcp, (slot, admission)),
+                Err(_) => {
+                    metrics.admin_connections_refused.inc();
+                    debug!(%peer, "admin connection refused: its address holds its share");
+                }
+            }
+        }
+    }
+}
 
 /// What the admin endpoints report on.
 #[derive(Debug)]
@@ -55,36 +113,13 @@ pub(crate) struct Admin {
 }
 
 impl Admin {
-    /// Serves until the process exits: at most [`MAX_CONNECTIONS`] connections (more wait in
-    /// the accept queue), at most [`MAX_CONNECTIONS_PER_SOURCE`] of them from one address (more
-    /// are closed at once), each closed when it sends no request head for 10 s. The admin port
-    /// often listens on the pod's address for probes: a client that reaches it despite the
-    /// network policy can neither exhaust the sidecar's file descriptors nor keep the kubelet's
-    /// probes out.
-    pub(crate) async fn serve(self: Arc<Self>, listener: TcpListener) {
-        let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-        let sources = Arc::new(Sources::new(Caps {
-            connections_per_source: MAX_CONNECTIONS_PER_SOURCE,
-            handshakes_per_source: MAX_CONNECTIONS_PER_SOURCE,
-            pending_handshakes: MAX_CONNECTIONS,
-            failed_handshake_delay: Duration::ZERO,
-        }));
+    /// Serves until the process exits (connections as [`AdminListener`] admits them).
+    pub(crate) async fn serve(self: Arc<Self>, listener: AdminListener) {
         loop {
-            let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
-                return; // never closed
-            };
-            let Ok((tcp, peer)) = listener.accept().await else {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            };
-            let Ok(admission) = sources.admit(peer.ip()) else {
-                self.metrics.admin_connections_refused.inc();
-                debug!(%peer, "admin connection refused: its address holds its share");
-                continue;
-            };
+            let (tcp, held) = listener.accept(&self.metrics).await;
             let admin = self.clone();
             tokio::spawn(async move {
-                let _held = (slot, admission);
+                let _held = held;
                 let svc = service_fn(move |req| {
                     let admin = admin.clone();
                     async move { Ok::<_, Infallible>(admin.route(&req)) }
@@ -266,23 +301,18 @@ where
 /// [`Material`] (`None`: the driver stopped, i.e. shutdown); the listener then goes to the
 /// full [`Admin`]. Connections are not kept alive, so none outlives this phase.
 pub(crate) async fn until_ready(
-    listener: &TcpListener,
+    listener: &AdminListener,
     identity: &IdentityHandle,
     metrics: &Metrics,
 ) -> Option<Arc<Material>> {
     loop {
-        let tcp = tokio::select! {
+        let (tcp, held) = tokio::select! {
             m = identity.ready() => return m,
-            a = listener.accept() => match a {
-                Ok((tcp, _)) => tcp,
-                Err(_) => {
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            a = listener.accept(metrics) => a,
         };
         let (identity, metrics) = (identity.clone(), metrics.clone());
         tokio::spawn(async move {
+            let _held = held;
             let svc = service_fn(move |req: Request<Incoming>| {
                 let r = unready_route(req.uri().path(), &identity, &metrics);
                 async move { Ok::<_, Infallible>(r) }

@@ -17,7 +17,7 @@ use tokio::net::TcpListener;
 use tracing::{info, warn};
 
 use crate::accept::{self, Acceptor};
-use crate::admin::Admin;
+use crate::admin::{Admin, AdminListener};
 use crate::config::{Config, InboundConfig};
 use crate::error::LoadError;
 use crate::identity::{IdentityHandle, IdentityMetrics, Tuning};
@@ -262,9 +262,11 @@ pub async fn run_online(config: Config, shutdown: Shutdown) -> Result<usize, Vec
     let metrics = Metrics::register().map_err(|e| vec![e.into()])?;
     let identity_metrics =
         IdentityMetrics::register(metrics.registry()).map_err(|e| vec![e.into()])?;
-    let admin_listener = bind("admin", config.admin.listen)
-        .await
-        .map_err(|e| vec![e])?;
+    let admin_listener = AdminListener::new(
+        bind("admin", config.admin.listen)
+            .await
+            .map_err(|e| vec![e])?,
+    );
     if let Ok(addr) = admin_listener.local_addr() {
         // Logged again with the other listeners once serving.
         info!(target: LISTEN_TARGET, "listening admin on {addr}");
@@ -311,7 +313,7 @@ async fn serve(
     shutdown: Shutdown,
     mut signals: Terminate,
     hangup: tokio::signal::unix::Signal,
-    admin_listener: Option<TcpListener>,
+    admin_listener: Option<AdminListener>,
 ) -> Result<usize, LoadError> {
     let Loaded {
         state,
@@ -342,7 +344,7 @@ async fn serve(
     bound.extend(tcp.local_addrs(&cfg.tcp)); // issue 17
     let admin_listener = match admin_listener {
         Some(l) => l,
-        None => bind("admin", cfg.admin.listen).await?,
+        None => AdminListener::new(bind("admin", cfg.admin.listen).await?),
     };
     bound.push((
         "admin".into(),
