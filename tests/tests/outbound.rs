@@ -603,3 +603,31 @@ impl Drop for Nginx {
         terminate(&mut self.child, Duration::from_secs(5));
     }
 }
+
+/// An app connection that sends nothing is closed after the header-read timeout (10 s). hyper-util
+/// reads the first bytes to tell HTTP/1.1 from h2c and waits for them with no timeout, so such a
+/// connection held its slot under the listener's limit for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_app_connection_is_closed_after_the_header_read_timeout() {
+    use tokio::io::AsyncReadExt;
+    let pki = Pki::new(FINTECH_TD);
+    let sidecar = outbound_sidecar(
+        &pki.issue(REPORT_SERVICE_ID),
+        &[("monolith", "127.0.0.1:9".to_owned(), MONOLITH_ID)],
+    )
+    .await;
+    let mut silent = tokio::net::TcpStream::connect(sidecar.listener("outbound:monolith"))
+        .await
+        .expect("connect");
+    let opened = Instant::now();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(20), silent.read(&mut buf))
+        .await
+        .expect("closed within 20 s");
+    let after = opened.elapsed();
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    assert!(
+        after >= Duration::from_secs(9),
+        "closed after {after:?}, before the 10 s header-read timeout"
+    );
+}

@@ -1,7 +1,8 @@
 //! One connection from the app (mini-redis's `Handler`): a `Conn` serves it with hyper,
 //! HTTP/1.1 or h2c with prior knowledge, each request through `handle` (an upgrade through
 //! `websocket::upgrade`), under the same header-read timeout default as the inbound side
-//! ([`crate::config::DEFAULT_HEADER_READ_TIMEOUT`]), and drains it gracefully on shutdown
+//! ([`crate::config::DEFAULT_HEADER_READ_TIMEOUT`], also for the first bytes, which hyper-util
+//! reads to tell the protocol with no timeout of its own), and drains it gracefully on shutdown
 //! (HTTP/1.1 closes after the in-flight request, HTTP/2 sends GOAWAY).
 
 use std::sync::Arc;
@@ -43,6 +44,17 @@ impl Conn {
             _permit,
         } = self;
         let _ = tcp.set_nodelay(true);
+        // hyper-util tells HTTP/1.1 from h2c by the first bytes and waits for them with no
+        // timeout: a connection that sends nothing would hold its slot for good.
+        let mut byte = [0u8; 1];
+        let first = tokio::select! {
+            r = tokio::time::timeout(DEFAULT_HEADER_READ_TIMEOUT, tcp.peek(&mut byte)) => r,
+            () = shutdown.token().cancelled() => return,
+        };
+        if !matches!(first, Ok(Ok(1..))) {
+            debug!("outbound app connection closed: nothing sent within the header-read timeout");
+            return;
+        }
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
