@@ -46,7 +46,7 @@ pub use pki::{CertDir, Pki, ca_json, ca_ok};
 pub use sidecar::{
     Sidecar, SidecarBuilder, metric_sum, sidecar_cli, sidecar_status, terminate, wait_status,
 };
-pub use wait::eventually;
+pub use wait::{closed_by_peer, eventually};
 
 /// How long to wait for a sidecar to become ready (a loaded 2-core CI machine is slow).
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);

@@ -64,3 +64,19 @@ pub fn child_exit(
 ) -> Option<std::process::ExitStatus> {
     until_blocking(within, || child.try_wait().expect("wait"))
 }
+
+/// Waits for the peer to close `stream` (EOF or reset) and returns how long that took from the
+/// call; panics if it is still open after `within` or sends data instead.
+pub async fn closed_by_peer(stream: &mut tokio::net::TcpStream, within: Duration) -> Duration {
+    use tokio::io::AsyncReadExt;
+    let started = Instant::now();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(within, stream.read(&mut buf))
+        .await
+        .unwrap_or_else(|_| panic!("the peer did not close the connection within {within:?}"));
+    assert!(
+        matches!(read, Ok(0) | Err(_)),
+        "expected the peer to close, read {read:?}"
+    );
+    started.elapsed()
+}
