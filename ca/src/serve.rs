@@ -40,6 +40,8 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use x509_parser::extensions::GeneralName;
 
+mod metrics;
+
 use crate::admission::{Admission, Caps, Refusal, Sources};
 use crate::api::{self, CertResponse, EnrollRequest, ErrorResponse, RenewRequest};
 use crate::csr::Credential;
@@ -133,6 +135,8 @@ pub struct ServeOptions {
     pub bundle_lead: Duration,
     /// How many connections it holds, in all and per source address.
     pub limits: ConnLimits,
+    /// Where to serve `gatehouse_ca_*` metrics (`--metrics-listen`, plain HTTP), if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// webpki's client verifier (clientAuth, bundle, CRLs), plus enrollment certificates: a chain
@@ -249,6 +253,7 @@ struct State {
     ca: Authority,
     opts: ServeOptions,
     crl: Mutex<Option<CachedCrl>>,
+    metrics: Arc<metrics::Metrics>,
 }
 
 fn io_err(e: std::io::Error) -> CaError {
@@ -305,7 +310,7 @@ pub async fn serve(
     ca: Authority,
     opts: ServeOptions,
     listener: TcpListener,
-    ready: impl FnOnce(SocketAddr),
+    ready: impl FnOnce(SocketAddr, Option<SocketAddr>),
 ) -> Result<(), CaError> {
     let ca = ca.with_online_lead(opts.bundle_lead);
     log_pending_root(&ca);
@@ -338,7 +343,21 @@ pub async fn serve(
         Arc::clone(&provider),
         resolver.clone(),
     ));
+    let metrics = Arc::new(metrics::Metrics::new().map_err(|e| io_err(std::io::Error::other(e)))?);
+    let metrics_addr = match opts.metrics_listen {
+        Some(addr) => {
+            let l = TcpListener::bind(addr).await.map_err(io_err)?;
+            let bound = l.local_addr().map_err(io_err)?;
+            let cert = resolver.clone();
+            tokio::spawn(metrics::serve(l, Arc::clone(&metrics), move || {
+                not_after(&cert)
+            }));
+            Some(bound)
+        }
+        None => None,
+    };
     let state = Arc::new(State {
+        metrics,
         ca,
         opts,
         crl: Mutex::new(Some(CachedCrl {
@@ -356,7 +375,7 @@ pub async fn serve(
         Arc::clone(&acceptor),
         digest,
     ));
-    ready(listener.local_addr().map_err(io_err)?);
+    ready(listener.local_addr().map_err(io_err)?, metrics_addr);
     let limits = state.opts.limits;
     let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let sources = Arc::new(Sources::new(limits.caps()));
@@ -378,6 +397,7 @@ pub async fn serve(
             Ok(a) => a,
             Err(refusal) => {
                 // Closed before a TLS byte is read.
+                state.metrics.refused(refusal.reason());
                 refusals.note(refusal, peer);
                 continue;
             }
@@ -390,7 +410,9 @@ pub async fn serve(
         let sources = Arc::clone(&sources);
         tokio::spawn(async move {
             let _slot = slot;
-            serve_connection(state, acceptor, &sources, admission, tcp, peer).await;
+            state.metrics.active.inc();
+            serve_connection(Arc::clone(&state), acceptor, &sources, admission, tcp, peer).await;
+            state.metrics.active.dec();
         });
     }
 }
@@ -425,8 +447,16 @@ async fn serve_connection(
         .peer_certificates()
         .and_then(|c| c.first())
         .map(|c| Arc::new(c.clone().into_owned()));
-    let service = hyper::service::service_fn(move |req| {
-        handle(Arc::clone(&state), peer, client_cert.clone(), req)
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let (state, client_cert) = (Arc::clone(&state), client_cert.clone());
+        async move {
+            let endpoint = metrics::endpoint(req.uri().path());
+            let reply = handle(Arc::clone(&state), peer, client_cert, req).await;
+            if let Ok(r) = &reply {
+                state.metrics.request(endpoint, r.status());
+            }
+            reply
+        }
     });
     // The protocol is the one ALPN chose, not sniffed from the first bytes: hyper-util's
     // sniffing waits for them with no timeout, so a silent connection would outlive
@@ -635,19 +665,19 @@ async fn renew_own_cert(
 
 /// Two thirds of the current serving certificate's remaining lifetime.
 fn opts_wait(resolver: &ServingCert) -> Duration {
-    let left = resolver
-        .0
-        .read()
-        .ok()
-        .and_then(|c| {
-            let der = c.end_entity_cert().ok()?.clone();
-            let (_, x) = x509_parser::parse_x509_certificate(&der).ok()?;
-            let end = x.validity().not_after.timestamp();
-            let now = OffsetDateTime::now_utc().unix_timestamp();
-            u64::try_from(end - now).ok()
-        })
+    let now = OffsetDateTime::now_utc().unix_timestamp();
+    let left = not_after(resolver)
+        .and_then(|end| u64::try_from(end - now).ok())
         .unwrap_or(30);
     Duration::from_secs((left * 2 / 3).max(1))
+}
+
+/// The current serving certificate's `not_after`, Unix seconds.
+fn not_after(resolver: &ServingCert) -> Option<i64> {
+    let cert = resolver.0.read().ok()?.clone();
+    let der = cert.end_entity_cert().ok()?;
+    let (_, x) = x509_parser::parse_x509_certificate(der).ok()?;
+    Some(x.validity().not_after.timestamp())
 }
 
 type Reply = Response<Full<Bytes>>;

@@ -280,3 +280,100 @@ async fn a_body_that_does_not_arrive_is_answered_408() {
         "answered after {waited:?}, before the 10 s body timeout"
     );
 }
+
+/// `GET /metrics` on `addr` (plain HTTP): the body.
+async fn scrape(addr: SocketAddr) -> String {
+    let mut tcp = TcpStream::connect(addr)
+        .await
+        .expect("connect to --metrics-listen");
+    tcp.write_all(b"GET /metrics HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut response = String::new();
+    tcp.read_to_string(&mut response).await.expect("read");
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response
+}
+
+/// The value of the sample `name{labels}` (labels as Prometheus writes them, sorted by name).
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+/// `--metrics-listen`: requests by endpoint and code, connections refused by cap, open
+/// connections, and the serving certificate's expiry (the thing to alert on when the store is
+/// down and the server cannot renew it).
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_count_requests_refusals_connections_and_the_serving_certificate() {
+    let sb = Sandbox::new();
+    sb.ok(&["init", "--dir", "ca", "--trust-domain", "limits.test"]);
+    let srv = serve(
+        &sb,
+        &[
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--max-connections-per-source",
+            "2",
+        ],
+    );
+    let metrics = srv.metrics.expect("metrics on ADDR");
+    let plain = client(&sb, None);
+    let status = bundle_status(connect_from(&plain, srv.addr, B).await.expect("B")).await;
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    let _held = [
+        connect_from(&plain, srv.addr, A).await.expect("A 1"),
+        connect_from(&plain, srv.addr, A).await.expect("A 2"),
+    ];
+    assert!(
+        connect_from(&plain, srv.addr, A).await.is_err(),
+        "A's third is refused"
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let text = loop {
+        let text = scrape(metrics).await;
+        if sample(&text, "gatehouse_ca_active_connections") == Some(2.0)
+            || Instant::now() > deadline
+        {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        sample(
+            &text,
+            r#"gatehouse_ca_requests_total{code="200",endpoint="bundle"}"#
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            &text,
+            r#"gatehouse_ca_connections_refused_total{reason="source_connections"}"#
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(&text, "gatehouse_ca_active_connections"),
+        Some(2.0),
+        "{text}"
+    );
+    let expiry =
+        sample(&text, "gatehouse_ca_serving_cert_expiry_timestamp_seconds").expect("expiry");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64();
+    assert!(
+        expiry > now + 1800.0 && expiry <= now + 3700.0,
+        "the serving certificate (--svid-ttl 1h) expires at {expiry}, now {now}"
+    );
+}

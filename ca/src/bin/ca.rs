@@ -285,6 +285,10 @@ enum Command {
         /// when many sidecars reach the CA from one address (a NAT gateway, an SNAT load balancer).
         #[arg(long, default_value_t = gatehouse_ca::serve::DEFAULT_MAX_CONNECTIONS_PER_SOURCE, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
         max_connections_per_source: usize,
+        /// Serve `gatehouse_ca_*` Prometheus metrics on this address (plain HTTP, `GET /metrics`),
+        /// e.g. 127.0.0.1:9902; keep it where only the scraper reaches. Printed as `metrics on ADDR`.
+        #[arg(long)]
+        metrics_listen: Option<std::net::SocketAddr>,
         /// Accept Kubernetes projected service-account tokens (`Authorization: Bearer`) for
         /// enrollment, verified against the public keys of this JWKS file (the cluster's
         /// /openid/v1/jwks). They enroll as spiffe://<td>/ns/<namespace>/sa/<serviceaccount>.
@@ -513,6 +517,7 @@ fn run(cli: &Cli) -> Result<ExitCode, CaError> {
             dns,
             max_connections,
             max_connections_per_source,
+            metrics_listen,
             k8s_jwks,
             k8s_issuer,
             k8s_audience,
@@ -527,11 +532,15 @@ fn run(cli: &Cli) -> Result<ExitCode, CaError> {
                     audience: k8s_audience,
                     map: k8s_map.as_deref(),
                 });
-            let limits = gatehouse_ca::serve::ConnLimits {
-                max_connections: *max_connections,
-                max_connections_per_source: *max_connections_per_source,
+            let net = Network {
+                listen: *listen,
+                limits: gatehouse_ca::serve::ConnLimits {
+                    max_connections: *max_connections,
+                    max_connections_per_source: *max_connections_per_source,
+                },
+                metrics_listen: *metrics_listen,
             };
-            serve(dir, *listen, *svid_ttl, *bundle_lead, dns, k8s, limits)
+            serve(dir, net, *svid_ttl, *bundle_lead, dns, k8s)
         }
     }
 }
@@ -598,15 +607,26 @@ struct K8sArgs<'a> {
     map: Option<&'a Path>,
 }
 
+/// Where `ca serve` listens, and how many connections it holds.
+struct Network {
+    listen: std::net::SocketAddr,
+    limits: gatehouse_ca::serve::ConnLimits,
+    metrics_listen: Option<std::net::SocketAddr>,
+}
+
 fn serve(
     dir: &Path,
-    listen: std::net::SocketAddr,
+    net: Network,
     svid_ttl: Duration,
     bundle_lead: Duration,
     dns: &[String],
     k8s: Option<K8sArgs<'_>>,
-    limits: gatehouse_ca::serve::ConnLimits,
 ) -> Result<ExitCode, CaError> {
+    let Network {
+        listen,
+        limits,
+        metrics_listen,
+    } = net;
     let ca = open_ca(dir)?;
     gatehouse_ca::profile::check_dns_names(dns)?;
     let k8s = k8s
@@ -645,10 +665,14 @@ fn serve(
             k8s,
             bundle_lead,
             limits,
+            metrics_listen,
         };
         // `outln!` flushes: whoever waits for this line sees it at once.
-        gatehouse_ca::serve::serve(ca, opts, listener, |addr| {
+        gatehouse_ca::serve::serve(ca, opts, listener, |addr, metrics| {
             outln!("listening on {addr}");
+            if let Some(m) = metrics {
+                outln!("metrics on {m}");
+            }
         })
         .await
     })?;

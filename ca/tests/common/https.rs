@@ -24,6 +24,8 @@ use super::Sandbox;
 pub struct Server {
     pub child: Child,
     pub addr: SocketAddr,
+    /// The `--metrics-listen` address, when one was asked for.
+    pub metrics: Option<SocketAddr>,
 }
 
 impl Drop for Server {
@@ -56,17 +58,25 @@ pub fn serve_dir(sb: &Sandbox, dir: &str, extra: &[&str]) -> Server {
         .stderr(Stdio::inherit())
         .spawn()
         .expect("spawn ca serve");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().expect("stdout"))
-        .read_line(&mut line)
-        .expect("read stdout");
-    let addr = line
-        .trim()
-        .strip_prefix("listening on ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .parse()
-        .expect("address");
-    Server { child, addr }
+    let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut next_line = |prefix: &str| -> SocketAddr {
+        let mut line = String::new();
+        stdout.read_line(&mut line).expect("read stdout");
+        line.trim()
+            .strip_prefix(prefix)
+            .unwrap_or_else(|| panic!("expected {prefix:?}, got {line:?}"))
+            .parse()
+            .expect("address")
+    };
+    let addr = next_line("listening on ");
+    let metrics = extra
+        .contains(&"--metrics-listen")
+        .then(|| next_line("metrics on "));
+    Server {
+        child,
+        addr,
+        metrics,
+    }
 }
 
 pub fn token(sb: &Sandbox, id: &str, extra: &[&str]) -> String {
