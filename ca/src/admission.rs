@@ -171,9 +171,20 @@ impl Admission {
         self.delay
     }
 
-    /// The source address.
-    pub fn ip(&self) -> IpAddr {
-        self.ip
+    /// Waits out the source's penalty (it sent a chain over the bounds), if it has one: call
+    /// it before any TLS work.
+    pub async fn penalty(&self) {
+        if let Some(delay) = self.delay {
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    /// The TLS handshake failed with `e` (the I/O error of the accept): a chain over the
+    /// bounds of [`crate::chain_bounds`] penalizes the source.
+    pub fn handshake_failed(&self, e: &std::io::Error) {
+        if crate::chain_bounds::is_bound_refusal_io(e) {
+            self.sources.penalize(self.ip);
+        }
     }
 
     /// The handshake completed: the connection no longer counts as pending.

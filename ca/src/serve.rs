@@ -98,15 +98,6 @@ pub struct ConnLimits {
     pub max_connections_per_source: usize,
 }
 
-impl Default for ConnLimits {
-    fn default() -> Self {
-        Self {
-            max_connections: DEFAULT_MAX_CONNECTIONS,
-            max_connections_per_source: DEFAULT_MAX_CONNECTIONS_PER_SOURCE,
-        }
-    }
-}
-
 impl ConnLimits {
     /// The per-source admission caps: a source's connections count against its cap whether
     /// they are handshaking or not, and handshakes in progress over all sources are capped at
@@ -407,11 +398,10 @@ pub async fn serve(
             Err(_) => continue,
         };
         let state = Arc::clone(&state);
-        let sources = Arc::clone(&sources);
         tokio::spawn(async move {
             let _slot = slot;
             state.metrics.active.inc();
-            serve_connection(Arc::clone(&state), acceptor, &sources, admission, tcp, peer).await;
+            serve_connection(Arc::clone(&state), acceptor, admission, tcp, peer).await;
             state.metrics.active.dec();
         });
     }
@@ -422,22 +412,14 @@ pub async fn serve(
 async fn serve_connection(
     state: Arc<State>,
     acceptor: tokio_rustls::TlsAcceptor,
-    sources: &Sources,
     mut admission: Admission,
     tcp: tokio::net::TcpStream,
     peer: SocketAddr,
 ) {
-    if let Some(delay) = admission.delay() {
-        tokio::time::sleep(delay).await;
-    }
+    admission.penalty().await;
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => {
-            if crate::chain_bounds::is_bound_refusal_io(&e) {
-                sources.penalize(peer.ip());
-            }
-            return;
-        }
+        Ok(Err(e)) => return admission.handshake_failed(&e),
         Err(_) => return,
     };
     admission.authenticated();

@@ -59,7 +59,6 @@ use crate::http::linger::Linger;
 use crate::metrics::GaugeGuard;
 use crate::signal::Shutdown;
 use crate::state::{Snapshot, State};
-use crate::tls::bounds::is_bound_refusal_io;
 use crate::tls::verify::failure_reason;
 use futures_util::future::Either;
 
@@ -150,12 +149,9 @@ async fn accept(
 ) -> Option<(Session, WriteWatch<TlsStream<Linger>>, bool)> {
     let m = &inbound.metrics;
     let inb = snapshot.inbound.as_ref()?;
-    if let Some(delay) = admission.delay() {
-        // A penalized source (it sent a chain over the bounds): wait before any TLS work.
-        tokio::select! {
-            () = tokio::time::sleep(delay) => {}
-            () = shutdown.token().cancelled() => return None,
-        }
+    tokio::select! {
+        () = admission.penalty() => {}
+        () = shutdown.token().cancelled() => return None,
     }
     let started = Instant::now();
     // Closed lingering, so a client still writing reads our GOAWAY or alert first.
@@ -167,9 +163,7 @@ async fn accept(
     let tls = match tls {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
-            if is_bound_refusal_io(&e) {
-                inbound.sources.penalize(admission.ip());
-            }
+            admission.handshake_failed(&e);
             handshake_failed(inbound, io_reason(&e), &e);
             return None;
         }

@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use gatehouse_ca::admission::{Admission, Refusal};
+use gatehouse_ca::admission::Refusal;
 use gatehouse_policy::TcpDecision;
 use rustls::server::danger::ClientCertVerifier;
 use rustls_pki_types::{CertificateDer, UnixTime};
@@ -20,7 +20,6 @@ use super::config::TcpInboundConfig;
 use super::pump::pump;
 use crate::audit::{TcpRecord, record_tcp};
 use crate::signal::Shutdown;
-use crate::tls::bounds::is_bound_refusal_io;
 use crate::tls::verify::{PeerIdentity, failure_reason};
 
 /// The shared parts of a `[[tcp_inbound]]` listener.
@@ -36,10 +35,9 @@ pub(super) async fn serve_one(l: &Listener, tcp: TcpStream, shutdown: &Shutdown)
         },
         _ => None,
     };
-    if let Some(delay) = admission.as_ref().and_then(Admission::delay) {
-        // A penalized source (it sent a chain over the bounds): wait before any TLS work.
+    if let Some(a) = &admission {
         tokio::select! {
-            () = tokio::time::sleep(delay) => {}
+            () = a.penalty() => {}
             () = shutdown.token().cancelled() => return,
         }
     }
@@ -58,10 +56,8 @@ pub(super) async fn serve_one(l: &Listener, tcp: TcpStream, shutdown: &Shutdown)
     let mut tls = match tls {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
-            if let (Some(sources), Some(a)) = (&l.sources, &admission)
-                && is_bound_refusal_io(&e)
-            {
-                sources.penalize(a.ip());
+            if let Some(a) = &admission {
+                a.handshake_failed(&e);
             }
             return handshake_failed(l, &e);
         }
