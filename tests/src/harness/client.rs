@@ -179,18 +179,7 @@ impl MtlsClient {
             Proto::H1 => b"http/1.1".to_vec(),
             Proto::H2 => b"h2".to_vec(),
         }];
-        let tcp = match from {
-            None => TcpStream::connect(addr).await?,
-            Some(ip) => {
-                let socket = if ip.is_ipv4() {
-                    tokio::net::TcpSocket::new_v4()?
-                } else {
-                    tokio::net::TcpSocket::new_v6()?
-                };
-                socket.bind(SocketAddr::new(ip, 0))?;
-                socket.connect(addr).await?
-            }
-        };
+        let tcp = tcp_connect_from(addr, from).await?;
         let name = ServerName::try_from("localhost").expect("valid name");
         Ok(TlsConnector::from(Arc::new(cfg)).connect(name, tcp).await?)
     }
@@ -584,4 +573,25 @@ impl ServerCertVerifier for AnyServer {
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
     }
+}
+
+/// A TCP connection to `addr`, from the address `from` when given (another loopback address
+/// is another source to a listener's per-source caps).
+///
+/// # Errors
+/// Binding `from` or connecting.
+pub async fn tcp_connect_from(
+    addr: SocketAddr,
+    from: Option<std::net::IpAddr>,
+) -> std::io::Result<TcpStream> {
+    let Some(ip) = from else {
+        return TcpStream::connect(addr).await;
+    };
+    let socket = if ip.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.bind(SocketAddr::new(ip, 0))?;
+    socket.connect(addr).await
 }

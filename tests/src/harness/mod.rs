@@ -41,7 +41,7 @@ pub mod wait;
 
 pub use app::{FakeApp, Generated, Seen};
 pub use ca_serve::{CaSandbox, CaServe};
-pub use client::{MtlsClient, Proto, RawResponse, Resp, http_get, raw_exchange};
+pub use client::{MtlsClient, Proto, RawResponse, Resp, http_get, raw_exchange, tcp_connect_from};
 pub use pki::{CertDir, Pki, ca_json, ca_ok};
 pub use sidecar::{
     Sidecar, SidecarBuilder, metric_sum, sidecar_cli, sidecar_status, terminate, wait_status,
