@@ -25,6 +25,14 @@ const B: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
 const C: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 3));
 const D: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 4));
 
+/// A new CA (`limits.test`) and `ca serve` on it with `extra` options.
+fn ca_serving(extra: &[&str]) -> (Sandbox, Server) {
+    let sb = Sandbox::new();
+    sb.ok(&["init", "--dir", "ca", "--trust-domain", "limits.test"]);
+    let srv = serve(&sb, extra);
+    (sb, srv)
+}
+
 /// A client configuration trusting the CA's bundle, HTTP/1.1, with `cert` (chain PEM, key) as
 /// its client certificate if given.
 fn client(sb: &Sandbox, cert: Option<(&str, &KeyPair)>) -> Arc<ClientConfig> {
@@ -83,17 +91,12 @@ async fn closed_within(tls: &mut TlsStream<TcpStream>, within: Duration) -> bool
 /// connection waits in the accept queue until one closes, and is then served.
 #[tokio::test(flavor = "multi_thread")]
 async fn idle_connections_cannot_lock_sidecars_out() {
-    let sb = Sandbox::new();
-    sb.ok(&["init", "--dir", "ca", "--trust-domain", "limits.test"]);
-    let srv = serve(
-        &sb,
-        &[
-            "--max-connections",
-            "12",
-            "--max-connections-per-source",
-            "4",
-        ],
-    );
+    let (sb, srv) = ca_serving(&[
+        "--max-connections",
+        "12",
+        "--max-connections-per-source",
+        "4",
+    ]);
     let plain = client(&sb, None);
     let mut held = Vec::new();
     for i in 0..4 {
@@ -200,9 +203,7 @@ fn cpu_time(pid: u32) -> Duration {
 /// second before its next handshake; other sources do not.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_path_building_bomb_is_refused_before_any_path_is_built() {
-    let sb = Sandbox::new();
-    sb.ok(&["init", "--dir", "ca", "--trust-domain", "limits.test"]);
-    let srv = serve(&sb, &[]);
+    let (sb, srv) = ca_serving(&[]);
     let (chain, key) = bomb_chain(12);
     let bomb = client(&sb, Some((&chain, &key)));
     let source = |i: u8| IpAddr::V4(Ipv4Addr::new(127, 0, 1, i));
@@ -252,9 +253,7 @@ async fn a_path_building_bomb_is_refused_before_any_path_is_built() {
 /// bodies cannot hold buffers and connections for as long as it likes.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_body_that_does_not_arrive_is_answered_408() {
-    let sb = Sandbox::new();
-    sb.ok(&["init", "--dir", "ca", "--trust-domain", "limits.test"]);
-    let srv = serve(&sb, &[]);
+    let (sb, srv) = ca_serving(&[]);
     let mut tls = connect_from(&client(&sb, None), srv.addr, A)
         .await
         .expect("connect");
@@ -311,17 +310,12 @@ fn sample(text: &str, series: &str) -> Option<f64> {
 /// down and the server cannot renew it).
 #[tokio::test(flavor = "multi_thread")]
 async fn metrics_count_requests_refusals_connections_and_the_serving_certificate() {
-    let sb = Sandbox::new();
-    sb.ok(&["init", "--dir", "ca", "--trust-domain", "limits.test"]);
-    let srv = serve(
-        &sb,
-        &[
-            "--metrics-listen",
-            "127.0.0.1:0",
-            "--max-connections-per-source",
-            "2",
-        ],
-    );
+    let (sb, srv) = ca_serving(&[
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--max-connections-per-source",
+        "2",
+    ]);
     let metrics = srv.metrics.expect("metrics on ADDR");
     let plain = client(&sb, None);
     let status = bundle_status(connect_from(&plain, srv.addr, B).await.expect("B")).await;
